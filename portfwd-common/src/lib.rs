@@ -1,0 +1,308 @@
+//! The kernel/user ABI of portfwd: the keys, values and names of the BPF maps
+//! that the eBPF programs read and the CLI writes.
+//!
+//! Byte order: every address and port in these structs is stored in network
+//! byte order, exactly as the kernel hands them to the programs (socket
+//! context fields and packet headers), so the hot path never swaps bytes.
+//! Userspace converts with the helpers behind the `user` feature.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding fields, so that its
+//! bytes (the map key) are fully defined: a hash map compares keys bytewise.
+#![no_std]
+
+/// Address family tags used in keys and values (not the kernel's AF_* values,
+/// so that a zeroed struct never looks like a valid address).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Longest mapping name, in bytes; shorter names are NUL-padded.
+/// 64 fits a CNI container id (64 hex digits).
+pub const NAME_LEN: usize = 64;
+
+/// Names of the maps, as the eBPF object declares them and as they are
+/// pinned under the bpffs directory. The kernel truncates object names to 15
+/// bytes, so they are kept short enough to be recognisable in `bpftool`.
+pub const SERVICES_MAP: &str = "pf_services";
+pub const LOCAL_ADDRS_MAP: &str = "pf_local_addrs";
+pub const CONFIG_MAP: &str = "pf_config";
+pub const SOCK_REVNAT_MAP: &str = "pf_sock_revnat";
+
+/// Every map portfwd pins; `down` removes exactly these.
+pub const ALL_MAPS: [&str; 4] = [SERVICES_MAP, LOCAL_ADDRS_MAP, CONFIG_MAP, SOCK_REVNAT_MAP];
+
+/// Default capacities.
+pub const SERVICES_MAX: u32 = 65_536;
+pub const LOCAL_ADDRS_MAX: u32 = 1_024;
+pub const SOCK_REVNAT_MAX: u32 = 262_144;
+
+/// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
+/// All zero with a family is that family's wildcard ("any local address").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr {
+    pub words: [u32; 4],
+}
+
+impl Addr {
+    pub const UNSPECIFIED: Addr = Addr { words: [0; 4] };
+
+    pub const fn v4(be: u32) -> Self {
+        Addr {
+            words: [be, 0, 0, 0],
+        }
+    }
+
+    pub const fn v6(words: [u32; 4]) -> Self {
+        Addr { words }
+    }
+
+    pub const fn is_unspecified(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+}
+
+/// Key of the services map: a published host address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(family: u8, addr: Addr, port: u16, proto: u8) -> Self {
+        ServiceKey {
+            addr,
+            port,
+            proto,
+            family,
+        }
+    }
+
+    /// The wildcard entry that serves every local address of this family.
+    pub const fn wildcard(&self) -> Self {
+        ServiceKey::new(self.family, Addr::UNSPECIFIED, self.port, self.proto)
+    }
+}
+
+/// Value of the services map: the container endpoint and the mapping's name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub name: [u8; NAME_LEN],
+}
+
+/// Key of the local addresses map (the host's own addresses, which wildcard
+/// mappings serve). The value is unused (one byte).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalAddrKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl LocalAddrKey {
+    pub const fn new(family: u8, addr: Addr) -> Self {
+        LocalAddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Network namespace cookie of the host namespace (where `up` ran). Only
+    /// sockets in it are translated; zero means nothing is translated.
+    pub host_netns_cookie: u64,
+}
+
+/// Key of the socket reverse-NAT map: which socket, and the backend as the
+/// socket sees it after translation (for IPv6 sockets a v4 backend appears
+/// as `::ffff:a.b.c.d`, family V6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u32,
+}
+
+/// The address the application dialed, restored by getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY (all impls below): #[repr(C)], made only of integers and arrays
+    // of integers, with every padding byte spelled out as a field.
+    macro_rules! plain_old_data {
+        ($($t:ty),*) => {$(
+            unsafe impl aya::Pod for $t {}
+            unsafe impl bytemuck::Zeroable for $t {}
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    plain_old_data!(
+        Addr,
+        ServiceKey,
+        ServiceValue,
+        LocalAddrKey,
+        Config,
+        SockRevNatKey,
+        SockRevNatValue
+    );
+
+    impl From<core::net::Ipv4Addr> for Addr {
+        fn from(ip: core::net::Ipv4Addr) -> Self {
+            Addr::v4(u32::from_ne_bytes(ip.octets()))
+        }
+    }
+
+    impl From<core::net::Ipv6Addr> for Addr {
+        fn from(ip: core::net::Ipv6Addr) -> Self {
+            let o = ip.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            Addr::v6([word(0), word(4), word(8), word(12)])
+        }
+    }
+
+    impl Addr {
+        /// The family tag and address of a std address.
+        pub fn from_ip(ip: core::net::IpAddr) -> (u8, Addr) {
+            match ip {
+                core::net::IpAddr::V4(v4) => (FAMILY_V4, v4.into()),
+                core::net::IpAddr::V6(v6) => (FAMILY_V6, v6.into()),
+            }
+        }
+
+        /// The std address, given the family tag; None for an unknown tag.
+        pub fn to_ip(&self, family: u8) -> Option<core::net::IpAddr> {
+            let b = |w: u32| w.to_ne_bytes();
+            match family {
+                FAMILY_V4 => Some(core::net::Ipv4Addr::from(b(self.words[0])).into()),
+                FAMILY_V6 => {
+                    let mut o = [0u8; 16];
+                    for (i, w) in self.words.iter().enumerate() {
+                        o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
+                    }
+                    Some(core::net::Ipv6Addr::from(o).into())
+                }
+                _ => None,
+            }
+        }
+    }
+
+    impl ServiceValue {
+        pub fn new(family: u8, addr: Addr, port_be: u16, name: &[u8]) -> Self {
+            let mut padded = [0u8; NAME_LEN];
+            let len = name.len().min(NAME_LEN);
+            padded[..len].copy_from_slice(&name[..len]);
+            ServiceValue {
+                addr,
+                port: port_be,
+                family,
+                _pad: 0,
+                name: padded,
+            }
+        }
+
+        /// The name without its NUL padding.
+        pub fn name_bytes(&self) -> &[u8] {
+            let end = self.name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+            &self.name[..end]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    // The eBPF side and userspace must agree on these sizes; a change here
+    // is an ABI change (pinned maps of the old layout cannot be reused).
+    #[test]
+    fn abi_sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 20 + NAME_LEN);
+        assert_eq!(size_of::<LocalAddrKey>(), 20);
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<SockRevNatKey>(), 32);
+        assert_eq!(size_of::<SockRevNatValue>(), 20);
+    }
+
+    #[test]
+    fn wildcard_keeps_port_protocol_and_family() {
+        let key = ServiceKey::new(FAMILY_V6, Addr::v6([1, 2, 3, 4]), 0x901f, IPPROTO_UDP);
+        let wild = key.wildcard();
+        assert!(wild.addr.is_unspecified());
+        assert_eq!(
+            (wild.port, wild.proto, wild.family),
+            (0x901f, IPPROTO_UDP, FAMILY_V6)
+        );
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn addresses_round_trip_in_network_order() {
+        extern crate std;
+        use core::net::IpAddr;
+        for text in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::2",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let (family, addr) = Addr::from_ip(ip);
+            assert_eq!(addr.to_ip(family), Some(ip), "{text}");
+        }
+        // Network byte order: the first octet is the lowest-addressed byte.
+        let (_, addr) = Addr::from_ip("10.1.2.3".parse().unwrap());
+        assert_eq!(addr.words[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(Addr::UNSPECIFIED.to_ip(99), None);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn service_value_name_is_padded_and_truncated() {
+        let v = ServiceValue::new(FAMILY_V4, Addr::v4(1), 80u16.to_be(), b"web");
+        assert_eq!(v.name_bytes(), b"web");
+        let long = [b'a'; 80];
+        let v = ServiceValue::new(FAMILY_V4, Addr::v4(1), 80u16.to_be(), &long);
+        assert_eq!(v.name_bytes().len(), NAME_LEN);
+    }
+}

@@ -1,0 +1,20 @@
+//! portfwd's eBPF programs, organised by hook:
+//! - `sock`: cgroup sock_addr programs that translate host processes'
+//!   connections to a published port straight to the container endpoint.
+//! - `maps`: the maps, whose layouts are defined in `portfwd-common`.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never called.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,32 @@
+//! The maps shared with userspace. Names and layouts come from
+//! `portfwd-common`; userspace pins each under the bpffs directory.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use portfwd_common::{
+    Config, LOCAL_ADDRS_MAX, LocalAddrKey, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue,
+};
+
+/// Entries are allocated on insert (no preallocation) so that a lookup never
+/// sees an element that a concurrent delete recycled for another key.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Published (host address, port, protocol) -> container endpoint.
+#[map(name = "pf_services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+/// The host's own addresses: wildcard mappings serve these (and loopback).
+#[map(name = "pf_local_addrs")]
+pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(LOCAL_ADDRS_MAX, 0);
+
+#[map(name = "pf_config")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// (socket, backend) -> the address the application dialed.
+#[map(name = "pf_sock_revnat")]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(SOCK_REVNAT_MAX, 0);

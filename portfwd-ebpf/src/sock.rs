@@ -1,0 +1,288 @@
+//! cgroup sock_addr programs: a host process that connects to a published
+//! `hostIP:hostPort` is connected straight to the container endpoint, so the
+//! kernel never sees a packet to the published address and there is no
+//! per-packet cost. getpeername then reports the address that was dialed.
+//!
+//! Only sockets of the host network namespace are translated: the programs
+//! sit on the cgroup v2 root, which also holds every container's processes,
+//! and a container's own `127.0.0.1:PORT` must stay its own.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use portfwd_common::{
+    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey, ServiceKey, SockRevNatKey,
+    SockRevNatValue,
+};
+
+use crate::maps::{CONFIG, LOCAL_ADDRS, SERVICES, SOCK_REVNAT};
+
+/// sock_addr programs return 1 to let the syscall proceed (0 would fail it
+/// with EPERM); portfwd never refuses a connection.
+const PROCEED: i32 = 1;
+
+/// `::ffff:0:0/96`, the prefix of IPv4-mapped IPv6 addresses, in network order.
+const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
+
+#[cgroup_sock_addr(connect4)]
+pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
+    if in_host_netns(&ctx) {
+        translate_connect4(ctx.sock_addr);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn pf_connect6(ctx: SockAddrContext) -> i32 {
+    if in_host_netns(&ctx) {
+        translate_connect6(ctx.sock_addr);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer4(ctx.sock_addr);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer6(ctx.sock_addr);
+    PROCEED
+}
+
+/// A container endpoint, copied out of the services map.
+struct Backend {
+    addr: Addr,
+    port: u16,
+    family: u8,
+}
+
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    match CONFIG.get(0) {
+        Some(config) => config.host_netns_cookie != 0 && config.host_netns_cookie == cookie,
+        None => false,
+    }
+}
+
+/// TCP or UDP, as the service key spells it; None for other sockets.
+fn socket_protocol(sa: *mut bpf_sock_addr) -> Option<u8> {
+    // SAFETY: `sa` is the program's context; the verifier checks each access.
+    let protocol = unsafe { (*sa).protocol };
+    if protocol == IPPROTO_TCP as u32 {
+        Some(IPPROTO_TCP)
+    } else if protocol == IPPROTO_UDP as u32 {
+        Some(IPPROTO_UDP)
+    } else {
+        None
+    }
+}
+
+/// Exact (address, port, protocol) first; then, when the destination is one
+/// of the host's own addresses, the family's wildcard mapping.
+fn find_backend(key: ServiceKey) -> Option<Backend> {
+    // SAFETY: the value is copied out at once; the map has no preallocation,
+    // so a concurrent delete cannot recycle the element under us.
+    let found = unsafe { SERVICES.get(&key) }.or_else(|| {
+        if key.addr.is_unspecified() || !is_local(key.family, &key.addr) {
+            return None;
+        }
+        unsafe { SERVICES.get(&key.wildcard()) }
+    })?;
+    Some(Backend {
+        addr: found.addr,
+        port: found.port,
+        family: found.family,
+    })
+}
+
+fn is_local(family: u8, addr: &Addr) -> bool {
+    let loopback = if family == FAMILY_V4 {
+        u32::from_be(addr.words[0]) >> 24 == 127
+    } else {
+        addr.words[0] == 0
+            && addr.words[1] == 0
+            && addr.words[2] == 0
+            && addr.words[3] == 1u32.to_be()
+    };
+    loopback
+        || LOCAL_ADDRS
+            .get_ptr(LocalAddrKey::new(family, *addr))
+            .is_some()
+}
+
+fn translate_connect4(sa: *mut bpf_sock_addr) {
+    let Some(proto) = socket_protocol(sa) else {
+        return;
+    };
+    // SAFETY (all context accesses below): `sa` is the program's context.
+    // The verifier demands full 32-bit stores to user_ip4 and user_port.
+    let (dialed_ip, dialed_port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let key = ServiceKey::new(FAMILY_V4, Addr::v4(dialed_ip), dialed_port, proto);
+    let Some(backend) = find_backend(key) else {
+        return;
+    };
+    if backend.family != FAMILY_V4 {
+        // An IPv4 socket cannot reach an IPv6 container.
+        return;
+    }
+    unsafe {
+        (*sa).user_ip4 = backend.addr.words[0];
+        (*sa).user_port = backend.port as u32;
+    }
+    remember_dialed(
+        sa,
+        FAMILY_V4,
+        proto,
+        backend.addr,
+        backend.port,
+        key.addr,
+        dialed_port,
+    );
+}
+
+fn translate_connect6(sa: *mut bpf_sock_addr) {
+    let Some(proto) = socket_protocol(sa) else {
+        return;
+    };
+    let dialed = read_user_ip6(sa);
+    let dialed_port = unsafe { (*sa).user_port as u16 };
+    // A dual-stack socket dialing ::ffff:a.b.c.d is an IPv4 connection.
+    let key = if is_v4_mapped(&dialed) {
+        ServiceKey::new(FAMILY_V4, Addr::v4(dialed.words[3]), dialed_port, proto)
+    } else {
+        ServiceKey::new(FAMILY_V6, dialed, dialed_port, proto)
+    };
+    let Some(backend) = find_backend(key) else {
+        return;
+    };
+    let seen = if backend.family == FAMILY_V6 {
+        if key.family == FAMILY_V4 {
+            // An IPv4 connection cannot be turned into an IPv6 one.
+            return;
+        }
+        backend.addr
+    } else {
+        // An IPv4 container is reached from an IPv6 socket through its
+        // mapped address; the kernel then connects over IPv4. (A socket with
+        // IPV6_V6ONLY gets ENETUNREACH, as it would dialing the address.)
+        Addr::v6([0, 0, V4_MAPPED_WORD2, backend.addr.words[0]])
+    };
+    write_user_ip6(sa, &seen);
+    unsafe { (*sa).user_port = backend.port as u32 };
+    remember_dialed(
+        sa,
+        FAMILY_V6,
+        proto,
+        seen,
+        backend.port,
+        dialed,
+        dialed_port,
+    );
+}
+
+fn is_v4_mapped(addr: &Addr) -> bool {
+    addr.words[0] == 0 && addr.words[1] == 0 && addr.words[2] == V4_MAPPED_WORD2
+}
+
+// user_ip6 is accessed one 32-bit word at a time: that is the access size
+// the verifier accepts for every kernel that has these hooks.
+fn read_user_ip6(sa: *mut bpf_sock_addr) -> Addr {
+    // SAFETY: context field reads, checked by the verifier.
+    unsafe {
+        let ip6 = &raw const (*sa).user_ip6;
+        Addr::v6([
+            core::ptr::read_volatile(&raw const (*ip6)[0]),
+            core::ptr::read_volatile(&raw const (*ip6)[1]),
+            core::ptr::read_volatile(&raw const (*ip6)[2]),
+            core::ptr::read_volatile(&raw const (*ip6)[3]),
+        ])
+    }
+}
+
+fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
+    // SAFETY: context field writes, checked by the verifier.
+    unsafe {
+        let ip6 = &raw mut (*sa).user_ip6;
+        core::ptr::write_volatile(&raw mut (*ip6)[0], addr.words[0]);
+        core::ptr::write_volatile(&raw mut (*ip6)[1], addr.words[1]);
+        core::ptr::write_volatile(&raw mut (*ip6)[2], addr.words[2]);
+        core::ptr::write_volatile(&raw mut (*ip6)[3], addr.words[3]);
+    }
+}
+
+/// Records, for this socket and the backend it now talks to, the address the
+/// application dialed, for getpeername.
+fn remember_dialed(
+    sa: *mut bpf_sock_addr,
+    socket_family: u8,
+    proto: u8,
+    backend: Addr,
+    backend_port: u16,
+    dialed: Addr,
+    dialed_port: u16,
+) {
+    let key = revnat_key(sa, socket_family, proto, backend, backend_port);
+    let value = SockRevNatValue {
+        addr: dialed,
+        port: dialed_port,
+        family: socket_family,
+        _pad: 0,
+    };
+    // A full LRU map evicts the oldest socket's entry; nothing to handle.
+    let _ = SOCK_REVNAT.insert(&key, &value, 0);
+}
+
+fn revnat_key(
+    sa: *mut bpf_sock_addr,
+    socket_family: u8,
+    proto: u8,
+    addr: Addr,
+    port: u16,
+) -> SockRevNatKey {
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    SockRevNatKey {
+        cookie,
+        addr,
+        port,
+        family: socket_family,
+        proto,
+        _pad: 0,
+    }
+}
+
+fn restore_peer4(sa: *mut bpf_sock_addr) {
+    let Some(proto) = socket_protocol(sa) else {
+        return;
+    };
+    let (peer, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let key = revnat_key(sa, FAMILY_V4, proto, Addr::v4(peer), port);
+    if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
+        unsafe {
+            (*sa).user_ip4 = dialed.addr.words[0];
+            (*sa).user_port = dialed.port as u32;
+        }
+    }
+}
+
+fn restore_peer6(sa: *mut bpf_sock_addr) {
+    let Some(proto) = socket_protocol(sa) else {
+        return;
+    };
+    let peer = read_user_ip6(sa);
+    let port = unsafe { (*sa).user_port as u16 };
+    let key = revnat_key(sa, FAMILY_V6, proto, peer, port);
+    if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
+        let (addr, port) = (dialed.addr, dialed.port);
+        write_user_ip6(sa, &addr);
+        unsafe { (*sa).user_port = port as u32 };
+    }
+}

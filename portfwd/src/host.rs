@@ -1,0 +1,168 @@
+//! Facts about the host that the loader and the commands need: privileges,
+//! the cgroup v2 and bpf filesystems, the host network namespace, the host's
+//! own addresses and which ports host sockets already hold.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+
+use crate::publish::Protocol;
+
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("portfwd needs root (it loads eBPF programs and edits their maps): run it with sudo");
+    }
+    Ok(())
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo (it is not always
+/// /sys/fs/cgroup: hybrid layouts mount it at /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    cgroup2_mount_in(&mountinfo)
+        .context("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); pass --cgroup PATH")
+}
+
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    // Fields: id parent major:minor root mount-point options... - fstype source super-options
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(path: &str) -> String {
+    path.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Makes sure the pin directory's parent is a bpf filesystem, mounting the
+/// standard one at /sys/fs/bpf when nothing is mounted there yet.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent == Path::new("/sys/fs/bpf") {
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting the bpf filesystem on /sys/fs/bpf")?;
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a bpf filesystem (mount one with `mount -t bpf bpf {}`)",
+        pin_dir.display(),
+        parent.display()
+    )
+}
+
+/// The cookie of this process's network namespace: the programs translate
+/// only sockets of this namespace.
+pub fn netns_cookie() -> Result<u64> {
+    let socket =
+        UdpSocket::bind("127.0.0.1:0").context("opening a socket to read the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading SO_NETNS_COOKIE (needs Linux 5.14)");
+    }
+    Ok(cookie)
+}
+
+/// Every address configured on an interface of this network namespace.
+pub fn local_addresses() -> Result<Vec<IpAddr>> {
+    let mut addresses = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().context("listing the host's addresses")? {
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
+        if let Some(v4) = address.as_sockaddr_in() {
+            addresses.push(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            addresses.push(IpAddr::V6(v6.ip()));
+        }
+    }
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
+/// Whether a host socket holds `port` on any address (probed by binding the
+/// wildcard of each family, as docker does when it picks a port).
+pub fn port_in_use(protocol: Protocol, port: u16) -> bool {
+    let addrs = [
+        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+    ];
+    addrs.iter().any(|addr| match protocol {
+        // std sets SO_REUSEADDR, so TIME_WAIT leftovers do not count.
+        Protocol::Tcp => TcpListener::bind(addr).is_err(),
+        Protocol::Udp => UdpSocket::bind(addr).is_err(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let mountinfo = "\
+25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+        let escaped = "32 31 0:27 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn loopback_is_a_local_address() {
+        let addresses = local_addresses().unwrap();
+        assert!(
+            addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "{addresses:?}"
+        );
+    }
+}

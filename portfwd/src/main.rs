@@ -1,0 +1,88 @@
+//! The `portfwd` command line: thin wrappers over `portfwd::commands`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use portfwd::{commands, exit_status, loader};
+
+#[derive(Parser)]
+#[command(
+    name = "portfwd",
+    version,
+    about = "Publish container ports with eBPF: no iptables rules, no proxy process"
+)]
+struct Cli {
+    /// Directory under a bpf filesystem where portfwd pins its maps and links
+    #[arg(long, global = true, value_name = "DIR", env = "PORTFWD_BPFFS", default_value = loader::DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the programs and pin them (keeps existing mappings)
+    Up {
+        /// Uplink interface for external traffic (repeatable)
+        #[arg(long = "iface", value_name = "IF")]
+        ifaces: Vec<String>,
+        /// cgroup v2 directory to attach the socket programs to [default: the cgroup2 mount]
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+    },
+    /// Detach the programs and remove every pin and mapping
+    Down,
+    /// Publish container ports: PUBLISH is docker's -p syntax, e.g. 8080:80, 127.0.0.1:8080:80/udp, 80
+    Map {
+        /// Name of the mapping [default: the container address]
+        #[arg(long)]
+        name: Option<String>,
+        /// The container's IPv4 or IPv6 address
+        #[arg(value_name = "CONTAINER_IP")]
+        container_ip: String,
+        /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
+        #[arg(value_name = "PUBLISH", required = true)]
+        publish: Vec<String>,
+    },
+    /// Remove mappings by name or by host port: [HOSTIP:]HOSTPORT[-END][/PROTO]
+    Unmap {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(value_name = "HOSTPORT")]
+        selectors: Vec<String>,
+    },
+    /// Show every mapping
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let pin_dir = cli.bpffs;
+    let result = match cli.command {
+        Command::Up { ifaces, cgroup } => commands::up(&loader::UpOptions {
+            pin_dir,
+            cgroup,
+            ifaces,
+        }),
+        Command::Down => commands::down(&pin_dir),
+        Command::Map {
+            name,
+            container_ip,
+            publish,
+        } => commands::map(&pin_dir, name.as_deref(), &container_ip, &publish),
+        Command::Unmap { name, selectors } => {
+            commands::unmap(&pin_dir, name.as_deref(), &selectors)
+        }
+        Command::List { json } => commands::list(&pin_dir, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("portfwd: {error:#}");
+            ExitCode::from(exit_status(&error))
+        }
+    }
+}

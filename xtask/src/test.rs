@@ -1,0 +1,47 @@
+//! `cargo xtask test`: everything CI checks, in order of increasing cost.
+
+use anyhow::Result;
+
+use crate::build::{EBPF_OBJ_ENV, build_ebpf};
+use crate::{cargo, is_root, root, run};
+
+/// `args` go to `cargo test`; anything after a further `--` goes to the test binaries.
+pub fn test(args: &[String]) -> Result<()> {
+    let obj = build_ebpf(true)?;
+    let cargo_in_root = || {
+        let mut cmd = cargo();
+        // clippy and the tests compile portfwd, whose build.rs embeds this object.
+        cmd.current_dir(root()).env(EBPF_OBJ_ENV, &obj);
+        cmd
+    };
+
+    let cargo_line = |line: &str| run(cargo_in_root().args(line.split_whitespace()));
+    cargo_line("fmt --all --check")?;
+    // The eBPF crate is outside the workspace, so `--all` misses it. Stable rustfmt is fine.
+    cargo_line("fmt --manifest-path portfwd-ebpf/Cargo.toml --check")?;
+    cargo_line("clippy --workspace --all-targets -- -D warnings")?;
+
+    if !is_root() {
+        println!(
+            "note: the integration tests need root (BPF, cgroups, network namespaces); \
+             not root, so they will skip"
+        );
+    }
+    let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    // `--workspace` would override a `-p` given by the caller.
+    let picks_package = cargo_args
+        .iter()
+        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    let scope = (!picks_package).then_some("--workspace");
+    // The integration tests attach to the shared cgroup root: one at a time.
+    // cargo test runs last, so its summary is the last thing printed.
+    run(cargo_in_root()
+        .arg("test")
+        .args(scope)
+        .args(cargo_args)
+        .args(["--", "--test-threads=1"])
+        .args(test_args))
+}
