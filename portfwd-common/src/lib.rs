@@ -29,14 +29,60 @@ pub const SERVICES_MAP: &str = "pf_services";
 pub const LOCAL_ADDRS_MAP: &str = "pf_local_addrs";
 pub const CONFIG_MAP: &str = "pf_config";
 pub const SOCK_REVNAT_MAP: &str = "pf_sock_revnat";
+pub const CONNTRACK_MAP: &str = "pf_conntrack";
+pub const COUNTERS_MAP: &str = "pf_counters";
+pub const STATS_MAP: &str = "pf_stats";
 
 /// Every map portfwd pins; `down` removes exactly these.
-pub const ALL_MAPS: [&str; 4] = [SERVICES_MAP, LOCAL_ADDRS_MAP, CONFIG_MAP, SOCK_REVNAT_MAP];
+pub const ALL_MAPS: [&str; 7] = [
+    SERVICES_MAP,
+    LOCAL_ADDRS_MAP,
+    CONFIG_MAP,
+    SOCK_REVNAT_MAP,
+    CONNTRACK_MAP,
+    COUNTERS_MAP,
+    STATS_MAP,
+];
 
 /// Default capacities.
 pub const SERVICES_MAX: u32 = 65_536;
 pub const LOCAL_ADDRS_MAX: u32 = 1_024;
 pub const SOCK_REVNAT_MAX: u32 = 262_144;
+/// Two entries per tracked flow (one per direction).
+pub const CONNTRACK_MAX: u32 = 2 * 262_144;
+
+/// Connection tracking timeouts, in nanoseconds of `bpf_ktime_get_ns`.
+pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
+/// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
+pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+
+/// Indices of the per-CPU stats array: packets the TC programs saw but did
+/// not translate (passed untouched), and what they did.
+pub const STAT_PASS_NOT_IP: u32 = 0;
+pub const STAT_PASS_FRAGMENT: u32 = 1;
+pub const STAT_PASS_IPV6_EXTENSION: u32 = 2;
+pub const STAT_PASS_NOT_TCP_UDP: u32 = 3;
+pub const STAT_PASS_TRUNCATED: u32 = 4;
+pub const STAT_FLOW_NEW: u32 = 5;
+pub const STAT_FLOW_STOPPED: u32 = 6;
+pub const STAT_REDIRECTED: u32 = 7;
+pub const STAT_TO_STACK: u32 = 8;
+pub const STAT_REWRITE_FAILED: u32 = 9;
+pub const STATS_LEN: u32 = 10;
+/// Names of the stats, by index, as `portfwd list` shows them.
+pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
+    "passed_not_ip",
+    "passed_fragment",
+    "passed_ipv6_extension",
+    "passed_not_tcp_udp",
+    "passed_truncated",
+    "flows_new",
+    "flows_stopped",
+    "redirected",
+    "to_stack",
+    "rewrite_failed",
+];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
 /// All zero with a family is that family's wildcard ("any local address").
@@ -100,7 +146,63 @@ pub struct ServiceValue {
     pub port: u16,
     pub family: u8,
     pub _pad: u8,
+    /// The host interface the kernel routes to the container through (0:
+    /// unknown): the TC path redirects straight to it.
+    pub ifindex: u32,
     pub name: [u8; NAME_LEN],
+}
+
+/// Key of the connection tracking map: a flow as the packet carries it, in
+/// either direction (client -> published address, or container -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// This entry is for the reply direction (container -> client).
+pub const CT_FLAG_REPLY: u8 = 1;
+/// A FIN or RST was seen: the flow ends after `CT_TCP_CLOSING_NS`.
+pub const CT_FLAG_CLOSING: u8 = 2;
+
+/// Value of the connection tracking map: how to rewrite the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// Forward: the new destination (container). Reply: the new source
+    /// (the published address the client dialed).
+    pub nat_addr: Addr,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Where to redirect the rewritten packet (0: let the stack route it).
+    pub ifindex: u32,
+    /// The mapping the flow belongs to: it must still exist, with the same
+    /// container, for the flow to go on.
+    pub service: ServiceKey,
+    /// `bpf_ktime_get_ns` of the last packet, and of the first FIN/RST.
+    pub last_seen_ns: u64,
+    pub closing_since_ns: u64,
+}
+
+/// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
+/// client -> container, "out" container -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingCounters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub connections: u64,
 }
 
 /// Key of the local addresses map (the host's own addresses, which wildcard
@@ -178,7 +280,10 @@ mod user {
         LocalAddrKey,
         Config,
         SockRevNatKey,
-        SockRevNatValue
+        SockRevNatValue,
+        CtKey,
+        CtValue,
+        MappingCounters
     );
 
     impl From<core::net::Ipv4Addr> for Addr {
@@ -231,6 +336,7 @@ mod user {
                 port: port_be,
                 family,
                 _pad: 0,
+                ifindex: 0,
                 name: padded,
             }
         }
@@ -255,7 +361,10 @@ mod tests {
     fn abi_sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<Addr>(), 16);
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceValue>(), 20 + NAME_LEN);
+        assert_eq!(size_of::<ServiceValue>(), 24 + NAME_LEN);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<MappingCounters>(), 40);
         assert_eq!(size_of::<LocalAddrKey>(), 20);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 32);

@@ -1,12 +1,18 @@
 //! portfwd's eBPF programs, organised by hook:
 //! - `sock`: cgroup sock_addr programs that translate host processes'
 //!   connections to a published port straight to the container endpoint.
+//! - `tc`: TC programs that DNAT external clients' flows to the container
+//!   and reverse-NAT the replies, with `conntrack` and `packet` (header
+//!   parsing and checksum-preserving rewrites).
 //! - `maps`: the maps, whose layouts are defined in `portfwd-common`.
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod maps;
+mod packet;
 mod sock;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use portfwd_common::{
-    Config, LOCAL_ADDRS_MAX, LocalAddrKey, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue,
+    CONNTRACK_MAX, Config, CtKey, CtValue, LOCAL_ADDRS_MAX, LocalAddrKey, MappingCounters,
+    SERVICES_MAX, SOCK_REVNAT_MAX, STATS_LEN, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue,
 };
 
 /// Entries are allocated on insert (no preallocation) so that a lookup never
@@ -30,3 +31,16 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "pf_sock_revnat")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_MAX, 0);
+
+/// Tracked flows of the TC path, both directions (see `conntrack`).
+#[map(name = "pf_conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+
+/// Traffic of each mapping; userspace creates the entry with the mapping.
+#[map(name = "pf_counters")]
+pub static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =
+    PerCpuHashMap::with_max_entries(SERVICES_MAX, 0);
+
+/// What the TC programs did and passed, indexed by `portfwd_common::STAT_*`.
+#[map(name = "pf_stats")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);

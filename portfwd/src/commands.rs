@@ -11,11 +11,23 @@ use crate::{
     loader::{self, UpOptions},
     mapping::{self, Mapping, UnmapSelector},
     maps::{PinnedMaps, StateLock},
+    netlink,
     publish::PublishSpec,
 };
 
 pub fn up(options: &UpOptions) -> Result<()> {
     let report = loader::up(options)?;
+    if !report.uplinks_attached.is_empty() {
+        println!(
+            "external traffic: attached to {}",
+            report.uplinks_attached.join(", ")
+        );
+    }
+    if report.uplinks_attached.is_empty() && report.uplinks_already.is_empty() {
+        println!(
+            "external traffic: no uplink (no default route, no --iface); add one with `portfwd attach IF`"
+        );
+    }
     if report.attached.is_empty() {
         println!(
             "portfwd is already up ({} mapping{}), pinned under {}",
@@ -83,7 +95,11 @@ pub fn map(
     let lock = StateLock::acquire(pin_dir)?;
     let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     let existing = maps.mappings()?;
-    let planned = mapping::plan(&name, container_ip, &specs, &existing, host::port_in_use)?;
+    let mut planned = mapping::plan(&name, container_ip, &specs, &existing, host::port_in_use)?;
+    let ifindex = prepare_backend_path(pin_dir, container_ip, &lock)?;
+    for m in &mut planned {
+        m.ifindex = ifindex;
+    }
     // Wildcard mappings serve the host's addresses as they are now.
     maps.sync_local_addrs(&host::local_addresses()?)?;
     maps.add_all(&planned)?;
@@ -91,6 +107,50 @@ pub fn map(
         println!(
             "published {}: {}/{} -> {}",
             m.name, m.host, m.protocol, m.container
+        );
+    }
+    Ok(())
+}
+
+/// The interface the kernel routes to the container through, with the reply
+/// program attached to it (unless it is an uplink, whose own program handles
+/// replies, or a default-route interface, where containers do not live).
+/// 0 when the container is not reachable through an interface.
+fn prepare_backend_path(pin_dir: &Path, container_ip: IpAddr, lock: &StateLock) -> Result<u32> {
+    let Some(ifindex) = netlink::route_oif(container_ip)? else {
+        return Ok(0);
+    };
+    let ifname = netlink::ifname(ifindex)?;
+    if ifname == "lo" {
+        return Ok(0);
+    }
+    if !loader::is_uplink(pin_dir, &ifname)
+        && !netlink::default_route_interfaces()?.contains(&ifname)
+    {
+        loader::attach_backend(pin_dir, &ifname, lock)?;
+    }
+    Ok(ifindex)
+}
+
+/// `portfwd attach IF`: external traffic arriving on IF is forwarded.
+pub fn attach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    if loader::attach_uplink(pin_dir, ifname)? {
+        println!("attached to {ifname}: external traffic to published ports is forwarded");
+    } else {
+        println!("already attached to {ifname}");
+    }
+    Ok(())
+}
+
+/// `portfwd detach IF`: mappings and the socket path are untouched.
+pub fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    let detached = loader::detach_interface(pin_dir, ifname)?;
+    if detached == 0 {
+        println!("nothing was attached to {ifname}");
+    } else {
+        println!(
+            "detached {detached} program{} from {ifname}",
+            plural(detached)
         );
     }
     Ok(())
@@ -151,50 +211,128 @@ struct MappingJson<'a> {
     host_port: u16,
     container_ip: IpAddr,
     container_port: u16,
+    packets_in: u64,
+    bytes_in: u64,
+    packets_out: u64,
+    bytes_out: u64,
+    connections: u64,
+}
+
+#[derive(Serialize)]
+struct ListJson<'a> {
+    mappings: Vec<MappingJson<'a>>,
+    /// What the TC programs saw and did, by name.
+    stats: std::collections::BTreeMap<&'static str, u64>,
+    /// Interfaces with TC programs, and which.
+    interfaces: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
     host::require_root()?;
     let lock = StateLock::acquire(pin_dir)?;
-    let mappings = PinnedMaps::open(pin_dir, &lock)?.mappings()?;
+    let maps = PinnedMaps::open(pin_dir, &lock)?;
+    let mappings = maps.mappings()?;
+    let counters: Vec<_> = mappings.iter().map(|m| maps.counters(m)).collect();
+    let stats = maps.stats()?;
+    let interfaces = loader::tc_attachments(pin_dir);
     drop(lock);
     let mut out = std::io::stdout().lock();
     if json {
-        let rows: Vec<MappingJson> = mappings
-            .iter()
-            .map(|m| MappingJson {
-                name: &m.name,
-                protocol: m.protocol.as_str(),
-                host_ip: m.host.ip(),
-                host_port: m.host.port(),
-                container_ip: m.container.ip(),
-                container_port: m.container.port(),
-            })
-            .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)?;
+        let listing = ListJson {
+            mappings: mappings
+                .iter()
+                .zip(&counters)
+                .map(|(m, c)| MappingJson {
+                    name: &m.name,
+                    protocol: m.protocol.as_str(),
+                    host_ip: m.host.ip(),
+                    host_port: m.host.port(),
+                    container_ip: m.container.ip(),
+                    container_port: m.container.port(),
+                    packets_in: c.packets_in,
+                    bytes_in: c.bytes_in,
+                    packets_out: c.packets_out,
+                    bytes_out: c.bytes_out,
+                    connections: c.connections,
+                })
+                .collect(),
+            stats: portfwd_common::STAT_NAMES.into_iter().zip(stats).collect(),
+            interfaces: interfaces.into_iter().collect(),
+        };
+        serde_json::to_writer_pretty(&mut out, &listing)?;
         writeln!(out)?;
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = mappings
+    let rows: Vec<[String; 7]> = mappings
         .iter()
-        .map(|m| {
+        .zip(&counters)
+        .map(|(m, c)| {
             [
                 m.name.clone(),
                 m.protocol.to_string(),
                 m.host.to_string(),
                 m.container.to_string(),
+                c.connections.to_string(),
+                format!("{}/{}", c.packets_in, human_bytes(c.bytes_in)),
+                format!("{}/{}", c.packets_out, human_bytes(c.bytes_out)),
             ]
         })
         .collect();
-    write_table(&mut out, ["NAME", "PROTO", "HOST", "CONTAINER"], &rows)
-        .context("writing the table")?;
+    let header = [
+        "NAME",
+        "PROTO",
+        "HOST",
+        "CONTAINER",
+        "CONNS",
+        "IN PKTS/BYTES",
+        "OUT PKTS/BYTES",
+    ];
+    write_table(&mut out, header, &rows).context("writing the table")?;
     if rows.is_empty() {
         writeln!(
             out,
             "(no mappings: add one with `portfwd map CONTAINER_IP PUBLISH`)"
         )?;
     }
+    let uplinks: Vec<&str> = interfaces
+        .iter()
+        .filter(|(_, programs)| programs.iter().any(|p| p == "pf_tc_uplink_in"))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    writeln!(
+        out,
+        "external traffic on: {}",
+        if uplinks.is_empty() {
+            "(no uplink)".to_owned()
+        } else {
+            uplinks.join(", ")
+        }
+    )?;
+    let passed: Vec<String> = portfwd_common::STAT_NAMES
+        .iter()
+        .zip(stats)
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    if !passed.is_empty() {
+        writeln!(out, "tc: {}", passed.join(" "))?;
+    }
     Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 fn write_table<const N: usize>(

@@ -12,6 +12,7 @@ pub mod host;
 pub mod loader;
 pub mod mapping;
 pub mod maps;
+pub mod netlink;
 pub mod publish;
 
 use std::fmt;

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Load and attach the programs and pin them (keeps existing mappings)
     Up {
-        /// Uplink interface for external traffic (repeatable)
+        /// Uplink interface for external traffic (repeatable) [default: the interfaces of the default routes]
         #[arg(long = "iface", value_name = "IF")]
         ifaces: Vec<String>,
         /// cgroup v2 directory to attach the socket programs to [default: the cgroup2 mount]
@@ -32,6 +32,16 @@ enum Command {
     },
     /// Detach the programs and remove every pin and mapping
     Down,
+    /// Forward external traffic arriving on an interface (an uplink)
+    Attach {
+        #[arg(value_name = "IF")]
+        iface: String,
+    },
+    /// Stop forwarding external traffic of an interface (mappings stay)
+    Detach {
+        #[arg(value_name = "IF")]
+        iface: String,
+    },
     /// Publish container ports: PUBLISH is docker's -p syntax, e.g. 8080:80, 127.0.0.1:8080:80/udp, 80
     Map {
         /// Name of the mapping [default: the container address]
@@ -68,6 +78,8 @@ fn main() -> ExitCode {
             ifaces,
         }),
         Command::Down => commands::down(&pin_dir),
+        Command::Attach { iface } => commands::attach(&pin_dir, &iface),
+        Command::Detach { iface } => commands::detach(&pin_dir, &iface),
         Command::Map {
             name,
             container_ip,

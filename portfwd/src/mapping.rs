@@ -25,6 +25,9 @@ pub struct Mapping {
     pub protocol: Protocol,
     pub host: SocketAddr,
     pub container: SocketAddr,
+    /// The host interface the kernel routes to the container through, which
+    /// the TC path redirects to (0: unknown, the stack routes).
+    pub ifindex: u32,
 }
 
 impl Mapping {
@@ -40,12 +43,14 @@ impl Mapping {
 
     pub fn value(&self) -> ServiceValue {
         let (family, addr) = Addr::from_ip(self.container.ip());
-        ServiceValue::new(
+        let mut value = ServiceValue::new(
             family,
             addr,
             self.container.port().to_be(),
             self.name.as_bytes(),
-        )
+        );
+        value.ifindex = self.ifindex;
+        value
     }
 
     /// Decodes a map entry; None for an entry this build does not understand.
@@ -59,6 +64,7 @@ impl Mapping {
             protocol,
             host,
             container,
+            ifindex: value.ifindex,
         })
     }
 
@@ -152,6 +158,7 @@ pub fn plan(
                         protocol: spec.protocol,
                         host: SocketAddr::new(ip, port),
                         container: SocketAddr::new(container_ip, container_port),
+                        ifindex: 0,
                     })
                     .collect()
             };
@@ -293,6 +300,7 @@ mod tests {
                     protocol,
                     host: host.parse().unwrap(),
                     container: container.parse().unwrap(),
+                    ifindex: 7,
                 };
                 assert_eq!(Mapping::from_entry(&m.key(), &m.value()), Some(m.clone()));
             }
@@ -306,6 +314,7 @@ mod tests {
             protocol: Protocol::Udp,
             host: "10.1.2.3:8080".parse().unwrap(),
             container: "10.0.0.2:80".parse().unwrap(),
+            ifindex: 0,
         };
         let key = m.key();
         let bytes: &[u8] = bytemuck::bytes_of(&key);

@@ -5,10 +5,11 @@
 use std::{fs::File, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    Addr, CONFIG_MAP, Config, LOCAL_ADDRS_MAP, LocalAddrKey, SERVICES_MAP, ServiceKey, ServiceValue,
+    Addr, CONFIG_MAP, COUNTERS_MAP, Config, LOCAL_ADDRS_MAP, LocalAddrKey, MappingCounters,
+    SERVICES_MAP, STATS_LEN, STATS_MAP, ServiceKey, ServiceValue,
 };
 
 use crate::mapping::Mapping;
@@ -40,6 +41,8 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     local_addrs: HashMap<MapData, LocalAddrKey, u8>,
     config: Array<MapData, Config>,
+    counters: PerCpuHashMap<MapData, ServiceKey, MappingCounters>,
+    stats: PerCpuArray<MapData, u64>,
 }
 
 fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -67,10 +70,16 @@ impl PinnedMaps {
             .context("the local addresses map has an unexpected layout")?;
         let config = Array::try_from(Map::Array(open_pin(dir, CONFIG_MAP)?))
             .context("the config map has an unexpected layout")?;
+        let counters = PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pin(dir, COUNTERS_MAP)?))
+            .context("the counters map has an unexpected layout")?;
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(open_pin(dir, STATS_MAP)?))
+            .context("the stats map has an unexpected layout")?;
         Ok(PinnedMaps {
             services,
             local_addrs,
             config,
+            counters,
+            stats,
         })
     }
 
@@ -91,11 +100,18 @@ impl PinnedMaps {
     /// Adds every mapping or, on any failure, none: entries added before the
     /// failure are removed again.
     pub fn add_all(&mut self, mappings: &[Mapping]) -> Result<()> {
+        let cpus = possible_cpus()?;
         for (done, mapping) in mappings.iter().enumerate() {
-            if let Err(error) = self
-                .services
-                .insert(mapping.key(), mapping.value(), NO_EXIST)
-            {
+            // Counters first, so that the programs count from the first packet.
+            let inserted = self
+                .counters
+                .insert(mapping.key(), zeroed_per_cpu(cpus)?, 0)
+                .and_then(|()| {
+                    self.services
+                        .insert(mapping.key(), mapping.value(), NO_EXIST)
+                });
+            if let Err(error) = inserted {
+                let _ = self.counters.remove(&mapping.key());
                 let undo = self.remove_keys(mappings[..done].iter().map(Mapping::key));
                 let error = describe_insert_error(error, mapping);
                 return match undo {
@@ -122,12 +138,47 @@ impl PinnedMaps {
                 return Err(anyhow!("removing {mapping}: {error}"));
             }
         }
+        // Counters go only once every entry is gone; flows of the removed
+        // mappings stop at their next packet (the programs check the map).
+        for mapping in mappings {
+            let _ = self.counters.remove(&mapping.key());
+        }
         Ok(())
+    }
+
+    /// A mapping's traffic, summed over CPUs.
+    pub fn counters(&self, mapping: &Mapping) -> MappingCounters {
+        let mut sum = MappingCounters::default();
+        if let Ok(per_cpu) = self.counters.get(&mapping.key(), 0) {
+            for c in per_cpu.iter() {
+                sum.packets_in += c.packets_in;
+                sum.bytes_in += c.bytes_in;
+                sum.packets_out += c.packets_out;
+                sum.bytes_out += c.bytes_out;
+                sum.connections += c.connections;
+            }
+        }
+        sum
+    }
+
+    /// The TC programs' stats (see `portfwd_common::STAT_NAMES`), summed
+    /// over CPUs.
+    pub fn stats(&self) -> Result<[u64; STATS_LEN as usize]> {
+        let mut sums = [0u64; STATS_LEN as usize];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            let per_cpu = self
+                .stats
+                .get(&(index as u32), 0)
+                .context("reading the stats map")?;
+            *sum = per_cpu.iter().sum();
+        }
+        Ok(sums)
     }
 
     fn remove_keys(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<()> {
         for key in keys {
             self.services.remove(&key)?;
+            let _ = self.counters.remove(&key);
         }
         Ok(())
     }
@@ -168,6 +219,14 @@ impl PinnedMaps {
     pub fn config(&self) -> Result<Config> {
         Ok(self.config.get(&0, 0)?)
     }
+}
+
+fn possible_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, error)| anyhow!("{what}: {error}"))
+}
+
+fn zeroed_per_cpu(cpus: usize) -> Result<PerCpuValues<MappingCounters>, MapError> {
+    PerCpuValues::try_from(vec![MappingCounters::default(); cpus]).map_err(MapError::from)
 }
 
 fn describe_insert_error(error: MapError, mapping: &Mapping) -> anyhow::Error {

@@ -19,7 +19,7 @@ fn host_connections_reach_the_container_through_every_local_address() {
     };
     let ctr = Container::new(11);
     let _server = ctr.serve("[::]:80", "hello from ctr11 to");
-    let _pf = Portfwd::up(&[]);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     // The veth's host address exists before `map`, which records it.
     portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47011:80"]);
 
@@ -45,7 +45,7 @@ fn ipv6_container_is_reached_through_ipv6_loopback() {
     };
     let ctr = Container::new(12);
     let _server = ctr.serve("[::]:80", "v6 ctr12 to");
-    let _pf = Portfwd::up(&[]);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:47012:80"]);
     let (answer, peer) = fetch("[::1]:47012".parse().unwrap()).unwrap();
     assert_eq!(answer, format!("v6 ctr12 to {}", ctr.host_v6()));
@@ -61,7 +61,7 @@ fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
     };
     let ctr = Container::new(13);
     let _server = ctr.serve("[::]:80", "ctr13");
-    let _pf = Portfwd::up(&[]);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&[
         "map",
         "--name",
@@ -72,9 +72,8 @@ fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
     ]);
     assert!(fetch("127.0.0.1:47013".parse().unwrap()).is_ok());
 
-    let listed: serde_json::Value = serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
-    let rows = listed.as_array().unwrap();
-    assert_eq!(rows.len(), 3, "{listed}");
+    let rows = listed();
+    assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(
         rows.iter()
             .all(|r| r["name"] == "first" && r["container_ip"] == ctr.v4().to_string())
@@ -88,7 +87,7 @@ fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
     let error = fetch("127.0.0.1:47013".parse().unwrap()).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     portfwd_ok(&["unmap", "--name", "first"]);
-    assert_eq!(portfwd_ok(&["list", "--json"]).trim(), "[]");
+    assert!(listed().is_empty());
 }
 
 #[test]
@@ -100,7 +99,7 @@ fn connections_inside_other_namespaces_are_never_redirected() {
     let _public = ctr.serve("[::]:80", "published");
     // The container's own service on its own loopback, same port number.
     let _own = ctr.serve("127.0.0.1:47015", "own loopback");
-    let _pf = Portfwd::up(&[]);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "47015:80"]);
 
     let (answer, _) = fetch("127.0.0.1:47015".parse().unwrap()).unwrap();
@@ -114,9 +113,10 @@ fn bad_input_and_conflicts_change_nothing() {
     let Some(_serial) = root_test("bad_input") else {
         return;
     };
-    let _pf = Portfwd::up(&[]);
+    let ctr = Container::new(15);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", "--name", "a", "10.251.15.2", "47016:80"]);
-    let before = portfwd_ok(&["list", "--json"]);
+    let before = listed();
 
     let usage = [
         vec!["map", "10.251.15.2", "70000:80"],
@@ -154,7 +154,7 @@ fn bad_input_and_conflicts_change_nothing() {
             "{args:?}: one-line error, got {stderr}"
         );
     }
-    assert_eq!(portfwd_ok(&["list", "--json"]), before);
+    assert_eq!(listed(), before);
 
     // Without root, and before `up`, the CLI says so plainly.
     let out = run(
@@ -186,15 +186,16 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
     };
     let ctr = Container::new(16);
     let _server = ctr.serve("[::]:80", "ctr16");
-    let pf = Portfwd::up(&[]);
+    let pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "47017:80"]);
     // A second `up` keeps the mappings and attaches nothing twice.
-    let again = portfwd_ok(&["up"]);
+    let again = portfwd_ok(&["up", "--iface", &ctr.host_if]);
     assert!(again.contains("already up (2 mappings)"), "{again}");
     assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_ok());
 
     let (program_ids, map_ids) = pinned_object_ids();
-    assert_eq!(program_ids.len(), 4);
+    // Four socket programs, two on the uplink (the veth here).
+    assert_eq!(program_ids.len(), 6);
     assert_eq!(map_ids.len(), portfwd_common::ALL_MAPS.len());
     portfwd_ok(&["down"]);
     std::mem::forget(pf);
@@ -224,10 +225,22 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
 /// The ids of the programs behind our pinned links and of our pinned maps.
 fn pinned_object_ids() -> (Vec<u32>, Vec<u32>) {
     let dir = std::path::Path::new(PIN_DIR);
-    let programs = std::fs::read_dir(dir.join("links"))
-        .unwrap()
-        .map(|entry| {
-            let link = aya::programs::links::PinnedLink::from_pin(entry.unwrap().path()).unwrap();
+    let mut pins = Vec::new();
+    let mut dirs = vec![dir.join("links")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path)
+            } else {
+                pins.push(path)
+            }
+        }
+    }
+    let programs = pins
+        .into_iter()
+        .map(|pin| {
+            let link = aya::programs::links::PinnedLink::from_pin(pin).unwrap();
             let link: aya::programs::links::FdLink = link.into();
             link.info().unwrap().program_id()
         })

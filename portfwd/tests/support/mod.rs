@@ -83,11 +83,17 @@ pub fn portfwd_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// portfwd brought up for one test and always taken down.
+/// portfwd brought up for one test and always taken down. Tests always
+/// name the uplinks (interfaces they created): the default would be the
+/// machine's own default-route interfaces.
 pub struct Portfwd;
 
 impl Portfwd {
     pub fn up(extra: &[&str]) -> Self {
+        assert!(
+            extra.contains(&"--iface"),
+            "tests must attach only to their own interfaces"
+        );
         // A previous crashed run may have left state: start clean.
         let _ = portfwd(&["down"]);
         let mut args = vec!["up"];
@@ -109,13 +115,23 @@ pub struct Container {
     pub netns: String,
     pub host_if: String,
     pub index: u8,
+    pub net: u8,
+    pub ctr_if: String,
 }
 
 impl Container {
     pub fn new(index: u8) -> Self {
-        let netns = format!("pft-ctr{index}");
-        let host_if = format!("pft{index}h");
-        let ctr_if = format!("pft{index}c");
+        Self::with_prefix(index, "ctr", 251)
+    }
+
+    /// A namespace named `pft-<kind><index>` on 10.<net>.<index>.0/24 and
+    /// fd00:<net>:<index>::/64 (a container, an external client, a host
+    /// elsewhere: only the role differs).
+    pub fn with_prefix(index: u8, kind: &str, net: u8) -> Self {
+        let netns = format!("pft-{kind}{index}");
+        let tag = &kind[..1];
+        let host_if = format!("pft{tag}{index}h");
+        let ctr_if = format!("pft{tag}{index}c");
         // Leftovers of an interrupted run.
         let _ = run("ip", &["netns", "del", &netns]);
         let _ = run("ip", &["link", "del", &host_if]);
@@ -123,6 +139,8 @@ impl Container {
             netns: netns.clone(),
             host_if: host_if.clone(),
             index,
+            net,
+            ctr_if: ctr_if.clone(),
         };
         sh("ip", &["netns", "add", &netns]);
         sh(
@@ -171,16 +189,20 @@ impl Container {
     }
 
     pub fn v4(&self) -> IpAddr {
-        format!("10.251.{}.2", self.index).parse().unwrap()
+        format!("10.{}.{}.2", self.net, self.index).parse().unwrap()
     }
     pub fn host_v4(&self) -> IpAddr {
-        format!("10.251.{}.1", self.index).parse().unwrap()
+        format!("10.{}.{}.1", self.net, self.index).parse().unwrap()
     }
     pub fn v6(&self) -> IpAddr {
-        format!("fd00:251:{}::2", self.index).parse().unwrap()
+        format!("fd00:{}:{}::2", self.net, self.index)
+            .parse()
+            .unwrap()
     }
     pub fn host_v6(&self) -> IpAddr {
-        format!("fd00:251:{}::1", self.index).parse().unwrap()
+        format!("fd00:{}:{}::1", self.net, self.index)
+            .parse()
+            .unwrap()
     }
 
     pub fn netns_path(&self) -> PathBuf {
@@ -203,6 +225,12 @@ impl Container {
     pub fn serve(&self, addr: &str, greeting: &str) -> Server {
         Server::start(Some(self.netns_path()), addr.parse().unwrap(), greeting)
     }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.netns.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
 }
 
 impl Drop for Container {
@@ -218,6 +246,9 @@ pub fn enter_netns(path: &Path) {
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
+/// What a server does with one connection.
+pub type Handler = Arc<dyn Fn(TcpStream, SocketAddr) + Send + Sync>;
+
 /// A TCP server on its own thread; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -226,8 +257,20 @@ pub struct Server {
 
 impl Server {
     pub fn start(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
         let greeting = greeting.to_owned();
+        Self::start_with(
+            netns,
+            addr,
+            Arc::new(move |mut stream, peer| {
+                // IPv4 clients of a dual-stack socket appear as ::ffff:a.b.c.d.
+                let _ = writeln!(stream, "{greeting} {}", peer.ip().to_canonical());
+            }),
+        )
+    }
+
+    /// A server that runs `handler` for each connection.
+    pub fn start_with(netns: Option<PathBuf>, addr: SocketAddr, handler: Handler) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = stop.clone();
         let thread = thread::spawn(move || {
@@ -240,10 +283,13 @@ impl Server {
             ready_tx.send(()).unwrap();
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut stream, peer)) => {
+                    Ok((stream, peer)) => {
                         let _ = stream.set_nonblocking(false);
-                        // IPv4 clients of a dual-stack socket appear as ::ffff:a.b.c.d.
-                        let _ = writeln!(stream, "{greeting} {}", peer.ip().to_canonical());
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+                        // One thread per connection, so that a stalled one
+                        // never blocks the next; each ends at EOF or timeout.
+                        let handler = handler.clone();
+                        thread::spawn(move || handler(stream, peer));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -291,4 +337,55 @@ pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A UDP server on its own thread answering each datagram with
+/// `<greeting> <payload> <client address>`; stops when dropped.
+pub fn serve_udp(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let greeting = greeting.to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stopping = stop.clone();
+    let thread = thread::spawn(move || {
+        if let Some(path) = netns {
+            enter_netns(&path);
+        }
+        let socket =
+            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        while !stopping.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let payload = String::from_utf8_lossy(&buf[..n]);
+                let answer = format!("{greeting} {payload} {}", peer.ip().to_canonical());
+                let _ = socket.send_to(answer.as_bytes(), peer);
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .expect("server did not start");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// Sets a sysctl of one interface (never a global one).
+pub fn set_if_sysctl(netns: Option<&str>, family: &str, ifname: &str, key: &str, value: &str) {
+    let name = format!("net.{family}.conf.{ifname}.{key}={value}");
+    match netns {
+        Some(ns) => sh("ip", &["netns", "exec", ns, "sysctl", "-qw", &name]),
+        None => sh("sysctl", &["-qw", &name]),
+    };
+}
+
+/// The mapping rows of `portfwd list --json`.
+pub fn listed() -> Vec<serde_json::Value> {
+    let listing: serde_json::Value =
+        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    listing["mappings"].as_array().unwrap().clone()
 }

@@ -1,0 +1,234 @@
+//! Reading the headers of a packet at TC, and rewriting its addresses and
+//! ports with incremental checksum updates.
+//!
+//! Headers are read with `bpf_skb_load_bytes` rather than direct packet
+//! access: it needs no bounds proofs for the verifier, works on non-linear
+//! skbs, and a short packet is just an error.
+
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use portfwd_common::{
+    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT,
+    STAT_PASS_IPV6_EXTENSION, STAT_PASS_NOT_IP, STAT_PASS_NOT_TCP_UDP, STAT_PASS_TRUNCATED,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+const IPV4_DADDR_OFF: usize = 16;
+const IPV4_SADDR_OFF: usize = 12;
+const IPV4_CSUM_OFF: usize = 10;
+const IPV6_SADDR_OFF: usize = 8;
+const IPV6_DADDR_OFF: usize = 24;
+const IPV6_HLEN: usize = 40;
+
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+const TCP_FLAGS_OFF: usize = 13;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// `bpf_l4_csum_replace` flags: the changed field is part of the
+/// pseudo-header; a zero UDP checksum means "none" and must stay zero.
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+/// The parts of a TCP or UDP packet that portfwd looks at.
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// Bytes of the packet, for the counters.
+    pub len: u32,
+}
+
+/// Why a packet is passed untouched: the index of its stats counter.
+pub type PassReason = u32;
+
+/// Parses an Ethernet frame carrying IPv4 or IPv6 and TCP or UDP.
+pub fn parse(ctx: &TcContext) -> Result<Packet, PassReason> {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: reading a context field, checked by the verifier. skb->protocol
+    // is the ethertype after any VLAN tag the driver took off.
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    match protocol {
+        ETH_P_IP => parse_ipv4(ctx, ETH_HLEN),
+        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HLEN),
+        _ => Err(STAT_PASS_NOT_IP),
+    }
+}
+
+fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
+    let header: [u8; 20] = ctx.load(l3_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    if header[0] >> 4 != 4 {
+        return Err(STAT_PASS_NOT_IP);
+    }
+    let header_len = ((header[0] & 0x0f) as usize) * 4;
+    if header_len < 20 {
+        return Err(STAT_PASS_TRUNCATED);
+    }
+    // Only the first fragment carries the ports; later ones cannot be
+    // matched to a flow without reassembly.
+    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+    if fragment_offset != 0 {
+        return Err(STAT_PASS_FRAGMENT);
+    }
+    let word =
+        |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let proto = header[9];
+    transport(
+        ctx,
+        FAMILY_V4,
+        proto,
+        Addr::v4(word(IPV4_SADDR_OFF)),
+        Addr::v4(word(IPV4_DADDR_OFF)),
+        l3_off,
+        l3_off + header_len,
+    )
+}
+
+fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
+    let header: [u32; 10] = ctx.load(l3_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    let first = header[0].to_ne_bytes();
+    if first[0] >> 4 != 6 {
+        return Err(STAT_PASS_NOT_IP);
+    }
+    let next_header = header[1].to_ne_bytes()[2];
+    // Extension headers (and fragments, which are one) are passed untouched:
+    // translating them would need a bounded walk for little gain.
+    if next_header != IPPROTO_TCP && next_header != IPPROTO_UDP {
+        return Err(match next_header {
+            0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => STAT_PASS_IPV6_EXTENSION,
+            _ => STAT_PASS_NOT_TCP_UDP,
+        });
+    }
+    transport(
+        ctx,
+        FAMILY_V6,
+        next_header,
+        Addr::v6([header[2], header[3], header[4], header[5]]),
+        Addr::v6([header[6], header[7], header[8], header[9]]),
+        l3_off,
+        l3_off + IPV6_HLEN,
+    )
+}
+
+fn transport(
+    ctx: &TcContext,
+    family: u8,
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+    l3_off: usize,
+    l4_off: usize,
+) -> Result<Packet, PassReason> {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(STAT_PASS_NOT_TCP_UDP);
+    }
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF)
+            .map_err(|_| STAT_PASS_TRUNCATED)?
+    } else {
+        0
+    };
+    Ok(Packet {
+        family,
+        proto,
+        saddr,
+        daddr,
+        sport: ports[0],
+        dport: ports[1],
+        tcp_flags,
+        l3_off,
+        l4_off,
+        len: ctx.len(),
+    })
+}
+
+/// Which end of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites the source or destination address and port, updating the IPv4
+/// header checksum and the TCP/UDP checksum (whose pseudo-header covers the
+/// addresses) incrementally. The kernel helpers keep checksums right
+/// whether the packet's checksum is complete or left to the NIC (partial).
+// Inlined: with its result it would take more than five BPF arguments.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16) -> Result<(), i64> {
+    let (old_addr, old_port) = match end {
+        End::Source => (pkt.saddr, pkt.sport),
+        End::Destination => (pkt.daddr, pkt.dport),
+    };
+    let csum_off = pkt.l4_off
+        + if pkt.proto == IPPROTO_TCP {
+            TCP_CSUM_OFF
+        } else {
+            UDP_CSUM_OFF
+        };
+    let l4_flags = if pkt.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
+    if pkt.family == FAMILY_V4 {
+        let (from, to) = (old_addr.words[0], addr.words[0]);
+        let addr_off = pkt.l3_off
+            + match end {
+                End::Source => IPV4_SADDR_OFF,
+                End::Destination => IPV4_DADDR_OFF,
+            };
+        ctx.l4_csum_replace(
+            csum_off,
+            from as u64,
+            to as u64,
+            BPF_F_PSEUDO_HDR | l4_flags | 4,
+        )?;
+        ctx.l3_csum_replace(pkt.l3_off + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
+        ctx.store(addr_off, &to, 0)?;
+    } else {
+        let addr_off = pkt.l3_off
+            + match end {
+                End::Source => IPV6_SADDR_OFF,
+                End::Destination => IPV6_DADDR_OFF,
+            };
+        // One word at a time: the helper takes 2- or 4-byte differences.
+        for i in 0..4 {
+            let (from, to) = (old_addr.words[i], addr.words[i]);
+            if from != to {
+                ctx.l4_csum_replace(
+                    csum_off,
+                    from as u64,
+                    to as u64,
+                    BPF_F_PSEUDO_HDR | l4_flags | 4,
+                )?;
+            }
+        }
+        ctx.store(addr_off, &addr.words, 0)?;
+    }
+    if old_port != port {
+        let port_off = pkt.l4_off
+            + match end {
+                End::Source => 0,
+                End::Destination => 2,
+            };
+        ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, l4_flags | 2)?;
+        ctx.store(port_off, &port, 0)?;
+    }
+    Ok(())
+}
