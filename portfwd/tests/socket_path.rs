@@ -165,7 +165,7 @@ fn bad_input_and_conflicts_change_nothing() {
             "--clear-groups",
             PORTFWD,
             "--bpffs",
-            PIN_DIR,
+            &pin_dir(),
             "list",
         ],
     );
@@ -200,7 +200,7 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
     portfwd_ok(&["down"]);
     std::mem::forget(pf);
 
-    assert!(!std::path::Path::new(PIN_DIR).exists());
+    assert!(!std::path::Path::new(&pin_dir()).exists());
     assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_err());
     // The kernel frees programs and maps once the last reference goes
     // (after an RCU grace period, hence the wait).
@@ -224,7 +224,8 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
 
 /// The ids of the programs behind our pinned links and of our pinned maps.
 fn pinned_object_ids() -> (Vec<u32>, Vec<u32>) {
-    let dir = std::path::Path::new(PIN_DIR);
+    let dir = pin_dir();
+    let dir = std::path::Path::new(&dir);
     let mut pins = Vec::new();
     let mut dirs = vec![dir.join("links")];
     while let Some(d) = dirs.pop() {

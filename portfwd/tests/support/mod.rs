@@ -22,8 +22,11 @@ use std::{
 };
 
 pub const PORTFWD: &str = env!("CARGO_BIN_EXE_portfwd");
-/// The tests' own pin directory, so that they never touch a real instance.
-pub const PIN_DIR: &str = "/sys/fs/bpf/portfwd-test";
+/// The tests' own pin directory, so that they never touch a real instance
+/// (PORTFWD_TEST_BPFFS overrides it, for two test runs at once).
+pub fn pin_dir() -> String {
+    std::env::var("PORTFWD_TEST_BPFFS").unwrap_or_else(|_| "/sys/fs/bpf/portfwd-test".into())
+}
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Tests share the cgroup root and the pin directory: one at a time.
@@ -66,7 +69,8 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 
 /// The `portfwd` binary with the tests' pin directory.
 pub fn portfwd(args: &[&str]) -> Output {
-    let mut all = vec!["--bpffs", PIN_DIR];
+    let dir = pin_dir();
+    let mut all = vec!["--bpffs", dir.as_str()];
     all.extend_from_slice(args);
     run(PORTFWD, &all)
 }
