@@ -9,9 +9,9 @@ use serde::Serialize;
 use crate::{
     UsageError, host,
     loader::{self, UpOptions},
-    mapping::{self, Mapping, UnmapSelector},
+    mapping::{self, UnmapSelector},
     maps::{PinnedMaps, StateLock},
-    netlink,
+    ops::{self, Missing},
     publish::PublishSpec,
 };
 
@@ -91,18 +91,7 @@ pub fn map(
         .map(|text| text.parse::<PublishSpec>())
         .collect::<Result<Vec<_>, _>>()?;
 
-    host::require_root()?;
-    let lock = StateLock::acquire(pin_dir)?;
-    let mut maps = PinnedMaps::open(pin_dir, &lock)?;
-    let existing = maps.mappings()?;
-    let mut planned = mapping::plan(&name, container_ip, &specs, &existing, host::port_in_use)?;
-    let ifindex = prepare_backend_path(pin_dir, container_ip, &lock)?;
-    for m in &mut planned {
-        m.ifindex = ifindex;
-    }
-    // Wildcard mappings serve the host's addresses as they are now.
-    maps.sync_local_addrs(&host::local_addresses()?)?;
-    maps.add_all(&planned)?;
+    let planned = ops::publish(pin_dir, &name, container_ip, &specs)?;
     for m in &planned {
         println!(
             "published {}: {}/{} -> {}",
@@ -110,26 +99,6 @@ pub fn map(
         );
     }
     Ok(())
-}
-
-/// The interface the kernel routes to the container through, with the reply
-/// program attached to it (unless it is an uplink, whose own program handles
-/// replies, or a default-route interface, where containers do not live).
-/// 0 when the container is not reachable through an interface.
-fn prepare_backend_path(pin_dir: &Path, container_ip: IpAddr, lock: &StateLock) -> Result<u32> {
-    let Some(ifindex) = netlink::route_oif(container_ip)? else {
-        return Ok(0);
-    };
-    let ifname = netlink::ifname(ifindex)?;
-    if ifname == "lo" {
-        return Ok(0);
-    }
-    if !loader::is_uplink(pin_dir, &ifname)
-        && !netlink::default_route_interfaces()?.contains(&ifname)
-    {
-        loader::attach_backend(pin_dir, &ifname, lock)?;
-    }
-    Ok(ifindex)
 }
 
 /// `portfwd attach IF`: external traffic arriving on IF is forwarded.
@@ -168,32 +137,7 @@ pub fn unmap(pin_dir: &Path, name: Option<&str>, selectors: &[String]) -> Result
         ));
     }
 
-    host::require_root()?;
-    let lock = StateLock::acquire(pin_dir)?;
-    let mut maps = PinnedMaps::open(pin_dir, &lock)?;
-    let existing = maps.mappings()?;
-    let mut doomed: Vec<Mapping> = Vec::new();
-    if let Some(name) = name {
-        let named: Vec<&Mapping> = existing.iter().filter(|m| m.name == name).collect();
-        if named.is_empty() {
-            bail!("no mapping is named {name:?}");
-        }
-        doomed.extend(named.into_iter().cloned());
-    }
-    for selector in &selectors {
-        let matched: Vec<&Mapping> = existing.iter().filter(|m| selector.matches(m)).collect();
-        if matched.is_empty() {
-            bail!("nothing is published on {selector}");
-        }
-        doomed.extend(
-            matched
-                .into_iter()
-                .filter(|m| !doomed.contains(m))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-    }
-    maps.remove_all(&doomed)?;
+    let doomed = ops::withdraw(pin_dir, name, &selectors, Missing::Error)?;
     for m in &doomed {
         println!(
             "removed {}: {}/{} -> {}",

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod mapping;
 pub mod maps;
 pub mod netlink;
+pub mod ops;
 pub mod publish;
 
 use std::fmt;
