@@ -171,6 +171,9 @@ pub struct CtKey {
 pub const CT_FLAG_REPLY: u8 = 1;
 /// A FIN or RST was seen: the flow ends after `CT_TCP_CLOSING_NS`.
 pub const CT_FLAG_CLOSING: u8 = 2;
+/// A hairpin flow (a container dialing a published address through the
+/// host): the other end is rewritten too, see `CtValue::masq_addr`.
+pub const CT_FLAG_MASQ: u8 = 4;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]
@@ -188,6 +191,14 @@ pub struct CtValue {
     /// The mapping the flow belongs to: it must still exist, with the same
     /// container, for the flow to go on.
     pub service: ServiceKey,
+    /// With `CT_FLAG_MASQ`: forward, the new source (the host address the
+    /// client dialed, with a port chosen so flows stay distinct); reply, the
+    /// new destination (the client). The container then replies to the
+    /// host, even when the client shares its link or is itself.
+    pub masq_addr: Addr,
+    /// Network byte order.
+    pub masq_port: u16,
+    pub _pad2: u16,
     /// `bpf_ktime_get_ns` of the last packet, and of the first FIN/RST.
     pub last_seen_ns: u64,
     pub closing_since_ns: u64,
@@ -363,7 +374,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 24 + NAME_LEN);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<CtValue>(), 88);
         assert_eq!(size_of::<MappingCounters>(), 40);
         assert_eq!(size_of::<LocalAddrKey>(), 20);
         assert_eq!(size_of::<Config>(), 8);

@@ -8,14 +8,20 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_UDP_IDLE_NS, CtKey,
-    CtValue, IPPROTO_TCP, ServiceKey,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS,
+    CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP, ServiceKey,
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, SCRATCH},
     packet::{Packet, TCP_FIN, TCP_RST},
 };
+
+/// A conntrack entry under construction (in the per-CPU scratch map).
+pub struct Scratch {
+    pub key: CtKey,
+    pub value: CtValue,
+}
 
 /// Refresh `last_seen_ns` at most this often: every write to a shared entry
 /// bounces its cache line between CPUs.
@@ -76,56 +82,82 @@ pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
     }
 }
 
-/// The reply direction's key of a flow whose forward packet is `pkt`,
-/// once its destination is rewritten to `backend:backend_port`.
-pub fn reply_key(pkt: &Packet, backend: Addr, backend_port: u16) -> CtKey {
-    CtKey {
-        saddr: backend,
-        daddr: pkt.saddr,
-        sport: backend_port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    }
+/// Where a new flow goes: the container, and for a hairpin flow the
+/// source it is masqueraded to.
+pub struct Nat {
+    pub backend: Addr,
+    pub backend_port: u16,
+    pub backend_ifindex: u32,
+    /// The interface the flow came in on (its replies go back there).
+    pub client_ifindex: u32,
+    /// Hairpin: the (host address, port) the client is rewritten to.
+    pub masq: Option<(Addr, u16)>,
+}
+
+/// The key of the forward direction: the packet's own flow.
+fn set_key(key: &mut CtKey, pkt: &Packet) {
+    key.saddr = pkt.saddr;
+    key.daddr = pkt.daddr;
+    key.sport = pkt.sport;
+    key.dport = pkt.dport;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key._pad = 0;
+}
+
+/// The key of the reply direction: the container answering whoever it saw
+/// as the client (the client itself, or the masquerade address).
+fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
+    let (client, client_port) = nat.masq.unwrap_or((pkt.saddr, pkt.sport));
+    key.saddr = nat.backend;
+    key.daddr = client;
+    key.sport = nat.backend_port;
+    key.dport = client_port;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key._pad = 0;
 }
 
 /// Creates both entries of a new flow. Either both exist afterwards or the
 /// flow is not tracked (the caller then passes the packet untouched).
-// Inlined: a BPF-to-BPF call takes at most five arguments.
-#[allow(clippy::too_many_arguments)]
+// Inlined into its one caller, whose values it reuses; the entry itself is
+// built in scratch memory (the stack is limited to 512 bytes).
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    service: &ServiceKey,
-    backend: Addr,
-    backend_port: u16,
-    backend_ifindex: u32,
-    uplink_ifindex: u32,
-    now: u64,
-) -> Result<(), i32> {
-    // One value and one key, rewritten in place for the second entry:
-    // the stack is limited to 512 bytes.
-    let mut value = CtValue {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        flags: CT_FLAG_REPLY,
-        _pad: 0,
-        ifindex: uplink_ifindex,
-        service: *service,
-        last_seen_ns: now,
-        closing_since_ns: 0,
+pub fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result<(), i32> {
+    // The entry is built in per-CPU scratch memory, not on the stack.
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+    // SAFETY: per-CPU memory that only this program run uses.
+    let entry = unsafe { &mut *scratch };
+    let (masq_flag, masq_addr, masq_port) = match nat.masq {
+        Some((addr, port)) => (CT_FLAG_MASQ, addr, port),
+        None => (0, Addr::UNSPECIFIED, 0),
     };
-    let mut key = reply_key(pkt, backend, backend_port);
-    CONNTRACK.insert(&key, &value, 0)?;
-    let reply = key;
-    value.nat_addr = backend;
-    value.nat_port = backend_port;
-    value.flags = 0;
-    value.ifindex = backend_ifindex;
-    key = key_of(pkt);
-    if let Err(error) = CONNTRACK.insert(&key, &value, 0) {
-        let _ = CONNTRACK.remove(&reply);
+    // Field by field: a struct literal would be built on the stack first.
+    set_reply_key(&mut entry.key, pkt, nat);
+    let value = &mut entry.value;
+    value.nat_addr = pkt.daddr;
+    value.nat_port = pkt.dport;
+    value.flags = CT_FLAG_REPLY | masq_flag;
+    value._pad = 0;
+    value.ifindex = nat.client_ifindex;
+    value.service = *service;
+    value.masq_addr = pkt.saddr;
+    value.masq_port = pkt.sport;
+    value._pad2 = 0;
+    value.last_seen_ns = now;
+    value.closing_since_ns = 0;
+    CONNTRACK.insert(&entry.key, &entry.value, 0)?;
+    // The forward entry: the same, but for the other direction.
+    entry.value.nat_addr = nat.backend;
+    entry.value.nat_port = nat.backend_port;
+    entry.value.flags = masq_flag;
+    entry.value.ifindex = nat.backend_ifindex;
+    entry.value.masq_addr = masq_addr;
+    entry.value.masq_port = masq_port;
+    set_key(&mut entry.key, pkt);
+    if let Err(error) = CONNTRACK.insert(&entry.key, &entry.value, 0) {
+        set_reply_key(&mut entry.key, pkt, nat);
+        let _ = CONNTRACK.remove(&entry.key);
         return Err(error);
     }
     Ok(())
@@ -133,21 +165,34 @@ pub fn create(
 
 /// Forgets a flow, given either direction's key and entry.
 pub fn remove(key: &CtKey, ct: &CtValue) {
+    let masq = ct.flags & CT_FLAG_MASQ != 0;
     let other = if ct.flags & CT_FLAG_REPLY != 0 {
-        // Reply entry: the forward key is (client -> published address).
+        // Reply entry (container -> client as it saw it): the forward key is
+        // (client -> published address); with masquerade the client is in
+        // masq_addr.
+        let (client, client_port) = if masq {
+            (ct.masq_addr, ct.masq_port)
+        } else {
+            (key.daddr, key.dport)
+        };
         CtKey {
-            saddr: key.daddr,
+            saddr: client,
             daddr: ct.nat_addr,
-            sport: key.dport,
+            sport: client_port,
             dport: ct.nat_port,
             ..*key
         }
     } else {
+        let (client, client_port) = if masq {
+            (ct.masq_addr, ct.masq_port)
+        } else {
+            (key.saddr, key.sport)
+        };
         CtKey {
             saddr: ct.nat_addr,
-            daddr: key.saddr,
+            daddr: client,
             sport: ct.nat_port,
-            dport: key.sport,
+            dport: client_port,
             ..*key
         }
     };

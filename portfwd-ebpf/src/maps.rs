@@ -44,3 +44,8 @@ pub static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =
 /// What the TC programs did and passed, indexed by `portfwd_common::STAT_*`.
 #[map(name = "pf_stats")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Per-CPU scratch memory for building conntrack entries: a BPF stack is
+/// limited to 512 bytes, and an entry with its key takes a quarter of it.
+#[map(name = "pf_scratch")]
+pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -168,9 +168,23 @@ pub enum End {
 /// header checksum and the TCP/UDP checksum (whose pseudo-header covers the
 /// addresses) incrementally. The kernel helpers keep checksums right
 /// whether the packet's checksum is complete or left to the NIC (partial).
-// Inlined: with its result it would take more than five BPF arguments.
+///
+/// True when the packet was rewritten. A function of its own, so that its
+/// locals stay out of its callers' frames (the stack is limited to 512
+/// bytes); a bool, as a Result would be a sixth BPF argument.
+#[inline(never)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16) -> bool {
+    rewrite_fields(ctx, pkt, end, addr, port).is_ok()
+}
+
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16) -> Result<(), i64> {
+fn rewrite_fields(
+    ctx: &TcContext,
+    pkt: &Packet,
+    end: End,
+    addr: &Addr,
+    port: u16,
+) -> Result<(), i64> {
     let (old_addr, old_port) = match end {
         End::Source => (pkt.saddr, pkt.sport),
         End::Destination => (pkt.daddr, pkt.dport),

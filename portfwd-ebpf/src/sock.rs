@@ -3,9 +3,15 @@
 //! kernel never sees a packet to the published address and there is no
 //! per-packet cost. getpeername then reports the address that was dialed.
 //!
+//! UDP is translated per datagram: sendmsg rewrites an unconnected send to a
+//! published port, and recvmsg rewrites the replies' source back to the
+//! address the application sent to.
+//!
 //! Only sockets of the host network namespace are translated: the programs
 //! sit on the cgroup v2 root, which also holds every container's processes,
-//! and a container's own `127.0.0.1:PORT` must stay its own.
+//! and a container's own `127.0.0.1:PORT` must stay its own. A container
+//! that dials the host's published address goes through the TC path
+//! (hairpin), like any client outside the host.
 
 use aya_ebpf::{
     EbpfContext,
@@ -31,7 +37,7 @@ const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
 #[cgroup_sock_addr(connect4)]
 pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate_connect4(ctx.sock_addr);
+        translate4(ctx.sock_addr);
     }
     PROCEED
 }
@@ -39,8 +45,37 @@ pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn pf_connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate_connect6(ctx.sock_addr);
+        translate6(ctx.sock_addr);
     }
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // Only UDP reaches this hook with a destination address.
+    if in_host_netns(&ctx) {
+        translate4(ctx.sock_addr);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if in_host_netns(&ctx) {
+        translate6(ctx.sock_addr);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_peer4(ctx.sock_addr);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_peer6(ctx.sock_addr);
     PROCEED
 }
 
@@ -88,10 +123,15 @@ fn socket_protocol(sa: *mut bpf_sock_addr) -> Option<u8> {
 /// Exact (address, port, protocol) first; then, when the destination is one
 /// of the host's own addresses, the family's wildcard mapping.
 fn find_backend(key: ServiceKey) -> Option<Backend> {
+    let loopback = is_loopback(key.family, &key.addr);
     // SAFETY: the value is copied out at once; the map has no preallocation,
     // so a concurrent delete cannot recycle the element under us.
     let found = unsafe { SERVICES.get(&key) }.or_else(|| {
-        if key.addr.is_unspecified() || !is_local(key.family, &key.addr) {
+        let local = loopback
+            || LOCAL_ADDRS
+                .get_ptr(LocalAddrKey::new(key.family, key.addr))
+                .is_some();
+        if key.addr.is_unspecified() || !local {
             return None;
         }
         unsafe { SERVICES.get(&key.wildcard()) }
@@ -103,22 +143,19 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
     })
 }
 
-fn is_local(family: u8, addr: &Addr) -> bool {
-    let loopback = if family == FAMILY_V4 {
+fn is_loopback(family: u8, addr: &Addr) -> bool {
+    if family == FAMILY_V4 {
         u32::from_be(addr.words[0]) >> 24 == 127
     } else {
         addr.words[0] == 0
             && addr.words[1] == 0
             && addr.words[2] == 0
             && addr.words[3] == 1u32.to_be()
-    };
-    loopback
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey::new(family, *addr))
-            .is_some()
+    }
 }
 
-fn translate_connect4(sa: *mut bpf_sock_addr) {
+/// Rewrites an IPv4 destination (connect, or an unconnected UDP send).
+fn translate4(sa: *mut bpf_sock_addr) {
     let Some(proto) = socket_protocol(sa) else {
         return;
     };
@@ -148,7 +185,8 @@ fn translate_connect4(sa: *mut bpf_sock_addr) {
     );
 }
 
-fn translate_connect6(sa: *mut bpf_sock_addr) {
+/// Rewrites an IPv6 destination (connect, or an unconnected UDP send).
+fn translate6(sa: *mut bpf_sock_addr) {
     let Some(proto) = socket_protocol(sa) else {
         return;
     };
@@ -219,7 +257,7 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
 }
 
 /// Records, for this socket and the backend it now talks to, the address the
-/// application dialed, for getpeername.
+/// application dialed, for getpeername and recvmsg.
 fn remember_dialed(
     sa: *mut bpf_sock_addr,
     socket_family: u8,

@@ -1,4 +1,5 @@
-//! TC programs: external clients reaching a published port.
+//! TC programs: clients outside the host namespace reaching a published
+//! port.
 //!
 //! - `pf_tc_uplink_in` (uplink ingress): a new TCP (SYN) or UDP flow to a
 //!   published (address, port, protocol) gets its destination rewritten to
@@ -8,9 +9,13 @@
 //!   path (so `ip_forward` may be off).
 //! - `pf_tc_backend_in` (ingress of the interface towards the containers):
 //!   replies of tracked flows get their source rewritten back to the
-//!   published address and are redirected to the uplink the flow came in on.
-//! - `pf_tc_uplink_out` (uplink egress): the same reverse translation for
-//!   replies that reached the uplink through the host's routing instead.
+//!   published address and are redirected to the interface the flow came in
+//!   on. It also serves containers that dial a published address of the
+//!   host (hairpin): like an external flow, but masqueraded to the dialed
+//!   host address, so that the container answering replies through the
+//!   host even when the client shares its link (a bridge) or is itself.
+//! - `pf_tc_uplink_out` (uplink egress): the reverse translation for replies
+//!   that reached the uplink through the host's routing instead.
 //!
 //! Packets that are not ours go on untouched (TC_ACT_UNSPEC: the next
 //! program or the stack decides), and every kind of untouched packet that
@@ -27,30 +32,49 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP, STAT_FLOW_NEW,
-    STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK, ServiceKey,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
+    STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
+    ServiceKey,
 };
 
 use crate::{
-    conntrack,
-    maps::{COUNTERS, SERVICES, STATS},
+    conntrack::{self, Nat},
+    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
     packet::{self, End, Packet, TCP_ACK, TCP_SYN},
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
 const NEXT: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
 const PACKET_HOST: u32 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 #[classifier]
 pub fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
+    ingress(&ctx, false)
+}
+
+#[classifier]
+pub fn pf_tc_backend_in(ctx: TcContext) -> i32 {
+    ingress(&ctx, true)
+}
+
+#[classifier]
+pub fn pf_tc_uplink_out(ctx: TcContext) -> i32 {
+    routed_reply(&ctx)
+}
+
+/// Packets entering the host: tracked flows in either direction, and new
+/// flows to published ports (masqueraded when they come from containers).
+#[inline(always)]
+fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     // Frames not addressed to this host's MAC (promiscuous mode) are not ours.
     // SAFETY: reading a context field, checked by the verifier.
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return NEXT;
     }
-    let Some(pkt) = parse_or_count(&ctx) else {
+    let Some(pkt) = parse_or_count(ctx) else {
         return NEXT;
     };
     let now = conntrack::now();
@@ -59,28 +83,19 @@ pub fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
         if flags & CT_FLAG_REPLY != 0 {
-            // The container sits behind this uplink: its replies come in here.
-            return translate_reply(&ctx, &pkt, &key, entry, true);
+            return translate_reply(ctx, &pkt, &key, entry, true);
         }
         // A SYN on a closing flow is the client reusing its port: a new flow.
         if !(is_new_tcp(&pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(&ctx, &pkt, &key, entry);
+            return translate_forward(ctx, &pkt, &key, entry);
         }
     }
-    start_flow(&ctx, &pkt, now)
+    start_flow(ctx, &pkt, now, from_containers)
 }
 
-#[classifier]
-pub fn pf_tc_backend_in(ctx: TcContext) -> i32 {
-    reply_path(&ctx, true)
-}
-
-#[classifier]
-pub fn pf_tc_uplink_out(ctx: TcContext) -> i32 {
-    reply_path(&ctx, false)
-}
-
-fn reply_path(ctx: &TcContext, redirect: bool) -> i32 {
+/// Uplink egress: replies that reached the uplink through the host's
+/// routing rather than a redirect.
+fn routed_reply(ctx: &TcContext) -> i32 {
     let Ok(pkt) = packet::parse(ctx) else {
         return NEXT;
     };
@@ -88,7 +103,7 @@ fn reply_path(ctx: &TcContext, redirect: bool) -> i32 {
     match conntrack::lookup(&key, conntrack::now()) {
         // SAFETY: a pointer into the map value, valid for this program run.
         Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
-            translate_reply(ctx, &pkt, &key, entry, redirect)
+            translate_reply(ctx, &pkt, &key, entry, false)
         }
         _ => NEXT,
     }
@@ -113,7 +128,7 @@ fn is_new_tcp(pkt: &Packet) -> bool {
 // Not inlined (nor are the other steps): each BPF function gets its own
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 #[inline(never)]
-fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
+fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 {
     // Only a SYN opens a TCP flow: anything else without an entry belongs to
     // a connection of the host itself (or one we stopped).
     if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
@@ -126,19 +141,26 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
     if backend.family != pkt.family {
         return NEXT;
     }
-    // SAFETY: reading a context field, checked by the verifier.
-    let uplink = unsafe { (*ctx.skb.skb).ifindex };
-    if conntrack::create(
-        pkt,
-        &service,
-        backend.addr,
-        backend.port,
-        backend.ifindex,
-        uplink,
-        now,
-    )
-    .is_err()
-    {
+    let masq = if masquerade {
+        // The dialed host address, with a port that no other flow to this
+        // container uses from it.
+        let Some(port) = masquerade_port(pkt, &backend, now) else {
+            count(STAT_REWRITE_FAILED);
+            return NEXT;
+        };
+        Some((pkt.daddr, port))
+    } else {
+        None
+    };
+    let nat = Nat {
+        backend: backend.addr,
+        backend_port: backend.port,
+        backend_ifindex: backend.ifindex,
+        // SAFETY: reading a context field, checked by the verifier.
+        client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        masq,
+    };
+    if conntrack::create(pkt, &service, &nat, now).is_err() {
         // Untracked, the replies could not be translated back: do not start.
         count(STAT_REWRITE_FAILED);
         return NEXT;
@@ -148,6 +170,13 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { (*counters).connections += 1 };
     }
+    add_traffic(&service, pkt.len, true);
+    if let Some((addr, port)) = masq {
+        if !packet::rewrite(ctx, pkt, End::Source, &addr, port) {
+            count(STAT_REWRITE_FAILED);
+            return DROP;
+        }
+    }
     finish(
         ctx,
         pkt,
@@ -156,6 +185,33 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
         backend.port,
         backend.ifindex,
     )
+}
+
+/// A source port for a masqueraded flow: the client's own when free, else
+/// one of a few others (a bounded loop, for the verifier).
+#[inline(never)]
+fn masquerade_port(pkt: &Packet, backend: &Backend, now: u64) -> Option<u16> {
+    // The candidate key lives in scratch memory: this call is the deepest
+    // of the hairpin path, where the 512-byte stack runs out.
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU memory that only this program run uses.
+    let key = unsafe { &mut (*scratch).key };
+    key.saddr = backend.addr;
+    key.daddr = pkt.daddr;
+    key.sport = backend.port;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key._pad = 0;
+    let mut port = u16::from_be(pkt.sport);
+    for attempt in 1..=8u16 {
+        key.dport = port.to_be();
+        if conntrack::lookup(key, now).is_none() {
+            return Some(port.to_be());
+        }
+        // Another port in the ephemeral range.
+        port = 32768 + port.wrapping_add(attempt.wrapping_mul(7919)) % 28232;
+    }
+    None
 }
 
 struct Backend {
@@ -253,6 +309,12 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     }
     conntrack::touch(entry, pkt, conntrack::now());
     add_traffic(&ct.service, pkt.len, true);
+    if ct.flags & CT_FLAG_MASQ != 0
+        && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
+    {
+        count(STAT_REWRITE_FAILED);
+        return DROP;
+    }
     finish(
         ctx,
         pkt,
@@ -278,10 +340,16 @@ fn translate_reply(
         count(STAT_FLOW_STOPPED);
         // A reply of a stopped flow would reach the client from the
         // container's own address: drop it (counted above).
-        return TC_ACT_SHOT as i32;
+        return DROP;
     }
     conntrack::touch(entry, pkt, conntrack::now());
     add_traffic(&ct.service, pkt.len, false);
+    if ct.flags & CT_FLAG_MASQ != 0
+        && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
+    {
+        count(STAT_REWRITE_FAILED);
+        return DROP;
+    }
     let ifindex = if redirect { ct.ifindex } else { 0 };
     finish(ctx, pkt, End::Source, &ct.nat_addr, ct.nat_port, ifindex)
 }
@@ -291,10 +359,10 @@ fn translate_reply(
 // Inlined: a BPF-to-BPF call takes at most five arguments.
 #[inline(always)]
 fn finish(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16, ifindex: u32) -> i32 {
-    if packet::rewrite(ctx, pkt, end, addr, port).is_err() {
+    if !packet::rewrite(ctx, pkt, end, addr, port) {
         // A half-rewritten packet must not leave: its checksums are wrong.
         count(STAT_REWRITE_FAILED);
-        return TC_ACT_SHOT as i32;
+        return DROP;
     }
     if ifindex == 0 {
         count(STAT_TO_STACK);

@@ -73,6 +73,7 @@ pub fn map(
     name: Option<&str>,
     container_ip: &str,
     publish: &[String],
+    force: bool,
 ) -> Result<()> {
     let container_ip: IpAddr = container_ip.parse().map_err(|_| {
         UsageError(format!(
@@ -91,7 +92,14 @@ pub fn map(
         .map(|text| text.parse::<PublishSpec>())
         .collect::<Result<Vec<_>, _>>()?;
 
-    let planned = ops::publish(pin_dir, &name, container_ip, &specs)?;
+    let options = ops::PublishOptions {
+        refuse_ports_in_use: !force,
+    };
+    let published = ops::publish_with(pin_dir, &name, container_ip, &specs, options)?;
+    let planned = published.mappings;
+    for busy in &published.busy_ports {
+        eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
+    }
     for m in &planned {
         println!(
             "published {}: {}/{} -> {}",

@@ -133,6 +133,64 @@ pub fn port_in_use(protocol: Protocol, port: u16) -> bool {
     })
 }
 
+/// The process holding `port` (a TCP listener, or a UDP socket), as
+/// `name (pid N)`, found through /proc: the socket's inode in
+/// /proc/net/{tcp,tcp6,udp,udp6}, then the process with that inode open.
+pub fn port_owner(protocol: Protocol, port: u16) -> Option<String> {
+    let tables: [&str; 2] = match protocol {
+        Protocol::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
+        Protocol::Udp => ["/proc/net/udp", "/proc/net/udp6"],
+    };
+    let inodes: Vec<u64> = tables
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .flat_map(|text| socket_inodes(&text, protocol, port))
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes
+        .iter()
+        .map(|inode| format!("socket:[{inode}]"))
+        .collect();
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let owns = fds.flatten().any(|fd| {
+            fs::read_link(fd.path())
+                .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+        });
+        if owns {
+            let name = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            return Some(format!("{} (pid {pid})", name.trim_end()));
+        }
+    }
+    None
+}
+
+/// Inodes of the sockets bound to local `port` in a /proc/net table (for
+/// TCP, listeners only).
+fn socket_inodes(table: &str, protocol: Protocol, port: u16) -> Vec<u64> {
+    const TCP_LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            let state = *fields.get(3)?;
+            let inode = fields.get(9)?.parse::<u64>().ok()?;
+            let listening = protocol == Protocol::Udp || state == TCP_LISTEN;
+            (u16::from_str_radix(local_port, 16).ok()? == port && listening && inode != 0)
+                .then_some(inode)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +213,28 @@ mod tests {
         );
         let escaped = "32 31 0:27 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn socket_tables_are_parsed() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 100 0 0 10 0
+";
+        assert_eq!(socket_inodes(table, Protocol::Tcp, 8080), [4242]);
+        assert_eq!(socket_inodes(table, Protocol::Udp, 8080), [4242, 4343]);
+        assert!(socket_inodes(table, Protocol::Tcp, 8081).is_empty());
+    }
+
+    #[test]
+    fn the_owner_of_a_listening_port_is_named() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let owner = port_owner(Protocol::Tcp, port).unwrap();
+        assert!(
+            owner.contains(&format!("(pid {})", std::process::id())),
+            "{owner}"
+        );
     }
 
     #[test]

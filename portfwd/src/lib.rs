@@ -8,6 +8,7 @@
 //! implements each CLI command on top of them.
 
 pub mod commands;
+pub mod holder;
 pub mod host;
 pub mod loader;
 pub mod mapping;

@@ -24,7 +24,7 @@ use aya::{
 use portfwd_common::{ALL_MAPS, Config};
 
 use crate::{
-    host,
+    holder, host,
     maps::{PinnedMaps, StateLock},
     netlink,
 };
@@ -35,11 +35,15 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portfwd";
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
 /// The socket programs, attached to the cgroup v2 root.
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     "pf_connect4",
     "pf_connect6",
     "pf_getpeername4",
     "pf_getpeername6",
+    "pf_sendmsg4",
+    "pf_sendmsg6",
+    "pf_recvmsg4",
+    "pf_recvmsg6",
 ];
 
 /// A TC program and the direction it attaches to.
@@ -71,6 +75,8 @@ pub struct UpReport {
     pub uplinks_attached: Vec<String>,
     pub uplinks_already: Vec<String>,
     pub mappings: usize,
+    /// Published ports that another process holds.
+    pub busy_ports: Vec<String>,
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -137,6 +143,8 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
     })?;
     maps.sync_local_addrs(&host::local_addresses()?)?;
     report.mappings = maps.mappings()?.len();
+    // Hold every published port (after a reboot: the restored ones too).
+    report.busy_ports = holder::sync(&options.pin_dir)?;
     Ok(report)
 }
 
@@ -303,6 +311,9 @@ pub fn down(pin_dir: &Path) -> Result<DownReport> {
     if !pin_dir.exists() {
         return Ok(DownReport::default());
     }
+    // Release the held ports first: once the maps are gone, nothing could
+    // tell the holder which ports are published.
+    holder::stop(pin_dir)?;
     let lock = StateLock::acquire(pin_dir)?;
     let mut report = DownReport {
         was_up: true,

@@ -53,6 +53,9 @@ enum Command {
         /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
         #[arg(value_name = "PUBLISH", required = true)]
         publish: Vec<String>,
+        /// Publish even a host port that another process holds
+        #[arg(long)]
+        force: bool,
     },
     /// Remove mappings by name or by host port: [HOSTIP:]HOSTPORT[-END][/PROTO]
     Unmap {
@@ -66,6 +69,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The port holder process (started by `up`, stopped by `down`)
+    #[command(hide = true)]
+    Hold,
 }
 
 fn main() -> ExitCode {
@@ -84,7 +90,9 @@ fn main() -> ExitCode {
             name,
             container_ip,
             publish,
-        } => commands::map(&pin_dir, name.as_deref(), &container_ip, &publish),
+            force,
+        } => commands::map(&pin_dir, name.as_deref(), &container_ip, &publish, force),
+        Command::Hold => portfwd::holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }

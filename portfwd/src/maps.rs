@@ -21,6 +21,16 @@ const NO_EXIST: u64 = 1;
 pub struct StateLock(#[allow(dead_code)] Flock<File>);
 
 impl StateLock {
+    /// The lock if it is free now, None if another process holds it.
+    pub fn try_acquire(dir: &Path) -> Result<Option<Self>> {
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(StateLock(lock))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(anyhow!("locking {}: {errno}", dir.display())),
+        }
+    }
+
     pub fn acquire(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!(
@@ -63,6 +73,13 @@ fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
 impl PinnedMaps {
     /// Opens the maps pinned under `dir`, which `_lock` holds.
     pub fn open(dir: &Path, _lock: &StateLock) -> Result<Self> {
+        Self::open_unlocked(dir)
+    }
+
+    /// Opens the maps without the lock: only for reading, by a process that
+    /// must not wait for the lock (the port holder, which the CLI waits for
+    /// while it holds the lock).
+    pub fn open_unlocked(dir: &Path) -> Result<Self> {
         let services = HashMap::try_from(Map::HashMap(open_pin(dir, SERVICES_MAP)?)).context(
             "the services map has an unexpected layout (built by another portfwd version?)",
         )?;

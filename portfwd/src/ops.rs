@@ -6,12 +6,37 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Result, bail};
 
 use crate::{
-    host, loader,
+    holder, host, loader,
     mapping::{self, Mapping, UnmapSelector},
     maps::{PinnedMaps, StateLock},
     netlink,
     publish::PublishSpec,
 };
+
+/// How `publish` treats host ports that another process already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Refuse (exit 1, nothing changed) to publish a port a host process
+    /// holds, naming it. Off for `--force`, and for runtimes that hold their
+    /// containers' ports themselves (podman's conmon).
+    pub refuse_ports_in_use: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            refuse_ports_in_use: true,
+        }
+    }
+}
+
+/// What `publish` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub mappings: Vec<Mapping>,
+    /// Published ports the holder could not bind (another process holds them).
+    pub busy_ports: Vec<String>,
+}
 
 /// Publishes `specs` for a container, all or nothing; the mappings added.
 pub fn publish(
@@ -20,11 +45,41 @@ pub fn publish(
     container_ip: IpAddr,
     specs: &[PublishSpec],
 ) -> Result<Vec<Mapping>> {
+    Ok(publish_with(
+        pin_dir,
+        name,
+        container_ip,
+        specs,
+        PublishOptions::default(),
+    )?
+    .mappings)
+}
+
+/// `publish`, with options.
+pub fn publish_with(
+    pin_dir: &Path,
+    name: &str,
+    container_ip: IpAddr,
+    specs: &[PublishSpec],
+    options: PublishOptions,
+) -> Result<Published> {
     host::require_root()?;
     let lock = StateLock::acquire(pin_dir)?;
     let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     let existing = maps.mappings()?;
     let mut planned = mapping::plan(name, container_ip, specs, &existing, host::port_in_use)?;
+    if options.refuse_ports_in_use {
+        for m in &planned {
+            if let Err(why) = holder::probe(m.protocol, m.host) {
+                bail!(
+                    "host port {}/{} on {} is {why}: publish another port, or --force to publish it anyway",
+                    m.host.port(),
+                    m.protocol,
+                    m.host.ip()
+                );
+            }
+        }
+    }
     let ifindex = prepare_backend_path(pin_dir, container_ip, &lock)?;
     for m in &mut planned {
         m.ifindex = ifindex;
@@ -32,7 +87,12 @@ pub fn publish(
     // Wildcard mappings serve the host's addresses as they are now.
     maps.sync_local_addrs(&host::local_addresses()?)?;
     maps.add_all(&planned)?;
-    Ok(planned)
+    drop(maps);
+    let busy_ports = holder::sync(pin_dir)?;
+    Ok(Published {
+        mappings: planned,
+        busy_ports,
+    })
 }
 
 /// What `withdraw` does when a name or selector matches nothing.
@@ -76,6 +136,9 @@ pub fn withdraw(
         }
     }
     maps.remove_all(&doomed)?;
+    drop(maps);
+    // Release the ports: the holder closes what is no longer published.
+    holder::sync(pin_dir)?;
     Ok(doomed)
 }
 

@@ -194,8 +194,8 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
     assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_ok());
 
     let (program_ids, map_ids) = pinned_object_ids();
-    // Four socket programs, two on the uplink (the veth here).
-    assert_eq!(program_ids.len(), 6);
+    // Eight socket programs, two on the uplink (the veth here).
+    assert_eq!(program_ids.len(), 10);
     assert_eq!(map_ids.len(), portfwd_common::ALL_MAPS.len());
     portfwd_ok(&["down"]);
     std::mem::forget(pf);
