@@ -45,7 +45,7 @@ pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn pf_connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(ctx.sock_addr);
+        translate6(ctx.sock_addr, Call::Connect);
     }
     PROCEED
 }
@@ -62,7 +62,7 @@ pub fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(ctx.sock_addr);
+        translate6(ctx.sock_addr, Call::SendMsg);
     }
     PROCEED
 }
@@ -186,7 +186,15 @@ fn translate4(sa: *mut bpf_sock_addr) {
 }
 
 /// Rewrites an IPv6 destination (connect, or an unconnected UDP send).
-fn translate6(sa: *mut bpf_sock_addr) {
+/// Which syscall a translation serves: they differ in what the kernel
+/// accepts after the program.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    SendMsg,
+}
+
+fn translate6(sa: *mut bpf_sock_addr, call: Call) {
     let Some(proto) = socket_protocol(sa) else {
         return;
     };
@@ -211,6 +219,12 @@ fn translate6(sa: *mut bpf_sock_addr) {
         // An IPv4 container is reached from an IPv6 socket through its
         // mapped address; the kernel then connects over IPv4. (A socket with
         // IPV6_V6ONLY gets ENETUNREACH, as it would dialing the address.)
+        // An unconnected UDP send cannot be turned into IPv4 this way: the
+        // kernel fails it (ENOTSUPP), so it is left alone. (A send to a
+        // mapped address never gets here: the kernel hands it to sendmsg4.)
+        if call == Call::SendMsg {
+            return;
+        }
         Addr::v6([0, 0, V4_MAPPED_WORD2, backend.addr.words[0]])
     };
     write_user_ip6(sa, &seen);
@@ -322,5 +336,16 @@ fn restore_peer6(sa: *mut bpf_sock_addr) {
         let (addr, port) = (dialed.addr, dialed.port);
         write_user_ip6(sa, &addr);
         unsafe { (*sa).user_port = port as u32 };
+        return;
+    }
+    // A datagram of a dual-stack socket to ::ffff:a.b.c.d was translated by
+    // sendmsg4, which the kernel runs for it: its entry is an IPv4 one.
+    if is_v4_mapped(&peer) {
+        let key = revnat_key(sa, FAMILY_V4, proto, Addr::v4(peer.words[3]), port);
+        if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
+            let (addr, port) = (dialed.addr.words[0], dialed.port);
+            write_user_ip6(sa, &Addr::v6([0, 0, V4_MAPPED_WORD2, addr]));
+            unsafe { (*sa).user_port = port as u32 };
+        }
     }
 }
