@@ -145,7 +145,8 @@ pub struct ServiceValue {
     /// Network byte order.
     pub port: u16,
     pub family: u8,
-    pub _pad: u8,
+    /// `SERVICE_FLAG_*`.
+    pub flags: u8,
     /// The host interface the kernel routes to the container through (0:
     /// unknown): the TC path redirects straight to it.
     pub ifindex: u32,
@@ -215,6 +216,10 @@ pub struct MappingCounters {
     pub bytes_out: u64,
     pub connections: u64,
 }
+
+/// The port holder does not hold this mapping's host port: the runtime
+/// holds it (podman's conmon binds its containers' ports itself).
+pub const SERVICE_FLAG_NO_HOLD: u8 = 1;
 
 /// Key of the local addresses map (the host's own addresses, which wildcard
 /// mappings serve). The value is unused (one byte).
@@ -346,7 +351,7 @@ mod user {
                 addr,
                 port: port_be,
                 family,
-                _pad: 0,
+                flags: 0,
                 ifindex: 0,
                 name: padded,
             }

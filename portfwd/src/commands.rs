@@ -28,6 +28,30 @@ pub fn up(options: &UpOptions) -> Result<()> {
             "external traffic: no uplink (no default route, no --iface); add one with `portfwd attach IF`"
         );
     }
+    if !report.replaced.is_empty() {
+        println!("replaced by this build: {}", report.replaced.join(", "));
+    }
+    if report.adopted {
+        println!("recorded the current mappings as the state");
+    }
+    for m in &report.fixes.added {
+        println!(
+            "restored {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    for m in &report.fixes.removed {
+        println!(
+            "removed (not in the state file) {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    for busy in &report.busy_ports {
+        eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
+    }
+    for note in &report.notes {
+        eprintln!("portfwd: note: {note}");
+    }
     if report.attached.is_empty() {
         println!(
             "portfwd is already up ({} mapping{}), pinned under {}",
@@ -48,15 +72,20 @@ pub fn up(options: &UpOptions) -> Result<()> {
     Ok(())
 }
 
-pub fn down(pin_dir: &Path) -> Result<()> {
-    let report = loader::down(pin_dir)?;
+pub fn down(pin_dir: &Path, keep_state: bool) -> Result<()> {
+    let report = loader::down(pin_dir, keep_state)?;
     if report.was_up {
         println!(
-            "portfwd is down: {} program{} detached, {} mapping{} removed",
+            "portfwd is down: {} program{} detached, {} mapping{} {}",
             report.detached,
             plural(report.detached),
             report.mappings_dropped,
-            plural(report.mappings_dropped)
+            plural(report.mappings_dropped),
+            if keep_state {
+                "kept in the state file for the next `up`"
+            } else {
+                "removed"
+            }
         );
     } else {
         println!(
@@ -94,6 +123,7 @@ pub fn map(
 
     let options = ops::PublishOptions {
         refuse_ports_in_use: !force,
+        ..ops::PublishOptions::default()
     };
     let published = ops::publish_with(pin_dir, &name, container_ip, &specs, options)?;
     let planned = published.mappings;
@@ -106,6 +136,26 @@ pub fn map(
             m.name, m.host, m.protocol, m.container
         );
     }
+    Ok(())
+}
+
+/// `portfwd apply -f FILE [--dry-run]`: the whole set, all or nothing.
+pub fn apply(pin_dir: &Path, file: &Path, dry_run: bool) -> Result<()> {
+    let parsed = ops::read_apply_file(file)?;
+    let diff = ops::apply(pin_dir, &parsed, dry_run)?;
+    for m in &diff.removed {
+        println!("- {} {}/{} -> {}", m.name, m.host, m.protocol, m.container);
+    }
+    for m in &diff.added {
+        println!("+ {} {}/{} -> {}", m.name, m.host, m.protocol, m.container);
+    }
+    println!(
+        "{}{} added, {} removed, {} unchanged",
+        if dry_run { "dry run: " } else { "" },
+        diff.added.len(),
+        diff.removed.len(),
+        diff.kept
+    );
     Ok(())
 }
 
@@ -180,7 +230,7 @@ struct ListJson<'a> {
 }
 
 pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
-    host::require_root()?;
+    host::require_capabilities("list", host::READ)?;
     let lock = StateLock::acquire(pin_dir)?;
     let maps = PinnedMaps::open(pin_dir, &lock)?;
     let mappings = maps.mappings()?;

@@ -62,7 +62,7 @@ pub fn socket_path(pin_dir: &Path) -> PathBuf {
 }
 
 /// One holder per pin directory: `/sys/fs/bpf/portfwd` -> `_sys_fs_bpf_portfwd`.
-fn instance_tag(pin_dir: &Path) -> String {
+pub fn instance_tag(pin_dir: &Path) -> String {
     pin_dir
         .to_string_lossy()
         .chars()
@@ -235,7 +235,7 @@ fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> 
     // Read without the state lock: the CLI holds it while it waits for us.
     let wanted: BTreeSet<Hold> = match PinnedMaps::open_unlocked(pin_dir).and_then(|m| m.mappings())
     {
-        Ok(mappings) => mappings.iter().map(hold_of).collect(),
+        Ok(mappings) => mappings.iter().filter(|m| m.hold).map(hold_of).collect(),
         Err(error) => {
             eprintln!("portfwd hold: reading the mappings: {error:#}");
             return Vec::new();

@@ -14,9 +14,60 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 use crate::publish::Protocol;
 
-pub fn require_root() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("portfwd needs root (it loads eBPF programs and edits their maps): run it with sudo");
+/// A Linux capability a command needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capability {
+    pub name: &'static str,
+    bit: u32,
+}
+
+pub const CAP_NET_ADMIN: Capability = Capability {
+    name: "CAP_NET_ADMIN",
+    bit: 12,
+};
+pub const CAP_SYS_ADMIN: Capability = Capability {
+    name: "CAP_SYS_ADMIN",
+    bit: 21,
+};
+pub const CAP_BPF: Capability = Capability {
+    name: "CAP_BPF",
+    bit: 39,
+};
+
+/// Loading, attaching and pinning programs, mounting bpffs.
+pub const LOAD: &[Capability] = &[CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN];
+/// Changing mappings (which may attach a TC program towards a container).
+pub const CHANGE: &[Capability] = &[CAP_BPF, CAP_NET_ADMIN];
+/// Reading the maps.
+pub const READ: &[Capability] = &[CAP_BPF];
+
+/// The effective capability set of this process (/proc/self/status).
+fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Fails, naming every missing capability, unless the process has all of
+/// `needed`. CAP_SYS_ADMIN stands in for CAP_BPF, as the kernel allows.
+pub fn require_capabilities(command: &str, needed: &[Capability]) -> Result<()> {
+    let effective = effective_capabilities();
+    let has = |cap: &Capability| {
+        effective & (1 << cap.bit) != 0
+            || (*cap == CAP_BPF && effective & (1 << CAP_SYS_ADMIN.bit) != 0)
+    };
+    let missing: Vec<&str> = needed.iter().filter(|c| !has(c)).map(|c| c.name).collect();
+    if !missing.is_empty() {
+        let all: Vec<&str> = needed.iter().map(|c| c.name).collect();
+        bail!(
+            "portfwd {command} needs {} (missing: {}): run it as root",
+            all.join(", "),
+            missing.join(", ")
+        );
     }
     Ok(())
 }
@@ -235,6 +286,18 @@ mod tests {
             owner.contains(&format!("(pid {})", std::process::id())),
             "{owner}"
         );
+    }
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        let impossible = Capability {
+            name: "CAP_TEST",
+            bit: 63,
+        };
+        let err = require_capabilities("map", &[impossible])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing: CAP_TEST"), "{err}");
     }
 
     #[test]

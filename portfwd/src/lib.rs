@@ -7,6 +7,7 @@
 //! pins the programs, `host` reads facts about the host, and `commands`
 //! implements each CLI command on top of them.
 
+pub mod cni;
 pub mod commands;
 pub mod holder;
 pub mod host;
@@ -16,6 +17,7 @@ pub mod maps;
 pub mod netlink;
 pub mod ops;
 pub mod publish;
+pub mod state;
 
 use std::fmt;
 

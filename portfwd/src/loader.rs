@@ -9,11 +9,14 @@
 
 use std::{
     fs::{self, DirBuilder, File},
-    os::unix::fs::DirBuilderExt,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::fs::DirBuilderExt,
+    },
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -26,7 +29,7 @@ use portfwd_common::{ALL_MAPS, Config};
 use crate::{
     holder, host,
     maps::{PinnedMaps, StateLock},
-    netlink,
+    netlink, state,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portfwd";
@@ -58,9 +61,15 @@ const UPLINK_PROGRAMS: [TcProgram; 2] = [
 /// On the interface towards the containers: reverse NAT of their replies.
 const BACKEND_PROGRAMS: [TcProgram; 1] = [("pf_tc_backend_in", TcAttachType::Ingress)];
 
+#[derive(Debug, Clone, Default)]
 pub struct UpOptions {
     pub pin_dir: PathBuf,
     pub cgroup: Option<PathBuf>,
+    /// Replace attached programs even when they are this build's already.
+    pub reload: bool,
+    /// Capacities of maps created now (existing maps keep theirs).
+    pub max_mappings: Option<u32>,
+    pub max_flows: Option<u32>,
     /// Uplinks for the TC programs (external traffic).
     pub ifaces: Vec<String>,
 }
@@ -77,6 +86,15 @@ pub struct UpReport {
     pub mappings: usize,
     /// Published ports that another process holds.
     pub busy_ports: Vec<String>,
+    /// Attached programs replaced by this build's (an upgrade, or --reload).
+    pub replaced: Vec<String>,
+    /// What the state file made `up` change in the maps.
+    pub fixes: state::Fixes,
+    /// Whether the state file was created from the maps (first `up` of a
+    /// portfwd that records state).
+    pub adopted: bool,
+    /// Notes for the user (sizes that could not change, ...).
+    pub notes: Vec<String>,
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -90,7 +108,7 @@ fn tc_dir(pin_dir: &Path, ifname: &str) -> PathBuf {
 /// Loads and attaches whatever is not attached yet, reusing pinned maps, so
 /// that a second `up` keeps every mapping.
 pub fn up(options: &UpOptions) -> Result<UpReport> {
-    host::require_root()?;
+    host::require_capabilities("up", host::LOAD)?;
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => host::cgroup2_mount()?,
@@ -105,7 +123,8 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
         .with_context(|| format!("creating {}", links.display()))?;
     let lock = StateLock::acquire(&options.pin_dir)?;
 
-    let mut ebpf = load_object(&options.pin_dir)?;
+    check_pinned_layouts(&options.pin_dir)?;
+    let mut ebpf = load_object_sized(&options.pin_dir, options.max_mappings, options.max_flows)?;
     let mut report = UpReport {
         cgroup: cgroup.clone(),
         ..UpReport::default()
@@ -115,7 +134,16 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
     for name in SOCK_PROGRAMS {
         let pin = links.join(name);
         if pin.exists() {
-            report.already_attached.push(name);
+            let program: &mut CgroupSockAddr = program_of(&mut ebpf, name)?.try_into()?;
+            if program.fd().is_err() {
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+            let tag = program.info()?.tag();
+            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+                report.replaced.push(name.to_owned());
+            } else {
+                report.already_attached.push(name);
+            }
             continue;
         }
         attach_sock_program(&mut ebpf, name, &cgroup_file, &pin)
@@ -128,6 +156,21 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
     } else {
         options.ifaces.clone()
     };
+    // TC programs already attached (uplinks, interfaces towards containers):
+    // replaced by this build's where they differ.
+    for (ifname, programs) in tc_attachments(&options.pin_dir) {
+        for name in programs {
+            let pin = tc_dir(&options.pin_dir, &ifname).join(&name);
+            let program: &mut SchedClassifier = program_of(&mut ebpf, &name)?.try_into()?;
+            if program.fd().is_err() {
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+            let tag = program.info()?.tag();
+            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+                report.replaced.push(format!("{name} on {ifname}"));
+            }
+        }
+    }
     for ifname in &uplinks {
         netlink::ifindex(ifname)?;
         if attach_tc(&mut ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
@@ -142,14 +185,37 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
         host_netns_cookie: host::netns_cookie()?,
     })?;
     maps.sync_local_addrs(&host::local_addresses()?)?;
+    report.notes.extend(size_notes(&options.pin_dir, options));
+    restore_state(&options.pin_dir, &lock, &mut maps, &mut report)?;
     report.mappings = maps.mappings()?.len();
+    drop(maps);
+    drop(lock);
     // Hold every published port (after a reboot: the restored ones too).
     report.busy_ports = holder::sync(&options.pin_dir)?;
     Ok(report)
 }
 
 fn load_object(pin_dir: &Path) -> Result<Ebpf> {
+    load_object_sized(pin_dir, None, None)
+}
+
+/// Loads the object, reusing the pinned maps; maps created now get the
+/// given capacities.
+fn load_object_sized(
+    pin_dir: &Path,
+    max_mappings: Option<u32>,
+    max_flows: Option<u32>,
+) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    if let Some(n) = max_mappings {
+        loader.map_max_entries(portfwd_common::SERVICES_MAP, n);
+        loader.map_max_entries(portfwd_common::COUNTERS_MAP, n);
+    }
+    if let Some(n) = max_flows {
+        // Two conntrack entries per flow, one reverse-NAT entry per socket.
+        loader.map_max_entries(portfwd_common::CONNTRACK_MAP, n.saturating_mul(2));
+        loader.map_max_entries(portfwd_common::SOCK_REVNAT_MAP, n);
+    }
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS
         .iter()
         .map(|&name| (name, pin_dir.join(name)))
@@ -204,7 +270,7 @@ fn attach_tc(
 /// Attaches the uplink programs to `ifname` (`portfwd attach`); false if
 /// they were already there.
 pub fn attach_uplink(pin_dir: &Path, ifname: &str) -> Result<bool> {
-    host::require_root()?;
+    host::require_capabilities("attach", host::LOAD)?;
     netlink::ifindex(ifname)?;
     let _lock = StateLock::acquire(pin_dir)?;
     let mut ebpf = load_object(pin_dir)?;
@@ -250,7 +316,7 @@ pub fn tc_attachments(pin_dir: &Path) -> Vec<(String, Vec<String>)> {
 /// Detaches every TC program from `ifname` (`portfwd detach`); the number
 /// of programs detached.
 pub fn detach_interface(pin_dir: &Path, ifname: &str) -> Result<usize> {
-    host::require_root()?;
+    host::require_capabilities("detach", host::LOAD)?;
     let _lock = StateLock::acquire(pin_dir)?;
     let dir = tc_dir(pin_dir, ifname);
     if !dir.exists() {
@@ -281,6 +347,212 @@ fn unpin_links_in(dir: &Path) -> Result<usize> {
     Ok(detached)
 }
 
+fn program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+/// Points the pinned link at `new` if the program it runs is another one
+/// (an upgrade) or `force`: one atomic BPF_LINK_UPDATE, so packets and
+/// connections flow on. True if replaced.
+fn replace_program(new: BorrowedFd<'_>, new_tag: u64, pin: &Path, force: bool) -> Result<bool> {
+    let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let link: FdLink = link.into();
+    let running = link.info()?.program_id();
+    let running_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == running)
+        .map(|p| p.tag());
+    if !force && running_tag == Some(new_tag) {
+        return Ok(false);
+    }
+    let link_fd = bpf_obj_get(pin)?;
+    bpf_link_update(link_fd.as_fd(), new)
+        .with_context(|| format!("replacing the program of {}", pin.display()))?;
+    Ok(true)
+}
+
+fn bpf_obj_get(pin: &Path) -> Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening {}", pin.display()));
+    }
+    // SAFETY: the kernel returned a new file descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The key and value sizes this build uses for each pinned map.
+fn expected_layouts() -> [(&'static str, usize, usize); 7] {
+    use portfwd_common::*;
+    [
+        (
+            SERVICES_MAP,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+        ),
+        (LOCAL_ADDRS_MAP, size_of::<LocalAddrKey>(), 1),
+        (CONFIG_MAP, 4, size_of::<Config>()),
+        (
+            SOCK_REVNAT_MAP,
+            size_of::<SockRevNatKey>(),
+            size_of::<SockRevNatValue>(),
+        ),
+        (CONNTRACK_MAP, size_of::<CtKey>(), size_of::<CtValue>()),
+        (
+            COUNTERS_MAP,
+            size_of::<ServiceKey>(),
+            size_of::<MappingCounters>(),
+        ),
+        (STATS_MAP, 4, 8),
+    ]
+}
+
+/// Refuses to mix this build with maps pinned by a build whose layout
+/// differs: their entries would be misread.
+fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
+    for (name, key, value) in expected_layouts() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&path)?.info()?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+            bail!(
+                "the pinned map {name} has another layout (key {}/value {} bytes; this portfwd uses {key}/{value}): \
+                 run `portfwd down --keep-state` with the portfwd that created it, then `portfwd up` with this one \
+                 (mappings come back from the state file; tracked flows restart)",
+                info.key_size(),
+                info.value_size()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Notes when asked-for capacities differ from those of existing maps.
+fn size_notes(pin_dir: &Path, options: &UpOptions) -> Vec<String> {
+    let mut notes = Vec::new();
+    let asked = [
+        (
+            portfwd_common::SERVICES_MAP,
+            options.max_mappings,
+            "--max-mappings",
+        ),
+        (
+            portfwd_common::SOCK_REVNAT_MAP,
+            options.max_flows,
+            "--max-flows",
+        ),
+    ];
+    for (name, wanted, flag) in asked {
+        let Some(wanted) = wanted else { continue };
+        let Ok(info) = aya::maps::MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info())
+        else {
+            continue;
+        };
+        if info.max_entries() != wanted {
+            notes.push(format!(
+                "{flag} {wanted} not applied: the existing maps hold {} (sizes apply when the maps are created: `portfwd down --keep-state`, then `up`)",
+                info.max_entries()
+            ));
+        }
+    }
+    notes
+}
+
+/// Brings the maps in line with the state file (after a reboot: restores
+/// every mapping), or records the maps as the state when there is none.
+fn restore_state(
+    pin_dir: &Path,
+    lock: &StateLock,
+    maps: &mut PinnedMaps,
+    report: &mut UpReport,
+) -> Result<()> {
+    let store = state::Store::new(state::default_path(pin_dir));
+    let recovered = state::recover(&store, maps)?;
+    match store.load()? {
+        Some(records) => {
+            let mut ifindexes = std::collections::HashMap::new();
+            let mut ifindex_of = |ip: std::net::IpAddr| {
+                *ifindexes.entry(ip).or_insert_with(|| {
+                    crate::ops::prepare_backend_path(pin_dir, ip, lock).unwrap_or(0)
+                })
+            };
+            let mut fixes = state::reconcile(maps, &records, &mut ifindex_of)?;
+            // Interfaces are recreated with new indexes (a restarted
+            // container): redirect to where the container is now.
+            for m in maps.mappings()? {
+                let ifindex = ifindex_of(m.container.ip());
+                if ifindex != m.ifindex {
+                    maps.set_ifindex(&m, ifindex)?;
+                }
+            }
+            if let Some(recovered) = recovered {
+                fixes.added.extend(recovered.added);
+                fixes.removed.extend(recovered.removed);
+            }
+            report.fixes = fixes;
+        }
+        None => {
+            let records: Vec<state::Record> =
+                maps.mappings()?.iter().map(state::Record::from).collect();
+            store.save(&records)?;
+            report.adopted = true;
+        }
+    }
+    Ok(())
+}
+
 fn attach_sock_program(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> Result<()> {
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(name)
@@ -306,8 +578,8 @@ pub struct DownReport {
 
 /// Detaches every program and removes every pin; the kernel frees the
 /// programs and maps once nothing refers to them.
-pub fn down(pin_dir: &Path) -> Result<DownReport> {
-    host::require_root()?;
+pub fn down(pin_dir: &Path, keep_state: bool) -> Result<DownReport> {
+    host::require_capabilities("down", host::LOAD)?;
     if !pin_dir.exists() {
         return Ok(DownReport::default());
     }
@@ -337,5 +609,10 @@ pub fn down(pin_dir: &Path) -> Result<DownReport> {
         }
     }
     fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    // Without --keep-state, down forgets the mappings too; with it, the next
+    // `up` (after a reboot, say) restores them.
+    if !keep_state {
+        state::Store::new(state::default_path(pin_dir)).remove()?;
+    }
     Ok(report)
 }

@@ -29,9 +29,30 @@ enum Command {
         /// cgroup v2 directory to attach the socket programs to [default: the cgroup2 mount]
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// Replace the attached programs even if they are this build's
+        #[arg(long)]
+        reload: bool,
+        /// Capacity of the mappings map, when it is created [default: 65536]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_mappings: Option<u32>,
+        /// Capacity of connection tracking, in flows, when it is created [default: 262144]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_flows: Option<u32>,
     },
     /// Detach the programs and remove every pin and mapping
-    Down,
+    Down {
+        /// Keep the state file, so that the next `up` restores the mappings
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Replace the whole set of mappings with a file's (TOML or JSON)
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Only print what would change
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Forward external traffic arriving on an interface (an uplink)
     Attach {
         #[arg(value_name = "IF")]
@@ -75,15 +96,31 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Run by a CNI runtime (CNI_COMMAND set, no arguments), the binary is the
+    // CNI plugin (see `portfwd::cni`). Its children (the port holder) get
+    // arguments, and so are the CLI even though they inherit CNI_COMMAND.
+    if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
+        return portfwd::cni::main();
+    }
     let cli = Cli::parse();
     let pin_dir = cli.bpffs;
     let result = match cli.command {
-        Command::Up { ifaces, cgroup } => commands::up(&loader::UpOptions {
+        Command::Up {
+            ifaces,
+            cgroup,
+            reload,
+            max_mappings,
+            max_flows,
+        } => commands::up(&loader::UpOptions {
             pin_dir,
             cgroup,
             ifaces,
+            reload,
+            max_mappings,
+            max_flows,
         }),
-        Command::Down => commands::down(&pin_dir),
+        Command::Down { keep_state } => commands::down(&pin_dir, keep_state),
+        Command::Apply { file, dry_run } => commands::apply(&pin_dir, &file, dry_run),
         Command::Attach { iface } => commands::attach(&pin_dir, &iface),
         Command::Detach { iface } => commands::detach(&pin_dir, &iface),
         Command::Map {

@@ -28,6 +28,9 @@ pub struct Mapping {
     /// The host interface the kernel routes to the container through, which
     /// the TC path redirects to (0: unknown, the stack routes).
     pub ifindex: u32,
+    /// Whether portfwd's holder binds the host port (see `holder`); off
+    /// when the runtime holds it.
+    pub hold: bool,
 }
 
 impl Mapping {
@@ -50,6 +53,9 @@ impl Mapping {
             self.name.as_bytes(),
         );
         value.ifindex = self.ifindex;
+        if !self.hold {
+            value.flags |= portfwd_common::SERVICE_FLAG_NO_HOLD;
+        }
         value
     }
 
@@ -65,6 +71,7 @@ impl Mapping {
             host,
             container,
             ifindex: value.ifindex,
+            hold: value.flags & portfwd_common::SERVICE_FLAG_NO_HOLD == 0,
         })
     }
 
@@ -159,6 +166,7 @@ pub fn plan(
                         host: SocketAddr::new(ip, port),
                         container: SocketAddr::new(container_ip, container_port),
                         ifindex: 0,
+                        hold: true,
                     })
                     .collect()
             };
@@ -301,6 +309,7 @@ mod tests {
                     host: host.parse().unwrap(),
                     container: container.parse().unwrap(),
                     ifindex: 7,
+                    hold: protocol == Protocol::Tcp,
                 };
                 assert_eq!(Mapping::from_entry(&m.key(), &m.value()), Some(m.clone()));
             }
@@ -315,6 +324,7 @@ mod tests {
             host: "10.1.2.3:8080".parse().unwrap(),
             container: "10.0.0.2:80".parse().unwrap(),
             ifindex: 0,
+            hold: true,
         };
         let key = m.key();
         let bytes: &[u8] = bytemuck::bytes_of(&key);

@@ -163,6 +163,17 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// Points an existing mapping's entry at another interface.
+    pub fn set_ifindex(&mut self, mapping: &Mapping, ifindex: u32) -> Result<()> {
+        let mut updated = mapping.clone();
+        updated.ifindex = ifindex;
+        const EXIST: u64 = 2;
+        self.services
+            .insert(updated.key(), updated.value(), EXIST)
+            .with_context(|| format!("updating {mapping}"))?;
+        Ok(())
+    }
+
     /// A mapping's traffic, summed over CPUs.
     pub fn counters(&self, mapping: &Mapping) -> MappingCounters {
         let mut sum = MappingCounters::default();

@@ -170,7 +170,8 @@ fn bad_input_and_conflicts_change_nothing() {
         ],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing: CAP_BPF"), "{stderr}");
     let out = run(
         PORTFWD,
         &["--bpffs", "/sys/fs/bpf/portfwd-test-absent", "list"],

@@ -21,6 +21,12 @@ const DEBS: &[&str] = &[
     "bpftool",
     "iptables",
     "nftables",
+    // The CNI plugin's tests: the reference plugins (bridge, host-local),
+    // podman on runc (crun refuses hybrid cgroups), a busybox root filesystem.
+    "containernetworking-plugins",
+    "podman",
+    "runc",
+    "busybox-static",
 ];
 
 #[derive(Default)]
