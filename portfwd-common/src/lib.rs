@@ -69,7 +69,11 @@ pub const STAT_FLOW_STOPPED: u32 = 6;
 pub const STAT_REDIRECTED: u32 = 7;
 pub const STAT_TO_STACK: u32 = 8;
 pub const STAT_REWRITE_FAILED: u32 = 9;
-pub const STATS_LEN: u32 = 10;
+/// Packets of a TCP flow to a published port that conntrack does not know:
+/// its entries were evicted (the map was full: least recently used first)
+/// or expired. The host answers them with a reset.
+pub const STAT_UNTRACKED_MIDFLOW: u32 = 10;
+pub const STATS_LEN: u32 = 11;
 /// Names of the stats, by index, as `portfwd list` shows them.
 pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "passed_not_ip",
@@ -82,6 +86,7 @@ pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "redirected",
     "to_stack",
     "rewrite_failed",
+    "untracked_midflow",
 ];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.

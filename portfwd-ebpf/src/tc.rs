@@ -34,7 +34,7 @@ use aya_ebpf::{
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
     STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
-    ServiceKey,
+    STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
@@ -129,14 +129,16 @@ fn is_new_tcp(pkt: &Packet) -> bool {
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 #[inline(never)]
 fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 {
-    // Only a SYN opens a TCP flow: anything else without an entry belongs to
-    // a connection of the host itself (or one we stopped).
-    if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
-        return NEXT;
-    }
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
+    // Only a SYN opens a TCP flow. Anything else to a published port is a
+    // flow conntrack lost (evicted or expired): counted, and left to the
+    // host, which resets it.
+    if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
+        count(STAT_UNTRACKED_MIDFLOW);
+        return NEXT;
+    }
     // No NAT between families: an IPv4 client cannot reach an IPv6 container.
     if backend.family != pkt.family {
         return NEXT;

@@ -7,10 +7,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    UsageError, host,
+    UsageError,
     loader::{self, UpOptions},
     mapping::{self, UnmapSelector},
-    maps::{PinnedMaps, StateLock},
     ops::{self, Missing},
     publish::PublishSpec,
 };
@@ -230,14 +229,22 @@ struct ListJson<'a> {
 }
 
 pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
-    host::require_capabilities("list", host::READ)?;
-    let lock = StateLock::acquire(pin_dir)?;
-    let maps = PinnedMaps::open(pin_dir, &lock)?;
+    // A session: a change a killed process left half done is rolled back
+    // first, so the listing is always a whole state.
+    let session = ops::Session::open(pin_dir, "list")?;
+    if let Some(fixes) = &session.recovered {
+        eprintln!(
+            "portfwd: note: rolled back an interrupted change ({} added, {} removed)",
+            fixes.added.len(),
+            fixes.removed.len()
+        );
+    }
+    let maps = session.maps();
     let mappings = maps.mappings()?;
     let counters: Vec<_> = mappings.iter().map(|m| maps.counters(m)).collect();
     let stats = maps.stats()?;
     let interfaces = loader::tc_attachments(pin_dir);
-    drop(lock);
+    drop(session);
     let mut out = std::io::stdout().lock();
     if json {
         let listing = ListJson {

@@ -16,8 +16,11 @@
 //! host's addresses (rtnetlink) and keeps the local addresses map current,
 //! so wildcard mappings follow address changes.
 //!
-//! Protocol on its unix socket, one line each way: `sync` -> `ok HELD` or
-//! `busy PROTO ADDR:PORT ...`; `ping` -> `pong`; `quit` -> `bye`.
+//! Protocol on its unix socket, one line each way: `sync` (hold exactly
+//! what the map publishes) or `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`
+//! (a change's difference, so that a change costs what it changes, not what
+//! is published) -> `ok HELD` or `busy ADDR:PORT/PROTO ...`; `ping` ->
+//! `pong`; `quit` -> `bye`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -126,6 +129,26 @@ pub fn ensure_running(pin_dir: &Path) -> Result<()> {
 pub fn sync(pin_dir: &Path) -> Result<Vec<String>> {
     ensure_running(pin_dir)?;
     let reply = request(pin_dir, "sync").context("asking the port holder to sync")?;
+    parse_reply(&reply)
+}
+
+/// Tells the holder what a change added and removed (a holder that was not
+/// running starts with a full sync instead).
+pub fn update(pin_dir: &Path, added: &[Mapping], removed: &[Mapping]) -> Result<Vec<String>> {
+    if !is_running(pin_dir) {
+        return sync(pin_dir);
+    }
+    let mut line = String::from("update");
+    for (sign, mappings) in [('-', removed), ('+', added)] {
+        for m in mappings.iter().filter(|m| m.hold) {
+            line.push_str(&format!(" {sign}{}/{}", m.protocol, m.host));
+        }
+    }
+    let reply = request(pin_dir, &line).context("asking the port holder to update")?;
+    parse_reply(&reply)
+}
+
+fn parse_reply(reply: &str) -> Result<Vec<String>> {
     match reply.split_once(' ') {
         Some(("ok", _)) => Ok(Vec::new()),
         Some(("busy", ports)) => Ok(ports.split(' ').map(str::to_owned).collect()),
@@ -218,15 +241,52 @@ fn serve(pin_dir: &Path, stream: UnixStream, held: &mut BTreeMap<Hold, OwnedFd>)
         }
         "sync" => {
             let busy = reconcile(pin_dir, held);
-            if busy.is_empty() {
-                writeln!(writer, "ok {}", held.len())?;
-            } else {
-                writeln!(writer, "busy {}", busy.join(" "))?;
-            }
+            reply(&mut writer, held, &busy)?;
+        }
+        update if update.starts_with("update") => {
+            let busy = apply_update(update, held);
+            reply(&mut writer, held, &busy)?;
         }
         other => writeln!(writer, "error unknown request {other:?}")?,
     }
     Ok(true)
+}
+
+fn reply(writer: &mut UnixStream, held: &BTreeMap<Hold, OwnedFd>, busy: &[String]) -> Result<()> {
+    if busy.is_empty() {
+        writeln!(writer, "ok {}", held.len())?;
+    } else {
+        writeln!(writer, "busy {}", busy.join(" "))?;
+    }
+    Ok(())
+}
+
+/// Applies `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`; the ports another
+/// process holds (retried at the next sync).
+fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
+    let mut busy = Vec::new();
+    for token in line.split_whitespace().skip(1) {
+        let (sign, rest) = token.split_at(1);
+        let Some((protocol, addr)) = rest.split_once('/') else {
+            continue;
+        };
+        let (Ok(protocol), Ok(addr)) = (protocol.parse::<Protocol>(), addr.parse::<SocketAddr>())
+        else {
+            continue;
+        };
+        let hold = (protocol, addr);
+        if sign == "-" {
+            held.remove(&hold);
+        } else if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(hold) {
+            match reserve(protocol, addr) {
+                Ok(fd) => {
+                    slot.insert(fd);
+                }
+                Err(_) => busy.push(format!("{addr}/{protocol}")),
+            }
+        }
+    }
+    busy
 }
 
 /// Binds what the services map publishes and is not held, closes what is

@@ -383,12 +383,11 @@ fn bpf_obj_get(pin: &Path) -> Result<OwnedFd> {
         file_flags: u32,
         path_fd: i32,
     }
-    let attr = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-    };
+    // Zeroed as a whole: the kernel rejects nonzero bytes past the fields it
+    // knows, and the struct's tail padding is among them.
+    // SAFETY: all-zero bytes are a valid ObjGet.
+    let mut attr: ObjGet = unsafe { std::mem::zeroed() };
+    attr.pathname = path.as_ptr() as u64;
     const BPF_OBJ_GET: libc::c_long = 7;
     // SAFETY: attr is a valid bpf_attr prefix for this command, of the size passed.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, size_of::<ObjGet>()) };

@@ -102,7 +102,10 @@ fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
         return portfwd::cni::main();
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
+    };
     let pin_dir = cli.bpffs;
     let result = match cli.command {
         Command::Up {
@@ -142,4 +145,30 @@ fn main() -> ExitCode {
             ExitCode::from(exit_status(&error))
         }
     }
+}
+
+/// Prints a command-line error on one line (help and version as clap
+/// renders them) and returns clap's exit status (2 for usage errors).
+fn usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) || matches!(
+        error.kind(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return ExitCode::from(error.exit_code() as u8);
+    }
+    let rendered = error.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("portfwd: {message} (see `portfwd --help`)");
+    ExitCode::from(2)
 }

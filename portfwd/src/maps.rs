@@ -194,11 +194,10 @@ impl PinnedMaps {
     pub fn stats(&self) -> Result<[u64; STATS_LEN as usize]> {
         let mut sums = [0u64; STATS_LEN as usize];
         for (index, sum) in sums.iter_mut().enumerate() {
-            let per_cpu = self
-                .stats
-                .get(&(index as u32), 0)
-                .context("reading the stats map")?;
-            *sum = per_cpu.iter().sum();
+            // A stats map created by an older build may be shorter.
+            if let Ok(per_cpu) = self.stats.get(&(index as u32), 0) {
+                *sum = per_cpu.iter().sum();
+            }
         }
         Ok(sums)
     }

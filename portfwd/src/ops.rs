@@ -59,6 +59,9 @@ pub struct Session {
     maps: PinnedMaps,
     store: Store,
     records: Vec<Record>,
+    /// What this session changed, for the port holder.
+    added: Vec<Mapping>,
+    removed: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub recovered: Option<state::Fixes>,
 }
@@ -82,8 +85,15 @@ impl Session {
             maps,
             store,
             records,
+            added: Vec::new(),
+            removed: Vec::new(),
             recovered,
         })
+    }
+
+    /// The maps, to read (counters, stats).
+    pub fn maps(&self) -> &PinnedMaps {
+        &self.maps
     }
 
     /// Every mapping, as recorded.
@@ -114,6 +124,8 @@ impl Session {
         }
         self.store.commit()?;
         self.records = records;
+        self.added.extend_from_slice(added);
+        self.removed.extend_from_slice(removed);
         Ok(())
     }
 
@@ -121,12 +133,24 @@ impl Session {
         prepare_backend_path(&self.pin_dir, container_ip, &self.lock)
     }
 
-    /// Tells the port holder what to hold now (after the lock is released:
-    /// the holder reads the maps).
+    /// Tells the port holder what changed (after the lock is released). A
+    /// session that recovered a killed change has the holder sync fully.
     fn finish(self) -> Result<Vec<String>> {
-        let pin_dir = self.pin_dir.clone();
-        drop(self);
-        holder::sync(&pin_dir)
+        let Session {
+            pin_dir,
+            lock,
+            maps,
+            added,
+            removed,
+            recovered,
+            ..
+        } = self;
+        drop(maps);
+        drop(lock);
+        if recovered.is_some() {
+            return holder::sync(&pin_dir);
+        }
+        holder::update(&pin_dir, &added, &removed)
     }
 }
 

@@ -6,9 +6,13 @@
 //! the maps from it, and `up` on a running system reconciles them with it.
 //!
 //! A change (map, unmap, apply, CNI ADD/DEL), under the state lock:
-//! 1. writes the new state to `<state>.pending` (fsync): the intent;
+//! 1. writes the new state to `<state>.pending`: the intent;
 //! 2. changes the maps;
-//! 3. renames `<state>.pending` over the state file (fsync of the dir).
+//! 3. fsyncs `<state>.pending` and renames it over the state file.
+//!
+//! The intent needs no fsync of its own: it guards against a killed
+//! process (whose writes the page cache keeps), while a power loss empties
+//! the maps anyway and `up` restores them from the last committed state.
 //!
 //! A process killed before step 3 leaves the pending file behind. The next
 //! command (or `up`) finds it, and rolls the maps back to the state file:
@@ -143,9 +147,10 @@ impl Store {
         }
     }
 
-    /// Writes `records` to `path` atomically: a temporary file, fsync,
-    /// rename, fsync of the directory. Root-only (0600 in a 0700 dir).
-    fn write_atomically(&self, path: &Path, records: &[Record]) -> Result<()> {
+    /// Writes `records` to `path`, through a temporary file and a rename so
+    /// that readers see the old or the new file, never a part; `durable`
+    /// fsyncs it first. Root-only (0600 in a 0700 dir).
+    fn write_atomically(&self, path: &Path, records: &[Record], durable: bool) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("/"));
         DirBuilder::new()
             .recursive(true)
@@ -154,7 +159,9 @@ impl Store {
             .with_context(|| format!("creating {}", dir.display()))?;
         let mut sorted = records.to_vec();
         sorted.sort();
-        let text = serde_json::to_string_pretty(&StateFile {
+        // Compact: with tens of thousands of mappings, every byte is written
+        // (and read) on every change.
+        let text = serde_json::to_string(&StateFile {
             version: FORMAT_VERSION,
             mappings: sorted,
         })?;
@@ -170,29 +177,29 @@ impl Store {
             .with_context(|| format!("writing {}", tmp.display()))?;
         file.write_all(text.as_bytes())?;
         file.write_all(b"\n")?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
-        File::open(dir)?.sync_all()?;
         Ok(())
     }
 
     /// Step 1 of a change: the intent.
     pub fn begin(&self, records: &[Record]) -> Result<()> {
-        self.write_atomically(&self.pending(), records)
+        self.write_atomically(&self.pending(), records, false)
     }
 
-    /// Step 3 of a change: the intent becomes the state.
+    /// Step 3 of a change: the intent, on disk, becomes the state.
     pub fn commit(&self) -> Result<()> {
+        File::open(self.pending())?.sync_all()?;
         fs::rename(self.pending(), &self.path)
             .with_context(|| format!("committing {}", self.path.display()))?;
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        File::open(dir)?.sync_all()?;
         Ok(())
     }
 
     /// Writes the state directly (no change of the maps involved).
     pub fn save(&self, records: &[Record]) -> Result<()> {
-        self.write_atomically(&self.path, records)
+        self.write_atomically(&self.path, records, true)
     }
 
     /// Forgets a change that did not reach the maps.
