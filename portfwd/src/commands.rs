@@ -30,7 +30,7 @@ pub fn up(options: &UpOptions) -> Result<()> {
     if !report.replaced.is_empty() {
         println!("replaced by this build: {}", report.replaced.join(", "));
     }
-    if report.adopted {
+    if report.adopted && report.mappings > 0 {
         println!("recorded the current mappings as the state");
     }
     for m in &report.fixes.added {

@@ -21,6 +21,11 @@ const NS: &str = "pfdemo-ctr";
 const HOST_IF: &str = "pfdemo-h";
 const CTR_IF: &str = "pfdemo-c";
 const CTR_IP: &str = "10.251.77.2";
+/// An "external" client: a namespace behind an uplink of the host.
+const CLIENT_NS: &str = "pfdemo-cli";
+const UPLINK_IF: &str = "pfdemo-u";
+const CLIENT_IF: &str = "pfdemo-x";
+const UPLINK_IP: &str = "10.251.78.1";
 const HOST_PORT: &str = "18480";
 
 /// A minimal HTTP server. Not `http.server.HTTPServer`: its server_bind does a reverse
@@ -30,7 +35,8 @@ const SERVER_PY: &str = r#"
 import http.server, socket, socketserver
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b"hello from the container (10.251.77.2)\n"
+        body = ("hello from the container (10.251.77.2), you are %s\n"
+                % self.client_address[0].removeprefix("::ffff:")).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -80,8 +86,12 @@ pub fn demo() -> Result<()> {
         );
     }
     // Leftovers of an earlier run killed hard would make `ip netns add` fail.
-    quiet(Command::new("ip").args(["netns", "del", NS]));
-    quiet(Command::new("ip").args(["link", "del", HOST_IF]));
+    for ns in [NS, CLIENT_NS] {
+        quiet(Command::new("ip").args(["netns", "del", ns]));
+    }
+    for link in [HOST_IF, UPLINK_IF] {
+        quiet(Command::new("ip").args(["link", "del", link]));
+    }
 
     let result = demo.story();
     drop(demo);
@@ -126,6 +136,18 @@ impl Demo {
         sh!("ip -n {NS} link set {CTR_IF} up")?;
         sh!("ip -n {NS} route add default via 10.251.77.1")?;
 
+        heading(&format!(
+            "creating an \"external\" client: namespace {CLIENT_NS} behind the host's uplink {UPLINK_IF} ({UPLINK_IP})"
+        ))?;
+        sh!("ip netns add {CLIENT_NS}")?;
+        sh!("ip link add {UPLINK_IF} type veth peer name {CLIENT_IF}")?;
+        sh!("ip link set {CLIENT_IF} netns {CLIENT_NS}")?;
+        sh!("ip addr add {UPLINK_IP}/24 dev {UPLINK_IF}")?;
+        sh!("ip link set {UPLINK_IF} up")?;
+        sh!("ip -n {CLIENT_NS} link set lo up")?;
+        sh!("ip -n {CLIENT_NS} addr add 10.251.78.2/24 dev {CLIENT_IF}")?;
+        sh!("ip -n {CLIENT_NS} link set {CLIENT_IF} up")?;
+
         heading("starting a web server inside the container on port 80")?;
         println!("$ ip netns exec {NS} python3 -c '<a tiny HTTP server>' &");
         let server = Command::new("ip")
@@ -159,9 +181,9 @@ impl Demo {
         sh!("ip netns exec {NS} curl -sS --max-time 5 http://127.0.0.1:80/")?;
 
         heading(&format!(
-            "attaching portfwd to {HOST_IF}, the container's host-side interface"
+            "loading portfwd: socket programs on the cgroup root, TC programs on the uplink {UPLINK_IF}"
         ))?;
-        self.portfwd(&format!("up --iface {HOST_IF}"))?;
+        self.portfwd(&format!("up --iface {UPLINK_IF}"))?;
 
         heading(&format!(
             "publishing the container's port 80 as port {HOST_PORT} on the host"
@@ -172,7 +194,17 @@ impl Demo {
         sh!("curl -sS --max-time 5 http://127.0.0.1:{HOST_PORT}/")?;
         sh!("curl -sS --max-time 5 http://[::1]:{HOST_PORT}/")?;
 
-        heading("listing the active mappings")?;
+        heading(&format!(
+            "the external client reaches it through the host's address {UPLINK_IP}, and keeps its own address"
+        ))?;
+        sh!("ip netns exec {CLIENT_NS} curl -sS --max-time 5 http://{UPLINK_IP}:{HOST_PORT}/")?;
+
+        heading(
+            "the published port is held, as docker does: it shows in ss, nobody else can take it",
+        )?;
+        sh!("ss -Hlntp sport = :{HOST_PORT}")?;
+
+        heading("listing the active mappings, with their traffic")?;
         self.portfwd("list")?;
 
         heading("removing the mapping: the port is closed again")?;
@@ -195,7 +227,7 @@ impl Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         println!(
-            "\n==> cleaning up: stopping the server, `portfwd down`, deleting {NS} and {HOST_IF}"
+            "\n==> cleaning up: stopping the server, `portfwd down`, deleting {NS}, {CLIENT_NS} and their links"
         );
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
@@ -204,8 +236,10 @@ impl Drop for Demo {
         // May already be down (step g) or never have come up: errors are expected.
         quiet(Command::new(&self.bin).env(PIN_ENV, PIN_DIR).arg("down"));
         quiet(Command::new("ip").args(["netns", "del", NS]));
-        // Normally gone with the namespace (its peer lived there); make sure.
+        quiet(Command::new("ip").args(["netns", "del", CLIENT_NS]));
+        // Normally gone with the namespaces (their peers lived there); make sure.
         quiet(Command::new("ip").args(["link", "del", HOST_IF]));
+        quiet(Command::new("ip").args(["link", "del", UPLINK_IF]));
     }
 }
 
