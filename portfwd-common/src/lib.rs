@@ -384,7 +384,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 24 + NAME_LEN);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 88);
+        assert_eq!(size_of::<CtValue>(), 80);
         assert_eq!(size_of::<MappingCounters>(), 40);
         assert_eq!(size_of::<LocalAddrKey>(), 20);
         assert_eq!(size_of::<Config>(), 8);

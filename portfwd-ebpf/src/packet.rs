@@ -78,6 +78,13 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     if header_len < 20 {
         return Err(STAT_PASS_TRUNCATED);
     }
+    // The datagram must fit in the frame (trailing padding is fine) and hold
+    // its own header; a length beyond the frame would make us read and
+    // rewrite bytes that are not part of it.
+    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    if total_len < header_len || l3_off + total_len > ctx.len() as usize {
+        return Err(STAT_PASS_TRUNCATED);
+    }
     // Only the first fragment carries the ports; later ones cannot be
     // matched to a flow without reassembly.
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
@@ -95,6 +102,7 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
         Addr::v4(word(IPV4_DADDR_OFF)),
         l3_off,
         l3_off + header_len,
+        l3_off + total_len,
     )
 }
 
@@ -104,7 +112,12 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     if first[0] >> 4 != 6 {
         return Err(STAT_PASS_NOT_IP);
     }
-    let next_header = header[1].to_ne_bytes()[2];
+    let second = header[1].to_ne_bytes();
+    let next_header = second[2];
+    let l3_end = l3_off + IPV6_HLEN + u16::from_be_bytes([second[0], second[1]]) as usize;
+    if l3_end > ctx.len() as usize {
+        return Err(STAT_PASS_TRUNCATED);
+    }
     // Extension headers (and fragments, which are one) are passed untouched:
     // translating them would need a bounded walk for little gain.
     if next_header != IPPROTO_TCP && next_header != IPPROTO_UDP {
@@ -121,6 +134,7 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
         Addr::v6([header[6], header[7], header[8], header[9]]),
         l3_off,
         l3_off + IPV6_HLEN,
+        l3_end,
     )
 }
 
@@ -132,9 +146,16 @@ fn transport(
     daddr: Addr,
     l3_off: usize,
     l4_off: usize,
+    l3_end: usize,
 ) -> Result<Packet, PassReason> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(STAT_PASS_NOT_TCP_UDP);
+    }
+    // The whole fixed transport header, checksum included, must be there:
+    // a packet we could not rewrite must not start a flow.
+    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if l4_off + l4_min > l3_end {
+        return Err(STAT_PASS_TRUNCATED);
     }
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| STAT_PASS_TRUNCATED)?;
     let tcp_flags = if proto == IPPROTO_TCP {

@@ -325,6 +325,9 @@ pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
             .filter(|l| !l.trim().is_empty())
             .collect::<Vec<_>>()
             .join(" ");
+        // The parser quotes the offending line: control characters in it
+        // (a lone CR, escape sequences) must not reach the terminal.
+        let why: String = why.chars().flat_map(char::escape_debug).collect();
         UsageError(format!("invalid apply file: {why}")).into()
     })
 }
@@ -402,10 +405,12 @@ mod tests {
             "[[mappings]]\ncontainer = '10.0.0.1'",
             "[[mappings]]\ncontainer = '10.0.0.1'\npublish = []\nextra = 1",
             "not toml at all [",
+            "x = \"\r\u{1b}[31m\u{0}",
         ] {
             let err = parse_apply(bad, Format::Toml).unwrap_err();
             assert!(err.downcast_ref::<UsageError>().is_some(), "{bad}");
             assert_eq!(err.to_string().lines().count(), 1, "{err}");
+            assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
         }
         assert_eq!(Format::guess(Path::new("x.json"), ""), Format::Json);
         assert_eq!(Format::guess(Path::new("x"), " {"), Format::Json);
