@@ -69,25 +69,41 @@ pub fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_peer4(ctx.sock_addr);
+    // Only host sockets are ever translated; the netns check is the cheap
+    // way out for everyone else (this hook also runs inside accept()).
+    if in_host_netns(&ctx) {
+        restore_peer4(ctx.sock_addr);
+    }
     PROCEED
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_peer6(ctx.sock_addr);
+    // Only host sockets are ever translated; the netns check is the cheap
+    // way out for everyone else (this hook also runs inside accept()).
+    if in_host_netns(&ctx) {
+        restore_peer6(ctx.sock_addr);
+    }
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_peer4(ctx.sock_addr);
+    // Only host sockets are ever translated; the netns check is the cheap
+    // way out for everyone else (this hook also runs inside accept()).
+    if in_host_netns(&ctx) {
+        restore_peer4(ctx.sock_addr);
+    }
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_peer6(ctx.sock_addr);
+    // Only host sockets are ever translated; the netns check is the cheap
+    // way out for everyone else (this hook also runs inside accept()).
+    if in_host_netns(&ctx) {
+        restore_peer6(ctx.sock_addr);
+    }
     PROCEED
 }
 

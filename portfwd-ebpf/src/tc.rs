@@ -129,13 +129,19 @@ fn is_new_tcp(pkt: &Packet) -> bool {
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 #[inline(never)]
 fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 {
+    let opens = pkt.proto != IPPROTO_TCP || is_new_tcp(pkt);
+    // From containers, an untracked TCP packet that opens nothing is a reply
+    // on a socket-path connection: out at once, without a service lookup.
+    if masquerade && !opens {
+        return NEXT;
+    }
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
     // Only a SYN opens a TCP flow. Anything else to a published port is a
     // flow conntrack lost (evicted or expired): counted, and left to the
     // host, which resets it.
-    if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
+    if !opens {
         count(STAT_UNTRACKED_MIDFLOW);
         return NEXT;
     }

@@ -1,7 +1,9 @@
 //! Project automation: `cargo xtask <command>` (see `cargo xtask --help`).
 
+mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -46,6 +48,16 @@ enum Cmd {
     },
     /// Walk through portfwd on a throwaway network namespace (needs root).
     Demo,
+    /// Fuzz the parsers (cargo-fuzz on nightly), each target for a bounded time.
+    Fuzz(fuzz::Args),
+    /// Compare portfwd with direct routing, iptables, nftables and docker-proxy (needs root).
+    Bench(bench::Args),
+    /// The benchmark's own UDP client and server (run inside its namespaces).
+    #[command(hide = true)]
+    BenchTool {
+        #[command(subcommand)]
+        tool: bench::Tool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +69,9 @@ fn main() -> ExitCode {
         Cmd::Build { release } => build::build(release).map(|_| ()),
         Cmd::Test { args } => test::test(&args),
         Cmd::Demo => demo::demo(),
+        Cmd::Fuzz(args) => fuzz::fuzz(args),
+        Cmd::Bench(args) => bench::bench(args),
+        Cmd::BenchTool { tool } => bench::run_tool(tool),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

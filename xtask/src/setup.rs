@@ -182,3 +182,60 @@ pub fn install() -> Result<()> {
     }
     Ok(())
 }
+
+/// What `cargo xtask bench` runs besides the above: load generators, the
+/// HTTP server, and a font for the chart. (docker-proxy is not installed: the
+/// bench extracts it from the docker.io package.)
+const BENCH_DEBS: &[&str] = &[
+    "iperf3",
+    "wrk",
+    "nginx-light",
+    "fonts-dejavu-core",
+    "iptables",
+    "nftables",
+    "iproute2",
+    "curl",
+    "bpftool",
+];
+
+/// Installs the benchmark's Debian packages that are missing.
+pub fn install_bench_debs() -> Result<()> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(BENCH_DEBS)
+        .output()
+        .context("cannot run dpkg-query (the benchmark supports Debian-based systems only)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_suffix(" install ok installed"))
+        .collect();
+    let missing: Vec<&str> = BENCH_DEBS
+        .iter()
+        .copied()
+        .filter(|d| !installed.contains(d))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages for the benchmark:\n  sudo apt-get install -y --no-install-recommends {}",
+            missing.join(" ")
+        );
+    }
+    println!(
+        "setup: installing the benchmark's Debian packages: {}",
+        missing.join(" ")
+    );
+    let lock = ["-o", "DPkg::Lock::Timeout=600"];
+    run(Command::new("apt-get").args(lock).arg("update"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        // invoke-rc.d starts no service in runlevel 1: nginx-light must not
+        // come up on the machine's own port 80.
+        .env("RUNLEVEL", "1")
+        .args(lock)
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing))
+}

@@ -31,6 +31,11 @@ pub fn test(args: &[String]) -> Result<()> {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
+    // The benchmark's smoke run, on full runs as root only; before cargo test,
+    // so that the test summary stays the last thing printed.
+    if is_root() && args.is_empty() {
+        crate::bench::smoke()?;
+    }
     // `--workspace` would override a `-p` given by the caller.
     let picks_package = cargo_args
         .iter()

@@ -1,0 +1,620 @@
+//! The results as Markdown tables (printed, and written for the docs), as
+//! JSON, and checked against the issue's targets.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::measure::{METRICS, Metric, NetPath, PATHS};
+use super::modes::Mode;
+use super::{Plan, Results, SCALE, Update};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgCost {
+    pub path: NetPath,
+    pub program: String,
+    pub calls_per_conn: f64,
+    pub ns_per_call: f64,
+}
+
+#[derive(Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory: String,
+    pub kernel: String,
+    pub tools: Vec<(String, String)>,
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+pub fn machine(docker_proxy: Option<String>) -> Machine {
+    let lscpu = first_line(Command::new("sh").args(["-c", "lscpu | grep '^Model name'"]));
+    let cpu = lscpu
+        .split_once(':')
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or(lscpu);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let mut tools = vec![
+        (
+            "iptables".into(),
+            first_line(Command::new("iptables").arg("-V")),
+        ),
+        ("nft".into(), first_line(Command::new("nft").arg("-v"))),
+        ("wrk".into(), first_line(Command::new("wrk").arg("-v"))),
+        (
+            "iperf3".into(),
+            first_line(Command::new("iperf3").arg("--version")),
+        ),
+        ("nginx".into(), first_line(Command::new("nginx").arg("-v"))),
+    ];
+    if let Some(v) = docker_proxy {
+        tools.push(("docker-proxy".into(), format!("Debian docker.io {v}")));
+    }
+    Machine {
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory: format!("{:.0} GiB", kib / 1024.0 / 1024.0),
+        kernel: first_line(Command::new("uname").arg("-r")),
+        tools,
+    }
+}
+
+/// Other mappings in a mode's main (non-scale) trials.
+pub fn base_others(mode: Mode) -> usize {
+    usize::from(mode.scales())
+}
+
+fn others_label(mode: Mode, others: usize) -> String {
+    match mode {
+        Mode::Direct => "none (no NAT)".into(),
+        Mode::DockerProxy => "1 (a process per mapping)".into(),
+        _ => format!(
+            "{} + {others} other{}",
+            1,
+            if others == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+fn value(metric: Metric, v: f64) -> String {
+    match metric {
+        Metric::TcpGbps => format!("{v:.1}"),
+        Metric::KaP50Ms | Metric::KaP99Ms | Metric::ConnP50Ms | Metric::ConnP99Ms => {
+            if v < 1.0 {
+                format!("{v:.3}")
+            } else {
+                format!("{v:.2}")
+            }
+        }
+        _ => format!("{v:.0}"),
+    }
+}
+
+/// `median (min–max)`, or just the median for one sample.
+fn cell(metric: Metric, samples: &[f64]) -> String {
+    let med = median(samples);
+    if samples.len() < 2 {
+        return value(metric, med);
+    }
+    let (min, max) = min_max(samples);
+    format!(
+        "{} ({}–{})",
+        value(metric, med),
+        value(metric, min),
+        value(metric, max)
+    )
+}
+
+fn ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}×")
+    } else {
+        "–".into()
+    }
+}
+
+impl Results {
+    pub fn series(&self, mode: Mode, path: NetPath, others: usize, metric: Metric) -> &[f64] {
+        self.samples
+            .get(&(mode, path, others, metric))
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    pub fn med(&self, mode: Mode, path: NetPath, others: usize, metric: Metric) -> Option<f64> {
+        let s = self.series(mode, path, others, metric);
+        (!s.is_empty()).then(|| median(s))
+    }
+
+    /// A mode's main-trial median.
+    pub fn main(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
+        self.med(mode, path, base_others(mode), metric)
+    }
+
+    /// mode / direct, medians of the main trials.
+    pub fn vs_direct(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
+        Some(self.main(mode, path, metric)? / self.main(Mode::Direct, path, metric)?)
+    }
+}
+
+const PATH_TITLES: [&str; 2] = [
+    "External path: client namespace → host address:port (direct: → container address)",
+    "Local path: host process → 127.0.0.1:port (direct: → container address)",
+];
+
+/// The main table's columns.
+const MAIN_METRICS: [Metric; 7] = [
+    Metric::TcpGbps,
+    Metric::KaRps,
+    Metric::KaP50Ms,
+    Metric::KaP99Ms,
+    Metric::ConnPerS,
+    Metric::ConnP99Ms,
+    Metric::UdpRps,
+];
+
+pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Machine: {}, {} CPUs, {}, kernel {}. Command: `{}` ({:.1} min).\n",
+        m.cpu,
+        m.cpus,
+        m.memory,
+        m.kernel,
+        plan.command,
+        elapsed / 60.0
+    );
+    let _ = writeln!(
+        s,
+        "Each cell: median of {} repetition{} (min–max), each {} s, modes interleaved \
+         (every configuration once per repetition, order alternating); `[0.97×]` is the \
+         ratio to `direct` (for latencies, lower is better). wrk: 1 thread, {} connections, \
+         a 3-byte nginx response (1 worker); new connections: `Connection: close`. UDP: \
+         sequential request/response on one connected socket. SYN rtx: client SYN \
+         retransmissions in each repetition's wrk runs (non-zero marks a disturbed run). \
+         Every process the bench starts runs at nice {}.\n",
+        plan.reps,
+        if plan.reps == 1 { "" } else { "s" },
+        plan.secs,
+        plan.connections,
+        plan.nice
+    );
+    if !r.load.is_empty() {
+        let (min, max) = min_max(&r.load);
+        let _ = writeln!(
+            s,
+            "1-minute load average before each configuration: {min:.2}–{max:.2} \
+             (the benchmark itself brings it to about 2 on its own).\n"
+        );
+    }
+
+    for (path, title) in PATHS.into_iter().zip(PATH_TITLES) {
+        let _ = writeln!(s, "#### {title}\n");
+        s += "| mode | mappings |";
+        for metric in MAIN_METRICS {
+            let _ = write!(s, " {} |", metric.label());
+        }
+        s += " SYN rtx |\n|---|---|";
+        s += &"---|".repeat(MAIN_METRICS.len() + 1);
+        s += "\n";
+        for &mode in &plan.modes {
+            let others = base_others(mode);
+            let _ = write!(s, "| {} | {} |", mode.name(), others_label(mode, others));
+            for metric in MAIN_METRICS {
+                let samples = r.series(mode, path, others, metric);
+                if samples.is_empty() {
+                    s += " – |";
+                    continue;
+                }
+                let _ = write!(s, " {}", cell(metric, samples));
+                if mode != Mode::Direct
+                    && let Some(x) = r.vs_direct(mode, path, metric)
+                {
+                    let _ = write!(s, " [{}]", ratio(x));
+                }
+                s += " |";
+            }
+            let syn = r.syn_retrans.get(&(mode, path, others));
+            let syn: Vec<String> = syn.into_iter().flatten().map(|n| n.to_string()).collect();
+            let _ = writeln!(s, " {} |", syn.join(", "));
+        }
+        s += "\n";
+    }
+
+    if plan.modes.contains(&Mode::Portfwd) && plan.modes.len() > 1 {
+        s += "#### portfwd relative to each mode (ratio of medians; latency: lower is better)\n\n";
+        s += "| path | portfwd vs |";
+        for metric in MAIN_METRICS {
+            let _ = write!(s, " {} |", metric.label());
+        }
+        s += "\n|---|---|";
+        s += &"---|".repeat(MAIN_METRICS.len());
+        s += "\n";
+        for path in PATHS {
+            for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
+                let _ = write!(s, "| {} | {} |", path.name(), mode.name());
+                for metric in MAIN_METRICS {
+                    let x = r
+                        .main(Mode::Portfwd, path, metric)
+                        .zip(r.main(mode, path, metric))
+                        .map(|(a, b)| a / b);
+                    let _ = write!(s, " {} |", x.map_or("–".into(), ratio));
+                }
+                s += "\n";
+            }
+        }
+        s += "\n";
+    }
+
+    let scaled: Vec<Mode> = plan.modes.iter().copied().filter(|m| m.scales()).collect();
+    if !scaled.is_empty() {
+        const SCALE_METRICS: [Metric; 4] = [
+            Metric::ConnPerS,
+            Metric::ConnP99Ms,
+            Metric::KaRps,
+            Metric::KaP99Ms,
+        ];
+        s += "#### Scale: N other mappings installed (change: vs the mode's own figure with 1 other)\n\n";
+        s += "| path | mode | other mappings |";
+        for metric in SCALE_METRICS {
+            let _ = write!(s, " {} |", metric.label());
+        }
+        s += " SYN rtx |\n|---|---|---|";
+        s += &"---|".repeat(SCALE_METRICS.len() + 1);
+        s += "\n";
+        let mut ns = vec![1];
+        ns.extend(&plan.scales);
+        for path in PATHS {
+            for &mode in &scaled {
+                for &n in &ns {
+                    let _ = write!(s, "| {} | {} | {n} |", path.name(), mode.name());
+                    for metric in SCALE_METRICS {
+                        let samples = r.series(mode, path, n, metric);
+                        if samples.is_empty() {
+                            s += " – |";
+                            continue;
+                        }
+                        let _ = write!(s, " {}", cell(metric, samples));
+                        if n != 1
+                            && let Some(base) = r.med(mode, path, 1, metric)
+                        {
+                            let _ = write!(s, " [{:+.1}%]", (median(samples) / base - 1.0) * 100.0);
+                        }
+                        s += " |";
+                    }
+                    let syn = r.syn_retrans.get(&(mode, path, n));
+                    let syn: Vec<String> =
+                        syn.into_iter().flatten().map(|n| n.to_string()).collect();
+                    let _ = writeln!(s, " {} |", syn.join(", "));
+                }
+            }
+        }
+        s += "\n";
+
+        let _ = writeln!(
+            s,
+            "#### Control plane: one CLI process each, wall time in ms, median (min–max)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| mode | install {SCALE} at once | add one ({SCALE} installed) | remove one ({SCALE} installed) | how |"
+        );
+        s += "|---|---|---|---|---|\n";
+        for &mode in &scaled {
+            let how = match mode {
+                Mode::Iptables => "`iptables-restore --noflush` / `iptables -A` / `iptables -D`",
+                Mode::Nft => "one `nft -f` / `nft add element` / `nft delete element`",
+                _ => {
+                    "one `portfwd map CTR 0.0.0.0:20000-29999:20000-29999` / `portfwd map` / `portfwd unmap`"
+                }
+            };
+            let _ = write!(s, "| {} |", mode.name());
+            for update in [Update::InstallAll, Update::AddOne, Update::RemoveOne] {
+                match r.updates.get(&(mode, update)) {
+                    Some(v) if !v.is_empty() => {
+                        let (min, max) = min_max(v);
+                        let _ = write!(s, " {:.2} ({min:.2}–{max:.2}) |", median(v));
+                    }
+                    _ => s += " – |",
+                }
+            }
+            let _ = writeln!(s, " {how} |");
+        }
+        s += "\n";
+    }
+
+    if !r.bpf.is_empty() {
+        s += "#### portfwd's eBPF programs while forwarding new connections (`kernel.bpf_stats_enabled`, one wrk run per path)\n\n";
+        s += "| path | program | runs per connection | ns per run | ns per connection |\n|---|---|---|---|---|\n";
+        for c in &r.bpf {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} | {:.0} | {:.0} |",
+                c.path.name(),
+                c.program,
+                c.calls_per_conn,
+                c.ns_per_call,
+                c.calls_per_conn * c.ns_per_call
+            );
+        }
+        s += "\n";
+    }
+
+    let checks = targets(r);
+    if !checks.is_empty() {
+        s += "#### Targets of issue 6\n\n| target | measured | met |\n|---|---|---|\n";
+        for c in &checks {
+            let met = match c.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "not measured",
+            };
+            let _ = writeln!(s, "| {} | {} | {met} |", c.what, c.measured);
+        }
+    }
+    s
+}
+
+#[derive(Serialize)]
+pub struct Check {
+    pub what: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+/// The issue's targets, from the medians.
+pub fn targets(r: &Results) -> Vec<Check> {
+    let mut out = Vec::new();
+    let pf = Mode::Portfwd;
+    if r.main(pf, NetPath::Local, Metric::KaRps).is_none() {
+        return out;
+    }
+    // portfwd / other ≥ bound (for latencies: other / portfwd, so that ≥ still means better).
+    let mut vs = |what: String, path: NetPath, other: Mode, metric: Metric, bound: f64| {
+        let a = r.main(pf, path, metric);
+        let b = r.main(other, path, metric);
+        let (measured, met) = match (a, b) {
+            (Some(a), Some(b)) => {
+                let x = a / b;
+                let met = if metric.higher_is_better() {
+                    x >= bound
+                } else {
+                    x <= 1.0 / bound
+                };
+                (
+                    format!("{} vs {}: {}", value(metric, a), value(metric, b), ratio(x)),
+                    Some(met),
+                )
+            }
+            _ => (format!("{} not measured", other.name()), None),
+        };
+        out.push(Check {
+            what,
+            measured,
+            met,
+        });
+    };
+    let ext = NetPath::External;
+    let local = NetPath::Local;
+    vs(
+        "external: throughput ≥ iptables".into(),
+        ext,
+        Mode::Iptables,
+        Metric::TcpGbps,
+        1.0,
+    );
+    vs(
+        "external: throughput ≥ 0.95 × direct".into(),
+        ext,
+        Mode::Direct,
+        Metric::TcpGbps,
+        0.95,
+    );
+    vs(
+        "external: new conn/s ≥ iptables".into(),
+        ext,
+        Mode::Iptables,
+        Metric::ConnPerS,
+        1.0,
+    );
+    for metric in METRICS {
+        let what = if metric.higher_is_better() {
+            format!("local: {} ≥ 0.95 × direct", metric.label())
+        } else {
+            format!("local: {} ≤ direct / 0.95", metric.label())
+        };
+        vs(what, local, Mode::Direct, metric, 0.95);
+    }
+    vs(
+        "local: keep-alive req/s ≥ 1.5 × docker-proxy".into(),
+        local,
+        Mode::DockerProxy,
+        Metric::KaRps,
+        1.5,
+    );
+    vs(
+        "local: new conn/s ≥ 1.5 × docker-proxy".into(),
+        local,
+        Mode::DockerProxy,
+        Metric::ConnPerS,
+        1.5,
+    );
+    vs(
+        "local: keep-alive p99 ≤ 0.6 × docker-proxy".into(),
+        local,
+        Mode::DockerProxy,
+        Metric::KaP99Ms,
+        1.0 / 0.6,
+    );
+    for path in PATHS {
+        for metric in [
+            Metric::ConnPerS,
+            Metric::ConnP50Ms,
+            Metric::ConnP99Ms,
+            Metric::KaP99Ms,
+        ] {
+            let base = r.med(pf, path, 1, metric);
+            let at = r.med(pf, path, SCALE, metric);
+            let (measured, met) = match (base, at) {
+                (Some(b), Some(a)) => {
+                    let change = a / b - 1.0;
+                    let worse = if metric.higher_is_better() {
+                        -change
+                    } else {
+                        change
+                    };
+                    (
+                        format!(
+                            "{} at {SCALE} vs {} at 1: {:+.1}%",
+                            value(metric, a),
+                            value(metric, b),
+                            change * 100.0
+                        ),
+                        Some(worse <= 0.03),
+                    )
+                }
+                _ => ("not measured".into(), None),
+            };
+            out.push(Check {
+                what: format!(
+                    "{}: {} at {SCALE} mappings within 3 % of 1 mapping",
+                    path.name(),
+                    metric.label()
+                ),
+                measured,
+                met,
+            });
+        }
+    }
+    for (update, what, bound) in [
+        (
+            Update::AddOne,
+            format!("add one mapping with {SCALE} installed < 10 ms"),
+            10.0,
+        ),
+        (
+            Update::InstallAll,
+            format!("install {SCALE} at once < 1 s"),
+            1000.0,
+        ),
+    ] {
+        let (measured, met) = match r.updates.get(&(pf, update)) {
+            Some(v) if !v.is_empty() => {
+                let (_, max) = min_max(v);
+                (
+                    format!("median {:.2} ms, max {max:.2} ms", median(v)),
+                    Some(median(v) < bound),
+                )
+            }
+            _ => ("not measured".into(), None),
+        };
+        out.push(Check {
+            what,
+            measured,
+            met,
+        });
+    }
+    out
+}
+
+pub fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value {
+    let series: Vec<Value> = r
+        .samples
+        .iter()
+        .map(|(&(mode, path, others, metric), samples)| {
+            let (min, max) = min_max(samples);
+            let direct = r.main(Mode::Direct, path, metric);
+            json!({
+                "mode": mode,
+                "path": path,
+                "other_mappings": others,
+                "metric": metric,
+                "samples": samples,
+                "median": median(samples),
+                "min": min,
+                "max": max,
+                "ratio_to_direct": direct.map(|d| median(samples) / d),
+                "syn_retrans": r.syn_retrans.get(&(mode, path, others)),
+            })
+        })
+        .collect();
+    let updates: Vec<Value> = r
+        .updates
+        .iter()
+        .map(|(&(mode, update), v)| {
+            let (min, max) = min_max(v);
+            json!({
+                "mode": mode,
+                "operation": format!("{update:?}"),
+                "mappings": SCALE,
+                "samples_ms": v,
+                "median_ms": median(v),
+                "min_ms": min,
+                "max_ms": max,
+            })
+        })
+        .collect();
+    json!({
+        "command": plan.command,
+        "machine": m,
+        "repetitions": plan.reps,
+        "seconds_per_figure": plan.secs,
+        "wrk_connections": plan.connections,
+        "nice": plan.nice,
+        "modes": plan.modes,
+        "scales": plan.scales,
+        "elapsed_s": elapsed,
+        "load_average_before_trials": r.load,
+        "results": series,
+        "errors": r.errors.iter().map(|(&(mode, path, others), &n)| json!({
+            "mode": mode, "path": path, "other_mappings": others, "failed_requests": n,
+        })).collect::<Vec<_>>(),
+        "updates": updates,
+        "bpf_programs": r.bpf,
+        "targets": targets(r),
+    })
+}
