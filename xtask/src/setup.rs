@@ -42,7 +42,7 @@ struct Missing {
 impl Missing {
     fn find() -> Result<Self> {
         let mut m = Missing {
-            debs: missing_debs()?,
+            debs: missing_debs(DEBS)?,
             ..Default::default()
         };
         let toolchains = stdout_of(Command::new("rustup").args(["toolchain", "list"]))?;
@@ -92,10 +92,10 @@ impl Missing {
 }
 
 /// Asks dpkg for all packages at once; absent packages simply produce no "installed" line.
-fn missing_debs() -> Result<Vec<&'static str>> {
+fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(DEBS)
+        .args(debs)
         .output()
         .context("cannot run dpkg-query (setup supports Debian-based systems only)")?;
     // dpkg-query exits 1 when some package is unknown, so read stdout regardless.
@@ -104,11 +104,34 @@ fn missing_debs() -> Result<Vec<&'static str>> {
         .lines()
         .filter_map(|l| l.strip_suffix(" install ok installed"))
         .collect();
-    Ok(DEBS
+    Ok(debs
         .iter()
         .copied()
         .filter(|d| !installed.contains(d))
         .collect())
+}
+
+/// Installs Debian packages as root (`what` names them in messages).
+fn apt_install(what: &str, debs: &[&str]) -> Result<()> {
+    let list = debs.join(" ");
+    if !is_root() {
+        bail!(
+            "missing {what}, and installing them needs root:\n  \
+             sudo apt-get install -y --no-install-recommends {list}"
+        );
+    }
+    println!("setup: installing {what}: {list}");
+    // Wait for a concurrent apt/dpkg instead of failing on its lock.
+    let lock = ["-o", "DPkg::Lock::Timeout=600"];
+    run(Command::new("apt-get").args(lock).arg("update"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        // invoke-rc.d starts no service in runlevel 1: packages such as
+        // nginx-light must not come up on the machine's own ports.
+        .env("RUNLEVEL", "1")
+        .args(lock)
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(debs))
 }
 
 /// bpf-linker from PATH or from cargo's bin dir (which PATH may lack, e.g. under sudo).
@@ -135,22 +158,7 @@ pub fn check() -> Result<()> {
 pub fn install() -> Result<()> {
     let m = Missing::find()?;
     if !m.debs.is_empty() {
-        let debs = m.debs.join(" ");
-        if !is_root() {
-            bail!(
-                "missing Debian packages, and installing them needs root:\n  \
-                 sudo apt-get install -y --no-install-recommends {debs}"
-            );
-        }
-        println!("setup: installing Debian packages: {debs}");
-        // Wait for a concurrent apt/dpkg instead of failing on its lock.
-        let lock = ["-o", "DPkg::Lock::Timeout=600"];
-        run(Command::new("apt-get").args(lock).arg("update"))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(lock)
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&m.debs))?;
+        apt_install("Debian packages", &m.debs)?;
     }
     if m.nightly {
         println!("setup: installing the nightly toolchain");
@@ -200,42 +208,9 @@ const BENCH_DEBS: &[&str] = &[
 
 /// Installs the benchmark's Debian packages that are missing.
 pub fn install_bench_debs() -> Result<()> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(BENCH_DEBS)
-        .output()
-        .context("cannot run dpkg-query (the benchmark supports Debian-based systems only)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let installed: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.strip_suffix(" install ok installed"))
-        .collect();
-    let missing: Vec<&str> = BENCH_DEBS
-        .iter()
-        .copied()
-        .filter(|d| !installed.contains(d))
-        .collect();
+    let missing = missing_debs(BENCH_DEBS)?;
     if missing.is_empty() {
         return Ok(());
     }
-    if !is_root() {
-        bail!(
-            "missing Debian packages for the benchmark:\n  sudo apt-get install -y --no-install-recommends {}",
-            missing.join(" ")
-        );
-    }
-    println!(
-        "setup: installing the benchmark's Debian packages: {}",
-        missing.join(" ")
-    );
-    let lock = ["-o", "DPkg::Lock::Timeout=600"];
-    run(Command::new("apt-get").args(lock).arg("update"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        // invoke-rc.d starts no service in runlevel 1: nginx-light must not
-        // come up on the machine's own port 80.
-        .env("RUNLEVEL", "1")
-        .args(lock)
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing))
+    apt_install("the benchmark's Debian packages", &missing)
 }
