@@ -274,18 +274,12 @@ impl Server {
 
     /// A server that runs `handler` for each connection.
     pub fn start_with(netns: Option<PathBuf>, addr: SocketAddr, handler: Handler) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stopping = stop.clone();
-        let thread = thread::spawn(move || {
-            if let Some(path) = netns {
-                enter_netns(&path);
-            }
+        Self::spawn(netns, move |stop, ready| {
             let listener =
                 TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
             listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            while !stopping.load(Ordering::Relaxed) {
+            ready();
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nonblocking(false);
@@ -298,6 +292,24 @@ impl Server {
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }
+        })
+    }
+
+    /// Runs `serve` on a thread of its own (inside `netns`), until the
+    /// server is dropped: `serve` polls the stop flag, and calls `ready`
+    /// once it is bound; `spawn` waits for that.
+    fn spawn(
+        netns: Option<PathBuf>,
+        serve: impl FnOnce(&AtomicBool, &dyn Fn()) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            if let Some(path) = netns {
+                enter_netns(&path);
+            }
+            serve(&stopping, &|| ready_tx.send(()).unwrap());
         });
         ready_rx
             .recv_timeout(TIMEOUT)
@@ -346,36 +358,23 @@ pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 /// A UDP server on its own thread answering each datagram with
 /// `<greeting> <payload> <client address>`; stops when dropped.
 pub fn serve_udp(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Server {
-    let stop = Arc::new(AtomicBool::new(false));
     let greeting = greeting.to_owned();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stopping = stop.clone();
-    let thread = thread::spawn(move || {
-        if let Some(path) = netns {
-            enter_netns(&path);
-        }
+    Server::spawn(netns, move |stop, ready| {
         let socket =
             std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        ready_tx.send(()).unwrap();
+        ready();
         let mut buf = [0u8; 2048];
-        while !stopping.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) {
             if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                 let payload = String::from_utf8_lossy(&buf[..n]);
                 let answer = format!("{greeting} {payload} {}", peer.ip().to_canonical());
                 let _ = socket.send_to(answer.as_bytes(), peer);
             }
         }
-    });
-    ready_rx
-        .recv_timeout(TIMEOUT)
-        .expect("server did not start");
-    Server {
-        stop,
-        thread: Some(thread),
-    }
+    })
 }
 
 /// Sets a sysctl of one interface (never a global one).

@@ -421,41 +421,23 @@ pub fn nft_others(ctr: Ipv4Addr, first: usize, count: usize) -> Vec<String> {
 /// Runs a command to completion (quietly) and returns its wall time in ms:
 /// process start, work and exit, as a user or a runtime sees it.
 pub fn timed(cmd: &mut Command) -> Result<f64> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start `{}`", crate::display(cmd)))?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            crate::display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(ms)
+    cmd.stdin(Stdio::null());
+    time_to_exit(cmd)
 }
 
 /// Like `timed`, with stdin from the file `input` (`cmd < file`).
 pub fn timed_with_input(cmd: &mut Command, input: &Path) -> Result<f64> {
-    let file = std::fs::File::open(input)?;
-    cmd.stdin(file).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(std::fs::File::open(input)?);
+    time_to_exit(cmd)
+}
+
+fn time_to_exit(cmd: &mut Command) -> Result<f64> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let start = Instant::now();
     let out = cmd
         .output()
         .with_context(|| format!("cannot start `{}`", crate::display(cmd)))?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            crate::display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    ns::succeeded(cmd, &out)?;
     Ok(ms)
 }

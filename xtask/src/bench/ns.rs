@@ -190,6 +190,12 @@ pub fn check(cmd: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    succeeded(cmd, &out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Fails, with the command's stderr, unless it exited 0.
+pub fn succeeded(cmd: &Command, out: &std::process::Output) -> Result<()> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}",
@@ -198,7 +204,7 @@ pub fn check(cmd: &mut Command) -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(())
 }
 
 /// Runs a command with stdin from `input`, quietly; fails unless it exits 0.
@@ -216,14 +222,7 @@ pub fn check_with_input(cmd: &mut Command, input: &str) -> Result<()> {
         .context("no stdin")?
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    succeeded(cmd, &out)?;
     Ok(())
 }
 
