@@ -221,6 +221,15 @@ fn rewrite_fields(
     } else {
         0
     };
+    // An address word changes the TCP/UDP checksum through the pseudo-header.
+    let pseudo_header_word = |from: u32, to: u32| {
+        ctx.l4_csum_replace(
+            csum_off,
+            from as u64,
+            to as u64,
+            BPF_F_PSEUDO_HDR | l4_flags | 4,
+        )
+    };
     if pkt.family == FAMILY_V4 {
         let (from, to) = (old_addr.words[0], addr.words[0]);
         let addr_off = pkt.l3_off
@@ -228,12 +237,7 @@ fn rewrite_fields(
                 End::Source => IPV4_SADDR_OFF,
                 End::Destination => IPV4_DADDR_OFF,
             };
-        ctx.l4_csum_replace(
-            csum_off,
-            from as u64,
-            to as u64,
-            BPF_F_PSEUDO_HDR | l4_flags | 4,
-        )?;
+        pseudo_header_word(from, to)?;
         ctx.l3_csum_replace(pkt.l3_off + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
         ctx.store(addr_off, &to, 0)?;
     } else {
@@ -246,12 +250,7 @@ fn rewrite_fields(
         for i in 0..4 {
             let (from, to) = (old_addr.words[i], addr.words[i]);
             if from != to {
-                ctx.l4_csum_replace(
-                    csum_off,
-                    from as u64,
-                    to as u64,
-                    BPF_F_PSEUDO_HDR | l4_flags | 4,
-                )?;
+                pseudo_header_word(from, to)?;
             }
         }
         ctx.store(addr_off, &addr.words, 0)?;

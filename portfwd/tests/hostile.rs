@@ -746,6 +746,26 @@ fn collect_answers(
     }
 }
 
+/// The container's UDP echo and TCP server, portfwd up on the client's
+/// uplink, and `publish` mapped to `container`: the guards keep them up.
+fn publish(
+    topo: &Topology,
+    name: &str,
+    container: std::net::IpAddr,
+    publish: [String; 2],
+) -> (Portfwd, Server, Server) {
+    let echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
+        "echo",
+    );
+    let server = topo.ctr.serve(&format!("[::]:{TCP_SERVER}"), "container");
+    let pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let container = container.to_string();
+    portfwd_ok(&["map", "--name", name, &container, &publish[0], &publish[1]]);
+    (pf, server, echo)
+}
+
 const FRAGMENT_MORE: u16 = 0x2000;
 
 #[test]
@@ -754,23 +774,16 @@ fn hostile_ipv4_packets_are_passed_counted_and_never_rewritten_wrong() {
         return;
     };
     let topo = Topology::new(41);
-    let ctr_ns = Some(topo.ctr.netns_path());
-    let _echo = serve_udp(
-        ctr_ns,
-        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
-        "echo",
-    );
-    let _server = topo.ctr.serve(&format!("[::]:{TCP_SERVER}"), "container");
-    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
     let (tcp_port, udp_port) = (47300, 47301);
-    portfwd_ok(&[
-        "map",
-        "--name",
+    let _running = publish(
+        &topo,
         "hostile4",
-        &topo.ctr.v4().to_string(),
-        &format!("{tcp_port}:{TCP_SERVER}"),
-        &format!("{udp_port}:{UDP_ECHO}/udp"),
-    ]);
+        topo.ctr.v4(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
     // Before anything hostile: the path works.
     normal_traffic_works(&topo, false, tcp_port, udp_port);
     let mappings = listed().len();
@@ -1018,23 +1031,16 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
         return;
     };
     let topo = Topology::new(42);
-    let ctr_ns = Some(topo.ctr.netns_path());
-    let _echo = serve_udp(
-        ctr_ns,
-        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
-        "echo",
-    );
-    let _server = topo.ctr.serve(&format!("[::]:{TCP_SERVER}"), "container");
-    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
     let (tcp_port, udp_port) = (47310, 47311);
-    portfwd_ok(&[
-        "map",
-        "--name",
+    let _running = publish(
+        &topo,
         "hostile6",
-        &topo.ctr.v6().to_string(),
-        &format!("[::]:{tcp_port}:{TCP_SERVER}"),
-        &format!("[::]:{udp_port}:{UDP_ECHO}/udp"),
-    ]);
+        topo.ctr.v6(),
+        [
+            format!("[::]:{tcp_port}:{TCP_SERVER}"),
+            format!("[::]:{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
     normal_traffic_works(&topo, true, tcp_port, udp_port);
     let mappings = listed().len();
 
