@@ -5,10 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portfwd::{
-    publish::PublishSpec,
-    state::{self, Format},
-};
+use portfwd::model::{self as state, Format, PublishSpec};
 
 fuzz_target!(|text: &str| {
     for format in [Format::Json, Format::Toml] {

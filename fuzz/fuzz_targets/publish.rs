@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portfwd::publish::PublishSpec;
+use portfwd::model::PublishSpec;
 
 fuzz_target!(|text: &str| {
     match text.parse::<PublishSpec>() {

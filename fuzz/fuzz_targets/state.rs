@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portfwd::state;
+use portfwd::model as state;
 
 fuzz_target!(|text: &str| {
     if let Ok(records) = state::parse_state(text) {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portfwd::mapping::UnmapSelector;
+use portfwd::model::UnmapSelector;
 
 fuzz_target!(|text: &str| {
     match text.parse::<UnmapSelector>() {

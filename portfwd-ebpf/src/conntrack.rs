@@ -17,22 +17,16 @@ use crate::{
     packet::{Packet, TCP_FIN, TCP_RST},
 };
 
-/// A conntrack entry under construction (in the per-CPU scratch map).
-pub struct Scratch {
-    pub key: CtKey,
-    pub value: CtValue,
-}
-
 /// Refresh `last_seen_ns` at most this often: every write to a shared entry
 /// bounces its cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-pub fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: no arguments, no side effects.
     unsafe { bpf_ktime_get_ns() }
 }
 
-pub fn key_of(pkt: &Packet) -> CtKey {
+pub(crate) fn key_of(pkt: &Packet) -> CtKey {
     CtKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
@@ -45,7 +39,7 @@ pub fn key_of(pkt: &Packet) -> CtKey {
 }
 
 /// The live entry for this packet's flow, or None (absent or expired).
-pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer is into the map value, valid for this program run.
     let value = unsafe { &*entry };
@@ -70,7 +64,7 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
 /// Records that a packet of the flow went by: refreshes the idle timer and
 /// notes the start of a TCP close. Other CPUs may write the same entry; a
 /// lost update only shifts a timestamp.
-pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
+pub(crate) fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
     if now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
@@ -84,7 +78,7 @@ pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
 
 /// Where a new flow goes: the container, and for a hairpin flow the
 /// source it is masqueraded to.
-pub struct Nat {
+pub(crate) struct Nat {
     pub backend: Addr,
     pub backend_port: u16,
     pub backend_ifindex: u32,
@@ -123,7 +117,7 @@ fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
 // Inlined into its one caller, whose values it reuses; the entry itself is
 // built in scratch memory (the stack is limited to 512 bytes).
 #[inline(always)]
-pub fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result<(), i32> {
+pub(crate) fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result<(), i32> {
     // The entry is built in per-CPU scratch memory, not on the stack.
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
     // SAFETY: per-CPU memory that only this program run uses.
@@ -164,7 +158,7 @@ pub fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result
 }
 
 /// Forgets a flow, given either direction's key and entry.
-pub fn remove(key: &CtKey, ct: &CtValue) {
+pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
     let masq = ct.flags & CT_FLAG_MASQ != 0;
     let other = if ct.flags & CT_FLAG_REPLY != 0 {
         // Reply entry (container -> client as it saw it): the forward key is

@@ -4,7 +4,9 @@
 //! - `tc`: TC programs that DNAT external clients' flows to the container
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites).
-//! - `maps`: the maps, whose layouts are defined in `portfwd-common`.
+//! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
+//!   `types`: the types private to the programs (no module imports a module
+//!   that imports it).
 #![no_std]
 #![no_main]
 
@@ -13,6 +15,7 @@ mod maps;
 mod packet;
 mod sock;
 mod tc;
+mod types;
 
 #[cfg(not(test))]
 #[panic_handler]

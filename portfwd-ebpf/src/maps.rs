@@ -1,51 +1,56 @@
-//! The maps shared with userspace. Names and layouts come from
-//! `portfwd-common`; userspace pins each under the bpffs directory.
+//! The maps shared with userspace, declared from `portfwd-common`'s ABI
+//! table (names, capacities, flags); userspace pins each under the bpffs
+//! directory.
+//!
+//! Each map carries the two attributes aya's `#[map(name = ...)]` expands
+//! to, because that macro takes only a string literal and the name comes
+//! from `portfwd_common::map_name!`.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
-};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use portfwd_common::{
-    CONNTRACK_MAX, Config, CtKey, CtValue, LOCAL_ADDRS_MAX, LocalAddrKey, MappingCounters,
-    SERVICES_MAX, SOCK_REVNAT_MAX, STATS_LEN, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    self as abi, Config, CtKey, CtValue, LocalAddrKey, MappingCounters, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, map_name,
 };
 
-/// Entries are allocated on insert (no preallocation) so that a lookup never
-/// sees an element that a concurrent delete recycled for another key.
-const BPF_F_NO_PREALLOC: u32 = 1;
+use crate::types::Scratch;
 
-/// Published (host address, port, protocol) -> container endpoint.
-#[map(name = "pf_services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(SERVICES_MAX, BPF_F_NO_PREALLOC);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(services))]
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(abi::SERVICES.max_entries, abi::SERVICES.flags);
 
-/// The host's own addresses: wildcard mappings serve these (and loopback).
-#[map(name = "pf_local_addrs")]
-pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(LOCAL_ADDRS_MAX, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(local_addrs))]
+pub(crate) static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> =
+    HashMap::with_max_entries(abi::LOCAL_ADDRS.max_entries, abi::LOCAL_ADDRS.flags);
 
-#[map(name = "pf_config")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(config))]
+pub(crate) static CONFIG: Array<Config> =
+    Array::with_max_entries(abi::CONFIG.max_entries, abi::CONFIG.flags);
 
-/// (socket, backend) -> the address the application dialed.
-#[map(name = "pf_sock_revnat")]
-pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
-    LruHashMap::with_max_entries(SOCK_REVNAT_MAX, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(sock_revnat))]
+pub(crate) static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(abi::SOCK_REVNAT.max_entries, abi::SOCK_REVNAT.flags);
 
-/// Tracked flows of the TC path, both directions (see `conntrack`).
-#[map(name = "pf_conntrack")]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(conntrack))]
+pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(abi::CONNTRACK.max_entries, abi::CONNTRACK.flags);
 
-/// Traffic of each mapping; userspace creates the entry with the mapping.
-#[map(name = "pf_counters")]
-pub static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =
-    PerCpuHashMap::with_max_entries(SERVICES_MAX, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(counters))]
+pub(crate) static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =
+    PerCpuHashMap::with_max_entries(abi::COUNTERS.max_entries, abi::COUNTERS.flags);
 
-/// What the TC programs did and passed, indexed by `portfwd_common::STAT_*`.
-#[map(name = "pf_stats")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(stats))]
+pub(crate) static STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(abi::STATS.max_entries, abi::STATS.flags);
 
 /// Per-CPU scratch memory for building conntrack entries: a BPF stack is
 /// limited to 512 bytes, and an entry with its key takes a quarter of it.
-#[map(name = "pf_scratch")]
-pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(scratch))]
+pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -6,10 +6,7 @@
 //! skbs, and a short packet is just an error.
 
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
-use portfwd_common::{
-    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT,
-    STAT_PASS_IPV6_EXTENSION, STAT_PASS_NOT_IP, STAT_PASS_NOT_TCP_UDP, STAT_PASS_TRUNCATED,
-};
+use portfwd_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -26,10 +23,10 @@ const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_RST: u8 = 0x04;
+pub(crate) const TCP_ACK: u8 = 0x10;
 
 /// `bpf_l4_csum_replace` flags: the changed field is part of the
 /// pseudo-header; a zero UDP checksum means "none" and must stay zero.
@@ -37,7 +34,7 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 /// The parts of a TCP or UDP packet that portfwd looks at.
-pub struct Packet {
+pub(crate) struct Packet {
     pub family: u8,
     pub proto: u8,
     pub saddr: Addr,
@@ -53,11 +50,11 @@ pub struct Packet {
     pub len: u32,
 }
 
-/// Why a packet is passed untouched: the index of its stats counter.
-pub type PassReason = u32;
+/// Why a packet is passed untouched: its stats counter.
+pub(crate) type PassReason = Stat;
 
 /// Parses an Ethernet frame carrying IPv4 or IPv6 and TCP or UDP.
-pub fn parse(ctx: &TcContext) -> Result<Packet, PassReason> {
+pub(crate) fn parse(ctx: &TcContext) -> Result<Packet, PassReason> {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // SAFETY: reading a context field, checked by the verifier. skb->protocol
     // is the ethertype after any VLAN tag the driver took off.
@@ -65,31 +62,31 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, PassReason> {
     match protocol {
         ETH_P_IP => parse_ipv4(ctx, ETH_HLEN),
         ETH_P_IPV6 => parse_ipv6(ctx, ETH_HLEN),
-        _ => Err(STAT_PASS_NOT_IP),
+        _ => Err(Stat::PassNotIp),
     }
 }
 
 fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
-    let header: [u8; 20] = ctx.load(l3_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    let header: [u8; 20] = ctx.load(l3_off).map_err(|_| Stat::PassTruncated)?;
     if header[0] >> 4 != 4 {
-        return Err(STAT_PASS_NOT_IP);
+        return Err(Stat::PassNotIp);
     }
     let header_len = ((header[0] & 0x0f) as usize) * 4;
     if header_len < 20 {
-        return Err(STAT_PASS_TRUNCATED);
+        return Err(Stat::PassTruncated);
     }
     // The datagram must fit in the frame (trailing padding is fine) and hold
     // its own header; a length beyond the frame would make us read and
     // rewrite bytes that are not part of it.
     let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
     if total_len < header_len || l3_off + total_len > ctx.len() as usize {
-        return Err(STAT_PASS_TRUNCATED);
+        return Err(Stat::PassTruncated);
     }
     // Only the first fragment carries the ports; later ones cannot be
     // matched to a flow without reassembly.
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     if fragment_offset != 0 {
-        return Err(STAT_PASS_FRAGMENT);
+        return Err(Stat::PassFragment);
     }
     let word =
         |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
@@ -107,23 +104,23 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
 }
 
 fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
-    let header: [u32; 10] = ctx.load(l3_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    let header: [u32; 10] = ctx.load(l3_off).map_err(|_| Stat::PassTruncated)?;
     let first = header[0].to_ne_bytes();
     if first[0] >> 4 != 6 {
-        return Err(STAT_PASS_NOT_IP);
+        return Err(Stat::PassNotIp);
     }
     let second = header[1].to_ne_bytes();
     let next_header = second[2];
     let l3_end = l3_off + IPV6_HLEN + u16::from_be_bytes([second[0], second[1]]) as usize;
     if l3_end > ctx.len() as usize {
-        return Err(STAT_PASS_TRUNCATED);
+        return Err(Stat::PassTruncated);
     }
     // Extension headers (and fragments, which are one) are passed untouched:
     // translating them would need a bounded walk for little gain.
     if next_header != IPPROTO_TCP && next_header != IPPROTO_UDP {
         return Err(match next_header {
-            0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => STAT_PASS_IPV6_EXTENSION,
-            _ => STAT_PASS_NOT_TCP_UDP,
+            0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => Stat::PassIpv6Extension,
+            _ => Stat::PassNotTcpUdp,
         });
     }
     transport(
@@ -149,18 +146,18 @@ fn transport(
     l3_end: usize,
 ) -> Result<Packet, PassReason> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(STAT_PASS_NOT_TCP_UDP);
+        return Err(Stat::PassNotTcpUdp);
     }
     // The whole fixed transport header, checksum included, must be there:
     // a packet we could not rewrite must not start a flow.
     let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
     if l4_off + l4_min > l3_end {
-        return Err(STAT_PASS_TRUNCATED);
+        return Err(Stat::PassTruncated);
     }
-    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| STAT_PASS_TRUNCATED)?;
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| Stat::PassTruncated)?;
     let tcp_flags = if proto == IPPROTO_TCP {
         ctx.load::<u8>(l4_off + TCP_FLAGS_OFF)
-            .map_err(|_| STAT_PASS_TRUNCATED)?
+            .map_err(|_| Stat::PassTruncated)?
     } else {
         0
     };
@@ -180,7 +177,7 @@ fn transport(
 
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     Source,
     Destination,
 }
@@ -194,7 +191,7 @@ pub enum End {
 /// locals stay out of its callers' frames (the stack is limited to 512
 /// bytes); a bool, as a Result would be a sixth BPF argument.
 #[inline(never)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16) -> bool {
+pub(crate) fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16) -> bool {
     rewrite_fields(ctx, pkt, end, addr, port).is_ok()
 }
 

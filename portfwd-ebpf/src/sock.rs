@@ -35,7 +35,7 @@ const PROCEED: i32 = 1;
 const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
 
 #[cgroup_sock_addr(connect4)]
-pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         translate4(ctx.sock_addr);
     }
@@ -43,7 +43,7 @@ pub fn pf_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn pf_connect6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         translate6(ctx.sock_addr, Call::Connect);
     }
@@ -51,7 +51,7 @@ pub fn pf_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(sendmsg4)]
-pub fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
     // Only UDP reaches this hook with a destination address.
     if in_host_netns(&ctx) {
         translate4(ctx.sock_addr);
@@ -60,7 +60,7 @@ pub fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(sendmsg6)]
-pub fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         translate6(ctx.sock_addr, Call::SendMsg);
     }
@@ -68,7 +68,7 @@ pub fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(recvmsg4)]
-pub fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
     // Only host sockets are ever translated; the netns check is the cheap
     // way out for everyone else (this hook also runs inside accept()).
     if in_host_netns(&ctx) {
@@ -78,7 +78,7 @@ pub fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(recvmsg6)]
-pub fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
     // Only host sockets are ever translated; the netns check is the cheap
     // way out for everyone else (this hook also runs inside accept()).
     if in_host_netns(&ctx) {
@@ -88,7 +88,7 @@ pub fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
     // Only host sockets are ever translated; the netns check is the cheap
     // way out for everyone else (this hook also runs inside accept()).
     if in_host_netns(&ctx) {
@@ -98,7 +98,7 @@ pub fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
     // Only host sockets are ever translated; the netns check is the cheap
     // way out for everyone else (this hook also runs inside accept()).
     if in_host_netns(&ctx) {
@@ -304,6 +304,13 @@ fn remember_dialed(
         family: socket_family,
         _pad: 0,
     };
+    // Written only when it changes: a connected UDP socket (or one that
+    // sends to the same published address again) would otherwise write the
+    // same entry on every connect and sendmsg, bouncing its cache line.
+    // SAFETY: the value is read once, in this program run.
+    if unsafe { SOCK_REVNAT.get(&key) } == Some(&value) {
+        return;
+    }
     // A full LRU map evicts the oldest socket's entry; nothing to handle.
     let _ = SOCK_REVNAT.insert(&key, &value, 0);
 }

@@ -33,8 +33,7 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
-    STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
-    STAT_UNTRACKED_MIDFLOW, ServiceKey,
+    ServiceKey, Stat,
 };
 
 use crate::{
@@ -51,17 +50,17 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 #[classifier]
-pub fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
+pub(crate) fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
     ingress(&ctx, false)
 }
 
 #[classifier]
-pub fn pf_tc_backend_in(ctx: TcContext) -> i32 {
+pub(crate) fn pf_tc_backend_in(ctx: TcContext) -> i32 {
     ingress(&ctx, true)
 }
 
 #[classifier]
-pub fn pf_tc_uplink_out(ctx: TcContext) -> i32 {
+pub(crate) fn pf_tc_uplink_out(ctx: TcContext) -> i32 {
     routed_reply(&ctx)
 }
 
@@ -142,7 +141,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     // flow conntrack lost (evicted or expired): counted, and left to the
     // host, which resets it.
     if !opens {
-        count(STAT_UNTRACKED_MIDFLOW);
+        count(Stat::UntrackedMidflow);
         return NEXT;
     }
     // No NAT between families: an IPv4 client cannot reach an IPv6 container.
@@ -153,7 +152,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         // The dialed host address, with a port that no other flow to this
         // container uses from it.
         let Some(port) = masquerade_port(pkt, &backend, now) else {
-            count(STAT_REWRITE_FAILED);
+            count(Stat::RewriteFailed);
             return NEXT;
         };
         Some((pkt.daddr, port))
@@ -170,10 +169,10 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     };
     if conntrack::create(pkt, &service, &nat, now).is_err() {
         // Untracked, the replies could not be translated back: do not start.
-        count(STAT_REWRITE_FAILED);
+        count(Stat::RewriteFailed);
         return NEXT;
     }
-    count(STAT_FLOW_NEW);
+    count(Stat::FlowNew);
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { (*counters).connections += 1 };
@@ -181,7 +180,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     add_traffic(&service, pkt.len, true);
     if let Some((addr, port)) = masq {
         if !packet::rewrite(ctx, pkt, End::Source, &addr, port) {
-            count(STAT_REWRITE_FAILED);
+            count(Stat::RewriteFailed);
             return DROP;
         }
     }
@@ -310,7 +309,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     let ct = unsafe { &*entry };
     if !still_mapped(ct, &ct.nat_addr, ct.nat_port) {
         conntrack::remove(key, ct);
-        count(STAT_FLOW_STOPPED);
+        count(Stat::FlowStopped);
         // Untouched, the packet meets no listener on the host: the client
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
@@ -320,7 +319,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
     {
-        count(STAT_REWRITE_FAILED);
+        count(Stat::RewriteFailed);
         return DROP;
     }
     finish(
@@ -345,7 +344,7 @@ fn translate_reply(
     let ct = unsafe { &*entry };
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
         conntrack::remove(key, ct);
-        count(STAT_FLOW_STOPPED);
+        count(Stat::FlowStopped);
         // A reply of a stopped flow would reach the client from the
         // container's own address: drop it (counted above).
         return DROP;
@@ -355,7 +354,7 @@ fn translate_reply(
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
     {
-        count(STAT_REWRITE_FAILED);
+        count(Stat::RewriteFailed);
         return DROP;
     }
     let ifindex = if redirect { ct.ifindex } else { 0 };
@@ -369,14 +368,14 @@ fn translate_reply(
 fn finish(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16, ifindex: u32) -> i32 {
     if !packet::rewrite(ctx, pkt, end, addr, port) {
         // A half-rewritten packet must not leave: its checksums are wrong.
-        count(STAT_REWRITE_FAILED);
+        count(Stat::RewriteFailed);
         return DROP;
     }
     if ifindex == 0 {
-        count(STAT_TO_STACK);
+        count(Stat::ToStack);
         return TC_ACT_OK as i32;
     }
-    count(STAT_REDIRECTED);
+    count(Stat::Redirected);
     // SAFETY: no parameters: the kernel resolves the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -395,8 +394,8 @@ fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
     }
 }
 
-fn count(stat: u32) {
-    if let Some(value) = STATS.get_ptr_mut(stat) {
+fn count(stat: Stat) {
+    if let Some(value) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *value += 1 };
     }

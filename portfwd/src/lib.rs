@@ -1,44 +1,34 @@
 //! portfwd: publishes container ports with eBPF instead of iptables DNAT
 //! rules or a userspace proxy.
 //!
-//! The library is what the `portfwd` binary is made of: `publish` parses the
-//! docker/nerdctl `-p` grammar, `mapping` plans and encodes mappings, `maps`
-//! gives typed access to the pinned BPF maps, `loader` loads, attaches and
-//! pins the programs, `host` reads facts about the host, and `commands`
-//! implements each CLI command on top of them.
+//! Layers, each importing only those before it (a unit test below checks):
+//! - `model`: protocols, the `-p` grammar, the `Mapping` type and its
+//!   encoding, planning, the state and apply file formats. Pure.
+//! - `instance`: where an instance lives (pin dir, state file, holder).
+//! - `host`: facts about the host (capabilities, filesystems, addresses,
+//!   ports, rtnetlink).
+//! - `datapath`: the kernel objects (programs, links, pinned maps).
+//! - `state`: the state file and reconciling the maps with it.
+//! - `holder`: the port holder process and its client.
+//! - `ops`: the operations, as sessions that change maps and state together.
+//! - `cli` and `cni`: the two front ends.
+//!
+//! `error` (the error type, exit statuses, CNI codes) is used by all.
 
+pub mod cli;
 pub mod cni;
-pub mod commands;
-pub mod holder;
-pub mod host;
-pub mod loader;
-pub mod mapping;
-pub mod maps;
-pub mod netlink;
-pub mod ops;
-pub mod publish;
-pub mod state;
+mod datapath;
+pub mod error;
+mod holder;
+mod host;
+pub mod instance;
+pub mod model;
+mod ops;
+mod state;
 
-use std::fmt;
+#[cfg(test)]
+mod layers;
 
-/// A mistake in what the user typed (as opposed to a failure while doing
-/// it): the CLI exits with status 2 and changes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-/// Exit status for an error: 2 for usage errors, 1 for everything else.
-pub fn exit_status(error: &anyhow::Error) -> u8 {
-    let usage = error.chain().any(|cause| {
-        cause.downcast_ref::<UsageError>().is_some()
-            || cause.downcast_ref::<publish::PublishError>().is_some()
-    });
-    if usage { 2 } else { 1 }
-}
+// Used by the integration tests only.
+#[cfg(test)]
+use proptest as _;

@@ -7,10 +7,10 @@ use anyhow::{Result, bail};
 use crate::{cargo, nightly, root, run, setup};
 
 /// The env var portfwd's build.rs reads to embed the eBPF object.
-pub const EBPF_OBJ_ENV: &str = "PORTFWD_EBPF_OBJ";
+pub(crate) const EBPF_OBJ_ENV: &str = "PORTFWD_EBPF_OBJ";
 
 /// Builds the eBPF crate and returns the absolute path of the object.
-pub fn build_ebpf(release: bool) -> Result<PathBuf> {
+pub(crate) fn build_ebpf(release: bool) -> Result<PathBuf> {
     setup::install()?;
     let dir = root().join("portfwd-ebpf");
     let mut cmd = nightly("cargo");
@@ -44,7 +44,7 @@ pub fn build_ebpf(release: bool) -> Result<PathBuf> {
 
 /// Builds the eBPF object (always release: it has to pass the verifier) and then the
 /// `portfwd` binary embedding it. Returns the eBPF object's path.
-pub fn build(release: bool) -> Result<PathBuf> {
+pub(crate) fn build(release: bool) -> Result<PathBuf> {
     let obj = build_ebpf(true)?;
     let mut cmd = cargo();
     cmd.current_dir(root())

@@ -67,7 +67,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-pub fn demo() -> Result<()> {
+pub(crate) fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
@@ -230,8 +230,8 @@ impl Drop for Demo {
             "\n==> cleaning up: stopping the server, `portfwd down`, deleting {NS}, {CLIENT_NS} and their links"
         );
         if let Some(mut server) = self.server.take() {
-            let _ = server.kill();
-            let _ = server.wait();
+            server.kill().ok();
+            server.wait().ok();
         }
         // May already be down (step g) or never have come up: errors are expected.
         quiet(Command::new(&self.bin).env(PIN_ENV, PIN_DIR).arg("down"));

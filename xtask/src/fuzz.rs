@@ -20,16 +20,16 @@ use anyhow::{Context, Result, bail};
 use crate::{build, cargo, cargo_bin_dir, display, nightly, root, run, setup, succeeds};
 
 /// Every target of fuzz/Cargo.toml.
-pub const TARGETS: &[&str] = &["publish", "unmap_selector", "state", "apply"];
+pub(crate) const TARGETS: &[&str] = &["publish", "unmap_selector", "state", "apply"];
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// How long to fuzz each target.
     #[arg(long, default_value_t = 30)]
-    pub seconds: u64,
+    pub(crate) seconds: u64,
     /// Targets to run (default: all of them).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
 }
 
 /// What one target's run did.
@@ -41,7 +41,7 @@ struct Outcome {
     crashed: bool,
 }
 
-pub fn fuzz(args: Args) -> Result<()> {
+pub(crate) fn fuzz(args: Args) -> Result<()> {
     // The nightly toolchain comes with the eBPF prerequisites, and portfwd's
     // build script embeds the eBPF object, so build that first.
     setup::install()?;

@@ -142,7 +142,7 @@ fn bpf_linker_works() -> bool {
 }
 
 /// `cargo xtask setup --check`
-pub fn check() -> Result<()> {
+pub(crate) fn check() -> Result<()> {
     let missing = Missing::find()?.describe();
     if missing.is_empty() {
         println!("setup: all prerequisites present");
@@ -155,7 +155,7 @@ pub fn check() -> Result<()> {
 }
 
 /// `cargo xtask setup`, also run (quietly) before every build.
-pub fn install() -> Result<()> {
+pub(crate) fn install() -> Result<()> {
     let m = Missing::find()?;
     if !m.debs.is_empty() {
         apt_install("Debian packages", &m.debs)?;
@@ -207,7 +207,7 @@ const BENCH_DEBS: &[&str] = &[
 ];
 
 /// Installs the benchmark's Debian packages that are missing.
-pub fn install_bench_debs() -> Result<()> {
+pub(crate) fn install_bench_debs() -> Result<()> {
     let missing = missing_debs(BENCH_DEBS)?;
     if missing.is_empty() {
         return Ok(());

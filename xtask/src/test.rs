@@ -6,7 +6,7 @@ use crate::build::{EBPF_OBJ_ENV, build_ebpf};
 use crate::{cargo, is_root, root, run};
 
 /// `args` go to `cargo test`; anything after a further `--` goes to the test binaries.
-pub fn test(args: &[String]) -> Result<()> {
+pub(crate) fn test(args: &[String]) -> Result<()> {
     let obj = build_ebpf(true)?;
     let cargo_in_root = || {
         let mut cmd = cargo();

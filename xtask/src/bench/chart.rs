@@ -38,7 +38,7 @@ const RATIO_METRICS: [(&str, Metric, bool); 6] = [
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-pub fn draw(plan: &Plan, r: &Results, png: &Path) -> Result<()> {
+pub(crate) fn draw(plan: &Plan, r: &Results, png: &Path) -> Result<()> {
     let bytes = std::fs::read(FONT).with_context(|| format!("reading {FONT}"))?;
     let bytes: &'static [u8] = Vec::leak(bytes);
     register_font("sans-serif", FontStyle::Normal, bytes)

@@ -12,13 +12,13 @@ use super::ns::{Topo, check, in_ns, netstat};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum NetPath {
+pub(crate) enum NetPath {
     External,
     Local,
 }
 
 impl NetPath {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             NetPath::External => "external",
             NetPath::Local => "local",
@@ -26,11 +26,11 @@ impl NetPath {
     }
 }
 
-pub const PATHS: [NetPath; 2] = [NetPath::External, NetPath::Local];
+pub(crate) const PATHS: [NetPath; 2] = [NetPath::External, NetPath::Local];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Metric {
+pub(crate) enum Metric {
     /// Single-stream TCP throughput (iperf3), Gbit/s.
     TcpGbps,
     /// Keep-alive HTTP requests per second (wrk).
@@ -45,7 +45,7 @@ pub enum Metric {
     UdpRps,
 }
 
-pub const METRICS: [Metric; 8] = [
+pub(crate) const METRICS: [Metric; 8] = [
     Metric::TcpGbps,
     Metric::KaRps,
     Metric::KaP50Ms,
@@ -57,7 +57,7 @@ pub const METRICS: [Metric; 8] = [
 ];
 
 impl Metric {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Metric::TcpGbps => "TCP Gbit/s",
             Metric::KaRps => "keep-alive req/s",
@@ -70,7 +70,7 @@ impl Metric {
         }
     }
 
-    pub fn higher_is_better(self) -> bool {
+    pub(crate) fn higher_is_better(self) -> bool {
         matches!(
             self,
             Metric::TcpGbps | Metric::KaRps | Metric::ConnPerS | Metric::UdpRps
@@ -79,16 +79,16 @@ impl Metric {
 }
 
 /// Where a client runs and what it dials, for a mode and a path.
-pub struct Target {
-    pub ns: String,
-    pub addr: Ipv4Addr,
+pub(crate) struct Target {
+    pub(crate) ns: String,
+    pub(crate) addr: Ipv4Addr,
     direct: bool,
     /// Dial this port for HTTP instead (a mapping added on the fly).
-    pub port_override: Option<u16>,
+    pub(crate) port_override: Option<u16>,
 }
 
 impl Target {
-    pub fn new(topo: &Topo, mode: Mode, path: NetPath) -> Self {
+    pub(crate) fn new(topo: &Topo, mode: Mode, path: NetPath) -> Self {
         let direct = mode == Mode::Direct;
         let (ns, addr) = match (path, direct) {
             (_, true) => (path_ns(topo, path), topo.ctr_ip()),
@@ -121,13 +121,13 @@ fn path_ns(topo: &Topo, path: NetPath) -> String {
 }
 
 /// Load settings.
-pub struct Load {
-    pub secs: u64,
-    pub connections: u32,
+pub(crate) struct Load {
+    pub(crate) secs: u64,
+    pub(crate) connections: u32,
 }
 
 /// One HTTP request, to check that the path forwards before measuring it.
-pub fn probe(target: &Target) -> Result<()> {
+pub(crate) fn probe(target: &Target) -> Result<()> {
     let body = check(
         in_ns(&target.ns, "curl")
             .args(["-sS", "--max-time", "3", &target.url()])
@@ -140,7 +140,7 @@ pub fn probe(target: &Target) -> Result<()> {
     Ok(())
 }
 
-pub fn iperf3(target: &Target, load: &Load) -> Result<f64> {
+pub(crate) fn iperf3(target: &Target, load: &Load) -> Result<f64> {
     let out = check(
         in_ns(&target.ns, "timeout")
             .args(["-k", "2", &(load.secs + 15).to_string(), "iperf3", "-J"])
@@ -160,17 +160,17 @@ pub fn iperf3(target: &Target, load: &Load) -> Result<f64> {
 
 /// What one wrk run measured.
 #[derive(Debug)]
-pub struct Wrk {
-    pub rps: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub errors: u64,
-    pub syn_retrans: u64,
+pub(crate) struct Wrk {
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) errors: u64,
+    pub(crate) syn_retrans: u64,
 }
 
 /// wrk for SECS with CONNECTIONS connections (one thread); with `close`,
 /// every request is on a new connection (`Connection: close`).
-pub fn wrk(target: &Target, load: &Load, close: bool) -> Result<Wrk> {
+pub(crate) fn wrk(target: &Target, load: &Load, close: bool) -> Result<Wrk> {
     let before = netstat(&target.ns, "TcpExt", "TCPSynRetrans")?;
     let mut cmd = in_ns(&target.ns, "timeout");
     cmd.args(["-k", "2", &(load.secs + 15).to_string(), "wrk", "-t1"])
@@ -192,7 +192,7 @@ pub fn wrk(target: &Target, load: &Load, close: bool) -> Result<Wrk> {
     Ok(result)
 }
 
-pub fn parse_wrk(out: &str) -> Result<Wrk> {
+pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
     let mut rps = None;
     let (mut p50, mut p99) = (None, None);
     let mut errors = 0;
@@ -244,7 +244,7 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
 }
 
 /// Our UDP request/response client; requests per second.
-pub fn udp_rr(xtask: &Path, target: &Target, load: &Load) -> Result<f64> {
+pub(crate) fn udp_rr(xtask: &Path, target: &Target, load: &Load) -> Result<f64> {
     let addr = format!("{}:{}", target.addr, target.port(ECHO));
     let out = check(
         in_ns(&target.ns, "timeout")

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-pub use tool::{Tool, run as run_tool};
+pub(crate) use tool::{Tool, run as run_tool};
 
 use measure::{Load, Metric, NetPath, PATHS, Target};
 use modes::{ALL_MODES, Env, Mode, ONE};
@@ -27,7 +27,7 @@ use ns::{Topo, check, in_ns};
 use crate::{build, is_root, root, run, setup, stdout_of};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// A short smoke run: one repetition of 1 s per figure, scale at 10,000 only.
     #[arg(long)]
     quick: bool,
@@ -60,11 +60,11 @@ pub struct Args {
 }
 
 /// The key of one series of samples.
-pub type Key = (Mode, NetPath, usize, Metric);
+pub(crate) type Key = (Mode, NetPath, usize, Metric);
 
 /// The timed control-plane operations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Update {
+pub(crate) enum Update {
     /// Add one mapping while 10,000 exist.
     AddOne,
     /// Remove one mapping while 10,000 exist.
@@ -73,33 +73,33 @@ pub enum Update {
     InstallAll,
 }
 
-pub const SCALE: usize = 10_000;
+pub(crate) const SCALE: usize = 10_000;
 
 #[derive(Default)]
-pub struct Results {
-    pub samples: BTreeMap<Key, Vec<f64>>,
+pub(crate) struct Results {
+    pub(crate) samples: BTreeMap<Key, Vec<f64>>,
     /// SYN retransmissions of each trial's wrk runs (client side).
-    pub syn_retrans: BTreeMap<(Mode, NetPath, usize), Vec<u64>>,
+    pub(crate) syn_retrans: BTreeMap<(Mode, NetPath, usize), Vec<u64>>,
     /// Failed requests (socket errors, non-2xx) in wrk runs.
-    pub errors: BTreeMap<(Mode, NetPath, usize), u64>,
-    pub updates: BTreeMap<(Mode, Update), Vec<f64>>,
+    pub(crate) errors: BTreeMap<(Mode, NetPath, usize), u64>,
+    pub(crate) updates: BTreeMap<(Mode, Update), Vec<f64>>,
     /// Per-program eBPF cost while portfwd forwards new connections.
-    pub bpf: Vec<report::ProgCost>,
+    pub(crate) bpf: Vec<report::ProgCost>,
     /// The 1-minute load average before each trial: above ~2 on 2 CPUs,
     /// something else was running (the bench itself keeps it near 2).
-    pub load: Vec<f64>,
+    pub(crate) load: Vec<f64>,
 }
 
 /// Settings of the run, as recorded in the results.
-pub struct Plan {
-    pub modes: Vec<Mode>,
-    pub nice: i32,
-    pub reps: usize,
-    pub secs: u64,
-    pub connections: u32,
-    pub scales: Vec<usize>,
-    pub command: String,
-    pub quick: bool,
+pub(crate) struct Plan {
+    pub(crate) modes: Vec<Mode>,
+    pub(crate) nice: i32,
+    pub(crate) reps: usize,
+    pub(crate) secs: u64,
+    pub(crate) connections: u32,
+    pub(crate) scales: Vec<usize>,
+    pub(crate) command: String,
+    pub(crate) quick: bool,
 }
 
 /// One configuration measured in a repetition.
@@ -123,7 +123,7 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-pub fn bench(args: Args) -> Result<()> {
+pub(crate) fn bench(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
     }
@@ -180,7 +180,7 @@ pub fn bench(args: Args) -> Result<()> {
     // Our own UDP tools run from a private copy of this binary: a cargo build
     // elsewhere may replace target/debug/xtask while we run.
     let tool_copy = work.join("xtask-bench-tool");
-    let _ = std::fs::remove_file(&tool_copy);
+    std::fs::remove_file(&tool_copy).ok();
     std::fs::copy(std::env::current_exe()?, &tool_copy)
         .context("copying the xtask binary for the bench tools")?;
 
@@ -248,11 +248,11 @@ pub fn bench(args: Args) -> Result<()> {
 /// `cargo xtask test`'s smoke run: `bench --quick --modes direct,portfwd`
 /// must complete and produce a table (no speed is asserted). Its output goes
 /// to a log, so that the test summary stays readable.
-pub fn smoke() -> Result<()> {
+pub(crate) fn smoke() -> Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
     let out = target.join("bench-smoke");
-    let _ = std::fs::remove_file(out.join("results.json"));
+    std::fs::remove_file(out.join("results.json")).ok();
     std::fs::create_dir_all(&out)?;
     let log_path = out.join("log.txt");
     let log = std::fs::File::create(&log_path)?;
@@ -323,20 +323,21 @@ impl Bench<'_> {
     /// Removes what this run (or an earlier one killed hard) left.
     fn cleanup(&mut self) {
         if let Some(old) = self.bpf_stats_restore.take() {
-            let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old);
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old).ok();
         }
         for server in &mut self.servers {
-            let _ = server.kill();
-            let _ = server.wait();
+            server.kill().ok();
+            server.wait().ok();
         }
         self.servers.clear();
         if self.env.bpffs.exists() {
-            let _ = Command::new(&self.env.portfwd)
+            Command::new(&self.env.portfwd)
                 .arg("--bpffs")
                 .arg(&self.env.bpffs)
                 .arg("down")
                 .stdout(Stdio::null())
-                .status();
+                .status()
+                .ok();
         }
         self.topo().destroy();
     }

@@ -17,7 +17,7 @@ use super::ns::{self, H2C, H2E, Topo, check, check_with_input, in_ns};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub(crate) enum Mode {
     Direct,
     Iptables,
     Nft,
@@ -25,7 +25,7 @@ pub enum Mode {
     Portfwd,
 }
 
-pub const ALL_MODES: [Mode; 5] = [
+pub(crate) const ALL_MODES: [Mode; 5] = [
     Mode::Direct,
     Mode::Iptables,
     Mode::Nft,
@@ -34,7 +34,7 @@ pub const ALL_MODES: [Mode; 5] = [
 ];
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
@@ -44,7 +44,7 @@ impl Mode {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Self> {
+    pub(crate) fn parse(text: &str) -> Result<Self> {
         ALL_MODES
             .into_iter()
             .find(|m| m.name() == text)
@@ -56,51 +56,51 @@ impl Mode {
 
     /// Modes measured with 1,000 and 10,000 other mappings (docker-proxy
     /// would need one process per mapping; direct has none).
-    pub fn scales(self) -> bool {
+    pub(crate) fn scales(self) -> bool {
         matches!(self, Mode::Iptables | Mode::Nft | Mode::Portfwd)
     }
 }
 
 /// A container port and the host port that publishes it.
 #[derive(Clone, Copy)]
-pub struct Port {
-    pub ctr: u16,
-    pub host: u16,
-    pub udp: bool,
+pub(crate) struct Port {
+    pub(crate) ctr: u16,
+    pub(crate) host: u16,
+    pub(crate) udp: bool,
 }
 
-pub const HTTP: Port = Port {
+pub(crate) const HTTP: Port = Port {
     ctr: 80,
     host: 8080,
     udp: false,
 };
-pub const IPERF: Port = Port {
+pub(crate) const IPERF: Port = Port {
     ctr: 5201,
     host: 8201,
     udp: false,
 };
-pub const ECHO: Port = Port {
+pub(crate) const ECHO: Port = Port {
     ctr: 5353,
     host: 8053,
     udp: true,
 };
-pub const PORTS: [Port; 3] = [HTTP, IPERF, ECHO];
+pub(crate) const PORTS: [Port; 3] = [HTTP, IPERF, ECHO];
 /// The other mappings publish the container's ports OTHERS.. on the same host ports.
-pub const OTHERS: u16 = 20000;
+pub(crate) const OTHERS: u16 = 20000;
 /// The port added and removed by the update timings.
-pub const ONE: u16 = 40000;
+pub(crate) const ONE: u16 = 40000;
 
 /// What a mode needs to run: binaries and the pin directory.
-pub struct Env<'a> {
-    pub topo: &'a Topo,
-    pub portfwd: PathBuf,
-    pub bpffs: PathBuf,
-    pub docker_proxy: Option<PathBuf>,
+pub(crate) struct Env<'a> {
+    pub(crate) topo: &'a Topo,
+    pub(crate) portfwd: PathBuf,
+    pub(crate) bpffs: PathBuf,
+    pub(crate) docker_proxy: Option<PathBuf>,
 }
 
 /// A mode set up in the host namespace; `teardown` undoes it.
-pub struct Active {
-    pub mode: Mode,
+pub(crate) struct Active {
+    pub(crate) mode: Mode,
     proxies: Vec<Child>,
 }
 
@@ -110,7 +110,7 @@ impl Env<'_> {
     }
 
     /// `portfwd ARGS` in the host namespace, with the bench's pin directory.
-    pub fn portfwd(&self) -> Command {
+    pub(crate) fn portfwd(&self) -> Command {
         let mut cmd = in_ns(&self.topo.host, &self.portfwd);
         cmd.arg("--bpffs").arg(&self.bpffs);
         cmd
@@ -120,7 +120,7 @@ impl Env<'_> {
         in_ns(&self.topo.host, program)
     }
 
-    pub fn setup(&self, mode: Mode, others: usize) -> Result<Active> {
+    pub(crate) fn setup(&self, mode: Mode, others: usize) -> Result<Active> {
         let mut active = Active {
             mode,
             proxies: Vec::new(),
@@ -177,7 +177,7 @@ impl Env<'_> {
     }
 
     /// `portfwd map` of `count` other mappings in one command; its duration.
-    pub fn portfwd_others(&self, count: usize) -> Result<f64> {
+    pub(crate) fn portfwd_others(&self, count: usize) -> Result<f64> {
         let last = OTHERS as usize + count - 1;
         // Port by port (`A-B:80` would be a pool: one mapping).
         let range = if count == 1 {
@@ -191,7 +191,7 @@ impl Env<'_> {
     }
 
     /// How many mappings (rules, map elements) the mode has installed.
-    pub fn count(&self, mode: Mode) -> Result<usize> {
+    pub(crate) fn count(&self, mode: Mode) -> Result<usize> {
         Ok(match mode {
             Mode::Iptables => check(self.host_cmd("iptables").args([
                 "-w",
@@ -230,20 +230,20 @@ impl Env<'_> {
         })
     }
 
-    pub fn teardown(&self, mut active: Active) {
+    pub(crate) fn teardown(&self, mut active: Active) {
         for proxy in &mut active.proxies {
-            let _ = proxy.kill();
-            let _ = proxy.wait();
+            proxy.kill().ok();
+            proxy.wait().ok();
         }
         match active.mode {
             Mode::Iptables | Mode::Nft => {
                 // Removes iptables-nft's tables too: no NAT hook (and so no
                 // conntrack) is left for the next mode.
-                let _ = check(self.host_cmd("nft").args(["flush", "ruleset"]));
-                let _ = self.route_localnet(false);
+                check(self.host_cmd("nft").args(["flush", "ruleset"])).ok();
+                self.route_localnet(false).ok();
             }
             Mode::Portfwd => {
-                let _ = check(self.portfwd().arg("down"));
+                check(self.portfwd().arg("down")).ok();
             }
             Mode::Direct | Mode::DockerProxy => {}
         }
@@ -261,47 +261,51 @@ impl Env<'_> {
     /// masquerade of local sources towards the container. The other mappings
     /// are one DNAT rule each, walked before the measured container's rules,
     /// so that every new connection walks them all.
-    pub fn iptables_rules(&self, others: usize) -> String {
+    pub(crate) fn iptables_rules(&self, others: usize) -> String {
         let ctr = self.ctr();
         let mut s = String::from("*nat\n:CNI-HOSTPORT-DNAT - [0:0]\n:CNI-DN-bench - [0:0]\n");
         s += "-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n";
         s += "-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n";
-        let _ = writeln!(
+        writeln!(
             s,
             "-A POSTROUTING -m addrtype --src-type LOCAL -o {H2C} -j MASQUERADE"
-        );
+        )
+        .expect("writing to a String");
         s += &iptables_others(ctr, 0, others);
         let tcp: Vec<String> = PORTS
             .iter()
             .filter(|p| !p.udp)
             .map(|p| p.host.to_string())
             .collect();
-        let _ = writeln!(
+        writeln!(
             s,
             "-A CNI-HOSTPORT-DNAT -p tcp -m multiport --dports {} -j CNI-DN-bench",
             tcp.join(",")
-        );
+        )
+        .expect("writing to a String");
         for p in PORTS.iter().filter(|p| p.udp) {
-            let _ = writeln!(
+            writeln!(
                 s,
                 "-A CNI-HOSTPORT-DNAT -p udp --dport {} -j CNI-DN-bench",
                 p.host
-            );
+            )
+            .expect("writing to a String");
         }
         for p in PORTS {
             let proto = if p.udp { "udp" } else { "tcp" };
-            let _ = writeln!(
+            writeln!(
                 s,
                 "-A CNI-DN-bench -p {proto} --dport {} -j DNAT --to-destination {ctr}:{}",
                 p.host, p.ctr
-            );
+            )
+            .expect("writing to a String");
         }
         s += "COMMIT\n";
         s
     }
 
     /// A kube-proxy-style nftables NAT: one map lookup per new connection.
-    pub fn nft_rules(&self, others: usize) -> String {
+    pub(crate) fn nft_rules(&self, others: usize) -> String {
         let ctr = self.ctr();
         let mut elements: Vec<String> = PORTS
             .iter()
@@ -377,8 +381,8 @@ impl Env<'_> {
         }
         let answer = String::from_utf8_lossy(&answer).into_owned();
         if answer.trim() != "0" {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill().ok();
+            child.wait().ok();
             bail!(
                 "docker-proxy for port {} did not start: {:?}",
                 port.host,
@@ -396,20 +400,21 @@ fn publish(p: Port) -> String {
 }
 
 /// iptables-restore lines for other mappings `first..first+count`.
-pub fn iptables_others(ctr: Ipv4Addr, first: usize, count: usize) -> String {
+pub(crate) fn iptables_others(ctr: Ipv4Addr, first: usize, count: usize) -> String {
     let mut s = String::new();
     for i in first..first + count {
         let port = OTHERS as usize + i;
-        let _ = writeln!(
+        writeln!(
             s,
             "-A CNI-HOSTPORT-DNAT -p tcp --dport {port} -j DNAT --to-destination {ctr}:{port}"
-        );
+        )
+        .expect("writing to a String");
     }
     s
 }
 
 /// nft map elements for other mappings `first..first+count`.
-pub fn nft_others(ctr: Ipv4Addr, first: usize, count: usize) -> Vec<String> {
+pub(crate) fn nft_others(ctr: Ipv4Addr, first: usize, count: usize) -> Vec<String> {
     (first..first + count)
         .map(|i| {
             let port = OTHERS as usize + i;
@@ -420,13 +425,13 @@ pub fn nft_others(ctr: Ipv4Addr, first: usize, count: usize) -> Vec<String> {
 
 /// Runs a command to completion (quietly) and returns its wall time in ms:
 /// process start, work and exit, as a user or a runtime sees it.
-pub fn timed(cmd: &mut Command) -> Result<f64> {
+pub(crate) fn timed(cmd: &mut Command) -> Result<f64> {
     cmd.stdin(Stdio::null());
     time_to_exit(cmd)
 }
 
 /// Like `timed`, with stdin from the file `input` (`cmd < file`).
-pub fn timed_with_input(cmd: &mut Command, input: &Path) -> Result<f64> {
+pub(crate) fn timed_with_input(cmd: &mut Command, input: &Path) -> Result<f64> {
     cmd.stdin(std::fs::File::open(input)?);
     time_to_exit(cmd)
 }

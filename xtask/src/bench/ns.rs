@@ -23,22 +23,22 @@ use anyhow::{Context, Result, bail};
 use crate::{display, run, stdout_of};
 
 /// Host-side interface towards the container (in the host namespace).
-pub const H2C: &str = "h2c";
+pub(crate) const H2C: &str = "h2c";
 /// Host-side interface towards the external client: the uplink.
-pub const H2E: &str = "h2e";
+pub(crate) const H2E: &str = "h2e";
 
-pub struct Topo {
-    pub host: String,
-    pub ctr: String,
-    pub cli: String,
+pub(crate) struct Topo {
+    pub(crate) host: String,
+    pub(crate) ctr: String,
+    pub(crate) cli: String,
     /// The second octet of the 10.N.0.0/16 the topology uses.
-    pub net: u8,
+    pub(crate) net: u8,
 }
 
 impl Topo {
     /// Names the namespaces `<prefix>-host`, `-ctr`, `-cli` and picks a 10.N/16
     /// that no address or route of the machine uses.
-    pub fn new(prefix: &str) -> Result<Self> {
+    pub(crate) fn new(prefix: &str) -> Result<Self> {
         let used = format!(
             "{}{}",
             stdout_of(Command::new("ip").args(["-4", "addr", "show"]))?,
@@ -56,16 +56,16 @@ impl Topo {
         })
     }
 
-    pub fn ctr_ip(&self) -> Ipv4Addr {
+    pub(crate) fn ctr_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.net, 1, 2)
     }
 
     /// The host's address on the uplink: what external clients dial.
-    pub fn uplink_ip(&self) -> Ipv4Addr {
+    pub(crate) fn uplink_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.net, 2, 1)
     }
 
-    pub fn create(&self) -> Result<()> {
+    pub(crate) fn create(&self) -> Result<()> {
         let n = self.net;
         for ns in [&self.host, &self.ctr, &self.cli] {
             run(Command::new("ip").args(["netns", "add", ns]))?;
@@ -103,7 +103,7 @@ impl Topo {
 
     /// Kills whatever still runs in the namespaces (by process id) and deletes
     /// them, which removes the veths, rules and conntrack entries with them.
-    pub fn destroy(&self) {
+    pub(crate) fn destroy(&self) {
         for ns in [&self.host, &self.ctr, &self.cli] {
             if !std::path::Path::new(&format!("/run/netns/{ns}")).exists() {
                 continue;
@@ -121,23 +121,24 @@ impl Topo {
                 // SAFETY: kill has no memory-safety preconditions.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-            let _ = Command::new("ip")
+            Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .ok();
         }
     }
 }
 
 /// `ip -n NS <line>`.
-pub fn ip(ns: &str, line: &str) -> Result<()> {
+pub(crate) fn ip(ns: &str, line: &str) -> Result<()> {
     run(Command::new("ip")
         .args(["-n", ns])
         .args(line.split_whitespace()))
 }
 
 /// Writes a sysctl inside a namespace (net.* sysctls are per namespace).
-pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let out = in_ns(ns, "sysctl")
         .args(["-qw", &format!("{key}={value}")])
         .output()
@@ -152,13 +153,13 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
 }
 
 /// The nice value of every process the bench starts in its namespaces.
-pub static NICE: AtomicI32 = AtomicI32::new(0);
+pub(crate) static NICE: AtomicI32 = AtomicI32::new(0);
 
 /// A command that runs in network namespace `ns`: the child enters it with
 /// setns() before exec, so only its network namespace changes (unlike
 /// `ip netns exec`, which remounts /sys and so hides /sys/fs/bpf). No extra
 /// process (nsenter) sits in the timings. It runs at nice `NICE`.
-pub fn in_ns(ns: &str, program: impl AsRef<OsStr>) -> Command {
+pub(crate) fn in_ns(ns: &str, program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     let file = File::open(format!("/run/netns/{ns}"));
     let nice = NICE.load(Ordering::Relaxed);
@@ -185,7 +186,7 @@ pub fn in_ns(ns: &str, program: impl AsRef<OsStr>) -> Command {
 }
 
 /// Runs a command quietly and fails with its stderr unless it exits 0.
-pub fn check(cmd: &mut Command) -> Result<String> {
+pub(crate) fn check(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -195,7 +196,7 @@ pub fn check(cmd: &mut Command) -> Result<String> {
 }
 
 /// Fails, with the command's stderr, unless it exited 0.
-pub fn succeeded(cmd: &Command, out: &std::process::Output) -> Result<()> {
+pub(crate) fn succeeded(cmd: &Command, out: &std::process::Output) -> Result<()> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}",
@@ -208,7 +209,7 @@ pub fn succeeded(cmd: &Command, out: &std::process::Output) -> Result<()> {
 }
 
 /// Runs a command with stdin from `input`, quietly; fails unless it exits 0.
-pub fn check_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+pub(crate) fn check_with_input(cmd: &mut Command, input: &str) -> Result<()> {
     use std::io::Write;
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -227,7 +228,7 @@ pub fn check_with_input(cmd: &mut Command, input: &str) -> Result<()> {
 }
 
 /// Waits until something listens on `port` (`proto` "t" or "u") in `ns`.
-pub fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
+pub(crate) fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         let out = in_ns(ns, "ss")
@@ -242,7 +243,7 @@ pub fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
 }
 
 /// A counter of /proc/net/netstat (e.g. TcpExt TCPSynRetrans) in `ns`.
-pub fn netstat(ns: &str, group: &str, name: &str) -> Result<u64> {
+pub(crate) fn netstat(ns: &str, group: &str, name: &str) -> Result<u64> {
     let text = check(in_ns(ns, "cat").arg("/proc/net/netstat"))?;
     let prefix = format!("{group}:");
     let mut lines = text.lines().filter(|l| l.starts_with(&prefix));

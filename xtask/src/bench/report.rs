@@ -12,23 +12,23 @@ use super::modes::Mode;
 use super::{Plan, Results, SCALE, Update};
 
 #[derive(Clone, Debug, Serialize)]
-pub struct ProgCost {
-    pub path: NetPath,
-    pub program: String,
-    pub calls_per_conn: f64,
-    pub ns_per_call: f64,
+pub(crate) struct ProgCost {
+    pub(crate) path: NetPath,
+    pub(crate) program: String,
+    pub(crate) calls_per_conn: f64,
+    pub(crate) ns_per_call: f64,
 }
 
 #[derive(Serialize)]
-pub struct Machine {
-    pub cpu: String,
-    pub cpus: usize,
-    pub memory: String,
-    pub kernel: String,
-    pub tools: Vec<(String, String)>,
+pub(crate) struct Machine {
+    pub(crate) cpu: String,
+    pub(crate) cpus: usize,
+    pub(crate) memory: String,
+    pub(crate) kernel: String,
+    pub(crate) tools: Vec<(String, String)>,
 }
 
-pub fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -65,7 +65,7 @@ fn first_line(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-pub fn machine(docker_proxy: Option<String>) -> Machine {
+pub(crate) fn machine(docker_proxy: Option<String>) -> Machine {
     let lscpu = first_line(Command::new("sh").args(["-c", "lscpu | grep '^Model name'"]));
     let cpu = lscpu
         .split_once(':')
@@ -104,7 +104,7 @@ pub fn machine(docker_proxy: Option<String>) -> Machine {
 }
 
 /// Other mappings in a mode's main (non-scale) trials.
-pub fn base_others(mode: Mode) -> usize {
+pub(crate) fn base_others(mode: Mode) -> usize {
     usize::from(mode.scales())
 }
 
@@ -158,24 +158,36 @@ fn ratio(r: f64) -> String {
 }
 
 impl Results {
-    pub fn series(&self, mode: Mode, path: NetPath, others: usize, metric: Metric) -> &[f64] {
+    pub(crate) fn series(
+        &self,
+        mode: Mode,
+        path: NetPath,
+        others: usize,
+        metric: Metric,
+    ) -> &[f64] {
         self.samples
             .get(&(mode, path, others, metric))
             .map_or(&[], |v| v.as_slice())
     }
 
-    pub fn med(&self, mode: Mode, path: NetPath, others: usize, metric: Metric) -> Option<f64> {
+    pub(crate) fn med(
+        &self,
+        mode: Mode,
+        path: NetPath,
+        others: usize,
+        metric: Metric,
+    ) -> Option<f64> {
         let s = self.series(mode, path, others, metric);
         (!s.is_empty()).then(|| median(s))
     }
 
     /// A mode's main-trial median.
-    pub fn main(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
+    pub(crate) fn main(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
         self.med(mode, path, base_others(mode), metric)
     }
 
     /// mode / direct, medians of the main trials.
-    pub fn vs_direct(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
+    pub(crate) fn vs_direct(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
         Some(self.main(mode, path, metric)? / self.main(Mode::Direct, path, metric)?)
     }
 }
@@ -196,9 +208,9 @@ const MAIN_METRICS: [Metric; 7] = [
     Metric::UdpRps,
 ];
 
-pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
+pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
     let mut s = String::new();
-    let _ = writeln!(
+    writeln!(
         s,
         "Machine: {}, {} CPUs, {}, kernel {}. Command: `{}` ({:.1} min).\n",
         m.cpu,
@@ -207,8 +219,9 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         m.kernel,
         plan.command,
         elapsed / 60.0
-    );
-    let _ = writeln!(
+    )
+    .expect("writing to a String");
+    writeln!(
         s,
         "Each cell: median of {} repetition{} (min–max), each {} s, modes interleaved \
          (every configuration once per repetition, order alternating); `[0.97×]` is the \
@@ -222,45 +235,48 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         plan.secs,
         plan.connections,
         plan.nice
-    );
+    )
+    .expect("writing to a String");
     if !r.load.is_empty() {
         let (min, max) = min_max(&r.load);
-        let _ = writeln!(
+        writeln!(
             s,
             "1-minute load average before each configuration: {min:.2}–{max:.2} \
              (the benchmark itself brings it to about 2 on its own).\n"
-        );
+        )
+        .expect("writing to a String");
     }
 
     for (path, title) in PATHS.into_iter().zip(PATH_TITLES) {
-        let _ = writeln!(s, "#### {title}\n");
+        writeln!(s, "#### {title}\n").expect("writing to a String");
         s += "| mode | mappings |";
         for metric in MAIN_METRICS {
-            let _ = write!(s, " {} |", metric.label());
+            write!(s, " {} |", metric.label()).expect("writing to a String");
         }
         s += " SYN rtx |\n|---|---|";
         s += &"---|".repeat(MAIN_METRICS.len() + 1);
         s += "\n";
         for &mode in &plan.modes {
             let others = base_others(mode);
-            let _ = write!(s, "| {} | {} |", mode.name(), others_label(mode, others));
+            write!(s, "| {} | {} |", mode.name(), others_label(mode, others))
+                .expect("writing to a String");
             for metric in MAIN_METRICS {
                 let samples = r.series(mode, path, others, metric);
                 if samples.is_empty() {
                     s += " – |";
                     continue;
                 }
-                let _ = write!(s, " {}", cell(metric, samples));
+                write!(s, " {}", cell(metric, samples)).expect("writing to a String");
                 if mode != Mode::Direct
                     && let Some(x) = r.vs_direct(mode, path, metric)
                 {
-                    let _ = write!(s, " [{}]", ratio(x));
+                    write!(s, " [{}]", ratio(x)).expect("writing to a String");
                 }
                 s += " |";
             }
             let syn = r.syn_retrans.get(&(mode, path, others));
             let syn: Vec<String> = syn.into_iter().flatten().map(|n| n.to_string()).collect();
-            let _ = writeln!(s, " {} |", syn.join(", "));
+            writeln!(s, " {} |", syn.join(", ")).expect("writing to a String");
         }
         s += "\n";
     }
@@ -269,20 +285,20 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         s += "#### portfwd relative to each mode (ratio of medians; latency: lower is better)\n\n";
         s += "| path | portfwd vs |";
         for metric in MAIN_METRICS {
-            let _ = write!(s, " {} |", metric.label());
+            write!(s, " {} |", metric.label()).expect("writing to a String");
         }
         s += "\n|---|---|";
         s += &"---|".repeat(MAIN_METRICS.len());
         s += "\n";
         for path in PATHS {
             for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
-                let _ = write!(s, "| {} | {} |", path.name(), mode.name());
+                write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
                 for metric in MAIN_METRICS {
                     let x = r
                         .main(Mode::Portfwd, path, metric)
                         .zip(r.main(mode, path, metric))
                         .map(|(a, b)| a / b);
-                    let _ = write!(s, " {} |", x.map_or("–".into(), ratio));
+                    write!(s, " {} |", x.map_or("–".into(), ratio)).expect("writing to a String");
                 }
                 s += "\n";
             }
@@ -301,7 +317,7 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         s += "#### Scale: N other mappings installed (change: vs the mode's own figure with 1 other)\n\n";
         s += "| path | mode | other mappings |";
         for metric in SCALE_METRICS {
-            let _ = write!(s, " {} |", metric.label());
+            write!(s, " {} |", metric.label()).expect("writing to a String");
         }
         s += " SYN rtx |\n|---|---|---|";
         s += &"---|".repeat(SCALE_METRICS.len() + 1);
@@ -311,38 +327,41 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         for path in PATHS {
             for &mode in &scaled {
                 for &n in &ns {
-                    let _ = write!(s, "| {} | {} | {n} |", path.name(), mode.name());
+                    write!(s, "| {} | {} | {n} |", path.name(), mode.name())
+                        .expect("writing to a String");
                     for metric in SCALE_METRICS {
                         let samples = r.series(mode, path, n, metric);
                         if samples.is_empty() {
                             s += " – |";
                             continue;
                         }
-                        let _ = write!(s, " {}", cell(metric, samples));
+                        write!(s, " {}", cell(metric, samples)).expect("writing to a String");
                         if n != 1
                             && let Some(base) = r.med(mode, path, 1, metric)
                         {
-                            let _ = write!(s, " [{:+.1}%]", (median(samples) / base - 1.0) * 100.0);
+                            write!(s, " [{:+.1}%]", (median(samples) / base - 1.0) * 100.0)
+                                .expect("writing to a String");
                         }
                         s += " |";
                     }
                     let syn = r.syn_retrans.get(&(mode, path, n));
                     let syn: Vec<String> =
                         syn.into_iter().flatten().map(|n| n.to_string()).collect();
-                    let _ = writeln!(s, " {} |", syn.join(", "));
+                    writeln!(s, " {} |", syn.join(", ")).expect("writing to a String");
                 }
             }
         }
         s += "\n";
 
-        let _ = writeln!(
+        writeln!(
             s,
             "#### Control plane: one CLI process each, wall time in ms, median (min–max)\n"
-        );
-        let _ = writeln!(
+        )
+        .expect("writing to a String");
+        writeln!(
             s,
             "| mode | install {SCALE} at once | add one ({SCALE} installed) | remove one ({SCALE} installed) | how |"
-        );
+        ).expect("writing to a String");
         s += "|---|---|---|---|---|\n";
         for &mode in &scaled {
             let how = match mode {
@@ -352,17 +371,18 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
                     "one `portfwd map CTR 0.0.0.0:20000-29999:20000-29999` / `portfwd map` / `portfwd unmap`"
                 }
             };
-            let _ = write!(s, "| {} |", mode.name());
+            write!(s, "| {} |", mode.name()).expect("writing to a String");
             for update in [Update::InstallAll, Update::AddOne, Update::RemoveOne] {
                 match r.updates.get(&(mode, update)) {
                     Some(v) if !v.is_empty() => {
                         let (min, max) = min_max(v);
-                        let _ = write!(s, " {:.2} ({min:.2}–{max:.2}) |", median(v));
+                        write!(s, " {:.2} ({min:.2}–{max:.2}) |", median(v))
+                            .expect("writing to a String");
                     }
                     _ => s += " – |",
                 }
             }
-            let _ = writeln!(s, " {how} |");
+            writeln!(s, " {how} |").expect("writing to a String");
         }
         s += "\n";
     }
@@ -371,7 +391,7 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
         s += "#### portfwd's eBPF programs while forwarding new connections (`kernel.bpf_stats_enabled`, one wrk run per path)\n\n";
         s += "| path | program | runs per connection | ns per run | ns per connection |\n|---|---|---|---|---|\n";
         for c in &r.bpf {
-            let _ = writeln!(
+            writeln!(
                 s,
                 "| {} | {} | {:.1} | {:.0} | {:.0} |",
                 c.path.name(),
@@ -379,7 +399,8 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
                 c.calls_per_conn,
                 c.ns_per_call,
                 c.calls_per_conn * c.ns_per_call
-            );
+            )
+            .expect("writing to a String");
         }
         s += "\n";
     }
@@ -393,21 +414,21 @@ pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
                 Some(false) => "**no**",
                 None => "not measured",
             };
-            let _ = writeln!(s, "| {} | {} | {met} |", c.what, c.measured);
+            writeln!(s, "| {} | {} | {met} |", c.what, c.measured).expect("writing to a String");
         }
     }
     s
 }
 
 #[derive(Serialize)]
-pub struct Check {
-    pub what: String,
-    pub measured: String,
-    pub met: Option<bool>,
+pub(crate) struct Check {
+    pub(crate) what: String,
+    pub(crate) measured: String,
+    pub(crate) met: Option<bool>,
 }
 
 /// The issue's targets, from the medians.
-pub fn targets(r: &Results) -> Vec<Check> {
+pub(crate) fn targets(r: &Results) -> Vec<Check> {
     let mut out = Vec::new();
     let pf = Mode::Portfwd;
     if r.main(pf, NetPath::Local, Metric::KaRps).is_none() {
@@ -561,7 +582,7 @@ pub fn targets(r: &Results) -> Vec<Check> {
     out
 }
 
-pub fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value {
+pub(crate) fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value {
     let series: Vec<Value> = r
         .samples
         .iter()

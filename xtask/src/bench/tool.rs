@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
-pub enum Tool {
+pub(crate) enum Tool {
     /// Echoes every datagram back to its sender, forever.
     UdpEcho { addr: SocketAddr },
     /// Sequential request/response over one connected socket for SECS seconds;
@@ -20,7 +20,7 @@ pub enum Tool {
     },
 }
 
-pub fn run(tool: Tool) -> Result<()> {
+pub(crate) fn run(tool: Tool) -> Result<()> {
     match tool {
         Tool::UdpEcho { addr } => echo(addr),
         Tool::UdpRr { addr, secs } => request_response(addr, secs),
@@ -32,7 +32,7 @@ fn echo(addr: SocketAddr) -> Result<()> {
     let mut buf = [0u8; 2048];
     loop {
         let (n, peer) = socket.recv_from(&mut buf)?;
-        let _ = socket.send_to(&buf[..n], peer);
+        socket.send_to(&buf[..n], peer).ok();
     }
 }
 

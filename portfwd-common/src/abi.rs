@@ -1,0 +1,280 @@
+//! The one table of the kernel/user ABI: every map (name, kind, key and
+//! value types, default capacity, whether it is pinned), every program
+//! (name, hook) and every stat (index, name). The eBPF crate declares its
+//! maps from it, the loader loads, pins, sizes and checks pinned maps from
+//! it, `down` removes what it lists, `list` names the stats from it, and a
+//! test in `portfwd` checks the compiled object against it.
+
+use core::mem::size_of;
+
+use crate::types::{
+    Config, CtKey, CtValue, LocalAddrKey, MappingCounters, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue,
+};
+
+/// The name of a map, as the eBPF object declares it and as it is pinned
+/// under the instance's bpffs directory. A macro, not a `const`, because
+/// the eBPF crate needs the name as a literal in `export_name` (which is
+/// what aya's `#[map(name = ...)]` expands to). The kernel truncates object
+/// names to 15 bytes, so they are short enough to recognise in `bpftool`.
+#[macro_export]
+macro_rules! map_name {
+    (services) => {
+        "pf_services"
+    };
+    (local_addrs) => {
+        "pf_local_addrs"
+    };
+    (config) => {
+        "pf_config"
+    };
+    (sock_revnat) => {
+        "pf_sock_revnat"
+    };
+    (conntrack) => {
+        "pf_conntrack"
+    };
+    (counters) => {
+        "pf_counters"
+    };
+    (stats) => {
+        "pf_stats"
+    };
+    (scratch) => {
+        "pf_scratch"
+    };
+}
+
+/// The kernel map type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+    PerCpuArray,
+    PerCpuHash,
+}
+
+/// One map of the ABI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Default capacity (`up --max-mappings/--max-flows` change some).
+    pub max_entries: u32,
+    /// `BPF_F_*` map flags.
+    pub flags: u32,
+}
+
+/// Entries are allocated on insert (no preallocation) so that a lookup never
+/// sees an element that a concurrent delete recycled for another key.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+const fn size<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+const fn map(
+    name: &'static str,
+    kind: MapKind,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> MapDef {
+    MapDef {
+        name,
+        kind,
+        key_size,
+        value_size,
+        max_entries,
+        flags: 0,
+    }
+}
+
+/// Published (host address, port, protocol) -> container endpoint.
+pub const SERVICES: MapDef = MapDef {
+    flags: BPF_F_NO_PREALLOC,
+    ..map(
+        map_name!(services),
+        MapKind::Hash,
+        size::<ServiceKey>(),
+        size::<ServiceValue>(),
+        65_536,
+    )
+};
+/// The host's own addresses: wildcard mappings serve these (and loopback).
+/// The value is unused (one byte).
+pub const LOCAL_ADDRS: MapDef = map(
+    map_name!(local_addrs),
+    MapKind::Hash,
+    size::<LocalAddrKey>(),
+    1,
+    1_024,
+);
+/// The single `Config` entry.
+pub const CONFIG: MapDef = map(map_name!(config), MapKind::Array, 4, size::<Config>(), 1);
+/// (socket, backend) -> the address the application dialed.
+pub const SOCK_REVNAT: MapDef = map(
+    map_name!(sock_revnat),
+    MapKind::LruHash,
+    size::<SockRevNatKey>(),
+    size::<SockRevNatValue>(),
+    262_144,
+);
+/// Tracked flows of the TC path: two entries per flow (one per direction).
+pub const CONNTRACK: MapDef = map(
+    map_name!(conntrack),
+    MapKind::LruHash,
+    size::<CtKey>(),
+    size::<CtValue>(),
+    2 * 262_144,
+);
+/// Traffic of each mapping; userspace creates the entry with the mapping.
+pub const COUNTERS: MapDef = map(
+    map_name!(counters),
+    MapKind::PerCpuHash,
+    size::<ServiceKey>(),
+    size::<MappingCounters>(),
+    SERVICES.max_entries,
+);
+/// What the TC programs did and passed, indexed by `Stat`.
+pub const STATS: MapDef = map(
+    map_name!(stats),
+    MapKind::PerCpuArray,
+    4,
+    8,
+    Stat::ALL.len() as u32,
+);
+/// Maps private to the eBPF programs (neither pinned nor read by userspace),
+/// whose types live in the eBPF crate: per-CPU scratch memory.
+pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
+
+/// Every map of the object.
+/// Every map userspace knows, all pinned under the instance's directory:
+/// the state (`down` removes exactly these).
+pub const MAPS: [MapDef; 7] = [
+    SERVICES,
+    LOCAL_ADDRS,
+    CONFIG,
+    SOCK_REVNAT,
+    CONNTRACK,
+    COUNTERS,
+    STATS,
+];
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A cgroup `sock_addr` hook (`connect4`, `sendmsg6`, ...), on the
+    /// cgroup v2 root.
+    CgroupSockAddr(&'static str),
+    /// TC ingress of an interface.
+    TcIngress,
+    /// TC egress of an interface.
+    TcEgress,
+}
+
+/// One program of the ABI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramDef {
+    /// The program's name: the eBPF function's name (aya's program macros
+    /// name programs after their function, which cannot take a literal).
+    pub name: &'static str,
+    pub hook: Hook,
+}
+
+const fn sock(name: &'static str, hook: &'static str) -> ProgramDef {
+    ProgramDef {
+        name,
+        hook: Hook::CgroupSockAddr(hook),
+    }
+}
+
+/// The socket programs, attached to the cgroup v2 root.
+pub const SOCK_PROGRAMS: [ProgramDef; 8] = [
+    sock("pf_connect4", "connect4"),
+    sock("pf_connect6", "connect6"),
+    sock("pf_getpeername4", "getpeername4"),
+    sock("pf_getpeername6", "getpeername6"),
+    sock("pf_sendmsg4", "sendmsg4"),
+    sock("pf_sendmsg6", "sendmsg6"),
+    sock("pf_recvmsg4", "recvmsg4"),
+    sock("pf_recvmsg6", "recvmsg6"),
+];
+
+/// On uplinks: DNAT of new external flows, reverse NAT of routed replies.
+pub const UPLINK_PROGRAMS: [ProgramDef; 2] = [
+    ProgramDef {
+        name: "pf_tc_uplink_in",
+        hook: Hook::TcIngress,
+    },
+    ProgramDef {
+        name: "pf_tc_uplink_out",
+        hook: Hook::TcEgress,
+    },
+];
+
+/// On the interface towards the containers: reverse NAT of their replies.
+pub const BACKEND_PROGRAMS: [ProgramDef; 1] = [ProgramDef {
+    name: "pf_tc_backend_in",
+    hook: Hook::TcIngress,
+}];
+
+/// Every program of the object.
+pub fn programs() -> impl Iterator<Item = &'static ProgramDef> {
+    SOCK_PROGRAMS
+        .iter()
+        .chain(&UPLINK_PROGRAMS)
+        .chain(&BACKEND_PROGRAMS)
+}
+
+/// Defines `Stat` from one list: each variant, its index in the stats map
+/// (its position) and the name `portfwd list` shows.
+macro_rules! stats {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// What the TC programs counted: packets they saw but did not
+        /// translate (passed untouched), and what they did. The index of
+        /// each in the per-CPU stats map is its discriminant.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Stat {
+            /// Every stat, by index.
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant,)*];
+
+            /// The name `portfwd list` shows.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+
+            /// The key of this stat in the stats map.
+            pub const fn index(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+
+stats! {
+    PassNotIp = "passed_not_ip",
+    PassFragment = "passed_fragment",
+    PassIpv6Extension = "passed_ipv6_extension",
+    PassNotTcpUdp = "passed_not_tcp_udp",
+    PassTruncated = "passed_truncated",
+    FlowNew = "flows_new",
+    FlowStopped = "flows_stopped",
+    Redirected = "redirected",
+    ToStack = "to_stack",
+    RewriteFailed = "rewrite_failed",
+    /// Packets of a TCP flow to a published port that conntrack does not
+    /// know: its entries were evicted (the map was full: least recently
+    /// used first) or expired. The host answers them with a reset.
+    UntrackedMidflow = "untracked_midflow",
+}

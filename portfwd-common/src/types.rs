@@ -1,0 +1,196 @@
+//! The keys and values of the maps, `#[repr(C)]` with every padding byte
+//! spelled out (see the crate doc).
+
+use crate::NAME_LEN;
+
+/// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
+/// All zero with a family is that family's wildcard ("any local address").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr {
+    pub words: [u32; 4],
+}
+
+impl Addr {
+    pub const UNSPECIFIED: Addr = Addr { words: [0; 4] };
+
+    pub const fn v4(be: u32) -> Self {
+        Addr {
+            words: [be, 0, 0, 0],
+        }
+    }
+
+    pub const fn v6(words: [u32; 4]) -> Self {
+        Addr { words }
+    }
+
+    pub const fn is_unspecified(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+}
+
+/// Key of the services map: a published host address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(family: u8, addr: Addr, port: u16, proto: u8) -> Self {
+        ServiceKey {
+            addr,
+            port,
+            proto,
+            family,
+        }
+    }
+
+    /// The wildcard entry that serves every local address of this family.
+    pub const fn wildcard(&self) -> Self {
+        ServiceKey::new(self.family, Addr::UNSPECIFIED, self.port, self.proto)
+    }
+}
+
+/// Value of the services map: the container endpoint and the mapping's name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    /// `SERVICE_FLAG_*`.
+    pub flags: u8,
+    /// The host interface the kernel routes to the container through (0:
+    /// unknown): the TC path redirects straight to it.
+    pub ifindex: u32,
+    pub name: [u8; NAME_LEN],
+}
+
+/// Key of the connection tracking map: a flow as the packet carries it, in
+/// either direction (client -> published address, or container -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// This entry is for the reply direction (container -> client).
+pub const CT_FLAG_REPLY: u8 = 1;
+/// A FIN or RST was seen: the flow ends after `CT_TCP_CLOSING_NS`.
+pub const CT_FLAG_CLOSING: u8 = 2;
+/// A hairpin flow (a container dialing a published address through the
+/// host): the other end is rewritten too, see `CtValue::masq_addr`.
+pub const CT_FLAG_MASQ: u8 = 4;
+
+/// Value of the connection tracking map: how to rewrite the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// Forward: the new destination (container). Reply: the new source
+    /// (the published address the client dialed).
+    pub nat_addr: Addr,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Where to redirect the rewritten packet (0: let the stack route it).
+    pub ifindex: u32,
+    /// The mapping the flow belongs to: it must still exist, with the same
+    /// container, for the flow to go on.
+    pub service: ServiceKey,
+    /// With `CT_FLAG_MASQ`: forward, the new source (the host address the
+    /// client dialed, with a port chosen so flows stay distinct); reply, the
+    /// new destination (the client). The container then replies to the
+    /// host, even when the client shares its link or is itself.
+    pub masq_addr: Addr,
+    /// Network byte order.
+    pub masq_port: u16,
+    pub _pad2: u16,
+    /// `bpf_ktime_get_ns` of the last packet, and of the first FIN/RST.
+    pub last_seen_ns: u64,
+    pub closing_since_ns: u64,
+}
+
+/// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
+/// client -> container, "out" container -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingCounters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub connections: u64,
+}
+
+/// The port holder does not hold this mapping's host port: the runtime
+/// holds it (podman's conmon binds its containers' ports itself).
+pub const SERVICE_FLAG_NO_HOLD: u8 = 1;
+
+/// Key of the local addresses map (the host's own addresses, which wildcard
+/// mappings serve). The value is unused (one byte).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalAddrKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl LocalAddrKey {
+    pub const fn new(family: u8, addr: Addr) -> Self {
+        LocalAddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Network namespace cookie of the host namespace (where `up` ran). Only
+    /// sockets in it are translated; zero means nothing is translated.
+    pub host_netns_cookie: u64,
+}
+
+/// Key of the socket reverse-NAT map: which socket, and the backend as the
+/// socket sees it after translation (for IPv6 sockets a v4 backend appears
+/// as `::ffff:a.b.c.d`, family V6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u32,
+}
+
+/// The address the application dialed, restored by getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}

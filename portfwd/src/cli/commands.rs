@@ -1,0 +1,208 @@
+//! The CLI commands, on top of the library: each parses its arguments fully
+//! before touching any state, so bad input changes nothing.
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::{Result, bail};
+
+pub(crate) use super::list::list;
+use crate::{
+    error::Error,
+    model::{self, PublishSpec, UnmapSelector},
+    ops::{self, Missing, UpOptions},
+};
+
+pub(crate) fn up(options: &UpOptions) -> Result<()> {
+    let report = ops::up(options)?;
+    let install = &report.install;
+    if !install.uplinks_attached.is_empty() {
+        println!(
+            "external traffic: attached to {}",
+            install.uplinks_attached.join(", ")
+        );
+    }
+    if install.uplinks_attached.is_empty() && install.uplinks_already.is_empty() {
+        println!(
+            "external traffic: no uplink (no default route, no --iface); add one with `portfwd attach IF`"
+        );
+    }
+    if !install.replaced.is_empty() {
+        println!("replaced by this build: {}", install.replaced.join(", "));
+    }
+    if report.adopted && report.mappings > 0 {
+        println!("recorded the current mappings as the state");
+    }
+    for m in &report.fixes.added {
+        println!(
+            "restored {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    for m in &report.fixes.removed {
+        println!(
+            "removed (not in the state file) {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    for busy in &report.busy_ports {
+        eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
+    }
+    for note in &install.notes {
+        eprintln!("portfwd: note: {note}");
+    }
+    if install.attached.is_empty() {
+        println!(
+            "portfwd is already up ({} mapping{}), pinned under {}",
+            report.mappings,
+            plural(report.mappings),
+            options.pin_dir.display()
+        );
+    } else {
+        println!(
+            "portfwd is up: {} attached to {}, pinned under {} ({} mapping{})",
+            install.attached.join(", "),
+            install.cgroup.display(),
+            options.pin_dir.display(),
+            report.mappings,
+            plural(report.mappings)
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn down(pin_dir: &Path, keep_state: bool) -> Result<()> {
+    let report = ops::down(pin_dir, keep_state)?;
+    if report.was_up {
+        println!(
+            "portfwd is down: {} program{} detached, {} mapping{} {}",
+            report.detached,
+            plural(report.detached),
+            report.mappings_dropped,
+            plural(report.mappings_dropped),
+            if keep_state {
+                "kept in the state file for the next `up`"
+            } else {
+                "removed"
+            }
+        );
+    } else {
+        println!(
+            "portfwd is not up ({} does not exist): nothing to do",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `portfwd map [--name NAME] CONTAINER_IP PUBLISH...`: all or nothing.
+pub(crate) fn map(
+    pin_dir: &Path,
+    name: Option<&str>,
+    container_ip: &str,
+    publish: &[String],
+    force: bool,
+) -> Result<()> {
+    let container_ip: IpAddr = container_ip.parse().map_err(|_| {
+        Error::usage(format!(
+            "invalid container address {container_ip:?}: expected an IPv4 or IPv6 address"
+        ))
+    })?;
+    model::check_container_ip(container_ip)?;
+    // Unnamed mappings are named after their container, so that
+    // `portfwd unmap --name ADDRESS` removes them together.
+    let name = name
+        .map(str::to_owned)
+        .unwrap_or_else(|| container_ip.to_string());
+    model::check_name(&name)?;
+    let specs = publish
+        .iter()
+        .map(|text| text.parse::<PublishSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let options = ops::PublishOptions {
+        refuse_ports_in_use: !force,
+        ..ops::PublishOptions::default()
+    };
+    let published = ops::publish_with(pin_dir, &name, container_ip, &specs, options)?;
+    let planned = published.mappings;
+    for busy in &published.busy_ports {
+        eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
+    }
+    for m in &planned {
+        println!(
+            "published {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    Ok(())
+}
+
+/// `portfwd apply -f FILE [--dry-run]`: the whole set, all or nothing.
+pub(crate) fn apply(pin_dir: &Path, file: &Path, dry_run: bool) -> Result<()> {
+    let parsed = ops::read_apply_file(file)?;
+    let diff = ops::apply(pin_dir, &parsed, dry_run)?;
+    for m in &diff.removed {
+        println!("- {} {}/{} -> {}", m.name, m.host, m.protocol, m.container);
+    }
+    for m in &diff.added {
+        println!("+ {} {}/{} -> {}", m.name, m.host, m.protocol, m.container);
+    }
+    println!(
+        "{}{} added, {} removed, {} unchanged",
+        if dry_run { "dry run: " } else { "" },
+        diff.added.len(),
+        diff.removed.len(),
+        diff.kept
+    );
+    Ok(())
+}
+
+/// `portfwd attach IF`: external traffic arriving on IF is forwarded.
+pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    if ops::attach(pin_dir, ifname)? {
+        println!("attached to {ifname}: external traffic to published ports is forwarded");
+    } else {
+        println!("already attached to {ifname}");
+    }
+    Ok(())
+}
+
+/// `portfwd detach IF`: mappings and the socket path are untouched.
+pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    let detached = ops::detach(pin_dir, ifname)?;
+    if detached == 0 {
+        println!("nothing was attached to {ifname}");
+    } else {
+        println!(
+            "detached {detached} program{} from {ifname}",
+            plural(detached)
+        );
+    }
+    Ok(())
+}
+
+/// `portfwd unmap --name NAME` or `portfwd unmap SELECTOR...`: all or nothing.
+pub(crate) fn unmap(pin_dir: &Path, name: Option<&str>, selectors: &[String]) -> Result<()> {
+    let selectors = selectors
+        .iter()
+        .map(|text| text.parse::<UnmapSelector>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if name.is_none() && selectors.is_empty() {
+        bail!(Error::usage(
+            "unmap needs --name NAME or at least one [HOSTIP:]HOSTPORT[/PROTO]"
+        ));
+    }
+
+    let doomed = ops::withdraw(pin_dir, name, &selectors, Missing::Error)?;
+    for m in &doomed {
+        println!(
+            "removed {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}

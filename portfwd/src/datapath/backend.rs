@@ -1,0 +1,34 @@
+//! The path from the host to a container: the interface the kernel routes
+//! to it through, with the reply program attached.
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::Result;
+
+use super::{
+    StateLock,
+    links::{attach_backend, is_uplink},
+};
+use crate::host::netlink;
+
+/// The interface the kernel routes to the container through, with the reply
+/// program attached to it (unless it is an uplink, whose own program handles
+/// replies, or a default-route interface, where containers do not live).
+/// 0 when the container is not reachable through an interface.
+pub(crate) fn prepare_backend_path(
+    pin_dir: &Path,
+    container_ip: IpAddr,
+    lock: &StateLock,
+) -> Result<u32> {
+    let Some(ifindex) = netlink::route_oif(container_ip)? else {
+        return Ok(0);
+    };
+    let ifname = netlink::ifname(ifindex)?;
+    if ifname == "lo" {
+        return Ok(0);
+    }
+    if !is_uplink(pin_dir, &ifname) && !netlink::default_route_interfaces()?.contains(&ifname) {
+        attach_backend(pin_dir, &ifname, lock)?;
+    }
+    Ok(ifindex)
+}

@@ -1,0 +1,218 @@
+//! Installing the datapath (`up`: load the object against the pinned maps,
+//! attach what is not attached, replace what another build attached) and
+//! removing every trace of it (`down`).
+
+use std::{
+    fs::{self, DirBuilder, File},
+    os::{fd::AsFd, unix::fs::DirBuilderExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    programs::{CgroupSockAddr, SchedClassifier},
+};
+use portfwd_common::{Config, MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
+
+use super::{
+    PinnedMaps, StateLock,
+    links::{
+        attach_sock_program, attach_tc, program_of, replace_program, tc_attachments, unpin_links_in,
+    },
+    object::{self, Sizes},
+};
+use crate::{host, instance};
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InstallOptions {
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) cgroup: Option<PathBuf>,
+    /// Replace attached programs even when they are this build's already.
+    pub(crate) reload: bool,
+    /// Capacities of maps created now (existing maps keep theirs).
+    pub(crate) sizes: Sizes,
+    /// Uplinks for the TC programs (external traffic); empty: the
+    /// interfaces of the default routes.
+    pub(crate) ifaces: Vec<String>,
+}
+
+/// What `install` did.
+#[derive(Debug, Default)]
+pub(crate) struct InstallReport {
+    pub(crate) cgroup: PathBuf,
+    pub(crate) attached: Vec<&'static str>,
+    pub(crate) already_attached: Vec<&'static str>,
+    /// Uplinks the TC programs were attached to now, and those that had them.
+    pub(crate) uplinks_attached: Vec<String>,
+    pub(crate) uplinks_already: Vec<String>,
+    /// Attached programs replaced by this build's (an upgrade, or --reload).
+    pub(crate) replaced: Vec<String>,
+    /// Notes for the user (sizes that could not change, ...).
+    pub(crate) notes: Vec<String>,
+}
+
+/// An installed datapath: the lock on its pin directory, and its maps.
+pub(crate) struct Installed {
+    pub(crate) lock: StateLock,
+    pub(crate) maps: PinnedMaps,
+    pub(crate) report: InstallReport,
+}
+
+/// Loads and attaches whatever is not attached yet, reusing pinned maps, so
+/// that a second `up` keeps every mapping; returns holding the state lock.
+pub(crate) fn install(options: &InstallOptions) -> Result<Installed> {
+    let pin_dir = &options.pin_dir;
+    let cgroup = match &options.cgroup {
+        Some(path) => path.clone(),
+        None => host::cgroup2_mount()?,
+    };
+    host::ensure_bpffs(pin_dir)?;
+    let links = instance::links_dir(pin_dir);
+    // Root-only: the pins are the forwarding state of the whole host.
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&links)
+        .with_context(|| format!("creating {}", links.display()))?;
+    let lock = StateLock::acquire(pin_dir)?;
+
+    object::check_pinned_layouts(pin_dir)?;
+    let mut ebpf = object::load(pin_dir, options.sizes)?;
+    let mut report = InstallReport {
+        cgroup: cgroup.clone(),
+        ..InstallReport::default()
+    };
+    attach_sock_programs(&mut ebpf, options, &cgroup, &mut report)?;
+    replace_tc_programs(&mut ebpf, options, &mut report)?;
+    attach_uplinks(&mut ebpf, options, &mut report)?;
+
+    let mut maps = PinnedMaps::open(pin_dir, &lock)?;
+    maps.set_config(Config {
+        host_netns_cookie: host::netns_cookie()?,
+    })?;
+    maps.sync_local_addrs(&host::local_addresses()?)?;
+    report
+        .notes
+        .extend(object::size_notes(pin_dir, options.sizes));
+    Ok(Installed { lock, maps, report })
+}
+
+/// Attaches the socket programs to the cgroup, or replaces those another
+/// build attached.
+fn attach_sock_programs(
+    ebpf: &mut Ebpf,
+    options: &InstallOptions,
+    cgroup: &Path,
+    report: &mut InstallReport,
+) -> Result<()> {
+    let links = instance::links_dir(&options.pin_dir);
+    let cgroup_file =
+        File::open(cgroup).with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+    for program_def in &SOCK_PROGRAMS {
+        let name = program_def.name;
+        let pin = links.join(name);
+        if pin.exists() {
+            let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
+            if program.fd().is_err() {
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+            let tag = program.info()?.tag();
+            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+                report.replaced.push(name.to_owned());
+            } else {
+                report.already_attached.push(name);
+            }
+            continue;
+        }
+        attach_sock_program(ebpf, name, &cgroup_file, &pin)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        report.attached.push(name);
+    }
+    Ok(())
+}
+
+/// TC programs already attached (uplinks, interfaces towards containers):
+/// replaced by this build's where they differ.
+fn replace_tc_programs(
+    ebpf: &mut Ebpf,
+    options: &InstallOptions,
+    report: &mut InstallReport,
+) -> Result<()> {
+    for (ifname, programs) in tc_attachments(&options.pin_dir) {
+        for name in programs {
+            let pin = instance::tc_dir(&options.pin_dir, &ifname).join(&name);
+            let program: &mut SchedClassifier = program_of(ebpf, &name)?.try_into()?;
+            if program.fd().is_err() {
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+            let tag = program.info()?.tag();
+            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+                report.replaced.push(format!("{name} on {ifname}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn attach_uplinks(
+    ebpf: &mut Ebpf,
+    options: &InstallOptions,
+    report: &mut InstallReport,
+) -> Result<()> {
+    let uplinks = if options.ifaces.is_empty() {
+        host::netlink::default_route_interfaces()?
+    } else {
+        options.ifaces.clone()
+    };
+    for ifname in &uplinks {
+        host::netlink::ifindex(ifname)?;
+        if attach_tc(ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
+            report.uplinks_attached.push(ifname.clone());
+        } else {
+            report.uplinks_already.push(ifname.clone());
+        }
+    }
+    Ok(())
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub(crate) struct UninstallReport {
+    pub(crate) was_up: bool,
+    pub(crate) detached: usize,
+    pub(crate) mappings_dropped: usize,
+}
+
+/// Detaches every program and removes every pin; the kernel frees the
+/// programs and maps once nothing refers to them. Takes the state lock,
+/// and releases it with the pin directory gone.
+pub(crate) fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
+    if !pin_dir.exists() {
+        return Ok(UninstallReport::default());
+    }
+    let lock = StateLock::acquire(pin_dir)?;
+    let mut report = UninstallReport {
+        was_up: true,
+        mappings_dropped: PinnedMaps::open(pin_dir, &lock)
+            .and_then(|maps| maps.mappings())
+            .map(|m| m.len())
+            .unwrap_or(0),
+        ..UninstallReport::default()
+    };
+    let links = instance::links_dir(pin_dir);
+    if links.exists() {
+        report.detached = unpin_links_in(&links)?;
+    }
+    for map in MAPS {
+        let path = pin_dir.join(map.name);
+        match fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(report)
+}

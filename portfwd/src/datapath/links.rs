@@ -1,0 +1,258 @@
+//! Programs attached through pinned links: attaching the socket programs to
+//! a cgroup and the TC programs to interfaces, replacing the program of a
+//! link in place (an upgrade), detaching by unpinning.
+//!
+//! aya 0.14 has no API for `BPF_LINK_UPDATE`, nor for the file descriptor
+//! of a pinned link (which `BPF_LINK_UPDATE` needs), so those two syscalls
+//! are made here directly; everything else goes through aya.
+
+use std::{
+    fs::{self, DirBuilder, File},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::fs::DirBuilderExt,
+    },
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+    },
+};
+use portfwd_common::{BACKEND_PROGRAMS, Hook, ProgramDef, UPLINK_PROGRAMS};
+
+use super::{StateLock, object};
+use crate::instance;
+
+pub(crate) fn attach_sock_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    cgroup: &File,
+    pin: &Path,
+) -> Result<()> {
+    let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
+    program.load()?;
+    // Single: aya's AllowMultiple passes BPF_F_ALLOW_MULTI as link flags,
+    // which the kernel rejects; a link attachment coexists with other
+    // programs on the cgroup anyway.
+    let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
+    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    link.pin(pin)?;
+    Ok(())
+}
+
+/// Attaches `programs` to `ifname` where they are not attached yet; true if
+/// anything was attached.
+pub(crate) fn attach_tc(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    ifname: &str,
+    programs: &[ProgramDef],
+) -> Result<bool> {
+    let dir = instance::tc_dir(pin_dir, ifname);
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let mut attached = false;
+    for program_def in programs {
+        let name = program_def.name;
+        let direction = match program_def.hook {
+            Hook::TcEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
+        let pin = dir.join(name);
+        if pin.exists() {
+            continue;
+        }
+        let program: &mut SchedClassifier = program_of(ebpf, name)?.try_into()?;
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        // A TCX link (kernel >= 6.6): pinned, it outlives this process, and
+        // it coexists with other programs on the interface.
+        let link_id = program
+            .attach(ifname, direction)
+            .with_context(|| format!("attaching {name} to {ifname}"))?;
+        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        link.pin(&pin)?;
+        attached = true;
+    }
+    Ok(attached)
+}
+
+/// Makes sure the reply program runs on the interface towards a container.
+/// The caller holds the state lock.
+pub(crate) fn attach_backend(pin_dir: &Path, ifname: &str, _lock: &StateLock) -> Result<bool> {
+    if instance::tc_dir(pin_dir, ifname)
+        .join(BACKEND_PROGRAMS[0].name)
+        .exists()
+    {
+        return Ok(false);
+    }
+    let mut ebpf = object::load(pin_dir, object::Sizes::default())?;
+    attach_tc(&mut ebpf, pin_dir, ifname, &BACKEND_PROGRAMS)
+}
+
+/// Attaches the uplink programs to `ifname` (`portfwd attach`); false if
+/// they were already there. The caller holds the state lock.
+pub(crate) fn attach_uplink(pin_dir: &Path, ifname: &str, _lock: &StateLock) -> Result<bool> {
+    let mut ebpf = object::load(pin_dir, object::Sizes::default())?;
+    attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)
+}
+
+/// Whether the uplink programs are attached to `ifname`.
+pub(crate) fn is_uplink(pin_dir: &Path, ifname: &str) -> bool {
+    instance::tc_dir(pin_dir, ifname)
+        .join(UPLINK_PROGRAMS[0].name)
+        .exists()
+}
+
+/// Detaches every TC program from `ifname` (`portfwd detach`); the number
+/// of programs detached. The caller holds the state lock.
+pub(crate) fn detach_interface(pin_dir: &Path, ifname: &str, _lock: &StateLock) -> Result<usize> {
+    let dir = instance::tc_dir(pin_dir, ifname);
+    if !dir.exists() {
+        return Ok(0);
+    }
+    unpin_links_in(&dir)
+}
+
+/// The interfaces with TC programs, and which programs.
+pub(crate) fn tc_attachments(pin_dir: &Path) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(instance::links_dir(pin_dir).join("tc")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let ifname = entry.file_name().to_string_lossy().into_owned();
+        let mut programs: Vec<String> = fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.file_name().to_string_lossy().into_owned())
+            .collect();
+        programs.sort();
+        out.push((ifname, programs));
+    }
+    out.sort();
+    out
+}
+
+/// Unpins (and so detaches) every link pinned in `dir`, then removes it.
+pub(crate) fn unpin_links_in(dir: &Path) -> Result<usize> {
+    let mut detached = 0;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            detached += unpin_links_in(&path)?;
+            continue;
+        }
+        let link =
+            PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        // Dropping the unpinned link closes its last reference: detached.
+        drop(
+            link.unpin()
+                .with_context(|| format!("unpinning {}", path.display()))?,
+        );
+        detached += 1;
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(detached)
+}
+
+pub(crate) fn program_of<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+/// Points the pinned link at `new` if the program it runs is another one
+/// (an upgrade) or `force`: one atomic BPF_LINK_UPDATE, so packets and
+/// connections flow on. True if replaced.
+pub(crate) fn replace_program(
+    new: BorrowedFd<'_>,
+    new_tag: u64,
+    pin: &Path,
+    force: bool,
+) -> Result<bool> {
+    let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let link: FdLink = link.into();
+    let running = link.info()?.program_id();
+    let running_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == running)
+        .map(|p| p.tag());
+    if !force && running_tag == Some(new_tag) {
+        return Ok(false);
+    }
+    let link_fd = bpf_obj_get(pin)?;
+    bpf_link_update(link_fd.as_fd(), new)
+        .with_context(|| format!("replacing the program of {}", pin.display()))?;
+    Ok(true)
+}
+
+fn bpf_obj_get(pin: &Path) -> Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    // Zeroed as a whole: the kernel rejects nonzero bytes past the fields it
+    // knows, and the struct's tail padding is among them.
+    // SAFETY: all-zero bytes are a valid ObjGet.
+    let mut attr: ObjGet = unsafe { std::mem::zeroed() };
+    attr.pathname = path.as_ptr() as u64;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening {}", pin.display()));
+    }
+    // SAFETY: the kernel returned a new file descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

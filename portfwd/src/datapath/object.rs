@@ -1,0 +1,176 @@
+//! The eBPF object: loading it against the pinned maps, sized as asked,
+//! and refusing maps pinned by a build whose layout differs. Every name and
+//! size comes from `portfwd_common`'s ABI table.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use aya::{Ebpf, EbpfLoader, maps::MapData};
+use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES, SOCK_REVNAT};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
+
+/// Capacities for maps created by this load (existing maps keep theirs).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sizes {
+    pub(crate) max_mappings: Option<u32>,
+    pub(crate) max_flows: Option<u32>,
+}
+
+impl Sizes {
+    /// The capacity each map gets, where it differs from the table's.
+    fn overrides(self) -> Vec<(&'static str, u32)> {
+        let mut out = Vec::new();
+        if let Some(n) = self.max_mappings {
+            out.extend([(SERVICES.name, n), (COUNTERS.name, n)]);
+        }
+        if let Some(n) = self.max_flows {
+            // Two conntrack entries per flow, one reverse-NAT entry per socket.
+            out.extend([(CONNTRACK.name, n.saturating_mul(2)), (SOCK_REVNAT.name, n)]);
+        }
+        out
+    }
+}
+
+/// Loads the object, reusing the maps pinned under `pin_dir`; maps created
+/// now get the given capacities.
+pub(crate) fn load(pin_dir: &Path, sizes: Sizes) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for (name, max_entries) in sizes.overrides() {
+        loader.map_max_entries(name, max_entries);
+    }
+    let paths: Vec<(&str, PathBuf)> = MAPS
+        .iter()
+        .map(|map| (map.name, pin_dir.join(map.name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(OBJECT).context(
+        "loading portfwd's eBPF object (a map pinned by another portfwd version with a different layout? `portfwd down` removes it)",
+    )
+}
+
+/// Refuses to mix this build with maps pinned by a build whose layout
+/// differs: their entries would be misread.
+pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
+    for map in MAPS {
+        let path = pin_dir.join(map.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)?.info()?;
+        let (key, value) = (map.key_size, map.value_size);
+        if (info.key_size(), info.value_size()) != (key, value) {
+            bail!(
+                "the pinned map {} has another layout (key {}/value {} bytes; this portfwd uses {key}/{value}): \
+                 run `portfwd down --keep-state` with the portfwd that created it, then `portfwd up` with this one \
+                 (mappings come back from the state file; tracked flows restart)",
+                map.name,
+                info.key_size(),
+                info.value_size()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Notes when asked-for capacities differ from those of existing maps.
+pub(crate) fn size_notes(pin_dir: &Path, sizes: Sizes) -> Vec<String> {
+    let asked = [
+        (SERVICES.name, sizes.max_mappings, "--max-mappings"),
+        (SOCK_REVNAT.name, sizes.max_flows, "--max-flows"),
+    ];
+    let mut notes = Vec::new();
+    for (name, wanted, flag) in asked {
+        let Some(wanted) = wanted else { continue };
+        let Ok(info) = MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info()) else {
+            continue;
+        };
+        if info.max_entries() != wanted {
+            notes.push(format!(
+                "{flag} {wanted} not applied: the existing maps hold {} (sizes apply when the maps are created: `portfwd down --keep-state`, then `up`)",
+                info.max_entries()
+            ));
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use aya_obj::{Object, ProgramSection, generated::bpf_map_type as map_type};
+    use portfwd_common::{Hook, MapKind, PRIVATE_MAPS, programs};
+
+    use super::*;
+
+    fn kind_of(map_type: u32) -> Option<MapKind> {
+        let kind = match map_type {
+            t if t == map_type::BPF_MAP_TYPE_HASH as u32 => MapKind::Hash,
+            t if t == map_type::BPF_MAP_TYPE_LRU_HASH as u32 => MapKind::LruHash,
+            t if t == map_type::BPF_MAP_TYPE_ARRAY as u32 => MapKind::Array,
+            t if t == map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32 => MapKind::PerCpuArray,
+            t if t == map_type::BPF_MAP_TYPE_PERCPU_HASH as u32 => MapKind::PerCpuHash,
+            _ => return None,
+        };
+        Some(kind)
+    }
+
+    /// The object file that the eBPF crate built has exactly the maps and
+    /// programs of the ABI table, with the table's layouts and hooks.
+    #[test]
+    fn the_object_matches_the_abi_table() {
+        let object = Object::parse(OBJECT).expect("parsing the embedded eBPF object");
+        let maps: BTreeMap<&str, _> = object
+            .maps
+            .iter()
+            .filter(|(name, _)| !name.starts_with('.'))
+            .map(|(name, map)| (name.as_str(), map))
+            .collect();
+        for def in MAPS {
+            let map = maps
+                .get(def.name)
+                .unwrap_or_else(|| panic!("no map {}", def.name));
+            assert_eq!(kind_of(map.map_type()), Some(def.kind), "{}", def.name);
+            assert_eq!(map.key_size(), def.key_size, "{} key", def.name);
+            assert_eq!(map.value_size(), def.value_size, "{} value", def.name);
+            assert_eq!(map.max_entries(), def.max_entries, "{} size", def.name);
+            assert_eq!(map.map_flags(), def.flags, "{} flags", def.name);
+        }
+        let known: Vec<&str> = MAPS.iter().map(|m| m.name).chain(PRIVATE_MAPS).collect();
+        for name in maps.keys() {
+            assert!(known.contains(name), "map {name} is not in the ABI table");
+        }
+
+        let sections: BTreeMap<&str, &ProgramSection> = object
+            .programs
+            .iter()
+            .map(|(name, program)| (name.as_str(), &program.section))
+            .collect();
+        for def in programs() {
+            let section = sections
+                .get(def.name)
+                .unwrap_or_else(|| panic!("no program {}", def.name));
+            let matches = match (def.hook, section) {
+                (
+                    Hook::CgroupSockAddr(hook),
+                    ProgramSection::CgroupSockAddr { attach_type, .. },
+                ) => {
+                    // aya names them Connect4, UDPSendMsg4, GetPeerName4...
+                    format!("{attach_type:?}").to_lowercase().ends_with(hook)
+                }
+                (Hook::TcIngress | Hook::TcEgress, ProgramSection::SchedClassifier) => true,
+                _ => false,
+            };
+            assert!(
+                matches,
+                "{} is {section:?}, the table says {:?}",
+                def.name, def.hook
+            );
+        }
+        assert_eq!(sections.len(), programs().count(), "{:?}", sections.keys());
+    }
+}

@@ -1,0 +1,178 @@
+//! The port holder: a small background process, started by `portfwd up`
+//! and stopped by `portfwd down`, that keeps every published host port
+//! bound, as docker does:
+//! - no other process can bind a published port (it would get EADDRINUSE,
+//!   instead of silently losing its traffic to the container);
+//! - published ports show in `ss -lntp` / `ss -lnup` as held by `portfwd`.
+//!
+//! The sockets never see traffic: TCP listeners and UDP sockets carry a
+//! drop-all socket filter, and portfwd's programs translate connections to
+//! published ports before any socket lookup.
+//!
+//! The holder owns no state: on every `sync` it reads the pinned services
+//! map and binds what is missing, closes what is gone. A port that another
+//! process already holds (podman's conmon holds its containers' ports) is
+//! reported as busy and retried at the next sync. It also watches the
+//! host's addresses (rtnetlink) and keeps the local addresses map current,
+//! so wildcard mappings follow address changes.
+//!
+//! Protocol on its unix socket, one line each way: `sync` (hold exactly
+//! what the map publishes) or `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`
+//! (a change's difference, so that a change costs what it changes, not what
+//! is published) -> `ok HELD` or `busy ADDR:PORT/PROTO ...`; `ping` ->
+//! `pong`; `quit` -> `bye`.
+//!
+//! The holder logs to `/run/portfwd/holder<tag>.log` (see `instance`).
+
+use std::{
+    fs::{DirBuilder, File, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::{
+        fs::{DirBuilderExt, OpenOptionsExt},
+        net::UnixStream,
+        process::CommandExt,
+    },
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    host, instance,
+    model::{Mapping, Protocol},
+};
+
+mod server;
+
+use server::reserve;
+pub(crate) use server::run;
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one request and returns the reply line.
+fn request(pin_dir: &Path, line: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(instance::holder_socket(pin_dir))?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    writeln!(stream, "{line}")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply.trim_end().to_owned())
+}
+
+pub(crate) fn is_running(pin_dir: &Path) -> bool {
+    request(pin_dir, "ping").is_ok_and(|reply| reply == "pong")
+}
+
+/// Starts the holder unless it runs; waits (bounded) until it answers.
+pub(crate) fn ensure_running(pin_dir: &Path) -> Result<()> {
+    if is_running(pin_dir) {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding the portfwd binary")?;
+    // Its errors go to a log file an operator can find (the holder has no
+    // terminal): /run/portfwd/holder<tag>.log, named by `up` when it fails.
+    let log_path = instance::holder_log(pin_dir);
+    let log = open_log(&log_path)?;
+    Command::new(exe)
+        .arg("--bpffs")
+        .arg(pin_dir)
+        .arg("hold")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group: a Ctrl-C aimed at the CLI does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("starting the port holder")?;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while Instant::now() < deadline {
+        if is_running(pin_dir) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("the port holder did not start (see {})", log_path.display())
+}
+
+/// Asks the holder to hold exactly the published ports; the ports it could
+/// not bind (held by another process) are returned.
+pub(crate) fn sync(pin_dir: &Path) -> Result<Vec<String>> {
+    ensure_running(pin_dir)?;
+    let reply = request(pin_dir, "sync").context("asking the port holder to sync")?;
+    parse_reply(&reply)
+}
+
+/// Tells the holder what a change added and removed (a holder that was not
+/// running starts with a full sync instead).
+pub(crate) fn update(
+    pin_dir: &Path,
+    added: &[Mapping],
+    removed: &[Mapping],
+) -> Result<Vec<String>> {
+    if !is_running(pin_dir) {
+        return sync(pin_dir);
+    }
+    let mut line = String::from("update");
+    for (sign, mappings) in [('-', removed), ('+', added)] {
+        for m in mappings.iter().filter(|m| m.hold) {
+            line.push_str(&format!(" {sign}{}/{}", m.protocol, m.host));
+        }
+    }
+    let reply = request(pin_dir, &line).context("asking the port holder to update")?;
+    parse_reply(&reply)
+}
+
+fn parse_reply(reply: &str) -> Result<Vec<String>> {
+    match reply.split_once(' ') {
+        Some(("ok", _)) => Ok(Vec::new()),
+        Some(("busy", ports)) => Ok(ports.split(' ').map(str::to_owned).collect()),
+        _ => bail!("the port holder answered {reply:?}"),
+    }
+}
+
+/// Stops the holder, releasing every port; waits (bounded) until it is gone.
+pub(crate) fn stop(pin_dir: &Path) -> Result<()> {
+    if request(pin_dir, "quit").is_err() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while Instant::now() < deadline {
+        if !is_running(pin_dir) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("the port holder did not stop")
+}
+
+/// Opens the holder's log for appending (root-only, in a root-only dir).
+fn open_log(path: &Path) -> Result<File> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(instance::run_dir())
+        .with_context(|| format!("creating {}", instance::run_dir().display()))?;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// The bind address a test for "is this published address free?" uses.
+pub(crate) fn probe(protocol: Protocol, addr: SocketAddr) -> Result<(), String> {
+    reserve(protocol, addr).map(drop).map_err(|errno| {
+        let owner = host::port_owner(protocol, addr.port())
+            .map(|owner| format!(" by {owner}"))
+            .unwrap_or_default();
+        match errno {
+            nix::errno::Errno::EADDRINUSE => format!("in use{owner}"),
+            other => other.desc().to_owned(),
+        }
+    })
+}

@@ -1,0 +1,315 @@
+//! The holder process itself (`portfwd hold`): it binds what the services
+//! map publishes, answers the CLI on its unix socket, and follows the
+//! host's addresses.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, DirBuilder},
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::{
+            fs::DirBuilderExt,
+            net::{UnixListener, UnixStream},
+        },
+    },
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::socket::{
+        AddressFamily, Backlog, NetlinkAddr, SockFlag, SockProtocol, SockType, SockaddrIn,
+        SockaddrIn6, bind, listen, setsockopt, socket, sockopt,
+    },
+};
+
+use super::{REPLY_TIMEOUT, is_running};
+use crate::{
+    datapath::{PinnedMaps, StateLock},
+    host, instance,
+    model::{Mapping, Protocol},
+};
+
+/// A held port: protocol and the address bound.
+type Hold = (Protocol, SocketAddr);
+
+/// The holder process (`portfwd hold`, started by `up`).
+pub(crate) fn run(pin_dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(instance::run_dir())
+        .with_context(|| format!("creating {}", instance::run_dir().display()))?;
+    let path = instance::holder_socket(pin_dir);
+    if is_running(pin_dir) {
+        bail!("a port holder already runs for {}", pin_dir.display());
+    }
+    // A socket file left by a holder that died; if it cannot go, the bind
+    // below says why.
+    fs::remove_file(&path).ok();
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let addresses = address_events().context("subscribing to address changes")?;
+    let mut held: BTreeMap<Hold, OwnedFd> = BTreeMap::new();
+    let mut addresses_stale = true;
+    loop {
+        if addresses_stale {
+            addresses_stale = !refresh_local_addresses(pin_dir);
+        }
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(addresses.as_fd(), PollFlags::POLLIN),
+        ];
+        // Wake up every second to retry a deferred address refresh.
+        poll(&mut fds, PollTimeout::from(1000u16)).context("poll")?;
+        let client_ready = fds[0].any().unwrap_or(false);
+        if fds[1].any().unwrap_or(false) {
+            drain(&addresses);
+            addresses_stale = true;
+        }
+        if !client_ready {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        match serve(pin_dir, stream, &mut held) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(error) => eprintln!("portfwd hold: {error:#}"),
+        }
+        if !pin_dir.exists() {
+            // `down` without a quit (an older CLI, or by hand): nothing to hold.
+            break;
+        }
+    }
+    drop(held);
+    // Best effort: a stale socket file is removed by the next holder.
+    fs::remove_file(&path).ok();
+    Ok(())
+}
+
+/// Answers one request; false when asked to quit.
+fn serve(pin_dir: &Path, stream: UnixStream, held: &mut BTreeMap<Hold, OwnedFd>) -> Result<bool> {
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    match line.trim_end() {
+        "ping" => writeln!(writer, "pong")?,
+        "quit" => {
+            writeln!(writer, "bye")?;
+            return Ok(false);
+        }
+        "sync" => {
+            let busy = reconcile(pin_dir, held);
+            reply(&mut writer, held, &busy)?;
+        }
+        update if update.starts_with("update") => {
+            let busy = apply_update(update, held);
+            reply(&mut writer, held, &busy)?;
+        }
+        other => writeln!(writer, "error unknown request {other:?}")?,
+    }
+    Ok(true)
+}
+
+fn reply(writer: &mut UnixStream, held: &BTreeMap<Hold, OwnedFd>, busy: &[String]) -> Result<()> {
+    if busy.is_empty() {
+        writeln!(writer, "ok {}", held.len())?;
+    } else {
+        writeln!(writer, "busy {}", busy.join(" "))?;
+    }
+    Ok(())
+}
+
+/// Applies `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`; the ports another
+/// process holds (retried at the next sync).
+fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
+    let mut busy = Vec::new();
+    for token in line.split_whitespace().skip(1) {
+        let (sign, rest) = token.split_at(1);
+        let Some((protocol, addr)) = rest.split_once('/') else {
+            continue;
+        };
+        let (Ok(protocol), Ok(addr)) = (protocol.parse::<Protocol>(), addr.parse::<SocketAddr>())
+        else {
+            continue;
+        };
+        let hold = (protocol, addr);
+        if sign == "-" {
+            held.remove(&hold);
+        } else if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(hold) {
+            match reserve(protocol, addr) {
+                Ok(fd) => {
+                    slot.insert(fd);
+                }
+                Err(_) => busy.push(format!("{addr}/{protocol}")),
+            }
+        }
+    }
+    busy
+}
+
+/// Binds what the services map publishes and is not held, closes what is
+/// held and no longer published. Returns the ports another process holds.
+fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
+    // Read without the state lock: the CLI holds it while it waits for us.
+    let wanted: BTreeSet<Hold> = match PinnedMaps::open_unlocked(pin_dir).and_then(|m| m.mappings())
+    {
+        Ok(mappings) => mappings.iter().filter(|m| m.hold).map(hold_of).collect(),
+        Err(error) => {
+            eprintln!("portfwd hold: reading the mappings: {error:#}");
+            return Vec::new();
+        }
+    };
+    held.retain(|hold, _| wanted.contains(hold));
+    let mut busy = Vec::new();
+    for hold in wanted {
+        if held.contains_key(&hold) {
+            continue;
+        }
+        match reserve(hold.0, hold.1) {
+            Ok(fd) => {
+                held.insert(hold, fd);
+            }
+            Err(_) => busy.push(format!("{}/{}", hold.1, hold.0)),
+        }
+    }
+    busy
+}
+
+fn hold_of(mapping: &Mapping) -> Hold {
+    (mapping.protocol, mapping.host)
+}
+
+/// Binds `addr` the way a published port is held: a TCP listener or a UDP
+/// socket that drops everything. IPv6 wildcards are IPv6-only, so that the
+/// IPv4 and the IPv6 wildcard of one port are two separate holds.
+pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let kind = match protocol {
+        Protocol::Tcp => SockType::Stream,
+        Protocol::Udp => SockType::Datagram,
+    };
+    let fd = socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if protocol == Protocol::Tcp {
+        // Lets the holder re-bind over TIME_WAIT leftovers; another
+        // process still cannot bind while this socket listens. (Not on UDP,
+        // where it would let others share the port.)
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    attach_drop_all_filter(&fd)?;
+    match addr {
+        SocketAddr::V4(v4) => bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?,
+        SocketAddr::V6(v6) => bind(fd.as_raw_fd(), &SockaddrIn6::from(v6))?,
+    }
+    if protocol == Protocol::Tcp {
+        listen(&fd, Backlog::new(1).unwrap_or(Backlog::MAXCONN))?;
+    }
+    Ok(fd)
+}
+
+/// A classic BPF socket filter of one instruction, `ret #0`: every packet
+/// that reaches the socket is dropped.
+fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: fprog points at a valid one-instruction program for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// An rtnetlink socket that becomes readable when an address is added or
+/// removed anywhere on the host.
+fn address_events() -> Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
+    Ok(fd)
+}
+
+/// Reads and discards pending notifications (bounded): only "something
+/// changed" matters, the addresses are then read afresh.
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 8192];
+    for _ in 0..64 {
+        if nix::unistd::read(fd.as_raw_fd(), &mut buf).unwrap_or(0) == 0 {
+            break;
+        }
+    }
+}
+
+/// Writes the host's current addresses to the local addresses map; false
+/// when the state lock is busy (retried a second later, never waited for:
+/// the CLI may hold it while it waits for this process).
+fn refresh_local_addresses(pin_dir: &Path) -> bool {
+    let Ok(Some(lock)) = StateLock::try_acquire(pin_dir) else {
+        return false;
+    };
+    let result = PinnedMaps::open(pin_dir, &lock)
+        .and_then(|mut maps| maps.sync_local_addrs(&host::local_addresses()?));
+    if let Err(error) = result {
+        eprintln!("portfwd hold: refreshing local addresses: {error:#}");
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_ports_refuse_other_binds_and_drop_traffic() {
+        // Loopback, ephemeral ports from the kernel: nothing else on the host
+        // is touched.
+        let fd = reserve(Protocol::Udp, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let local: SocketAddr = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd())
+            .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(a)))
+            .unwrap();
+        assert!(
+            std::net::UdpSocket::bind(local).is_err(),
+            "a second bind must fail"
+        );
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"x", local).unwrap();
+        let mut buf = [0u8; 4];
+        let n = nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        );
+        assert!(n.is_err(), "the filter must drop every datagram");
+    }
+}

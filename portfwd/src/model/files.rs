@@ -1,0 +1,195 @@
+//! The files portfwd reads and writes, as data: the state file (every
+//! mapping, see `state`) and apply files (`portfwd apply -f`). Parsing is
+//! pure (and fuzzed); reading and writing them is `state`'s and `ops`'.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::{Mapping, Protocol};
+use crate::error::Error;
+
+/// One mapping as the state file stores it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub protocol: Protocol,
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+    pub container_ip: IpAddr,
+    pub container_port: u16,
+    /// Whether the holder binds the host port (see `Mapping::hold`).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub hold: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
+}
+
+impl From<&Mapping> for Record {
+    fn from(m: &Mapping) -> Self {
+        Record {
+            name: m.name.clone(),
+            protocol: m.protocol,
+            host_ip: m.host.ip(),
+            host_port: m.host.port(),
+            container_ip: m.container.ip(),
+            container_port: m.container.port(),
+            hold: m.hold,
+        }
+    }
+}
+
+impl Record {
+    pub fn to_mapping(&self) -> Mapping {
+        Mapping {
+            name: self.name.clone(),
+            protocol: self.protocol,
+            host: SocketAddr::new(self.host_ip, self.host_port),
+            container: SocketAddr::new(self.container_ip, self.container_port),
+            ifindex: 0,
+            hold: self.hold,
+        }
+    }
+}
+
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StateFile {
+    pub(crate) version: u32,
+    pub(crate) mappings: Vec<Record>,
+}
+
+/// Parses a state file's text.
+pub fn parse_state(text: &str) -> Result<Vec<Record>> {
+    let file: StateFile = serde_json::from_str(text).context("not a portfwd state file")?;
+    if file.version != FORMAT_VERSION {
+        bail!(
+            "state file version {} (this portfwd reads version {FORMAT_VERSION})",
+            file.version
+        );
+    }
+    Ok(file.mappings)
+}
+
+/// A file that `portfwd apply` reads: the whole set of mappings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyFile {
+    #[serde(default, alias = "mapping")]
+    pub mappings: Vec<ApplyEntry>,
+}
+
+/// One container's publications, as `portfwd map` takes them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyEntry {
+    /// Defaults to the container address, as with `portfwd map`.
+    pub name: Option<String>,
+    pub container: IpAddr,
+    pub publish: Vec<String>,
+}
+
+/// Which syntax an apply file uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+}
+
+impl Format {
+    /// By extension; otherwise JSON if it starts like JSON.
+    pub fn guess(path: &Path, text: &str) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Format::Json,
+            Some("toml") => Format::Toml,
+            _ if text.trim_start().starts_with('{') => Format::Json,
+            _ => Format::Toml,
+        }
+    }
+}
+
+/// Parses an apply file; errors are usage errors naming the problem.
+pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
+    let parsed = match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+        Format::Toml => toml::from_str(text).map_err(|e| e.to_string()),
+    };
+    parsed.map_err(|why| {
+        let why = why
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The parser quotes the offending line: control characters in it
+        // (a lone CR, escape sequences) must not reach the terminal.
+        let why: String = why.chars().flat_map(char::escape_debug).collect();
+        Error::usage(format!("invalid apply file: {why}")).into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_of_another_version_are_refused() {
+        assert!(parse_state(r#"{"version": 2, "mappings": []}"#).is_err());
+        assert!(parse_state("garbage").is_err());
+        assert_eq!(
+            parse_state(r#"{"version": 1, "mappings": []}"#).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn apply_files_in_toml_and_json() {
+        let toml = r#"
+            [[mappings]]
+            name = "web"
+            container = "10.88.0.5"
+            publish = ["8080:80", "127.0.0.1:5353:53/udp"]
+
+            [[mappings]]
+            container = "fd00::5"
+            publish = ["[::1]:9000:9000"]
+        "#;
+        let parsed = parse_apply(toml, Format::Toml).unwrap();
+        assert_eq!(parsed.mappings.len(), 2);
+        assert_eq!(parsed.mappings[0].name.as_deref(), Some("web"));
+        assert_eq!(parsed.mappings[1].name, None);
+        let json = r#"{"mappings": [{"container": "10.88.0.5", "publish": ["80"]}]}"#;
+        assert_eq!(
+            parse_apply(json, Format::Json).unwrap().mappings[0].publish,
+            ["80"]
+        );
+        for bad in [
+            "[[mappings]]\ncontainer = 'nope'\npublish = []",
+            "[[mappings]]\ncontainer = '10.0.0.1'",
+            "[[mappings]]\ncontainer = '10.0.0.1'\npublish = []\nextra = 1",
+            "not toml at all [",
+            "x = \"\r\u{1b}[31m\u{0}",
+        ] {
+            let err = parse_apply(bad, Format::Toml).unwrap_err();
+            assert!(err.downcast_ref::<Error>().is_some(), "{bad}");
+            assert_eq!(err.to_string().lines().count(), 1, "{err}");
+            assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        }
+        assert_eq!(Format::guess(Path::new("x.json"), ""), Format::Json);
+        assert_eq!(Format::guess(Path::new("x"), " {"), Format::Json);
+        assert_eq!(
+            Format::guess(Path::new("x.conf"), "[[mappings]]"),
+            Format::Toml
+        );
+    }
+}

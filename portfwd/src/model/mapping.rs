@@ -1,0 +1,384 @@
+//! Mappings as users see them, their encoding as map entries, and the
+//! planning of a `portfwd map` command: which host ports it takes and
+//! whether it conflicts with what is already published.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use anyhow::{Result, bail};
+use portfwd_common::{Addr, NAME_LEN, ServiceKey, ServiceValue};
+
+use super::{PortRange, Protocol};
+use crate::error::Error;
+
+/// One published (host address, port, protocol) and its container endpoint.
+/// An unspecified host address (`0.0.0.0`, `::`) is the wildcard: every
+/// local address of that family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub name: String,
+    pub protocol: Protocol,
+    pub host: SocketAddr,
+    pub container: SocketAddr,
+    /// The host interface the kernel routes to the container through, which
+    /// the TC path redirects to (0: unknown, the stack routes).
+    pub ifindex: u32,
+    /// Whether portfwd's holder binds the host port (see `holder`); off
+    /// when the runtime holds it.
+    pub hold: bool,
+}
+
+impl Mapping {
+    pub fn key(&self) -> ServiceKey {
+        let (family, addr) = Addr::from_ip(self.host.ip());
+        ServiceKey::new(
+            family,
+            addr,
+            self.host.port().to_be(),
+            self.protocol.number(),
+        )
+    }
+
+    pub fn value(&self) -> ServiceValue {
+        let (family, addr) = Addr::from_ip(self.container.ip());
+        let mut value = ServiceValue::new(
+            family,
+            addr,
+            self.container.port().to_be(),
+            self.name.as_bytes(),
+        );
+        value.ifindex = self.ifindex;
+        if !self.hold {
+            value.flags |= portfwd_common::SERVICE_FLAG_NO_HOLD;
+        }
+        value
+    }
+
+    /// Decodes a map entry; None for an entry this build does not understand.
+    pub fn from_entry(key: &ServiceKey, value: &ServiceValue) -> Option<Self> {
+        let protocol = Protocol::from_number(key.proto)?;
+        let host = SocketAddr::new(key.addr.to_ip(key.family)?, u16::from_be(key.port));
+        let container = SocketAddr::new(value.addr.to_ip(value.family)?, u16::from_be(value.port));
+        let name = String::from_utf8_lossy(value.name_bytes()).into_owned();
+        Some(Mapping {
+            name,
+            protocol,
+            host,
+            container,
+            ifindex: value.ifindex,
+            hold: value.flags & portfwd_common::SERVICE_FLAG_NO_HOLD == 0,
+        })
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.host.ip().is_unspecified()
+    }
+
+    /// Two mappings cannot serve the same connection: same protocol, port and
+    /// family, and the same address or a wildcard on either side (as in
+    /// docker, `0.0.0.0:80` and `127.0.0.1:80` conflict).
+    pub fn conflicts_with(&self, other: &Mapping) -> bool {
+        self.protocol == other.protocol
+            && self.host.port() == other.host.port()
+            && self.host.is_ipv4() == other.host.is_ipv4()
+            && (self.host.ip() == other.host.ip() || self.is_wildcard() || other.is_wildcard())
+    }
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}/{} -> {}",
+            self.name, self.host, self.protocol, self.container
+        )
+    }
+}
+
+/// Checks a mapping name: it is stored in a fixed-size field of the map.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > NAME_LEN {
+        bail!(Error::usage(format!(
+            "invalid name {name:?}: it must be 1 to {NAME_LEN} bytes long"
+        )));
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!(Error::usage(format!(
+            "invalid name {name:?}: no spaces or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the container address given to `portfwd map`.
+pub(crate) fn check_container_ip(ip: IpAddr) -> Result<()> {
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        bail!(Error::usage(format!(
+            "invalid container address {ip}: it must be a unicast address"
+        )));
+    }
+    Ok(())
+}
+
+/// The host ports a `portfwd unmap` argument names: `[HOSTIP:]PORT[-END][/PROTO]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmapSelector {
+    pub host_ip: Option<IpAddr>,
+    pub ports: PortRange,
+    pub protocol: Protocol,
+}
+
+impl UnmapSelector {
+    pub fn matches(&self, m: &Mapping) -> bool {
+        m.protocol == self.protocol
+            && self.ports.contains(m.host.port())
+            && self.host_ip.is_none_or(|ip| ip == m.host.ip())
+    }
+}
+
+impl fmt::Display for UnmapSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host_ip {
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+            Some(ip) => write!(f, "{ip}:")?,
+            None => {}
+        }
+        write!(f, "{}/{}", self.ports, self.protocol)
+    }
+}
+
+impl std::str::FromStr for UnmapSelector {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::usage(format!("invalid host port {text:?}: {why}"));
+        let (rest, protocol) = match text.rsplit_once('/') {
+            Some((rest, proto)) => (rest, proto.parse().map_err(|e| bad(&format!("{e}")))?),
+            None => (text, Protocol::Tcp),
+        };
+        let (host_ip, ports) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (ip, ports) = bracketed
+                .split_once("]:")
+                .ok_or_else(|| bad("expected [IPv6]:PORT"))?;
+            let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad("bad IPv6 address"))?;
+            (Some(IpAddr::V6(ip)), ports)
+        } else if let Some((ip, ports)) = rest.rsplit_once(':') {
+            let ip: Ipv4Addr = ip
+                .parse()
+                .map_err(|_| bad("bad IPv4 address (IPv6 goes in brackets)"))?;
+            (Some(IpAddr::V4(ip)), ports)
+        } else {
+            (None, rest)
+        };
+        let ports = ports.parse().map_err(|e| bad(&format!("{e}")))?;
+        Ok(UnmapSelector {
+            host_ip,
+            ports,
+            protocol,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PublishSpec, plan};
+
+    fn spec(text: &str) -> PublishSpec {
+        text.parse().unwrap()
+    }
+
+    fn hosts(mappings: &[Mapping]) -> Vec<String> {
+        mappings
+            .iter()
+            .map(|m| format!("{}/{}", m.host, m.protocol))
+            .collect()
+    }
+
+    const CTR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 9, 8, 7));
+
+    #[test]
+    fn key_and_value_round_trip() {
+        for (host, container) in [
+            ("0.0.0.0:8080", "10.0.0.2:80"),
+            ("127.0.0.1:65535", "10.0.0.2:1"),
+            ("[::]:443", "10.0.0.2:8443"),
+            ("[::1]:53", "[fd00::2]:5353"),
+        ] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let m = Mapping {
+                    name: "web".into(),
+                    protocol,
+                    host: host.parse().unwrap(),
+                    container: container.parse().unwrap(),
+                    ifindex: 7,
+                    hold: protocol == Protocol::Tcp,
+                };
+                assert_eq!(Mapping::from_entry(&m.key(), &m.value()), Some(m.clone()));
+            }
+        }
+    }
+
+    #[test]
+    fn key_bytes_are_network_order() {
+        let m = Mapping {
+            name: "x".into(),
+            protocol: Protocol::Udp,
+            host: "10.1.2.3:8080".parse().unwrap(),
+            container: "10.0.0.2:80".parse().unwrap(),
+            ifindex: 0,
+            hold: true,
+        };
+        let key = m.key();
+        let bytes: &[u8] = bytemuck::bytes_of(&key);
+        assert_eq!(&bytes[..4], &[10, 1, 2, 3]);
+        assert_eq!(&bytes[16..20], &[0x1f, 0x90, 17, portfwd_common::FAMILY_V4]);
+    }
+
+    #[test]
+    fn omitted_host_ip_publishes_both_families_on_one_port() {
+        let planned = plan("web", CTR, &[spec("8080:80")], &[], |_, _| false).unwrap();
+        assert_eq!(hosts(&planned), ["0.0.0.0:8080/tcp", "[::]:8080/tcp"]);
+        let v6 = IpAddr::V6("fd00::2".parse().unwrap());
+        let planned = plan("web", v6, &[spec("8080:80")], &[], |_, _| false).unwrap();
+        assert_eq!(hosts(&planned), ["[::]:8080/tcp"]);
+    }
+
+    #[test]
+    fn ranges_map_one_to_one() {
+        let planned = plan(
+            "r",
+            CTR,
+            &[spec("127.0.0.1:8000-8002:80-82/udp")],
+            &[],
+            |_, _| false,
+        )
+        .unwrap();
+        let pairs: Vec<(u16, u16)> = planned
+            .iter()
+            .map(|m| (m.host.port(), m.container.port()))
+            .collect();
+        assert_eq!(pairs, [(8000, 80), (8001, 81), (8002, 82)]);
+    }
+
+    #[test]
+    fn automatic_ports_skip_used_and_published_ports() {
+        let existing = plan("old", CTR, &[spec("49153:80")], &[], |_, _| false).unwrap();
+        let in_use = |_: Protocol, port: u16| port == 49154;
+        let planned = plan("new", CTR, &[spec("80"), spec("81")], &existing, in_use).unwrap();
+        assert_eq!(
+            hosts(&planned),
+            [
+                "0.0.0.0:49155/tcp",
+                "[::]:49155/tcp",
+                "0.0.0.0:49156/tcp",
+                "[::]:49156/tcp"
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_takes_first_free_port() {
+        let existing = plan("old", CTR, &[spec("127.0.0.1:3000:80")], &[], |_, _| false).unwrap();
+        let planned = plan("new", CTR, &[spec("3000-3010:80")], &existing, |_, _| false).unwrap();
+        assert_eq!(hosts(&planned), ["0.0.0.0:3001/tcp", "[::]:3001/tcp"]);
+        let err = plan("new", CTR, &[spec("3000-3000:80")], &existing, |_, _| false);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn wildcard_and_specific_address_conflict_like_docker() {
+        let existing = plan("old", CTR, &[spec("8080:80")], &[], |_, _| false).unwrap();
+        let err = plan(
+            "new",
+            CTR,
+            &[spec("127.0.0.1:8080:80")],
+            &existing,
+            |_, _| false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("already published by \"old\""),
+            "{err}"
+        );
+        // Another protocol or port does not conflict.
+        assert!(
+            plan(
+                "new",
+                CTR,
+                &[spec("127.0.0.1:8080:80/udp")],
+                &existing,
+                |_, _| false
+            )
+            .is_ok()
+        );
+        assert!(
+            plan(
+                "new",
+                CTR,
+                &[spec("127.0.0.1:8081:80")],
+                &existing,
+                |_, _| false
+            )
+            .is_ok()
+        );
+        // Two specific addresses of one family do not conflict.
+        let specific = plan("a", CTR, &[spec("127.0.0.1:9000:80")], &[], |_, _| false).unwrap();
+        assert!(
+            plan("b", CTR, &[spec("127.0.0.2:9000:80")], &specific, |_, _| {
+                false
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn conflicts_inside_one_command_are_caught() {
+        let err = plan(
+            "x",
+            CTR,
+            &[spec("8080:80"), spec("8080:81")],
+            &[],
+            |_, _| false,
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn ipv4_host_cannot_forward_to_ipv6_container() {
+        let v6 = IpAddr::V6("fd00::2".parse().unwrap());
+        let err = plan("x", v6, &[spec("127.0.0.1:8080:80")], &[], |_, _| false).unwrap_err();
+        assert!(err.downcast_ref::<Error>().is_some());
+    }
+
+    #[test]
+    fn unmap_selectors() {
+        let s: UnmapSelector = "8080".parse().unwrap();
+        assert_eq!(
+            (s.host_ip, s.ports.start, s.ports.end, s.protocol),
+            (None, 8080, 8080, Protocol::Tcp)
+        );
+        let s: UnmapSelector = "127.0.0.1:8000-8010/udp".parse().unwrap();
+        assert_eq!(s.to_string(), "127.0.0.1:8000-8010/udp");
+        let s: UnmapSelector = "[::1]:53/udp".parse().unwrap();
+        assert_eq!(s.to_string(), "[::1]:53/udp");
+        for bad in [
+            "", "0", "70000", "x:80", "::1:80", "[::1]80", "80/sctp", "90-80", "80/",
+        ] {
+            assert!(bad.parse::<UnmapSelector>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("web-1").is_ok());
+        assert!(check_name(&"a".repeat(64)).is_ok());
+        assert!(check_name(&"a".repeat(65)).is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("two words").is_err());
+        assert!(check_container_ip("0.0.0.0".parse().unwrap()).is_err());
+        assert!(check_container_ip("ff02::1".parse().unwrap()).is_err());
+    }
+}

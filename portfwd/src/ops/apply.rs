@@ -1,0 +1,143 @@
+//! `apply`: replacing the whole set of mappings with a file's.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+
+use super::{Session, publish::refuse_ports_in_use};
+use crate::{
+    error::Error,
+    host,
+    model::{
+        self, ApplyFile, Format, HostPorts, Mapping, PortRange, Protocol, PublishSpec, Record,
+    },
+};
+
+/// The difference `apply` makes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Diff {
+    pub(crate) added: Vec<Mapping>,
+    pub(crate) removed: Vec<Mapping>,
+    pub(crate) kept: usize,
+}
+
+/// Replaces the whole set of mappings with what `file` describes, all or
+/// nothing (`dry_run`: only computes the difference). Automatic host ports
+/// keep the port a matching mapping already has.
+pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<Diff> {
+    let mut session = Session::open(pin_dir, "apply")?;
+    let current = session.mappings();
+    let mut wanted: Vec<Mapping> = Vec::new();
+    for entry in &file.mappings {
+        model::check_container_ip(entry.container)?;
+        let name = entry
+            .name
+            .clone()
+            .unwrap_or_else(|| entry.container.to_string());
+        model::check_name(&name)?;
+        let specs = entry
+            .publish
+            .iter()
+            .map(|text| text.parse::<PublishSpec>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let specs: Vec<PublishSpec> = specs
+            .iter()
+            .flat_map(|spec| keep_automatic_ports(spec, &name, entry.container, &current))
+            .collect();
+        // Ports the current set holds are free for the new one.
+        let held: BTreeSet<(Protocol, u16)> = current
+            .iter()
+            .map(|m| (m.protocol, m.host.port()))
+            .collect();
+        let in_use = |p, port| !held.contains(&(p, port)) && host::port_in_use(p, port);
+        let planned = model::plan(&name, entry.container, &specs, &wanted, in_use)
+            .with_context(|| format!("mapping {name:?}"))?;
+        wanted.extend(planned);
+    }
+    let key = |m: &Mapping| Record::from(m);
+    let current_keys: BTreeSet<Record> = current.iter().map(key).collect();
+    let wanted_keys: BTreeSet<Record> = wanted.iter().map(key).collect();
+    let removed: Vec<Mapping> = current
+        .iter()
+        .filter(|m| !wanted_keys.contains(&key(m)))
+        .cloned()
+        .collect();
+    let mut added: Vec<Mapping> = wanted
+        .iter()
+        .filter(|m| !current_keys.contains(&key(m)))
+        .cloned()
+        .collect();
+    let diff_kept = wanted.len() - added.len();
+    if dry_run {
+        return Ok(Diff {
+            added,
+            removed,
+            kept: diff_kept,
+        });
+    }
+    let new_ports: Vec<Mapping> = added
+        .iter()
+        .filter(|m| {
+            !current
+                .iter()
+                .any(|c| c.protocol == m.protocol && c.host == m.host)
+        })
+        .cloned()
+        .collect();
+    refuse_ports_in_use(&new_ports)?;
+    for m in &mut added {
+        m.ifindex = session.prepare_backend_path(m.container.ip())?;
+    }
+    session.maps.sync_local_addrs(&host::local_addresses()?)?;
+    session.change(&removed, &added)?;
+    session.finish()?;
+    Ok(Diff {
+        added,
+        removed,
+        kept: diff_kept,
+    })
+}
+
+/// A spec with automatic host ports becomes, where a mapping with the same
+/// name, protocol and container endpoint exists, that mapping's port.
+fn keep_automatic_ports(
+    spec: &PublishSpec,
+    name: &str,
+    container: IpAddr,
+    current: &[Mapping],
+) -> Vec<PublishSpec> {
+    if spec.host_ports != HostPorts::Auto {
+        return vec![spec.clone()];
+    }
+    spec.container_ports
+        .iter()
+        .map(|port| {
+            let endpoint = SocketAddr::new(container, port);
+            let existing = current.iter().find(|m| {
+                m.name == name
+                    && m.protocol == spec.protocol
+                    && m.container == endpoint
+                    && spec.host_ip.is_none_or(|ip| ip == m.host.ip())
+            });
+            PublishSpec {
+                host_ports: match existing {
+                    Some(m) => HostPorts::Each(PortRange::single(m.host.port())),
+                    None => HostPorts::Auto,
+                },
+                container_ports: PortRange::single(port),
+                ..spec.clone()
+            }
+        })
+        .collect()
+}
+
+/// Reads an apply file; a missing or malformed file is a usage error.
+pub(crate) fn read_apply_file(path: &Path) -> Result<ApplyFile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| Error::usage(format!("cannot read {}: {error}", path.display())))?;
+    model::parse_apply(&text, Format::guess(path, &text))
+}

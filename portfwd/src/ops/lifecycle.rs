@@ -1,0 +1,138 @@
+//! An instance's life: `up` (install the datapath, restore the state, have
+//! the holder hold every port), `down`, and `attach`/`detach` of uplinks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use super::backend_paths;
+use crate::{
+    datapath::{
+        self, InstallOptions, InstallReport, PinnedMaps, Sizes, StateLock, UninstallReport,
+    },
+    holder, host,
+    model::Record,
+    state::{self, Fixes, Store},
+};
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UpOptions {
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) cgroup: Option<PathBuf>,
+    /// Replace attached programs even when they are this build's already.
+    pub(crate) reload: bool,
+    /// Capacities of maps created now (existing maps keep theirs).
+    pub(crate) max_mappings: Option<u32>,
+    pub(crate) max_flows: Option<u32>,
+    /// Uplinks for the TC programs (external traffic).
+    pub(crate) ifaces: Vec<String>,
+}
+
+/// What `up` did.
+#[derive(Debug, Default)]
+pub(crate) struct UpReport {
+    pub(crate) install: InstallReport,
+    pub(crate) mappings: usize,
+    /// Published ports that another process holds.
+    pub(crate) busy_ports: Vec<String>,
+    /// What the state file made `up` change in the maps.
+    pub(crate) fixes: Fixes,
+    /// Whether the state file was created from the maps (first `up` of a
+    /// portfwd that records state).
+    pub(crate) adopted: bool,
+}
+
+/// Loads and attaches whatever is not attached yet, reusing pinned maps, so
+/// that a second `up` keeps every mapping; restores the state file's
+/// mappings (after a reboot) and holds every published port.
+pub(crate) fn up(options: &UpOptions) -> Result<UpReport> {
+    host::require_capabilities("up", host::LOAD)?;
+    let pin_dir = &options.pin_dir;
+    let mut installed = datapath::install(&InstallOptions {
+        pin_dir: pin_dir.clone(),
+        cgroup: options.cgroup.clone(),
+        reload: options.reload,
+        sizes: Sizes {
+            max_mappings: options.max_mappings,
+            max_flows: options.max_flows,
+        },
+        ifaces: options.ifaces.clone(),
+    })?;
+    let mut report = UpReport::default();
+    restore_state(pin_dir, &installed.lock, &mut installed.maps, &mut report)?;
+    report.mappings = installed.maps.mappings()?.len();
+    report.install = installed.report;
+    drop(installed.maps);
+    drop(installed.lock);
+    // Hold every published port (after a reboot: the restored ones too).
+    report.busy_ports = holder::sync(pin_dir)?;
+    Ok(report)
+}
+
+/// Brings the maps in line with the state file (after a reboot: restores
+/// every mapping), or records the maps as the state when there is none.
+fn restore_state(
+    pin_dir: &Path,
+    lock: &StateLock,
+    maps: &mut PinnedMaps,
+    report: &mut UpReport,
+) -> Result<()> {
+    let store = Store::of(pin_dir);
+    let mut ifindex_of = backend_paths(pin_dir, lock);
+    let recovered = state::recover(&store, maps, &mut ifindex_of)?;
+    let Some(records) = store.load()? else {
+        let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
+        store.save(&records)?;
+        report.adopted = true;
+        return Ok(());
+    };
+    let mut fixes = state::reconcile(maps, &records, &mut ifindex_of)?;
+    // Interfaces are recreated with new indexes (a restarted container):
+    // redirect to where the container is now.
+    for m in maps.mappings()? {
+        let ifindex = ifindex_of(m.container.ip());
+        if ifindex != m.ifindex {
+            maps.set_ifindex(&m, ifindex)?;
+        }
+    }
+    if let Some(recovered) = recovered {
+        fixes.added.extend(recovered.added);
+        fixes.removed.extend(recovered.removed);
+    }
+    report.fixes = fixes;
+    Ok(())
+}
+
+/// Detaches every program and removes every pin (`down`); with
+/// `keep_state`, the next `up` restores the mappings from the state file.
+pub(crate) fn down(pin_dir: &Path, keep_state: bool) -> Result<UninstallReport> {
+    host::require_capabilities("down", host::LOAD)?;
+    if !pin_dir.exists() {
+        return Ok(UninstallReport::default());
+    }
+    // Release the held ports first: once the maps are gone, nothing could
+    // tell the holder which ports are published.
+    holder::stop(pin_dir)?;
+    let report = datapath::uninstall(pin_dir)?;
+    if !keep_state {
+        Store::of(pin_dir).remove()?;
+    }
+    Ok(report)
+}
+
+/// Attaches the uplink programs to `ifname` (`portfwd attach`); false if
+/// they were already there.
+pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<bool> {
+    host::require_capabilities("attach", host::LOAD)?;
+    host::netlink::ifindex(ifname)?;
+    let lock = StateLock::acquire(pin_dir)?;
+    datapath::attach_uplink(pin_dir, ifname, &lock)
+}
+
+/// Detaches every TC program from `ifname` (`portfwd detach`); the number
+/// of programs detached.
+pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<usize> {
+    host::require_capabilities("detach", host::LOAD)?;
+    let lock = StateLock::acquire(pin_dir)?;
+    datapath::detach_interface(pin_dir, ifname, &lock)
+}

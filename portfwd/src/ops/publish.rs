@@ -1,0 +1,132 @@
+//! Publishing and withdrawing mappings (`map`, `unmap`, CNI ADD/DEL).
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::{Result, bail};
+
+use super::Session;
+use crate::{
+    holder, host,
+    model::{self, Mapping, PublishSpec, UnmapSelector},
+};
+
+/// How `publish` treats host ports that another process already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PublishOptions {
+    /// Refuse (exit 1, nothing changed) to publish a port a host process
+    /// holds, naming it. Off for `--force`, and for runtimes that hold their
+    /// containers' ports themselves (podman's conmon).
+    pub(crate) refuse_ports_in_use: bool,
+    /// Have the holder bind the host ports (off when the runtime binds
+    /// them itself, as podman's conmon does, after the CNI ADD).
+    pub(crate) hold_ports: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            refuse_ports_in_use: true,
+            hold_ports: true,
+        }
+    }
+}
+
+/// What `publish` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Published {
+    pub(crate) mappings: Vec<Mapping>,
+    /// Published ports the holder could not bind (another process holds them).
+    pub(crate) busy_ports: Vec<String>,
+}
+
+/// Publishes `specs` for a container, all or nothing.
+pub(crate) fn publish_with(
+    pin_dir: &Path,
+    name: &str,
+    container_ip: IpAddr,
+    specs: &[PublishSpec],
+    options: PublishOptions,
+) -> Result<Published> {
+    let mut session = Session::open(pin_dir, "map")?;
+    let existing = session.mappings();
+    let mut planned = model::plan(name, container_ip, specs, &existing, host::port_in_use)?;
+    if options.refuse_ports_in_use {
+        refuse_ports_in_use(&planned)?;
+    }
+    let ifindex = session.prepare_backend_path(container_ip)?;
+    for m in &mut planned {
+        m.ifindex = ifindex;
+        m.hold = options.hold_ports;
+    }
+    // Wildcard mappings serve the host's addresses as they are now.
+    session.maps.sync_local_addrs(&host::local_addresses()?)?;
+    session.change(&[], &planned)?;
+    let busy_ports = session.finish()?;
+    Ok(Published {
+        mappings: planned,
+        busy_ports,
+    })
+}
+
+pub(super) fn refuse_ports_in_use(planned: &[Mapping]) -> Result<()> {
+    for m in planned {
+        if let Err(why) = holder::probe(m.protocol, m.host) {
+            bail!(
+                "host port {}/{} on {} is {why}: publish another port, or --force to publish it anyway",
+                m.host.port(),
+                m.protocol,
+                m.host.ip()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `withdraw` does when a name or selector matches nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Missing {
+    /// Fail, removing nothing (the CLI).
+    Error,
+    /// Remove what matches (CNI DEL, which must be idempotent).
+    Ignore,
+}
+
+/// Removes the mappings named `name` and those `selectors` match, all or
+/// nothing; the mappings removed.
+pub(crate) fn withdraw(
+    pin_dir: &Path,
+    name: Option<&str>,
+    selectors: &[UnmapSelector],
+    missing: Missing,
+) -> Result<Vec<Mapping>> {
+    let mut session = Session::open(pin_dir, "unmap")?;
+    let existing = session.mappings();
+    let mut doomed: Vec<Mapping> = Vec::new();
+    if let Some(name) = name {
+        let named: Vec<&Mapping> = existing.iter().filter(|m| m.name == name).collect();
+        if named.is_empty() && missing == Missing::Error {
+            bail!("no mapping is named {name:?}");
+        }
+        doomed.extend(named.into_iter().cloned());
+    }
+    for selector in selectors {
+        let matched: Vec<&Mapping> = existing.iter().filter(|m| selector.matches(m)).collect();
+        if matched.is_empty() && missing == Missing::Error {
+            bail!("nothing is published on {selector}");
+        }
+        for m in matched {
+            if !doomed.contains(m) {
+                doomed.push(m.clone());
+            }
+        }
+    }
+    session.change(&doomed, &[])?;
+    // Release the ports: the holder closes what is no longer published.
+    session.finish()?;
+    Ok(doomed)
+}
+
+/// Every mapping, under the state lock.
+pub(crate) fn mappings(pin_dir: &Path) -> Result<Vec<Mapping>> {
+    Ok(Session::open(pin_dir, "list")?.mappings())
+}

@@ -1,0 +1,1174 @@
+//! Hostile and odd packets on the uplink: the TC programs must pass what
+//! they do not understand untouched (and count it), never rewrite a
+//! malformed packet into a container, and keep forwarding normal traffic
+//! afterwards. Needs root (`cargo xtask test`). Topology, created and removed
+//! by each test:
+//!
+//! ```text
+//! client ns pft-ext4N (raw AF_PACKET socket on pfte4Nc)
+//!   --veth-- host uplink pfte4Nh (TC programs)
+//! host pftc4Nh --veth-- container ns pft-ctr4N (UDP echo, TCP server, raw capture)
+//! ```
+//!
+//! Frames are built by hand (with their checksums) and injected from the
+//! client namespace, addressed to the uplink's MAC. Each kind of frame
+//! carries its own IPv4 ID or IPv6 flow label (which the programs never
+//! change), so that the capture inside the container namespace tells which
+//! kinds arrived there.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    io,
+    mem::{size_of, zeroed},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use crate::support::*;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+const SCTP: u8 = 132;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const PACKET_OUTGOING: u8 = 4;
+/// Each kind of frame is sent this many times.
+const REPEAT: u64 = 3;
+
+// Ports inside the container and the published host ports (47300-47399).
+const UDP_ECHO: u16 = 5301;
+const TCP_SERVER: u16 = 5302;
+
+// --- checksums ---
+
+/// The 16-bit ones' complement sum of `data` (RFC 1071), added to `sum`;
+/// an odd last byte is padded with zero.
+fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for pair in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(u16::from_be_bytes([*last, 0]));
+    }
+    sum
+}
+
+/// Folds the carries and complements: the checksum to store.
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    fold(ones_sum(0, data))
+}
+
+fn ip_octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+/// The TCP/UDP/ICMPv6 checksum of `segment` (its checksum field zero, or
+/// filled in to verify: then the result is 0), with the pseudo-header of
+/// IPv4 or IPv6.
+fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> u16 {
+    let mut sum = ones_sum(0, &ip_octets(src));
+    sum = ones_sum(sum, &ip_octets(dst));
+    sum += u32::from(proto);
+    sum += segment.len() as u32;
+    fold(ones_sum(sum, segment))
+}
+
+/// UDP transmits a computed zero as all ones.
+fn udp_checksum(src: IpAddr, dst: IpAddr, segment: &[u8]) -> u16 {
+    match l4_checksum(src, dst, UDP, segment) {
+        0 => 0xffff,
+        sum => sum,
+    }
+}
+
+#[test]
+fn checksums_match_known_values() {
+    // RFC 1071's example: the sum of 0001 f203 f4f5 f6f7 is ddf2.
+    let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+    assert_eq!(fold(ones_sum(0, &data)), !0xddf2);
+    // An odd length is padded with a zero byte.
+    assert_eq!(checksum(&[0x12, 0x34, 0x56]), !(0x1234u16 + 0x5600));
+    // A well-known IPv4 header (checksum b861), and the verification rule:
+    // the checksum over a header including its checksum is 0.
+    let mut header = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
+        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+    ];
+    assert_eq!(checksum(&header), 0xb861);
+    header[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+    assert_eq!(checksum(&header), 0);
+    // Our own builder produces headers that verify.
+    let packet = Ipv4Packet::udp(
+        [10, 0, 0, 1].into(),
+        [10, 0, 0, 2].into(),
+        1234,
+        53,
+        b"hello",
+    )
+    .options(&[1, 1, 1, 0])
+    .build();
+    assert_eq!(packet[0], 0x46);
+    assert_eq!(checksum(&packet[..24]), 0);
+}
+
+#[test]
+fn transport_checksums_verify() {
+    let (src, dst): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+    let segment = udp(src, dst, 1000, 2000, b"odd");
+    assert_eq!(segment.len(), 11);
+    assert_eq!(l4_checksum(src, dst, UDP, &segment), 0);
+    let segment = tcp_syn(src, dst, 1000, 2000);
+    assert_eq!(l4_checksum(src, dst, TCP, &segment), 0);
+    let (src, dst): (IpAddr, IpAddr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+    let segment = udp(src, dst, 1000, 2000, b"v6");
+    assert_eq!(l4_checksum(src, dst, UDP, &segment), 0);
+    let segment = icmpv6_echo(src, dst);
+    assert_eq!(l4_checksum(src, dst, ICMPV6, &segment), 0);
+    // A sum that comes out as zero is sent as ffff (zero means "none").
+    assert_eq!(udp_checksum(src, dst, &[]), {
+        let c = l4_checksum(src, dst, UDP, &[]);
+        if c == 0 { 0xffff } else { c }
+    });
+}
+
+// --- packet builders ---
+
+/// A UDP header and payload, with its checksum.
+fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut s = Vec::with_capacity(len);
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&(len as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    let sum = udp_checksum(src, dst, &s);
+    s[6..8].copy_from_slice(&sum.to_be_bytes());
+    s
+}
+
+/// A TCP SYN (20-byte header, no options), with its checksum.
+fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = vec![0u8; 20];
+    s[0..2].copy_from_slice(&sport.to_be_bytes());
+    s[2..4].copy_from_slice(&dport.to_be_bytes());
+    s[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    s[12] = 5 << 4;
+    s[13] = 0x02; // SYN
+    s[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let sum = l4_checksum(src, dst, TCP, &s);
+    s[16..18].copy_from_slice(&sum.to_be_bytes());
+    s
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let mut s = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    s.extend_from_slice(b"portfwd hostile");
+    let sum = checksum(&s);
+    s[2..4].copy_from_slice(&sum.to_be_bytes());
+    s
+}
+
+fn icmpv6_echo(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let mut s = vec![128, 0, 0, 0, 0x12, 0x34, 0, 1];
+    s.extend_from_slice(b"portfwd hostile");
+    let sum = l4_checksum(src, dst, ICMPV6, &s);
+    s[2..4].copy_from_slice(&sum.to_be_bytes());
+    s
+}
+
+/// An IPv4 packet; fields left alone get sane values, and the header
+/// checksum is computed last over whatever the header then says.
+#[derive(Clone)]
+struct Ipv4Packet {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    /// Flags and fragment offset (in 8-byte units), as on the wire.
+    flags_fragment: u16,
+    options: Vec<u8>,
+    payload: Vec<u8>,
+    /// Overrides: the IHL nibble, the total length, the version nibble.
+    ihl: Option<u8>,
+    total_len: Option<u16>,
+    version: u8,
+}
+
+impl Ipv4Packet {
+    fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: Vec<u8>) -> Self {
+        Ipv4Packet {
+            src,
+            dst,
+            proto,
+            id: 0,
+            flags_fragment: 0,
+            options: Vec::new(),
+            payload,
+            ihl: None,
+            total_len: None,
+            version: 4,
+        }
+    }
+
+    fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Self {
+        let segment = udp(src.into(), dst.into(), sport, dport, payload);
+        Self::new(src, dst, UDP, segment)
+    }
+
+    fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Self {
+        let segment = tcp_syn(src.into(), dst.into(), sport, dport);
+        Self::new(src, dst, TCP, segment)
+    }
+
+    fn id(mut self, id: u16) -> Self {
+        self.id = id;
+        self
+    }
+
+    fn options(mut self, options: &[u8]) -> Self {
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40);
+        self.options = options.to_vec();
+        self
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let header_len = 20 + self.options.len();
+        let ihl = self.ihl.unwrap_or((header_len / 4) as u8);
+        let total = self
+            .total_len
+            .unwrap_or((header_len + self.payload.len()) as u16);
+        let mut p = Vec::with_capacity(header_len + self.payload.len());
+        p.push(self.version << 4 | (ihl & 0x0f));
+        p.push(0);
+        p.extend_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(&self.id.to_be_bytes());
+        p.extend_from_slice(&self.flags_fragment.to_be_bytes());
+        p.push(64);
+        p.push(self.proto);
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        p.extend_from_slice(&self.options);
+        let sum = checksum(&p);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p.extend_from_slice(&self.payload);
+        p
+    }
+}
+
+/// An IPv6 packet: fixed header, then `rest` (extension headers and the
+/// transport segment) as given.
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, flow: u32, next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40 + rest.len());
+    p.extend_from_slice(&(6 << 28 | (flow & 0xf_ffff)).to_be_bytes());
+    p.extend_from_slice(&(rest.len() as u16).to_be_bytes());
+    p.push(next);
+    p.push(64);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(rest);
+    p
+}
+
+/// An Ethernet frame.
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
+        .collect();
+    bytes.try_into().unwrap_or_else(|_| panic!("MAC {text:?}"))
+}
+
+#[test]
+fn builders_make_what_the_headers_say() {
+    let p = Ipv4Packet::udp([1, 2, 3, 4].into(), [5, 6, 7, 8].into(), 1, 2, b"xy")
+        .id(0xa101)
+        .build();
+    assert_eq!(p.len(), 30);
+    assert_eq!(u16::from_be_bytes([p[2], p[3]]), 30);
+    assert_eq!(u16::from_be_bytes([p[4], p[5]]), 0xa101);
+    assert_eq!(p[9], UDP);
+    let v6 = ipv6(
+        Ipv6Addr::LOCALHOST,
+        Ipv6Addr::LOCALHOST,
+        0xa1001,
+        UDP,
+        &[0; 8],
+    );
+    assert_eq!(v6.len(), 48);
+    assert_eq!(flow_label(&v6), 0xa1001);
+    assert_eq!(parse_mac("02:00:0a:FF:00:01\n"), [2, 0, 10, 255, 0, 1]);
+    let frame = ethernet([1; 6], [2; 6], ETH_P_IP, &p);
+    assert_eq!(&frame[12..14], &[0x08, 0x00]);
+}
+
+// --- raw sockets ---
+
+/// An AF_PACKET socket bound to one interface of the namespace it was
+/// opened in: sends whole Ethernet frames, receives every frame.
+struct RawSocket(OwnedFd);
+
+impl RawSocket {
+    /// Must run inside the interface's namespace (see `Container::inside`).
+    fn bind(ifname: &str) -> io::Result<Self> {
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain syscalls on values we own; the fd is wrapped at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                i32::from(all),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new, open descriptor that nothing else owns.
+        let socket = RawSocket(unsafe { OwnedFd::from_raw_fd(fd) });
+        let name = CString::new(ifname)?;
+        // SAFETY: name is a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = all;
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: addr is a sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                socket.0.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(socket)
+    }
+
+    fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: frame is a valid buffer of the length passed.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        assert_eq!(n as usize, frame.len(), "short send");
+        Ok(())
+    }
+
+    /// Every frame received (not sent) within `wait`; stops early after
+    /// `quiet` without a frame, and after 10 000 frames in any case.
+    fn drain(&self, wait: Duration, quiet: Duration) -> Vec<Vec<u8>> {
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while start.elapsed() < wait && last.elapsed() < quiet && frames.len() < 10_000 {
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut from: libc::sockaddr_ll = unsafe { zeroed() };
+            let mut from_len = size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: buf and from are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut from_len,
+                )
+            };
+            if n < 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            last = Instant::now();
+            if from.sll_pkttype != PACKET_OUTGOING {
+                frames.push(buf[..n as usize].to_vec());
+            }
+        }
+        frames
+    }
+}
+
+// --- reading captured frames ---
+
+fn flow_label(ipv6: &[u8]) -> u32 {
+    u32::from_be_bytes([ipv6[0], ipv6[1], ipv6[2], ipv6[3]]) & 0xf_ffff
+}
+
+/// What a captured frame from the client looked like on arrival in the
+/// container namespace.
+#[derive(Debug)]
+struct Arrival {
+    /// The IPv4 ID or IPv6 flow label.
+    tag: u32,
+    dst: IpAddr,
+    /// Problems found in the frame (bad checksums, lengths).
+    problems: Vec<String>,
+}
+
+/// Checks one frame received in the container namespace; None when it is
+/// not an IP packet from `client`.
+fn inspect(frame: &[u8], client: IpAddr, ours: &BTreeSet<u32>) -> Option<Arrival> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = &frame[14..];
+    let mut problems = Vec::new();
+    match (ethertype, client) {
+        (ETH_P_IP, IpAddr::V4(client)) => {
+            if ip.len() < 20 || Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).ok()?) != client {
+                return None;
+            }
+            let tag = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).ok()?);
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if ihl < 20 || ihl > ip.len() {
+                problems.push(format!("IHL {ihl} with {} bytes", ip.len()));
+            } else if checksum(&ip[..ihl]) != 0 {
+                problems.push("bad IPv4 header checksum".into());
+            }
+            if total < ihl || total > ip.len() {
+                problems.push(format!("total length {total} with {} bytes", ip.len()));
+            }
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            if problems.is_empty() && !fragment && ours.contains(&tag) {
+                check_transport(&mut problems, ip[9], dst, client.into(), &ip[ihl..total]);
+            }
+            Some(Arrival { tag, dst, problems })
+        }
+        (ETH_P_IPV6, IpAddr::V6(client)) => {
+            if ip.len() < 40 || Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?) != client {
+                return None;
+            }
+            let tag = flow_label(ip);
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if 40 + payload > ip.len() {
+                problems.push(format!("payload length {payload} with {} bytes", ip.len()));
+            } else if ours.contains(&tag) {
+                check_transport(
+                    &mut problems,
+                    ip[6],
+                    dst,
+                    client.into(),
+                    &ip[40..40 + payload],
+                );
+            }
+            Some(Arrival { tag, dst, problems })
+        }
+        _ => None,
+    }
+}
+
+fn check_transport(problems: &mut Vec<String>, proto: u8, dst: IpAddr, src: IpAddr, seg: &[u8]) {
+    let complete = match proto {
+        TCP => seg.len() >= 20,
+        UDP => seg.len() >= 8,
+        _ => return,
+    };
+    if !complete {
+        problems.push(format!("protocol {proto} segment of {} bytes", seg.len()));
+    } else if !(proto == UDP && seg[6..8] == [0, 0]) && l4_checksum(src, dst, proto, seg) != 0 {
+        problems.push(format!("bad protocol {proto} checksum"));
+    }
+}
+
+// --- the test topology ---
+
+/// Where each kind of frame should end up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Translated: it must reach the container, rewritten correctly.
+    Delivered,
+    /// Not understood (or not ours): it must not reach the container.
+    Passed,
+    /// Either is right; if it arrives, it must arrive rewritten correctly.
+    Either,
+}
+
+struct Kind {
+    name: &'static str,
+    /// IPv4 ID or IPv6 flow label, unique per kind.
+    tag: u32,
+    frame: Vec<u8>,
+    expect: Expect,
+    /// The stats counter it must raise (by at least REPEAT).
+    stat: Option<&'static str>,
+}
+
+struct Topology {
+    ctr: Container,
+    client: Container,
+    /// The uplink's MAC (destination of every frame) and the client's.
+    host_mac: [u8; 6],
+    client_mac: [u8; 6],
+}
+
+impl Topology {
+    fn new(index: u8) -> Self {
+        let ctr = Container::new(index);
+        let client = Container::with_prefix(index, "ext", 252);
+        let host_mac = parse_mac(
+            &std::fs::read_to_string(format!("/sys/class/net/{}/address", client.host_if)).unwrap(),
+        );
+        let link: serde_json::Value =
+            serde_json::from_str(&client.ip(&["-j", "link", "show", "dev", &client.ctr_if]))
+                .unwrap();
+        let client_mac = parse_mac(link[0]["address"].as_str().unwrap());
+        Topology {
+            ctr,
+            client,
+            host_mac,
+            client_mac,
+        }
+    }
+
+    fn frame(&self, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        ethernet(self.host_mac, self.client_mac, ethertype, payload)
+    }
+
+    fn client_v4(&self) -> Ipv4Addr {
+        v4(self.client.v4())
+    }
+    fn host_v4(&self) -> Ipv4Addr {
+        v4(self.client.host_v4())
+    }
+    fn client_v6(&self) -> Ipv6Addr {
+        v6(self.client.v6())
+    }
+    fn host_v6(&self) -> Ipv6Addr {
+        v6(self.client.host_v6())
+    }
+
+    /// Sends every kind REPEAT times from the client namespace while
+    /// capturing in the container namespace; returns what arrived there.
+    fn inject(&self, kinds: &[Kind]) -> Vec<Vec<u8>> {
+        let ctr_if = self.ctr.ctr_if.clone();
+        let capture = self
+            .ctr
+            .inside(move || RawSocket::bind(&ctr_if))
+            .expect("capture socket in the container namespace");
+        let client_if = self.client.ctr_if.clone();
+        let sender = self
+            .client
+            .inside(move || RawSocket::bind(&client_if))
+            .expect("raw socket in the client namespace");
+        for round in 0..REPEAT {
+            for kind in kinds {
+                sender
+                    .send(&kind.frame)
+                    .unwrap_or_else(|e| panic!("sending {} (round {round}): {e}", kind.name));
+            }
+        }
+        capture.drain(Duration::from_secs(5), Duration::from_millis(700))
+    }
+}
+
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => panic!("{ip} is not IPv4"),
+    }
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V6(ip) => ip,
+        IpAddr::V4(_) => panic!("{ip} is not IPv6"),
+    }
+}
+
+fn stats() -> BTreeMap<String, u64> {
+    let listing: serde_json::Value =
+        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    listing["stats"]
+        .as_object()
+        .expect("stats in portfwd list --json")
+        .iter()
+        .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+/// Checks the capture and the stats against what each kind expects.
+fn check(
+    kinds: &[Kind],
+    frames: &[Vec<u8>],
+    client: IpAddr,
+    backend: IpAddr,
+    before: &BTreeMap<String, u64>,
+) {
+    let ours: BTreeSet<u32> = kinds.iter().map(|k| k.tag).collect();
+    let arrivals: Vec<Arrival> = frames
+        .iter()
+        .filter_map(|f| inspect(f, client, &ours))
+        .collect();
+    let mut failures = Vec::new();
+    for a in &arrivals {
+        // Anything from the client in the container was translated by us.
+        if a.dst != backend {
+            failures.push(format!("{a:?}: arrived with destination {}", a.dst));
+        }
+        if !a.problems.is_empty() {
+            let name = kinds
+                .iter()
+                .find(|k| k.tag == a.tag)
+                .map_or("?", |k| k.name);
+            failures.push(format!("{name}: arrived malformed: {:?}", a.problems));
+        }
+    }
+    for kind in kinds {
+        let arrived = arrivals.iter().filter(|a| a.tag == kind.tag).count();
+        match kind.expect {
+            Expect::Delivered if arrived == 0 => {
+                failures.push(format!("{}: never reached the container", kind.name))
+            }
+            Expect::Passed if arrived > 0 => failures.push(format!(
+                "{}: {arrived} rewritten into the container",
+                kind.name
+            )),
+            _ => {}
+        }
+    }
+    let after = stats();
+    let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+    for kind in kinds {
+        if let Some(stat) = kind.stat {
+            *wanted.entry(stat).or_default() += REPEAT;
+        }
+    }
+    for (stat, n) in &wanted {
+        let rose = after[*stat] - before.get(*stat).copied().unwrap_or(0);
+        if rose < *n {
+            failures.push(format!("stat {stat} rose by {rose}, expected at least {n}"));
+        }
+    }
+    eprintln!("stats before: {before:?}\nstats after:  {after:?}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Normal traffic through the published ports, from the client namespace.
+fn normal_traffic_works(topo: &Topology, v6: bool, tcp_port: u16, udp_port: u16) {
+    let host = if v6 {
+        topo.client.host_v6()
+    } else {
+        topo.client.host_v4()
+    };
+    let client_ip = if v6 {
+        topo.client.v6()
+    } else {
+        topo.client.v4()
+    };
+    let tcp = SocketAddr::new(host, tcp_port);
+    let (greeting, _) = topo
+        .client
+        .inside(move || fetch(tcp))
+        .unwrap_or_else(|e| panic!("TCP through {tcp} after the hostile packets: {e}"));
+    assert_eq!(greeting, format!("container {client_ip}"));
+    let udp = SocketAddr::new(host, udp_port);
+    let answer = topo
+        .client
+        .inside(move || udp_ask(udp, None, b"still there"))
+        .unwrap_or_else(|e| panic!("UDP through {udp} after the hostile packets: {e}"));
+    assert_eq!(answer, format!("echo still there {client_ip}"));
+}
+
+/// One datagram to `to`, from `from` if given; the echo's answer.
+fn udp_ask(to: SocketAddr, from: Option<SocketAddr>, payload: &[u8]) -> io::Result<String> {
+    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .unwrap();
+    let socket = UdpSocket::bind(from.unwrap_or(any))?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(to)?;
+    socket.send(payload)?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A UDP socket in the client namespace on `port`, for the answers to
+/// injected datagrams; returns the answers that arrived within `wait`.
+fn collect_answers(
+    topo: &Topology,
+    bind: SocketAddr,
+    wait: Duration,
+) -> impl FnOnce() -> Vec<String> {
+    let socket = topo
+        .client
+        .inside(move || UdpSocket::bind(bind))
+        .unwrap_or_else(|e| panic!("binding {bind} in the client namespace: {e}"));
+    move || {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let start = Instant::now();
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 512];
+        while start.elapsed() < wait && answers.len() < 100 {
+            if let Ok(n) = socket.recv(&mut buf) {
+                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        answers
+    }
+}
+
+/// The container's UDP echo and TCP server, portfwd up on the client's
+/// uplink, and `publish` mapped to `container`: the guards keep them up.
+fn publish(
+    topo: &Topology,
+    name: &str,
+    container: std::net::IpAddr,
+    publish: [String; 2],
+) -> (Portfwd, Server, Server) {
+    let echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
+        "echo",
+    );
+    let server = topo.ctr.serve(&format!("[::]:{TCP_SERVER}"), "container");
+    let pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let container = container.to_string();
+    portfwd_ok(&["map", "--name", name, &container, &publish[0], &publish[1]]);
+    (pf, server, echo)
+}
+
+const FRAGMENT_MORE: u16 = 0x2000;
+
+#[test]
+fn hostile_ipv4_packets_are_passed_counted_and_never_rewritten_wrong() {
+    let Some(_serial) = root_test("hostile_ipv4_packets") else {
+        return;
+    };
+    let topo = Topology::new(41);
+    let (tcp_port, udp_port) = (47300, 47301);
+    let _running = publish(
+        &topo,
+        "hostile4",
+        topo.ctr.v4(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    // Before anything hostile: the path works.
+    normal_traffic_works(&topo, false, tcp_port, udp_port);
+    let mappings = listed().len();
+
+    let (src, dst) = (topo.client_v4(), topo.host_v4());
+    // The source port of each injected flow: answers to the well-formed ones
+    // come back to a socket bound on it.
+    let sport = |k: u16| 47350 + k;
+    let udp_to = |k: u16, payload: &[u8]| Ipv4Packet::udp(src, dst, sport(k), udp_port, payload);
+    let mut kinds = Vec::new();
+    let mut add = |name, tag: u16, packet: Vec<u8>, expect, stat| {
+        kinds.push(Kind {
+            name,
+            tag: u32::from(tag),
+            frame: topo.frame(ETH_P_IP, &packet),
+            expect,
+            stat,
+        })
+    };
+    use Expect::*;
+
+    // Well-formed, with IP options (4 NOPs, then 4 more with an end marker):
+    // translated like any other packet.
+    let opt_udp = udp_to(0, b"with options")
+        .id(0xa100)
+        .options(&[1, 1, 1, 1, 1, 1, 1, 0]);
+    add(
+        "UDP with IP options",
+        0xa100,
+        opt_udp.build(),
+        Delivered,
+        None,
+    );
+    let opt_tcp = Ipv4Packet::tcp_syn(src, dst, sport(1), tcp_port)
+        .id(0xa101)
+        .options(&[1, 1, 1, 0]);
+    add(
+        "TCP SYN with IP options",
+        0xa101,
+        opt_tcp.build(),
+        Delivered,
+        None,
+    );
+
+    // Truncated headers: passed and counted.
+    let whole = udp_to(2, b"truncated").id(0xa102).build();
+    add(
+        "IPv4 header cut at 12 bytes",
+        0xa102,
+        whole[..12].to_vec(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let mut short_ihl = udp_to(3, b"ihl").id(0xa103);
+    short_ihl.ihl = Some(4);
+    add(
+        "IPv4 IHL 4",
+        0xa103,
+        short_ihl.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let syn = Ipv4Packet::tcp_syn(src, dst, sport(4), tcp_port).id(0xa104);
+    let mut cut = syn.clone();
+    cut.payload.truncate(10);
+    add(
+        "TCP header cut at 10 bytes",
+        0xa104,
+        cut.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let mut cut = udp_to(5, b"").id(0xa105);
+    cut.payload.truncate(2);
+    add(
+        "UDP header cut at 2 bytes",
+        0xa105,
+        cut.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let mut long_ihl = udp_to(6, b"").id(0xa106);
+    long_ihl.ihl = Some(15);
+    add(
+        "IHL 15 past the end of the packet",
+        0xa106,
+        long_ihl.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+
+    // A TCP header with ports and flags but cut before its checksum, and a
+    // UDP header cut before its checksum: nothing to rewrite them with.
+    let mut cut = syn.clone().id(0xa107);
+    cut.payload.truncate(14);
+    add(
+        "TCP SYN header cut at 14 bytes",
+        0xa107,
+        cut.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let mut cut = udp_to(8, b"").id(0xa108);
+    cut.payload.truncate(6);
+    add(
+        "UDP header cut at 6 bytes",
+        0xa108,
+        cut.build(),
+        Passed,
+        Some("passed_truncated"),
+    );
+
+    // Lengths that disagree with the frame.
+    let mut long = udp_to(9, b"bogus length").id(0xa109);
+    long.total_len = Some(1400);
+    add(
+        "total length past the frame",
+        0xa109,
+        long.build(),
+        Passed,
+        None,
+    );
+    let mut short = udp_to(10, b"bogus length").id(0xa10a);
+    short.total_len = Some(20);
+    add(
+        "total length without the UDP header",
+        0xa10a,
+        short.build(),
+        Passed,
+        None,
+    );
+
+    // Fragments: a later fragment whose data looks like a UDP header to the
+    // published port must not be taken for one.
+    let fake_header = udp(src.into(), dst.into(), sport(11), udp_port, b"not a header");
+    let mut later = Ipv4Packet::new(src, dst, UDP, fake_header).id(0xa10b);
+    later.flags_fragment = 185; // offset 1480
+    add(
+        "later fragment",
+        0xa10b,
+        later.build(),
+        Passed,
+        Some("passed_fragment"),
+    );
+    let mut later_more = later.clone().id(0xa10c);
+    later_more.flags_fragment = FRAGMENT_MORE | 1;
+    add(
+        "middle fragment",
+        0xa10c,
+        later_more.build(),
+        Passed,
+        Some("passed_fragment"),
+    );
+    // A first fragment (offset 0, more to come) carries the UDP header: it
+    // may be translated, but then correctly. (Its later fragments cannot
+    // follow it: they are passed to the host, see above.)
+    let whole = udp(src.into(), dst.into(), sport(16), udp_port, &[0x5a; 24]);
+    let mut first = Ipv4Packet::new(src, dst, UDP, whole[..24].to_vec()).id(0xa112);
+    first.flags_fragment = FRAGMENT_MORE;
+    add("first fragment", 0xa112, first.build(), Either, None);
+
+    // Not TCP or UDP, but aimed at the published port where there is one.
+    let echo = Ipv4Packet::new(src, dst, ICMP, icmp_echo()).id(0xa10d);
+    add(
+        "ICMP echo",
+        0xa10d,
+        echo.build(),
+        Passed,
+        Some("passed_not_tcp_udp"),
+    );
+    let quoted = udp_to(12, b"").id(0x1111).build();
+    let mut unreachable = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    unreachable.extend_from_slice(&quoted[..28]);
+    let sum = checksum(&unreachable);
+    unreachable[2..4].copy_from_slice(&sum.to_be_bytes());
+    let icmp_err = Ipv4Packet::new(src, dst, ICMP, unreachable).id(0xa10e);
+    add(
+        "ICMP port unreachable quoting the published port",
+        0xa10e,
+        icmp_err.build(),
+        Passed,
+        Some("passed_not_tcp_udp"),
+    );
+    let mut sctp = udp_to(13, b"sctp").id(0xa10f);
+    sctp.proto = SCTP;
+    add(
+        "SCTP to the published port",
+        0xa10f,
+        sctp.build(),
+        Passed,
+        Some("passed_not_tcp_udp"),
+    );
+    let mut version = udp_to(14, b"version").id(0xa110);
+    version.version = 6;
+    add(
+        "IPv4 ethertype with version 6",
+        0xa110,
+        version.build(),
+        Passed,
+        Some("passed_not_ip"),
+    );
+
+    // Well-formed but for another machine's MAC: not ours, not counted.
+    let other = udp_to(15, b"other host").id(0xa111).build();
+    kinds.push(Kind {
+        name: "UDP to another MAC",
+        tag: 0xa111,
+        frame: ethernet(
+            [0x02, 0, 0, 0, 0x41, 0x41],
+            topo.client_mac,
+            ETH_P_IP,
+            &other,
+        ),
+        expect: Passed,
+        stat: None,
+    });
+
+    let answers = collect_answers(
+        &topo,
+        SocketAddr::new(src.into(), sport(0)),
+        Duration::from_secs(2),
+    );
+    let before = stats();
+    let frames = topo.inject(&kinds);
+    let answers = answers();
+    check(&kinds, &frames, src.into(), topo.ctr.v4(), &before);
+    // The datagram with IP options reached the echo, and its answer came
+    // back translated (the socket is connected to nothing: any source is
+    // accepted, so check the text).
+    assert!(
+        answers
+            .iter()
+            .any(|a| a == &format!("echo with options {src}")),
+        "{answers:?}"
+    );
+
+    // The programs and the maps still work.
+    assert_eq!(listed().len(), mappings, "{:?}", listed());
+    normal_traffic_works(&topo, false, tcp_port, udp_port);
+}
+
+#[test]
+fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
+    let Some(_serial) = root_test("hostile_ipv6_packets") else {
+        return;
+    };
+    let topo = Topology::new(42);
+    let (tcp_port, udp_port) = (47310, 47311);
+    let _running = publish(
+        &topo,
+        "hostile6",
+        topo.ctr.v6(),
+        [
+            format!("[::]:{tcp_port}:{TCP_SERVER}"),
+            format!("[::]:{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    normal_traffic_works(&topo, true, tcp_port, udp_port);
+    let mappings = listed().len();
+
+    let (src, dst) = (topo.client_v6(), topo.host_v6());
+    let sport = |k: u16| 47360 + k;
+    let udp_seg = |k: u16, payload: &[u8]| udp(src.into(), dst.into(), sport(k), udp_port, payload);
+    let mut kinds = Vec::new();
+    let mut add = |name, tag: u32, packet: Vec<u8>, expect, stat| {
+        kinds.push(Kind {
+            name,
+            tag,
+            frame: topo.frame(ETH_P_IPV6, &packet),
+            expect,
+            stat,
+        })
+    };
+    use Expect::*;
+
+    // Control: a well-formed datagram, built by hand like the others.
+    add(
+        "UDP",
+        0xa6000,
+        ipv6(src, dst, 0xa6000, UDP, &udp_seg(0, b"plain")),
+        Delivered,
+        None,
+    );
+    let syn = tcp_syn(src.into(), dst.into(), sport(1), tcp_port);
+    add(
+        "TCP SYN",
+        0xa6001,
+        ipv6(src, dst, 0xa6001, TCP, &syn),
+        Delivered,
+        None,
+    );
+
+    // Extension headers before UDP: passed and counted. Hop-by-hop with a
+    // PadN option; a fragment header (first fragment, more to come, and a
+    // later one); destination options.
+    let mut hop = vec![UDP, 0, 1, 4, 0, 0, 0, 0];
+    hop.extend_from_slice(&udp_seg(2, b"hop-by-hop"));
+    add(
+        "hop-by-hop then UDP",
+        0xa6002,
+        ipv6(src, dst, 0xa6002, 0, &hop),
+        Passed,
+        Some("passed_ipv6_extension"),
+    );
+    let mut first = vec![UDP, 0, 0x00, 0x01, 0xa6, 0, 0, 3];
+    first.extend_from_slice(&udp_seg(3, b"first fragment"));
+    add(
+        "first fragment (IPv6)",
+        0xa6003,
+        ipv6(src, dst, 0xa6003, 44, &first),
+        Passed,
+        Some("passed_ipv6_extension"),
+    );
+    let mut later = vec![UDP, 0, 0x05, 0xc8, 0xa6, 0, 0, 3];
+    later.extend_from_slice(&udp_seg(4, b"later fragment"));
+    add(
+        "later fragment (IPv6)",
+        0xa6004,
+        ipv6(src, dst, 0xa6004, 44, &later),
+        Passed,
+        Some("passed_ipv6_extension"),
+    );
+    let mut dest = vec![UDP, 0, 1, 4, 0, 0, 0, 0];
+    dest.extend_from_slice(&udp_seg(5, b"destination options"));
+    add(
+        "destination options then UDP",
+        0xa6005,
+        ipv6(src, dst, 0xa6005, 60, &dest),
+        Passed,
+        Some("passed_ipv6_extension"),
+    );
+
+    // Truncated: the fixed header, and the UDP and TCP headers.
+    let whole = ipv6(src, dst, 0xa6006, UDP, &udp_seg(6, b"cut"));
+    add(
+        "IPv6 header cut at 30 bytes",
+        0xa6006,
+        whole[..30].to_vec(),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let cut = &udp_seg(7, b"")[..2];
+    add(
+        "UDP header cut at 2 bytes (IPv6)",
+        0xa6007,
+        ipv6(src, dst, 0xa6007, UDP, cut),
+        Passed,
+        Some("passed_truncated"),
+    );
+    let cut = &tcp_syn(src.into(), dst.into(), sport(8), tcp_port)[..10];
+    add(
+        "TCP header cut at 10 bytes (IPv6)",
+        0xa6008,
+        ipv6(src, dst, 0xa6008, TCP, cut),
+        Passed,
+        Some("passed_truncated"),
+    );
+
+    // A payload length past the end of the frame.
+    let mut long = ipv6(src, dst, 0xa6009, UDP, &udp_seg(9, b"bogus length"));
+    long[4..6].copy_from_slice(&1400u16.to_be_bytes());
+    add("payload length past the frame", 0xa6009, long, Passed, None);
+
+    // ICMPv6 echo: not TCP or UDP.
+    let echo = icmpv6_echo(src.into(), dst.into());
+    add(
+        "ICMPv6 echo",
+        0xa600a,
+        ipv6(src, dst, 0xa600a, ICMPV6, &echo),
+        Passed,
+        Some("passed_not_tcp_udp"),
+    );
+
+    let answers = collect_answers(
+        &topo,
+        SocketAddr::new(src.into(), sport(0)),
+        Duration::from_secs(2),
+    );
+    let before = stats();
+    let frames = topo.inject(&kinds);
+    let answers = answers();
+    check(&kinds, &frames, src.into(), topo.ctr.v6(), &before);
+    assert!(
+        answers.iter().any(|a| a == &format!("echo plain {src}")),
+        "{answers:?}"
+    );
+
+    assert_eq!(listed().len(), mappings, "{:?}", listed());
+    normal_traffic_works(&topo, true, tcp_port, udp_port);
+}

@@ -1,0 +1,503 @@
+//! Reliability: concurrent writers, killed commands, restarts, upgrades in
+//! place, resource limits, the state file and `apply`. Needs root (`cargo
+//! xtask test`).
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::support::*;
+
+/// The (host ip, host port, protocol) of every listed mapping.
+fn published() -> BTreeSet<(String, u64, String)> {
+    listed()
+        .iter()
+        .map(|r| {
+            (
+                r["host_ip"].as_str().unwrap().to_owned(),
+                r["host_port"].as_u64().unwrap(),
+                r["protocol"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The same, from the state file.
+fn recorded() -> BTreeSet<(String, u64, String)> {
+    let path = portfwd::instance::state_path(std::path::Path::new(&pin_dir()));
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    if text.is_empty() {
+        return BTreeSet::new();
+    }
+    portfwd::model::parse_state(&text)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.host_ip.to_string(),
+                r.host_port as u64,
+                r.protocol.to_string(),
+            )
+        })
+        .collect()
+}
+
+fn portfwd_cmd(args: &[&str]) -> Command {
+    let mut command = Command::new(PORTFWD);
+    command.args(["--bpffs", &pin_dir()]).args(args);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+}
+
+#[test]
+fn sixteen_concurrent_writers_lose_nothing() {
+    let Some(_serial) = root_test("concurrent_writers") else {
+        return;
+    };
+    let ctr = Container::new(51);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let container = ctr.v4().to_string();
+    // Writer w adds 5 ranges of 25 ports (125 mappings: 2,000 in all) and
+    // then removes its 2nd and 4th range.
+    let start = Instant::now();
+    let writers: Vec<_> = (0..16u16)
+        .map(|w| {
+            let container = container.clone();
+            std::thread::spawn(move || {
+                let base = 43000 + w * 125;
+                for r in 0..5u16 {
+                    let first = base + r * 25;
+                    let spec = format!(
+                        "127.0.0.1:{first}-{}:{}-{}",
+                        first + 24,
+                        1000 + r * 25,
+                        1024 + r * 25
+                    );
+                    let out = portfwd_cmd(&["map", "--name", &format!("w{w}"), &container, &spec])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                for r in [1u16, 3] {
+                    let first = base + r * 25;
+                    let range = format!("127.0.0.1:{first}-{}", first + 24);
+                    let out = portfwd_cmd(&["unmap", &range]).output().unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    eprintln!("16 writers, 112 commands: {:?}", start.elapsed());
+    let mut expected = BTreeSet::new();
+    for w in 0..16u64 {
+        for r in [0u64, 2, 4] {
+            for p in 0..25 {
+                expected.insert((
+                    "127.0.0.1".to_owned(),
+                    43000 + w * 125 + r * 25 + p,
+                    "tcp".to_owned(),
+                ));
+            }
+        }
+    }
+    assert_eq!(expected.len(), 1200);
+    assert_eq!(published(), expected, "the maps");
+    assert_eq!(recorded(), expected, "the state file");
+}
+
+#[test]
+fn a_killed_range_map_leaves_all_or_nothing() {
+    let Some(_serial) = root_test("killed_map") else {
+        return;
+    };
+    let ctr = Container::new(52);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let container = ctr.v4().to_string();
+    // How long a whole 1,000-port map takes, to spread the kills over it.
+    let start = Instant::now();
+    assert!(
+        portfwd_cmd(&[
+            "map",
+            "--name",
+            "big",
+            &container,
+            "45000-45999:20000-20999"
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
+    let full = start.elapsed();
+    assert_eq!(published().len(), 2000);
+    portfwd_ok(&["unmap", "--name", "big"]);
+    eprintln!("a 1,000-port map: {full:?}");
+
+    let mut outcomes = Vec::new();
+    for attempt in 0..10u32 {
+        let mut child = portfwd_cmd(&[
+            "map",
+            "--name",
+            "big",
+            &container,
+            "45000-45999:20000-20999",
+        ])
+        .spawn()
+        .unwrap();
+        // Spread over the command's run, from start-up to the end.
+        std::thread::sleep(full.mul_f64(f64::from(attempt) / 10.0 + 0.05));
+        let _ = child.kill();
+        let _ = child.wait();
+        // The next command sees a whole state: all of it, or none.
+        let now = published();
+        assert!(
+            now.is_empty() || now.len() == 2000,
+            "attempt {attempt}: {} entries",
+            now.len()
+        );
+        assert_eq!(recorded(), now, "attempt {attempt}: the state file agrees");
+        outcomes.push(now.len());
+        if !now.is_empty() {
+            portfwd_ok(&["unmap", "--name", "big"]);
+        }
+    }
+    eprintln!("entries after each kill: {outcomes:?}");
+}
+
+#[test]
+fn a_reboot_brings_every_mapping_back() {
+    let Some(_serial) = root_test("reboot") else {
+        return;
+    };
+    let ctr = Container::new(53);
+    let _server = ctr.serve("[::]:80", "ctr53");
+    let up = ["up", "--iface", ctr.host_if.as_str()];
+    let _pf = Portfwd::up(&up[1..]);
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "web",
+        &ctr.v4().to_string(),
+        "47501:80",
+        "127.0.0.1:47502:80/udp",
+    ]);
+    let before = published();
+    // A reboot empties bpffs; `down --keep-state` does the same here.
+    portfwd_ok(&["down", "--keep-state"]);
+    assert!(!std::path::Path::new(&pin_dir()).exists());
+    assert!(fetch("127.0.0.1:47501".parse().unwrap()).is_err());
+    let out = portfwd_ok(&up);
+    assert!(out.contains("restored web: 0.0.0.0:47501/tcp"), "{out}");
+    assert_eq!(published(), before);
+    assert!(
+        fetch("127.0.0.1:47501".parse().unwrap())
+            .unwrap()
+            .0
+            .starts_with("ctr53")
+    );
+    // A second `up` on the running system has nothing to fix.
+    let again = portfwd_ok(&up);
+    assert!(!again.contains("restored"), "{again}");
+    // A mapping removed behind portfwd's back is put back by `up`.
+    let pin = pin_dir();
+    let services =
+        aya::maps::MapData::from_pin(std::path::Path::new(&pin).join("pf_services")).unwrap();
+    let mut services: aya::maps::HashMap<
+        _,
+        portfwd_common::ServiceKey,
+        portfwd_common::ServiceValue,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(services)).unwrap();
+    let key = services.keys().next().unwrap().unwrap();
+    services.remove(&key).unwrap();
+    assert_eq!(published().len(), before.len() - 1);
+    let fixed = portfwd_ok(&up);
+    assert!(fixed.contains("restored"), "{fixed}");
+    assert_eq!(published(), before);
+}
+
+#[test]
+fn a_stream_survives_an_upgrade_in_place() {
+    let Some(_serial) = root_test("upgrade") else {
+        return;
+    };
+    let ctr = Container::new(54);
+    let client = Container::with_prefix(54, "ext", 252);
+    // 100 chunks of 200 KB, 20 ms apart: the reload happens mid-stream.
+    let chunk: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
+    let sent = chunk.clone();
+    let _source = Server::start_with(
+        Some(ctr.netns_path()),
+        "[::]:5002".parse().unwrap(),
+        Arc::new(move |mut stream: TcpStream, _| {
+            for _ in 0..100 {
+                if stream.write_all(&sent).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }),
+    );
+    let up = ["up", "--iface", client.host_if.as_str()];
+    let _pf = Portfwd::up(&up[1..]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47510:5002"]);
+    let published = SocketAddr::new(client.host_v4(), 47510);
+    let client_ns = client.netns_path();
+    let download = std::thread::spawn(move || {
+        enter_netns(&client_ns);
+        let mut stream = TcpStream::connect_timeout(&published, TIMEOUT).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data).map(|_| data)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let out = portfwd_ok(&["up", "--reload", "--iface", &client.host_if]);
+    assert!(
+        out.contains("replaced by this build") && out.contains("pf_tc_uplink_in"),
+        "{out}"
+    );
+    let data = download.join().unwrap().expect("the stream broke");
+    assert_eq!(data.len(), 100 * chunk.len());
+    assert!(
+        data.chunks(chunk.len()).all(|c| c == chunk.as_slice()),
+        "bytes differ"
+    );
+    // Without --reload, the same build replaces nothing.
+    let again = portfwd_ok(&up);
+    assert!(!again.contains("replaced"), "{again}");
+}
+
+#[test]
+fn map_sizes_are_configurable_and_a_full_map_says_so() {
+    let Some(_serial) = root_test("map_sizes") else {
+        return;
+    };
+    let ctr = Container::new(55);
+    let _pf = Portfwd::up(&[
+        "--iface",
+        &ctr.host_if,
+        "--max-mappings",
+        "4",
+        "--max-flows",
+        "2",
+    ]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47520:80", "47521:80"]);
+    let before = listed();
+    let out = portfwd(&["map", &ctr.v4().to_string(), "47522:80"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("full"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(listed(), before);
+    // Sizes apply when the maps are created: a later `up` says so.
+    let out = portfwd(&["up", "--iface", &ctr.host_if, "--max-mappings", "8"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not applied"));
+}
+
+#[test]
+fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
+    let Some(_serial) = root_test("conntrack_eviction") else {
+        return;
+    };
+    let ctr = Container::new(56);
+    let client = Container::with_prefix(56, "ext", 252);
+    let _echo = Server::start_with(
+        Some(ctr.netns_path()),
+        "[::]:5004".parse().unwrap(),
+        Arc::new(|stream: TcpStream, _| {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut line = String::new();
+            while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+                if writer.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        }),
+    );
+    // Room for two flows.
+    let _pf = Portfwd::up(&["--iface", &client.host_if, "--max-flows", "2"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47530:5004"]);
+    let published = SocketAddr::new(client.host_v4(), 47530);
+    let client_ns = client.netns_path();
+    let first_flow_lives = std::thread::spawn(move || {
+        enter_netns(&client_ns);
+        let open = |msg: &[u8]| {
+            let mut s = TcpStream::connect_timeout(&published, TIMEOUT)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(msg)?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf)?;
+            Ok::<_, std::io::Error>((s, n))
+        };
+        let (mut first, _) = open(b"one\n").unwrap();
+        // Three more flows: the first one is the least recently used.
+        let _others: Vec<_> = (0..3).map(|_| open(b"more\n").unwrap()).collect();
+        let _ = first.write_all(b"again\n");
+        let mut buf = [0u8; 16];
+        matches!(first.read(&mut buf), Ok(n) if n > 0)
+    });
+    assert!(
+        !first_flow_lives.join().unwrap(),
+        "the evicted flow still flowed"
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    assert!(
+        listing["stats"]["untracked_midflow"].as_u64().unwrap() >= 1,
+        "{listing}"
+    );
+}
+
+#[test]
+fn apply_replaces_the_whole_set_and_prints_the_difference() {
+    let Some(_serial) = root_test("apply") else {
+        return;
+    };
+    let ctr = Container::new(57);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "old",
+        &ctr.v4().to_string(),
+        "127.0.0.1:47540:80",
+    ]);
+    let dir = std::env::temp_dir().join(format!("portfwd-apply-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = dir.join("mappings.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[mappings]]\nname = \"web\"\ncontainer = \"{0}\"\npublish = [\"127.0.0.1:47541:80\", \"127.0.0.1:47542:53/udp\"]\n",
+            ctr.v4()
+        ),
+    )
+    .unwrap();
+    let toml = toml.to_str().unwrap();
+    let dry = portfwd_ok(&["apply", "-f", toml, "--dry-run"]);
+    assert!(
+        dry.contains("- old 127.0.0.1:47540/tcp") && dry.contains("+ web 127.0.0.1:47541/tcp"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains("dry run: 2 added, 1 removed, 0 unchanged"),
+        "{dry}"
+    );
+    assert_eq!(published().len(), 1, "a dry run changes nothing");
+    let applied = portfwd_ok(&["apply", "-f", toml]);
+    assert!(applied.contains("2 added, 1 removed"), "{applied}");
+    let expected: BTreeSet<_> = [
+        ("127.0.0.1".to_owned(), 47541, "tcp".to_owned()),
+        ("127.0.0.1".to_owned(), 47542, "udp".to_owned()),
+    ]
+    .into();
+    assert_eq!(published(), expected);
+    assert_eq!(recorded(), expected);
+    // Applying the same file again changes nothing.
+    assert!(portfwd_ok(&["apply", "-f", toml]).contains("0 added, 0 removed, 2 unchanged"));
+    // A JSON file, and bad files: usage errors that change nothing.
+    let json = dir.join("m.json");
+    std::fs::write(
+        &json,
+        format!(
+            r#"{{"mappings": [{{"container": "{}", "publish": ["127.0.0.1:47543:80"]}}]}}"#,
+            ctr.v4()
+        ),
+    )
+    .unwrap();
+    assert!(portfwd_ok(&["apply", "-f", json.to_str().unwrap()]).contains("1 added, 2 removed"));
+    let after = listed();
+    for (name, text) in [
+        (
+            "bad.toml",
+            "[[mappings]]\ncontainer = \"x\"\npublish = []\n",
+        ),
+        (
+            "bad2.toml",
+            "[[mappings]]\ncontainer = \"10.0.0.1\"\npublish = [\"70000:80\"]\n",
+        ),
+        ("bad.json", "{\"mappings\": 3}"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = portfwd(&["apply", "-f", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+    }
+    let out = portfwd(&["apply", "-f", "/nonexistent/file.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(listed(), after);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_input_of_every_kind_changes_nothing() {
+    let Some(_serial) = root_test("bad_input_kinds") else {
+        return;
+    };
+    let ctr = Container::new(58);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", "--name", "keep", &ctr.v4().to_string(), "47550:80"]);
+    let before = listed();
+    let ip = ctr.v4().to_string();
+    let long_name = "x".repeat(65);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["map"],
+        vec!["map", &ip],
+        vec!["map", &ip, ""],
+        vec!["map", &ip, "0:80"],
+        vec!["map", &ip, "80:0"],
+        vec!["map", &ip, "[::1:80:80"],
+        vec!["map", &ip, "1.2.3.4.5:80:80"],
+        vec!["map", &ip, "80/tcp/udp"],
+        vec!["map", &ip, "8080:80-81"],
+        vec!["map", "::", "80"],
+        vec!["map", "224.0.0.1", "80"],
+        vec!["map", "--name", "", &ip, "80"],
+        vec!["map", "--name", &long_name, &ip, "80"],
+        vec!["unmap", "abc"],
+        vec!["unmap", "--name", "keep", "1.2.3:80"],
+        vec!["up", "--max-mappings", "0", "--iface", &ctr.host_if],
+        vec!["attach"],
+        vec!["list", "--bogus"],
+        vec!["frobnicate"],
+    ];
+    for args in &cases {
+        let out = portfwd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    let runtime: Vec<Vec<&str>> = vec![
+        vec!["attach", "pft-no-such-if"],
+        vec!["up", "--iface", "pft-no-such-if"],
+        vec!["unmap", "47999"],
+        vec!["map", &ip, "47550:80"],
+    ];
+    for args in &runtime {
+        let out = portfwd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    assert_eq!(listed(), before);
+}

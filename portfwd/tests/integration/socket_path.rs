@@ -1,0 +1,259 @@
+//! The socket path end to end: the real programs on the cgroup v2 root, the
+//! real CLI, and real connections into a network namespace. Needs root
+//! (`cargo xtask test`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use crate::support::*;
+
+fn addr(ip: std::net::IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+#[test]
+fn host_connections_reach_the_container_through_every_local_address() {
+    let Some(_serial) = root_test("host_connections_reach_the_container") else {
+        return;
+    };
+    let ctr = Container::new(11);
+    let _server = ctr.serve("[::]:80", "hello from ctr11 to");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    // The veth's host address exists before `map`, which records it.
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47011:80"]);
+
+    let expected = format!("hello from ctr11 to {}", ctr.host_v4());
+    for dialed in [
+        "127.0.0.1:47011".parse().unwrap(),
+        "[::1]:47011".parse().unwrap(),
+        addr(ctr.host_v4(), 47011),
+        addr(ctr.host_v6(), 47011),
+    ] {
+        let (answer, peer) = fetch(dialed).unwrap_or_else(|e| panic!("{dialed}: {e}"));
+        // IPv6 sockets reach the IPv4 container over IPv4 (mapped address).
+        assert_eq!(answer, expected, "via {dialed}");
+        // getpeername reports what the application dialed.
+        assert_eq!(peer, dialed, "getpeername via {dialed}");
+    }
+}
+
+#[test]
+fn ipv6_container_is_reached_through_ipv6_loopback() {
+    let Some(_serial) = root_test("ipv6_container") else {
+        return;
+    };
+    let ctr = Container::new(12);
+    let _server = ctr.serve("[::]:80", "v6 ctr12 to");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:47012:80"]);
+    let (answer, peer) = fetch("[::1]:47012".parse().unwrap()).unwrap();
+    assert_eq!(answer, format!("v6 ctr12 to {}", ctr.host_v6()));
+    assert_eq!(peer, "[::1]:47012".parse().unwrap());
+    // Published on ::1 only: 127.0.0.1 is not forwarded.
+    assert!(fetch("127.0.0.1:47012".parse().unwrap()).is_err());
+}
+
+#[test]
+fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
+    let Some(_serial) = root_test("second_process") else {
+        return;
+    };
+    let ctr = Container::new(13);
+    let _server = ctr.serve("[::]:80", "ctr13");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "first",
+        &ctr.v4().to_string(),
+        "127.0.0.1:47013:80",
+        "47014:80/udp",
+    ]);
+    assert!(fetch("127.0.0.1:47013".parse().unwrap()).is_ok());
+
+    let rows = listed();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["name"] == "first" && r["container_ip"] == ctr.v4().to_string())
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["protocol"] == "udp" && r["host_ip"] == "::" && r["host_port"] == 47014)
+    );
+
+    portfwd_ok(&["unmap", "127.0.0.1:47013"]);
+    let error = fetch("127.0.0.1:47013".parse().unwrap()).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+    portfwd_ok(&["unmap", "--name", "first"]);
+    assert!(listed().is_empty());
+}
+
+#[test]
+fn connections_inside_other_namespaces_are_never_redirected() {
+    let Some(_serial) = root_test("other_namespaces") else {
+        return;
+    };
+    let ctr = Container::new(14);
+    let _public = ctr.serve("[::]:80", "published");
+    // The container's own service on its own loopback, same port number.
+    let _own = ctr.serve("127.0.0.1:47015", "own loopback");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47015:80"]);
+
+    let (answer, _) = fetch("127.0.0.1:47015".parse().unwrap()).unwrap();
+    assert!(answer.starts_with("published"), "{answer}");
+    let inside = ctr.inside(|| fetch("127.0.0.1:47015".parse().unwrap()).map(|(a, _)| a));
+    assert!(inside.unwrap().starts_with("own loopback"));
+}
+
+#[test]
+fn bad_input_and_conflicts_change_nothing() {
+    let Some(_serial) = root_test("bad_input") else {
+        return;
+    };
+    let ctr = Container::new(15);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", "--name", "a", "10.251.15.2", "47016:80"]);
+    let before = listed();
+
+    let usage = [
+        vec!["map", "10.251.15.2", "70000:80"],
+        vec!["map", "10.251.15.2", "47020:80", "3000-3001:80-82"],
+        vec!["map", "not-an-ip", "47020:80"],
+        vec!["map", "10.251.15.2", "47020:80/sctp"],
+        vec!["map", "--name", "has space", "10.251.15.2", "47020:80"],
+        vec!["unmap", "47016/icmp"],
+        vec!["unmap"],
+    ];
+    for args in usage {
+        let out = portfwd(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one-line error, got {stderr}"
+        );
+    }
+    // A conflict in the second PUBLISH must not leave the first one behind.
+    let runtime = [
+        vec!["map", "10.251.15.2", "47021:80", "127.0.0.1:47016:80"],
+        vec!["map", "10.251.15.2", "47022:80", "47022:81"],
+        vec!["unmap", "47016", "47099"],
+        vec!["unmap", "--name", "nobody"],
+    ];
+    for args in runtime {
+        let out = portfwd(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one-line error, got {stderr}"
+        );
+    }
+    assert_eq!(listed(), before);
+
+    // Without root, and before `up`, the CLI says so plainly.
+    let out = run(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PORTFWD,
+            "--bpffs",
+            &pin_dir(),
+            "list",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing: CAP_BPF"), "{stderr}");
+    let out = run(
+        PORTFWD,
+        &["--bpffs", "/sys/fs/bpf/portfwd-test-absent", "list"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `portfwd up` first"));
+}
+
+#[test]
+fn up_is_idempotent_and_down_leaves_nothing_behind() {
+    let Some(_serial) = root_test("down_leaves_nothing") else {
+        return;
+    };
+    let ctr = Container::new(16);
+    let _server = ctr.serve("[::]:80", "ctr16");
+    let pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47017:80"]);
+    // A second `up` keeps the mappings and attaches nothing twice.
+    let again = portfwd_ok(&["up", "--iface", &ctr.host_if]);
+    assert!(again.contains("already up (2 mappings)"), "{again}");
+    assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_ok());
+
+    let (program_ids, map_ids) = pinned_object_ids();
+    // Eight socket programs, two on the uplink (the veth here).
+    assert_eq!(program_ids.len(), 10);
+    assert_eq!(map_ids.len(), portfwd_common::MAPS.len());
+    portfwd_ok(&["down"]);
+    std::mem::forget(pf);
+
+    assert!(!std::path::Path::new(&pin_dir()).exists());
+    assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_err());
+    // The kernel frees programs and maps once the last reference goes
+    // (after an RCU grace period, hence the wait).
+    let gone = wait_until(Duration::from_secs(5), || {
+        let programs: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .collect();
+        let maps: Vec<u32> = aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .map(|m| m.id())
+            .collect();
+        program_ids.iter().all(|id| !programs.contains(id))
+            && map_ids.iter().all(|id| !maps.contains(id))
+    });
+    assert!(
+        gone,
+        "programs {program_ids:?} or maps {map_ids:?} still loaded after down"
+    );
+}
+
+/// The ids of the programs behind our pinned links and of our pinned maps.
+fn pinned_object_ids() -> (Vec<u32>, Vec<u32>) {
+    let dir = pin_dir();
+    let dir = std::path::Path::new(&dir);
+    let mut pins = Vec::new();
+    let mut dirs = vec![dir.join("links")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path)
+            } else {
+                pins.push(path)
+            }
+        }
+    }
+    let programs = pins
+        .into_iter()
+        .map(|pin| {
+            let link = aya::programs::links::PinnedLink::from_pin(pin).unwrap();
+            let link: aya::programs::links::FdLink = link.into();
+            link.info().unwrap().program_id()
+        })
+        .collect();
+    let maps = portfwd_common::MAPS
+        .iter()
+        .map(|map| {
+            aya::maps::MapData::from_pin(dir.join(map.name))
+                .unwrap()
+                .info()
+                .unwrap()
+                .id()
+        })
+        .collect();
+    (programs, maps)
+}

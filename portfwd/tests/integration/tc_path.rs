@@ -1,0 +1,362 @@
+//! The TC path end to end: an external client namespace reaches a container
+//! namespace through the host's published port. Needs root (`cargo xtask
+//! test`). Topology, created and removed by each test:
+//!
+//! ```text
+//! client ns (10.252.N.2) --veth-- host uplink pfteNh (10.252.N.1, TC programs)
+//! host pftcNh (10.251.N.1) --veth-- container ns (10.251.N.2, servers)
+//! ```
+
+use std::{
+    hash::Hasher,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::support::*;
+
+const MB20: usize = 20 * 1024 * 1024;
+
+struct Topology {
+    ctr: Container,
+    client: Container,
+}
+
+impl Topology {
+    fn new(index: u8) -> Self {
+        Topology {
+            ctr: Container::new(index),
+            client: Container::with_prefix(index, "ext", 252),
+        }
+    }
+
+    /// The host's address on the uplink, as the client dials it.
+    fn uplink(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.client.host_v6()
+        } else {
+            self.client.host_v4()
+        }
+    }
+
+    fn up(&self) -> Portfwd {
+        Portfwd::up(&["--iface", &self.client.host_if])
+    }
+
+    /// Turns TX checksum offload on or off on every interface of the path.
+    fn set_tx_offload(&self, on: bool) {
+        let state = if on { "on" } else { "off" };
+        for ns in [&self.ctr, &self.client] {
+            sh("ethtool", &["-K", &ns.host_if, "tx", state]);
+            sh(
+                "ip",
+                &[
+                    "netns", "exec", &ns.netns, "ethtool", "-K", &ns.ctr_if, "tx", state,
+                ],
+            );
+        }
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
+        .collect()
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
+/// Reads everything, answers `<hash> <length> <client address>`.
+fn sink(mut stream: TcpStream, peer: SocketAddr) {
+    let mut received = Vec::new();
+    if stream.read_to_end(&mut received).is_ok() {
+        let _ = writeln!(
+            stream,
+            "{} {} {}",
+            hash(&received),
+            received.len(),
+            peer.ip().to_canonical()
+        );
+    }
+}
+
+/// Sends 20 MB, then closes.
+fn source(mut stream: TcpStream, _peer: SocketAddr) {
+    let _ = stream.write_all(&pattern(MB20));
+}
+
+/// Echoes lines until EOF.
+fn echo(stream: TcpStream, _peer: SocketAddr) {
+    let mut writer = stream.try_clone().unwrap();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        if writeln!(writer, "{line}").is_err() {
+            break;
+        }
+    }
+}
+
+fn upload(addr: SocketAddr, data: &[u8]) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(data)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
+}
+
+fn download(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[test]
+fn tcp_streams_of_20mb_arrive_intact_with_offload_on_and_off() {
+    let Some(_serial) = root_test("tcp_streams_of_20mb") else {
+        return;
+    };
+    let topo = Topology::new(21);
+    let ctr_ns = Some(topo.ctr.netns_path());
+    let _sink = Server::start_with(ctr_ns.clone(), "[::]:5001".parse().unwrap(), Arc::new(sink));
+    let _source = Server::start_with(
+        ctr_ns.clone(),
+        "[::]:5002".parse().unwrap(),
+        Arc::new(source),
+    );
+    let _pf = topo.up();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "v4",
+        &topo.ctr.v4().to_string(),
+        "47100:5001",
+        "47101:5002",
+    ]);
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "v6",
+        &topo.ctr.v6().to_string(),
+        "47102:5001",
+        "47103:5002",
+    ]);
+
+    let data = Arc::new(pattern(MB20));
+    let expected = format!("{} {}", hash(&data), data.len());
+    for offload in [true, false] {
+        topo.set_tx_offload(offload);
+        for v6 in [false, true] {
+            let (up_port, down_port) = if v6 { (47102, 47103) } else { (47100, 47101) };
+            let host = topo.uplink(v6);
+            let client_ip = if v6 {
+                topo.client.v6()
+            } else {
+                topo.client.v4()
+            };
+            let sent = data.clone();
+            let (answer, downloaded) = topo.client.inside(move || {
+                let answer = upload(SocketAddr::new(host, up_port), &sent);
+                let downloaded = download(SocketAddr::new(host, down_port));
+                (answer, downloaded)
+            });
+            let what = format!("offload {offload}, IPv6 {v6}");
+            // The container sees the client's own address.
+            assert_eq!(
+                answer.unwrap(),
+                format!("{expected} {client_ip}"),
+                "upload, {what}"
+            );
+            let downloaded = downloaded.unwrap_or_else(|e| panic!("download, {what}: {e}"));
+            assert_eq!(downloaded.len(), MB20, "download, {what}");
+            assert_eq!(hash(&downloaded), hash(&data), "download, {what}");
+        }
+    }
+    // Host processes reach the same published port through the socket path.
+    let answer = upload("127.0.0.1:47100".parse().unwrap(), b"from the host").unwrap();
+    assert!(
+        answer.ends_with(&topo.ctr.host_v4().to_string()),
+        "{answer}"
+    );
+}
+
+#[test]
+fn udp_request_response_with_forwarding_on_and_off() {
+    let Some(_serial) = root_test("udp_request_response") else {
+        return;
+    };
+    let topo = Topology::new(22);
+    let _echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        "[::]:5003".parse().unwrap(),
+        "echo",
+    );
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47110:5003/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47111:5003/udp"]);
+
+    for forwarding in ["0", "1"] {
+        for ns in [&topo.ctr, &topo.client] {
+            set_if_sysctl(None, "ipv4", &ns.host_if, "forwarding", forwarding);
+        }
+        for v6 in [false, true] {
+            let published = SocketAddr::new(topo.uplink(v6), if v6 { 47111 } else { 47110 });
+            let answer = topo.client.inside(move || -> std::io::Result<String> {
+                let socket = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+                socket.set_read_timeout(Some(TIMEOUT))?;
+                // Connected: only datagrams from the published address arrive,
+                // so the reply's source must have been translated back.
+                socket.connect(published)?;
+                socket.send(b"ping")?;
+                let mut buf = [0u8; 256];
+                let n = socket.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            });
+            let client_ip = if v6 {
+                topo.client.v6()
+            } else {
+                topo.client.v4()
+            };
+            assert_eq!(
+                answer.unwrap_or_else(|e| panic!("forwarding {forwarding}, IPv6 {v6}: {e}")),
+                format!("echo ping {client_ip}")
+            );
+        }
+    }
+}
+
+#[test]
+fn traffic_routed_through_the_host_is_not_rewritten() {
+    let Some(_serial) = root_test("traffic_routed_through") else {
+        return;
+    };
+    let topo = Topology::new(23);
+    let other = Container::with_prefix(23, "oth", 253);
+    let _container = topo.ctr.serve("[::]:80", "container");
+    let _elsewhere = other.serve("[::]:47120", "other host");
+    // The host routes between the client and the other host (IPv4 forwarding
+    // on these two interfaces only).
+    for ifname in [&topo.client.host_if, &other.host_if] {
+        set_if_sysctl(None, "ipv4", ifname, "forwarding", "1");
+    }
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47120:80"]);
+
+    let host = SocketAddr::new(topo.uplink(false), 47120);
+    let elsewhere = SocketAddr::new(other.v4(), 47120);
+    let (to_host, to_elsewhere) = topo
+        .client
+        .inside(move || (fetch(host).map(|a| a.0), fetch(elsewhere).map(|a| a.0)));
+    assert!(to_host.unwrap().starts_with("container"));
+    assert_eq!(
+        to_elsewhere.unwrap(),
+        format!("other host {}", topo.client.v4())
+    );
+}
+
+fn counters_of(name: &str) -> serde_json::Value {
+    let rows = listed();
+    rows.into_iter()
+        .find(|r| r["name"] == name && r["host_ip"] == "0.0.0.0")
+        .unwrap()
+}
+
+#[test]
+fn counters_count_and_unmap_and_detach_stop_flows() {
+    let Some(_serial) = root_test("counters_unmap_detach") else {
+        return;
+    };
+    let topo = Topology::new(24);
+    let _echo = Server::start_with(
+        Some(topo.ctr.netns_path()),
+        "[::]:5004".parse().unwrap(),
+        Arc::new(echo),
+    );
+    let _pf = topo.up();
+    let ctr_ip = topo.ctr.v4().to_string();
+    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "47130:5004"]);
+    let published = SocketAddr::new(topo.uplink(false), 47130);
+
+    // An open connection: one message echoed, then (after unmap) no more.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let client = topo.client.netns_path();
+    let conversation = std::thread::spawn(move || {
+        enter_netns(&client);
+        let stream = TcpStream::connect_timeout(&published, TIMEOUT).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        writer.write_all(b"hello portfwd\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        done_tx.send(line.clone()).unwrap();
+        rx.recv().unwrap(); // the mapping is removed now
+        let _ = writer.write_all(b"again\n");
+        let mut after = String::new();
+        let outcome = reader.read_line(&mut after);
+        done_tx.send(format!("{outcome:?} {after}")).unwrap();
+    });
+    assert_eq!(done_rx.recv_timeout(TIMEOUT).unwrap(), "hello portfwd\n");
+
+    let row = counters_of("cnt");
+    assert_eq!(row["connections"], 1, "{row}");
+    assert!(row["packets_in"].as_u64().unwrap() >= 3, "{row}");
+    assert!(row["bytes_in"].as_u64().unwrap() >= 14, "{row}");
+    assert!(row["packets_out"].as_u64().unwrap() >= 2, "{row}");
+    assert!(row["bytes_out"].as_u64().unwrap() >= 14, "{row}");
+
+    portfwd_ok(&["unmap", "--name", "cnt"]);
+    tx.send(()).unwrap();
+    let after = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    conversation.join().unwrap();
+    assert!(
+        !after.contains("again"),
+        "the open flow kept flowing after unmap: {after}"
+    );
+    let new_flow = topo.client.inside(move || fetch(published));
+    assert!(new_flow.is_err(), "a new flow was forwarded after unmap");
+    let stats: serde_json::Value = serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    assert!(
+        stats["stats"]["flows_stopped"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+
+    // Detaching the uplink stops external forwarding; the socket path stays.
+    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "47130:5004"]);
+    assert!(topo.client.inside(move || external_echo(published)).is_ok());
+    portfwd_ok(&["detach", &topo.client.host_if]);
+    assert!(
+        topo.client
+            .inside(move || external_echo(published))
+            .is_err()
+    );
+    assert!(external_echo("127.0.0.1:47130".parse().unwrap()).is_ok());
+    portfwd_ok(&["attach", &topo.client.host_if]);
+    assert!(topo.client.inside(move || external_echo(published)).is_ok());
+}
+
+fn external_echo(addr: SocketAddr) -> std::io::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut writer = stream.try_clone()?;
+    writer.write_all(b"ping\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line == "ping\n" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("got {line:?}")))
+    }
+}
