@@ -501,3 +501,69 @@ fn bad_input_of_every_kind_changes_nothing() {
     }
     assert_eq!(listed(), before);
 }
+
+/// The services map of the tests' instance, to read and change entries
+/// behind portfwd's back.
+fn services_map()
+-> aya::maps::HashMap<aya::maps::MapData, portfwd_common::ServiceKey, portfwd_common::ServiceValue>
+{
+    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::SERVICES.name);
+    let map = aya::maps::MapData::from_pin(path).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap()
+}
+
+#[test]
+fn a_rolled_back_change_keeps_the_interface_towards_the_container() {
+    let Some(_serial) = root_test("rollback_ifindex") else {
+        return;
+    };
+    let ctr = Container::new(59);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47601:80"]);
+    let mut services = services_map();
+    let entries: Vec<_> = services.iter().map(Result::unwrap).collect();
+    assert_eq!(entries.len(), 2, "the IPv4 and the IPv6 wildcard");
+    let ifindex = entries[0].1.ifindex;
+    assert_ne!(ifindex, 0, "the TC path redirects to the container's link");
+    // A change killed half way: its intent is on disk and one entry is
+    // already gone from the map.
+    let state = portfwd::instance::state_path(std::path::Path::new(&pin_dir()));
+    let mut pending = state.clone().into_os_string();
+    pending.push(".pending");
+    std::fs::copy(&state, &pending).unwrap();
+    services.remove(&entries[0].0).unwrap();
+    // The next command rolls the maps back to the state file...
+    portfwd_ok(&["list"]);
+    assert!(!std::path::Path::new(&pending).exists());
+    // ...and the entry it puts back still leads to the container's link.
+    let restored = services.get(&entries[0].0, 0).unwrap();
+    assert_eq!(restored.ifindex, ifindex);
+}
+
+/// The pid of the port holder of the tests' instance.
+fn holder_pid() -> Option<u32> {
+    let pin = pin_dir();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let holds = args.contains(&b"hold".as_slice()) && args.contains(&pin.as_bytes());
+            holds.then_some(pid)
+        })
+}
+
+#[test]
+fn the_holder_logs_where_an_operator_finds_it() {
+    let Some(_serial) = root_test("holder_log") else {
+        return;
+    };
+    let ctr = Container::new(60);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let pid = holder_pid().expect("a port holder runs after up");
+    let stderr = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+    let log = portfwd::instance::holder_log(std::path::Path::new(&pin_dir()));
+    assert_eq!(stderr, log, "the holder's stderr");
+}
