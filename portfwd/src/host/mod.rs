@@ -1,4 +1,5 @@
-//! Facts about the host that the loader and the commands need: privileges,
+//! Facts about the host that the loader and the commands need: privileges
+//! (read with `caps`),
 //! the cgroup v2 and bpf filesystems, the host network namespace, the host's
 //! own addresses and which ports host sockets already hold.
 
@@ -9,60 +10,44 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use caps::{CapSet, Capability, CapsHashSet};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 use crate::model::Protocol;
 
 pub(crate) mod netlink;
 
-/// A Linux capability a command needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Capability {
-    pub(crate) name: &'static str,
-    bit: u32,
-}
-
-pub(crate) const CAP_NET_ADMIN: Capability = Capability {
-    name: "CAP_NET_ADMIN",
-    bit: 12,
-};
-pub(crate) const CAP_SYS_ADMIN: Capability = Capability {
-    name: "CAP_SYS_ADMIN",
-    bit: 21,
-};
-pub(crate) const CAP_BPF: Capability = Capability {
-    name: "CAP_BPF",
-    bit: 39,
-};
-
 /// Loading, attaching and pinning programs, mounting bpffs.
-pub(crate) const LOAD: &[Capability] = &[CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN];
+pub(crate) const LOAD: &[Capability] = &[
+    Capability::CAP_BPF,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_ADMIN,
+];
 /// Changing mappings (which may attach a TC program towards a container).
-pub(crate) const CHANGE: &[Capability] = &[CAP_BPF, CAP_NET_ADMIN];
-
-/// The effective capability set of this process (/proc/self/status).
-fn effective_capabilities() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
-            u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
-        })
-        .unwrap_or(0)
-}
+pub(crate) const CHANGE: &[Capability] = &[Capability::CAP_BPF, Capability::CAP_NET_ADMIN];
 
 /// Fails, naming every missing capability, unless the process has all of
-/// `needed`. CAP_SYS_ADMIN stands in for CAP_BPF, as the kernel allows.
+/// `needed`.
 pub(crate) fn require_capabilities(command: &str, needed: &[Capability]) -> Result<()> {
-    let effective = effective_capabilities();
+    let effective = caps::read(None, CapSet::Effective)
+        .map_err(|error| anyhow!("reading this process's capabilities: {error}"))?;
+    check_capabilities(command, needed, &effective)
+}
+
+/// CAP_SYS_ADMIN stands in for CAP_BPF, as the kernel allows.
+fn check_capabilities(command: &str, needed: &[Capability], effective: &CapsHashSet) -> Result<()> {
     let has = |cap: &Capability| {
-        effective & (1 << cap.bit) != 0
-            || (*cap == CAP_BPF && effective & (1 << CAP_SYS_ADMIN.bit) != 0)
+        effective.contains(cap)
+            || (*cap == Capability::CAP_BPF && effective.contains(&Capability::CAP_SYS_ADMIN))
     };
-    let missing: Vec<&str> = needed.iter().filter(|c| !has(c)).map(|c| c.name).collect();
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|c| !has(c))
+        .map(|c| c.to_string())
+        .collect();
     if !missing.is_empty() {
-        let all: Vec<&str> = needed.iter().map(|c| c.name).collect();
+        let all: Vec<String> = needed.iter().map(|c| c.to_string()).collect();
         bail!(
             "portfwd {command} needs {} (missing: {}): run it as root",
             all.join(", "),
@@ -290,14 +275,13 @@ mod tests {
 
     #[test]
     fn missing_capabilities_are_named() {
-        let impossible = Capability {
-            name: "CAP_TEST",
-            bit: 63,
-        };
-        let err = require_capabilities("map", &[impossible])
+        let only_sys_admin = CapsHashSet::from([Capability::CAP_SYS_ADMIN]);
+        let err = check_capabilities("map", CHANGE, &only_sys_admin)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("missing: CAP_TEST"), "{err}");
+        assert!(err.contains("missing: CAP_NET_ADMIN"), "{err}");
+        assert!(!err.contains("missing: CAP_BPF"), "{err}");
+        assert!(check_capabilities("up", LOAD, &LOAD.iter().copied().collect()).is_ok());
     }
 
     #[test]
