@@ -3,12 +3,11 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{build, is_root, root, run, succeeds};
+use crate::{build, interrupt, is_root, root, run, succeeds};
 
 /// `sh!("ip link set {HOST_IF} up")`: format a command line, show it and run it.
 macro_rules! sh {
@@ -53,19 +52,10 @@ class Server(socketserver.TCPServer):
 Server(("::", 80), Handler).serve_forever()
 "#;
 
-/// Set by Ctrl-C. We keep running so the guard can tear down; our children get the
-/// default disposition back on exec, so they die, the current step fails, and the
-/// error unwinds through `Demo::drop`.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 /// The demo pins under its own directory, so that it never touches a
 /// portfwd that is already running on this machine.
 const PIN_ENV: &str = "PORTFWD_BPFFS";
 const PIN_DIR: &str = "/sys/fs/bpf/portfwd-demo";
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
 
 pub(crate) fn demo() -> Result<()> {
     if !is_root() {
@@ -78,13 +68,8 @@ pub(crate) fn demo() -> Result<()> {
         bin: target.join("debug/portfwd"),
         server: None,
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_sigint as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t,
-        );
-    }
+    // Ctrl-C: the current step fails and the error unwinds through `Demo::drop`.
+    interrupt::catch()?;
     // Leftovers of an earlier run killed hard would make `ip netns add` fail.
     for ns in [NS, CLIENT_NS] {
         quiet(Command::new("ip").args(["netns", "del", ns]));
@@ -95,9 +80,7 @@ pub(crate) fn demo() -> Result<()> {
 
     let result = demo.story();
     drop(demo);
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
+    interrupt::check()?;
     result?;
     println!("==> done: that is portfwd. Try `portfwd --help` for more.");
     Ok(())
@@ -163,9 +146,7 @@ impl Demo {
             format!("netns exec {NS} curl -s -o /dev/null --max-time 1 http://127.0.0.1:80/");
         let mut ready = false;
         for _ in 0..50 {
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                bail!("interrupted");
-            }
+            interrupt::check()?;
             if let Some(status) = server.try_wait()? {
                 bail!("the HTTP server exited early ({status})");
             }
@@ -244,9 +225,7 @@ impl Drop for Demo {
 }
 
 fn heading(text: &str) -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
+    interrupt::check()?;
     println!("\n==> {text}");
     Ok(())
 }

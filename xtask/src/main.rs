@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod demo;
 mod fuzz;
+mod interrupt;
 mod setup;
 mod test;
 

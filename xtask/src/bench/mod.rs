@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +24,7 @@ use measure::{Load, Metric, NetPath, PATHS, Target};
 use modes::{ALL_MODES, Env, Mode, ONE};
 use ns::{Topo, check, in_ns};
 
-use crate::{build, is_root, root, run, setup, stdout_of};
+use crate::{build, interrupt, is_root, root, run, setup, stdout_of};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -110,19 +110,6 @@ struct Trial {
     full: bool,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 pub(crate) fn bench(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
@@ -184,13 +171,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     std::fs::copy(std::env::current_exe()?, &tool_copy)
         .context("copying the xtask binary for the bench tools")?;
 
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_sigint as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t,
-        );
-    }
+    interrupt::catch()?;
     let topo = Topo::new(&args.prefix)?;
     let mut bench = Bench {
         env: Env {
@@ -219,7 +200,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     let result = bench.run(&plan, &work);
     let results = std::mem::take(&mut bench.results);
     drop(bench);
-    interrupted()?;
+    interrupt::check()?;
     result?;
 
     let elapsed = started.elapsed().as_secs_f64();
@@ -382,16 +363,16 @@ impl Bench<'_> {
             let len = order.len();
             order.rotate_left((rep / 2) % len);
             for trial in order {
-                interrupted()?;
+                interrupt::check()?;
                 self.trial(trial, rep, plan)?;
             }
         }
         for &mode in plan.modes.iter().filter(|m| m.scales()) {
-            interrupted()?;
+            interrupt::check()?;
             self.updates(mode, plan, work)?;
         }
         if !plan.quick && plan.modes.contains(&Mode::Portfwd) {
-            interrupted()?;
+            interrupt::check()?;
             self.profile()?;
         }
         Ok(())
@@ -466,7 +447,7 @@ impl Bench<'_> {
                 if others == 1 { " " } else { "s" }
             );
             if full {
-                interrupted()?;
+                interrupt::check()?;
                 let gbps = measure::iperf3(&target, &self.load)?;
                 self.record(key(Metric::TcpGbps), gbps);
                 line += &format!(" tcp {gbps:.1} Gbit/s,");
@@ -474,7 +455,7 @@ impl Bench<'_> {
             let mut syn = 0;
             let mut errors = 0;
             for close in [false, true] {
-                interrupted()?;
+                interrupt::check()?;
                 let w = measure::wrk(&target, &self.load, close)?;
                 let metrics = if close {
                     [Metric::ConnPerS, Metric::ConnP50Ms, Metric::ConnP99Ms]
@@ -494,7 +475,7 @@ impl Bench<'_> {
                 );
             }
             if full {
-                interrupted()?;
+                interrupt::check()?;
                 let rate = measure::udp_rr(&self.xtask, &target, &self.load)?;
                 self.record(key(Metric::UdpRps), rate);
                 line += &format!(" udp {rate:.0}/s,");
@@ -582,7 +563,7 @@ impl Bench<'_> {
                     let key = format!("{{ tcp . {ONE} }}");
                     let (mut adds, mut removes) = (Vec::new(), Vec::new());
                     for i in 0..one_reps {
-                        interrupted()?;
+                        interrupt::check()?;
                         let (add, remove): (Command, Command) = match mode {
                             Mode::Iptables => {
                                 let mut add = in_ns(&host, "iptables");
