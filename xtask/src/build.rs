@@ -28,7 +28,8 @@ pub(crate) fn build_ebpf(release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    run(&mut cmd)?;
+    println!("building the eBPF programs (nightly, bpfel; half a minute from clean)");
+    run(cmd.arg("--quiet"))?;
     // The crate's binary target is named `portfwd`.
     let profile = if release { "release" } else { "debug" };
     let obj = dir
@@ -53,6 +54,7 @@ pub(crate) fn build(release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    run(&mut cmd)?;
+    println!("building portfwd");
+    run(cmd.arg("--quiet"))?;
     Ok(obj)
 }

@@ -1,11 +1,18 @@
 //! `cargo xtask setup`: check every prerequisite cheaply, install only what is missing.
-//! Silent when everything is present, so other commands can call it on every run.
+//! Silent when everything is present, so other commands can call it on every run;
+//! otherwise a few lines on the terminal, and the full output in a log file it names.
 
-use std::process::Command;
+use std::{
+    fs::{self, OpenOptions},
+    io::Write,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cargo_bin_dir, is_root, run, stdout_of, succeeds};
+use crate::{cargo, cargo_bin_dir, display, is_root, root, stdout_of, succeeds};
 
 /// llvm/polly/zstd/zlib are for building bpf-linker; the rest are used by the demo,
 /// the integration tests, or for debugging.
@@ -112,7 +119,7 @@ fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
 }
 
 /// Installs Debian packages as root (`what` names them in messages).
-fn apt_install(what: &str, debs: &[&str]) -> Result<()> {
+fn apt_install(what: &str, debs: &[&str], log: &mut Log) -> Result<()> {
     let list = debs.join(" ");
     if !is_root() {
         bail!(
@@ -120,18 +127,92 @@ fn apt_install(what: &str, debs: &[&str]) -> Result<()> {
              sudo apt-get install -y --no-install-recommends {list}"
         );
     }
-    println!("setup: installing {what}: {list}");
     // Wait for a concurrent apt/dpkg instead of failing on its lock.
     let lock = ["-o", "DPkg::Lock::Timeout=600"];
-    run(Command::new("apt-get").args(lock).arg("update"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        // invoke-rc.d starts no service in runlevel 1: packages such as
-        // nginx-light must not come up on the machine's own ports.
-        .env("RUNLEVEL", "1")
-        .args(lock)
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(debs))
+    log.step(
+        "updating the package lists",
+        Command::new("apt-get").args(lock).arg("update"),
+    )?;
+    log.step(
+        &format!("installing {what}: {list}"),
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // invoke-rc.d starts no service in runlevel 1: packages such as
+            // nginx-light must not come up on the machine's own ports.
+            .env("RUNLEVEL", "1")
+            .args(lock)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(debs),
+    )
+}
+
+/// The full output of what setup runs goes to a log file; the terminal gets
+/// one line per step, a progress line while a step runs, and the log's
+/// last lines if a step fails.
+struct Log {
+    path: PathBuf,
+}
+
+/// How often a running step says it is still running.
+const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+
+impl Log {
+    fn open() -> Result<Self> {
+        let path = root().join("target/xtask-setup.log");
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Log { path })
+    }
+
+    /// Runs `cmd` with its output appended to the log.
+    fn step(&mut self, what: &str, cmd: &mut Command) -> Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        let mut header = file.try_clone()?;
+        writeln!(header, "\n==> {what}\n$ {}", display(cmd))?;
+        println!("setup: {what}");
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+        let mut next_note = PROGRESS_EVERY;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() >= next_note {
+                println!("setup:   ... {}s", next_note.as_secs());
+                next_note += PROGRESS_EVERY;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if !status.success() {
+            self.show_tail(20);
+            bail!(
+                "`{}` failed ({status}); the full log is {}",
+                display(cmd),
+                self.path.display()
+            );
+        }
+        println!("setup:   done in {}s", start.elapsed().as_secs());
+        Ok(())
+    }
+
+    /// Prints the last `lines` lines of the log.
+    fn show_tail(&self, lines: usize) {
+        let text = fs::read_to_string(&self.path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        for line in &all[all.len().saturating_sub(lines)..] {
+            eprintln!("  | {line}");
+        }
+    }
 }
 
 /// bpf-linker from PATH or from cargo's bin dir (which PATH may lack, e.g. under sudo).
@@ -154,39 +235,68 @@ pub(crate) fn check() -> Result<()> {
     bail!("prerequisites missing; run `cargo xtask setup`")
 }
 
-/// `cargo xtask setup`, also run (quietly) before every build.
+/// `cargo xtask setup`, also run (silently, when nothing is missing) before
+/// every build.
 pub(crate) fn install() -> Result<()> {
     let m = Missing::find()?;
+    let missing = m.describe();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut log = Log::open()?;
+    println!(
+        "setup: installing what is missing (a few minutes on a fresh machine; \
+         the full log is {}):",
+        log.path.display()
+    );
+    for item in &missing {
+        println!("setup:   - {item}");
+    }
     if !m.debs.is_empty() {
-        apt_install("Debian packages", &m.debs)?;
+        apt_install("Debian packages", &m.debs, &mut log)?;
     }
-    if m.nightly {
-        println!("setup: installing the nightly toolchain");
-        let install = "toolchain install nightly --profile minimal -c rust-src";
-        run(Command::new("rustup").args(install.split(' ')))
-            .context("the nightly toolchain is missing and could not be installed")?;
-    } else if m.rust_src {
-        println!("setup: adding rust-src to nightly (the eBPF build rebuilds core)");
-        let add = "component add rust-src --toolchain nightly";
-        run(Command::new("rustup").args(add.split(' ')))?;
-    }
-    if !m.host_components.is_empty() {
-        println!("setup: adding {}", m.host_components.join(" "));
-        run(Command::new("rustup")
-            .args(["component", "add"])
-            .args(&m.host_components))?;
-    }
+    install_toolchain(&m, &mut log)?;
     if m.bpf_linker {
-        println!("setup: installing bpf-linker (about a minute)");
         // bpf-linker defaults to LLVM 23; we have 22. Without LLVM_PREFIX it picks the
         // unversioned llvm-config on PATH (LLVM 14) and fails to link.
-        run(cargo()
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .args(["install", "bpf-linker", "--locked", "--no-default-features"])
-            .args(["--features", "llvm-22"]))?;
+        log.step(
+            "building bpf-linker (about two minutes)",
+            cargo()
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+                .args(["--features", "llvm-22"]),
+        )?;
         if !bpf_linker_works() {
             bail!("bpf-linker was installed but does not run");
         }
+    }
+    println!("setup: everything is installed");
+    Ok(())
+}
+
+/// The nightly toolchain with rust-src, and the host's rustfmt and clippy.
+fn install_toolchain(m: &Missing, log: &mut Log) -> Result<()> {
+    if m.nightly {
+        let install = "toolchain install nightly --profile minimal -c rust-src";
+        log.step(
+            "installing the nightly toolchain (about a minute)",
+            Command::new("rustup").args(install.split(' ')),
+        )
+        .context("the nightly toolchain is missing and could not be installed")?;
+    } else if m.rust_src {
+        let add = "component add rust-src --toolchain nightly";
+        log.step(
+            "adding rust-src to nightly (the eBPF build rebuilds core)",
+            Command::new("rustup").args(add.split(' ')),
+        )?;
+    }
+    if !m.host_components.is_empty() {
+        log.step(
+            &format!("adding {}", m.host_components.join(" ")),
+            Command::new("rustup")
+                .args(["component", "add"])
+                .args(&m.host_components),
+        )?;
     }
     Ok(())
 }
@@ -212,5 +322,36 @@ pub(crate) fn install_bench_debs() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    apt_install("the benchmark's Debian packages", &missing)
+    apt_install(
+        "the benchmark's Debian packages",
+        &missing,
+        &mut Log::open()?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_step_names_its_log_which_has_the_output() {
+        let dir = std::env::temp_dir().join(format!("xtask-setup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut log = Log {
+            path: dir.join("setup.log"),
+        };
+        log.step("a step that works", Command::new("echo").arg("fine"))
+            .unwrap();
+        let error = log
+            .step(
+                "a step that fails",
+                Command::new("sh").args(["-c", "echo broken; exit 3"]),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&log.path.display().to_string()), "{error}");
+        let text = fs::read_to_string(&log.path).unwrap();
+        assert!(text.contains("fine") && text.contains("broken"), "{text}");
+        fs::remove_dir_all(dir).unwrap();
+    }
 }
