@@ -159,101 +159,6 @@ fn names_listed() -> Vec<String> {
         .collect()
 }
 
-/// A namespace joined to the host by a veth pair (`pftn<tag>h` on the host,
-/// `pftn<tag>c` inside), on 10.254.<net>.0/24 and fd00:254:<net>::/64: host
-/// .1 / ::1, namespace .2 / ::2.
-struct VethNs {
-    netns: String,
-    host_if: String,
-    net: u8,
-}
-
-impl VethNs {
-    fn new(netns: &str, tag: &str, net: u8) -> Self {
-        let host_if = format!("pftn{tag}h");
-        let ns_if = format!("pftn{tag}c");
-        assert!(host_if.len() <= 15 && netns.starts_with("pft-cni"));
-        let _ = run("ip", &["netns", "del", netns]);
-        let _ = run("ip", &["link", "del", &host_if]);
-        let ns = VethNs {
-            netns: netns.to_owned(),
-            host_if: host_if.clone(),
-            net,
-        };
-        sh("ip", &["netns", "add", netns]);
-        sh(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-            ],
-        );
-        sh("ip", &["link", "set", &ns_if, "netns", netns]);
-        let h4 = format!("10.254.{net}.1/24");
-        let h6 = format!("fd00:254:{net}::1/64");
-        sh("ip", &["addr", "add", &h4, "dev", &host_if]);
-        sh("ip", &["addr", "add", &h6, "dev", &host_if, "nodad"]);
-        sh("ip", &["link", "set", &host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["-n", netns];
-            all.extend_from_slice(args);
-            sh("ip", &all);
-        };
-        let (c4, c6) = (
-            format!("10.254.{net}.2/24"),
-            format!("fd00:254:{net}::2/64"),
-        );
-        inside(&["addr", "add", &c4, "dev", &ns_if]);
-        inside(&["addr", "add", &c6, "dev", &ns_if, "nodad"]);
-        inside(&["link", "set", &ns_if, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        inside(&["route", "add", "default", "via", &format!("10.254.{net}.1")]);
-        inside(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:254:{net}::1"),
-        ]);
-        ns
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.netns)
-    }
-
-    fn host_v4(&self) -> String {
-        format!("10.254.{}.1", self.net)
-    }
-
-    fn v4(&self) -> String {
-        format!("10.254.{}.2", self.net)
-    }
-
-    fn v6(&self) -> String {
-        format!("fd00:254:{}::2", self.net)
-    }
-
-    /// Connects from inside the namespace.
-    fn fetch(&self, addr: &str) -> std::io::Result<(String, SocketAddr)> {
-        let addr: SocketAddr = addr.parse().unwrap();
-        let path = PathBuf::from(self.path());
-        thread::spawn(move || {
-            enter_netns(&path);
-            fetch(addr)
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for VethNs {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.netns]);
-        let _ = run("ip", &["link", "del", &self.host_if]);
-    }
-}
-
 /// A bare namespace for the CNI chain to configure, and what the chain
 /// leaves on the host (its bridge, host-local's data directory).
 struct ChainNs {
@@ -346,7 +251,7 @@ fn chain_publishes_checks_and_deletes() {
         return;
     };
     require_cni_plugins();
-    let client = VethNs::new("pft-cnic1", "1", 101);
+    let client = Container::with_prefix(101, "ncni", 254);
     let chain = ChainNs::new("pft-cni1", "pftnbr1");
     let _down = down_on_drop();
     let id = container_id(1);
@@ -415,8 +320,10 @@ fn chain_publishes_checks_and_deletes() {
     let (answer, _) = fetch("127.0.0.1:47401".parse().unwrap()).unwrap();
     assert!(answer.starts_with("other "), "{answer}");
     // From another namespace, through the uplink: the client's own address.
-    let uplink = format!("{}:47400", client.host_v4());
-    let (answer, _) = client.fetch(&uplink).expect("client through the uplink");
+    let uplink: SocketAddr = format!("{}:47400", client.host_v4()).parse().unwrap();
+    let (answer, _) = client
+        .inside(move || fetch(uplink))
+        .expect("client through the uplink");
     assert_eq!(answer, format!("web {}", client.v4()));
 
     portfwd_cni("CHECK", &id, &netns_path, "eth0", &conf).expect_ok("CHECK");
@@ -583,16 +490,16 @@ fn dual_stack_conflicts_and_0_4_0() {
     let Some(_serial) = root_test("cni dual stack") else {
         return;
     };
-    let ctr = VethNs::new("pft-cni3", "3", 3);
+    let ctr = Container::with_prefix(3, "ncni", 254);
     let _down = down_on_drop();
-    let ns_path = PathBuf::from(ctr.path());
-    let _web = Server::start(Some(ns_path), "[::]:80".parse().unwrap(), "dual");
+    let ns_path = ctr.netns_path().display().to_string();
+    let _web = ctr.serve("[::]:80", "dual");
     // prevResult as a 0.4.0 runtime passes it (with "version").
     let prev = json!({
         "cniVersion": "0.4.0",
         "interfaces": [
             {"name": "pftn3h", "mac": "02:00:00:00:00:01"},
-            {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": ctr.path()},
+            {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": ns_path},
         ],
         "ips": [
             {"version": "4", "address": format!("{}/24", ctr.v4()), "interface": 1},
@@ -614,7 +521,7 @@ fn dual_stack_conflicts_and_0_4_0() {
     conf["snat"] = json!(true);
     conf["conditionsV4"] = json!(["-s", "10.0.0.0/8"]);
     let id = "pftn-dual-1";
-    let out = portfwd_cni("ADD", id, &ctr.path(), "eth0", &conf);
+    let out = portfwd_cni("ADD", id, &ns_path, "eth0", &conf);
     assert!(
         out.stderr.contains("conditionsV4 is ignored"),
         "{}",
@@ -633,14 +540,14 @@ fn dual_stack_conflicts_and_0_4_0() {
         })
     };
     assert_eq!(rows.len(), 3, "{rows:?}");
-    assert!(has("0.0.0.0", 47420, ctr.v4()), "{rows:?}");
-    assert!(has("::", 47420, ctr.v6()), "{rows:?}");
-    assert!(has("::1", 47421, ctr.v6()), "{rows:?}");
+    assert!(has("0.0.0.0", 47420, ctr.v4().to_string()), "{rows:?}");
+    assert!(has("::", 47420, ctr.v6().to_string()), "{rows:?}");
+    assert!(has("::1", 47421, ctr.v6().to_string()), "{rows:?}");
     let (answer, _) = fetch("127.0.0.1:47420".parse().unwrap()).unwrap();
     assert!(answer.starts_with("dual 10.254.3."), "{answer}");
     let (answer, _) = fetch("[::1]:47420".parse().unwrap()).unwrap();
     assert!(answer.starts_with("dual fd00:254:3:"), "{answer}");
-    portfwd_cni("CHECK", id, &ctr.path(), "eth0", &conf).expect_ok("CHECK");
+    portfwd_cni("CHECK", id, &ns_path, "eth0", &conf).expect_ok("CHECK");
 
     // Another container asking for a taken port fails, and leaves nothing
     // behind (not even its other, free port).
@@ -649,7 +556,7 @@ fn dual_stack_conflicts_and_0_4_0() {
         {"hostPort": 47422, "containerPort": 80},
         {"hostPort": 47420, "containerPort": 80},
     ]);
-    portfwd_cni("ADD", "pftn-dual-2", &ctr.path(), "eth0", &other).expect_error(100, "taken port");
+    portfwd_cni("ADD", "pftn-dual-2", &ns_path, "eth0", &other).expect_error(100, "taken port");
     assert!(
         listed().iter().all(|m| m["host_port"] != 47422),
         "{:?}",
@@ -657,11 +564,11 @@ fn dual_stack_conflicts_and_0_4_0() {
     );
     // A mapping removed behind the plugin's back fails CHECK.
     portfwd_ok(&["unmap", "[::1]:47421"]);
-    portfwd_cni("CHECK", id, &ctr.path(), "eth0", &conf).expect_error(102, "CHECK");
+    portfwd_cni("CHECK", id, &ns_path, "eth0", &conf).expect_error(102, "CHECK");
     // A repeated ADD restores the attachment's mappings.
-    portfwd_cni("ADD", id, &ctr.path(), "eth0", &conf).expect_ok("ADD again");
-    portfwd_cni("CHECK", id, &ctr.path(), "eth0", &conf).expect_ok("CHECK");
-    portfwd_cni("DEL", id, &ctr.path(), "eth0", &conf).expect_ok("DEL");
+    portfwd_cni("ADD", id, &ns_path, "eth0", &conf).expect_ok("ADD again");
+    portfwd_cni("CHECK", id, &ns_path, "eth0", &conf).expect_ok("CHECK");
+    portfwd_cni("DEL", id, &ns_path, "eth0", &conf).expect_ok("DEL");
     assert!(listed().is_empty(), "{:?}", listed());
 }
 
@@ -703,7 +610,7 @@ fn concurrent_adds_and_dels_keep_each_others_entries() {
     let Some(_serial) = root_test("cni concurrency") else {
         return;
     };
-    let ctr = VethNs::new("pft-cni4", "4", 4);
+    let ctr = Container::with_prefix(4, "ncni", 254);
     // Starts down: the first ADDs race to bring portfwd up.
     let _down = down_on_drop();
     let uplink = ctr.host_if.clone();
@@ -890,7 +797,7 @@ fn podman_publishes_through_portfwd() {
             .success(),
         "podman and runc are missing: install podman runc (`cargo xtask setup` does)"
     );
-    let client = VethNs::new("pft-cnic7", "7", 107);
+    let client = Container::with_prefix(107, "ncni", 254);
     let _ip_forward = RestoreIpForward::save();
     let _down = down_on_drop();
     let _guard = PodmanGuard;

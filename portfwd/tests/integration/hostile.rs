@@ -609,17 +609,6 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
     }
 }
 
-fn stats() -> BTreeMap<String, u64> {
-    let listing: serde_json::Value =
-        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
-    listing["stats"]
-        .as_object()
-        .expect("stats in portfwd list --json")
-        .iter()
-        .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
-        .collect()
-}
-
 /// Checks the capture and the stats against what each kind expects.
 fn check(
     kinds: &[Kind],
@@ -701,20 +690,6 @@ fn normal_traffic_works(topo: &Topology, v6: bool, tcp_port: u16, udp_port: u16)
         .inside(move || udp_ask(udp, None, b"still there"))
         .unwrap_or_else(|e| panic!("UDP through {udp} after the hostile packets: {e}"));
     assert_eq!(answer, format!("echo still there {client_ip}"));
-}
-
-/// One datagram to `to`, from `from` if given; the echo's answer.
-fn udp_ask(to: SocketAddr, from: Option<SocketAddr>, payload: &[u8]) -> io::Result<String> {
-    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .unwrap();
-    let socket = UdpSocket::bind(from.unwrap_or(any))?;
-    socket.set_read_timeout(Some(TIMEOUT))?;
-    socket.connect(to)?;
-    socket.send(payload)?;
-    let mut buf = [0u8; 512];
-    let n = socket.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// A UDP socket in the client namespace on `port`, for the answers to

@@ -391,9 +391,55 @@ pub(crate) fn set_if_sysctl(
     };
 }
 
+/// `portfwd list --json`, parsed.
+pub(crate) fn listing() -> serde_json::Value {
+    serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap()
+}
+
 /// The mapping rows of `portfwd list --json`.
 pub(crate) fn listed() -> Vec<serde_json::Value> {
-    let listing: serde_json::Value =
-        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
-    listing["mappings"].as_array().unwrap().clone()
+    listing()["mappings"].as_array().unwrap().clone()
+}
+
+/// The TC programs' stats of `portfwd list --json`, by name.
+pub(crate) fn stats() -> std::collections::BTreeMap<String, u64> {
+    listing()["stats"]
+        .as_object()
+        .expect("stats in portfwd list --json")
+        .iter()
+        .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+/// One datagram to `to` (from `from` if given) on a connected socket, or
+/// with sendto when `connected` is false; the answer and who sent it.
+pub(crate) fn udp_exchange(
+    to: SocketAddr,
+    from: Option<SocketAddr>,
+    payload: &[u8],
+    connected: bool,
+) -> std::io::Result<(String, SocketAddr)> {
+    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .unwrap();
+    let socket = std::net::UdpSocket::bind(from.unwrap_or(any))?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    if connected {
+        socket.connect(to)?;
+        socket.send(payload)?;
+    } else {
+        socket.send_to(payload, to)?;
+    }
+    let mut buf = [0u8; 512];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// One datagram to `to`, from `from` if given; the echo's answer.
+pub(crate) fn udp_ask(
+    to: SocketAddr,
+    from: Option<SocketAddr>,
+    payload: &[u8],
+) -> std::io::Result<String> {
+    udp_exchange(to, from, payload, true).map(|(answer, _)| answer)
 }
