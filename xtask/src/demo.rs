@@ -103,7 +103,44 @@ impl Demo {
     fn story(&mut self) -> Result<()> {
         println!("==> portfwd is built: {}", self.bin.display());
         println!("    (the demo sets {PIN_ENV}={PIN_DIR}: it leaves any running portfwd alone)");
+        self.create_namespaces()?;
+        self.start_server()?;
 
+        heading(&format!(
+            "loading portfwd: socket programs on the cgroup root, TC programs on the uplink {UPLINK_IF}"
+        ))?;
+        self.portfwd(&format!("up --iface {UPLINK_IF}"))?;
+
+        heading(&format!(
+            "publishing the container's port 80 as port {HOST_PORT} on the host"
+        ))?;
+        self.portfwd(&format!("map --name web {CTR_IP} {HOST_PORT}:80"))?;
+
+        heading("the host reaches the container on its loopback addresses, IPv4 and IPv6")?;
+        sh!("curl -sS --max-time 5 http://127.0.0.1:{HOST_PORT}/")?;
+        sh!("curl -sS --max-time 5 http://[::1]:{HOST_PORT}/")?;
+
+        heading(&format!(
+            "the external client reaches it through the host's address {UPLINK_IP}, and keeps its own address"
+        ))?;
+        sh!("ip netns exec {CLIENT_NS} curl -sS --max-time 5 http://{UPLINK_IP}:{HOST_PORT}/")?;
+
+        heading(
+            "the published port is held, as docker does: it shows in ss, nobody else can take it",
+        )?;
+        sh!("ss -Hlntp sport = :{HOST_PORT}")?;
+
+        heading("listing the active mappings, with their traffic")?;
+        self.portfwd("list")?;
+        self.unmap()?;
+
+        heading("detaching portfwd")?;
+        self.portfwd("down")
+    }
+
+    /// The "container" and the "external" client, each a namespace behind
+    /// a veth pair.
+    fn create_namespaces(&mut self) -> Result<()> {
         heading(&format!(
             "creating a throwaway \"container\": network namespace {NS} with address {CTR_IP}"
         ))?;
@@ -130,7 +167,11 @@ impl Demo {
         sh!("ip -n {CLIENT_NS} link set lo up")?;
         sh!("ip -n {CLIENT_NS} addr add 10.251.78.2/24 dev {CLIENT_IF}")?;
         sh!("ip -n {CLIENT_NS} link set {CLIENT_IF} up")?;
+        Ok(())
+    }
 
+    /// A web server in the container, started and answering.
+    fn start_server(&mut self) -> Result<()> {
         heading("starting a web server inside the container on port 80")?;
         println!("$ ip netns exec {NS} python3 -c '<a tiny HTTP server>' &");
         let server = Command::new("ip")
@@ -159,35 +200,11 @@ impl Demo {
         if !ready {
             bail!("the HTTP server in {NS} did not accept connections within 5 s");
         }
-        sh!("ip netns exec {NS} curl -sS --max-time 5 http://127.0.0.1:80/")?;
+        sh!("ip netns exec {NS} curl -sS --max-time 5 http://127.0.0.1:80/")
+    }
 
-        heading(&format!(
-            "loading portfwd: socket programs on the cgroup root, TC programs on the uplink {UPLINK_IF}"
-        ))?;
-        self.portfwd(&format!("up --iface {UPLINK_IF}"))?;
-
-        heading(&format!(
-            "publishing the container's port 80 as port {HOST_PORT} on the host"
-        ))?;
-        self.portfwd(&format!("map --name web {CTR_IP} {HOST_PORT}:80"))?;
-
-        heading("the host reaches the container on its loopback addresses, IPv4 and IPv6")?;
-        sh!("curl -sS --max-time 5 http://127.0.0.1:{HOST_PORT}/")?;
-        sh!("curl -sS --max-time 5 http://[::1]:{HOST_PORT}/")?;
-
-        heading(&format!(
-            "the external client reaches it through the host's address {UPLINK_IP}, and keeps its own address"
-        ))?;
-        sh!("ip netns exec {CLIENT_NS} curl -sS --max-time 5 http://{UPLINK_IP}:{HOST_PORT}/")?;
-
-        heading(
-            "the published port is held, as docker does: it shows in ss, nobody else can take it",
-        )?;
-        sh!("ss -Hlntp sport = :{HOST_PORT}")?;
-
-        heading("listing the active mappings, with their traffic")?;
-        self.portfwd("list")?;
-
+    /// Removes the mapping and shows that the port is closed again.
+    fn unmap(&mut self) -> Result<()> {
         heading("removing the mapping: the port is closed again")?;
         self.portfwd("unmap --name web")?;
         let url = format!("http://127.0.0.1:{HOST_PORT}/");
@@ -199,9 +216,7 @@ impl Demo {
             Some(7) => println!("(connection refused, as expected)"),
             _ => println!("(curl failed as expected: {status})"),
         }
-
-        heading("detaching portfwd")?;
-        self.portfwd("down")
+        Ok(())
     }
 }
 

@@ -7,12 +7,13 @@ mod measure;
 mod modes;
 mod ns;
 mod report;
+mod runner;
 mod tool;
+mod updates;
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -20,9 +21,10 @@ use anyhow::{Context, Result, bail};
 
 pub(crate) use tool::{Tool, run as run_tool};
 
-use measure::{Load, Metric, NetPath, PATHS, Target};
-use modes::{ALL_MODES, Env, Mode, ONE};
-use ns::{Topo, check, in_ns};
+use measure::{Load, Metric, NetPath};
+use modes::{ALL_MODES, Env, Mode};
+use ns::{Topo, check};
+use runner::Bench;
 
 use crate::{build, interrupt, is_root, root, run, setup, stdout_of};
 
@@ -114,36 +116,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
     }
-    let modes = if args.modes.is_empty() {
-        ALL_MODES.to_vec()
-    } else {
-        let mut m = args
-            .modes
-            .iter()
-            .map(|s| Mode::parse(s.trim()))
-            .collect::<Result<Vec<_>>>()?;
-        m.sort();
-        m.dedup();
-        m
-    };
-    let plan = Plan {
-        reps: args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
-        secs: args.secs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
-        connections: args.connections,
-        scales: if args.quick {
-            vec![SCALE]
-        } else {
-            vec![1_000, SCALE]
-        },
-        command: format!(
-            "cargo xtask {}",
-            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
-        ),
-        modes,
-        nice: args.nice,
-        quick: args.quick,
-    };
-
+    let plan = Plan::new(&args)?;
     ns::NICE.store(args.nice, Ordering::Relaxed);
     setup::install_bench_debs()?;
     let target =
@@ -204,17 +177,62 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     result?;
 
     let elapsed = started.elapsed().as_secs_f64();
+    write_results(&plan, &results, &out, &target, elapsed)
+}
+
+impl Plan {
+    fn new(args: &Args) -> Result<Self> {
+        let modes = if args.modes.is_empty() {
+            ALL_MODES.to_vec()
+        } else {
+            let mut m = args
+                .modes
+                .iter()
+                .map(|s| Mode::parse(s.trim()))
+                .collect::<Result<Vec<_>>>()?;
+            m.sort();
+            m.dedup();
+            m
+        };
+        Ok(Plan {
+            reps: args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+            secs: args.secs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+            connections: args.connections,
+            scales: if args.quick {
+                vec![SCALE]
+            } else {
+                vec![1_000, SCALE]
+            },
+            command: format!(
+                "cargo xtask {}",
+                std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+            ),
+            modes,
+            nice: args.nice,
+            quick: args.quick,
+        })
+    }
+}
+
+/// results.md (also printed), results.json and chart.png under `out`.
+fn write_results(
+    plan: &Plan,
+    results: &Results,
+    out: &Path,
+    target: &Path,
+    elapsed: f64,
+) -> Result<()> {
     let machine = report::machine(docker_proxy_version(&target.join("bench-tools")));
-    let markdown = report::markdown(&plan, &results, &machine, elapsed);
+    let markdown = report::markdown(plan, results, &machine, elapsed);
     println!("\n{markdown}");
     std::fs::write(out.join("results.md"), &markdown)?;
-    let json = report::json(&plan, &results, &machine, elapsed);
+    let json = report::json(plan, results, &machine, elapsed);
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&json)? + "\n",
     )?;
     let png = out.join("chart.png");
-    if let Err(e) = chart::draw(&plan, &results, &png) {
+    if let Err(e) = chart::draw(plan, results, &png) {
         eprintln!("bench: no chart: {e:#}");
     }
     println!(
@@ -277,412 +295,6 @@ pub(crate) fn smoke() -> Result<()> {
         out.join("results.md").display()
     );
     Ok(())
-}
-
-/// Owns everything the run creates; Drop removes it on success, error or Ctrl-C.
-struct Bench<'a> {
-    env: Env<'a>,
-    xtask: PathBuf,
-    servers: Vec<Child>,
-    results: Results,
-    load: Load,
-    /// kernel.bpf_stats_enabled as it was, while we have it on.
-    bpf_stats_restore: Option<String>,
-}
-
-impl Drop for Bench<'_> {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
-
-impl Bench<'_> {
-    fn topo(&self) -> &Topo {
-        self.env.topo
-    }
-
-    /// Removes what this run (or an earlier one killed hard) left.
-    fn cleanup(&mut self) {
-        if let Some(old) = self.bpf_stats_restore.take() {
-            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old).ok();
-        }
-        for server in &mut self.servers {
-            server.kill().ok();
-            server.wait().ok();
-        }
-        self.servers.clear();
-        if self.env.bpffs.exists() {
-            Command::new(&self.env.portfwd)
-                .arg("--bpffs")
-                .arg(&self.env.bpffs)
-                .arg("down")
-                .stdout(Stdio::null())
-                .status()
-                .ok();
-        }
-        self.topo().destroy();
-    }
-
-    fn run(&mut self, plan: &Plan, work: &Path) -> Result<()> {
-        println!(
-            "==> topology: namespaces {}, {}, {} on 10.{}.0.0/16",
-            self.topo().host,
-            self.topo().ctr,
-            self.topo().cli,
-            self.topo().net
-        );
-        self.topo().create()?;
-        self.start_servers(work)?;
-
-        let mut trials = Vec::new();
-        for &mode in &plan.modes {
-            let others = if mode.scales() { 1 } else { 0 };
-            trials.push(Trial {
-                mode,
-                others,
-                full: true,
-            });
-        }
-        for &n in &plan.scales {
-            for &mode in plan.modes.iter().filter(|m| m.scales()) {
-                trials.push(Trial {
-                    mode,
-                    others: n,
-                    full: false,
-                });
-            }
-        }
-        for rep in 0..plan.reps {
-            // Interleaved: every configuration once per repetition, in an
-            // order that alternates direction and shifts, so that no mode
-            // always runs first, last or after the same one.
-            let mut order: Vec<&Trial> = trials.iter().collect();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            let len = order.len();
-            order.rotate_left((rep / 2) % len);
-            for trial in order {
-                interrupt::check()?;
-                self.trial(trial, rep, plan)?;
-            }
-        }
-        for &mode in plan.modes.iter().filter(|m| m.scales()) {
-            interrupt::check()?;
-            self.updates(mode, plan, work)?;
-        }
-        if !plan.quick && plan.modes.contains(&Mode::Portfwd) {
-            interrupt::check()?;
-            self.profile()?;
-        }
-        Ok(())
-    }
-
-    fn start_servers(&mut self, work: &Path) -> Result<()> {
-        let ctr = self.topo().ctr.clone();
-        let nginx_dir = work.join("nginx");
-        std::fs::create_dir_all(nginx_dir.join("tmp"))?;
-        let conf = nginx_dir.join("nginx.conf");
-        std::fs::write(&conf, NGINX_CONF)?;
-        let spawn = |cmd: &mut Command| -> Result<Child> {
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                // Its own process group: Ctrl-C stops the measurement, the
-                // guard stops the servers.
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("starting {}", crate::display(cmd)))
-        };
-        let nginx = spawn(
-            in_ns(&ctr, "nginx")
-                .arg("-p")
-                .arg(&nginx_dir)
-                .arg("-c")
-                .arg(&conf)
-                .args(["-e", "stderr"]),
-        )?;
-        self.servers.push(nginx);
-        let iperf = spawn(in_ns(&ctr, "iperf3").args(["-s", "-p", "5201"]))?;
-        self.servers.push(iperf);
-        let echo = spawn(
-            in_ns(&ctr, &self.xtask)
-                .args(["bench-tool", "udp-echo", "0.0.0.0:5353"])
-                .stderr(Stdio::null()),
-        )?;
-        self.servers.push(echo);
-        ns::wait_listening(&ctr, "t", 80)?;
-        ns::wait_listening(&ctr, "t", 5201)?;
-        ns::wait_listening(&ctr, "u", 5353)?;
-        Ok(())
-    }
-
-    fn record(&mut self, key: Key, value: f64) {
-        self.results.samples.entry(key).or_default().push(value);
-    }
-
-    fn trial(&mut self, trial: &Trial, rep: usize, plan: &Plan) -> Result<()> {
-        if let Some(load) = loadavg() {
-            self.results.load.push(load);
-        }
-        let active = self.env.setup(trial.mode, trial.others)?;
-        let result = self.measure(trial, rep, plan);
-        self.env.teardown(active);
-        result
-    }
-
-    fn measure(&mut self, trial: &Trial, rep: usize, plan: &Plan) -> Result<()> {
-        let Trial { mode, others, full } = *trial;
-        for path in PATHS {
-            let target = Target::new(self.topo(), mode, path);
-            measure::probe(&target)
-                .with_context(|| format!("{} on the {} path", mode.name(), path.name()))?;
-            let key = |metric| (mode, path, others, metric);
-            let mut line = format!(
-                "[{}/{}] {:<12} {:<8} {:>5} other{}:",
-                rep + 1,
-                plan.reps,
-                mode.name(),
-                path.name(),
-                others,
-                if others == 1 { " " } else { "s" }
-            );
-            if full {
-                interrupt::check()?;
-                let gbps = measure::iperf3(&target, &self.load)?;
-                self.record(key(Metric::TcpGbps), gbps);
-                line += &format!(" tcp {gbps:.1} Gbit/s,");
-            }
-            let mut syn = 0;
-            let mut errors = 0;
-            for close in [false, true] {
-                interrupt::check()?;
-                let w = measure::wrk(&target, &self.load, close)?;
-                let metrics = if close {
-                    [Metric::ConnPerS, Metric::ConnP50Ms, Metric::ConnP99Ms]
-                } else {
-                    [Metric::KaRps, Metric::KaP50Ms, Metric::KaP99Ms]
-                };
-                self.record(key(metrics[0]), w.rps);
-                self.record(key(metrics[1]), w.p50_ms);
-                self.record(key(metrics[2]), w.p99_ms);
-                syn += w.syn_retrans;
-                errors += w.errors;
-                line += &format!(
-                    " {} {:.0}/s p99 {:.2} ms,",
-                    if close { "conn" } else { "ka" },
-                    w.rps,
-                    w.p99_ms
-                );
-            }
-            if full {
-                interrupt::check()?;
-                let rate = measure::udp_rr(&self.xtask, &target, &self.load)?;
-                self.record(key(Metric::UdpRps), rate);
-                line += &format!(" udp {rate:.0}/s,");
-            }
-            self.results
-                .syn_retrans
-                .entry((mode, path, others))
-                .or_default()
-                .push(syn);
-            *self.results.errors.entry((mode, path, others)).or_default() += errors;
-            println!("{line} SYN rtx {syn}, errors {errors}");
-        }
-        Ok(())
-    }
-
-    /// Control-plane timings: 10,000 mappings at once, then one added and
-    /// removed while they exist (each a fresh CLI process, as a runtime runs it).
-    fn updates(&mut self, mode: Mode, plan: &Plan, work: &Path) -> Result<()> {
-        let bulk_reps = plan.reps;
-        let one_reps = if plan.quick { 3 } else { 10 };
-        let ctr = self.topo().ctr_ip();
-        let host = self.topo().host.clone();
-        for rep in 0..bulk_reps {
-            let active = self.env.setup(mode, 0)?;
-            let result = (|| -> Result<()> {
-                let install = match mode {
-                    Mode::Iptables => {
-                        let file = work.join("iptables-10k.rules");
-                        let rules =
-                            format!("*nat\n{}COMMIT\n", modes::iptables_others(ctr, 0, SCALE));
-                        std::fs::write(&file, rules)?;
-                        modes::timed_with_input(
-                            in_ns(&host, "iptables-restore").args(["-w", "--noflush"]),
-                            &file,
-                        )?
-                    }
-                    Mode::Nft => {
-                        let file = work.join("nft-10k.nft");
-                        let elements = modes::nft_others(ctr, 0, SCALE).join(",\n  ");
-                        std::fs::write(
-                            &file,
-                            format!("add element ip pfbench hostports {{\n  {elements}\n}}\n"),
-                        )?;
-                        modes::timed(in_ns(&host, "nft").arg("-f").arg(&file))?
-                    }
-                    Mode::Portfwd => self.env.portfwd_others(SCALE)?,
-                    Mode::Direct | Mode::DockerProxy => unreachable!("no scale for {mode:?}"),
-                };
-                let count = self.env.count(mode)?;
-                if count < SCALE {
-                    bail!(
-                        "{} has {count} mappings after installing {SCALE}",
-                        mode.name()
-                    );
-                }
-                self.results
-                    .updates
-                    .entry((mode, Update::InstallAll))
-                    .or_default()
-                    .push(install);
-                let mut line = format!(
-                    "[{}/{}] {:<12} install {SCALE} at once: {install:.1} ms",
-                    rep + 1,
-                    bulk_reps,
-                    mode.name()
-                );
-                if rep == 0 {
-                    let dnat = format!("{ctr}:80");
-                    let one = ONE.to_string();
-                    let rule = [
-                        "-w",
-                        "-t",
-                        "nat",
-                        "CNI-HOSTPORT-DNAT",
-                        "-p",
-                        "tcp",
-                        "--dport",
-                        &one,
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &dnat,
-                    ];
-                    let element = format!("{{ tcp . {ONE} : {ctr} . 80 }}");
-                    let key = format!("{{ tcp . {ONE} }}");
-                    let (mut adds, mut removes) = (Vec::new(), Vec::new());
-                    for i in 0..one_reps {
-                        interrupt::check()?;
-                        let (add, remove): (Command, Command) = match mode {
-                            Mode::Iptables => {
-                                let mut add = in_ns(&host, "iptables");
-                                add.args(&rule[..3]).arg("-A").args(&rule[3..]);
-                                let mut remove = in_ns(&host, "iptables");
-                                remove.args(&rule[..3]).arg("-D").args(&rule[3..]);
-                                (add, remove)
-                            }
-                            Mode::Nft => {
-                                let mut add = in_ns(&host, "nft");
-                                add.args([
-                                    "add",
-                                    "element",
-                                    "ip",
-                                    "pfbench",
-                                    "hostports",
-                                    &element,
-                                ]);
-                                let mut remove = in_ns(&host, "nft");
-                                remove.args([
-                                    "delete",
-                                    "element",
-                                    "ip",
-                                    "pfbench",
-                                    "hostports",
-                                    &key,
-                                ]);
-                                (add, remove)
-                            }
-                            _ => {
-                                let mut add = self.env.portfwd();
-                                add.args(["map", "--name", "one", &ctr.to_string()])
-                                    .arg(format!("0.0.0.0:{ONE}:80"));
-                                let mut remove = self.env.portfwd();
-                                remove.args(["unmap", &format!("0.0.0.0:{ONE}")]);
-                                (add, remove)
-                            }
-                        };
-                        let (mut add, mut remove) = (add, remove);
-                        adds.push(modes::timed(&mut add)?);
-                        if i == 0 {
-                            // The mapping just added forwards.
-                            let mut t = Target::new(self.topo(), mode, NetPath::External);
-                            t.port_override = Some(ONE);
-                            measure::probe(&t).context("the mapping added while 10,000 exist")?;
-                        }
-                        removes.push(modes::timed(&mut remove)?);
-                    }
-                    line += &format!(
-                        "; with {SCALE} installed: add one {:.2} ms, remove one {:.2} ms (median of {one_reps})",
-                        report::median(&adds),
-                        report::median(&removes)
-                    );
-                    self.results
-                        .updates
-                        .entry((mode, Update::AddOne))
-                        .or_default()
-                        .extend(adds);
-                    self.results
-                        .updates
-                        .entry((mode, Update::RemoveOne))
-                        .or_default()
-                        .extend(removes);
-                }
-                println!("{line}");
-                Ok(())
-            })();
-            self.env.teardown(active);
-            result?;
-        }
-        Ok(())
-    }
-
-    /// Where portfwd's CPU time goes: run_time_ns of each of its programs
-    /// (kernel.bpf_stats_enabled, on only for this step) over one wrk run of
-    /// new connections per path.
-    fn profile(&mut self) -> Result<()> {
-        let before_up = prog_stats()?;
-        let active = self.env.setup(Mode::Portfwd, 0)?;
-        let result = (|| -> Result<()> {
-            let ours: Vec<u64> = prog_stats()?
-                .into_iter()
-                .filter(|(id, (name, _, _))| !before_up.contains_key(id) && name.starts_with("pf_"))
-                .map(|(id, _)| id)
-                .collect();
-            let old = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
-            self.bpf_stats_restore = Some(old.trim().to_owned());
-            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
-            for path in PATHS {
-                let target = Target::new(self.topo(), Mode::Portfwd, path);
-                let before = prog_stats()?;
-                let w = measure::wrk(&target, &self.load, true)?;
-                let after = prog_stats()?;
-                let requests = w.rps * self.load.secs as f64;
-                for id in &ours {
-                    let (Some(a), Some(b)) = (after.get(id), before.get(id)) else {
-                        continue;
-                    };
-                    let calls = a.2.saturating_sub(b.2);
-                    if calls == 0 {
-                        continue;
-                    }
-                    let ns = a.1.saturating_sub(b.1);
-                    self.results.bpf.push(report::ProgCost {
-                        path,
-                        program: a.0.clone(),
-                        calls_per_conn: calls as f64 / requests,
-                        ns_per_call: ns as f64 / calls as f64,
-                    });
-                }
-            }
-            Ok(())
-        })();
-        if let Some(old) = self.bpf_stats_restore.take() {
-            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old)?;
-        }
-        self.env.teardown(active);
-        result
-    }
 }
 
 fn loadavg() -> Option<f64> {

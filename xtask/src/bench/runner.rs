@@ -1,0 +1,279 @@
+//! One benchmark run: the topology, the servers, every trial of every
+//! mode, and the profile of portfwd's programs.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context, Result};
+
+use super::{
+    Key, NGINX_CONF, Plan, Results, Trial, loadavg,
+    measure::{self, Load, Metric, PATHS, Target},
+    modes::{Env, Mode},
+    ns::{self, Topo, in_ns},
+    prog_stats, report,
+};
+use crate::interrupt;
+
+/// Owns everything the run creates; Drop removes it on success, error or Ctrl-C.
+pub(super) struct Bench<'a> {
+    pub(super) env: Env<'a>,
+    pub(super) xtask: PathBuf,
+    pub(super) servers: Vec<Child>,
+    pub(super) results: Results,
+    pub(super) load: Load,
+    /// kernel.bpf_stats_enabled as it was, while we have it on.
+    pub(super) bpf_stats_restore: Option<String>,
+}
+
+impl Drop for Bench<'_> {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+impl Bench<'_> {
+    pub(super) fn topo(&self) -> &Topo {
+        self.env.topo
+    }
+
+    /// Removes what this run (or an earlier one killed hard) left.
+    pub(super) fn cleanup(&mut self) {
+        if let Some(old) = self.bpf_stats_restore.take() {
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old).ok();
+        }
+        for server in &mut self.servers {
+            server.kill().ok();
+            server.wait().ok();
+        }
+        self.servers.clear();
+        if self.env.bpffs.exists() {
+            Command::new(&self.env.portfwd)
+                .arg("--bpffs")
+                .arg(&self.env.bpffs)
+                .arg("down")
+                .stdout(Stdio::null())
+                .status()
+                .ok();
+        }
+        self.topo().destroy();
+    }
+
+    pub(super) fn run(&mut self, plan: &Plan, work: &Path) -> Result<()> {
+        println!(
+            "==> topology: namespaces {}, {}, {} on 10.{}.0.0/16",
+            self.topo().host,
+            self.topo().ctr,
+            self.topo().cli,
+            self.topo().net
+        );
+        self.topo().create()?;
+        self.start_servers(work)?;
+
+        let mut trials = Vec::new();
+        for &mode in &plan.modes {
+            let others = if mode.scales() { 1 } else { 0 };
+            trials.push(Trial {
+                mode,
+                others,
+                full: true,
+            });
+        }
+        for &n in &plan.scales {
+            for &mode in plan.modes.iter().filter(|m| m.scales()) {
+                trials.push(Trial {
+                    mode,
+                    others: n,
+                    full: false,
+                });
+            }
+        }
+        for rep in 0..plan.reps {
+            // Interleaved: every configuration once per repetition, in an
+            // order that alternates direction and shifts, so that no mode
+            // always runs first, last or after the same one.
+            let mut order: Vec<&Trial> = trials.iter().collect();
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            let len = order.len();
+            order.rotate_left((rep / 2) % len);
+            for trial in order {
+                interrupt::check()?;
+                self.trial(trial, rep, plan)?;
+            }
+        }
+        for &mode in plan.modes.iter().filter(|m| m.scales()) {
+            interrupt::check()?;
+            self.updates(mode, plan, work)?;
+        }
+        if !plan.quick && plan.modes.contains(&Mode::Portfwd) {
+            interrupt::check()?;
+            self.profile()?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self, work: &Path) -> Result<()> {
+        let ctr = self.topo().ctr.clone();
+        let nginx_dir = work.join("nginx");
+        std::fs::create_dir_all(nginx_dir.join("tmp"))?;
+        let conf = nginx_dir.join("nginx.conf");
+        std::fs::write(&conf, NGINX_CONF)?;
+        let spawn = |cmd: &mut Command| -> Result<Child> {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                // Its own process group: Ctrl-C stops the measurement, the
+                // guard stops the servers.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", crate::display(cmd)))
+        };
+        let nginx = spawn(
+            in_ns(&ctr, "nginx")
+                .arg("-p")
+                .arg(&nginx_dir)
+                .arg("-c")
+                .arg(&conf)
+                .args(["-e", "stderr"]),
+        )?;
+        self.servers.push(nginx);
+        let iperf = spawn(in_ns(&ctr, "iperf3").args(["-s", "-p", "5201"]))?;
+        self.servers.push(iperf);
+        let echo = spawn(
+            in_ns(&ctr, &self.xtask)
+                .args(["bench-tool", "udp-echo", "0.0.0.0:5353"])
+                .stderr(Stdio::null()),
+        )?;
+        self.servers.push(echo);
+        ns::wait_listening(&ctr, "t", 80)?;
+        ns::wait_listening(&ctr, "t", 5201)?;
+        ns::wait_listening(&ctr, "u", 5353)?;
+        Ok(())
+    }
+
+    fn record(&mut self, key: Key, value: f64) {
+        self.results.samples.entry(key).or_default().push(value);
+    }
+
+    fn trial(&mut self, trial: &Trial, rep: usize, plan: &Plan) -> Result<()> {
+        if let Some(load) = loadavg() {
+            self.results.load.push(load);
+        }
+        let active = self.env.setup(trial.mode, trial.others)?;
+        let result = self.measure(trial, rep, plan);
+        self.env.teardown(active);
+        result
+    }
+
+    fn measure(&mut self, trial: &Trial, rep: usize, plan: &Plan) -> Result<()> {
+        let Trial { mode, others, full } = *trial;
+        for path in PATHS {
+            let target = Target::new(self.topo(), mode, path);
+            measure::probe(&target)
+                .with_context(|| format!("{} on the {} path", mode.name(), path.name()))?;
+            let key = |metric| (mode, path, others, metric);
+            let mut line = format!(
+                "[{}/{}] {:<12} {:<8} {:>5} other{}:",
+                rep + 1,
+                plan.reps,
+                mode.name(),
+                path.name(),
+                others,
+                if others == 1 { " " } else { "s" }
+            );
+            if full {
+                interrupt::check()?;
+                let gbps = measure::iperf3(&target, &self.load)?;
+                self.record(key(Metric::TcpGbps), gbps);
+                line += &format!(" tcp {gbps:.1} Gbit/s,");
+            }
+            let mut syn = 0;
+            let mut errors = 0;
+            for close in [false, true] {
+                interrupt::check()?;
+                let w = measure::wrk(&target, &self.load, close)?;
+                let metrics = if close {
+                    [Metric::ConnPerS, Metric::ConnP50Ms, Metric::ConnP99Ms]
+                } else {
+                    [Metric::KaRps, Metric::KaP50Ms, Metric::KaP99Ms]
+                };
+                self.record(key(metrics[0]), w.rps);
+                self.record(key(metrics[1]), w.p50_ms);
+                self.record(key(metrics[2]), w.p99_ms);
+                syn += w.syn_retrans;
+                errors += w.errors;
+                line += &format!(
+                    " {} {:.0}/s p99 {:.2} ms,",
+                    if close { "conn" } else { "ka" },
+                    w.rps,
+                    w.p99_ms
+                );
+            }
+            if full {
+                interrupt::check()?;
+                let rate = measure::udp_rr(&self.xtask, &target, &self.load)?;
+                self.record(key(Metric::UdpRps), rate);
+                line += &format!(" udp {rate:.0}/s,");
+            }
+            self.results
+                .syn_retrans
+                .entry((mode, path, others))
+                .or_default()
+                .push(syn);
+            *self.results.errors.entry((mode, path, others)).or_default() += errors;
+            println!("{line} SYN rtx {syn}, errors {errors}");
+        }
+        Ok(())
+    }
+
+    /// Where portfwd's CPU time goes: run_time_ns of each of its programs
+    /// (kernel.bpf_stats_enabled, on only for this step) over one wrk run of
+    /// new connections per path.
+    fn profile(&mut self) -> Result<()> {
+        let before_up = prog_stats()?;
+        let active = self.env.setup(Mode::Portfwd, 0)?;
+        let result = (|| -> Result<()> {
+            let ours: Vec<u64> = prog_stats()?
+                .into_iter()
+                .filter(|(id, (name, _, _))| !before_up.contains_key(id) && name.starts_with("pf_"))
+                .map(|(id, _)| id)
+                .collect();
+            let old = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
+            self.bpf_stats_restore = Some(old.trim().to_owned());
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+            for path in PATHS {
+                let target = Target::new(self.topo(), Mode::Portfwd, path);
+                let before = prog_stats()?;
+                let w = measure::wrk(&target, &self.load, true)?;
+                let after = prog_stats()?;
+                let requests = w.rps * self.load.secs as f64;
+                for id in &ours {
+                    let (Some(a), Some(b)) = (after.get(id), before.get(id)) else {
+                        continue;
+                    };
+                    let calls = a.2.saturating_sub(b.2);
+                    if calls == 0 {
+                        continue;
+                    }
+                    let ns = a.1.saturating_sub(b.1);
+                    self.results.bpf.push(report::ProgCost {
+                        path,
+                        program: a.0.clone(),
+                        calls_per_conn: calls as f64 / requests,
+                        ns_per_call: ns as f64 / calls as f64,
+                    });
+                }
+            }
+            Ok(())
+        })();
+        if let Some(old) = self.bpf_stats_restore.take() {
+            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old)?;
+        }
+        self.env.teardown(active);
+        result
+    }
+}
