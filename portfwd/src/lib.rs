@@ -31,4 +31,6 @@ mod layers;
 
 // Used by the integration tests only.
 #[cfg(test)]
+use portfwd_testkit as _;
+#[cfg(test)]
 use proptest as _;

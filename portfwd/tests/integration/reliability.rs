@@ -258,7 +258,7 @@ fn a_stream_survives_an_upgrade_in_place() {
     let published = SocketAddr::new(client.host_v4(), 47510);
     let client_ns = client.netns_path();
     let download = std::thread::spawn(move || {
-        enter_netns(&client_ns);
+        netns::enter(&client_ns).unwrap();
         let mut stream = TcpStream::connect_timeout(&published, TIMEOUT).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -338,7 +338,7 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     let published = SocketAddr::new(client.host_v4(), 47530);
     let client_ns = client.netns_path();
     let first_flow_lives = std::thread::spawn(move || {
-        enter_netns(&client_ns);
+        netns::enter(&client_ns).unwrap();
         let open = |msg: &[u8]| {
             let mut s = TcpStream::connect_timeout(&published, TIMEOUT)?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -7,17 +7,17 @@
 //! trivially, so that `cargo test` stays usable for the unit tests.
 
 use std::{
-    fs::File,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    net::IpAddr,
+    path::PathBuf,
     process::{Command, Output},
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
+};
+
+pub(crate) use portfwd_testkit::{
+    netns,
+    serve::{Server, TIMEOUT, fetch, serve_udp, udp_ask, udp_exchange},
 };
 
 pub(crate) const PORTFWD: &str = env!("CARGO_BIN_EXE_portfwd");
@@ -26,7 +26,6 @@ pub(crate) const PORTFWD: &str = env!("CARGO_BIN_EXE_portfwd");
 pub(crate) fn pin_dir() -> String {
     std::env::var("PORTFWD_TEST_BPFFS").unwrap_or_else(|_| "/sys/fs/bpf/portfwd-test".into())
 }
-pub(crate) const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Tests share the cgroup root and the pin directory: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -131,64 +130,42 @@ impl Container {
     /// fd00:<net>:<index>::/64 (a container, an external client, a host
     /// elsewhere: only the role differs).
     pub(crate) fn with_prefix(index: u8, kind: &str, net: u8) -> Self {
-        let netns = format!("pft-{kind}{index}");
         let tag = &kind[..1];
-        let host_if = format!("pft{tag}{index}h");
-        let ctr_if = format!("pft{tag}{index}c");
-        // Leftovers of an interrupted run.
-        let _ = run("ip", &["netns", "del", &netns]);
-        let _ = run("ip", &["link", "del", &host_if]);
         let container = Container {
-            netns: netns.clone(),
-            host_if: host_if.clone(),
+            netns: format!("pft-{kind}{index}"),
+            host_if: format!("pft{tag}{index}h"),
             index,
             net,
-            ctr_if: ctr_if.clone(),
+            ctr_if: format!("pft{tag}{index}c"),
         };
-        sh("ip", &["netns", "add", &netns]);
-        sh(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &ctr_if,
-            ],
-        );
-        sh("ip", &["link", "set", &ctr_if, "netns", &netns]);
+        container
+            .create()
+            .unwrap_or_else(|e| panic!("creating {}: {e:#}", container.netns));
+        container
+    }
+
+    fn create(&self) -> anyhow::Result<()> {
+        let (ns, host_if, ctr_if) = (&self.netns, &self.host_if, &self.ctr_if);
+        netns::add(ns)?;
+        netns::veth(host_if, None, ctr_if, ns)?;
         let (h4, c4) = (
-            format!("{}/24", container.host_v4()),
-            format!("{}/24", container.v4()),
+            format!("{}/24", self.host_v4()),
+            format!("{}/24", self.v4()),
         );
         let (h6, c6) = (
-            format!("{}/64", container.host_v6()),
-            format!("{}/64", container.v6()),
+            format!("{}/64", self.host_v6()),
+            format!("{}/64", self.v6()),
         );
-        sh("ip", &["addr", "add", &h4, "dev", &host_if]);
-        sh("ip", &["addr", "add", &h6, "dev", &host_if, "nodad"]);
-        sh("ip", &["link", "set", &host_if, "up"]);
-        let ns = |args: &[&str]| {
-            let mut all = vec!["-n", netns.as_str()];
-            all.extend_from_slice(args);
-            sh("ip", &all);
-        };
-        ns(&["addr", "add", &c4, "dev", &ctr_if]);
-        ns(&["addr", "add", &c6, "dev", &ctr_if, "nodad"]);
-        ns(&["link", "set", &ctr_if, "up"]);
-        ns(&["link", "set", "lo", "up"]);
-        ns(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &container.host_v4().to_string(),
-        ]);
-        ns(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &container.host_v6().to_string(),
-        ]);
-        container
+        netns::ip(&["addr", "add", &h4, "dev", host_if])?;
+        netns::ip(&["addr", "add", &h6, "dev", host_if, "nodad"])?;
+        netns::ip(&["link", "set", host_if, "up"])?;
+        netns::ip_in(ns, &["addr", "add", &c4, "dev", ctr_if])?;
+        netns::ip_in(ns, &["addr", "add", &c6, "dev", ctr_if, "nodad"])?;
+        netns::ip_in(ns, &["link", "set", ctr_if, "up"])?;
+        let (gw4, gw6) = (self.host_v4().to_string(), self.host_v6().to_string());
+        netns::ip_in(ns, &["route", "add", "default", "via", &gw4])?;
+        netns::ip_in(ns, &["-6", "route", "add", "default", "via", &gw6])?;
+        Ok(())
     }
 
     pub(crate) fn v4(&self) -> IpAddr {
@@ -209,18 +186,12 @@ impl Container {
     }
 
     pub(crate) fn netns_path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.netns)
+        netns::path(&self.netns)
     }
 
     /// Runs `f` on a thread inside the container's network namespace.
     pub(crate) fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.netns_path();
-        thread::spawn(move || {
-            enter_netns(&path);
-            f()
-        })
-        .join()
-        .expect("thread inside the namespace panicked")
+        netns::inside(&self.netns_path(), f)
     }
 
     /// Starts a server inside the container on `addr` (e.g. [::]:80) that
@@ -230,114 +201,16 @@ impl Container {
     }
 
     pub(crate) fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.netns.as_str()];
-        all.extend_from_slice(args);
-        sh("ip", &all)
+        netns::ip_in(&self.netns, args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
         // Deleting the namespace destroys its veth end, and with it the pair.
-        let _ = run("ip", &["netns", "del", &self.netns]);
+        netns::delete(&self.netns);
         let _ = run("ip", &["link", "del", &self.host_if]);
     }
-}
-
-pub(crate) fn enter_netns(path: &Path) {
-    let file = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-/// What a server does with one connection.
-pub(crate) type Handler = Arc<dyn Fn(TcpStream, SocketAddr) + Send + Sync>;
-
-/// A TCP server on its own thread; stops when dropped.
-pub(crate) struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Server {
-    pub(crate) fn start(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Self {
-        let greeting = greeting.to_owned();
-        Self::start_with(
-            netns,
-            addr,
-            Arc::new(move |mut stream, peer| {
-                // IPv4 clients of a dual-stack socket appear as ::ffff:a.b.c.d.
-                let _ = writeln!(stream, "{greeting} {}", peer.ip().to_canonical());
-            }),
-        )
-    }
-
-    /// A server that runs `handler` for each connection.
-    pub(crate) fn start_with(netns: Option<PathBuf>, addr: SocketAddr, handler: Handler) -> Self {
-        Self::spawn(netns, move |stop, ready| {
-            let listener =
-                TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-            listener.set_nonblocking(true).unwrap();
-            ready();
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
-                        // One thread per connection, so that a stalled one
-                        // never blocks the next; each ends at EOF or timeout.
-                        let handler = handler.clone();
-                        thread::spawn(move || handler(stream, peer));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        })
-    }
-
-    /// Runs `serve` on a thread of its own (inside `netns`), until the
-    /// server is dropped: `serve` polls the stop flag, and calls `ready`
-    /// once it is bound; `spawn` waits for that.
-    fn spawn(
-        netns: Option<PathBuf>,
-        serve: impl FnOnce(&AtomicBool, &dyn Fn()) + Send + 'static,
-    ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stopping = stop.clone();
-        let thread = thread::spawn(move || {
-            if let Some(path) = netns {
-                enter_netns(&path);
-            }
-            serve(&stopping, &|| ready_tx.send(()).unwrap());
-        });
-        ready_rx
-            .recv_timeout(TIMEOUT)
-            .expect("server did not start");
-        Server {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Connects to `addr` and returns the server's greeting line and the peer
-/// address the socket reports (getpeername).
-pub(crate) fn fetch(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    let peer = stream.peer_addr()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok((answer.trim_end().to_owned(), peer))
 }
 
 /// Polls `condition` every 50 ms for at most `limit`.
@@ -352,28 +225,6 @@ pub(crate) fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A UDP server on its own thread answering each datagram with
-/// `<greeting> <payload> <client address>`; stops when dropped.
-pub(crate) fn serve_udp(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Server {
-    let greeting = greeting.to_owned();
-    Server::spawn(netns, move |stop, ready| {
-        let socket =
-            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        ready();
-        let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                let payload = String::from_utf8_lossy(&buf[..n]);
-                let answer = format!("{greeting} {payload} {}", peer.ip().to_canonical());
-                let _ = socket.send_to(answer.as_bytes(), peer);
-            }
-        }
-    })
 }
 
 /// Sets a sysctl of one interface (never a global one).
@@ -409,37 +260,4 @@ pub(crate) fn stats() -> std::collections::BTreeMap<String, u64> {
         .iter()
         .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
         .collect()
-}
-
-/// One datagram to `to` (from `from` if given) on a connected socket, or
-/// with sendto when `connected` is false; the answer and who sent it.
-pub(crate) fn udp_exchange(
-    to: SocketAddr,
-    from: Option<SocketAddr>,
-    payload: &[u8],
-    connected: bool,
-) -> std::io::Result<(String, SocketAddr)> {
-    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .unwrap();
-    let socket = std::net::UdpSocket::bind(from.unwrap_or(any))?;
-    socket.set_read_timeout(Some(TIMEOUT))?;
-    if connected {
-        socket.connect(to)?;
-        socket.send(payload)?;
-    } else {
-        socket.send_to(payload, to)?;
-    }
-    let mut buf = [0u8; 512];
-    let (n, from) = socket.recv_from(&mut buf)?;
-    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-}
-
-/// One datagram to `to`, from `from` if given; the echo's answer.
-pub(crate) fn udp_ask(
-    to: SocketAddr,
-    from: Option<SocketAddr>,
-    payload: &[u8],
-) -> std::io::Result<String> {
-    udp_exchange(to, from, payload, true).map(|(answer, _)| answer)
 }

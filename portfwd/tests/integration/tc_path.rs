@@ -291,7 +291,7 @@ fn counters_count_and_unmap_and_detach_stop_flows() {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let client = topo.client.netns_path();
     let conversation = std::thread::spawn(move || {
-        enter_netns(&client);
+        netns::enter(&client).unwrap();
         let stream = TcpStream::connect_timeout(&published, TIMEOUT).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))

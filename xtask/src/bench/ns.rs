@@ -1,5 +1,6 @@
 //! The benchmark's topology: three network namespaces, none of them the
-//! machine's own, and commands run inside them.
+//! machine's own, and commands run inside them (on `portfwd_testkit`, which
+//! the integration tests use too).
 //!
 //! ```text
 //! <p>-cli (10.N.2.2) --veth-- (10.N.2.1) h2e  <p>-host  h2c (10.N.1.1) --veth-- (10.N.1.2) <p>-ctr
@@ -10,17 +11,15 @@
 //! so the machine's own network namespace is never touched.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use portfwd_testkit::netns;
 
-use crate::{display, run, stdout_of};
+use crate::{display, stdout_of};
 
 /// Host-side interface towards the container (in the host namespace).
 pub(crate) const H2C: &str = "h2c";
@@ -68,16 +67,11 @@ impl Topo {
     pub(crate) fn create(&self) -> Result<()> {
         let n = self.net;
         for ns in [&self.host, &self.ctr, &self.cli] {
-            run(Command::new("ip").args(["netns", "add", ns]))?;
-            ip(ns, "link set lo up")?;
+            netns::add(ns)?;
         }
         // Each veth is created with its ends directly in their namespaces.
-        for (host_if, peer_ns) in [(H2C, &self.ctr), (H2E, &self.cli)] {
-            run(Command::new("ip").args([
-                "link", "add", host_if, "netns", &self.host, "type", "veth", "peer", "name",
-                "eth0", "netns", peer_ns,
-            ]))?;
-        }
+        netns::veth(H2C, Some(&self.host), "eth0", &self.ctr)?;
+        netns::veth(H2E, Some(&self.host), "eth0", &self.cli)?;
         ip(&self.host, &format!("addr add 10.{n}.1.1/24 dev {H2C}"))?;
         ip(&self.host, &format!("addr add 10.{n}.2.1/24 dev {H2E}"))?;
         ip(&self.host, &format!("link set {H2C} up"))?;
@@ -105,82 +99,43 @@ impl Topo {
     /// them, which removes the veths, rules and conntrack entries with them.
     pub(crate) fn destroy(&self) {
         for ns in [&self.host, &self.ctr, &self.cli] {
-            if !std::path::Path::new(&format!("/run/netns/{ns}")).exists() {
-                continue;
-            }
-            let pids = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .stderr(Stdio::null())
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status()
-                .ok();
+            netns::delete(ns);
         }
     }
 }
 
 /// `ip -n NS <line>`.
 pub(crate) fn ip(ns: &str, line: &str) -> Result<()> {
-    run(Command::new("ip")
-        .args(["-n", ns])
-        .args(line.split_whitespace()))
+    let args: Vec<&str> = line.split_whitespace().collect();
+    netns::ip_in(ns, &args)?;
+    Ok(())
 }
 
 /// Writes a sysctl inside a namespace (net.* sysctls are per namespace).
 pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
-    let out = in_ns(ns, "sysctl")
-        .args(["-qw", &format!("{key}={value}")])
-        .output()
-        .with_context(|| format!("running sysctl in {ns}"))?;
-    if !out.status.success() {
-        bail!(
-            "sysctl -w {key}={value} in {ns} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    netns::sysctl(ns, key, value)
 }
 
 /// The nice value of every process the bench starts in its namespaces.
 pub(crate) static NICE: AtomicI32 = AtomicI32::new(0);
 
-/// A command that runs in network namespace `ns`: the child enters it with
-/// setns() before exec, so only its network namespace changes (unlike
-/// `ip netns exec`, which remounts /sys and so hides /sys/fs/bpf). No extra
-/// process (nsenter) sits in the timings. It runs at nice `NICE`.
+/// A command that runs in network namespace `ns` (see
+/// `portfwd_testkit::netns::command`), at nice `NICE`: no extra process
+/// (nsenter) sits in the timings.
 pub(crate) fn in_ns(ns: &str, program: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new(program);
-    let file = File::open(format!("/run/netns/{ns}"));
+    let mut cmd = netns::command(ns, program);
     let nice = NICE.load(Ordering::Relaxed);
-    // SAFETY: the closure only calls setns and setpriority, which are
-    // async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || match &file {
-            Ok(f) => {
-                if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+    if nice != 0 {
+        // SAFETY: the closure only calls setpriority, which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            }
-            Err(e) => Err(std::io::Error::from_raw_os_error(
-                e.raw_os_error().unwrap_or(libc::ENOENT),
-            )),
-        });
+                Ok(())
+            });
+        }
     }
     cmd
 }
@@ -229,17 +184,7 @@ pub(crate) fn check_with_input(cmd: &mut Command, input: &str) -> Result<()> {
 
 /// Waits until something listens on `port` (`proto` "t" or "u") in `ns`.
 pub(crate) fn wait_listening(ns: &str, proto: &str, port: u16) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        let out = in_ns(ns, "ss")
-            .args([&format!("-Hln{proto}"), &format!("sport = :{port}")])
-            .output()?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on {port} in {ns} after 10 s")
+    netns::wait_listening(ns, proto, port)
 }
 
 /// A counter of /proc/net/netstat (e.g. TcpExt TCPSynRetrans) in `ns`.
