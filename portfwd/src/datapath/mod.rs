@@ -8,6 +8,8 @@ mod install;
 mod links;
 mod maps;
 mod object;
+#[cfg(test)]
+mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
 pub(crate) use install::{InstallOptions, InstallReport, UninstallReport, install, uninstall};

@@ -9,7 +9,8 @@ use aya::{Ebpf, EbpfLoader, maps::MapData};
 use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES, SOCK_REVNAT};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
 /// Capacities for maps created by this load (existing maps keep theirs).
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,0 +1,241 @@
+//! Table-driven cases for the TC programs through `BPF_PROG_TEST_RUN`
+//! (aya's `TestRun`): an input frame, the verdict, the frame that comes out,
+//! and the stat it counts. The object is loaded with maps of its own (no
+//! pins, nothing attached), so the cases need root but touch no interface.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use etherparse::{IpFragOffset, Ipv4Header, PacketBuilder};
+use portfwd_common::{SERVICES, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS};
+
+use super::object::OBJECT;
+use crate::model::{Mapping, Protocol};
+
+/// TC verdicts as the test run returns them.
+const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
+const TO_STACK: u32 = 0; // TC_ACT_OK
+
+const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
+const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
+const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
+const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
+const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
+const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 0, 7);
+
+/// Frames to the loopback device's MAC (all zero) are PACKET_HOST in a
+/// test run, as frames to the uplink's MAC are on the wire.
+const HOST_MAC: [u8; 6] = [0; 6];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Syn,
+    Ack,
+    Udp,
+}
+
+/// An Ethernet frame from `src` to `dst`.
+fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!("one family per frame"),
+    };
+    let payload = b"portfwd";
+    let mut out = Vec::new();
+    match l4 {
+        L4::Syn => ip
+            .tcp(src.port(), dst.port(), 1000, 64240)
+            .syn()
+            .write(&mut out, payload),
+        L4::Ack => ip
+            .tcp(src.port(), dst.port(), 1000, 64240)
+            .ack(1)
+            .write(&mut out, payload),
+        L4::Udp => ip.udp(src.port(), dst.port()).write(&mut out, payload),
+    }
+    .expect("building a frame");
+    out
+}
+
+/// The frame as a later fragment (offset 8 bytes): it carries no ports.
+/// (A first fragment does, and is translated.)
+fn later_fragment(mut frame: Vec<u8>) -> Vec<u8> {
+    let (mut header, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+    header.fragment_offset = IpFragOffset::try_new(1).unwrap();
+    header.header_checksum = header.calc_header_checksum();
+    let bytes = header.to_bytes();
+    frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+    frame
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    /// None: the frame comes out as it went in.
+    output: Option<Vec<u8>>,
+    counts: Stat,
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn cases() -> Vec<Case> {
+    let syn = frame(v4(CLIENT_V4, 40001), v4(HOST_V4, 8080), L4::Syn);
+    let syn_out = frame(v4(CLIENT_V4, 40001), v4(CTR_V4, 80), L4::Syn);
+    let udp = frame(v4(CLIENT_V4, 40002), v4(HOST_V4, 5353), L4::Udp);
+    let udp_out = frame(v4(CLIENT_V4, 40002), v4(CTR_V4, 53), L4::Udp);
+    let syn6 = frame(v6(CLIENT_V6, 40003), v6(HOST_V6, 8080), L4::Syn);
+    let syn6_out = frame(v6(CLIENT_V6, 40003), v6(CTR_V6, 80), L4::Syn);
+    let mut arp = syn.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let case = |name, input, verdict, output, counts| Case {
+        name,
+        input,
+        verdict,
+        output,
+        counts,
+    };
+    vec![
+        case(
+            "a SYN to a published port",
+            syn.clone(),
+            TO_STACK,
+            Some(syn_out),
+            Stat::ToStack,
+        ),
+        case(
+            "UDP to a published port",
+            udp,
+            TO_STACK,
+            Some(udp_out),
+            Stat::ToStack,
+        ),
+        case(
+            "an IPv6 SYN to a published port",
+            syn6,
+            TO_STACK,
+            Some(syn6_out),
+            Stat::ToStack,
+        ),
+        case(
+            "a SYN to a port nobody published",
+            frame(v4(CLIENT_V4, 40004), v4(HOST_V4, 8081), L4::Syn),
+            NEXT,
+            None,
+            Stat::FlowNew,
+        ),
+        case(
+            "a mid-flow ACK that conntrack does not know",
+            frame(v4(CLIENT_V4, 40005), v4(HOST_V4, 8080), L4::Ack),
+            NEXT,
+            None,
+            Stat::UntrackedMidflow,
+        ),
+        case(
+            "a later fragment",
+            later_fragment(frame(v4(CLIENT_V4, 40006), v4(HOST_V4, 8080), L4::Syn)),
+            NEXT,
+            None,
+            Stat::PassFragment,
+        ),
+        case("not IP", arp, NEXT, None, Stat::PassNotIp),
+        case(
+            "a truncated TCP header",
+            syn[..14 + 20 + 8].to_vec(),
+            NEXT,
+            None,
+            Stat::PassTruncated,
+        ),
+    ]
+}
+
+/// The published mappings: TCP 8080 -> 80 on both families, UDP 5353 ->
+/// 53; interface 0, so rewritten packets go to the stack.
+fn publish(ebpf: &mut Ebpf) {
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    for (protocol, host, container) in [
+        (Protocol::Tcp, v4(HOST_V4, 8080), v4(CTR_V4, 80)),
+        (Protocol::Udp, v4(HOST_V4, 5353), v4(CTR_V4, 53)),
+        (Protocol::Tcp, v6(HOST_V6, 8080), v6(CTR_V6, 80)),
+    ] {
+        let mapping = Mapping {
+            name: "case".into(),
+            protocol,
+            host,
+            container,
+            ifindex: 0,
+            hold: true,
+        };
+        services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    }
+}
+
+fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
+    let map = ebpf.map(STATS.name).expect("the stats map");
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).unwrap();
+    stats.get(&stat.index(), 0).unwrap().iter().sum()
+}
+
+#[test]
+fn uplink_ingress_cases() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED uplink_ingress_cases: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    publish(&mut ebpf);
+    let name = UPLINK_PROGRAMS[0].name;
+    let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    program.load().unwrap();
+    let mut failures = Vec::new();
+    for case in cases() {
+        let before = stat(&ebpf, case.counts);
+        let program: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; case.input.len() + 64];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(&case.input),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        out.truncate(result.data_size_out as usize);
+        let expected = case.output.as_ref().unwrap_or(&case.input);
+        if result.return_value != case.verdict {
+            failures.push(format!(
+                "{}: verdict {:#x}, expected {:#x}",
+                case.name, result.return_value, case.verdict
+            ));
+        }
+        if &out != expected {
+            failures.push(format!(
+                "{}: frame\n  {out:02x?}\nexpected\n  {expected:02x?}",
+                case.name
+            ));
+        }
+        if case.verdict == NEXT && case.counts == Stat::FlowNew {
+            // Passing an unpublished port counts nothing.
+            if stat(&ebpf, case.counts) != before {
+                failures.push(format!("{}: counted {:?}", case.name, case.counts));
+            }
+        } else if stat(&ebpf, case.counts) != before + 1 {
+            failures.push(format!("{}: did not count {:?}", case.name, case.counts));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
