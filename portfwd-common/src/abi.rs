@@ -277,4 +277,10 @@ stats! {
     /// know: its entries were evicted (the map was full: least recently
     /// used first) or expired. The host answers them with a reset.
     UntrackedMidflow = "untracked_midflow",
+    /// Packets from outside the host (an uplink, a container's interface)
+    /// whose destination or source is a loopback address: never
+    /// translated, dropped. The kernel would drop them as martians;
+    /// translated, they would reach a port published on 127.0.0.1 or [::1]
+    /// from the network.
+    DroppedLoopback = "dropped_loopback",
 }

@@ -42,6 +42,41 @@ mod tests {
 
     use super::*;
 
+    #[cfg(feature = "user")]
+    #[test]
+    fn loopback_addresses_are_recognised_in_both_families() {
+        let loopback = |text: &str| {
+            let (family, addr) = Addr::from_ip(text.parse().unwrap());
+            addr.is_loopback(family)
+        };
+        for text in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.255.254",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.8.7",
+        ] {
+            assert!(loopback(text), "{text} is loopback");
+        }
+        for text in [
+            "126.255.255.255",
+            "128.0.0.1",
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "::2",
+            "::ffff:10.0.0.1",
+            "::ffff:128.0.0.1",
+            "::127.0.0.1",
+            "fe80::1",
+            "100::1",
+            "1::1",
+        ] {
+            assert!(!loopback(text), "{text} is not loopback");
+        }
+    }
+
     // The eBPF side and userspace must agree on these sizes; a change here
     // is an ABI change (pinned maps of the old layout cannot be reused).
     #[test]

@@ -1,7 +1,7 @@
 //! The keys and values of the maps, `#[repr(C)]` with every padding byte
 //! spelled out (see the crate doc).
 
-use crate::NAME_LEN;
+use crate::{FAMILY_V4, NAME_LEN};
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
 /// All zero with a family is that family's wildcard ("any local address").
@@ -26,6 +26,26 @@ impl Addr {
 
     pub const fn is_unspecified(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+
+    /// A loopback address of `family`: 127.0.0.0/8, or for IPv6 `::1` and
+    /// the IPv4-mapped `::ffff:127.0.0.0/104`. The words hold the address's
+    /// bytes in network order, so this looks at bytes, not at numbers.
+    pub const fn is_loopback(&self, family: u8) -> bool {
+        let first = self.words[0].to_ne_bytes();
+        if family == FAMILY_V4 {
+            return first[0] == 127;
+        }
+        if self.words[0] != 0 || self.words[1] != 0 {
+            return false;
+        }
+        let third = self.words[2].to_ne_bytes();
+        let last = self.words[3].to_ne_bytes();
+        match third {
+            [0, 0, 0, 0] => last[0] == 0 && last[1] == 0 && last[2] == 0 && last[3] == 1,
+            [0, 0, 0xff, 0xff] => last[0] == 127,
+            _ => false,
+        }
     }
 }
 

@@ -26,18 +26,6 @@ pub(crate) fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-pub(crate) fn key_of(pkt: &Packet) -> CtKey {
-    CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    }
-}
-
 /// The live entry for this packet's flow, or None (absent or expired).
 pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
@@ -88,8 +76,8 @@ pub(crate) struct Nat {
     pub masq: Option<(Addr, u16)>,
 }
 
-/// The key of the forward direction: the packet's own flow.
-fn set_key(key: &mut CtKey, pkt: &Packet) {
+/// The key of the packet's own flow (the forward direction of a new one).
+pub(crate) fn set_key(key: &mut CtKey, pkt: &Packet) {
     key.saddr = pkt.saddr;
     key.daddr = pkt.daddr;
     key.sport = pkt.sport;

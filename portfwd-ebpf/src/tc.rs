@@ -73,49 +73,62 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return NEXT;
     }
-    let Some(pkt) = parse_or_count(ctx) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if let Err(verdict) = parse_or_count(ctx, pkt) {
+        return verdict;
+    }
     let now = conntrack::now();
-    let key = conntrack::key_of(&pkt);
-    if let Some(entry) = conntrack::lookup(&key, now) {
+    conntrack::set_key(key, pkt);
+    if let Some(entry) = conntrack::lookup(key, now) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
         if flags & CT_FLAG_REPLY != 0 {
-            return translate_reply(ctx, &pkt, &key, entry, true);
+            return translate_reply(ctx, pkt, key, entry, true);
         }
         // A SYN on a closing flow is the client reusing its port: a new flow.
-        if !(is_new_tcp(&pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(ctx, &pkt, &key, entry);
+        if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
+            return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, &pkt, now, from_containers)
+    start_flow(ctx, pkt, now, from_containers)
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
 /// routing rather than a redirect.
 fn routed_reply(ctx: &TcContext) -> i32 {
-    let Ok(pkt) = packet::parse(ctx) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
-    let key = conntrack::key_of(&pkt);
-    match conntrack::lookup(&key, conntrack::now()) {
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if packet::parse(ctx, pkt).is_err() {
+        return NEXT;
+    }
+    conntrack::set_key(key, pkt);
+    match conntrack::lookup(key, conntrack::now()) {
         // SAFETY: a pointer into the map value, valid for this program run.
         Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
-            translate_reply(ctx, &pkt, &key, entry, false)
+            translate_reply(ctx, pkt, key, entry, false)
         }
         _ => NEXT,
     }
 }
 
-fn parse_or_count(ctx: &TcContext) -> Option<Packet> {
-    match packet::parse(ctx) {
-        Ok(pkt) => Some(pkt),
-        Err(reason) => {
-            count(reason);
-            None
+/// Parses into `pkt`; for a packet that is not ours, the verdict: passed
+/// untouched and counted, or dropped when it carries a loopback address.
+fn parse_or_count(ctx: &TcContext, pkt: &mut Packet) -> Result<(), i32> {
+    packet::parse(ctx, pkt).map_err(|reason| {
+        count(reason);
+        if reason == Stat::DroppedLoopback {
+            DROP
+        } else {
+            NEXT
         }
-    }
+    })
 }
 
 fn is_new_tcp(pkt: &Packet) -> bool {

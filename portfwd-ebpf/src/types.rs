@@ -4,8 +4,18 @@
 
 use portfwd_common::{CtKey, CtValue};
 
-/// A conntrack entry under construction (in the per-CPU scratch map).
+use crate::packet::Packet;
+
+/// Per-CPU memory of one TC program run (the `pf_scratch` map): the parsed
+/// packet and its flow key, and a conntrack entry under construction.
+///
+/// The verifier limits the stack of a whole BPF-to-BPF call chain to 512
+/// bytes; kept in the main frame, the packet and its key made the chain
+/// `tc program -> start_flow -> rewrite` too deep (and how deep depends on
+/// the LLVM that links the object). Here they cost no stack at all.
 pub(crate) struct Scratch {
+    pub pkt: Packet,
+    pub flow_key: CtKey,
     pub key: CtKey,
     pub value: CtValue,
 }

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     programs::{CgroupSockAddr, SchedClassifier},
@@ -63,6 +63,10 @@ pub(crate) struct Installed {
 /// that a second `up` keeps every mapping; returns holding the state lock.
 pub(crate) fn install(options: &InstallOptions) -> Result<Installed> {
     let pin_dir = &options.pin_dir;
+    // Named uplinks are checked before anything is attached.
+    for ifname in &options.ifaces {
+        check_uplink(ifname)?;
+    }
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => host::cgroup2_mount()?,
@@ -166,12 +170,28 @@ fn attach_uplinks(
         options.ifaces.clone()
     };
     for ifname in &uplinks {
-        host::netlink::ifindex(ifname)?;
+        check_uplink(ifname)?;
         if attach_tc(ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
             report.uplinks_attached.push(ifname.clone());
         } else {
             report.uplinks_already.push(ifname.clone());
         }
+    }
+    Ok(())
+}
+
+/// The loopback device's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// An uplink must exist and must not be the loopback device: the host's own
+/// traffic is served by the socket programs, and the TC programs drop every
+/// packet with a loopback address (only forged ones reach them elsewhere).
+pub(crate) fn check_uplink(ifname: &str) -> Result<()> {
+    if host::netlink::ifindex(ifname)? == LOOPBACK_IFINDEX {
+        bail!(
+            "{ifname} is the loopback device: host processes reach published ports without an uplink; \
+             name an interface that external clients come in on"
+        );
     }
     Ok(())
 }

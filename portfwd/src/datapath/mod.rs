@@ -12,7 +12,9 @@ mod object;
 mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
-pub(crate) use install::{InstallOptions, InstallReport, UninstallReport, install, uninstall};
+pub(crate) use install::{
+    InstallOptions, InstallReport, UninstallReport, check_uplink, install, uninstall,
+};
 pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;

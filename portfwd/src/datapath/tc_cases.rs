@@ -19,6 +19,7 @@ use crate::model::{Mapping, Protocol};
 /// TC verdicts as the test run returns them.
 const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const TO_STACK: u32 = 0; // TC_ACT_OK
+const DROP: u32 = 2; // TC_ACT_SHOT
 
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
 const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
@@ -152,6 +153,20 @@ fn cases() -> Vec<Case> {
             Stat::PassFragment,
         ),
         case("not IP", arp, NEXT, None, Stat::PassNotIp),
+        case(
+            "a forged SYN to a loopback address",
+            frame(v4(CLIENT_V4, 40007), v4(Ipv4Addr::LOCALHOST, 8080), L4::Syn),
+            DROP,
+            None,
+            Stat::DroppedLoopback,
+        ),
+        case(
+            "a forged IPv6 SYN from ::1",
+            frame(v6(Ipv6Addr::LOCALHOST, 40008), v6(HOST_V6, 8080), L4::Syn),
+            DROP,
+            None,
+            Stat::DroppedLoopback,
+        ),
         case(
             "a truncated TCP header",
             syn[..14 + 20 + 8].to_vec(),

@@ -124,7 +124,7 @@ pub(crate) fn down(pin_dir: &Path, keep_state: bool) -> Result<UninstallReport> 
 /// they were already there.
 pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<bool> {
     host::require_capabilities("attach", host::LOAD)?;
-    host::netlink::ifindex(ifname)?;
+    datapath::check_uplink(ifname)?;
     let lock = StateLock::acquire(pin_dir)?;
     datapath::attach_uplink(pin_dir, ifname, &lock)
 }
