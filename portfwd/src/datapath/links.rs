@@ -186,6 +186,9 @@ pub(crate) fn replace_program(
     let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
     let link: FdLink = link.into();
     let running = link.info()?.program_id();
+    // aya 0.14 opens a program by id only inside this iterator (its
+    // by-id lookup is private): one pass over the host's programs, once
+    // per pinned link at `up`.
     let running_tag = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == running)
