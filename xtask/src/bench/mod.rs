@@ -8,6 +8,7 @@ mod modes;
 mod ns;
 mod report;
 mod runner;
+mod targets;
 mod tool;
 mod updates;
 
