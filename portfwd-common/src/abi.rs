@@ -8,8 +8,8 @@
 use core::mem::size_of;
 
 use crate::types::{
-    Config, CtKey, CtValue, LocalAddrKey, MappingCounters, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -39,6 +39,9 @@ macro_rules! map_name {
     };
     (stats) => {
         "pf_stats"
+    };
+    (fragments) => {
+        "pf_fragments"
     };
     (scratch) => {
         "pf_scratch"
@@ -147,6 +150,16 @@ pub const STATS: MapDef = map(
     8,
     Stat::ALL.len() as u32,
 );
+/// Datagrams whose first fragment was translated: how to translate the
+/// later ones. An LRU: the oldest are forgotten first.
+pub const FRAGMENTS: MapDef = map(
+    map_name!(fragments),
+    MapKind::LruHash,
+    size::<FragmentKey>(),
+    size::<FragmentValue>(),
+    8_192,
+);
+
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
 pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
@@ -154,7 +167,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 7] = [
+pub const MAPS: [MapDef; 8] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -162,6 +175,7 @@ pub const MAPS: [MapDef; 7] = [
     CONNTRACK,
     COUNTERS,
     STATS,
+    FRAGMENTS,
 ];
 
 /// Where a program attaches.
@@ -283,4 +297,13 @@ stats! {
     /// translated, they would reach a port published on 127.0.0.1 or [::1]
     /// from the network.
     DroppedLoopback = "dropped_loopback",
+    /// Later fragments (not the first) of datagrams whose first fragment
+    /// was translated, translated the same way: towards the container...
+    FragmentIn = "fragments_translated_in",
+    /// ...and back.
+    FragmentOut = "fragments_translated_out",
+    /// Later fragments from containers that match no translated first
+    /// fragment (`PassFragment` counts those from uplinks): passed to the
+    /// stack.
+    PassFragmentFromContainers = "passed_fragment_from_containers",
 }

@@ -35,6 +35,10 @@ pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
 /// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// How long the later fragments of a datagram are followed after its first
+/// one: a datagram crosses a LAN in microseconds, and the kernel gives up
+/// reassembling after 30 s.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
 
 #[cfg(test)]
 mod tests {
@@ -91,6 +95,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 20);
+        assert_eq!(size_of::<FragmentKey>(), 40);
+        assert_eq!(size_of::<FragmentValue>(), 72);
     }
 
     #[test]

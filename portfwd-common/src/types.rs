@@ -144,6 +144,42 @@ pub struct CtValue {
     pub closing_since_ns: u64,
 }
 
+/// Key of the fragments map: one IP datagram as its fragments carry it
+/// before translation (addresses, protocol, IP identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The IPv4 identification (16 bits) or the IPv6 Fragment header's (32).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of the fragments map: the addresses the first fragment was given;
+/// later fragments get the same (ports and the L4 checksum live in the
+/// first fragment only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The flow's mapping, for its counters.
+    pub service: ServiceKey,
+    /// Where to redirect (0: let the stack route it).
+    pub ifindex: u32,
+    /// `FRAGMENT_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the first fragment.
+    pub first_seen_ns: u64,
+}
+
+/// The datagram is a reply (container -> client).
+pub const FRAGMENT_FLAG_REPLY: u32 = 1;
+
 /// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
 /// client -> container, "out" container -> client.
 #[repr(C)]

@@ -20,6 +20,8 @@ plain_old_data!(
     Config,
     SockRevNatKey,
     SockRevNatValue,
+    FragmentKey,
+    FragmentValue,
     CtKey,
     CtValue,
     MappingCounters

@@ -8,8 +8,8 @@
 
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use portfwd_common::{
-    self as abi, Config, CtKey, CtValue, LocalAddrKey, MappingCounters, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, map_name,
+    self as abi, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_name,
 };
 
 use crate::types::Scratch;
@@ -38,6 +38,13 @@ pub(crate) static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 #[unsafe(export_name = map_name!(conntrack))]
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(abi::CONNTRACK.max_entries, abi::CONNTRACK.flags);
+
+/// Datagrams whose first fragment was translated: how to translate the
+/// later ones (see `fragments`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(fragments))]
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::with_max_entries(abi::FRAGMENTS.max_entries, abi::FRAGMENTS.flags);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(counters))]

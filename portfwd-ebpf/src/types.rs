@@ -2,7 +2,7 @@
 //! `portfwd-common`), kept apart so that `maps` and the modules that use
 //! the maps import them without importing each other.
 
-use portfwd_common::{CtKey, CtValue};
+use portfwd_common::{CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::packet::Packet;
 
@@ -18,4 +18,6 @@ pub(crate) struct Scratch {
     pub flow_key: CtKey,
     pub key: CtKey,
     pub value: CtValue,
+    pub frag_key: FragmentKey,
+    pub frag_value: FragmentValue,
 }

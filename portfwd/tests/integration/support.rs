@@ -17,7 +17,9 @@ use std::{
 
 pub(crate) use portfwd_testkit::{
     netns,
-    serve::{Server, TIMEOUT, fetch, serve_udp, udp_ask, udp_exchange},
+    serve::{
+        Server, TIMEOUT, fetch, serve_udp, serve_udp_whole, udp_ask, udp_exchange, udp_roundtrip,
+    },
 };
 
 pub(crate) const PORTFWD: &str = env!("CARGO_BIN_EXE_portfwd");

@@ -199,7 +199,7 @@ const PATH_TITLES: [&str; 2] = [
 ];
 
 /// The main table's columns.
-const MAIN_METRICS: [Metric; 7] = [
+const MAIN_METRICS: [Metric; 8] = [
     Metric::TcpGbps,
     Metric::KaRps,
     Metric::KaP50Ms,
@@ -207,6 +207,7 @@ const MAIN_METRICS: [Metric; 7] = [
     Metric::ConnPerS,
     Metric::ConnP99Ms,
     Metric::UdpRps,
+    Metric::Udp4kRps,
 ];
 
 pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {
