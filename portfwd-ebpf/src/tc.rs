@@ -33,15 +33,16 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED,
-    STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT, STAT_PASS_FRAGMENT, STAT_PASS_FRAGMENT_FROM_CONTAINERS,
-    STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW,
+    STAT_FLOW_STOPPED, STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT, STAT_PASS_FRAGMENT,
+    STAT_PASS_FRAGMENT_FROM_CONTAINERS, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
+    STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -290,10 +291,13 @@ fn backend_of(value: &portfwd_common::ServiceValue) -> Backend {
 }
 
 /// Asks the kernel's FIB whether the destination is this host (not a
-/// snapshot of addresses that goes stale). A local destination is "not
-/// forwarded". When forwarding is disabled on the interface the lookup
-/// stops there; then the host routes nothing through it, so a packet that
-/// reached us for a published port can only be for this host.
+/// snapshot of addresses that goes stale): a local destination is "not
+/// forwarded". When forwarding is disabled on the ingress interface, the
+/// helper answers so before it looks at the route, which says nothing about
+/// the destination: IPv6 may still forward (per-interface `force_forwarding`,
+/// kernel 6.17), and a packet routed through the host to another machine
+/// must not be taken for ours. Then the host's addresses decide (the
+/// `pf_local_addrs` map, kept current by the port holder).
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
@@ -324,7 +328,12 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
             0,
         )
     };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return true;
+    }
+    rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+        // SAFETY: the value is not read, only its presence.
+        && unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(pkt.family, pkt.daddr)) }.is_some()
 }
 
 /// The flow's mapping must still exist and still point at the same
