@@ -293,9 +293,8 @@ impl Proxy {
             refuse_ports_in_use: false,
             hold_ports: false,
         };
-        let published =
-            ops::publish_with(pin_dir, &name, args.container_ip, &[spec], options)
-                .inspect_err(|_| owner::release(pin_dir, protocol, host));
+        let published = ops::publish_with(pin_dir, &name, args.container_ip, &[spec], options)
+            .inspect_err(|_| owner::release(pin_dir, protocol, host));
         let mapping = match published {
             Ok(mut published) if published.mappings.len() == 1 => published.mappings.remove(0),
             Ok(published) => {
@@ -330,8 +329,7 @@ fn adopt_listen_socket(protocol: Protocol, host: SocketAddr) -> Result<OwnedFd> 
     fcntl(LISTEN_FD, FcntlArg::F_GETFD).context("-use-listen-fd given but fd 4 is not open")?;
     // SAFETY: fd 4 is open (checked) and dockerd hands it to this process.
     let socket = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
-    let bound: SockaddrStorage =
-        getsockname(socket.as_raw_fd()).context("fd 4 is not a socket")?;
+    let bound: SockaddrStorage = getsockname(socket.as_raw_fd()).context("fd 4 is not a socket")?;
     let port = bound
         .as_sockaddr_in()
         .map(|a| a.port())
@@ -415,7 +413,10 @@ mod tests {
             ("-host-port 0 -container-port 1", "not a port"),
             ("-host-port 1 -container-port 1 -host-ip x", "not an IP"),
             ("-host-port", "needs an argument"),
-            ("-host-port 1 -container-port 1 -use-listen-fd=maybe", "boolean"),
+            (
+                "-host-port 1 -container-port 1 -use-listen-fd=maybe",
+                "boolean",
+            ),
         ] {
             let error = parse_args(&args(line)).unwrap_err();
             assert!(error.contains(expected), "{line}: {error}");

@@ -134,8 +134,7 @@ fn remove_docker_chains() {
                 continue;
             };
             let chain = spec.split_whitespace().next().unwrap_or("");
-            if !chain.starts_with("DOCKER") && (spec.contains("DOCKER") || spec.contains(BRIDGE))
-            {
+            if !chain.starts_with("DOCKER") && (spec.contains("DOCKER") || spec.contains(BRIDGE)) {
                 let mut args = vec!["-t", table, "-D"];
                 args.extend(spec.split_whitespace());
                 let _ = run("iptables", &args);
@@ -175,7 +174,10 @@ impl Dockerd {
         symlink(PORTFWD, dir.join("bin/docker-proxy")).unwrap();
         let _ = run("ip", &["link", "del", BRIDGE]);
         sh("ip", &["link", "add", BRIDGE, "type", "bridge"]);
-        sh("ip", &["addr", "add", &format!("{BRIDGE_NET}.1/24"), "dev", BRIDGE]);
+        sh(
+            "ip",
+            &["addr", "add", &format!("{BRIDGE_NET}.1/24"), "dev", BRIDGE],
+        );
         sh("ip", &["link", "set", BRIDGE, "up"]);
         let config = serde_json::json!({
             "data-root": format!("{DIR}/data"),
@@ -204,8 +206,7 @@ impl Dockerd {
             .map_err(|e| format!("cannot start dockerd: {e} (install docker.io)"))?;
         let mut daemon = Dockerd { child: Some(child) };
         let up = wait_until(Duration::from_secs(30), || {
-            docker(&["info", "--format", "{{.ID}}"]).status.success()
-                || daemon.exited().is_some()
+            docker(&["info", "--format", "{{.ID}}"]).status.success() || daemon.exited().is_some()
         });
         if !up || daemon.exited().is_some() {
             return Err(format!("dockerd did not come up: {}", daemon.log_tail()));
@@ -346,12 +347,7 @@ fn run_web(name: &str, publish: &[&str]) -> String {
         "for p in 80 81 82; do httpd -p $p -h /www; done; exec sleep 3600",
     ]);
     docker_ok(&args);
-    docker_ok(&[
-        "inspect",
-        "-f",
-        "{{.NetworkSettings.IPAddress}}",
-        name,
-    ])
+    docker_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", name])
 }
 
 /// The network namespace of a container (to run a UDP server in it).
@@ -402,9 +398,9 @@ fn has_mapping(rows: &[Value], host_ip: &str, host_port: u16, protocol: &str) ->
 /// The pid of the process `ss` shows holding `addr` (e.g. 0.0.0.0:18091).
 fn holder_pid(tcp: bool, addr: &str) -> Option<i32> {
     let out = sh("ss", &[if tcp { "-lntpH" } else { "-lnupH" }]);
-    let line = out.lines().find(|l| {
-        l.split_whitespace().nth(3) == Some(addr) && l.contains("\"docker-proxy\"")
-    })?;
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some(addr) && l.contains("\"docker-proxy\""))?;
     let pid = line.split("pid=").nth(1)?.split(',').next()?;
     pid.parse().ok()
 }
@@ -447,13 +443,21 @@ fn publishes_through_portfwd(iptables: bool) {
     // after the container endpoint, held by a docker-proxy process.
     let rows = mappings_of(&web);
     for port in [18080, 18090, 18091, 18092] {
-        assert!(has_mapping(&rows, "0.0.0.0", port, "tcp"), "{port}: {rows:?}");
+        assert!(
+            has_mapping(&rows, "0.0.0.0", port, "tcp"),
+            "{port}: {rows:?}"
+        );
         assert!(has_mapping(&rows, "::", port, "tcp"), "{port}: {rows:?}");
     }
     assert!(has_mapping(&rows, "127.0.0.1", 18081, "tcp"), "{rows:?}");
     assert!(has_mapping(&rows, "0.0.0.0", 18082, "udp"), "{rows:?}");
     assert_eq!(rows.len(), 11, "{rows:?}");
-    for addr in ["0.0.0.0:18080", "[::]:18080", "127.0.0.1:18081", "0.0.0.0:18090"] {
+    for addr in [
+        "0.0.0.0:18080",
+        "[::]:18080",
+        "127.0.0.1:18081",
+        "0.0.0.0:18090",
+    ] {
         assert!(holder_pid(true, addr).is_some(), "ss -lntp: {addr}");
     }
     assert!(holder_pid(false, "0.0.0.0:18082").is_some(), "ss -lnup");
@@ -496,7 +500,11 @@ fn publishes_through_portfwd(iptables: bool) {
 
     // UDP: a datagram server inside the container's namespace.
     {
-        let _udp = serve_udp(Some(sandbox("pfd-web")), "0.0.0.0:80".parse().unwrap(), "udp");
+        let _udp = serve_udp(
+            Some(sandbox("pfd-web")),
+            "0.0.0.0:80".parse().unwrap(),
+            "udp",
+        );
         // Unbound address: a socket bound to 127.0.0.1 cannot send to the
         // container address the datagram is translated to.
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
