@@ -560,3 +560,159 @@ fn dockerd_with_iptables_publishes_through_portfwd() {
     };
     publishes_through_portfwd(true);
 }
+
+// --- the proxy interface itself, without dockerd ------------------------
+
+const PROXY_DIR: &str = "/tmp/portfwd-test-docker-proxy";
+
+/// Starts `docker-proxy` (a symlink to portfwd) as dockerd does: fd 3 the
+/// write end of a pipe, fd 4 the host socket when given. Returns the child
+/// and what it reported on fd 3 (it closes the pipe after reporting).
+fn start_proxy(args: &[&str], listen: Option<&std::net::TcpListener>) -> (Child, String) {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    // Close-on-exec: the child gets only its fd 3 copy, so the pipe ends
+    // when the proxy closes it.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let write_fd = write_end.as_raw_fd();
+    let listen_fd = listen.map(|l| l.as_raw_fd());
+    let mut command = Command::new(Path::new(PROXY_DIR).join("docker-proxy"));
+    command
+        .args(args)
+        .env("PORTFWD_BPFFS", pin_dir())
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Out of the way first: the sources may be 3 or 4 themselves.
+            let status = libc::fcntl(write_fd, libc::F_DUPFD_CLOEXEC, 10);
+            let listen = listen_fd.map(|fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10));
+            if status < 0 || libc::dup2(status, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = listen
+                && (fd < 0 || libc::dup2(fd, 4) < 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    drop(write_end);
+    let mut report = String::new();
+    let mut pipe = fs::File::from(read_end);
+    // Bounded as dockerd bounds it (16 s): the proxy reports, closes fd 3.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = pipe.read_to_string(&mut report);
+        let _ = sender.send(report);
+    });
+    let report = receiver
+        .recv_timeout(Duration::from_secs(16))
+        .expect("the proxy neither reported on fd 3 and closed it, nor exited");
+    (child, report)
+}
+
+fn stop_proxy(mut child: Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    assert!(exited, "the proxy did not stop on {signal}");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn proxy_speaks_dockers_interface() {
+    let Some(_serial) = root_test("docker-proxy interface") else {
+        return;
+    };
+    let client = client();
+    let ctr = Container::with_prefix(2, "qdocker", 252);
+    let _web = ctr.serve("[::]:80", "ctr");
+    let _pf = Portfwd::up(&["--iface", &client.host_if]);
+    let _ = fs::remove_dir_all(PROXY_DIR);
+    fs::create_dir_all(PROXY_DIR).unwrap();
+    symlink(PORTFWD, Path::new(PROXY_DIR).join("docker-proxy")).unwrap();
+    let ctr_ip = ctr.v4().to_string();
+    let name = format!("docker:{ctr_ip}:80");
+    let ours = || -> Vec<Value> {
+        listed()
+            .into_iter()
+            .filter(|m| m["name"] == name.as_str())
+            .collect()
+    };
+
+    // Docker >= 28: dockerd binds the socket and passes it as fd 4; flags
+    // a newer dockerd may add are ignored.
+    let listener = std::net::TcpListener::bind("0.0.0.0:18095").unwrap();
+    let (proxy, report) = start_proxy(
+        &[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "0.0.0.0",
+            "-host-port",
+            "18095",
+            "-container-ip",
+            &ctr_ip,
+            "-container-port",
+            "80",
+            "-use-listen-fd",
+            "-bridge-name",
+            "docker0",
+        ],
+        Some(&listener),
+    );
+    drop(listener);
+    assert_eq!(report, "0\n");
+    assert!(has_mapping(&ours(), "0.0.0.0", 18095, "tcp"));
+    assert!(holder_pid(true, "0.0.0.0:18095").is_some(), "ss -lntp");
+    let (answer, _) = fetch("127.0.0.1:18095".parse().unwrap()).unwrap();
+    assert!(answer.starts_with("ctr "), "{answer}");
+    stop_proxy(proxy, nix::sys::signal::Signal::SIGINT);
+    assert!(ours().is_empty(), "SIGINT left {:?}", ours());
+    assert!(std::net::TcpListener::bind("0.0.0.0:18095").is_ok());
+
+    // Docker <= 27: the proxy binds; SIGTERM (the parent-death signal)
+    // stops it too.
+    let args = [
+        "-proto",
+        "udp",
+        "-host-ip",
+        "::",
+        "-host-port",
+        "18096",
+        "-container-ip",
+        &ctr_ip,
+        "-container-port",
+        "80",
+    ];
+    let (proxy, report) = start_proxy(&args, None);
+    assert_eq!(report, "0\n");
+    assert!(has_mapping(&ours(), "::", 18096, "udp"));
+    // The port is held: a second proxy for it fails, on fd 3, with nothing
+    // published.
+    let (mut second, report) = start_proxy(&args, None);
+    assert!(
+        report.starts_with("1\nfailed to listen on [::]:18096/udp"),
+        "{report:?}"
+    );
+    assert!(!second.wait().unwrap().success());
+    assert_eq!(ours().len(), 1);
+    stop_proxy(proxy, nix::sys::signal::Signal::SIGTERM);
+    assert!(ours().is_empty(), "SIGTERM left {:?}", ours());
+
+    // SCTP is refused clearly.
+    let mut sctp = args;
+    sctp[1] = "sctp";
+    let (mut child, report) = start_proxy(&sctp, None);
+    assert!(
+        report.starts_with("1\nportfwd does not forward SCTP"),
+        "{report:?}"
+    );
+    assert!(!child.wait().unwrap().success());
+    assert!(ours().is_empty());
+    let _ = fs::remove_dir_all(PROXY_DIR);
+}
