@@ -534,8 +534,14 @@ fn publishes_through_portfwd(iptables: bool) {
     assert_eq!(mappings_of(&other).len(), 2);
     assert!(curl(None, &url("127.0.0.1", 18083)).is_ok_and(|a| a.starts_with("web ")));
 
+    // docker stop: the same for a stopped container.
+    docker_ok(&["stop", "pfd-other"]);
+    assert_eq!(mappings_of(&other), Vec::<Value>::new());
+
     // dockerd stops (live-restore off): its containers stop, their
     // proxies remove their mappings.
+    let last = run_web("pfd-last", &["18084:80"]);
+    assert_eq!(mappings_of(&last).len(), 2);
     daemon.stop();
     let rows = listed();
     assert!(
