@@ -498,6 +498,20 @@ fn publishes_through_portfwd(iptables: bool) {
         "{mode}: hairpin"
     );
 
+    if iptables {
+        // Docker's DNAT rules for the published ports exist, and no packet
+        // went through them: portfwd translated every flow first.
+        let rules = sh("iptables", &["-t", "nat", "-S", "DOCKER"]);
+        assert!(rules.contains("--dport 18080 -j DNAT"), "{rules}");
+        let counted = sh("iptables", &["-t", "nat", "-L", "DOCKER", "-n", "-v", "-x"]);
+        let dnat_packets: u64 = counted
+            .lines()
+            .filter(|l| l.contains("DNAT"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(dnat_packets, 0, "{counted}");
+    }
+
     // UDP: a datagram server inside the container's namespace.
     {
         let _udp = serve_udp(
