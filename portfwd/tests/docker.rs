@@ -724,6 +724,18 @@ fn proxy_speaks_dockers_interface() {
     stop_proxy(proxy, nix::sys::signal::Signal::SIGTERM);
     assert!(ours().is_empty(), "SIGTERM left {:?}", ours());
 
+    // A proxy killed with SIGKILL: `up` removes its mapping (and says so).
+    let (mut killed, report) = start_proxy(&args, None);
+    assert_eq!(report, "0\n");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let said = portfwd_ok(&["up", "--iface", &client.host_if]);
+    assert!(
+        said.contains(&format!("removed (its owner process is gone) {name}")),
+        "{said}"
+    );
+    assert!(ours().is_empty(), "up left {:?}", ours());
+
     // SCTP is refused clearly.
     let mut sctp = args;
     sctp[1] = "sctp";
