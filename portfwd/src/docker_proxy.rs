@@ -1,6 +1,6 @@
 //! portfwd as dockerd's userland proxy (`"userland-proxy-path"` in
 //! daemon.json): the `portfwd` binary is the proxy when it is run by the
-//! name `docker-proxy` (a symlink or a copy).
+//! name `docker-proxy` (a symlink or a copy), or with `-proto` first.
 //!
 //! dockerd starts one proxy per published port, host address family and
 //! protocol, and speaks this interface (moby `cmd/docker-proxy`,
@@ -59,11 +59,15 @@ const STATUS_FD: RawFd = 3;
 const LISTEN_FD: RawFd = 4;
 
 /// Whether this process was run as `docker-proxy` (argv[0], which dockerd
-/// sets to the full path it was configured with).
+/// sets to the full path it was configured with), or with dockerd's
+/// arguments whatever the file is called: dockerd passes `-proto` first,
+/// which is no CLI command.
 pub fn invoked_as_proxy() -> bool {
-    std::env::args_os()
+    let mut args = std::env::args_os();
+    let named = args
         .next()
-        .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new(PROGRAM_NAME)))
+        .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new(PROGRAM_NAME)));
+    named || args.next().is_some_and(|first| first == "-proto")
 }
 
 /// What dockerd asked for.
