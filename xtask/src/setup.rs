@@ -28,7 +28,7 @@ const DEBS: &[&str] = &[
     "runc",
     "busybox-static",
     // The Docker test: a private dockerd (with containerd) whose userland
-    // proxy is portfwd. Installing it starts no daemon here (policy-rc.d).
+    // proxy is portfwd. Installing it starts no daemon (runlevel 1, below).
     "docker.io",
 ];
 
