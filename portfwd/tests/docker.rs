@@ -654,6 +654,7 @@ fn proxy_speaks_dockers_interface() {
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let _ = fs::remove_dir_all(PROXY_DIR);
     fs::create_dir_all(PROXY_DIR).unwrap();
+    let _proxy_dir = RemoveOnDrop(PROXY_DIR);
     symlink(PORTFWD, Path::new(PROXY_DIR).join("docker-proxy")).unwrap();
     let ctr_ip = ctr.v4().to_string();
     let name = format!("docker:{ctr_ip}:80");
@@ -746,5 +747,13 @@ fn proxy_speaks_dockers_interface() {
     );
     assert!(!child.wait().unwrap().success());
     assert!(ours().is_empty());
-    let _ = fs::remove_dir_all(PROXY_DIR);
+}
+
+/// Removes a directory when dropped (also when the test fails).
+struct RemoveOnDrop(&'static str);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.0);
+    }
 }
