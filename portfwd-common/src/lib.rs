@@ -32,9 +32,10 @@ pub const SOCK_REVNAT_MAP: &str = "pf_sock_revnat";
 pub const CONNTRACK_MAP: &str = "pf_conntrack";
 pub const COUNTERS_MAP: &str = "pf_counters";
 pub const STATS_MAP: &str = "pf_stats";
+pub const FRAGMENTS_MAP: &str = "pf_fragments";
 
 /// Every map portfwd pins; `down` removes exactly these.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     SERVICES_MAP,
     LOCAL_ADDRS_MAP,
     CONFIG_MAP,
@@ -42,6 +43,7 @@ pub const ALL_MAPS: [&str; 7] = [
     CONNTRACK_MAP,
     COUNTERS_MAP,
     STATS_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Default capacities.
@@ -56,6 +58,12 @@ pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
 /// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// Datagrams whose first fragment was translated, at once (an LRU: the
+/// oldest are forgotten first), and how long their later fragments are
+/// followed after the first one: a datagram crosses a LAN in microseconds,
+/// and the kernel gives up reassembling after 30 s.
+pub const FRAGMENTS_MAX: u32 = 8_192;
+pub const FRAGMENT_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
 
 /// Indices of the per-CPU stats array: packets the TC programs saw but did
 /// not translate (passed untouched), and what they did.
@@ -73,7 +81,19 @@ pub const STAT_REWRITE_FAILED: u32 = 9;
 /// its entries were evicted (the map was full: least recently used first)
 /// or expired. The host answers them with a reset.
 pub const STAT_UNTRACKED_MIDFLOW: u32 = 10;
-pub const STATS_LEN: u32 = 11;
+/// Packets from outside the host (an uplink, a container's interface) whose
+/// destination or source is a loopback address: never translated, dropped.
+/// The kernel would drop them as martians; translated, they would reach a
+/// port published on 127.0.0.1 or [::1] from the network.
+pub const STAT_DROPPED_LOOPBACK: u32 = 11;
+/// Later fragments (not the first) of datagrams whose first fragment was
+/// translated, translated the same way: towards the container, and back.
+pub const STAT_FRAGMENT_IN: u32 = 12;
+pub const STAT_FRAGMENT_OUT: u32 = 13;
+/// Later fragments from containers that match no translated first fragment
+/// (`STAT_PASS_FRAGMENT` counts those from uplinks): passed to the stack.
+pub const STAT_PASS_FRAGMENT_FROM_CONTAINERS: u32 = 14;
+pub const STATS_LEN: u32 = 15;
 /// Names of the stats, by index, as `portfwd list` shows them.
 pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "passed_not_ip",
@@ -87,6 +107,10 @@ pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "to_stack",
     "rewrite_failed",
     "untracked_midflow",
+    "dropped_loopback",
+    "fragments_translated_in",
+    "fragments_translated_out",
+    "passed_fragment_from_containers",
 ];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
@@ -112,6 +136,26 @@ impl Addr {
 
     pub const fn is_unspecified(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+
+    /// A loopback address of `family`: 127.0.0.0/8, or for IPv6 `::1` and
+    /// the IPv4-mapped `::ffff:127.0.0.0/104`. The words hold the address's
+    /// bytes in network order, so this looks at bytes, not at numbers.
+    pub const fn is_loopback(&self, family: u8) -> bool {
+        let first = self.words[0].to_ne_bytes();
+        if family == FAMILY_V4 {
+            return first[0] == 127;
+        }
+        if self.words[0] != 0 || self.words[1] != 0 {
+            return false;
+        }
+        let third = self.words[2].to_ne_bytes();
+        let last = self.words[3].to_ne_bytes();
+        match third {
+            [0, 0, 0, 0] => last[0] == 0 && last[1] == 0 && last[2] == 0 && last[3] == 1,
+            [0, 0, 0xff, 0xff] => last[0] == 127,
+            _ => false,
+        }
     }
 }
 
@@ -210,6 +254,42 @@ pub struct CtValue {
     pub closing_since_ns: u64,
 }
 
+/// Key of the fragments map: one IP datagram as its fragments carry it
+/// before translation (addresses, protocol, IP identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The IPv4 identification (16 bits) or the IPv6 Fragment header's (32).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of the fragments map: the addresses the first fragment was given;
+/// later fragments get the same (ports and the L4 checksum live in the
+/// first fragment only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The flow's mapping, for its counters.
+    pub service: ServiceKey,
+    /// Where to redirect (0: let the stack route it).
+    pub ifindex: u32,
+    /// `FRAGMENT_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the first fragment.
+    pub first_seen_ns: u64,
+}
+
+/// The datagram is a reply (container -> client).
+pub const FRAGMENT_FLAG_REPLY: u32 = 1;
+
 /// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
 /// client -> container, "out" container -> client.
 #[repr(C)]
@@ -302,6 +382,8 @@ mod user {
         Config,
         SockRevNatKey,
         SockRevNatValue,
+        FragmentKey,
+        FragmentValue,
         CtKey,
         CtValue,
         MappingCounters
@@ -376,6 +458,41 @@ mod tests {
 
     use super::*;
 
+    #[cfg(feature = "user")]
+    #[test]
+    fn loopback_addresses_are_recognised_in_both_families() {
+        let loopback = |text: &str| {
+            let (family, addr) = Addr::from_ip(text.parse().unwrap());
+            addr.is_loopback(family)
+        };
+        for text in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.255.254",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.8.7",
+        ] {
+            assert!(loopback(text), "{text} is loopback");
+        }
+        for text in [
+            "126.255.255.255",
+            "128.0.0.1",
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "::2",
+            "::ffff:10.0.0.1",
+            "::ffff:128.0.0.1",
+            "::127.0.0.1",
+            "fe80::1",
+            "100::1",
+            "1::1",
+        ] {
+            assert!(!loopback(text), "{text} is not loopback");
+        }
+    }
+
     // The eBPF side and userspace must agree on these sizes; a change here
     // is an ABI change (pinned maps of the old layout cannot be reused).
     #[test]
@@ -390,6 +507,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 20);
+        assert_eq!(size_of::<FragmentKey>(), 40);
+        assert_eq!(size_of::<FragmentValue>(), 72);
     }
 
     #[test]

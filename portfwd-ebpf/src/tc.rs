@@ -32,21 +32,26 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
-    STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW,
+    STAT_FLOW_STOPPED, STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT, STAT_PASS_FRAGMENT,
+    STAT_PASS_FRAGMENT_FROM_CONTAINERS, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
     STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
     conntrack::{self, Nat},
-    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
-    packet::{self, End, Packet, TCP_ACK, TCP_SYN},
+    fragments,
+    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
+    packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
 const NEXT: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
 const PACKET_HOST: u32 = 0;
+/// For `count`: counts nothing (no such stat).
+const NO_STAT: u32 = u32::MAX;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -74,49 +79,75 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return NEXT;
     }
-    let Some(pkt) = parse_or_count(ctx) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if let Err(verdict) = parse_or_count(ctx, pkt) {
+        return verdict;
+    }
+    if pkt.fragment == LATER_FRAGMENT {
+        let untracked = if from_containers {
+            STAT_PASS_FRAGMENT_FROM_CONTAINERS
+        } else {
+            STAT_PASS_FRAGMENT
+        };
+        return translate_fragment(ctx, pkt, untracked, true);
+    }
     let now = conntrack::now();
-    let key = conntrack::key_of(&pkt);
-    if let Some(entry) = conntrack::lookup(&key, now) {
+    conntrack::set_key(key, pkt);
+    if let Some(entry) = conntrack::lookup(key, now) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
         if flags & CT_FLAG_REPLY != 0 {
-            return translate_reply(ctx, &pkt, &key, entry, true);
+            return translate_reply(ctx, pkt, key, entry, true);
         }
         // A SYN on a closing flow is the client reusing its port: a new flow.
-        if !(is_new_tcp(&pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(ctx, &pkt, &key, entry);
+        if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
+            return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, &pkt, now, from_containers)
+    start_flow(ctx, pkt, now, from_containers)
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
 /// routing rather than a redirect.
 fn routed_reply(ctx: &TcContext) -> i32 {
-    let Ok(pkt) = packet::parse(ctx) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
-    let key = conntrack::key_of(&pkt);
-    match conntrack::lookup(&key, conntrack::now()) {
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if packet::parse(ctx, pkt).is_err() {
+        return NEXT;
+    }
+    if pkt.fragment == LATER_FRAGMENT {
+        // Egress sees all the host's traffic: untracked fragments are not
+        // counted here.
+        return translate_fragment(ctx, pkt, NO_STAT, false);
+    }
+    conntrack::set_key(key, pkt);
+    match conntrack::lookup(key, conntrack::now()) {
         // SAFETY: a pointer into the map value, valid for this program run.
         Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
-            translate_reply(ctx, &pkt, &key, entry, false)
+            translate_reply(ctx, pkt, key, entry, false)
         }
         _ => NEXT,
     }
 }
 
-fn parse_or_count(ctx: &TcContext) -> Option<Packet> {
-    match packet::parse(ctx) {
-        Ok(pkt) => Some(pkt),
-        Err(reason) => {
-            count(reason);
-            None
+/// Parses into `pkt`; for a packet that is not ours, the verdict: passed
+/// untouched and counted, or dropped when it carries a loopback address.
+fn parse_or_count(ctx: &TcContext, pkt: &mut Packet) -> Result<(), i32> {
+    packet::parse(ctx, pkt).map_err(|reason| {
+        count(reason);
+        if reason == STAT_DROPPED_LOOPBACK {
+            DROP
+        } else {
+            NEXT
         }
-    }
+    })
 }
 
 fn is_new_tcp(pkt: &Packet) -> bool {
@@ -168,10 +199,14 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
         masq,
     };
-    if conntrack::create(pkt, &service, &nat, now).is_err() {
+    let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
         // Untracked, the replies could not be translated back: do not start.
         count(STAT_REWRITE_FAILED);
         return NEXT;
+    };
+    if pkt.fragment == FIRST_FRAGMENT {
+        // SAFETY: the entry just inserted, in scratch memory.
+        fragments::remember(pkt, unsafe { &*forward }, backend.ifindex, now);
     }
     count(STAT_FLOW_NEW);
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
@@ -256,10 +291,13 @@ fn backend_of(value: &portfwd_common::ServiceValue) -> Backend {
 }
 
 /// Asks the kernel's FIB whether the destination is this host (not a
-/// snapshot of addresses that goes stale). A local destination is "not
-/// forwarded". When forwarding is disabled on the interface the lookup
-/// stops there; then the host routes nothing through it, so a packet that
-/// reached us for a published port can only be for this host.
+/// snapshot of addresses that goes stale): a local destination is "not
+/// forwarded". When forwarding is disabled on the ingress interface, the
+/// helper answers so before it looks at the route, which says nothing about
+/// the destination: IPv6 may still forward (per-interface `force_forwarding`,
+/// kernel 6.17), and a packet routed through the host to another machine
+/// must not be taken for ours. Then the host's addresses decide (the
+/// `pf_local_addrs` map, kept current by the port holder).
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
@@ -290,7 +328,12 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
             0,
         )
     };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return true;
+    }
+    rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+        // SAFETY: the value is not read, only its presence.
+        && unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(pkt.family, pkt.daddr)) }.is_some()
 }
 
 /// The flow's mapping must still exist and still point at the same
@@ -315,7 +358,11 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    conntrack::touch(entry, pkt, conntrack::now());
+    let now = conntrack::now();
+    conntrack::touch(entry, pkt, now);
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ct.ifindex, now);
+    }
     add_traffic(&ct.service, pkt.len, true);
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
@@ -350,7 +397,12 @@ fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    conntrack::touch(entry, pkt, conntrack::now());
+    let now = conntrack::now();
+    conntrack::touch(entry, pkt, now);
+    let ifindex = if redirect { ct.ifindex } else { 0 };
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ifindex, now);
+    }
     add_traffic(&ct.service, pkt.len, false);
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
@@ -358,7 +410,6 @@ fn translate_reply(
         count(STAT_REWRITE_FAILED);
         return DROP;
     }
-    let ifindex = if redirect { ct.ifindex } else { 0 };
     finish(ctx, pkt, End::Source, &ct.nat_addr, ct.nat_port, ifindex)
 }
 
@@ -372,6 +423,38 @@ fn finish(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16, ifind
         count(STAT_REWRITE_FAILED);
         return DROP;
     }
+    deliver(ifindex)
+}
+
+/// A later fragment: translated like its datagram's first fragment, if that
+/// was translated (see `fragments`); else passed and counted as `untracked`.
+/// `redirect`: sent where the first went (ingress), or left to the stack.
+#[inline(never)]
+fn translate_fragment(ctx: &TcContext, pkt: &Packet, untracked: u32, redirect: bool) -> i32 {
+    let Some(value) = fragments::lookup(pkt, conntrack::now()) else {
+        count(untracked);
+        return NEXT;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let value = unsafe { &*value };
+    if !packet::rewrite_addresses(ctx, pkt, &value.saddr, &value.daddr) {
+        count(STAT_REWRITE_FAILED);
+        return DROP;
+    }
+    let reply = value.flags & FRAGMENT_FLAG_REPLY != 0;
+    add_traffic(&value.service, pkt.len, !reply);
+    count(if reply {
+        STAT_FRAGMENT_OUT
+    } else {
+        STAT_FRAGMENT_IN
+    });
+    deliver(if redirect { value.ifindex } else { 0 })
+}
+
+/// Sends a rewritten packet on: redirected to `ifindex` through the
+/// neighbour subsystem when known, else back to the stack.
+#[inline(always)]
+fn deliver(ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(STAT_TO_STACK);
         return TC_ACT_OK as i32;

@@ -109,6 +109,10 @@ fn tc_dir(pin_dir: &Path, ifname: &str) -> PathBuf {
 /// that a second `up` keeps every mapping.
 pub fn up(options: &UpOptions) -> Result<UpReport> {
     host::require_capabilities("up", host::LOAD)?;
+    // Named uplinks are checked before anything is attached.
+    for ifname in &options.ifaces {
+        check_uplink(ifname)?;
+    }
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => host::cgroup2_mount()?,
@@ -172,7 +176,7 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
         }
     }
     for ifname in &uplinks {
-        netlink::ifindex(ifname)?;
+        check_uplink(ifname)?;
         if attach_tc(&mut ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
             report.uplinks_attached.push(ifname.clone());
         } else {
@@ -271,10 +275,26 @@ fn attach_tc(
 /// they were already there.
 pub fn attach_uplink(pin_dir: &Path, ifname: &str) -> Result<bool> {
     host::require_capabilities("attach", host::LOAD)?;
-    netlink::ifindex(ifname)?;
+    check_uplink(ifname)?;
     let _lock = StateLock::acquire(pin_dir)?;
     let mut ebpf = load_object(pin_dir)?;
     attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)
+}
+
+/// The loopback device's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// An uplink must exist and must not be the loopback device: the host's own
+/// traffic is served by the socket programs, and the TC programs drop every
+/// packet with a loopback address (only forged ones reach them elsewhere).
+fn check_uplink(ifname: &str) -> Result<()> {
+    if netlink::ifindex(ifname)? == LOOPBACK_IFINDEX {
+        bail!(
+            "{ifname} is the loopback device: host processes reach published ports without an uplink; \
+             name an interface that external clients come in on"
+        );
+    }
+    Ok(())
 }
 
 /// Makes sure the reply program runs on the interface towards a container.
@@ -431,7 +451,7 @@ fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Re
 }
 
 /// The key and value sizes this build uses for each pinned map.
-fn expected_layouts() -> [(&'static str, usize, usize); 7] {
+fn expected_layouts() -> [(&'static str, usize, usize); 8] {
     use portfwd_common::*;
     [
         (
@@ -453,6 +473,11 @@ fn expected_layouts() -> [(&'static str, usize, usize); 7] {
             size_of::<MappingCounters>(),
         ),
         (STATS_MAP, 4, 8),
+        (
+            FRAGMENTS_MAP,
+            size_of::<FragmentKey>(),
+            size_of::<FragmentValue>(),
+        ),
     ]
 }
 
