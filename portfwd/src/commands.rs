@@ -16,6 +16,12 @@ use crate::{
 
 pub fn up(options: &UpOptions) -> Result<()> {
     let report = loader::up(options)?;
+    for m in ops::sweep_orphans(&options.pin_dir)? {
+        println!(
+            "removed (its owner process is gone) {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
     if !report.uplinks_attached.is_empty() {
         println!(
             "external traffic: attached to {}",

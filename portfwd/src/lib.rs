@@ -9,6 +9,7 @@
 
 pub mod cni;
 pub mod commands;
+pub mod docker_proxy;
 pub mod holder;
 pub mod host;
 pub mod loader;
@@ -16,6 +17,7 @@ pub mod mapping;
 pub mod maps;
 pub mod netlink;
 pub mod ops;
+pub mod owner;
 pub mod publish;
 pub mod state;
 
