@@ -306,4 +306,9 @@ stats! {
     /// fragment (`PassFragment` counts those from uplinks): passed to the
     /// stack.
     PassFragmentFromContainers = "passed_fragment_from_containers",
+    /// New flows on an uplink whose source is one of the host's own
+    /// addresses: forged (the kernel drops them as martians), and their
+    /// reply entry could capture the host's own connection from that
+    /// address and port. Dropped.
+    DroppedLocalSource = "dropped_local_source",
 }

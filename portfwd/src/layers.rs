@@ -18,7 +18,7 @@ const LAYERS: [&[&str]; 9] = [
     &["state"],
     &["holder"],
     &["ops"],
-    &["cli", "cni"],
+    &["cli", "cni", "docker_proxy"],
 ];
 
 /// The crate-level modules each module of `src` names through `crate::`

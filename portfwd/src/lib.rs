@@ -11,13 +11,15 @@
 //! - `state`: the state file and reconciling the maps with it.
 //! - `holder`: the port holder process and its client.
 //! - `ops`: the operations, as sessions that change maps and state together.
-//! - `cli` and `cni`: the two front ends.
+//! - `cli`, `cni` and `docker_proxy`: the three front ends (the CLI, the
+//!   CNI plugin, dockerd's userland proxy).
 //!
 //! `error` (the error type, exit statuses, CNI codes) is used by all.
 
 pub mod cli;
 pub mod cni;
 mod datapath;
+pub mod docker_proxy;
 pub mod error;
 mod holder;
 mod host;

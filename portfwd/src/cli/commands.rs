@@ -14,6 +14,12 @@ use crate::{
 
 pub(crate) fn up(options: &UpOptions) -> Result<()> {
     let report = ops::up(options)?;
+    for m in ops::sweep_orphans(&options.pin_dir)? {
+        println!(
+            "removed (its owner process is gone) {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
     let install = &report.install;
     if !install.uplinks_attached.is_empty() {
         println!(

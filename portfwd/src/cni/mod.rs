@@ -32,12 +32,11 @@ use std::{
     process::ExitCode,
 };
 
-use portfwd_common::{MAPS, SOCK_PROGRAMS};
+use portfwd_common::MAPS;
 use serde_json::Value;
 
 use crate::{
     error::cni_code as code,
-    instance,
     model::{self, Mapping, Protocol},
     ops::{self, Missing},
 };
@@ -159,13 +158,6 @@ pub(crate) fn run(env: &Env, stdin: &[u8]) -> Result<String, CniError> {
     }
 }
 
-/// Whether portfwd's maps and socket programs are pinned under `pin_dir`.
-fn is_up(pin_dir: &Path) -> bool {
-    let links = instance::links_dir(pin_dir);
-    MAPS.iter().all(|m| pin_dir.join(m.name).exists())
-        && SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists())
-}
-
 /// Whether there is any state to remove under `pin_dir`.
 fn has_state(pin_dir: &Path) -> bool {
     MAPS.iter().any(|m| pin_dir.join(m.name).exists())
@@ -173,7 +165,7 @@ fn has_state(pin_dir: &Path) -> bool {
 
 fn ensure_up(conf: &NetConf) -> Result<(), CniError> {
     let pin_dir = conf.pin_dir();
-    if is_up(&pin_dir) {
+    if ops::is_up(&pin_dir) {
         return Ok(());
     }
     let report = ops::up(&ops::UpOptions {

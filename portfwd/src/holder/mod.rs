@@ -47,8 +47,7 @@ use crate::{
 
 mod server;
 
-use server::reserve;
-pub(crate) use server::run;
+pub(crate) use server::{attach_drop_all_filter, reserve, run};
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -222,7 +222,7 @@ pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<Owned
 
 /// A classic BPF socket filter of one instruction, `ret #0`: every packet
 /// that reaches the socket is dropped.
-fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
+pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
     let mut program = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,

@@ -6,13 +6,15 @@
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
-use anyhow::Result;
+use portfwd_common::{MAPS, SOCK_PROGRAMS};
+
+use anyhow::{Context, Result};
 
 use crate::{
     datapath::{self, PinnedMaps, StateLock},
-    holder, host,
+    holder, host, instance,
     model::{Mapping, Record},
-    state::{self, Store},
+    state::{self, Store, owner},
 };
 
 mod apply;
@@ -21,7 +23,9 @@ mod publish;
 
 pub(crate) use apply::{apply, read_apply_file};
 pub(crate) use lifecycle::{UpOptions, attach, detach, down, up};
-pub(crate) use publish::{Missing, PublishOptions, mappings, publish_with, withdraw};
+pub(crate) use publish::{
+    Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
+};
 
 /// The state lock, the maps and the state file of one instance, for one
 /// command. Opening it finishes (rolls back) a change that a killed process
@@ -37,6 +41,9 @@ pub(crate) struct Session<'a> {
     removed: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub(crate) recovered: Option<state::Fixes>,
+    /// Mappings removed on opening because their owner process is gone
+    /// (see `state::owner`).
+    pub(crate) swept: Vec<Mapping>,
 }
 
 impl<'a> Session<'a> {
@@ -52,7 +59,7 @@ impl<'a> Session<'a> {
             Some(records) => records,
             None => maps.mappings()?.iter().map(Record::from).collect(),
         };
-        Ok(Session {
+        let mut session = Session {
             pin_dir,
             lock,
             maps,
@@ -61,7 +68,35 @@ impl<'a> Session<'a> {
             added: Vec::new(),
             removed: Vec::new(),
             recovered,
-        })
+            swept: Vec::new(),
+        };
+        session.sweep_orphans()?;
+        Ok(session)
+    }
+
+    /// Removes the mappings whose owner process is gone, and their claims.
+    fn sweep_orphans(&mut self) -> Result<()> {
+        let orphans = owner::orphans(self.pin_dir);
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let doomed: Vec<Mapping> = self
+            .mappings()
+            .into_iter()
+            .filter(|m| orphans.iter().flat_map(|(_, c)| c).any(|c| c.covers(m)))
+            .collect();
+        if !doomed.is_empty() {
+            self.change(&doomed, &[])
+                .context("removing the mappings of processes that are gone")?;
+        }
+        // Best effort: a claim left behind is swept again next time.
+        for (path, _) in &orphans {
+            std::fs::remove_file(path).ok();
+        }
+        // Gone when it was the last claim.
+        std::fs::remove_dir(owner::claims_dir(self.pin_dir)).ok();
+        self.swept = doomed;
+        Ok(())
     }
 
     /// The maps, to read (counters, stats).
@@ -114,6 +149,13 @@ impl<'a> Session<'a> {
         }
         holder::update(pin_dir, &added, &removed)
     }
+}
+
+/// Whether portfwd's maps and socket programs are pinned under `pin_dir`.
+pub(crate) fn is_up(pin_dir: &Path) -> bool {
+    let links = instance::links_dir(pin_dir);
+    MAPS.iter().all(|m| pin_dir.join(m.name).exists())
+        && SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists())
 }
 
 /// Resolves each container address to the interface towards it (attaching

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use super::Session;
 use crate::{
     holder, host,
-    model::{self, Mapping, PublishSpec, UnmapSelector},
+    model::{self, Mapping, PublishSpec, Record, UnmapSelector},
 };
 
 /// How `publish` treats host ports that another process already holds.
@@ -124,6 +124,30 @@ pub(crate) fn withdraw(
     // Release the ports: the holder closes what is no longer published.
     session.finish()?;
     Ok(doomed)
+}
+
+/// Removes exactly `mapping` (same name, protocol, host and container
+/// endpoints) if it is published; whether it was.
+pub(crate) fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
+    let mut session = Session::open(pin_dir, "unmap")?;
+    let key = Record::from(mapping);
+    let found: Vec<Mapping> = session
+        .mappings()
+        .into_iter()
+        .filter(|m| Record::from(m) == key)
+        .collect();
+    session.change(&found, &[])?;
+    session.finish()?;
+    Ok(!found.is_empty())
+}
+
+/// Removes the mappings whose owner process is gone (see `state::owner`);
+/// they are returned. Every session does it on opening; `up` calls this.
+pub(crate) fn sweep_orphans(pin_dir: &Path) -> Result<Vec<Mapping>> {
+    let mut session = Session::open(pin_dir, "up")?;
+    let swept = std::mem::take(&mut session.swept);
+    session.finish()?;
+    Ok(swept)
 }
 
 /// Every mapping, under the state lock.

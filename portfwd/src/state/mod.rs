@@ -32,6 +32,7 @@ use crate::{
     model::{FORMAT_VERSION, Record, StateFile, parse_state},
 };
 
+pub(crate) mod owner;
 mod reconcile;
 
 pub(crate) use reconcile::{Fixes, reconcile, recover};

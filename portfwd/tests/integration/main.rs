@@ -14,6 +14,7 @@
 #![allow(clippy::let_underscore_must_use)]
 
 mod cni;
+mod docker;
 mod hostile;
 mod properties;
 mod reliability;
