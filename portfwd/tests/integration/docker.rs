@@ -17,8 +17,8 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
 use crate::support::*;
+use serde_json::Value;
 
 const DIR: &str = "/tmp/portfwd-test-docker";
 const BRIDGE: &str = "pfdbr0";
