@@ -55,8 +55,12 @@ pub const CONNTRACK_MAX: u32 = 2 * 262_144;
 
 /// Connection tracking timeouts, in nanoseconds of `bpf_ktime_get_ns`.
 pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
-/// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
+/// Once both sides sent a FIN (or after a RST), a TCP flow lingers this
+/// long for the last ACKs.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// A TCP flow that never saw a reply (a SYN flood, a dead container) ends
+/// after this long idle, not after `CT_TCP_IDLE_NS`.
+pub const CT_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// Datagrams whose first fragment was translated, at once (an LRU: the
 /// oldest are forgotten first), and how long their later fragments are
@@ -224,11 +228,18 @@ pub struct CtKey {
 
 /// This entry is for the reply direction (container -> client).
 pub const CT_FLAG_REPLY: u8 = 1;
-/// A FIN or RST was seen: the flow ends after `CT_TCP_CLOSING_NS`.
+/// Both sides sent a FIN, or a RST was seen: the flow ends after
+/// `CT_TCP_CLOSING_NS`. Set on both entries of the flow.
 pub const CT_FLAG_CLOSING: u8 = 2;
 /// A hairpin flow (a container dialing a published address through the
 /// host): the other end is rewritten too, see `CtValue::masq_addr`.
 pub const CT_FLAG_MASQ: u8 = 4;
+/// This entry's direction sent a FIN (its side is closed; the other side
+/// may go on sending: a half-close).
+pub const CT_FLAG_FIN: u8 = 8;
+/// The container answered: the flow is established (until then a TCP flow
+/// ends after `CT_TCP_SYN_NS` idle). Set on both entries.
+pub const CT_FLAG_ESTABLISHED: u8 = 16;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]
