@@ -32,8 +32,12 @@ pub const NAME_LEN: usize = 64;
 
 /// Connection tracking timeouts, in nanoseconds of `bpf_ktime_get_ns`.
 pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
-/// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
+/// Once both sides sent a FIN (or after a RST), a TCP flow lingers this
+/// long for the last ACKs.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// A TCP flow that never saw a reply (a SYN flood, a dead container) ends
+/// after this long idle, not after `CT_TCP_IDLE_NS`.
+pub const CT_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// How long the later fragments of a datagram are followed after its first
 /// one: a datagram crosses a LAN in microseconds, and the kernel gives up

@@ -109,11 +109,18 @@ pub struct CtKey {
 
 /// This entry is for the reply direction (container -> client).
 pub const CT_FLAG_REPLY: u8 = 1;
-/// A FIN or RST was seen: the flow ends after `CT_TCP_CLOSING_NS`.
+/// Both sides sent a FIN, or a RST was seen: the flow ends after
+/// `CT_TCP_CLOSING_NS`. Set on both entries of the flow.
 pub const CT_FLAG_CLOSING: u8 = 2;
 /// A hairpin flow (a container dialing a published address through the
 /// host): the other end is rewritten too, see `CtValue::masq_addr`.
 pub const CT_FLAG_MASQ: u8 = 4;
+/// This entry's direction sent a FIN (its side is closed; the other side
+/// may go on sending: a half-close).
+pub const CT_FLAG_FIN: u8 = 8;
+/// The container answered: the flow is established (until then a TCP flow
+/// ends after `CT_TCP_SYN_NS` idle). Set on both entries.
+pub const CT_FLAG_ESTABLISHED: u8 = 16;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]

@@ -8,8 +8,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS,
-    CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP, ServiceKey,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_MASQ, CT_FLAG_REPLY,
+    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP,
+    ServiceKey,
 };
 
 use crate::{
@@ -39,26 +40,70 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
 
 fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
     let idle = now.saturating_sub(ct.last_seen_ns);
-    if proto == IPPROTO_TCP {
-        if ct.flags & CT_FLAG_CLOSING != 0 {
-            return now.saturating_sub(ct.closing_since_ns) > CT_TCP_CLOSING_NS;
-        }
-        idle > CT_TCP_IDLE_NS
-    } else {
-        idle > CT_UDP_IDLE_NS
+    if proto != IPPROTO_TCP {
+        return idle > CT_UDP_IDLE_NS;
     }
+    if ct.flags & CT_FLAG_CLOSING != 0 {
+        return now.saturating_sub(ct.closing_since_ns) > CT_TCP_CLOSING_NS;
+    }
+    if ct.flags & CT_FLAG_ESTABLISHED == 0 {
+        return idle > CT_TCP_SYN_NS;
+    }
+    idle > CT_TCP_IDLE_NS
 }
 
-/// Records that a packet of the flow went by: refreshes the idle timer and
-/// notes the start of a TCP close. Other CPUs may write the same entry; a
-/// lost update only shifts a timestamp.
-pub(crate) fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
+/// Records that a packet of the flow went by: refreshes the idle timer, and
+/// for TCP follows the flow's state: established at the first reply, one
+/// side closed at its FIN, closing once both sides sent a FIN (a half-close
+/// lives on) or at a RST. Other CPUs may write the same entry; a lost update
+/// only shifts a timestamp.
+#[inline(always)]
+pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
     if now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
         ct.last_seen_ns = now;
     }
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && ct.flags & CT_FLAG_CLOSING == 0 {
+    if pkt.proto != IPPROTO_TCP || ct.flags & CT_FLAG_CLOSING != 0 {
+        return;
+    }
+    // The common case (data and ACKs of an established flow) ends here.
+    let event = if pkt.tcp_flags & TCP_RST != 0 {
+        CT_FLAG_CLOSING
+    } else if pkt.tcp_flags & TCP_FIN != 0 && ct.flags & CT_FLAG_FIN == 0 {
+        CT_FLAG_FIN
+    } else if ct.flags & (CT_FLAG_REPLY | CT_FLAG_ESTABLISHED) == CT_FLAG_REPLY {
+        CT_FLAG_ESTABLISHED
+    } else {
+        return;
+    };
+    change_state(key, ct, event, now);
+}
+
+/// A state change that concerns both entries of the flow (rare: a few
+/// packets per flow), so the twin entry is looked up here and only here.
+#[inline(never)]
+fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
+    ct.flags |= event;
+    let twin = twin_of(key, ct).and_then(|twin| CONNTRACK.get_ptr_mut(twin));
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let twin = twin.map(|t| unsafe { &mut *t });
+    match (event, twin) {
+        (CT_FLAG_ESTABLISHED, Some(twin)) => twin.flags |= CT_FLAG_ESTABLISHED,
+        (CT_FLAG_ESTABLISHED, None) => {}
+        // One side closed; the flow closes when the other side has too.
+        (CT_FLAG_FIN, Some(twin)) if twin.flags & CT_FLAG_FIN == 0 => {}
+        (_, Some(twin)) => {
+            close(ct, now);
+            close(twin, now);
+        }
+        // No twin (evicted): nothing could translate the other direction.
+        (_, None) => close(ct, now),
+    }
+}
+
+fn close(ct: &mut CtValue, now: u64) {
+    if ct.flags & CT_FLAG_CLOSING == 0 {
         ct.flags |= CT_FLAG_CLOSING;
         ct.closing_since_ns = now;
     }
@@ -151,10 +196,15 @@ pub(crate) fn create(
     Ok(&*value)
 }
 
-/// Forgets a flow, given either direction's key and entry.
-pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
+/// The key of the other direction's entry, given one direction's key and
+/// entry; built in scratch memory (valid until the next use of it).
+fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU memory that only this program run uses; the entry
+    // under construction is not in use outside `create`.
+    let twin = unsafe { &mut (*scratch).key };
     let masq = ct.flags & CT_FLAG_MASQ != 0;
-    let other = if ct.flags & CT_FLAG_REPLY != 0 {
+    if ct.flags & CT_FLAG_REPLY != 0 {
         // Reply entry (container -> client as it saw it): the forward key is
         // (client -> published address); with masquerade the client is in
         // masq_addr.
@@ -163,27 +213,31 @@ pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
         } else {
             (key.daddr, key.dport)
         };
-        CtKey {
-            saddr: client,
-            daddr: ct.nat_addr,
-            sport: client_port,
-            dport: ct.nat_port,
-            ..*key
-        }
+        twin.saddr = client;
+        twin.daddr = ct.nat_addr;
+        twin.sport = client_port;
+        twin.dport = ct.nat_port;
     } else {
         let (client, client_port) = if masq {
             (ct.masq_addr, ct.masq_port)
         } else {
             (key.saddr, key.sport)
         };
-        CtKey {
-            saddr: ct.nat_addr,
-            daddr: client,
-            sport: ct.nat_port,
-            dport: client_port,
-            ..*key
-        }
-    };
+        twin.saddr = ct.nat_addr;
+        twin.daddr = client;
+        twin.sport = ct.nat_port;
+        twin.dport = client_port;
+    }
+    twin.proto = key.proto;
+    twin.family = key.family;
+    twin._pad = 0;
+    Some(twin)
+}
+
+/// Forgets a flow, given either direction's key and entry.
+pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
+    if let Some(twin) = twin_of(key, ct) {
+        let _ = CONNTRACK.remove(twin);
+    }
     let _ = CONNTRACK.remove(key);
-    let _ = CONNTRACK.remove(&other);
 }

@@ -367,7 +367,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
         return NEXT;
     }
     let now = conntrack::now();
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(key, entry, pkt, now);
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ct.ifindex, now);
     }
@@ -406,7 +406,7 @@ fn translate_reply(
         return DROP;
     }
     let now = conntrack::now();
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(key, entry, pkt, now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ifindex, now);

@@ -572,3 +572,59 @@ fn udp_ask_once(to: SocketAddr) -> std::io::Result<String> {
     let n = socket.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// A client that sends its request and shuts down its sending side, then
+/// waits for a response that takes longer than the closing timeout: the
+/// flow lives until *both* sides have closed (issue 11, case 1). Before, it
+/// ended 10 s after the client's FIN and the download stalled.
+#[test]
+fn a_half_closed_flow_lives_until_both_sides_close() {
+    let Some(_serial) = root_test("half_close") else {
+        return;
+    };
+    const RESPONSE: usize = 400 * 1024;
+    let topo = Topology::new(29);
+    // Reads the request to its end (the client's FIN), thinks for 12 s,
+    // then answers with RESPONSE bytes and closes.
+    let _slow = Server::start_with(
+        Some(topo.ctr.netns_path()),
+        "[::]:5009".parse().unwrap(),
+        Arc::new(|mut stream: TcpStream, _peer| {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut request = Vec::new();
+            if stream.read_to_end(&mut request).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(12));
+            let _ = stream.write_all(&vec![b'x'; RESPONSE]);
+        }),
+    );
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47180:5009"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47181:5009"]);
+    let downloads: Vec<_> = [false, true]
+        .into_iter()
+        .map(|v6| {
+            let published = SocketAddr::new(topo.uplink(v6), if v6 { 47181 } else { 47180 });
+            let client = topo.client.netns_path();
+            std::thread::spawn(move || -> std::io::Result<usize> {
+                enter_netns(&client);
+                let mut stream = TcpStream::connect_timeout(&published, TIMEOUT)?;
+                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+                stream.write_all(b"GET /slow\n")?;
+                stream.shutdown(Shutdown::Write)?;
+                let mut response = Vec::new();
+                stream.read_to_end(&mut response)?;
+                Ok(response.len())
+            })
+        })
+        .collect();
+    for (download, family) in downloads.into_iter().zip(["IPv4", "IPv6"]) {
+        let got = download.join().unwrap();
+        assert_eq!(
+            got.ok(),
+            Some(RESPONSE),
+            "{family}: the response after a half-close"
+        );
+    }
+}
