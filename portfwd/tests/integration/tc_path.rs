@@ -608,7 +608,7 @@ fn a_half_closed_flow_lives_until_both_sides_close() {
             let published = SocketAddr::new(topo.uplink(v6), if v6 { 47181 } else { 47180 });
             let client = topo.client.netns_path();
             std::thread::spawn(move || -> std::io::Result<usize> {
-                enter_netns(&client);
+                netns::enter(&client).unwrap();
                 let mut stream = TcpStream::connect_timeout(&published, TIMEOUT)?;
                 stream.set_read_timeout(Some(Duration::from_secs(20)))?;
                 stream.write_all(b"GET /slow\n")?;
