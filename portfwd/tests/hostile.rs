@@ -1784,3 +1784,23 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
     ];
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
 }
+
+/// The TC programs parse Ethernet frames: an interface without a link-layer
+/// header (tun, wireguard) is refused as an uplink with one line, and
+/// nothing is attached (issue 11, case 9).
+#[test]
+fn non_ethernet_uplinks_are_refused() {
+    let Some(_serial) = root_test("non_ethernet_uplinks") else {
+        return;
+    };
+    let tun = "pftun46";
+    let _ = run("ip", &["link", "del", tun]);
+    sh("ip", &["tuntap", "add", "dev", tun, "mode", "tun"]);
+    sh("ip", &["link", "set", tun, "up"]);
+    let refused = portfwd(&["up", "--iface", tun]);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let _ = run("ip", &["link", "del", tun]);
+    assert_eq!(refused.status.code(), Some(1), "{message}");
+    assert!(message.contains("not an Ethernet"), "{message}");
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+}
