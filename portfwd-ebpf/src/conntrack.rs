@@ -18,6 +18,9 @@ use crate::{
     packet::{Packet, TCP_FIN, TCP_RST},
 };
 
+/// `bpf_map_update_elem` flag: only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
+
 /// Refresh `last_seen_ns` at most this often: every write to a shared entry
 /// bounces its cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
@@ -179,7 +182,15 @@ pub(crate) fn create(
     value._pad2 = 0;
     value.last_seen_ns = now;
     value.closing_since_ns = 0;
-    CONNTRACK.insert(&*key, &*value, 0)?;
+    // The reply key was checked free (`masquerade_port`); another CPU may
+    // have taken it since: never replace a live entry of another flow.
+    if CONNTRACK.insert(&*key, &*value, BPF_NOEXIST).is_err() {
+        if lookup(key, now).is_some() {
+            return Err(-17);
+        }
+        // An expired entry still in the map: replaced.
+        CONNTRACK.insert(&*key, &*value, 0)?;
+    }
     // The forward entry: the same, but for the other direction.
     value.nat_addr = nat.backend;
     value.nat_port = nat.backend_port;

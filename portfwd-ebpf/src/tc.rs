@@ -181,17 +181,18 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     if backend.family != pkt.family {
         return NEXT;
     }
-    let masq = if masquerade {
-        // The dialed host address, with a port that no other flow to this
-        // container uses from it.
-        let Some(port) = masquerade_port(pkt, &backend, now) else {
-            count(Stat::RewriteFailed);
-            return NEXT;
-        };
-        Some((pkt.daddr, port))
-    } else {
-        None
+    // The source the container will see: for a hairpin flow the dialed host
+    // address, else the client itself; with a port that no other flow to
+    // this container uses from that address, so that the reply keys never
+    // clash. An external client keeps its own port unless another flow to
+    // the same container (through another published port) has it: then it
+    // gets another, as netfilter's NAT clash resolution does.
+    let masq_addr = if masquerade { &pkt.daddr } else { &pkt.saddr };
+    let Some(port) = masquerade_port(pkt, &backend, masq_addr, now) else {
+        count(Stat::RewriteFailed);
+        return NEXT;
     };
+    let masq = (masquerade || port != pkt.sport).then_some((*masq_addr, port));
     let nat = Nat {
         backend: backend.addr,
         backend_port: backend.port,
@@ -231,17 +232,18 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     )
 }
 
-/// A source port for a masqueraded flow: the client's own when free, else
-/// one of a few others (a bounded loop, for the verifier).
+/// A source port for a new flow seen by the container as coming from
+/// `addr`: the client's own when no live flow to this container uses it
+/// from `addr`, else one of a few others (a bounded loop, for the verifier).
 #[inline(never)]
-fn masquerade_port(pkt: &Packet, backend: &Backend, now: u64) -> Option<u16> {
+fn masquerade_port(pkt: &Packet, backend: &Backend, addr: &Addr, now: u64) -> Option<u16> {
     // The candidate key lives in scratch memory: this call is the deepest
     // of the hairpin path, where the 512-byte stack runs out.
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU memory that only this program run uses.
     let key = unsafe { &mut (*scratch).key };
     key.saddr = backend.addr;
-    key.daddr = pkt.daddr;
+    key.daddr = *addr;
     key.sport = backend.port;
     key.proto = pkt.proto;
     key.family = pkt.family;

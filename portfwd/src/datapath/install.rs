@@ -165,7 +165,18 @@ fn attach_uplinks(
     report: &mut InstallReport,
 ) -> Result<()> {
     let uplinks = if options.ifaces.is_empty() {
-        host::netlink::default_route_interfaces()?
+        // Default-route interfaces without Ethernet framing (wireguard,
+        // tun) cannot carry the TC programs: left out, and said.
+        let (ethernet, other): (Vec<String>, Vec<String>) =
+            host::netlink::default_route_interfaces()?
+                .into_iter()
+                .partition(|ifname| is_ethernet(ifname));
+        for ifname in other {
+            report.notes.push(format!(
+                "{ifname} (a default route) is not an Ethernet device: external traffic through it is not forwarded"
+            ));
+        }
+        ethernet
     } else {
         options.ifaces.clone()
     };
@@ -193,7 +204,21 @@ pub(crate) fn check_uplink(ifname: &str) -> Result<()> {
              name an interface that external clients come in on"
         );
     }
+    if !is_ethernet(ifname) {
+        bail!(
+            "{ifname} is not an Ethernet device (tun, wireguard and other devices without a link-layer header \
+             are not supported as uplinks: the TC programs parse Ethernet frames)"
+        );
+    }
     Ok(())
+}
+
+/// ARPHRD_ETHER in /sys/class/net/IF/type: veth, bridges, bonds, VLANs and
+/// physical NICs all are; tun and wireguard (ARPHRD_NONE) are not.
+fn is_ethernet(ifname: &str) -> bool {
+    const ARPHRD_ETHER: &str = "1";
+    fs::read_to_string(Path::new("/sys/class/net").join(ifname).join("type"))
+        .is_ok_and(|kind| kind.trim() == ARPHRD_ETHER)
 }
 
 /// What `uninstall` removed.

@@ -1568,6 +1568,12 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         &topo.ctr.v6().to_string(),
         &format!("[::]:{udp6}:{UDP_ECHO}/udp"),
     ]);
+    // Normal traffic first (see the local-source test: neighbours known).
+    normal_traffic_works(&topo, false, 47342, udp4);
+    let warm = SocketAddr::new(topo.client.host_v6(), udp6);
+    topo.client
+        .inside(move || udp_ask(warm, None, b"warm"))
+        .expect("UDP to the IPv6 mapping before the crafted frames");
     let payload = [0x42u8; 3000];
     let (c4, h4, c6, h6) = (
         topo.client_v4(),
@@ -1684,6 +1690,14 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         topo.client_v6(),
         topo.host_v6(),
     );
+    // Normal traffic first, both families: the host knows the container's
+    // link-layer addresses before the crafted frames come (the first
+    // redirected packet waits for neighbour discovery).
+    normal_traffic_works(&topo, false, tcp_port, udp_port);
+    let warm = SocketAddr::new(h6.into(), 47352);
+    topo.client
+        .inside(move || udp_ask(warm, None, b"warm"))
+        .expect("UDP to the IPv6 mapping before the crafted frames");
     // The host's address on the container's link: local, but not the uplink's.
     let gateway4 = v4(topo.ctr.host_v4());
     let gateway6 = v6(topo.ctr.host_v6());
@@ -1742,4 +1756,24 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         udp6("UDP from the client (IPv6, control)", 0xb6201, c6, true),
     ];
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
+}
+
+/// The TC programs parse Ethernet frames: an interface without a link-layer
+/// header (tun, wireguard) is refused as an uplink with one line, and
+/// nothing is attached (issue 11, case 9).
+#[test]
+fn non_ethernet_uplinks_are_refused() {
+    let Some(_serial) = root_test("non_ethernet_uplinks") else {
+        return;
+    };
+    let tun = "pftun46";
+    let _ = run("ip", &["link", "del", tun]);
+    sh("ip", &["tuntap", "add", "dev", tun, "mode", "tun"]);
+    sh("ip", &["link", "set", tun, "up"]);
+    let refused = portfwd(&["up", "--iface", tun]);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let _ = run("ip", &["link", "del", tun]);
+    assert_eq!(refused.status.code(), Some(1), "{message}");
+    assert!(message.contains("not an Ethernet"), "{message}");
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
 }
