@@ -39,7 +39,7 @@ use portfwd_common::{
 
 use crate::{
     conntrack::{self, Nat},
-    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, CURRENT, SCRATCH, SERVICES, STATS},
     packet::{self, End, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -74,23 +74,55 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return NEXT;
     }
-    let Some(pkt) = parse_or_count(ctx) else {
+    // The parsed packet and its flow key live in per-CPU scratch memory, not
+    // in this frame: see `Current`.
+    let Some(current) = CURRENT.get_ptr_mut(0) else {
         return NEXT;
     };
+    if !parse_current(ctx, current) {
+        return NEXT;
+    }
+    // SAFETY: per-CPU memory that only this program run uses, filled above.
+    let Current { pkt, key } = unsafe { &*current };
     let now = conntrack::now();
-    let key = conntrack::key_of(&pkt);
-    if let Some(entry) = conntrack::lookup(&key, now) {
+    if let Some(entry) = conntrack::lookup(key, now) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
         if flags & CT_FLAG_REPLY != 0 {
-            return translate_reply(ctx, &pkt, &key, entry, true);
+            return translate_reply(ctx, pkt, key, entry, true);
         }
         // A SYN on a closing flow is the client reusing its port: a new flow.
-        if !(is_new_tcp(&pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(ctx, &pkt, &key, entry);
+        if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
+            return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, &pkt, now, from_containers)
+    start_flow(ctx, pkt, now, from_containers)
+}
+
+/// The packet an ingress program is handling, in per-CPU scratch memory
+/// (`maps::CURRENT`). The entry point's frame is the root of every
+/// BPF-to-BPF call chain, and verifiers before 6.x (6.1 measured) limit a
+/// chain's *combined* stack to 512 bytes, each frame rounded up to 32: with
+/// the packet, its parse result and its key in the entry frame, the new-flow
+/// chain (entry -> start_flow -> rewrite) needed 544.
+pub struct Current {
+    pub pkt: Packet,
+    pub key: CtKey,
+}
+
+/// Parses the packet into `current`; false (counted) when it is not ours.
+// Not inlined: the parse result (a Result<Packet>) stays in this frame,
+// which is not on the deep chains.
+#[inline(never)]
+fn parse_current(ctx: &TcContext, current: *mut Current) -> bool {
+    let Some(pkt) = parse_or_count(ctx) else {
+        return false;
+    };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let current = unsafe { &mut *current };
+    current.key = conntrack::key_of(&pkt);
+    current.pkt = pkt;
+    true
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
