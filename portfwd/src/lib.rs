@@ -11,6 +11,7 @@ pub mod cni;
 pub mod commands;
 pub mod holder;
 pub mod host;
+pub mod kernel_features;
 pub mod loader;
 pub mod mapping;
 pub mod maps;
@@ -18,6 +19,8 @@ pub mod netlink;
 pub mod ops;
 pub mod publish;
 pub mod state;
+pub mod tc_attach;
+mod up_rollback;
 
 use std::fmt;
 
