@@ -73,7 +73,12 @@ pub const STAT_REWRITE_FAILED: u32 = 9;
 /// its entries were evicted (the map was full: least recently used first)
 /// or expired. The host answers them with a reset.
 pub const STAT_UNTRACKED_MIDFLOW: u32 = 10;
-pub const STATS_LEN: u32 = 11;
+/// Packets from outside the host (an uplink, a container's interface) whose
+/// destination or source is a loopback address: never translated, dropped.
+/// The kernel would drop them as martians; translated, they would reach a
+/// port published on 127.0.0.1 or [::1] from the network.
+pub const STAT_DROPPED_LOOPBACK: u32 = 11;
+pub const STATS_LEN: u32 = 12;
 /// Names of the stats, by index, as `portfwd list` shows them.
 pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "passed_not_ip",
@@ -87,6 +92,7 @@ pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "to_stack",
     "rewrite_failed",
     "untracked_midflow",
+    "dropped_loopback",
 ];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
@@ -112,6 +118,26 @@ impl Addr {
 
     pub const fn is_unspecified(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+
+    /// A loopback address of `family`: 127.0.0.0/8, or for IPv6 `::1` and
+    /// the IPv4-mapped `::ffff:127.0.0.0/104`. The words hold the address's
+    /// bytes in network order, so this looks at bytes, not at numbers.
+    pub const fn is_loopback(&self, family: u8) -> bool {
+        let first = self.words[0].to_ne_bytes();
+        if family == FAMILY_V4 {
+            return first[0] == 127;
+        }
+        if self.words[0] != 0 || self.words[1] != 0 {
+            return false;
+        }
+        let third = self.words[2].to_ne_bytes();
+        let last = self.words[3].to_ne_bytes();
+        match third {
+            [0, 0, 0, 0] => last[0] == 0 && last[1] == 0 && last[2] == 0 && last[3] == 1,
+            [0, 0, 0xff, 0xff] => last[0] == 127,
+            _ => false,
+        }
     }
 }
 
@@ -375,6 +401,41 @@ mod tests {
     use core::mem::size_of;
 
     use super::*;
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn loopback_addresses_are_recognised_in_both_families() {
+        let loopback = |text: &str| {
+            let (family, addr) = Addr::from_ip(text.parse().unwrap());
+            addr.is_loopback(family)
+        };
+        for text in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.255.254",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.8.7",
+        ] {
+            assert!(loopback(text), "{text} is loopback");
+        }
+        for text in [
+            "126.255.255.255",
+            "128.0.0.1",
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "::2",
+            "::ffff:10.0.0.1",
+            "::ffff:128.0.0.1",
+            "::127.0.0.1",
+            "fe80::1",
+            "100::1",
+            "1::1",
+        ] {
+            assert!(!loopback(text), "{text} is not loopback");
+        }
+    }
 
     // The eBPF side and userspace must agree on these sizes; a change here
     // is an ABI change (pinned maps of the old layout cannot be reused).

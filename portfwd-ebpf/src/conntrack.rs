@@ -17,8 +17,18 @@ use crate::{
     packet::{Packet, TCP_FIN, TCP_RST},
 };
 
-/// A conntrack entry under construction (in the per-CPU scratch map).
+/// Per-CPU memory of one TC program run (the `pf_scratch` map): the parsed
+/// packet and its flow key, and a conntrack entry under construction.
+///
+/// The verifier limits the stack of a whole BPF-to-BPF call chain to 512
+/// bytes; kept in the main frame, the packet and its key made the chain
+/// `tc program -> start_flow -> rewrite` too deep (and how deep depends on
+/// the LLVM that links the object). Kernel 6.1's verifier, which counts
+/// each frame rounded up to 32 bytes, rejected it at 544. Here they cost no
+/// stack at all: the chain needs 416 bytes there.
 pub struct Scratch {
+    pub pkt: Packet,
+    pub flow_key: CtKey,
     pub key: CtKey,
     pub value: CtValue,
 }
@@ -30,18 +40,6 @@ const REFRESH_NS: u64 = 1_000_000_000;
 pub fn now() -> u64 {
     // SAFETY: no arguments, no side effects.
     unsafe { bpf_ktime_get_ns() }
-}
-
-pub fn key_of(pkt: &Packet) -> CtKey {
-    CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    }
 }
 
 /// The live entry for this packet's flow, or None (absent or expired).
@@ -94,8 +92,8 @@ pub struct Nat {
     pub masq: Option<(Addr, u16)>,
 }
 
-/// The key of the forward direction: the packet's own flow.
-fn set_key(key: &mut CtKey, pkt: &Packet) {
+/// The key of the packet's own flow (the forward direction of a new one).
+pub fn set_key(key: &mut CtKey, pkt: &Packet) {
     key.saddr = pkt.saddr;
     key.daddr = pkt.daddr;
     key.sport = pkt.sport;

@@ -49,8 +49,3 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 /// limited to 512 bytes, and an entry with its key takes a quarter of it.
 #[map(name = "pf_scratch")]
 pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU scratch memory for the packet an ingress TC program is handling
-/// (see `tc::Current`: the stack limit again).
-#[map(name = "pf_current")]
-pub static CURRENT: PerCpuArray<crate::tc::Current> = PerCpuArray::with_max_entries(1, 0);

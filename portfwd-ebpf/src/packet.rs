@@ -7,8 +7,9 @@
 
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use portfwd_common::{
-    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT,
-    STAT_PASS_IPV6_EXTENSION, STAT_PASS_NOT_IP, STAT_PASS_NOT_TCP_UDP, STAT_PASS_TRUNCATED,
+    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, STAT_DROPPED_LOOPBACK,
+    STAT_PASS_FRAGMENT, STAT_PASS_IPV6_EXTENSION, STAT_PASS_NOT_IP, STAT_PASS_NOT_TCP_UDP,
+    STAT_PASS_TRUNCATED,
 };
 
 const ETH_HLEN: usize = 14;
@@ -53,11 +54,26 @@ pub struct Packet {
     pub len: u32,
 }
 
-/// Why a packet is passed untouched: the index of its stats counter.
+/// Why a packet is passed untouched (or, for `STAT_DROPPED_LOOPBACK`,
+/// dropped): the index of its stats counter.
 pub type PassReason = u32;
 
-/// Parses an Ethernet frame carrying IPv4 or IPv6 and TCP or UDP.
-pub fn parse(ctx: &TcContext) -> Result<Packet, PassReason> {
+/// Parses an Ethernet frame carrying IPv4 or IPv6 and TCP or UDP into `out`
+/// (per-CPU scratch memory: see `conntrack::Scratch`).
+///
+/// A packet with a loopback source or destination is refused first, before
+/// anything else about it is looked at (fragments and extension headers
+/// included): the TC programs only see packets from outside the host, where
+/// a loopback address is always forged.
+// Not inlined: its locals stay out of the callers' frames.
+#[inline(never)]
+pub fn parse(ctx: &TcContext, out: &mut Packet) -> Result<(), PassReason> {
+    *out = parse_frame(ctx)?;
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_frame(ctx: &TcContext) -> Result<Packet, PassReason> {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // SAFETY: reading a context field, checked by the verifier. skb->protocol
     // is the ethertype after any VLAN tag the driver took off.
@@ -73,6 +89,9 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     let header: [u8; 20] = ctx.load(l3_off).map_err(|_| STAT_PASS_TRUNCATED)?;
     if header[0] >> 4 != 4 {
         return Err(STAT_PASS_NOT_IP);
+    }
+    if header[IPV4_SADDR_OFF] == 127 || header[IPV4_DADDR_OFF] == 127 {
+        return Err(STAT_DROPPED_LOOPBACK);
     }
     let header_len = ((header[0] & 0x0f) as usize) * 4;
     if header_len < 20 {
@@ -112,6 +131,11 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     if first[0] >> 4 != 6 {
         return Err(STAT_PASS_NOT_IP);
     }
+    let saddr = Addr::v6([header[2], header[3], header[4], header[5]]);
+    let daddr = Addr::v6([header[6], header[7], header[8], header[9]]);
+    if saddr.is_loopback(FAMILY_V6) || daddr.is_loopback(FAMILY_V6) {
+        return Err(STAT_DROPPED_LOOPBACK);
+    }
     let second = header[1].to_ne_bytes();
     let next_header = second[2];
     let l3_end = l3_off + IPV6_HLEN + u16::from_be_bytes([second[0], second[1]]) as usize;
@@ -130,8 +154,8 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
         ctx,
         FAMILY_V6,
         next_header,
-        Addr::v6([header[2], header[3], header[4], header[5]]),
-        Addr::v6([header[6], header[7], header[8], header[9]]),
+        saddr,
+        daddr,
         l3_off,
         l3_off + IPV6_HLEN,
         l3_end,

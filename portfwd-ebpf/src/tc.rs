@@ -33,13 +33,13 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
-    STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK,
-    STAT_UNTRACKED_MIDFLOW, ServiceKey,
+    STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED,
+    STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
     conntrack::{self, Nat},
-    maps::{COUNTERS, CURRENT, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
     packet::{self, End, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -74,17 +74,16 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return NEXT;
     }
-    // The parsed packet and its flow key live in per-CPU scratch memory, not
-    // in this frame: see `Current`.
-    let Some(current) = CURRENT.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
-    if !parse_current(ctx, current) {
-        return NEXT;
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if let Err(verdict) = parse_or_count(ctx, pkt) {
+        return verdict;
     }
-    // SAFETY: per-CPU memory that only this program run uses, filled above.
-    let Current { pkt, key } = unsafe { &*current };
     let now = conntrack::now();
+    conntrack::set_key(key, pkt);
     if let Some(entry) = conntrack::lookup(key, now) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
@@ -99,56 +98,38 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     start_flow(ctx, pkt, now, from_containers)
 }
 
-/// The packet an ingress program is handling, in per-CPU scratch memory
-/// (`maps::CURRENT`). The entry point's frame is the root of every
-/// BPF-to-BPF call chain, and verifiers before 6.x (6.1 measured) limit a
-/// chain's *combined* stack to 512 bytes, each frame rounded up to 32: with
-/// the packet, its parse result and its key in the entry frame, the new-flow
-/// chain (entry -> start_flow -> rewrite) needed 544.
-pub struct Current {
-    pub pkt: Packet,
-    pub key: CtKey,
-}
-
-/// Parses the packet into `current`; false (counted) when it is not ours.
-// Not inlined: the parse result (a Result<Packet>) stays in this frame,
-// which is not on the deep chains.
-#[inline(never)]
-fn parse_current(ctx: &TcContext, current: *mut Current) -> bool {
-    let Some(pkt) = parse_or_count(ctx) else {
-        return false;
-    };
-    // SAFETY: per-CPU memory that only this program run uses.
-    let current = unsafe { &mut *current };
-    current.key = conntrack::key_of(&pkt);
-    current.pkt = pkt;
-    true
-}
-
 /// Uplink egress: replies that reached the uplink through the host's
 /// routing rather than a redirect.
 fn routed_reply(ctx: &TcContext) -> i32 {
-    let Ok(pkt) = packet::parse(ctx) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
-    let key = conntrack::key_of(&pkt);
-    match conntrack::lookup(&key, conntrack::now()) {
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if packet::parse(ctx, pkt).is_err() {
+        return NEXT;
+    }
+    conntrack::set_key(key, pkt);
+    match conntrack::lookup(key, conntrack::now()) {
         // SAFETY: a pointer into the map value, valid for this program run.
         Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
-            translate_reply(ctx, &pkt, &key, entry, false)
+            translate_reply(ctx, pkt, key, entry, false)
         }
         _ => NEXT,
     }
 }
 
-fn parse_or_count(ctx: &TcContext) -> Option<Packet> {
-    match packet::parse(ctx) {
-        Ok(pkt) => Some(pkt),
-        Err(reason) => {
-            count(reason);
-            None
+/// Parses into `pkt`; for a packet that is not ours, the verdict: passed
+/// untouched and counted, or dropped when it carries a loopback address.
+fn parse_or_count(ctx: &TcContext, pkt: &mut Packet) -> Result<(), i32> {
+    packet::parse(ctx, pkt).map_err(|reason| {
+        count(reason);
+        if reason == STAT_DROPPED_LOOPBACK {
+            DROP
+        } else {
+            NEXT
         }
-    }
+    })
 }
 
 fn is_new_tcp(pkt: &Packet) -> bool {

@@ -126,8 +126,9 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
     } else {
         options.ifaces.clone()
     };
+    // Uplinks (named or found) are checked before anything is attached.
     for ifname in &uplinks {
-        netlink::ifindex(ifname)?;
+        check_uplink(ifname)?;
     }
     let kernel = kernel_features::probe()?;
     host::ensure_bpffs(&options.pin_dir)?;
@@ -322,10 +323,26 @@ fn attach_tc(
 /// they were already there.
 pub fn attach_uplink(pin_dir: &Path, ifname: &str) -> Result<bool> {
     host::require_capabilities("attach", host::LOAD)?;
-    netlink::ifindex(ifname)?;
+    check_uplink(ifname)?;
     let _lock = StateLock::acquire(pin_dir)?;
     let mut ebpf = load_object(pin_dir)?;
     Ok(!attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)?.is_empty())
+}
+
+/// The loopback device's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// An uplink must exist and must not be the loopback device: the host's own
+/// traffic is served by the socket programs, and the TC programs drop every
+/// packet with a loopback address (only forged ones reach them elsewhere).
+fn check_uplink(ifname: &str) -> Result<()> {
+    if netlink::ifindex(ifname)? == LOOPBACK_IFINDEX {
+        bail!(
+            "{ifname} is the loopback device: host processes reach published ports without an uplink; \
+             name an interface that external clients come in on"
+        );
+    }
+    Ok(())
 }
 
 /// Makes sure the reply program runs on the interface towards a container.

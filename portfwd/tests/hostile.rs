@@ -1174,3 +1174,324 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
     assert_eq!(listed().len(), mappings, "{:?}", listed());
     normal_traffic_works(&topo, true, tcp_port, udp_port);
 }
+
+// --- loopback-published ports and crafted frames (issue 16) ---
+
+/// How often each tag (IPv4 ID or IPv6 flow label) arrived in a capture,
+/// whatever the frame's addresses: a loopback frame that was translated
+/// would carry a source or destination the usual filter does not expect.
+fn arrivals_by_tag(frames: &[Vec<u8>]) -> BTreeMap<u32, usize> {
+    let mut seen = BTreeMap::new();
+    for frame in frames {
+        let Some(ethertype) = frame.get(12..14) else {
+            continue;
+        };
+        let ip = &frame[14..];
+        let tag = match u16::from_be_bytes([ethertype[0], ethertype[1]]) {
+            ETH_P_IP if ip.len() >= 20 => u32::from(u16::from_be_bytes([ip[4], ip[5]])),
+            ETH_P_IPV6 if ip.len() >= 40 => flow_label(ip),
+            _ => continue,
+        };
+        *seen.entry(tag).or_default() += 1;
+    }
+    seen
+}
+
+/// A crafted frame for the loopback test: `delivered` is the control case
+/// (a published port on a real host address), the others must be dropped
+/// and counted as `dropped_loopback`.
+struct LoopbackCase {
+    name: &'static str,
+    tag: u32,
+    frame: Vec<u8>,
+    delivered: bool,
+}
+
+/// Sends every case REPEAT times from `sender` (out of its interface
+/// `sender_if`) while capturing in `capture`; checks which tags arrived and
+/// that the drop counter rose by the dropped cases.
+fn loopback_cases_hold(sender: &Container, capture: &Container, cases: &[LoopbackCase]) {
+    let before = stats();
+    let ctr_if = capture.ctr_if.clone();
+    let capture_socket = capture
+        .inside(move || RawSocket::bind(&ctr_if))
+        .expect("capture socket in the container namespace");
+    let sender_if = sender.ctr_if.clone();
+    let send_socket = sender
+        .inside(move || RawSocket::bind(&sender_if))
+        .expect("raw socket in the sender namespace");
+    for round in 0..REPEAT {
+        for case in cases {
+            send_socket
+                .send(&case.frame)
+                .unwrap_or_else(|e| panic!("sending {} (round {round}): {e}", case.name));
+        }
+    }
+    let arrived =
+        arrivals_by_tag(&capture_socket.drain(Duration::from_secs(4), Duration::from_millis(700)));
+    let after = stats();
+    let mut failures = Vec::new();
+    for case in cases {
+        let n = arrived.get(&case.tag).copied().unwrap_or(0);
+        match (case.delivered, n) {
+            (true, 0) => failures.push(format!(
+                "{} (control): never reached the container",
+                case.name
+            )),
+            (false, n) if n > 0 => {
+                failures.push(format!("{}: {n} frames reached the container", case.name))
+            }
+            _ => {}
+        }
+    }
+    let dropped = cases.iter().filter(|c| !c.delivered).count() as u64 * REPEAT;
+    let stat = |s: &BTreeMap<String, u64>| s.get("dropped_loopback").copied().unwrap_or(0);
+    let rose = stat(&after).saturating_sub(stat(&before));
+    if rose < dropped {
+        failures.push(format!(
+            "dropped_loopback rose by {rose}, expected at least {dropped}"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn mac_of(container: &Container, ifname: &str, inside: bool) -> [u8; 6] {
+    if inside {
+        let link: serde_json::Value =
+            serde_json::from_str(&container.ip(&["-j", "link", "show", "dev", ifname])).unwrap();
+        parse_mac(link[0]["address"].as_str().unwrap())
+    } else {
+        parse_mac(&std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).unwrap())
+    }
+}
+
+#[test]
+fn loopback_published_ports_are_unreachable_from_outside() {
+    let Some(_serial) = root_test("loopback_published_ports") else {
+        return;
+    };
+    let topo = Topology::new(43);
+    // A second container, with a mapping of its own so that its host-side
+    // veth is a backend interface: it sends the hairpin-side frames.
+    let neighbour = Container::new(44);
+    let (lo_tcp, lo_udp, any_udp, any_tcp) = (47320u16, 47321u16, 47322u16, 47323u16);
+    let (lo6_tcp, lo6_udp, any6_udp) = (47324u16, 47325u16, 47326u16);
+    let _echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
+        "echo",
+    );
+    let _server = topo.ctr.serve(&format!("[::]:{TCP_SERVER}"), "container");
+    // The loopback device is never an uplink.
+    let refused = portfwd(&["up", "--iface", "lo"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{message}");
+    assert!(message.contains("loopback"), "{message}");
+    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let ctr4 = topo.ctr.v4().to_string();
+    let ctr6 = topo.ctr.v6().to_string();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "lo4",
+        &ctr4,
+        &format!("127.0.0.1:{lo_tcp}:{TCP_SERVER}"),
+        &format!("127.0.0.1:{lo_udp}:{UDP_ECHO}/udp"),
+        &format!("0.0.0.0:{any_udp}:{UDP_ECHO}/udp"),
+        &format!("0.0.0.0:{any_tcp}:{TCP_SERVER}"),
+        // On an address of another interface (the container's gateway):
+        // reached through the uplink too (the weak host model).
+        &format!("{}:47328:{UDP_ECHO}/udp", topo.ctr.host_v4()),
+    ]);
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "lo6",
+        &ctr6,
+        &format!("[::1]:{lo6_tcp}:{TCP_SERVER}"),
+        &format!("[::1]:{lo6_udp}:{UDP_ECHO}/udp"),
+        &format!("[::]:{any6_udp}:{UDP_ECHO}/udp"),
+    ]);
+    let neighbour_ip = neighbour.v4().to_string();
+    portfwd_ok(&["map", "--name", "nb", &neighbour_ip, "47327:5301/udp"]);
+
+    // Controls: host processes reach the loopback ports (the socket path).
+    for addr in [format!("127.0.0.1:{lo_tcp}"), format!("[::1]:{lo6_tcp}")] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (greeting, _) = fetch(addr).unwrap_or_else(|e| panic!("host to {addr}: {e}"));
+        assert!(greeting.starts_with("container "), "{addr}: {greeting}");
+    }
+    for addr in [format!("127.0.0.1:{lo_udp}"), format!("[::1]:{lo6_udp}")] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let answer = udp_ask(addr, None, b"host").unwrap_or_else(|e| panic!("host to {addr}: {e}"));
+        assert!(answer.starts_with("echo host "), "{addr}: {answer}");
+    }
+
+    let lo: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    let lo2: Ipv4Addr = "127.0.0.2".parse().unwrap();
+    let lo6 = Ipv6Addr::LOCALHOST;
+    let mapped_lo: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+
+    // From the client on the uplink, to the uplink's MAC.
+    let frame4 = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
+        name,
+        tag: u32::from(tag),
+        frame: topo.frame(ETH_P_IP, &packet.id(tag).build()),
+        delivered,
+    };
+    let (c4, h4) = (topo.client_v4(), topo.host_v4());
+    let (c6, h6) = (topo.client_v6(), topo.host_v6());
+    let v6_udp = |name, tag: u32, src: Ipv6Addr, dst: Ipv6Addr, dport: u16, delivered| {
+        let segment = udp(src.into(), dst.into(), 47370, dport, b"loopback?");
+        LoopbackCase {
+            name,
+            tag,
+            frame: topo.frame(ETH_P_IPV6, &ipv6(src, dst, tag, UDP, &segment)),
+            delivered,
+        }
+    };
+    let syn6 = tcp_syn(c6.into(), lo6.into(), 47371, lo6_tcp);
+    let uplink_cases = vec![
+        frame4(
+            "UDP to 127.0.0.1",
+            0xb100,
+            Ipv4Packet::udp(c4, lo, 47372, lo_udp, b"lo"),
+            false,
+        ),
+        frame4(
+            "TCP SYN to 127.0.0.1",
+            0xb101,
+            Ipv4Packet::tcp_syn(c4, lo, 47373, lo_tcp),
+            false,
+        ),
+        frame4(
+            "UDP to 127.0.0.2",
+            0xb102,
+            Ipv4Packet::udp(c4, lo2, 47374, lo_udp, b"lo2"),
+            false,
+        ),
+        frame4(
+            "UDP to 127.0.0.1 on a wildcard port",
+            0xb103,
+            Ipv4Packet::udp(c4, lo, 47375, any_udp, b"lo any"),
+            false,
+        ),
+        frame4(
+            "TCP SYN to 127.0.0.2 on a wildcard port",
+            0xb104,
+            Ipv4Packet::tcp_syn(c4, lo2, 47376, any_tcp),
+            false,
+        ),
+        frame4(
+            "UDP from 127.0.0.1 to the uplink address",
+            0xb105,
+            Ipv4Packet::udp(lo, h4, 47377, any_udp, b"from lo"),
+            false,
+        ),
+        frame4(
+            "TCP SYN from 127.0.0.1 to the uplink address",
+            0xb106,
+            Ipv4Packet::tcp_syn(lo, h4, 47378, any_tcp),
+            false,
+        ),
+        frame4(
+            "UDP to another interface's address (weak host model)",
+            0xb108,
+            Ipv4Packet::udp(c4, v4(topo.ctr.host_v4()), 47384, 47328, b"weak host"),
+            true,
+        ),
+        frame4(
+            "UDP to the uplink address (control)",
+            0xb107,
+            Ipv4Packet::udp(c4, h4, 47379, any_udp, b"control"),
+            true,
+        ),
+        v6_udp("UDP to [::1]", 0xb6000, c6, lo6, lo6_udp, false),
+        LoopbackCase {
+            name: "TCP SYN to [::1]",
+            tag: 0xb6001,
+            frame: topo.frame(ETH_P_IPV6, &ipv6(c6, lo6, 0xb6001, TCP, &syn6)),
+            delivered: false,
+        },
+        v6_udp(
+            "UDP to [::ffff:127.0.0.1]",
+            0xb6002,
+            c6,
+            mapped_lo,
+            lo_udp,
+            false,
+        ),
+        v6_udp(
+            "UDP to [::1] on a wildcard port",
+            0xb6003,
+            c6,
+            lo6,
+            any6_udp,
+            false,
+        ),
+        v6_udp(
+            "UDP from [::1] to the uplink address",
+            0xb6004,
+            lo6,
+            h6,
+            any6_udp,
+            false,
+        ),
+        v6_udp(
+            "UDP from [::ffff:127.0.0.1] to the uplink address",
+            0xb6005,
+            mapped_lo,
+            h6,
+            any6_udp,
+            false,
+        ),
+        v6_udp(
+            "UDP to the uplink address (control)",
+            0xb6006,
+            c6,
+            h6,
+            any6_udp,
+            true,
+        ),
+    ];
+    loopback_cases_hold(&topo.client, &topo.ctr, &uplink_cases);
+
+    // From a container to its gateway's MAC (the backend interface: hairpin).
+    let gateway_mac = mac_of(&neighbour, &neighbour.host_if, false);
+    let own_mac = mac_of(&neighbour, &neighbour.ctr_if, true);
+    let n4 = v4(neighbour.v4());
+    let hairpin = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
+        name,
+        tag: u32::from(tag),
+        frame: ethernet(gateway_mac, own_mac, ETH_P_IP, &packet.id(tag).build()),
+        delivered,
+    };
+    let gateway = v4(neighbour.host_v4());
+    let hairpin_cases = vec![
+        hairpin(
+            "hairpin UDP to 127.0.0.1",
+            0xb110,
+            Ipv4Packet::udp(n4, lo, 47380, lo_udp, b"hp"),
+            false,
+        ),
+        hairpin(
+            "hairpin TCP SYN to 127.0.0.1",
+            0xb111,
+            Ipv4Packet::tcp_syn(n4, lo, 47381, lo_tcp),
+            false,
+        ),
+        hairpin(
+            "hairpin UDP from 127.0.0.1 to the gateway",
+            0xb112,
+            Ipv4Packet::udp(lo, gateway, 47382, any_udp, b"hp lo"),
+            false,
+        ),
+        hairpin(
+            "hairpin UDP to the gateway (control)",
+            0xb113,
+            Ipv4Packet::udp(n4, gateway, 47383, any_udp, b"hp control"),
+            true,
+        ),
+    ];
+    loopback_cases_hold(&neighbour, &topo.ctr, &hairpin_cases);
+}
