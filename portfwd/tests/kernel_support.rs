@@ -71,8 +71,23 @@ fn a_failed_up_leaves_nothing_attached_or_pinned() {
     );
     assert_no_new_programs(&before, "after a failed first up");
 
-    // A failed `up` on a running instance keeps the instance as it was.
+    // A failure after the maps were created and pinned (a cgroup path that
+    // is no cgroup: the first attach fails) is undone as well.
     let ctr = Container::new(40);
+    let out = portfwd(&["up", "--cgroup", "/tmp", "--iface", &ctr.host_if]);
+    assert!(
+        !out.status.success(),
+        "up with /tmp as the cgroup succeeded"
+    );
+    one_line_error(&out);
+    assert!(
+        !Path::new(&pin_dir()).exists(),
+        "a failed attach left {} behind",
+        pin_dir()
+    );
+    assert_no_new_programs(&before, "after a failed attach");
+
+    // A failed `up` on a running instance keeps the instance as it was.
     let _server = ctr.serve("0.0.0.0:80", "ctr40");
     let pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "47040:80"]);
