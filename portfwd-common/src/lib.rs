@@ -32,9 +32,10 @@ pub const SOCK_REVNAT_MAP: &str = "pf_sock_revnat";
 pub const CONNTRACK_MAP: &str = "pf_conntrack";
 pub const COUNTERS_MAP: &str = "pf_counters";
 pub const STATS_MAP: &str = "pf_stats";
+pub const FRAGMENTS_MAP: &str = "pf_fragments";
 
 /// Every map portfwd pins; `down` removes exactly these.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     SERVICES_MAP,
     LOCAL_ADDRS_MAP,
     CONFIG_MAP,
@@ -42,6 +43,7 @@ pub const ALL_MAPS: [&str; 7] = [
     CONNTRACK_MAP,
     COUNTERS_MAP,
     STATS_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Default capacities.
@@ -56,6 +58,12 @@ pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
 /// After a FIN or RST, a TCP flow lingers this long for the last ACKs.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// Datagrams whose first fragment was translated, at once (an LRU: the
+/// oldest are forgotten first), and how long their later fragments are
+/// followed after the first one: a datagram crosses a LAN in microseconds,
+/// and the kernel gives up reassembling after 30 s.
+pub const FRAGMENTS_MAX: u32 = 8_192;
+pub const FRAGMENT_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
 
 /// Indices of the per-CPU stats array: packets the TC programs saw but did
 /// not translate (passed untouched), and what they did.
@@ -78,7 +86,14 @@ pub const STAT_UNTRACKED_MIDFLOW: u32 = 10;
 /// The kernel would drop them as martians; translated, they would reach a
 /// port published on 127.0.0.1 or [::1] from the network.
 pub const STAT_DROPPED_LOOPBACK: u32 = 11;
-pub const STATS_LEN: u32 = 12;
+/// Later fragments (not the first) of datagrams whose first fragment was
+/// translated, translated the same way: towards the container, and back.
+pub const STAT_FRAGMENT_IN: u32 = 12;
+pub const STAT_FRAGMENT_OUT: u32 = 13;
+/// Later fragments from containers that match no translated first fragment
+/// (`STAT_PASS_FRAGMENT` counts those from uplinks): passed to the stack.
+pub const STAT_PASS_FRAGMENT_FROM_CONTAINERS: u32 = 14;
+pub const STATS_LEN: u32 = 15;
 /// Names of the stats, by index, as `portfwd list` shows them.
 pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "passed_not_ip",
@@ -93,6 +108,9 @@ pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "rewrite_failed",
     "untracked_midflow",
     "dropped_loopback",
+    "fragments_translated_in",
+    "fragments_translated_out",
+    "passed_fragment_from_containers",
 ];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
@@ -236,6 +254,42 @@ pub struct CtValue {
     pub closing_since_ns: u64,
 }
 
+/// Key of the fragments map: one IP datagram as its fragments carry it
+/// before translation (addresses, protocol, IP identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The IPv4 identification (16 bits) or the IPv6 Fragment header's (32).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of the fragments map: the addresses the first fragment was given;
+/// later fragments get the same (ports and the L4 checksum live in the
+/// first fragment only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The flow's mapping, for its counters.
+    pub service: ServiceKey,
+    /// Where to redirect (0: let the stack route it).
+    pub ifindex: u32,
+    /// `FRAGMENT_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the first fragment.
+    pub first_seen_ns: u64,
+}
+
+/// The datagram is a reply (container -> client).
+pub const FRAGMENT_FLAG_REPLY: u32 = 1;
+
 /// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
 /// client -> container, "out" container -> client.
 #[repr(C)]
@@ -328,6 +382,8 @@ mod user {
         Config,
         SockRevNatKey,
         SockRevNatValue,
+        FragmentKey,
+        FragmentValue,
         CtKey,
         CtValue,
         MappingCounters
@@ -451,6 +507,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 20);
+        assert_eq!(size_of::<FragmentKey>(), 40);
+        assert_eq!(size_of::<FragmentValue>(), 72);
     }
 
     #[test]

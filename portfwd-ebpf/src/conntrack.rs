@@ -9,7 +9,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS,
-    CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP, ServiceKey,
+    CT_UDP_IDLE_NS, CtKey, CtValue, FragmentKey, FragmentValue, IPPROTO_TCP, ServiceKey,
 };
 
 use crate::{
@@ -31,6 +31,8 @@ pub struct Scratch {
     pub flow_key: CtKey,
     pub key: CtKey,
     pub value: CtValue,
+    pub frag_key: FragmentKey,
+    pub frag_value: FragmentValue,
 }
 
 /// Refresh `last_seen_ns` at most this often: every write to a shared entry
@@ -117,22 +119,28 @@ fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
 }
 
 /// Creates both entries of a new flow. Either both exist afterwards or the
-/// flow is not tracked (the caller then passes the packet untouched).
+/// flow is not tracked (the caller then passes the packet untouched). On
+/// success, the forward entry as inserted (in scratch memory, valid until
+/// the next `create`).
 // Inlined into its one caller, whose values it reuses; the entry itself is
 // built in scratch memory (the stack is limited to 512 bytes).
 #[inline(always)]
-pub fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result<(), i32> {
-    // The entry is built in per-CPU scratch memory, not on the stack.
+pub fn create(
+    pkt: &Packet,
+    service: &ServiceKey,
+    nat: &Nat,
+    now: u64,
+) -> Result<*const CtValue, i32> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
-    // SAFETY: per-CPU memory that only this program run uses.
-    let entry = unsafe { &mut *scratch };
+    // SAFETY: per-CPU memory that only this program run uses; fields other
+    // than the packet (which `pkt` may point to).
+    let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
     let (masq_flag, masq_addr, masq_port) = match nat.masq {
         Some((addr, port)) => (CT_FLAG_MASQ, addr, port),
         None => (0, Addr::UNSPECIFIED, 0),
     };
     // Field by field: a struct literal would be built on the stack first.
-    set_reply_key(&mut entry.key, pkt, nat);
-    let value = &mut entry.value;
+    set_reply_key(key, pkt, nat);
     value.nat_addr = pkt.daddr;
     value.nat_port = pkt.dport;
     value.flags = CT_FLAG_REPLY | masq_flag;
@@ -144,21 +152,21 @@ pub fn create(pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) -> Result
     value._pad2 = 0;
     value.last_seen_ns = now;
     value.closing_since_ns = 0;
-    CONNTRACK.insert(&entry.key, &entry.value, 0)?;
+    CONNTRACK.insert(&*key, &*value, 0)?;
     // The forward entry: the same, but for the other direction.
-    entry.value.nat_addr = nat.backend;
-    entry.value.nat_port = nat.backend_port;
-    entry.value.flags = masq_flag;
-    entry.value.ifindex = nat.backend_ifindex;
-    entry.value.masq_addr = masq_addr;
-    entry.value.masq_port = masq_port;
-    set_key(&mut entry.key, pkt);
-    if let Err(error) = CONNTRACK.insert(&entry.key, &entry.value, 0) {
-        set_reply_key(&mut entry.key, pkt, nat);
-        let _ = CONNTRACK.remove(&entry.key);
+    value.nat_addr = nat.backend;
+    value.nat_port = nat.backend_port;
+    value.flags = masq_flag;
+    value.ifindex = nat.backend_ifindex;
+    value.masq_addr = masq_addr;
+    value.masq_port = masq_port;
+    set_key(key, pkt);
+    if let Err(error) = CONNTRACK.insert(&*key, &*value, 0) {
+        set_reply_key(key, pkt, nat);
+        let _ = CONNTRACK.remove(&*key);
         return Err(error);
     }
-    Ok(())
+    Ok(&*value)
 }
 
 /// Forgets a flow, given either direction's key and entry.

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod fragments;
 mod maps;
 mod packet;
 mod sock;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use portfwd_common::{
-    CONNTRACK_MAX, Config, CtKey, CtValue, LOCAL_ADDRS_MAX, LocalAddrKey, MappingCounters,
-    SERVICES_MAX, SOCK_REVNAT_MAX, STATS_LEN, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    CONNTRACK_MAX, Config, CtKey, CtValue, FRAGMENTS_MAX, FragmentKey, FragmentValue,
+    LOCAL_ADDRS_MAX, LocalAddrKey, MappingCounters, SERVICES_MAX, SOCK_REVNAT_MAX, STATS_LEN,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// Entries are allocated on insert (no preallocation) so that a lookup never
@@ -35,6 +35,12 @@ pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 /// Tracked flows of the TC path, both directions (see `conntrack`).
 #[map(name = "pf_conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+
+/// Datagrams whose first fragment was translated: how to translate the
+/// later ones (see `fragments`).
+#[map(name = "pf_fragments")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::with_max_entries(FRAGMENTS_MAX, 0);
 
 /// Traffic of each mapping; userspace creates the entry with the mapping.
 #[map(name = "pf_counters")]

@@ -52,7 +52,24 @@ pub struct Packet {
     pub l4_off: usize,
     /// Bytes of the packet, for the counters.
     pub len: u32,
+    /// `WHOLE`, `FIRST_FRAGMENT` or `LATER_FRAGMENT`.
+    pub fragment: u8,
+    /// The IP identification of a fragment's datagram (IPv4: 16 bits; IPv6:
+    /// the Fragment header's 32).
+    pub frag_id: u32,
 }
+
+/// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
+pub const WHOLE: u8 = 0;
+/// Offset 0 with more to come: it carries the TCP/UDP header.
+pub const FIRST_FRAGMENT: u8 = 1;
+/// Any other fragment: no transport header, ports unknown (zero).
+pub const LATER_FRAGMENT: u8 = 2;
+
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPV6_FRAGMENT_HLEN: usize = 8;
 
 /// Why a packet is passed untouched (or, for `STAT_DROPPED_LOOPBACK`,
 /// dropped): the index of its stats counter.
@@ -104,25 +121,68 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     if total_len < header_len || l3_off + total_len > ctx.len() as usize {
         return Err(STAT_PASS_TRUNCATED);
     }
-    // Only the first fragment carries the ports; later ones cannot be
-    // matched to a flow without reassembly.
-    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    if fragment_offset != 0 {
-        return Err(STAT_PASS_FRAGMENT);
-    }
     let word =
         |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (saddr, daddr) = (
+        Addr::v4(word(IPV4_SADDR_OFF)),
+        Addr::v4(word(IPV4_DADDR_OFF)),
+    );
     let proto = header[9];
-    transport(
+    // Only the first fragment carries the ports: later ones follow the
+    // translation of their first (see `fragments`).
+    let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+    let frag_id = u16::from_be_bytes([header[4], header[5]]) as u32;
+    if flags_offset & IPV4_OFFSET_MASK != 0 {
+        return later_fragment(ctx, FAMILY_V4, proto, saddr, daddr, l3_off, frag_id);
+    }
+    let fragment = if flags_offset & IPV4_MORE_FRAGMENTS != 0 {
+        FIRST_FRAGMENT
+    } else {
+        WHOLE
+    };
+    let mut pkt = transport(
         ctx,
         FAMILY_V4,
         proto,
-        Addr::v4(word(IPV4_SADDR_OFF)),
-        Addr::v4(word(IPV4_DADDR_OFF)),
+        saddr,
+        daddr,
         l3_off,
         l3_off + header_len,
         l3_off + total_len,
-    )
+    )?;
+    pkt.fragment = fragment;
+    pkt.frag_id = frag_id;
+    Ok(pkt)
+}
+
+/// A fragment after the first: only addresses, protocol and identification.
+#[inline(always)]
+fn later_fragment(
+    ctx: &TcContext,
+    family: u8,
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+    l3_off: usize,
+    frag_id: u32,
+) -> Result<Packet, PassReason> {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(STAT_PASS_FRAGMENT);
+    }
+    Ok(Packet {
+        family,
+        proto,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        l3_off,
+        l4_off: l3_off,
+        len: ctx.len(),
+        fragment: LATER_FRAGMENT,
+        frag_id,
+    })
 }
 
 fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
@@ -142,24 +202,37 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     if l3_end > ctx.len() as usize {
         return Err(STAT_PASS_TRUNCATED);
     }
-    // Extension headers (and fragments, which are one) are passed untouched:
-    // translating them would need a bounded walk for little gain.
-    if next_header != IPPROTO_TCP && next_header != IPPROTO_UDP {
-        return Err(match next_header {
+    // A Fragment header right after the fixed header is followed (the
+    // common case: the sender's own fragmentation); other extension headers
+    // are passed untouched: translating them would need a bounded walk for
+    // little gain.
+    let (mut proto, mut l4_off, mut fragment, mut frag_id) =
+        (next_header, l3_off + IPV6_HLEN, WHOLE, 0);
+    if next_header == IPPROTO_FRAGMENT {
+        let header: [u8; IPV6_FRAGMENT_HLEN] = ctx
+            .load(l3_off + IPV6_HLEN)
+            .map_err(|_| STAT_PASS_TRUNCATED)?;
+        proto = header[0];
+        l4_off += IPV6_FRAGMENT_HLEN;
+        frag_id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let offset_more = u16::from_be_bytes([header[2], header[3]]);
+        if offset_more & !0x7 != 0 {
+            return later_fragment(ctx, FAMILY_V6, proto, saddr, daddr, l3_off, frag_id);
+        }
+        if offset_more & 1 != 0 {
+            fragment = FIRST_FRAGMENT;
+        }
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(match proto {
             0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => STAT_PASS_IPV6_EXTENSION,
             _ => STAT_PASS_NOT_TCP_UDP,
         });
     }
-    transport(
-        ctx,
-        FAMILY_V6,
-        next_header,
-        saddr,
-        daddr,
-        l3_off,
-        l3_off + IPV6_HLEN,
-        l3_end,
-    )
+    let mut pkt = transport(ctx, FAMILY_V6, proto, saddr, daddr, l3_off, l4_off, l3_end)?;
+    pkt.fragment = fragment;
+    pkt.frag_id = frag_id;
+    Ok(pkt)
 }
 
 fn transport(
@@ -199,7 +272,47 @@ fn transport(
         l3_off,
         l4_off,
         len: ctx.len(),
+        fragment: WHOLE,
+        frag_id: 0,
     })
+}
+
+/// Gives a later fragment the addresses of its translated first fragment:
+/// the IPv4 header checksum follows; there is no transport header (and so
+/// no L4 checksum: its pseudo-header change was applied to the first).
+#[inline(never)]
+pub fn rewrite_addresses(ctx: &TcContext, pkt: &Packet, saddr: &Addr, daddr: &Addr) -> bool {
+    rewrite_address(ctx, pkt, End::Source, saddr).is_ok()
+        && rewrite_address(ctx, pkt, End::Destination, daddr).is_ok()
+}
+
+#[inline(always)]
+fn rewrite_address(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr) -> Result<(), i64> {
+    let old = match end {
+        End::Source => &pkt.saddr,
+        End::Destination => &pkt.daddr,
+    };
+    if old == addr {
+        return Ok(());
+    }
+    if pkt.family == FAMILY_V4 {
+        let addr_off = pkt.l3_off
+            + match end {
+                End::Source => IPV4_SADDR_OFF,
+                End::Destination => IPV4_DADDR_OFF,
+            };
+        let (from, to) = (old.words[0], addr.words[0]);
+        ctx.l3_csum_replace(pkt.l3_off + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
+        ctx.store(addr_off, &to, 0)?;
+    } else {
+        let addr_off = pkt.l3_off
+            + match end {
+                End::Source => IPV6_SADDR_OFF,
+                End::Destination => IPV6_DADDR_OFF,
+            };
+        ctx.store(addr_off, &addr.words, 0)?;
+    }
+    Ok(())
 }
 
 /// Which end of the packet a rewrite changes.

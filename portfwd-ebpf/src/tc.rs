@@ -32,21 +32,25 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, IPPROTO_TCP,
-    STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_REDIRECTED, STAT_REWRITE_FAILED,
-    STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED,
+    STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT, STAT_PASS_FRAGMENT, STAT_PASS_FRAGMENT_FROM_CONTAINERS,
+    STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
     conntrack::{self, Nat},
+    fragments,
     maps::{COUNTERS, SCRATCH, SERVICES, STATS},
-    packet::{self, End, Packet, TCP_ACK, TCP_SYN},
+    packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
 const NEXT: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
 const PACKET_HOST: u32 = 0;
+/// For `count`: counts nothing (no such stat).
+const NO_STAT: u32 = u32::MAX;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -82,6 +86,14 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if let Err(verdict) = parse_or_count(ctx, pkt) {
         return verdict;
     }
+    if pkt.fragment == LATER_FRAGMENT {
+        let untracked = if from_containers {
+            STAT_PASS_FRAGMENT_FROM_CONTAINERS
+        } else {
+            STAT_PASS_FRAGMENT
+        };
+        return translate_fragment(ctx, pkt, untracked, true);
+    }
     let now = conntrack::now();
     conntrack::set_key(key, pkt);
     if let Some(entry) = conntrack::lookup(key, now) {
@@ -108,6 +120,11 @@ fn routed_reply(ctx: &TcContext) -> i32 {
     let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
     if packet::parse(ctx, pkt).is_err() {
         return NEXT;
+    }
+    if pkt.fragment == LATER_FRAGMENT {
+        // Egress sees all the host's traffic: untracked fragments are not
+        // counted here.
+        return translate_fragment(ctx, pkt, NO_STAT, false);
     }
     conntrack::set_key(key, pkt);
     match conntrack::lookup(key, conntrack::now()) {
@@ -181,10 +198,14 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
         masq,
     };
-    if conntrack::create(pkt, &service, &nat, now).is_err() {
+    let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
         // Untracked, the replies could not be translated back: do not start.
         count(STAT_REWRITE_FAILED);
         return NEXT;
+    };
+    if pkt.fragment == FIRST_FRAGMENT {
+        // SAFETY: the entry just inserted, in scratch memory.
+        fragments::remember(pkt, unsafe { &*forward }, backend.ifindex, now);
     }
     count(STAT_FLOW_NEW);
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
@@ -328,7 +349,11 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    conntrack::touch(entry, pkt, conntrack::now());
+    let now = conntrack::now();
+    conntrack::touch(entry, pkt, now);
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ct.ifindex, now);
+    }
     add_traffic(&ct.service, pkt.len, true);
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
@@ -363,7 +388,12 @@ fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    conntrack::touch(entry, pkt, conntrack::now());
+    let now = conntrack::now();
+    conntrack::touch(entry, pkt, now);
+    let ifindex = if redirect { ct.ifindex } else { 0 };
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ifindex, now);
+    }
     add_traffic(&ct.service, pkt.len, false);
     if ct.flags & CT_FLAG_MASQ != 0
         && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
@@ -371,7 +401,6 @@ fn translate_reply(
         count(STAT_REWRITE_FAILED);
         return DROP;
     }
-    let ifindex = if redirect { ct.ifindex } else { 0 };
     finish(ctx, pkt, End::Source, &ct.nat_addr, ct.nat_port, ifindex)
 }
 
@@ -385,6 +414,38 @@ fn finish(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16, ifind
         count(STAT_REWRITE_FAILED);
         return DROP;
     }
+    deliver(ifindex)
+}
+
+/// A later fragment: translated like its datagram's first fragment, if that
+/// was translated (see `fragments`); else passed and counted as `untracked`.
+/// `redirect`: sent where the first went (ingress), or left to the stack.
+#[inline(never)]
+fn translate_fragment(ctx: &TcContext, pkt: &Packet, untracked: u32, redirect: bool) -> i32 {
+    let Some(value) = fragments::lookup(pkt, conntrack::now()) else {
+        count(untracked);
+        return NEXT;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let value = unsafe { &*value };
+    if !packet::rewrite_addresses(ctx, pkt, &value.saddr, &value.daddr) {
+        count(STAT_REWRITE_FAILED);
+        return DROP;
+    }
+    let reply = value.flags & FRAGMENT_FLAG_REPLY != 0;
+    add_traffic(&value.service, pkt.len, !reply);
+    count(if reply {
+        STAT_FRAGMENT_OUT
+    } else {
+        STAT_FRAGMENT_IN
+    });
+    deliver(if redirect { value.ifindex } else { 0 })
+}
+
+/// Sends a rewritten packet on: redirected to `ifindex` through the
+/// neighbour subsystem when known, else back to the stack.
+#[inline(always)]
+fn deliver(ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(STAT_TO_STACK);
         return TC_ACT_OK as i32;

@@ -507,7 +507,7 @@ fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Re
 }
 
 /// The key and value sizes this build uses for each pinned map.
-fn expected_layouts() -> [(&'static str, usize, usize); 7] {
+fn expected_layouts() -> [(&'static str, usize, usize); 8] {
     use portfwd_common::*;
     [
         (
@@ -529,6 +529,11 @@ fn expected_layouts() -> [(&'static str, usize, usize); 7] {
             size_of::<MappingCounters>(),
         ),
         (STATS_MAP, 4, 8),
+        (
+            FRAGMENTS_MAP,
+            size_of::<FragmentKey>(),
+            size_of::<FragmentValue>(),
+        ),
     ]
 }
 

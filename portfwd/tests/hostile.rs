@@ -1077,8 +1077,7 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
     );
 
     // Extension headers before UDP: passed and counted. Hop-by-hop with a
-    // PadN option; a fragment header (first fragment, more to come, and a
-    // later one); destination options.
+    // PadN option; destination options.
     let mut hop = vec![UDP, 0, 1, 4, 0, 0, 0, 0];
     hop.extend_from_slice(&udp_seg(2, b"hop-by-hop"));
     add(
@@ -1088,23 +1087,36 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
         Passed,
         Some("passed_ipv6_extension"),
     );
+    // A Fragment header is followed: a first fragment (more to come) is
+    // translated, and a later fragment of the same datagram (same
+    // identification) with it; a later fragment of a datagram whose first
+    // was never seen is passed and counted.
     let mut first = vec![UDP, 0, 0x00, 0x01, 0xa6, 0, 0, 3];
     first.extend_from_slice(&udp_seg(3, b"first fragment"));
     add(
         "first fragment (IPv6)",
         0xa6003,
         ipv6(src, dst, 0xa6003, 44, &first),
-        Passed,
-        Some("passed_ipv6_extension"),
+        Delivered,
+        None,
     );
     let mut later = vec![UDP, 0, 0x05, 0xc8, 0xa6, 0, 0, 3];
     later.extend_from_slice(&udp_seg(4, b"later fragment"));
     add(
-        "later fragment (IPv6)",
+        "later fragment of a translated datagram (IPv6)",
         0xa6004,
         ipv6(src, dst, 0xa6004, 44, &later),
+        Delivered,
+        Some("fragments_translated_in"),
+    );
+    let mut orphan = vec![UDP, 0, 0x05, 0xc8, 0xa6, 0, 0, 9];
+    orphan.extend_from_slice(&udp_seg(10, b"orphan fragment"));
+    add(
+        "later fragment of an unknown datagram (IPv6)",
+        0xa600b,
+        ipv6(src, dst, 0xa600b, 44, &orphan),
         Passed,
-        Some("passed_ipv6_extension"),
+        Some("passed_fragment"),
     );
     let mut dest = vec![UDP, 0, 1, 4, 0, 0, 0, 0];
     dest.extend_from_slice(&udp_seg(5, b"destination options"));
@@ -1494,4 +1506,164 @@ fn loopback_published_ports_are_unreachable_from_outside() {
         ),
     ];
     loopback_cases_hold(&neighbour, &topo.ctr, &hairpin_cases);
+}
+
+// --- fragments out of order (issue 17) ---
+
+/// A UDP datagram from `src` to `dst` cut into IPv4 fragments of at most
+/// 1480 data bytes, all with identification `id`, in order.
+fn ipv4_fragments(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    id: u16,
+    payload: &[u8],
+) -> Vec<Vec<u8>> {
+    let segment = udp(src.into(), dst.into(), sport, dport, payload);
+    let chunks: Vec<&[u8]> = segment.chunks(1480).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut packet = Ipv4Packet::new(src, dst, UDP, chunk.to_vec()).id(id);
+            let more = if i + 1 < chunks.len() {
+                FRAGMENT_MORE
+            } else {
+                0
+            };
+            packet.flags_fragment = more | (i * 1480 / 8) as u16;
+            packet.build()
+        })
+        .collect()
+}
+
+/// The same for IPv6: a Fragment header with identification `id`, 1448 data
+/// bytes per fragment; every fragment carries the flow label `id` too.
+fn ipv6_fragments(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    id: u32,
+    payload: &[u8],
+) -> Vec<Vec<u8>> {
+    let segment = udp(src.into(), dst.into(), sport, dport, payload);
+    let chunks: Vec<&[u8]> = segment.chunks(1448).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = u16::from(i + 1 < chunks.len());
+            let offset_more = ((i * 1448) as u16) | more;
+            let mut rest = vec![UDP, 0];
+            rest.extend_from_slice(&offset_more.to_be_bytes());
+            rest.extend_from_slice(&id.to_be_bytes());
+            rest.extend_from_slice(chunk);
+            ipv6(src, dst, id, 44, &rest)
+        })
+        .collect()
+}
+
+#[test]
+fn reordered_fragments_are_passed_and_never_misdelivered() {
+    let Some(_serial) = root_test("reordered_fragments") else {
+        return;
+    };
+    let topo = Topology::new(45);
+    let (udp4, udp6) = (47340u16, 47341u16);
+    let _running = publish(
+        &topo,
+        "frag4",
+        topo.ctr.v4(),
+        ["47342:5302".to_string(), format!("{udp4}:{UDP_ECHO}/udp")],
+    );
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "frag6",
+        &topo.ctr.v6().to_string(),
+        &format!("[::]:{udp6}:{UDP_ECHO}/udp"),
+    ]);
+    let payload = [0x42u8; 3000];
+    let (c4, h4, c6, h6) = (
+        topo.client_v4(),
+        topo.host_v4(),
+        topo.client_v6(),
+        topo.host_v6(),
+    );
+    let v4_frames = |sport, id, reversed: bool| {
+        let mut frames: Vec<Vec<u8>> = ipv4_fragments(c4, h4, sport, udp4, id, &payload)
+            .iter()
+            .map(|p| topo.frame(ETH_P_IP, p))
+            .collect();
+        if reversed {
+            frames.reverse();
+        }
+        (frames, u32::from(id), SocketAddr::new(c4.into(), sport))
+    };
+    let v6_frames = |sport, id, reversed: bool| {
+        let mut frames: Vec<Vec<u8>> = ipv6_fragments(c6, h6, sport, udp6, id, &payload)
+            .iter()
+            .map(|p| topo.frame(ETH_P_IPV6, p))
+            .collect();
+        if reversed {
+            frames.reverse();
+        }
+        (frames, id, SocketAddr::new(c6.into(), sport))
+    };
+    let cases = [
+        ("IPv4, last first", v4_frames(47390, 0xc401, true)),
+        ("IPv4, in order", v4_frames(47391, 0xc402, false)),
+        ("IPv6, last first", v6_frames(47392, 0xc601, true)),
+        ("IPv6, in order", v6_frames(47393, 0xc602, false)),
+    ];
+    for (name, (frames, tag, client)) in cases {
+        let in_order = name.ends_with("in order");
+        let answers = collect_answers(&topo, client, Duration::from_millis(1500));
+        let before = stats();
+        let ctr_if = topo.ctr.ctr_if.clone();
+        let capture = topo.ctr.inside(move || RawSocket::bind(&ctr_if)).unwrap();
+        let client_if = topo.client.ctr_if.clone();
+        let sender = topo
+            .client
+            .inside(move || RawSocket::bind(&client_if))
+            .unwrap();
+        for frame in &frames {
+            sender.send(frame).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let arrived =
+            arrivals_by_tag(&capture.drain(Duration::from_secs(3), Duration::from_millis(500)));
+        let answers = answers();
+        let after = stats();
+        let rose = |stat: &str| after[stat] - before.get(stat).copied().unwrap_or(0);
+        let n = arrived.get(&tag).copied().unwrap_or(0);
+        let later = frames.len() as u64 - 1;
+        if in_order {
+            assert_eq!(
+                n,
+                frames.len(),
+                "{name}: every fragment reaches the container"
+            );
+            assert!(
+                rose("fragments_translated_in") >= later,
+                "{name}: {after:?}"
+            );
+            assert!(
+                answers.iter().any(|a| a.starts_with("echo ")),
+                "{name}: no answer: {answers:?}"
+            );
+        } else {
+            // The later fragments came before their first: passed to the
+            // host and counted; only the first fragment (which opens the
+            // flow) reaches the container, which never completes the
+            // datagram. Nothing is delivered wrong, nothing is answered.
+            assert_eq!(
+                n, 1,
+                "{name}: only the first fragment reaches the container"
+            );
+            assert!(rose("passed_fragment") >= later, "{name}: {after:?}");
+            assert!(answers.is_empty(), "{name}: answered: {answers:?}");
+        }
+    }
 }

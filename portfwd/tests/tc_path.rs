@@ -362,3 +362,147 @@ fn external_echo(addr: SocketAddr) -> std::io::Result<()> {
         Err(std::io::Error::other(format!("got {line:?}")))
     }
 }
+
+// --- large UDP datagrams: IP fragments (issue 17) ---
+
+/// The TC programs' stats from `portfwd list --json`.
+fn stats() -> std::collections::BTreeMap<String, u64> {
+    let listing: serde_json::Value =
+        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    listing["stats"]
+        .as_object()
+        .expect("stats in portfwd list --json")
+        .iter()
+        .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+fn rose(before: &std::collections::BTreeMap<String, u64>, stat: &str) -> u64 {
+    stats()[stat] - before.get(stat).copied().unwrap_or(0)
+}
+
+/// Sends datagrams of each size to `to` from inside `from` (or the host),
+/// and checks each answer: the echo's view of the client, then the whole
+/// datagram.
+fn large_datagrams_echo(from: Option<&Container>, to: SocketAddr, client: Option<IpAddr>) {
+    for size in [1_200, 4_000, 20_000, 60_000] {
+        let exchange = move || udp_exchange(to, size);
+        let (sent, answer) = match from {
+            Some(ns) => ns.inside(exchange),
+            None => exchange(),
+        }
+        .unwrap_or_else(|e| panic!("{size} bytes to {to}: {e}"));
+        let split = answer
+            .iter()
+            .position(|&b| b == b' ')
+            .unwrap_or_else(|| panic!("{size} bytes to {to}: answer without a client address"));
+        let seen = String::from_utf8_lossy(&answer[..split]).into_owned();
+        if let Some(client) = client {
+            assert_eq!(
+                seen,
+                client.to_string(),
+                "{size} bytes to {to}: the client seen"
+            );
+        }
+        assert_eq!(
+            answer.len() - split - 1,
+            sent.len(),
+            "{size} bytes to {to}: length"
+        );
+        assert!(
+            answer[split + 1..] == sent[..],
+            "{size} bytes to {to}: content"
+        );
+    }
+}
+
+#[test]
+fn large_udp_datagrams_cross_the_external_path_both_ways() {
+    let Some(_serial) = root_test("large_udp_datagrams") else {
+        return;
+    };
+    let topo = Topology::new(25);
+    let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5005".parse().unwrap());
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47140:5005/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47141:5005/udp"]);
+    let before = stats();
+    for v6 in [false, true] {
+        let published = SocketAddr::new(topo.uplink(v6), if v6 { 47141 } else { 47140 });
+        let client = if v6 {
+            topo.client.v6()
+        } else {
+            topo.client.v4()
+        };
+        large_datagrams_echo(Some(&topo.client), published, Some(client));
+    }
+    // 60 000 bytes are 41 fragments on a 1500-byte link: most of them later
+    // fragments, translated both ways.
+    assert!(rose(&before, "fragments_translated_in") >= 2 * 40);
+    assert!(rose(&before, "fragments_translated_out") >= 2 * 40);
+}
+
+#[test]
+fn large_udp_datagrams_through_hairpin_and_the_socket_path() {
+    let Some(_serial) = root_test("large_udp_hairpin_socket") else {
+        return;
+    };
+    let topo = Topology::new(26);
+    let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5006".parse().unwrap());
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47150:5006/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47151:5006/udp"]);
+    // Hairpin: the container dials the host's address on its own link; it
+    // sees that address as the client (masqueraded).
+    for v6 in [false, true] {
+        let (gateway, port) = if v6 {
+            (topo.ctr.host_v6(), 47151)
+        } else {
+            (topo.ctr.host_v4(), 47150)
+        };
+        large_datagrams_echo(
+            Some(&topo.ctr),
+            SocketAddr::new(gateway, port),
+            Some(gateway),
+        );
+    }
+    // The socket path rewrites before the kernel fragments: a host process.
+    large_datagrams_echo(None, "127.0.0.1:47150".parse().unwrap(), None);
+    large_datagrams_echo(None, "[::1]:47151".parse().unwrap(), None);
+}
+
+#[test]
+fn fragments_of_unrelated_datagrams_are_left_alone() {
+    let Some(_serial) = root_test("unrelated_fragments") else {
+        return;
+    };
+    let topo = Topology::new(27);
+    let other = Container::with_prefix(27, "oth", 253);
+    let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5007".parse().unwrap());
+    // Another machine's service on the very port published here, and a host
+    // service on a port that is not published.
+    let _elsewhere = serve_udp_whole(Some(other.netns_path()), "0.0.0.0:47160".parse().unwrap());
+    let _host = serve_udp_whole(None, SocketAddr::new(topo.uplink(false), 47161));
+    for ifname in [&topo.client.host_if, &other.host_if] {
+        set_if_sysctl(None, "ipv4", ifname, "forwarding", "1");
+    }
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47160:5007/udp"]);
+    let before = stats();
+    let client = topo.client.v4();
+    // Routed through the host: the other machine answers, seeing the client.
+    large_datagrams_echo(
+        Some(&topo.client),
+        SocketAddr::new(other.v4(), 47160),
+        Some(client),
+    );
+    // To a host socket: delivered whole by the host's own reassembly.
+    large_datagrams_echo(
+        Some(&topo.client),
+        SocketAddr::new(topo.uplink(false), 47161),
+        Some(client),
+    );
+    assert_eq!(rose(&before, "fragments_translated_in"), 0);
+    assert_eq!(rose(&before, "fragments_translated_out"), 0);
+    assert!(rose(&before, "passed_fragment") >= 40);
+}

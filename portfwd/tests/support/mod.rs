@@ -392,3 +392,45 @@ pub fn listed() -> Vec<serde_json::Value> {
         serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
     listing["mappings"].as_array().unwrap().clone()
 }
+
+/// A UDP echo of whole datagrams of any size: answers each one with
+/// `<client address> ` followed by the datagram itself.
+pub fn serve_udp_whole(netns: Option<PathBuf>, addr: SocketAddr) -> Server {
+    Server::spawn(netns, move |stop, ready| {
+        let socket =
+            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        ready();
+        let mut buf = vec![0u8; 65_536];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let mut answer = format!("{} ", peer.ip().to_canonical()).into_bytes();
+                answer.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&answer, peer);
+            }
+        }
+    })
+}
+
+/// A datagram of `size` bytes (a recognisable pattern) to `to`, over a
+/// connected socket, and the whole answer (at most three tries: a lost
+/// datagram is sent again).
+pub fn udp_exchange(to: SocketAddr, size: usize) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(to)?;
+    let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut buf = vec![0u8; 65_536];
+    let mut last_error = None;
+    for _ in 0..3 {
+        socket.send(&payload)?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok((payload, buf[..n].to_vec())),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap())
+}

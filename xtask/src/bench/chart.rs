@@ -27,13 +27,14 @@ fn color(mode: Mode) -> RGBColor {
 }
 
 /// (label, metric, inverted: plot direct/mode so that higher is better).
-const RATIO_METRICS: [(&str, Metric, bool); 6] = [
+const RATIO_METRICS: [(&str, Metric, bool); 7] = [
     ("TCP", Metric::TcpGbps, false),
     ("req/s", Metric::KaRps, false),
     ("1/p99", Metric::KaP99Ms, true),
     ("conn/s", Metric::ConnPerS, false),
     ("1/conn p99", Metric::ConnP99Ms, true),
     ("UDP", Metric::UdpRps, false),
+    ("UDP 4K", Metric::Udp4kRps, false),
 ];
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;

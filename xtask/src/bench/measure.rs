@@ -43,9 +43,15 @@ pub enum Metric {
     ConnP99Ms,
     /// Sequential UDP request/response per second, one socket.
     UdpRps,
+    /// The same with 4,000-byte requests and replies: three IP fragments
+    /// each way on a 1500-byte link (what EDNS0 DNS answers look like).
+    Udp4kRps,
 }
 
-pub const METRICS: [Metric; 8] = [
+/// The request (and reply) size of `Metric::Udp4kRps`.
+pub const UDP_LARGE: usize = 4_000;
+
+pub const METRICS: [Metric; 9] = [
     Metric::TcpGbps,
     Metric::KaRps,
     Metric::KaP50Ms,
@@ -54,6 +60,7 @@ pub const METRICS: [Metric; 8] = [
     Metric::ConnP50Ms,
     Metric::ConnP99Ms,
     Metric::UdpRps,
+    Metric::Udp4kRps,
 ];
 
 impl Metric {
@@ -67,13 +74,14 @@ impl Metric {
             Metric::ConnP50Ms => "new-conn p50 ms",
             Metric::ConnP99Ms => "new-conn p99 ms",
             Metric::UdpRps => "UDP req/s",
+            Metric::Udp4kRps => "UDP 4 KB req/s",
         }
     }
 
     pub fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Metric::TcpGbps | Metric::KaRps | Metric::ConnPerS | Metric::UdpRps
+            Metric::TcpGbps | Metric::KaRps | Metric::ConnPerS | Metric::UdpRps | Metric::Udp4kRps
         )
     }
 }
@@ -243,8 +251,9 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     Some(value * scale)
 }
 
-/// Our UDP request/response client; requests per second.
-pub fn udp_rr(xtask: &Path, target: &Target, load: &Load) -> Result<f64> {
+/// Our UDP request/response client, requests of `size` bytes; requests per
+/// second.
+pub fn udp_rr(xtask: &Path, target: &Target, load: &Load, size: usize) -> Result<f64> {
     let addr = format!("{}:{}", target.addr, target.port(ECHO));
     let out = check(
         in_ns(&target.ns, "timeout")
@@ -256,6 +265,8 @@ pub fn udp_rr(xtask: &Path, target: &Target, load: &Load) -> Result<f64> {
                 &addr,
                 "--secs",
                 &load.secs.to_string(),
+                "--size",
+                &size.to_string(),
             ]),
     )?;
     let json: serde_json::Value = serde_json::from_str(out.trim()).context("udp-rr output")?;

@@ -494,9 +494,14 @@ impl Bench<'_> {
             }
             if full {
                 interrupted()?;
-                let rate = measure::udp_rr(&self.xtask, &target, &self.load)?;
+                let rate = measure::udp_rr(&self.xtask, &target, &self.load, 32)?;
                 self.record(key(Metric::UdpRps), rate);
                 line += &format!(" udp {rate:.0}/s,");
+                interrupted()?;
+                let large = measure::UDP_LARGE;
+                let rate = measure::udp_rr(&self.xtask, &target, &self.load, large)?;
+                self.record(key(Metric::Udp4kRps), rate);
+                line += &format!(" udp 4 KB {rate:.0}/s,");
             }
             self.results
                 .syn_retrans

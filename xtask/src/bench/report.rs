@@ -186,7 +186,7 @@ const PATH_TITLES: [&str; 2] = [
 ];
 
 /// The main table's columns.
-const MAIN_METRICS: [Metric; 7] = [
+const MAIN_METRICS: [Metric; 8] = [
     Metric::TcpGbps,
     Metric::KaRps,
     Metric::KaP50Ms,
@@ -194,6 +194,7 @@ const MAIN_METRICS: [Metric; 7] = [
     Metric::ConnPerS,
     Metric::ConnP99Ms,
     Metric::UdpRps,
+    Metric::Udp4kRps,
 ];
 
 pub fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> String {

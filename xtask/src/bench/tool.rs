@@ -17,33 +17,40 @@ pub enum Tool {
         addr: SocketAddr,
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
+        /// Bytes per request (the echo answers with as many).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
     },
 }
 
 pub fn run(tool: Tool) -> Result<()> {
     match tool {
         Tool::UdpEcho { addr } => echo(addr),
-        Tool::UdpRr { addr, secs } => request_response(addr, secs),
+        Tool::UdpRr { addr, secs, size } => request_response(addr, secs, size),
     }
 }
 
 fn echo(addr: SocketAddr) -> Result<()> {
     let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
-    let mut buf = [0u8; 2048];
+    // Any datagram, up to the largest UDP payload.
+    let mut buf = vec![0u8; 65_536];
     loop {
         let (n, peer) = socket.recv_from(&mut buf)?;
         let _ = socket.send_to(&buf[..n], peer);
     }
 }
 
-fn request_response(addr: SocketAddr, secs: f64) -> Result<()> {
+fn request_response(addr: SocketAddr, secs: f64, size: usize) -> Result<()> {
+    if !(8..=65_507).contains(&size) {
+        bail!("--size {size}: from 8 to 65507 bytes");
+    }
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     // Connected, as a DNS client is: only answers from `addr` are received, so
     // the reply's source must have been translated back.
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut request = [0u8; 32];
-    let mut reply = [0u8; 64];
+    let mut request = vec![0u8; size];
+    let mut reply = vec![0u8; size + 64];
     let mut latencies: Vec<u32> = Vec::with_capacity(1 << 20);
     let mut lost = 0u64;
     let start = Instant::now();

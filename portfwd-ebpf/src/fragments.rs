@@ -1,0 +1,81 @@
+//! IP fragments on the TC path. Only a datagram's first fragment carries
+//! the TCP/UDP header, so only it can be matched to a flow. When a first
+//! fragment is translated, the addresses it was given are remembered under
+//! (addresses, protocol, IP identification) as the fragments carry them; the
+//! later fragments of the same datagram get the same addresses (and the
+//! IPv4 header checksum), and go where the first went. The L4 checksum
+//! covers the whole datagram, but it lives in the first fragment, whose
+//! rewrite already applied the pseudo-header change.
+//!
+//! Entries live `FRAGMENT_TIMEOUT_NS` in an LRU map. A later fragment that
+//! arrives before its first (reordered on the way) matches nothing: it is
+//! passed to the host untouched and counted, and its datagram is lost (the
+//! sender's retry, or the application's, carries it). Nothing is held back:
+//! a queue of early fragments would cost memory and per-CPU state for a case
+//! that a LAN almost never shows.
+
+use portfwd_common::{
+    CT_FLAG_MASQ, CT_FLAG_REPLY, CtValue, FRAGMENT_FLAG_REPLY, FRAGMENT_TIMEOUT_NS, FragmentKey,
+    FragmentValue,
+};
+
+use crate::{
+    maps::{FRAGMENTS, SCRATCH},
+    packet::Packet,
+};
+
+fn set_key(key: &mut FragmentKey, pkt: &Packet) {
+    key.saddr = pkt.saddr;
+    key.daddr = pkt.daddr;
+    key.id = pkt.frag_id;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key._pad = 0;
+}
+
+/// Remembers how the first fragment `pkt` of a datagram is translated, from
+/// the conntrack entry `ct` of its own direction; `ifindex` is where it is
+/// redirected (0: the stack routes it). Best effort: when the map refuses,
+/// the later fragments are passed and counted.
+// Not inlined: its locals stay out of the translating functions' frames.
+#[inline(never)]
+pub fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, now: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU memory that only this program run uses; fields other
+    // than the packet and the conntrack entry under construction.
+    let (key, value) = unsafe { (&mut (*scratch).frag_key, &mut (*scratch).frag_value) };
+    let masq = ct.flags & CT_FLAG_MASQ != 0;
+    if ct.flags & CT_FLAG_REPLY != 0 {
+        value.saddr = ct.nat_addr;
+        value.daddr = if masq { ct.masq_addr } else { pkt.daddr };
+        value.flags = FRAGMENT_FLAG_REPLY;
+    } else {
+        value.saddr = if masq { ct.masq_addr } else { pkt.saddr };
+        value.daddr = ct.nat_addr;
+        value.flags = 0;
+    }
+    value.service = ct.service;
+    value.ifindex = ifindex;
+    value._pad = 0;
+    value.first_seen_ns = now;
+    set_key(key, pkt);
+    let _ = FRAGMENTS.insert(key, value, 0);
+}
+
+/// The translation of the later fragment `pkt`'s datagram, if its first
+/// fragment was translated less than `FRAGMENT_TIMEOUT_NS` ago.
+#[inline(always)]
+pub fn lookup(pkt: &Packet, now: u64) -> Option<*const FragmentValue> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: as in `remember`.
+    let key = unsafe { &mut (*scratch).frag_key };
+    set_key(key, pkt);
+    let value = FRAGMENTS.get_ptr(key)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    if now.saturating_sub(unsafe { (*value).first_seen_ns }) > FRAGMENT_TIMEOUT_NS {
+        return None;
+    }
+    Some(value)
+}
