@@ -93,7 +93,11 @@ pub const STAT_FRAGMENT_OUT: u32 = 13;
 /// Later fragments from containers that match no translated first fragment
 /// (`STAT_PASS_FRAGMENT` counts those from uplinks): passed to the stack.
 pub const STAT_PASS_FRAGMENT_FROM_CONTAINERS: u32 = 14;
-pub const STATS_LEN: u32 = 15;
+/// New flows on an uplink whose source is one of the host's own addresses:
+/// forged (the kernel drops them as martians), and their reply entry could
+/// capture the host's own connection from that address and port. Dropped.
+pub const STAT_DROPPED_LOCAL_SOURCE: u32 = 15;
+pub const STATS_LEN: u32 = 16;
 /// Names of the stats, by index, as `portfwd list` shows them.
 pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "passed_not_ip",
@@ -111,6 +115,7 @@ pub const STAT_NAMES: [&str; STATS_LEN as usize] = [
     "fragments_translated_in",
     "fragments_translated_out",
     "passed_fragment_from_containers",
+    "dropped_local_source",
 ];
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.

@@ -33,15 +33,16 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED,
-    STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT, STAT_PASS_FRAGMENT, STAT_PASS_FRAGMENT_FROM_CONTAINERS,
-    STAT_REDIRECTED, STAT_REWRITE_FAILED, STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, STAT_DROPPED_LOCAL_SOURCE,
+    STAT_DROPPED_LOOPBACK, STAT_FLOW_NEW, STAT_FLOW_STOPPED, STAT_FRAGMENT_IN, STAT_FRAGMENT_OUT,
+    STAT_PASS_FRAGMENT, STAT_PASS_FRAGMENT_FROM_CONTAINERS, STAT_REDIRECTED, STAT_REWRITE_FAILED,
+    STAT_TO_STACK, STAT_UNTRACKED_MIDFLOW, ServiceKey,
 };
 
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{COUNTERS, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -168,6 +169,12 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
+    // From an uplink, a source that is one of the host's own addresses is
+    // forged: its reply entry could capture the host's own connections.
+    if !masquerade && is_host_address(pkt.family, &pkt.saddr) {
+        count(STAT_DROPPED_LOCAL_SOURCE);
+        return DROP;
+    }
     // Only a SYN opens a TCP flow. Anything else to a published port is a
     // flow conntrack lost (evicted or expired): counted, and left to the
     // host, which resets it.
@@ -289,11 +296,23 @@ fn backend_of(value: &portfwd_common::ServiceValue) -> Backend {
     }
 }
 
+/// One of the host's addresses (`pf_local_addrs`, kept current by the port
+/// holder; `up` and every `map` refresh it).
+// Not inlined: the key stays out of `start_flow`'s frame.
+#[inline(never)]
+fn is_host_address(family: u8, addr: &Addr) -> bool {
+    // SAFETY: the value is not read, only its presence.
+    unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
+}
+
 /// Asks the kernel's FIB whether the destination is this host (not a
-/// snapshot of addresses that goes stale). A local destination is "not
-/// forwarded". When forwarding is disabled on the interface the lookup
-/// stops there; then the host routes nothing through it, so a packet that
-/// reached us for a published port can only be for this host.
+/// snapshot of addresses that goes stale): a local destination is "not
+/// forwarded". When forwarding is disabled on the ingress interface, the
+/// helper answers so before it looks at the route, which says nothing about
+/// the destination: IPv6 may still forward (per-interface `force_forwarding`,
+/// kernel 6.17), and a packet routed through the host to another machine
+/// must not be taken for ours. Then the host's addresses decide (the
+/// `pf_local_addrs` map, kept current by the port holder).
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
@@ -324,7 +343,10 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
             0,
         )
     };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return true;
+    }
+    rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 && is_host_address(pkt.family, &pkt.daddr)
 }
 
 /// The flow's mapping must still exist and still point at the same

@@ -694,7 +694,7 @@ fn prev_result(conf: &NetConf) -> Result<&Value, CniError> {
 }
 
 /// Whether portfwd's maps and socket programs are pinned under `pin_dir`.
-fn is_up(pin_dir: &Path) -> bool {
+pub(crate) fn is_up(pin_dir: &Path) -> bool {
     ALL_MAPS.iter().all(|m| pin_dir.join(m).exists())
         && ["pf_connect4", "pf_connect6"]
             .iter()

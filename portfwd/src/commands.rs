@@ -19,6 +19,12 @@ pub fn up(options: &UpOptions) -> Result<()> {
     if let Some(kernel) = &report.kernel {
         println!("{}", kernel.summary());
     }
+    for m in ops::sweep_orphans(&options.pin_dir)? {
+        println!(
+            "removed (its owner process is gone) {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        );
+    }
     if !report.uplinks_attached.is_empty() {
         println!(
             "external traffic: attached to {}",

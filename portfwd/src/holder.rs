@@ -357,7 +357,7 @@ pub fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<OwnedFd> {
 
 /// A classic BPF socket filter of one instruction, `ret #0`: every packet
 /// that reaches the socket is dropped.
-fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
+pub fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
     let mut program = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,

@@ -9,6 +9,7 @@
 
 pub mod cni;
 pub mod commands;
+pub mod docker_proxy;
 pub mod holder;
 pub mod host;
 pub mod kernel_features;
@@ -17,6 +18,7 @@ pub mod mapping;
 pub mod maps;
 pub mod netlink;
 pub mod ops;
+pub mod owner;
 pub mod publish;
 pub mod state;
 pub mod tc_attach;

@@ -96,6 +96,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Run by the name `docker-proxy` (dockerd's userland-proxy-path), the
+    // binary is Docker's proxy (see `portfwd::docker_proxy`).
+    if portfwd::docker_proxy::invoked_as_proxy() {
+        return portfwd::docker_proxy::main();
+    }
     // Run by a CNI runtime (CNI_COMMAND set, no arguments), the binary is the
     // CNI plugin (see `portfwd::cni`). Its children (the port holder) get
     // arguments, and so are the CLI even though they inherit CNI_COMMAND.

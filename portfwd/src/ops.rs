@@ -16,7 +16,7 @@ use crate::{
     UsageError, holder, host, loader,
     mapping::{self, Mapping, UnmapSelector},
     maps::{PinnedMaps, StateLock},
-    netlink,
+    netlink, owner,
     publish::{HostPorts, PortRange, PublishSpec},
     state::{self, ApplyFile, Record, Store},
 };
@@ -64,6 +64,9 @@ pub struct Session {
     removed: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub recovered: Option<state::Fixes>,
+    /// Mappings removed on opening because their owner process is gone
+    /// (see `owner`).
+    pub swept: Vec<Mapping>,
 }
 
 impl Session {
@@ -79,7 +82,7 @@ impl Session {
             Some(records) => records,
             None => maps.mappings()?.iter().map(Record::from).collect(),
         };
-        Ok(Session {
+        let mut session = Session {
             pin_dir: pin_dir.to_owned(),
             lock,
             maps,
@@ -88,7 +91,34 @@ impl Session {
             added: Vec::new(),
             removed: Vec::new(),
             recovered,
-        })
+            swept: Vec::new(),
+        };
+        session.sweep_orphans()?;
+        Ok(session)
+    }
+
+    /// Removes the mappings whose owner process is gone, and their claims.
+    fn sweep_orphans(&mut self) -> Result<()> {
+        let orphans = owner::orphans(&self.pin_dir);
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let doomed: Vec<Mapping> = self
+            .mappings()
+            .into_iter()
+            .filter(|m| orphans.iter().flat_map(|(_, c)| c).any(|c| c.covers(m)))
+            .collect();
+        if !doomed.is_empty() {
+            self.change(&doomed, &[])
+                .context("removing the mappings of processes that are gone")?;
+        }
+        for (path, _) in &orphans {
+            let _ = std::fs::remove_file(path);
+        }
+        // Gone when it was the last claim.
+        let _ = std::fs::remove_dir(owner::claims_dir(&self.pin_dir));
+        self.swept = doomed;
+        Ok(())
     }
 
     /// The maps, to read (counters, stats).
@@ -256,6 +286,30 @@ pub fn withdraw(
     // Release the ports: the holder closes what is no longer published.
     session.finish()?;
     Ok(doomed)
+}
+
+/// Removes exactly `mapping` (same name, protocol, host and container
+/// endpoints) if it is published; whether it was.
+pub fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
+    let mut session = Session::open(pin_dir, "unmap")?;
+    let key = Record::from(mapping);
+    let found: Vec<Mapping> = session
+        .mappings()
+        .into_iter()
+        .filter(|m| Record::from(m) == key)
+        .collect();
+    session.change(&found, &[])?;
+    session.finish()?;
+    Ok(!found.is_empty())
+}
+
+/// Removes the mappings whose owner process is gone (see `owner`); they
+/// are returned. Every session does it on opening; `up` calls this.
+pub fn sweep_orphans(pin_dir: &Path) -> Result<Vec<Mapping>> {
+    let mut session = Session::open(pin_dir, "up")?;
+    let swept = std::mem::take(&mut session.swept);
+    session.finish()?;
+    Ok(swept)
 }
 
 /// Every mapping, under the state lock.

@@ -1223,6 +1223,16 @@ struct LoopbackCase {
 /// `sender_if`) while capturing in `capture`; checks which tags arrived and
 /// that the drop counter rose by the dropped cases.
 fn loopback_cases_hold(sender: &Container, capture: &Container, cases: &[LoopbackCase]) {
+    dropped_cases_hold(sender, capture, cases, "dropped_loopback");
+}
+
+/// The same as `loopback_cases_hold`, with the drops counted as `stat`.
+fn dropped_cases_hold(
+    sender: &Container,
+    capture: &Container,
+    cases: &[LoopbackCase],
+    stat_name: &str,
+) {
     let before = stats();
     let ctr_if = capture.ctr_if.clone();
     let capture_socket = capture
@@ -1257,11 +1267,11 @@ fn loopback_cases_hold(sender: &Container, capture: &Container, cases: &[Loopbac
         }
     }
     let dropped = cases.iter().filter(|c| !c.delivered).count() as u64 * REPEAT;
-    let stat = |s: &BTreeMap<String, u64>| s.get("dropped_loopback").copied().unwrap_or(0);
+    let stat = |s: &BTreeMap<String, u64>| s.get(stat_name).copied().unwrap_or(0);
     let rose = stat(&after).saturating_sub(stat(&before));
     if rose < dropped {
         failures.push(format!(
-            "dropped_loopback rose by {rose}, expected at least {dropped}"
+            "{stat_name} rose by {rose}, expected at least {dropped}"
         ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1666,4 +1676,97 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
             assert!(answers.is_empty(), "{name}: answered: {answers:?}");
         }
     }
+}
+
+/// A new flow on an uplink whose source is one of the host's own addresses
+/// is forged (the kernel calls it a martian): it must not be translated, or
+/// its two-hour reply entry could capture the host's own connection from
+/// that address and port (issue 11, case 4).
+#[test]
+fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
+    let Some(_serial) = root_test("local_sources_on_uplink") else {
+        return;
+    };
+    let topo = Topology::new(46);
+    let (tcp_port, udp_port) = (47350u16, 47351u16);
+    let _running = publish(
+        &topo,
+        "local-src",
+        topo.ctr.v4(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "local-src6",
+        &topo.ctr.v6().to_string(),
+        &format!("[::]:47352:{UDP_ECHO}/udp"),
+    ]);
+    let (c4, h4, c6, h6) = (
+        topo.client_v4(),
+        topo.host_v4(),
+        topo.client_v6(),
+        topo.host_v6(),
+    );
+    // The host's address on the container's link: local, but not the uplink's.
+    let gateway4 = v4(topo.ctr.host_v4());
+    let gateway6 = v6(topo.ctr.host_v6());
+    let frame4 = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
+        name,
+        tag: u32::from(tag),
+        frame: topo.frame(ETH_P_IP, &packet.id(tag).build()),
+        delivered,
+    };
+    let udp6 = |name, tag: u32, src: Ipv6Addr, delivered| LoopbackCase {
+        name,
+        tag,
+        frame: topo.frame(
+            ETH_P_IPV6,
+            &ipv6(
+                src,
+                h6,
+                tag,
+                UDP,
+                &udp(src.into(), h6.into(), 47395, 47352, b"src"),
+            ),
+        ),
+        delivered,
+    };
+    let cases = vec![
+        frame4(
+            "TCP SYN from the host's gateway address",
+            0xb200,
+            Ipv4Packet::tcp_syn(gateway4, h4, 47396, tcp_port),
+            false,
+        ),
+        frame4(
+            "UDP from the host's gateway address",
+            0xb201,
+            Ipv4Packet::udp(gateway4, h4, 47397, udp_port, b"gw"),
+            false,
+        ),
+        frame4(
+            "UDP from the uplink's own address",
+            0xb202,
+            Ipv4Packet::udp(h4, h4, 47398, udp_port, b"self"),
+            false,
+        ),
+        frame4(
+            "UDP from the client (control)",
+            0xb203,
+            Ipv4Packet::udp(c4, h4, 47399, udp_port, b"control"),
+            true,
+        ),
+        udp6(
+            "UDP from the host's gateway address (IPv6)",
+            0xb6200,
+            gateway6,
+            false,
+        ),
+        udp6("UDP from the client (IPv6, control)", 0xb6201, c6, true),
+    ];
+    dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
 }

@@ -506,3 +506,74 @@ fn fragments_of_unrelated_datagrams_are_left_alone() {
     assert_eq!(rose(&before, "fragments_translated_out"), 0);
     assert!(rose(&before, "passed_fragment") >= 40);
 }
+
+/// IPv6 routed through the host with forwarding enabled per interface only
+/// (`force_forwarding`, kernel ≥ 6.17; the global switch stays off): the FIB
+/// helper says "forwarding disabled" before it looks at the route, which must
+/// not be taken for "local" (issue 12, defect 2). With forwarding off, the
+/// kernel drops the packets: portfwd must not answer them from the container.
+#[test]
+fn ipv6_routed_through_the_host_is_not_rewritten() {
+    let Some(_serial) = root_test("ipv6_routed_through") else {
+        return;
+    };
+    let force = |ifname: &str| format!("/proc/sys/net/ipv6/conf/{ifname}/force_forwarding");
+    let topo = Topology::new(28);
+    if !std::path::Path::new(&force(&topo.client.host_if)).exists() {
+        eprintln!(
+            "SKIPPED ipv6_routed_through_the_host_is_not_rewritten: no force_forwarding (kernel < 6.17)"
+        );
+        return;
+    }
+    let other = Container::with_prefix(28, "oth", 253);
+    let _container = topo.ctr.serve("[::]:80", "container");
+    let _container_udp = serve_udp(
+        Some(topo.ctr.netns_path()),
+        "[::]:5008".parse().unwrap(),
+        "container",
+    );
+    let _elsewhere = other.serve("[::]:47170", "other host");
+    let _elsewhere_udp = serve_udp(
+        Some(other.netns_path()),
+        "[::]:47171".parse().unwrap(),
+        "other host",
+    );
+    let _pf = topo.up();
+    let ctr6 = topo.ctr.v6().to_string();
+    portfwd_ok(&["map", &ctr6, "[::]:47170:80", "[::]:47171:5008/udp"]);
+    let client = topo.client.v6();
+    let tcp = SocketAddr::new(other.v6(), 47170);
+    let udp = SocketAddr::new(other.v6(), 47171);
+    let ask = move || {
+        let tcp_answer = fetch(tcp).map(|a| a.0);
+        let udp_answer = udp_ask_once(udp);
+        (tcp_answer, udp_answer)
+    };
+
+    // Forwarding off on every interface: nothing answers.
+    let (tcp_answer, udp_answer) = topo.client.inside(ask);
+    assert!(tcp_answer.is_err(), "forwarding off, TCP: {tcp_answer:?}");
+    assert!(udp_answer.is_err(), "forwarding off, UDP: {udp_answer:?}");
+
+    // force_forwarding on the two interfaces: the other host answers.
+    for ifname in [&topo.client.host_if, &other.host_if] {
+        std::fs::write(force(ifname), "1").unwrap();
+    }
+    let (tcp_answer, udp_answer) = topo.client.inside(ask);
+    assert_eq!(tcp_answer.unwrap(), format!("other host {client}"));
+    assert_eq!(udp_answer.unwrap(), format!("other host ping {client}"));
+    // The published port on the host's own address still works.
+    let host = SocketAddr::new(topo.uplink(true), 47170);
+    let (greeting, _) = topo.client.inside(move || fetch(host)).unwrap();
+    assert_eq!(greeting, format!("container {client}"));
+}
+
+fn udp_ask_once(to: SocketAddr) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("[::]:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(to)?;
+    socket.send(b"ping")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

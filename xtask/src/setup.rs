@@ -27,6 +27,9 @@ const DEBS: &[&str] = &[
     "podman",
     "runc",
     "busybox-static",
+    // The Docker test: a private dockerd (with containerd) whose userland
+    // proxy is portfwd. Installing it starts no daemon (runlevel 1, below).
+    "docker.io",
 ];
 
 #[derive(Default)]
