@@ -25,7 +25,7 @@ use crate::{
 /// `tc program -> start_flow -> rewrite` too deep (and how deep depends on
 /// the LLVM that links the object). Kernel 6.1's verifier, which counts
 /// each frame rounded up to 32 bytes, rejected it at 544. Here they cost no
-/// stack at all: the chain needs 416 bytes there.
+/// stack at all: the deepest chain needs 448 bytes there.
 pub struct Scratch {
     pub pkt: Packet,
     pub flow_key: CtKey,
