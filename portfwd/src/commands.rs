@@ -16,6 +16,9 @@ use crate::{
 
 pub fn up(options: &UpOptions) -> Result<()> {
     let report = loader::up(options)?;
+    if let Some(kernel) = &report.kernel {
+        println!("{}", kernel.summary());
+    }
     for m in ops::sweep_orphans(&options.pin_dir)? {
         println!(
             "removed (its owner process is gone) {}: {}/{} -> {}",
@@ -232,6 +235,8 @@ struct ListJson<'a> {
     stats: std::collections::BTreeMap<&'static str, u64>,
     /// Interfaces with TC programs, and which.
     interfaces: std::collections::BTreeMap<String, Vec<String>>,
+    /// What the kernel offered at the last `up`.
+    kernel: Option<crate::kernel_features::KernelFeatures>,
 }
 
 pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
@@ -250,6 +255,7 @@ pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
     let counters: Vec<_> = mappings.iter().map(|m| maps.counters(m)).collect();
     let stats = maps.stats()?;
     let interfaces = loader::tc_attachments(pin_dir);
+    let kernel = crate::kernel_features::recorded(pin_dir);
     drop(session);
     let mut out = std::io::stdout().lock();
     if json {
@@ -273,6 +279,7 @@ pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
                 .collect(),
             stats: portfwd_common::STAT_NAMES.into_iter().zip(stats).collect(),
             interfaces: interfaces.into_iter().collect(),
+            kernel,
         };
         serde_json::to_writer_pretty(&mut out, &listing)?;
         writeln!(out)?;
@@ -331,6 +338,9 @@ pub fn list(pin_dir: &Path, json: bool) -> Result<()> {
         .collect();
     if !passed.is_empty() {
         writeln!(out, "tc: {}", passed.join(" "))?;
+    }
+    if let Some(kernel) = kernel {
+        writeln!(out, "{}", kernel.summary())?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod docker_proxy;
 pub mod holder;
 pub mod host;
+pub mod kernel_features;
 pub mod loader;
 pub mod mapping;
 pub mod maps;
@@ -20,6 +21,8 @@ pub mod ops;
 pub mod owner;
 pub mod publish;
 pub mod state;
+pub mod tc_attach;
+mod up_rollback;
 
 use std::fmt;
 

@@ -28,8 +28,10 @@ use portfwd_common::{ALL_MAPS, Config};
 
 use crate::{
     holder, host,
+    kernel_features::{self, KernelFeatures},
     maps::{PinnedMaps, StateLock},
-    netlink, state,
+    netlink, state, tc_attach,
+    up_rollback::UpRollback,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portfwd";
@@ -95,6 +97,8 @@ pub struct UpReport {
     pub adopted: bool,
     /// Notes for the user (sizes that could not change, ...).
     pub notes: Vec<String>,
+    /// What the kernel offers, as probed by this `up`.
+    pub kernel: Option<KernelFeatures>,
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -106,18 +110,57 @@ fn tc_dir(pin_dir: &Path, ifname: &str) -> PathBuf {
 }
 
 /// Loads and attaches whatever is not attached yet, reusing pinned maps, so
-/// that a second `up` keeps every mapping.
+/// that a second `up` keeps every mapping. A failed `up` leaves the
+/// instance as it found it: the kernel is probed and the interfaces checked
+/// before anything is created, every program is loaded (verified) before
+/// any is attached, and what this `up` attached or pinned is undone if a
+/// later step fails.
 pub fn up(options: &UpOptions) -> Result<UpReport> {
     host::require_capabilities("up", host::LOAD)?;
-    // Named uplinks are checked before anything is attached.
-    for ifname in &options.ifaces {
-        check_uplink(ifname)?;
-    }
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => host::cgroup2_mount()?,
     };
+    let mut notes = Vec::new();
+    let uplinks = if options.ifaces.is_empty() {
+        // Default-route interfaces without Ethernet framing (wireguard,
+        // tun) cannot carry the TC programs: left out, and said.
+        let (ethernet, other): (Vec<String>, Vec<String>) = netlink::default_route_interfaces()?
+            .into_iter()
+            .partition(|ifname| is_ethernet(ifname));
+        for ifname in other {
+            notes.push(format!(
+                "{ifname} (a default route) is not an Ethernet device: external traffic through it is not forwarded"
+            ));
+        }
+        ethernet
+    } else {
+        options.ifaces.clone()
+    };
+    // Uplinks (named or found) are checked before anything is attached.
+    for ifname in &uplinks {
+        check_uplink(ifname)?;
+    }
+    let kernel = kernel_features::probe()?;
     host::ensure_bpffs(&options.pin_dir)?;
+    let mut rollback = UpRollback::new(&options.pin_dir);
+    let mut report = up_attached(options, cgroup, &uplinks, &mut rollback)?;
+    report.notes.extend(notes);
+    kernel_features::record(&options.pin_dir, &kernel)?;
+    report.kernel = Some(kernel);
+    rollback.disarm();
+    // Hold every published port (after a reboot: the restored ones too).
+    report.busy_ports = holder::sync(&options.pin_dir)?;
+    Ok(report)
+}
+
+/// The part of `up` that creates things, each recorded in `rollback`.
+fn up_attached(
+    options: &UpOptions,
+    cgroup: PathBuf,
+    uplinks: &[String],
+    rollback: &mut UpRollback,
+) -> Result<UpReport> {
     let links = links_dir(&options.pin_dir);
     // Root-only: the pins are the forwarding state of the whole host.
     DirBuilder::new()
@@ -129,6 +172,7 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
 
     check_pinned_layouts(&options.pin_dir)?;
     let mut ebpf = load_object_sized(&options.pin_dir, options.max_mappings, options.max_flows)?;
+    load_all(&mut ebpf)?;
     let mut report = UpReport {
         cgroup: cgroup.clone(),
         ..UpReport::default()
@@ -152,24 +196,10 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
         }
         attach_sock_program(&mut ebpf, name, &cgroup_file, &pin)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        rollback.created(pin);
         report.attached.push(name);
     }
 
-    let uplinks = if options.ifaces.is_empty() {
-        // Default-route interfaces without Ethernet framing (wireguard,
-        // tun) cannot carry the TC programs: left out, and said.
-        let (ethernet, other): (Vec<String>, Vec<String>) = netlink::default_route_interfaces()?
-            .into_iter()
-            .partition(|ifname| is_ethernet(ifname));
-        for ifname in other {
-            report.notes.push(format!(
-                "{ifname} (a default route) is not an Ethernet device: external traffic through it is not forwarded"
-            ));
-        }
-        ethernet
-    } else {
-        options.ifaces.clone()
-    };
     // TC programs already attached (uplinks, interfaces towards containers):
     // replaced by this build's where they differ.
     for (ifname, programs) in tc_attachments(&options.pin_dir) {
@@ -180,14 +210,20 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
                 program.load().with_context(|| format!("loading {name}"))?;
             }
             let tag = program.info()?.tag();
-            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+            let replaced = if tc_attach::is_netlink(&pin) {
+                tc_attach::replace_netlink(program, &pin, options.reload)?
+            } else {
+                replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)?
+            };
+            if replaced {
                 report.replaced.push(format!("{name} on {ifname}"));
             }
         }
     }
-    for ifname in &uplinks {
-        check_uplink(ifname)?;
-        if attach_tc(&mut ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
+    for ifname in uplinks {
+        let created = attach_tc(&mut ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)?;
+        if !created.is_empty() {
+            rollback.created_all(created);
             report.uplinks_attached.push(ifname.clone());
         } else {
             report.uplinks_already.push(ifname.clone());
@@ -202,11 +238,22 @@ pub fn up(options: &UpOptions) -> Result<UpReport> {
     report.notes.extend(size_notes(&options.pin_dir, options));
     restore_state(&options.pin_dir, &lock, &mut maps, &mut report)?;
     report.mappings = maps.mappings()?.len();
-    drop(maps);
-    drop(lock);
-    // Hold every published port (after a reboot: the restored ones too).
-    report.busy_ports = holder::sync(&options.pin_dir)?;
     Ok(report)
+}
+
+/// Loads (and so verifies) every program, before anything is attached: a
+/// program this kernel's verifier rejects must not leave the others
+/// attached.
+fn load_all(ebpf: &mut Ebpf) -> Result<()> {
+    for name in SOCK_PROGRAMS {
+        let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+    }
+    for (name, _) in UPLINK_PROGRAMS.iter().chain(&BACKEND_PROGRAMS) {
+        let program: &mut SchedClassifier = program_of(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
 }
 
 fn load_object(pin_dir: &Path) -> Result<Ebpf> {
@@ -242,21 +289,22 @@ fn load_object_sized(
     )
 }
 
-/// Attaches `programs` to `ifname` where they are not attached yet; true if
-/// anything was attached.
+/// Attaches `programs` to `ifname` where they are not attached yet; the
+/// pins of what was attached.
 fn attach_tc(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     ifname: &str,
     programs: &[TcProgram],
-) -> Result<bool> {
+) -> Result<Vec<PathBuf>> {
     let dir = tc_dir(pin_dir, ifname);
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let mut attached = false;
+    let tcx = kernel_features::tcx_supported();
+    let mut attached: Vec<PathBuf> = Vec::new();
     for &(name, direction) in programs {
         let pin = dir.join(name);
         if pin.exists() {
@@ -269,14 +317,16 @@ fn attach_tc(
         if program.fd().is_err() {
             program.load().with_context(|| format!("loading {name}"))?;
         }
-        // A TCX link (kernel >= 6.6): pinned, it outlives this process, and
-        // it coexists with other programs on the interface.
-        let link_id = program
-            .attach(ifname, direction)
-            .with_context(|| format!("attaching {name} to {ifname}"))?;
-        let link: FdLink = program.take_link(link_id)?.try_into()?;
-        link.pin(&pin)?;
-        attached = true;
+        let result = tc_attach::attach(program, ifname, direction, &pin, tcx)
+            .with_context(|| format!("attaching {name} to {ifname}"));
+        if let Err(error) = result {
+            // All or nothing on this interface.
+            for pin in attached.iter().rev() {
+                let _ = detach_pin(pin);
+            }
+            return Err(error);
+        }
+        attached.push(pin);
     }
     Ok(attached)
 }
@@ -288,7 +338,7 @@ pub fn attach_uplink(pin_dir: &Path, ifname: &str) -> Result<bool> {
     check_uplink(ifname)?;
     let _lock = StateLock::acquire(pin_dir)?;
     let mut ebpf = load_object(pin_dir)?;
-    attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)
+    Ok(!attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)?.is_empty())
 }
 
 /// The loopback device's index in every network namespace.
@@ -328,7 +378,7 @@ pub fn attach_backend(pin_dir: &Path, ifname: &str, _lock: &StateLock) -> Result
         return Ok(false);
     }
     let mut ebpf = load_object(pin_dir)?;
-    attach_tc(&mut ebpf, pin_dir, ifname, &BACKEND_PROGRAMS)
+    Ok(!attach_tc(&mut ebpf, pin_dir, ifname, &BACKEND_PROGRAMS)?.is_empty())
 }
 
 /// Whether the uplink programs are attached to `ifname`.
@@ -369,26 +419,34 @@ pub fn detach_interface(pin_dir: &Path, ifname: &str) -> Result<usize> {
     unpin_links_in(&dir)
 }
 
-/// Unpins (and so detaches) every link pinned in `dir`, then removes it.
-fn unpin_links_in(dir: &Path) -> Result<usize> {
+/// Unpins (and so detaches) every attachment pinned in `dir`, then removes it.
+pub(crate) fn unpin_links_in(dir: &Path) -> Result<usize> {
     let mut detached = 0;
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        if path.is_dir() {
+        if path.is_dir() && !tc_attach::is_netlink(&path) {
             detached += unpin_links_in(&path)?;
             continue;
         }
-        let link =
-            PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        // Dropping the unpinned link closes its last reference: detached.
-        drop(
-            link.unpin()
-                .with_context(|| format!("unpinning {}", path.display()))?,
-        );
+        detach_pin(&path)?;
         detached += 1;
     }
     fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(detached)
+}
+
+/// Detaches one pinned attachment: a link (unpinning it drops its last
+/// reference) or a netlink TC filter.
+pub(crate) fn detach_pin(pin: &Path) -> Result<()> {
+    if tc_attach::is_netlink(pin) {
+        return tc_attach::detach_netlink(pin);
+    }
+    let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    drop(
+        link.unpin()
+            .with_context(|| format!("unpinning {}", pin.display()))?,
+    );
+    Ok(())
 }
 
 fn program_of<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
@@ -606,7 +664,7 @@ fn attach_sock_program(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -
         .program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))?
         .try_into()?;
-    program.load()?;
+    // Loaded by `load_all`.
     // Single: aya's AllowMultiple passes BPF_F_ALLOW_MULTI as link flags,
     // which the kernel rejects; a link attachment coexists with other
     // programs on the cgroup anyway.
@@ -662,5 +720,6 @@ pub fn down(pin_dir: &Path, keep_state: bool) -> Result<DownReport> {
     if !keep_state {
         state::Store::new(state::default_path(pin_dir)).remove()?;
     }
+    kernel_features::forget(pin_dir)?;
     Ok(report)
 }

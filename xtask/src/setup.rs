@@ -95,7 +95,7 @@ impl Missing {
 }
 
 /// Asks dpkg for all packages at once; absent packages simply produce no "installed" line.
-fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
+pub fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
         .args(debs)
@@ -116,6 +116,12 @@ fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
 
 /// Installs Debian packages as root (`what` names them in messages).
 fn apt_install(what: &str, debs: &[&str]) -> Result<()> {
+    apt_install_logged(what, debs, None)
+}
+
+/// `apt_install`, with apt's output going to `log` when given (one line on
+/// the console instead of a screenful).
+pub fn apt_install_logged(what: &str, debs: &[&str], log: Option<&std::path::Path>) -> Result<()> {
     let list = debs.join(" ");
     if !is_root() {
         bail!(
@@ -123,18 +129,33 @@ fn apt_install(what: &str, debs: &[&str]) -> Result<()> {
              sudo apt-get install -y --no-install-recommends {list}"
         );
     }
-    println!("setup: installing {what}: {list}");
+    match log {
+        Some(log) => println!("setup: installing {what}: {list} (log: {})", log.display()),
+        None => println!("setup: installing {what}: {list}"),
+    }
+    let logged = |cmd: &mut Command| -> Result<()> {
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
+            cmd.stdout(file.try_clone()?).stderr(file);
+        }
+        run(cmd)
+    };
     // Wait for a concurrent apt/dpkg instead of failing on its lock.
     let lock = ["-o", "DPkg::Lock::Timeout=600"];
-    run(Command::new("apt-get").args(lock).arg("update"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        // invoke-rc.d starts no service in runlevel 1: packages such as
-        // nginx-light must not come up on the machine's own ports.
-        .env("RUNLEVEL", "1")
-        .args(lock)
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(debs))
+    logged(Command::new("apt-get").args(lock).arg("update"))?;
+    logged(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // invoke-rc.d starts no service in runlevel 1: packages such as
+            // nginx-light must not come up on the machine's own ports.
+            .env("RUNLEVEL", "1")
+            .args(lock)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(debs),
+    )
 }
 
 /// bpf-linker from PATH or from cargo's bin dir (which PATH may lack, e.g. under sudo).
