@@ -7,6 +7,7 @@ mod fuzz;
 mod interrupt;
 mod setup;
 mod test;
+mod vm;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -41,8 +42,13 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Formatting, clippy and the whole test suite (what CI runs).
+    /// Formatting, clippy and the whole test suite (what CI runs), then a subset
+    /// of the integration tests on Debian 12's kernel 6.1 in a VM (root, x86_64).
     Test {
+        /// Only run the integration test subset on this kernel series (booted
+        /// with virtme-ng under TCG; installed from Debian's packages), e.g. 6.1
+        #[arg(long, value_name = "SERIES")]
+        kernel: Option<String>,
         /// Extra arguments for `cargo test`; a further `--` passes arguments to the test binaries.
         #[arg(last = true)]
         args: Vec<String>,
@@ -68,7 +74,7 @@ fn main() -> ExitCode {
         Cmd::Setup { check: false } => setup::install(),
         Cmd::BuildEbpf { debug } => build::build_ebpf(!debug).map(|_| ()),
         Cmd::Build { release } => build::build(release).map(|_| ()),
-        Cmd::Test { args } => test::test(&args),
+        Cmd::Test { kernel, args } => test::test(kernel.as_deref(), &args),
         Cmd::Demo => demo::demo(),
         Cmd::Fuzz(args) => fuzz::fuzz(args),
         Cmd::Bench(args) => bench::bench(args),
@@ -187,7 +193,7 @@ mod tests {
     #[test]
     fn test_args_keep_the_second_separator() {
         let cli = Cli::parse_from(["xtask", "test", "--", "-p", "portfwd", "--", "--nocapture"]);
-        let Cmd::Test { args } = cli.command else {
+        let Cmd::Test { args, .. } = cli.command else {
             panic!("not the test command")
         };
         assert_eq!(args, ["-p", "portfwd", "--", "--nocapture"]);

@@ -5,7 +5,7 @@
 use std::{
     fs::{self, OpenOptions},
     io::Write,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -102,7 +102,7 @@ impl Missing {
 }
 
 /// Asks dpkg for all packages at once; absent packages simply produce no "installed" line.
-fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
+pub(crate) fn missing_debs(debs: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
         .args(debs)
@@ -147,6 +147,17 @@ fn apt_install(what: &str, debs: &[&str], log: &mut Log) -> Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(debs),
     )
+}
+
+/// `apt_install` with the output in `log` (setup's own log when None).
+pub(crate) fn apt_install_logged(what: &str, debs: &[&str], log: Option<&Path>) -> Result<()> {
+    let mut log = match log {
+        Some(path) => Log {
+            path: path.to_owned(),
+        },
+        None => Log::open()?,
+    };
+    apt_install(what, debs, &mut log)
 }
 
 /// The full output of what setup runs goes to a log file; the terminal gets

@@ -3,11 +3,18 @@
 use anyhow::Result;
 
 use crate::build::{EBPF_OBJ_ENV, build_ebpf};
-use crate::{cargo, is_root, root, run};
+use crate::{cargo, is_root, root, run, vm};
+
+/// Set to skip the guest kernel tests of a full run (with a loud notice).
+const SKIP_KERNEL_ENV: &str = "PORTFWD_SKIP_KERNEL_TESTS";
 
 /// `args` go to `cargo test`; anything after a further `--` goes to the test binaries.
-pub(crate) fn test(args: &[String]) -> Result<()> {
+/// With `kernel`, only the guest subset on that kernel series runs.
+pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     let obj = build_ebpf(true)?;
+    if let Some(series) = kernel {
+        return vm::test_kernel(series, &obj);
+    }
     let cargo_in_root = || {
         let mut cmd = cargo();
         // clippy and the tests compile portfwd, whose build.rs embeds this object.
@@ -42,11 +49,32 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
     let scope = (!picks_package).then_some("--workspace");
     // The integration tests attach to the shared cgroup root: one at a time.
-    // cargo test runs last, so its summary is the last thing printed.
     run(cargo_in_root()
         .arg("test")
         .args(scope)
         .args(cargo_args)
         .args(["--", "--test-threads=1"])
-        .args(test_args))
+        .args(test_args))?;
+    // Full runs also test the oldest kernel CI covers, when this machine can.
+    if !args.is_empty() {
+        return Ok(());
+    }
+    let series = vm::DEFAULT_KERNEL;
+    let skipped = std::env::var_os(SKIP_KERNEL_ENV)
+        .map(|_| format!("{SKIP_KERNEL_ENV} is set"))
+        .or_else(vm::cannot_run);
+    match skipped {
+        Some(reason) => {
+            vm::loud_notice(&[
+                format!(
+                    "NOT TESTED: kernel {series} (Debian 12). The guest tests did not run: {reason}."
+                ),
+                format!(
+                    "Run them with `cargo xtask test --kernel {series}` as root on x86_64 Debian."
+                ),
+            ]);
+            Ok(())
+        }
+        None => vm::test_kernel(series, &obj),
+    }
 }

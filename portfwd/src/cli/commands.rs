@@ -20,6 +20,9 @@ pub(crate) fn up(options: &UpOptions) -> Result<()> {
             m.name, m.host, m.protocol, m.container
         );
     }
+    if let Some(kernel) = &report.kernel {
+        println!("{}", kernel.summary());
+    }
     let install = &report.install;
     if !install.uplinks_attached.is_empty() {
         println!(

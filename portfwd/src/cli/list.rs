@@ -7,7 +7,14 @@ use anyhow::{Context, Result};
 use portfwd_common::{MappingCounters, Stat, UPLINK_PROGRAMS};
 use serde::Serialize;
 
-use crate::{datapath, model::Mapping, ops};
+use crate::{
+    datapath::{
+        self,
+        kernel::{self, KernelFeatures},
+    },
+    model::Mapping,
+    ops,
+};
 
 /// What `list` shows, read under the state lock.
 struct Listing {
@@ -15,6 +22,8 @@ struct Listing {
     stats: Vec<(Stat, u64)>,
     /// Interfaces with TC programs, and which.
     interfaces: Vec<(String, Vec<String>)>,
+    /// What the kernel offered at the last `up`.
+    kernel: Option<KernelFeatures>,
 }
 
 #[derive(Serialize)]
@@ -39,6 +48,8 @@ struct ListJson<'a> {
     stats: BTreeMap<&'static str, u64>,
     /// Interfaces with TC programs, and which.
     interfaces: BTreeMap<&'a str, &'a [String]>,
+    /// What the kernel offered at the last `up`.
+    kernel: Option<&'a KernelFeatures>,
 }
 
 pub(crate) fn list(pin_dir: &Path, json: bool) -> Result<()> {
@@ -75,6 +86,7 @@ fn read(pin_dir: &Path) -> Result<Listing> {
         mappings,
         stats: maps.stats(),
         interfaces: datapath::tc_attachments(pin_dir),
+        kernel: kernel::recorded(pin_dir),
     })
 }
 
@@ -103,6 +115,7 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
             .iter()
             .map(|(name, programs)| (name.as_str(), programs.as_slice()))
             .collect(),
+        kernel: listing.kernel.as_ref(),
     };
     serde_json::to_writer_pretty(&mut *out, &json)?;
     writeln!(out)?;
@@ -161,6 +174,9 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
         .collect();
     if !counted.is_empty() {
         writeln!(out, "tc: {}", counted.join(" "))?;
+    }
+    if let Some(kernel) = &listing.kernel {
+        writeln!(out, "{}", kernel.summary())?;
     }
     Ok(())
 }

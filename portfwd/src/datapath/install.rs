@@ -1,6 +1,7 @@
 //! Installing the datapath (`up`: load the object against the pinned maps,
 //! attach what is not attached, replace what another build attached) and
-//! removing every trace of it (`down`).
+//! removing every trace of it (`down`). A failed install is undone by
+//! `rollback`.
 
 use std::{
     fs::{self, DirBuilder, File},
@@ -18,9 +19,12 @@ use portfwd_common::{Config, MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
 use super::{
     PinnedMaps, StateLock,
     links::{
-        attach_sock_program, attach_tc, program_of, replace_program, tc_attachments, unpin_links_in,
+        attach_sock_program, attach_tc, load_all, program_of, replace_program, tc_attachments,
+        unpin_links_in,
     },
     object::{self, Sizes},
+    rollback::Rollback,
+    tc_attach,
 };
 use crate::{host, instance};
 
@@ -32,9 +36,9 @@ pub(crate) struct InstallOptions {
     pub(crate) reload: bool,
     /// Capacities of maps created now (existing maps keep theirs).
     pub(crate) sizes: Sizes,
-    /// Uplinks for the TC programs (external traffic); empty: the
-    /// interfaces of the default routes.
-    pub(crate) ifaces: Vec<String>,
+    /// Uplinks for the TC programs (external traffic), checked (see
+    /// `resolve_uplinks`).
+    pub(crate) uplinks: Vec<String>,
 }
 
 /// What `install` did.
@@ -59,14 +63,38 @@ pub(crate) struct Installed {
     pub(crate) report: InstallReport,
 }
 
-/// Loads and attaches whatever is not attached yet, reusing pinned maps, so
-/// that a second `up` keeps every mapping; returns holding the state lock.
-pub(crate) fn install(options: &InstallOptions) -> Result<Installed> {
-    let pin_dir = &options.pin_dir;
-    // Named uplinks are checked before anything is attached.
-    for ifname in &options.ifaces {
+/// The uplinks `up` attaches to: `named`, or the interfaces of the default
+/// routes; each checked before anything is attached.
+/// Default-route interfaces without Ethernet framing (wireguard, tun)
+/// cannot carry the TC programs: they are left out, each with a note.
+pub(crate) fn resolve_uplinks(named: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+    let mut notes = Vec::new();
+    let uplinks = if named.is_empty() {
+        let (ethernet, other): (Vec<String>, Vec<String>) =
+            host::netlink::default_route_interfaces()?
+                .into_iter()
+                .partition(|ifname| is_ethernet(ifname));
+        for ifname in other {
+            notes.push(format!(
+                "{ifname} (a default route) is not an Ethernet device: external traffic through it is not forwarded"
+            ));
+        }
+        ethernet
+    } else {
+        named.to_vec()
+    };
+    for ifname in &uplinks {
         check_uplink(ifname)?;
     }
+    Ok((uplinks, notes))
+}
+
+/// Loads and attaches whatever is not attached yet, reusing pinned maps, so
+/// that a second `up` keeps every mapping; returns holding the state lock.
+/// Every program is loaded (verified) before any is attached, and what is
+/// attached or pinned is recorded in `rollback`.
+pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Result<Installed> {
+    let pin_dir = &options.pin_dir;
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => host::cgroup2_mount()?,
@@ -83,13 +111,14 @@ pub(crate) fn install(options: &InstallOptions) -> Result<Installed> {
 
     object::check_pinned_layouts(pin_dir)?;
     let mut ebpf = object::load(pin_dir, options.sizes)?;
+    load_all(&mut ebpf)?;
     let mut report = InstallReport {
         cgroup: cgroup.clone(),
         ..InstallReport::default()
     };
-    attach_sock_programs(&mut ebpf, options, &cgroup, &mut report)?;
+    attach_sock_programs(&mut ebpf, options, &cgroup, &mut report, rollback)?;
     replace_tc_programs(&mut ebpf, options, &mut report)?;
-    attach_uplinks(&mut ebpf, options, &mut report)?;
+    attach_uplinks(&mut ebpf, options, &mut report, rollback)?;
 
     let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     maps.set_config(Config {
@@ -109,6 +138,7 @@ fn attach_sock_programs(
     options: &InstallOptions,
     cgroup: &Path,
     report: &mut InstallReport,
+    rollback: &mut Rollback,
 ) -> Result<()> {
     let links = instance::links_dir(&options.pin_dir);
     let cgroup_file =
@@ -131,6 +161,7 @@ fn attach_sock_programs(
         }
         attach_sock_program(ebpf, name, &cgroup_file, &pin)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        rollback.created(pin);
         report.attached.push(name);
     }
     Ok(())
@@ -151,7 +182,12 @@ fn replace_tc_programs(
                 program.load().with_context(|| format!("loading {name}"))?;
             }
             let tag = program.info()?.tag();
-            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+            let replaced = if tc_attach::is_netlink(&pin) {
+                tc_attach::replace_netlink(program, &pin, options.reload)?
+            } else {
+                replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)?
+            };
+            if replaced {
                 report.replaced.push(format!("{name} on {ifname}"));
             }
         }
@@ -163,26 +199,12 @@ fn attach_uplinks(
     ebpf: &mut Ebpf,
     options: &InstallOptions,
     report: &mut InstallReport,
+    rollback: &mut Rollback,
 ) -> Result<()> {
-    let uplinks = if options.ifaces.is_empty() {
-        // Default-route interfaces without Ethernet framing (wireguard,
-        // tun) cannot carry the TC programs: left out, and said.
-        let (ethernet, other): (Vec<String>, Vec<String>) =
-            host::netlink::default_route_interfaces()?
-                .into_iter()
-                .partition(|ifname| is_ethernet(ifname));
-        for ifname in other {
-            report.notes.push(format!(
-                "{ifname} (a default route) is not an Ethernet device: external traffic through it is not forwarded"
-            ));
-        }
-        ethernet
-    } else {
-        options.ifaces.clone()
-    };
-    for ifname in &uplinks {
-        check_uplink(ifname)?;
-        if attach_tc(ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)? {
+    for ifname in &options.uplinks {
+        let created = attach_tc(ebpf, &options.pin_dir, ifname, &UPLINK_PROGRAMS)?;
+        if !created.is_empty() {
+            rollback.created_all(created);
             report.uplinks_attached.push(ifname.clone());
         } else {
             report.uplinks_already.push(ifname.clone());

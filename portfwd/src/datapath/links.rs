@@ -2,6 +2,9 @@
 //! a cgroup and the TC programs to interfaces, replacing the program of a
 //! link in place (an upgrade), detaching by unpinning.
 //!
+//! Before TCX (kernel 6.6), TC programs attach as netlink filters instead
+//! (`tc_attach`), with the same pin layout.
+//!
 //! aya 0.14 has no API for `BPF_LINK_UPDATE`, nor for the file descriptor
 //! of a pinned link (which `BPF_LINK_UPDATE` needs), so those two syscalls
 //! are made here directly; everything else goes through aya.
@@ -12,7 +15,7 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::fs::DirBuilderExt,
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
@@ -23,9 +26,9 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use portfwd_common::{BACKEND_PROGRAMS, Hook, ProgramDef, UPLINK_PROGRAMS};
+use portfwd_common::{BACKEND_PROGRAMS, Hook, ProgramDef, UPLINK_PROGRAMS, programs};
 
-use super::{StateLock, object};
+use super::{StateLock, kernel, object, tc_attach};
 use crate::instance;
 
 pub(crate) fn attach_sock_program(
@@ -34,8 +37,8 @@ pub(crate) fn attach_sock_program(
     cgroup: &File,
     pin: &Path,
 ) -> Result<()> {
+    // Loaded by `load_all`.
     let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
-    program.load()?;
     // Single: aya's AllowMultiple passes BPF_F_ALLOW_MULTI as link flags,
     // which the kernel rejects; a link attachment coexists with other
     // programs on the cgroup anyway.
@@ -45,21 +48,42 @@ pub(crate) fn attach_sock_program(
     Ok(())
 }
 
-/// Attaches `programs` to `ifname` where they are not attached yet; true if
-/// anything was attached.
+/// Loads (and so verifies) every program, before anything is attached: a
+/// program this kernel's verifier rejects must not leave the others
+/// attached.
+pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<()> {
+    for program_def in programs() {
+        let name = program_def.name;
+        match program_def.hook {
+            Hook::CgroupSockAddr(_) => {
+                let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let program: &mut SchedClassifier = program_of(ebpf, name)?.try_into()?;
+                program.load().with_context(|| format!("loading {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attaches `programs` to `ifname` where they are not attached yet, all or
+/// nothing; the pins of what was attached.
 pub(crate) fn attach_tc(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     ifname: &str,
     programs: &[ProgramDef],
-) -> Result<bool> {
+) -> Result<Vec<PathBuf>> {
     let dir = instance::tc_dir(pin_dir, ifname);
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let mut attached = false;
+    let tcx = kernel::tcx_supported();
+    let mut attached: Vec<PathBuf> = Vec::new();
     for program_def in programs {
         let name = program_def.name;
         let direction = match program_def.hook {
@@ -74,14 +98,16 @@ pub(crate) fn attach_tc(
         if program.fd().is_err() {
             program.load().with_context(|| format!("loading {name}"))?;
         }
-        // A TCX link (kernel >= 6.6): pinned, it outlives this process, and
-        // it coexists with other programs on the interface.
-        let link_id = program
-            .attach(ifname, direction)
-            .with_context(|| format!("attaching {name} to {ifname}"))?;
-        let link: FdLink = program.take_link(link_id)?.try_into()?;
-        link.pin(&pin)?;
-        attached = true;
+        let result = tc_attach::attach(program, ifname, direction, &pin, tcx)
+            .with_context(|| format!("attaching {name} to {ifname}"));
+        if let Err(error) = result {
+            // All or nothing on this interface; the error says what failed.
+            for pin in attached.iter().rev() {
+                detach_pin(pin).ok();
+            }
+            return Err(error);
+        }
+        attached.push(pin);
     }
     Ok(attached)
 }
@@ -96,14 +122,14 @@ pub(crate) fn attach_backend(pin_dir: &Path, ifname: &str, _lock: &StateLock) ->
         return Ok(false);
     }
     let mut ebpf = object::load(pin_dir, object::Sizes::default())?;
-    attach_tc(&mut ebpf, pin_dir, ifname, &BACKEND_PROGRAMS)
+    Ok(!attach_tc(&mut ebpf, pin_dir, ifname, &BACKEND_PROGRAMS)?.is_empty())
 }
 
 /// Attaches the uplink programs to `ifname` (`portfwd attach`); false if
 /// they were already there. The caller holds the state lock.
 pub(crate) fn attach_uplink(pin_dir: &Path, ifname: &str, _lock: &StateLock) -> Result<bool> {
     let mut ebpf = object::load(pin_dir, object::Sizes::default())?;
-    attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)
+    Ok(!attach_tc(&mut ebpf, pin_dir, ifname, &UPLINK_PROGRAMS)?.is_empty())
 }
 
 /// Whether the uplink programs are attached to `ifname`.
@@ -144,26 +170,35 @@ pub(crate) fn tc_attachments(pin_dir: &Path) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// Unpins (and so detaches) every link pinned in `dir`, then removes it.
+/// Unpins (and so detaches) every attachment pinned in `dir`, then removes
+/// it.
 pub(crate) fn unpin_links_in(dir: &Path) -> Result<usize> {
     let mut detached = 0;
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        if path.is_dir() {
+        if path.is_dir() && !tc_attach::is_netlink(&path) {
             detached += unpin_links_in(&path)?;
             continue;
         }
-        let link =
-            PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        // Dropping the unpinned link closes its last reference: detached.
-        drop(
-            link.unpin()
-                .with_context(|| format!("unpinning {}", path.display()))?,
-        );
+        detach_pin(&path)?;
         detached += 1;
     }
     fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(detached)
+}
+
+/// Detaches one pinned attachment: a link (unpinning it drops its last
+/// reference) or a netlink TC filter.
+pub(crate) fn detach_pin(pin: &Path) -> Result<()> {
+    if tc_attach::is_netlink(pin) {
+        return tc_attach::detach_netlink(pin);
+    }
+    let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    drop(
+        link.unpin()
+            .with_context(|| format!("unpinning {}", pin.display()))?,
+    );
+    Ok(())
 }
 
 pub(crate) fn program_of<'a>(

@@ -1,20 +1,26 @@
 //! The kernel objects and nothing else: the eBPF object and its programs
 //! (load, attach, replace, detach), the pinned maps (typed access, layout
 //! checks, the lock that makes a process their only writer) and the path
-//! to a container. Imports `model`, `instance` and `host` only.
+//! to a container, what the kernel offers (`kernel`). Imports `model`,
+//! `instance` and `host` only.
 
 mod backend;
 mod install;
+pub(crate) mod kernel;
 mod links;
 mod maps;
 mod object;
+mod rollback;
+mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
 pub(crate) use install::{
-    InstallOptions, InstallReport, UninstallReport, check_uplink, install, uninstall,
+    InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
+    uninstall,
 };
 pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
+pub(crate) use rollback::Rollback;

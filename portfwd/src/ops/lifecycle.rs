@@ -8,7 +8,9 @@ use anyhow::Result;
 use super::backend_paths;
 use crate::{
     datapath::{
-        self, InstallOptions, InstallReport, PinnedMaps, Sizes, StateLock, UninstallReport,
+        self, InstallOptions, InstallReport, PinnedMaps, Rollback, Sizes, StateLock,
+        UninstallReport,
+        kernel::{self, KernelFeatures},
     },
     holder, host,
     model::Record,
@@ -40,32 +42,68 @@ pub(crate) struct UpReport {
     /// Whether the state file was created from the maps (first `up` of a
     /// portfwd that records state).
     pub(crate) adopted: bool,
+    /// What the kernel offers, as probed by this `up`.
+    pub(crate) kernel: Option<KernelFeatures>,
 }
 
 /// Loads and attaches whatever is not attached yet, reusing pinned maps, so
 /// that a second `up` keeps every mapping; restores the state file's
-/// mappings (after a reboot) and holds every published port.
+/// mappings (after a reboot) and holds every published port. A failed `up`
+/// leaves the instance as it found it: the uplinks are checked and the
+/// kernel probed before anything is created, and what this `up` attached,
+/// pinned or wrote is undone if a later step fails.
 pub(crate) fn up(options: &UpOptions) -> Result<UpReport> {
     host::require_capabilities("up", host::LOAD)?;
     let pin_dir = &options.pin_dir;
-    let mut installed = datapath::install(&InstallOptions {
-        pin_dir: pin_dir.clone(),
-        cgroup: options.cgroup.clone(),
-        reload: options.reload,
-        sizes: Sizes {
-            max_mappings: options.max_mappings,
-            max_flows: options.max_flows,
+    let (uplinks, uplink_notes) = datapath::resolve_uplinks(&options.ifaces)?;
+    let kernel = kernel::probe()?;
+    let state_existed = Store::of(pin_dir).path().exists();
+    let mut rollback = Rollback::new(pin_dir);
+    let result = install_and_restore(options, uplinks, &mut rollback)
+        .and_then(|report| kernel::record(pin_dir, &kernel).map(|()| report));
+    let mut report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            if rollback.is_fresh() && !state_existed {
+                // Best effort, as the rest of the rollback (when `rollback`
+                // drops): the error is what the user needs.
+                Store::of(pin_dir).remove().ok();
+            }
+            return Err(error);
+        }
+    };
+    rollback.disarm();
+    report.kernel = Some(kernel);
+    report.install.notes.extend(uplink_notes);
+    // Hold every published port (after a reboot: the restored ones too).
+    report.busy_ports = holder::sync(pin_dir)?;
+    Ok(report)
+}
+
+/// The part of `up` that creates things, each recorded in `rollback`.
+fn install_and_restore(
+    options: &UpOptions,
+    uplinks: Vec<String>,
+    rollback: &mut Rollback,
+) -> Result<UpReport> {
+    let pin_dir = &options.pin_dir;
+    let mut installed = datapath::install(
+        &InstallOptions {
+            pin_dir: pin_dir.clone(),
+            cgroup: options.cgroup.clone(),
+            reload: options.reload,
+            sizes: Sizes {
+                max_mappings: options.max_mappings,
+                max_flows: options.max_flows,
+            },
+            uplinks,
         },
-        ifaces: options.ifaces.clone(),
-    })?;
+        rollback,
+    )?;
     let mut report = UpReport::default();
     restore_state(pin_dir, &installed.lock, &mut installed.maps, &mut report)?;
     report.mappings = installed.maps.mappings()?.len();
     report.install = installed.report;
-    drop(installed.maps);
-    drop(installed.lock);
-    // Hold every published port (after a reboot: the restored ones too).
-    report.busy_ports = holder::sync(pin_dir)?;
     Ok(report)
 }
 
@@ -117,6 +155,7 @@ pub(crate) fn down(pin_dir: &Path, keep_state: bool) -> Result<UninstallReport> 
     if !keep_state {
         Store::of(pin_dir).remove()?;
     }
+    kernel::forget(pin_dir)?;
     Ok(report)
 }
 

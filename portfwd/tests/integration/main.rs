@@ -16,6 +16,7 @@
 mod cni;
 mod docker;
 mod hostile;
+mod kernel_support;
 mod properties;
 mod reliability;
 mod socket_completeness;

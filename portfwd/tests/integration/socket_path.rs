@@ -240,6 +240,14 @@ fn pinned_object_ids() -> (Vec<u32>, Vec<u32>) {
     let programs = pins
         .into_iter()
         .map(|pin| {
+            // Without TCX (before 6.6) a TC program is attached as a netlink
+            // filter, and its program is pinned under the filter's name.
+            let is_filter = pin
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("netlink-"));
+            if is_filter {
+                return aya::programs::ProgramInfo::from_pin(&pin).unwrap().id();
+            }
             let link = aya::programs::links::PinnedLink::from_pin(pin).unwrap();
             let link: aya::programs::links::FdLink = link.into();
             link.info().unwrap().program_id()

@@ -1,0 +1,322 @@
+//! What the running kernel offers portfwd, probed once by `up` before it
+//! changes anything, recorded next to the instance's state file, and shown
+//! by `up` (one line) and `list`.
+//!
+//! The minimum kernel is 5.10: each requirement below names the kernel
+//! that introduced it, and `bpf_redirect_neigh` (5.10) is the newest. On a
+//! kernel without one, `up` refuses with one line naming it. Newer kernels
+//! add what portfwd uses when present (TCX links, 6.6) or reports (the
+//! `bpf_sock_destroy` kfunc, 6.5; BTF); without them it degrades as the
+//! README's kernel table says.
+//!
+//! Each probe asks the kernel directly (loading a two-instruction program,
+//! querying an attach point): a version number says nothing about a
+//! distribution kernel's backports.
+
+use std::{
+    fs,
+    os::fd::{FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    programs::{ProgramType, TcAttachType, tc::SchedClassifier},
+    sys::{BpfHelper, is_helper_supported, is_program_supported},
+};
+use serde::{Deserialize, Serialize};
+
+/// The oldest kernel that has everything in `REQUIREMENTS`.
+pub(crate) const MINIMUM_KERNEL: &str = "5.10";
+
+/// Lets tests pretend that features are missing: a comma-separated list of
+/// feature names (`tcx`, `bpf_redirect_neigh`, ...). Never needed otherwise.
+pub(crate) const DENY_ENV: &str = "PORTFWD_PROBE_DENY";
+
+/// A feature portfwd cannot work without.
+struct Requirement {
+    name: &'static str,
+    /// The mainline kernel that introduced it.
+    since: &'static str,
+    /// What needs it, for the refusal message.
+    used_for: &'static str,
+    probe: fn() -> bool,
+}
+
+const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        name: "cgroup sock_addr programs",
+        since: "4.17",
+        used_for: "the socket path",
+        probe: || is_program_supported(ProgramType::CgroupSockAddr).unwrap_or(false),
+    },
+    Requirement {
+        name: "TC classifier programs",
+        since: "4.1",
+        used_for: "the TC path",
+        probe: || is_program_supported(ProgramType::SchedClassifier).unwrap_or(false),
+    },
+    Requirement {
+        name: "cgroup recvmsg hooks",
+        since: "5.2",
+        used_for: "UDP replies on the socket path",
+        probe: || sock_addr_hook_loads(BPF_CGROUP_UDP4_RECVMSG),
+    },
+    Requirement {
+        name: "cgroup getpeername hooks",
+        since: "5.8",
+        used_for: "getpeername on the socket path",
+        probe: || sock_addr_hook_loads(BPF_CGROUP_INET4_GETPEERNAME),
+    },
+    Requirement {
+        name: "bpf_get_netns_cookie",
+        since: "5.7",
+        used_for: "telling host sockets from containers'",
+        probe: || {
+            helper(
+                ProgramType::CgroupSockAddr,
+                BpfHelper::BPF_FUNC_get_netns_cookie,
+            )
+        },
+    },
+    Requirement {
+        name: "bpf_fib_lookup",
+        since: "4.18",
+        used_for: "recognising the host's own addresses on the TC path",
+        probe: || helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_fib_lookup),
+    },
+    Requirement {
+        name: "bpf_redirect_neigh",
+        since: "5.10",
+        used_for: "redirecting external flows to containers",
+        probe: || {
+            helper(
+                ProgramType::SchedClassifier,
+                BpfHelper::BPF_FUNC_redirect_neigh,
+            )
+        },
+    },
+];
+
+/// What `up` found, as recorded for the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KernelFeatures {
+    /// `uname -r`.
+    pub(crate) release: String,
+    /// TCX links (6.6): TC programs attach as pinned links; without them,
+    /// as netlink clsact filters.
+    pub(crate) tcx: bool,
+    /// The `bpf_sock_destroy` kfunc (6.5). portfwd does not use it yet:
+    /// on every kernel `unmap` leaves established host connections open.
+    pub(crate) sock_destroy: bool,
+    /// Kernel BTF (/sys/kernel/btf/vmlinux): verifier logs name types.
+    pub(crate) btf: bool,
+}
+
+impl KernelFeatures {
+    /// How TC programs are attached on this kernel.
+    pub(crate) fn tc_attachment(&self) -> &'static str {
+        if self.tcx {
+            "TCX links"
+        } else {
+            "netlink filters (TCX needs 6.6)"
+        }
+    }
+
+    /// The one line `up` prints and `list` repeats.
+    pub(crate) fn summary(&self) -> String {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "kernel {} (minimum {MINIMUM_KERNEL}): TC programs as {}, bpf_sock_destroy {}, BTF {}",
+            self.release,
+            self.tc_attachment(),
+            yes_no(self.sock_destroy),
+            yes_no(self.btf)
+        )
+    }
+}
+
+fn denied(name: &str) -> bool {
+    std::env::var(DENY_ENV)
+        .is_ok_and(|list| list.split(',').any(|d| d.trim().eq_ignore_ascii_case(name)))
+}
+
+/// Probes the kernel; fails with one line naming the first missing
+/// requirement and the minimum kernel.
+pub(crate) fn probe() -> Result<KernelFeatures> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| "(unknown)".into());
+    for r in REQUIREMENTS {
+        if denied(r.name) || !(r.probe)() {
+            bail!(
+                "kernel {release} lacks {} (Linux {}, for {}): portfwd needs Linux {MINIMUM_KERNEL} or newer",
+                r.name,
+                r.since,
+                r.used_for
+            );
+        }
+    }
+    Ok(KernelFeatures {
+        tcx: !denied("tcx") && tcx_supported(),
+        sock_destroy: !denied("sock_destroy") && kernel_btf_names("bpf_sock_destroy"),
+        btf: !denied("btf") && Path::new(VMLINUX_BTF).exists(),
+        release,
+    })
+}
+
+/// Whether TC programs can attach as TCX links: a TCX query on loopback
+/// (which every network namespace has) succeeds from 6.6 on. Cheap enough
+/// to ask at every attach.
+pub(crate) fn tcx_supported() -> bool {
+    !denied("tcx") && SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok()
+}
+
+fn helper(program_type: ProgramType, helper: BpfHelper) -> bool {
+    is_helper_supported(program_type, helper).unwrap_or(false)
+}
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Whether the kernel's BTF names `symbol` (kfuncs are only known by BTF).
+fn kernel_btf_names(symbol: &str) -> bool {
+    let Ok(btf) = fs::read(VMLINUX_BTF) else {
+        return false;
+    };
+    // Names are NUL-terminated in the BTF string section.
+    let needle: Vec<u8> = [b"\0", symbol.as_bytes(), b"\0"].concat();
+    btf.windows(needle.len()).any(|w| w == needle)
+}
+
+// Attach types from include/uapi/linux/bpf.h (enum bpf_attach_type).
+const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+
+/// Whether the kernel loads a cgroup sock_addr program for `attach_type`
+/// (`r0 = 1; exit`): a kernel without the hook rejects the attach type.
+/// aya's probes load sock_addr programs for connect4 only, hence this one.
+fn sock_addr_hook_loads(attach_type: u32) -> bool {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    // mov64 r0, 1; exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    // The prefix of union bpf_attr that BPF_PROG_LOAD reads, up to
+    // expected_attach_type (Linux 4.17).
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    // SAFETY: all-zero bytes are a valid ProgLoad (and what the kernel
+    // expects in the fields not set).
+    let mut attr: ProgLoad = unsafe { std::mem::zeroed() };
+    attr.prog_type = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+    attr.insn_cnt = insns.len() as u32;
+    attr.insns = insns.as_ptr() as u64;
+    attr.license = license.as_ptr() as u64;
+    attr.expected_attach_type = attach_type;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size
+    // passed; the pointers it holds outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr, size_of::<ProgLoad>()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the kernel returned a new file descriptor that we own.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    true
+}
+
+/// Where the instance at `pin_dir` keeps what `up` found: next to its
+/// state file (bpffs holds only BPF objects).
+pub(crate) fn record_path(pin_dir: &Path) -> PathBuf {
+    let state = crate::instance::state_path(pin_dir);
+    let name = state
+        .file_name()
+        .map(|n| n.to_string_lossy().replacen("state", "kernel", 1))
+        .unwrap_or_else(|| "kernel.json".into());
+    state.with_file_name(name)
+}
+
+pub(crate) fn record(pin_dir: &Path, features: &KernelFeatures) -> Result<()> {
+    let path = record_path(pin_dir);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(features)?;
+    fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// What the last `up` of the instance recorded, if anything.
+pub(crate) fn recorded(pin_dir: &Path) -> Option<KernelFeatures> {
+    let text = fs::read_to_string(record_path(pin_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Forgets the record (`down`).
+pub(crate) fn forget(pin_dir: &Path) -> Result<()> {
+    let path = record_path(pin_dir);
+    match fs::remove_file(&path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(error).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minimum_is_the_newest_requirement() {
+        let version = |v: &str| -> (u32, u32) {
+            let (major, minor) = v.split_once('.').unwrap();
+            (major.parse().unwrap(), minor.parse().unwrap())
+        };
+        let newest = REQUIREMENTS.iter().map(|r| version(r.since)).max();
+        assert_eq!(newest, Some(version(MINIMUM_KERNEL)));
+    }
+
+    #[test]
+    fn the_record_sits_next_to_the_state_file() {
+        let default = record_path(Path::new(crate::instance::DEFAULT_PIN_DIR));
+        assert_eq!(default, Path::new("/var/lib/portfwd/kernel.json"));
+        let other = record_path(Path::new("/sys/fs/bpf/pf-test"));
+        assert_eq!(
+            other.parent(),
+            crate::instance::state_path(Path::new("/sys/fs/bpf/pf-test")).parent()
+        );
+        assert_ne!(other, default);
+    }
+
+    #[test]
+    fn the_summary_is_one_line_naming_the_attachment() {
+        let features = KernelFeatures {
+            release: "6.1.0-57-amd64".into(),
+            tcx: false,
+            sock_destroy: false,
+            btf: true,
+        };
+        let line = features.summary();
+        assert!(!line.contains('\n'));
+        assert!(
+            line.starts_with("kernel 6.1.0-57-amd64 (minimum 5.10)"),
+            "{line}"
+        );
+        assert!(line.contains("netlink filters"), "{line}");
+    }
+}

@@ -1,0 +1,246 @@
+//! Kernel support (issue 18): `up` probes the kernel once, records and
+//! reports what it offers, refuses below the minimum, and a failed `up`
+//! leaves nothing attached or pinned. The netlink TC path (kernels without
+//! TCX, before 6.6) is forced here with `PORTFWD_PROBE_DENY=tcx`, so that
+//! it is tested on every kernel, not only in the 6.1 guest.
+use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
+
+use crate::support::*;
+
+/// Programs named like ours that the kernel has loaded now.
+fn our_program_ids() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n.starts_with("pf_connect") || n.starts_with("pf_tc_"))
+        })
+        .map(|p| p.id())
+        .collect()
+}
+
+/// `portfwd` with the tests' pin directory and extra environment.
+fn portfwd_env(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let dir = pin_dir();
+    Command::new(PORTFWD)
+        .envs(env.iter().copied())
+        .args(["--bpffs", dir.as_str()])
+        .args(args)
+        .output()
+        .expect("running portfwd")
+}
+
+/// A failed `up` must leave no program that this run loaded: the kernel
+/// frees them once their last reference goes (after an RCU grace period).
+fn assert_no_new_programs(before: &BTreeSet<u32>, what: &str) {
+    let mut left = BTreeSet::new();
+    let gone = wait_until(Duration::from_secs(5), || {
+        left = our_program_ids().difference(before).copied().collect();
+        left.is_empty()
+    });
+    assert!(gone, "{what}: programs {left:?} still loaded");
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_failed_up_leaves_nothing_attached_or_pinned() {
+    let Some(_serial) = root_test("failed_up_leaves_nothing") else {
+        return;
+    };
+    let _ = portfwd(&["down"]);
+    let before = our_program_ids();
+    let out = portfwd(&["up", "--iface", "pft-nosuchif"]);
+    assert!(!out.status.success(), "up on a missing interface succeeded");
+    let stderr = one_line_error(&out);
+    assert!(stderr.contains("pft-nosuchif"), "{stderr}");
+    assert!(
+        !Path::new(&pin_dir()).exists(),
+        "a failed first `up` left {} behind",
+        pin_dir()
+    );
+    assert_no_new_programs(&before, "after a failed first up");
+
+    // A failure after the maps were created and pinned (a cgroup path that
+    // is no cgroup: the first attach fails) is undone as well.
+    let ctr = Container::new(40);
+    let out = portfwd(&["up", "--cgroup", "/tmp", "--iface", &ctr.host_if]);
+    assert!(
+        !out.status.success(),
+        "up with /tmp as the cgroup succeeded"
+    );
+    one_line_error(&out);
+    assert!(
+        !Path::new(&pin_dir()).exists(),
+        "a failed attach left {} behind",
+        pin_dir()
+    );
+    assert_no_new_programs(&before, "after a failed attach");
+
+    // A failed `up` on a running instance keeps the instance as it was.
+    let _server = ctr.serve("0.0.0.0:80", "ctr40");
+    let pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47040:80"]);
+    let links = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(Path::new(dir).join("links"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let links_before = links(&pin_dir());
+    let running = our_program_ids();
+    let out = portfwd(&["up", "--iface", &ctr.host_if, "--iface", "pft-nosuchif"]);
+    assert!(!out.status.success());
+    one_line_error(&out);
+    assert_eq!(links(&pin_dir()), links_before);
+    assert_no_new_programs(&running, "after a failed second up");
+    let (greeting, _) = fetch("127.0.0.1:47040".parse().unwrap()).unwrap();
+    assert!(greeting.starts_with("ctr40 "), "{greeting}");
+    drop(pf);
+}
+
+#[test]
+fn up_reports_the_kernel_and_list_shows_it() {
+    let Some(_serial) = root_test("up_reports_the_kernel") else {
+        return;
+    };
+    let ctr = Container::new(41);
+    let _ = portfwd(&["down"]);
+    let out = portfwd_ok(&["up", "--iface", &ctr.host_if]);
+    let _pf = Portfwd;
+    let kernel_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("kernel ")).collect();
+    assert_eq!(kernel_lines.len(), 1, "{out}");
+    let release = sh("uname", &["-r"]);
+    assert!(kernel_lines[0].contains(release.trim()), "{out}");
+    let listed = portfwd_ok(&["list"]);
+    assert!(
+        listed.lines().any(|l| l == kernel_lines[0]),
+        "list does not show `{}`:\n{listed}",
+        kernel_lines[0]
+    );
+    let json: serde_json::Value = serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
+    assert_eq!(
+        json["kernel"]["release"].as_str().unwrap(),
+        release.trim(),
+        "{json}"
+    );
+}
+
+#[test]
+fn below_the_minimum_up_refuses_with_one_line_and_leaves_nothing() {
+    let Some(_serial) = root_test("below_the_minimum") else {
+        return;
+    };
+    let ctr = Container::new(42);
+    let _ = portfwd(&["down"]);
+    let before = our_program_ids();
+    // bpf_redirect_neigh (5.10) is the newest thing the programs need.
+    let out = portfwd_env(
+        &[("PORTFWD_PROBE_DENY", "bpf_redirect_neigh")],
+        &["up", "--iface", &ctr.host_if],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = one_line_error(&out);
+    assert!(
+        stderr.contains("bpf_redirect_neigh") && stderr.contains("5.10"),
+        "{stderr}"
+    );
+    assert!(!Path::new(&pin_dir()).exists(), "refused up left pins");
+    assert_no_new_programs(&before, "after a refused up");
+}
+
+#[test]
+fn without_tcx_netlink_filters_forward_and_down_removes_them() {
+    let Some(_serial) = root_test("netlink_tc") else {
+        return;
+    };
+    let ctr = Container::new(43);
+    let client = Container::with_prefix(43, "ext", 252);
+    let _server = ctr.serve("0.0.0.0:80", "ctr43");
+    let no_tcx = [("PORTFWD_PROBE_DENY", "tcx")];
+    let _ = portfwd(&["down"]);
+    let out = portfwd_env(&no_tcx, &["up", "--iface", &client.host_if]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _pf = Portfwd;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("netlink"), "{stdout}");
+    let filters = |dev: &str, dir: &str| sh("tc", &["filter", "show", "dev", dev, dir]);
+    assert!(filters(&client.host_if, "ingress").contains("pf_tc_uplink_in"));
+    assert!(filters(&client.host_if, "egress").contains("pf_tc_uplink_out"));
+
+    // External traffic through the uplink reaches the container.
+    let out = portfwd_env(
+        &no_tcx,
+        &[
+            "map",
+            &ctr.v4().to_string(),
+            &format!("{}:47043:80", client.host_v4()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(filters(&ctr.host_if, "ingress").contains("pf_tc_backend_in"));
+    let published: std::net::SocketAddr = format!("{}:47043", client.host_v4()).parse().unwrap();
+    let through_uplink = || client.inside(move || fetch(published).map(|(greeting, _)| greeting));
+    let got = through_uplink().expect("through the netlink filters");
+    assert!(got.starts_with("ctr43 "), "{got}");
+
+    // A second up replaces nothing and attaches nothing twice.
+    let again = portfwd_env(&no_tcx, &["up", "--iface", &client.host_if]);
+    assert!(again.status.success());
+    assert_eq!(
+        filters(&client.host_if, "ingress")
+            .lines()
+            .filter(|l| l.contains("direct-action"))
+            .count(),
+        1
+    );
+    // --reload replaces the filters' program in place.
+    let reload = portfwd_env(&no_tcx, &["up", "--reload", "--iface", &client.host_if]);
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let reload = String::from_utf8_lossy(&reload.stdout);
+    assert!(
+        reload.contains(&format!("pf_tc_uplink_in on {}", client.host_if)),
+        "{reload}"
+    );
+    assert_eq!(
+        filters(&client.host_if, "ingress")
+            .lines()
+            .filter(|l| l.contains("direct-action"))
+            .count(),
+        1
+    );
+    assert!(
+        through_uplink()
+            .expect("after --reload")
+            .starts_with("ctr43 ")
+    );
+
+    // detach and down remove the filters, not only the pins.
+    portfwd_ok(&["detach", &client.host_if]);
+    assert!(!filters(&client.host_if, "ingress").contains("pf_tc_"));
+    portfwd_ok(&["down"]);
+    assert!(!filters(&ctr.host_if, "ingress").contains("pf_tc_"));
+    assert!(!Path::new(&pin_dir()).exists());
+}

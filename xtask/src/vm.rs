@@ -1,0 +1,380 @@
+//! `cargo xtask test --kernel 6.1`: a stated subset of the integration
+//! tests, run inside another kernel booted with virtme-ng under QEMU's TCG
+//! (KVM is present on these machines but QEMU aborts on it).
+//!
+//! The guest sees the host's files (read-only, with writable overlays on
+//! /etc, /var, /tmp, /run), runs as root, and can create namespaces, veths
+//! and bpffs pins; so the test binaries and the `portfwd` binary built here
+//! run there unchanged. TCG is 10-30x slower than native: the subset covers
+//! each data path once, not every case.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{build::EBPF_OBJ_ENV, cargo, is_root, root, setup, stdout_of, succeeds};
+
+/// The kernel series CI boots by default: Debian 12's own kernel.
+pub(crate) const DEFAULT_KERNEL: &str = "6.1";
+
+/// The guest subset: (module of the integration tests, tests). Both data paths, the CNI
+/// plugin, state restore, and what `up` does with the kernel's features.
+const SUBSET: &[(&str, &[&str])] = &[
+    (
+        "kernel_support",
+        &[
+            "a_failed_up_leaves_nothing_attached_or_pinned",
+            "up_reports_the_kernel_and_list_shows_it",
+            "below_the_minimum_up_refuses_with_one_line_and_leaves_nothing",
+            "without_tcx_netlink_filters_forward_and_down_removes_them",
+        ],
+    ),
+    (
+        // The socket path (TCP, every local address) and up/down.
+        "socket_path",
+        &[
+            "host_connections_reach_the_container_through_every_local_address",
+            "up_is_idempotent_and_down_leaves_nothing_behind",
+        ],
+    ),
+    (
+        // UDP on the socket path; containers dialing the host (hairpin:
+        // the deepest BPF call chain, masquerade).
+        "socket_completeness",
+        &[
+            "udp_replies_come_from_the_address_the_client_sent_to",
+            "containers_reach_published_ports_through_the_host",
+        ],
+    ),
+    (
+        // The TC path: external clients, UDP, IP fragments, counters,
+        // unmap and detach.
+        "tc_path",
+        &[
+            "udp_request_response_with_forwarding_on_and_off",
+            "large_udp_datagrams_cross_the_external_path_both_ways",
+            "counters_count_and_unmap_and_detach_stop_flows",
+        ],
+    ),
+    (
+        // Forged loopback addresses from outside are dropped.
+        "hostile",
+        &["loopback_published_ports_are_unreachable_from_outside"],
+    ),
+    ("cni", &["chain_publishes_checks_and_deletes"]),
+    ("reliability", &["a_reboot_brings_every_mapping_back"]),
+];
+
+/// The guest's whole run is killed after this long.
+const GUEST_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// Marks the guest's exit status in its output (vng's own exit status
+/// has not always been the command's).
+const RESULT_MARK: &str = "PORTFWD-VM-RESULT";
+
+/// Why the guest tests cannot run on this machine, if they cannot.
+pub(crate) fn cannot_run() -> Option<String> {
+    if std::env::consts::ARCH != "x86_64" {
+        return Some(format!(
+            "the guest is an x86_64 Debian kernel; this machine is {}",
+            std::env::consts::ARCH
+        ));
+    }
+    if !is_root() {
+        return Some("installing the kernel and running the tests needs root".into());
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        return Some("the kernel comes from Debian's packages (no apt-get here)".into());
+    }
+    None
+}
+
+/// Prints a notice that nobody can miss.
+pub(crate) fn loud_notice(lines: &[String]) {
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}");
+    for line in lines {
+        eprintln!("!! {line}");
+    }
+    eprintln!("{bar}\n");
+}
+
+/// Builds the test binaries, installs what the guest needs, boots
+/// `series` and runs the subset in it.
+pub(crate) fn test_kernel(series: &str, obj: &Path) -> Result<()> {
+    if let Some(reason) = cannot_run() {
+        bail!("cannot run the kernel {series} tests here: {reason}");
+    }
+    let work = root().join("target/vm");
+    std::fs::create_dir_all(&work)?;
+    let vmlinuz = install(series, &work.join("setup.log"))?;
+    let binary = build_test_binary(obj)?;
+    let script = guest_script(&binary);
+    let script_path = work.join(format!("guest-{series}.sh"));
+    std::fs::write(&script_path, script)?;
+    run_guest(series, &vmlinuz, &script_path)
+}
+
+/// The newest Debian `linux-image-<series>.*-amd64-unsigned` kernel in
+/// /boot, installed (with QEMU and virtme-ng) when missing. The `-cloud-`
+/// flavour lacks the 9p module virtme-ng needs; `-rt-` is not what hosts run.
+fn install(series: &str, log: &Path) -> Result<PathBuf> {
+    let mut debs: Vec<String> = Vec::new();
+    if !succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
+        debs.push("qemu-system-x86".into());
+    }
+    let mut vmlinuz = installed_kernel(series);
+    if vmlinuz.is_none() {
+        debs.push(newest_kernel_package(series)?);
+    }
+    let has_vng = succeeds(Command::new("vng").arg("--version"));
+    if !has_vng && !succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+        debs.push("python3-pip".into());
+    }
+    if !debs.is_empty() {
+        let debs: Vec<&str> = debs.iter().map(String::as_str).collect();
+        setup::apt_install_logged("the guest's packages", &debs, Some(log))?;
+        vmlinuz = installed_kernel(series);
+    }
+    let vmlinuz = vmlinuz.with_context(|| {
+        format!("no /boot/vmlinuz-{series}.*-amd64 after installing its package")
+    })?;
+    if !has_vng {
+        println!("setup: installing virtme-ng (log: {})", log.display());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "virtme-ng==1.42"])
+            // Debian marks its Python as externally managed.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .status()
+            .context("running pip")?;
+        // pyenv installs need their shims refreshed to put vng on PATH.
+        Command::new("pyenv")
+            .arg("rehash")
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+        if !status.success() || !succeeds(Command::new("vng").arg("--version")) {
+            bail!("virtme-ng did not install (see {})", log.display());
+        }
+    }
+    Ok(vmlinuz)
+}
+
+/// /boot/vmlinuz-<series>.N-...-amd64, the newest when several are there.
+fn installed_kernel(series: &str) -> Option<PathBuf> {
+    let prefix = format!("vmlinuz-{series}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && is_generic_flavour(n, "-amd64"))
+        })
+        .collect();
+    found.sort_by_key(|p| version_key(&p.to_string_lossy()));
+    found.pop()
+}
+
+/// amd64, not cloud or rt.
+fn is_generic_flavour(name: &str, suffix: &str) -> bool {
+    name.ends_with(suffix) && !name.contains("-cloud-") && !name.contains("-rt-")
+}
+
+/// Numbers in a name, for "newest" comparisons (6.1.0-9 < 6.1.0-57).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+fn newest_kernel_package(series: &str) -> Result<String> {
+    let prefix = format!("linux-image-{series}.");
+    let names = stdout_of(Command::new("apt-cache").args([
+        "search",
+        "--names-only",
+        &format!("^{}", prefix.replace('.', "\\.")),
+    ]))?;
+    let mut packages: Vec<&str> = names
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix) && is_generic_flavour(n, "-amd64-unsigned"))
+        .collect();
+    packages.sort_by_key(|n| version_key(n));
+    packages.pop().map(str::to_owned).with_context(|| {
+        format!("apt knows no linux-image-{series}.*-amd64-unsigned (apt-get update?)")
+    })
+}
+
+/// The integration-test binary of the portfwd package.
+fn build_test_binary(obj: &Path) -> Result<PathBuf> {
+    let out = stdout_of(
+        cargo()
+            .current_dir(root())
+            .env(EBPF_OBJ_ENV, obj)
+            .args(["test", "-p", "portfwd", "--no-run", "--message-format=json"])
+            .args(["--test", "integration"]),
+    )?;
+    for line in out.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some("integration"), Some(exe)) = (
+            is_test,
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("cargo built no integration test binary")
+}
+
+/// The guest's script: the subset's tests one at a time, then the mark.
+fn guest_script(exe: &Path) -> String {
+    let mut script = String::from(
+        "#!/bin/bash\n\
+         # Generated by `cargo xtask test --kernel`: runs inside the guest.\n\
+         echo \"guest kernel: $(uname -r)\"\n\
+         # /var is an overlay on the host's: the host's state files (its own\n\
+         # test runs') would show through. The guest gets empty ones.\n\
+         for dir in /var/lib/portfwd /var/lib/cni; do\n\
+         \x20   mkdir -p $dir && mount -t tmpfs guest-private $dir || exit 1\n\
+         done\n\
+         failed=0\n",
+    );
+    for (module, tests) in SUBSET {
+        let names: Vec<String> = tests.iter().map(|t| format!("{module}::{t}")).collect();
+        script.push_str(&format!(
+            "{} --test-threads=1 --exact {} || failed=1\n",
+            exe.display(),
+            names.join(" ")
+        ));
+    }
+    script.push_str(&format!("echo \"{RESULT_MARK} failed=$failed\"\n"));
+    script
+}
+
+fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
+    let count: usize = SUBSET.iter().map(|(_, tests)| tests.len()).sum();
+    println!(
+        "kernel {series}: booting {} under TCG (virtme-ng) for {count} integration tests",
+        vmlinuz.display()
+    );
+    let started = Instant::now();
+    let mut child = Command::new("vng")
+        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--run"])
+        .arg(vmlinuz)
+        .arg("--exec")
+        .arg(format!("bash {} 2>&1", script.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting vng")?;
+    // The limit: a watchdog kills a hung guest.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + GUEST_LIMIT;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(1));
+            // The guest is done once its process is gone.
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return false;
+            }
+        }
+        // SAFETY: kill has no memory-safety preconditions; pid is our child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
+    });
+    let mut result = None;
+    // A renamed test would match nothing and pass silently: count them.
+    let mut passed = 0;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        if let Some(rest) = line.trim().strip_prefix(RESULT_MARK) {
+            result = Some(rest.trim() == "failed=0");
+        }
+        if line.trim().starts_with("test ") && line.trim().ends_with(" ... ok") {
+            passed += 1;
+        }
+        println!("  [{series}] {line}");
+    }
+    let status = child.wait()?;
+    let killed = watchdog.join().unwrap_or(false);
+    let secs = started.elapsed().as_secs();
+    match result {
+        Some(true) if passed != count => {
+            bail!("kernel {series}: {passed} of the {count} guest tests ran and passed ({secs} s)")
+        }
+        Some(true) => {
+            println!("kernel {series}: {count} integration tests passed in the guest ({secs} s)");
+            Ok(())
+        }
+        Some(false) => bail!("kernel {series}: integration tests failed in the guest ({secs} s)"),
+        None if killed => bail!(
+            "kernel {series}: the guest ran longer than {} min and was killed",
+            GUEST_LIMIT.as_secs() / 60
+        ),
+        None => bail!("kernel {series}: the guest did not finish its tests ({status}, {secs} s)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_test_of_the_subset_exists() {
+        for (bin, tests) in SUBSET {
+            let path = root()
+                .join("portfwd/tests/integration")
+                .join(format!("{bin}.rs"));
+            let source = std::fs::read_to_string(&path).unwrap();
+            for test in *tests {
+                assert!(
+                    source.contains(&format!("fn {test}()")),
+                    "{} has no test {test}",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn newest_kernel_is_chosen_by_number() {
+        let mut names = ["6.1.0-9-amd64", "6.1.0-57-amd64", "6.1.0-10-amd64"];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names.last(), Some(&"6.1.0-57-amd64"));
+    }
+
+    #[test]
+    fn only_the_generic_flavour_is_picked() {
+        assert!(is_generic_flavour(
+            "linux-image-6.1.0-57-amd64-unsigned",
+            "-amd64-unsigned"
+        ));
+        assert!(!is_generic_flavour(
+            "linux-image-6.1.0-57-cloud-amd64-unsigned",
+            "-amd64-unsigned"
+        ));
+        assert!(!is_generic_flavour(
+            "linux-image-6.1.0-57-rt-amd64-unsigned",
+            "-amd64-unsigned"
+        ));
+    }
+}
