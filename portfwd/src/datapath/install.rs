@@ -235,12 +235,10 @@ pub(crate) fn check_uplink(ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// ARPHRD_ETHER in /sys/class/net/IF/type: veth, bridges, bonds, VLANs and
-/// physical NICs all are; tun and wireguard (ARPHRD_NONE) are not.
+/// Whether `ifname` has Ethernet framing: veth, bridges, bonds, VLANs and
+/// physical NICs do; tun and wireguard (ARPHRD_NONE) do not.
 fn is_ethernet(ifname: &str) -> bool {
-    const ARPHRD_ETHER: &str = "1";
-    fs::read_to_string(Path::new("/sys/class/net").join(ifname).join("type"))
-        .is_ok_and(|kind| kind.trim() == ARPHRD_ETHER)
+    host::netlink::link_type(ifname).is_ok_and(|kind| kind == libc::ARPHRD_ETHER)
 }
 
 /// What `uninstall` removed.

@@ -110,6 +110,39 @@ pub(crate) fn ifname(index: u32) -> Result<String> {
     }
 }
 
+/// The link-layer type (`ARPHRD_*`) of `ifname`, asked of the calling
+/// thread's network namespace (SIOCGIFHWADDR). Not from
+/// /sys/class/net/IF/type: /sys shows the namespace it was mounted in, not
+/// necessarily this process's (a process that entered a namespace with
+/// setns, as the benchmark runs portfwd, sees the host's).
+pub(crate) fn link_type(ifname: &str) -> Result<u16> {
+    let name = CString::new(ifname).context("an interface name with a NUL byte")?;
+    if name.as_bytes_with_nul().len() > libc::IFNAMSIZ {
+        bail!("interface name {ifname:?} is too long");
+    }
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a socket")?;
+    // SAFETY: all-zero bytes are a valid ifreq.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address
+    // into `request`, which outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFHWADDR,
+            &mut request,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("reading the link type of {ifname}"));
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hardware address member.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
 /// Not `nix::net::if_::if_indextoname`: nix 0.29 checks its result against
 /// -1 instead of NULL, so an unknown index comes back as `Ok("")` rather
 /// than ENXIO.
@@ -326,6 +359,12 @@ mod tests {
         assert_eq!(route_oif(Ipv6Addr::LOCALHOST.into()).unwrap(), Some(lo));
         assert!(ifindex("no-such-if0").is_err());
         assert!(ifname(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn loopback_is_not_ethernet() {
+        assert_eq!(link_type("lo").unwrap(), libc::ARPHRD_LOOPBACK);
+        assert!(link_type("no-such-if0").is_err());
     }
 
     #[test]
