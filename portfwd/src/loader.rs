@@ -363,12 +363,39 @@ fn check_uplink(ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// ARPHRD_ETHER in /sys/class/net/IF/type: veth, bridges, bonds, VLANs and
-/// physical NICs all are; tun and wireguard (ARPHRD_NONE) are not.
+/// The interface's hardware type is ARPHRD_ETHER (veth, bridges, bonds,
+/// VLANs and physical NICs; not tun or wireguard). Asked with an ioctl in
+/// this process's network namespace: /sys/class/net shows the namespace
+/// sysfs was mounted in, which `setns` does not change.
 fn is_ethernet(ifname: &str) -> bool {
-    const ARPHRD_ETHER: &str = "1";
-    fs::read_to_string(Path::new("/sys/class/net").join(ifname).join("type"))
-        .is_ok_and(|kind| kind.trim() == ARPHRD_ETHER)
+    // No crate wraps SIOCGIFHWADDR; the request is a plain `ifreq`.
+    let Ok(socket) = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    // SAFETY: all-zero is a valid ifreq.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= request.ifr_name.len() {
+        return false;
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: a valid socket and an ifreq the kernel fills in.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFHWADDR,
+            &mut request,
+        )
+    };
+    // SAFETY: SIOCGIFHWADDR filled the hardware address member.
+    rc == 0 && unsafe { request.ifr_ifru.ifru_hwaddr.sa_family } == libc::ARPHRD_ETHER
 }
 
 /// Makes sure the reply program runs on the interface towards a container.
