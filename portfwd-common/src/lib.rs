@@ -67,7 +67,7 @@ pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// followed after the first one: a datagram crosses a LAN in microseconds,
 /// and the kernel gives up reassembling after 30 s.
 pub const FRAGMENTS_MAX: u32 = 8_192;
-pub const FRAGMENT_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
+pub const FRAGMENT_TIMEOUT_NS: u64 = 2 * 1_000_000_000;
 
 /// Indices of the per-CPU stats array: packets the TC programs saw but did
 /// not translate (passed untouched), and what they did.
@@ -298,7 +298,11 @@ pub struct FragmentValue {
     pub ifindex: u32,
     /// `FRAGMENT_FLAG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The interface the first fragment came in on (or left by, at egress):
+    /// later fragments must come the same way, so that a forged or stray
+    /// fragment with the same addresses and identification elsewhere is not
+    /// taken along.
+    pub ingress_ifindex: u32,
     /// `bpf_ktime_get_ns` of the first fragment.
     pub first_seen_ns: u64,
 }
