@@ -42,7 +42,7 @@ pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// How long the later fragments of a datagram are followed after its first
 /// one: a datagram crosses a LAN in microseconds, and the kernel gives up
 /// reassembling after 30 s.
-pub const FRAGMENT_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
+pub const FRAGMENT_TIMEOUT_NS: u64 = 2 * 1_000_000_000;
 
 #[cfg(test)]
 mod tests {

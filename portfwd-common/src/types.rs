@@ -179,7 +179,11 @@ pub struct FragmentValue {
     pub ifindex: u32,
     /// `FRAGMENT_FLAG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The interface the first fragment came in on (or left by, at egress):
+    /// later fragments must come the same way, so that a forged or stray
+    /// fragment with the same addresses and identification elsewhere is not
+    /// taken along.
+    pub ingress_ifindex: u32,
     /// `bpf_ktime_get_ns` of the first fragment.
     pub first_seen_ns: u64,
 }

@@ -55,6 +55,40 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
     idle > CT_TCP_IDLE_NS
 }
 
+/// Whether the flow of this entry lost its other entry (an LRU eviction,
+/// or a one-way flow whose silent direction expired): then this entry is
+/// removed, so that the packet starts the flow again (for TCP only a SYN
+/// can). Asked at most once per `REFRESH_NS` per entry, and for every SYN;
+/// a live twin's idle timer is refreshed with this entry's, so that the
+/// two directions of a one-way flow expire together.
+#[inline(always)]
+pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, syn: bool, now: u64) -> bool {
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    let ct = unsafe { &*entry };
+    if !syn && now.saturating_sub(ct.last_seen_ns) <= REFRESH_NS {
+        return false;
+    }
+    check_twin(key, entry, now)
+}
+
+#[inline(never)]
+fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    let ct = unsafe { &*entry };
+    let twin = twin_of(key, ct).and_then(|twin| CONNTRACK.get_ptr_mut(twin));
+    match twin {
+        Some(twin) => {
+            // SAFETY: a pointer into the map value, valid for this program run.
+            unsafe { (*twin).last_seen_ns = now };
+            false
+        }
+        None => {
+            let _ = CONNTRACK.remove(key);
+            true
+        }
+    }
+}
+
 /// Records that a packet of the flow went by: refreshes the idle timer, and
 /// for TCP follows the flow's state: established at the first reply, one
 /// side closed at its FIN, closing once both sides sent a FIN (a half-close
@@ -73,7 +107,10 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // The common case (data and ACKs of an established flow) ends here.
     let event = if pkt.tcp_flags & TCP_RST != 0 {
         CT_FLAG_CLOSING
-    } else if pkt.tcp_flags & TCP_FIN != 0 && ct.flags & CT_FLAG_FIN == 0 {
+    } else if pkt.tcp_flags & TCP_FIN != 0 || ct.flags & CT_FLAG_FIN != 0 {
+        // This side's FIN, or any packet of a side already closed: both
+        // sides may send their FIN at once on two CPUs, each before it sees
+        // the other's, so the twin is checked again until the flow closes.
         CT_FLAG_FIN
     } else if ct.flags & (CT_FLAG_REPLY | CT_FLAG_ESTABLISHED) == CT_FLAG_REPLY {
         CT_FLAG_ESTABLISHED
@@ -185,10 +222,14 @@ pub(crate) fn create(
     // The reply key was checked free (`masquerade_port`); another CPU may
     // have taken it since: never replace a live entry of another flow.
     if CONNTRACK.insert(&*key, &*value, BPF_NOEXIST).is_err() {
-        if lookup(key, now).is_some() {
-            return Err(-17);
+        if let Some(existing) = lookup(key, now) {
+            // SAFETY: a pointer into the map value, valid for this run.
+            if !is_reply_of(unsafe { &*existing }, pkt) {
+                return Err(-17);
+            }
         }
-        // An expired entry still in the map: replaced.
+        // An expired entry, or this very flow's (whose forward entry
+        // expired or was evicted alone): replaced.
         CONNTRACK.insert(&*key, &*value, 0)?;
     }
     // The forward entry: the same, but for the other direction.
@@ -243,6 +284,16 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
     twin.family = key.family;
     twin._pad = 0;
     Some(twin)
+}
+
+/// Whether `ct` is the reply entry of the flow that `pkt` (a forward packet)
+/// belongs to: its client and published address are the packet's.
+pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
+    ct.flags & CT_FLAG_REPLY != 0
+        && ct.masq_addr == pkt.saddr
+        && ct.masq_port == pkt.sport
+        && ct.nat_addr == pkt.daddr
+        && ct.nat_port == pkt.dport
 }
 
 /// Forgets a flow, given either direction's key and entry.

@@ -7,7 +7,8 @@
 //! covers the whole datagram, but it lives in the first fragment, whose
 //! rewrite already applied the pseudo-header change.
 //!
-//! Entries live `FRAGMENT_TIMEOUT_NS` in an LRU map. A later fragment that
+//! Entries live `FRAGMENT_TIMEOUT_NS` in an LRU map, and serve only
+//! fragments that come in on the interface the first one came in on. A later fragment that
 //! arrives before its first (reordered on the way) matches nothing: it is
 //! passed to the host untouched and counted, and its datagram is lost (the
 //! sender's retry, or the application's, carries it). Nothing is held back:
@@ -39,7 +40,7 @@ fn set_key(key: &mut FragmentKey, pkt: &Packet) {
 /// the later fragments are passed and counted.
 // Not inlined: its locals stay out of the translating functions' frames.
 #[inline(never)]
-pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, now: u64) {
+pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex: u32, now: u64) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -58,7 +59,7 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, now: u64) {
     }
     value.service = ct.service;
     value.ifindex = ifindex;
-    value._pad = 0;
+    value.ingress_ifindex = ingress_ifindex;
     value.first_seen_ns = now;
     set_key(key, pkt);
     let _ = FRAGMENTS.insert(key, value, 0);
@@ -67,14 +68,15 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, now: u64) {
 /// The translation of the later fragment `pkt`'s datagram, if its first
 /// fragment was translated less than `FRAGMENT_TIMEOUT_NS` ago.
 #[inline(always)]
-pub(crate) fn lookup(pkt: &Packet, now: u64) -> Option<*const FragmentValue> {
+pub(crate) fn lookup(pkt: &Packet, ingress_ifindex: u32, now: u64) -> Option<*const FragmentValue> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: as in `remember`.
     let key = unsafe { &mut (*scratch).frag_key };
     set_key(key, pkt);
     let value = FRAGMENTS.get_ptr(key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
-    if now.saturating_sub(unsafe { (*value).first_seen_ns }) > FRAGMENT_TIMEOUT_NS {
+    let (first_seen, ingress) = unsafe { ((*value).first_seen_ns, (*value).ingress_ifindex) };
+    if now.saturating_sub(first_seen) > FRAGMENT_TIMEOUT_NS || ingress != ingress_ifindex {
         return None;
     }
     Some(value)

@@ -32,6 +32,8 @@ pub(crate) const TCP_ACK: u8 = 0x10;
 /// pseudo-header; a zero UDP checksum means "none" and must stay zero.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// `bpf_skb_store_bytes` flag: update `skb->csum` for the bytes changed.
+const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 
 /// The parts of a TCP or UDP packet that portfwd looks at.
 pub(crate) struct Packet {
@@ -306,7 +308,10 @@ fn rewrite_address(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr) -> Resu
                 End::Source => IPV6_SADDR_OFF,
                 End::Destination => IPV6_DADDR_OFF,
             };
-        ctx.store(addr_off, &addr.words, 0)?;
+        // IPv6 has no header checksum to cancel the change out: with
+        // BPF_F_RECOMPUTE_CSUM the helper keeps a CHECKSUM_COMPLETE skb's
+        // csum right.
+        ctx.store(addr_off, &addr.words, BPF_F_RECOMPUTE_CSUM)?;
     }
     Ok(())
 }
@@ -386,7 +391,10 @@ fn rewrite_fields(
                 pseudo_header_word(from, to)?;
             }
         }
-        ctx.store(addr_off, &addr.words, 0)?;
+        // IPv6 has no header checksum to cancel the change out: with
+        // BPF_F_RECOMPUTE_CSUM the helper keeps a CHECKSUM_COMPLETE skb's
+        // csum right.
+        ctx.store(addr_off, &addr.words, BPF_F_RECOMPUTE_CSUM)?;
     }
     if old_port != port {
         let port_off = pkt.l4_off

@@ -93,6 +93,11 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     let now = conntrack::now();
     conntrack::set_key(key, pkt);
     if let Some(entry) = conntrack::lookup(key, now) {
+        // A flow that lost its other entry (evicted, or expired alone) is
+        // forgotten and started again by this packet.
+        if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
+            return start_flow(ctx, pkt, now, from_containers);
+        }
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
         if flags & CT_FLAG_REPLY != 0 {
@@ -208,7 +213,13 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     };
     if pkt.fragment == FIRST_FRAGMENT {
         // SAFETY: the entry just inserted, in scratch memory.
-        fragments::remember(pkt, unsafe { &*forward }, backend.ifindex, now);
+        fragments::remember(
+            pkt,
+            unsafe { &*forward },
+            backend.ifindex,
+            ifindex_of(ctx),
+            now,
+        );
     }
     count(Stat::FlowNew);
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
@@ -251,8 +262,15 @@ fn masquerade_port(pkt: &Packet, backend: &Backend, addr: &Addr, now: u64) -> Op
     let mut port = u16::from_be(pkt.sport);
     for attempt in 1..=8u16 {
         key.dport = port.to_be();
-        if conntrack::lookup(key, now).is_none() {
-            return Some(port.to_be());
+        match conntrack::lookup(key, now) {
+            None => return Some(port.to_be()),
+            // This very flow's reply entry (its forward entry expired or
+            // was evicted alone): its port stays.
+            // SAFETY: a pointer into the map value, valid for this run.
+            Some(entry) if conntrack::is_reply_of(unsafe { &*entry }, pkt) => {
+                return Some(port.to_be());
+            }
+            Some(_) => {}
         }
         // Another port in the ephemeral range.
         port = 32768 + port.wrapping_add(attempt.wrapping_mul(7919)) % 28232;
@@ -270,6 +288,11 @@ struct Backend {
 /// The mapping for the packet's destination: exact address first, then the
 /// family's wildcard when the destination is one of this host's addresses.
 fn find_service(ctx: &TcContext, pkt: &Packet) -> Option<(ServiceKey, Backend)> {
+    // An unspecified destination is a martian; its key would be the
+    // wildcard's.
+    if pkt.daddr.is_unspecified() {
+        return None;
+    }
     let exact = ServiceKey::new(pkt.family, pkt.daddr, pkt.dport, pkt.proto);
     // SAFETY: values are copied out at once (the map is not preallocated,
     // so a concurrent delete cannot recycle the element under us).
@@ -302,14 +325,14 @@ fn is_host_address(family: u8, addr: &Addr) -> bool {
     unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
 }
 
-/// Asks the kernel's FIB whether the destination is this host (not a
-/// snapshot of addresses that goes stale): a local destination is "not
-/// forwarded". When forwarding is disabled on the ingress interface, the
-/// helper answers so before it looks at the route, which says nothing about
-/// the destination: IPv6 may still forward (per-interface `force_forwarding`,
-/// kernel 6.17), and a packet routed through the host to another machine
-/// must not be taken for ours. Then the host's addresses decide (the
-/// `pf_local_addrs` map, kept current by the port holder).
+/// Whether the destination is this host: the kernel's FIB does not forward
+/// it, and it is one of the host's addresses (`pf_local_addrs`, kept
+/// current by the port holder). Neither alone will do: "not forwarded" also
+/// means broadcast, multicast or no route at all, and when forwarding is off
+/// on the ingress interface the helper says so before it looks at the
+/// route (though IPv6 may still forward through a per-interface
+/// `force_forwarding`, kernel 6.17), so a packet routed through the host to
+/// another machine would be taken for ours.
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
@@ -340,10 +363,10 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
-        return true;
-    }
-    rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 && is_host_address(pkt.family, &pkt.daddr)
+    // "Not forwarded" also covers broadcast, multicast and "no route": the
+    // host's addresses decide in both cases.
+    (rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
+        && is_host_address(pkt.family, &pkt.daddr)
 }
 
 /// The flow's mapping must still exist and still point at the same
@@ -371,7 +394,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     let now = conntrack::now();
     conntrack::touch(key, entry, pkt, now);
     if pkt.fragment == FIRST_FRAGMENT {
-        fragments::remember(pkt, ct, ct.ifindex, now);
+        fragments::remember(pkt, ct, ct.ifindex, ifindex_of(ctx), now);
     }
     add_traffic(&ct.service, pkt.len, true);
     if ct.flags & CT_FLAG_MASQ != 0
@@ -411,7 +434,7 @@ fn translate_reply(
     conntrack::touch(key, entry, pkt, now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if pkt.fragment == FIRST_FRAGMENT {
-        fragments::remember(pkt, ct, ifindex, now);
+        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
     }
     add_traffic(&ct.service, pkt.len, false);
     if ct.flags & CT_FLAG_MASQ != 0
@@ -446,7 +469,7 @@ fn translate_fragment(
     untracked: Option<Stat>,
     redirect: bool,
 ) -> i32 {
-    let Some(value) = fragments::lookup(pkt, conntrack::now()) else {
+    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), conntrack::now()) else {
         if let Some(stat) = untracked {
             count(stat);
         }
@@ -479,6 +502,12 @@ fn deliver(ifindex: u32) -> i32 {
     count(Stat::Redirected);
     // SAFETY: no parameters: the kernel resolves the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// The interface the packet is on (in at ingress, out at egress).
+fn ifindex_of(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a context field, checked by the verifier.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {

@@ -710,3 +710,83 @@ fn flows_whose_replies_would_clash_get_distinct_ports() {
     assert_eq!(from_a, "via A");
     assert_eq!(from_b, "via B");
 }
+
+/// Removes the reply-direction entries of the TC path's conntrack (what an
+/// LRU eviction or a lone expiry does to one half of a flow); returns how
+/// many.
+fn forget_reply_entries() -> usize {
+    use portfwd_common::{CT_FLAG_REPLY, CtKey, CtValue};
+    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::CONNTRACK.name);
+    let map = aya::maps::MapData::from_pin(&path).expect("the pinned conntrack map");
+    let mut map: aya::maps::HashMap<_, CtKey, CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    let replies: Vec<CtKey> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
+        .map(|(k, _)| k)
+        .collect();
+    for key in &replies {
+        map.remove(key).unwrap();
+    }
+    replies.len()
+}
+
+/// A flow that lost one of its two entries (evicted, or expired alone as a
+/// one-way UDP flow does) is noticed and started again by its next packet:
+/// its replies are translated again instead of leaking untranslated
+/// (issue 11, case 6).
+#[test]
+fn a_flow_that_lost_its_reply_entry_is_started_again() {
+    let Some(_serial) = root_test("orphaned_flow") else {
+        return;
+    };
+    let topo = Topology::new(31);
+    let _echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        "[::]:5011".parse().unwrap(),
+        "echo",
+    );
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47200:5011/udp"]);
+    let published = SocketAddr::new(topo.uplink(false), 47200);
+    let client = topo.client.netns_path();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (answers_tx, answers_rx) = std::sync::mpsc::channel();
+    // One connected socket (one flow) for the whole test.
+    let conversation = std::thread::spawn(move || {
+        netns::enter(&client).unwrap();
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        socket.connect(published).unwrap();
+        let mut buf = [0u8; 256];
+        let mut ask = |text: &[u8]| {
+            socket.send(text).unwrap();
+            socket
+                .recv(&mut buf)
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        answers_tx.send(ask(b"before")).unwrap();
+        // Wait until the reply entry is gone, then past the refresh interval.
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(1_200));
+        answers_tx.send(ask(b"after")).unwrap();
+    });
+    let before = answers_rx.recv().unwrap();
+    assert!(
+        before
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("echo before")),
+        "{before:?}"
+    );
+    assert!(forget_reply_entries() >= 1);
+    tx.send(()).unwrap();
+    let after = answers_rx.recv().unwrap();
+    conversation.join().unwrap();
+    assert!(
+        after.as_deref().is_ok_and(|a| a.starts_with("echo after")),
+        "{after:?}"
+    );
+}
