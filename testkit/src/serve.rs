@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{
         Arc,
@@ -117,18 +117,33 @@ pub fn fetch(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
 /// `<greeting> <payload> <client address>`; stops when dropped.
 pub fn serve_udp(netns: Option<PathBuf>, addr: SocketAddr, greeting: &str) -> Server {
     let greeting = greeting.to_owned();
+    serve_udp_answering(netns, addr, 2048, move |datagram, peer| {
+        let payload = String::from_utf8_lossy(datagram);
+        format!("{greeting} {payload} {peer}").into_bytes()
+    })
+}
+
+/// A UDP server on its own thread that receives datagrams of up to
+/// `max_len` bytes and sends back what `answer` makes of each (given the
+/// client's address as `to_canonical` shows it); stops when dropped.
+fn serve_udp_answering(
+    netns: Option<PathBuf>,
+    addr: SocketAddr,
+    max_len: usize,
+    answer: impl Fn(&[u8], IpAddr) -> Vec<u8> + Send + 'static,
+) -> Server {
     Server::spawn(netns, move |stop, ready| {
         let socket = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         ready();
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; max_len];
         while !stop.load(Ordering::Relaxed) {
             if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                let payload = String::from_utf8_lossy(&buf[..n]);
-                let answer = format!("{greeting} {payload} {}", peer.ip().to_canonical());
-                socket.send_to(answer.as_bytes(), peer).ok();
+                socket
+                    .send_to(&answer(&buf[..n], peer.ip().to_canonical()), peer)
+                    .ok();
             }
         }
     })
@@ -170,20 +185,10 @@ pub fn udp_ask(
 /// A UDP echo of whole datagrams of any size: answers each one with
 /// `<client address> ` followed by the datagram itself.
 pub fn serve_udp_whole(netns: Option<PathBuf>, addr: SocketAddr) -> Server {
-    Server::spawn(netns, move |stop, ready| {
-        let socket = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        ready();
-        let mut buf = vec![0u8; 65_536];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                let mut answer = format!("{} ", peer.ip().to_canonical()).into_bytes();
-                answer.extend_from_slice(&buf[..n]);
-                socket.send_to(&answer, peer).ok();
-            }
-        }
+    serve_udp_answering(netns, addr, 65_536, |datagram, peer| {
+        let mut answer = format!("{peer} ").into_bytes();
+        answer.extend_from_slice(datagram);
+        answer
     })
 }
 

@@ -360,18 +360,6 @@ fn external_echo(addr: SocketAddr) -> std::io::Result<()> {
 
 // --- large UDP datagrams: IP fragments (issue 17) ---
 
-/// The TC programs' stats from `portfwd list --json`.
-fn stats() -> std::collections::BTreeMap<String, u64> {
-    let listing: serde_json::Value =
-        serde_json::from_str(&portfwd_ok(&["list", "--json"])).unwrap();
-    listing["stats"]
-        .as_object()
-        .expect("stats in portfwd list --json")
-        .iter()
-        .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
-        .collect()
-}
-
 fn rose(before: &std::collections::BTreeMap<String, u64>, stat: &str) -> u64 {
     stats()[stat] - before.get(stat).copied().unwrap_or(0)
 }
@@ -541,7 +529,7 @@ fn ipv6_routed_through_the_host_is_not_rewritten() {
     let udp = SocketAddr::new(other.v6(), 47171);
     let ask = move || {
         let tcp_answer = fetch(tcp).map(|a| a.0);
-        let udp_answer = udp_ask_once(udp);
+        let udp_answer = udp_ask(udp, None, b"ping");
         (tcp_answer, udp_answer)
     };
 
@@ -561,16 +549,6 @@ fn ipv6_routed_through_the_host_is_not_rewritten() {
     let host = SocketAddr::new(topo.uplink(true), 47170);
     let (greeting, _) = topo.client.inside(move || fetch(host)).unwrap();
     assert_eq!(greeting, format!("container {client}"));
-}
-
-fn udp_ask_once(to: SocketAddr) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("[::]:0")?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    socket.connect(to)?;
-    socket.send(b"ping")?;
-    let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// A client that sends its request and shuts down its sending side, then
