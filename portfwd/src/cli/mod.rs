@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::{error, holder, instance, ops};
 
@@ -95,6 +95,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, e.g.
+    /// `portfwd completions bash > /etc/bash_completion.d/portfwd`
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (portfwd.1, portfwd-map.1, ...) into a directory,
+    /// e.g. `portfwd man /usr/local/share/man/man1`
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// The port holder process (started by `up`, stopped by `down`)
     #[command(hide = true)]
     Hold,
@@ -137,6 +149,8 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
+        Command::Completions { shell } => print_completions(shell),
+        Command::Man { dir } => write_man_pages(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,6 +159,33 @@ pub fn main() -> ExitCode {
             ExitCode::from(error::exit_status(&error))
         }
     }
+}
+
+/// Completions and the manual pages come from the same clap definitions as
+/// the parser, so they cannot drift from it.
+fn print_completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "portfwd", &mut script);
+    match std::io::stdout().write_all(&script) {
+        // `portfwd completions bash | head` is not a failure.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => Ok(result?),
+    }
+}
+
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+    println!(
+        "wrote portfwd.1 and one page per command into {}",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Prints a command-line error on one line (help and version as clap
@@ -172,4 +213,57 @@ fn usage_error(error: clap::Error) -> ExitCode {
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     eprintln!("portfwd: {message} (see `portfwd --help`)");
     ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn visible_commands() -> Vec<String> {
+        Cli::command()
+            .get_subcommands()
+            .filter(|command| !command.is_hide_set())
+            .map(|command| command.get_name().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn every_shell_completes_every_visible_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "portfwd", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for command in visible_commands() {
+                assert!(script.contains(&command), "{shell}: no `{command}`");
+            }
+        }
+    }
+
+    #[test]
+    fn the_manual_has_a_page_per_visible_command() {
+        let dir = std::env::temp_dir().join(format!("portfwd-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_man_pages(&dir).unwrap();
+        let main_page = std::fs::read_to_string(dir.join("portfwd.1")).unwrap();
+        for command in visible_commands() {
+            let page = dir.join(format!("portfwd-{command}.1"));
+            assert!(page.is_file(), "no {}", page.display());
+            assert!(main_page.contains(&format!("portfwd\\-{command}(1)")));
+        }
+        assert!(!dir.join("portfwd-hold.1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            write_man_pages(&dir).is_err(),
+            "a missing directory is an error"
+        );
+    }
 }
