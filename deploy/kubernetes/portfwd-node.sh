@@ -7,8 +7,10 @@
 #                              $PORTFWD_INTERVAL seconds (a network provider
 #                              may rewrite its conflist; `portfwd up` also
 #                              refreshes the host addresses wildcard mappings
-#                              serve). Exits on SIGTERM, leaving everything in
-#                              place: forwarding needs no running process.
+#                              serve), while `portfwd serve` runs the port
+#                              holder and the metrics. Exits on SIGTERM,
+#                              leaving everything in place: forwarding needs
+#                              no running process.
 #   portfwd-node.sh once       the same, once.
 #   portfwd-node.sh uninstall  switch the conflists back to portmap, take
 #                              portfwd down, remove the plugin binary; then
@@ -24,6 +26,9 @@
 #   PORTFWD_UPLINKS    interfaces for external traffic, space separated
 #                      (default: those of the default routes)
 #   PORTFWD_INTERVAL   default 30
+#   PORTFWD_METRICS    where `portfwd serve` serves /metrics, default
+#                      127.0.0.1:9469 (the node's loopback: hostNetwork);
+#                      0.0.0.0:9469 for a Prometheus that scrapes nodes
 #
 # `portfwd up` runs in the host's mount and network namespaces (nsenter into
 # PID 1: the pod needs hostPID and privileged): its pins must be on the
@@ -35,6 +40,7 @@ BIN_DIR=${HOST_CNI_BIN_DIR:-/host/opt/cni/bin}
 CONF_DIR=${HOST_CNI_CONF_DIR:-/host/etc/cni/net.d}
 HOST_BIN=${HOST_PORTFWD:-/opt/cni/bin/portfwd}
 INTERVAL=${PORTFWD_INTERVAL:-30}
+METRICS=${PORTFWD_METRICS:-127.0.0.1:9469}
 
 log() { echo "portfwd-node: $*" >&2; }
 
@@ -88,15 +94,19 @@ wait_forever() {
 
 case "${1:-run}" in
 run)
-    trap 'exit 0' TERM INT
     once
-    while :; do
-        sleep "$INTERVAL" &
-        wait $! || true
-        install_binary
-        switch_type "$CONF_DIR" portmap portfwd
-        bring_up >/dev/null || log "portfwd up failed"
-    done
+    # The periodic re-check runs beside the service and ends with the pod.
+    (
+        while :; do
+            sleep "$INTERVAL"
+            install_binary
+            switch_type "$CONF_DIR" portmap portfwd
+            bring_up >/dev/null || log "portfwd up failed"
+        done
+    ) &
+    # The node's one portfwd service: the port holder and the metrics. It
+    # stops on SIGTERM; forwarding stays (it lives in the kernel).
+    exec nsenter --target 1 --mount --net -- "$HOST_BIN" serve --metrics "$METRICS"
     ;;
 once)
     once

@@ -7,7 +7,8 @@
 //!   pinned link keeps its program attached; unpinning detaches it);
 //! - `/var/lib/portfwd/state<tag>.json`: the state file (see `state`);
 //! - `/run/portfwd/holder<tag>.sock` and `.log`: the port holder's socket
-//!   and log (see `holder`).
+//!   and log (see `holder`);
+//! - `/run/portfwd/serve<tag>.pid`: the pid of `portfwd serve` (see `serve`).
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +62,12 @@ pub(crate) fn run_dir() -> &'static Path {
 /// The port holder's unix socket.
 pub(crate) fn holder_socket(pin_dir: &Path) -> PathBuf {
     run_dir().join(format!("holder{}.sock", tag(pin_dir)))
+}
+
+/// The pid of `portfwd serve`, while it runs: the CLI then leaves starting
+/// the port holder to it.
+pub(crate) fn service_pid_file(pin_dir: &Path) -> PathBuf {
+    run_dir().join(format!("serve{}.pid", tag(pin_dir)))
 }
 
 /// The port holder's log (its stderr).

@@ -9,7 +9,7 @@ use std::{
 };
 
 /// The layers of this crate, lowest first; `error` may be used by all.
-const LAYERS: [&[&str]; 9] = [
+const LAYERS: [&[&str]; 10] = [
     &["error"],
     &["model"],
     &["instance"],
@@ -18,6 +18,7 @@ const LAYERS: [&[&str]; 9] = [
     &["state"],
     &["holder"],
     &["ops"],
+    &["serve"],
     &["cli", "cni", "docker_proxy"],
 ];
 

@@ -12,7 +12,8 @@
 //! - `holder`: the port holder process and its client.
 //! - `ops`: the operations, as sessions that change maps and state together.
 //! - `cli`, `cni` and `docker_proxy`: the three front ends (the CLI, the
-//!   CNI plugin, dockerd's userland proxy).
+//!   CNI plugin, dockerd's userland proxy), and `serve`, the long-running
+//!   service (port holder and metrics) that the CLI starts.
 //!
 //! `error` (the error type, exit statuses, CNI codes) is used by all.
 
@@ -26,6 +27,7 @@ mod host;
 pub mod instance;
 pub mod model;
 mod ops;
+mod serve;
 mod state;
 
 #[cfg(test)]

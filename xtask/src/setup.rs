@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cargo_bin_dir, display, is_root, root, stdout_of, succeeds};
+use crate::{cargo, cargo_bin_dir, display, is_root, root, run, stdout_of, succeeds};
 
 /// llvm/polly/zstd/zlib are for building bpf-linker; the rest are used by the demo,
 /// the integration tests, or for debugging.
@@ -341,6 +341,55 @@ pub(crate) fn install_bench_debs() -> Result<()> {
         &missing,
         &mut Log::open()?,
     )
+}
+
+/// One file of a Debian package, extracted (not installed) under
+/// `dir/<package>/`: the real docker-proxy for the bench, promtool for the
+/// metrics test, without their daemons.
+pub(crate) fn file_from_deb(package: &str, file: &str, dir: &Path) -> Result<PathBuf> {
+    let bin = dir.join(package).join(file);
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(dir)?;
+    println!("extracting {file} from Debian's {package} package");
+    let download = || {
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["-o", "DPkg::Lock::Timeout=600", "download", package])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download() {
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]))?;
+        if !download() {
+            bail!("`apt-get download {package}` failed");
+        }
+    }
+    let deb = newest_deb(dir, package)?;
+    run(Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join(package)))?;
+    if !bin.is_file() {
+        bail!("{} has no {file}", deb.display());
+    }
+    Ok(bin)
+}
+
+/// The newest `<package>_*.deb` that `apt-get download` left in `dir`.
+pub(crate) fn newest_deb(dir: &Path, package: &str) -> Result<PathBuf> {
+    let prefix = format!("{package}_");
+    std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .max()
+        .with_context(|| format!("apt-get download left no {prefix}*.deb"))
 }
 
 #[cfg(test)]

@@ -3,10 +3,29 @@
 use anyhow::Result;
 
 use crate::build::{EBPF_OBJ_ENV, build_ebpf};
-use crate::{cargo, is_root, root, run, vm};
+use crate::{cargo, is_root, root, run, setup, vm};
 
 /// Set to skip the guest kernel tests of a full run (with a loud notice).
 const SKIP_KERNEL_ENV: &str = "PORTFWD_SKIP_KERNEL_TESTS";
+
+/// Where the metrics test finds promtool (`portfwd/tests/integration/serve.rs`).
+const PROMTOOL_ENV: &str = "PORTFWD_PROMTOOL";
+
+/// promtool, extracted from Debian's prometheus package (not installed: no
+/// Prometheus server is needed); None, with a note, when it cannot be had.
+fn promtool() -> Option<std::path::PathBuf> {
+    if !is_root() {
+        return None;
+    }
+    let dir = root().join("target/test-tools");
+    match setup::file_from_deb("prometheus", "usr/bin/promtool", &dir) {
+        Ok(path) => Some(path),
+        Err(error) => {
+            println!("note: no promtool ({error:#}); the metrics test uses its own parser only");
+            None
+        }
+    }
+}
 
 /// `args` go to `cargo test`; anything after a further `--` goes to the test binaries.
 /// With `kernel`, only the guest subset on that kernel series runs.
@@ -43,13 +62,19 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     if is_root() && args.is_empty() {
         crate::bench::smoke()?;
     }
+    // The metrics test checks its scrape with the real promtool when it can.
+    let promtool = promtool();
     // `--workspace` would override a `-p` given by the caller.
     let picks_package = cargo_args
         .iter()
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
     let scope = (!picks_package).then_some("--workspace");
     // The integration tests attach to the shared cgroup root: one at a time.
-    run(cargo_in_root()
+    let mut cargo_test = cargo_in_root();
+    if let Some(promtool) = &promtool {
+        cargo_test.env(PROMTOOL_ENV, promtool);
+    }
+    run(cargo_test
         .arg("test")
         .args(scope)
         .args(cargo_args)

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::{error, holder, instance, ops};
+use crate::{error, holder, instance, ops, serve};
 
 mod commands;
 mod list;
@@ -95,6 +95,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run as the host's portfwd service: keep the port holder running
+    /// (restarting it when it dies) and serve Prometheus metrics
+    Serve {
+        /// Serve metrics on http://ADDR/metrics (loopback by default; `none` to turn off)
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS, value_parser = parse_metrics_addr)]
+        metrics: MetricsAddr,
+        /// Turn on the kernel's per-program run-time statistics while serving
+        /// (portfwd_program_run_seconds; each program run costs two clock reads more)
+        #[arg(long)]
+        program_stats: bool,
+    },
     /// Print a shell completion script, e.g.
     /// `portfwd completions bash > /etc/bash_completion.d/portfwd`
     Completions {
@@ -149,6 +160,14 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
+        Command::Serve {
+            metrics,
+            program_stats,
+        } => serve::run(serve::ServeOptions {
+            pin_dir,
+            metrics: metrics.0,
+            program_stats,
+        }),
         Command::Completions { shell } => print_completions(shell),
         Command::Man { dir } => write_man_pages(&dir),
     };
@@ -159,6 +178,24 @@ pub fn main() -> ExitCode {
             ExitCode::from(error::exit_status(&error))
         }
     }
+}
+
+/// Prometheus' default port range has no portfwd entry yet; 9469 is free in
+/// its list of exporters' ports.
+const DEFAULT_METRICS: &str = "127.0.0.1:9469";
+
+#[derive(Clone, Copy)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "none" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse()
+        .map(|addr| MetricsAddr(Some(addr)))
+        .map_err(|_| {
+            format!("{text:?} is not an address:port (e.g. 127.0.0.1:9469, [::1]:9469) or `none`")
+        })
 }
 
 /// Completions and the manual pages come from the same clap definitions as

@@ -10,6 +10,7 @@ pub(crate) mod kernel;
 mod links;
 mod maps;
 mod object;
+mod observe;
 mod rollback;
 mod tc_attach;
 #[cfg(test)]
@@ -23,4 +24,5 @@ pub(crate) use install::{
 pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
+pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};
 pub(crate) use rollback::Rollback;

@@ -71,6 +71,11 @@ pub(crate) fn ensure_running(pin_dir: &Path) -> Result<()> {
     if is_running(pin_dir) {
         return Ok(());
     }
+    // `portfwd serve` runs the holder itself and starts it again within a
+    // moment: wait for that rather than start a second process.
+    if service_runs(pin_dir) && wait_until_running(pin_dir) {
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("finding the portfwd binary")?;
     // Its errors go to a log file an operator can find (the holder has no
     // terminal): /run/portfwd/holder<tag>.log, named by `up` when it fails.
@@ -87,14 +92,32 @@ pub(crate) fn ensure_running(pin_dir: &Path) -> Result<()> {
         .process_group(0)
         .spawn()
         .context("starting the port holder")?;
+    if wait_until_running(pin_dir) {
+        return Ok(());
+    }
+    bail!("the port holder did not start (see {})", log_path.display())
+}
+
+/// Waits (bounded) until a holder answers.
+fn wait_until_running(pin_dir: &Path) -> bool {
     let deadline = Instant::now() + REPLY_TIMEOUT;
     while Instant::now() < deadline {
         if is_running(pin_dir) {
-            return Ok(());
+            return true;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    bail!("the port holder did not start (see {})", log_path.display())
+    false
+}
+
+/// Whether `portfwd serve` runs for this instance (its pid file names a
+/// live `portfwd serve` process).
+fn service_runs(pin_dir: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(instance::service_pid_file(pin_dir)) else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    cmdline.split(|&b| b == 0).any(|arg| arg == b"serve")
 }
 
 /// Asks the holder to hold exactly the published ports; the ports it could

@@ -19,6 +19,7 @@ mod hostile;
 mod kernel_support;
 mod properties;
 mod reliability;
+mod serve;
 mod socket_completeness;
 mod socket_path;
 mod support;

@@ -27,7 +27,7 @@ use modes::{ALL_MODES, Env, Mode};
 use ns::{Topo, check};
 use runner::Bench;
 
-use crate::{build, interrupt, is_root, root, run, setup, stdout_of};
+use crate::{build, interrupt, is_root, root, setup, stdout_of};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -327,51 +327,11 @@ fn prog_stats() -> Result<BTreeMap<u64, (String, u64, u64)>> {
 /// The real docker-proxy, from Debian's docker.io package (extracted, not
 /// installed: no Docker daemon is involved).
 fn docker_proxy(dir: &Path) -> Result<PathBuf> {
-    let bin = dir.join("docker.io/usr/sbin/docker-proxy");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    std::fs::create_dir_all(dir)?;
-    println!("bench: extracting docker-proxy from Debian's docker.io package");
-    let download = || {
-        Command::new("apt-get")
-            .current_dir(dir)
-            .args(["-o", "DPkg::Lock::Timeout=600", "download", "docker.io"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !download() {
-        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]))?;
-        if !download() {
-            bail!("`apt-get download docker.io` failed");
-        }
-    }
-    let deb = newest_deb(dir)?;
-    run(Command::new("dpkg")
-        .arg("-x")
-        .arg(&deb)
-        .arg(dir.join("docker.io")))?;
-    if !bin.is_file() {
-        bail!("{} has no usr/sbin/docker-proxy", deb.display());
-    }
-    Ok(bin)
-}
-
-fn newest_deb(dir: &Path) -> Result<PathBuf> {
-    std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("docker.io_"))
-        })
-        .max()
-        .context("apt-get download left no docker.io_*.deb")
+    setup::file_from_deb("docker.io", "usr/sbin/docker-proxy", dir)
 }
 
 fn docker_proxy_version(dir: &Path) -> Option<String> {
-    let deb = newest_deb(dir).ok()?;
+    let deb = setup::newest_deb(dir, "docker.io").ok()?;
     let out = stdout_of(
         Command::new("dpkg-deb")
             .args(["-f"])

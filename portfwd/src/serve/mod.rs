@@ -1,0 +1,131 @@
+//! `portfwd serve`: the one long-running portfwd process of a host (run by
+//! `deploy/systemd/portfwd.service` after `portfwd up`).
+//!
+//! - It runs the port holder (with its address watcher) in-process: it
+//!   replaces the holder that `up` started, and starts one again whenever
+//!   there is none (after `portfwd down` and `up`). Another process's holder
+//!   that starts later (a race with a CLI) is left alone and watched.
+//! - With `--metrics ADDR` it serves Prometheus metrics on `/metrics`
+//!   (`metrics`), read from the pinned maps at each scrape.
+//! - SIGINT or SIGTERM stop it; the mappings and the forwarding stay (they
+//!   live in the kernel), only the ports' reservations go until it or the
+//!   next portfwd command starts a holder again.
+//!
+//! No async runtime: there are two blocking loops (the holder's `poll` and
+//! the HTTP server's accept), each on its own thread, and the main thread
+//! waits for a signal.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::{datapath, holder, instance};
+
+mod metrics;
+
+pub(crate) struct ServeOptions {
+    pub(crate) pin_dir: PathBuf,
+    /// Where to serve `/metrics`; None: no metrics.
+    pub(crate) metrics: Option<SocketAddr>,
+    /// Turn the kernel's per-program run-time statistics on while serving.
+    pub(crate) program_stats: bool,
+}
+
+/// How often the supervisor checks that a port holder runs. A CLI that
+/// needs a holder while the service runs waits for this one (see
+/// `holder::ensure_running`), so it is short.
+const HOLDER_CHECK: Duration = Duration::from_millis(50);
+
+pub(crate) fn run(options: ServeOptions) -> Result<()> {
+    // The stop signals are blocked before any thread starts, so that every
+    // thread inherits the mask and only `wait` below receives them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    stop.thread_block().context("blocking SIGINT and SIGTERM")?;
+
+    let _statistics = options
+        .program_stats
+        .then(datapath::enable_run_statistics)
+        .transpose()?;
+    if let Some(addr) = options.metrics {
+        let server = metrics::bind(addr)?;
+        eprintln!("portfwd serve: metrics on http://{addr}/metrics");
+        let pin_dir = options.pin_dir.clone();
+        thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || metrics::serve(&server, &pin_dir))
+            .context("starting the metrics thread")?;
+    }
+    let pid_file = instance::service_pid_file(&options.pin_dir);
+    fs::create_dir_all(instance::run_dir())
+        .and_then(|()| fs::write(&pid_file, format!("{}\n", std::process::id())))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    let pin_dir = options.pin_dir.clone();
+    thread::Builder::new()
+        .name("holder".into())
+        .spawn(move || supervise_holder(&pin_dir))
+        .context("starting the port holder thread")?;
+
+    let signal = stop.wait().context("waiting for a signal")?;
+    eprintln!("portfwd serve: {signal}, stopping");
+    // Releases the ports this process holds; a holder of another process
+    // is asked to stop too, so that `serve` stopping means the same
+    // whichever process held them. Forwarding goes on.
+    fs::remove_file(&pid_file).ok();
+    holder::stop(&options.pin_dir).ok();
+    Ok(())
+}
+
+/// Keeps a port holder running in this process while portfwd is up. A
+/// holder that `up` started before is replaced at once, so that the
+/// service's process holds the ports (and `ss -lntp` names it).
+fn supervise_holder(pin_dir: &Path) {
+    if holder::is_running(pin_dir) {
+        // The ports are unreserved for the moment between the two.
+        if let Err(error) = holder::stop(pin_dir) {
+            eprintln!("portfwd serve: replacing the running port holder: {error:#}");
+        }
+    }
+    loop {
+        // Up means the maps are pinned (`up` creates the directory first).
+        let up = pin_dir.join(portfwd_common::SERVICES.name).exists();
+        if up && !holder::is_running(pin_dir) {
+            run_holder(pin_dir);
+        }
+        thread::sleep(HOLDER_CHECK);
+    }
+}
+
+/// Runs a port holder on another thread until `portfwd down` asks it to
+/// quit, and has it hold what is published at once (a new holder holds
+/// nothing until asked).
+fn run_holder(pin_dir: &Path) {
+    let dir = pin_dir.to_owned();
+    let holder = thread::spawn(move || holder::run(&dir));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !holder::is_running(pin_dir) && !holder.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if holder::is_running(pin_dir) {
+        match holder::sync(pin_dir) {
+            Ok(busy) if !busy.is_empty() => {
+                eprintln!("portfwd serve: held by another process: {}", busy.join(" "));
+            }
+            Ok(_) => eprintln!("portfwd serve: port holder running"),
+            Err(error) => eprintln!("portfwd serve: port holder: {error:#}"),
+        }
+    }
+    match holder.join() {
+        Ok(Err(error)) => eprintln!("portfwd serve: port holder: {error:#}"),
+        Ok(Ok(())) => eprintln!("portfwd serve: port holder stopped"),
+        Err(_) => eprintln!("portfwd serve: the port holder panicked"),
+    }
+}
