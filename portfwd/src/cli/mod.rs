@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::{error, holder, instance, ops, serve};
 
 mod commands;
+mod explain;
 mod list;
 
 #[derive(Parser)]
@@ -95,6 +96,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain what happens to a connection to HOST:PORT[/PROTO] (exit 1: not served)
+    Explain {
+        /// e.g. 127.0.0.1:8080, [::1]:53/udp, 192.168.1.10:443/tcp
+        #[arg(value_name = "HOST:PORT[/PROTO]")]
+        target: String,
+        /// The client's address (a host address or loopback: a process on this host)
+        #[arg(long, value_name = "CLIENT_IP")]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run as the host's portfwd service: keep the port holder running
     /// (restarting it when it dies) and serve Prometheus metrics
     Serve {
@@ -160,6 +172,9 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
+        Command::Explain { target, from, json } => {
+            explain::explain(&pin_dir, &target, from.as_deref(), json)
+        }
         Command::Serve {
             metrics,
             program_stats,

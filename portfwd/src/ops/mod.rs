@@ -18,10 +18,12 @@ use crate::{
 };
 
 mod apply;
+mod explain;
 mod lifecycle;
 mod publish;
 
 pub(crate) use apply::{apply, read_apply_file};
+pub(crate) use explain::{Explanation, MatchKind, Question, explain};
 pub(crate) use lifecycle::{UpOptions, attach, detach, down, up};
 pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,

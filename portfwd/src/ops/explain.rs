@@ -1,0 +1,369 @@
+//! `portfwd explain`: what happens to a connection to one host address and
+//! port, gathered from the pinned maps and attachments (without the state
+//! lock: it changes nothing and never waits for a running command).
+//!
+//! The decision mirrors the programs': an exact mapping of the address
+//! first, else the wildcard of its family, which serves the host's own
+//! addresses (the local addresses map) and, on the socket path, loopback.
+//! Loopback addresses are never reachable from outside (the TC programs drop
+//! them).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::Result;
+use portfwd_common::{BACKEND_PROGRAMS, MappingCounters, SOCK_PROGRAMS, UPLINK_PROGRAMS};
+use serde::Serialize;
+
+use crate::{
+    datapath::{self, PinnedMaps},
+    error::Error,
+    holder, host, instance,
+    model::{Mapping, Protocol},
+};
+
+/// What `explain` is asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Question {
+    pub(crate) protocol: Protocol,
+    pub(crate) addr: SocketAddr,
+    /// The client's address, if given.
+    pub(crate) from: Option<IpAddr>,
+}
+
+impl Question {
+    /// `HOST:PORT[/PROTO]`, e.g. `127.0.0.1:8080`, `[::1]:53/udp`.
+    pub(crate) fn parse(target: &str, from: Option<&str>) -> Result<Self> {
+        let (addr, protocol) = match target.rsplit_once('/') {
+            Some((addr, proto)) => (addr, proto.parse::<Protocol>()?),
+            None => (target, Protocol::Tcp),
+        };
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            Error::usage(format!(
+                "{target:?} is not HOST:PORT[/PROTO] (e.g. 127.0.0.1:8080, [::1]:53/udp)"
+            ))
+        })?;
+        let from = from
+            .map(|ip| {
+                ip.parse::<IpAddr>()
+                    .map_err(|_| Error::usage(format!("--from {ip:?} is not an IP address")))
+            })
+            .transpose()?;
+        Ok(Question {
+            protocol,
+            addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+            from: from.map(|ip| ip.to_canonical()),
+        })
+    }
+}
+
+/// How the matching mapping was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MatchKind {
+    /// Published on exactly this address.
+    Exact,
+    /// Published on `0.0.0.0`/`::`, which serves this (local) address.
+    Wildcard,
+}
+
+/// The answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct Explanation {
+    pub(crate) question: Question,
+    pub(crate) up: bool,
+    /// The address is one of the host's (or loopback).
+    pub(crate) local_address: bool,
+    pub(crate) loopback: bool,
+    pub(crate) matched: Option<Matched>,
+    /// Host processes are translated (socket programs attached).
+    pub(crate) host_path: bool,
+    /// Interfaces where external clients are translated.
+    pub(crate) uplinks: Vec<String>,
+    /// The process that holds the host port, if any.
+    pub(crate) port_held_by: Option<String>,
+    pub(crate) port_holder_running: bool,
+    /// Served for the asked client (or for some client, without `--from`).
+    pub(crate) served: bool,
+    /// Why not, or what to know: one line each.
+    pub(crate) reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Matched {
+    pub(crate) how: MatchKind,
+    pub(crate) name: String,
+    pub(crate) host: SocketAddr,
+    pub(crate) container: SocketAddr,
+    /// The interface towards the container, if known.
+    pub(crate) container_interface: Option<String>,
+    /// The reply program is attached there.
+    pub(crate) container_interface_attached: bool,
+    pub(crate) counters: Counters,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Counters {
+    pub(crate) packets_in: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) packets_out: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) flows: u64,
+}
+
+impl From<MappingCounters> for Counters {
+    fn from(c: MappingCounters) -> Self {
+        Counters {
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            flows: c.connections,
+        }
+    }
+}
+
+pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation> {
+    let ip = question.addr.ip();
+    let loopback = ip.is_loopback();
+    let local_address = loopback || host::local_addresses()?.contains(&ip);
+    let mut explanation = Explanation {
+        question,
+        up: false,
+        local_address,
+        loopback,
+        matched: None,
+        host_path: false,
+        uplinks: Vec::new(),
+        port_held_by: host::port_owner(question.protocol, question.addr.port()),
+        port_holder_running: holder::is_running(pin_dir),
+        served: false,
+        reasons: Vec::new(),
+    };
+    let Ok(maps) = PinnedMaps::open_unlocked(pin_dir) else {
+        explanation.reasons.push(format!(
+            "portfwd is not up (nothing pinned under {}): run `portfwd up`",
+            pin_dir.display()
+        ));
+        return Ok(explanation);
+    };
+    explanation.up = true;
+    let links = instance::links_dir(pin_dir);
+    explanation.host_path = SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists());
+    let attachments = datapath::tc_attachments(pin_dir);
+    let has = |programs: &[String], name: &str| programs.iter().any(|p| p == name);
+    explanation.uplinks = attachments
+        .iter()
+        .filter(|(_, programs)| has(programs, UPLINK_PROGRAMS[0].name))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mappings = maps.mappings()?;
+    let found = find(&mappings, &question, local_address);
+    match found {
+        Some((how, mapping)) => {
+            let container_interface = (mapping.ifindex != 0)
+                .then(|| host::netlink::ifname(mapping.ifindex).ok())
+                .flatten();
+            let container_interface_attached = container_interface.as_ref().is_some_and(|name| {
+                attachments
+                    .iter()
+                    .any(|(i, programs)| i == name && has(programs, BACKEND_PROGRAMS[0].name))
+            });
+            explanation.matched = Some(Matched {
+                how,
+                name: mapping.name.clone(),
+                host: mapping.host,
+                container: mapping.container,
+                container_interface,
+                container_interface_attached,
+                counters: maps.counters(mapping).into(),
+            });
+        }
+        None => explanation.reasons = nearest_reasons(&mappings, &question, local_address),
+    }
+    judge(&mut explanation);
+    Ok(explanation)
+}
+
+/// The mapping the programs would pick: the exact entry, else the wildcard
+/// of the family when the address is the host's.
+fn find<'a>(
+    mappings: &'a [Mapping],
+    question: &Question,
+    local_address: bool,
+) -> Option<(MatchKind, &'a Mapping)> {
+    let same_port =
+        |m: &&Mapping| m.protocol == question.protocol && m.host.port() == question.addr.port();
+    let exact = mappings
+        .iter()
+        .filter(same_port)
+        .find(|m| m.host.ip() == question.addr.ip());
+    if let Some(m) = exact {
+        return Some((MatchKind::Exact, m));
+    }
+    if !local_address {
+        return None;
+    }
+    mappings
+        .iter()
+        .filter(same_port)
+        .find(|m| m.is_wildcard() && m.host.is_ipv4() == question.addr.is_ipv4())
+        .map(|m| (MatchKind::Wildcard, m))
+}
+
+/// When nothing matches: the nearest mappings, and why they do not serve.
+fn nearest_reasons(mappings: &[Mapping], question: &Question, local_address: bool) -> Vec<String> {
+    let port = question.addr.port();
+    let mut reasons = vec![format!(
+        "no mapping serves {}/{}",
+        question.addr, question.protocol
+    )];
+    if !local_address {
+        reasons.push(format!(
+            "{} is not an address of this host: wildcard mappings serve only the host's own addresses",
+            question.addr.ip()
+        ));
+    }
+    for m in mappings.iter().filter(|m| m.host.port() == port) {
+        let why = if m.protocol != question.protocol {
+            format!("it is {}, not {}", m.protocol, question.protocol)
+        } else if m.host.is_ipv4() != question.addr.is_ipv4() {
+            "it is for the other address family".to_owned()
+        } else {
+            format!("it is published on {} only", m.host.ip())
+        };
+        reasons.push(format!(
+            "nearest: {} {}/{} -> {}: {why}",
+            m.name, m.host, m.protocol, m.container
+        ));
+    }
+    reasons
+}
+
+/// Whether the asked client (any client, without `--from`) is served, and
+/// what stands in the way.
+fn judge(e: &mut Explanation) {
+    if e.matched.is_none() {
+        return;
+    }
+    let host_client = match e.question.from {
+        Some(from) => from.is_loopback() || is_host_address(from),
+        None => true,
+    };
+    let external_client = e.question.from.is_none() || !host_client;
+    let mut served = false;
+    if host_client {
+        if e.host_path {
+            served = true;
+        } else {
+            e.reasons
+                .push("host processes are not translated: the socket programs are not attached (run `portfwd up`)".into());
+        }
+    }
+    if external_client {
+        if e.loopback {
+            e.reasons.push(format!(
+                "{} is a loopback address: never reachable from outside this host",
+                e.question.addr.ip()
+            ));
+        } else if e.uplinks.is_empty() {
+            e.reasons
+                .push("external clients are not translated: no uplink has portfwd's programs (`portfwd attach IF`)".into());
+        } else {
+            served = true;
+        }
+    }
+    if let Some(m) = &e.matched
+        && m.container_interface.is_some()
+        && !m.container_interface_attached
+    {
+        e.reasons.push(
+            "the container's interface lacks the reply program: external replies may not be translated (`portfwd map` again attaches it)".into(),
+        );
+    }
+    e.served = served;
+}
+
+fn is_host_address(ip: IpAddr) -> bool {
+    host::local_addresses().is_ok_and(|addresses| addresses.contains(&ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(host: &str, protocol: Protocol) -> Mapping {
+        Mapping {
+            name: "web".into(),
+            protocol,
+            host: host.parse().unwrap(),
+            container: "10.88.0.5:80".parse().unwrap(),
+            ifindex: 0,
+            hold: true,
+        }
+    }
+
+    fn ask(target: &str) -> Question {
+        Question::parse(target, None).unwrap()
+    }
+
+    #[test]
+    fn questions_parse_with_a_default_protocol_and_reject_nonsense() {
+        let q = ask("[::1]:53/udp");
+        assert_eq!(q.protocol, Protocol::Udp);
+        assert_eq!(q.addr, "[::1]:53".parse().unwrap());
+        assert_eq!(ask("127.0.0.1:80").protocol, Protocol::Tcp);
+        // An IPv4-mapped address is asked as the IPv4 one.
+        assert_eq!(
+            ask("[::ffff:10.0.0.1]:80").addr,
+            "10.0.0.1:80".parse().unwrap()
+        );
+        for bad in ["80", "host:80", "127.0.0.1:80/sctp", "1.2.3.4:99999"] {
+            assert!(Question::parse(bad, None).is_err(), "{bad}");
+        }
+        assert!(Question::parse("127.0.0.1:80", Some("nope")).is_err());
+    }
+
+    #[test]
+    fn exact_mappings_win_and_wildcards_serve_local_addresses_only() {
+        let wildcard = mapping("0.0.0.0:8080", Protocol::Tcp);
+        let exact = mapping("10.0.0.1:8080", Protocol::Tcp);
+        let all = [wildcard.clone(), exact.clone()];
+        let (how, m) = find(&all, &ask("10.0.0.1:8080"), true).unwrap();
+        assert_eq!((how, m), (MatchKind::Exact, &exact));
+        let (how, m) = find(&all, &ask("127.0.0.1:8080"), true).unwrap();
+        assert_eq!((how, m), (MatchKind::Wildcard, &wildcard));
+        assert!(find(&all, &ask("192.0.2.1:8080"), false).is_none());
+        assert!(find(&all, &ask("127.0.0.1:8080/udp"), true).is_none());
+        assert!(
+            find(&all, &ask("[::1]:8080"), true).is_none(),
+            "the v4 wildcard"
+        );
+    }
+
+    #[test]
+    fn near_misses_say_why() {
+        let all = [
+            mapping("0.0.0.0:8080", Protocol::Udp),
+            mapping("10.0.0.1:9090", Protocol::Tcp),
+        ];
+        let reasons = nearest_reasons(&all, &ask("127.0.0.1:8080"), true);
+        assert!(
+            reasons.iter().any(|r| r.contains("it is udp, not tcp")),
+            "{reasons:?}"
+        );
+        let reasons = nearest_reasons(&all, &ask("10.0.0.2:9090"), false);
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("not an address of this host"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("published on 10.0.0.1 only"))
+        );
+    }
+}
