@@ -72,6 +72,34 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
             ),
         )?;
     }
+    if let Some(m) = &e.matched {
+        const SHOWN: usize = 10;
+        for f in m.flows.iter().take(SHOWN) {
+            row(
+                out,
+                "flow",
+                format!(
+                    "{} -> {} -> {} (container sees {}; {}, idle {}s)",
+                    f.client,
+                    f.published,
+                    f.container,
+                    f.container_sees,
+                    f.state.as_str(),
+                    f.idle.as_secs()
+                ),
+            )?;
+        }
+        if m.flows.len() > SHOWN {
+            row(
+                out,
+                "flow",
+                format!(
+                    "... {} more (`portfwd conntrack list`)",
+                    m.flows.len() - SHOWN
+                ),
+            )?;
+        }
+    }
     if e.up {
         let host_path = if e.host_path {
             "translated at connect/sendmsg (socket programs attached)"

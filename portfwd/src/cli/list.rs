@@ -196,7 +196,7 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn write_table<const N: usize>(
+pub(super) fn write_table<const N: usize>(
     out: &mut impl Write,
     header: [&str; N],
     rows: &[[String; N]],

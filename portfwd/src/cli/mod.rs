@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::{error, holder, instance, ops, serve};
 
 mod commands;
+mod conntrack;
 mod explain;
 mod list;
 
@@ -96,6 +97,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The TC path's tracked flows: list them, or end those of some mappings
+    Conntrack {
+        #[command(subcommand)]
+        command: ConntrackCommand,
+    },
     /// Explain what happens to a connection to HOST:PORT[/PROTO] (exit 1: not served)
     Explain {
         /// e.g. 127.0.0.1:8080, [::1]:53/udp, 192.168.1.10:443/tcp
@@ -135,6 +141,27 @@ enum Command {
     Hold,
 }
 
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// Show the live flows (client -> published address -> container)
+    List {
+        /// Only the flows of mappings on this host port
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End flows now: those of mappings on a host port, of a name, or all
+    Flush {
+        /// Only the flows of mappings on this host port
+        #[arg(long, value_name = "N", conflicts_with = "name")]
+        port: Option<u16>,
+        /// Only the flows of the mappings with this name
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
 /// The `portfwd` command line.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -172,6 +199,15 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
+        Command::Conntrack { command } => match command {
+            ConntrackCommand::List { port, json } => {
+                let filter = ops::FlowFilter { port, name: None };
+                conntrack::list(&pin_dir, &filter, json)
+            }
+            ConntrackCommand::Flush { port, name } => {
+                conntrack::flush(&pin_dir, &ops::FlowFilter { port, name })
+            }
+        },
         Command::Explain { target, from, json } => {
             explain::explain(&pin_dir, &target, from.as_deref(), json)
         }

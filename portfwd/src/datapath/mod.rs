@@ -5,6 +5,7 @@
 //! `instance` and `host` only.
 
 mod backend;
+mod conntrack;
 mod install;
 pub(crate) mod kernel;
 mod links;
@@ -17,6 +18,7 @@ mod tc_attach;
 mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
+pub(crate) use conntrack::{Flow, flows, forget_flows};
 pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,

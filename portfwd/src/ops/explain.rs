@@ -18,7 +18,7 @@ use portfwd_common::{BACKEND_PROGRAMS, MappingCounters, SOCK_PROGRAMS, UPLINK_PR
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, PinnedMaps},
+    datapath::{self, Flow, PinnedMaps},
     error::Error,
     holder, host, instance,
     model::{Mapping, Protocol},
@@ -102,6 +102,8 @@ pub(crate) struct Matched {
     /// The reply program is attached there.
     pub(crate) container_interface_attached: bool,
     pub(crate) counters: Counters,
+    /// Its live flows on the TC path.
+    pub(crate) flows: Vec<Flow>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -179,6 +181,11 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
                 container_interface,
                 container_interface_attached,
                 counters: maps.counters(mapping).into(),
+                flows: datapath::flows(pin_dir)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|flow| flow.service == mapping.key())
+                    .collect(),
             });
         }
         None => explanation.reasons = nearest_reasons(&mappings, &question, local_address),

@@ -18,11 +18,13 @@ use crate::{
 };
 
 mod apply;
+mod conntrack;
 mod explain;
 mod lifecycle;
 mod publish;
 
 pub(crate) use apply::{apply, read_apply_file};
+pub(crate) use conntrack::{FlowFilter, flows, flush_flows};
 pub(crate) use explain::{Explanation, MatchKind, Question, explain};
 pub(crate) use lifecycle::{UpOptions, attach, detach, down, up};
 pub(crate) use publish::{

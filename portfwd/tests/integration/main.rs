@@ -14,6 +14,7 @@
 #![allow(clippy::let_underscore_must_use)]
 
 mod cni;
+mod conntrack;
 mod docker;
 mod explain;
 mod hostile;

@@ -1,0 +1,222 @@
+//! The TC path's connection tracking, read and pruned from userspace
+//! (`portfwd conntrack list|flush`, `explain`). The programs keep two
+//! entries per flow (see `portfwd-ebpf/src/conntrack.rs`): the forward one,
+//! keyed by the packet as the client sends it, and the reply one, keyed by
+//! the container's answer. Both carry the mapping's key.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use portfwd_common::{
+    CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_MASQ, CT_FLAG_REPLY,
+    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, ServiceKey,
+};
+use serde::Serialize;
+
+use crate::model::Protocol;
+
+/// One tracked flow, as its forward entry describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Flow {
+    pub(crate) protocol: Protocol,
+    /// The client, as it sent the packet.
+    pub(crate) client: SocketAddr,
+    /// The published address it dialed.
+    pub(crate) published: SocketAddr,
+    /// The container endpoint the flow was translated to.
+    pub(crate) container: SocketAddr,
+    /// The source the container sees: the client itself, or for a hairpin
+    /// flow the host address it was masqueraded to.
+    pub(crate) container_sees: SocketAddr,
+    pub(crate) state: FlowState,
+    /// Since the last packet (to about a second: entries are refreshed at
+    /// most once a second).
+    #[serde(serialize_with = "seconds")]
+    pub(crate) idle: Duration,
+    #[serde(skip)]
+    pub(crate) service: ServiceKey,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 10.0).round() / 10.0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum FlowState {
+    /// TCP, no answer from the container yet.
+    SynSent,
+    Established,
+    /// One side sent a FIN, the other goes on.
+    HalfClosed,
+    /// Both sides closed, or a RST: gone within seconds.
+    Closing,
+    /// UDP (no states).
+    Udp,
+}
+
+impl FlowState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FlowState::SynSent => "syn-sent",
+            FlowState::Established => "established",
+            FlowState::HalfClosed => "half-closed",
+            FlowState::Closing => "closing",
+            FlowState::Udp => "udp",
+        }
+    }
+}
+
+fn open(pin_dir: &Path) -> Result<HashMap<MapData, CtKey, CtValue>> {
+    let path = pin_dir.join(CONNTRACK.name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {} (is portfwd up?)", path.display()))?;
+    HashMap::try_from(Map::LruHashMap(data))
+        .context("the conntrack map has an unexpected layout (built by another portfwd version?)")
+}
+
+/// The clock the programs stamp entries with (`bpf_ktime_get*_ns`).
+fn monotonic_now() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .unwrap_or_default();
+    now.as_nanos() as u64
+}
+
+/// Whether the programs would still use this entry (they expire entries
+/// lazily, at the next lookup, so dead ones linger in the map).
+fn live(key: &CtKey, value: &CtValue, now: u64) -> bool {
+    let idle = now.saturating_sub(value.last_seen_ns);
+    if Protocol::from_number(key.proto) != Some(Protocol::Tcp) {
+        return idle <= CT_UDP_IDLE_NS;
+    }
+    if value.flags & CT_FLAG_CLOSING != 0 {
+        return now.saturating_sub(value.closing_since_ns) <= CT_TCP_CLOSING_NS;
+    }
+    if value.flags & CT_FLAG_ESTABLISHED == 0 {
+        return idle <= CT_TCP_SYN_NS;
+    }
+    idle <= CT_TCP_IDLE_NS
+}
+
+fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
+    let protocol = Protocol::from_number(key.proto)?;
+    let at = |addr: &portfwd_common::Addr, port: u16| {
+        Some(SocketAddr::new(addr.to_ip(key.family)?, u16::from_be(port)))
+    };
+    let client = at(&key.saddr, key.sport)?;
+    let container_sees = if value.flags & CT_FLAG_MASQ != 0 {
+        at(&value.masq_addr, value.masq_port)?
+    } else {
+        client
+    };
+    let state = match protocol {
+        Protocol::Udp => FlowState::Udp,
+        Protocol::Tcp if value.flags & CT_FLAG_CLOSING != 0 => FlowState::Closing,
+        Protocol::Tcp if value.flags & CT_FLAG_ESTABLISHED == 0 => FlowState::SynSent,
+        Protocol::Tcp if value.flags & CT_FLAG_FIN != 0 => FlowState::HalfClosed,
+        Protocol::Tcp => FlowState::Established,
+    };
+    Some(Flow {
+        protocol,
+        client,
+        published: at(&key.daddr, key.dport)?,
+        container: at(&value.nat_addr, value.nat_port)?,
+        container_sees,
+        state,
+        idle: Duration::from_nanos(now.saturating_sub(value.last_seen_ns)),
+        service: value.service,
+    })
+}
+
+/// The live flows, oldest activity last.
+pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
+    let map = open(pin_dir)?;
+    let now = monotonic_now();
+    let mut flows: Vec<Flow> = map
+        .iter()
+        // An entry deleted during the walk ends it early: a shorter list.
+        .map_while(Result::ok)
+        .filter(|(key, value)| value.flags & CT_FLAG_REPLY == 0 && live(key, value, now))
+        .filter_map(|(key, value)| decode(&key, &value, now))
+        .collect();
+    flows.sort_by_key(|f| f.idle);
+    Ok(flows)
+}
+
+/// Removes both entries of every flow (live or not) of the mappings whose
+/// keys `selected` accepts; the number of flows removed.
+pub(crate) fn forget_flows(
+    pin_dir: &Path,
+    selected: impl Fn(&ServiceKey) -> bool,
+) -> Result<usize> {
+    let mut map = open(pin_dir)?;
+    let doomed: Vec<(CtKey, bool)> = map
+        .iter()
+        .map_while(Result::ok)
+        .filter(|(_, value)| selected(&value.service))
+        .map(|(key, value)| (key, value.flags & CT_FLAG_REPLY == 0))
+        .collect();
+    let mut flows = 0;
+    for (key, forward) in doomed {
+        // Gone already (the programs, or LRU eviction): nothing to do.
+        if map.remove(&key).is_ok() && forward {
+            flows += 1;
+        }
+    }
+    Ok(flows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portfwd_common::{Addr, FAMILY_V4};
+
+    fn v4(a: [u8; 4]) -> Addr {
+        Addr::v4(u32::from_ne_bytes(a))
+    }
+
+    #[test]
+    fn entries_decode_to_flows_and_expire_as_the_programs_decide() {
+        let key = CtKey {
+            saddr: v4([192, 0, 2, 7]),
+            daddr: v4([10, 0, 0, 1]),
+            sport: 40000u16.to_be(),
+            dport: 8080u16.to_be(),
+            proto: 6,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        let mut value = CtValue {
+            nat_addr: v4([10, 88, 0, 5]),
+            nat_port: 80u16.to_be(),
+            flags: CT_FLAG_ESTABLISHED,
+            last_seen_ns: 1_000_000_000,
+            ..CtValue::default()
+        };
+        let now = 3_000_000_000;
+        let flow = decode(&key, &value, now).unwrap();
+        assert_eq!(flow.client, "192.0.2.7:40000".parse().unwrap());
+        assert_eq!(flow.published, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(flow.container, "10.88.0.5:80".parse().unwrap());
+        assert_eq!(flow.container_sees, flow.client);
+        assert_eq!(flow.state, FlowState::Established);
+        assert_eq!(flow.idle, Duration::from_secs(2));
+        assert!(live(&key, &value, now));
+        // Hairpin: the container sees the masquerade address.
+        value.flags |= CT_FLAG_MASQ;
+        value.masq_addr = v4([10, 88, 0, 1]);
+        value.masq_port = 61000u16.to_be();
+        let flow = decode(&key, &value, now).unwrap();
+        assert_eq!(flow.container_sees, "10.88.0.1:61000".parse().unwrap());
+        // A closing flow lives 10 s after its close, a SYN-only one 60 s.
+        value.flags = CT_FLAG_CLOSING | CT_FLAG_ESTABLISHED;
+        value.closing_since_ns = 1_000_000_000;
+        assert!(live(&key, &value, 1_000_000_000 + CT_TCP_CLOSING_NS));
+        assert!(!live(&key, &value, 2_000_000_000 + CT_TCP_CLOSING_NS));
+        value.flags = 0;
+        assert_eq!(decode(&key, &value, now).unwrap().state, FlowState::SynSent);
+        assert!(!live(&key, &value, 2_000_000_000 + CT_TCP_SYN_NS));
+    }
+}

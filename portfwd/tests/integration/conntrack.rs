@@ -1,0 +1,83 @@
+//! `portfwd conntrack list|flush` over real flows of the TC path. Needs
+//! root (`cargo xtask test`).
+
+use std::net::SocketAddr;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn flows(args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["conntrack", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = portfwd_ok(&all);
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
+    let Some(_serial) = root_test("conntrack") else {
+        return;
+    };
+    let ctr = Container::new(73);
+    let client = Container::with_prefix(73, "ext", 252);
+    let _echo = serve_udp(
+        Some(ctr.netns_path()),
+        "0.0.0.0:5301".parse().unwrap(),
+        "ctr73",
+    );
+    let _pf = Portfwd::up(&["--iface", &client.host_if]);
+    let ctr_ip = ctr.v4().to_string();
+    portfwd_ok(&["map", "--name", "a", &ctr_ip, "47730:5301/udp"]);
+    portfwd_ok(&["map", "--name", "b", &ctr_ip, "47731:5301/udp"]);
+    let uplink = client.host_v4();
+    let client_ip = client.v4();
+    let ask = move |port: u16, from_port: u16| {
+        let to = SocketAddr::new(uplink, port);
+        let from = SocketAddr::new(client_ip, from_port);
+        client
+            .inside(move || udp_ask(to, Some(from), b"hi"))
+            .unwrap_or_else(|e| panic!("{to} from {from}: {e}"))
+    };
+    assert!(ask(47730, 41000).starts_with("ctr73"));
+    assert!(ask(47731, 41001).starts_with("ctr73"));
+
+    let all = flows(&[]);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let a = all.iter().find(|f| f["mapping"] == "a").expect("a's flow");
+    assert_eq!(a["protocol"], "udp");
+    assert_eq!(a["client"], format!("{client_ip}:41000"));
+    assert_eq!(a["published"], format!("{uplink}:47730"));
+    assert_eq!(a["container"], format!("{ctr_ip}:5301"));
+    assert_eq!(a["container_sees"], a["client"], "the client's own address");
+    assert_eq!(a["state"], "udp");
+    assert_eq!(flows(&["--port", "47731"]).len(), 1);
+    let text = portfwd_ok(&["conntrack", "list"]);
+    assert!(text.contains(&format!("{client_ip}:41000")), "{text}");
+
+    // explain shows the mapping's flows too.
+    let out = portfwd_ok(&["explain", "--json", &format!("{uplink}:47730/udp")]);
+    let explained: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(explained["matched"]["flows"].as_array().unwrap().len(), 1);
+
+    let out = portfwd_ok(&["conntrack", "flush", "--name", "a"]);
+    assert_eq!(out.trim(), "ended 1 flow");
+    let left = flows(&[]);
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["mapping"], "b");
+    // a's client starts a new flow with its next datagram.
+    let before = stats()["flows_new"];
+    assert!(ask(47730, 41000).starts_with("ctr73"));
+    assert_eq!(stats()["flows_new"], before + 1);
+
+    let out = portfwd_ok(&["conntrack", "flush"]);
+    assert_eq!(out.trim(), "ended 2 flows");
+    assert!(flows(&[]).is_empty());
+    // Bad input is a usage error.
+    let out = portfwd(&["conntrack", "flush", "--port", "1", "--name", "a"]);
+    assert_eq!(out.status.code(), Some(2));
+}
