@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 use crate::types::{
     Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    ServiceValue, SockRevNatKey, SockRevNatValue, TraceConfig,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -46,6 +46,12 @@ macro_rules! map_name {
     (scratch) => {
         "pf_scratch"
     };
+    (trace) => {
+        "pf_trace"
+    };
+    (trace_on) => {
+        "pf_trace_on"
+    };
 }
 
 /// The kernel map type.
@@ -56,6 +62,7 @@ pub enum MapKind {
     Array,
     PerCpuArray,
     PerCpuHash,
+    RingBuf,
 }
 
 /// One map of the ABI.
@@ -160,6 +167,19 @@ pub const FRAGMENTS: MapDef = map(
     8_192,
 );
 
+/// Events for `portfwd trace`, written only while `pf_trace_on` says so. A
+/// ring buffer's capacity is in bytes (a power of two, a multiple of the
+/// page size): 256 KiB hold about 3,000 events.
+pub const TRACE: MapDef = map(map_name!(trace), MapKind::RingBuf, 0, 0, 256 * 1024);
+/// The single `TraceConfig` entry: whether (and what) to trace.
+pub const TRACE_ON: MapDef = map(
+    map_name!(trace_on),
+    MapKind::Array,
+    4,
+    size::<TraceConfig>(),
+    1,
+);
+
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
 pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
@@ -167,7 +187,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 8] = [
+pub const MAPS: [MapDef; 10] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -176,6 +196,8 @@ pub const MAPS: [MapDef; 8] = [
     COUNTERS,
     STATS,
     FRAGMENTS,
+    TRACE,
+    TRACE_ON,
 ];
 
 /// Where a program attaches.
@@ -311,4 +333,7 @@ stats! {
     /// reply entry could capture the host's own connection from that
     /// address and port. Dropped.
     DroppedLocalSource = "dropped_local_source",
+    /// `portfwd trace` events the ring buffer had no room for (the reader
+    /// was too slow): dropped, never waited for.
+    TraceLost = "trace_events_lost",
 }

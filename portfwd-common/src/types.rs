@@ -261,3 +261,63 @@ pub struct SockRevNatValue {
     pub family: u8,
     pub _pad: u8,
 }
+
+/// The single entry of the trace switch map: the programs write trace
+/// events only while `enabled` is 1, and only those the filters pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    pub enabled: u32,
+    /// Only packets from or to this port (0: any). Network byte order.
+    pub port: u16,
+    /// Only this protocol (0: any).
+    pub proto: u8,
+    /// Only drops and packets passed untranslated (no new flows).
+    pub drops_only: u8,
+}
+
+/// A new flow was translated: `saddr:sport -> daddr:dport` became
+/// `-> nat_addr:nat_port` (and, for a hairpin flow, the source
+/// `masq_addr:masq_port`).
+pub const TRACE_FLOW_NEW: u8 = 1;
+/// A packet counted under `stat` (a drop, a packet passed untranslated, a
+/// flow stopped because its mapping went away).
+pub const TRACE_STAT: u8 = 2;
+
+/// Where an event happened: a TC program that does not know which of the
+/// interfaces below it serves...
+pub const TRACE_PATH_TC: u8 = 0;
+/// ...a TC program on an uplink's ingress...
+pub const TRACE_PATH_UPLINK: u8 = 1;
+/// ...on a container-side interface (a hairpin flow when it translates)...
+pub const TRACE_PATH_CONTAINERS: u8 = 2;
+/// ...on an uplink's egress.
+pub const TRACE_PATH_EGRESS: u8 = 3;
+
+/// One event of `portfwd trace`, written into the `pf_trace` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns`.
+    pub time_ns: u64,
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub nat_addr: Addr,
+    pub masq_addr: Addr,
+    /// Network byte order, as are the other ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub nat_port: u16,
+    pub masq_port: u16,
+    /// `TRACE_FLOW_NEW` or `TRACE_STAT`.
+    pub kind: u8,
+    pub family: u8,
+    pub proto: u8,
+    /// `TRACE_PATH_*`.
+    pub path: u8,
+    /// With `TRACE_STAT`: the `Stat` index.
+    pub stat: u32,
+    /// The interface the packet came in on (or left by).
+    pub ifindex: u32,
+    pub _pad: u32,
+}

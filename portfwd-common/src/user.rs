@@ -24,7 +24,9 @@ plain_old_data!(
     FragmentValue,
     CtKey,
     CtValue,
-    MappingCounters
+    MappingCounters,
+    TraceConfig,
+    TraceEvent
 );
 
 impl From<core::net::Ipv4Addr> for Addr {

@@ -4,6 +4,7 @@
 //! - `tc`: TC programs that DNAT external clients' flows to the container
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites).
+//! - `trace`: events for `portfwd trace`, written only while it runs.
 //! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
 //!   `types`: the types private to the programs (no module imports a module
 //!   that imports it).
@@ -16,6 +17,7 @@ mod maps;
 mod packet;
 mod sock;
 mod tc;
+mod trace;
 mod types;
 
 #[cfg(not(test))]

@@ -6,10 +6,10 @@
 //! to, because that macro takes only a string literal and the name comes
 //! from `portfwd_common::map_name!`.
 
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use portfwd_common::{
     self as abi, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_name,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, TraceConfig, map_name,
 };
 
 use crate::types::Scratch;
@@ -55,6 +55,17 @@ pub(crate) static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =
 #[unsafe(export_name = map_name!(stats))]
 pub(crate) static STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(abi::STATS.max_entries, abi::STATS.flags);
+
+/// `portfwd trace`'s events (see `trace`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(trace))]
+pub(crate) static TRACE: RingBuf =
+    RingBuf::with_byte_size(abi::TRACE.max_entries, abi::TRACE.flags);
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(trace_on))]
+pub(crate) static TRACE_ON: Array<TraceConfig> =
+    Array::with_max_entries(abi::TRACE_ON.max_entries, abi::TRACE_ON.flags);
 
 /// Per-CPU scratch memory for building conntrack entries: a BPF stack is
 /// limited to 512 bytes, and an entry with its key takes a quarter of it.

@@ -33,7 +33,8 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_TC, TRACE_PATH_UPLINK,
 };
 
 use crate::{
@@ -41,6 +42,7 @@ use crate::{
     fragments,
     maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
+    trace,
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
@@ -79,7 +81,12 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     };
     // SAFETY: per-CPU memory that only this program run uses.
     let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
-    if let Err(verdict) = parse_or_count(ctx, pkt) {
+    let path = if from_containers {
+        TRACE_PATH_CONTAINERS
+    } else {
+        TRACE_PATH_UPLINK
+    };
+    if let Err(verdict) = parse_or_count(ctx, pkt, path) {
         return verdict;
     }
     if pkt.fragment == LATER_FRAGMENT {
@@ -139,15 +146,29 @@ fn routed_reply(ctx: &TcContext) -> i32 {
 
 /// Parses into `pkt`; for a packet that is not ours, the verdict: passed
 /// untouched and counted, or dropped when it carries a loopback address.
-fn parse_or_count(ctx: &TcContext, pkt: &mut Packet) -> Result<(), i32> {
+fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
     packet::parse(ctx, pkt).map_err(|reason| {
         count(reason);
         if reason == Stat::DroppedLoopback {
+            trace::stat(ctx, pkt, path, reason);
             DROP
         } else {
             NEXT
         }
     })
+}
+
+/// Counts a packet that could have been ours and tells `portfwd trace`.
+// Not inlined: its locals stay out of `start_flow`'s frame.
+#[inline(never)]
+fn note(ctx: &TcContext, pkt: &Packet, masquerade: bool, stat: Stat) {
+    count(stat);
+    let path = if masquerade {
+        TRACE_PATH_CONTAINERS
+    } else {
+        TRACE_PATH_UPLINK
+    };
+    trace::stat(ctx, pkt, path, stat);
 }
 
 fn is_new_tcp(pkt: &Packet) -> bool {
@@ -172,14 +193,14 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     // From an uplink, a source that is one of the host's own addresses is
     // forged: its reply entry could capture the host's own connections.
     if !masquerade && is_host_address(pkt.family, &pkt.saddr) {
-        count(Stat::DroppedLocalSource);
+        note(ctx, pkt, masquerade, Stat::DroppedLocalSource);
         return DROP;
     }
     // Only a SYN opens a TCP flow. Anything else to a published port is a
     // flow conntrack lost (evicted or expired): counted, and left to the
     // host, which resets it.
     if !opens {
-        count(Stat::UntrackedMidflow);
+        note(ctx, pkt, masquerade, Stat::UntrackedMidflow);
         return NEXT;
     }
     // No NAT between families: an IPv4 client cannot reach an IPv6 container.
@@ -194,7 +215,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     // gets another, as netfilter's NAT clash resolution does.
     let masq_addr = if masquerade { &pkt.daddr } else { &pkt.saddr };
     let Some(port) = masquerade_port(pkt, &backend, masq_addr, now) else {
-        count(Stat::RewriteFailed);
+        note(ctx, pkt, masquerade, Stat::RewriteFailed);
         return NEXT;
     };
     let masq = (masquerade || port != pkt.sport).then_some((*masq_addr, port));
@@ -208,7 +229,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     };
     let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
         // Untracked, the replies could not be translated back: do not start.
-        count(Stat::RewriteFailed);
+        note(ctx, pkt, masquerade, Stat::RewriteFailed);
         return NEXT;
     };
     if pkt.fragment == FIRST_FRAGMENT {
@@ -222,6 +243,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         );
     }
     count(Stat::FlowNew);
+    trace::flow_new(ctx, pkt, masquerade, &nat);
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { (*counters).connections += 1 };
@@ -387,6 +409,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     if !still_mapped(ct, &ct.nat_addr, ct.nat_port) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);
+        trace::stat(ctx, pkt, TRACE_PATH_TC, Stat::FlowStopped);
         // Untouched, the packet meets no listener on the host: the client
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;

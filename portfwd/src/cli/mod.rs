@@ -11,6 +11,7 @@ mod commands;
 mod conntrack;
 mod explain;
 mod list;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -113,6 +114,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream what the TC programs decide: new flows, drops, packets passed untranslated
+    Trace {
+        /// Only packets from or to this port
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// Only this protocol (tcp or udp)
+        #[arg(long, value_name = "PROTO")]
+        proto: Option<crate::model::Protocol>,
+        /// Only drops and packets passed untranslated
+        #[arg(long)]
+        drops: bool,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+        /// Stop after N events
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+    },
     /// Run as the host's portfwd service: keep the port holder running
     /// (restarting it when it dies) and serve Prometheus metrics
     Serve {
@@ -208,6 +230,26 @@ pub fn main() -> ExitCode {
                 conntrack::flush(&pin_dir, &ops::FlowFilter { port, name })
             }
         },
+        Command::Trace {
+            port,
+            proto,
+            drops,
+            json,
+            count,
+            duration,
+        } => trace::trace(
+            &pin_dir,
+            &trace::TraceOptions {
+                filter: crate::datapath::TraceFilter {
+                    port,
+                    protocol: proto,
+                    drops_only: drops,
+                },
+                json,
+                count,
+                duration: duration.map(std::time::Duration::from_secs),
+            },
+        ),
         Command::Explain { target, from, json } => {
             explain::explain(&pin_dir, &target, from.as_deref(), json)
         }

@@ -16,6 +16,7 @@ mod rollback;
 mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
+mod trace;
 
 pub(crate) use backend::prepare_backend_path;
 pub(crate) use conntrack::{Flow, flows, forget_flows};
@@ -28,3 +29,4 @@ pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
 pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};
 pub(crate) use rollback::Rollback;
+pub(crate) use trace::{TraceFilter, Traced, Tracer};

@@ -115,6 +115,7 @@ mod tests {
             t if t == map_type::BPF_MAP_TYPE_ARRAY as u32 => MapKind::Array,
             t if t == map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32 => MapKind::PerCpuArray,
             t if t == map_type::BPF_MAP_TYPE_PERCPU_HASH as u32 => MapKind::PerCpuHash,
+            t if t == map_type::BPF_MAP_TYPE_RINGBUF as u32 => MapKind::RingBuf,
             _ => return None,
         };
         Some(kind)

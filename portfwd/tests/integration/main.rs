@@ -26,3 +26,4 @@ mod socket_completeness;
 mod socket_path;
 mod support;
 mod tc_path;
+mod trace;

@@ -1,0 +1,112 @@
+//! Events for `portfwd trace`, written into the `pf_trace` ring buffer
+//! while the `pf_trace_on` switch is on, and only for the events and
+//! packets its filters pass. Off, an event costs one array lookup; events
+//! are rare anyway (new flows, drops, packets passed untranslated), never
+//! per packet of a tracked flow. A full ring buffer drops the event and
+//! counts it (`trace_events_lost`): tracing never slows the data path.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use portfwd_common::{
+    Addr, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRACE_STAT, TraceEvent,
+};
+
+use crate::{
+    conntrack::Nat,
+    maps::{STATS, TRACE, TRACE_ON},
+    packet::Packet,
+};
+
+/// Whether an event about `pkt` is wanted now.
+#[inline(always)]
+fn wanted(pkt: &Packet, is_drop: bool) -> bool {
+    let Some(config) = TRACE_ON.get(0) else {
+        return false;
+    };
+    config.enabled == 1
+        && (config.port == 0 || config.port == pkt.sport || config.port == pkt.dport)
+        && (config.proto == 0 || config.proto == pkt.proto)
+        && (config.drops_only == 0 || is_drop)
+}
+
+/// A reserved event with the packet's tuple filled in, or None (not wanted,
+/// or no room: counted).
+#[inline(always)]
+fn event(
+    ctx: &TcContext,
+    pkt: &Packet,
+    kind: u8,
+    path: u8,
+    is_drop: bool,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<TraceEvent>> {
+    if !wanted(pkt, is_drop) {
+        return None;
+    }
+    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
+        if let Some(lost) = STATS.get_ptr_mut(Stat::TraceLost.index()) {
+            // SAFETY: per-CPU value, only this CPU writes it.
+            unsafe { *lost += 1 };
+        }
+        return None;
+    };
+    // The entry is ring buffer memory: written field by field, no copy on
+    // the stack.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable TraceEvent.
+    unsafe {
+        (*e).time_ns = bpf_ktime_get_ns();
+        (*e).saddr = pkt.saddr;
+        (*e).daddr = pkt.daddr;
+        (*e).nat_addr = Addr::UNSPECIFIED;
+        (*e).masq_addr = Addr::UNSPECIFIED;
+        (*e).sport = pkt.sport;
+        (*e).dport = pkt.dport;
+        (*e).nat_port = 0;
+        (*e).masq_port = 0;
+        (*e).kind = kind;
+        (*e).family = pkt.family;
+        (*e).proto = pkt.proto;
+        (*e).path = path;
+        (*e).stat = 0;
+        (*e).ifindex = (*ctx.skb.skb).ifindex;
+        (*e)._pad = 0;
+    }
+    Some(entry)
+}
+
+/// A new flow, translated as `nat` says (`from_containers`: a hairpin flow).
+#[inline(never)]
+pub(crate) fn flow_new(ctx: &TcContext, pkt: &Packet, from_containers: bool, nat: &Nat) {
+    let path = if from_containers {
+        TRACE_PATH_CONTAINERS
+    } else {
+        TRACE_PATH_UPLINK
+    };
+    let Some(mut entry) = event(ctx, pkt, TRACE_FLOW_NEW, path, false) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable TraceEvent.
+    unsafe {
+        (*e).nat_addr = nat.backend;
+        (*e).nat_port = nat.backend_port;
+        if let Some((addr, port)) = nat.masq {
+            (*e).masq_addr = addr;
+            (*e).masq_port = port;
+        }
+    }
+    entry.submit(0);
+}
+
+/// A packet counted under `stat`: dropped, or passed untranslated though
+/// it could have been ours.
+#[inline(never)]
+pub(crate) fn stat(ctx: &TcContext, pkt: &Packet, path: u8, stat: Stat) {
+    // Every stat traced is a drop or a packet passed untranslated (a
+    // stopped flow's packet goes on untouched).
+    let Some(mut entry) = event(ctx, pkt, TRACE_STAT, path, true) else {
+        return;
+    };
+    // SAFETY: `e` points to a reserved, writable TraceEvent.
+    unsafe { (*entry.as_mut_ptr()).stat = stat.index() };
+    entry.submit(0);
+}

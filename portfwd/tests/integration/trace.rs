@@ -1,0 +1,155 @@
+//! `portfwd trace`: the events match the traffic sent through the TC path
+//! (external and hairpin flows, a flow stopped by `unmap`), filters apply,
+//! and tracing ends with the reader. Needs root (`cargo xtask test`).
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// `portfwd trace --json ARGS` in the background; its stderr's first line
+/// says it is tracing.
+fn start_trace(args: &[&str]) -> Child {
+    // Bounded even if the events never come.
+    let duration: &[&str] = if args.contains(&"--duration") {
+        &[]
+    } else {
+        &["--duration", "20"]
+    };
+    let mut child = Command::new(PORTFWD)
+        .args(["--bpffs", &pin_dir(), "trace", "--json"])
+        .args(duration)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting portfwd trace");
+    let mut first = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("tracing"), "portfwd trace said {first:?}");
+    child
+}
+
+/// Waits (bounded) for the trace to end; its events.
+fn events_of(mut child: Child) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "portfwd trace did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    out.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect()
+}
+
+#[test]
+fn trace_shows_new_flows_hairpin_and_stopped_flows() {
+    let Some(_serial) = root_test("trace") else {
+        return;
+    };
+    let ctr = Container::new(74);
+    let client = Container::with_prefix(74, "ext", 252);
+    let _web = ctr.serve("[::]:80", "ctr74");
+    let _echo = serve_udp(
+        Some(ctr.netns_path()),
+        "0.0.0.0:5301".parse().unwrap(),
+        "ctr74",
+    );
+    let _pf = Portfwd::up(&["--iface", &client.host_if]);
+    let ctr_ip = ctr.v4().to_string();
+    portfwd_ok(&["map", "--name", "web", &ctr_ip, "47740:80"]);
+    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "47741:5301/udp"]);
+    let uplink = client.host_v4();
+    let client_ip = client.v4();
+    let web = SocketAddr::new(uplink, 47740);
+    let dns = SocketAddr::new(uplink, 47741);
+    let from = SocketAddr::new(client_ip, 41740);
+
+    let trace = start_trace(&["--count", "5"]);
+    for _ in 0..2 {
+        client.inside(move || fetch(web)).expect("external fetch");
+    }
+    client
+        .inside(move || udp_ask(dns, Some(from), b"hi"))
+        .expect("external UDP");
+    // Hairpin: the container dials the published address.
+    ctr.inside(move || fetch(web)).expect("hairpin fetch");
+    // The UDP flow goes on after its mapping is removed: stopped.
+    portfwd_ok(&["unmap", "--name", "dns"]);
+    let _ = client.inside(move || udp_ask(dns, Some(from), b"again"));
+    let events = events_of(trace);
+    assert_eq!(events.len(), 5, "{events:#?}");
+
+    let external: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "flow_new" && e["path"] == "uplink")
+        .collect();
+    assert_eq!(external.len(), 3, "{events:#?}");
+    for e in &external {
+        assert_eq!(e["interface"], client.host_if.as_str());
+        let source: SocketAddr = e["source"].as_str().unwrap().parse().unwrap();
+        assert_eq!(source.ip(), client_ip);
+        assert!(e["masqueraded_as"].is_null());
+    }
+    let udp = external.iter().find(|e| e["protocol"] == "udp").unwrap();
+    assert_eq!(udp["source"], from.to_string());
+    assert_eq!(udp["destination"], dns.to_string());
+    assert_eq!(udp["translated_to"], format!("{ctr_ip}:5301"));
+    let tcp = external.iter().find(|e| e["protocol"] == "tcp").unwrap();
+    assert_eq!(tcp["translated_to"], format!("{ctr_ip}:80"));
+
+    let hairpin: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["path"] == "containers")
+        .collect();
+    assert_eq!(hairpin.len(), 1, "{events:#?}");
+    assert_eq!(hairpin[0]["event"], "flow_new");
+    assert_eq!(hairpin[0]["destination"], web.to_string());
+    let masq: SocketAddr = hairpin[0]["masqueraded_as"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(masq.ip(), uplink, "masqueraded to the dialed host address");
+
+    let stopped: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "flows_stopped")
+        .collect();
+    assert_eq!(stopped.len(), 1, "{events:#?}");
+    assert_eq!(stopped[0]["source"], from.to_string());
+
+    // Filters: only drops and untranslated packets, only one port. A new
+    // flow is not shown; the stopped one is.
+    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "47741:5301/udp"]);
+    let trace = start_trace(&["--drops", "--port", "47741", "--count", "1"]);
+    client.inside(move || fetch(web)).expect("external fetch");
+    client
+        .inside(move || udp_ask(dns, Some(SocketAddr::new(client_ip, 41741)), b"x"))
+        .expect("external UDP");
+    portfwd_ok(&["unmap", "--name", "dns"]);
+    let _ = client.inside(move || udp_ask(dns, Some(SocketAddr::new(client_ip, 41741)), b"y"));
+    let events = events_of(trace);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["event"], "flows_stopped");
+    // One reader at a time; the first's end turned tracing off, so a new
+    // one starts.
+    let again = start_trace(&["--count", "1", "--duration", "1"]);
+    assert!(events_of(again).is_empty());
+}
