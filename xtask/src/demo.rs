@@ -132,10 +132,54 @@ impl Demo {
 
         heading("listing the active mappings, with their traffic")?;
         self.portfwd("list")?;
+
+        heading("what happens to a connection to the published port, and why")?;
+        self.portfwd(&format!("explain {UPLINK_IP}:{HOST_PORT}"))?;
+        self.trace()?;
         self.unmap()?;
 
         heading("detaching portfwd")?;
         self.portfwd("down")
+    }
+
+    /// `portfwd trace` while the external client connects twice.
+    fn trace(&self) -> Result<()> {
+        heading(
+            "a live trace of the TC programs' decisions while the external client connects twice",
+        )?;
+        let args = ["trace", "--count", "2", "--duration", "10"];
+        show("portfwd", &args);
+        let mut trace = Command::new(&self.bin)
+            .env(PIN_ENV, PIN_DIR)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting portfwd trace")?;
+        // Its first line ("tracing") says the switch is on.
+        let mut stderr = std::io::BufReader::new(trace.stderr.take().context("trace's stderr")?);
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut first)?;
+        eprint!("{first}");
+        for _ in 0..2 {
+            quiet(Command::new("ip").args([
+                "netns",
+                "exec",
+                CLIENT_NS,
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                &format!("http://{UPLINK_IP}:{HOST_PORT}/"),
+            ]));
+        }
+        let status = trace.wait()?;
+        std::io::copy(&mut stderr, &mut std::io::stderr())?;
+        if !status.success() {
+            bail!("portfwd trace failed ({status})");
+        }
+        Ok(())
     }
 
     /// The "container" and the "external" client, each a namespace behind

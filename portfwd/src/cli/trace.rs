@@ -68,7 +68,12 @@ pub(crate) fn trace(pin_dir: &Path, options: &TraceOptions) -> Result<()> {
     }
     drop(tracer);
     let lost = lost(pin_dir).saturating_sub(lost_before);
-    eprintln!("portfwd trace: {seen} events, {lost} lost (the reader was too slow)");
+    let lost = if lost > 0 {
+        format!(", {lost} lost (the reader was too slow)")
+    } else {
+        String::new()
+    };
+    eprintln!("portfwd trace: {seen} events{lost}");
     Ok(())
 }
 
