@@ -38,12 +38,8 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
         let how = match m.how {
             MatchKind::Exact => "published on this address".to_owned(),
             MatchKind::Wildcard => format!(
-                "wildcard: serves every address of this host{}",
-                if q.addr.is_ipv4() {
-                    " (IPv4)"
-                } else {
-                    " (IPv6)"
-                }
+                "the wildcard: serves every {} address of this host",
+                if q.addr.is_ipv4() { "IPv4" } else { "IPv6" }
             ),
         };
         row(
@@ -67,8 +63,13 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
             out,
             "traffic",
             format!(
-                "{} flows; in {} packets/{} bytes, out {} packets/{} bytes (TC path)",
-                c.flows, c.packets_in, c.bytes_in, c.packets_out, c.bytes_out
+                "{} flow{}; in {} packets/{} bytes, out {} packets/{} bytes (TC path)",
+                c.flows,
+                if c.flows == 1 { "" } else { "s" },
+                c.packets_in,
+                c.bytes_in,
+                c.packets_out,
+                c.bytes_out
             ),
         )?;
     }
