@@ -14,6 +14,8 @@ mod rollback;
 mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
+#[cfg(test)]
+mod tc_cost;
 
 pub(crate) use backend::prepare_backend_path;
 pub(crate) use install::{

@@ -21,9 +21,9 @@ const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const TO_STACK: u32 = 0; // TC_ACT_OK
 const DROP: u32 = 2; // TC_ACT_SHOT
 
-const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
-const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
-const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
+pub(super) const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
+pub(super) const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
+pub(super) const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
 const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
 const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 0, 7);
@@ -34,14 +34,14 @@ const HOST_MAC: [u8; 6] = [0; 6];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
 
 #[derive(Clone, Copy)]
-enum L4 {
+pub(super) enum L4 {
     Syn,
     Ack,
     Udp,
 }
 
 /// An Ethernet frame from `src` to `dst`.
-fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
+pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
     let ip = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
@@ -85,7 +85,7 @@ struct Case {
     counts: Stat,
 }
 
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+pub(super) fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
@@ -200,7 +200,7 @@ fn publish(ebpf: &mut Ebpf) {
     }
 }
 
-fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
+pub(super) fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
     let map = ebpf.map(STATS.name).expect("the stats map");
     let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).unwrap();
     stats.get(&stat.index(), 0).unwrap().iter().sum()

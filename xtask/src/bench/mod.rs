@@ -60,6 +60,11 @@ pub(crate) struct Args {
     /// Prefix of the namespaces' names (two runs at once need two prefixes).
     #[arg(long, default_value = "pfb")]
     prefix: String,
+    /// Only the cost of each TC program per packet, through BPF_PROG_TEST_RUN
+    /// on crafted frames (a million runs per case, timed by the kernel; no
+    /// namespaces, no traffic): the figure to optimise against.
+    #[arg(long)]
+    prog: bool,
 }
 
 /// The key of one series of samples.
@@ -116,6 +121,9 @@ struct Trial {
 pub(crate) fn bench(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
+    }
+    if args.prog {
+        return prog_cost();
     }
     let plan = Plan::new(&args)?;
     ns::NICE.store(args.nice, Ordering::Relaxed);
@@ -296,6 +304,25 @@ pub(crate) fn smoke() -> Result<()> {
         out.join("results.md").display()
     );
     Ok(())
+}
+
+/// `bench --prog`: the ignored test that measures each TC program through
+/// BPF_PROG_TEST_RUN (portfwd's `datapath::tc_cost`, which reuses the
+/// crafted frames of the packet cases), with this tree's eBPF object.
+fn prog_cost() -> Result<()> {
+    let obj = build::build_ebpf(true)?;
+    if let Some(load) = loadavg().filter(|&l| l > 1.0) {
+        println!(
+            "bench: note: load average {load:.2}: the kernel times each run itself, \
+             but a busy machine still shifts the figures a little"
+        );
+    }
+    run(crate::cargo()
+        .current_dir(root())
+        .env(build::EBPF_OBJ_ENV, &obj)
+        .args(["test", "--quiet", "-p", "portfwd", "--lib", "--"])
+        .args(["--ignored", "--exact", "datapath::tc_cost::tc_program_cost"])
+        .args(["--nocapture", "--test-threads=1"]))
 }
 
 fn loadavg() -> Option<f64> {
