@@ -55,6 +55,9 @@ pub(crate) struct Packet {
     /// The IP identification of a fragment's datagram (IPv4: 16 bits; IPv6:
     /// the Fragment header's 32).
     pub frag_id: u32,
+    /// When the packet matched a tracked flow (`conntrack::now`): the clock
+    /// is read once, on a hit. 0 until then.
+    pub now: u64,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -180,6 +183,7 @@ fn later_fragment(
         len: ctx.len(),
         fragment: LATER_FRAGMENT,
         frag_id,
+        now: 0,
     })
 }
 
@@ -272,6 +276,7 @@ fn transport(
         len: ctx.len(),
         fragment: WHOLE,
         frag_id: 0,
+        now: 0,
     })
 }
 

@@ -90,13 +90,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         };
         return translate_fragment(ctx, pkt, Some(untracked), true);
     }
-    let now = conntrack::now();
     conntrack::set_key(key, pkt);
-    if let Some(entry) = conntrack::lookup(key, now) {
+    if let Some((entry, now)) = conntrack::find(key) {
+        pkt.now = now;
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
-            return start_flow(ctx, pkt, now, from_containers);
+            return start_flow(ctx, pkt, from_containers);
         }
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
@@ -108,7 +108,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, pkt, now, from_containers)
+    start_flow(ctx, pkt, from_containers)
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
@@ -128,9 +128,10 @@ fn routed_reply(ctx: &TcContext) -> i32 {
         return translate_fragment(ctx, pkt, None, false);
     }
     conntrack::set_key(key, pkt);
-    match conntrack::lookup(key, conntrack::now()) {
+    match conntrack::find(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
-        Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
+        Some((entry, now)) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
+            pkt.now = now;
             translate_reply(ctx, pkt, key, entry, false)
         }
         _ => NEXT,
@@ -159,7 +160,7 @@ fn is_new_tcp(pkt: &Packet) -> bool {
 // Not inlined (nor are the other steps): each BPF function gets its own
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 #[inline(never)]
-fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 {
+fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     let opens = pkt.proto != IPPROTO_TCP || is_new_tcp(pkt);
     // From containers, an untracked TCP packet that opens nothing is a reply
     // on a socket-path connection: out at once, without a service lookup.
@@ -192,6 +193,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     // clash. An external client keeps its own port unless another flow to
     // the same container (through another published port) has it: then it
     // gets another, as netfilter's NAT clash resolution does.
+    let now = conntrack::now();
     let masq_addr = if masquerade { &pkt.daddr } else { &pkt.saddr };
     let Some(port) = masquerade_port(pkt, &backend, masq_addr, now) else {
         count(Stat::RewriteFailed);
@@ -391,7 +393,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    let now = conntrack::now();
+    let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ct.ifindex, ifindex_of(ctx), now);
@@ -430,7 +432,7 @@ fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    let now = conntrack::now();
+    let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if pkt.fragment == FIRST_FRAGMENT {
