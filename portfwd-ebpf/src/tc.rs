@@ -15,7 +15,9 @@
 //!   host address, so that the container answering replies through the
 //!   host even when the client shares its link (a bridge) or is itself.
 //! - `pf_tc_uplink_out` (uplink egress): the reverse translation for replies
-//!   that reached the uplink through the host's routing instead.
+//!   that reached the uplink through the host's routing instead. Replies
+//!   that an ingress program translated and redirected carry
+//!   `TRANSLATED_MARK`, and leave at once.
 //!
 //! Packets that are not ours go on untouched (TC_ACT_UNSPEC: the next
 //! program or the stack decides), and every kind of untouched packet that
@@ -33,7 +35,7 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat, TRANSLATED_MARK,
 };
 
 use crate::{
@@ -114,6 +116,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
 /// Uplink egress: replies that reached the uplink through the host's
 /// routing rather than a redirect.
 fn routed_reply(ctx: &TcContext) -> i32 {
+    // Translated at ingress and redirected here: nothing left to do. The
+    // mark was ours (set on a packet that had none): cleared.
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == TRANSLATED_MARK {
+        ctx.set_mark(0);
+        return NEXT;
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
@@ -435,6 +444,9 @@ fn translate_reply(
     let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
+    if ifindex != 0 {
+        mark_translated(ctx);
+    }
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
     }
@@ -484,6 +496,9 @@ fn translate_fragment(
         return DROP;
     }
     let reply = value.flags & FRAGMENT_FLAG_REPLY != 0;
+    if reply && redirect && value.ifindex != 0 {
+        mark_translated(ctx);
+    }
     add_traffic(&value.service, pkt.len, !reply);
     count(if reply {
         Stat::FragmentOut
@@ -504,6 +519,18 @@ fn deliver(ifindex: u32) -> i32 {
     count(Stat::Redirected);
     // SAFETY: no parameters: the kernel resolves the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Marks a reply that is redirected translated, so that the uplink's egress
+/// program lets it go at once. Only a packet without a mark: another user's
+/// mark is kept (that packet is then looked up at egress, and found
+/// translated already).
+#[inline(always)]
+fn mark_translated(ctx: &TcContext) {
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == 0 {
+        ctx.set_mark(TRANSLATED_MARK);
+    }
 }
 
 /// The interface the packet is on (in at ingress, out at egress).

@@ -11,7 +11,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::{IpFragOffset, Ipv4Header, PacketBuilder};
-use portfwd_common::{SERVICES, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS};
+use portfwd_common::{
+    BACKEND_PROGRAMS, SERVICES, STATS, ServiceKey, ServiceValue, Stat, TRANSLATED_MARK,
+    UPLINK_PROGRAMS,
+};
 
 use super::object::OBJECT;
 use crate::model::{Mapping, Protocol};
@@ -253,4 +256,93 @@ fn uplink_ingress_cases() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8.
+const SKB_CTX_LEN: usize = 192;
+const SKB_MARK_OFF: usize = 8;
+
+/// A test run's skb context with the mark `mark` (all else zero: the
+/// kernel's defaults).
+pub(super) fn skb_ctx(mark: u32) -> [u8; SKB_CTX_LEN] {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
+/// One run of `program` on `input` with the skb mark `mark`: the verdict,
+/// the frame out and the mark out.
+fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
+    let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
+    let ctx_in = skb_ctx(mark);
+    let mut ctx_out = [0u8; SKB_CTX_LEN];
+    let mut out = vec![0u8; input.len() + 64];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("{program:?}: {e}"));
+    out.truncate(result.data_size_out as usize);
+    let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4].try_into().unwrap());
+    (result.return_value, out, mark)
+}
+
+/// A reply that `backend_in` translated and redirected to the uplink is
+/// marked, and the uplink's egress program lets a marked packet go at once
+/// (clearing the mark) instead of translating it again; unmarked, the same
+/// frame is a routed reply and is translated. A packet that already had a
+/// mark keeps it.
+#[test]
+fn translated_replies_skip_uplink_egress() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED translated_replies_skip_uplink_egress: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let mapping = Mapping {
+        name: "mark".into(),
+        protocol: Protocol::Tcp,
+        host: v4(HOST_V4, 8080),
+        container: v4(CTR_V4, 80),
+        // Any existing interface: a test run returns the verdict, it does
+        // not redirect.
+        ifindex: 1,
+        hold: true,
+    };
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    let (uplink_in, uplink_out) = (UPLINK_PROGRAMS[0].name, UPLINK_PROGRAMS[1].name);
+    let backend_in = BACKEND_PROGRAMS[0].name;
+    for name in [uplink_in, uplink_out, backend_in] {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+    }
+    let client = v4(CLIENT_V4, 40001);
+    let syn = frame(client, mapping.host, L4::Syn);
+    let (verdict, _, _) = run_marked(&ebpf, uplink_in, &syn, 0);
+    assert_eq!(verdict, REDIRECT, "the SYN");
+
+    let reply = frame(mapping.container, client, L4::Ack);
+    let translated = frame(mapping.host, client, L4::Ack);
+    let (verdict, out, mark) = run_marked(&ebpf, backend_in, &reply, 0);
+    assert_eq!((verdict, &out), (REDIRECT, &translated), "the reply");
+    assert_eq!(mark, TRANSLATED_MARK, "the redirected reply's mark");
+    let (_, _, mark) = run_marked(&ebpf, backend_in, &reply, 0x4000);
+    assert_eq!(mark, 0x4000, "a reply that had a mark keeps it");
+
+    let (verdict, out, mark) = run_marked(&ebpf, uplink_out, &reply, TRANSLATED_MARK);
+    assert_eq!(
+        (verdict, &out, mark),
+        (NEXT, &reply, 0),
+        "a marked packet at egress"
+    );
+    let (verdict, out, _) = run_marked(&ebpf, uplink_out, &reply, 0);
+    assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
 }

@@ -21,11 +21,11 @@ use aya::{
 };
 use portfwd_common::{
     BACKEND_PROGRAMS, COUNTERS, MappingCounters, SERVICES, ServiceKey, ServiceValue, Stat,
-    UPLINK_PROGRAMS,
+    TRANSLATED_MARK, UPLINK_PROGRAMS,
 };
 
 use super::object::OBJECT;
-use super::tc_cases::{CLIENT_V4, CTR_V4, HOST_V4, L4, frame, stat, v4};
+use super::tc_cases::{CLIENT_V4, CTR_V4, HOST_V4, L4, frame, skb_ctx, stat, v4};
 use crate::model::{Mapping, Protocol};
 
 const UPLINK_IN: &str = UPLINK_PROGRAMS[0].name;
@@ -75,12 +75,20 @@ fn publish_cycle(ebpf: &mut Ebpf) {
 }
 
 fn run(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32) -> (u32, u64) {
+    run_marked(ebpf, program, input, repeat, 0)
+}
+
+/// `repeat` runs of `program` on `input` with the skb mark `mark` (of the
+/// first run: a program may change it): the verdict and ns per run.
+fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, mark: u32) -> (u32, u64) {
     let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
     let mut out = vec![0u8; input.len() + 64];
+    let ctx = skb_ctx(mark);
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(&mut out),
+            ctx_in: (mark != 0).then_some(&ctx[..]),
             repeat,
             ..TestRunOptions::default()
         })
@@ -89,9 +97,15 @@ fn run(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32) -> (u32, u64) {
 }
 
 /// The median kernel-timed ns of `count` single runs of `input(i)`.
-fn single_runs(ebpf: &Ebpf, program: &str, count: u32, input: impl Fn(u32) -> Vec<u8>) -> u64 {
+fn single_runs(
+    ebpf: &Ebpf,
+    program: &str,
+    count: u32,
+    mark: u32,
+    input: impl Fn(u32) -> Vec<u8>,
+) -> u64 {
     let mut times: Vec<u64> = (0..count)
-        .map(|i| run(ebpf, program, &input(i), 1).1)
+        .map(|i| run_marked(ebpf, program, &input(i), 1, mark).1)
         .collect();
     times.sort_unstable();
     times[times.len() / 2]
@@ -183,12 +197,17 @@ fn tc_program_cost() {
         let host = 10 + (i / 50_000) as u8;
         v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
     };
-    let syn_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, |i| {
+    let syn_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, 0, |i| {
         frame(new_client(i), a, L4::Syn)
     });
     let new_flows = stat(&ebpf, Stat::FlowNew) - flows_before;
     assert_eq!(new_flows, u64::from(NEW_FLOWS), "every SYN opened a flow");
-    let single_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, |_| {
+    // A reply that backend_in translated and redirected reaches the
+    // uplink's egress marked (its first run clears the mark: single runs).
+    let marked_ns = single_runs(&ebpf, UPLINK_OUT, NEW_FLOWS, TRANSLATED_MARK, |_| {
+        frame(a, client, L4::Ack)
+    });
+    let single_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, 0, |_| {
         let mut frame = frame(client, a, L4::Ack);
         frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
         frame
@@ -201,6 +220,7 @@ fn tc_program_cost() {
     }
     println!(
         "| {UPLINK_IN} | SYN of a new flow (single runs) | {syn_ns} | redirect |\n\
+         | {UPLINK_OUT} | reply translated at ingress (marked; single runs) | {marked_ns} | next |\n\
          | {UPLINK_IN} | baseline, single runs (overhead of that method) | {single_ns} | next |"
     );
     println!(
