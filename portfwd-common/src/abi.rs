@@ -43,6 +43,9 @@ macro_rules! map_name {
     (fragments) => {
         "pf_fragments"
     };
+    (services_gen) => {
+        "pf_services_gen"
+    };
     (scratch) => {
         "pf_scratch"
     };
@@ -160,6 +163,11 @@ pub const FRAGMENTS: MapDef = map(
     8_192,
 );
 
+/// The services generation: one `u64` that userspace increments after it
+/// removes (or changes) mappings, so that the TC programs look a tracked
+/// flow's mapping up again only when the services changed, not per packet.
+pub const SERVICES_GEN: MapDef = map(map_name!(services_gen), MapKind::Array, 4, 8, 1);
+
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
 pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
@@ -167,7 +175,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 8] = [
+pub const MAPS: [MapDef; 9] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -176,6 +184,7 @@ pub const MAPS: [MapDef; 8] = [
     COUNTERS,
     STATS,
     FRAGMENTS,
+    SERVICES_GEN,
 ];
 
 /// Where a program attaches.

@@ -176,6 +176,8 @@ pub(crate) struct Nat {
     pub client_ifindex: u32,
     /// Hairpin: the (host address, port) the client is rewritten to.
     pub masq: Option<(Addr, u16)>,
+    /// The services generation read before the mapping was looked up.
+    pub generation: u16,
 }
 
 /// The key of the packet's own flow (the forward direction of a new one).
@@ -233,7 +235,7 @@ pub(crate) fn create(
     value.service = *service;
     value.masq_addr = pkt.saddr;
     value.masq_port = pkt.sport;
-    value._pad2 = 0;
+    value.generation = nat.generation;
     value.last_seen_ns = now;
     value.closing_since_ns = 0;
     // The reply key was checked free (`masquerade_port`); another CPU may

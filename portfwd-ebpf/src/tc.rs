@@ -41,7 +41,7 @@ use portfwd_common::{
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -176,6 +176,9 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     if masquerade && !opens {
         return NEXT;
     }
+    // Read before the mapping is: a removal after the lookup then comes
+    // with a newer generation, and the flow looks its mapping up again.
+    let generation = services_generation();
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
@@ -216,6 +219,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         // SAFETY: reading a context field, checked by the verifier.
         client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
         masq,
+        generation,
     };
     let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
         // Untracked, the replies could not be translated back: do not start.
@@ -380,22 +384,42 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
         && is_host_address(pkt.family, &pkt.daddr)
 }
 
+/// The services generation (`pf_services_gen`), truncated as flows keep it.
+#[inline(always)]
+fn services_generation() -> u16 {
+    SERVICES_GEN
+        .get(0)
+        .map_or(0, |generation| *generation as u16)
+}
+
 /// The flow's mapping must still exist and still point at the same
 /// container: `unmap` (or a remap) stops existing flows, not only new ones.
-fn still_mapped(ct: &CtValue, backend: &Addr, backend_port: u16) -> bool {
+/// Looked up only when the services changed since the flow last checked
+/// (userspace increments the generation after removing mappings).
+#[inline(always)]
+fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
+    let generation = services_generation();
+    if ct.generation == generation {
+        return true;
+    }
     // SAFETY: the value is read at once.
-    match unsafe { SERVICES.get(&ct.service) } {
+    let mapped = match unsafe { SERVICES.get(&ct.service) } {
         Some(value) => value.addr == *backend && value.port == backend_port,
         None => false,
+    };
+    if mapped {
+        ct.generation = generation;
     }
+    mapped
 }
 
 // The entry is used in place, not copied: the stack is limited to 512 bytes.
 #[inline(never)]
 fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtValue) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
-    let ct = unsafe { &*entry };
-    if !still_mapped(ct, &ct.nat_addr, ct.nat_port) {
+    let ct = unsafe { &mut *entry };
+    let (backend, backend_port) = (ct.nat_addr, ct.nat_port);
+    if !still_mapped(ct, &backend, backend_port) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);
         // Untouched, the packet meets no listener on the host: the client
@@ -433,7 +457,7 @@ fn translate_reply(
     redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
-    let ct = unsafe { &*entry };
+    let ct = unsafe { &mut *entry };
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);

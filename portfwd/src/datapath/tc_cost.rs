@@ -37,7 +37,7 @@ const BACKEND_IN: &str = BACKEND_PROGRAMS[0].name;
 /// the median of single runs.
 const REPEAT: u32 = 1_000_000;
 const PASSES: usize = 3;
-const NEW_FLOWS: u32 = 100_000;
+const SINGLE_RUNS: u32 = 100_000;
 
 /// Another container, whose packets to the host belong to no tracked flow.
 const OTHER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 3);
@@ -96,21 +96,6 @@ fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, mark: u32) 
     (result.return_value, result.duration.as_nanos() as u64)
 }
 
-/// The median kernel-timed ns of `count` single runs of `input(i)`.
-fn single_runs(
-    ebpf: &Ebpf,
-    program: &str,
-    count: u32,
-    mark: u32,
-    input: impl Fn(u32) -> Vec<u8>,
-) -> u64 {
-    let mut times: Vec<u64> = (0..count)
-        .map(|i| run_marked(ebpf, program, &input(i), 1, mark).1)
-        .collect();
-    times.sort_unstable();
-    times[times.len() / 2]
-}
-
 fn verdict(code: u32) -> &'static str {
     match code as i32 {
         -1 => "next",
@@ -121,14 +106,16 @@ fn verdict(code: u32) -> &'static str {
     }
 }
 
-#[test]
-#[ignore = "a measurement: `cargo xtask bench --prog` runs it"]
-fn tc_program_cost() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED tc_program_cost: BPF_PROG_TEST_RUN needs root");
-        return;
-    }
-    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+/// One measured case: program, packet, ns per run, verdict.
+struct Row {
+    program: &'static str,
+    case: &'static str,
+    ns: u64,
+    verdict: u32,
+}
+
+/// Every case, on a fresh load of `ebpf` (an object's programs and maps).
+fn measure(mut ebpf: Ebpf) -> Vec<Row> {
     publish_cycle(&mut ebpf);
     for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -146,17 +133,26 @@ fn tc_program_cost() {
     }
     let flows_before = stat(&ebpf, Stat::FlowNew);
 
-    let mut rows: Vec<(&str, &str, u64, u32)> = Vec::new();
+    let mut rows = Vec::new();
     let mut repeated = |program: &'static str, case: &'static str, input: Vec<u8>| {
         let passes = (0..PASSES).map(|_| run(&ebpf, program, &input, REPEAT));
-        let (code, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
-        rows.push((program, case, ns, code));
+        let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
+        rows.push(Row {
+            program,
+            case,
+            ns,
+            verdict,
+        });
     };
     // A frame to another MAC (PACKET_OTHERHOST): the program's first check
     // sends it on; the cost of running a program at all.
     let mut other_host = frame(client, a, L4::Ack);
     other_host[..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
-    repeated(UPLINK_IN, "baseline: frame for another host", other_host);
+    repeated(
+        UPLINK_IN,
+        "baseline: frame for another host",
+        other_host.clone(),
+    );
     repeated(
         UPLINK_IN,
         "established: data of a tracked flow",
@@ -192,39 +188,111 @@ fn tc_program_cost() {
         "unrelated: host's own TCP, outbound",
         frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
     );
+    let mut single =
+        |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
+            let mut times: Vec<(u64, u32)> = (0..SINGLE_RUNS)
+                .map(|i| {
+                    let (verdict, ns) = run_marked(&ebpf, program, &input(i), 1, mark);
+                    (ns, verdict)
+                })
+                .collect();
+            times.sort_unstable();
+            let (ns, verdict) = times[times.len() / 2];
+            rows.push(Row {
+                program,
+                case,
+                ns,
+                verdict,
+            });
+        };
     // New flows: one single run each, from distinct client ports.
     let new_client = |i: u32| {
         let host = 10 + (i / 50_000) as u8;
         v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
     };
-    let syn_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, 0, |i| {
+    single(UPLINK_IN, "SYN of a new flow (single runs)", 0, &|i| {
         frame(new_client(i), a, L4::Syn)
     });
     let new_flows = stat(&ebpf, Stat::FlowNew) - flows_before;
-    assert_eq!(new_flows, u64::from(NEW_FLOWS), "every SYN opened a flow");
+    assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
     // A reply that backend_in translated and redirected reaches the
     // uplink's egress marked (its first run clears the mark: single runs).
-    let marked_ns = single_runs(&ebpf, UPLINK_OUT, NEW_FLOWS, TRANSLATED_MARK, |_| {
-        frame(a, client, L4::Ack)
-    });
-    let single_ns = single_runs(&ebpf, UPLINK_IN, NEW_FLOWS, 0, |_| {
-        let mut frame = frame(client, a, L4::Ack);
-        frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
-        frame
-    });
+    // Another client port than the cycle's: here A:8080 is also a container
+    // address, whose replies the cycle's second flow translates.
+    single(
+        UPLINK_OUT,
+        "reply translated at ingress (marked; single runs)",
+        TRANSLATED_MARK,
+        &|_| frame(a, v4(CLIENT_V4, 40002), L4::Ack),
+    );
+    single(
+        UPLINK_IN,
+        "baseline, single runs (overhead of that method)",
+        0,
+        &|_| other_host.clone(),
+    );
+    rows
+}
 
-    println!("| program | packet | ns per run | verdict |");
-    println!("| --- | --- | ---: | --- |");
-    for (program, case, ns, code) in rows {
-        println!("| {program} | {case} | {ns} | {} |", verdict(code));
+/// Prints the cost of each TC program per packet kind, for this build's
+/// object and, with `PORTFWD_PROG_AGAINST` (the path of another build's
+/// object), for that one beside it: measured in turns, twice each, and the
+/// fastest kept, so that both see the same machine.
+#[test]
+#[ignore = "a measurement: `cargo xtask bench --prog` runs it"]
+fn tc_program_cost() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED tc_program_cost: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
+    let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let Some(against) = against else {
+        print_rows(&measure(load_this()), None);
+        return;
+    };
+    let load_other = || {
+        EbpfLoader::new()
+            .load_file(&against)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", against.display()))
+    };
+    let fastest = |a: Vec<Row>, b: Vec<Row>| -> Vec<Row> {
+        a.into_iter()
+            .zip(b)
+            .map(|(a, b)| if b.ns < a.ns { b } else { a })
+            .collect()
+    };
+    let other = measure(load_other());
+    let this = measure(load_this());
+    let other = fastest(other, measure(load_other()));
+    let this = fastest(this, measure(load_this()));
+    println!("against: {}", against.display());
+    print_rows(&this, Some(&other));
+}
+
+fn print_rows(rows: &[Row], against: Option<&[Row]>) {
+    match against {
+        Some(_) => {
+            println!("| program | packet | against (ns) | this build (ns) | verdict |");
+            println!("| --- | --- | ---: | ---: | --- |");
+        }
+        None => {
+            println!("| program | packet | ns per run | verdict |");
+            println!("| --- | --- | ---: | --- |");
+        }
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let other = against.map_or(String::new(), |rows| format!("{} | ", rows[i].ns));
+        println!(
+            "| {} | {} | {other}{} | {} |",
+            row.program,
+            row.case,
+            row.ns,
+            verdict(row.verdict)
+        );
     }
     println!(
-        "| {UPLINK_IN} | SYN of a new flow (single runs) | {syn_ns} | redirect |\n\
-         | {UPLINK_OUT} | reply translated at ingress (marked; single runs) | {marked_ns} | next |\n\
-         | {UPLINK_IN} | baseline, single runs (overhead of that method) | {single_ns} | next |"
-    );
-    println!(
         "\nRepeated cases: the fastest of {PASSES} passes of {REPEAT} runs (the kernel's \
-         `repeat`, timed by the kernel). New flows: the median of {NEW_FLOWS} single runs."
+         `repeat`, timed by the kernel). Single runs: the median of {SINGLE_RUNS}."
     );
 }

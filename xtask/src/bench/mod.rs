@@ -65,6 +65,10 @@ pub(crate) struct Args {
     /// namespaces, no traffic): the figure to optimise against.
     #[arg(long)]
     prog: bool,
+    /// With --prog: another build's eBPF object (e.g. main's) to measure beside
+    /// this one, in turns.
+    #[arg(long, value_name = "OBJECT", requires = "prog")]
+    against: Option<PathBuf>,
 }
 
 /// The key of one series of samples.
@@ -123,7 +127,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
     }
     if args.prog {
-        return prog_cost();
+        return prog_cost(args.against.as_deref());
     }
     let plan = Plan::new(&args)?;
     ns::NICE.store(args.nice, Ordering::Relaxed);
@@ -309,15 +313,22 @@ pub(crate) fn smoke() -> Result<()> {
 /// `bench --prog`: the ignored test that measures each TC program through
 /// BPF_PROG_TEST_RUN (portfwd's `datapath::tc_cost`, which reuses the
 /// crafted frames of the packet cases), with this tree's eBPF object.
-fn prog_cost() -> Result<()> {
+fn prog_cost(against: Option<&Path>) -> Result<()> {
     let obj = build::build_ebpf(true)?;
+    let mut test = crate::cargo();
+    if let Some(other) = against {
+        if !other.is_file() {
+            bail!("--against {}: no such file", other.display());
+        }
+        test.env("PORTFWD_PROG_AGAINST", std::path::absolute(other)?);
+    }
     if let Some(load) = loadavg().filter(|&l| l > 1.0) {
         println!(
             "bench: note: load average {load:.2}: the kernel times each run itself, \
              but a busy machine still shifts the figures a little"
         );
     }
-    run(crate::cargo()
+    run(test
         .current_dir(root())
         .env(build::EBPF_OBJ_ENV, &obj)
         .args(["test", "--quiet", "-p", "portfwd", "--lib", "--"])
