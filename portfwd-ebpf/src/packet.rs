@@ -118,7 +118,10 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     // The datagram must fit in the frame (trailing padding is fine) and hold
     // its own header; a length beyond the frame would make us read and
     // rewrite bytes that are not part of it.
-    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    let total_len = match u16::from_be_bytes([header[2], header[3]]) as usize {
+        0 if big_tcp(ctx, header[9]) => ctx.len() as usize - l3_off,
+        length => length,
+    };
     if total_len < header_len || l3_off + total_len > ctx.len() as usize {
         return Err(Stat::PassTruncated);
     }
@@ -154,6 +157,18 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     pkt.fragment = fragment;
     pkt.frag_id = frag_id;
     Ok(pkt)
+}
+
+/// Whether an IP length of 0 means BIG TCP: GRO (kernel 6.3+) aggregates a
+/// TCP flow's packets into GSO skbs over 64 KiB, whose IPv4 `tot_len` or
+/// IPv6 `payload_len` is 0 and whose length is the skb's (the kernel's own
+/// `iph_totlen` and `ipv6_payload_len` read it so). Otherwise a length of 0
+/// is malformed. Passed untouched, a BIG TCP packet of a tracked flow would
+/// leave untranslated mid-flow.
+#[inline(always)]
+fn big_tcp(ctx: &TcContext, proto: u8) -> bool {
+    // SAFETY: reading a context field, checked by the verifier.
+    proto == IPPROTO_TCP && unsafe { (*ctx.skb.skb).gso_size } != 0
 }
 
 /// A fragment after the first: only addresses, protocol and identification.
@@ -200,7 +215,10 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     }
     let second = header[1].to_ne_bytes();
     let next_header = second[2];
-    let l3_end = l3_off + IPV6_HLEN + u16::from_be_bytes([second[0], second[1]]) as usize;
+    let l3_end = match u16::from_be_bytes([second[0], second[1]]) as usize {
+        0 if big_tcp(ctx, next_header) => ctx.len() as usize,
+        length => l3_off + IPV6_HLEN + length,
+    };
     if l3_end > ctx.len() as usize {
         return Err(Stat::PassTruncated);
     }
