@@ -43,6 +43,9 @@ macro_rules! map_name {
     (fragments) => {
         "pf_fragments"
     };
+    (services_gen) => {
+        "pf_services_gen"
+    };
     (scratch) => {
         "pf_scratch"
     };
@@ -179,6 +182,10 @@ pub const TRACE_ON: MapDef = map(
     size::<TraceConfig>(),
     1,
 );
+/// The services generation: one `u64` that userspace increments after it
+/// removes (or changes) mappings, so that the TC programs look a tracked
+/// flow's mapping up again only when the services changed, not per packet.
+pub const SERVICES_GEN: MapDef = map(map_name!(services_gen), MapKind::Array, 4, 8, 1);
 
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
@@ -187,7 +194,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 10] = [
+pub const MAPS: [MapDef; 11] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -198,6 +205,7 @@ pub const MAPS: [MapDef; 10] = [
     FRAGMENTS,
     TRACE,
     TRACE_ON,
+    SERVICES_GEN,
 ];
 
 /// Where a program attaches.

@@ -30,7 +30,8 @@ pub const IPPROTO_UDP: u8 = 17;
 /// 64 fits a CNI container id (64 hex digits).
 pub const NAME_LEN: usize = 64;
 
-/// Connection tracking timeouts, in nanoseconds of `bpf_ktime_get_ns`.
+/// Connection tracking timeouts, in nanoseconds of the monotonic clock
+/// (`bpf_ktime_get_coarse_ns`).
 pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
 /// Once both sides sent a FIN (or after a RST), a TCP flow lingers this
 /// long for the last ACKs.
@@ -43,6 +44,13 @@ pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// one: a datagram crosses a LAN in microseconds, and the kernel gives up
 /// reassembling after 30 s.
 pub const FRAGMENT_TIMEOUT_NS: u64 = 2 * 1_000_000_000;
+
+/// The skb mark a TC ingress program gives a packet it translated and
+/// redirected (when the packet had no mark): the uplink's egress program
+/// then lets it go at once, clearing the mark, instead of looking it up
+/// again. One exact value, not a bit, so that other marks (policy routing,
+/// Kubernetes' and Calico's bits) are neither read as ours nor changed.
+pub const TRANSLATED_MARK: u32 = 0x7066_7464; // "pftd"
 
 #[cfg(test)]
 mod tests {

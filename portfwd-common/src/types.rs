@@ -145,7 +145,10 @@ pub struct CtValue {
     pub masq_addr: Addr,
     /// Network byte order.
     pub masq_port: u16,
-    pub _pad2: u16,
+    /// The services generation (`pf_services_gen`, truncated) at which the
+    /// flow's mapping was last seen unchanged: while it is current, the
+    /// mapping is not looked up again.
+    pub generation: u16,
     /// `bpf_ktime_get_ns` of the last packet, and of the first FIN/RST.
     pub last_seen_ns: u64,
     pub closing_since_ns: u64,

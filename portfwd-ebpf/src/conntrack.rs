@@ -6,7 +6,7 @@
 //! matters: the socket programs also connect host processes to the same
 //! containers, and their replies must not be rewritten.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_MASQ, CT_FLAG_REPLY,
     CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP,
@@ -25,9 +25,26 @@ const BPF_NOEXIST: u64 = 1;
 /// bounces its cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Monotonic time, to a clock tick (a few ms): the timeouts are seconds, and
+/// the coarse clock costs a fraction of the precise one (no clocksource
+/// read). Read once per packet, and only by packets that hit a flow or open
+/// one.
 pub(crate) fn now() -> u64 {
     // SAFETY: no arguments, no side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The live entry for this packet's flow and the time (read only on a hit),
+/// or None (absent or expired).
+#[inline(always)]
+pub(crate) fn find(key: &CtKey) -> Option<(*mut CtValue, u64)> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    let now = now();
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    if expired(key.proto, unsafe { &*entry }, now) {
+        return None;
+    }
+    Some((entry, now))
 }
 
 /// The live entry for this packet's flow, or None (absent or expired).
@@ -159,6 +176,8 @@ pub(crate) struct Nat {
     pub client_ifindex: u32,
     /// Hairpin: the (host address, port) the client is rewritten to.
     pub masq: Option<(Addr, u16)>,
+    /// The services generation read before the mapping was looked up.
+    pub generation: u16,
 }
 
 /// The key of the packet's own flow (the forward direction of a new one).
@@ -216,7 +235,7 @@ pub(crate) fn create(
     value.service = *service;
     value.masq_addr = pkt.saddr;
     value.masq_port = pkt.sport;
-    value._pad2 = 0;
+    value.generation = nat.generation;
     value.last_seen_ns = now;
     value.closing_since_ns = 0;
     // The reply key was checked free (`masquerade_port`); another CPU may

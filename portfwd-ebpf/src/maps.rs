@@ -46,6 +46,12 @@ pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
 pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
     LruHashMap::with_max_entries(abi::FRAGMENTS.max_entries, abi::FRAGMENTS.flags);
 
+/// Incremented by userspace after it removes or changes mappings.
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(services_gen))]
+pub(crate) static SERVICES_GEN: Array<u64> =
+    Array::with_max_entries(abi::SERVICES_GEN.max_entries, abi::SERVICES_GEN.flags);
+
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(counters))]
 pub(crate) static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =

@@ -1,9 +1,10 @@
 //! Reading the headers of a packet at TC, and rewriting its addresses and
 //! ports with incremental checksum updates.
 //!
-//! Headers are read with `bpf_skb_load_bytes` rather than direct packet
-//! access: it needs no bounds proofs for the verifier, works on non-linear
-//! skbs, and a short packet is just an error.
+//! Headers are read in place (direct packet access) when they lie in the
+//! skb's linear part, as they almost always do, else with
+//! `bpf_skb_load_bytes` (non-linear skbs; a short packet is then just an
+//! error): a helper call per read cost more than the parse itself.
 
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use portfwd_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Stat};
@@ -55,6 +56,9 @@ pub(crate) struct Packet {
     /// The IP identification of a fragment's datagram (IPv4: 16 bits; IPv6:
     /// the Fragment header's 32).
     pub frag_id: u32,
+    /// When the packet matched a tracked flow (`conntrack::now`): the clock
+    /// is read once, on a hit. 0 until then.
+    pub now: u64,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -101,7 +105,7 @@ fn parse_frame(ctx: &TcContext) -> Result<Packet, PassReason> {
 }
 
 fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
-    let header: [u8; 20] = ctx.load(l3_off).map_err(|_| Stat::PassTruncated)?;
+    let header: [u8; 20] = read(ctx, l3_off)?;
     if header[0] >> 4 != 4 {
         return Err(Stat::PassNotIp);
     }
@@ -115,7 +119,10 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     // The datagram must fit in the frame (trailing padding is fine) and hold
     // its own header; a length beyond the frame would make us read and
     // rewrite bytes that are not part of it.
-    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    let total_len = match u16::from_be_bytes([header[2], header[3]]) as usize {
+        0 if big_tcp(ctx, header[9]) => ctx.len() as usize - l3_off,
+        length => length,
+    };
     if total_len < header_len || l3_off + total_len > ctx.len() as usize {
         return Err(Stat::PassTruncated);
     }
@@ -153,6 +160,35 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     Ok(pkt)
 }
 
+/// Whether an IP length of 0 means BIG TCP: GRO (kernel 6.3+) aggregates a
+/// TCP flow's packets into GSO skbs over 64 KiB, whose IPv4 `tot_len` or
+/// IPv6 `payload_len` is 0 and whose length is the skb's (the kernel's own
+/// `iph_totlen` and `ipv6_payload_len` read it so). Otherwise a length of 0
+/// is malformed. Passed untouched, a BIG TCP packet of a tracked flow would
+/// leave untranslated mid-flow.
+#[inline(always)]
+fn big_tcp(ctx: &TcContext, proto: u8) -> bool {
+    // SAFETY: reading a context field, checked by the verifier.
+    proto == IPPROTO_TCP && unsafe { (*ctx.skb.skb).gso_size } != 0
+}
+
+/// `T` read from the packet at `offset`: in place when the linear part holds
+/// it, else through `bpf_skb_load_bytes`. Not for a single byte: LLVM turns
+/// `start + 1 <= end` into `start < end`, which the verifier does not take as
+/// a proof that the byte is there.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, PassReason> {
+    // Bounded for the verifier (headers end well before 256 bytes).
+    if offset < 256 {
+        let (start, end) = (ctx.data() + offset, ctx.data_end());
+        if start + size_of::<T>() <= end {
+            // SAFETY: inside the packet's linear part (checked just above).
+            return Ok(unsafe { (start as *const T).read_unaligned() });
+        }
+    }
+    ctx.load(offset).map_err(|_| Stat::PassTruncated)
+}
+
 /// A fragment after the first: only addresses, protocol and identification.
 #[inline(always)]
 fn later_fragment(
@@ -180,11 +216,12 @@ fn later_fragment(
         len: ctx.len(),
         fragment: LATER_FRAGMENT,
         frag_id,
+        now: 0,
     })
 }
 
 fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
-    let header: [u32; 10] = ctx.load(l3_off).map_err(|_| Stat::PassTruncated)?;
+    let header: [u32; 10] = read(ctx, l3_off)?;
     let first = header[0].to_ne_bytes();
     if first[0] >> 4 != 6 {
         return Err(Stat::PassNotIp);
@@ -196,7 +233,10 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     }
     let second = header[1].to_ne_bytes();
     let next_header = second[2];
-    let l3_end = l3_off + IPV6_HLEN + u16::from_be_bytes([second[0], second[1]]) as usize;
+    let l3_end = match u16::from_be_bytes([second[0], second[1]]) as usize {
+        0 if big_tcp(ctx, next_header) => ctx.len() as usize,
+        length => l3_off + IPV6_HLEN + length,
+    };
     if l3_end > ctx.len() as usize {
         return Err(Stat::PassTruncated);
     }
@@ -207,9 +247,7 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     let (mut proto, mut l4_off, mut fragment, mut frag_id) =
         (next_header, l3_off + IPV6_HLEN, WHOLE, 0);
     if next_header == IPPROTO_FRAGMENT {
-        let header: [u8; IPV6_FRAGMENT_HLEN] = ctx
-            .load(l3_off + IPV6_HLEN)
-            .map_err(|_| Stat::PassTruncated)?;
+        let header: [u8; IPV6_FRAGMENT_HLEN] = read(ctx, l3_off + IPV6_HLEN)?;
         proto = header[0];
         l4_off += IPV6_FRAGMENT_HLEN;
         frag_id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
@@ -233,6 +271,8 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     Ok(pkt)
 }
 
+// Inlined: eight arguments (a BPF call takes five).
+#[inline(always)]
 fn transport(
     ctx: &TcContext,
     family: u8,
@@ -252,12 +292,13 @@ fn transport(
     if l4_off + l4_min > l3_end {
         return Err(Stat::PassTruncated);
     }
-    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| Stat::PassTruncated)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF)
-            .map_err(|_| Stat::PassTruncated)?
+    // TCP: the ports through the flags in one read.
+    let (ports, tcp_flags) = if proto == IPPROTO_TCP {
+        let head: [u8; TCP_FLAGS_OFF + 1] = read(ctx, l4_off)?;
+        let port = |i: usize| u16::from_ne_bytes([head[i], head[i + 1]]);
+        ([port(0), port(2)], head[TCP_FLAGS_OFF])
     } else {
-        0
+        (read::<[u16; 2]>(ctx, l4_off)?, 0)
     };
     Ok(Packet {
         family,
@@ -272,7 +313,49 @@ fn transport(
         len: ctx.len(),
         fragment: WHOLE,
         frag_id: 0,
+        now: 0,
     })
+}
+
+/// IPv4: writes the address and the IPv4 header checksum in place, once
+/// the TCP/UDP checksum was updated (by the helper, which knows whether the
+/// skb's checksum is complete, partial or unchecked, and which made the
+/// headers up to that checksum writable and linear). Two helper calls fewer
+/// per rewrite; a CHECKSUM_COMPLETE skb's csum stays right, because the
+/// header checksum cancels the address change. The header is at a constant
+/// offset (it follows an Ethernet header: see `parse_frame`); the port, at
+/// a variable one, is left to the store helper: kernel 6.1's verifier loses
+/// the bound of a variable offset that the compiler spills to the stack.
+#[inline(always)]
+fn store_v4_address(ctx: &TcContext, end: End, to: u32) -> Result<(), i64> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + 20 > data_end {
+        return Err(-1);
+    }
+    let addr_off = match end {
+        End::Source => IPV4_SADDR_OFF,
+        End::Destination => IPV4_DADDR_OFF,
+    };
+    let ip = data + ETH_HLEN;
+    // SAFETY: inside the packet (checked against data_end above).
+    unsafe {
+        let addr = (ip + addr_off) as *mut u32;
+        let check = (ip + IPV4_CSUM_OFF) as *mut u16;
+        let from = addr.read_unaligned();
+        check.write_unaligned(csum_replace4(check.read_unaligned(), from, to));
+        addr.write_unaligned(to);
+    }
+    Ok(())
+}
+
+/// An Internet checksum after a 32-bit word of what it covers changed from
+/// `from` to `to` (RFC 1624), all in the packet's byte order.
+#[inline(always)]
+fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let mut sum = (!check) as u32 + (!from & 0xffff) + (!from >> 16) + (to & 0xffff) + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// Gives a later fragment the addresses of its translated first fragment:
@@ -369,15 +452,8 @@ fn rewrite_fields(
         )
     };
     if pkt.family == FAMILY_V4 {
-        let (from, to) = (old_addr.words[0], addr.words[0]);
-        let addr_off = pkt.l3_off
-            + match end {
-                End::Source => IPV4_SADDR_OFF,
-                End::Destination => IPV4_DADDR_OFF,
-            };
-        pseudo_header_word(from, to)?;
-        ctx.l3_csum_replace(pkt.l3_off + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
-        ctx.store(addr_off, &to, 0)?;
+        // The address itself is written last, in place (`store_v4_address`).
+        pseudo_header_word(old_addr.words[0], addr.words[0])?;
     } else {
         let addr_off = pkt.l3_off
             + match end {
@@ -404,6 +480,9 @@ fn rewrite_fields(
             };
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, l4_flags | 2)?;
         ctx.store(port_off, &port, 0)?;
+    }
+    if pkt.family == FAMILY_V4 {
+        store_v4_address(ctx, end, addr.words[0])?;
     }
     Ok(())
 }

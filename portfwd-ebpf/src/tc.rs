@@ -15,7 +15,9 @@
 //!   host address, so that the container answering replies through the
 //!   host even when the client shares its link (a bridge) or is itself.
 //! - `pf_tc_uplink_out` (uplink egress): the reverse translation for replies
-//!   that reached the uplink through the host's routing instead.
+//!   that reached the uplink through the host's routing instead. Replies
+//!   that an ingress program translated and redirected carry
+//!   `TRANSLATED_MARK`, and leave at once.
 //!
 //! Packets that are not ours go on untouched (TC_ACT_UNSPEC: the next
 //! program or the stack decides), and every kind of untouched packet that
@@ -34,13 +36,13 @@ use aya_ebpf::{
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
     FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_TC, TRACE_PATH_UPLINK,
+    TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, STATS},
+    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     trace,
 };
@@ -97,13 +99,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         };
         return translate_fragment(ctx, pkt, Some(untracked), true);
     }
-    let now = conntrack::now();
     conntrack::set_key(key, pkt);
-    if let Some(entry) = conntrack::lookup(key, now) {
+    if let Some((entry, now)) = conntrack::find(key) {
+        pkt.now = now;
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
-            return start_flow(ctx, pkt, now, from_containers);
+            return start_flow(ctx, pkt, from_containers);
         }
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
@@ -115,12 +117,19 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, pkt, now, from_containers)
+    start_flow(ctx, pkt, from_containers)
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
 /// routing rather than a redirect.
 fn routed_reply(ctx: &TcContext) -> i32 {
+    // Translated at ingress and redirected here: nothing left to do. The
+    // mark was ours (set on a packet that had none): cleared.
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == TRANSLATED_MARK {
+        ctx.set_mark(0);
+        return NEXT;
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
@@ -135,9 +144,10 @@ fn routed_reply(ctx: &TcContext) -> i32 {
         return translate_fragment(ctx, pkt, None, false);
     }
     conntrack::set_key(key, pkt);
-    match conntrack::lookup(key, conntrack::now()) {
+    match conntrack::find(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
-        Some(entry) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
+        Some((entry, now)) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
+            pkt.now = now;
             translate_reply(ctx, pkt, key, entry, false)
         }
         _ => NEXT,
@@ -180,13 +190,16 @@ fn is_new_tcp(pkt: &Packet) -> bool {
 // Not inlined (nor are the other steps): each BPF function gets its own
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 #[inline(never)]
-fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 {
+fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     let opens = pkt.proto != IPPROTO_TCP || is_new_tcp(pkt);
     // From containers, an untracked TCP packet that opens nothing is a reply
     // on a socket-path connection: out at once, without a service lookup.
     if masquerade && !opens {
         return NEXT;
     }
+    // Read before the mapping is: a removal after the lookup then comes
+    // with a newer generation, and the flow looks its mapping up again.
+    let generation = services_generation();
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
@@ -213,6 +226,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
     // clash. An external client keeps its own port unless another flow to
     // the same container (through another published port) has it: then it
     // gets another, as netfilter's NAT clash resolution does.
+    let now = conntrack::now();
     let masq_addr = if masquerade { &pkt.daddr } else { &pkt.saddr };
     let Some(port) = masquerade_port(pkt, &backend, masq_addr, now) else {
         note(ctx, pkt, masquerade, Stat::RewriteFailed);
@@ -226,6 +240,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         // SAFETY: reading a context field, checked by the verifier.
         client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
         masq,
+        generation,
     };
     let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
         // Untracked, the replies could not be translated back: do not start.
@@ -243,7 +258,8 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64, masquerade: bool) -> i32 
         );
     }
     count(Stat::FlowNew);
-    trace::flow_new(ctx, pkt, masquerade, &nat);
+    // SAFETY: the entry just inserted, in scratch memory.
+    trace::flow_new(ctx, pkt, masquerade, unsafe { &*forward });
     if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { (*counters).connections += 1 };
@@ -391,22 +407,42 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
         && is_host_address(pkt.family, &pkt.daddr)
 }
 
+/// The services generation (`pf_services_gen`), truncated as flows keep it.
+#[inline(always)]
+fn services_generation() -> u16 {
+    SERVICES_GEN
+        .get(0)
+        .map_or(0, |generation| *generation as u16)
+}
+
 /// The flow's mapping must still exist and still point at the same
 /// container: `unmap` (or a remap) stops existing flows, not only new ones.
-fn still_mapped(ct: &CtValue, backend: &Addr, backend_port: u16) -> bool {
+/// Looked up only when the services changed since the flow last checked
+/// (userspace increments the generation after removing mappings).
+#[inline(always)]
+fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
+    let generation = services_generation();
+    if ct.generation == generation {
+        return true;
+    }
     // SAFETY: the value is read at once.
-    match unsafe { SERVICES.get(&ct.service) } {
+    let mapped = match unsafe { SERVICES.get(&ct.service) } {
         Some(value) => value.addr == *backend && value.port == backend_port,
         None => false,
+    };
+    if mapped {
+        ct.generation = generation;
     }
+    mapped
 }
 
 // The entry is used in place, not copied: the stack is limited to 512 bytes.
 #[inline(never)]
 fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtValue) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
-    let ct = unsafe { &*entry };
-    if !still_mapped(ct, &ct.nat_addr, ct.nat_port) {
+    let ct = unsafe { &mut *entry };
+    let (backend, backend_port) = (ct.nat_addr, ct.nat_port);
+    if !still_mapped(ct, &backend, backend_port) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);
         trace::stat(ctx, pkt, TRACE_PATH_TC, Stat::FlowStopped);
@@ -414,7 +450,7 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    let now = conntrack::now();
+    let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ct.ifindex, ifindex_of(ctx), now);
@@ -445,7 +481,7 @@ fn translate_reply(
     redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
-    let ct = unsafe { &*entry };
+    let ct = unsafe { &mut *entry };
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);
@@ -453,9 +489,12 @@ fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    let now = conntrack::now();
+    let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
+    if ifindex != 0 {
+        mark_translated(ctx);
+    }
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
     }
@@ -505,6 +544,9 @@ fn translate_fragment(
         return DROP;
     }
     let reply = value.flags & FRAGMENT_FLAG_REPLY != 0;
+    if reply && redirect && value.ifindex != 0 {
+        mark_translated(ctx);
+    }
     add_traffic(&value.service, pkt.len, !reply);
     count(if reply {
         Stat::FragmentOut
@@ -525,6 +567,18 @@ fn deliver(ifindex: u32) -> i32 {
     count(Stat::Redirected);
     // SAFETY: no parameters: the kernel resolves the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Marks a reply that is redirected translated, so that the uplink's egress
+/// program lets it go at once. Only a packet without a mark: another user's
+/// mark is kept (that packet is then looked up at egress, and found
+/// translated already).
+#[inline(always)]
+fn mark_translated(ctx: &TcContext) {
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == 0 {
+        ctx.set_mark(TRANSLATED_MARK);
+    }
 }
 
 /// The interface the packet is on (in at ingress, out at egress).

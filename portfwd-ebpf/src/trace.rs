@@ -7,11 +7,11 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use portfwd_common::{
-    Addr, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRACE_STAT, TraceEvent,
+    Addr, CT_FLAG_MASQ, CtValue, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
+    TRACE_STAT, TraceEvent,
 };
 
 use crate::{
-    conntrack::Nat,
     maps::{STATS, TRACE, TRACE_ON},
     packet::Packet,
 };
@@ -73,9 +73,10 @@ fn event(
     Some(entry)
 }
 
-/// A new flow, translated as `nat` says (`from_containers`: a hairpin flow).
+/// A new flow, translated as its forward entry says (`from_containers`: a
+/// hairpin flow, masqueraded).
 #[inline(never)]
-pub(crate) fn flow_new(ctx: &TcContext, pkt: &Packet, from_containers: bool, nat: &Nat) {
+pub(crate) fn flow_new(ctx: &TcContext, pkt: &Packet, from_containers: bool, forward: &CtValue) {
     let path = if from_containers {
         TRACE_PATH_CONTAINERS
     } else {
@@ -87,11 +88,11 @@ pub(crate) fn flow_new(ctx: &TcContext, pkt: &Packet, from_containers: bool, nat
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points to a reserved, writable TraceEvent.
     unsafe {
-        (*e).nat_addr = nat.backend;
-        (*e).nat_port = nat.backend_port;
-        if let Some((addr, port)) = nat.masq {
-            (*e).masq_addr = addr;
-            (*e).masq_port = port;
+        (*e).nat_addr = forward.nat_addr;
+        (*e).nat_port = forward.nat_port;
+        if forward.flags & CT_FLAG_MASQ != 0 {
+            (*e).masq_addr = forward.masq_addr;
+            (*e).masq_port = forward.masq_port;
         }
     }
     entry.submit(0);

@@ -8,8 +8,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    Addr, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES, STATS,
-    ServiceKey, ServiceValue, Stat,
+    Addr, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES,
+    SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
 };
 
 use crate::model::Mapping;
@@ -53,6 +53,7 @@ pub(crate) struct PinnedMaps {
     config: Array<MapData, Config>,
     counters: PerCpuHashMap<MapData, ServiceKey, MappingCounters>,
     stats: PerCpuArray<MapData, u64>,
+    services_gen: Array<MapData, u64>,
 }
 
 fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -91,12 +92,15 @@ impl PinnedMaps {
             .context("the counters map has an unexpected layout")?;
         let stats = PerCpuArray::try_from(Map::PerCpuArray(open_pin(dir, STATS.name)?))
             .context("the stats map has an unexpected layout")?;
+        let services_gen = Array::try_from(Map::Array(open_pin(dir, SERVICES_GEN.name)?))
+            .context("the services generation map has an unexpected layout")?;
         Ok(PinnedMaps {
             services,
             local_addrs,
             config,
             counters,
             stats,
+            services_gen,
         })
     }
 
@@ -162,12 +166,24 @@ impl PinnedMaps {
                 )));
             }
         }
+        self.services_changed()?;
         // Counters go only once every entry is gone; flows of the removed
         // mappings stop at their next packet (the programs check the map).
         for mapping in mappings {
             self.forget_counters(&mapping.key());
         }
         Ok(())
+    }
+
+    /// Tells the TC programs that mappings were removed: tracked flows look
+    /// their mapping up again at their next packet (until then they skip
+    /// that lookup). Only after the removal: a flow that checked in between
+    /// would otherwise keep a mapping that is gone.
+    fn services_changed(&mut self) -> Result<()> {
+        let generation = self.services_gen.get(&0, 0).unwrap_or(0);
+        self.services_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .context("updating the services generation")
     }
 
     /// Removes a mapping's counters. A failure is ignored: the entry is
@@ -222,7 +238,7 @@ impl PinnedMaps {
             self.services.remove(&key)?;
             self.forget_counters(&key);
         }
-        Ok(())
+        self.services_changed()
     }
 
     /// Makes the local addresses map hold exactly `addresses`.

@@ -16,6 +16,8 @@ mod rollback;
 mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
+#[cfg(test)]
+mod tc_cost;
 mod trace;
 
 pub(crate) use backend::prepare_backend_path;

@@ -11,7 +11,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::{IpFragOffset, Ipv4Header, PacketBuilder};
-use portfwd_common::{SERVICES, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS};
+use portfwd_common::{
+    BACKEND_PROGRAMS, SERVICES, STATS, ServiceKey, ServiceValue, Stat, TRANSLATED_MARK,
+    UPLINK_PROGRAMS,
+};
 
 use super::object::OBJECT;
 use crate::model::{Mapping, Protocol};
@@ -21,9 +24,9 @@ const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const TO_STACK: u32 = 0; // TC_ACT_OK
 const DROP: u32 = 2; // TC_ACT_SHOT
 
-const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
-const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
-const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
+pub(super) const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
+pub(super) const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
+pub(super) const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
 const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
 const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 0, 7);
@@ -34,14 +37,14 @@ const HOST_MAC: [u8; 6] = [0; 6];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
 
 #[derive(Clone, Copy)]
-enum L4 {
+pub(super) enum L4 {
     Syn,
     Ack,
     Udp,
 }
 
 /// An Ethernet frame from `src` to `dst`.
-fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
+pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
     let ip = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
@@ -85,7 +88,7 @@ struct Case {
     counts: Stat,
 }
 
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+pub(super) fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
@@ -200,7 +203,7 @@ fn publish(ebpf: &mut Ebpf) {
     }
 }
 
-fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
+pub(super) fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
     let map = ebpf.map(STATS.name).expect("the stats map");
     let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).unwrap();
     stats.get(&stat.index(), 0).unwrap().iter().sum()
@@ -250,6 +253,185 @@ fn uplink_ingress_cases() {
             }
         } else if stat(&ebpf, case.counts) != before + 1 {
             failures.push(format!("{}: did not count {:?}", case.name, case.counts));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8.
+const SKB_CTX_LEN: usize = 192;
+const SKB_MARK_OFF: usize = 8;
+
+/// A test run's skb context with the mark `mark` (all else zero: the
+/// kernel's defaults).
+pub(super) fn skb_ctx(mark: u32) -> [u8; SKB_CTX_LEN] {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
+/// One run of `program` on `input` with the skb mark `mark`: the verdict,
+/// the frame out and the mark out.
+fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
+    let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
+    let ctx_in = skb_ctx(mark);
+    let mut ctx_out = [0u8; SKB_CTX_LEN];
+    let mut out = vec![0u8; input.len() + 64];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("{program:?}: {e}"));
+    out.truncate(result.data_size_out as usize);
+    let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4].try_into().unwrap());
+    (result.return_value, out, mark)
+}
+
+/// A reply that `backend_in` translated and redirected to the uplink is
+/// marked, and the uplink's egress program lets a marked packet go at once
+/// (clearing the mark) instead of translating it again; unmarked, the same
+/// frame is a routed reply and is translated. A packet that already had a
+/// mark keeps it.
+#[test]
+fn translated_replies_skip_uplink_egress() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED translated_replies_skip_uplink_egress: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let mapping = Mapping {
+        name: "mark".into(),
+        protocol: Protocol::Tcp,
+        host: v4(HOST_V4, 8080),
+        container: v4(CTR_V4, 80),
+        // Any existing interface: a test run returns the verdict, it does
+        // not redirect.
+        ifindex: 1,
+        hold: true,
+    };
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    let (uplink_in, uplink_out) = (UPLINK_PROGRAMS[0].name, UPLINK_PROGRAMS[1].name);
+    let backend_in = BACKEND_PROGRAMS[0].name;
+    for name in [uplink_in, uplink_out, backend_in] {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+    }
+    let client = v4(CLIENT_V4, 40001);
+    let syn = frame(client, mapping.host, L4::Syn);
+    let (verdict, _, _) = run_marked(&ebpf, uplink_in, &syn, 0);
+    assert_eq!(verdict, REDIRECT, "the SYN");
+
+    let reply = frame(mapping.container, client, L4::Ack);
+    let translated = frame(mapping.host, client, L4::Ack);
+    let (verdict, out, mark) = run_marked(&ebpf, backend_in, &reply, 0);
+    assert_eq!((verdict, &out), (REDIRECT, &translated), "the reply");
+    assert_eq!(mark, TRANSLATED_MARK, "the redirected reply's mark");
+    let (_, _, mark) = run_marked(&ebpf, backend_in, &reply, 0x4000);
+    assert_eq!(mark, 0x4000, "a reply that had a mark keeps it");
+
+    let (verdict, out, mark) = run_marked(&ebpf, uplink_out, &reply, TRANSLATED_MARK);
+    assert_eq!(
+        (verdict, &out, mark),
+        (NEXT, &reply, 0),
+        "a marked packet at egress"
+    );
+    let (verdict, out, _) = run_marked(&ebpf, uplink_out, &reply, 0);
+    assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
+}
+
+/// Offsets in `struct __sk_buff` of the GSO fields a test run accepts.
+const SKB_GSO_SEGS_OFF: usize = 164;
+const SKB_GSO_SIZE_OFF: usize = 176;
+
+/// The frame as BIG TCP's GRO leaves a packet over 64 KiB: the IP length
+/// field 0 (IPv4 `tot_len`, with the header checksum made right again; IPv6
+/// `payload_len`), the length being the skb's.
+fn big_tcp(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame[14] >> 4 == 4 {
+        let (mut header, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+        let bytes = header.to_bytes();
+        let mut raw = bytes.to_vec();
+        raw[2..4].copy_from_slice(&[0, 0]);
+        raw[10..12].copy_from_slice(&[0, 0]);
+        // The one's complement sum of the header with tot_len 0.
+        let mut sum: u32 = raw
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        header.header_checksum = !(sum as u16);
+        raw[10..12].copy_from_slice(&header.header_checksum.to_be_bytes());
+        frame[14..14 + raw.len()].copy_from_slice(&raw);
+    } else {
+        frame[14 + 4..14 + 6].copy_from_slice(&[0, 0]);
+    }
+    frame
+}
+
+/// A packet of a tracked flow that BIG TCP's GRO aggregated (IP length 0,
+/// a GSO skb) is translated like any other, on IPv4 and IPv6; with IP
+/// length 0 and no GSO it is malformed, and passed as truncated.
+#[test]
+fn big_tcp_packets_of_tracked_flows_are_translated() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED big_tcp_packets_of_tracked_flows_are_translated: needs root");
+        return;
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    publish(&mut ebpf);
+    let name = UPLINK_PROGRAMS[0].name;
+    let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    program.load().unwrap();
+    let mut gso = [0u8; SKB_CTX_LEN];
+    gso[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&45u32.to_ne_bytes());
+    gso[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&1448u32.to_ne_bytes());
+    let run = |input: &[u8], ctx: &[u8]| {
+        let program: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; input.len() + 64];
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    };
+    let mut failures = Vec::new();
+    for (client, published, container) in [
+        (v4(CLIENT_V4, 40021), v4(HOST_V4, 8080), v4(CTR_V4, 80)),
+        (v6(CLIENT_V6, 40022), v6(HOST_V6, 8080), v6(CTR_V6, 80)),
+    ] {
+        let (verdict, _) = run(&frame(client, published, L4::Syn), &skb_ctx(0));
+        assert_eq!(verdict, TO_STACK, "the SYN to {published}");
+        let data = big_tcp(frame(client, published, L4::Ack));
+        let expected = big_tcp(frame(client, container, L4::Ack));
+        let (verdict, out) = run(&data, &gso);
+        if (verdict, &out) != (TO_STACK, &expected) {
+            failures.push(format!(
+                "{published}: verdict {verdict:#x}, frame\n  {out:02x?}\nexpected\n  {expected:02x?}"
+            ));
+        }
+        let before = stat(&ebpf, Stat::PassTruncated);
+        let (verdict, out) = run(&data, &skb_ctx(0));
+        if (verdict, &out) != (NEXT, &data) || stat(&ebpf, Stat::PassTruncated) != before + 1 {
+            failures.push(format!(
+                "{published}: IP length 0 without GSO was not passed"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -27,7 +27,7 @@ use modes::{ALL_MODES, Env, Mode};
 use ns::{Topo, check};
 use runner::Bench;
 
-use crate::{build, interrupt, is_root, root, setup, stdout_of};
+use crate::{build, interrupt, is_root, root, run, setup, stdout_of};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -60,6 +60,15 @@ pub(crate) struct Args {
     /// Prefix of the namespaces' names (two runs at once need two prefixes).
     #[arg(long, default_value = "pfb")]
     prefix: String,
+    /// Only the cost of each TC program per packet, through BPF_PROG_TEST_RUN
+    /// on crafted frames (a million runs per case, timed by the kernel; no
+    /// namespaces, no traffic): the figure to optimise against.
+    #[arg(long)]
+    prog: bool,
+    /// With --prog: another build's eBPF object (e.g. main's) to measure beside
+    /// this one, in turns.
+    #[arg(long, value_name = "OBJECT", requires = "prog")]
+    against: Option<PathBuf>,
 }
 
 /// The key of one series of samples.
@@ -116,6 +125,9 @@ struct Trial {
 pub(crate) fn bench(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
+    }
+    if args.prog {
+        return prog_cost(args.against.as_deref());
     }
     let plan = Plan::new(&args)?;
     ns::NICE.store(args.nice, Ordering::Relaxed);
@@ -296,6 +308,32 @@ pub(crate) fn smoke() -> Result<()> {
         out.join("results.md").display()
     );
     Ok(())
+}
+
+/// `bench --prog`: the ignored test that measures each TC program through
+/// BPF_PROG_TEST_RUN (portfwd's `datapath::tc_cost`, which reuses the
+/// crafted frames of the packet cases), with this tree's eBPF object.
+fn prog_cost(against: Option<&Path>) -> Result<()> {
+    let obj = build::build_ebpf(true)?;
+    let mut test = crate::cargo();
+    if let Some(other) = against {
+        if !other.is_file() {
+            bail!("--against {}: no such file", other.display());
+        }
+        test.env("PORTFWD_PROG_AGAINST", std::path::absolute(other)?);
+    }
+    if let Some(load) = loadavg().filter(|&l| l > 1.0) {
+        println!(
+            "bench: note: load average {load:.2}: the kernel times each run itself, \
+             but a busy machine still shifts the figures a little"
+        );
+    }
+    run(test
+        .current_dir(root())
+        .env(build::EBPF_OBJ_ENV, &obj)
+        .args(["test", "--quiet", "-p", "portfwd", "--lib", "--"])
+        .args(["--ignored", "--exact", "datapath::tc_cost::tc_program_cost"])
+        .args(["--nocapture", "--test-threads=1"]))
 }
 
 fn loadavg() -> Option<f64> {

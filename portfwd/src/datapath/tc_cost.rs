@@ -1,0 +1,298 @@
+//! What each TC program costs per packet, through `BPF_PROG_TEST_RUN` with
+//! the kernel's `repeat` (the kernel times the runs itself: no syscall, no
+//! scheduler in the figure). `cargo xtask bench --prog` runs it; it is a
+//! measurement, not a test (ignored by default, asserts no speed).
+//!
+//! A test run repeats the program on one skb, so a rewrite made by one run
+//! is what the next run sees. The tracked cases therefore use two mappings
+//! that point at each other (A:8080 -> B:80 and B:80 -> A:8080) with one
+//! flow through each: a packet of one flow comes out as a packet of the
+//! other, and every run is a real translation of a tracked flow. A new
+//! flow cannot repeat on one skb (its first run tracks it): that case is
+//! one test run per new flow, each with a fresh client port, and the
+//! per-run overhead of that method is shown beside it.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use portfwd_common::{
+    BACKEND_PROGRAMS, COUNTERS, MappingCounters, SERVICES, ServiceKey, ServiceValue, Stat,
+    TRANSLATED_MARK, UPLINK_PROGRAMS,
+};
+
+use super::object::OBJECT;
+use super::tc_cases::{CLIENT_V4, CTR_V4, HOST_V4, L4, frame, skb_ctx, stat, v4};
+use crate::model::{Mapping, Protocol};
+
+const UPLINK_IN: &str = UPLINK_PROGRAMS[0].name;
+const UPLINK_OUT: &str = UPLINK_PROGRAMS[1].name;
+const BACKEND_IN: &str = BACKEND_PROGRAMS[0].name;
+
+/// Each repeated case runs `PASSES` times `REPEAT` runs; the figure is the
+/// fastest pass (other work on the machine only ever adds time). New flows:
+/// the median of single runs.
+const REPEAT: u32 = 1_000_000;
+const PASSES: usize = 3;
+const SINGLE_RUNS: u32 = 100_000;
+
+/// Another container, whose packets to the host belong to no tracked flow.
+const OTHER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 3);
+/// The redirect target of the mappings: any existing interface will do, a
+/// test run does not redirect (it returns the verdict).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters.
+fn publish_cycle(ebpf: &mut Ebpf) {
+    let a = v4(HOST_V4, 8080);
+    let b = v4(CTR_V4, 80);
+    let mappings: Vec<Mapping> = [(a, b), (b, a)]
+        .into_iter()
+        .map(|(host, container)| Mapping {
+            name: "cost".into(),
+            protocol: Protocol::Tcp,
+            host,
+            container,
+            ifindex: LOOPBACK_IFINDEX,
+            hold: true,
+        })
+        .collect();
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(ebpf.map_mut(SERVICES.name).unwrap()).unwrap();
+    for mapping in &mappings {
+        services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    }
+    let mut counters: PerCpuHashMap<&mut MapData, ServiceKey, MappingCounters> =
+        PerCpuHashMap::try_from(ebpf.map_mut(COUNTERS.name).unwrap()).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for mapping in &mappings {
+        let zero = PerCpuValues::try_from(vec![MappingCounters::default(); cpus]).unwrap();
+        counters.insert(mapping.key(), zero, 0).unwrap();
+    }
+}
+
+fn run(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32) -> (u32, u64) {
+    run_marked(ebpf, program, input, repeat, 0)
+}
+
+/// `repeat` runs of `program` on `input` with the skb mark `mark` (of the
+/// first run: a program may change it): the verdict and ns per run.
+fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, mark: u32) -> (u32, u64) {
+    let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; input.len() + 64];
+    let ctx = skb_ctx(mark);
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: (mark != 0).then_some(&ctx[..]),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("{program:?}: {e}"));
+    (result.return_value, result.duration.as_nanos() as u64)
+}
+
+fn verdict(code: u32) -> &'static str {
+    match code as i32 {
+        -1 => "next",
+        0 => "stack",
+        2 => "drop",
+        7 => "redirect",
+        _ => "other",
+    }
+}
+
+/// One measured case: program, packet, ns per run, verdict.
+struct Row {
+    program: &'static str,
+    case: &'static str,
+    ns: u64,
+    verdict: u32,
+}
+
+/// Every case, on a fresh load of `ebpf` (an object's programs and maps).
+fn measure(mut ebpf: Ebpf) -> Vec<Row> {
+    publish_cycle(&mut ebpf);
+    for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+    }
+    let a = v4(HOST_V4, 8080);
+    let b = v4(CTR_V4, 80);
+    let client = v4(CLIENT_V4, 40001);
+    // The two flows of the cycle, opened and answered (established).
+    for (published, container) in [(a, b), (b, a)] {
+        let (code, _) = run(&ebpf, UPLINK_IN, &frame(client, published, L4::Syn), 1);
+        assert_eq!(verdict(code), "redirect", "opening a flow to {published}");
+        let (code, _) = run(&ebpf, BACKEND_IN, &frame(container, client, L4::Ack), 1);
+        assert_eq!(verdict(code), "redirect", "answering from {container}");
+    }
+    let flows_before = stat(&ebpf, Stat::FlowNew);
+
+    let mut rows = Vec::new();
+    let mut repeated = |program: &'static str, case: &'static str, input: Vec<u8>| {
+        let passes = (0..PASSES).map(|_| run(&ebpf, program, &input, REPEAT));
+        let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
+        rows.push(Row {
+            program,
+            case,
+            ns,
+            verdict,
+        });
+    };
+    // A frame to another MAC (PACKET_OTHERHOST): the program's first check
+    // sends it on; the cost of running a program at all.
+    let mut other_host = frame(client, a, L4::Ack);
+    other_host[..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
+    repeated(
+        UPLINK_IN,
+        "baseline: frame for another host",
+        other_host.clone(),
+    );
+    repeated(
+        UPLINK_IN,
+        "established: data of a tracked flow",
+        frame(client, a, L4::Ack),
+    );
+    repeated(
+        BACKEND_IN,
+        "reply of a tracked flow",
+        frame(b, client, L4::Ack),
+    );
+    repeated(
+        UPLINK_OUT,
+        "reply of a tracked flow (routed)",
+        frame(b, client, L4::Ack),
+    );
+    repeated(
+        BACKEND_IN,
+        "untracked: container TCP to the host",
+        frame(v4(OTHER_CTR_V4, 80), v4(HOST_V4, 45000), L4::Ack),
+    );
+    repeated(
+        BACKEND_IN,
+        "untracked: container UDP to the host",
+        frame(v4(OTHER_CTR_V4, 5000), v4(HOST_V4, 53), L4::Udp),
+    );
+    repeated(
+        UPLINK_IN,
+        "unrelated: host's own TCP, inbound",
+        frame(v4(CLIENT_V4, 443), v4(HOST_V4, 50000), L4::Ack),
+    );
+    repeated(
+        UPLINK_OUT,
+        "unrelated: host's own TCP, outbound",
+        frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
+    );
+    let mut single =
+        |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
+            let mut times: Vec<(u64, u32)> = (0..SINGLE_RUNS)
+                .map(|i| {
+                    let (verdict, ns) = run_marked(&ebpf, program, &input(i), 1, mark);
+                    (ns, verdict)
+                })
+                .collect();
+            times.sort_unstable();
+            let (ns, verdict) = times[times.len() / 2];
+            rows.push(Row {
+                program,
+                case,
+                ns,
+                verdict,
+            });
+        };
+    // New flows: one single run each, from distinct client ports.
+    let new_client = |i: u32| {
+        let host = 10 + (i / 50_000) as u8;
+        v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
+    };
+    single(UPLINK_IN, "SYN of a new flow (single runs)", 0, &|i| {
+        frame(new_client(i), a, L4::Syn)
+    });
+    let new_flows = stat(&ebpf, Stat::FlowNew) - flows_before;
+    assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
+    // A reply that backend_in translated and redirected reaches the
+    // uplink's egress marked (its first run clears the mark: single runs).
+    // Another client port than the cycle's: here A:8080 is also a container
+    // address, whose replies the cycle's second flow translates.
+    single(
+        UPLINK_OUT,
+        "reply translated at ingress (marked; single runs)",
+        TRANSLATED_MARK,
+        &|_| frame(a, v4(CLIENT_V4, 40002), L4::Ack),
+    );
+    single(
+        UPLINK_IN,
+        "baseline, single runs (overhead of that method)",
+        0,
+        &|_| other_host.clone(),
+    );
+    rows
+}
+
+/// Prints the cost of each TC program per packet kind, for this build's
+/// object and, with `PORTFWD_PROG_AGAINST` (the path of another build's
+/// object), for that one beside it: measured in turns, twice each, and the
+/// fastest kept, so that both see the same machine.
+#[test]
+#[ignore = "a measurement: `cargo xtask bench --prog` runs it"]
+fn tc_program_cost() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED tc_program_cost: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
+    let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let Some(against) = against else {
+        print_rows(&measure(load_this()), None);
+        return;
+    };
+    let load_other = || {
+        EbpfLoader::new()
+            .load_file(&against)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", against.display()))
+    };
+    let fastest = |a: Vec<Row>, b: Vec<Row>| -> Vec<Row> {
+        a.into_iter()
+            .zip(b)
+            .map(|(a, b)| if b.ns < a.ns { b } else { a })
+            .collect()
+    };
+    let other = measure(load_other());
+    let this = measure(load_this());
+    let other = fastest(other, measure(load_other()));
+    let this = fastest(this, measure(load_this()));
+    println!("against: {}", against.display());
+    print_rows(&this, Some(&other));
+}
+
+fn print_rows(rows: &[Row], against: Option<&[Row]>) {
+    match against {
+        Some(_) => {
+            println!("| program | packet | against (ns) | this build (ns) | verdict |");
+            println!("| --- | --- | ---: | ---: | --- |");
+        }
+        None => {
+            println!("| program | packet | ns per run | verdict |");
+            println!("| --- | --- | ---: | --- |");
+        }
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let other = against.map_or(String::new(), |rows| format!("{} | ", rows[i].ns));
+        println!(
+            "| {} | {} | {other}{} | {} |",
+            row.program,
+            row.case,
+            row.ns,
+            verdict(row.verdict)
+        );
+    }
+    println!(
+        "\nRepeated cases: the fastest of {PASSES} passes of {REPEAT} runs (the kernel's \
+         `repeat`, timed by the kernel). Single runs: the median of {SINGLE_RUNS}."
+    );
+}
