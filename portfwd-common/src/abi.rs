@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 use crate::types::{
     Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    ServiceValue, SockDialed,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -28,8 +28,8 @@ macro_rules! map_name {
     (config) => {
         "pf_config"
     };
-    (sock_revnat) => {
-        "pf_sock_revnat"
+    (sock_dialed) => {
+        "pf_sock_dialed"
     };
     (conntrack) => {
         "pf_conntrack"
@@ -56,6 +56,9 @@ pub enum MapKind {
     Array,
     PerCpuArray,
     PerCpuHash,
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a value per
+    /// socket, freed with the socket; key a socket fd, no capacity.
+    SkStorage,
 }
 
 /// One map of the ABI.
@@ -118,14 +121,23 @@ pub const LOCAL_ADDRS: MapDef = map(
 );
 /// The single `Config` entry.
 pub const CONFIG: MapDef = map(map_name!(config), MapKind::Array, 4, size::<Config>(), 1);
-/// (socket, backend) -> the address the application dialed.
-pub const SOCK_REVNAT: MapDef = map(
-    map_name!(sock_revnat),
-    MapKind::LruHash,
-    size::<SockRevNatKey>(),
-    size::<SockRevNatValue>(),
-    262_144,
-);
+/// Per translated socket: the backends it talks to and the addresses the
+/// application dialed. Declared as a BTF map (the kernel requires BTF for
+/// socket storage); pinned, so that programs replaced by `up --reload` or
+/// an upgrade keep serving sockets translated before.
+pub const SOCK_DIALED: MapDef = MapDef {
+    flags: BPF_F_NO_PREALLOC,
+    ..map(
+        map_name!(sock_dialed),
+        MapKind::SkStorage,
+        4,
+        size::<SockDialed>(),
+        0,
+    )
+};
+/// Maps of earlier versions, no longer created: `down` removes their pins.
+/// `pf_sock_revnat`: the reverse-NAT LRU map that `SOCK_DIALED` replaced.
+pub const OBSOLETE_MAPS: [&str; 1] = ["pf_sock_revnat"];
 /// Tracked flows of the TC path: two entries per flow (one per direction).
 pub const CONNTRACK: MapDef = map(
     map_name!(conntrack),
@@ -171,7 +183,7 @@ pub const MAPS: [MapDef; 8] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
-    SOCK_REVNAT,
+    SOCK_DIALED,
     CONNTRACK,
     COUNTERS,
     STATS,

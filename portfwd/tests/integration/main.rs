@@ -20,6 +20,7 @@ mod kernel_support;
 mod properties;
 mod reliability;
 mod socket_completeness;
+mod socket_lifetime;
 mod socket_path;
 mod support;
 mod tc_path;
