@@ -200,6 +200,9 @@ pub enum Hook {
     TcIngress,
     /// TC egress of an interface.
     TcEgress,
+    /// A BPF iterator (`iter/udp`): loaded and run by a command when it
+    /// needs it, never attached by `up`.
+    Iter(&'static str),
 }
 
 /// One program of the ABI.
@@ -248,12 +251,20 @@ pub const BACKEND_PROGRAMS: [ProgramDef; 1] = [ProgramDef {
     hook: Hook::TcIngress,
 }];
 
+/// Lists the translated UDP sockets (cookie and `SockDialed` storage of
+/// each), for ending those connected through a removed mapping.
+pub const SOCKET_ITERATOR: ProgramDef = ProgramDef {
+    name: "pf_iter_udp",
+    hook: Hook::Iter("udp"),
+};
+
 /// Every program of the object.
 pub fn programs() -> impl Iterator<Item = &'static ProgramDef> {
     SOCK_PROGRAMS
         .iter()
         .chain(&UPLINK_PROGRAMS)
         .chain(&BACKEND_PROGRAMS)
+        .chain([&SOCKET_ITERATOR])
 }
 
 /// Defines `Stat` from one list: each variant, its index in the stats map

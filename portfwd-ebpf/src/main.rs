@@ -12,6 +12,7 @@
 
 mod conntrack;
 mod fragments;
+mod iter;
 mod maps;
 mod packet;
 mod sock;

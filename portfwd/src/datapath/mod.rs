@@ -11,6 +11,7 @@ mod links;
 mod maps;
 mod object;
 mod rollback;
+mod sockets;
 mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
@@ -24,3 +25,4 @@ pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
 pub(crate) use rollback::Rollback;
+pub(crate) use sockets::end_sockets_through;

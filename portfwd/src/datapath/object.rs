@@ -167,6 +167,7 @@ mod tests {
                     format!("{attach_type:?}").to_lowercase().ends_with(hook)
                 }
                 (Hook::TcIngress | Hook::TcEgress, ProgramSection::SchedClassifier) => true,
+                (Hook::Iter(_), ProgramSection::Iter { sleepable: false }) => true,
                 _ => false,
             };
             assert!(

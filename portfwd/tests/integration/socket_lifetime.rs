@@ -115,3 +115,78 @@ fn live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones() {
     drop(long_lived);
     thread::sleep(Duration::from_millis(10));
 }
+
+/// Issue 12, defect 4: a host socket connected through a mapping ends when
+/// the mapping goes or is published to another container, so that the
+/// client sees an error and connects again, through what is published now.
+#[test]
+fn unmap_and_republish_end_host_sockets_connected_through_the_mapping() {
+    let Some(_serial) = root_test("sockets_end_with_their_mapping") else {
+        return;
+    };
+    let a = Container::new(82);
+    let b = Container::new(83);
+    let _a_echo = serve_udp(Some(a.netns_path()), "[::]:5003".parse().unwrap(), "A");
+    let _a_held = serve_and_hold(&a, "[::]:80");
+    let _b_echo = serve_udp(Some(b.netns_path()), "[::]:5003".parse().unwrap(), "B");
+    let _pf = Portfwd::up(&["--iface", &a.host_if]);
+    portfwd_ok(&["map", &a.v4().to_string(), "47084:5003/udp", "47085:80"]);
+
+    let ask = |socket: &UdpSocket, payload: &str| -> std::io::Result<String> {
+        socket.send(payload.as_bytes())?;
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let published: SocketAddr = "127.0.0.1:47084".parse().unwrap();
+    let connected = |to: SocketAddr| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        socket.connect(to).unwrap();
+        socket
+    };
+    let through_mapping = connected(published);
+    assert!(ask(&through_mapping, "one").unwrap().starts_with("A one"));
+    // Control: a socket connected straight to the container is not ours.
+    let direct = connected(SocketAddr::new(a.v4(), 5003));
+    assert!(ask(&direct, "direct").unwrap().starts_with("A direct"));
+    let mut tcp = TcpStream::connect_timeout(&"127.0.0.1:47085".parse().unwrap(), TIMEOUT).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+
+    // Re-publish the UDP port to B.
+    portfwd_ok(&["unmap", "47084/udp"]);
+    portfwd_ok(&["map", &b.v4().to_string(), "47084:5003/udp"]);
+    match ask(&through_mapping, "two") {
+        Err(_) => {}
+        Ok(answer) => assert!(
+            !answer.starts_with("A "),
+            "the old socket still reaches the old container: {answer}"
+        ),
+    }
+    // The ended socket reports ECONNABORTED (pending until read, here by
+    // SO_ERROR) and is disconnected; the client connects again.
+    let _ = through_mapping.take_error();
+    through_mapping.connect(published).unwrap();
+    let answer = ask(&through_mapping, "three").unwrap();
+    assert!(
+        answer.starts_with("B three"),
+        "after connecting again: {answer}"
+    );
+    assert!(ask(&direct, "still").unwrap().starts_with("A still"));
+
+    // TCP through a removed mapping ends too (a reset, as docker-proxy's
+    // exit gives), rather than waiting for a read timeout.
+    portfwd_ok(&["unmap", "47085"]);
+    let mut byte = [0u8; 1];
+    match tcp.read(&mut byte) {
+        Ok(0) => {}
+        Ok(_) => panic!("the held connection sent data"),
+        Err(error) => assert!(
+            !matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the connection through the removed mapping is still open: {error}"
+        ),
+    }
+}
