@@ -166,12 +166,12 @@ fn end_sockets_through_gone(pin_dir: &Path, removed: &[Mapping], added: &[Mappin
         .cloned()
         .collect();
     let note = match datapath::end_sockets_through(pin_dir, &gone) {
-        Ok(report) if report.kept > 0 => format!(
-            "{} host socket(s) connected through the removed mappings keep their old container: {}",
-            report.kept,
-            report.why_kept.unwrap_or_default()
-        ),
-        Ok(_) => return,
+        Ok(report) => match report.why_kept {
+            Some(why) => format!(
+                "host sockets connected through the removed mappings keep their old container: {why}"
+            ),
+            None => return,
+        },
         Err(error) => {
             format!("host sockets connected through the removed mappings were not ended: {error:#}")
         }
