@@ -43,6 +43,9 @@ macro_rules! map_name {
     (fragments) => {
         "pf_fragments"
     };
+    (published_ports) => {
+        "pf_ports"
+    };
     (scratch) => {
         "pf_scratch"
     };
@@ -172,6 +175,27 @@ pub const FRAGMENTS: MapDef = map(
     8_192,
 );
 
+/// Which (protocol, port) pairs may be published: one bit each, so that the
+/// socket programs leave a connect or a UDP send to any other port after
+/// one array read instead of two hash lookups. Userspace sets a port's bit
+/// before it adds the port's first mapping and clears stale bits at `up`
+/// only: a set bit for a port no longer published costs the lookups, never
+/// a wrong answer. See `published_port_bit`.
+pub const PUBLISHED_PORTS: MapDef = map(
+    map_name!(published_ports),
+    MapKind::Array,
+    4,
+    4,
+    2 * 65_536 / 32,
+);
+
+/// The word (index in `PUBLISHED_PORTS`) and bit of a protocol's port (host
+/// byte order); TCP and any other protocol share the first half.
+pub const fn published_port_bit(proto: u8, port: u16) -> (u32, u32) {
+    let half = if proto == crate::IPPROTO_UDP { 2048 } else { 0 };
+    (half + (port as u32 >> 5), 1 << (port & 31))
+}
+
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
 pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
@@ -179,7 +203,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 8] = [
+pub const MAPS: [MapDef; 9] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -188,6 +212,7 @@ pub const MAPS: [MapDef; 8] = [
     COUNTERS,
     STATS,
     FRAGMENTS,
+    PUBLISHED_PORTS,
 ];
 
 /// Where a program attaches.

@@ -41,6 +41,11 @@ pub(crate) static CONFIG: Array<Config> =
 pub(crate) static SOCK_DIALED: SkStorage<SockDialed> = SkStorage::new();
 
 #[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(published_ports))]
+pub(crate) static PUBLISHED_PORTS: Array<u32> =
+    Array::with_max_entries(abi::PUBLISHED_PORTS.max_entries, abi::PUBLISHED_PORTS.flags);
+
+#[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(conntrack))]
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(abi::CONNTRACK.max_entries, abi::CONNTRACK.flags);

@@ -25,10 +25,10 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SOCK_DIALED_SLOTS, ServiceKey,
+    SOCK_DIALED_SLOTS, ServiceKey, published_port_bit,
 };
 
-use crate::maps::{CONFIG, LOCAL_ADDRS, SERVICES, SOCK_DIALED};
+use crate::maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED};
 
 /// sock_addr programs return 1 to let the syscall proceed (0 would fail it
 /// with EPERM); portfwd never refuses a connection.
@@ -131,6 +131,13 @@ fn socket_protocol(sa: *mut bpf_sock_addr) -> Option<u8> {
 /// Exact (address, port, protocol) first; then, when the destination is one
 /// of the host's own addresses, the family's wildcard mapping.
 fn find_backend(key: ServiceKey) -> Option<Backend> {
+    // Most connects and sends go to ports nobody published: one array read
+    // (which the verifier inlines) says so. A missing word (cannot happen:
+    // the index is in range) means "look".
+    let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
+    if PUBLISHED_PORTS.get(word).is_some_and(|bits| bits & bit == 0) {
+        return None;
+    }
     let loopback = is_loopback(key.family, &key.addr);
     // SAFETY: the value is copied out at once; the map has no preallocation,
     // so a concurrent delete cannot recycle the element under us.
