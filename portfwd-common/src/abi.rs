@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 use crate::types::{
     Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, TraceConfig,
+    ServiceValue, SockDialed, TraceConfig,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -28,8 +28,8 @@ macro_rules! map_name {
     (config) => {
         "pf_config"
     };
-    (sock_revnat) => {
-        "pf_sock_revnat"
+    (sock_dialed) => {
+        "pf_sock_dialed"
     };
     (conntrack) => {
         "pf_conntrack"
@@ -45,6 +45,9 @@ macro_rules! map_name {
     };
     (services_gen) => {
         "pf_services_gen"
+    };
+    (published_ports) => {
+        "pf_ports"
     };
     (scratch) => {
         "pf_scratch"
@@ -66,6 +69,9 @@ pub enum MapKind {
     PerCpuArray,
     PerCpuHash,
     RingBuf,
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a value per
+    /// socket, freed with the socket; key a socket fd, no capacity.
+    SkStorage,
 }
 
 /// One map of the ABI.
@@ -128,14 +134,23 @@ pub const LOCAL_ADDRS: MapDef = map(
 );
 /// The single `Config` entry.
 pub const CONFIG: MapDef = map(map_name!(config), MapKind::Array, 4, size::<Config>(), 1);
-/// (socket, backend) -> the address the application dialed.
-pub const SOCK_REVNAT: MapDef = map(
-    map_name!(sock_revnat),
-    MapKind::LruHash,
-    size::<SockRevNatKey>(),
-    size::<SockRevNatValue>(),
-    262_144,
-);
+/// Per translated socket: the backends it talks to and the addresses the
+/// application dialed. Declared as a BTF map (the kernel requires BTF for
+/// socket storage); pinned, so that programs replaced by `up --reload` or
+/// an upgrade keep serving sockets translated before.
+pub const SOCK_DIALED: MapDef = MapDef {
+    flags: BPF_F_NO_PREALLOC,
+    ..map(
+        map_name!(sock_dialed),
+        MapKind::SkStorage,
+        4,
+        size::<SockDialed>(),
+        0,
+    )
+};
+/// Maps of earlier versions, no longer created: `down` removes their pins.
+/// `pf_sock_revnat`: the reverse-NAT LRU map that `SOCK_DIALED` replaced.
+pub const OBSOLETE_MAPS: [&str; 1] = ["pf_sock_revnat"];
 /// Tracked flows of the TC path: two entries per flow (one per direction).
 pub const CONNTRACK: MapDef = map(
     map_name!(conntrack),
@@ -186,6 +201,26 @@ pub const TRACE_ON: MapDef = map(
 /// removes (or changes) mappings, so that the TC programs look a tracked
 /// flow's mapping up again only when the services changed, not per packet.
 pub const SERVICES_GEN: MapDef = map(map_name!(services_gen), MapKind::Array, 4, 8, 1);
+/// Which (protocol, port) pairs may be published: one bit each, so that the
+/// socket programs leave a connect or a UDP send to any other port after
+/// one array read instead of two hash lookups. Userspace sets a port's bit
+/// before it adds the port's first mapping and clears stale bits at `up`
+/// only: a set bit for a port no longer published costs the lookups, never
+/// a wrong answer. See `published_port_bit`.
+pub const PUBLISHED_PORTS: MapDef = map(
+    map_name!(published_ports),
+    MapKind::Array,
+    4,
+    4,
+    2 * 65_536 / 32,
+);
+
+/// The word (index in `PUBLISHED_PORTS`) and bit of a protocol's port (host
+/// byte order); TCP and any other protocol share the first half.
+pub const fn published_port_bit(proto: u8, port: u16) -> (u32, u32) {
+    let half = if proto == crate::IPPROTO_UDP { 2048 } else { 0 };
+    (half + (port as u32 >> 5), 1 << (port & 31))
+}
 
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory.
@@ -194,11 +229,11 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 11] = [
+pub const MAPS: [MapDef; 12] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
-    SOCK_REVNAT,
+    SOCK_DIALED,
     CONNTRACK,
     COUNTERS,
     STATS,
@@ -206,6 +241,7 @@ pub const MAPS: [MapDef; 11] = [
     TRACE,
     TRACE_ON,
     SERVICES_GEN,
+    PUBLISHED_PORTS,
 ];
 
 /// Where a program attaches.
@@ -218,6 +254,9 @@ pub enum Hook {
     TcIngress,
     /// TC egress of an interface.
     TcEgress,
+    /// A BPF iterator (`iter/udp`): loaded and run by a command when it
+    /// needs it, never attached by `up`.
+    Iter(&'static str),
 }
 
 /// One program of the ABI.
@@ -266,12 +305,20 @@ pub const BACKEND_PROGRAMS: [ProgramDef; 1] = [ProgramDef {
     hook: Hook::TcIngress,
 }];
 
+/// Lists the translated UDP sockets (cookie and `SockDialed` storage of
+/// each), for ending those connected through a removed mapping.
+pub const SOCKET_ITERATOR: ProgramDef = ProgramDef {
+    name: "pf_iter_udp",
+    hook: Hook::Iter("udp"),
+};
+
 /// Every program of the object.
 pub fn programs() -> impl Iterator<Item = &'static ProgramDef> {
     SOCK_PROGRAMS
         .iter()
         .chain(&UPLINK_PROGRAMS)
         .chain(&BACKEND_PROGRAMS)
+        .chain([&SOCKET_ITERATOR])
 }
 
 /// Defines `Stat` from one list: each variant, its index in the stats map

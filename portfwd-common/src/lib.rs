@@ -107,8 +107,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TraceConfig>(), 8);
         assert_eq!(size_of::<TraceEvent>(), 96);
-        assert_eq!(size_of::<SockRevNatKey>(), 32);
-        assert_eq!(size_of::<SockRevNatValue>(), 20);
+        assert_eq!(size_of::<DialedSlot>(), 40);
+        assert_eq!(size_of::<SockDialed>(), 40 * SOCK_DIALED_SLOTS + 8);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<FragmentValue>(), 72);
     }

@@ -239,30 +239,40 @@ pub struct Config {
     pub host_netns_cookie: u64,
 }
 
-/// Key of the socket reverse-NAT map: which socket, and the backend as the
-/// socket sees it after translation (for IPv6 sockets a v4 backend appears
-/// as `::ffff:a.b.c.d`, family V6).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNatKey {
-    pub cookie: u64,
-    pub addr: Addr,
-    /// Network byte order.
-    pub port: u16,
-    pub family: u8,
-    pub proto: u8,
-    pub _pad: u32,
-}
+/// How many translated destinations one socket remembers. A connected
+/// socket (TCP, connected UDP) needs one; an unconnected UDP socket that
+/// sends to more published addresses than this at once sees the replies of
+/// the oldest come from the container's address. A power of two.
+pub const SOCK_DIALED_SLOTS: usize = 4;
 
-/// The address the application dialed, restored by getpeername.
+/// One translation a socket went through: the backend as the socket sees it
+/// after translation (for IPv6 sockets a v4 backend appears as
+/// `::ffff:a.b.c.d`, family V6) and the address the application dialed,
+/// restored by getpeername and recvmsg.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRevNatValue {
-    pub addr: Addr,
+pub struct DialedSlot {
+    pub backend: Addr,
+    pub dialed: Addr,
     /// Network byte order.
-    pub port: u16,
+    pub backend_port: u16,
+    /// Network byte order.
+    pub dialed_port: u16,
+    /// `FAMILY_V4`/`FAMILY_V6` of both addresses; 0: an empty slot.
     pub family: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What a translated socket remembers, in the socket's own storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`): it lives exactly as long as the socket, so
+/// no number of short-lived sockets can push out a live one's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockDialed {
+    pub slots: [DialedSlot; SOCK_DIALED_SLOTS],
+    /// The slot an unconnected send to a new destination takes next.
+    pub next: u32,
+    pub _pad: u32,
 }
 
 /// The single entry of the trace switch map: the programs write trace

@@ -13,6 +13,7 @@
 
 mod conntrack;
 mod fragments;
+mod iter;
 mod maps;
 mod packet;
 mod sock;

@@ -6,10 +6,13 @@
 //! to, because that macro takes only a string literal and the name comes
 //! from `portfwd_common::map_name!`.
 
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya_ebpf::{
+    btf_maps::SkStorage,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
 use portfwd_common::{
     self as abi, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, TraceConfig, map_name,
+    ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
 };
 
 use crate::types::Scratch;
@@ -29,10 +32,18 @@ pub(crate) static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> =
 pub(crate) static CONFIG: Array<Config> =
     Array::with_max_entries(abi::CONFIG.max_entries, abi::CONFIG.flags);
 
+/// A BTF map (section `.maps`, what `#[btf_map]` expands to): the kernel
+/// creates socket storage only with BTF for its key and value, which
+/// bpf-linker (`--btf`) emits from the type's debug info. Its type, key,
+/// size and flags are fixed by `SkStorage` and match `abi::SOCK_DIALED`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = map_name!(sock_dialed))]
+pub(crate) static SOCK_DIALED: SkStorage<SockDialed> = SkStorage::new();
+
 #[unsafe(link_section = "maps")]
-#[unsafe(export_name = map_name!(sock_revnat))]
-pub(crate) static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
-    LruHashMap::with_max_entries(abi::SOCK_REVNAT.max_entries, abi::SOCK_REVNAT.flags);
+#[unsafe(export_name = map_name!(published_ports))]
+pub(crate) static PUBLISHED_PORTS: Array<u32> =
+    Array::with_max_entries(abi::PUBLISHED_PORTS.max_entries, abi::PUBLISHED_PORTS.flags);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(conntrack))]

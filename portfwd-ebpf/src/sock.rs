@@ -7,6 +7,12 @@
 //! published port, and recvmsg rewrites the replies' source back to the
 //! address the application sent to.
 //!
+//! What a socket was translated from is kept in the socket's own storage
+//! (`SOCK_DIALED`), freed by the kernel with the socket: a map of its own
+//! would fill with closed sockets and push out live ones. A socket without
+//! storage was never translated, which makes recvmsg and getpeername of
+//! every other socket on the machine a single lookup.
+//!
 //! Only sockets of the host network namespace are translated: the programs
 //! sit on the cgroup v2 root, which also holds every container's processes,
 //! and a container's own `127.0.0.1:PORT` must stay its own. A container
@@ -14,18 +20,15 @@
 //! (hairpin), like any client outside the host.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
+    macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use portfwd_common::{
-    Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey, ServiceKey, SockRevNatKey,
-    SockRevNatValue,
+    Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
+    SOCK_DIALED_SLOTS, ServiceKey, published_port_bit,
 };
 
-use crate::maps::{CONFIG, LOCAL_ADDRS, SERVICES, SOCK_REVNAT};
+use crate::maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED};
 
 /// sock_addr programs return 1 to let the syscall proceed (0 would fail it
 /// with EPERM); portfwd never refuses a connection.
@@ -37,7 +40,7 @@ const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate4(ctx.sock_addr);
+        translate4(&ctx, Call::Connect);
     }
     PROCEED
 }
@@ -45,7 +48,7 @@ pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(ctx.sock_addr, Call::Connect);
+        translate6(&ctx, Call::Connect);
     }
     PROCEED
 }
@@ -54,7 +57,7 @@ pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
 pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
     // Only UDP reaches this hook with a destination address.
     if in_host_netns(&ctx) {
-        translate4(ctx.sock_addr);
+        translate4(&ctx, Call::SendMsg);
     }
     PROCEED
 }
@@ -62,48 +65,37 @@ pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(ctx.sock_addr, Call::SendMsg);
+        translate6(&ctx, Call::SendMsg);
     }
     PROCEED
 }
 
+// recvmsg and getpeername: a socket that was never translated has no
+// storage, and only host sockets are ever translated, so the storage lookup
+// is the whole cost for every other socket (recvmsg also runs inside
+// accept()).
+
 #[cgroup_sock_addr(recvmsg4)]
 pub(crate) fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
-    // Only host sockets are ever translated; the netns check is the cheap
-    // way out for everyone else (this hook also runs inside accept()).
-    if in_host_netns(&ctx) {
-        restore_peer4(ctx.sock_addr);
-    }
+    restore_peer4(&ctx);
     PROCEED
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
-    // Only host sockets are ever translated; the netns check is the cheap
-    // way out for everyone else (this hook also runs inside accept()).
-    if in_host_netns(&ctx) {
-        restore_peer6(ctx.sock_addr);
-    }
+    restore_peer6(&ctx);
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub(crate) fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
-    // Only host sockets are ever translated; the netns check is the cheap
-    // way out for everyone else (this hook also runs inside accept()).
-    if in_host_netns(&ctx) {
-        restore_peer4(ctx.sock_addr);
-    }
+    restore_peer4(&ctx);
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub(crate) fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
-    // Only host sockets are ever translated; the netns check is the cheap
-    // way out for everyone else (this hook also runs inside accept()).
-    if in_host_netns(&ctx) {
-        restore_peer6(ctx.sock_addr);
-    }
+    restore_peer6(&ctx);
     PROCEED
 }
 
@@ -139,6 +131,16 @@ fn socket_protocol(sa: *mut bpf_sock_addr) -> Option<u8> {
 /// Exact (address, port, protocol) first; then, when the destination is one
 /// of the host's own addresses, the family's wildcard mapping.
 fn find_backend(key: ServiceKey) -> Option<Backend> {
+    // Most connects and sends go to ports nobody published: one array read
+    // (which the verifier inlines) says so. A missing word (cannot happen:
+    // the index is in range) means "look".
+    let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
+    if PUBLISHED_PORTS
+        .get(word)
+        .is_some_and(|bits| bits & bit == 0)
+    {
+        return None;
+    }
     let loopback = is_loopback(key.family, &key.addr);
     // SAFETY: the value is copied out at once; the map has no preallocation,
     // so a concurrent delete cannot recycle the element under us.
@@ -170,8 +172,17 @@ fn is_loopback(family: u8, addr: &Addr) -> bool {
     }
 }
 
+/// Which syscall a translation serves: they differ in what the kernel
+/// accepts after the program, and in what the socket remembers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    SendMsg,
+}
+
 /// Rewrites an IPv4 destination (connect, or an unconnected UDP send).
-fn translate4(sa: *mut bpf_sock_addr) {
+fn translate4(ctx: &SockAddrContext, call: Call) {
+    let sa = ctx.sock_addr;
     let Some(proto) = socket_protocol(sa) else {
         return;
     };
@@ -191,26 +202,22 @@ fn translate4(sa: *mut bpf_sock_addr) {
         (*sa).user_port = backend.port as u32;
     }
     remember_dialed(
-        sa,
-        FAMILY_V4,
-        proto,
-        backend.addr,
-        backend.port,
-        key.addr,
-        dialed_port,
+        ctx,
+        call,
+        DialedSlot {
+            backend: backend.addr,
+            dialed: key.addr,
+            backend_port: backend.port,
+            dialed_port,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        },
     );
 }
 
 /// Rewrites an IPv6 destination (connect, or an unconnected UDP send).
-/// Which syscall a translation serves: they differ in what the kernel
-/// accepts after the program.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Connect,
-    SendMsg,
-}
-
-fn translate6(sa: *mut bpf_sock_addr, call: Call) {
+fn translate6(ctx: &SockAddrContext, call: Call) {
+    let sa = ctx.sock_addr;
     let Some(proto) = socket_protocol(sa) else {
         return;
     };
@@ -246,13 +253,16 @@ fn translate6(sa: *mut bpf_sock_addr, call: Call) {
     write_user_ip6(sa, &seen);
     unsafe { (*sa).user_port = backend.port as u32 };
     remember_dialed(
-        sa,
-        FAMILY_V6,
-        proto,
-        seen,
-        backend.port,
-        dialed,
-        dialed_port,
+        ctx,
+        call,
+        DialedSlot {
+            backend: seen,
+            dialed,
+            backend_port: backend.port,
+            dialed_port,
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        },
     );
 }
 
@@ -286,89 +296,88 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
     }
 }
 
-/// Records, for this socket and the backend it now talks to, the address the
-/// application dialed, for getpeername and recvmsg.
-fn remember_dialed(
-    sa: *mut bpf_sock_addr,
-    socket_family: u8,
-    proto: u8,
-    backend: Addr,
-    backend_port: u16,
-    dialed: Addr,
-    dialed_port: u16,
-) {
-    let key = revnat_key(sa, socket_family, proto, backend, backend_port);
-    let value = SockRevNatValue {
-        addr: dialed,
-        port: dialed_port,
-        family: socket_family,
-        _pad: 0,
-    };
-    // Written only when it changes: a connected UDP socket (or one that
-    // sends to the same published address again) would otherwise write the
-    // same entry on every connect and sendmsg, bouncing its cache line.
-    // SAFETY: the value is read once, in this program run.
-    if unsafe { SOCK_REVNAT.get(&key) } == Some(&value) {
-        return;
-    }
-    // A full LRU map evicts the oldest socket's entry; nothing to handle.
-    let _ = SOCK_REVNAT.insert(&key, &value, 0);
-}
-
-fn revnat_key(
-    sa: *mut bpf_sock_addr,
-    socket_family: u8,
-    proto: u8,
-    addr: Addr,
-    port: u16,
-) -> SockRevNatKey {
-    // SAFETY: the helper only reads the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    SockRevNatKey {
-        cookie,
-        addr,
-        port,
-        family: socket_family,
-        proto,
-        _pad: 0,
-    }
-}
-
-fn restore_peer4(sa: *mut bpf_sock_addr) {
-    let Some(proto) = socket_protocol(sa) else {
+/// Records in the socket's storage (created now if it has none) the
+/// backend it now talks to and the address the application dialed, for
+/// getpeername and recvmsg.
+fn remember_dialed(ctx: &SockAddrContext, call: Call, slot: DialedSlot) {
+    // SAFETY: the helper reads the context's socket; the storage it returns
+    // (zeroed when created) belongs to this socket until the socket is freed.
+    let Some(dialed) = (unsafe { SOCK_DIALED.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {
+        // Out of memory: getpeername and recvmsg show the container.
         return;
     };
+    if call == Call::Connect {
+        // A connected socket talks to one peer: whatever it sent to before
+        // is forgotten.
+        dialed.slots[0] = slot;
+        for i in 1..SOCK_DIALED_SLOTS {
+            dialed.slots[i].family = 0;
+        }
+        dialed.next = 1;
+        return;
+    }
+    // An unconnected send: its backend's slot, or the oldest. Written only
+    // when it changes, so that repeated sends do not bounce the cache line.
+    for i in 0..SOCK_DIALED_SLOTS {
+        let known = &mut dialed.slots[i];
+        if known.family == slot.family
+            && known.backend == slot.backend
+            && known.backend_port == slot.backend_port
+        {
+            if known.dialed != slot.dialed || known.dialed_port != slot.dialed_port {
+                known.dialed = slot.dialed;
+                known.dialed_port = slot.dialed_port;
+            }
+            return;
+        }
+    }
+    // Masked: the verifier needs the index bounded (a power of two).
+    let oldest = dialed.next as usize & (SOCK_DIALED_SLOTS - 1);
+    dialed.slots[oldest] = slot;
+    dialed.next = dialed.next.wrapping_add(1);
+}
+
+/// The address the application dialed to reach `peer` (family, address,
+/// port as the socket sees them), if the socket was translated to it.
+fn dialed_for(ctx: &SockAddrContext, family: u8, peer: &Addr, port: u16) -> Option<(Addr, u16)> {
+    // SAFETY: a lookup without creation; see `remember_dialed`.
+    let dialed = unsafe { SOCK_DIALED.get_ptr_mut(ctx).as_ref() }?;
+    for i in 0..SOCK_DIALED_SLOTS {
+        let slot = &dialed.slots[i];
+        if slot.family == family && slot.backend_port == port && slot.backend == *peer {
+            return Some((slot.dialed, slot.dialed_port));
+        }
+    }
+    None
+}
+
+fn restore_peer4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
     let (peer, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
-    let key = revnat_key(sa, FAMILY_V4, proto, Addr::v4(peer), port);
-    if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
+    if let Some((dialed, dialed_port)) = dialed_for(ctx, FAMILY_V4, &Addr::v4(peer), port) {
         unsafe {
-            (*sa).user_ip4 = dialed.addr.words[0];
-            (*sa).user_port = dialed.port as u32;
+            (*sa).user_ip4 = dialed.words[0];
+            (*sa).user_port = dialed_port as u32;
         }
     }
 }
 
-fn restore_peer6(sa: *mut bpf_sock_addr) {
-    let Some(proto) = socket_protocol(sa) else {
-        return;
-    };
+fn restore_peer6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
     let peer = read_user_ip6(sa);
     let port = unsafe { (*sa).user_port as u16 };
-    let key = revnat_key(sa, FAMILY_V6, proto, peer, port);
-    if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
-        let (addr, port) = (dialed.addr, dialed.port);
-        write_user_ip6(sa, &addr);
-        unsafe { (*sa).user_port = port as u32 };
+    if let Some((dialed, dialed_port)) = dialed_for(ctx, FAMILY_V6, &peer, port) {
+        write_user_ip6(sa, &dialed);
+        unsafe { (*sa).user_port = dialed_port as u32 };
         return;
     }
     // A datagram of a dual-stack socket to ::ffff:a.b.c.d was translated by
-    // sendmsg4, which the kernel runs for it: its entry is an IPv4 one.
+    // sendmsg4, which the kernel runs for it: its slot is an IPv4 one.
     if is_v4_mapped(&peer) {
-        let key = revnat_key(sa, FAMILY_V4, proto, Addr::v4(peer.words[3]), port);
-        if let Some(dialed) = unsafe { SOCK_REVNAT.get(&key) } {
-            let (addr, port) = (dialed.addr.words[0], dialed.port);
-            write_user_ip6(sa, &Addr::v6([0, 0, V4_MAPPED_WORD2, addr]));
-            unsafe { (*sa).user_port = port as u32 };
+        let v4 = Addr::v4(peer.words[3]);
+        if let Some((dialed, dialed_port)) = dialed_for(ctx, FAMILY_V4, &v4, port) {
+            write_user_ip6(sa, &Addr::v6([0, 0, V4_MAPPED_WORD2, dialed.words[0]]));
+            unsafe { (*sa).user_port = dialed_port as u32 };
         }
     }
 }

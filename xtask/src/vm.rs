@@ -52,6 +52,15 @@ const SUBSET: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        // Socket storage (a BTF map), the UDP socket iterator and
+        // SOCK_DESTROY on the older kernel.
+        "socket_lifetime",
+        &[
+            "live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones",
+            "unmap_and_republish_end_host_sockets_connected_through_the_mapping",
+        ],
+    ),
+    (
         // The TC path: external clients, UDP, IP fragments, counters,
         // unmap and detach.
         "tc_path",

@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
     programs::{CgroupSockAddr, SchedClassifier},
 };
-use portfwd_common::{Config, MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
+use portfwd_common::{Config, MAPS, OBSOLETE_MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
 
 use super::{
     PinnedMaps, StateLock,
@@ -112,6 +112,10 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     object::check_pinned_layouts(pin_dir)?;
     let mut ebpf = object::load(pin_dir, options.sizes)?;
     load_all(&mut ebpf)?;
+    // The published-ports bits, from the services map (after unmaps, or an
+    // upgrade from a build without them), before any program that reads
+    // them is attached: a published port must never look unpublished.
+    PinnedMaps::open(pin_dir, &lock)?.rebuild_published_ports()?;
     let mut report = InstallReport {
         cgroup: cgroup.clone(),
         ..InstallReport::default()
@@ -119,6 +123,12 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     attach_sock_programs(&mut ebpf, options, &cgroup, &mut report, rollback)?;
     replace_tc_programs(&mut ebpf, options, &mut report)?;
     attach_uplinks(&mut ebpf, options, &mut report, rollback)?;
+
+    // Programs of an earlier version held their maps; this build's have
+    // replaced them, so their pins go (the kernel frees what nothing uses).
+    for name in OBSOLETE_MAPS {
+        fs::remove_file(pin_dir.join(name)).ok();
+    }
 
     let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     maps.set_config(Config {
@@ -269,8 +279,8 @@ pub(crate) fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
     if links.exists() {
         report.detached = unpin_links_in(&links)?;
     }
-    for map in MAPS {
-        let path = pin_dir.join(map.name);
+    for name in MAPS.iter().map(|m| m.name).chain(OBSOLETE_MAPS) {
+        let path = pin_dir.join(name);
         match fs::remove_file(&path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                 return Err(error).with_context(|| format!("removing {}", path.display()));

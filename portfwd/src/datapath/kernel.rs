@@ -106,8 +106,9 @@ pub(crate) struct KernelFeatures {
     /// TCX links (6.6): TC programs attach as pinned links; without them,
     /// as netlink clsact filters.
     pub(crate) tcx: bool,
-    /// The `bpf_sock_destroy` kfunc (6.5). portfwd does not use it yet:
-    /// on every kernel `unmap` leaves established host connections open.
+    /// The `bpf_sock_destroy` kfunc (6.5), reported only: portfwd ends host
+    /// sockets through sock_diag on every kernel (see `sockets`), since aya
+    /// 0.14 cannot load a program that calls a kfunc.
     pub(crate) sock_destroy: bool,
     /// Kernel BTF (/sys/kernel/btf/vmlinux): verifier logs name types.
     pub(crate) btf: bool,

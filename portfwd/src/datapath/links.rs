@@ -63,6 +63,8 @@ pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<()> {
                 let program: &mut SchedClassifier = program_of(ebpf, name)?.try_into()?;
                 program.load().with_context(|| format!("loading {name}"))?;
             }
+            // Loaded by the command that runs it (see `sockets`).
+            Hook::Iter(_) => {}
         }
     }
     Ok(())

@@ -2,14 +2,14 @@
 //! command that changes them holds an exclusive lock on the pin directory, so
 //! concurrent CLI processes never interleave their read-check-write steps.
 
-use std::{fs::File, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, fs::File, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    Addr, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES,
-    SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
+    Addr, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters, PUBLISHED_PORTS,
+    SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, published_port_bit,
 };
 
 use crate::model::Mapping;
@@ -54,6 +54,7 @@ pub(crate) struct PinnedMaps {
     counters: PerCpuHashMap<MapData, ServiceKey, MappingCounters>,
     stats: PerCpuArray<MapData, u64>,
     services_gen: Array<MapData, u64>,
+    published_ports: Array<MapData, u32>,
 }
 
 fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -94,6 +95,8 @@ impl PinnedMaps {
             .context("the stats map has an unexpected layout")?;
         let services_gen = Array::try_from(Map::Array(open_pin(dir, SERVICES_GEN.name)?))
             .context("the services generation map has an unexpected layout")?;
+        let published_ports = Array::try_from(Map::Array(open_pin(dir, PUBLISHED_PORTS.name)?))
+            .context("the published ports map has an unexpected layout")?;
         Ok(PinnedMaps {
             services,
             local_addrs,
@@ -101,6 +104,7 @@ impl PinnedMaps {
             counters,
             stats,
             services_gen,
+            published_ports,
         })
     }
 
@@ -121,6 +125,7 @@ impl PinnedMaps {
     /// Adds every mapping or, on any failure, none: entries added before the
     /// failure are removed again.
     pub(crate) fn add_all(&mut self, mappings: &[Mapping]) -> Result<()> {
+        self.mark_ports_published(mappings)?;
         let cpus = possible_cpus()?;
         for (done, mapping) in mappings.iter().enumerate() {
             // Counters first, so that the programs count from the first packet.
@@ -263,6 +268,41 @@ impl PinnedMaps {
             self.local_addrs
                 .insert(key, 1, 0)
                 .context("updating the local addresses map (more than its capacity?)")?;
+        }
+        Ok(())
+    }
+
+    /// Sets the published-ports bits of `mappings`' ports (before their
+    /// entries exist, so that the socket programs never skip a published
+    /// port); one read and one write per word that changes.
+    fn mark_ports_published(&mut self, mappings: &[Mapping]) -> Result<()> {
+        let mut words: BTreeMap<u32, u32> = BTreeMap::new();
+        for m in mappings {
+            let (word, bit) = published_port_bit(m.key().proto, m.host.port());
+            *words.entry(word).or_default() |= bit;
+        }
+        for (word, bits) in words {
+            let old = self.published_ports.get(&word, 0)?;
+            if old | bits != old {
+                self.published_ports.set(word, old | bits, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the published-ports bits exactly those of the services map
+    /// (`up`: clears the bits of ports no longer published).
+    pub(crate) fn rebuild_published_ports(&mut self) -> Result<()> {
+        let mut wanted = vec![0u32; PUBLISHED_PORTS.max_entries as usize];
+        for entry in self.services.keys() {
+            let key = entry.context("reading the services map")?;
+            let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
+            wanted[word as usize] |= bit;
+        }
+        for (word, bits) in (0u32..).zip(wanted) {
+            if self.published_ports.get(&word, 0)? != bits {
+                self.published_ports.set(word, bits, 0)?;
+            }
         }
         Ok(())
     }

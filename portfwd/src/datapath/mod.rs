@@ -13,6 +13,7 @@ mod maps;
 mod object;
 mod observe;
 mod rollback;
+mod sockets;
 mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
@@ -31,4 +32,5 @@ pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
 pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};
 pub(crate) use rollback::Rollback;
+pub(crate) use sockets::end_sockets_through;
 pub(crate) use trace::{TraceFilter, Traced, Tracer};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
-use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES, SOCK_REVNAT};
+use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 pub(super) static OBJECT: &[u8] =
@@ -27,8 +27,9 @@ impl Sizes {
             out.extend([(SERVICES.name, n), (COUNTERS.name, n)]);
         }
         if let Some(n) = self.max_flows {
-            // Two conntrack entries per flow, one reverse-NAT entry per socket.
-            out.extend([(CONNTRACK.name, n.saturating_mul(2)), (SOCK_REVNAT.name, n)]);
+            // Two conntrack entries per flow. (The socket path keeps what it
+            // needs in each socket's own storage: nothing to size.)
+            out.push((CONNTRACK.name, n.saturating_mul(2)));
         }
         out
     }
@@ -79,20 +80,21 @@ pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
 
 /// Notes when asked-for capacities differ from those of existing maps.
 pub(crate) fn size_notes(pin_dir: &Path, sizes: Sizes) -> Vec<String> {
+    // (map, flag, value asked, map entries per unit of the flag)
     let asked = [
-        (SERVICES.name, sizes.max_mappings, "--max-mappings"),
-        (SOCK_REVNAT.name, sizes.max_flows, "--max-flows"),
+        (SERVICES.name, "--max-mappings", sizes.max_mappings, 1),
+        (CONNTRACK.name, "--max-flows", sizes.max_flows, 2),
     ];
     let mut notes = Vec::new();
-    for (name, wanted, flag) in asked {
+    for (name, flag, wanted, per_unit) in asked {
         let Some(wanted) = wanted else { continue };
         let Ok(info) = MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info()) else {
             continue;
         };
-        if info.max_entries() != wanted {
+        if info.max_entries() != wanted.saturating_mul(per_unit) {
             notes.push(format!(
                 "{flag} {wanted} not applied: the existing maps hold {} (sizes apply when the maps are created: `portfwd down --keep-state`, then `up`)",
-                info.max_entries()
+                info.max_entries() / per_unit
             ));
         }
     }
@@ -116,6 +118,7 @@ mod tests {
             t if t == map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32 => MapKind::PerCpuArray,
             t if t == map_type::BPF_MAP_TYPE_PERCPU_HASH as u32 => MapKind::PerCpuHash,
             t if t == map_type::BPF_MAP_TYPE_RINGBUF as u32 => MapKind::RingBuf,
+            t if t == map_type::BPF_MAP_TYPE_SK_STORAGE as u32 => MapKind::SkStorage,
             _ => return None,
         };
         Some(kind)
@@ -165,6 +168,7 @@ mod tests {
                     format!("{attach_type:?}").to_lowercase().ends_with(hook)
                 }
                 (Hook::TcIngress | Hook::TcEgress, ProgramSection::SchedClassifier) => true,
+                (Hook::Iter(_), ProgramSection::Iter { sleepable: false }) => true,
                 _ => false,
             };
             assert!(

@@ -19,8 +19,7 @@ use aya::{
 };
 use portfwd_common::{
     CONNTRACK, CtKey, CtValue, FRAGMENTS, FragmentKey, FragmentValue, LOCAL_ADDRS, LocalAddrKey,
-    MapDef, MapKind, SERVICES, SOCK_REVNAT, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    MapDef, MapKind, SERVICES, ServiceKey, ServiceValue,
 };
 
 use crate::instance;
@@ -34,14 +33,14 @@ pub(crate) struct MapFill {
 }
 
 /// The entries of every hash map that grows with traffic or mappings
-/// (arrays are always full, per-CPU counters follow the mappings).
+/// (arrays are always full, per-CPU counters follow the mappings, and
+/// socket storage lives and dies with the sockets).
 pub(crate) fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     Ok(vec![
         fill::<ServiceKey, ServiceValue>(pin_dir, &SERVICES)?,
         fill::<LocalAddrKey, u8>(pin_dir, &LOCAL_ADDRS)?,
         fill::<CtKey, CtValue>(pin_dir, &CONNTRACK)?,
         fill::<FragmentKey, FragmentValue>(pin_dir, &FRAGMENTS)?,
-        fill::<SockRevNatKey, SockRevNatValue>(pin_dir, &SOCK_REVNAT)?,
     ])
 }
 

@@ -17,6 +17,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use crate::model::Protocol;
 
 pub(crate) mod netlink;
+pub(crate) mod sock_diag;
 
 /// Loading, attaching and pinning programs, mounting bpffs.
 pub(crate) const LOAD: &[Capability] = &[

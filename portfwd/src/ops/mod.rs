@@ -148,11 +148,39 @@ impl<'a> Session<'a> {
         } = self;
         drop(maps);
         drop(lock);
+        end_sockets_through_gone(pin_dir, &removed, &added);
         if recovered.is_some() {
             return holder::sync(pin_dir);
         }
         holder::update(pin_dir, &added, &removed)
     }
+}
+
+/// Ends the host sockets connected through mappings that this change
+/// removed or pointed elsewhere (see `datapath::end_sockets_through`), after
+/// the lock is released. Best effort: the change is made either way; what
+/// could not be ended is said on stderr.
+fn end_sockets_through_gone(pin_dir: &Path, removed: &[Mapping], added: &[Mapping]) {
+    let same = |a: &Mapping, b: &Mapping| {
+        (a.protocol, a.host, a.container) == (b.protocol, b.host, b.container)
+    };
+    let gone: Vec<Mapping> = removed
+        .iter()
+        .filter(|r| !added.iter().any(|a| same(a, r)))
+        .cloned()
+        .collect();
+    let note = match datapath::end_sockets_through(pin_dir, &gone) {
+        Ok(report) => match report.why_kept {
+            Some(why) => format!(
+                "host sockets connected through the removed mappings keep their old container: {why}"
+            ),
+            None => return,
+        },
+        Err(error) => {
+            format!("host sockets connected through the removed mappings were not ended: {error:#}")
+        }
+    };
+    eprintln!("portfwd: note: {note}");
 }
 
 /// Whether portfwd's maps and socket programs are pinned under `pin_dir`.

@@ -23,6 +23,7 @@ mod properties;
 mod reliability;
 mod serve;
 mod socket_completeness;
+mod socket_lifetime;
 mod socket_path;
 mod support;
 mod tc_path;

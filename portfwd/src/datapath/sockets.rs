@@ -1,0 +1,197 @@
+//! Ending the host sockets connected through mappings that are gone (issue
+//! 12, defect 4). A host socket translated at `connect()` talks to the
+//! container directly, and the kernel runs no hook for its later sends: a
+//! connected UDP socket (a resolver, a metrics client) would keep sending
+//! to the old container after `unmap` or a re-publish to another one.
+//!
+//! How: one sock_diag dump per family and protocol of the host namespace's
+//! sockets, with each socket's `pf_sock_dialed` storage (only sockets the
+//! socket programs translated have one: for TCP sockets sock_diag reports
+//! it, for UDP ones the `pf_iter_udp` iterator lists it by socket cookie),
+//! then `SOCK_DESTROY` of each
+//! connected socket whose storage says it was translated through a removed
+//! mapping and that is still connected to that mapping's container. The
+//! owner's next call fails with ECONNABORTED (a UDP socket is also
+//! disconnected: it connects again, through whatever is published now); a
+//! TCP peer gets a reset, as when docker-proxy exits. Sockets connected
+//! straight to a container address, and unconnected UDP sockets (each
+//! datagram is translated anew), are left alone.
+//!
+//! Why the iterator does not end the sockets itself with the
+//! `bpf_sock_destroy` kfunc (Linux 6.5, Cilium's way): aya 0.14 loads
+//! `iter/` programs, but its object loader (aya-obj 0.3) has no kfunc call
+//! relocation (no `BPF_PSEUDO_KFUNC_CALL`, no `.ksyms` externs), so a
+//! program of this crate cannot call `bpf_sock_destroy`. sock_diag's `SOCK_DESTROY` needs
+//! `CONFIG_INET_DIAG_DESTROY` (on in Debian's and this host's kernels) and
+//! works on every kernel portfwd supports, 6.1 included.
+
+use std::{collections::HashMap, io::Read, os::fd::AsFd, path::Path};
+
+use anyhow::{Context, Result};
+use aya::{Btf, maps::MapData, programs::Iter};
+use portfwd_common::{
+    Addr, DialedSlot, IPPROTO_TCP, IPPROTO_UDP, SOCK_DIALED, SOCKET_ITERATOR, SockDialed,
+};
+
+use super::{
+    links::program_of,
+    object::{self, Sizes},
+};
+use crate::{
+    host::sock_diag::{self, InetSocket, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN},
+    model::{Mapping, Protocol},
+};
+
+/// What `end_sockets_through` did.
+#[derive(Debug, Default)]
+pub(crate) struct EndedSockets {
+    pub(crate) ended: usize,
+    /// Why some sockets that should have ended were kept (the kernel lacks
+    /// `CONFIG_INET_DIAG_DESTROY`, or the UDP iterator), if any were.
+    pub(crate) why_kept: Option<String>,
+}
+
+/// Ends the host sockets connected through any of `removed`.
+pub(crate) fn end_sockets_through(pin_dir: &Path, removed: &[Mapping]) -> Result<EndedSockets> {
+    let mut report = EndedSockets::default();
+    if removed.is_empty() {
+        return Ok(report);
+    }
+    let map = MapData::from_pin(pin_dir.join(SOCK_DIALED.name))
+        .with_context(|| format!("opening {}", SOCK_DIALED.name))?;
+    let protocols = [(Protocol::Tcp, IPPROTO_TCP), (Protocol::Udp, IPPROTO_UDP)];
+    for (protocol, number) in protocols {
+        if !removed.iter().any(|m| m.protocol == protocol) {
+            continue;
+        }
+        let udp_storage = match protocol {
+            // Without the iterator (a kernel before 5.12), TCP sockets
+            // still end.
+            Protocol::Udp => match translated_udp_sockets(pin_dir) {
+                Ok(by_cookie) => Some(by_cookie),
+                Err(error) => {
+                    report.why_kept = Some(format!("UDP sockets were not looked at: {error:#}"));
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let sockets = sock_diag::dump(family, number, map.fd().as_fd())
+                .with_context(|| format!("listing the host's {protocol} sockets (sock_diag)"))?;
+            for mut socket in sockets {
+                if let Some(by_cookie) = &udp_storage {
+                    socket.storage = by_cookie.get(&socket.cookie).cloned();
+                }
+                if !removed
+                    .iter()
+                    .any(|m| m.protocol == protocol && connected_through(&socket, m))
+                {
+                    continue;
+                }
+                match sock_diag::destroy(&socket) {
+                    Ok(()) => report.ended += 1,
+                    // Closed in the meantime.
+                    Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(error) => {
+                        report.why_kept.get_or_insert_with(|| describe(&error));
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The UDP sockets the socket programs translated: cookie -> storage, as
+/// the `pf_iter_udp` iterator lists them.
+fn translated_udp_sockets(pin_dir: &Path) -> Result<HashMap<u64, Vec<u8>>> {
+    let name = SOCKET_ITERATOR.name;
+    let mut ebpf = object::load(pin_dir, Sizes::default())?;
+    let program: &mut Iter = program_of(&mut ebpf, name)?.try_into()?;
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    program
+        .load("udp", &btf)
+        .with_context(|| format!("loading {name}"))?;
+    let link = program
+        .attach()
+        .with_context(|| format!("attaching {name}"))?;
+    let mut output = Vec::new();
+    program
+        .take_link(link)?
+        .into_file()?
+        .read_to_end(&mut output)
+        .with_context(|| format!("reading {name}"))?;
+    const RECORD: usize = 8 + size_of::<SockDialed>();
+    Ok(output
+        .chunks_exact(RECORD)
+        .map(|record| {
+            let cookie = u64::from_ne_bytes(record[..8].try_into().unwrap());
+            (cookie, record[8..].to_vec())
+        })
+        .collect())
+}
+
+fn describe(error: &std::io::Error) -> String {
+    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        "this kernel cannot end sockets (no CONFIG_INET_DIAG_DESTROY)".into()
+    } else {
+        format!("ending them failed: {error}")
+    }
+}
+
+/// Whether `socket` is connected to `mapping`'s container because the
+/// socket programs translated a connect to `mapping`'s published address.
+fn connected_through(socket: &InetSocket, mapping: &Mapping) -> bool {
+    let connected = match socket.protocol {
+        // A UDP socket's peer counts only once it is connected.
+        IPPROTO_UDP => socket.state == TCP_ESTABLISHED,
+        _ => socket.state != TCP_LISTEN && socket.state != TCP_CLOSE,
+    };
+    if !connected || socket.peer_port != mapping.container.port() {
+        return false;
+    }
+    if socket.peer.to_canonical() != mapping.container.ip() {
+        return false;
+    }
+    let Some(dialed) = socket.storage.as_deref().and_then(read_dialed) else {
+        return false;
+    };
+    dialed
+        .slots
+        .iter()
+        .filter(|slot| slot.family != 0)
+        .any(|slot| slot_is(slot, socket, mapping))
+}
+
+/// The slot of the backend the socket is connected to, dialed through
+/// `mapping`'s published address.
+fn slot_is(slot: &DialedSlot, socket: &InetSocket, mapping: &Mapping) -> bool {
+    let ip = |addr: &Addr| addr.to_ip(slot.family).map(|ip| ip.to_canonical());
+    let backend_port = u16::from_be(slot.backend_port);
+    if ip(&slot.backend) != Some(socket.peer.to_canonical()) || backend_port != socket.peer_port {
+        return false;
+    }
+    let Some(dialed) = ip(&slot.dialed) else {
+        return false;
+    };
+    if u16::from_be(slot.dialed_port) != mapping.host.port() {
+        return false;
+    }
+    let host = mapping.host.ip();
+    if host.is_unspecified() {
+        // A wildcard mapping serves the local addresses of its family.
+        host.is_ipv4() == dialed.is_ipv4()
+    } else {
+        host == dialed
+    }
+}
+
+fn read_dialed(bytes: &[u8]) -> Option<SockDialed> {
+    if bytes.len() < size_of::<SockDialed>() {
+        return None;
+    }
+    // SAFETY: SockDialed is #[repr(C)] and made only of integers (any bit
+    // pattern is valid); the length was checked; the read is unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SockDialed>()) })
+}
