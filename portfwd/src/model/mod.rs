@@ -17,6 +17,6 @@ pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state}
 pub(crate) use files::{FORMAT_VERSION, StateFile};
 pub use mapping::{Mapping, UnmapSelector};
 pub(crate) use mapping::{check_container_ip, check_name};
-pub(crate) use plan::plan;
+pub(crate) use plan::{Planner, plan};
 pub use protocol::{AUTO_PORTS, PortRange, Protocol};
 pub use publish::{HostPorts, PublishSpec};

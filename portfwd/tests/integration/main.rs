@@ -14,6 +14,7 @@
 #![allow(clippy::let_underscore_must_use)]
 
 mod cni;
+mod control_plane;
 mod docker;
 mod hostile;
 mod kernel_support;
