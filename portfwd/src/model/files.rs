@@ -64,22 +64,85 @@ impl Record {
 
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
+/// The snapshot that starts a state file.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StateFile {
     pub(crate) version: u32,
     pub(crate) mappings: Vec<Record>,
 }
 
-/// Parses a state file's text.
+/// One committed change, appended to the state file after its snapshot
+/// (see `state`): the records it removed, then those it added.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JournalEntry {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) remove: Vec<Record>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) add: Vec<Record>,
+}
+
+/// A state file's content: the records, and how much of the text holds
+/// them whole.
+#[derive(Debug)]
+pub(crate) struct ParsedState {
+    pub(crate) records: Vec<Record>,
+    /// Where the last whole entry ends: text after it is an entry whose
+    /// writer was killed half-way, never committed.
+    pub(crate) whole_len: usize,
+    /// Bytes of the snapshot, and of the journal after it.
+    pub(crate) snapshot_len: usize,
+    pub(crate) journal_len: usize,
+}
+
+/// Parses a state file's text: a snapshot, then the changes committed
+/// since, in order (an entry cut short at the end is ignored).
 pub fn parse_state(text: &str) -> Result<Vec<Record>> {
-    let file: StateFile = serde_json::from_str(text).context("not a portfwd state file")?;
+    parse_state_file(text).map(|parsed| parsed.records)
+}
+
+pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    let snapshot = values
+        .next()
+        .context("not a portfwd state file: it is empty")?
+        .context("not a portfwd state file")?;
+    let snapshot_len = values.byte_offset();
+    let file: StateFile = serde_json::from_value(snapshot).context("not a portfwd state file")?;
     if file.version != FORMAT_VERSION {
         bail!(
             "state file version {} (this portfwd reads version {FORMAT_VERSION})",
             file.version
         );
     }
-    Ok(file.mappings)
+    // Applied as set operations, in order: the last change to a record wins.
+    let mut records: std::collections::BTreeSet<Record> = file.mappings.into_iter().collect();
+    let mut whole_len = snapshot_len;
+    let mut change = 0;
+    while let Some(value) = values.next() {
+        change += 1;
+        let value = match value {
+            Ok(value) => value,
+            // Cut short by a kill: the change it describes did not commit.
+            Err(error) if error.is_eof() => break,
+            Err(error) => {
+                return Err(error).with_context(|| format!("state file change {change}"));
+            }
+        };
+        let entry: JournalEntry =
+            serde_json::from_value(value).with_context(|| format!("state file change {change}"))?;
+        for record in &entry.remove {
+            records.remove(record);
+        }
+        records.extend(entry.add);
+        whole_len = values.byte_offset();
+    }
+    Ok(ParsedState {
+        records: records.into_iter().collect(),
+        whole_len,
+        snapshot_len,
+        journal_len: whole_len - snapshot_len,
+    })
 }
 
 /// A file that `portfwd apply` reads: the whole set of mappings.
@@ -141,6 +204,51 @@ pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(port: u16) -> Record {
+        Record {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            host_ip: "0.0.0.0".parse().unwrap(),
+            host_port: port,
+            container_ip: "10.0.0.2".parse().unwrap(),
+            container_port: 80,
+            hold: true,
+        }
+    }
+
+    #[test]
+    fn a_state_file_is_its_snapshot_and_the_changes_after_it() {
+        let line = |entry: &JournalEntry| serde_json::to_string(entry).unwrap() + "\n";
+        let snapshot = serde_json::to_string(&StateFile {
+            version: FORMAT_VERSION,
+            mappings: vec![record(1), record(2)],
+        })
+        .unwrap()
+            + "\n";
+        let first = line(&JournalEntry {
+            remove: vec![record(1)],
+            add: vec![record(3)],
+        });
+        let second = line(&JournalEntry {
+            remove: vec![record(3)],
+            add: vec![record(1)],
+        });
+        let text = format!("{snapshot}{first}{second}");
+        let parsed = parse_state_file(&text).unwrap();
+        assert_eq!(parsed.records, [record(1), record(2)]);
+        assert_eq!(parsed.whole_len, text.trim_end().len());
+        assert_eq!(parsed.snapshot_len, snapshot.trim_end().len());
+        // A change cut short by a kill never happened.
+        let cut = format!("{snapshot}{first}{}", &second[..10]);
+        let parsed = parse_state_file(&cut).unwrap();
+        assert_eq!(parsed.records, [record(2), record(3)]);
+        assert_eq!(parsed.whole_len, snapshot.len() + first.len() - 1);
+        // Garbage that is not a cut-short change is an error.
+        assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
+        assert!(parse_state(&format!("{snapshot}{{\"bogus\": 1}}\n")).is_err());
+        assert!(parse_state("").is_err());
+    }
 
     #[test]
     fn state_files_of_another_version_are_refused() {
