@@ -102,43 +102,56 @@ pub fn parse_state(text: &str) -> Result<Vec<Record>> {
 }
 
 pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
-    let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
-    let snapshot = values
-        .next()
-        .context("not a portfwd state file: it is empty")?
-        .context("not a portfwd state file")?;
-    let snapshot_len = values.byte_offset();
-    let file: StateFile = serde_json::from_value(snapshot).context("not a portfwd state file")?;
+    // portfwd writes the snapshot on one line and each change on a line of
+    // its own; a snapshot over several lines (written by hand) is the whole
+    // file, with no changes after it.
+    let (first, rest) = match text.split_once('\n') {
+        Some((first, rest)) if !rest.trim().is_empty() => (first, rest),
+        _ => (text, ""),
+    };
+    let file: StateFile = serde_json::from_str(first).context("not a portfwd state file")?;
     if file.version != FORMAT_VERSION {
         bail!(
             "state file version {} (this portfwd reads version {FORMAT_VERSION})",
             file.version
         );
     }
-    // Applied as set operations, in order: the last change to a record wins.
-    let mut records: std::collections::BTreeSet<Record> = file.mappings.into_iter().collect();
+    let snapshot_len = first.len();
+    let mut records = file.mappings;
     let mut whole_len = snapshot_len;
-    let mut change = 0;
-    while let Some(value) = values.next() {
-        change += 1;
-        let value = match value {
-            Ok(value) => value,
+    let mut offset = snapshot_len + 1;
+    let mut changes: Vec<JournalEntry> = Vec::new();
+    for (i, line) in rest.split_inclusive('\n').enumerate() {
+        let at = offset;
+        offset += line.len();
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry = match serde_json::from_str::<JournalEntry>(line) {
+            Ok(entry) => entry,
             // Cut short by a kill: the change it describes did not commit.
-            Err(error) if error.is_eof() => break,
+            Err(error) if error.is_eof() && !line.ends_with('\n') => break,
             Err(error) => {
-                return Err(error).with_context(|| format!("state file change {change}"));
+                return Err(error).with_context(|| format!("state file change {}", i + 1));
             }
         };
-        let entry: JournalEntry =
-            serde_json::from_value(value).with_context(|| format!("state file change {change}"))?;
-        for record in &entry.remove {
-            records.remove(record);
+        changes.push(entry);
+        whole_len = at + line.trim_end().len();
+    }
+    if !changes.is_empty() {
+        // Applied as set operations, in order: the last change to a record
+        // wins.
+        let mut set: std::collections::BTreeSet<Record> = records.into_iter().collect();
+        for entry in changes {
+            for record in &entry.remove {
+                set.remove(record);
+            }
+            set.extend(entry.add);
         }
-        records.extend(entry.add);
-        whole_len = values.byte_offset();
+        records = set.into_iter().collect();
     }
     Ok(ParsedState {
-        records: records.into_iter().collect(),
+        records,
         whole_len,
         snapshot_len,
         journal_len: whole_len - snapshot_len,
