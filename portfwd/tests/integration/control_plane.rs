@@ -61,3 +61,34 @@ fn automatic_ports_by_the_thousand_and_requests_that_cannot_be_met() {
     );
     assert_eq!(listed(), full);
 }
+
+#[test]
+fn a_command_waiting_for_the_lock_names_who_holds_it() {
+    let Some(_serial) = root_test("lock_wait_notice") else {
+        return;
+    };
+    let ctr = Container::new(62);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    // flock(1) takes the same lock portfwd commands take, for 3 s.
+    let mut holder = std::process::Command::new("flock")
+        .args([pin_dir().as_str(), "sleep", "3"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let held = || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {} ", holder.id()))
+    };
+    while !held() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = portfwd(&["list"]);
+    let _ = holder.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting for flock") && stderr.contains(&format!("(pid {})", holder.id())),
+        "{stderr}"
+    );
+}
