@@ -37,7 +37,8 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         .iter()
         .map(|m| (m.protocol, m.host.port()))
         .collect();
-    let in_use = |p, port| !held.contains(&(p, port)) && host::port_in_use(p, port);
+    let busy = host::BusyPorts::scan()?;
+    let in_use = |p, port| !held.contains(&(p, port)) && busy.any(p, port);
     let by_endpoint = by_endpoint(&current);
     // One planner for the whole file: each entry sees those before it.
     let mut planner = Planner::new(&[]);
@@ -91,7 +92,7 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         .filter(|m| !current_hosts.contains(&(m.protocol, m.host)))
         .cloned()
         .collect();
-    refuse_ports_in_use(&new_ports)?;
+    refuse_ports_in_use(&new_ports, &busy)?;
     for m in &mut added {
         m.ifindex = session.prepare_backend_path(m.container.ip())?;
     }
