@@ -27,7 +27,6 @@
 use std::{
     fs::{DirBuilder, File, OpenOptions},
     io::{BufRead, BufReader, Write},
-    net::SocketAddr,
     os::unix::{
         fs::{DirBuilderExt, OpenOptionsExt},
         net::UnixStream,
@@ -40,10 +39,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{
-    host, instance,
-    model::{Mapping, Protocol},
-};
+use crate::{instance, model::Mapping};
 
 mod server;
 
@@ -184,17 +180,4 @@ fn open_log(path: &Path) -> Result<File> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))
-}
-
-/// The bind address a test for "is this published address free?" uses.
-pub(crate) fn probe(protocol: Protocol, addr: SocketAddr) -> Result<(), String> {
-    reserve(protocol, addr).map(drop).map_err(|errno| {
-        let owner = host::port_owner(protocol, addr.port())
-            .map(|owner| format!(" by {owner}"))
-            .unwrap_or_default();
-        match errno {
-            nix::errno::Errno::EADDRINUSE => format!("in use{owner}"),
-            other => other.desc().to_owned(),
-        }
-    })
 }

@@ -4,8 +4,9 @@
 //! own addresses and which ports host sockets already hold.
 
 use std::{
+    collections::HashMap,
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -156,18 +157,101 @@ pub(crate) fn local_addresses() -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
-/// Whether a host socket holds `port` on any address (probed by binding the
-/// wildcard of each family, as docker does when it picks a port).
-pub(crate) fn port_in_use(protocol: Protocol, port: u16) -> bool {
-    let addrs = [
-        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
-        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
-    ];
-    addrs.iter().any(|addr| match protocol {
-        // std sets SO_REUSEADDR, so TIME_WAIT leftovers do not count.
-        Protocol::Tcp => TcpListener::bind(addr).is_err(),
-        Protocol::Udp => UdpSocket::bind(addr).is_err(),
+/// The ports host sockets hold (TCP listeners, bound UDP sockets), read in
+/// one pass over /proc/net/{tcp,tcp6,udp,udp6} rather than probed port by
+/// port: a command that looks at thousands of ports reads each table once.
+#[derive(Debug, Default)]
+pub(crate) struct BusyPorts {
+    held: HashMap<(Protocol, u16), Vec<IpAddr>>,
+}
+
+impl BusyPorts {
+    /// The sockets of this network namespace, now.
+    pub(crate) fn scan() -> Result<Self> {
+        let mut busy = BusyPorts::default();
+        for (table, protocol) in [
+            ("/proc/net/tcp", Protocol::Tcp),
+            ("/proc/net/tcp6", Protocol::Tcp),
+            ("/proc/net/udp", Protocol::Udp),
+            ("/proc/net/udp6", Protocol::Udp),
+        ] {
+            let text = match fs::read_to_string(table) {
+                Ok(text) => text,
+                // No IPv6 on this host.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error).with_context(|| format!("reading {table}")),
+            };
+            busy.add_table(&text, protocol);
+        }
+        Ok(busy)
+    }
+
+    fn add_table(&mut self, table: &str, protocol: Protocol) {
+        for (ip, port) in bound_sockets(table, protocol) {
+            self.held.entry((protocol, port)).or_default().push(ip);
+        }
+    }
+
+    /// Whether a socket holds `port` on any address (automatic ports avoid
+    /// those, as docker does).
+    pub(crate) fn any(&self, protocol: Protocol, port: u16) -> bool {
+        self.held.contains_key(&(protocol, port))
+    }
+
+    /// Whether a socket holds `addr` itself: the same address, or a
+    /// wildcard on either side (an IPv6 wildcard socket may be dual-stack,
+    /// so it holds IPv4 addresses too).
+    pub(crate) fn holds(&self, protocol: Protocol, addr: SocketAddr) -> bool {
+        let wanted = addr.ip().to_canonical();
+        self.held
+            .get(&(protocol, addr.port()))
+            .into_iter()
+            .flatten()
+            .any(|&held| {
+                held == wanted
+                    || held == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                    || (held.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
+                    || (wanted.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
+            })
+    }
+}
+
+/// The local (address, port) of each socket in a /proc/net table that
+/// holds its port: TCP listeners, and every UDP socket. IPv4-mapped IPv6
+/// addresses come out as IPv4.
+fn bound_sockets(table: &str, protocol: Protocol) -> impl Iterator<Item = (IpAddr, u16)> + '_ {
+    const TCP_LISTEN: &str = "0A";
+    table.lines().skip(1).filter_map(move |line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        if protocol == Protocol::Tcp && state != TCP_LISTEN {
+            return None;
+        }
+        let (addr, port) = local.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some((parse_proc_addr(addr)?.to_canonical(), port))
     })
+}
+
+/// An address as /proc/net prints it: the bytes of each 32-bit word, in
+/// network order, printed as a host-order number.
+fn parse_proc_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let text = hex.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(text, 16).ok()?.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(bytes)))
+        }
+        _ => None,
+    }
 }
 
 /// The process holding `port` (a TCP listener, or a UDP socket), as
@@ -230,6 +314,8 @@ fn socket_inodes(table: &str, protocol: Protocol, port: u16) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
 
     #[test]
@@ -261,6 +347,41 @@ mod tests {
         assert_eq!(socket_inodes(table, Protocol::Tcp, 8080), [4242]);
         assert_eq!(socket_inodes(table, Protocol::Udp, 8080), [4242, 4343]);
         assert!(socket_inodes(table, Protocol::Tcp, 8081).is_empty());
+    }
+
+    #[test]
+    fn busy_ports_come_from_one_read_of_the_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0
+   1: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 100 0 0 10 0
+";
+        let tcp6 = "  sl  local_address rem_address   st
+   0: 00000000000000000000000000000000:1F91 00000000000000000000000000000000:0000 0A
+   1: 0000000000000000FFFF00000200000A:1F92 00000000000000000000000000000000:0000 0A
+";
+        let mut busy = BusyPorts::default();
+        busy.add_table(tcp, Protocol::Tcp);
+        busy.add_table(tcp6, Protocol::Tcp);
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        // A listener on 127.0.0.1:8080; a connected socket holds nothing.
+        assert!(busy.any(Protocol::Tcp, 8080) && !busy.any(Protocol::Udp, 8080));
+        assert!(!busy.any(Protocol::Tcp, 50000));
+        assert!(busy.holds(Protocol::Tcp, at("127.0.0.1:8080")));
+        assert!(busy.holds(Protocol::Tcp, at("0.0.0.0:8080")));
+        assert!(!busy.holds(Protocol::Tcp, at("127.0.0.2:8080")));
+        assert!(!busy.holds(Protocol::Tcp, at("[::]:8080")));
+        // [::]:8081 may be dual-stack: it holds every address.
+        assert!(busy.holds(Protocol::Tcp, at("10.0.0.1:8081")));
+        assert!(busy.holds(Protocol::Tcp, at("[::1]:8081")));
+        // An IPv4-mapped listener is an IPv4 one.
+        assert!(busy.holds(Protocol::Tcp, at("10.0.0.2:8082")));
+        assert!(!busy.holds(Protocol::Tcp, at("10.0.0.3:8082")));
+        // This process's own listener, read from the real tables.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let busy = BusyPorts::scan().unwrap();
+        assert!(busy.holds(Protocol::Tcp, listener.local_addr().unwrap()));
+        assert!(busy.any(Protocol::Tcp, port));
     }
 
     #[test]

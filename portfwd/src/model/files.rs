@@ -64,22 +64,98 @@ impl Record {
 
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
+/// The snapshot that starts a state file.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StateFile {
     pub(crate) version: u32,
     pub(crate) mappings: Vec<Record>,
 }
 
-/// Parses a state file's text.
+/// One committed change, appended to the state file after its snapshot
+/// (see `state`): the records it removed, then those it added.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JournalEntry {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) remove: Vec<Record>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) add: Vec<Record>,
+}
+
+/// A state file's content: the records, and how much of the text holds
+/// them whole.
+#[derive(Debug)]
+pub(crate) struct ParsedState {
+    pub(crate) records: Vec<Record>,
+    /// Where the last whole entry ends: text after it is an entry whose
+    /// writer was killed half-way, never committed.
+    pub(crate) whole_len: usize,
+    /// Bytes of the snapshot, and of the journal after it.
+    pub(crate) snapshot_len: usize,
+    pub(crate) journal_len: usize,
+}
+
+/// Parses a state file's text: a snapshot, then the changes committed
+/// since, in order (an entry cut short at the end is ignored).
 pub fn parse_state(text: &str) -> Result<Vec<Record>> {
-    let file: StateFile = serde_json::from_str(text).context("not a portfwd state file")?;
+    parse_state_file(text).map(|parsed| parsed.records)
+}
+
+pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
+    // portfwd writes the snapshot on one line and each change on a line of
+    // its own; a snapshot over several lines (written by hand) is the whole
+    // file, with no changes after it.
+    let (first, rest) = match text.split_once('\n') {
+        Some((first, rest)) if !rest.trim().is_empty() => (first, rest),
+        _ => (text, ""),
+    };
+    let file: StateFile = serde_json::from_str(first).context("not a portfwd state file")?;
     if file.version != FORMAT_VERSION {
         bail!(
             "state file version {} (this portfwd reads version {FORMAT_VERSION})",
             file.version
         );
     }
-    Ok(file.mappings)
+    let snapshot_len = first.len();
+    let mut records = file.mappings;
+    let mut whole_len = snapshot_len;
+    let mut offset = snapshot_len + 1;
+    let mut changes: Vec<JournalEntry> = Vec::new();
+    for (i, line) in rest.split_inclusive('\n').enumerate() {
+        let at = offset;
+        offset += line.len();
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry = match serde_json::from_str::<JournalEntry>(line) {
+            Ok(entry) => entry,
+            // Cut short by a kill: the change it describes did not commit.
+            Err(error) if error.is_eof() && !line.ends_with('\n') => break,
+            Err(error) => {
+                return Err(error).with_context(|| format!("state file change {}", i + 1));
+            }
+        };
+        changes.push(entry);
+        whole_len = at + line.trim_end().len();
+    }
+    if !changes.is_empty() {
+        // Applied as set operations, in order: the last change to a record
+        // wins.
+        let mut set: std::collections::BTreeSet<Record> = records.into_iter().collect();
+        for entry in changes {
+            for record in &entry.remove {
+                set.remove(record);
+            }
+            set.extend(entry.add);
+        }
+        records = set.into_iter().collect();
+    }
+    Ok(ParsedState {
+        records,
+        whole_len,
+        snapshot_len,
+        journal_len: whole_len - snapshot_len,
+    })
 }
 
 /// A file that `portfwd apply` reads: the whole set of mappings.
@@ -141,6 +217,51 @@ pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(port: u16) -> Record {
+        Record {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            host_ip: "0.0.0.0".parse().unwrap(),
+            host_port: port,
+            container_ip: "10.0.0.2".parse().unwrap(),
+            container_port: 80,
+            hold: true,
+        }
+    }
+
+    #[test]
+    fn a_state_file_is_its_snapshot_and_the_changes_after_it() {
+        let line = |entry: &JournalEntry| serde_json::to_string(entry).unwrap() + "\n";
+        let snapshot = serde_json::to_string(&StateFile {
+            version: FORMAT_VERSION,
+            mappings: vec![record(1), record(2)],
+        })
+        .unwrap()
+            + "\n";
+        let first = line(&JournalEntry {
+            remove: vec![record(1)],
+            add: vec![record(3)],
+        });
+        let second = line(&JournalEntry {
+            remove: vec![record(3)],
+            add: vec![record(1)],
+        });
+        let text = format!("{snapshot}{first}{second}");
+        let parsed = parse_state_file(&text).unwrap();
+        assert_eq!(parsed.records, [record(1), record(2)]);
+        assert_eq!(parsed.whole_len, text.trim_end().len());
+        assert_eq!(parsed.snapshot_len, snapshot.trim_end().len());
+        // A change cut short by a kill never happened.
+        let cut = format!("{snapshot}{first}{}", &second[..10]);
+        let parsed = parse_state_file(&cut).unwrap();
+        assert_eq!(parsed.records, [record(2), record(3)]);
+        assert_eq!(parsed.whole_len, snapshot.len() + first.len() - 1);
+        // Garbage that is not a cut-short change is an error.
+        assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
+        assert!(parse_state(&format!("{snapshot}{{\"bogus\": 1}}\n")).is_err());
+        assert!(parse_state("").is_err());
+    }
 
     #[test]
     fn state_files_of_another_version_are_refused() {

@@ -183,8 +183,10 @@ impl std::str::FromStr for UnmapSelector {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
-    use crate::model::{PublishSpec, plan};
+    use crate::model::{AUTO_PORTS, PublishSpec, plan};
 
     fn spec(text: &str) -> PublishSpec {
         text.parse().unwrap()
@@ -277,6 +279,105 @@ mod tests {
                 "[::]:49156/tcp"
             ]
         );
+    }
+
+    /// Counts the questions `plan` asks about host sockets.
+    fn counting(
+        busy: impl Fn(u16) -> bool,
+    ) -> (Cell<usize>, impl Fn(&Cell<usize>, Protocol, u16) -> bool) {
+        (
+            Cell::new(0),
+            move |asked: &Cell<usize>, _: Protocol, port: u16| {
+                asked.set(asked.get() + 1);
+                busy(port)
+            },
+        )
+    }
+
+    #[test]
+    fn more_automatic_ports_than_the_range_holds_fail_before_any_search() {
+        let (asked, in_use) = counting(|_| false);
+        let in_use = |p, port| in_use(&asked, p, port);
+        // 49153-61000 is 11,848 container ports; the automatic range has 11,847.
+        let err = plan("x", CTR, &[spec("49153-61000")], &[], in_use).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            err.downcast_ref::<Error>().is_some(),
+            "a usage error: {msg}"
+        );
+        assert!(msg.contains("11848") && msg.contains("11847"), "{msg}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        // A pool asked for more ports (over several specs) than it has.
+        let err = plan(
+            "x",
+            CTR,
+            &[
+                spec("3000-3001:80"),
+                spec("3000-3001:81"),
+                spec("3000-3001:82"),
+            ],
+            &[],
+            in_use,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("3000-3001"), "{err}");
+        assert_eq!(asked.get(), 0, "no port was worth looking at");
+    }
+
+    #[test]
+    fn a_full_range_fails_after_one_pass_over_it() {
+        let existing = plan("old", CTR, &[spec("3000-3009:80-89")], &[], |_, _| false).unwrap();
+        let (asked, in_use) = counting(|_| false);
+        let in_use = |p, port| in_use(&asked, p, port);
+        let err = plan("new", CTR, &[spec("3000-3009:80")], &existing, in_use).unwrap_err();
+        assert!(
+            err.to_string().contains("no free host port in 3000-3009"),
+            "{err}"
+        );
+        // Every automatic port published already (both families).
+        let full = plan(
+            "old",
+            CTR,
+            &[spec("49153-60999:49153-60999")],
+            &[],
+            |_, _| false,
+        )
+        .unwrap();
+        assert_eq!(full.len(), 2 * AUTO_PORTS.len() as usize);
+        let err = plan("new", CTR, &[spec("80"), spec("81")], &full, in_use).unwrap_err();
+        assert!(err.to_string().contains("no free host port"), "{err}");
+        assert_eq!(asked.get(), 0, "published ports need no socket check");
+    }
+
+    #[test]
+    fn automatic_ports_are_searched_in_one_pass_not_once_per_port() {
+        // Every third port is held by a host socket.
+        let (asked, in_use) = counting(|port| port % 3 == 0);
+        let in_use = |p, port| in_use(&asked, p, port);
+        let wanted = 300;
+        let planned = plan("many", CTR, &[spec("1-300/udp")], &[], in_use).unwrap();
+        assert_eq!(planned.len(), 2 * wanted);
+        let ports: std::collections::BTreeSet<u16> =
+            planned.iter().map(|m| m.host.port()).collect();
+        assert_eq!(ports.len(), wanted, "one host port per container port");
+        assert!(ports.iter().all(|p| p % 3 != 0 && AUTO_PORTS.contains(*p)));
+        // Each candidate is looked at once: about 1.5 per port taken, where
+        // a search from the start for every port asks ~port^2/2 times.
+        assert!(
+            asked.get() <= wanted * 3 / 2 + 2,
+            "asked {} times",
+            asked.get()
+        );
+    }
+
+    #[test]
+    fn ten_thousand_automatic_ports_are_planned() {
+        let existing = plan("old", CTR, &[spec("49153-49200:80-127")], &[], |_, _| false).unwrap();
+        let planned = plan("many", CTR, &[spec("1-10000")], &existing, |_, _| false).unwrap();
+        let ports: std::collections::BTreeSet<u16> =
+            planned.iter().map(|m| m.host.port()).collect();
+        assert_eq!(ports.len(), 10_000);
+        assert_eq!(ports.first(), Some(&49201));
     }
 
     #[test]

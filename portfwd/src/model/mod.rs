@@ -14,9 +14,9 @@ mod protocol;
 mod publish;
 
 pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state};
-pub(crate) use files::{FORMAT_VERSION, StateFile};
+pub(crate) use files::{FORMAT_VERSION, JournalEntry, ParsedState, StateFile, parse_state_file};
 pub use mapping::{Mapping, UnmapSelector};
 pub(crate) use mapping::{check_container_ip, check_name};
-pub(crate) use plan::plan;
+pub(crate) use plan::{Planner, plan};
 pub use protocol::{AUTO_PORTS, PortRange, Protocol};
 pub use publish::{HostPorts, PublishSpec};

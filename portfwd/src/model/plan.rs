@@ -1,12 +1,22 @@
 //! Planning a publication: which host ports it takes, and whether it
 //! conflicts with what is already published. Pure: the caller says which
 //! ports host sockets hold.
+//!
+//! Linear in the size of the request plus what is published: published
+//! mappings are indexed by (protocol, port, family), so a conflict check is
+//! a lookup; automatic ports and pools are searched with one cursor per
+//! range, so each candidate port is looked at once per command, never once
+//! per container port; and a request for more ports than its range holds
+//! fails before any search.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use anyhow::{Result, bail};
 
-use super::{HostPorts, Mapping, Protocol, PublishSpec};
+use super::{HostPorts, Mapping, PortRange, Protocol, PublishSpec};
 use crate::error::Error;
 
 /// The host addresses one PUBLISH asks for. No host address means every
@@ -38,55 +48,191 @@ pub(crate) fn plan(
     existing: &[Mapping],
     in_use: impl Fn(Protocol, u16) -> bool,
 ) -> Result<Vec<Mapping>> {
-    let mut planned: Vec<Mapping> = Vec::new();
-    for spec in specs {
-        let ips = host_ips(spec, container_ip)?;
-        for (candidates, container_port) in spec.expand() {
-            let build = |port: u16| -> Vec<Mapping> {
-                ips.iter()
-                    .map(|&ip| Mapping {
-                        name: name.to_owned(),
-                        protocol: spec.protocol,
-                        host: SocketAddr::new(ip, port),
-                        container: SocketAddr::new(container_ip, container_port),
-                        ifindex: 0,
-                        hold: true,
-                    })
-                    .collect()
-            };
-            let taken_by = |m: &Mapping| {
-                existing
-                    .iter()
-                    .chain(&planned)
-                    .find(|o| m.conflicts_with(o))
-                    .cloned()
-            };
-            let chosen = if matches!(spec.host_ports, HostPorts::Each(_)) {
-                let wanted = build(candidates.start);
-                if let Some((new, old)) = wanted.iter().find_map(|m| taken_by(m).map(|o| (m, o))) {
-                    bail!(
-                        "{}/{} on {} is already published by {:?} ({} -> {})",
-                        new.host.port(),
-                        new.protocol,
-                        new.host.ip(),
-                        old.name,
-                        old.host,
-                        old.container
-                    );
-                }
-                wanted
-            } else {
-                let free = candidates.iter().find(|&port| {
-                    !in_use(spec.protocol, port)
-                        && build(port).iter().all(|m| taken_by(m).is_none())
-                });
-                match free {
-                    Some(port) => build(port),
-                    None => bail!("{spec}: no free host port in {candidates}"),
-                }
-            };
-            planned.extend(chosen);
+    Planner::new(existing).plan(name, container_ip, specs, in_use)
+}
+
+/// Where a mapping of the index lives.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Existing(usize),
+    Planned(usize),
+}
+
+/// Mappings that conflict only on one (protocol, port, family).
+type PortKey = (Protocol, u16, bool);
+
+/// Plans several publications against one set of published mappings
+/// (`apply` plans one per container), each seeing the ones planned before.
+pub(crate) struct Planner<'a> {
+    existing: &'a [Mapping],
+    planned: Vec<Mapping>,
+    by_port: HashMap<PortKey, Vec<Slot>>,
+    /// One cursor per search: the ports before it are taken (by a planned
+    /// or published mapping, or a host socket), and stay so.
+    cursors: HashMap<Search, u16>,
+}
+
+fn port_key(m: &Mapping) -> PortKey {
+    (m.protocol, m.host.port(), m.host.is_ipv4())
+}
+
+impl<'a> Planner<'a> {
+    pub(crate) fn new(existing: &'a [Mapping]) -> Self {
+        let mut by_port: HashMap<PortKey, Vec<Slot>> = HashMap::with_capacity(existing.len());
+        for (i, m) in existing.iter().enumerate() {
+            by_port
+                .entry(port_key(m))
+                .or_default()
+                .push(Slot::Existing(i));
+        }
+        Planner {
+            existing,
+            planned: Vec::new(),
+            by_port,
+            cursors: HashMap::new(),
         }
     }
-    Ok(planned)
+
+    fn get(&self, slot: Slot) -> &Mapping {
+        match slot {
+            Slot::Existing(i) => &self.existing[i],
+            Slot::Planned(i) => &self.planned[i],
+        }
+    }
+
+    /// The published or planned mapping `m` would conflict with, if any.
+    fn taken_by(&self, m: &Mapping) -> Option<&Mapping> {
+        self.by_port
+            .get(&port_key(m))?
+            .iter()
+            .map(|&slot| self.get(slot))
+            .find(|o| m.conflicts_with(o))
+    }
+
+    fn take(&mut self, mappings: Vec<Mapping>) {
+        for m in mappings {
+            let slot = Slot::Planned(self.planned.len());
+            self.by_port.entry(port_key(&m)).or_default().push(slot);
+            self.planned.push(m);
+        }
+    }
+
+    /// Plans one container's publications, all or nothing: on an error,
+    /// nothing of this call stays planned.
+    pub(crate) fn plan(
+        &mut self,
+        name: &str,
+        container_ip: IpAddr,
+        specs: &[PublishSpec],
+        in_use: impl Fn(Protocol, u16) -> bool,
+    ) -> Result<Vec<Mapping>> {
+        let before = self.planned.len();
+        let result = self.plan_specs(name, container_ip, specs, in_use);
+        if result.is_err() {
+            for m in self.planned.drain(before..) {
+                let key = port_key(&m);
+                if let Some(slots) = self.by_port.get_mut(&key) {
+                    slots.retain(|s| !matches!(s, Slot::Planned(i) if *i >= before));
+                }
+            }
+            // The ports given back may be before a cursor.
+            self.cursors.clear();
+        }
+        result.map(|()| self.planned[before..].to_vec())
+    }
+
+    fn plan_specs(
+        &mut self,
+        name: &str,
+        container_ip: IpAddr,
+        specs: &[PublishSpec],
+        in_use: impl Fn(Protocol, u16) -> bool,
+    ) -> Result<()> {
+        check_counts(specs, container_ip)?;
+        for spec in specs {
+            let ips = host_ips(spec, container_ip)?;
+            for (candidates, container_port) in spec.expand() {
+                let build = |port: u16| -> Vec<Mapping> {
+                    ips.iter()
+                        .map(|&ip| Mapping {
+                            name: name.to_owned(),
+                            protocol: spec.protocol,
+                            host: SocketAddr::new(ip, port),
+                            container: SocketAddr::new(container_ip, container_port),
+                            ifindex: 0,
+                            hold: true,
+                        })
+                        .collect()
+                };
+                if matches!(spec.host_ports, HostPorts::Each(_)) {
+                    let wanted = build(candidates.start);
+                    for new in &wanted {
+                        if let Some(old) = self.taken_by(new) {
+                            bail!(
+                                "{}/{} on {} is already published by {:?} ({} -> {})",
+                                new.host.port(),
+                                new.protocol,
+                                new.host.ip(),
+                                old.name,
+                                old.host,
+                                old.container
+                            );
+                        }
+                    }
+                    self.take(wanted);
+                    continue;
+                }
+                let search = (candidates, spec.protocol, ips.clone());
+                let start = self
+                    .cursors
+                    .get(&search)
+                    .copied()
+                    .unwrap_or(candidates.start);
+                let free = (start..=candidates.end).find(|&port| {
+                    build(port).iter().all(|m| self.taken_by(m).is_none())
+                        && !in_use(spec.protocol, port)
+                });
+                // The next container port starts after this one.
+                let next = free.map_or(candidates.end, |p| p.saturating_add(1).min(candidates.end));
+                self.cursors.insert(search, next);
+                let Some(port) = free else {
+                    bail!("{spec}: no free host port in {candidates}");
+                };
+                self.take(build(port));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An automatic-port or pool search: the candidate range, the protocol and
+/// the host addresses.
+type Search = (PortRange, Protocol, Vec<IpAddr>);
+
+/// Refuses, before any search, a request for more automatic or pool ports
+/// than their range holds.
+fn check_counts(specs: &[PublishSpec], container_ip: IpAddr) -> Result<()> {
+    let mut asked: HashMap<Search, (u32, &PublishSpec)> = HashMap::new();
+    for spec in specs {
+        if matches!(spec.host_ports, HostPorts::Each(_)) {
+            continue;
+        }
+        let ips = host_ips(spec, container_ip)?;
+        let candidates = match spec.host_ports {
+            HostPorts::Pool(pool) => pool,
+            _ => super::AUTO_PORTS,
+        };
+        let count = asked
+            .entry((candidates, spec.protocol, ips))
+            .or_insert((0, spec));
+        count.0 += spec.container_ports.len();
+        if count.0 > candidates.len() {
+            bail!(Error::usage(format!(
+                "{spec}: {} host ports are asked for from {candidates}, which has {}",
+                count.0,
+                candidates.len()
+            )));
+        }
+    }
+    Ok(())
 }

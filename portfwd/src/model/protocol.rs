@@ -69,7 +69,7 @@ impl FromStr for Protocol {
 }
 
 /// Inclusive port range; start <= end, both in 1..=65535.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRange {
     pub start: u16,
     pub end: u16,

@@ -1,7 +1,7 @@
 //! `apply`: replacing the whole set of mappings with a file's.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::Path,
 };
@@ -13,7 +13,8 @@ use crate::{
     error::Error,
     host,
     model::{
-        self, ApplyFile, Format, HostPorts, Mapping, PortRange, Protocol, PublishSpec, Record,
+        self, ApplyFile, Format, HostPorts, Mapping, Planner, PortRange, Protocol, PublishSpec,
+        Record,
     },
 };
 
@@ -31,6 +32,16 @@ pub(crate) struct Diff {
 pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<Diff> {
     let mut session = Session::open(pin_dir, "apply")?;
     let current = session.mappings();
+    // Ports the current set holds are free for the new one.
+    let held: HashSet<(Protocol, u16)> = current
+        .iter()
+        .map(|m| (m.protocol, m.host.port()))
+        .collect();
+    let busy = host::BusyPorts::scan()?;
+    let in_use = |p, port| !held.contains(&(p, port)) && busy.any(p, port);
+    let by_endpoint = by_endpoint(&current);
+    // One planner for the whole file: each entry sees those before it.
+    let mut planner = Planner::new(&[]);
     let mut wanted: Vec<Mapping> = Vec::new();
     for entry in &file.mappings {
         model::check_container_ip(entry.container)?;
@@ -46,15 +57,10 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
             .collect::<Result<Vec<_>, _>>()?;
         let specs: Vec<PublishSpec> = specs
             .iter()
-            .flat_map(|spec| keep_automatic_ports(spec, &name, entry.container, &current))
+            .flat_map(|spec| keep_automatic_ports(spec, &name, entry.container, &by_endpoint))
             .collect();
-        // Ports the current set holds are free for the new one.
-        let held: BTreeSet<(Protocol, u16)> = current
-            .iter()
-            .map(|m| (m.protocol, m.host.port()))
-            .collect();
-        let in_use = |p, port| !held.contains(&(p, port)) && host::port_in_use(p, port);
-        let planned = model::plan(&name, entry.container, &specs, &wanted, in_use)
+        let planned = planner
+            .plan(&name, entry.container, &specs, in_use)
             .with_context(|| format!("mapping {name:?}"))?;
         wanted.extend(planned);
     }
@@ -79,16 +85,14 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
             kept: diff_kept,
         });
     }
+    let current_hosts: HashSet<(Protocol, SocketAddr)> =
+        current.iter().map(|m| (m.protocol, m.host)).collect();
     let new_ports: Vec<Mapping> = added
         .iter()
-        .filter(|m| {
-            !current
-                .iter()
-                .any(|c| c.protocol == m.protocol && c.host == m.host)
-        })
+        .filter(|m| !current_hosts.contains(&(m.protocol, m.host)))
         .cloned()
         .collect();
-    refuse_ports_in_use(&new_ports)?;
+    refuse_ports_in_use(&new_ports, &busy)?;
     for m in &mut added {
         m.ifindex = session.prepare_backend_path(m.container.ip())?;
     }
@@ -102,13 +106,27 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
     })
 }
 
+/// The current mappings by (name, protocol, container endpoint).
+type ByEndpoint<'a> = HashMap<(&'a str, Protocol, SocketAddr), Vec<&'a Mapping>>;
+
+fn by_endpoint(current: &[Mapping]) -> ByEndpoint<'_> {
+    let mut index: ByEndpoint<'_> = HashMap::new();
+    for m in current {
+        index
+            .entry((m.name.as_str(), m.protocol, m.container))
+            .or_default()
+            .push(m);
+    }
+    index
+}
+
 /// A spec with automatic host ports becomes, where a mapping with the same
 /// name, protocol and container endpoint exists, that mapping's port.
 fn keep_automatic_ports(
     spec: &PublishSpec,
     name: &str,
     container: IpAddr,
-    current: &[Mapping],
+    current: &ByEndpoint<'_>,
 ) -> Vec<PublishSpec> {
     if spec.host_ports != HostPorts::Auto {
         return vec![spec.clone()];
@@ -117,12 +135,11 @@ fn keep_automatic_ports(
         .iter()
         .map(|port| {
             let endpoint = SocketAddr::new(container, port);
-            let existing = current.iter().find(|m| {
-                m.name == name
-                    && m.protocol == spec.protocol
-                    && m.container == endpoint
-                    && spec.host_ip.is_none_or(|ip| ip == m.host.ip())
-            });
+            let existing = current
+                .get(&(name, spec.protocol, endpoint))
+                .into_iter()
+                .flatten()
+                .find(|m| spec.host_ip.is_none_or(|ip| ip == m.host.ip()));
             PublishSpec {
                 host_ports: match existing {
                     Some(m) => HostPorts::Each(PortRange::single(m.host.port())),

@@ -4,7 +4,7 @@
 //! Every change goes through a `Session`: the state lock, the pinned maps
 //! and the state file, changed together all or nothing (see `state`).
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use portfwd_common::{MAPS, SOCK_PROGRAMS};
 
@@ -14,7 +14,7 @@ use crate::{
     datapath::{self, PinnedMaps, StateLock},
     holder, host, instance,
     model::{Mapping, Record},
-    state::{self, Store, owner},
+    state::{self, Loaded, Store, owner},
 };
 
 mod apply;
@@ -39,7 +39,8 @@ pub(crate) struct Session<'a> {
     lock: StateLock,
     maps: PinnedMaps,
     store: Store,
-    records: Vec<Record>,
+    /// The recorded mappings.
+    state: Loaded,
     /// What this session changed, for the port holder.
     added: Vec<Mapping>,
     removed: Vec<Mapping>,
@@ -59,16 +60,19 @@ impl<'a> Session<'a> {
         let recovered = state::recover(&store, &mut maps, backend_paths(pin_dir, &lock))?;
         // Without a state file (a portfwd that predates it), the maps are
         // the record; the first change writes it.
-        let records = match store.load()? {
-            Some(records) => records,
-            None => maps.mappings()?.iter().map(Record::from).collect(),
+        let state = match store.load_for_change()? {
+            Some(state) => state,
+            None => Loaded {
+                records: maps.mappings()?.iter().map(Record::from).collect(),
+                compact: true,
+            },
         };
         let mut session = Session {
             pin_dir,
             lock,
             maps,
             store,
-            records,
+            state,
             added: Vec::new(),
             removed: Vec::new(),
             recovered,
@@ -110,21 +114,33 @@ impl<'a> Session<'a> {
 
     /// Every mapping, as recorded.
     pub(crate) fn mappings(&self) -> Vec<Mapping> {
-        self.records.iter().map(Record::to_mapping).collect()
+        self.state.records.iter().map(Record::to_mapping).collect()
     }
 
     /// Applies a change to the maps and the state file, all or nothing.
     fn change(&mut self, removed: &[Mapping], added: &[Mapping]) -> Result<()> {
-        let gone: BTreeSet<Record> = removed.iter().map(Record::from).collect();
+        let gone: Vec<Record> = removed.iter().map(Record::from).collect();
+        let new: Vec<Record> = added.iter().map(Record::from).collect();
+        let doomed: HashSet<&Record> = gone.iter().collect();
         let mut records: Vec<Record> = self
+            .state
             .records
             .iter()
-            .filter(|r| !gone.contains(r))
+            .filter(|r| !doomed.contains(r))
             .cloned()
             .collect();
-        records.extend(added.iter().map(Record::from));
-        change_entries(&mut self.maps, &self.store, &records, removed, added)?;
-        self.records = records;
+        records.extend(new.iter().cloned());
+        let change = Change {
+            records: &records,
+            compact: self.state.compact,
+            gone: &gone,
+            new: &new,
+        };
+        change_entries(&mut self.maps, &self.store, change, removed, added)?;
+        self.state = Loaded {
+            records,
+            compact: false,
+        };
         self.added.extend_from_slice(added);
         self.removed.extend_from_slice(removed);
         Ok(())
@@ -222,18 +238,26 @@ impl MapWrites for PinnedMaps {
     }
 }
 
-/// One change, as `state` describes it: the intent (`records`), the maps,
-/// then the commit. When the maps cannot be put back after a failure, the
-/// intent stays: the next command (or `up`) rolls the maps back to the
-/// state file.
+/// A change to the state file: the records it removes and adds, and the
+/// whole state it makes (written whole when `compact`).
+struct Change<'a> {
+    records: &'a [Record],
+    compact: bool,
+    gone: &'a [Record],
+    new: &'a [Record],
+}
+
+/// One change, as `state` describes it: the intent, the maps, then the
+/// commit. When the maps cannot be put back after a failure, the intent
+/// stays: the next command (or `up`) rolls the maps back to the state file.
 fn change_entries(
     maps: &mut impl MapWrites,
     store: &Store,
-    records: &[Record],
+    change: Change<'_>,
     removed: &[Mapping],
     added: &[Mapping],
 ) -> Result<()> {
-    store.begin(records)?;
+    let intent = store.begin(change.gone, change.new)?;
     if let Err(error) = maps.remove_all(removed) {
         // remove_all put back what it had removed.
         store.abort();
@@ -251,7 +275,7 @@ fn change_entries(
         store.abort();
         return Err(error);
     }
-    store.commit()
+    store.commit(intent, change.compact, change.records)
 }
 
 #[cfg(test)]
@@ -294,10 +318,16 @@ mod tests {
         let store = Store::new(dir.join("state.json"));
         let (old, new) = (mapping(8080), mapping(8081));
         store.save(&[Record::from(&old)]).unwrap();
+        let change = Change {
+            records: &[Record::from(&new)],
+            compact: false,
+            gone: &[Record::from(&old)],
+            new: &[Record::from(&new)],
+        };
         let error = change_entries(
             &mut FullMaps,
             &store,
-            &[Record::from(&new)],
+            change,
             std::slice::from_ref(&old),
             &[new],
         )

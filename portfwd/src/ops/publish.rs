@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 
 use super::Session;
 use crate::{
-    holder, host,
+    host,
     model::{self, Mapping, PublishSpec, Record, UnmapSelector},
 };
 
@@ -49,9 +49,12 @@ pub(crate) fn publish_with(
 ) -> Result<Published> {
     let mut session = Session::open(pin_dir, "map")?;
     let existing = session.mappings();
-    let mut planned = model::plan(name, container_ip, specs, &existing, host::port_in_use)?;
+    let busy = host::BusyPorts::scan()?;
+    let mut planned = model::plan(name, container_ip, specs, &existing, |p, port| {
+        busy.any(p, port)
+    })?;
     if options.refuse_ports_in_use {
-        refuse_ports_in_use(&planned)?;
+        refuse_ports_in_use(&planned, &busy)?;
     }
     let ifindex = session.prepare_backend_path(container_ip)?;
     for m in &mut planned {
@@ -68,11 +71,14 @@ pub(crate) fn publish_with(
     })
 }
 
-pub(super) fn refuse_ports_in_use(planned: &[Mapping]) -> Result<()> {
+pub(super) fn refuse_ports_in_use(planned: &[Mapping], busy: &host::BusyPorts) -> Result<()> {
     for m in planned {
-        if let Err(why) = holder::probe(m.protocol, m.host) {
+        if busy.holds(m.protocol, m.host) {
+            let owner = host::port_owner(m.protocol, m.host.port())
+                .map(|owner| format!(" by {owner}"))
+                .unwrap_or_default();
             bail!(
-                "host port {}/{} on {} is {why}: publish another port, or --force to publish it anyway",
+                "host port {}/{} on {} is in use{owner}: publish another port, or --force to publish it anyway",
                 m.host.port(),
                 m.protocol,
                 m.host.ip()

@@ -5,18 +5,28 @@
 //! every mapping. It is the source of truth: `up` after a reboot restores
 //! the maps from it, and `up` on a running system reconciles them with it.
 //!
+//! It is a snapshot (one JSON document: every mapping) followed by a
+//! journal: one JSON line per change committed since (the records it
+//! removed and added), so that a change writes what it changes, not
+//! everything published. When the journal outgrows the snapshot, the next
+//! change compacts the file: a new snapshot, written to a temporary file,
+//! fsynced and renamed over the old one.
+//!
 //! A change (map, unmap, apply, CNI ADD/DEL), under the state lock:
-//! 1. writes the new state to `<state>.pending`: the intent;
+//! 1. writes the change to `<state>.pending`: the intent;
 //! 2. changes the maps;
-//! 3. fsyncs `<state>.pending` and renames it over the state file.
+//! 3. appends the change to the state file, fsyncs it, and removes the
+//!    intent.
 //!
 //! The intent needs no fsync of its own: it guards against a killed
 //! process (whose writes the page cache keeps), while a power loss empties
 //! the maps anyway and `up` restores them from the last committed state.
 //!
-//! A process killed before step 3 leaves the pending file behind. The next
-//! command (or `up`) finds it, and rolls the maps back to the state file:
-//! either all of a change happened, or none of it did.
+//! A process killed before step 3 completes leaves the intent behind. The
+//! next command (or `up`) finds it and rolls the maps back to the state
+//! file: either all of a change happened, or none of it did. A change cut
+//! short in the middle of its line (killed during the append) is not part
+//! of the state; the next writer cuts it off.
 
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
@@ -29,7 +39,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     instance,
-    model::{FORMAT_VERSION, Record, StateFile, parse_state},
+    model::{FORMAT_VERSION, JournalEntry, ParsedState, Record, StateFile, parse_state_file},
 };
 
 pub(crate) mod owner;
@@ -37,10 +47,29 @@ mod reconcile;
 
 pub(crate) use reconcile::{Fixes, reconcile, recover};
 
+/// Below this many bytes of journal, a change never compacts.
+const MIN_COMPACT_BYTES: usize = 64 * 1024;
+
 /// The state file and its pending twin.
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
     path: PathBuf,
+}
+
+/// The recorded mappings, and what the next commit needs to know of the
+/// file they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Loaded {
+    pub(crate) records: Vec<Record>,
+    /// Whether the next commit writes a new snapshot instead of appending:
+    /// the journal has outgrown the snapshot (or there is no file yet).
+    pub(crate) compact: bool,
+}
+
+/// A change written as an intent, to be committed.
+#[derive(Debug)]
+pub(crate) struct Intent {
+    line: String,
 }
 
 impl Store {
@@ -65,29 +94,49 @@ impl Store {
 
     /// The recorded mappings; None when there is no state file yet.
     pub(crate) fn load(&self) -> Result<Option<Vec<Record>>> {
-        match fs::read_to_string(&self.path) {
-            Ok(text) => parse_state(&text)
-                .with_context(|| format!("reading {}", self.path.display()))
-                .map(Some),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error).with_context(|| format!("reading {}", self.path.display())),
-        }
+        Ok(self.load_for_change()?.map(|loaded| loaded.records))
     }
 
-    /// Writes `records` to `path`, through a temporary file and a rename so
-    /// that readers see the old or the new file, never a part; `durable`
-    /// fsyncs it first. Root-only (0600 in a 0700 dir).
-    fn write_atomically(&self, path: &Path, records: &[Record], durable: bool) -> Result<()> {
+    /// The recorded mappings, for a change (under the state lock): a change
+    /// that a killed writer left cut short at the end of the file is cut
+    /// off, so that the next one starts on a line of its own.
+    pub(crate) fn load_for_change(&self) -> Result<Option<Loaded>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {}", self.path.display()));
+            }
+        };
+        let ParsedState {
+            records,
+            whole_len,
+            snapshot_len,
+            journal_len,
+        } = parse_state_file(&text).with_context(|| format!("reading {}", self.path.display()))?;
+        if !text[whole_len..].trim().is_empty() {
+            let file = OpenOptions::new().write(true).open(&self.path)?;
+            file.set_len(whole_len as u64)?;
+            let mut file = OpenOptions::new().append(true).open(&self.path)?;
+            file.write_all(b"\n")?;
+            file.sync_data()?;
+        }
+        Ok(Some(Loaded {
+            records,
+            compact: journal_len > snapshot_len.max(MIN_COMPACT_BYTES),
+        }))
+    }
+
+    /// Writes a snapshot of `records` to `path`, through a temporary file
+    /// and a rename so that readers see the old or the new file, never a
+    /// part; fsynced first. Root-only (0600 in a 0700 dir).
+    fn write_snapshot(&self, records: &[Record]) -> Result<()> {
+        let path = &self.path;
         let dir = path.parent().unwrap_or(Path::new("/"));
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        create_dir(dir)?;
         let mut sorted = records.to_vec();
         sorted.sort();
-        // Compact: with tens of thousands of mappings, every byte is written
-        // (and read) on every change.
+        // Compact JSON on one line; the journal follows it.
         let text = serde_json::to_string(&StateFile {
             version: FORMAT_VERSION,
             mappings: sorted,
@@ -95,38 +144,56 @@ impl Store {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        let mut file = create_private(&tmp)?;
         file.write_all(text.as_bytes())?;
         file.write_all(b"\n")?;
-        if durable {
-            file.sync_all()?;
-        }
+        file.sync_all()?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
         Ok(())
     }
 
-    /// Step 1 of a change: the intent.
-    pub(crate) fn begin(&self, records: &[Record]) -> Result<()> {
-        self.write_atomically(&self.pending(), records, false)
+    /// Step 1 of a change: the intent (the records removed and added).
+    pub(crate) fn begin(&self, removed: &[Record], added: &[Record]) -> Result<Intent> {
+        let entry = JournalEntry {
+            remove: removed.to_vec(),
+            add: added.to_vec(),
+        };
+        let mut line = serde_json::to_string(&entry)?;
+        line.push('\n');
+        let pending = self.pending();
+        create_dir(pending.parent().unwrap_or(Path::new("/")))?;
+        let mut file = create_private(&pending)?;
+        file.write_all(line.as_bytes())
+            .with_context(|| format!("writing {}", pending.display()))?;
+        Ok(Intent { line })
     }
 
-    /// Step 3 of a change: the intent, on disk, becomes the state.
-    pub(crate) fn commit(&self) -> Result<()> {
-        File::open(self.pending())?.sync_all()?;
-        fs::rename(self.pending(), &self.path)
-            .with_context(|| format!("committing {}", self.path.display()))?;
+    /// Step 3 of a change: the intent, on disk, becomes part of the state.
+    /// `records` is the state the change makes, written whole as a new
+    /// snapshot when `compact` (see `Loaded`).
+    pub(crate) fn commit(&self, intent: Intent, compact: bool, records: &[Record]) -> Result<()> {
+        if compact {
+            self.write_snapshot(records)?;
+        } else {
+            let mut file = OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .with_context(|| format!("opening {}", self.path.display()))?;
+            // One write: a kill cuts it short at worst, which readers
+            // recognize (see `load_for_change`).
+            file.write_all(intent.line.as_bytes())
+                .and_then(|()| file.sync_data())
+                .with_context(|| format!("committing to {}", self.path.display()))?;
+        }
+        fs::remove_file(self.pending())
+            .with_context(|| format!("removing {}", self.pending().display()))?;
         Ok(())
     }
 
-    /// Writes the state directly (no change of the maps involved).
+    /// Writes the state directly, as a snapshot (no change of the maps
+    /// involved).
     pub(crate) fn save(&self, records: &[Record]) -> Result<()> {
-        self.write_atomically(&self.path, records, true)
+        self.write_snapshot(records)
     }
 
     /// Forgets a change that did not reach the maps.
@@ -149,6 +216,25 @@ impl Store {
             _ => Ok(()),
         }
     }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Creates (or truncates) a root-only file.
+fn create_private(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -181,11 +267,47 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(store.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        store.begin(&[record(1)]).unwrap();
+        // A change is journalled after the snapshot, not rewritten whole.
+        let loaded = store.load_for_change().unwrap().unwrap();
+        let intent = store.begin(&[record(8081)], &[record(1)]).unwrap();
         assert!(store.has_pending());
-        store.commit().unwrap();
+        store
+            .commit(intent, loaded.compact, &[record(1), record(8080)])
+            .unwrap();
         assert!(!store.has_pending());
-        assert_eq!(store.load().unwrap(), Some(vec![record(1)]));
+        assert_eq!(store.load().unwrap(), Some(vec![record(1), record(8080)]));
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        // A change cut short by a kill is cut off before the next one.
+        let mut file = OpenOptions::new().append(true).open(store.path()).unwrap();
+        file.write_all(b"{\"add\":[{\"na").unwrap();
+        let loaded = store.load_for_change().unwrap().unwrap();
+        assert_eq!(loaded.records, [record(1), record(8080)]);
+        let intent = store.begin(&[], &[record(2)]).unwrap();
+        store
+            .commit(
+                intent,
+                loaded.compact,
+                &[record(1), record(2), record(8080)],
+            )
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap(),
+            Some(vec![record(1), record(2), record(8080)])
+        );
+        // A journal that outgrows its snapshot is compacted into a new one.
+        for port in 10_000..11_000 {
+            let loaded = store.load_for_change().unwrap().unwrap();
+            let mut records = loaded.records.clone();
+            records.push(record(port));
+            let intent = store.begin(&[], &[record(port)]).unwrap();
+            store.commit(intent, loaded.compact, &records).unwrap();
+        }
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert!(text.lines().count() < 1000, "never compacted");
+        assert_eq!(store.load().unwrap().unwrap().len(), 1003);
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -15,6 +15,7 @@
 
 mod cni;
 mod conntrack;
+mod control_plane;
 mod docker;
 mod explain;
 mod hostile;

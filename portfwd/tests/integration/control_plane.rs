@@ -1,0 +1,94 @@
+//! The control plane at scale: automatic host ports by the thousand,
+//! requests that cannot be met, and commands waiting for one another.
+//! Needs root (`cargo xtask test`).
+
+use std::collections::BTreeSet;
+
+use crate::support::*;
+
+/// The host ports of the listed mappings named `name`.
+fn ports_of(name: &str) -> BTreeSet<u64> {
+    listed()
+        .iter()
+        .filter(|m| m["name"] == name)
+        .map(|m| m["host_port"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn automatic_ports_by_the_thousand_and_requests_that_cannot_be_met() {
+    let Some(_serial) = root_test("automatic_ports_at_scale") else {
+        return;
+    };
+    let ctr = Container::new(61);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let ip = ctr.v4().to_string();
+    portfwd_ok(&["map", "--name", "keep", &ip, "47560:80"]);
+    let before = listed();
+
+    // More automatic ports than the range 49153-60999 holds (11,847): a
+    // usage error on one line, before any search, and nothing changes.
+    let out = portfwd(&["map", "--name", "toomany", &ip, "49153-61000"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("11848") && stderr.contains("11847"),
+        "{stderr}"
+    );
+    assert_eq!(listed(), before);
+
+    // 2,000 automatic ports in one command: each container port its own.
+    portfwd_ok(&["map", "--name", "auto", &ip, "20000-21999/udp"]);
+    let auto = ports_of("auto");
+    assert_eq!(auto.len(), 2000);
+    assert!(auto.iter().all(|&p| (49153..=60999).contains(&p)));
+    portfwd_ok(&["unmap", "--name", "auto"]);
+
+    // A pool of two ports serves two publications; a third finds it full:
+    // one line, exit 1, nothing changes.
+    portfwd_ok(&["map", "--name", "pool", &ip, "47561-47562:80"]);
+    portfwd_ok(&["map", "--name", "pool", &ip, "47561-47562:81"]);
+    assert_eq!(ports_of("pool"), BTreeSet::from([47561, 47562]));
+    let full = listed();
+    let out = portfwd(&["map", "--name", "pool", &ip, "47561-47562:82"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no free host port in 47561-47562"),
+        "{stderr}"
+    );
+    assert_eq!(listed(), full);
+}
+
+#[test]
+fn a_command_waiting_for_the_lock_names_who_holds_it() {
+    let Some(_serial) = root_test("lock_wait_notice") else {
+        return;
+    };
+    let ctr = Container::new(62);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    // flock(1) takes the same lock portfwd commands take, for 3 s.
+    let mut holder = std::process::Command::new("flock")
+        .args([pin_dir().as_str(), "sleep", "3"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let held = || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {} ", holder.id()))
+    };
+    while !held() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = portfwd(&["list"]);
+    let _ = holder.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting for flock") && stderr.contains(&format!("(pid {})", holder.id())),
+        "{stderr}"
+    );
+}
