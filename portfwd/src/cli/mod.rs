@@ -95,9 +95,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The state file (the record of every mapping, restored by `up`)
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// The port holder process (started by `up`, stopped by `down`)
     #[command(hide = true)]
     Hold,
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Rewrite the state file from the kernel's maps (a damaged file is kept as .damaged)
+    Rebuild,
 }
 
 /// The `portfwd` command line.
@@ -137,6 +148,9 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
+        Command::State {
+            action: StateAction::Rebuild,
+        } => commands::rebuild_state(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

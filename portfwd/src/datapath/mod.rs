@@ -5,6 +5,7 @@
 //! `instance` and `host` only.
 
 mod backend;
+mod follow;
 mod install;
 pub(crate) mod kernel;
 mod links;
@@ -16,11 +17,12 @@ mod tc_attach;
 mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
+pub(crate) use follow::{LinkState, TcLink, backend_paths, follow_host, follow_links, tc_links};
 pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,
 };
-pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
+pub(crate) use links::{attach_uplink, detach_interface};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
 pub(crate) use rollback::Rollback;

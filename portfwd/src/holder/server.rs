@@ -15,6 +15,7 @@ use std::{
         },
     },
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -28,7 +29,7 @@ use nix::{
 
 use super::{REPLY_TIMEOUT, is_running};
 use crate::{
-    datapath::{PinnedMaps, StateLock},
+    datapath::{self, PinnedMaps, StateLock},
     host, instance,
     model::{Mapping, Protocol},
 };
@@ -52,23 +53,37 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     fs::remove_file(&path).ok();
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    let addresses = address_events().context("subscribing to address changes")?;
+    let events = host_events().context("subscribing to link, address and route changes")?;
     let mut held: BTreeMap<Hold, OwnedFd> = BTreeMap::new();
     let mut addresses_stale = true;
+    // At start too: interfaces may have been recreated while no holder ran.
+    let mut links_due = Some(Instant::now());
     loop {
         if addresses_stale {
             addresses_stale = !refresh_local_addresses(pin_dir);
         }
+        if links_due.is_some_and(|due| Instant::now() >= due) {
+            links_due = (!follow_host(pin_dir)).then(|| Instant::now() + RETRY);
+        }
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(addresses.as_fd(), PollFlags::POLLIN),
+            PollFd::new(events.as_fd(), PollFlags::POLLIN),
         ];
-        // Wake up every second to retry a deferred address refresh.
-        poll(&mut fds, PollTimeout::from(1000u16)).context("poll")?;
+        // Wake up when links are due to be followed, and every second to
+        // retry a deferred address refresh.
+        let wait = links_due.map_or(Duration::from_secs(1), |due| {
+            due.saturating_duration_since(Instant::now())
+        });
+        let wait =
+            PollTimeout::try_from(wait.min(Duration::from_secs(1))).unwrap_or(PollTimeout::ZERO);
+        poll(&mut fds, wait).context("poll")?;
         let client_ready = fds[0].any().unwrap_or(false);
         if fds[1].any().unwrap_or(false) {
-            drain(&addresses);
+            drain(&events);
             addresses_stale = true;
+            // A burst of changes (a veth created, addressed, set up, its
+            // routes added) is followed once, when it has settled.
+            links_due = Some(Instant::now() + SETTLE);
         }
         if !client_ready {
             continue;
@@ -246,18 +261,55 @@ pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
     nix::errno::Errno::result(rc).map(drop)
 }
 
-/// An rtnetlink socket that becomes readable when an address is added or
-/// removed anywhere on the host.
-fn address_events() -> Result<OwnedFd> {
+/// An rtnetlink socket that becomes readable when an interface, an address
+/// or a route is added, changed or removed anywhere on the host.
+fn host_events() -> Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         SockProtocol::NetlinkRoute,
     )?;
-    let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    let groups = (libc::RTMGRP_LINK
+        | libc::RTMGRP_IPV4_IFADDR
+        | libc::RTMGRP_IPV6_IFADDR
+        | libc::RTMGRP_IPV4_ROUTE
+        | libc::RTMGRP_IPV6_ROUTE) as u32;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
     Ok(fd)
+}
+
+/// How long the host must be quiet after a change before the links are
+/// followed.
+const SETTLE: Duration = Duration::from_millis(100);
+/// How soon a follow that found the state lock busy is retried.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Re-attaches the programs of recreated interfaces and points mappings
+/// and flows at their containers' interfaces (`datapath::follow_host`);
+/// false when the state lock is busy (retried soon, never waited for).
+fn follow_host(pin_dir: &Path) -> bool {
+    let Ok(Some(lock)) = StateLock::try_acquire(pin_dir) else {
+        return false;
+    };
+    let result = PinnedMaps::open(pin_dir, &lock)
+        .and_then(|mut maps| datapath::follow_host(pin_dir, &lock, &mut maps));
+    match result {
+        Ok(fixes) => {
+            for note in fixes.links.notes() {
+                eprintln!("portfwd hold: {note}");
+            }
+            if !fixes.moved.is_empty() || fixes.flows > 0 {
+                eprintln!(
+                    "portfwd hold: {} mapping(s) and {} flow(s) follow their container's new interface",
+                    fixes.moved.len(),
+                    fixes.flows
+                );
+            }
+        }
+        Err(error) => eprintln!("portfwd hold: following the host's interfaces: {error:#}"),
+    }
+    true
 }
 
 /// Reads and discards pending notifications (bounded): only "something

@@ -22,7 +22,7 @@ mod lifecycle;
 mod publish;
 
 pub(crate) use apply::{apply, read_apply_file};
-pub(crate) use lifecycle::{UpOptions, attach, detach, down, up};
+pub(crate) use lifecycle::{UpOptions, attach, detach, down, rebuild_state, up};
 pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
 };
@@ -44,6 +44,8 @@ pub(crate) struct Session<'a> {
     /// Mappings removed on opening because their owner process is gone
     /// (see `state::owner`).
     pub(crate) swept: Vec<Mapping>,
+    /// What opening the session repaired or could not, for the user.
+    pub(crate) notes: Vec<String>,
 }
 
 impl<'a> Session<'a> {
@@ -52,7 +54,7 @@ impl<'a> Session<'a> {
         let lock = StateLock::acquire(pin_dir)?;
         let mut maps = PinnedMaps::open(pin_dir, &lock)?;
         let store = Store::of(pin_dir);
-        let recovered = state::recover(&store, &mut maps, backend_paths(pin_dir, &lock))?;
+        let recovered = state::recover(&store, &mut maps, datapath::backend_paths(pin_dir, &lock))?;
         // Without a state file (a portfwd that predates it), the maps are
         // the record; the first change writes it.
         let records = match store.load()? {
@@ -69,8 +71,20 @@ impl<'a> Session<'a> {
             removed: Vec::new(),
             recovered,
             swept: Vec::new(),
+            notes: Vec::new(),
         };
         session.sweep_orphans()?;
+        Ok(session)
+    }
+
+    /// A session for a change: it first brings the attachments and the
+    /// mappings' interfaces in line with the host's interfaces (recreated
+    /// since: see `datapath::follow_host`), so that every change repairs
+    /// what the host changed behind portfwd's back.
+    pub(crate) fn open_for_change(pin_dir: &'a Path, command: &str) -> Result<Self> {
+        let mut session = Self::open(pin_dir, command)?;
+        let fixes = datapath::follow_host(pin_dir, &session.lock, &mut session.maps)?;
+        session.notes.extend(fixes.links.notes());
         Ok(session)
     }
 
@@ -156,20 +170,6 @@ pub(crate) fn is_up(pin_dir: &Path) -> bool {
     let links = instance::links_dir(pin_dir);
     MAPS.iter().all(|m| pin_dir.join(m.name).exists())
         && SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists())
-}
-
-/// Resolves each container address to the interface towards it (attaching
-/// the reply program there), once per address; 0 where that fails.
-pub(crate) fn backend_paths<'a>(
-    pin_dir: &'a Path,
-    lock: &'a StateLock,
-) -> impl FnMut(IpAddr) -> u32 + 'a {
-    let mut known = std::collections::HashMap::new();
-    move |ip| {
-        *known
-            .entry(ip)
-            .or_insert_with(|| datapath::prepare_backend_path(pin_dir, ip, lock).unwrap_or(0))
-    }
 }
 
 /// The writes a change makes to the services map.

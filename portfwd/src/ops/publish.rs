@@ -37,6 +37,8 @@ pub(crate) struct Published {
     pub(crate) mappings: Vec<Mapping>,
     /// Published ports the holder could not bind (another process holds them).
     pub(crate) busy_ports: Vec<String>,
+    /// What publishing repaired on the way (see `Session::open_for_change`).
+    pub(crate) notes: Vec<String>,
 }
 
 /// Publishes `specs` for a container, all or nothing.
@@ -47,7 +49,8 @@ pub(crate) fn publish_with(
     specs: &[PublishSpec],
     options: PublishOptions,
 ) -> Result<Published> {
-    let mut session = Session::open(pin_dir, "map")?;
+    let mut session = Session::open_for_change(pin_dir, "map")?;
+    let notes = std::mem::take(&mut session.notes);
     let existing = session.mappings();
     let mut planned = model::plan(name, container_ip, specs, &existing, host::port_in_use)?;
     if options.refuse_ports_in_use {
@@ -65,6 +68,7 @@ pub(crate) fn publish_with(
     Ok(Published {
         mappings: planned,
         busy_ports,
+        notes,
     })
 }
 
@@ -99,7 +103,7 @@ pub(crate) fn withdraw(
     selectors: &[UnmapSelector],
     missing: Missing,
 ) -> Result<Vec<Mapping>> {
-    let mut session = Session::open(pin_dir, "unmap")?;
+    let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let existing = session.mappings();
     let mut doomed: Vec<Mapping> = Vec::new();
     if let Some(name) = name {
@@ -129,7 +133,7 @@ pub(crate) fn withdraw(
 /// Removes exactly `mapping` (same name, protocol, host and container
 /// endpoints) if it is published; whether it was.
 pub(crate) fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
-    let mut session = Session::open(pin_dir, "unmap")?;
+    let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let key = Record::from(mapping);
     let found: Vec<Mapping> = session
         .mappings()

@@ -37,6 +37,28 @@ mod reconcile;
 
 pub(crate) use reconcile::{Fixes, reconcile, recover};
 
+/// A state file that cannot be read as one. The kernel's maps are intact
+/// (forwarding goes on); the message says how to rewrite the file from them.
+#[derive(Debug)]
+pub(crate) struct Damaged {
+    pub(crate) path: PathBuf,
+    why: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the state file {} is damaged ({}): the kernel's maps are intact and forwarding goes on; \
+             run `portfwd state rebuild` to rewrite the file from them (the damaged one is kept as .damaged)",
+            self.path.display(),
+            self.why.replace('\n', " ")
+        )
+    }
+}
+
+impl std::error::Error for Damaged {}
+
 /// The state file and its pending twin.
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
@@ -63,15 +85,48 @@ impl Store {
         PathBuf::from(name)
     }
 
-    /// The recorded mappings; None when there is no state file yet.
+    /// The recorded mappings; None when there is no state file yet. A file
+    /// that does not parse (truncated, garbage, empty) is a `Damaged` error.
     pub(crate) fn load(&self) -> Result<Option<Vec<Record>>> {
-        match fs::read_to_string(&self.path) {
-            Ok(text) => parse_state(&text)
-                .with_context(|| format!("reading {}", self.path.display()))
-                .map(Some),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error).with_context(|| format!("reading {}", self.path.display())),
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {}", self.path.display()));
+            }
+        };
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(parse_state);
+        match parsed {
+            Ok(records) => Ok(Some(records)),
+            Err(error) => Err(Damaged {
+                path: self.path.clone(),
+                why: format!("{error:#}"),
+            }
+            .into()),
         }
+    }
+
+    /// Rewrites the state file from the maps (`portfwd state rebuild`): a
+    /// damaged file is kept beside it as `<state>.damaged`, a pending change
+    /// is dropped (the maps are the truth). Returns where the damaged file
+    /// went, if there was one.
+    pub(crate) fn rebuild(&self, records: &[Record]) -> Result<Option<PathBuf>> {
+        let damaged = match self.load() {
+            Err(error) if error.downcast_ref::<Damaged>().is_some() => {
+                let mut aside = self.path.as_os_str().to_owned();
+                aside.push(".damaged");
+                let aside = PathBuf::from(aside);
+                fs::rename(&self.path, &aside)
+                    .with_context(|| format!("moving {} aside", self.path.display()))?;
+                Some(aside)
+            }
+            _ => None,
+        };
+        self.abort();
+        self.save(records)?;
+        Ok(damaged)
     }
 
     /// Writes `records` to `path`, through a temporary file and a rename so

@@ -15,6 +15,7 @@
 
 mod cni;
 mod docker;
+mod follow;
 mod hostile;
 mod kernel_support;
 mod properties;
