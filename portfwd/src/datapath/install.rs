@@ -124,6 +124,11 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     let links = repair_links(pin_dir, &mut loaded)?;
     let mut ebpf = loaded.context("the eBPF object")?;
     report.notes.extend(links.notes());
+    report.notes.extend(links.gone_uplinks.iter().map(|ifname| {
+        format!(
+            "the uplink {ifname} is gone: it is attached again when it comes back (`portfwd detach {ifname}` forgets it)"
+        )
+    }));
     replace_tc_programs(&mut ebpf, options, &mut report)?;
     attach_uplinks(&mut ebpf, options, &mut report, rollback)?;
 

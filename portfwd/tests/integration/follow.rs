@@ -111,9 +111,9 @@ fn a_recreated_container_link_is_served_again_at_once() {
     );
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr, "48901:5190", "48902:5191/udp"]);
-    assert!(topo.fetch_external(48901).unwrap().starts_with("web "));
-    let udp = topo.udp_client(48902);
+    portfwd_ok(&["map", "--name", "web", &ctr, "47801:5190", "47802:5191/udp"]);
+    assert!(topo.fetch_external(47801).unwrap().starts_with("web "));
+    let udp = topo.udp_client(47802);
     let before = ask(&udp, "before").expect("UDP through the published port");
     assert!(before.starts_with("echo before"), "{before}");
 
@@ -123,7 +123,7 @@ fn a_recreated_container_link_is_served_again_at_once() {
 
     // The port holder follows link events: no command needed.
     assert!(
-        topo.served_within(48901, Duration::from_secs(10)),
+        topo.served_within(47801, Duration::from_secs(10)),
         "external TCP clients are not served after the container's veth was recreated"
     );
     // A flow opened before the restart (one UDP 5-tuple) follows the new
@@ -143,7 +143,7 @@ fn a_recreated_container_link_is_served_again_at_once() {
         "up --reload: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(topo.fetch_external(48901).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(47801).unwrap().starts_with("web "));
 }
 
 #[test]
@@ -154,13 +154,13 @@ fn a_recreated_uplink_is_attached_again_at_once() {
     let topo = Topology::new(191);
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "48911:5190"]);
-    assert!(topo.fetch_external(48911).unwrap().starts_with("web "));
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47811:5190"]);
+    assert!(topo.fetch_external(47811).unwrap().starts_with("web "));
 
     topo.client.recreate_link();
 
     assert!(
-        topo.served_within(48911, Duration::from_secs(10)),
+        topo.served_within(47811, Duration::from_secs(10)),
         "external clients are not served after the uplink was recreated"
     );
     assert_eq!(
@@ -171,7 +171,7 @@ fn a_recreated_uplink_is_attached_again_at_once() {
     let out = portfwd_ok(&["attach", &topo.client.host_if]);
     assert!(out.contains("already attached"), "{out}");
     portfwd_ok(&["up", "--iface", &topo.client.host_if, "--reload"]);
-    assert!(topo.fetch_external(48911).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(47811).unwrap().starts_with("web "));
 }
 
 #[test]
@@ -183,13 +183,13 @@ fn without_a_holder_severed_links_are_shown_and_the_next_command_repairs_them() 
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", &ctr, "48921:5190"]);
-    assert!(topo.fetch_external(48921).unwrap().starts_with("web "));
+    portfwd_ok(&["map", &ctr, "47821:5190"]);
+    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
 
     // The killed holder: forwarding goes on, the ports are not reserved,
     // and `list` says so.
     kill_holder();
-    assert!(topo.fetch_external(48921).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
     let text = portfwd_ok(&["list"]);
     assert!(
         text.contains("port holder is not running"),
@@ -205,17 +205,17 @@ fn without_a_holder_severed_links_are_shown_and_the_next_command_repairs_them() 
     assert_eq!(link_state(&topo.client.host_if).as_deref(), Some("severed"));
     let text = portfwd_ok(&["list"]);
     assert!(text.contains("severed"), "{text}");
-    assert!(topo.fetch_external(48921).is_err());
+    assert!(topo.fetch_external(47821).is_err());
 
     // ...and the next change repairs both, and restarts the holder.
-    portfwd_ok(&["map", &ctr, "48922:5190"]);
+    portfwd_ok(&["map", &ctr, "47822:5190"]);
     assert_eq!(link_state(&topo.ctr.host_if).as_deref(), Some("attached"));
     assert_eq!(
         link_state(&topo.client.host_if).as_deref(),
         Some("attached")
     );
-    assert!(topo.fetch_external(48921).unwrap().starts_with("web "));
-    assert!(topo.fetch_external(48922).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(47822).unwrap().starts_with("web "));
     assert!(holder_pid().is_some());
     assert_eq!(listing()["holder_running"], true);
 }
@@ -228,7 +228,7 @@ fn a_deleted_uplink_is_shown_gone_and_detach_says_what_it_did() {
     let topo = Topology::new(193);
     let other = Container::with_prefix(193, "out", 253);
     let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--iface", &other.host_if]);
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "48931:5190"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47831:5190"]);
     let uplink = topo.client.host_if.clone();
     sh("ip", &["link", "del", &uplink]);
 
@@ -256,6 +256,11 @@ fn a_deleted_uplink_is_shown_gone_and_detach_says_what_it_did() {
     assert!(!text.contains(&uplink), "{text}");
     // The interface that is still there is untouched.
     assert_eq!(link_state(&other.host_if).as_deref(), Some("attached"));
+    // `down` removes what is pinned for a gone uplink too.
+    sh("ip", &["link", "del", &other.host_if]);
+    assert_eq!(link_state(&other.host_if).as_deref(), Some("gone"));
+    portfwd_ok(&["down"]);
+    assert!(!Path::new(&pin_dir()).exists());
 }
 
 fn state_file() -> std::path::PathBuf {
@@ -271,14 +276,14 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr, "48941:5190"]);
+    portfwd_ok(&["map", "--name", "web", &ctr, "47841:5190"]);
     let good = std::fs::read(state_file()).unwrap();
     let truncated = good[..good.len() / 2].to_vec();
 
     for damage in [b"garbage\x00\xff".to_vec(), Vec::new(), truncated] {
         std::fs::write(state_file(), &damage).unwrap();
         // A change refuses, in one line that says what to do.
-        let out = portfwd(&["map", &ctr, "48942:5190"]);
+        let out = portfwd(&["map", &ctr, "47842:5190"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -295,14 +300,14 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
             "list: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(stdout.contains("48941"), "{stdout}");
+        assert!(stdout.contains("47841"), "{stdout}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("state rebuild"),
             "list does not warn"
         );
         assert_eq!(listed().len(), 2, "the IPv4 and IPv6 wildcard");
         // Forwarding never stopped.
-        assert!(topo.fetch_external(48941).unwrap().starts_with("web "));
+        assert!(topo.fetch_external(47841).unwrap().starts_with("web "));
 
         let out = portfwd_ok(&["state", "rebuild"]);
         assert!(out.contains("2 mappings"), "{out}");
@@ -312,10 +317,10 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
         assert!(
             records
                 .iter()
-                .all(|r| r.name == "web" && r.host_port == 48941)
+                .all(|r| r.name == "web" && r.host_port == 47841)
         );
         // Changes work again.
-        portfwd_ok(&["map", &ctr, "48942:5190"]);
-        portfwd_ok(&["unmap", "48942"]);
+        portfwd_ok(&["map", &ctr, "47842:5190"]);
+        portfwd_ok(&["unmap", "47842"]);
     }
 }
