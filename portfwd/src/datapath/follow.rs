@@ -32,9 +32,10 @@ use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue, ProgramDef, UPLIN
 
 use super::{
     PinnedMaps, StateLock,
+    backend::prepare_backend_path_with,
     install::check_uplink,
     links::{attach_tc, tc_attachments, tcx_link_ifindex, unpin_links_in},
-    object, prepare_backend_path, tc_attach,
+    object, tc_attach,
 };
 use crate::{host::netlink, instance, model::Mapping};
 
@@ -196,10 +197,11 @@ pub(crate) fn backend_paths<'a>(
     lock: &'a StateLock,
 ) -> impl FnMut(IpAddr) -> u32 + 'a {
     let mut known = HashMap::new();
+    let mut default_routes = None;
     move |ip| {
-        *known
-            .entry(ip)
-            .or_insert_with(|| prepare_backend_path(pin_dir, ip, lock).unwrap_or(0))
+        *known.entry(ip).or_insert_with(|| {
+            prepare_backend_path_with(pin_dir, ip, lock, &mut default_routes).unwrap_or(0)
+        })
     }
 }
 
@@ -233,6 +235,18 @@ pub(crate) struct HostFixes {
     pub(crate) flows: usize,
 }
 
+/// How much `follow_host` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Follow {
+    /// Every mapping's route, also when no interface went away (a route
+    /// changed): `up`, and the port holder on rtnetlink events.
+    Everything,
+    /// The mappings' routes only when an attachment was severed or gone:
+    /// what every change does first, at the cost of a few syscalls per
+    /// attached interface when nothing changed.
+    WhatDied,
+}
+
 /// Brings the attachments, the mappings' interfaces and the tracked flows
 /// in line with the host's interfaces (see the module doc). The caller
 /// holds the state lock.
@@ -240,9 +254,18 @@ pub(crate) fn follow_host(
     pin_dir: &Path,
     lock: &StateLock,
     maps: &mut PinnedMaps,
+    scope: Follow,
 ) -> Result<HostFixes> {
     let links = follow_links(pin_dir, lock)?;
-    let moved = follow_backends(pin_dir, lock, maps)?;
+    // An interface towards containers that went away left its attachment
+    // severed or gone: that is the sign, found without reading every
+    // mapping.
+    let something_died = !links.reattached.is_empty() || !links.forgotten.is_empty();
+    let moved = if scope == Follow::Everything || something_died {
+        follow_backends(pin_dir, lock, maps)?
+    } else {
+        Vec::new()
+    };
     // Flows can only point at a dead interface when one went away.
     let flows = if links.reattached.is_empty() && links.forgotten.is_empty() && moved.is_empty() {
         0

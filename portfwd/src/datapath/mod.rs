@@ -17,7 +17,9 @@ mod tc_attach;
 mod tc_cases;
 
 pub(crate) use backend::prepare_backend_path;
-pub(crate) use follow::{LinkState, TcLink, backend_paths, follow_host, follow_links, tc_links};
+pub(crate) use follow::{
+    Follow, LinkState, TcLink, backend_paths, follow_host, follow_links, tc_links,
+};
 pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,

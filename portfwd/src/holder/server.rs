@@ -58,12 +58,17 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     let mut addresses_stale = true;
     // At start too: interfaces may have been recreated while no holder ran.
     let mut links_due = Some(Instant::now());
+    let mut last_follow = Instant::now();
     loop {
         if addresses_stale {
             addresses_stale = !refresh_local_addresses(pin_dir);
         }
         if links_due.is_some_and(|due| Instant::now() >= due) {
-            links_due = (!follow_host(pin_dir)).then(|| Instant::now() + RETRY);
+            let followed = follow_host(pin_dir);
+            if followed {
+                last_follow = Instant::now();
+            }
+            links_due = (!followed).then(|| Instant::now() + RETRY);
         }
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -82,8 +87,10 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
             drain(&events);
             addresses_stale = true;
             // A burst of changes (a veth created, addressed, set up, its
-            // routes added) is followed once, when it has settled.
-            links_due = Some(Instant::now() + SETTLE);
+            // routes added) is followed once, when it has settled; a host
+            // whose routes never settle (a routing daemon) at most once
+            // every MIN_GAP.
+            links_due = Some((Instant::now() + SETTLE).max(last_follow + MIN_GAP));
         }
         if !client_ready {
             continue;
@@ -282,6 +289,8 @@ fn host_events() -> Result<OwnedFd> {
 /// How long the host must be quiet after a change before the links are
 /// followed.
 const SETTLE: Duration = Duration::from_millis(100);
+/// The least time between two follows.
+const MIN_GAP: Duration = Duration::from_secs(1);
 /// How soon a follow that found the state lock busy is retried.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -292,8 +301,9 @@ fn follow_host(pin_dir: &Path) -> bool {
     let Ok(Some(lock)) = StateLock::try_acquire(pin_dir) else {
         return false;
     };
-    let result = PinnedMaps::open(pin_dir, &lock)
-        .and_then(|mut maps| datapath::follow_host(pin_dir, &lock, &mut maps));
+    let result = PinnedMaps::open(pin_dir, &lock).and_then(|mut maps| {
+        datapath::follow_host(pin_dir, &lock, &mut maps, datapath::Follow::Everything)
+    });
     match result {
         Ok(fixes) => {
             for note in fixes.links.notes() {

@@ -127,7 +127,7 @@ fn restore_state(
     drop(ifindex_of);
     // Interfaces are recreated with new indexes (a restarted container):
     // redirect to where the container is now, flows included.
-    datapath::follow_host(pin_dir, lock, maps)?;
+    datapath::follow_host(pin_dir, lock, maps, datapath::Follow::Everything)?;
     if let Some(recovered) = recovered {
         fixes.added.extend(recovered.added);
         fixes.removed.extend(recovered.removed);

@@ -83,8 +83,19 @@ impl<'a> Session<'a> {
     /// what the host changed behind portfwd's back.
     pub(crate) fn open_for_change(pin_dir: &'a Path, command: &str) -> Result<Self> {
         let mut session = Self::open(pin_dir, command)?;
-        let fixes = datapath::follow_host(pin_dir, &session.lock, &mut session.maps)?;
-        session.notes.extend(fixes.links.notes());
+        // A repair that fails must not stop the change asked for: it is
+        // reported, and tried again by the next command or the holder.
+        match datapath::follow_host(
+            pin_dir,
+            &session.lock,
+            &mut session.maps,
+            datapath::Follow::WhatDied,
+        ) {
+            Ok(fixes) => session.notes.extend(fixes.links.notes()),
+            Err(error) => session
+                .notes
+                .push(format!("following the host's interfaces failed: {error:#}")),
+        }
         Ok(session)
     }
 
