@@ -59,6 +59,7 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     // At start too: interfaces may have been recreated while no holder ran.
     let mut links_due = Some(Instant::now());
     let mut last_follow = Instant::now();
+    let mut burst_started: Option<Instant> = None;
     loop {
         if addresses_stale {
             addresses_stale = !refresh_local_addresses(pin_dir);
@@ -67,6 +68,7 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
             let followed = follow_host(pin_dir);
             if followed {
                 last_follow = Instant::now();
+                burst_started = None;
             }
             links_due = (!followed).then(|| Instant::now() + RETRY);
         }
@@ -84,13 +86,23 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
         poll(&mut fds, wait).context("poll")?;
         let client_ready = fds[0].any().unwrap_or(false);
         if fds[1].any().unwrap_or(false) {
-            drain(&events);
+            let links_changed = drain(&events);
             addresses_stale = true;
             // A burst of changes (a veth created, addressed, set up, its
-            // routes added) is followed once, when it has settled; a host
-            // whose routes never settle (a routing daemon) at most once
-            // every MIN_GAP.
-            links_due = Some((Instant::now() + SETTLE).max(last_follow + MIN_GAP));
+            // routes added) is followed once, when it has settled. An
+            // interface added or removed is followed at once (then); a host
+            // whose addresses or routes never settle (a routing daemon) at
+            // most once every MIN_GAP.
+            let now = Instant::now();
+            let began = *burst_started.get_or_insert(now);
+            let settled = now + SETTLE;
+            let due = if links_changed {
+                settled
+            } else {
+                settled.max(last_follow + MIN_GAP)
+            };
+            // A burst that never settles is followed MIN_GAP after it began.
+            links_due = Some(due.min(began + MIN_GAP));
         }
         if !client_ready {
             continue;
@@ -323,14 +335,38 @@ fn follow_host(pin_dir: &Path) -> bool {
 }
 
 /// Reads and discards pending notifications (bounded): only "something
-/// changed" matters, the addresses are then read afresh.
-fn drain(fd: &OwnedFd) {
+/// changed" matters, the addresses and routes are then read afresh.
+/// Returns whether an interface was added or removed (RTM_NEWLINK or
+/// RTM_DELLINK), read from the messages' headers.
+fn drain(fd: &OwnedFd) -> bool {
     let mut buf = [0u8; 8192];
+    let mut links = false;
     for _ in 0..64 {
-        if nix::unistd::read(fd.as_raw_fd(), &mut buf).unwrap_or(0) == 0 {
+        let len = nix::unistd::read(fd.as_raw_fd(), &mut buf).unwrap_or(0);
+        if len == 0 {
             break;
         }
+        links |= has_link_message(&buf[..len]);
     }
+    links
+}
+
+/// Whether a datagram of rtnetlink messages holds an RTM_NEWLINK or
+/// RTM_DELLINK (struct nlmsghdr: length u32, type u16, ...).
+fn has_link_message(mut datagram: &[u8]) -> bool {
+    while datagram.len() >= 16 {
+        let length = u32::from_ne_bytes([datagram[0], datagram[1], datagram[2], datagram[3]]);
+        let kind = u16::from_ne_bytes([datagram[4], datagram[5]]);
+        if kind == libc::RTM_NEWLINK || kind == libc::RTM_DELLINK {
+            return true;
+        }
+        let next = (length as usize).next_multiple_of(4);
+        if next < 16 || next > datagram.len() {
+            break;
+        }
+        datagram = &datagram[next..];
+    }
+    false
 }
 
 /// Writes the host's current addresses to the local addresses map; false
@@ -373,5 +409,27 @@ mod tests {
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         );
         assert!(n.is_err(), "the filter must drop every datagram");
+    }
+
+    #[test]
+    fn link_messages_are_told_from_the_others() {
+        let header = |kind: u16, len: u32| {
+            let mut message = vec![0u8; len as usize];
+            message[..4].copy_from_slice(&len.to_ne_bytes());
+            message[4..6].copy_from_slice(&kind.to_ne_bytes());
+            message
+        };
+        let address = header(libc::RTM_NEWADDR, 20);
+        let route = header(libc::RTM_NEWROUTE, 16);
+        assert!(!has_link_message(
+            &[address.clone(), route.clone()].concat()
+        ));
+        let link = header(libc::RTM_DELLINK, 32);
+        assert!(has_link_message(&[address.clone(), route, link].concat()));
+        // A length that runs past the datagram ends the walk.
+        let mut broken = header(libc::RTM_NEWADDR, 4096);
+        broken.extend(header(libc::RTM_NEWLINK, 16));
+        assert!(!has_link_message(&broken[..40]));
+        assert!(!has_link_message(&address[..8]));
     }
 }
