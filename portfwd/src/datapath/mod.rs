@@ -1,7 +1,8 @@
 //! The kernel objects and nothing else: the eBPF object and its programs
 //! (load, attach, replace, detach), the pinned maps (typed access, layout
 //! checks, the lock that makes a process their only writer) and the path
-//! to a container, what the kernel offers (`kernel`). Imports `model`,
+//! to a container, what the kernel offers (`kernel`), and following the
+//! host's interfaces as they are recreated (`follow`). Imports `model`,
 //! `instance` and `host` only.
 
 mod backend;

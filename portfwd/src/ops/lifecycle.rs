@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::{
     datapath::{
@@ -208,10 +208,19 @@ pub(crate) struct Rebuilt {
 /// rebuild`), under the state lock: after the file was damaged, or lost.
 pub(crate) fn rebuild_state(pin_dir: &Path) -> Result<Rebuilt> {
     host::require_capabilities("state rebuild", host::CHANGE)?;
+    let store = Store::of(pin_dir);
+    if !super::is_up(pin_dir) {
+        bail!(
+            "portfwd is not up ({} holds no maps; after a reboot the kernel has no mappings), so there is nothing \
+             to rebuild {} from: it is the only record; repair it or move it aside (its mappings are then lost), \
+             then `portfwd up`",
+            pin_dir.display(),
+            store.path().display()
+        );
+    }
     let lock = StateLock::acquire(pin_dir)?;
     let maps = PinnedMaps::open(pin_dir, &lock)?;
     let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
-    let store = Store::of(pin_dir);
     let damaged = store.rebuild(&records)?;
     Ok(Rebuilt {
         path: store.path().to_owned(),

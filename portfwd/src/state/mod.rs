@@ -49,8 +49,8 @@ impl std::fmt::Display for Damaged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the state file {} is damaged ({}): the kernel's maps are intact and forwarding goes on; \
-             run `portfwd state rebuild` to rewrite the file from them (the damaged one is kept as .damaged)",
+            "the state file {} is damaged ({}): the kernel's maps are what forwards and are untouched; \
+             `portfwd state rebuild` rewrites the file from them (the damaged one is kept as .damaged)",
             self.path.display(),
             self.why.replace('\n', " ")
         )

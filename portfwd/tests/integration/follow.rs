@@ -329,4 +329,29 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
         portfwd_ok(&["map", &ctr, "47842:5190"]);
         portfwd_ok(&["unmap", "47842"]);
     }
+
+    // After a reboot (nothing pinned) the damaged file is the only record:
+    // `up` refuses, and `state rebuild` says why it cannot help.
+    portfwd_ok(&["down", "--keep-state"]);
+    std::fs::write(state_file(), b"{\"version\":").unwrap();
+    for args in [
+        &["up", "--iface", topo.client.host_if.as_str()][..],
+        &["state", "rebuild"][..],
+    ] {
+        let out = portfwd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&state_file().display().to_string()),
+            "{stderr}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&portfwd(&["state", "rebuild"]).stderr).into_owned();
+    assert!(stderr.contains("only record"), "{stderr}");
+    assert!(
+        !Path::new(&pin_dir()).exists(),
+        "a failed up left the instance"
+    );
+    std::fs::remove_file(state_file()).unwrap();
 }
