@@ -28,7 +28,9 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, Map, MapData},
 };
-use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue, ProgramDef, UPLINK_PROGRAMS};
+use portfwd_common::{
+    CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue, ProgramDef, ServiceKey, UPLINK_PROGRAMS,
+};
 
 use super::{
     PinnedMaps, StateLock,
@@ -294,6 +296,7 @@ fn follow_flows(pin_dir: &Path) -> Result<usize> {
             .context("the conntrack map has an unexpected layout")?;
     let maps = PinnedMaps::open_unlocked(pin_dir)?;
     let mut alive: HashMap<u32, bool> = HashMap::new();
+    let mut mapped: HashMap<ServiceKey, Option<u32>> = HashMap::new();
     let mut is_alive = |ifindex: u32| {
         *alive
             .entry(ifindex)
@@ -310,7 +313,9 @@ fn follow_flows(pin_dir: &Path) -> Result<usize> {
                 0
             } else {
                 // A mapping removed meanwhile ends the flow at its next packet.
-                maps.service_ifindex(&value.service)?
+                (*mapped
+                    .entry(value.service)
+                    .or_insert_with(|| maps.service_ifindex(&value.service)))?
             };
             (wanted != value.ifindex).then_some((key, value, wanted))
         })
