@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 
 pub(crate) use super::list::list;
 use crate::{
+    datapath::LinkState,
     error::Error,
     model::{self, PublishSpec, UnmapSelector},
     ops::{self, Missing, UpOptions},
@@ -134,6 +135,9 @@ pub(crate) fn map(
     };
     let published = ops::publish_with(pin_dir, &name, container_ip, &specs, options)?;
     let planned = published.mappings;
+    for note in &published.notes {
+        eprintln!("portfwd: note: {note}");
+    }
     for busy in &published.busy_ports {
         eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
     }
@@ -179,13 +183,19 @@ pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<()> {
 /// `portfwd detach IF`: mappings and the socket path are untouched.
 pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
     let detached = ops::detach(pin_dir, ifname)?;
-    if detached == 0 {
-        println!("nothing was attached to {ifname}");
-    } else {
-        println!(
-            "detached {detached} program{} from {ifname}",
-            plural(detached)
-        );
+    match detached.was {
+        None => println!("nothing was attached to {ifname}"),
+        Some(LinkState::Gone) => println!(
+            "{ifname} is gone (deleted, and its programs with it): portfwd no longer attaches to it when it comes back"
+        ),
+        Some(LinkState::Severed) => println!(
+            "{ifname} was recreated since it was attached (no program of portfwd's ran on it): portfwd no longer attaches to it"
+        ),
+        Some(LinkState::Attached) => println!(
+            "detached {} program{} from {ifname}",
+            detached.programs,
+            plural(detached.programs)
+        ),
     }
     Ok(())
 }
@@ -214,4 +224,19 @@ pub(crate) fn unmap(pin_dir: &Path, name: Option<&str>, selectors: &[String]) ->
 
 pub(super) fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// `portfwd state rebuild`: the state file, from the kernel's maps.
+pub(crate) fn rebuild_state(pin_dir: &Path) -> Result<()> {
+    let rebuilt = ops::rebuild_state(pin_dir)?;
+    if let Some(damaged) = &rebuilt.damaged {
+        println!("moved the damaged state file to {}", damaged.display());
+    }
+    println!(
+        "rebuilt {} from the kernel's maps: {} mapping{}",
+        rebuilt.path.display(),
+        rebuilt.mappings,
+        plural(rebuilt.mappings)
+    );
+    Ok(())
 }

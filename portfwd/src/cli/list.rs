@@ -4,26 +4,32 @@
 use std::{collections::BTreeMap, io::Write, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
-use portfwd_common::{MappingCounters, Stat, UPLINK_PROGRAMS};
+use portfwd_common::{MappingCounters, Stat};
 use serde::Serialize;
 
 use crate::{
     datapath::{
-        self,
+        self, LinkState, PinnedMaps, StateLock, TcLink,
         kernel::{self, KernelFeatures},
     },
+    holder,
     model::Mapping,
     ops,
+    state::Damaged,
 };
 
 /// What `list` shows, read under the state lock.
 struct Listing {
     mappings: Vec<(Mapping, MappingCounters)>,
     stats: Vec<(Stat, u64)>,
-    /// Interfaces with TC programs, and which.
-    interfaces: Vec<(String, Vec<String>)>,
+    /// Interfaces with TC programs pinned, which, and whether the kernel
+    /// still runs them there.
+    links: Vec<TcLink>,
     /// What the kernel offered at the last `up`.
     kernel: Option<KernelFeatures>,
+    /// Whether the port holder runs (else published ports are not
+    /// reserved).
+    holder_running: bool,
 }
 
 #[derive(Serialize)]
@@ -46,10 +52,21 @@ struct ListJson<'a> {
     mappings: Vec<MappingJson<'a>>,
     /// What the TC programs saw and did, by name.
     stats: BTreeMap<&'static str, u64>,
-    /// Interfaces with TC programs, and which.
+    /// Interfaces the kernel runs TC programs on, and which.
     interfaces: BTreeMap<&'a str, &'a [String]>,
+    /// Every interface with TC programs pinned, and its state: `attached`,
+    /// `severed` (recreated since: nothing runs on the new one) or `gone`.
+    links: BTreeMap<&'a str, LinkJson<'a>>,
     /// What the kernel offered at the last `up`.
     kernel: Option<&'a KernelFeatures>,
+    holder_running: bool,
+}
+
+#[derive(Serialize)]
+struct LinkJson<'a> {
+    programs: &'a [String],
+    state: &'static str,
+    uplink: bool,
 }
 
 pub(crate) fn list(pin_dir: &Path, json: bool) -> Result<()> {
@@ -65,15 +82,29 @@ pub(crate) fn list(pin_dir: &Path, json: bool) -> Result<()> {
 fn read(pin_dir: &Path) -> Result<Listing> {
     // A session: a change a killed process left half done is rolled back
     // first, so the listing is always a whole state.
-    let session = ops::Session::open(pin_dir, "list")?;
-    if let Some(fixes) = &session.recovered {
-        eprintln!(
-            "portfwd: note: rolled back an interrupted change ({} added, {} removed)",
-            fixes.added.len(),
-            fixes.removed.len()
-        );
+    match ops::Session::open(pin_dir, "list") {
+        Ok(session) => {
+            if let Some(fixes) = &session.recovered {
+                eprintln!(
+                    "portfwd: note: rolled back an interrupted change ({} added, {} removed)",
+                    fixes.added.len(),
+                    fixes.removed.len()
+                );
+            }
+            read_maps(pin_dir, session.maps())
+        }
+        // The kernel's maps are what forwards: shown as they are, with the
+        // error (which says how to rebuild the file) as a note.
+        Err(error) if error.downcast_ref::<Damaged>().is_some() => {
+            eprintln!("portfwd: note: {error:#}");
+            let lock = StateLock::acquire(pin_dir)?;
+            read_maps(pin_dir, &PinnedMaps::open(pin_dir, &lock)?)
+        }
+        Err(error) => Err(error),
     }
-    let maps = session.maps();
+}
+
+fn read_maps(pin_dir: &Path, maps: &PinnedMaps) -> Result<Listing> {
     let mappings = maps
         .mappings()?
         .into_iter()
@@ -85,8 +116,9 @@ fn read(pin_dir: &Path) -> Result<Listing> {
     Ok(Listing {
         mappings,
         stats: maps.stats(),
-        interfaces: datapath::tc_attachments(pin_dir),
+        links: datapath::tc_links(pin_dir),
         kernel: kernel::recorded(pin_dir),
+        holder_running: holder::is_running(pin_dir),
     })
 }
 
@@ -111,11 +143,25 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
             .collect(),
         stats: listing.stats.iter().map(|(s, n)| (s.name(), *n)).collect(),
         interfaces: listing
-            .interfaces
+            .links
             .iter()
-            .map(|(name, programs)| (name.as_str(), programs.as_slice()))
+            .filter(|link| link.state == LinkState::Attached)
+            .map(|link| (link.ifname.as_str(), link.programs.as_slice()))
+            .collect(),
+        links: listing
+            .links
+            .iter()
+            .map(|link| {
+                let json = LinkJson {
+                    programs: &link.programs,
+                    state: link.state.as_str(),
+                    uplink: link.is_uplink(),
+                };
+                (link.ifname.as_str(), json)
+            })
             .collect(),
         kernel: listing.kernel.as_ref(),
+        holder_running: listing.holder_running,
     };
     serde_json::to_writer_pretty(&mut *out, &json)?;
     writeln!(out)?;
@@ -154,11 +200,11 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
             "(no mappings: add one with `portfwd map CONTAINER_IP PUBLISH`)"
         )?;
     }
-    let uplinks: Vec<&str> = listing
-        .interfaces
+    let uplinks: Vec<String> = listing
+        .links
         .iter()
-        .filter(|(_, programs)| programs.iter().any(|p| p == UPLINK_PROGRAMS[0].name))
-        .map(|(name, _)| name.as_str())
+        .filter(|link| link.is_uplink())
+        .map(describe_link)
         .collect();
     let uplinks = if uplinks.is_empty() {
         "(no uplink)".to_owned()
@@ -166,6 +212,26 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
         uplinks.join(", ")
     };
     writeln!(out, "external traffic on: {uplinks}")?;
+    let unserved: Vec<String> = listing
+        .links
+        .iter()
+        .filter(|link| !link.is_uplink() && link.state != LinkState::Attached)
+        .map(describe_link)
+        .collect();
+    if !unserved.is_empty() {
+        writeln!(
+            out,
+            "replies from containers not translated on: {}",
+            unserved.join(", ")
+        )?;
+    }
+    if !listing.holder_running {
+        writeln!(
+            out,
+            "the port holder is not running: published ports are not reserved (another process can bind them; \
+             forwarding goes on); `portfwd up` or the next map/unmap restarts it"
+        )?;
+    }
     let counted: Vec<String> = listing
         .stats
         .iter()
@@ -179,6 +245,22 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
         writeln!(out, "{}", kernel.summary())?;
     }
     Ok(())
+}
+
+/// An interface with its state, when the kernel no longer runs portfwd's
+/// programs on it.
+fn describe_link(link: &TcLink) -> String {
+    let name = &link.ifname;
+    match link.state {
+        LinkState::Attached => name.clone(),
+        LinkState::Gone if link.is_uplink() => format!(
+            "{name} (gone: the interface was deleted; attached again if it comes back, `portfwd detach {name}` forgets it)"
+        ),
+        LinkState::Gone => format!("{name} (gone: the interface was deleted)"),
+        LinkState::Severed => format!(
+            "{name} (severed: recreated since it was attached, nothing runs on it; the port holder, `portfwd up` or the next map/unmap attaches again)"
+        ),
+    }
 }
 
 fn human_bytes(bytes: u64) -> String {

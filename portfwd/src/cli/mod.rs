@@ -158,6 +158,11 @@ enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// The state file (the record of every mapping, restored by `up`)
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// The port holder process (started by `up`, stopped by `down`)
     #[command(hide = true)]
     Hold,
@@ -182,6 +187,12 @@ enum ConntrackCommand {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Rewrite the state file from the kernel's maps (a damaged file is kept as .damaged)
+    Rebuild,
 }
 
 /// The `portfwd` command line.
@@ -263,6 +274,9 @@ pub fn main() -> ExitCode {
         }),
         Command::Completions { shell } => print_completions(shell),
         Command::Man { dir } => write_man_pages(&dir),
+        Command::State {
+            action: StateAction::Rebuild,
+        } => commands::rebuild_state(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,18 @@ pub(crate) fn prepare_backend_path(
     container_ip: IpAddr,
     lock: &StateLock,
 ) -> Result<u32> {
+    prepare_backend_path_with(pin_dir, container_ip, lock, &mut None)
+}
+
+/// `prepare_backend_path` for many containers: `default_routes` keeps the
+/// interfaces of the default routes once dumped (a dump of the whole route
+/// table, not to be repeated per container).
+pub(crate) fn prepare_backend_path_with(
+    pin_dir: &Path,
+    container_ip: IpAddr,
+    lock: &StateLock,
+    default_routes: &mut Option<Vec<String>>,
+) -> Result<u32> {
     let Some(ifindex) = netlink::route_oif(container_ip)? else {
         return Ok(0);
     };
@@ -27,7 +39,14 @@ pub(crate) fn prepare_backend_path(
     if ifname == "lo" {
         return Ok(0);
     }
-    if !is_uplink(pin_dir, &ifname) && !netlink::default_route_interfaces()?.contains(&ifname) {
+    if is_uplink(pin_dir, &ifname) {
+        return Ok(ifindex);
+    }
+    let default_routes = match default_routes {
+        Some(names) => names,
+        None => default_routes.insert(netlink::default_route_interfaces()?),
+    };
+    if !default_routes.contains(&ifname) {
         attach_backend(pin_dir, &ifname, lock)?;
     }
     Ok(ifindex)

@@ -18,6 +18,7 @@ use portfwd_common::{Config, MAPS, OBSOLETE_MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS
 
 use super::{
     PinnedMaps, StateLock,
+    follow::repair_links,
     links::{
         attach_sock_program, attach_tc, load_all, program_of, replace_program, tc_attachments,
         unpin_links_in,
@@ -121,6 +122,17 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
         ..InstallReport::default()
     };
     attach_sock_programs(&mut ebpf, options, &cgroup, &mut report, rollback)?;
+    // Interfaces recreated since their programs were attached have none:
+    // attached again first, so that only live links are replaced below.
+    let mut loaded = Some(ebpf);
+    let links = repair_links(pin_dir, &mut loaded)?;
+    let mut ebpf = loaded.context("the eBPF object")?;
+    report.notes.extend(links.notes());
+    report.notes.extend(links.gone_uplinks.iter().map(|ifname| {
+        format!(
+            "the uplink {ifname} is gone: it is attached again when it comes back (`portfwd detach {ifname}` forgets it)"
+        )
+    }));
     replace_tc_programs(&mut ebpf, options, &mut report)?;
     attach_uplinks(&mut ebpf, options, &mut report, rollback)?;
 

@@ -266,6 +266,48 @@ fn bpf_obj_get(pin: &Path) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The interface a pinned TCX link is attached to: Some(index), Some(0)
+/// once that interface is gone (the kernel severs the link, which then
+/// attaches nothing), None when the pin is not a TCX link.
+pub(crate) fn tcx_link_ifindex(pin: &Path) -> Result<Option<u32>> {
+    let link = bpf_obj_get(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then (8-byte aligned) the
+    // union whose `tcx` member starts with the ifindex. aya 0.14's LinkInfo
+    // does not expose it. The buffer is larger than the kernel's struct and
+    // zeroed: the kernel accepts a longer buffer whose tail is zero.
+    let mut info = [0u32; 64];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size
+    // passed; the kernel writes at most info_len bytes to `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the link pinned at {}", pin.display()));
+    }
+    // Offsets 0 (type) and 16 (tcx.ifindex), in 32-bit words.
+    let (link_type, ifindex) = (info[0], info[4]);
+    Ok((link_type == BPF_LINK_TYPE_TCX).then_some(ifindex))
+}
+
 fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
     // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
     #[repr(C)]

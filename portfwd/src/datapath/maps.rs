@@ -255,6 +255,11 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// The interface the TC path redirects a mapping's new flows to.
+    pub(crate) fn service_ifindex(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.get(key, 0).ok().map(|value| value.ifindex)
+    }
+
     /// A mapping's traffic, summed over CPUs.
     pub(crate) fn counters(&self, mapping: &Mapping) -> MappingCounters {
         let mut sum = MappingCounters::default();

@@ -1,11 +1,13 @@
 //! The kernel objects and nothing else: the eBPF object and its programs
 //! (load, attach, replace, detach), the pinned maps (typed access, layout
 //! checks, the lock that makes a process their only writer) and the path
-//! to a container, what the kernel offers (`kernel`). Imports `model`,
+//! to a container, what the kernel offers (`kernel`), and following the
+//! host's interfaces as they are recreated (`follow`). Imports `model`,
 //! `instance` and `host` only.
 
 mod backend;
 mod conntrack;
+mod follow;
 mod install;
 pub(crate) mod kernel;
 mod links;
@@ -23,11 +25,14 @@ mod trace;
 
 pub(crate) use backend::prepare_backend_path;
 pub(crate) use conntrack::{Flow, flows, forget_flows};
+pub(crate) use follow::{
+    Follow, LinkState, TcLink, backend_paths, follow_host, follow_links, tc_links,
+};
 pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,
 };
-pub(crate) use links::{attach_uplink, detach_interface, tc_attachments};
+pub(crate) use links::{attach_uplink, detach_interface};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;
 pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};

@@ -150,11 +150,26 @@ pub(crate) fn attach(
     Ok(())
 }
 
+/// The index of the interface a netlink attachment's filter was put on.
+pub(crate) fn netlink_ifindex(pin: &Path) -> Result<u32> {
+    Ok(netlink_filter(pin)?.0.ifindex)
+}
+
 /// Deletes a netlink attachment: the filter, then its pin.
 pub(crate) fn detach_netlink(pin: &Path) -> Result<()> {
     let (filter, program_pin) = netlink_filter(pin)?;
-    // An interface that is gone took its filters with it.
-    if let Ok(link) = filter.link() {
+    // An interface that is gone took its filters with it, and its index
+    // may name another interface by now: the filter is deleted only from
+    // the interface the pin is for (`links/tc/<interface>/<program>`).
+    let pinned_for = pin
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str());
+    let still_there = crate::host::netlink::ifname(filter.ifindex).ok();
+    if still_there.is_some()
+        && still_there.as_deref() == pinned_for
+        && let Ok(link) = filter.link()
+    {
         // Dropping the handle deletes the filter.
         drop(link);
     }

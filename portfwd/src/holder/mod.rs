@@ -13,8 +13,10 @@
 //! map and binds what is missing, closes what is gone. A port that another
 //! process already holds (podman's conmon holds its containers' ports) is
 //! reported as busy and retried at the next sync. It also watches the
-//! host's addresses (rtnetlink) and keeps the local addresses map current,
-//! so wildcard mappings follow address changes.
+//! host's interfaces, addresses and routes (rtnetlink): it keeps the local
+//! addresses map current, so wildcard mappings follow address changes, and
+//! follows interfaces recreated under the same name (`datapath::follow`):
+//! their programs are attached again, mappings and flows redirect to them.
 //!
 //! Protocol on its unix socket, one line each way: `sync` (hold exactly
 //! what the map publishes) or `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`

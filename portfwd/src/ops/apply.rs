@@ -30,7 +30,12 @@ pub(crate) struct Diff {
 /// nothing (`dry_run`: only computes the difference). Automatic host ports
 /// keep the port a matching mapping already has.
 pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<Diff> {
-    let mut session = Session::open(pin_dir, "apply")?;
+    // A dry run changes nothing, not even what the host changed.
+    let mut session = if dry_run {
+        Session::open(pin_dir, "apply")?
+    } else {
+        Session::open_for_change(pin_dir, "apply")?
+    };
     let current = session.mappings();
     // Ports the current set holds are free for the new one.
     let held: HashSet<(Protocol, u16)> = current

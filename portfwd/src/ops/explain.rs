@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use portfwd_common::{BACKEND_PROGRAMS, MappingCounters, SOCK_PROGRAMS, UPLINK_PROGRAMS};
+use portfwd_common::{BACKEND_PROGRAMS, MappingCounters, SOCK_PROGRAMS};
 use serde::Serialize;
 
 use crate::{
@@ -154,12 +154,16 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
     explanation.up = true;
     let links = instance::links_dir(pin_dir);
     explanation.host_path = SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists());
-    let attachments = datapath::tc_attachments(pin_dir);
-    let has = |programs: &[String], name: &str| programs.iter().any(|p| p == name);
-    explanation.uplinks = attachments
+    // Only attachments the kernel still runs (an interface deleted, or
+    // recreated under the same name, lost its programs).
+    let attached: Vec<datapath::TcLink> = datapath::tc_links(pin_dir)
+        .into_iter()
+        .filter(|link| link.state == datapath::LinkState::Attached)
+        .collect();
+    explanation.uplinks = attached
         .iter()
-        .filter(|(_, programs)| has(programs, UPLINK_PROGRAMS[0].name))
-        .map(|(name, _)| name.clone())
+        .filter(|link| link.is_uplink())
+        .map(|link| link.ifname.clone())
         .collect();
     let mappings = maps.mappings()?;
     let found = find(&mappings, &question, local_address);
@@ -169,9 +173,10 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
                 .then(|| host::netlink::ifname(mapping.ifindex).ok())
                 .flatten();
             let container_interface_attached = container_interface.as_ref().is_some_and(|name| {
-                attachments
-                    .iter()
-                    .any(|(i, programs)| i == name && has(programs, BACKEND_PROGRAMS[0].name))
+                attached.iter().any(|link| {
+                    &link.ifname == name
+                        && link.programs.iter().any(|p| p == BACKEND_PROGRAMS[0].name)
+                })
             });
             explanation.matched = Some(Matched {
                 how,

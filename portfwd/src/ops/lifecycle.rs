@@ -3,12 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
-use super::backend_paths;
 use crate::{
     datapath::{
-        self, InstallOptions, InstallReport, PinnedMaps, Rollback, Sizes, StateLock,
+        self, InstallOptions, InstallReport, LinkState, PinnedMaps, Rollback, Sizes, StateLock,
         UninstallReport,
         kernel::{self, KernelFeatures},
     },
@@ -116,7 +115,7 @@ fn restore_state(
     report: &mut UpReport,
 ) -> Result<()> {
     let store = Store::of(pin_dir);
-    let mut ifindex_of = backend_paths(pin_dir, lock);
+    let mut ifindex_of = datapath::backend_paths(pin_dir, lock);
     let recovered = state::recover(&store, maps, &mut ifindex_of)?;
     let Some(records) = store.load()? else {
         let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
@@ -125,14 +124,10 @@ fn restore_state(
         return Ok(());
     };
     let mut fixes = state::reconcile(maps, &records, &mut ifindex_of)?;
+    drop(ifindex_of);
     // Interfaces are recreated with new indexes (a restarted container):
-    // redirect to where the container is now.
-    for m in maps.mappings()? {
-        let ifindex = ifindex_of(m.container.ip());
-        if ifindex != m.ifindex {
-            maps.set_ifindex(&m, ifindex)?;
-        }
-    }
+    // redirect to where the container is now, flows included.
+    datapath::follow_host(pin_dir, lock, maps, datapath::Follow::Everything)?;
     if let Some(recovered) = recovered {
         fixes.added.extend(recovered.added);
         fixes.removed.extend(recovered.removed);
@@ -165,13 +160,71 @@ pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<bool> {
     host::require_capabilities("attach", host::LOAD)?;
     datapath::check_uplink(ifname)?;
     let lock = StateLock::acquire(pin_dir)?;
+    // Programs pinned for an interface recreated since are attached again
+    // (`already attached` is then the truth).
+    datapath::follow_links(pin_dir, &lock)?;
     datapath::attach_uplink(pin_dir, ifname, &lock)
 }
 
-/// Detaches every TC program from `ifname` (`portfwd detach`); the number
-/// of programs detached.
-pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<usize> {
+/// What `detach` did.
+#[derive(Debug)]
+pub(crate) struct Detached {
+    /// Programs the kernel ran on the interface and no longer does.
+    pub(crate) programs: usize,
+    /// The state of the attachment before: a gone or severed one had no
+    /// program running, only portfwd's record of it (now forgotten).
+    pub(crate) was: Option<LinkState>,
+}
+
+/// Detaches every TC program from `ifname` (`portfwd detach`).
+pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<Detached> {
     host::require_capabilities("detach", host::LOAD)?;
     let lock = StateLock::acquire(pin_dir)?;
-    datapath::detach_interface(pin_dir, ifname, &lock)
+    let was = datapath::tc_links(pin_dir)
+        .into_iter()
+        .find(|link| link.ifname == ifname)
+        .map(|link| link.state);
+    let unpinned = datapath::detach_interface(pin_dir, ifname, &lock)?;
+    Ok(Detached {
+        programs: if was == Some(LinkState::Attached) {
+            unpinned
+        } else {
+            0
+        },
+        was,
+    })
+}
+
+/// What `state rebuild` did.
+#[derive(Debug)]
+pub(crate) struct Rebuilt {
+    pub(crate) path: PathBuf,
+    pub(crate) mappings: usize,
+    /// Where the damaged file went, if there was one.
+    pub(crate) damaged: Option<PathBuf>,
+}
+
+/// Rewrites the state file from the kernel's maps (`portfwd state
+/// rebuild`), under the state lock: after the file was damaged, or lost.
+pub(crate) fn rebuild_state(pin_dir: &Path) -> Result<Rebuilt> {
+    host::require_capabilities("state rebuild", host::CHANGE)?;
+    let store = Store::of(pin_dir);
+    if !super::is_up(pin_dir) {
+        bail!(
+            "portfwd is not up ({} holds no maps; after a reboot the kernel has no mappings), so there is nothing \
+             to rebuild {} from: it is the only record; repair it or move it aside (its mappings are then lost), \
+             then `portfwd up`",
+            pin_dir.display(),
+            store.path().display()
+        );
+    }
+    let lock = StateLock::acquire(pin_dir)?;
+    let maps = PinnedMaps::open(pin_dir, &lock)?;
+    let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
+    let damaged = store.rebuild(&records)?;
+    Ok(Rebuilt {
+        path: store.path().to_owned(),
+        mappings: records.len(),
+        damaged,
+    })
 }

@@ -26,7 +26,7 @@ mod publish;
 pub(crate) use apply::{apply, read_apply_file};
 pub(crate) use conntrack::{FlowFilter, flows, flush_flows};
 pub(crate) use explain::{Explanation, MatchKind, Question, explain};
-pub(crate) use lifecycle::{UpOptions, attach, detach, down, up};
+pub(crate) use lifecycle::{UpOptions, attach, detach, down, rebuild_state, up};
 pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
 };
@@ -49,6 +49,8 @@ pub(crate) struct Session<'a> {
     /// Mappings removed on opening because their owner process is gone
     /// (see `state::owner`).
     pub(crate) swept: Vec<Mapping>,
+    /// What opening the session repaired or could not, for the user.
+    pub(crate) notes: Vec<String>,
 }
 
 impl<'a> Session<'a> {
@@ -57,7 +59,7 @@ impl<'a> Session<'a> {
         let lock = StateLock::acquire(pin_dir)?;
         let mut maps = PinnedMaps::open(pin_dir, &lock)?;
         let store = Store::of(pin_dir);
-        let recovered = state::recover(&store, &mut maps, backend_paths(pin_dir, &lock))?;
+        let recovered = state::recover(&store, &mut maps, datapath::backend_paths(pin_dir, &lock))?;
         // Without a state file (a portfwd that predates it), the maps are
         // the record; the first change writes it.
         let state = match store.load_for_change()? {
@@ -77,8 +79,31 @@ impl<'a> Session<'a> {
             removed: Vec::new(),
             recovered,
             swept: Vec::new(),
+            notes: Vec::new(),
         };
         session.sweep_orphans()?;
+        Ok(session)
+    }
+
+    /// A session for a change: it first brings the attachments and the
+    /// mappings' interfaces in line with the host's interfaces (recreated
+    /// since: see `datapath::follow_host`), so that every change repairs
+    /// what the host changed behind portfwd's back.
+    pub(crate) fn open_for_change(pin_dir: &'a Path, command: &str) -> Result<Self> {
+        let mut session = Self::open(pin_dir, command)?;
+        // A repair that fails must not stop the change asked for: it is
+        // reported, and tried again by the next command or the holder.
+        match datapath::follow_host(
+            pin_dir,
+            &session.lock,
+            &mut session.maps,
+            datapath::Follow::WhatDied,
+        ) {
+            Ok(fixes) => session.notes.extend(fixes.links.notes()),
+            Err(error) => session
+                .notes
+                .push(format!("following the host's interfaces failed: {error:#}")),
+        }
         Ok(session)
     }
 
@@ -204,20 +229,6 @@ pub(crate) fn is_up(pin_dir: &Path) -> bool {
     let links = instance::links_dir(pin_dir);
     MAPS.iter().all(|m| pin_dir.join(m.name).exists())
         && SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists())
-}
-
-/// Resolves each container address to the interface towards it (attaching
-/// the reply program there), once per address; 0 where that fails.
-pub(crate) fn backend_paths<'a>(
-    pin_dir: &'a Path,
-    lock: &'a StateLock,
-) -> impl FnMut(IpAddr) -> u32 + 'a {
-    let mut known = std::collections::HashMap::new();
-    move |ip| {
-        *known
-            .entry(ip)
-            .or_insert_with(|| datapath::prepare_backend_path(pin_dir, ip, lock).unwrap_or(0))
-    }
 }
 
 /// The writes a change makes to the services map.

@@ -37,6 +37,8 @@ pub(crate) struct Published {
     pub(crate) mappings: Vec<Mapping>,
     /// Published ports the holder could not bind (another process holds them).
     pub(crate) busy_ports: Vec<String>,
+    /// What publishing repaired on the way (see `Session::open_for_change`).
+    pub(crate) notes: Vec<String>,
 }
 
 /// Publishes `specs` for a container, all or nothing.
@@ -47,7 +49,8 @@ pub(crate) fn publish_with(
     specs: &[PublishSpec],
     options: PublishOptions,
 ) -> Result<Published> {
-    let mut session = Session::open(pin_dir, "map")?;
+    let mut session = Session::open_for_change(pin_dir, "map")?;
+    let notes = std::mem::take(&mut session.notes);
     let existing = session.mappings();
     let busy = host::BusyPorts::scan()?;
     let mut planned = model::plan(name, container_ip, specs, &existing, |p, port| {
@@ -68,6 +71,7 @@ pub(crate) fn publish_with(
     Ok(Published {
         mappings: planned,
         busy_ports,
+        notes,
     })
 }
 
@@ -105,7 +109,7 @@ pub(crate) fn withdraw(
     selectors: &[UnmapSelector],
     missing: Missing,
 ) -> Result<Vec<Mapping>> {
-    let mut session = Session::open(pin_dir, "unmap")?;
+    let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let existing = session.mappings();
     let mut doomed: Vec<Mapping> = Vec::new();
     if let Some(name) = name {
@@ -135,7 +139,7 @@ pub(crate) fn withdraw(
 /// Removes exactly `mapping` (same name, protocol, host and container
 /// endpoints) if it is published; whether it was.
 pub(crate) fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
-    let mut session = Session::open(pin_dir, "unmap")?;
+    let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let key = Record::from(mapping);
     let found: Vec<Mapping> = session
         .mappings()

@@ -50,6 +50,28 @@ pub(crate) use reconcile::{Fixes, reconcile, recover};
 /// Below this many bytes of journal, a change never compacts.
 const MIN_COMPACT_BYTES: usize = 64 * 1024;
 
+/// A state file that cannot be read as one. The kernel's maps are intact
+/// (forwarding goes on); the message says how to rewrite the file from them.
+#[derive(Debug)]
+pub(crate) struct Damaged {
+    pub(crate) path: PathBuf,
+    why: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the state file {} is damaged ({}): the kernel's maps are what forwards and are untouched; \
+             `portfwd state rebuild` rewrites the file from them (the damaged one is kept as .damaged)",
+            self.path.display(),
+            self.why.replace('\n', " ")
+        )
+    }
+}
+
+impl std::error::Error for Damaged {}
+
 /// The state file and its pending twin.
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
@@ -92,7 +114,8 @@ impl Store {
         PathBuf::from(name)
     }
 
-    /// The recorded mappings; None when there is no state file yet.
+    /// The recorded mappings; None when there is no state file yet. A file
+    /// that does not parse (truncated, garbage, empty) is a `Damaged` error.
     pub(crate) fn load(&self) -> Result<Option<Vec<Record>>> {
         Ok(self.load_for_change()?.map(|loaded| loaded.records))
     }
@@ -101,19 +124,24 @@ impl Store {
     /// that a killed writer left cut short at the end of the file is cut
     /// off, so that the next one starts on a line of its own.
     pub(crate) fn load_for_change(&self) -> Result<Option<Loaded>> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(text) => text,
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(error) => {
                 return Err(error).with_context(|| format!("reading {}", self.path.display()));
             }
         };
+        let damaged = |why: String| Damaged {
+            path: self.path.clone(),
+            why,
+        };
+        let text = String::from_utf8(bytes).map_err(|error| damaged(error.to_string()))?;
         let ParsedState {
             records,
             whole_len,
             snapshot_len,
             journal_len,
-        } = parse_state_file(&text).with_context(|| format!("reading {}", self.path.display()))?;
+        } = parse_state_file(&text).map_err(|error| damaged(format!("{error:#}")))?;
         if !text[whole_len..].trim().is_empty() {
             let file = OpenOptions::new().write(true).open(&self.path)?;
             file.set_len(whole_len as u64)?;
@@ -125,6 +153,27 @@ impl Store {
             records,
             compact: journal_len > snapshot_len.max(MIN_COMPACT_BYTES),
         }))
+    }
+
+    /// Rewrites the state file from the maps (`portfwd state rebuild`): a
+    /// damaged file is kept beside it as `<state>.damaged`, a pending change
+    /// is dropped (the maps are the truth). Returns where the damaged file
+    /// went, if there was one.
+    pub(crate) fn rebuild(&self, records: &[Record]) -> Result<Option<PathBuf>> {
+        let damaged = match self.load() {
+            Err(error) if error.downcast_ref::<Damaged>().is_some() => {
+                let mut aside = self.path.as_os_str().to_owned();
+                aside.push(".damaged");
+                let aside = PathBuf::from(aside);
+                fs::rename(&self.path, &aside)
+                    .with_context(|| format!("moving {} aside", self.path.display()))?;
+                Some(aside)
+            }
+            _ => None,
+        };
+        self.abort();
+        self.write_snapshot(records)?;
+        Ok(damaged)
     }
 
     /// Writes a snapshot of `records` to `path`, through a temporary file

@@ -18,6 +18,7 @@ mod conntrack;
 mod control_plane;
 mod docker;
 mod explain;
+mod follow;
 mod hostile;
 mod kernel_support;
 mod properties;

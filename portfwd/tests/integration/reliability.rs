@@ -536,21 +536,6 @@ fn a_rolled_back_change_keeps_the_interface_towards_the_container() {
     assert_eq!(restored.ifindex, ifindex);
 }
 
-/// The pid of the port holder of the tests' instance.
-fn holder_pid() -> Option<u32> {
-    let pin = pin_dir();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let holds = args.contains(&b"hold".as_slice()) && args.contains(&pin.as_bytes());
-            holds.then_some(pid)
-        })
-}
-
 #[test]
 fn the_holder_logs_where_an_operator_finds_it() {
     let Some(_serial) = root_test("holder_log") else {

@@ -147,8 +147,23 @@ impl Container {
     }
 
     fn create(&self) -> anyhow::Result<()> {
+        netns::add(&self.netns)?;
+        self.link()
+    }
+
+    /// Deletes the veth pair and creates it again with the same names and
+    /// addresses, as a restarted container (or a recreated uplink) gets:
+    /// the namespace and what runs in it stay, the host side gets a new
+    /// interface index.
+    pub(crate) fn recreate_link(&self) {
+        sh("ip", &["link", "del", &self.host_if]);
+        self.link()
+            .unwrap_or_else(|e| panic!("recreating {}: {e:#}", self.host_if));
+    }
+
+    /// The veth pair, its addresses and the namespace's default routes.
+    fn link(&self) -> anyhow::Result<()> {
         let (ns, host_if, ctr_if) = (&self.netns, &self.host_if, &self.ctr_if);
-        netns::add(ns)?;
         netns::veth(host_if, None, ctr_if, ns)?;
         let (h4, c4) = (
             format!("{}/24", self.host_v4()),
@@ -262,4 +277,19 @@ pub(crate) fn stats() -> std::collections::BTreeMap<String, u64> {
         .iter()
         .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
         .collect()
+}
+
+/// The pid of the port holder of the tests' instance.
+pub(crate) fn holder_pid() -> Option<u32> {
+    let pin = pin_dir();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let holds = args.contains(&b"hold".as_slice()) && args.contains(&pin.as_bytes());
+            holds.then_some(pid)
+        })
 }
