@@ -152,7 +152,7 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Ends the host sockets connected through mappings that this change
+/// Ends the host UDP sockets connected through mappings that this change
 /// removed or pointed elsewhere (see `datapath::end_sockets_through`), after
 /// the lock is released. Best effort: the change is made either way; what
 /// could not be ended is said on stderr.
