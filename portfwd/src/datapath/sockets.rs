@@ -196,3 +196,89 @@ fn read_dialed(bytes: &[u8]) -> Option<SockDialed> {
     // pattern is valid); the length was checked; the read is unaligned.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SockDialed>()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use portfwd_common::{FAMILY_V4, FAMILY_V6};
+
+    use super::*;
+
+    fn mapping(host: &str, container: &str) -> Mapping {
+        Mapping {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            host: host.parse().unwrap(),
+            container: container.parse().unwrap(),
+            ifindex: 0,
+            hold: false,
+        }
+    }
+
+    /// The storage the socket programs write for a socket that dialed
+    /// `dialed` and was connected to `backend` (as the socket sees both).
+    fn storage(family: u8, backend: &str, dialed: &str) -> SockDialed {
+        let (backend, dialed): (SocketAddr, SocketAddr) =
+            (backend.parse().unwrap(), dialed.parse().unwrap());
+        let addr = |ip: IpAddr| Addr::from_ip(ip).1;
+        let mut value = SockDialed::default();
+        value.slots[0] = DialedSlot {
+            backend: addr(backend.ip()),
+            dialed: addr(dialed.ip()),
+            backend_port: backend.port().to_be(),
+            dialed_port: dialed.port().to_be(),
+            family,
+            _pad: [0; 3],
+        };
+        value
+    }
+
+    fn socket(peer: &str) -> InetSocket {
+        InetSocket::connected(IPPROTO_UDP, peer.parse().unwrap(), 1)
+    }
+
+    #[test]
+    fn a_socket_translated_through_the_mapping_matches_it() {
+        let wildcard = mapping("0.0.0.0:47084", "10.0.0.2:5003");
+        let v4 = socket("10.0.0.2:5003");
+        let dialed = storage(FAMILY_V4, "10.0.0.2:5003", "127.0.0.1:47084");
+        assert!(connected_through(&v4, &dialed, &wildcard));
+        // Published elsewhere, or dialed through another port: no.
+        let exact = mapping("10.9.9.9:47084", "10.0.0.2:5003");
+        assert!(!connected_through(&v4, &dialed, &exact));
+        let other_port = mapping("0.0.0.0:47085", "10.0.0.2:5003");
+        assert!(!connected_through(&v4, &dialed, &other_port));
+        // Connected elsewhere since (its storage is stale).
+        let moved = socket("10.0.0.3:5003");
+        assert!(!connected_through(&moved, &dialed, &wildcard));
+    }
+
+    #[test]
+    fn dual_stack_sockets_match_the_mapping_of_the_family_they_dialed() {
+        let v4_wildcard = mapping("0.0.0.0:47084", "10.0.0.2:5003");
+        let v6_wildcard = mapping("[::]:47084", "10.0.0.2:5003");
+        // An IPv6 socket that dialed ::ffff:127.0.0.1 talks IPv4.
+        let mapped = socket("[::ffff:10.0.0.2]:5003");
+        let dialed = storage(
+            FAMILY_V6,
+            "[::ffff:10.0.0.2]:5003",
+            "[::ffff:127.0.0.1]:47084",
+        );
+        assert!(connected_through(&mapped, &dialed, &v4_wildcard));
+        assert!(!connected_through(&mapped, &dialed, &v6_wildcard));
+        // One that dialed [::1] reached the IPv4 container through [::].
+        let dialed = storage(FAMILY_V6, "[::ffff:10.0.0.2]:5003", "[::1]:47084");
+        assert!(connected_through(&mapped, &dialed, &v6_wildcard));
+        assert!(!connected_through(&mapped, &dialed, &v4_wildcard));
+    }
+
+    #[test]
+    fn an_unconnected_socket_never_matches() {
+        let wildcard = mapping("0.0.0.0:47084", "10.0.0.2:5003");
+        let mut unconnected = socket("10.0.0.2:5003");
+        unconnected.state = 7; // TCP_CLOSE: what an unconnected UDP socket shows
+        let dialed = storage(FAMILY_V4, "10.0.0.2:5003", "127.0.0.1:47084");
+        assert!(!connected_through(&unconnected, &dialed, &wildcard));
+    }
+}

@@ -49,6 +49,27 @@ pub(crate) struct InetSocket {
     sockid: [u8; SOCKID_LEN],
 }
 
+#[cfg(test)]
+impl InetSocket {
+    /// A connected socket as a dump would show it.
+    pub(crate) fn connected(protocol: u8, peer: std::net::SocketAddr, cookie: u64) -> Self {
+        let family = if peer.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        } as u8;
+        InetSocket {
+            family,
+            protocol,
+            state: TCP_ESTABLISHED,
+            peer: peer.ip(),
+            peer_port: peer.port(),
+            cookie,
+            sockid: [0; SOCKID_LEN],
+        }
+    }
+}
+
 fn netlink_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the descriptor is owned at once.
     let fd = unsafe {
