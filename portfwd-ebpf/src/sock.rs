@@ -135,7 +135,10 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
     // (which the verifier inlines) says so. A missing word (cannot happen:
     // the index is in range) means "look".
     let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
-    if PUBLISHED_PORTS.get(word).is_some_and(|bits| bits & bit == 0) {
+    if PUBLISHED_PORTS
+        .get(word)
+        .is_some_and(|bits| bits & bit == 0)
+    {
         return None;
     }
     let loopback = is_loopback(key.family, &key.addr);
