@@ -57,7 +57,7 @@ const SUBSET: &[(&str, &[&str])] = &[
         "socket_lifetime",
         &[
             "live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones",
-            "unmap_and_republish_end_host_sockets_connected_through_the_mapping",
+            "unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping",
         ],
     ),
     (

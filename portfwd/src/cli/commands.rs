@@ -167,6 +167,9 @@ pub(crate) fn apply(pin_dir: &Path, file: &Path, dry_run: bool) -> Result<()> {
         diff.removed.len(),
         diff.kept
     );
+    for note in &diff.notes {
+        eprintln!("portfwd: note: {note}");
+    }
     Ok(())
 }
 
@@ -212,12 +215,15 @@ pub(crate) fn unmap(pin_dir: &Path, name: Option<&str>, selectors: &[String]) ->
         ));
     }
 
-    let doomed = ops::withdraw(pin_dir, name, &selectors, Missing::Error)?;
-    for m in &doomed {
+    let withdrawn = ops::withdraw(pin_dir, name, &selectors, Missing::Error)?;
+    for m in &withdrawn.mappings {
         println!(
             "removed {}: {}/{} -> {}",
             m.name, m.host, m.protocol, m.container
         );
+    }
+    for note in &withdrawn.notes {
+        eprintln!("portfwd: note: {note}");
     }
     Ok(())
 }

@@ -1,30 +1,24 @@
 //! The kernel's socket diagnostics (NETLINK_SOCK_DIAG), for the calling
 //! process's network namespace: a dump of the TCP or UDP sockets of one
-//! family together with what one BPF socket-storage map holds for each
-//! (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux 5.2; the kernel reports it for
-//! TCP sockets only, not UDP ones), and `SOCK_DESTROY` of one
-//! socket (`CONFIG_INET_DIAG_DESTROY`, TCP and UDP since Linux 4.5/4.13).
-//! The destroyed socket's owner sees ECONNABORTED; a TCP peer gets a reset.
+//! family, and `SOCK_DESTROY` of one socket (`CONFIG_INET_DIAG_DESTROY`;
+//! TCP since Linux 4.5, UDP later, both before 5.10). The destroyed
+//! socket's owner sees ECONNABORTED; a TCP peer gets a reset.
 //!
-//! Hand-written because the messages are small and fixed, and no netlink
-//! crate here speaks sock_diag's BPF storage attributes.
+//! (sock_diag can also report a socket's BPF storage, but the kernel does
+//! so for TCP sockets only: `inet_sk_diag_fill` leaves before it for
+//! sockets without a connection-oriented part, UDP's.)
+//!
+//! Hand-written because the two messages are small and fixed.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 // include/uapi/linux/sock_diag.h and inet_diag.h.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
-const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
-const SK_DIAG_BPF_STORAGE: u16 = 1;
-const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const NLMSG_HDRLEN: usize = 16;
 /// struct inet_diag_sockid: ports, addresses, interface, cookie.
@@ -34,11 +28,9 @@ const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// struct inet_diag_msg.
 const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 
-/// TCP states as the kernel numbers them (include/net/tcp_states.h); UDP
-/// sockets use ESTABLISHED (connected) and CLOSE.
+/// The TCP state ESTABLISHED (include/net/tcp_states.h), which a UDP socket
+/// has once connected.
 pub(crate) const TCP_ESTABLISHED: u8 = 1;
-pub(crate) const TCP_LISTEN: u8 = 10;
-pub(crate) const TCP_CLOSE: u8 = 7;
 
 /// One socket of a dump.
 #[derive(Debug, Clone)]
@@ -55,9 +47,27 @@ pub(crate) struct InetSocket {
     /// The raw `inet_diag_sockid` (with the cookie), to name the socket to
     /// `SOCK_DESTROY`.
     sockid: [u8; SOCKID_LEN],
-    /// What the requested socket-storage map holds for the socket (TCP
-    /// only; see the module doc).
-    pub(crate) storage: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+impl InetSocket {
+    /// A connected socket as a dump would show it.
+    pub(crate) fn connected(protocol: u8, peer: std::net::SocketAddr, cookie: u64) -> Self {
+        let family = if peer.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        } as u8;
+        InetSocket {
+            family,
+            protocol,
+            state: TCP_ESTABLISHED,
+            peer: peer.ip(),
+            peer_port: peer.port(),
+            cookie,
+            sockid: [0; SOCKID_LEN],
+        }
+    }
 }
 
 fn netlink_socket() -> io::Result<OwnedFd> {
@@ -118,9 +128,9 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// A netlink message: header, `body`, attributes.
-fn message(kind: u16, flags: u16, body: &[u8], attrs: &[u8]) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + body.len() + attrs.len();
+/// A netlink message: header and `body`.
+fn message(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + body.len();
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&(len as u32).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
@@ -128,34 +138,7 @@ fn message(kind: u16, flags: u16, body: &[u8], attrs: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
     out.extend_from_slice(body);
-    out.extend_from_slice(attrs);
     out
-}
-
-fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let len = 4 + payload.len();
-    let mut out = Vec::with_capacity(align4(len));
-    out.extend_from_slice(&(len as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(align4(len), 0);
-    out
-}
-
-/// The attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16_at(buf, 0) as usize;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let item = (u16_at(buf, 2) & NLA_TYPE_MASK, &buf[4..len]);
-        buf = &buf[align4(len).min(buf.len())..];
-        Some(item)
-    })
 }
 
 fn request(family: u8, protocol: u8, states: u32, sockid: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
@@ -167,23 +150,13 @@ fn request(family: u8, protocol: u8, states: u32, sockid: &[u8; SOCKID_LEN]) -> 
     req
 }
 
-/// Every `protocol` socket of `family` (`AF_INET`/`AF_INET6`) in this
-/// network namespace, each with its value in the socket-storage map
-/// `storage_map` (None where it has none).
-pub(crate) fn dump(
-    family: u8,
-    protocol: u8,
-    storage_map: BorrowedFd<'_>,
-) -> io::Result<Vec<InetSocket>> {
+/// The `protocol` sockets of `family` (`AF_INET`/`AF_INET6`) in this
+/// network namespace whose state is one of `states` (a bit per TCP state).
+pub(crate) fn dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<InetSocket>> {
     let fd = netlink_socket()?;
-    let map_fd = attr(
-        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
-        &(storage_map.as_raw_fd() as u32).to_ne_bytes(),
-    );
-    let storages = attr(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, &map_fd);
-    let req = request(family, protocol, u32::MAX, &[0; SOCKID_LEN]);
+    let req = request(family, protocol, states, &[0; SOCKID_LEN]);
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    send(&fd, &message(SOCK_DIAG_BY_FAMILY, flags, &req, &storages))?;
+    send(&fd, &message(SOCK_DIAG_BY_FAMILY, flags, &req))?;
 
     let mut sockets = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -226,13 +199,6 @@ fn parse_socket(protocol: u8, body: &[u8]) -> InetSocket {
         IpAddr::V6(Ipv6Addr::from(dst))
     };
     let cookie = u64::from(u32_at(&sockid, 40)) | (u64::from(u32_at(&sockid, 44)) << 32);
-    let storage = attrs(&body[MSG_LEN..])
-        .filter(|(kind, _)| *kind == INET_DIAG_SK_BPF_STORAGES)
-        .flat_map(|(_, nested)| attrs(nested))
-        .filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)
-        .flat_map(|(_, nested)| attrs(nested))
-        .find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE)
-        .map(|(_, value)| value.to_vec());
     InetSocket {
         family,
         protocol,
@@ -241,7 +207,6 @@ fn parse_socket(protocol: u8, body: &[u8]) -> InetSocket {
         peer_port,
         cookie,
         sockid,
-        storage,
     }
 }
 
@@ -252,7 +217,7 @@ pub(crate) fn destroy(socket: &InetSocket) -> io::Result<()> {
     let fd = netlink_socket()?;
     let req = request(socket.family, socket.protocol, u32::MAX, &socket.sockid);
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    send(&fd, &message(SOCK_DESTROY, flags, &req, &[]))?;
+    send(&fd, &message(SOCK_DESTROY, flags, &req))?;
     let mut buf = [0u8; 512];
     let n = receive(&fd, &mut buf)?;
     if n >= NLMSG_HDRLEN + 4 && u16_at(&buf, 4) == libc::NLMSG_ERROR as u16 {
@@ -262,26 +227,4 @@ pub(crate) fn destroy(socket: &InetSocket) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attributes_round_trip_nested() {
-        let inner = attr(SK_DIAG_BPF_STORAGE_MAP_VALUE, &[1, 2, 3]);
-        let outer = attr(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &inner);
-        let found: Vec<_> = attrs(&outer)
-            .flat_map(|(kind, nested)| {
-                assert_eq!(kind, SK_DIAG_BPF_STORAGE);
-                attrs(nested)
-            })
-            .collect();
-        assert_eq!(
-            found,
-            vec![(SK_DIAG_BPF_STORAGE_MAP_VALUE, &[1u8, 2, 3][..])]
-        );
-        assert_eq!(outer.len() % 4, 0);
-    }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Diff {
     pub(crate) added: Vec<Mapping>,
     pub(crate) removed: Vec<Mapping>,
     pub(crate) kept: usize,
+    /// For the user: what could not be done (see `Session::finish`).
+    pub(crate) notes: Vec<String>,
 }
 
 /// Replaces the whole set of mappings with what `file` describes, all or
@@ -88,6 +90,7 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
             added,
             removed,
             kept: diff_kept,
+            notes: Vec::new(),
         });
     }
     let current_hosts: HashSet<(Protocol, SocketAddr)> =
@@ -103,11 +106,12 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
     }
     session.maps.sync_local_addrs(&host::local_addresses()?)?;
     session.change(&removed, &added)?;
-    session.finish()?;
+    let notes = session.finish()?.notes;
     Ok(Diff {
         added,
         removed,
         kept: diff_kept,
+        notes,
     })
 }
 

@@ -175,9 +175,10 @@ impl<'a> Session<'a> {
         datapath::prepare_backend_path(self.pin_dir, container_ip, &self.lock)
     }
 
-    /// Tells the port holder what changed (after the lock is released). A
-    /// session that recovered a killed change has the holder sync fully.
-    fn finish(self) -> Result<Vec<String>> {
+    /// Tells the port holder what changed (after the lock is released) and
+    /// ends the host sockets connected through removed mappings. A session
+    /// that recovered a killed change has the holder sync fully.
+    fn finish(self) -> Result<Finished> {
         let Session {
             pin_dir,
             lock,
@@ -189,19 +190,35 @@ impl<'a> Session<'a> {
         } = self;
         drop(maps);
         drop(lock);
-        end_sockets_through_gone(pin_dir, &removed, &added);
-        if recovered.is_some() {
-            return holder::sync(pin_dir);
-        }
-        holder::update(pin_dir, &added, &removed)
+        let notes = end_sockets_through_gone(pin_dir, &removed, &added)
+            .into_iter()
+            .collect();
+        let busy_ports = if recovered.is_some() {
+            holder::sync(pin_dir)?
+        } else {
+            holder::update(pin_dir, &added, &removed)?
+        };
+        Ok(Finished { busy_ports, notes })
     }
 }
 
-/// Ends the host sockets connected through mappings that this change
+/// What a session reports once finished.
+struct Finished {
+    /// Published ports the holder could not bind (another process holds them).
+    busy_ports: Vec<String>,
+    /// For the user: what could not be done (sockets that could not end).
+    notes: Vec<String>,
+}
+
+/// Ends the host UDP sockets connected through mappings that this change
 /// removed or pointed elsewhere (see `datapath::end_sockets_through`), after
 /// the lock is released. Best effort: the change is made either way; what
-/// could not be ended is said on stderr.
-fn end_sockets_through_gone(pin_dir: &Path, removed: &[Mapping], added: &[Mapping]) {
+/// could not be ended is returned as a note.
+fn end_sockets_through_gone(
+    pin_dir: &Path,
+    removed: &[Mapping],
+    added: &[Mapping],
+) -> Option<String> {
     let same = |a: &Mapping, b: &Mapping| {
         (a.protocol, a.host, a.container) == (b.protocol, b.host, b.container)
     };
@@ -210,18 +227,13 @@ fn end_sockets_through_gone(pin_dir: &Path, removed: &[Mapping], added: &[Mappin
         .filter(|r| !added.iter().any(|a| same(a, r)))
         .cloned()
         .collect();
-    let note = match datapath::end_sockets_through(pin_dir, &gone) {
-        Ok(report) => match report.why_kept {
-            Some(why) => format!(
-                "host sockets connected through the removed mappings keep their old container: {why}"
-            ),
-            None => return,
-        },
-        Err(error) => {
-            format!("host sockets connected through the removed mappings were not ended: {error:#}")
-        }
+    let why = match datapath::end_sockets_through(pin_dir, &gone) {
+        Ok(report) => report.why_kept?,
+        Err(error) => format!("{error:#}"),
     };
-    eprintln!("portfwd: note: {note}");
+    Some(format!(
+        "host UDP sockets connected through the removed mappings keep their old container: {why}"
+    ))
 }
 
 /// Whether portfwd's maps and socket programs are pinned under `pin_dir`.

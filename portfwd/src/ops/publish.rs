@@ -67,7 +67,7 @@ pub(crate) fn publish_with(
     // Wildcard mappings serve the host's addresses as they are now.
     session.maps.sync_local_addrs(&host::local_addresses()?)?;
     session.change(&[], &planned)?;
-    let busy_ports = session.finish()?;
+    let busy_ports = session.finish()?.busy_ports;
     Ok(Published {
         mappings: planned,
         busy_ports,
@@ -108,7 +108,7 @@ pub(crate) fn withdraw(
     name: Option<&str>,
     selectors: &[UnmapSelector],
     missing: Missing,
-) -> Result<Vec<Mapping>> {
+) -> Result<Withdrawn> {
     let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let existing = session.mappings();
     let mut doomed: Vec<Mapping> = Vec::new();
@@ -132,8 +132,17 @@ pub(crate) fn withdraw(
     }
     session.change(&doomed, &[])?;
     // Release the ports: the holder closes what is no longer published.
-    session.finish()?;
-    Ok(doomed)
+    let notes = session.finish()?.notes;
+    Ok(Withdrawn {
+        mappings: doomed,
+        notes,
+    })
+}
+
+/// What `withdraw` removed, and notes for the user.
+pub(crate) struct Withdrawn {
+    pub(crate) mappings: Vec<Mapping>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Removes exactly `mapping` (same name, protocol, host and container
