@@ -121,6 +121,12 @@ pub const CT_FLAG_FIN: u8 = 8;
 /// The container answered: the flow is established (until then a TCP flow
 /// ends after `CT_TCP_SYN_NS` idle). Set on both entries.
 pub const CT_FLAG_ESTABLISHED: u8 = 16;
+/// Not a translated flow: the replies of UDP datagrams that the host itself
+/// sent from a published port (a container masqueraded by the host's NAT,
+/// which kept its port). The key is the reply's; its packets belong to the
+/// host (its NAT), and are passed untouched, never taken for a new flow to
+/// the mapping. Only the flags and `last_seen_ns` mean anything.
+pub const CT_FLAG_HOST: u8 = 32;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]

@@ -8,9 +8,9 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_MASQ, CT_FLAG_REPLY,
-    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, IPPROTO_TCP,
-    ServiceKey,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
+    CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey,
+    CtValue, IPPROTO_TCP, ServiceKey,
 };
 
 use crate::{
@@ -265,6 +265,49 @@ pub(crate) fn create(
         return Err(error);
     }
     Ok(&*value)
+}
+
+/// Remembers that the host itself sent `pkt` (leaving by an uplink,
+/// untranslated) from a published port, so that its replies are passed to
+/// the host, not taken for new flows to the mapping: a `CT_FLAG_HOST` entry
+/// under the reply's key, refreshed like any entry. A live entry of a
+/// tracked flow under that key is left alone.
+#[inline(never)]
+pub(crate) fn pass_replies_to(pkt: &Packet, now: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU memory that only this program run uses; fields other
+    // than the packet.
+    let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
+    key.saddr = pkt.daddr;
+    key.daddr = pkt.saddr;
+    key.sport = pkt.dport;
+    key.dport = pkt.sport;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key._pad = 0;
+    if let Some(entry) = lookup(key, now) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let ct = unsafe { &mut *entry };
+        if ct.flags & CT_FLAG_HOST != 0 && now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
+            ct.last_seen_ns = now;
+        }
+        return;
+    }
+    // Field by field: a struct literal would be built on the stack first.
+    value.nat_addr = Addr::UNSPECIFIED;
+    value.nat_port = 0;
+    value.flags = CT_FLAG_HOST;
+    value._pad = 0;
+    value.ifindex = 0;
+    value.service = ServiceKey::new(0, Addr::UNSPECIFIED, 0, 0);
+    value.masq_addr = Addr::UNSPECIFIED;
+    value.masq_port = 0;
+    value.generation = 0;
+    value.last_seen_ns = now;
+    value.closing_since_ns = 0;
+    let _ = CONNTRACK.insert(&*key, &*value, 0);
 }
 
 /// The key of the other direction's entry, given one direction's key and

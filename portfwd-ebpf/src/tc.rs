@@ -34,9 +34,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, LocalAddrKey, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
+    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey, ServiceKey, Stat,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
@@ -102,6 +102,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     conntrack::set_key(key, pkt);
     if let Some((entry, now)) = conntrack::find(key) {
         pkt.now = now;
+        // A reply to what the host itself sent from a published port (see
+        // `routed_reply`): the host's, not a new flow.
+        // SAFETY: a pointer into the map value, valid for this program run.
+        if unsafe { (*entry).flags } & CT_FLAG_HOST != 0 {
+            conntrack::touch(key, entry, pkt, now);
+            return NEXT;
+        }
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
@@ -150,8 +157,26 @@ fn routed_reply(ctx: &TcContext) -> i32 {
             pkt.now = now;
             translate_reply(ctx, pkt, key, entry, false)
         }
-        _ => NEXT,
+        Some(_) => NEXT,
+        // A UDP datagram the host sends from a published port: a container
+        // masqueraded by the host's own NAT, which kept its source port (the
+        // kernel's automatic ports may be published ones). Its replies will
+        // come to that port and must reach the host's NAT, not the mapping.
+        // (TCP needs nothing: only a SYN opens a flow, and a reply is none.)
+        None if pkt.proto == IPPROTO_UDP && publishes(pkt.family, &pkt.saddr, pkt.sport) => {
+            conntrack::pass_replies_to(pkt, conntrack::now());
+            NEXT
+        }
+        None => NEXT,
     }
+}
+
+/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping.
+#[inline(never)]
+fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
+    let exact = ServiceKey::new(family, *addr, port, IPPROTO_UDP);
+    // SAFETY: only the presence of the values is read.
+    unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }
 }
 
 /// Parses into `pkt`; for a packet that is not ours, the verdict: passed

@@ -9,8 +9,9 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use portfwd_common::{
-    CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_MASQ, CT_FLAG_REPLY,
-    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, ServiceKey,
+    CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
+    CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey,
+    CtValue, ServiceKey,
 };
 use serde::Serialize;
 
@@ -138,7 +139,11 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
         .iter()
         // An entry deleted during the walk ends it early: a shorter list.
         .map_while(Result::ok)
-        .filter(|(key, value)| value.flags & CT_FLAG_REPLY == 0 && live(key, value, now))
+        // Reply entries are the other half of a listed flow; host entries
+        // (`CT_FLAG_HOST`) mark the host's own NAT, not a flow of a mapping.
+        .filter(|(key, value)| {
+            value.flags & (CT_FLAG_REPLY | CT_FLAG_HOST) == 0 && live(key, value, now)
+        })
         .filter_map(|(key, value)| decode(&key, &value, now))
         .collect();
     flows.sort_by_key(|f| f.idle);

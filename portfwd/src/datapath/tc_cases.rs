@@ -7,13 +7,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::{IpFragOffset, Ipv4Header, PacketBuilder};
 use portfwd_common::{
-    BACKEND_PROGRAMS, SERVICES, STATS, ServiceKey, ServiceValue, Stat, TRANSLATED_MARK,
-    UPLINK_PROGRAMS,
+    BACKEND_PROGRAMS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
+    TRANSLATED_MARK, UPLINK_PROGRAMS,
 };
 
 use super::object::OBJECT;
@@ -435,4 +435,70 @@ fn big_tcp_packets_of_tracked_flows_are_translated() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A tracked flow does not look its mapping up on every packet: only when
+/// the services generation moved, which userspace does right after it
+/// removes mappings. Then a flow whose mapping is gone or points elsewhere
+/// stops (passed untouched, counted); before, it goes on.
+#[test]
+fn a_flow_rechecks_its_mapping_when_the_services_generation_moves() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED a_flow_rechecks_its_mapping...: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    publish(&mut ebpf);
+    let name = UPLINK_PROGRAMS[0].name;
+    let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    program.load().unwrap();
+    let client = v4(CLIENT_V4, 40031);
+    let published = v4(HOST_V4, 8080);
+    let data = frame(client, published, L4::Ack);
+    let translated = frame(client, v4(CTR_V4, 80), L4::Ack);
+    let run = |ebpf: &Ebpf, input: &[u8]| {
+        let program: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; input.len() + 64];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    };
+    assert_eq!(run(&ebpf, &frame(client, published, L4::Syn)).0, TO_STACK);
+    assert_eq!(run(&ebpf, &data), (TO_STACK, translated.clone()));
+
+    // The mapping now points at another container, the generation unchanged.
+    let moved = Mapping {
+        name: "case".into(),
+        protocol: Protocol::Tcp,
+        host: published,
+        container: v4(Ipv4Addr::new(10, 9, 9, 3), 80),
+        ifindex: 0,
+        hold: true,
+    };
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    services.insert(moved.key(), moved.value(), 0).unwrap();
+    assert_eq!(
+        run(&ebpf, &data),
+        (TO_STACK, translated),
+        "the flow goes on while the generation is the same"
+    );
+
+    let map = ebpf.map_mut(SERVICES_GEN.name).expect("the generation map");
+    let mut generation: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
+    generation.set(0, 1, 0).unwrap();
+    let stopped = stat(&ebpf, Stat::FlowStopped);
+    assert_eq!(
+        run(&ebpf, &data),
+        (NEXT, data.clone()),
+        "the generation moved: the flow's mapping changed, it stops"
+    );
+    assert_eq!(stat(&ebpf, Stat::FlowStopped), stopped + 1);
 }

@@ -188,6 +188,11 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
         "unrelated: host's own TCP, outbound",
         frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
     );
+    repeated(
+        UPLINK_OUT,
+        "unrelated: host's own UDP, outbound",
+        frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 53), L4::Udp),
+    );
     let mut single =
         |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
             let mut times: Vec<(u64, u32)> = (0..SINGLE_RUNS)

@@ -768,3 +768,94 @@ fn a_flow_that_lost_its_reply_entry_is_started_again() {
         "{after:?}"
     );
 }
+
+/// Masquerades the container's IPv4 traffic out of `uplink` with an
+/// nftables table of the test's own, removed when dropped.
+struct Masquerade;
+
+const MASQUERADE_TABLE: &str = "portfwd_test_masq";
+
+impl Masquerade {
+    fn new(source: IpAddr, uplink: &str) -> Self {
+        let _ = run("nft", &["delete", "table", "ip", MASQUERADE_TABLE]);
+        let source = source.to_string();
+        sh("nft", &["add", "table", "ip", MASQUERADE_TABLE]);
+        sh(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "ip",
+                MASQUERADE_TABLE,
+                "post",
+                "{ type nat hook postrouting priority 100 ; }",
+            ],
+        );
+        sh(
+            "nft",
+            &[
+                "add",
+                "rule",
+                "ip",
+                MASQUERADE_TABLE,
+                "post",
+                "ip",
+                "saddr",
+                &source,
+                "oifname",
+                uplink,
+                "masquerade",
+            ],
+        );
+        Masquerade
+    }
+}
+
+impl Drop for Masquerade {
+    fn drop(&mut self) {
+        let _ = run("nft", &["delete", "table", "ip", MASQUERADE_TABLE]);
+    }
+}
+
+/// Issue 11, case 3: a container that the host's own NAT masquerades sends
+/// UDP from a port that is also published (a wildcard UDP mapping, as the
+/// kernel's automatic ports may be). The answer, to the host's address and
+/// that port, is the reply of the masqueraded flow, not a new flow to the
+/// published container.
+#[test]
+fn replies_to_a_masqueraded_container_are_not_taken_for_new_flows() {
+    let Some(_serial) = root_test("masqueraded_replies") else {
+        return;
+    };
+    let topo = Topology::new(62);
+    let _remote = serve_udp(
+        Some(topo.client.netns_path()),
+        "0.0.0.0:5300".parse().unwrap(),
+        "remote",
+    );
+    let _published = serve_udp(
+        Some(topo.ctr.netns_path()),
+        "0.0.0.0:5003".parse().unwrap(),
+        "published",
+    );
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47140:5003/udp"]);
+    for ns in [&topo.ctr, &topo.client] {
+        set_if_sysctl(None, "ipv4", &ns.host_if, "forwarding", "1");
+    }
+    let _nat = Masquerade::new(topo.ctr.v4(), &topo.client.host_if);
+    let remote = SocketAddr::new(topo.client.v4(), 5300);
+    let masqueraded_as = topo.uplink(false);
+    // Twice: the first datagram opens the host's NAT flow, the second
+    // follows it.
+    for attempt in 0..2 {
+        let answer = topo
+            .ctr
+            .inside(move || udp_ask(remote, Some("0.0.0.0:47140".parse().unwrap()), b"ping"));
+        assert_eq!(
+            answer.unwrap_or_else(|e| panic!("datagram {attempt}: no answer: {e}")),
+            format!("remote ping {masqueraded_as}"),
+            "datagram {attempt}"
+        );
+    }
+}
