@@ -78,6 +78,11 @@ const SUBSET: &[(&str, &[&str])] = &[
     ("cni", &["chain_publishes_checks_and_deletes"]),
     ("reliability", &["a_reboot_brings_every_mapping_back"]),
     (
+        // The trace ring buffer and the programs' events on the older kernel.
+        "trace",
+        &["trace_shows_new_flows_hairpin_and_stopped_flows"],
+    ),
+    (
         // A recreated container veth: netlink filters (no TCX on 6.1) are
         // attached again, and an old flow follows the new interface.
         "follow",
