@@ -47,6 +47,9 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     if is_running(pin_dir) {
         bail!("a port holder already runs for {}", pin_dir.display());
     }
+    if let Err(error) = raise_fd_limit() {
+        eprintln!("portfwd hold: raising the open files limit: {error}");
+    }
     // A socket file left by a holder that died; if it cannot go, the bind
     // below says why.
     fs::remove_file(&path).ok();
@@ -89,6 +92,38 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     drop(held);
     // Best effort: a stale socket file is removed by the next holder.
     fs::remove_file(&path).ok();
+    Ok(())
+}
+
+/// Lets the holder keep one socket per published address: the default
+/// limit (often 1,024 or 20,000 open files) is below what tens of
+/// thousands of mappings need. As root, up to the kernel's `fs.nr_open`.
+fn raise_fd_limit() -> std::io::Result<()> {
+    let most: libc::rlim_t = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: most.max(limit.rlim_cur),
+            rlim_max: most.max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::measure::{Metric, NetPath, PATHS};
 use super::modes::Mode;
 use super::targets::targets;
-use super::{Plan, Results, SCALE, Update};
+use super::{CURVE, Plan, Results, SCALE, Update};
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct ProgCost {
@@ -387,6 +387,57 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
             writeln!(s, " {how} |").expect("writing to a String");
         }
         s += "\n";
+        let cell = |mode: Mode, update: Update| match r.updates.get(&(mode, update)) {
+            Some(v) if !v.is_empty() => {
+                let (min, max) = min_max(v);
+                format!(" {:.2} ({min:.2}–{max:.2}) |", median(v))
+            }
+            _ => " – |".to_owned(),
+        };
+        let more = [Update::AutoPorts, Update::Impossible, Update::ApplyOne];
+        if scaled
+            .iter()
+            .any(|&m| more.iter().any(|&u| r.updates.contains_key(&(m, u))))
+        {
+            writeln!(
+                s,
+                "| mode | {SCALE} automatic ports | impossible request (fails) | apply -f changing one of {SCALE} |\n|---|---|---|---|"
+            )
+            .expect("writing to a String");
+            for &mode in &scaled {
+                write!(s, "| {} |", mode.name()).expect("writing to a String");
+                for update in more {
+                    s += &cell(mode, update);
+                }
+                s += "\n";
+            }
+            s += "\n";
+        }
+        if scaled
+            .iter()
+            .any(|&m| r.updates.contains_key(&(m, Update::AddOneAt(CURVE[0]))))
+        {
+            s += "Scale curve: add one / remove one with N installed, ms, median (min–max)\n\n| mode | operation |";
+            for n in CURVE {
+                write!(s, " {n} installed |").expect("writing to a String");
+            }
+            s += "\n|---|---|";
+            s += &"---|".repeat(CURVE.len());
+            s += "\n";
+            for &mode in &scaled {
+                for (op, make) in [
+                    ("add one", Update::AddOneAt as fn(usize) -> Update),
+                    ("remove one", Update::RemoveOneAt),
+                ] {
+                    write!(s, "| {} | {op} |", mode.name()).expect("writing to a String");
+                    for n in CURVE {
+                        s += &cell(mode, make(n));
+                    }
+                    s += "\n";
+                }
+            }
+            s += "\n";
+        }
     }
 
     if !r.bpf.is_empty() {
