@@ -165,6 +165,7 @@ fn reply(writer: &mut UnixStream, held: &BTreeMap<Hold, OwnedFd>, busy: &[String
 /// process holds (retried at the next sync).
 fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
     let mut busy = Vec::new();
+    let mut held_count = held.len();
     for token in line.split_whitespace().skip(1) {
         let (sign, rest) = token.split_at(1);
         let Some((protocol, addr)) = rest.split_once('/') else {
@@ -176,11 +177,14 @@ fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
         };
         let hold = (protocol, addr);
         if sign == "-" {
-            held.remove(&hold);
+            if held.remove(&hold).is_some() {
+                held_count -= 1;
+            }
         } else if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(hold) {
-            match reserve(protocol, addr) {
+            match reserve_within_limit(protocol, addr, held_count) {
                 Ok(fd) => {
                     slot.insert(fd);
+                    held_count += 1;
                 }
                 Err(_) => busy.push(format!("{addr}/{protocol}")),
             }
@@ -207,7 +211,7 @@ fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> 
         if held.contains_key(&hold) {
             continue;
         }
-        match reserve(hold.0, hold.1) {
+        match reserve_within_limit(hold.0, hold.1, held.len()) {
             Ok(fd) => {
                 held.insert(hold, fd);
             }
@@ -219,6 +223,27 @@ fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> 
 
 fn hold_of(mapping: &Mapping) -> Hold {
     (mapping.protocol, mapping.host)
+}
+
+/// Open files kept free of held sockets: the holder must still accept
+/// requests and open the maps when it holds all it can.
+const SPARE_FILES: u64 = 64;
+
+/// `reserve`, unless `held` sockets already take the open files the
+/// holder may have (less a spare): then the port is reported busy rather
+/// than the holder running out of files and no longer answering.
+fn reserve_within_limit(protocol: Protocol, addr: SocketAddr, held: usize) -> nix::Result<OwnedFd> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && held as u64 + SPARE_FILES >= limit.rlim_cur
+    {
+        return Err(nix::errno::Errno::EMFILE);
+    }
+    reserve(protocol, addr)
 }
 
 /// Binds `addr` the way a published port is held: a TCP listener or a UDP

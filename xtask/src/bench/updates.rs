@@ -89,7 +89,8 @@ impl Bench<'_> {
         match mode {
             Mode::Portfwd => {
                 let mut auto = self.env.portfwd();
-                auto.args(["map", "--name", "auto", &ctr, "1-10000/udp"]);
+                // IPv4 only, like every mapping of the bench: 10,000 mappings.
+                auto.args(["map", "--name", "auto", &ctr, "0.0.0.0::1-10000/udp"]);
                 out.push((Update::AutoPorts, modes::timed(&mut auto)?));
                 super::ns::check(self.env.portfwd().args(["unmap", "--name", "auto"]))?;
                 let mut impossible = self.env.portfwd();
