@@ -141,12 +141,23 @@ pub(crate) fn map(
     for busy in &published.busy_ports {
         eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
     }
-    for m in &planned {
-        println!(
+    print_lines(planned.iter().map(|m| {
+        format!(
             "published {}: {}/{} -> {}",
             m.name, m.host, m.protocol, m.container
-        );
+        )
+    }))
+}
+
+/// One line per mapping, in one write rather than one per line (a range
+/// of 10,000 ports prints 10,000 lines).
+fn print_lines(lines: impl Iterator<Item = String>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in lines {
+        writeln!(out, "{line}")?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -216,16 +227,15 @@ pub(crate) fn unmap(pin_dir: &Path, name: Option<&str>, selectors: &[String]) ->
     }
 
     let withdrawn = ops::withdraw(pin_dir, name, &selectors, Missing::Error)?;
-    for m in &withdrawn.mappings {
-        println!(
-            "removed {}: {}/{} -> {}",
-            m.name, m.host, m.protocol, m.container
-        );
-    }
     for note in &withdrawn.notes {
         eprintln!("portfwd: note: {note}");
     }
-    Ok(())
+    print_lines(withdrawn.mappings.iter().map(|m| {
+        format!(
+            "removed {}: {}/{} -> {}",
+            m.name, m.host, m.protocol, m.container
+        )
+    }))
 }
 
 pub(super) fn plural(n: usize) -> &'static str {

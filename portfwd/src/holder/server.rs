@@ -48,6 +48,9 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     if is_running(pin_dir) {
         bail!("a port holder already runs for {}", pin_dir.display());
     }
+    if let Err(error) = raise_fd_limit() {
+        eprintln!("portfwd hold: raising the open files limit: {error}");
+    }
     // A socket file left by a holder that died; if it cannot go, the bind
     // below says why.
     fs::remove_file(&path).ok();
@@ -126,6 +129,38 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Lets the holder keep one socket per published address: the default
+/// limit (often 1,024 or 20,000 open files) is below what tens of
+/// thousands of mappings need. As root, up to the kernel's `fs.nr_open`.
+fn raise_fd_limit() -> std::io::Result<()> {
+    let most: libc::rlim_t = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: most.max(limit.rlim_cur),
+            rlim_max: most.max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Answers one request; false when asked to quit.
 fn serve(pin_dir: &Path, stream: UnixStream, held: &mut BTreeMap<Hold, OwnedFd>) -> Result<bool> {
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
@@ -164,6 +199,7 @@ fn reply(writer: &mut UnixStream, held: &BTreeMap<Hold, OwnedFd>, busy: &[String
 /// process holds (retried at the next sync).
 fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
     let mut busy = Vec::new();
+    let mut held_count = held.len();
     for token in line.split_whitespace().skip(1) {
         let (sign, rest) = token.split_at(1);
         let Some((protocol, addr)) = rest.split_once('/') else {
@@ -175,11 +211,14 @@ fn apply_update(line: &str, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> {
         };
         let hold = (protocol, addr);
         if sign == "-" {
-            held.remove(&hold);
+            if held.remove(&hold).is_some() {
+                held_count -= 1;
+            }
         } else if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(hold) {
-            match reserve(protocol, addr) {
+            match reserve_within_limit(protocol, addr, held_count) {
                 Ok(fd) => {
                     slot.insert(fd);
+                    held_count += 1;
                 }
                 Err(_) => busy.push(format!("{addr}/{protocol}")),
             }
@@ -206,7 +245,7 @@ fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> 
         if held.contains_key(&hold) {
             continue;
         }
-        match reserve(hold.0, hold.1) {
+        match reserve_within_limit(hold.0, hold.1, held.len()) {
             Ok(fd) => {
                 held.insert(hold, fd);
             }
@@ -218,6 +257,27 @@ fn reconcile(pin_dir: &Path, held: &mut BTreeMap<Hold, OwnedFd>) -> Vec<String> 
 
 fn hold_of(mapping: &Mapping) -> Hold {
     (mapping.protocol, mapping.host)
+}
+
+/// Open files kept free of held sockets: the holder must still accept
+/// requests and open the maps when it holds all it can.
+const SPARE_FILES: u64 = 64;
+
+/// `reserve`, unless `held` sockets already take the open files the
+/// holder may have (less a spare): then the port is reported busy rather
+/// than the holder running out of files and no longer answering.
+fn reserve_within_limit(protocol: Protocol, addr: SocketAddr, held: usize) -> nix::Result<OwnedFd> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && held as u64 + SPARE_FILES >= limit.rlim_cur
+    {
+        return Err(nix::errno::Errno::EMFILE);
+    }
+    reserve(protocol, addr)
 }
 
 /// Binds `addr` the way a published port is held: a TCP listener or a UDP
@@ -254,9 +314,99 @@ pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<Owned
     Ok(fd)
 }
 
+/// Attaches the drop-all filter: one eBPF socket filter (`r0 = 0; exit`)
+/// loaded once per process and shared by every socket, where a classic
+/// filter is converted and JIT-compiled again for each socket (most of
+/// the cost of holding 10,000 ports); the classic filter if loading fails.
+pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
+    static SHARED: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    if let Some(program) = SHARED.get_or_init(load_drop_all_program) {
+        let program_fd: libc::c_int = program.as_raw_fd();
+        // SAFETY: the option value is one c_int, as SO_ATTACH_BPF takes.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_BPF,
+                (&raw const program_fd).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    attach_classic_drop_all_filter(fd)
+}
+
+/// Loads `r0 = 0; exit` as a BPF_PROG_TYPE_SOCKET_FILTER program.
+fn load_drop_all_program() -> Option<OwnedFd> {
+    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
+    #[repr(C)]
+    struct Insn {
+        code: u8,
+        regs: u8,
+        off: i16,
+        imm: i32,
+    }
+    const BPF_ALU64_MOV_K: u8 = 0xb7;
+    const BPF_JMP_EXIT: u8 = 0x95;
+    let program = [
+        Insn {
+            code: BPF_ALU64_MOV_K,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+        Insn {
+            code: BPF_JMP_EXIT,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let license = c"GPL";
+    // The first fields of union bpf_attr for BPF_PROG_LOAD; the rest zero.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        rest: [u64; 12],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: program.len() as u32,
+        insns: program.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..ProgLoad::default()
+    };
+    // SAFETY: attr points at a zero-padded bpf_attr whose pointers
+    // (instructions, license) outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            size_of::<ProgLoad>(),
+        )
+    };
+    // SAFETY: a non-negative return is a new file descriptor we own.
+    (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 /// A classic BPF socket filter of one instruction, `ret #0`: every packet
 /// that reaches the socket is dropped.
-pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
+fn attach_classic_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
     let mut program = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,
@@ -390,6 +540,9 @@ mod tests {
 
     #[test]
     fn held_ports_refuse_other_binds_and_drop_traffic() {
+        if nix::unistd::geteuid().is_root() {
+            assert!(load_drop_all_program().is_some(), "the shared filter loads");
+        }
         // Loopback, ephemeral ports from the kernel: nothing else on the host
         // is touched.
         let fd = reserve(Protocol::Udp, "127.0.0.1:0".parse().unwrap()).unwrap();

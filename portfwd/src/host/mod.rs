@@ -157,63 +157,109 @@ pub(crate) fn local_addresses() -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
-/// The ports host sockets hold (TCP listeners, bound UDP sockets), read in
-/// one pass over /proc/net/{tcp,tcp6,udp,udp6} rather than probed port by
-/// port: a command that looks at thousands of ports reads each table once.
+/// The ports host sockets hold (TCP listeners, bound UDP sockets), as one
+/// command asks about them: a few addresses are probed with a bind each
+/// (six system calls, whatever else is published); many, or every port of
+/// a range, are looked up in one read of /proc/net/{tcp,tcp6,udp,udp6},
+/// made on first use. A command that looks at thousands of ports reads
+/// each table once; one that adds a port does not read the tens of
+/// thousands of sockets the holder keeps.
 #[derive(Debug, Default)]
 pub(crate) struct BusyPorts {
-    held: HashMap<(Protocol, u16), Vec<IpAddr>>,
+    table: std::cell::OnceCell<HashMap<(Protocol, u16), Vec<IpAddr>>>,
 }
 
+/// Up to this many addresses, `holds_any` probes each with a bind.
+const PROBE_AT_MOST: usize = 64;
+
 impl BusyPorts {
-    /// The sockets of this network namespace, now.
-    pub(crate) fn scan() -> Result<Self> {
-        let mut busy = BusyPorts::default();
-        for (table, protocol) in [
-            ("/proc/net/tcp", Protocol::Tcp),
-            ("/proc/net/tcp6", Protocol::Tcp),
-            ("/proc/net/udp", Protocol::Udp),
-            ("/proc/net/udp6", Protocol::Udp),
-        ] {
-            let text = match fs::read_to_string(table) {
-                Ok(text) => text,
-                // No IPv6 on this host.
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(error).with_context(|| format!("reading {table}")),
-            };
-            busy.add_table(&text, protocol);
-        }
-        Ok(busy)
+    pub(crate) fn new() -> Self {
+        BusyPorts::default()
     }
 
-    fn add_table(&mut self, table: &str, protocol: Protocol) {
-        for (ip, port) in bound_sockets(table, protocol) {
-            self.held.entry((protocol, port)).or_default().push(ip);
-        }
+    fn table(&self) -> &HashMap<(Protocol, u16), Vec<IpAddr>> {
+        // Unreadable tables (no /proc/net): nothing is known to be busy; the
+        // holder then reports the ports it cannot bind.
+        self.table.get_or_init(|| scan_tables().unwrap_or_default())
     }
 
     /// Whether a socket holds `port` on any address (automatic ports avoid
     /// those, as docker does).
     pub(crate) fn any(&self, protocol: Protocol, port: u16) -> bool {
-        self.held.contains_key(&(protocol, port))
+        self.table().contains_key(&(protocol, port))
     }
 
-    /// Whether a socket holds `addr` itself: the same address, or a
-    /// wildcard on either side (an IPv6 wildcard socket may be dual-stack,
-    /// so it holds IPv4 addresses too).
-    pub(crate) fn holds(&self, protocol: Protocol, addr: SocketAddr) -> bool {
-        let wanted = addr.ip().to_canonical();
-        self.held
-            .get(&(protocol, addr.port()))
-            .into_iter()
-            .flatten()
-            .any(|&held| {
-                held == wanted
-                    || held == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                    || (held.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
-                    || (wanted.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
+    /// The first of `addrs` that a host socket holds.
+    pub(crate) fn holds_any<'a>(
+        &self,
+        addrs: impl ExactSizeIterator<Item = (Protocol, &'a SocketAddr)>,
+    ) -> Option<(Protocol, SocketAddr)> {
+        let probe = addrs.len() <= PROBE_AT_MOST && self.table.get().is_none();
+        addrs
+            .map(|(protocol, &addr)| (protocol, addr))
+            .find(|&(protocol, addr)| {
+                if probe {
+                    bind_refused(protocol, addr)
+                } else {
+                    table_holds(self.table(), protocol, addr)
+                }
             })
     }
+}
+
+/// Whether binding `addr` fails because a socket holds it.
+fn bind_refused(protocol: Protocol, addr: SocketAddr) -> bool {
+    // std sets SO_REUSEADDR on TCP, so TIME_WAIT leftovers do not count.
+    let bound = match protocol {
+        Protocol::Tcp => std::net::TcpListener::bind(addr).map(drop),
+        Protocol::Udp => UdpSocket::bind(addr).map(drop),
+    };
+    bound.is_err_and(|error| error.raw_os_error() == Some(libc::EADDRINUSE))
+}
+
+fn scan_tables() -> Result<HashMap<(Protocol, u16), Vec<IpAddr>>> {
+    let mut held: HashMap<(Protocol, u16), Vec<IpAddr>> = HashMap::new();
+    for (table, protocol) in [
+        ("/proc/net/tcp", Protocol::Tcp),
+        ("/proc/net/tcp6", Protocol::Tcp),
+        ("/proc/net/udp", Protocol::Udp),
+        ("/proc/net/udp6", Protocol::Udp),
+    ] {
+        let text = match fs::read_to_string(table) {
+            Ok(text) => text,
+            // No IPv6 on this host.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("reading {table}")),
+        };
+        add_table(&mut held, &text, protocol);
+    }
+    Ok(held)
+}
+
+fn add_table(held: &mut HashMap<(Protocol, u16), Vec<IpAddr>>, table: &str, protocol: Protocol) {
+    for (ip, port) in bound_sockets(table, protocol) {
+        held.entry((protocol, port)).or_default().push(ip);
+    }
+}
+
+/// Whether a socket of `held` holds `addr` itself: the same address, or a
+/// wildcard on either side (an IPv6 wildcard socket may be dual-stack, so
+/// it holds IPv4 addresses too).
+fn table_holds(
+    held: &HashMap<(Protocol, u16), Vec<IpAddr>>,
+    protocol: Protocol,
+    addr: SocketAddr,
+) -> bool {
+    let wanted = addr.ip().to_canonical();
+    held.get(&(protocol, addr.port()))
+        .into_iter()
+        .flatten()
+        .any(|&held| {
+            held == wanted
+                || held == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                || (held.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
+                || (wanted.is_unspecified() && held.is_ipv4() == wanted.is_ipv4())
+        })
 }
 
 /// The local (address, port) of each socket in a /proc/net table that
@@ -359,29 +405,49 @@ mod tests {
    0: 00000000000000000000000000000000:1F91 00000000000000000000000000000000:0000 0A
    1: 0000000000000000FFFF00000200000A:1F92 00000000000000000000000000000000:0000 0A
 ";
-        let mut busy = BusyPorts::default();
-        busy.add_table(tcp, Protocol::Tcp);
-        busy.add_table(tcp6, Protocol::Tcp);
+        let mut held = HashMap::new();
+        add_table(&mut held, tcp, Protocol::Tcp);
+        add_table(&mut held, tcp6, Protocol::Tcp);
+        let busy = BusyPorts::new();
+        busy.table.set(held).unwrap();
         let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let holds = |addr: &str| {
+            busy.holds_any([(Protocol::Tcp, &at(addr))].into_iter())
+                .is_some()
+        };
         // A listener on 127.0.0.1:8080; a connected socket holds nothing.
         assert!(busy.any(Protocol::Tcp, 8080) && !busy.any(Protocol::Udp, 8080));
         assert!(!busy.any(Protocol::Tcp, 50000));
-        assert!(busy.holds(Protocol::Tcp, at("127.0.0.1:8080")));
-        assert!(busy.holds(Protocol::Tcp, at("0.0.0.0:8080")));
-        assert!(!busy.holds(Protocol::Tcp, at("127.0.0.2:8080")));
-        assert!(!busy.holds(Protocol::Tcp, at("[::]:8080")));
+        assert!(holds("127.0.0.1:8080"));
+        assert!(holds("0.0.0.0:8080"));
+        assert!(!holds("127.0.0.2:8080"));
+        assert!(!holds("[::]:8080"));
         // [::]:8081 may be dual-stack: it holds every address.
-        assert!(busy.holds(Protocol::Tcp, at("10.0.0.1:8081")));
-        assert!(busy.holds(Protocol::Tcp, at("[::1]:8081")));
+        assert!(holds("10.0.0.1:8081"));
+        assert!(holds("[::1]:8081"));
         // An IPv4-mapped listener is an IPv4 one.
-        assert!(busy.holds(Protocol::Tcp, at("10.0.0.2:8082")));
-        assert!(!busy.holds(Protocol::Tcp, at("10.0.0.3:8082")));
-        // This process's own listener, read from the real tables.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let busy = BusyPorts::scan().unwrap();
-        assert!(busy.holds(Protocol::Tcp, listener.local_addr().unwrap()));
-        assert!(busy.any(Protocol::Tcp, port));
+        assert!(holds("10.0.0.2:8082"));
+        assert!(!holds("10.0.0.3:8082"));
+        // This process's own listener, from the real tables and by a probe.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let busy = BusyPorts::new();
+        assert!(
+            busy.holds_any([(Protocol::Tcp, &addr)].into_iter())
+                .is_some()
+        );
+        assert!(busy.table.get().is_none(), "one address is probed");
+        assert!(busy.any(Protocol::Tcp, addr.port()));
+        assert!(
+            busy.holds_any([(Protocol::Tcp, &addr)].into_iter())
+                .is_some()
+        );
+        drop(listener);
+        assert!(
+            BusyPorts::new()
+                .holds_any([(Protocol::Tcp, &addr)].into_iter())
+                .is_none()
+        );
     }
 
     #[test]

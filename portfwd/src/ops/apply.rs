@@ -44,7 +44,7 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         .iter()
         .map(|m| (m.protocol, m.host.port()))
         .collect();
-    let busy = host::BusyPorts::scan()?;
+    let busy = host::BusyPorts::new();
     let in_use = |p, port| !held.contains(&(p, port)) && busy.any(p, port);
     let by_endpoint = by_endpoint(&current);
     // One planner for the whole file: each entry sees those before it.

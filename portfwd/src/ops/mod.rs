@@ -147,25 +147,26 @@ impl<'a> Session<'a> {
         let gone: Vec<Record> = removed.iter().map(Record::from).collect();
         let new: Vec<Record> = added.iter().map(Record::from).collect();
         let doomed: HashSet<&Record> = gone.iter().collect();
-        let mut records: Vec<Record> = self
-            .state
-            .records
-            .iter()
-            .filter(|r| !doomed.contains(r))
-            .cloned()
-            .collect();
-        records.extend(new.iter().cloned());
+        let kept = |r: &&Record| !doomed.contains(r);
+        // The whole new state is built only when it is written whole.
+        let snapshot: Option<Vec<Record>> = self.state.compact.then(|| {
+            let records = self.state.records.iter().filter(kept);
+            records.chain(&new).cloned().collect()
+        });
         let change = Change {
-            records: &records,
-            compact: self.state.compact,
+            snapshot: snapshot.as_deref(),
             gone: &gone,
             new: &new,
         };
         change_entries(&mut self.maps, &self.store, change, removed, added)?;
-        self.state = Loaded {
-            records,
-            compact: false,
-        };
+        match snapshot {
+            Some(records) => self.state.records = records,
+            None => {
+                self.state.records.retain(|r| kept(&r));
+                self.state.records.extend(new);
+            }
+        }
+        self.state.compact = false;
         self.added.extend_from_slice(added);
         self.removed.extend_from_slice(removed);
         Ok(())
@@ -262,10 +263,9 @@ impl MapWrites for PinnedMaps {
 }
 
 /// A change to the state file: the records it removes and adds, and the
-/// whole state it makes (written whole when `compact`).
+/// whole state it makes when that is written whole (see `Loaded::compact`).
 struct Change<'a> {
-    records: &'a [Record],
-    compact: bool,
+    snapshot: Option<&'a [Record]>,
     gone: &'a [Record],
     new: &'a [Record],
 }
@@ -298,7 +298,7 @@ fn change_entries(
         store.abort();
         return Err(error);
     }
-    store.commit(intent, change.compact, change.records)
+    store.commit(intent, change.snapshot)
 }
 
 #[cfg(test)]
@@ -342,8 +342,7 @@ mod tests {
         let (old, new) = (mapping(8080), mapping(8081));
         store.save(&[Record::from(&old)]).unwrap();
         let change = Change {
-            records: &[Record::from(&new)],
-            compact: false,
+            snapshot: None,
             gone: &[Record::from(&old)],
             new: &[Record::from(&new)],
         };

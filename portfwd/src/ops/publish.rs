@@ -52,7 +52,7 @@ pub(crate) fn publish_with(
     let mut session = Session::open_for_change(pin_dir, "map")?;
     let notes = std::mem::take(&mut session.notes);
     let existing = session.mappings();
-    let busy = host::BusyPorts::scan()?;
+    let busy = host::BusyPorts::new();
     let mut planned = model::plan(name, container_ip, specs, &existing, |p, port| {
         busy.any(p, port)
     })?;
@@ -76,18 +76,16 @@ pub(crate) fn publish_with(
 }
 
 pub(super) fn refuse_ports_in_use(planned: &[Mapping], busy: &host::BusyPorts) -> Result<()> {
-    for m in planned {
-        if busy.holds(m.protocol, m.host) {
-            let owner = host::port_owner(m.protocol, m.host.port())
-                .map(|owner| format!(" by {owner}"))
-                .unwrap_or_default();
-            bail!(
-                "host port {}/{} on {} is in use{owner}: publish another port, or --force to publish it anyway",
-                m.host.port(),
-                m.protocol,
-                m.host.ip()
-            );
-        }
+    let wanted = planned.iter().map(|m| (m.protocol, &m.host));
+    if let Some((protocol, host)) = busy.holds_any(wanted) {
+        let owner = host::port_owner(protocol, host.port())
+            .map(|owner| format!(" by {owner}"))
+            .unwrap_or_default();
+        bail!(
+            "host port {}/{protocol} on {} is in use{owner}: publish another port, or --force to publish it anyway",
+            host.port(),
+            host.ip()
+        );
     }
     Ok(())
 }

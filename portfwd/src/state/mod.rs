@@ -217,11 +217,11 @@ impl Store {
         Ok(Intent { line })
     }
 
-    /// Step 3 of a change: the intent, on disk, becomes part of the state.
-    /// `records` is the state the change makes, written whole as a new
-    /// snapshot when `compact` (see `Loaded`).
-    pub(crate) fn commit(&self, intent: Intent, compact: bool, records: &[Record]) -> Result<()> {
-        if compact {
+    /// Step 3 of a change: the intent, on disk, becomes part of the state:
+    /// appended, or, given the whole state the change makes (when the
+    /// journal is due for compaction, see `Loaded`), as a new snapshot.
+    pub(crate) fn commit(&self, intent: Intent, snapshot: Option<&[Record]>) -> Result<()> {
+        if let Some(records) = snapshot {
             self.write_snapshot(records)?;
         } else {
             let mut file = OpenOptions::new()
@@ -321,7 +321,10 @@ mod tests {
         let intent = store.begin(&[record(8081)], &[record(1)]).unwrap();
         assert!(store.has_pending());
         store
-            .commit(intent, loaded.compact, &[record(1), record(8080)])
+            .commit(
+                intent,
+                loaded.compact.then_some(&[record(1), record(8080)][..]),
+            )
             .unwrap();
         assert!(!store.has_pending());
         assert_eq!(store.load().unwrap(), Some(vec![record(1), record(8080)]));
@@ -336,8 +339,9 @@ mod tests {
         store
             .commit(
                 intent,
-                loaded.compact,
-                &[record(1), record(2), record(8080)],
+                loaded
+                    .compact
+                    .then_some(&[record(1), record(2), record(8080)][..]),
             )
             .unwrap();
         assert_eq!(
@@ -350,7 +354,9 @@ mod tests {
             let mut records = loaded.records.clone();
             records.push(record(port));
             let intent = store.begin(&[], &[record(port)]).unwrap();
-            store.commit(intent, loaded.compact, &records).unwrap();
+            store
+                .commit(intent, loaded.compact.then_some(&records[..]))
+                .unwrap();
         }
         let text = fs::read_to_string(store.path()).unwrap();
         assert!(text.lines().count() < 1000, "never compacted");

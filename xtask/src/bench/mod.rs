@@ -34,6 +34,9 @@ pub(crate) struct Args {
     /// A short smoke run: one repetition of 1 s per figure, scale at 10,000 only.
     #[arg(long)]
     quick: bool,
+    /// Only the control-plane section (updates, the scale curve), no traffic.
+    #[arg(long)]
+    control_plane: bool,
     /// Modes to compare, comma-separated [default: all]: direct, iptables, nft, docker-proxy, portfwd.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
@@ -83,7 +86,19 @@ pub(crate) enum Update {
     RemoveOne,
     /// Install 10,000 mappings at once.
     InstallAll,
+    /// 10,000 automatic host ports in one command (10,000 installed).
+    AutoPorts,
+    /// More automatic ports than the range holds: must fail.
+    Impossible,
+    /// `apply -f` of the 10,000-mapping set with one mapping changed.
+    ApplyOne,
+    /// Add one / remove one with this many installed (the scale curve).
+    AddOneAt(usize),
+    RemoveOneAt(usize),
 }
+
+/// How many mappings are installed for each point of the scale curve.
+pub(crate) const CURVE: [usize; 4] = [1, 1_000, 10_000, 50_000];
 
 pub(crate) const SCALE: usize = 10_000;
 
@@ -112,6 +127,7 @@ pub(crate) struct Plan {
     pub(crate) scales: Vec<usize>,
     pub(crate) command: String,
     pub(crate) quick: bool,
+    pub(crate) control_plane: bool,
 }
 
 /// One configuration measured in a repetition.
@@ -223,6 +239,7 @@ impl Plan {
             modes,
             nice: args.nice,
             quick: args.quick,
+            control_plane: args.control_plane,
         })
     }
 }

@@ -59,6 +59,11 @@ impl Mode {
     pub(crate) fn scales(self) -> bool {
         matches!(self, Mode::Iptables | Mode::Nft | Mode::Portfwd)
     }
+
+    /// Whether the control plane's scale curve measures this mode.
+    pub(crate) fn curves(self) -> bool {
+        matches!(self, Mode::Nft | Mode::Portfwd)
+    }
 }
 
 /// A container port and the host port that publishes it.
@@ -394,7 +399,7 @@ impl Env<'_> {
 }
 
 /// `0.0.0.0:HOST:CTR[/udp]`: IPv4 only, so one entry per port.
-fn publish(p: Port) -> String {
+pub(crate) fn publish(p: Port) -> String {
     let suffix = if p.udp { "/udp" } else { "" };
     format!("0.0.0.0:{}:{}{suffix}", p.host, p.ctr)
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::measure::{Metric, NetPath, PATHS};
 use super::modes::Mode;
 use super::targets::targets;
-use super::{Plan, Results, SCALE, Update};
+use super::{CURVE, Plan, Results, SCALE, Update};
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct ProgCost {
@@ -249,7 +249,9 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
         .expect("writing to a String");
     }
 
-    for (path, title) in PATHS.into_iter().zip(PATH_TITLES) {
+    // A --control-plane run measures no traffic: no traffic tables.
+    let traffic = !plan.control_plane;
+    for (path, title) in PATHS.into_iter().zip(PATH_TITLES).filter(|_| traffic) {
         writeln!(s, "#### {title}\n").expect("writing to a String");
         s += "| mode | mappings |";
         for metric in MAIN_METRICS {
@@ -283,7 +285,7 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
         s += "\n";
     }
 
-    if plan.modes.contains(&Mode::Portfwd) && plan.modes.len() > 1 {
+    if traffic && plan.modes.contains(&Mode::Portfwd) && plan.modes.len() > 1 {
         s += "#### portfwd relative to each mode (ratio of medians; latency: lower is better)\n\n";
         s += "| path | portfwd vs |";
         for metric in MAIN_METRICS {
@@ -316,44 +318,46 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
             Metric::KaRps,
             Metric::KaP99Ms,
         ];
-        s += "#### Scale: N other mappings installed (change: vs the mode's own figure with 1 other)\n\n";
-        s += "| path | mode | other mappings |";
-        for metric in SCALE_METRICS {
-            write!(s, " {} |", metric.label()).expect("writing to a String");
-        }
-        s += " SYN rtx |\n|---|---|---|";
-        s += &"---|".repeat(SCALE_METRICS.len() + 1);
-        s += "\n";
-        let mut ns = vec![1];
-        ns.extend(&plan.scales);
-        for path in PATHS {
-            for &mode in &scaled {
-                for &n in &ns {
-                    write!(s, "| {} | {} | {n} |", path.name(), mode.name())
-                        .expect("writing to a String");
-                    for metric in SCALE_METRICS {
-                        let samples = r.series(mode, path, n, metric);
-                        if samples.is_empty() {
-                            s += " – |";
-                            continue;
+        if traffic {
+            s += "#### Scale: N other mappings installed (change: vs the mode's own figure with 1 other)\n\n";
+            s += "| path | mode | other mappings |";
+            for metric in SCALE_METRICS {
+                write!(s, " {} |", metric.label()).expect("writing to a String");
+            }
+            s += " SYN rtx |\n|---|---|---|";
+            s += &"---|".repeat(SCALE_METRICS.len() + 1);
+            s += "\n";
+            let mut ns = vec![1];
+            ns.extend(&plan.scales);
+            for path in PATHS {
+                for &mode in &scaled {
+                    for &n in &ns {
+                        write!(s, "| {} | {} | {n} |", path.name(), mode.name())
+                            .expect("writing to a String");
+                        for metric in SCALE_METRICS {
+                            let samples = r.series(mode, path, n, metric);
+                            if samples.is_empty() {
+                                s += " – |";
+                                continue;
+                            }
+                            write!(s, " {}", cell(metric, samples)).expect("writing to a String");
+                            if n != 1
+                                && let Some(base) = r.med(mode, path, 1, metric)
+                            {
+                                write!(s, " [{:+.1}%]", (median(samples) / base - 1.0) * 100.0)
+                                    .expect("writing to a String");
+                            }
+                            s += " |";
                         }
-                        write!(s, " {}", cell(metric, samples)).expect("writing to a String");
-                        if n != 1
-                            && let Some(base) = r.med(mode, path, 1, metric)
-                        {
-                            write!(s, " [{:+.1}%]", (median(samples) / base - 1.0) * 100.0)
-                                .expect("writing to a String");
-                        }
-                        s += " |";
+                        let syn = r.syn_retrans.get(&(mode, path, n));
+                        let syn: Vec<String> =
+                            syn.into_iter().flatten().map(|n| n.to_string()).collect();
+                        writeln!(s, " {} |", syn.join(", ")).expect("writing to a String");
                     }
-                    let syn = r.syn_retrans.get(&(mode, path, n));
-                    let syn: Vec<String> =
-                        syn.into_iter().flatten().map(|n| n.to_string()).collect();
-                    writeln!(s, " {} |", syn.join(", ")).expect("writing to a String");
                 }
             }
+            s += "\n";
         }
-        s += "\n";
 
         writeln!(
             s,
@@ -387,6 +391,57 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
             writeln!(s, " {how} |").expect("writing to a String");
         }
         s += "\n";
+        let cell = |mode: Mode, update: Update| match r.updates.get(&(mode, update)) {
+            Some(v) if !v.is_empty() => {
+                let (min, max) = min_max(v);
+                format!(" {:.2} ({min:.2}–{max:.2}) |", median(v))
+            }
+            _ => " – |".to_owned(),
+        };
+        let more = [Update::AutoPorts, Update::Impossible, Update::ApplyOne];
+        if scaled
+            .iter()
+            .any(|&m| more.iter().any(|&u| r.updates.contains_key(&(m, u))))
+        {
+            writeln!(
+                s,
+                "| mode | {SCALE} automatic ports | impossible request (fails) | apply -f changing one of {SCALE} |\n|---|---|---|---|"
+            )
+            .expect("writing to a String");
+            for &mode in &scaled {
+                write!(s, "| {} |", mode.name()).expect("writing to a String");
+                for update in more {
+                    s += &cell(mode, update);
+                }
+                s += "\n";
+            }
+            s += "\n";
+        }
+        if scaled
+            .iter()
+            .any(|&m| r.updates.contains_key(&(m, Update::AddOneAt(CURVE[0]))))
+        {
+            s += "Scale curve: add one / remove one with N installed, ms, median (min–max)\n\n| mode | operation |";
+            for n in CURVE {
+                write!(s, " {n} installed |").expect("writing to a String");
+            }
+            s += "\n|---|---|";
+            s += &"---|".repeat(CURVE.len());
+            s += "\n";
+            for &mode in &scaled {
+                for (op, make) in [
+                    ("add one", Update::AddOneAt as fn(usize) -> Update),
+                    ("remove one", Update::RemoveOneAt),
+                ] {
+                    write!(s, "| {} | {op} |", mode.name()).expect("writing to a String");
+                    for n in CURVE {
+                        s += &cell(mode, make(n));
+                    }
+                    s += "\n";
+                }
+            }
+            s += "\n";
+        }
     }
 
     if !r.bpf.is_empty() {

@@ -91,7 +91,10 @@ impl Bench<'_> {
                 });
             }
         }
-        for rep in 0..plan.reps {
+        if plan.control_plane {
+            trials.clear();
+        }
+        for rep in (0..plan.reps).filter(|_| !trials.is_empty()) {
             // Interleaved: every configuration once per repetition, in an
             // order that alternates direction and shifts, so that no mode
             // always runs first, last or after the same one.
@@ -110,7 +113,13 @@ impl Bench<'_> {
             interrupt::check()?;
             self.updates(mode, plan, work)?;
         }
-        if !plan.quick && plan.modes.contains(&Mode::Portfwd) {
+        if !plan.quick {
+            for &mode in plan.modes.iter().filter(|m| m.curves()) {
+                interrupt::check()?;
+                self.curve(mode, plan, work)?;
+            }
+        }
+        if !plan.quick && !plan.control_plane && plan.modes.contains(&Mode::Portfwd) {
             interrupt::check()?;
             self.profile()?;
         }

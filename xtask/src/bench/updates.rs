@@ -1,14 +1,17 @@
 //! Control-plane timings: 10,000 mappings at once, then one added and
-//! removed while they exist (each a fresh CLI process, as a runtime runs it).
+//! removed while they exist (each a fresh CLI process, as a runtime runs it),
+//! 10,000 automatic ports, a request that cannot be met, `apply -f` changing
+//! one of 10,000, and the scale curve: add one / remove one with 1 to 50,000
+//! installed.
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Plan, SCALE, Update,
+    CURVE, Plan, SCALE, Update,
     measure::{self, NetPath, Target},
-    modes::{self, Mode, ONE},
+    modes::{self, Mode, ONE, PORTS},
     ns::in_ns,
     report,
     runner::Bench,
@@ -64,8 +67,155 @@ impl Bench<'_> {
                 .entry((mode, Update::RemoveOne))
                 .or_default()
                 .extend(removes);
+            for (update, ms) in self.more_updates(mode, work)? {
+                line += &format!("; {update:?} {ms:.1} ms");
+                self.results
+                    .updates
+                    .entry((mode, update))
+                    .or_default()
+                    .push(ms);
+            }
         }
         println!("{line}");
+        Ok(())
+    }
+
+    /// With SCALE installed: automatic ports, an impossible request and
+    /// `apply -f` changing one mapping, where the mode has them.
+    fn more_updates(&mut self, mode: Mode, work: &Path) -> Result<Vec<(Update, f64)>> {
+        let ctr = self.topo().ctr_ip().to_string();
+        let host = self.topo().host.clone();
+        let mut out = Vec::new();
+        match mode {
+            Mode::Portfwd => {
+                let mut auto = self.env.portfwd();
+                // IPv4 only, like every mapping of the bench: 10,000 mappings.
+                auto.args(["map", "--name", "auto", &ctr, "0.0.0.0::1-10000/udp"]);
+                out.push((Update::AutoPorts, modes::timed(&mut auto)?));
+                super::ns::check(self.env.portfwd().args(["unmap", "--name", "auto"]))?;
+                let mut impossible = self.env.portfwd();
+                impossible.args(["map", "--name", "toomany", &ctr, "49153-61000"]);
+                out.push((Update::Impossible, timed_failure(&mut impossible)?));
+                let file = work.join("apply-one.toml");
+                let bench: Vec<String> = PORTS
+                    .iter()
+                    .map(|&p| format!("{:?}", modes::publish(p)))
+                    .collect();
+                let last = modes::OTHERS as usize + SCALE - 1;
+                let text = format!(
+                    "[[mappings]]\nname = \"bench\"\ncontainer = \"{ctr}\"\npublish = [{}]\n\n\
+                     [[mappings]]\nname = \"others\"\ncontainer = \"{ctr}\"\n\
+                     publish = [\"0.0.0.0:{first}-{before}:{first}-{before}\", \"0.0.0.0:{last}:80\"]\n",
+                    bench.join(", "),
+                    first = modes::OTHERS,
+                    before = last - 1,
+                );
+                std::fs::write(&file, text)?;
+                let mut apply = self.env.portfwd();
+                apply.args(["apply", "-f"]).arg(&file);
+                out.push((Update::ApplyOne, modes::timed(&mut apply)?));
+            }
+            Mode::Nft => {
+                // The whole set replaced in one transaction, one element changed.
+                let file = work.join("nft-apply-one.nft");
+                let mut elements: Vec<String> = PORTS
+                    .iter()
+                    .map(|p| {
+                        let proto = if p.udp { "udp" } else { "tcp" };
+                        format!("{proto} . {} : {ctr} . {}", p.host, p.ctr)
+                    })
+                    .collect();
+                let ctr_ip = self.topo().ctr_ip();
+                elements.extend(modes::nft_others(ctr_ip, 0, SCALE - 1));
+                let last = modes::OTHERS as usize + SCALE - 1;
+                elements.push(format!("tcp . {last} : {ctr} . 80"));
+                let mut text = String::from("flush map ip pfbench hostports\n");
+                writeln!(
+                    text,
+                    "add element ip pfbench hostports {{\n  {}\n}}",
+                    elements.join(",\n  ")
+                )?;
+                std::fs::write(&file, text)?;
+                out.push((
+                    Update::ApplyOne,
+                    modes::timed(in_ns(&host, "nft").arg("-f").arg(&file))?,
+                ));
+            }
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// The scale curve: add one and remove one with 1 to 50,000 installed.
+    pub(super) fn curve(&mut self, mode: Mode, plan: &Plan, work: &Path) -> Result<()> {
+        let reps = if plan.quick { 3 } else { 5 };
+        for &installed in &CURVE {
+            interrupt::check()?;
+            let active = self.env.setup(mode, 0)?;
+            let result = self
+                .install_curve(mode, installed, work)
+                .and_then(|()| self.add_and_remove_one(mode, reps));
+            self.env.teardown(active);
+            let (adds, removes) = result?;
+            println!(
+                "{:<12} with {installed} installed: add one {:.2} ms, remove one {:.2} ms (median of {reps})",
+                mode.name(),
+                report::median(&adds),
+                report::median(&removes)
+            );
+            let updates = &mut self.results.updates;
+            updates
+                .entry((mode, Update::AddOneAt(installed)))
+                .or_default()
+                .extend(adds);
+            updates
+                .entry((mode, Update::RemoveOneAt(installed)))
+                .or_default()
+                .extend(removes);
+        }
+        Ok(())
+    }
+
+    /// Installs `count` mappings for the curve: TCP ports from CURVE_BASE,
+    /// then UDP ones (50,000 do not fit one protocol's ports).
+    fn install_curve(&mut self, mode: Mode, count: usize, work: &Path) -> Result<()> {
+        const CURVE_BASE: usize = 10_000;
+        const PER_PROTOCOL: usize = 25_000;
+        let ctr = self.topo().ctr_ip();
+        let tcp = count.min(PER_PROTOCOL);
+        let parts = [("tcp", tcp), ("udp", count - tcp)];
+        match mode {
+            Mode::Nft => {
+                let mut elements = Vec::new();
+                for (proto, n) in parts {
+                    for port in CURVE_BASE..CURVE_BASE + n {
+                        elements.push(format!("{proto} . {port} : {ctr} . {port}"));
+                    }
+                }
+                let file = work.join("nft-curve.nft");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "add element ip pfbench hostports {{\n  {}\n}}\n",
+                        elements.join(",\n  ")
+                    ),
+                )?;
+                let host = self.topo().host.clone();
+                modes::timed(in_ns(&host, "nft").arg("-f").arg(&file))?;
+            }
+            Mode::Portfwd => {
+                let mut map = self.env.portfwd();
+                map.args(["map", "--name", "curve", &ctr.to_string()]);
+                for (proto, n) in parts.into_iter().filter(|&(_, n)| n > 0) {
+                    let last = CURVE_BASE + n - 1;
+                    map.arg(format!(
+                        "0.0.0.0:{CURVE_BASE}-{last}:{CURVE_BASE}-{last}/{proto}"
+                    ));
+                }
+                modes::timed(&mut map)?;
+            }
+            _ => bail!("no scale curve for {}", mode.name()),
+        }
         Ok(())
     }
 
@@ -162,4 +312,18 @@ impl Bench<'_> {
             }
         }
     }
+}
+
+/// Runs a command that must fail; the milliseconds it took to.
+fn timed_failure(cmd: &mut Command) -> Result<f64> {
+    let start = Instant::now();
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{}`", crate::display(cmd)))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if out.status.success() {
+        bail!("`{}` succeeded, but it must fail", crate::display(cmd));
+    }
+    Ok(ms)
 }
