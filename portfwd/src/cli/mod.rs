@@ -191,7 +191,7 @@ enum ConntrackCommand {
 
 #[derive(Subcommand)]
 enum StateAction {
-    /// Rewrite the state file from the kernel's maps (a damaged file is kept as .damaged)
+    /// Rewrite the state file from the kernel's maps (a damaged file is kept as .damaged-TIME)
     Rebuild,
 }
 

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
     CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
     CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey,
@@ -131,14 +131,32 @@ fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
     })
 }
 
+/// Every entry of the map, once each. The kernel's walk of a hash map
+/// restarts from the first key when the key it stands on is deleted (by the
+/// programs, or an LRU eviction): entries are deduplicated and the walk is
+/// bounded. An entry that disappears before it is read is skipped.
+fn entries(map: &HashMap<MapData, CtKey, CtValue>) -> Result<Vec<(CtKey, CtValue)>> {
+    let capacity = map.map().info()?.max_entries() as usize;
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::new();
+    for key in map.keys().take(2 * capacity) {
+        let key = key.context("walking the conntrack map")?;
+        if !seen.insert(key) {
+            continue;
+        }
+        if let Ok(value) = map.get(&key, 0) {
+            entries.push((key, value));
+        }
+    }
+    Ok(entries)
+}
+
 /// The live flows, oldest activity last.
 pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
     let map = open(pin_dir)?;
     let now = monotonic_now();
-    let mut flows: Vec<Flow> = map
-        .iter()
-        // An entry deleted during the walk ends it early: a shorter list.
-        .map_while(Result::ok)
+    let mut flows: Vec<Flow> = entries(&map)?
+        .into_iter()
         // Reply entries are the other half of a listed flow; host entries
         // (`CT_FLAG_HOST`) mark the host's own NAT, not a flow of a mapping.
         .filter(|(key, value)| {
@@ -157,9 +175,8 @@ pub(crate) fn forget_flows(
     selected: impl Fn(&ServiceKey) -> bool,
 ) -> Result<usize> {
     let mut map = open(pin_dir)?;
-    let doomed: Vec<(CtKey, bool)> = map
-        .iter()
-        .map_while(Result::ok)
+    let doomed: Vec<(CtKey, bool)> = entries(&map)?
+        .into_iter()
         .filter(|(_, value)| selected(&value.service))
         .map(|(key, value)| (key, value.flags & CT_FLAG_REPLY == 0))
         .collect();

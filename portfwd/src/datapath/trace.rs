@@ -61,8 +61,16 @@ impl Tracer {
         let mut switch: Array<MapData, TraceConfig> =
             Array::try_from(Map::Array(open(TRACE_ON.name)?))
                 .context("the trace switch map has an unexpected layout")?;
-        let ring = RingBuf::try_from(Map::RingBuf(open(TRACE.name)?))
+        let mut ring = RingBuf::try_from(Map::RingBuf(open(TRACE.name)?))
             .context("opening the trace ring buffer")?;
+        // Events an earlier trace left unread (it was killed) are not this
+        // trace's: dropped before the switch goes on (bounded: the buffer
+        // holds a few thousand).
+        for _ in 0..100_000 {
+            if ring.next().is_none() {
+                break;
+            }
+        }
         let config = TraceConfig {
             enabled: 1,
             port: filter.port.unwrap_or(0).to_be(),

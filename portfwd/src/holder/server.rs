@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::socket::{
@@ -27,7 +27,7 @@ use nix::{
     },
 };
 
-use super::{REPLY_TIMEOUT, is_running};
+use super::REPLY_TIMEOUT;
 use crate::{
     datapath::{self, PinnedMaps, StateLock},
     host, instance,
@@ -45,9 +45,15 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
         .create(instance::run_dir())
         .with_context(|| format!("creating {}", instance::run_dir().display()))?;
     let path = instance::holder_socket(pin_dir);
-    if is_running(pin_dir) {
-        bail!("a port holder already runs for {}", pin_dir.display());
-    }
+    // One holder per instance, for its whole life: a second one (a CLI's and
+    // `portfwd serve`'s starting at once) would unlink the first one's
+    // socket and leave it holding ports that nobody can reach.
+    let lock_path = path.with_extension("lock");
+    let lock_file =
+        fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let _only_holder =
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| anyhow!("a port holder already runs for {}", pin_dir.display()))?;
     if let Err(error) = raise_fd_limit() {
         eprintln!("portfwd hold: raising the open files limit: {error}");
     }

@@ -93,6 +93,9 @@ pub(crate) struct ParsedState {
     /// Bytes of the snapshot, and of the journal after it.
     pub(crate) snapshot_len: usize,
     pub(crate) journal_len: usize,
+    /// Not one line (written or reformatted by hand): the next change must
+    /// write a fresh snapshot, not append to it.
+    pub(crate) multi_line: bool,
 }
 
 /// Parses a state file's text: a snapshot, then the changes committed
@@ -103,8 +106,25 @@ pub fn parse_state(text: &str) -> Result<Vec<Record>> {
 
 pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
     // portfwd writes the snapshot on one line and each change on a line of
-    // its own; a snapshot over several lines (written by hand) is the whole
-    // file, with no changes after it.
+    // its own; a snapshot over several lines (written or reformatted by
+    // hand, e.g. through `jq .`) is the whole file, with no changes after it.
+    if let Ok(file) = serde_json::from_str::<StateFile>(text)
+        && text.trim_end().contains('\n')
+    {
+        if file.version != FORMAT_VERSION {
+            bail!(
+                "state file version {} (this portfwd reads version {FORMAT_VERSION})",
+                file.version
+            );
+        }
+        return Ok(ParsedState {
+            records: file.mappings,
+            whole_len: text.len(),
+            snapshot_len: text.len(),
+            journal_len: 0,
+            multi_line: true,
+        });
+    }
     let (first, rest) = match text.split_once('\n') {
         Some((first, rest)) if !rest.trim().is_empty() => (first, rest),
         _ => (text, ""),
@@ -155,6 +175,7 @@ pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
         whole_len,
         snapshot_len,
         journal_len: whole_len - snapshot_len,
+        multi_line: false,
     })
 }
 
@@ -261,6 +282,24 @@ mod tests {
         assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
         assert!(parse_state(&format!("{snapshot}{{\"bogus\": 1}}\n")).is_err());
         assert!(parse_state("").is_err());
+    }
+
+    #[test]
+    fn a_snapshot_reformatted_over_several_lines_is_read_and_rewritten_next() {
+        let file = StateFile {
+            version: FORMAT_VERSION,
+            mappings: vec![record(1), record(2)],
+        };
+        let pretty = serde_json::to_string_pretty(&file).unwrap() + "\n";
+        let parsed = parse_state_file(&pretty).unwrap();
+        assert_eq!(parsed.records, [record(1), record(2)]);
+        assert!(
+            parsed.multi_line,
+            "the next change writes a one-line snapshot"
+        );
+        assert_eq!(parsed.whole_len, pretty.len(), "nothing is cut off");
+        let one_line = serde_json::to_string(&file).unwrap() + "\n";
+        assert!(!parse_state_file(&one_line).unwrap().multi_line);
     }
 
     #[test]

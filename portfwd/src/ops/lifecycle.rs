@@ -143,10 +143,11 @@ pub(crate) fn down(pin_dir: &Path, keep_state: bool) -> Result<UninstallReport> 
     if !pin_dir.exists() {
         return Ok(UninstallReport::default());
     }
-    // Release the held ports first: once the maps are gone, nothing could
-    // tell the holder which ports are published.
-    holder::stop(pin_dir)?;
     let report = datapath::uninstall(pin_dir)?;
+    // Then release the held ports (quitting closes every held socket, maps
+    // or not). In this order, a `portfwd serve` that keeps a holder running
+    // while portfwd is up never sees "up without a holder" in between.
+    holder::stop(pin_dir)?;
     if !keep_state {
         Store::of(pin_dir).remove()?;
     }

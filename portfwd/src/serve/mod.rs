@@ -17,6 +17,7 @@
 
 use std::{
     fs,
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     thread,
@@ -24,7 +25,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use nix::sys::signal::{SigSet, Signal};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    sys::signal::{SigSet, Signal},
+};
 
 use crate::{datapath, holder, instance};
 
@@ -42,6 +46,8 @@ pub(crate) struct ServeOptions {
 /// needs a holder while the service runs waits for this one (see
 /// `holder::ensure_running`), so it is short.
 const HOLDER_CHECK: Duration = Duration::from_millis(50);
+/// How long the supervisor waits after a holder failed.
+const HOLDER_RETRY: Duration = Duration::from_secs(2);
 
 pub(crate) fn run(options: ServeOptions) -> Result<()> {
     // The stop signals are blocked before any thread starts, so that every
@@ -64,9 +70,24 @@ pub(crate) fn run(options: ServeOptions) -> Result<()> {
             .spawn(move || metrics::serve(&server, &pin_dir))
             .context("starting the metrics thread")?;
     }
+    // One service per instance: the pid file is locked for its whole life.
     let pid_file = instance::service_pid_file(&options.pin_dir);
-    fs::create_dir_all(instance::run_dir())
-        .and_then(|()| fs::write(&pid_file, format!("{}\n", std::process::id())))
+    fs::create_dir_all(instance::run_dir())?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&pid_file)
+        .with_context(|| format!("opening {}", pid_file.display()))?;
+    let mut only_service = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another portfwd serve runs for {} (pid file {})",
+            options.pin_dir.display(),
+            pid_file.display()
+        )
+    })?;
+    only_service.set_len(0)?;
+    writeln!(only_service, "{}", std::process::id())
         .with_context(|| format!("writing {}", pid_file.display()))?;
     let pin_dir = options.pin_dir.clone();
     thread::Builder::new()
@@ -97,8 +118,10 @@ fn supervise_holder(pin_dir: &Path) {
     loop {
         // Up means the maps are pinned (`up` creates the directory first).
         let up = pin_dir.join(portfwd_common::SERVICES.name).exists();
-        if up && !holder::is_running(pin_dir) {
-            run_holder(pin_dir);
+        if up && !holder::is_running(pin_dir) && !run_holder(pin_dir) {
+            // A holder that fails at once would otherwise be retried (and
+            // logged) twenty times a second.
+            thread::sleep(HOLDER_RETRY);
         }
         thread::sleep(HOLDER_CHECK);
     }
@@ -106,11 +129,12 @@ fn supervise_holder(pin_dir: &Path) {
 
 /// Runs a port holder on another thread until `portfwd down` asks it to
 /// quit, and has it hold what is published at once (a new holder holds
-/// nothing until asked).
-fn run_holder(pin_dir: &Path) {
+/// nothing until asked). False when it failed.
+fn run_holder(pin_dir: &Path) -> bool {
     let dir = pin_dir.to_owned();
     let holder = thread::spawn(move || holder::run(&dir));
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Bounded: a holder binds its socket at once or fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !holder::is_running(pin_dir) && !holder.is_finished() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
@@ -125,7 +149,11 @@ fn run_holder(pin_dir: &Path) {
     }
     match holder.join() {
         Ok(Err(error)) => eprintln!("portfwd serve: port holder: {error:#}"),
-        Ok(Ok(())) => eprintln!("portfwd serve: port holder stopped"),
+        Ok(Ok(())) => {
+            eprintln!("portfwd serve: port holder stopped");
+            return true;
+        }
         Err(_) => eprintln!("portfwd serve: the port holder panicked"),
     }
+    false
 }

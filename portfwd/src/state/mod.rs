@@ -63,7 +63,7 @@ impl std::fmt::Display for Damaged {
         write!(
             f,
             "the state file {} is damaged ({}): the kernel's maps are what forwards and are untouched; \
-             `portfwd state rebuild` rewrites the file from them (the damaged one is kept as .damaged)",
+             `portfwd state rebuild` rewrites the file from them (the damaged one is kept as .damaged-TIME)",
             self.path.display(),
             self.why.replace('\n', " ")
         )
@@ -141,6 +141,7 @@ impl Store {
             whole_len,
             snapshot_len,
             journal_len,
+            multi_line,
         } = parse_state_file(&text).map_err(|error| damaged(format!("{error:#}")))?;
         if !text[whole_len..].trim().is_empty() {
             let file = OpenOptions::new().write(true).open(&self.path)?;
@@ -151,25 +152,44 @@ impl Store {
         }
         Ok(Some(Loaded {
             records,
-            compact: journal_len > snapshot_len.max(MIN_COMPACT_BYTES),
+            compact: multi_line || journal_len > snapshot_len.max(MIN_COMPACT_BYTES),
         }))
     }
 
     /// Rewrites the state file from the maps (`portfwd state rebuild`): a
-    /// damaged file is kept beside it as `<state>.damaged`, a pending change
+    /// damaged file is kept beside it as `<state>.damaged-<unix time>`, a pending change
     /// is dropped (the maps are the truth). Returns where the damaged file
     /// went, if there was one.
     pub(crate) fn rebuild(&self, records: &[Record]) -> Result<Option<PathBuf>> {
         let damaged = match self.load() {
+            Ok(_) => None,
             Err(error) if error.downcast_ref::<Damaged>().is_some() => {
-                let mut aside = self.path.as_os_str().to_owned();
-                aside.push(".damaged");
-                let aside = PathBuf::from(aside);
-                fs::rename(&self.path, &aside)
-                    .with_context(|| format!("moving {} aside", self.path.display()))?;
+                // Kept under a name of its own (an earlier damaged copy is
+                // not overwritten), by a second link: the snapshot written
+                // below replaces the file in one rename, so there is never
+                // a moment without a state file.
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let named = |n: u32| {
+                    let mut aside = self.path.as_os_str().to_owned();
+                    aside.push(format!(".damaged-{stamp}"));
+                    if n > 0 {
+                        aside.push(format!("-{n}"));
+                    }
+                    PathBuf::from(aside)
+                };
+                let aside = (0..100)
+                    .map(named)
+                    .find(|aside| !aside.exists())
+                    .unwrap_or_else(|| named(100));
+                fs::hard_link(&self.path, &aside)
+                    .with_context(|| format!("keeping {} aside", self.path.display()))?;
                 Some(aside)
             }
-            _ => None,
+            // Unreadable for another reason (permissions, I/O): not ours to
+            // overwrite.
+            Err(error) => return Err(error),
         };
         self.abort();
         self.write_snapshot(records)?;

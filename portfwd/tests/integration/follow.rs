@@ -357,4 +357,23 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
         "a failed up left the instance"
     );
     std::fs::remove_file(state_file()).unwrap();
+    // The damaged copies each rebuild kept aside.
+    let kept = format!(
+        "{}.damaged",
+        state_file().file_name().unwrap().to_string_lossy()
+    );
+    let dir = state_file().parent().unwrap().to_owned();
+    let copies: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&kept))
+        .collect();
+    assert_eq!(
+        copies.len(),
+        3,
+        "one kept copy per rebuild of a damaged file"
+    );
+    for copy in copies {
+        std::fs::remove_file(copy.path()).unwrap();
+    }
 }
