@@ -297,6 +297,11 @@ pub const TRACE_FLOW_NEW: u8 = 1;
 /// flow stopped because its mapping went away).
 pub const TRACE_STAT: u8 = 2;
 
+/// A host process's socket was pointed at the container: the destination it
+/// dialed (`daddr:dport`) became `nat_addr:nat_port` (the source is not
+/// known yet at connect).
+pub const TRACE_SOCKET: u8 = 3;
+
 /// Where an event happened: a TC program that does not know which of the
 /// interfaces below it serves...
 pub const TRACE_PATH_TC: u8 = 0;
@@ -304,8 +309,11 @@ pub const TRACE_PATH_TC: u8 = 0;
 pub const TRACE_PATH_UPLINK: u8 = 1;
 /// ...on a container-side interface (a hairpin flow when it translates)...
 pub const TRACE_PATH_CONTAINERS: u8 = 2;
-/// ...on an uplink's egress.
+/// ...on an uplink's egress; the socket programs at connect()...
 pub const TRACE_PATH_EGRESS: u8 = 3;
+pub const TRACE_PATH_CONNECT: u8 = 4;
+/// ...and at an unconnected UDP send.
+pub const TRACE_PATH_SENDMSG: u8 = 5;
 
 /// One event of `portfwd trace`, written into the `pf_trace` ring buffer.
 #[repr(C)]
@@ -322,7 +330,7 @@ pub struct TraceEvent {
     pub dport: u16,
     pub nat_port: u16,
     pub masq_port: u16,
-    /// `TRACE_FLOW_NEW` or `TRACE_STAT`.
+    /// `TRACE_FLOW_NEW`, `TRACE_STAT` or `TRACE_SOCKET`.
     pub kind: u8,
     pub family: u8,
     pub proto: u8,
@@ -332,5 +340,6 @@ pub struct TraceEvent {
     pub stat: u32,
     /// The interface the packet came in on (or left by).
     pub ifindex: u32,
-    pub _pad: u32,
+    /// `TRACE_SOCKET`: the process (thread group id) whose socket it is.
+    pub pid: u32,
 }

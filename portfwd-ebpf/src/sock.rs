@@ -25,10 +25,13 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SOCK_DIALED_SLOTS, ServiceKey, published_port_bit,
+    SOCK_DIALED_SLOTS, ServiceKey, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, published_port_bit,
 };
 
-use crate::maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED};
+use crate::{
+    maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED},
+    trace,
+};
 
 /// sock_addr programs return 1 to let the syscall proceed (0 would fail it
 /// with EPERM); portfwd never refuses a connection.
@@ -300,6 +303,12 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
 /// backend it now talks to and the address the application dialed, for
 /// getpeername and recvmsg.
 fn remember_dialed(ctx: &SockAddrContext, call: Call, slot: DialedSlot) {
+    let path = match call {
+        Call::Connect => TRACE_PATH_CONNECT,
+        Call::SendMsg => TRACE_PATH_SENDMSG,
+    };
+    // SAFETY: reading a context field, checked by the verifier.
+    trace::socket(unsafe { (*ctx.sock_addr).protocol } as u8, path, &slot);
     // SAFETY: the helper reads the context's socket; the storage it returns
     // (zeroed when created) belongs to this socket until the socket is freed.
     let Some(dialed) = (unsafe { SOCK_DIALED.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {
