@@ -209,6 +209,27 @@ pub struct MappingCounters {
 /// The port holder does not hold this mapping's host port: the runtime
 /// holds it (podman's conmon binds its containers' ports itself).
 pub const SERVICE_FLAG_NO_HOLD: u8 = 1;
+/// The mapping has a source allowlist (`pf_allow`): a new flow from a client
+/// the list does not hold is refused. Without it no lookup is made.
+pub const SERVICE_FLAG_HAS_ALLOWLIST: u8 = 2;
+/// The allowlist names `host`: the host's own processes (the socket path)
+/// may connect. Meaningful only with `SERVICE_FLAG_HAS_ALLOWLIST`.
+pub const SERVICE_FLAG_HOST_ALLOWED: u8 = 4;
+
+/// The data of a `pf_allow` key (after the LPM trie's prefix length): a
+/// mapping's service key, then a client network. The prefix length of an
+/// entry is `ALLOW_SERVICE_BITS` plus the network's prefix, so that a lookup
+/// with a client address matches only that mapping's networks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    pub service: ServiceKey,
+    /// Network byte order, as in `Addr`.
+    pub client: Addr,
+}
+
+/// Bits of `AllowKey` before the client address: the whole service key.
+pub const ALLOW_SERVICE_BITS: u32 = 8 * core::mem::size_of::<ServiceKey>() as u32;
 
 /// Key of the local addresses map (the host's own addresses, which wildcard
 /// mappings serve). The value is unused (one byte).

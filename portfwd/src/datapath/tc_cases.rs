@@ -198,6 +198,7 @@ fn publish(ebpf: &mut Ebpf) {
             container,
             ifindex: 0,
             hold: true,
+            allow: None,
         };
         services.insert(mapping.key(), mapping.value(), 0).unwrap();
     }
@@ -313,6 +314,7 @@ fn translated_replies_skip_uplink_egress() {
         // not redirect.
         ifindex: 1,
         hold: true,
+        allow: None,
     };
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =

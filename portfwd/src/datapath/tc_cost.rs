@@ -61,6 +61,7 @@ fn publish_cycle(ebpf: &mut Ebpf) {
             container,
             ifindex: LOOPBACK_IFINDEX,
             hold: true,
+            allow: None,
         })
         .collect();
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =

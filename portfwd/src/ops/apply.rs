@@ -69,7 +69,10 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         let planned = planner
             .plan(&name, entry.container, &specs, in_use)
             .with_context(|| format!("mapping {name:?}"))?;
-        wanted.extend(planned);
+        wanted.extend(planned.into_iter().map(|m| Mapping {
+            allow: entry.allow.clone(),
+            ..m
+        }));
     }
     let key = |m: &Mapping| Record::from(m);
     let current_keys: BTreeSet<Record> = current.iter().map(key).collect();

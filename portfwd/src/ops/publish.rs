@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// How `publish` treats host ports that another process already holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PublishOptions {
     /// Refuse (exit 1, nothing changed) to publish a port a host process
     /// holds, naming it. Off for `--force`, and for runtimes that hold their
@@ -20,6 +20,8 @@ pub(crate) struct PublishOptions {
     /// Have the holder bind the host ports (off when the runtime binds
     /// them itself, as podman's conmon does, after the CNI ADD).
     pub(crate) hold_ports: bool,
+    /// The source allowlist of every mapping published (`--allow`).
+    pub(crate) allow: Option<model::Allowlist>,
 }
 
 impl Default for PublishOptions {
@@ -27,6 +29,7 @@ impl Default for PublishOptions {
         PublishOptions {
             refuse_ports_in_use: true,
             hold_ports: true,
+            allow: None,
         }
     }
 }
@@ -63,6 +66,7 @@ pub(crate) fn publish_with(
     for m in &mut planned {
         m.ifindex = ifindex;
         m.hold = options.hold_ports;
+        m.allow.clone_from(&options.allow);
     }
     // Wildcard mappings serve the host's addresses as they are now.
     session.maps.sync_local_addrs(&host::local_addresses()?)?;
