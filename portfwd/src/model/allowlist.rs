@@ -112,6 +112,20 @@ impl Allowlist {
         Ok(list)
     }
 
+    /// The list as a mapping of one family keeps it: a network of the other
+    /// family can never match its clients (and has no key: see `keys`).
+    pub fn for_family(&self, v4: bool) -> Allowlist {
+        Allowlist {
+            host: self.host,
+            networks: self
+                .networks
+                .iter()
+                .filter(|n| n.addr.is_ipv4() == v4)
+                .copied()
+                .collect(),
+        }
+    }
+
     /// Whether a client at `ip` (None: a host process) may start a flow.
     pub fn allows(&self, client: Option<IpAddr>) -> bool {
         match client {
@@ -230,6 +244,11 @@ mod tests {
         assert!(!list.allows(None));
         let only_v6 = Allowlist::parse(&["2001:db8::/64"]).unwrap();
         assert!(!only_v6.allows(Some("10.1.2.3".parse().unwrap())));
+        assert_eq!(
+            list.for_family(true).strings(),
+            ["0.0.0.0/0", "10.1.0.0/16"]
+        );
+        assert_eq!(list.for_family(false).strings(), ["2001:db8::/64"]);
     }
 
     #[test]

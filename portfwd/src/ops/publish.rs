@@ -66,7 +66,12 @@ pub(crate) fn publish_with(
     for m in &mut planned {
         m.ifindex = ifindex;
         m.hold = options.hold_ports;
-        m.allow.clone_from(&options.allow);
+        // Each mapping keeps the networks of its own family, as the
+        // kernel's entries (and so the state file) hold them.
+        m.allow = options
+            .allow
+            .as_ref()
+            .map(|a| a.for_family(m.host.is_ipv4()));
     }
     // Wildcard mappings serve the host's addresses as they are now.
     session.maps.sync_local_addrs(&host::local_addresses()?)?;
