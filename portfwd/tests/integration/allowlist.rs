@@ -214,10 +214,12 @@ fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
     let (greeting, _) = topo.ctr.inside(move || fetch(hairpin)).unwrap();
     assert!(greeting.starts_with("container "), "{greeting}");
 
-    // `--allow host`: this machine only.
-    portfwd_ok(&["unmap", "--name", "web"]);
+    // `map` again of the same ports with `--allow host`: this machine only,
+    // at once.
     portfwd_ok(&[
         "map",
+        "--name",
+        "web",
         "--allow",
         "host",
         &topo.ctr.v4().to_string(),
@@ -225,7 +227,9 @@ fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
         "47756:5000/udp",
     ]);
     assert_eq!(host_reaches(47755), (true, true));
-    assert_eq!(reaches(&topo.allowed, false, 47755), (false, false));
+    assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
+    // Replaced, not added: 0.0.0.0 and [::], TCP and UDP.
+    assert_eq!(listed().len(), 4, "{:?}", listed());
     std::fs::remove_dir_all(&dir).ok();
 }
 
