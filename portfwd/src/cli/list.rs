@@ -198,6 +198,11 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
         "OUT PKTS/BYTES",
     ];
     write_table(out, header, &rows).context("writing the table")?;
+    for (m, _) in &listing.mappings {
+        if let Some(allow) = &m.allow {
+            writeln!(out, "allow {} {}/{}: {allow}", m.name, m.host, m.protocol)?;
+        }
+    }
     if rows.is_empty() {
         writeln!(
             out,

@@ -136,6 +136,15 @@ fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
     assert_eq!(on(47751), v4);
     assert_eq!(on(47753), serde_json::json!(["fd00:252:75::/64"]));
 
+    let text = portfwd_ok(&["list"]);
+    assert!(
+        text.contains(&format!(
+            "allow {ctr4} 0.0.0.0:47750/tcp: {}/32",
+            topo.allowed.v4()
+        )),
+        "{text}"
+    );
+
     let published = format!("{}:47750", topo.allowed.host_v4());
     let (code, text) = explain_code(&[&published, "--from", &topo.refused.v4().to_string()]);
     assert_eq!(code, Some(1), "{text}");
