@@ -375,6 +375,53 @@ mod tests {
         );
     }
 
+    /// An explanation of a served wildcard mapping with `allow`, asked
+    /// for a client at `from`.
+    fn judged(allow: &[&str], from: &str) -> Explanation {
+        let question = Question::parse("10.0.0.1:8080", Some(from)).unwrap();
+        let mut e = Explanation {
+            question,
+            up: true,
+            local_address: true,
+            loopback: false,
+            matched: Some(Matched {
+                how: MatchKind::Wildcard,
+                name: "web".into(),
+                host: "0.0.0.0:8080".parse().unwrap(),
+                container: "10.88.0.5:80".parse().unwrap(),
+                container_interface: None,
+                container_interface_attached: false,
+                counters: Counters::default(),
+                flows: Vec::new(),
+                allow: Some(Allowlist::parse(allow).unwrap()),
+            }),
+            host_path: true,
+            uplinks: vec!["eth0".into()],
+            port_held_by: None,
+            port_holder_running: true,
+            served: false,
+            reasons: Vec::new(),
+        };
+        judge(&mut e);
+        e
+    }
+
+    #[test]
+    fn the_allowlist_gives_the_verdict_for_a_client() {
+        assert!(judged(&["192.0.2.0/24"], "192.0.2.9").served);
+        let refused = judged(&["192.0.2.0/24"], "198.51.100.1");
+        assert!(!refused.served);
+        assert!(
+            refused.reasons.iter().any(|r| r
+                .contains("198.51.100.1 is not in the mapping's source allowlist (192.0.2.0/24)")),
+            "{:?}",
+            refused.reasons
+        );
+        // A host process (loopback) needs `host`.
+        assert!(!judged(&["192.0.2.0/24"], "127.0.0.1").served);
+        assert!(judged(&["192.0.2.0/24", "host"], "127.0.0.1").served);
+    }
+
     #[test]
     fn near_misses_say_why() {
         let all = [
