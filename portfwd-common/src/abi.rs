@@ -414,4 +414,8 @@ stats! {
     /// New flows from a client outside the mapping's source allowlist
     /// (external, or a container's hairpin flow): dropped.
     RefusedNotAllowed = "refused_not_allowed",
+    /// Connects and unconnected UDP sends of host processes (the socket
+    /// programs) to a mapping whose allowlist lacks `host`: failed with
+    /// EPERM.
+    RefusedHostProcess = "refused_host_not_allowed",
 }

@@ -25,12 +25,12 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey,
+    SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey, Stat,
     TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, published_port_bit,
 };
 
 use crate::{
-    maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED},
+    maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED, STATS},
     trace,
 };
 
@@ -190,6 +190,15 @@ fn is_loopback(family: u8, addr: &Addr) -> bool {
     }
 }
 
+/// A host process refused by an allowlist: counted, and the syscall fails.
+fn refuse() -> i32 {
+    if let Some(count) = STATS.get_ptr_mut(Stat::RefusedHostProcess.index()) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *count += 1 };
+    }
+    REFUSE
+}
+
 /// Which syscall a translation serves: they differ in what the kernel
 /// accepts after the program, and in what the socket remembers.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -213,7 +222,7 @@ fn translate4(ctx: &SockAddrContext, call: Call) -> i32 {
         return PROCEED;
     };
     if backend.refuses_host() {
-        return REFUSE;
+        return refuse();
     }
     if backend.family != FAMILY_V4 {
         // An IPv4 socket cannot reach an IPv6 container.
@@ -257,7 +266,7 @@ fn translate6(ctx: &SockAddrContext, call: Call) -> i32 {
         return PROCEED;
     };
     if backend.refuses_host() {
-        return REFUSE;
+        return refuse();
     }
     let seen = if backend.family == FAMILY_V6 {
         if key.family == FAMILY_V4 {

@@ -206,7 +206,15 @@ fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
 
     // Client A's network only: host processes and client B are refused.
     apply(std::slice::from_ref(&a));
+    let host_refused = || {
+        stats()
+            .get("refused_host_not_allowed")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = host_refused();
     assert_eq!(host_reaches(47755), (false, false));
+    assert!(host_refused() >= before + 2, "{:?}", stats());
     assert_eq!(reaches(&topo.allowed, false, 47755), (true, true));
     assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
     // A container's hairpin flow is judged by its own address.
