@@ -8,8 +8,8 @@
 use core::mem::size_of;
 
 use crate::types::{
-    Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters, ServiceKey,
-    ServiceValue, SockDialed, TraceConfig,
+    AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
+    ServiceKey, ServiceValue, SockDialed, TraceConfig,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -58,6 +58,9 @@ macro_rules! map_name {
     (trace_on) => {
         "pf_trace_on"
     };
+    (allow) => {
+        "pf_allow"
+    };
 }
 
 /// The kernel map type.
@@ -72,6 +75,9 @@ pub enum MapKind {
     /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): a value per
     /// socket, freed with the socket; key a socket fd, no capacity.
     SkStorage,
+    /// Longest-prefix match (`BPF_MAP_TYPE_LPM_TRIE`): the key starts with
+    /// its prefix length in bits (a `u32`).
+    LpmTrie,
 }
 
 /// One map of the ABI.
@@ -197,6 +203,19 @@ pub const TRACE_ON: MapDef = map(
     size::<TraceConfig>(),
     1,
 );
+/// Source allowlists: (prefix length, `AllowKey`) -> unused byte, one entry
+/// per network of each mapping that has a list (`SERVICE_FLAG_HAS_ALLOWLIST`).
+/// The kernel requires no preallocation for an LPM trie.
+pub const ALLOW: MapDef = MapDef {
+    flags: BPF_F_NO_PREALLOC,
+    ..map(
+        map_name!(allow),
+        MapKind::LpmTrie,
+        4 + size::<AllowKey>(),
+        1,
+        65_536,
+    )
+};
 /// The services generation: one `u64` that userspace increments after it
 /// removes (or changes) mappings, so that the TC programs look a tracked
 /// flow's mapping up again only when the services changed, not per packet.
@@ -229,7 +248,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 12] = [
+pub const MAPS: [MapDef; 13] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -242,6 +261,7 @@ pub const MAPS: [MapDef; 12] = [
     TRACE_ON,
     SERVICES_GEN,
     PUBLISHED_PORTS,
+    ALLOW,
 ];
 
 /// Where a program attaches.
@@ -391,4 +411,11 @@ stats! {
     /// `portfwd trace` events the ring buffer had no room for (the reader
     /// was too slow): dropped, never waited for.
     TraceLost = "trace_events_lost",
+    /// New flows from a client outside the mapping's source allowlist
+    /// (external, or a container's hairpin flow): dropped.
+    RefusedNotAllowed = "refused_not_allowed",
+    /// Connects and unconnected UDP sends of host processes (the socket
+    /// programs) to a mapping whose allowlist lacks `host`: failed with
+    /// EPERM.
+    RefusedHostProcess = "refused_host_not_allowed",
 }

@@ -104,6 +104,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 80);
         assert_eq!(size_of::<MappingCounters>(), 40);
         assert_eq!(size_of::<LocalAddrKey>(), 20);
+        assert_eq!(size_of::<AllowKey>(), 36);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TraceConfig>(), 8);
         assert_eq!(size_of::<TraceEvent>(), 96);

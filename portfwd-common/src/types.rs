@@ -215,6 +215,27 @@ pub struct MappingCounters {
 /// The port holder does not hold this mapping's host port: the runtime
 /// holds it (podman's conmon binds its containers' ports itself).
 pub const SERVICE_FLAG_NO_HOLD: u8 = 1;
+/// The mapping has a source allowlist (`pf_allow`): a new flow from a client
+/// the list does not hold is refused. Without it no lookup is made.
+pub const SERVICE_FLAG_HAS_ALLOWLIST: u8 = 2;
+/// The allowlist names `host`: the host's own processes (the socket path)
+/// may connect. Meaningful only with `SERVICE_FLAG_HAS_ALLOWLIST`.
+pub const SERVICE_FLAG_HOST_ALLOWED: u8 = 4;
+
+/// The data of a `pf_allow` key (after the LPM trie's prefix length): a
+/// mapping's service key, then a client network. The prefix length of an
+/// entry is `ALLOW_SERVICE_BITS` plus the network's prefix, so that a lookup
+/// with a client address matches only that mapping's networks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    pub service: ServiceKey,
+    /// Network byte order, as in `Addr`.
+    pub client: Addr,
+}
+
+/// Bits of `AllowKey` before the client address: the whole service key.
+pub const ALLOW_SERVICE_BITS: u32 = 8 * core::mem::size_of::<ServiceKey>() as u32;
 
 /// Key of the local addresses map (the host's own addresses, which wildcard
 /// mappings serve). The value is unused (one byte).
@@ -303,6 +324,11 @@ pub const TRACE_FLOW_NEW: u8 = 1;
 /// flow stopped because its mapping went away).
 pub const TRACE_STAT: u8 = 2;
 
+/// A host process's socket was pointed at the container: the destination it
+/// dialed (`daddr:dport`) became `nat_addr:nat_port` (the source is not
+/// known yet at connect).
+pub const TRACE_SOCKET: u8 = 3;
+
 /// Where an event happened: a TC program that does not know which of the
 /// interfaces below it serves...
 pub const TRACE_PATH_TC: u8 = 0;
@@ -310,8 +336,11 @@ pub const TRACE_PATH_TC: u8 = 0;
 pub const TRACE_PATH_UPLINK: u8 = 1;
 /// ...on a container-side interface (a hairpin flow when it translates)...
 pub const TRACE_PATH_CONTAINERS: u8 = 2;
-/// ...on an uplink's egress.
+/// ...on an uplink's egress; the socket programs at connect()...
 pub const TRACE_PATH_EGRESS: u8 = 3;
+pub const TRACE_PATH_CONNECT: u8 = 4;
+/// ...and at an unconnected UDP send.
+pub const TRACE_PATH_SENDMSG: u8 = 5;
 
 /// One event of `portfwd trace`, written into the `pf_trace` ring buffer.
 #[repr(C)]
@@ -328,7 +357,7 @@ pub struct TraceEvent {
     pub dport: u16,
     pub nat_port: u16,
     pub masq_port: u16,
-    /// `TRACE_FLOW_NEW` or `TRACE_STAT`.
+    /// `TRACE_FLOW_NEW`, `TRACE_STAT` or `TRACE_SOCKET`.
     pub kind: u8,
     pub family: u8,
     pub proto: u8,
@@ -338,5 +367,6 @@ pub struct TraceEvent {
     pub stat: u32,
     /// The interface the packet came in on (or left by).
     pub ifindex: u32,
-    pub _pad: u32,
+    /// `TRACE_SOCKET`: the process (thread group id) whose socket it is.
+    pub pid: u32,
 }

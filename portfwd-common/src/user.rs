@@ -26,7 +26,8 @@ plain_old_data!(
     CtValue,
     MappingCounters,
     TraceConfig,
-    TraceEvent
+    TraceEvent,
+    AllowKey
 );
 
 impl From<core::net::Ipv4Addr> for Addr {

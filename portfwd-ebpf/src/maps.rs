@@ -8,11 +8,11 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portfwd_common::{
-    self as abi, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
-    ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
+    self as abi, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
+    MappingCounters, ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
 };
 
 use crate::types::Scratch;
@@ -89,3 +89,10 @@ pub(crate) static TRACE_ON: Array<TraceConfig> =
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(scratch))]
 pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Source allowlists (see `tc::allowed`). aya-ebpf adds `BPF_F_NO_PREALLOC`
+/// to an LPM trie's flags itself.
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(allow))]
+pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
+    LpmTrie::with_max_entries(abi::ALLOW.max_entries, 0);

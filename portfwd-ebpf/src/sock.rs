@@ -25,14 +25,20 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SOCK_DIALED_SLOTS, ServiceKey, published_port_bit,
+    SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey, Stat,
+    TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, published_port_bit,
 };
 
-use crate::maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED};
+use crate::{
+    maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_DIALED, STATS},
+    trace,
+};
 
-/// sock_addr programs return 1 to let the syscall proceed (0 would fail it
-/// with EPERM); portfwd never refuses a connection.
+/// sock_addr programs return 1 to let the syscall proceed, 0 to fail it
+/// with EPERM: portfwd refuses only a host process that dials a mapping
+/// whose source allowlist lacks `host`.
 const PROCEED: i32 = 1;
+const REFUSE: i32 = 0;
 
 /// `::ffff:0:0/96`, the prefix of IPv4-mapped IPv6 addresses, in network order.
 const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
@@ -40,7 +46,7 @@ const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate4(&ctx, Call::Connect);
+        return translate4(&ctx, Call::Connect);
     }
     PROCEED
 }
@@ -48,7 +54,7 @@ pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(&ctx, Call::Connect);
+        return translate6(&ctx, Call::Connect);
     }
     PROCEED
 }
@@ -57,7 +63,7 @@ pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
 pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
     // Only UDP reaches this hook with a destination address.
     if in_host_netns(&ctx) {
-        translate4(&ctx, Call::SendMsg);
+        return translate4(&ctx, Call::SendMsg);
     }
     PROCEED
 }
@@ -65,7 +71,7 @@ pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
-        translate6(&ctx, Call::SendMsg);
+        return translate6(&ctx, Call::SendMsg);
     }
     PROCEED
 }
@@ -104,6 +110,17 @@ struct Backend {
     addr: Addr,
     port: u16,
     family: u8,
+    /// `SERVICE_FLAG_*`.
+    flags: u8,
+}
+
+impl Backend {
+    /// The host's own processes may not use this mapping: it has a source
+    /// allowlist without `host`.
+    fn refuses_host(&self) -> bool {
+        self.flags & (SERVICE_FLAG_HAS_ALLOWLIST | SERVICE_FLAG_HOST_ALLOWED)
+            == SERVICE_FLAG_HAS_ALLOWLIST
+    }
 }
 
 fn in_host_netns(ctx: &SockAddrContext) -> bool {
@@ -158,6 +175,7 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
         addr: found.addr,
         port: found.port,
         family: found.family,
+        flags: found.flags,
     })
 }
 
@@ -172,6 +190,15 @@ fn is_loopback(family: u8, addr: &Addr) -> bool {
     }
 }
 
+/// A host process refused by an allowlist: counted, and the syscall fails.
+fn refuse() -> i32 {
+    if let Some(count) = STATS.get_ptr_mut(Stat::RefusedHostProcess.index()) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *count += 1 };
+    }
+    REFUSE
+}
+
 /// Which syscall a translation serves: they differ in what the kernel
 /// accepts after the program, and in what the socket remembers.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -180,22 +207,26 @@ enum Call {
     SendMsg,
 }
 
-/// Rewrites an IPv4 destination (connect, or an unconnected UDP send).
-fn translate4(ctx: &SockAddrContext, call: Call) {
+/// Rewrites an IPv4 destination (connect, or an unconnected UDP send); the
+/// program's verdict.
+fn translate4(ctx: &SockAddrContext, call: Call) -> i32 {
     let sa = ctx.sock_addr;
     let Some(proto) = socket_protocol(sa) else {
-        return;
+        return PROCEED;
     };
     // SAFETY (all context accesses below): `sa` is the program's context.
     // The verifier demands full 32-bit stores to user_ip4 and user_port.
     let (dialed_ip, dialed_port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     let key = ServiceKey::new(FAMILY_V4, Addr::v4(dialed_ip), dialed_port, proto);
     let Some(backend) = find_backend(key) else {
-        return;
+        return PROCEED;
     };
+    if backend.refuses_host() {
+        return refuse();
+    }
     if backend.family != FAMILY_V4 {
         // An IPv4 socket cannot reach an IPv6 container.
-        return;
+        return PROCEED;
     }
     unsafe {
         (*sa).user_ip4 = backend.addr.words[0];
@@ -213,13 +244,15 @@ fn translate4(ctx: &SockAddrContext, call: Call) {
             _pad: [0; 3],
         },
     );
+    PROCEED
 }
 
-/// Rewrites an IPv6 destination (connect, or an unconnected UDP send).
-fn translate6(ctx: &SockAddrContext, call: Call) {
+/// Rewrites an IPv6 destination (connect, or an unconnected UDP send); the
+/// program's verdict.
+fn translate6(ctx: &SockAddrContext, call: Call) -> i32 {
     let sa = ctx.sock_addr;
     let Some(proto) = socket_protocol(sa) else {
-        return;
+        return PROCEED;
     };
     let dialed = read_user_ip6(sa);
     let dialed_port = unsafe { (*sa).user_port as u16 };
@@ -230,12 +263,15 @@ fn translate6(ctx: &SockAddrContext, call: Call) {
         ServiceKey::new(FAMILY_V6, dialed, dialed_port, proto)
     };
     let Some(backend) = find_backend(key) else {
-        return;
+        return PROCEED;
     };
+    if backend.refuses_host() {
+        return refuse();
+    }
     let seen = if backend.family == FAMILY_V6 {
         if key.family == FAMILY_V4 {
             // An IPv4 connection cannot be turned into an IPv6 one.
-            return;
+            return PROCEED;
         }
         backend.addr
     } else {
@@ -246,7 +282,7 @@ fn translate6(ctx: &SockAddrContext, call: Call) {
         // kernel fails it (ENOTSUPP), so it is left alone. (A send to a
         // mapped address never gets here: the kernel hands it to sendmsg4.)
         if call == Call::SendMsg {
-            return;
+            return PROCEED;
         }
         Addr::v6([0, 0, V4_MAPPED_WORD2, backend.addr.words[0]])
     };
@@ -264,6 +300,7 @@ fn translate6(ctx: &SockAddrContext, call: Call) {
             _pad: [0; 3],
         },
     );
+    PROCEED
 }
 
 fn is_v4_mapped(addr: &Addr) -> bool {
@@ -300,6 +337,12 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
 /// backend it now talks to and the address the application dialed, for
 /// getpeername and recvmsg.
 fn remember_dialed(ctx: &SockAddrContext, call: Call, slot: DialedSlot) {
+    let path = match call {
+        Call::Connect => TRACE_PATH_CONNECT,
+        Call::SendMsg => TRACE_PATH_SENDMSG,
+    };
+    // SAFETY: reading a context field, checked by the verifier.
+    trace::socket(unsafe { (*ctx.sock_addr).protocol } as u8, path, &slot);
     // SAFETY: the helper reads the context's socket; the storage it returns
     // (zeroed when created) belongs to this socket until the socket is freed.
     let Some(dialed) = (unsafe { SOCK_DIALED.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {

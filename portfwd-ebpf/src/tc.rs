@@ -34,15 +34,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4,
-    FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey, ServiceKey, Stat,
-    TRACE_PATH_CONTAINERS, TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    ALLOW_SERVICE_BITS, Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey,
+    CtValue, FAMILY_V4, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
+    SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_TC,
+    TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
+    maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     trace,
 };
@@ -241,6 +242,9 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         note(ctx, pkt, masquerade, Stat::UntrackedMidflow);
         return NEXT;
     }
+    if refused(ctx, pkt, masquerade, &service, &backend) {
+        return DROP;
+    }
     // No NAT between families: an IPv4 client cannot reach an IPv6 container.
     if backend.family != pkt.family {
         return NEXT;
@@ -345,7 +349,41 @@ struct Backend {
     addr: Addr,
     port: u16,
     family: u8,
+    /// `SERVICE_FLAG_*`.
+    flags: u8,
     ifindex: u32,
+}
+
+/// Whether a new flow is refused by the mapping's source allowlist, which
+/// judges the packet's source (for a hairpin flow, the container's own
+/// address); counted and traced. One lookup, only for mappings with a list.
+// Not inlined, and the LPM key in scratch memory: with the key in a frame,
+// either `start_flow`'s frame grows or this one, which calls `note` and the
+// trace, makes the deepest chain reach the 512-byte limit.
+#[inline(never)]
+fn refused(
+    ctx: &TcContext,
+    pkt: &Packet,
+    masquerade: bool,
+    service: &ServiceKey,
+    backend: &Backend,
+) -> bool {
+    if backend.flags & SERVICE_FLAG_HAS_ALLOWLIST == 0 {
+        return false;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let key = unsafe { &mut (*scratch).allow_key };
+    key.prefix_len = ALLOW_SERVICE_BITS + 128;
+    key.data.service = *service;
+    key.data.client = pkt.saddr;
+    if ALLOW.get(&*key).is_some() {
+        return false;
+    }
+    note(ctx, pkt, masquerade, Stat::RefusedNotAllowed);
+    true
 }
 
 /// The mapping for the packet's destination: exact address first, then the
@@ -375,6 +413,7 @@ fn backend_of(value: &portfwd_common::ServiceValue) -> Backend {
         addr: value.addr,
         port: value.port,
         family: value.family,
+        flags: value.flags,
         ifindex: value.ifindex,
     }
 }

@@ -5,10 +5,13 @@
 //! per packet of a tracked flow. A full ring buffer drops the event and
 //! counts it (`trace_events_lost`): tracing never slows the data path.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use portfwd_common::{
-    Addr, CT_FLAG_MASQ, CtValue, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
-    TRACE_STAT, TraceEvent,
+    Addr, CT_FLAG_MASQ, CtValue, DialedSlot, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT, TraceEvent,
 };
 
 use crate::{
@@ -68,7 +71,7 @@ fn event(
         (*e).path = path;
         (*e).stat = 0;
         (*e).ifindex = (*ctx.skb.skb).ifindex;
-        (*e)._pad = 0;
+        (*e).pid = 0;
     }
     Some(entry)
 }
@@ -109,5 +112,52 @@ pub(crate) fn stat(ctx: &TcContext, pkt: &Packet, path: u8, stat: Stat) {
     };
     // SAFETY: `e` points to a reserved, writable TraceEvent.
     unsafe { (*entry.as_mut_ptr()).stat = stat.index() };
+    entry.submit(0);
+}
+
+/// A host socket's destination, translated at connect() or at an
+/// unconnected UDP send (`path`): `slot` holds what was dialed and where it
+/// now goes.
+#[inline(never)]
+pub(crate) fn socket(proto: u8, path: u8, slot: &DialedSlot) {
+    let Some(config) = TRACE_ON.get(0) else {
+        return;
+    };
+    let wanted = config.enabled == 1
+        && config.drops_only == 0
+        && (config.port == 0
+            || config.port == slot.dialed_port
+            || config.port == slot.backend_port)
+        && (config.proto == 0 || config.proto == proto);
+    if !wanted {
+        return;
+    }
+    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
+        if let Some(lost) = STATS.get_ptr_mut(Stat::TraceLost.index()) {
+            // SAFETY: per-CPU value, only this CPU writes it.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable TraceEvent.
+    unsafe {
+        (*e).time_ns = bpf_ktime_get_ns();
+        (*e).saddr = Addr::UNSPECIFIED;
+        (*e).daddr = slot.dialed;
+        (*e).nat_addr = slot.backend;
+        (*e).masq_addr = Addr::UNSPECIFIED;
+        (*e).sport = 0;
+        (*e).dport = slot.dialed_port;
+        (*e).nat_port = slot.backend_port;
+        (*e).masq_port = 0;
+        (*e).kind = TRACE_SOCKET;
+        (*e).family = slot.family;
+        (*e).proto = proto;
+        (*e).path = path;
+        (*e).stat = 0;
+        (*e).ifindex = 0;
+        (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    }
     entry.submit(0);
 }

@@ -2,7 +2,8 @@
 //! `portfwd-common`), kept apart so that `maps` and the modules that use
 //! the maps import them without importing each other.
 
-use portfwd_common::{CtKey, CtValue, FragmentKey, FragmentValue};
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use portfwd_common::{AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::packet::Packet;
 
@@ -22,4 +23,6 @@ pub(crate) struct Scratch {
     pub value: CtValue,
     pub frag_key: FragmentKey,
     pub frag_value: FragmentValue,
+    /// A source allowlist lookup (`tc::refused`).
+    pub allow_key: LpmKey<AllowKey>,
 }

@@ -298,6 +298,7 @@ impl Proxy {
         let options = PublishOptions {
             refuse_ports_in_use: false,
             hold_ports: false,
+            allow: None,
         };
         let published = ops::publish_with(pin_dir, &name, args.container_ip, &[spec], options)
             .inspect_err(|_| owner::release(pin_dir, protocol, host));

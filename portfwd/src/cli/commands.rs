@@ -111,6 +111,7 @@ pub(crate) fn map(
     container_ip: &str,
     publish: &[String],
     force: bool,
+    allow: &[String],
 ) -> Result<()> {
     let container_ip: IpAddr = container_ip.parse().map_err(|_| {
         Error::usage(format!(
@@ -129,8 +130,14 @@ pub(crate) fn map(
         .map(|text| text.parse::<PublishSpec>())
         .collect::<Result<Vec<_>, _>>()?;
 
+    let allow = if allow.is_empty() {
+        None
+    } else {
+        Some(model::Allowlist::parse(allow).map_err(Error::usage)?)
+    };
     let options = ops::PublishOptions {
         refuse_ports_in_use: !force,
+        allow,
         ..ops::PublishOptions::default()
     };
     let published = ops::publish_with(pin_dir, &name, container_ip, &specs, options)?;
@@ -142,8 +149,13 @@ pub(crate) fn map(
         eprintln!("portfwd: note: {busy} is held by another process: portfwd cannot reserve it");
     }
     print_lines(planned.iter().map(|m| {
+        let allow = m
+            .allow
+            .as_ref()
+            .map(|list| format!(" (allow {list})"))
+            .unwrap_or_default();
         format!(
-            "published {}: {}/{} -> {}",
+            "published {}: {}/{} -> {}{allow}",
             m.name, m.host, m.protocol, m.container
         )
     }))

@@ -58,6 +58,9 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
             None => "routed by the stack (no interface recorded)".to_owned(),
         };
         row(out, "container", format!("{} {via}", m.container))?;
+        if let Some(allow) = &m.allow {
+            row(out, "allow", allow.to_string())?;
+        }
         let c = &m.counters;
         row(
             out,

@@ -13,7 +13,7 @@ use crate::{
         kernel::{self, KernelFeatures},
     },
     holder,
-    model::Mapping,
+    model::{Allowlist, Mapping},
     ops,
     state::Damaged,
 };
@@ -40,6 +40,9 @@ struct MappingJson<'a> {
     host_port: u16,
     container_ip: IpAddr,
     container_port: u16,
+    /// The source allowlist; absent: everyone may connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<String>>,
     packets_in: u64,
     bytes_in: u64,
     packets_out: u64,
@@ -134,6 +137,7 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
                 host_port: m.host.port(),
                 container_ip: m.container.ip(),
                 container_port: m.container.port(),
+                allow: m.allow.as_ref().map(Allowlist::strings),
                 packets_in: c.packets_in,
                 bytes_in: c.bytes_in,
                 packets_out: c.packets_out,
@@ -194,6 +198,11 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
         "OUT PKTS/BYTES",
     ];
     write_table(out, header, &rows).context("writing the table")?;
+    for (m, _) in &listing.mappings {
+        if let Some(allow) = &m.allow {
+            writeln!(out, "allow {} {}/{}: {allow}", m.name, m.host, m.protocol)?;
+        }
+    }
     if rows.is_empty() {
         writeln!(
             out,

@@ -85,6 +85,10 @@ enum Command {
         /// Publish even a host port that another process holds
         #[arg(long)]
         force: bool,
+        /// Only these clients may connect: CIDR[,CIDR...], and `host` for this
+        /// machine's own processes (repeatable) [default: everyone]
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<String>,
     },
     /// Remove mappings by name or by host port: [HOSTIP:]HOSTPORT[-END][/PROTO]
     Unmap {
@@ -226,7 +230,15 @@ pub fn main() -> ExitCode {
             container_ip,
             publish,
             force,
-        } => commands::map(&pin_dir, name.as_deref(), &container_ip, &publish, force),
+            allow,
+        } => commands::map(
+            &pin_dir,
+            name.as_deref(),
+            &container_ip,
+            &publish,
+            force,
+            &allow,
+        ),
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)

@@ -48,13 +48,17 @@ pub(crate) fn trace(pin_dir: &Path, options: &TraceOptions) -> Result<()> {
         };
         seen += 1;
         let traced = Traced::from_event(&event);
-        let interface = names
-            .entry(traced.ifindex)
-            .or_insert_with(|| {
-                host::netlink::ifname(traced.ifindex)
-                    .unwrap_or_else(|_| format!("if{}", traced.ifindex))
-            })
-            .clone();
+        let interface = if traced.ifindex == 0 {
+            String::new()
+        } else {
+            names
+                .entry(traced.ifindex)
+                .or_insert_with(|| {
+                    host::netlink::ifname(traced.ifindex)
+                        .unwrap_or_else(|_| format!("if{}", traced.ifindex))
+                })
+                .clone()
+        };
         let written = if options.json {
             write_json(&mut out, &traced, &interface)
         } else {
@@ -120,6 +124,19 @@ fn write_line(out: &mut impl Write, t: &Traced, interface: &str) -> std::io::Res
         (Some(to), None) => format!("-> {to}"),
         _ => "untranslated".to_owned(),
     };
+    let time = wall_clock(t.time_ns);
+    if let Some(pid) = t.pid {
+        let process = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|comm| comm.trim_end().to_owned())
+            .unwrap_or_default();
+        return writeln!(
+            out,
+            "{time} {:<20} {protocol} {process}[{pid}] -> {} {what} [socket {}]",
+            "host socket",
+            show(t.destination),
+            t.path
+        );
+    }
     let event = if t.event == "flow_new" {
         "new flow"
     } else {
@@ -127,8 +144,7 @@ fn write_line(out: &mut impl Write, t: &Traced, interface: &str) -> std::io::Res
     };
     writeln!(
         out,
-        "{} {event:<20} {protocol} {} -> {} {what} [{} {interface}]",
-        wall_clock(t.time_ns),
+        "{time} {event:<20} {protocol} {} -> {} {what} [{} {interface}]",
         show(t.source),
         show(t.destination),
         t.path

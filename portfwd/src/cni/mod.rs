@@ -226,6 +226,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
             let options = ops::PublishOptions {
                 refuse_ports_in_use: false,
                 hold_ports: conf.hold_ports.unwrap_or(false),
+                allow: None,
             };
             if let Err(e) = ops::publish_with(&pin_dir, &name, *container, specs, options) {
                 // All or nothing: undo the other family's mappings too.

@@ -5,14 +5,18 @@
 use std::{collections::BTreeMap, fs::File, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    lpm_trie::{Key as LpmKey, LpmTrie},
+};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    Addr, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters, PUBLISHED_PORTS,
-    SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, published_port_bit,
+    ALLOW, Addr, AllowKey, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters,
+    PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
+    published_port_bit,
 };
 
-use crate::model::Mapping;
+use crate::model::{Allowlist, Mapping};
 
 /// Insert only when the key is absent (BPF_NOEXIST).
 const NO_EXIST: u64 = 1;
@@ -102,6 +106,7 @@ pub(crate) struct PinnedMaps {
     stats: PerCpuArray<MapData, u64>,
     services_gen: Array<MapData, u64>,
     published_ports: Array<MapData, u32>,
+    allow: LpmTrie<MapData, AllowKey, u8>,
 }
 
 fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -144,7 +149,10 @@ impl PinnedMaps {
             .context("the services generation map has an unexpected layout")?;
         let published_ports = Array::try_from(Map::Array(open_pin(dir, PUBLISHED_PORTS.name)?))
             .context("the published ports map has an unexpected layout")?;
+        let allow = LpmTrie::try_from(Map::LpmTrie(open_pin(dir, ALLOW.name)?))
+            .context("the allowlist map has an unexpected layout")?;
         Ok(PinnedMaps {
+            allow,
             services,
             local_addrs,
             config,
@@ -165,8 +173,59 @@ impl PinnedMaps {
                 mappings.push(mapping);
             }
         }
+        let mut networks = self.allowlists()?;
+        for m in &mut mappings {
+            let key = m.key();
+            if let Some(allow) = &mut m.allow {
+                allow.networks = networks.remove(&key).unwrap_or_default();
+                allow.networks.sort();
+            }
+        }
         mappings.sort_by_key(|m| (m.host.port(), m.protocol, m.host.is_ipv6(), m.host.ip()));
         Ok(mappings)
+    }
+
+    /// The networks of every allowlist, by mapping.
+    fn allowlists(
+        &self,
+    ) -> Result<std::collections::HashMap<ServiceKey, Vec<crate::model::Network>>> {
+        let mut by_service: std::collections::HashMap<ServiceKey, Vec<_>> = Default::default();
+        for key in self.allow.keys() {
+            let key = key.context("reading the allowlist map")?;
+            let data = key.data();
+            if let Some(network) = Allowlist::network_of(key.prefix_len(), &data) {
+                by_service.entry(data.service).or_default().push(network);
+            }
+        }
+        Ok(by_service)
+    }
+
+    /// Writes a mapping's allowlist networks, after removing any left for
+    /// its key (by a removal that failed half-way).
+    fn set_allowlist(&mut self, mapping: &Mapping) -> Result<(), MapError> {
+        let service = mapping.key();
+        self.forget_allowlist(&service);
+        let Some(allow) = &mapping.allow else {
+            return Ok(());
+        };
+        for (prefix_len, key) in allow.keys(&service) {
+            self.allow.insert(&LpmKey::new(prefix_len, key), 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a mapping's allowlist networks; failures are ignored (a
+    /// stale network is removed when the key is published again).
+    fn forget_allowlist(&mut self, service: &ServiceKey) {
+        let stale: Vec<LpmKey<AllowKey>> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.data().service == *service)
+            .collect();
+        for key in stale {
+            self.allow.remove(&key).ok();
+        }
     }
 
     /// Adds every mapping or, on any failure, none: entries added before the
@@ -175,16 +234,20 @@ impl PinnedMaps {
         self.mark_ports_published(mappings)?;
         let cpus = possible_cpus()?;
         for (done, mapping) in mappings.iter().enumerate() {
-            // Counters first, so that the programs count from the first packet.
+            // Counters first, so that the programs count from the first
+            // packet; the allowlist before the entry whose flag says to look
+            // it up, so that no client is refused while it is written.
             let inserted = self
                 .counters
                 .insert(mapping.key(), zeroed_per_cpu(cpus)?, 0)
+                .and_then(|()| self.set_allowlist(mapping))
                 .and_then(|()| {
                     self.services
                         .insert(mapping.key(), mapping.value(), NO_EXIST)
                 });
             if let Err(error) = inserted {
                 self.forget_counters(&mapping.key());
+                self.forget_allowlist(&mapping.key());
                 let undo = self.remove_keys(mappings[..done].iter().map(Mapping::key));
                 let error = describe_insert_error(error, mapping);
                 return match undo {
@@ -223,6 +286,7 @@ impl PinnedMaps {
         // mappings stop at their next packet (the programs check the map).
         for mapping in mappings {
             self.forget_counters(&mapping.key());
+            self.forget_allowlist(&mapping.key());
         }
         Ok(())
     }
@@ -294,6 +358,7 @@ impl PinnedMaps {
         for key in keys {
             self.services.remove(&key)?;
             self.forget_counters(&key);
+            self.forget_allowlist(&key);
         }
         self.services_changed()
     }

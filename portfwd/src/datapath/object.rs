@@ -119,6 +119,7 @@ mod tests {
             t if t == map_type::BPF_MAP_TYPE_PERCPU_HASH as u32 => MapKind::PerCpuHash,
             t if t == map_type::BPF_MAP_TYPE_RINGBUF as u32 => MapKind::RingBuf,
             t if t == map_type::BPF_MAP_TYPE_SK_STORAGE as u32 => MapKind::SkStorage,
+            t if t == map_type::BPF_MAP_TYPE_LPM_TRIE as u32 => MapKind::LpmTrie,
             _ => return None,
         };
         Some(kind)

@@ -213,6 +213,7 @@ mod tests {
             container: container.parse().unwrap(),
             ifindex: 0,
             hold: false,
+            allow: None,
         }
     }
 

@@ -7,17 +7,20 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::{IpFragOffset, Ipv4Header, PacketBuilder};
 use portfwd_common::{
-    BACKEND_PROGRAMS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
-    TRANSLATED_MARK, UPLINK_PROGRAMS,
+    ALLOW, AllowKey, BACKEND_PROGRAMS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue,
+    Stat, TRANSLATED_MARK, UPLINK_PROGRAMS,
 };
 
 use super::object::OBJECT;
-use crate::model::{Mapping, Protocol};
+use crate::model::{Allowlist, Mapping, Protocol};
 
 /// TC verdicts as the test run returns them.
 const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -30,6 +33,10 @@ pub(super) const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
 const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
 const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 0, 7);
+/// Clients outside the allowlist of the mappings on 8090 and 5454, which
+/// hold `CLIENT_V4`'s /24 and `CLIENT_V6`'s /48.
+const OUTSIDER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 7, 7);
+const OUTSIDER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 7, 0, 0, 0, 0, 7);
 
 /// Frames to the loopback device's MAC (all zero) are PACKET_HOST in a
 /// test run, as frames to the uplink's MAC are on the wire.
@@ -157,6 +164,41 @@ fn cases() -> Vec<Case> {
         ),
         case("not IP", arp, NEXT, None, Stat::PassNotIp),
         case(
+            "a SYN from a client the allowlist holds",
+            frame(v4(CLIENT_V4, 40011), v4(HOST_V4, 8090), L4::Syn),
+            TO_STACK,
+            Some(frame(v4(CLIENT_V4, 40011), v4(CTR_V4, 80), L4::Syn)),
+            Stat::ToStack,
+        ),
+        case(
+            "a SYN from a client outside the allowlist",
+            frame(v4(OUTSIDER_V4, 40012), v4(HOST_V4, 8090), L4::Syn),
+            DROP,
+            None,
+            Stat::RefusedNotAllowed,
+        ),
+        case(
+            "UDP from a client outside the allowlist",
+            frame(v4(OUTSIDER_V4, 40013), v4(HOST_V4, 5454), L4::Udp),
+            DROP,
+            None,
+            Stat::RefusedNotAllowed,
+        ),
+        case(
+            "an IPv6 SYN from a client the allowlist holds",
+            frame(v6(CLIENT_V6, 40014), v6(HOST_V6, 8090), L4::Syn),
+            TO_STACK,
+            Some(frame(v6(CLIENT_V6, 40014), v6(CTR_V6, 80), L4::Syn)),
+            Stat::ToStack,
+        ),
+        case(
+            "an IPv6 SYN from a client outside the allowlist",
+            frame(v6(OUTSIDER_V6, 40015), v6(HOST_V6, 8090), L4::Syn),
+            DROP,
+            None,
+            Stat::RefusedNotAllowed,
+        ),
+        case(
             "a forged SYN to a loopback address",
             frame(v4(CLIENT_V4, 40007), v4(Ipv4Addr::LOCALHOST, 8080), L4::Syn),
             DROP,
@@ -181,24 +223,55 @@ fn cases() -> Vec<Case> {
 }
 
 /// The published mappings: TCP 8080 -> 80 on both families, UDP 5353 ->
+/// 53; with an allowlist, TCP 8090 -> 80 on both families and UDP 5454 ->
 /// 53; interface 0, so rewritten packets go to the stack.
 fn publish(ebpf: &mut Ebpf) {
-    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(map).unwrap();
-    for (protocol, host, container) in [
-        (Protocol::Tcp, v4(HOST_V4, 8080), v4(CTR_V4, 80)),
-        (Protocol::Udp, v4(HOST_V4, 5353), v4(CTR_V4, 53)),
-        (Protocol::Tcp, v6(HOST_V6, 8080), v6(CTR_V6, 80)),
+    let allow = Allowlist::parse(&["10.9.8.0/24", "fd00:9:8::/48"]).unwrap();
+    let mut mappings = Vec::new();
+    for (protocol, host, container, allow) in [
+        (Protocol::Tcp, v4(HOST_V4, 8080), v4(CTR_V4, 80), None),
+        (Protocol::Udp, v4(HOST_V4, 5353), v4(CTR_V4, 53), None),
+        (Protocol::Tcp, v6(HOST_V6, 8080), v6(CTR_V6, 80), None),
+        (
+            Protocol::Tcp,
+            v4(HOST_V4, 8090),
+            v4(CTR_V4, 80),
+            Some(&allow),
+        ),
+        (
+            Protocol::Udp,
+            v4(HOST_V4, 5454),
+            v4(CTR_V4, 53),
+            Some(&allow),
+        ),
+        (
+            Protocol::Tcp,
+            v6(HOST_V6, 8090),
+            v6(CTR_V6, 80),
+            Some(&allow),
+        ),
     ] {
-        let mapping = Mapping {
+        mappings.push(Mapping {
             name: "case".into(),
             protocol,
             host,
             container,
             ifindex: 0,
             hold: true,
-        };
+            allow: allow.map(|a| a.for_family(host.is_ipv4())),
+        });
+    }
+    let map = ebpf.map_mut(ALLOW.name).expect("the allowlist map");
+    let mut lists: LpmTrie<&mut MapData, AllowKey, u8> = LpmTrie::try_from(map).unwrap();
+    for mapping in &mappings {
+        for (prefix_len, key) in mapping.allow.iter().flat_map(|a| a.keys(&mapping.key())) {
+            lists.insert(&LpmKey::new(prefix_len, key), 1, 0).unwrap();
+        }
+    }
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    for mapping in &mappings {
         services.insert(mapping.key(), mapping.value(), 0).unwrap();
     }
 }
@@ -313,6 +386,7 @@ fn translated_replies_skip_uplink_egress() {
         // not redirect.
         ifindex: 1,
         hold: true,
+        allow: None,
     };
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
@@ -480,6 +554,7 @@ fn a_flow_rechecks_its_mapping_when_the_services_generation_moves() {
         container: v4(Ipv4Addr::new(10, 9, 9, 3), 80),
         ifindex: 0,
         hold: true,
+        allow: None,
     };
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =

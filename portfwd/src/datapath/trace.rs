@@ -18,8 +18,9 @@ use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
 };
 use portfwd_common::{
-    Addr, Stat, TRACE, TRACE_FLOW_NEW, TRACE_ON, TRACE_PATH_CONTAINERS, TRACE_PATH_EGRESS,
-    TRACE_PATH_UPLINK, TRACE_STAT, TraceConfig, TraceEvent,
+    Addr, Stat, TRACE, TRACE_FLOW_NEW, TRACE_ON, TRACE_PATH_CONNECT, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_EGRESS, TRACE_PATH_SENDMSG, TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT,
+    TraceConfig, TraceEvent,
 };
 use serde::Serialize;
 
@@ -120,10 +121,14 @@ impl Drop for Tracer {
 /// An event as `portfwd trace` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct Traced {
-    /// `flow_new`, or the name of the stat (`dropped_loopback`, ...).
+    /// `flow_new`, `socket` (a host socket pointed at the container), or
+    /// the name of the stat (`dropped_loopback`, ...).
     pub(crate) event: &'static str,
-    /// `uplink`, `containers` (hairpin), `egress` or `tc`.
+    /// `uplink`, `containers` (hairpin), `egress`, `tc`, or for sockets
+    /// `connect` or `sendmsg`.
     pub(crate) path: &'static str,
+    /// `socket`: the process whose socket it is.
+    pub(crate) pid: Option<u32>,
     pub(crate) ifindex: u32,
     pub(crate) protocol: Option<Protocol>,
     /// The packet as it arrived.
@@ -144,9 +149,11 @@ impl Traced {
             addr.to_ip(e.family)
                 .map(|ip| SocketAddr::new(ip, u16::from_be(port)))
         };
-        let flow_new = e.kind == TRACE_FLOW_NEW;
+        let translated = e.kind == TRACE_FLOW_NEW || e.kind == TRACE_SOCKET;
+        let socket = e.kind == TRACE_SOCKET;
         let event = match e.kind {
             TRACE_FLOW_NEW => "flow_new",
+            TRACE_SOCKET => "socket",
             TRACE_STAT => Stat::ALL
                 .get(e.stat as usize)
                 .map_or("unknown", |stat| stat.name()),
@@ -156,17 +163,21 @@ impl Traced {
             TRACE_PATH_UPLINK => "uplink",
             TRACE_PATH_CONTAINERS => "containers",
             TRACE_PATH_EGRESS => "egress",
+            TRACE_PATH_CONNECT => "connect",
+            TRACE_PATH_SENDMSG => "sendmsg",
             _ => "tc",
         };
         Traced {
             event,
             path,
             ifindex: e.ifindex,
+            pid: socket.then_some(e.pid),
             protocol: Protocol::from_number(e.proto),
-            source: at(&e.saddr, e.sport),
+            // A socket's own address is not known yet at connect().
+            source: (!socket).then(|| at(&e.saddr, e.sport)).flatten(),
             destination: at(&e.daddr, e.dport),
-            translated_to: flow_new.then(|| at(&e.nat_addr, e.nat_port)).flatten(),
-            masqueraded_as: (flow_new && !e.masq_addr.is_unspecified())
+            translated_to: translated.then(|| at(&e.nat_addr, e.nat_port)).flatten(),
+            masqueraded_as: (translated && !e.masq_addr.is_unspecified())
                 .then(|| at(&e.masq_addr, e.masq_port))
                 .flatten(),
             time_ns: e.time_ns,

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Mapping, Protocol};
+use super::{Allowlist, Mapping, Protocol};
 use crate::error::Error;
 
 /// One mapping as the state file stores it.
@@ -25,6 +25,9 @@ pub struct Record {
     /// Whether the holder binds the host port (see `Mapping::hold`).
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub hold: bool,
+    /// The source allowlist (see `Mapping::allow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Allowlist>,
 }
 
 fn yes() -> bool {
@@ -45,6 +48,7 @@ impl From<&Mapping> for Record {
             container_ip: m.container.ip(),
             container_port: m.container.port(),
             hold: m.hold,
+            allow: m.allow.clone(),
         }
     }
 }
@@ -58,6 +62,7 @@ impl Record {
             container: SocketAddr::new(self.container_ip, self.container_port),
             ifindex: 0,
             hold: self.hold,
+            allow: self.allow.clone(),
         }
     }
 }
@@ -195,6 +200,9 @@ pub struct ApplyEntry {
     pub name: Option<String>,
     pub container: IpAddr,
     pub publish: Vec<String>,
+    /// The source allowlist of every mapping of the entry (`--allow`).
+    #[serde(default)]
+    pub allow: Option<Allowlist>,
 }
 
 /// Which syntax an apply file uses.
@@ -248,6 +256,7 @@ mod tests {
             container_ip: "10.0.0.2".parse().unwrap(),
             container_port: 80,
             hold: true,
+            allow: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Result, bail};
 use portfwd_common::{Addr, NAME_LEN, ServiceKey, ServiceValue};
 
-use super::{PortRange, Protocol};
+use super::{Allowlist, PortRange, Protocol};
 use crate::error::Error;
 
 /// One published (host address, port, protocol) and its container endpoint.
@@ -28,6 +28,8 @@ pub struct Mapping {
     /// Whether portfwd's holder binds the host port (see `holder`); off
     /// when the runtime holds it.
     pub hold: bool,
+    /// The source allowlist (`--allow`); None: everyone may connect.
+    pub allow: Option<Allowlist>,
 }
 
 impl Mapping {
@@ -53,10 +55,18 @@ impl Mapping {
         if !self.hold {
             value.flags |= portfwd_common::SERVICE_FLAG_NO_HOLD;
         }
+        if let Some(allow) = &self.allow {
+            value.flags |= portfwd_common::SERVICE_FLAG_HAS_ALLOWLIST;
+            if allow.host {
+                value.flags |= portfwd_common::SERVICE_FLAG_HOST_ALLOWED;
+            }
+        }
         value
     }
 
     /// Decodes a map entry; None for an entry this build does not understand.
+    /// An allowlist comes back without its networks (they are in another
+    /// map: see `datapath`).
     pub fn from_entry(key: &ServiceKey, value: &ServiceValue) -> Option<Self> {
         let protocol = Protocol::from_number(key.proto)?;
         let host = SocketAddr::new(key.addr.to_ip(key.family)?, u16::from_be(key.port));
@@ -69,6 +79,12 @@ impl Mapping {
             container,
             ifindex: value.ifindex,
             hold: value.flags & portfwd_common::SERVICE_FLAG_NO_HOLD == 0,
+            allow: (value.flags & portfwd_common::SERVICE_FLAG_HAS_ALLOWLIST != 0).then(|| {
+                Allowlist {
+                    host: value.flags & portfwd_common::SERVICE_FLAG_HOST_ALLOWED != 0,
+                    networks: Vec::new(),
+                }
+            }),
         })
     }
 
@@ -217,6 +233,7 @@ mod tests {
                     container: container.parse().unwrap(),
                     ifindex: 7,
                     hold: protocol == Protocol::Tcp,
+                    allow: None,
                 };
                 assert_eq!(Mapping::from_entry(&m.key(), &m.value()), Some(m.clone()));
             }
@@ -232,6 +249,7 @@ mod tests {
             container: "10.0.0.2:80".parse().unwrap(),
             ifindex: 0,
             hold: true,
+            allow: None,
         };
         let key = m.key();
         let bytes: &[u8] = bytemuck::bytes_of(&key);

@@ -7,12 +7,14 @@
 //! The `-p` parser is hand-written: no crate parses docker's grammar, and
 //! its errors must name the bad part.
 
+mod allowlist;
 mod files;
 mod mapping;
 mod plan;
 mod protocol;
 mod publish;
 
+pub use allowlist::{Allowlist, Network};
 pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state};
 pub(crate) use files::{FORMAT_VERSION, JournalEntry, ParsedState, StateFile, parse_state_file};
 pub use mapping::{Mapping, UnmapSelector};

@@ -161,6 +161,7 @@ impl<'a> Planner<'a> {
                             container: SocketAddr::new(container_ip, container_port),
                             ifindex: 0,
                             hold: true,
+                            allow: None,
                         })
                         .collect()
                 };

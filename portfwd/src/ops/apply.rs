@@ -69,7 +69,12 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         let planned = planner
             .plan(&name, entry.container, &specs, in_use)
             .with_context(|| format!("mapping {name:?}"))?;
-        wanted.extend(planned);
+        // Each mapping keeps the networks of its own family (see
+        // `publish_with`), so that unchanged lists compare equal.
+        wanted.extend(planned.into_iter().map(|m| Mapping {
+            allow: entry.allow.as_ref().map(|a| a.for_family(m.host.is_ipv4())),
+            ..m
+        }));
     }
     let key = |m: &Mapping| Record::from(m);
     let current_keys: BTreeSet<Record> = current.iter().map(key).collect();

@@ -21,7 +21,7 @@ use crate::{
     datapath::{self, Flow, PinnedMaps},
     error::Error,
     holder, host, instance,
-    model::{Mapping, Protocol},
+    model::{Allowlist, Mapping, Protocol},
 };
 
 /// What `explain` is asked about.
@@ -104,6 +104,8 @@ pub(crate) struct Matched {
     pub(crate) counters: Counters,
     /// Its live flows on the TC path.
     pub(crate) flows: Vec<Flow>,
+    /// Its source allowlist; None: everyone may connect.
+    pub(crate) allow: Option<Allowlist>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -191,6 +193,7 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
                     .into_iter()
                     .filter(|flow| flow.service == mapping.key())
                     .collect(),
+                allow: mapping.allow.clone(),
             });
         }
         None => explanation.reasons = nearest_reasons(&mappings, &question, local_address),
@@ -287,6 +290,22 @@ fn judge(e: &mut Explanation) {
             served = true;
         }
     }
+    if let Some(allow) = e.matched.as_ref().and_then(|m| m.allow.as_ref()) {
+        match e.question.from {
+            // A host process is judged by `host`, a client outside by its
+            // address (a container's hairpin flow too).
+            Some(from) if !allow.allows((!host_client).then_some(from)) => {
+                served = false;
+                e.reasons.push(format!(
+                    "{from} is not in the mapping's source allowlist ({allow}): refused"
+                ));
+            }
+            Some(_) => {}
+            None => e
+                .reasons
+                .push(format!("only the allowlist's clients may connect: {allow}")),
+        }
+    }
     if let Some(m) = &e.matched
         && m.container_interface.is_some()
         && !m.container_interface_attached
@@ -314,6 +333,7 @@ mod tests {
             container: "10.88.0.5:80".parse().unwrap(),
             ifindex: 0,
             hold: true,
+            allow: None,
         }
     }
 
@@ -353,6 +373,53 @@ mod tests {
             find(&all, &ask("[::1]:8080"), true).is_none(),
             "the v4 wildcard"
         );
+    }
+
+    /// An explanation of a served wildcard mapping with `allow`, asked
+    /// for a client at `from`.
+    fn judged(allow: &[&str], from: &str) -> Explanation {
+        let question = Question::parse("10.0.0.1:8080", Some(from)).unwrap();
+        let mut e = Explanation {
+            question,
+            up: true,
+            local_address: true,
+            loopback: false,
+            matched: Some(Matched {
+                how: MatchKind::Wildcard,
+                name: "web".into(),
+                host: "0.0.0.0:8080".parse().unwrap(),
+                container: "10.88.0.5:80".parse().unwrap(),
+                container_interface: None,
+                container_interface_attached: false,
+                counters: Counters::default(),
+                flows: Vec::new(),
+                allow: Some(Allowlist::parse(allow).unwrap()),
+            }),
+            host_path: true,
+            uplinks: vec!["eth0".into()],
+            port_held_by: None,
+            port_holder_running: true,
+            served: false,
+            reasons: Vec::new(),
+        };
+        judge(&mut e);
+        e
+    }
+
+    #[test]
+    fn the_allowlist_gives_the_verdict_for_a_client() {
+        assert!(judged(&["192.0.2.0/24"], "192.0.2.9").served);
+        let refused = judged(&["192.0.2.0/24"], "198.51.100.1");
+        assert!(!refused.served);
+        assert!(
+            refused.reasons.iter().any(|r| r
+                .contains("198.51.100.1 is not in the mapping's source allowlist (192.0.2.0/24)")),
+            "{:?}",
+            refused.reasons
+        );
+        // A host process (loopback) needs `host`.
+        assert!(!judged(&["192.0.2.0/24"], "127.0.0.1").served);
+        assert!(judged(&["192.0.2.0/24", "host"], "127.0.0.1").served);
     }
 
     #[test]

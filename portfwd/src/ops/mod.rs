@@ -329,6 +329,7 @@ mod tests {
             container: "10.0.0.2:80".parse().unwrap(),
             ifindex: 0,
             hold: true,
+            allow: None,
         }
     }
 

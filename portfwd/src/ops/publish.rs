@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// How `publish` treats host ports that another process already holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PublishOptions {
     /// Refuse (exit 1, nothing changed) to publish a port a host process
     /// holds, naming it. Off for `--force`, and for runtimes that hold their
@@ -20,6 +20,8 @@ pub(crate) struct PublishOptions {
     /// Have the holder bind the host ports (off when the runtime binds
     /// them itself, as podman's conmon does, after the CNI ADD).
     pub(crate) hold_ports: bool,
+    /// The source allowlist of every mapping published (`--allow`).
+    pub(crate) allow: Option<model::Allowlist>,
 }
 
 impl Default for PublishOptions {
@@ -27,6 +29,7 @@ impl Default for PublishOptions {
         PublishOptions {
             refuse_ports_in_use: true,
             hold_ports: true,
+            allow: None,
         }
     }
 }
@@ -53,26 +56,71 @@ pub(crate) fn publish_with(
     let notes = std::mem::take(&mut session.notes);
     let existing = session.mappings();
     let busy = host::BusyPorts::new();
-    let mut planned = model::plan(name, container_ip, specs, &existing, |p, port| {
-        busy.any(p, port)
-    })?;
+    let in_use = |p, port| busy.any(p, port);
+    let (mut planned, replaced) = match model::plan(name, container_ip, specs, &existing, in_use) {
+        Ok(planned) => (planned, Vec::new()),
+        Err(error) => replan(name, container_ip, specs, &existing, in_use).ok_or(error)?,
+    };
     if options.refuse_ports_in_use {
-        refuse_ports_in_use(&planned, &busy)?;
+        // A port this mapping publishes already is held by portfwd itself.
+        let new_ports: Vec<Mapping> = planned
+            .iter()
+            .filter(|m| !replaced.iter().any(|old| old.host == m.host))
+            .cloned()
+            .collect();
+        refuse_ports_in_use(&new_ports, &busy)?;
     }
     let ifindex = session.prepare_backend_path(container_ip)?;
     for m in &mut planned {
         m.ifindex = ifindex;
         m.hold = options.hold_ports;
+        // Each mapping keeps the networks of its own family, as the
+        // kernel's entries (and so the state file) hold them.
+        m.allow = options
+            .allow
+            .as_ref()
+            .map(|a| a.for_family(m.host.is_ipv4()));
     }
     // Wildcard mappings serve the host's addresses as they are now.
     session.maps.sync_local_addrs(&host::local_addresses()?)?;
-    session.change(&[], &planned)?;
+    session.change(&replaced, &planned)?;
     let busy_ports = session.finish()?.busy_ports;
     Ok(Published {
         mappings: planned,
         busy_ports,
         notes,
     })
+}
+
+/// `map` again of ports that this very mapping (same name and container)
+/// already publishes, to change its allowlist: the mappings planned and
+/// those they replace; None unless every planned mapping replaces one with
+/// the same endpoints and conflicts with nothing else.
+fn replan(
+    name: &str,
+    container_ip: IpAddr,
+    specs: &[PublishSpec],
+    existing: &[Mapping],
+    in_use: impl Fn(model::Protocol, u16) -> bool,
+) -> Option<(Vec<Mapping>, Vec<Mapping>)> {
+    let ours = |m: &Mapping| m.name == name && m.container.ip() == container_ip;
+    let others: Vec<Mapping> = existing.iter().filter(|m| !ours(m)).cloned().collect();
+    let planned = model::plan(name, container_ip, specs, &others, in_use).ok()?;
+    let same_endpoints = |a: &Mapping, b: &Mapping| {
+        (a.protocol, a.host, a.container) == (b.protocol, b.host, b.container)
+    };
+    let mut replaced = Vec::new();
+    for new in &planned {
+        let old = existing
+            .iter()
+            .find(|old| ours(old) && same_endpoints(old, new))?;
+        replaced.push(old.clone());
+    }
+    let clash = existing
+        .iter()
+        .filter(|old| !replaced.contains(old))
+        .any(|old| planned.iter().any(|new| new.conflicts_with(old)));
+    (!clash).then_some((planned, replaced))
 }
 
 pub(super) fn refuse_ports_in_use(planned: &[Mapping], busy: &host::BusyPorts) -> Result<()> {

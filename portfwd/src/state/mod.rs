@@ -320,6 +320,7 @@ mod tests {
             container_ip: "10.0.0.2".parse().unwrap(),
             container_port: 80,
             hold: true,
+            allow: None,
         }
     }
 

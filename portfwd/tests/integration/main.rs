@@ -13,6 +13,7 @@
 // next run's setup removes first.
 #![allow(clippy::let_underscore_must_use)]
 
+mod allowlist;
 mod cni;
 mod conntrack;
 mod control_plane;

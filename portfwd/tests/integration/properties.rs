@@ -202,6 +202,7 @@ fn mapping() -> impl Strategy<Value = Mapping> {
             container,
             ifindex,
             hold,
+            allow: None,
         })
 }
 

@@ -1,5 +1,6 @@
 //! `portfwd trace`: the events match the traffic sent through the TC path
-//! (external and hairpin flows, a flow stopped by `unmap`), filters apply,
+//! (external and hairpin flows, a flow stopped by `unmap`) and the socket
+//! path (a host process's connect), filters apply,
 //! and tracing ends with the reader. Needs root (`cargo xtask test`).
 
 use std::{
@@ -81,7 +82,7 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     let dns = SocketAddr::new(uplink, 47741);
     let from = SocketAddr::new(client_ip, 41740);
 
-    let trace = start_trace(&["--count", "5"]);
+    let trace = start_trace(&["--count", "6"]);
     for _ in 0..2 {
         client.inside(move || fetch(web)).expect("external fetch");
     }
@@ -90,11 +91,19 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
         .expect("external UDP");
     // Hairpin: the container dials the published address.
     ctr.inside(move || fetch(web)).expect("hairpin fetch");
+    // A host process: the socket path.
+    fetch("127.0.0.1:47740".parse().unwrap()).expect("host fetch");
     // The UDP flow goes on after its mapping is removed: stopped.
     portfwd_ok(&["unmap", "--name", "dns"]);
     let _ = client.inside(move || udp_ask(dns, Some(from), b"again"));
     let events = events_of(trace);
-    assert_eq!(events.len(), 5, "{events:#?}");
+    assert_eq!(events.len(), 6, "{events:#?}");
+    let sockets: Vec<&Value> = events.iter().filter(|e| e["event"] == "socket").collect();
+    assert_eq!(sockets.len(), 1, "{events:#?}");
+    assert_eq!(sockets[0]["path"], "connect");
+    assert_eq!(sockets[0]["pid"], std::process::id());
+    assert_eq!(sockets[0]["destination"], "127.0.0.1:47740");
+    assert_eq!(sockets[0]["translated_to"], format!("{ctr_ip}:80"));
 
     let external: Vec<&Value> = events
         .iter()

@@ -1,0 +1,280 @@
+//! Source allowlists (`portfwd map --allow`, `allow = [...]` in apply
+//! files), enforced by the programs: external clients outside the list are
+//! dropped on the TC path (v4 and v6, TCP and UDP), host processes are
+//! refused on the socket path unless the list names `host`, a container's
+//! hairpin flow is judged by its own address, and a changed list holds for
+//! the next flow. Needs root (`cargo xtask test`). Topology:
+//!
+//! ```text
+//! client A ns (10.252.75.2) --veth-- host uplink pfte75h (10.252.75.1)
+//! client B ns (10.252.76.2) --veth-- host uplink pfte76h (10.252.76.1)
+//! host pftc75h (10.251.75.1) --veth-- container ns (10.251.75.2, servers)
+//! ```
+
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use crate::support::*;
+
+struct Topology {
+    ctr: Container,
+    allowed: Container,
+    refused: Container,
+    _tcp: Server,
+    _udp: Server,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let ctr = Container::new(75);
+        let _tcp = ctr.serve("[::]:80", "container");
+        let _udp = serve_udp(
+            Some(ctr.netns_path()),
+            "[::]:5000".parse().unwrap(),
+            "container",
+        );
+        Topology {
+            ctr,
+            allowed: Container::with_prefix(75, "ext", 252),
+            refused: Container::with_prefix(76, "ext", 252),
+            _tcp,
+            _udp,
+        }
+    }
+
+    fn up(&self) -> Portfwd {
+        Portfwd::up(&[
+            "--iface",
+            &self.allowed.host_if,
+            "--iface",
+            &self.refused.host_if,
+        ])
+    }
+}
+
+/// Whether `client` gets the container's TCP and UDP answers on `port`
+/// (TCP) and `port + 1` (UDP) of the host's address on its uplink.
+fn reaches(client: &Container, v6: bool, port: u16) -> (bool, bool) {
+    let host = if v6 {
+        client.host_v6()
+    } else {
+        client.host_v4()
+    };
+    let me = if v6 { client.v6() } else { client.v4() };
+    let (tcp, udp) = (SocketAddr::new(host, port), SocketAddr::new(host, port + 1));
+    let (tcp, udp) = client.inside(move || (fetch(tcp).map(|a| a.0), udp_ask(udp, None, b"hi")));
+    if let Ok(answer) = &tcp {
+        assert_eq!(answer, &format!("container {me}"));
+    }
+    if let Ok(answer) = &udp {
+        assert_eq!(answer, &format!("container hi {me}"));
+    }
+    (tcp.is_ok(), udp.is_ok())
+}
+
+fn refused_count() -> u64 {
+    stats().get("refused_not_allowed").copied().unwrap_or(0)
+}
+
+fn explain_code(args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["explain"];
+    all.extend_from_slice(args);
+    let out = portfwd(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
+    let Some(_serial) = root_test("allowlist_external") else {
+        return;
+    };
+    let topo = Topology::new();
+    let _pf = topo.up();
+    let allow = format!("{}/32,fd00:252:75::/64", topo.allowed.v4());
+    let (ctr4, ctr6) = (topo.ctr.v4().to_string(), topo.ctr.v6().to_string());
+    portfwd_ok(&[
+        "map",
+        "--allow",
+        &allow,
+        &ctr4,
+        "47750:80",
+        "47751:5000/udp",
+    ]);
+    portfwd_ok(&[
+        "map",
+        "--allow",
+        &allow,
+        &ctr6,
+        "[::]:47752:80",
+        "[::]:47753:5000/udp",
+    ]);
+    let before = refused_count();
+    assert_eq!(reaches(&topo.allowed, false, 47750), (true, true));
+    assert_eq!(reaches(&topo.allowed, true, 47752), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 47750), (false, false));
+    assert_eq!(reaches(&topo.refused, true, 47752), (false, false));
+    // A SYN and a datagram per family at least (TCP retries add more).
+    assert!(refused_count() >= before + 4, "{:?}", stats());
+
+    let listed = listed();
+    let on = |port: u64| {
+        listed
+            .iter()
+            .find(|m| m["host_port"] == port)
+            .unwrap_or_else(|| panic!("{port} in {listed:?}"))["allow"]
+            .clone()
+    };
+    // Each mapping holds the networks of its own family.
+    let v4 = serde_json::json!([format!("{}/32", topo.allowed.v4())]);
+    assert_eq!(on(47750), v4);
+    assert_eq!(on(47751), v4);
+    assert_eq!(on(47753), serde_json::json!(["fd00:252:75::/64"]));
+
+    let text = portfwd_ok(&["list"]);
+    assert!(
+        text.contains(&format!(
+            "allow {ctr4} 0.0.0.0:47750/tcp: {}/32",
+            topo.allowed.v4()
+        )),
+        "{text}"
+    );
+
+    let published = format!("{}:47750", topo.allowed.host_v4());
+    let (code, text) = explain_code(&[&published, "--from", &topo.refused.v4().to_string()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("not in the mapping's source allowlist"),
+        "{text}"
+    );
+    let (code, text) = explain_code(&[&published, "--from", &topo.allowed.v4().to_string()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("allow"), "{text}");
+}
+
+/// Whether a host process reaches the container through `127.0.0.1`: TCP
+/// on `port`, UDP on `port + 1`; a refusal is EPERM.
+fn host_reaches(port: u16) -> (bool, bool) {
+    let tcp = fetch(SocketAddr::new([127, 0, 0, 1].into(), port));
+    let udp = udp_ask(
+        SocketAddr::new([127, 0, 0, 1].into(), port + 1),
+        None,
+        b"hi",
+    );
+    for result in [tcp.as_ref().err(), udp.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(result.kind(), ErrorKind::PermissionDenied, "{result}");
+    }
+    (tcp.is_ok(), udp.is_ok())
+}
+
+fn write_apply(dir: &std::path::Path, ctr: IpAddr, allow: &[String]) -> PathBuf {
+    let file = dir.join("allow.toml");
+    let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        &file,
+        format!(
+            "[[mappings]]\nname = \"web\"\ncontainer = \"{ctr}\"\npublish = [\"47755:80\", \"47756:5000/udp\"]\nallow = [{}]\n",
+            allow.join(", ")
+        ),
+    )
+    .unwrap();
+    file
+}
+
+#[test]
+fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
+    let Some(_serial) = root_test("allowlist_host") else {
+        return;
+    };
+    let topo = Topology::new();
+    let _pf = topo.up();
+    let dir = std::env::temp_dir().join(format!("portfwd-allow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let apply = |allow: &[String]| {
+        let file = write_apply(&dir, topo.ctr.v4(), allow);
+        portfwd_ok(&["apply", "-f", file.to_str().unwrap()]);
+    };
+    let (a, b) = ("10.252.75.0/24".to_owned(), "10.252.76.0/24".to_owned());
+
+    // Client A's network only: host processes and client B are refused.
+    apply(std::slice::from_ref(&a));
+    let host_refused = || {
+        stats()
+            .get("refused_host_not_allowed")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = host_refused();
+    assert_eq!(host_reaches(47755), (false, false));
+    assert!(host_refused() >= before + 2, "{:?}", stats());
+    assert_eq!(reaches(&topo.allowed, false, 47755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
+    // A container's hairpin flow is judged by its own address.
+    let ctr = topo.ctr.v4();
+    let hairpin = SocketAddr::new(topo.allowed.host_v4(), 47755);
+    assert!(topo.ctr.inside(move || fetch(hairpin)).is_err(), "{ctr}");
+
+    // The list changes: client B, the container and host processes in,
+    // client A out, for the very next flows.
+    apply(&[b, format!("{ctr}/32"), "host".into()]);
+    assert_eq!(host_reaches(47755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 47755), (true, true));
+    assert_eq!(reaches(&topo.allowed, false, 47755), (false, false));
+    let (greeting, _) = topo.ctr.inside(move || fetch(hairpin)).unwrap();
+    assert!(greeting.starts_with("container "), "{greeting}");
+
+    // `map` again of the same ports with `--allow host`: this machine only,
+    // at once.
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "web",
+        "--allow",
+        "host",
+        &topo.ctr.v4().to_string(),
+        "47755:80",
+        "47756:5000/udp",
+    ]);
+    assert_eq!(host_reaches(47755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
+    // Replaced, not added: 0.0.0.0 and [::], TCP and UDP.
+    assert_eq!(listed().len(), 4, "{:?}", listed());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_bad_cidr_is_a_usage_error_that_changes_nothing() {
+    let Some(_serial) = root_test("allowlist_bad_cidr") else {
+        return;
+    };
+    let ctr = Container::new(77);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let ip = ctr.v4().to_string();
+    for bad in ["10.0.0.1/8", "10.0.0.0/33", "somewhere", "10.0.0.0/8,,host"] {
+        let out = portfwd(&["map", "--allow", bad, &ip, "47760:80"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{bad}: {stderr}");
+        assert!(stderr.contains("invalid allowed source"), "{bad}: {stderr}");
+    }
+    let dir = std::env::temp_dir().join(format!("portfwd-allow-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = write_apply(&dir, ctr.v4(), &["10.0.0.0/40".into()]);
+    let out = portfwd(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(listed().is_empty(), "{:?}", listed());
+    std::fs::remove_dir_all(&dir).ok();
+}
