@@ -273,6 +273,7 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
 
 // Inlined: eight arguments (a BPF call takes five).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn transport(
     ctx: &TcContext,
     family: u8,

@@ -50,7 +50,7 @@ use crate::{
 
 /// Not ours: let the next TC program (or the stack) have it.
 const NEXT: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 const PACKET_HOST: u32 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -294,11 +294,11 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         unsafe { (*counters).connections += 1 };
     }
     add_traffic(&service, pkt.len, true);
-    if let Some((addr, port)) = masq {
-        if !packet::rewrite(ctx, pkt, End::Source, &addr, port) {
-            count(Stat::RewriteFailed);
-            return DROP;
-        }
+    if let Some((addr, port)) = masq
+        && !packet::rewrite(ctx, pkt, End::Source, &addr, port)
+    {
+        count(Stat::RewriteFailed);
+        return DROP;
     }
     finish(
         ctx,
@@ -626,7 +626,7 @@ fn translate_fragment(
 fn deliver(ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(Stat::ToStack);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     count(Stat::Redirected);
     // SAFETY: no parameters: the kernel resolves the next hop itself.

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::build::{EBPF_OBJ_ENV, build_ebpf};
-use crate::{cargo, is_root, root, run, setup, vm};
+use crate::{cargo, is_root, nightly, root, run, setup, vm};
 
 /// Set to skip the guest kernel tests of a full run (with a loud notice).
 const SKIP_KERNEL_ENV: &str = "PORTFWD_SKIP_KERNEL_TESTS";
@@ -46,6 +46,21 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     // The eBPF crate is outside the workspace, so `--all` misses it. Stable rustfmt is fine.
     cargo_line("fmt --manifest-path portfwd-ebpf/Cargo.toml --check")?;
     cargo_line("clippy --workspace --all-targets -- -D warnings")?;
+    // The eBPF crate too, with the toolchain and target it builds with.
+    run(nightly("cargo")
+        .current_dir(root().join("portfwd-ebpf"))
+        .args([
+            "clippy",
+            "--quiet",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
 
     if !is_root() {
         println!(

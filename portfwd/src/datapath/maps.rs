@@ -363,6 +363,16 @@ impl PinnedMaps {
         self.services_changed()
     }
 
+    /// The host addresses the programs know (`pf_local_addrs`: what wildcard
+    /// mappings serve), as the port holder last wrote them.
+    pub(crate) fn local_addresses(&self) -> Vec<IpAddr> {
+        self.local_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| key.addr.to_ip(key.family))
+            .collect()
+    }
+
     /// Makes the local addresses map hold exactly `addresses`.
     pub(crate) fn sync_local_addrs(&mut self, addresses: &[IpAddr]) -> Result<()> {
         let wanted: Vec<LocalAddrKey> = addresses

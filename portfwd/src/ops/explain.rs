@@ -132,7 +132,8 @@ impl From<MappingCounters> for Counters {
 pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation> {
     let ip = question.addr.ip();
     let loopback = ip.is_loopback();
-    let local_address = loopback || host::local_addresses()?.contains(&ip);
+    let on_host = host::local_addresses()?.contains(&ip);
+    let local_address = loopback || on_host;
     let mut explanation = Explanation {
         question,
         up: false,
@@ -154,6 +155,27 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
         return Ok(explanation);
     };
     explanation.up = true;
+    if ip.is_unspecified() {
+        explanation.reasons.push(format!(
+            "{ip} is no address a client dials: ask about loopback or one of the host's addresses"
+        ));
+        return Ok(explanation);
+    }
+    // The programs serve wildcard mappings on the addresses of their map,
+    // which the port holder keeps current: that map decides, not the
+    // interfaces' addresses right now.
+    let known = maps.local_addresses().contains(&ip);
+    explanation.local_address = loopback || known;
+    if on_host != known && !loopback {
+        explanation.reasons.push(if on_host {
+            format!(
+                "{ip} is an address of this host that portfwd has not recorded yet: the port holder records address changes (is it running?)"
+            )
+        } else {
+            format!("{ip} is no longer an address of this host, but portfwd still serves it (the port holder has not caught up)")
+        });
+    }
+    let local_address = explanation.local_address;
     let links = instance::links_dir(pin_dir);
     explanation.host_path = SOCK_PROGRAMS.iter().all(|p| links.join(p.name).exists());
     // Only attachments the kernel still runs (an interface deleted, or
