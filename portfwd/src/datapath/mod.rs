@@ -38,4 +38,4 @@ pub(crate) use object::Sizes;
 pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};
 pub(crate) use rollback::Rollback;
 pub(crate) use sockets::end_sockets_through;
-pub(crate) use trace::{TraceFilter, Traced, Tracer};
+pub(crate) use trace::{TraceFilter, Traced, Tracer, switch_off_abandoned};

@@ -42,14 +42,35 @@ pub(crate) struct Tracer {
     _only_reader: Flock<File>,
 }
 
+/// The lock a running trace holds (one reader per instance); None when
+/// another process holds it.
+fn reader_lock(pin_dir: &Path) -> Result<Option<Flock<File>>> {
+    let lock_path = instance::run_dir().join(format!("trace{}.lock", instance::tag(pin_dir)));
+    std::fs::create_dir_all(instance::run_dir())?;
+    let lock_file =
+        File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    Ok(Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).ok())
+}
+
+/// Turns tracing off if no trace runs: a trace killed with SIGKILL leaves
+/// the switch on, and the programs writing events nobody reads (`up`
+/// calls this). Best effort: nothing to do when portfwd has no switch.
+pub(crate) fn switch_off_abandoned(pin_dir: &Path) {
+    let Ok(Some(_no_reader)) = reader_lock(pin_dir) else {
+        return;
+    };
+    let Ok(data) = MapData::from_pin(pin_dir.join(TRACE_ON.name)) else {
+        return;
+    };
+    if let Ok(mut switch) = Array::<MapData, TraceConfig>::try_from(Map::Array(data)) {
+        switch.set(0, TraceConfig::default(), 0).ok();
+    }
+}
+
 impl Tracer {
     pub(crate) fn start(pin_dir: &Path, filter: TraceFilter) -> Result<Self> {
-        let lock_path = instance::run_dir().join(format!("trace{}.lock", instance::tag(pin_dir)));
-        std::fs::create_dir_all(instance::run_dir())?;
-        let lock_file =
-            File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
-        let only_reader = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| anyhow!("another `portfwd trace` runs for {}", pin_dir.display()))?;
+        let only_reader = reader_lock(pin_dir)?
+            .ok_or_else(|| anyhow!("another `portfwd trace` runs for {}", pin_dir.display()))?;
         let open = |name: &str| {
             let path = pin_dir.join(name);
             MapData::from_pin(&path).map_err(|_| {

@@ -76,6 +76,8 @@ pub(crate) fn up(options: &UpOptions) -> Result<UpReport> {
     report.install.notes.extend(uplink_notes);
     // Hold every published port (after a reboot: the restored ones too).
     report.busy_ports = holder::sync(pin_dir)?;
+    // A trace killed with SIGKILL left the programs writing events.
+    datapath::switch_off_abandoned(pin_dir);
     Ok(report)
 }
 

@@ -161,4 +161,26 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     // one starts.
     let again = start_trace(&["--count", "1", "--duration", "1"]);
     assert!(events_of(again).is_empty());
+
+    // A trace killed with SIGKILL cannot turn the switch off: `up` does,
+    // when no trace runs.
+    let mut killed = start_trace(&[]);
+    assert!(trace_switch_on(), "a running trace turned the switch on");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(trace_switch_on(), "nobody turned it off");
+    portfwd_ok(&["up", "--iface", &client.host_if]);
+    assert!(!trace_switch_on(), "up turns an abandoned switch off");
+}
+
+/// Whether the programs' trace switch (`pf_trace_on`) is on: the first
+/// byte of its single value (`enabled`, little-endian), from bpftool.
+fn trace_switch_on() -> bool {
+    let pin = format!("{}/pf_trace_on", pin_dir());
+    let out = sh("bpftool", &["-j", "map", "dump", "pinned", &pin]);
+    let dump: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+    let first = dump[0]["value"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no value in {dump}"));
+    u8::from_str_radix(first.trim_start_matches("0x"), 16).unwrap() == 1
 }
