@@ -279,11 +279,54 @@ pub enum Hook {
     Iter(&'static str),
 }
 
+/// The name of a program, as its symbol in the eBPF object (the name the
+/// kernel, `bpftool` and `tc filter show` report). A macro for the reason
+/// `map_name!` is one: the eBPF crate's entry points take it as a literal
+/// in `export_name`, so the name is written here only.
+#[macro_export]
+macro_rules! program_name {
+    (connect4) => {
+        "pf_connect4"
+    };
+    (connect6) => {
+        "pf_connect6"
+    };
+    (getpeername4) => {
+        "pf_getpeername4"
+    };
+    (getpeername6) => {
+        "pf_getpeername6"
+    };
+    (sendmsg4) => {
+        "pf_sendmsg4"
+    };
+    (sendmsg6) => {
+        "pf_sendmsg6"
+    };
+    (recvmsg4) => {
+        "pf_recvmsg4"
+    };
+    (recvmsg6) => {
+        "pf_recvmsg6"
+    };
+    (tc_uplink_in) => {
+        "pf_tc_uplink_in"
+    };
+    (tc_uplink_out) => {
+        "pf_tc_uplink_out"
+    };
+    (tc_backend_in) => {
+        "pf_tc_backend_in"
+    };
+    (iter_udp) => {
+        "pf_iter_udp"
+    };
+}
+
 /// One program of the ABI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramDef {
-    /// The program's name: the eBPF function's name (aya's program macros
-    /// name programs after their function, which cannot take a literal).
+    /// The program's name (`program_name!`).
     pub name: &'static str,
     pub hook: Hook,
 }
@@ -297,38 +340,38 @@ const fn sock(name: &'static str, hook: &'static str) -> ProgramDef {
 
 /// The socket programs, attached to the cgroup v2 root.
 pub const SOCK_PROGRAMS: [ProgramDef; 8] = [
-    sock("pf_connect4", "connect4"),
-    sock("pf_connect6", "connect6"),
-    sock("pf_getpeername4", "getpeername4"),
-    sock("pf_getpeername6", "getpeername6"),
-    sock("pf_sendmsg4", "sendmsg4"),
-    sock("pf_sendmsg6", "sendmsg6"),
-    sock("pf_recvmsg4", "recvmsg4"),
-    sock("pf_recvmsg6", "recvmsg6"),
+    sock(program_name!(connect4), "connect4"),
+    sock(program_name!(connect6), "connect6"),
+    sock(program_name!(getpeername4), "getpeername4"),
+    sock(program_name!(getpeername6), "getpeername6"),
+    sock(program_name!(sendmsg4), "sendmsg4"),
+    sock(program_name!(sendmsg6), "sendmsg6"),
+    sock(program_name!(recvmsg4), "recvmsg4"),
+    sock(program_name!(recvmsg6), "recvmsg6"),
 ];
 
 /// On uplinks: DNAT of new external flows, reverse NAT of routed replies.
 pub const UPLINK_PROGRAMS: [ProgramDef; 2] = [
     ProgramDef {
-        name: "pf_tc_uplink_in",
+        name: program_name!(tc_uplink_in),
         hook: Hook::TcIngress,
     },
     ProgramDef {
-        name: "pf_tc_uplink_out",
+        name: program_name!(tc_uplink_out),
         hook: Hook::TcEgress,
     },
 ];
 
 /// On the interface towards the containers: reverse NAT of their replies.
 pub const BACKEND_PROGRAMS: [ProgramDef; 1] = [ProgramDef {
-    name: "pf_tc_backend_in",
+    name: program_name!(tc_backend_in),
     hook: Hook::TcIngress,
 }];
 
 /// Lists the translated UDP sockets (cookie and `SockDialed` storage of
 /// each), for ending those connected through a removed mapping.
 pub const SOCKET_ITERATOR: ProgramDef = ProgramDef {
-    name: "pf_iter_udp",
+    name: program_name!(iter_udp),
     hook: Hook::Iter("udp"),
 };
 

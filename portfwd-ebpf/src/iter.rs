@@ -8,9 +8,8 @@
 //! needs no iterator.) Needs Linux 5.12 (socket storage and cookies in
 //! iterators).
 //!
-//! aya-ebpf 0.2.1 has no macro for iterators: the section name
-//! `iter/udp` is what aya's loader recognises, and the context is the
-//! kernel's `struct bpf_iter__udp`, whose layout is fixed.
+//! The context is the kernel's `struct bpf_iter__udp`, whose layout is
+//! fixed (aya-ebpf 0.2.1 has no type for it).
 
 use core::{ffi::c_void, ptr};
 
@@ -33,9 +32,7 @@ struct IterUdp {
     udp_sk: *mut c_void,
 }
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/udp")]
-pub(crate) extern "C" fn pf_iter_udp(ctx: *mut c_void) -> i32 {
+pub(crate) fn udp_sockets(ctx: *mut c_void) -> i32 {
     let ctx = ctx.cast::<IterUdp>();
     // SAFETY: `ctx` is the iterator's context; the verifier checks each
     // access, and `udp_sk` is checked for NULL before use.

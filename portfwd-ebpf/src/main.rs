@@ -1,4 +1,5 @@
-//! portfwd's eBPF programs, organised by hook:
+//! portfwd's eBPF programs, organised by hook (`programs` holds the entry
+//! points, named from `portfwd-common`'s ABI table):
 //! - `sock`: cgroup sock_addr programs that translate host processes'
 //!   connections to a published port straight to the container endpoint.
 //! - `tc`: TC programs that DNAT external clients' flows to the container
@@ -20,6 +21,7 @@ mod fragments;
 mod iter;
 mod maps;
 mod packet;
+mod programs;
 mod sock;
 mod tc;
 mod trace;

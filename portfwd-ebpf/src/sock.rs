@@ -21,7 +21,7 @@
 
 use aya_ebpf::{
     EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
-    macros::cgroup_sock_addr, programs::SockAddrContext,
+    programs::SockAddrContext,
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
@@ -43,24 +43,21 @@ const REFUSE: i32 = 0;
 /// `::ffff:0:0/96`, the prefix of IPv4-mapped IPv6 addresses, in network order.
 const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
 
-#[cgroup_sock_addr(connect4)]
-pub(crate) fn pf_connect4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn connect4(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         return translate4(&ctx, Call::Connect);
     }
     PROCEED
 }
 
-#[cgroup_sock_addr(connect6)]
-pub(crate) fn pf_connect6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         return translate6(&ctx, Call::Connect);
     }
     PROCEED
 }
 
-#[cgroup_sock_addr(sendmsg4)]
-pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg4(ctx: SockAddrContext) -> i32 {
     // Only UDP reaches this hook with a destination address.
     if in_host_netns(&ctx) {
         return translate4(&ctx, Call::SendMsg);
@@ -68,8 +65,7 @@ pub(crate) fn pf_sendmsg4(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-#[cgroup_sock_addr(sendmsg6)]
-pub(crate) fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     if in_host_netns(&ctx) {
         return translate6(&ctx, Call::SendMsg);
     }
@@ -81,26 +77,22 @@ pub(crate) fn pf_sendmsg6(ctx: SockAddrContext) -> i32 {
 // is the whole cost for every other socket (recvmsg also runs inside
 // accept()).
 
-#[cgroup_sock_addr(recvmsg4)]
-pub(crate) fn pf_recvmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn recvmsg4(ctx: SockAddrContext) -> i32 {
     restore_peer4(&ctx);
     PROCEED
 }
 
-#[cgroup_sock_addr(recvmsg6)]
-pub(crate) fn pf_recvmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn recvmsg6(ctx: SockAddrContext) -> i32 {
     restore_peer6(&ctx);
     PROCEED
 }
 
-#[cgroup_sock_addr(getpeername4)]
-pub(crate) fn pf_getpeername4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn getpeername4(ctx: SockAddrContext) -> i32 {
     restore_peer4(&ctx);
     PROCEED
 }
 
-#[cgroup_sock_addr(getpeername6)]
-pub(crate) fn pf_getpeername6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn getpeername6(ctx: SockAddrContext) -> i32 {
     restore_peer6(&ctx);
     PROCEED
 }

@@ -1,20 +1,20 @@
 //! TC programs: clients outside the host namespace reaching a published
 //! port.
 //!
-//! - `pf_tc_uplink_in` (uplink ingress): a new TCP (SYN) or UDP flow to a
+//! - `uplink_in` (uplink ingress): a new TCP (SYN) or UDP flow to a
 //!   published (address, port, protocol) gets its destination rewritten to
 //!   the container and is tracked; later packets of tracked flows follow
 //!   their entry. Rewritten packets are redirected straight to the
 //!   container's interface when it is known, skipping the host's forwarding
 //!   path (so `ip_forward` may be off).
-//! - `pf_tc_backend_in` (ingress of the interface towards the containers):
+//! - `backend_in` (ingress of the interface towards the containers):
 //!   replies of tracked flows get their source rewritten back to the
 //!   published address and are redirected to the interface the flow came in
 //!   on. It also serves containers that dial a published address of the
 //!   host (hairpin): like an external flow, but masqueraded to the dialed
 //!   host address, so that the container answering replies through the
 //!   host even when the client shares its link (a bridge) or is itself.
-//! - `pf_tc_uplink_out` (uplink egress): the reverse translation for replies
+//! - `uplink_out` (uplink egress): the reverse translation for replies
 //!   that reached the uplink through the host's routing instead. Replies
 //!   that an ingress program translated and redirected carry
 //!   `TRANSLATED_MARK`, and leave at once.
@@ -30,7 +30,6 @@ use aya_ebpf::{
         TC_ACT_UNSPEC, bpf_fib_lookup,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
-    macros::classifier,
     programs::TcContext,
 };
 use portfwd_common::{
@@ -55,18 +54,15 @@ const PACKET_HOST: u32 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-#[classifier]
-pub(crate) fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
+pub(crate) fn uplink_in(ctx: TcContext) -> i32 {
     ingress(&ctx, false)
 }
 
-#[classifier]
-pub(crate) fn pf_tc_backend_in(ctx: TcContext) -> i32 {
+pub(crate) fn backend_in(ctx: TcContext) -> i32 {
     ingress(&ctx, true)
 }
 
-#[classifier]
-pub(crate) fn pf_tc_uplink_out(ctx: TcContext) -> i32 {
+pub(crate) fn uplink_out(ctx: TcContext) -> i32 {
     routed_reply(&ctx)
 }
 

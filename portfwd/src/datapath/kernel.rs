@@ -197,16 +197,31 @@ const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 /// (`r0 = 1; exit`): a kernel without the hook rejects the attach type.
 /// aya's probes load sock_addr programs for connect4 only, hence this one.
 fn sock_addr_hook_loads(attach_type: u32) -> bool {
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
-    // mov64 r0, 1; exit
+    load_constant_program(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type, 1).is_some()
+}
+
+/// Loads the two-instruction program `r0 = verdict; exit` of `prog_type`
+/// (and `expected_attach_type`, 0 where the type has none): the kernel's
+/// answer is the probe, and the drop-all socket filter the holder attaches
+/// to held ports is one. A raw `BPF_PROG_LOAD` because aya 0.14 loads
+/// programs from an object file only.
+pub(crate) fn load_constant_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    verdict: i32,
+) -> Option<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
+    // mov64 r0, imm; exit
+    let [a, b, c, d] = verdict.to_le_bytes();
     let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0xb7, 0, 0, 0, a, b, c, d]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
     ];
     let license = c"GPL";
     // The prefix of union bpf_attr that BPF_PROG_LOAD reads, up to
-    // expected_attach_type (Linux 4.17).
+    // expected_attach_type (Linux 4.17); the kernel zero-checks the rest.
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -225,20 +240,16 @@ fn sock_addr_hook_loads(attach_type: u32) -> bool {
     // SAFETY: all-zero bytes are a valid ProgLoad (and what the kernel
     // expects in the fields not set).
     let mut attr: ProgLoad = unsafe { std::mem::zeroed() };
-    attr.prog_type = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+    attr.prog_type = prog_type;
     attr.insn_cnt = insns.len() as u32;
     attr.insns = insns.as_ptr() as u64;
     attr.license = license.as_ptr() as u64;
-    attr.expected_attach_type = attach_type;
+    attr.expected_attach_type = expected_attach_type;
     // SAFETY: attr is a valid bpf_attr prefix for this command, of the size
     // passed; the pointers it holds outlive the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr, size_of::<ProgLoad>()) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: the kernel returned a new file descriptor that we own.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    true
+    // SAFETY: a non-negative return is a new file descriptor that we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Where the instance at `pin_dir` keeps what `up` found: next to its

@@ -32,6 +32,7 @@ pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,
 };
+pub(crate) use kernel::load_constant_program;
 pub(crate) use links::{attach_uplink, detach_interface};
 pub(crate) use maps::{PinnedMaps, StateLock};
 pub(crate) use object::Sizes;

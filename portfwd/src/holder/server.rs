@@ -347,67 +347,8 @@ pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
 
 /// Loads `r0 = 0; exit` as a BPF_PROG_TYPE_SOCKET_FILTER program.
 fn load_drop_all_program() -> Option<OwnedFd> {
-    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
-    #[repr(C)]
-    struct Insn {
-        code: u8,
-        regs: u8,
-        off: i16,
-        imm: i32,
-    }
-    const BPF_ALU64_MOV_K: u8 = 0xb7;
-    const BPF_JMP_EXIT: u8 = 0x95;
-    let program = [
-        Insn {
-            code: BPF_ALU64_MOV_K,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        },
-        Insn {
-            code: BPF_JMP_EXIT,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        },
-    ];
-    let license = c"GPL";
-    // The first fields of union bpf_attr for BPF_PROG_LOAD; the rest zero.
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        rest: [u64; 12],
-    }
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
-        insn_cnt: program.len() as u32,
-        insns: program.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        ..ProgLoad::default()
-    };
-    // SAFETY: attr points at a zero-padded bpf_attr whose pointers
-    // (instructions, license) outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &raw const attr,
-            size_of::<ProgLoad>(),
-        )
-    };
-    // SAFETY: a non-negative return is a new file descriptor we own.
-    (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+    datapath::load_constant_program(BPF_PROG_TYPE_SOCKET_FILTER, 0, 0)
 }
 
 /// A classic BPF socket filter of one instruction, `ret #0`: every packet

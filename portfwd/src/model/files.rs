@@ -244,10 +244,9 @@ pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(port: u16) -> Record {
+impl Record {
+    /// The tests' mapping: `web`, TCP `0.0.0.0:port` to `10.0.0.2:80`.
+    pub(crate) fn sample(port: u16) -> Record {
         Record {
             name: "web".into(),
             protocol: Protocol::Tcp,
@@ -259,33 +258,38 @@ mod tests {
             allow: None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn a_state_file_is_its_snapshot_and_the_changes_after_it() {
         let line = |entry: &JournalEntry| serde_json::to_string(entry).unwrap() + "\n";
         let snapshot = serde_json::to_string(&StateFile {
             version: FORMAT_VERSION,
-            mappings: vec![record(1), record(2)],
+            mappings: vec![Record::sample(1), Record::sample(2)],
         })
         .unwrap()
             + "\n";
         let first = line(&JournalEntry {
-            remove: vec![record(1)],
-            add: vec![record(3)],
+            remove: vec![Record::sample(1)],
+            add: vec![Record::sample(3)],
         });
         let second = line(&JournalEntry {
-            remove: vec![record(3)],
-            add: vec![record(1)],
+            remove: vec![Record::sample(3)],
+            add: vec![Record::sample(1)],
         });
         let text = format!("{snapshot}{first}{second}");
         let parsed = parse_state_file(&text).unwrap();
-        assert_eq!(parsed.records, [record(1), record(2)]);
+        assert_eq!(parsed.records, [Record::sample(1), Record::sample(2)]);
         assert_eq!(parsed.whole_len, text.trim_end().len());
         assert_eq!(parsed.snapshot_len, snapshot.trim_end().len());
         // A change cut short by a kill never happened.
         let cut = format!("{snapshot}{first}{}", &second[..10]);
         let parsed = parse_state_file(&cut).unwrap();
-        assert_eq!(parsed.records, [record(2), record(3)]);
+        assert_eq!(parsed.records, [Record::sample(2), Record::sample(3)]);
         assert_eq!(parsed.whole_len, snapshot.len() + first.len() - 1);
         // Garbage that is not a cut-short change is an error.
         assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
@@ -297,11 +301,11 @@ mod tests {
     fn a_snapshot_reformatted_over_several_lines_is_read_and_rewritten_next() {
         let file = StateFile {
             version: FORMAT_VERSION,
-            mappings: vec![record(1), record(2)],
+            mappings: vec![Record::sample(1), Record::sample(2)],
         };
         let pretty = serde_json::to_string_pretty(&file).unwrap() + "\n";
         let parsed = parse_state_file(&pretty).unwrap();
-        assert_eq!(parsed.records, [record(1), record(2)]);
+        assert_eq!(parsed.records, [Record::sample(1), Record::sample(2)]);
         assert!(
             parsed.multi_line,
             "the next change writes a one-line snapshot"

@@ -309,72 +309,71 @@ fn create_private(path: &Path) -> Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
-
-    fn record(port: u16) -> Record {
-        Record {
-            name: "web".into(),
-            protocol: Protocol::Tcp,
-            host_ip: "0.0.0.0".parse().unwrap(),
-            host_port: port,
-            container_ip: "10.0.0.2".parse().unwrap(),
-            container_port: 80,
-            hold: true,
-            allow: None,
-        }
-    }
 
     #[test]
     fn state_round_trips_through_the_file() {
         let dir = std::env::temp_dir().join(format!("portfwd-state-{}", std::process::id()));
         let store = Store::new(dir.join("state.json"));
         assert_eq!(store.load().unwrap(), None);
-        store.save(&[record(8081), record(8080)]).unwrap();
+        store
+            .save(&[Record::sample(8081), Record::sample(8080)])
+            .unwrap();
         assert_eq!(
             store.load().unwrap(),
-            Some(vec![record(8080), record(8081)])
+            Some(vec![Record::sample(8080), Record::sample(8081)])
         );
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(store.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A change is journalled after the snapshot, not rewritten whole.
         let loaded = store.load_for_change().unwrap().unwrap();
-        let intent = store.begin(&[record(8081)], &[record(1)]).unwrap();
+        let intent = store
+            .begin(&[Record::sample(8081)], &[Record::sample(1)])
+            .unwrap();
         assert!(store.has_pending());
         store
             .commit(
                 intent,
-                loaded.compact.then_some(&[record(1), record(8080)][..]),
+                loaded
+                    .compact
+                    .then_some(&[Record::sample(1), Record::sample(8080)][..]),
             )
             .unwrap();
         assert!(!store.has_pending());
-        assert_eq!(store.load().unwrap(), Some(vec![record(1), record(8080)]));
+        assert_eq!(
+            store.load().unwrap(),
+            Some(vec![Record::sample(1), Record::sample(8080)])
+        );
         let text = fs::read_to_string(store.path()).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         // A change cut short by a kill is cut off before the next one.
         let mut file = OpenOptions::new().append(true).open(store.path()).unwrap();
         file.write_all(b"{\"add\":[{\"na").unwrap();
         let loaded = store.load_for_change().unwrap().unwrap();
-        assert_eq!(loaded.records, [record(1), record(8080)]);
-        let intent = store.begin(&[], &[record(2)]).unwrap();
+        assert_eq!(loaded.records, [Record::sample(1), Record::sample(8080)]);
+        let intent = store.begin(&[], &[Record::sample(2)]).unwrap();
         store
             .commit(
                 intent,
                 loaded
                     .compact
-                    .then_some(&[record(1), record(2), record(8080)][..]),
+                    .then_some(&[Record::sample(1), Record::sample(2), Record::sample(8080)][..]),
             )
             .unwrap();
         assert_eq!(
             store.load().unwrap(),
-            Some(vec![record(1), record(2), record(8080)])
+            Some(vec![
+                Record::sample(1),
+                Record::sample(2),
+                Record::sample(8080)
+            ])
         );
         // A journal that outgrows its snapshot is compacted into a new one.
         for port in 10_000..11_000 {
             let loaded = store.load_for_change().unwrap().unwrap();
             let mut records = loaded.records.clone();
-            records.push(record(port));
-            let intent = store.begin(&[], &[record(port)]).unwrap();
+            records.push(Record::sample(port));
+            let intent = store.begin(&[], &[Record::sample(port)]).unwrap();
             store
                 .commit(intent, loaded.compact.then_some(&records[..]))
                 .unwrap();

@@ -1,12 +1,8 @@
 //! Following the host as it changes (issue 19; issue 11 case 7): a
 //! container's veth or an uplink deleted and recreated under the same name,
 //! a deleted uplink, a killed port holder, a damaged state file. Needs root
-//! (`cargo xtask test`). Topology, as in `tc_path`:
-//!
-//! ```text
-//! client ns (10.252.N.2) --veth-- host uplink pfteNh (10.252.N.1, TC programs)
-//! host pftcNh (10.251.N.1) --veth-- container ns (10.251.N.2, servers)
-//! ```
+//! (`cargo xtask test`). Each test creates and removes its
+//! `support::Topology`.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -16,26 +12,10 @@ use std::{
 
 use crate::support::*;
 
-struct Topology {
-    ctr: Container,
-    client: Container,
-}
-
 impl Topology {
-    fn new(index: u8) -> Self {
-        Topology {
-            ctr: Container::new(index),
-            client: Container::with_prefix(index, "ext", 252),
-        }
-    }
-
-    fn up(&self) -> Portfwd {
-        Portfwd::up(&["--iface", &self.client.host_if])
-    }
-
     /// The published port on the host's uplink address, as the client dials it.
     fn published(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.client.host_v4(), port)
+        SocketAddr::new(self.uplink(false), port)
     }
 
     /// A TCP connection from the client to `port` on the uplink: the

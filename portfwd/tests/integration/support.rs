@@ -113,6 +113,43 @@ impl Drop for Portfwd {
     }
 }
 
+/// The TC path's topology: an external client behind an uplink (where `up`
+/// attaches the TC programs) and a container behind its own veth.
+///
+/// ```text
+/// client ns (10.252.N.2) --veth-- host uplink pfteNh (10.252.N.1, TC programs)
+/// host pftcNh (10.251.N.1) --veth-- container ns (10.251.N.2, servers)
+/// ```
+///
+/// Modules add the methods only they use in their own `impl` blocks.
+pub(crate) struct Topology {
+    pub(crate) ctr: Container,
+    pub(crate) client: Container,
+}
+
+impl Topology {
+    pub(crate) fn new(index: u8) -> Self {
+        Topology {
+            ctr: Container::new(index),
+            client: Container::with_prefix(index, "ext", 252),
+        }
+    }
+
+    /// portfwd up with the client's uplink as its only uplink.
+    pub(crate) fn up(&self) -> Portfwd {
+        Portfwd::up(&["--iface", &self.client.host_if])
+    }
+
+    /// The host's address on the uplink, as the client dials it.
+    pub(crate) fn uplink(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.client.host_v6()
+        } else {
+            self.client.host_v4()
+        }
+    }
+}
+
 /// A "container": a network namespace joined to the host by a veth pair.
 /// Host side 10.251.N.1/24 and fd00:251:N::1/64, namespace side .2 / ::2.
 pub(crate) struct Container {

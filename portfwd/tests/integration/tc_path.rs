@@ -1,11 +1,6 @@
 //! The TC path end to end: an external client namespace reaches a container
 //! namespace through the host's published port. Needs root (`cargo xtask
-//! test`). Topology, created and removed by each test:
-//!
-//! ```text
-//! client ns (10.252.N.2) --veth-- host uplink pfteNh (10.252.N.1, TC programs)
-//! host pftcNh (10.251.N.1) --veth-- container ns (10.251.N.2, servers)
-//! ```
+//! test`). Each test creates and removes its `support::Topology`.
 
 use std::{
     hash::Hasher,
@@ -19,32 +14,7 @@ use crate::support::*;
 
 const MB20: usize = 20 * 1024 * 1024;
 
-struct Topology {
-    ctr: Container,
-    client: Container,
-}
-
 impl Topology {
-    fn new(index: u8) -> Self {
-        Topology {
-            ctr: Container::new(index),
-            client: Container::with_prefix(index, "ext", 252),
-        }
-    }
-
-    /// The host's address on the uplink, as the client dials it.
-    fn uplink(&self, v6: bool) -> IpAddr {
-        if v6 {
-            self.client.host_v6()
-        } else {
-            self.client.host_v4()
-        }
-    }
-
-    fn up(&self) -> Portfwd {
-        Portfwd::up(&["--iface", &self.client.host_if])
-    }
-
     /// Turns TX checksum offload on or off on every interface of the path.
     fn set_tx_offload(&self, on: bool) {
         let state = if on { "on" } else { "off" };
