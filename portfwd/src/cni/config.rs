@@ -12,7 +12,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::spec::CniError;
-use crate::{error::cni_code as code, instance, model::Protocol};
+use crate::{
+    error::cni_code as code,
+    instance,
+    model::{Allowlist, Protocol},
+};
 
 /// The plugin's network configuration: the CNI fields it uses, `portmap`'s
 /// options, and its own.
@@ -73,9 +77,26 @@ pub(crate) struct NetConf {
     /// conmon binds them itself, after ADD; set it for nerdctl/containerd
     /// and Kubernetes hostPort).
     pub(crate) hold_ports: Option<bool>,
+    /// portfwd: the source allowlist of every port this network publishes,
+    /// as `portfwd map --allow` takes it: networks (CIDR or a bare
+    /// address) and the keyword `host` for this host's processes. Absent:
+    /// everyone may connect, as with portmap. (portmap's own way to limit
+    /// sources, iptables `conditionsV4/V6`, has no meaning here.)
+    pub(crate) allow: Option<Vec<String>>,
 }
 
 impl NetConf {
+    /// The `allow` option, checked: an entry that is not a network or
+    /// `host` makes the configuration invalid.
+    pub(crate) fn allowlist(&self) -> Result<Option<Allowlist>, CniError> {
+        let Some(entries) = &self.allow else {
+            return Ok(None);
+        };
+        Allowlist::parse(entries).map(Some).map_err(|why| {
+            CniError::new(code::INVALID_CONFIG, format!("invalid allow option: {why}"))
+        })
+    }
+
     pub(crate) fn pin_dir(&self) -> PathBuf {
         self.bpffs
             .clone()
@@ -99,7 +120,7 @@ impl NetConf {
             if conditions.as_ref().is_some_and(|c| !c.is_empty()) {
                 notes.push(format!(
                     "{option} is ignored: portfwd has no iptables rules to add conditions to; \
-                     publish on a specific hostIP to limit where a port is reachable"
+                     limit sources with portfwd's \"allow\" option, or publish on a specific hostIP"
                 ));
             }
         }

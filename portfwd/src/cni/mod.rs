@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use crate::{
     error::cni_code as code,
-    model::{self, Mapping, Protocol},
+    model::{self, Allowlist, Mapping, Protocol},
     ops::{self, Missing},
 };
 
@@ -210,6 +210,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
     let (id, ifname) = env.attachment()?;
     let prev = prev_result(conf)?;
     let maps = port_maps(conf)?;
+    let allow = conf.allowlist()?;
     if !maps.is_empty() {
         let addrs = container_addrs(prev, ifname)?;
         let groups = publications(&maps, addrs)?;
@@ -226,7 +227,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
             let options = ops::PublishOptions {
                 refuse_ports_in_use: false,
                 hold_ports: conf.hold_ports.unwrap_or(false),
-                allow: None,
+                allow: allow.clone(),
             };
             if let Err(e) = ops::publish_with(&pin_dir, &name, *container, specs, options) {
                 // All or nothing: undo the other family's mappings too.
@@ -277,6 +278,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<String, CniError> {
     let (id, ifname) = env.attachment()?;
     let prev = prev_result(conf)?;
     let maps = port_maps(conf)?;
+    let allow = conf.allowlist()?;
     let name = attachment_name(id, ifname);
     let mut expected = BTreeSet::new();
     if !maps.is_empty() {
@@ -325,6 +327,23 @@ fn check(env: &Env, conf: &NetConf) -> Result<String, CniError> {
             format!("{name} has mappings that its configuration does not ask for"),
         )
         .details(show(extra)));
+    }
+    let want_allow = |m: &Mapping| allow.as_ref().map(|a| a.for_family(m.host.is_ipv4()));
+    if let Some(m) = all
+        .iter()
+        .find(|m| m.name == name && m.allow != want_allow(m))
+    {
+        let shown = |list: Option<Allowlist>| list.map_or("everyone".to_owned(), |l| l.to_string());
+        return Err(CniError::new(
+            code::CHECK_FAILED,
+            format!(
+                "{name} allows {} on {}/{}, its configuration {}",
+                shown(m.allow.clone()),
+                m.host,
+                m.protocol,
+                shown(want_allow(m))
+            ),
+        ));
     }
     Ok(String::new())
 }

@@ -351,6 +351,86 @@ fn chain_publishes_checks_and_deletes() {
     portfwd_cni("DEL", &id, &netns_path, "eth0", &conf).expect_ok("DEL when down");
 }
 
+/// The plugin's `allow` option: the allowlist of every port of the network,
+/// enforced on both paths, checked by CHECK, and an invalid entry an
+/// INVALID_CONFIG error that publishes nothing.
+#[test]
+fn the_allow_option_limits_sources_and_check_compares_it() {
+    let Some(_serial) = root_test("cni allow") else {
+        return;
+    };
+    require_cni_plugins();
+    let client = Container::with_prefix(102, "ncni", 254);
+    let chain = ChainNs::new("pft-cni2", "pftnbr2");
+    let _down = down_on_drop();
+    let id = container_id(2);
+    let bridge_conf = chain.bridge_conf("pftn-allow", 2);
+    let netns_path = chain.path();
+    let bridge_inv = Invocation {
+        command: "ADD",
+        container_id: Some(&id),
+        netns: Some(&netns_path),
+        ifname: Some("eth0"),
+    };
+    let bridge = format!("{CNI_PLUGINS}/bridge");
+    let prev = cni_exec(&bridge, &bridge_inv, bridge_conf.to_string().as_bytes());
+    let prev: Value = serde_json::from_str(&prev.expect_ok("bridge ADD")).unwrap();
+    let _web = Server::start(
+        Some(PathBuf::from(&netns_path)),
+        "0.0.0.0:80".parse().unwrap(),
+        "web",
+    );
+    let mappings = json!([{"hostPort": 47410, "containerPort": 80, "protocol": "tcp"}]);
+    let plain = portfwd_conf("pftn-allow", &client.host_if, mappings, Some(&prev));
+
+    // An entry that is no network: refused as the configuration's fault,
+    // before anything is published (or portfwd brought up).
+    let mut bad = plain.clone();
+    bad["allow"] = json!(["10.0.0.1/33"]);
+    let error = portfwd_cni("ADD", &id, &netns_path, "eth0", &bad).expect_error(7, "bad allow");
+    assert!(error["msg"].as_str().unwrap().contains("allow"), "{error}");
+    assert!(
+        !portfwd(&["list"]).status.success(),
+        "portfwd was brought up for an invalid configuration"
+    );
+
+    // This host and another network than the client's.
+    let mut conf = plain.clone();
+    conf["allow"] = json!(["host", "192.0.2.0/24"]);
+    portfwd_cni("ADD", &id, &netns_path, "eth0", &conf).expect_ok("ADD with allow");
+    let rows = listed();
+    assert!(
+        rows.iter().all(|m| m["allow"] == json!(["192.0.2.0/24", "host"])
+            || m["allow"] == json!(["host"])),
+        "each family keeps its own networks: {rows:?}"
+    );
+    let (answer, _) = fetch("127.0.0.1:47410".parse().unwrap()).expect("a host process");
+    assert!(answer.starts_with("web "), "{answer}");
+    let uplink: SocketAddr = format!("{}:47410", client.host_v4()).parse().unwrap();
+    assert!(
+        client.inside(move || fetch(uplink)).is_err(),
+        "a client outside the list must not reach the container"
+    );
+    portfwd_cni("CHECK", &id, &netns_path, "eth0", &conf).expect_ok("CHECK with allow");
+    // The same ports without the list: CHECK sees the difference.
+    let error = portfwd_cni("CHECK", &id, &netns_path, "eth0", &plain)
+        .expect_error(102, "CHECK against a configuration without allow");
+    assert!(error["msg"].as_str().unwrap().contains("allows"), "{error}");
+
+    // ADD again without the list: everyone.
+    portfwd_cni("ADD", &id, &netns_path, "eth0", &plain).expect_ok("ADD without allow");
+    let (answer, _) = client
+        .inside(move || fetch(uplink))
+        .expect("the client once the list is gone");
+    assert_eq!(answer, format!("web {}", client.v4()));
+    portfwd_cni("DEL", &id, &netns_path, "eth0", &plain).expect_ok("DEL");
+    let bridge_del = Invocation {
+        command: "DEL",
+        ..bridge_inv
+    };
+    cni_exec(&bridge, &bridge_del, bridge_conf.to_string().as_bytes()).expect_ok("bridge DEL");
+}
+
 #[test]
 fn bad_input_gives_cni_error_json() {
     let Some(_serial) = root_test("cni errors") else {
