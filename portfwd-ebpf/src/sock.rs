@@ -182,12 +182,14 @@ fn is_loopback(family: u8, addr: &Addr) -> bool {
     }
 }
 
-/// A host process refused by an allowlist: counted, and the syscall fails.
-fn refuse() -> i32 {
+/// A host process refused by an allowlist: counted and traced, and the
+/// syscall fails.
+fn refuse(proto: u8, call: Call, key: &ServiceKey) -> i32 {
     if let Some(count) = STATS.get_ptr_mut(Stat::RefusedHostProcess.index()) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *count += 1 };
     }
+    trace::socket_refused(proto, call.trace_path(), key);
     REFUSE
 }
 
@@ -197,6 +199,15 @@ fn refuse() -> i32 {
 enum Call {
     Connect,
     SendMsg,
+}
+
+impl Call {
+    fn trace_path(self) -> u8 {
+        match self {
+            Call::Connect => TRACE_PATH_CONNECT,
+            Call::SendMsg => TRACE_PATH_SENDMSG,
+        }
+    }
 }
 
 /// Rewrites an IPv4 destination (connect, or an unconnected UDP send); the
@@ -214,7 +225,7 @@ fn translate4(ctx: &SockAddrContext, call: Call) -> i32 {
         return PROCEED;
     };
     if backend.refuses_host() {
-        return refuse();
+        return refuse(proto, call, &key);
     }
     if backend.family != FAMILY_V4 {
         // An IPv4 socket cannot reach an IPv6 container.
@@ -258,7 +269,7 @@ fn translate6(ctx: &SockAddrContext, call: Call) -> i32 {
         return PROCEED;
     };
     if backend.refuses_host() {
-        return refuse();
+        return refuse(proto, call, &key);
     }
     let seen = if backend.family == FAMILY_V6 {
         if key.family == FAMILY_V4 {
@@ -329,12 +340,8 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
 /// backend it now talks to and the address the application dialed, for
 /// getpeername and recvmsg.
 fn remember_dialed(ctx: &SockAddrContext, call: Call, slot: DialedSlot) {
-    let path = match call {
-        Call::Connect => TRACE_PATH_CONNECT,
-        Call::SendMsg => TRACE_PATH_SENDMSG,
-    };
     // SAFETY: reading a context field, checked by the verifier.
-    trace::socket(unsafe { (*ctx.sock_addr).protocol } as u8, path, &slot);
+    trace::socket(unsafe { (*ctx.sock_addr).protocol } as u8, call.trace_path(), &slot);
     // SAFETY: the helper reads the context's socket; the storage it returns
     // (zeroed when created) belongs to this socket until the socket is freed.
     let Some(dialed) = (unsafe { SOCK_DIALED.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {

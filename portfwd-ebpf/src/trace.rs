@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_MASQ, CtValue, DialedSlot, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS,
+    Addr, CT_FLAG_MASQ, CtValue, DialedSlot, ServiceKey, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS,
     TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT, TraceEvent,
 };
 
@@ -118,13 +118,32 @@ pub(crate) fn stat(ctx: &TcContext, pkt: &Packet, path: u8, stat: Stat) {
 /// A host socket's destination, translated at connect() or at an
 /// unconnected UDP send (`path`): `slot` holds what was dialed and where it
 /// now goes.
-#[inline(never)]
 pub(crate) fn socket(proto: u8, path: u8, slot: &DialedSlot) {
+    socket_event(proto, path, slot, false);
+}
+
+/// A host process's connect() or send to `key` refused by the mapping's
+/// allowlist (the syscall fails with EPERM): a drop, shown with `--drops`.
+#[inline(never)]
+pub(crate) fn socket_refused(proto: u8, path: u8, key: &ServiceKey) {
+    let slot = DialedSlot {
+        dialed: key.addr,
+        backend: Addr::UNSPECIFIED,
+        dialed_port: key.port,
+        backend_port: 0,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    socket_event(proto, path, &slot, true);
+}
+
+#[inline(never)]
+fn socket_event(proto: u8, path: u8, slot: &DialedSlot, refused: bool) {
     let Some(config) = TRACE_ON.get(0) else {
         return;
     };
     let wanted = config.enabled == 1
-        && config.drops_only == 0
+        && (config.drops_only == 0 || refused)
         && (config.port == 0
             || config.port == slot.dialed_port
             || config.port == slot.backend_port)
@@ -151,11 +170,15 @@ pub(crate) fn socket(proto: u8, path: u8, slot: &DialedSlot) {
         (*e).dport = slot.dialed_port;
         (*e).nat_port = slot.backend_port;
         (*e).masq_port = 0;
-        (*e).kind = TRACE_SOCKET;
+        (*e).kind = if refused { TRACE_STAT } else { TRACE_SOCKET };
         (*e).family = slot.family;
         (*e).proto = proto;
         (*e).path = path;
-        (*e).stat = 0;
+        (*e).stat = if refused {
+            Stat::RefusedHostProcess.index()
+        } else {
+            0
+        };
         (*e).ifindex = 0;
         (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     }

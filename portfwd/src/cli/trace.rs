@@ -129,10 +129,15 @@ fn write_line(out: &mut impl Write, t: &Traced, interface: &str) -> std::io::Res
         let process = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|comm| comm.trim_end().to_owned())
             .unwrap_or_default();
+        // A translated socket, or one an allowlist refused (EPERM).
+        let (event, what) = if t.event == "socket" {
+            ("host socket", what)
+        } else {
+            (t.event, "refused (EPERM)".to_owned())
+        };
         return writeln!(
             out,
-            "{time} {:<20} {protocol} {process}[{pid}] -> {} {what} [socket {}]",
-            "host socket",
+            "{time} {event:<20} {protocol} {process}[{pid}] -> {} {what} [socket {}]",
             show(t.destination),
             t.path
         );

@@ -148,7 +148,7 @@ pub(crate) struct Traced {
     /// `uplink`, `containers` (hairpin), `egress`, `tc`, or for sockets
     /// `connect` or `sendmsg`.
     pub(crate) path: &'static str,
-    /// `socket`: the process whose socket it is.
+    /// The socket path's events: the process whose socket it is.
     pub(crate) pid: Option<u32>,
     pub(crate) ifindex: u32,
     pub(crate) protocol: Option<Protocol>,
@@ -171,7 +171,9 @@ impl Traced {
                 .map(|ip| SocketAddr::new(ip, u16::from_be(port)))
         };
         let translated = e.kind == TRACE_FLOW_NEW || e.kind == TRACE_SOCKET;
-        let socket = e.kind == TRACE_SOCKET;
+        // The socket programs' events: a translated socket, or a refused
+        // connect or send.
+        let socket = matches!(e.path, TRACE_PATH_CONNECT | TRACE_PATH_SENDMSG);
         let event = match e.kind {
             TRACE_FLOW_NEW => "flow_new",
             TRACE_SOCKET => "socket",
@@ -238,5 +240,14 @@ mod tests {
         e.stat = Stat::DroppedLoopback.index();
         let t = Traced::from_event(&e);
         assert_eq!((t.event, t.translated_to), ("dropped_loopback", None));
+        // A host process refused by an allowlist: the process, no source.
+        e.path = TRACE_PATH_CONNECT;
+        e.stat = Stat::RefusedHostProcess.index();
+        e.pid = 4242;
+        let t = Traced::from_event(&e);
+        assert_eq!(
+            (t.event, t.pid, t.source, t.translated_to),
+            ("refused_host_not_allowed", Some(4242), None, None)
+        );
     }
 }

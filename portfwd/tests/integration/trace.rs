@@ -184,3 +184,38 @@ fn trace_switch_on() -> bool {
         .unwrap_or_else(|| panic!("no value in {dump}"));
     u8::from_str_radix(first.trim_start_matches("0x"), 16).unwrap() == 1
 }
+
+/// A host process that a mapping's allowlist refuses (no `host`): its
+/// connect() and its UDP send fail with EPERM, and both show in
+/// `trace --drops` with the process and the address it dialed.
+#[test]
+fn host_processes_refused_by_an_allowlist_are_traced_as_drops() {
+    let Some(_serial) = root_test("trace_refused_host") else {
+        return;
+    };
+    let ctr = Container::new(78);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let ctr_ip = ctr.v4().to_string();
+    for publish in ["47745:80", "47746:5301/udp"] {
+        portfwd_ok(&["map", "--allow", "192.0.2.0/24", &ctr_ip, publish]);
+    }
+    let trace = start_trace(&["--drops", "--count", "2"]);
+    let refused = fetch("127.0.0.1:47745".parse().unwrap()).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let refused = socket.send_to(b"x", "127.0.0.1:47746").unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+    let events = events_of(trace);
+    assert_eq!(events.len(), 2, "{events:#?}");
+    for (event, (path, protocol, port)) in events
+        .iter()
+        .zip([("connect", "tcp", 47745), ("sendmsg", "udp", 47746)])
+    {
+        assert_eq!(event["event"], "refused_host_not_allowed", "{event}");
+        assert_eq!(event["path"], path, "{event}");
+        assert_eq!(event["protocol"], protocol, "{event}");
+        assert_eq!(event["pid"], std::process::id(), "{event}");
+        assert_eq!(event["destination"], format!("127.0.0.1:{port}"), "{event}");
+        assert!(event["translated_to"].is_null(), "{event}");
+    }
+}
