@@ -10,7 +10,7 @@
 //! host pftc4Nh --veth-- container ns pft-ctr4N (UDP echo, TCP server, raw capture)
 //! ```
 //!
-//! Frames are built by hand (with their checksums) and injected from the
+//! Frames are built with etherparse (malformed ones patched after) and injected from the
 //! client namespace, addressed to the uplink's MAC. Each kind of frame
 //! carries its own IPv4 ID or IPv6 flow label (which the programs never
 //! change), so that the capture inside the container namespace tells which
@@ -24,6 +24,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
+};
+
+use etherparse::{
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type,
+    IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
+    checksum::Sum16BitWords,
 };
 
 use crate::support::*;
@@ -43,157 +49,79 @@ const REPEAT: u64 = 3;
 const UDP_ECHO: u16 = 5301;
 const TCP_SERVER: u16 = 5302;
 
-// --- checksums ---
+// --- frames, built and checked with etherparse ---
 
-/// The 16-bit ones' complement sum of `data` (RFC 1071), added to `sum`;
-/// an odd last byte is padded with zero.
-fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(u16::from_be_bytes([*last, 0]));
-    }
-    sum
-}
-
-/// Folds the carries and complements: the checksum to store.
-fn fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
+/// The Internet checksum (RFC 1071) of `data`, as the header field holds
+/// it: for headers this test patches after building (overridden lengths
+/// and versions, a hand-made ICMP error).
 fn checksum(data: &[u8]) -> u16 {
-    fold(ones_sum(0, data))
+    Sum16BitWords::new()
+        .add_slice(data)
+        .ones_complement()
+        .to_be()
 }
-
-fn ip_octets(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(ip) => ip.octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
-    }
-}
-
-/// The TCP/UDP/ICMPv6 checksum of `segment` (its checksum field zero, or
-/// filled in to verify: then the result is 0), with the pseudo-header of
-/// IPv4 or IPv6.
-fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> u16 {
-    let mut sum = ones_sum(0, &ip_octets(src));
-    sum = ones_sum(sum, &ip_octets(dst));
-    sum += u32::from(proto);
-    sum += segment.len() as u32;
-    fold(ones_sum(sum, segment))
-}
-
-/// UDP transmits a computed zero as all ones.
-fn udp_checksum(src: IpAddr, dst: IpAddr, segment: &[u8]) -> u16 {
-    match l4_checksum(src, dst, UDP, segment) {
-        0 => 0xffff,
-        sum => sum,
-    }
-}
-
-#[test]
-fn checksums_match_known_values() {
-    // RFC 1071's example: the sum of 0001 f203 f4f5 f6f7 is ddf2.
-    let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-    assert_eq!(fold(ones_sum(0, &data)), !0xddf2);
-    // An odd length is padded with a zero byte.
-    assert_eq!(checksum(&[0x12, 0x34, 0x56]), !(0x1234u16 + 0x5600));
-    // A well-known IPv4 header (checksum b861), and the verification rule:
-    // the checksum over a header including its checksum is 0.
-    let mut header = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
-        0x01, 0xc0, 0xa8, 0x00, 0xc7,
-    ];
-    assert_eq!(checksum(&header), 0xb861);
-    header[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
-    assert_eq!(checksum(&header), 0);
-    // Our own builder produces headers that verify.
-    let packet = Ipv4Packet::udp(
-        [10, 0, 0, 1].into(),
-        [10, 0, 0, 2].into(),
-        1234,
-        53,
-        b"hello",
-    )
-    .options(&[1, 1, 1, 0])
-    .build();
-    assert_eq!(packet[0], 0x46);
-    assert_eq!(checksum(&packet[..24]), 0);
-}
-
-#[test]
-fn transport_checksums_verify() {
-    let (src, dst): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-    let segment = udp(src, dst, 1000, 2000, b"odd");
-    assert_eq!(segment.len(), 11);
-    assert_eq!(l4_checksum(src, dst, UDP, &segment), 0);
-    let segment = tcp_syn(src, dst, 1000, 2000);
-    assert_eq!(l4_checksum(src, dst, TCP, &segment), 0);
-    let (src, dst): (IpAddr, IpAddr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
-    let segment = udp(src, dst, 1000, 2000, b"v6");
-    assert_eq!(l4_checksum(src, dst, UDP, &segment), 0);
-    let segment = icmpv6_echo(src, dst);
-    assert_eq!(l4_checksum(src, dst, ICMPV6, &segment), 0);
-    // A sum that comes out as zero is sent as ffff (zero means "none").
-    assert_eq!(udp_checksum(src, dst, &[]), {
-        let c = l4_checksum(src, dst, UDP, &[]);
-        if c == 0 { 0xffff } else { c }
-    });
-}
-
-// --- packet builders ---
 
 /// A UDP header and payload, with its checksum.
 fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let len = 8 + payload.len();
-    let mut s = Vec::with_capacity(len);
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&(len as u16).to_be_bytes());
-    s.extend_from_slice(&[0, 0]);
-    s.extend_from_slice(payload);
-    let sum = udp_checksum(src, dst, &s);
-    s[6..8].copy_from_slice(&sum.to_be_bytes());
-    s
+    let mut header = UdpHeader {
+        source_port: sport,
+        destination_port: dport,
+        length: (8 + payload.len()) as u16,
+        checksum: 0,
+    };
+    header.checksum = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            header.calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            header.calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+    .expect("a datagram of test size");
+    [&header.to_bytes()[..], payload].concat()
 }
 
 /// A TCP SYN (20-byte header, no options), with its checksum.
 fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut s = vec![0u8; 20];
-    s[0..2].copy_from_slice(&sport.to_be_bytes());
-    s[2..4].copy_from_slice(&dport.to_be_bytes());
-    s[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    s[12] = 5 << 4;
-    s[13] = 0x02; // SYN
-    s[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let sum = l4_checksum(src, dst, TCP, &s);
-    s[16..18].copy_from_slice(&sum.to_be_bytes());
-    s
+    let mut header = TcpHeader::new(sport, dport, 0x1234_5678, 64240);
+    header.syn = true;
+    header.checksum = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            header.calc_checksum_ipv4_raw(s.octets(), d.octets(), &[])
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            header.calc_checksum_ipv6_raw(s.octets(), d.octets(), &[])
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+    .expect("a segment of test size");
+    header.to_bytes().to_vec()
 }
+
+const ECHO: IcmpEchoHeader = IcmpEchoHeader { id: 0x1234, seq: 1 };
+const ECHO_PAYLOAD: &[u8] = b"portfwd hostile";
 
 fn icmp_echo() -> Vec<u8> {
-    let mut s = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-    s.extend_from_slice(b"portfwd hostile");
-    let sum = checksum(&s);
-    s[2..4].copy_from_slice(&sum.to_be_bytes());
-    s
+    let header = Icmpv4Header::with_checksum(Icmpv4Type::EchoRequest(ECHO), ECHO_PAYLOAD);
+    [&header.to_bytes()[..], ECHO_PAYLOAD].concat()
 }
 
-fn icmpv6_echo(src: IpAddr, dst: IpAddr) -> Vec<u8> {
-    let mut s = vec![128, 0, 0, 0, 0x12, 0x34, 0, 1];
-    s.extend_from_slice(b"portfwd hostile");
-    let sum = l4_checksum(src, dst, ICMPV6, &s);
-    s[2..4].copy_from_slice(&sum.to_be_bytes());
-    s
+fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let header = Icmpv6Header::with_checksum(
+        Icmpv6Type::EchoRequest(ECHO),
+        src.octets(),
+        dst.octets(),
+        ECHO_PAYLOAD,
+    )
+    .expect("an echo of test size");
+    [&header.to_bytes()[..], ECHO_PAYLOAD].concat()
 }
 
-/// An IPv4 packet; fields left alone get sane values, and the header
-/// checksum is computed last over whatever the header then says.
+/// An IPv4 packet; fields left alone get sane values. The overrides make
+/// headers etherparse would refuse to write: they are patched in after,
+/// and the header checksum is computed last over whatever the header then
+/// says.
 #[derive(Clone)]
 struct Ipv4Packet {
     src: Ipv4Addr,
@@ -248,25 +176,31 @@ impl Ipv4Packet {
     }
 
     fn build(&self) -> Vec<u8> {
-        let header_len = 20 + self.options.len();
-        let ihl = self.ihl.unwrap_or((header_len / 4) as u8);
-        let total = self
-            .total_len
-            .unwrap_or((header_len + self.payload.len()) as u16);
-        let mut p = Vec::with_capacity(header_len + self.payload.len());
-        p.push(self.version << 4 | (ihl & 0x0f));
-        p.push(0);
-        p.extend_from_slice(&total.to_be_bytes());
-        p.extend_from_slice(&self.id.to_be_bytes());
-        p.extend_from_slice(&self.flags_fragment.to_be_bytes());
-        p.push(64);
-        p.push(self.proto);
-        p.extend_from_slice(&[0, 0]);
-        p.extend_from_slice(&self.src.octets());
-        p.extend_from_slice(&self.dst.octets());
-        p.extend_from_slice(&self.options);
-        let sum = checksum(&p);
-        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut header = Ipv4Header {
+            identification: self.id,
+            dont_fragment: self.flags_fragment & 0x4000 != 0,
+            more_fragments: self.flags_fragment & FRAGMENT_MORE != 0,
+            fragment_offset: IpFragOffset::try_new(self.flags_fragment & 0x1fff).unwrap(),
+            time_to_live: 64,
+            protocol: IpNumber(self.proto),
+            source: self.src.octets(),
+            destination: self.dst.octets(),
+            options: self.options.as_slice().try_into().expect("IPv4 options"),
+            ..Ipv4Header::default()
+        };
+        header.set_payload_len(self.payload.len()).unwrap();
+        header.header_checksum = header.calc_header_checksum();
+        let mut p = header.to_bytes().to_vec();
+        if self.ihl.is_some() || self.total_len.is_some() || self.version != 4 {
+            let ihl = self.ihl.unwrap_or(p[0] & 0x0f);
+            p[0] = self.version << 4 | (ihl & 0x0f);
+            if let Some(total) = self.total_len {
+                p[2..4].copy_from_slice(&total.to_be_bytes());
+            }
+            p[10..12].fill(0);
+            let sum = checksum(&p);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
         p.extend_from_slice(&self.payload);
         p
     }
@@ -275,25 +209,26 @@ impl Ipv4Packet {
 /// An IPv6 packet: fixed header, then `rest` (extension headers and the
 /// transport segment) as given.
 fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, flow: u32, next: u8, rest: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(40 + rest.len());
-    p.extend_from_slice(&(6 << 28 | (flow & 0xf_ffff)).to_be_bytes());
-    p.extend_from_slice(&(rest.len() as u16).to_be_bytes());
-    p.push(next);
-    p.push(64);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(rest);
-    p
+    let header = Ipv6Header {
+        flow_label: Ipv6FlowLabel::try_new(flow).expect("a 20-bit flow label"),
+        payload_length: rest.len() as u16,
+        next_header: IpNumber(next),
+        hop_limit: 64,
+        source: src.octets(),
+        destination: dst.octets(),
+        ..Ipv6Header::default()
+    };
+    [&header.to_bytes()[..], rest].concat()
 }
 
 /// An Ethernet frame.
 fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
+    let header = Ethernet2Header {
+        source: src,
+        destination: dst,
+        ether_type: EtherType(ethertype),
+    };
+    [&header.to_bytes()[..], payload].concat()
 }
 
 fn parse_mac(text: &str) -> [u8; 6] {
@@ -305,6 +240,63 @@ fn parse_mac(text: &str) -> [u8; 6] {
     bytes.try_into().unwrap_or_else(|_| panic!("MAC {text:?}"))
 }
 
+/// Whether the TCP or UDP checksum of `segment` is right for its
+/// addresses (etherparse computes it again from the parsed header).
+fn transport_checksum_ok(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> bool {
+    let (stored, computed) = match proto {
+        TCP => {
+            let Ok((header, payload)) = TcpHeader::from_slice(segment) else {
+                return false;
+            };
+            let computed = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    header.calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    header.calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
+                }
+                _ => return false,
+            };
+            (header.checksum, computed.ok())
+        }
+        UDP => {
+            let Ok((header, payload)) = UdpHeader::from_slice(segment) else {
+                return false;
+            };
+            let computed = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    header.calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    header.calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
+                }
+                _ => return false,
+            };
+            (header.checksum, computed.ok())
+        }
+        _ => return true,
+    };
+    computed == Some(stored)
+}
+
+#[test]
+fn checksums_match_known_values() {
+    // RFC 1071's example: the sum of 0001 f203 f4f5 f6f7 is ddf2.
+    let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+    assert_eq!(checksum(&data), !0xddf2);
+    // An odd length is padded with a zero byte.
+    assert_eq!(checksum(&[0x12, 0x34, 0x56]), !(0x1234u16 + 0x5600));
+    // A well-known IPv4 header (checksum b861), and the verification rule:
+    // the checksum over a header including its checksum is 0.
+    let mut header = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
+        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+    ];
+    assert_eq!(checksum(&header), 0xb861);
+    header[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+    assert_eq!(checksum(&header), 0);
+}
+
 #[test]
 fn builders_make_what_the_headers_say() {
     let p = Ipv4Packet::udp([1, 2, 3, 4].into(), [5, 6, 7, 8].into(), 1, 2, b"xy")
@@ -314,15 +306,50 @@ fn builders_make_what_the_headers_say() {
     assert_eq!(u16::from_be_bytes([p[2], p[3]]), 30);
     assert_eq!(u16::from_be_bytes([p[4], p[5]]), 0xa101);
     assert_eq!(p[9], UDP);
+    assert_eq!(
+        checksum(&p[..20]),
+        0,
+        "a header with its checksum sums to 0"
+    );
+    assert!(transport_checksum_ok(
+        [1, 2, 3, 4].into(),
+        [5, 6, 7, 8].into(),
+        UDP,
+        &p[20..]
+    ));
+    // Options and an overridden IHL: the checksum covers what was written.
+    let odd =
+        Ipv4Packet::udp([1, 2, 3, 4].into(), [5, 6, 7, 8].into(), 1, 2, b"").options(&[1, 1, 1, 0]);
+    let mut short = odd.clone();
+    short.ihl = Some(4);
+    for packet in [odd.build(), short.build()] {
+        assert_eq!(checksum(&packet[..24]), 0);
+    }
+    assert_eq!(short.build()[0], 0x44);
+    let (src, dst) = (Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST);
     let v6 = ipv6(
-        Ipv6Addr::LOCALHOST,
-        Ipv6Addr::LOCALHOST,
+        src,
+        dst,
         0xa1001,
         UDP,
-        &[0; 8],
+        &udp(src.into(), dst.into(), 1, 2, b""),
     );
     assert_eq!(v6.len(), 48);
     assert_eq!(flow_label(&v6), 0xa1001);
+    assert!(transport_checksum_ok(
+        src.into(),
+        dst.into(),
+        UDP,
+        &v6[40..]
+    ));
+    let syn = tcp_syn(src.into(), dst.into(), 1000, 2000);
+    assert!(transport_checksum_ok(src.into(), dst.into(), TCP, &syn));
+    assert!(!transport_checksum_ok(
+        src.into(),
+        "::2".parse().unwrap(),
+        TCP,
+        &syn
+    ));
     assert_eq!(parse_mac("02:00:0a:FF:00:01\n"), [2, 0, 10, 255, 0, 1]);
     let frame = ethernet([1; 6], [2; 6], ETH_P_IP, &p);
     assert_eq!(&frame[12..14], &[0x08, 0x00]);
@@ -499,7 +526,8 @@ fn check_transport(problems: &mut Vec<String>, proto: u8, dst: IpAddr, src: IpAd
     };
     if !complete {
         problems.push(format!("protocol {proto} segment of {} bytes", seg.len()));
-    } else if !(proto == UDP && seg[6..8] == [0, 0]) && l4_checksum(src, dst, proto, seg) != 0 {
+    } else if !(transport_checksum_ok(src, dst, proto, seg) || proto == UDP && seg[6..8] == [0, 0])
+    {
         problems.push(format!("bad protocol {proto} checksum"));
     }
 }
@@ -1133,7 +1161,7 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
     add("payload length past the frame", 0xa6009, long, Passed, None);
 
     // ICMPv6 echo: not TCP or UDP.
-    let echo = icmpv6_echo(src.into(), dst.into());
+    let echo = icmpv6_echo(src, dst);
     add(
         "ICMPv6 echo",
         0xa600a,
