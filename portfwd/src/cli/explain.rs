@@ -4,7 +4,7 @@ use std::{io::Write, path::Path};
 
 use anyhow::{Result, bail};
 
-use crate::ops::{self, Explanation, MatchKind, Question};
+use crate::ops::{self, Explanation, MatchKind, Matched, Question};
 
 pub(crate) fn explain(pin_dir: &Path, target: &str, from: Option<&str>, json: bool) -> Result<()> {
     let question = Question::parse(target, from)?;
@@ -32,78 +32,97 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
         .unwrap_or_default();
     let verdict = if e.served { "served" } else { "NOT served" };
     writeln!(out, "{}/{}{client}: {verdict}", q.addr, q.protocol)?;
-    let row =
-        |out: &mut dyn Write, label: &str, text: String| writeln!(out, "  {label:<10} {text}");
     if let Some(m) = &e.matched {
-        let how = match m.how {
-            MatchKind::Exact => "published on this address".to_owned(),
-            MatchKind::Wildcard => format!(
-                "the wildcard: serves every {} address of this host",
-                if q.addr.is_ipv4() { "IPv4" } else { "IPv6" }
-            ),
-        };
-        row(
-            out,
-            "mapping",
-            format!(
-                "{} {}/{} -> {} ({how})",
-                m.name, m.host, q.protocol, m.container
-            ),
-        )?;
-        let via = match &m.container_interface {
-            Some(name) if m.container_interface_attached => {
-                format!("via {name} (reply program attached)")
-            }
-            Some(name) => format!("via {name} (NO reply program)"),
-            None => "routed by the stack (no interface recorded)".to_owned(),
-        };
-        row(out, "container", format!("{} {via}", m.container))?;
-        if let Some(allow) = &m.allow {
-            row(out, "allow", allow.to_string())?;
+        write_mapping(out, e, m)?;
+    }
+    write_paths(out, e)?;
+    for reason in &e.reasons {
+        row(out, "note", reason.clone())?;
+    }
+    Ok(())
+}
+
+fn row(out: &mut dyn Write, label: &str, text: String) -> std::io::Result<()> {
+    writeln!(out, "  {label:<10} {text}")
+}
+
+/// The matching mapping: how it matched, its container, list, counters and
+/// live flows.
+fn write_mapping(out: &mut impl Write, e: &Explanation, m: &Matched) -> Result<()> {
+    let q = &e.question;
+    let how = match m.how {
+        MatchKind::Exact => "published on this address".to_owned(),
+        MatchKind::Wildcard => format!(
+            "the wildcard: serves every {} address of this host",
+            if q.addr.is_ipv4() { "IPv4" } else { "IPv6" }
+        ),
+    };
+    row(
+        out,
+        "mapping",
+        format!(
+            "{} {}/{} -> {} ({how})",
+            m.name, m.host, q.protocol, m.container
+        ),
+    )?;
+    let via = match &m.container_interface {
+        Some(name) if m.container_interface_attached => {
+            format!("via {name} (reply program attached)")
         }
-        let c = &m.counters;
+        Some(name) => format!("via {name} (NO reply program)"),
+        None => "routed by the stack (no interface recorded)".to_owned(),
+    };
+    row(out, "container", format!("{} {via}", m.container))?;
+    if let Some(allow) = &m.allow {
+        row(out, "allow", allow.to_string())?;
+    }
+    let c = &m.counters;
+    row(
+        out,
+        "traffic",
+        format!(
+            "{} flow{}; in {} packets/{} bytes, out {} packets/{} bytes (TC path)",
+            c.flows,
+            if c.flows == 1 { "" } else { "s" },
+            c.packets_in,
+            c.bytes_in,
+            c.packets_out,
+            c.bytes_out
+        ),
+    )?;
+    const SHOWN: usize = 10;
+    for f in m.flows.iter().take(SHOWN) {
         row(
             out,
-            "traffic",
+            "flow",
             format!(
-                "{} flow{}; in {} packets/{} bytes, out {} packets/{} bytes (TC path)",
-                c.flows,
-                if c.flows == 1 { "" } else { "s" },
-                c.packets_in,
-                c.bytes_in,
-                c.packets_out,
-                c.bytes_out
+                "{} -> {} -> {} (container sees {}; {}, idle {}s)",
+                f.client,
+                f.published,
+                f.container,
+                f.container_sees,
+                f.state.as_str(),
+                f.idle.as_secs()
             ),
         )?;
     }
-    if let Some(m) = &e.matched {
-        const SHOWN: usize = 10;
-        for f in m.flows.iter().take(SHOWN) {
-            row(
-                out,
-                "flow",
-                format!(
-                    "{} -> {} -> {} (container sees {}; {}, idle {}s)",
-                    f.client,
-                    f.published,
-                    f.container,
-                    f.container_sees,
-                    f.state.as_str(),
-                    f.idle.as_secs()
-                ),
-            )?;
-        }
-        if m.flows.len() > SHOWN {
-            row(
-                out,
-                "flow",
-                format!(
-                    "... {} more (`portfwd conntrack list`)",
-                    m.flows.len() - SHOWN
-                ),
-            )?;
-        }
+    if m.flows.len() > SHOWN {
+        row(
+            out,
+            "flow",
+            format!(
+                "... {} more (`portfwd conntrack list`)",
+                m.flows.len() - SHOWN
+            ),
+        )?;
     }
+    Ok(())
+}
+
+/// Which paths translate the port (host processes, external clients) and
+/// who binds it.
+fn write_paths(out: &mut impl Write, e: &Explanation) -> Result<()> {
+    let port = e.question.addr.port();
     if e.up {
         let host_path = if e.host_path {
             "translated at connect/sendmsg (socket programs attached)"
@@ -121,16 +140,10 @@ fn write_text(out: &mut impl Write, e: &Explanation) -> Result<()> {
         row(out, "external", format!("clients: {external}"))?;
     }
     let held = match (&e.port_held_by, e.port_holder_running) {
-        (Some(owner), _) => format!("port {} bound by {owner}", q.addr.port()),
-        (None, true) => format!("port {} not bound by any process", q.addr.port()),
-        (None, false) => format!(
-            "port {} not bound (the port holder is not running)",
-            q.addr.port()
-        ),
+        (Some(owner), _) => format!("port {port} bound by {owner}"),
+        (None, true) => format!("port {port} not bound by any process"),
+        (None, false) => format!("port {port} not bound (the port holder is not running)"),
     };
     row(out, "port", held)?;
-    for reason in &e.reasons {
-        row(out, "note", reason.clone())?;
-    }
     Ok(())
 }

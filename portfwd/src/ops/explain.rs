@@ -193,35 +193,46 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
     let found = find(&mappings, &question, local_address);
     match found {
         Some((how, mapping)) => {
-            let container_interface = (mapping.ifindex != 0)
-                .then(|| host::netlink::ifname(mapping.ifindex).ok())
-                .flatten();
-            let container_interface_attached = container_interface.as_ref().is_some_and(|name| {
-                attached.iter().any(|link| {
-                    &link.ifname == name
-                        && link.programs.iter().any(|p| p == BACKEND_PROGRAMS[0].name)
-                })
-            });
-            explanation.matched = Some(Matched {
-                how,
-                name: mapping.name.clone(),
-                host: mapping.host,
-                container: mapping.container,
-                container_interface,
-                container_interface_attached,
-                counters: maps.counters(mapping).into(),
-                flows: datapath::flows(pin_dir)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|flow| flow.service == mapping.key())
-                    .collect(),
-                allow: mapping.allow.clone(),
-            });
+            explanation.matched = Some(matched(pin_dir, &maps, &attached, how, mapping));
         }
         None => explanation.reasons = nearest_reasons(&mappings, &question, local_address),
     }
     judge(&mut explanation);
     Ok(explanation)
+}
+
+/// What explain shows of the mapping that matched: its container's
+/// interface (and whether the reply program runs there), counters, flows.
+fn matched(
+    pin_dir: &Path,
+    maps: &PinnedMaps,
+    attached: &[datapath::TcLink],
+    how: MatchKind,
+    mapping: &Mapping,
+) -> Matched {
+    let container_interface = (mapping.ifindex != 0)
+        .then(|| host::netlink::ifname(mapping.ifindex).ok())
+        .flatten();
+    let container_interface_attached = container_interface.as_ref().is_some_and(|name| {
+        attached.iter().any(|link| {
+            &link.ifname == name && link.programs.iter().any(|p| p == BACKEND_PROGRAMS[0].name)
+        })
+    });
+    Matched {
+        how,
+        name: mapping.name.clone(),
+        host: mapping.host,
+        container: mapping.container,
+        container_interface,
+        container_interface_attached,
+        counters: maps.counters(mapping).into(),
+        flows: datapath::flows(pin_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|flow| flow.service == mapping.key())
+            .collect(),
+        allow: mapping.allow.clone(),
+    }
 }
 
 /// The mapping the programs would pick: the exact entry, else the wildcard

@@ -25,7 +25,7 @@ mod publish;
 
 pub(crate) use apply::{apply, read_apply_file};
 pub(crate) use conntrack::{FlowFilter, flows, flush_flows};
-pub(crate) use explain::{Explanation, MatchKind, Question, explain};
+pub(crate) use explain::{Explanation, MatchKind, Matched, Question, explain};
 pub(crate) use lifecycle::{UpOptions, attach, detach, down, rebuild_state, up};
 pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
