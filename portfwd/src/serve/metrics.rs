@@ -205,6 +205,16 @@ impl Collector for Snapshot {
             "Published ports (map entries)",
             [(vec![], s.mappings.len() as i64)],
         )?;
+        s.encode_mappings(e)?;
+        s.encode_programs(e)?;
+        s.encode_maps(e)
+    }
+}
+
+impl Snapshot {
+    /// Per mapping: packets, bytes (both ways) and new flows.
+    fn encode_mappings(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let s = self;
         let per_direction = |pick: fn(&MappingCounters) -> (u64, u64)| {
             s.mappings.iter().flat_map(move |(m, c)| {
                 let (to_container, to_client) = pick(c);
@@ -234,6 +244,12 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(m, c)| (mapping_labels(m), c.connections)),
         )?;
+        Ok(())
+    }
+
+    /// What the programs did (by stat) and what they cost.
+    fn encode_programs(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let s = self;
         counter(
             e,
             "datapath_packets",
@@ -258,6 +274,12 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(name, runs)| (vec![("program", name.clone())], runs.run_time.as_secs_f64())),
         )?;
+        Ok(())
+    }
+
+    /// Map fill levels, conntrack's among them.
+    fn encode_maps(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let s = self;
         let fill = |pick: fn(&MapFill) -> u64| {
             s.fill
                 .iter()
