@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::modes::{ECHO, HTTP, IPERF, Mode, Port};
-use super::ns::{Topo, check, in_ns, netstat};
+use super::ns::{Role, Topo, check, in_ns_as, netstat};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -137,7 +137,7 @@ pub(crate) struct Load {
 /// One HTTP request, to check that the path forwards before measuring it.
 pub(crate) fn probe(target: &Target) -> Result<()> {
     let body = check(
-        in_ns(&target.ns, "curl")
+        in_ns_as(&target.ns, "curl", Role::Client)
             .args(["-sS", "--max-time", "3", &target.url()])
             .stderr(std::process::Stdio::piped()),
     )
@@ -150,7 +150,7 @@ pub(crate) fn probe(target: &Target) -> Result<()> {
 
 pub(crate) fn iperf3(target: &Target, load: &Load) -> Result<f64> {
     let out = check(
-        in_ns(&target.ns, "timeout")
+        in_ns_as(&target.ns, "timeout", Role::Client)
             .args(["-k", "2", &(load.secs + 15).to_string(), "iperf3", "-J"])
             .args(["-c", &target.addr.to_string()])
             .args(["-p", &target.port(IPERF).to_string()])
@@ -180,7 +180,7 @@ pub(crate) struct Wrk {
 /// every request is on a new connection (`Connection: close`).
 pub(crate) fn wrk(target: &Target, load: &Load, close: bool) -> Result<Wrk> {
     let before = netstat(&target.ns, "TcpExt", "TCPSynRetrans")?;
-    let mut cmd = in_ns(&target.ns, "timeout");
+    let mut cmd = in_ns_as(&target.ns, "timeout", Role::Client);
     cmd.args(["-k", "2", &(load.secs + 15).to_string(), "wrk", "-t1"])
         .args(["-c", &load.connections.to_string()])
         .args([
@@ -256,7 +256,7 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
 pub(crate) fn udp_rr(xtask: &Path, target: &Target, load: &Load, size: usize) -> Result<f64> {
     let addr = format!("{}:{}", target.addr, target.port(ECHO));
     let out = check(
-        in_ns(&target.ns, "timeout")
+        in_ns_as(&target.ns, "timeout", Role::Client)
             .args(["-k", "2", &(load.secs + 15).to_string()])
             .arg(xtask)
             .args([

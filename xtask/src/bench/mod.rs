@@ -57,6 +57,10 @@ pub(crate) struct Args {
     /// taking the CPUs from the measurement (every mode alike).
     #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
     nice: i32,
+    /// Run clients on CPU 0 and servers and docker-proxy on CPU 1 (with two
+    /// CPUs or more), so that repetitions place them alike.
+    #[arg(long)]
+    pin: bool,
     /// A portfwd binary to measure instead of building this tree's (release).
     #[arg(long, value_name = "PATH")]
     portfwd: Option<PathBuf>,
@@ -147,6 +151,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     }
     let plan = Plan::new(&args)?;
     ns::NICE.store(args.nice, Ordering::Relaxed);
+    ns::PIN.store(args.pin, Ordering::Relaxed);
     setup::install_bench_debs()?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::ns::{self, H2C, H2E, Topo, check, check_with_input, in_ns};
+use super::ns::{self, H2C, H2E, Role, Topo, check, check_with_input, in_ns, in_ns_as};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -349,7 +349,7 @@ impl Env<'_> {
     fn spawn_docker_proxy(&self, bin: &Path, port: Port) -> Result<Child> {
         let (mut ready, signal) = std::io::pipe()?;
         let signal_fd = signal.as_raw_fd();
-        let mut cmd = in_ns(&self.topo.host, bin);
+        let mut cmd = in_ns_as(&self.topo.host, bin, Role::Proxy);
         cmd.args(["-proto", if port.udp { "udp" } else { "tcp" }])
             .args(["-host-ip", "0.0.0.0", "-host-port", &port.host.to_string()])
             .args(["-container-ip", &self.ctr().to_string()])

@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use portfwd_testkit::netns;
@@ -119,19 +119,67 @@ pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
 /// The nice value of every process the bench starts in its namespaces.
 pub(crate) static NICE: AtomicI32 = AtomicI32::new(0);
 
+/// Whether the bench's processes run on fixed CPUs by role (`--pin`).
+pub(crate) static PIN: AtomicBool = AtomicBool::new(false);
+
+/// What a process of the bench does, which decides its CPU under `--pin`:
+/// clients on one CPU, servers and the proxies that stand in front of them
+/// on another, so that one single-stream run does not land its client and
+/// server on the same CPU in one repetition and on two in the next (the
+/// bimodal throughput of unpinned runs). The kernel's forwarding work, the
+/// TC programs included, runs in softirq on the CPU of the sending side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Client,
+    Server,
+    /// docker-proxy: a process of its own, beside the server.
+    Proxy,
+    /// The CLIs of the control-plane figures: never pinned.
+    Control,
+}
+
+impl Role {
+    /// The CPU of this role under `--pin`, on a machine with `cpus` CPUs.
+    fn cpu(self, cpus: usize) -> Option<usize> {
+        match self {
+            _ if cpus < 2 => None,
+            Role::Client => Some(0),
+            Role::Server | Role::Proxy => Some(1),
+            Role::Control => None,
+        }
+    }
+}
+
 /// A command that runs in network namespace `ns` (see
 /// `portfwd_testkit::netns::command`), at nice `NICE`: no extra process
 /// (nsenter) sits in the timings.
 pub(crate) fn in_ns(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    in_ns_as(ns, program, Role::Control)
+}
+
+/// `in_ns` for a process of `role`: on its CPU under `--pin`.
+pub(crate) fn in_ns_as(ns: &str, program: impl AsRef<OsStr>, role: Role) -> Command {
     let mut cmd = netns::command(ns, program);
     let nice = NICE.load(Ordering::Relaxed);
-    if nice != 0 {
-        // SAFETY: the closure only calls setpriority, which is
-        // async-signal-safe.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = PIN
+        .load(Ordering::Relaxed)
+        .then(|| role.cpu(cpus))
+        .flatten();
+    if nice != 0 || cpu.is_some() {
+        // SAFETY: the closure only calls setpriority and sched_setaffinity,
+        // which are async-signal-safe, on a cpu_set_t of its own stack.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cpu) = cpu {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

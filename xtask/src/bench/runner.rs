@@ -13,7 +13,7 @@ use super::{
     Key, NGINX_CONF, Plan, Results, Trial, loadavg,
     measure::{self, Load, Metric, PATHS, Target},
     modes::{Env, Mode},
-    ns::{self, Topo, in_ns},
+    ns::{self, Role, Topo, in_ns_as},
     prog_stats, report,
 };
 use crate::interrupt;
@@ -142,7 +142,7 @@ impl Bench<'_> {
                 .with_context(|| format!("starting {}", crate::display(cmd)))
         };
         let nginx = spawn(
-            in_ns(&ctr, "nginx")
+            in_ns_as(&ctr, "nginx", Role::Server)
                 .arg("-p")
                 .arg(&nginx_dir)
                 .arg("-c")
@@ -150,10 +150,10 @@ impl Bench<'_> {
                 .args(["-e", "stderr"]),
         )?;
         self.servers.push(nginx);
-        let iperf = spawn(in_ns(&ctr, "iperf3").args(["-s", "-p", "5201"]))?;
+        let iperf = spawn(in_ns_as(&ctr, "iperf3", Role::Server).args(["-s", "-p", "5201"]))?;
         self.servers.push(iperf);
         let echo = spawn(
-            in_ns(&ctr, &self.xtask)
+            in_ns_as(&ctr, &self.xtask, Role::Server)
                 .args(["bench-tool", "udp-echo", "0.0.0.0:5353"])
                 .stderr(Stdio::null()),
         )?;
