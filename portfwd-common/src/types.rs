@@ -371,7 +371,9 @@ pub struct TraceEvent {
     pub proto: u8,
     /// `TRACE_PATH_*`.
     pub path: u8,
-    /// With `TRACE_STAT`: the `Stat` index.
+    /// With `TRACE_STAT`: the `Stat` index. With `TRACE_FLOW_NEW`: the
+    /// forward entry's `CT_FLAG_*` (with `CT_FLAG_NAT46`, `nat_addr` and
+    /// `masq_addr` are IPv4 in an IPv6 event).
     pub stat: u32,
     /// The interface the packet came in on (or left by).
     pub ifindex: u32,

@@ -511,6 +511,15 @@ fn describe_insert_error(error: MapError, mapping: &Mapping) -> anyhow::Error {
     anyhow!("adding {mapping}: {error}")
 }
 
+/// The host's IPv4 address towards `container`: the source of its route.
+/// A failed lookup counts as none (the mapping still serves the host).
+fn nat46_source(container: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+    match crate::host::netlink::route_source(container.into()) {
+        Ok(Some(IpAddr::V4(source))) => Some(source),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,14 +543,5 @@ mod tests {
         );
         drop(lock);
         std::fs::remove_dir(dir).unwrap();
-    }
-}
-
-/// The host's IPv4 address towards `container`: the source of its route.
-/// A failed lookup counts as none (the mapping still serves the host).
-fn nat46_source(container: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
-    match crate::host::netlink::route_source(container.into()) {
-        Ok(Some(IpAddr::V4(source))) => Some(source),
-        _ => None,
     }
 }

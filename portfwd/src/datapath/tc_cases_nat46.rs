@@ -145,11 +145,7 @@ fn ipv6_clients_of_ipv4_containers_are_translated_between_families() {
 
     // What is not translated.
     let dropped = stat(&ebpf, Stat::DroppedNat46);
-    let fragment = first_fragment_v6(&frame(
-        v6(CLIENT_V6, 40043),
-        v6(HOST_V6, 8046),
-        L4::Syn,
-    ));
+    let fragment = first_fragment_v6(&frame(v6(CLIENT_V6, 40043), v6(HOST_V6, 8046), L4::Syn));
     check(
         &mut failures,
         "the first fragment of a new flow",
