@@ -9,8 +9,10 @@
 //! ```
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
+    sync::Arc,
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -40,30 +42,54 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
         "0.0.0.0:5086".parse().unwrap(),
         "ctr85",
     );
+    // Large segments: the container's TCP sends GSO packets, whose type
+    // the switch of families changes too.
+    let _bulk = Server::start_with(
+        Some(ctr.netns_path()),
+        "0.0.0.0:5087".parse().unwrap(),
+        Arc::new(|mut stream: TcpStream, _| {
+            let _ = stream.write_all(&bulk());
+        }),
+    );
     client.ip(&["-4", "addr", "flush", "dev", &client.ctr_if]);
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
     portfwd_ok(&["map", "--name", "web46", &ctr_ip, "[::]:47850:5085"]);
     portfwd_ok(&["map", "--name", "dns46", &ctr_ip, "[::]:47851:5086/udp"]);
+    portfwd_ok(&["map", "--name", "bulk46", &ctr_ip, "[::]:47852:5087"]);
     let (uplink6, client6) = (client.host_v6(), client.v6());
     let gateway = ctr.host_v4();
 
-    // TCP: the container answers with the address it sees.
     let web = SocketAddr::new(uplink6, 47850);
-    let (answer, _) = client
-        .inside(move || fetch(web))
-        .unwrap_or_else(|e| panic!("TCP to {web}: {e}"));
-    assert_eq!(answer, format!("ctr85 {gateway}"));
-
-    // UDP, over a connected socket: the reply's source must be translated
-    // back to the published IPv6 address, or it would not arrive.
     let dns = SocketAddr::new(uplink6, 47851);
+    let bulk_at = SocketAddr::new(uplink6, 47852);
     let from = SocketAddr::new(client6, 41850);
     let ask = move || udp_from(dns, from, b"ping");
-    let answer = client
-        .inside(ask)
-        .unwrap_or_else(|e| panic!("UDP to {dns}: {e}"));
-    assert_eq!(answer, format!("ctr85 ping {gateway}"));
+    // With checksum offload (partial checksums, the NIC's to finish) and
+    // without (complete checksums, which the translation must keep right).
+    for offload in ["on", "off"] {
+        set_tx_offload(&[&ctr, &client], offload);
+        // TCP: the container answers with the address it sees.
+        let (answer, _) = client
+            .inside(move || fetch(web))
+            .unwrap_or_else(|e| panic!("TCP to {web}, offload {offload}: {e}"));
+        assert_eq!(answer, format!("ctr85 {gateway}"));
+        // UDP, over a connected socket: the reply's source must be
+        // translated back to the published IPv6 address, or it would not
+        // arrive.
+        let answer = client
+            .inside(ask)
+            .unwrap_or_else(|e| panic!("UDP to {dns}, offload {offload}: {e}"));
+        assert_eq!(answer, format!("ctr85 ping {gateway}"));
+        let received = client
+            .inside(move || download(bulk_at))
+            .unwrap_or_else(|e| panic!("download from {bulk_at}, offload {offload}: {e}"));
+        assert!(
+            received == bulk(),
+            "download, offload {offload}: {} bytes",
+            received.len()
+        );
+    }
 
     let flow = flows();
     let udp = flow
@@ -96,6 +122,7 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     assert!(listed(&open), "{:#?}", flows());
     portfwd_ok(&["unmap", "--name", "dns46"]);
     portfwd_ok(&["unmap", "--name", "web46"]);
+    portfwd_ok(&["unmap", "--name", "bulk46"]);
     let again = client.inside(ask);
     assert!(again.is_err(), "UDP after unmap: {again:?}");
     let _ = (&stream).write_all(b"bye\n");
@@ -107,6 +134,33 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     );
     let stats = stats();
     assert_eq!(stats["dropped_nat46_untranslatable"], 0, "{stats:?}");
+}
+
+/// 4 MB of a pattern.
+fn bulk() -> Vec<u8> {
+    (0..4 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn download(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// Turns TX checksum offload on or off on both veth pairs.
+fn set_tx_offload(links: &[&Container], state: &str) {
+    for link in links {
+        sh("ethtool", &["-K", &link.host_if, "tx", state]);
+        let (ns, ctr_if) = (link.netns.as_str(), link.ctr_if.as_str());
+        sh(
+            "ip",
+            &["netns", "exec", ns, "ethtool", "-K", ctr_if, "tx", state],
+        );
+    }
 }
 
 /// One datagram from `from` to `to` over a connected socket; the answer.
