@@ -61,6 +61,9 @@ macro_rules! map_name {
     (allow) => {
         "pf_allow"
     };
+    (nat46_src) => {
+        "pf_nat46_src"
+    };
 }
 
 /// The kernel map type.
@@ -216,6 +219,22 @@ pub const ALLOW: MapDef = MapDef {
         65_536,
     )
 };
+/// NAT46 (IPv6 clients of an IPv4 container): for each mapping on an IPv6
+/// host address to an IPv4 container, the host's IPv4 address that the
+/// container sees such clients come from (the source the host's routing
+/// picks towards the container, as docker-proxy's connections have). An
+/// `Addr` holding IPv4. Written with the mapping; a mapping without it is
+/// not translated between families.
+pub const NAT46_SRC: MapDef = MapDef {
+    flags: BPF_F_NO_PREALLOC,
+    ..map(
+        map_name!(nat46_src),
+        MapKind::Hash,
+        size::<ServiceKey>(),
+        size::<crate::types::Addr>(),
+        SERVICES.max_entries,
+    )
+};
 /// The services generation: one `u64` that userspace increments after it
 /// removes (or changes) mappings, so that the TC programs look a tracked
 /// flow's mapping up again only when the services changed, not per packet.
@@ -248,7 +267,7 @@ pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 13] = [
+pub const MAPS: [MapDef; 14] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -262,6 +281,7 @@ pub const MAPS: [MapDef; 13] = [
     SERVICES_GEN,
     PUBLISHED_PORTS,
     ALLOW,
+    NAT46_SRC,
 ];
 
 /// Where a program attaches.
@@ -461,4 +481,13 @@ stats! {
     /// programs) to a mapping whose allowlist lacks `host`: failed with
     /// EPERM.
     RefusedHostProcess = "refused_host_not_allowed",
+    /// Packets of NAT46 flows (an IPv6 client, an IPv4 container) that
+    /// cannot be translated between families: IPv6 fragments and IPv4 ones
+    /// (a fragment header would be needed), IPv4 options, a UDP datagram
+    /// from the container without a checksum (mandatory in IPv6). Dropped.
+    DroppedNat46 = "dropped_nat46_untranslatable",
+    /// New IPv6 flows to a mapping of an IPv4 container for which portfwd
+    /// knows no host IPv4 address towards the container (`pf_nat46_src`):
+    /// passed untouched (the host's held port drops them).
+    PassNat46NoSource = "passed_nat46_no_source",
 }

@@ -127,6 +127,14 @@ pub const CT_FLAG_ESTABLISHED: u8 = 16;
 /// host (its NAT), and are passed untouched, never taken for a new flow to
 /// the mapping. Only the flags and `last_seen_ns` mean anything.
 pub const CT_FLAG_HOST: u8 = 32;
+/// NAT46: an IPv6 client of an IPv4 container (a mapping on an IPv6 host
+/// address to an IPv4 container). Always with `CT_FLAG_MASQ`: the container
+/// sees the host's IPv4 address towards it (`pf_nat46_src`). The two entries
+/// are of different families: the forward one is keyed by the IPv6 packet
+/// and holds IPv4 addresses (container, masquerade source); the reply one is
+/// keyed by the IPv4 packet and holds IPv6 addresses (published address,
+/// client).
+pub const CT_FLAG_NAT46: u8 = 64;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]
@@ -363,7 +371,9 @@ pub struct TraceEvent {
     pub proto: u8,
     /// `TRACE_PATH_*`.
     pub path: u8,
-    /// With `TRACE_STAT`: the `Stat` index.
+    /// With `TRACE_STAT`: the `Stat` index. With `TRACE_FLOW_NEW`: the
+    /// forward entry's `CT_FLAG_*` (with `CT_FLAG_NAT46`, `nat_addr` and
+    /// `masq_addr` are IPv4 in an IPv6 event).
     pub stat: u32,
     /// The interface the packet came in on (or left by).
     pub ifindex: u32,

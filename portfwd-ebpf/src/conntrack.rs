@@ -9,8 +9,8 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey,
-    CtValue, IPPROTO_TCP, ServiceKey,
+    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
+    CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, ServiceKey,
 };
 
 use crate::{
@@ -170,6 +170,8 @@ fn close(ct: &mut CtValue, now: u64) {
 /// source it is masqueraded to.
 pub(crate) struct Nat {
     pub backend: Addr,
+    /// The container's family: not the client's for a NAT46 flow.
+    pub backend_family: u8,
     pub backend_port: u16,
     pub backend_ifindex: u32,
     /// The interface the flow came in on (its replies go back there).
@@ -200,7 +202,7 @@ fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
     key.sport = nat.backend_port;
     key.dport = client_port;
     key.proto = pkt.proto;
-    key.family = pkt.family;
+    key.family = nat.backend_family;
     key._pad = 0;
 }
 
@@ -221,10 +223,13 @@ pub(crate) fn create(
     // SAFETY: per-CPU memory that only this program run uses; fields other
     // than the packet (which `pkt` may point to).
     let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
-    let (masq_flag, masq_addr, masq_port) = match nat.masq {
+    let (mut masq_flag, masq_addr, masq_port) = match nat.masq {
         Some((addr, port)) => (CT_FLAG_MASQ, addr, port),
         None => (0, Addr::UNSPECIFIED, 0),
     };
+    if nat.backend_family != pkt.family {
+        masq_flag |= CT_FLAG_NAT46;
+    }
     // Field by field: a struct literal would be built on the stack first.
     set_reply_key(key, pkt, nat);
     value.nat_addr = pkt.daddr;
@@ -343,7 +348,12 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
         twin.dport = client_port;
     }
     twin.proto = key.proto;
-    twin.family = key.family;
+    // A NAT46 flow's other entry is of the other family.
+    twin.family = match (ct.flags & CT_FLAG_NAT46 != 0, key.family) {
+        (false, family) => family,
+        (true, FAMILY_V6) => FAMILY_V4,
+        (true, _) => FAMILY_V6,
+    };
     twin._pad = 0;
     Some(twin)
 }

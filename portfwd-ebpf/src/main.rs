@@ -4,7 +4,8 @@
 //!   connections to a published port straight to the container endpoint.
 //! - `tc`: TC programs that DNAT external clients' flows to the container
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
-//!   parsing and checksum-preserving rewrites).
+//!   parsing and checksum-preserving rewrites), and `nat46` (IPv6 clients
+//!   of IPv4 containers: the switch between families).
 //! - `trace`: events for `portfwd trace`, written only while it runs.
 //! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
 //!   `types`: the types private to the programs (no module imports a module
@@ -20,6 +21,7 @@ mod conntrack;
 mod fragments;
 mod iter;
 mod maps;
+mod nat46;
 mod packet;
 mod programs;
 mod sock;

@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portfwd_common::{
-    self as abi, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
+    self as abi, Addr, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
     MappingCounters, ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
 };
 
@@ -89,6 +89,13 @@ pub(crate) static TRACE_ON: Array<TraceConfig> =
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(scratch))]
 pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// NAT46: the host's IPv4 source per mapping of an IPv4 container on an
+/// IPv6 host address (see `nat46`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(nat46_src))]
+pub(crate) static NAT46_SRC: HashMap<ServiceKey, Addr> =
+    HashMap::with_max_entries(abi::NAT46_SRC.max_entries, abi::NAT46_SRC.flags);
 
 /// Source allowlists (see `tc::allowed`). aya-ebpf adds `BPF_F_NO_PREALLOC`
 /// to an LPM trie's flags itself.

@@ -33,16 +33,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    ALLOW_SERVICE_BITS, Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey,
-    CtValue, FAMILY_V4, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_TC,
-    TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    ALLOW_SERVICE_BITS, Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46,
+    CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP,
+    LocalAddrKey, SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
     conntrack::{self, Nat},
     fragments,
     maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
+    nat46,
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     trace,
 };
@@ -241,9 +242,13 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     if refused(ctx, pkt, masquerade, &service, &backend) {
         return DROP;
     }
-    // No NAT between families: an IPv4 client cannot reach an IPv6 container.
-    if backend.family != pkt.family {
-        return NEXT;
+    // Between families, only IPv6 clients of IPv4 containers (`nat46`).
+    let nat46 = backend.family != pkt.family;
+    if nat46 {
+        let verdict = nat46::start(pkt, &service);
+        if verdict != nat46::TRANSLATE {
+            return verdict;
+        }
     }
     // The source the container will see: for a hairpin flow the dialed host
     // address, else the client itself; with a port that no other flow to
@@ -251,15 +256,24 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     // clash. An external client keeps its own port unless another flow to
     // the same container (through another published port) has it: then it
     // gets another, as netfilter's NAT clash resolution does.
+    // A NAT46 flow, the host's IPv4 address towards the container.
     let now = conntrack::now();
-    let masq_addr = if masquerade { &pkt.daddr } else { &pkt.saddr };
+    let masq_addr = match (nat46, masquerade) {
+        (true, _) => match nat46::source() {
+            Some(source) => source,
+            None => return NEXT,
+        },
+        (false, true) => &pkt.daddr,
+        (false, false) => &pkt.saddr,
+    };
     let Some(port) = masquerade_port(pkt, &backend, masq_addr, now) else {
         note(ctx, pkt, masquerade, Stat::RewriteFailed);
         return NEXT;
     };
-    let masq = (masquerade || port != pkt.sport).then_some((*masq_addr, port));
+    let masq = (masquerade || nat46 || port != pkt.sport).then_some((*masq_addr, port));
     let nat = Nat {
         backend: backend.addr,
+        backend_family: backend.family,
         backend_port: backend.port,
         backend_ifindex: backend.ifindex,
         // SAFETY: reading a context field, checked by the verifier.
@@ -290,6 +304,10 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         unsafe { (*counters).connections += 1 };
     }
     add_traffic(&service, pkt.len, true);
+    if nat46 {
+        // SAFETY: the entry just inserted, in scratch memory.
+        return finish_nat46(ctx, pkt, unsafe { &*forward }, backend.ifindex);
+    }
     if let Some((addr, port)) = masq
         && !packet::rewrite(ctx, pkt, End::Source, &addr, port)
     {
@@ -320,7 +338,7 @@ fn masquerade_port(pkt: &Packet, backend: &Backend, addr: &Addr, now: u64) -> Op
     key.daddr = *addr;
     key.sport = backend.port;
     key.proto = pkt.proto;
-    key.family = pkt.family;
+    key.family = backend.family;
     key._pad = 0;
     let mut port = u16::from_be(pkt.sport);
     for attempt in 1..=8u16 {
@@ -512,6 +530,10 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtV
     }
     let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
+    if ct.flags & CT_FLAG_NAT46 != 0 {
+        add_traffic(&ct.service, pkt.len, true);
+        return finish_nat46(ctx, pkt, ct, ct.ifindex);
+    }
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ct.ifindex, ifindex_of(ctx), now);
     }
@@ -555,6 +577,10 @@ fn translate_reply(
     if ifindex != 0 {
         mark_translated(ctx);
     }
+    if ct.flags & CT_FLAG_NAT46 != 0 {
+        add_traffic(&ct.service, pkt.len, false);
+        return finish_nat46(ctx, pkt, ct, ifindex);
+    }
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
     }
@@ -576,6 +602,16 @@ fn finish(ctx: &TcContext, pkt: &Packet, end: End, addr: &Addr, port: u16, ifind
     if !packet::rewrite(ctx, pkt, end, addr, port) {
         // A half-rewritten packet must not leave: its checksums are wrong.
         count(Stat::RewriteFailed);
+        return DROP;
+    }
+    deliver(ifindex)
+}
+
+/// Translates a packet of a NAT46 flow to the other family and sends it
+/// on (see `finish`); a packet that cannot be translated is dropped.
+#[inline(always)]
+fn finish_nat46(ctx: &TcContext, pkt: &Packet, ct: &CtValue, ifindex: u32) -> i32 {
+    if !nat46::translate(ctx, pkt, ct) {
         return DROP;
     }
     deliver(ifindex)
@@ -661,7 +697,7 @@ fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
     }
 }
 
-fn count(stat: Stat) {
+pub(crate) fn count(stat: Stat) {
     if let Some(value) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *value += 1 };

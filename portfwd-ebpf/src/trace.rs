@@ -93,6 +93,7 @@ pub(crate) fn flow_new(ctx: &TcContext, pkt: &Packet, from_containers: bool, for
     unsafe {
         (*e).nat_addr = forward.nat_addr;
         (*e).nat_port = forward.nat_port;
+        (*e).stat = forward.flags as u32;
         if forward.flags & CT_FLAG_MASQ != 0 {
             (*e).masq_addr = forward.masq_addr;
             (*e).masq_port = forward.masq_port;

@@ -3,7 +3,7 @@
 //! the maps import them without importing each other.
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
-use portfwd_common::{AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
+use portfwd_common::{Addr, AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::packet::Packet;
 
@@ -25,4 +25,6 @@ pub(crate) struct Scratch {
     pub frag_value: FragmentValue,
     /// A source allowlist lookup (`tc::refused`).
     pub allow_key: LpmKey<AllowKey>,
+    /// The host's IPv4 source of a new NAT46 flow (`nat46::start`).
+    pub nat46_source: Addr,
 }

@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
     CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey,
-    CtValue, ServiceKey,
+    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
+    CtKey, CtValue, FAMILY_V4, ServiceKey,
 };
 use serde::Serialize;
 
@@ -28,7 +28,8 @@ pub(crate) struct Flow {
     /// The container endpoint the flow was translated to.
     pub(crate) container: SocketAddr,
     /// The source the container sees: the client itself, or for a hairpin
-    /// flow the host address it was masqueraded to.
+    /// flow the host address it was masqueraded to (for an IPv6 client of
+    /// an IPv4 container, NAT46, the host's IPv4 address towards it).
     pub(crate) container_sees: SocketAddr,
     pub(crate) state: FlowState,
     /// Since the last packet (to about a second: entries are refreshed at
@@ -103,12 +104,18 @@ fn live(key: &CtKey, value: &CtValue, now: u64) -> bool {
 
 fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
     let protocol = Protocol::from_number(key.proto)?;
-    let at = |addr: &portfwd_common::Addr, port: u16| {
-        Some(SocketAddr::new(addr.to_ip(key.family)?, u16::from_be(port)))
+    let at = |addr: &portfwd_common::Addr, port: u16, family: u8| {
+        Some(SocketAddr::new(addr.to_ip(family)?, u16::from_be(port)))
     };
-    let client = at(&key.saddr, key.sport)?;
+    // The container's side of a NAT46 flow is IPv4, its client's IPv6.
+    let container_family = if value.flags & CT_FLAG_NAT46 != 0 {
+        FAMILY_V4
+    } else {
+        key.family
+    };
+    let client = at(&key.saddr, key.sport, key.family)?;
     let container_sees = if value.flags & CT_FLAG_MASQ != 0 {
-        at(&value.masq_addr, value.masq_port)?
+        at(&value.masq_addr, value.masq_port, container_family)?
     } else {
         client
     };
@@ -122,8 +129,8 @@ fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
     Some(Flow {
         protocol,
         client,
-        published: at(&key.daddr, key.dport)?,
-        container: at(&value.nat_addr, value.nat_port)?,
+        published: at(&key.daddr, key.dport, key.family)?,
+        container: at(&value.nat_addr, value.nat_port, container_family)?,
         container_sees,
         state,
         idle: Duration::from_nanos(now.saturating_sub(value.last_seen_ns)),
@@ -231,6 +238,18 @@ mod tests {
         value.masq_addr = v4([10, 88, 0, 1]);
         value.masq_port = 61000u16.to_be();
         let flow = decode(&key, &value, now).unwrap();
+        assert_eq!(flow.container_sees, "10.88.0.1:61000".parse().unwrap());
+        // NAT46: an IPv6 client, an IPv4 container.
+        let mut key6 = key;
+        key6.family = portfwd_common::FAMILY_V6;
+        key6.saddr = "fd00::7".parse::<std::net::Ipv6Addr>().unwrap().into();
+        key6.daddr = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().into();
+        let mut value46 = value;
+        value46.flags |= CT_FLAG_NAT46;
+        let flow = decode(&key6, &value46, now).unwrap();
+        assert_eq!(flow.client, "[fd00::7]:40000".parse().unwrap());
+        assert_eq!(flow.published, "[fd00::1]:8080".parse().unwrap());
+        assert_eq!(flow.container, "10.88.0.5:80".parse().unwrap());
         assert_eq!(flow.container_sees, "10.88.0.1:61000".parse().unwrap());
         // A closing flow lives 10 s after its close, a SYN-only one 60 s.
         value.flags = CT_FLAG_CLOSING | CT_FLAG_ESTABLISHED;

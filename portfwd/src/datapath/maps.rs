@@ -12,7 +12,7 @@ use aya::maps::{
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
     ALLOW, Addr, AllowKey, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters,
-    PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
+    NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
     published_port_bit,
 };
 
@@ -107,6 +107,7 @@ pub(crate) struct PinnedMaps {
     services_gen: Array<MapData, u64>,
     published_ports: Array<MapData, u32>,
     allow: LpmTrie<MapData, AllowKey, u8>,
+    nat46_src: HashMap<MapData, ServiceKey, Addr>,
 }
 
 fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -151,8 +152,11 @@ impl PinnedMaps {
             .context("the published ports map has an unexpected layout")?;
         let allow = LpmTrie::try_from(Map::LpmTrie(open_pin(dir, ALLOW.name)?))
             .context("the allowlist map has an unexpected layout")?;
+        let nat46_src = HashMap::try_from(Map::HashMap(open_pin(dir, NAT46_SRC.name)?))
+            .context("the NAT46 sources map has an unexpected layout")?;
         Ok(PinnedMaps {
             allow,
+            nat46_src,
             services,
             local_addrs,
             config,
@@ -240,6 +244,7 @@ impl PinnedMaps {
             let inserted = self
                 .counters
                 .insert(mapping.key(), zeroed_per_cpu(cpus)?, 0)
+                .and_then(|()| self.set_nat46_source(mapping))
                 .and_then(|()| self.set_allowlist(mapping))
                 .and_then(|()| {
                     self.services
@@ -247,6 +252,7 @@ impl PinnedMaps {
                 });
             if let Err(error) = inserted {
                 self.forget_counters(&mapping.key());
+                self.nat46_src.remove(&mapping.key()).ok();
                 self.forget_allowlist(&mapping.key());
                 let undo = self.remove_keys(mappings[..done].iter().map(Mapping::key));
                 let error = describe_insert_error(error, mapping);
@@ -286,6 +292,7 @@ impl PinnedMaps {
         // mappings stop at their next packet (the programs check the map).
         for mapping in mappings {
             self.forget_counters(&mapping.key());
+            self.nat46_src.remove(&mapping.key()).ok();
             self.forget_allowlist(&mapping.key());
         }
         Ok(())
@@ -308,15 +315,49 @@ impl PinnedMaps {
         self.counters.remove(key).ok();
     }
 
-    /// Points an existing mapping's entry at another interface.
+    /// Points an existing mapping's entry at another interface (and a NAT46
+    /// mapping at the host's IPv4 address towards its container now).
     pub(crate) fn set_ifindex(&mut self, mapping: &Mapping, ifindex: u32) -> Result<()> {
         let mut updated = mapping.clone();
         updated.ifindex = ifindex;
+        self.set_nat46_source(mapping)
+            .with_context(|| format!("updating {mapping}"))?;
         const EXIST: u64 = 2;
         self.services
             .insert(updated.key(), updated.value(), EXIST)
             .with_context(|| format!("updating {mapping}"))?;
         Ok(())
+    }
+
+    /// For a mapping of an IPv4 container on an IPv6 host address (NAT46 on
+    /// the TC path, see `portfwd-ebpf/src/nat46.rs`): the host's IPv4
+    /// address towards the container, which the container sees IPv6 clients
+    /// come from. Without a route to the container (or one without a
+    /// source), none: the TC path then leaves IPv6 clients untranslated
+    /// (`explain` says so), the socket path serves the host as ever.
+    fn set_nat46_source(&mut self, mapping: &Mapping) -> Result<(), MapError> {
+        let key = mapping.key();
+        let source = match (mapping.host.ip(), mapping.container.ip()) {
+            (IpAddr::V6(_), IpAddr::V4(container)) => nat46_source(container),
+            _ => None,
+        };
+        match source {
+            Some(source) => self.nat46_src.insert(key, Addr::from(source), 0),
+            None => {
+                self.nat46_src.remove(&key).ok();
+                Ok(())
+            }
+        }
+    }
+
+    /// The host's IPv4 address that a NAT46 mapping's container sees IPv6
+    /// clients come from; None when there is none (or not a NAT46 mapping).
+    pub(crate) fn nat46_source(&self, mapping: &Mapping) -> Option<std::net::Ipv4Addr> {
+        let addr = self.nat46_src.get(&mapping.key(), 0).ok()?;
+        match addr.to_ip(portfwd_common::FAMILY_V4)? {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
     }
 
     /// The interface the TC path redirects a mapping's new flows to.
@@ -468,6 +509,15 @@ fn describe_insert_error(error: MapError, mapping: &Mapping) -> anyhow::Error {
         }
     }
     anyhow!("adding {mapping}: {error}")
+}
+
+/// The host's IPv4 address towards `container`: the source of its route.
+/// A failed lookup counts as none (the mapping still serves the host).
+fn nat46_source(container: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+    match crate::host::netlink::route_source(container.into()) {
+        Ok(Some(IpAddr::V4(source))) => Some(source),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
 };
 use portfwd_common::{
-    Addr, Stat, TRACE, TRACE_FLOW_NEW, TRACE_ON, TRACE_PATH_CONNECT, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_EGRESS, TRACE_PATH_SENDMSG, TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT,
-    TraceConfig, TraceEvent,
+    Addr, CT_FLAG_NAT46, FAMILY_V4, Stat, TRACE, TRACE_FLOW_NEW, TRACE_ON, TRACE_PATH_CONNECT,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_EGRESS, TRACE_PATH_SENDMSG, TRACE_PATH_UPLINK, TRACE_SOCKET,
+    TRACE_STAT, TraceConfig, TraceEvent,
 };
 use serde::Serialize;
 
@@ -166,10 +166,14 @@ pub(crate) struct Traced {
 
 impl Traced {
     pub(crate) fn from_event(e: &TraceEvent) -> Self {
-        let at = |addr: &Addr, port: u16| {
-            addr.to_ip(e.family)
+        let at_family = |addr: &Addr, port: u16, family: u8| {
+            addr.to_ip(family)
                 .map(|ip| SocketAddr::new(ip, u16::from_be(port)))
         };
+        let at = |addr: &Addr, port: u16| at_family(addr, port, e.family);
+        // A NAT46 flow's container side is IPv4.
+        let nat46 = e.kind == TRACE_FLOW_NEW && e.stat & u32::from(CT_FLAG_NAT46) != 0;
+        let container_family = if nat46 { FAMILY_V4 } else { e.family };
         let translated = e.kind == TRACE_FLOW_NEW || e.kind == TRACE_SOCKET;
         // The socket programs' events: a translated socket, or a refused
         // connect or send.
@@ -199,9 +203,11 @@ impl Traced {
             // A socket's own address is not known yet at connect().
             source: (!socket).then(|| at(&e.saddr, e.sport)).flatten(),
             destination: at(&e.daddr, e.dport),
-            translated_to: translated.then(|| at(&e.nat_addr, e.nat_port)).flatten(),
+            translated_to: translated
+                .then(|| at_family(&e.nat_addr, e.nat_port, container_family))
+                .flatten(),
             masqueraded_as: (translated && !e.masq_addr.is_unspecified())
-                .then(|| at(&e.masq_addr, e.masq_port))
+                .then(|| at_family(&e.masq_addr, e.masq_port, container_family))
                 .flatten(),
             time_ns: e.time_ns,
         }

@@ -74,6 +74,46 @@ pub(crate) fn route_oif(dst: IpAddr) -> Result<Option<u32>> {
     }
 }
 
+/// The source address the kernel picks for a connection from the host to
+/// `dst` (`ip route get DST`'s `src`): for a container, the host's address
+/// on its link. None when there is no route or it names no source.
+pub(crate) fn route_source(dst: IpAddr) -> Result<Option<IpAddr>> {
+    let mut request = RouteMessage::default();
+    request.header.address_family = match dst {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    request.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+    request
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    let mut source = None;
+    let result = exchange(request, NLM_F_REQUEST, |route| {
+        source = route
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            })
+            .filter(|_| delivers(&route));
+        Flow::Done
+    });
+    match result {
+        Ok(_) => Ok(source),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("looking up the route to {dst}")),
+    }
+}
+
 /// Names of the interfaces that carry a default route (IPv4 0.0.0.0/0 or
 /// IPv6 ::/0) in the main table, sorted; multipath routes contribute every
 /// nexthop's interface.

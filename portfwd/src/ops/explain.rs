@@ -9,7 +9,7 @@
 //! them).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
 };
 
@@ -106,6 +106,11 @@ pub(crate) struct Matched {
     pub(crate) flows: Vec<Flow>,
     /// Its source allowlist; None: everyone may connect.
     pub(crate) allow: Option<Allowlist>,
+    /// An IPv4 container on an IPv6 host address (NAT46 on the TC path).
+    pub(crate) nat46: bool,
+    /// For NAT46, the host's IPv4 address the container sees external IPv6
+    /// clients come from (None: unknown, they are not translated).
+    pub(crate) nat46_source: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -232,6 +237,8 @@ fn matched(
             .filter(|flow| flow.service == mapping.key())
             .collect(),
         allow: mapping.allow.clone(),
+        nat46: mapping.host.is_ipv6() && mapping.container.is_ipv4(),
+        nat46_source: maps.nat46_source(mapping),
     }
 }
 
@@ -319,6 +326,18 @@ fn judge(e: &mut Explanation) {
         } else if e.uplinks.is_empty() {
             e.reasons
                 .push("external clients are not translated: no uplink has portfwd's programs (`portfwd attach IF`)".into());
+        } else if let Some(m) = e.matched.as_ref().filter(|m| m.nat46) {
+            match m.nat46_source {
+                Some(source) => {
+                    served = true;
+                    e.reasons.push(format!(
+                        "external IPv6 clients reach the IPv4 container translated (NAT46): it sees them come from {source}"
+                    ));
+                }
+                None => e.reasons.push(
+                    "external IPv6 clients are not translated to the IPv4 container: the host has no IPv4 address towards it (`portfwd map` again looks it up)".into(),
+                ),
+            }
         } else {
             served = true;
         }
@@ -427,6 +446,8 @@ mod tests {
                 counters: Counters::default(),
                 flows: Vec::new(),
                 allow: Some(Allowlist::parse(allow).unwrap()),
+                nat46: false,
+                nat46_source: None,
             }),
             host_path: true,
             uplinks: vec!["eth0".into()],

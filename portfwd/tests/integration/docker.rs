@@ -486,6 +486,16 @@ fn publishes_through_portfwd(iptables: bool) {
         Ok(format!("web {}", client.v4()).as_str()),
         "{mode}: from the client namespace"
     );
+    // An external IPv6 client through the host's IPv6 address (dockerd's
+    // `[::]` proxy for the IPv4-only container): translated to IPv4
+    // (NAT46); the container sees the host's address on its bridge, as
+    // with docker-proxy.
+    let host_v6 = format!("[{}]", client.host_v6());
+    assert_eq!(
+        curl(Some(&client.netns), &url(&host_v6, 18080)).as_deref(),
+        Ok(format!("web {BRIDGE_NET}.1").as_str()),
+        "{mode}: an IPv6 client from the client namespace"
+    );
     // Hairpin: another container through the host address (masqueraded
     // to that address). busybox's static wget crashes in the container, so
     // the client is a thread in the container's network namespace.
