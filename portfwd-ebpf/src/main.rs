@@ -4,6 +4,8 @@
 //! - `tc`: TC programs that DNAT external clients' flows to the container
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites).
+//! - `reply`: the answers the TC programs send themselves (a closed
+//!   port's reset or ICMP port unreachable to a refused client).
 //! - `trace`: events for `portfwd trace`, written only while it runs.
 //! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
 //!   `types`: the types private to the programs (no module imports a module
@@ -20,6 +22,7 @@ mod fragments;
 mod iter;
 mod maps;
 mod packet;
+mod reply;
 mod sock;
 mod tc;
 mod trace;

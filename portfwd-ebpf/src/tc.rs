@@ -36,8 +36,8 @@ use aya_ebpf::{
 use portfwd_common::{
     ALLOW_SERVICE_BITS, Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtKey,
     CtValue, FAMILY_V4, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_TC,
-    TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_REFUSE_SILENTLY, ServiceKey, Stat,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
@@ -45,7 +45,7 @@ use crate::{
     fragments,
     maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
-    trace,
+    reply, trace,
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
@@ -113,7 +113,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
-            return start_flow(ctx, pkt, from_containers);
+            return answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
         }
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
@@ -125,7 +125,17 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, pkt, from_containers)
+    answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers))
+}
+
+/// `start_flow`'s verdict, or for a client the allowlist refuses with an
+/// answer, the answer (built here, not in `start_flow`'s deep frame).
+#[inline(always)]
+fn answer_refused(ctx: &TcContext, pkt: &Packet, path: u8, verdict: i32) -> i32 {
+    if verdict == reply::ANSWER {
+        return reply::refuse(ctx, pkt, path);
+    }
+    verdict
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
@@ -242,8 +252,10 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         note(ctx, pkt, masquerade, Stat::UntrackedMidflow);
         return NEXT;
     }
-    if refused(ctx, pkt, masquerade, &service, &backend) {
-        return DROP;
+    match refused(ctx, pkt, masquerade, &service, &backend) {
+        Refusal::Allowed => {}
+        Refusal::Dropped => return DROP,
+        Refusal::Answer => return reply::ANSWER,
     }
     // No NAT between families: an IPv4 client cannot reach an IPv6 container.
     if backend.family != pkt.family {
@@ -354,9 +366,18 @@ struct Backend {
     ifindex: u32,
 }
 
+#[repr(u8)]
+enum Refusal {
+    Allowed,
+    /// Dropped silently (`--refuse drop`): counted and traced.
+    Dropped,
+    /// To be answered as a closed port would (`reply::refuse`).
+    Answer,
+}
+
 /// Whether a new flow is refused by the mapping's source allowlist, which
 /// judges the packet's source (for a hairpin flow, the container's own
-/// address); counted and traced. One lookup, only for mappings with a list.
+/// address), and how. One lookup, only for mappings with a list.
 // Not inlined, and the LPM key in scratch memory: with the key in a frame,
 // either `start_flow`'s frame grows or this one, which calls `note` and the
 // trace, makes the deepest chain reach the 512-byte limit.
@@ -367,12 +388,12 @@ fn refused(
     masquerade: bool,
     service: &ServiceKey,
     backend: &Backend,
-) -> bool {
+) -> Refusal {
     if backend.flags & SERVICE_FLAG_HAS_ALLOWLIST == 0 {
-        return false;
+        return Refusal::Allowed;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return false;
+        return Refusal::Allowed;
     };
     // SAFETY: per-CPU memory that only this program run uses.
     let key = unsafe { &mut (*scratch).allow_key };
@@ -380,10 +401,13 @@ fn refused(
     key.data.service = *service;
     key.data.client = pkt.saddr;
     if ALLOW.get(&*key).is_some() {
-        return false;
+        return Refusal::Allowed;
+    }
+    if backend.flags & SERVICE_FLAG_REFUSE_SILENTLY == 0 {
+        return Refusal::Answer;
     }
     note(ctx, pkt, masquerade, Stat::RefusedNotAllowed);
-    true
+    Refusal::Dropped
 }
 
 /// The mapping for the packet's destination: exact address first, then the
@@ -638,7 +662,7 @@ fn deliver(ifindex: u32) -> i32 {
 /// mark is kept (that packet is then looked up at egress, and found
 /// translated already).
 #[inline(always)]
-fn mark_translated(ctx: &TcContext) {
+pub(crate) fn mark_translated(ctx: &TcContext) {
     // SAFETY: reading a context field, checked by the verifier.
     if unsafe { (*ctx.skb.skb).mark } == 0 {
         ctx.set_mark(TRANSLATED_MARK);
@@ -665,7 +689,7 @@ fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
     }
 }
 
-fn count(stat: Stat) {
+pub(crate) fn count(stat: Stat) {
     if let Some(value) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *value += 1 };

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Allowlist, Mapping, Protocol};
+use super::{Allowlist, Mapping, Protocol, Refuse};
 use crate::error::Error;
 
 /// One mapping as the state file stores it.
@@ -28,6 +28,10 @@ pub struct Record {
     /// The source allowlist (see `Mapping::allow`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Allowlist>,
+    /// What a client outside the allowlist gets (`Allowlist::refuse`,
+    /// which the list's own strings do not hold).
+    #[serde(default, skip_serializing_if = "Refuse::is_reject")]
+    pub refuse: Refuse,
 }
 
 fn yes() -> bool {
@@ -49,6 +53,7 @@ impl From<&Mapping> for Record {
             container_port: m.container.port(),
             hold: m.hold,
             allow: m.allow.clone(),
+            refuse: m.allow.as_ref().map(|a| a.refuse).unwrap_or_default(),
         }
     }
 }
@@ -62,7 +67,10 @@ impl Record {
             container: SocketAddr::new(self.container_ip, self.container_port),
             ifindex: 0,
             hold: self.hold,
-            allow: self.allow.clone(),
+            allow: self.allow.clone().map(|allow| Allowlist {
+                refuse: self.refuse,
+                ..allow
+            }),
         }
     }
 }
@@ -203,6 +211,10 @@ pub struct ApplyEntry {
     /// The source allowlist of every mapping of the entry (`--allow`).
     #[serde(default)]
     pub allow: Option<Allowlist>,
+    /// What a client outside the allowlist gets (`--refuse`); only with
+    /// `allow`.
+    #[serde(default)]
+    pub refuse: Option<Refuse>,
 }
 
 /// Which syntax an apply file uses.
@@ -257,6 +269,7 @@ mod tests {
             container_port: 80,
             hold: true,
             allow: None,
+            refuse: Default::default(),
         }
     }
 

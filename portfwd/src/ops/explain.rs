@@ -21,7 +21,7 @@ use crate::{
     datapath::{self, Flow, PinnedMaps},
     error::Error,
     holder, host, instance,
-    model::{Allowlist, Mapping, Protocol},
+    model::{Allowlist, Mapping, Protocol, Refuse},
 };
 
 /// What `explain` is asked about.
@@ -106,6 +106,9 @@ pub(crate) struct Matched {
     pub(crate) flows: Vec<Flow>,
     /// Its source allowlist; None: everyone may connect.
     pub(crate) allow: Option<Allowlist>,
+    /// What a client outside the list gets (with `allow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) refuse: Option<Refuse>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -216,6 +219,7 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
                     .filter(|flow| flow.service == mapping.key())
                     .collect(),
                 allow: mapping.allow.clone(),
+                refuse: mapping.allow.as_ref().map(|a| a.refuse),
             });
         }
         None => explanation.reasons = nearest_reasons(&mappings, &question, local_address),
@@ -318,8 +322,15 @@ fn judge(e: &mut Explanation) {
             // address (a container's hairpin flow too).
             Some(from) if !allow.allows((!host_client).then_some(from)) => {
                 served = false;
+                let answer = match (host_client, allow.refuse) {
+                    (true, _) => "connect() fails with EPERM",
+                    (false, Refuse::Reject) => {
+                        "answered as a closed port: TCP reset, ICMP port unreachable"
+                    }
+                    (false, Refuse::Drop) => "dropped without an answer",
+                };
                 e.reasons.push(format!(
-                    "{from} is not in the mapping's source allowlist ({allow}): refused"
+                    "{from} is not in the mapping's source allowlist ({allow}): refused, {answer}"
                 ));
             }
             Some(_) => {}
@@ -416,6 +427,7 @@ mod tests {
                 counters: Counters::default(),
                 flows: Vec::new(),
                 allow: Some(Allowlist::parse(allow).unwrap()),
+                refuse: Some(Refuse::Reject),
             }),
             host_path: true,
             uplinks: vec!["eth0".into()],

@@ -321,6 +321,7 @@ mod tests {
             container_port: 80,
             hold: true,
             allow: None,
+            refuse: Default::default(),
         }
     }
 
