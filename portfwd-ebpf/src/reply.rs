@@ -12,7 +12,7 @@
 //! (`packet::parse_frame`); the MAC addresses are swapped.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_SHOT},
+    bindings::TC_ACT_SHOT,
     helpers::generated::{
         bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes,
         bpf_skb_store_bytes,
