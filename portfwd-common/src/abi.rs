@@ -431,4 +431,8 @@ stats! {
     /// ICMP answers over the rate limit (about 1000 a second per CPU, as
     /// the kernel's `icmp_msgs_per_sec`): not sent, the packet dropped.
     AnswersRateLimited = "answers_rate_limited",
+    /// ICMP errors about a translated flow (unreachable, fragmentation
+    /// needed / packet too big, time exceeded), translated like the flow
+    /// and sent on to the container or the client.
+    IcmpErrorTranslated = "icmp_errors_translated",
 }

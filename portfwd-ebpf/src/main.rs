@@ -4,6 +4,7 @@
 //! - `tc`: TC programs that DNAT external clients' flows to the container
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites).
+//! - `icmp`: ICMP errors about translated flows, translated like them.
 //! - `reply`: the answers the TC programs send themselves (a closed
 //!   port's reset or ICMP port unreachable to a refused client).
 //! - `trace`: events for `portfwd trace`, written only while it runs.
@@ -19,6 +20,7 @@
 
 mod conntrack;
 mod fragments;
+mod icmp;
 mod iter;
 mod maps;
 mod packet;

@@ -66,9 +66,11 @@ const ANSWER_COST_NS: u64 = 1_000_000;
 const BURST_NS: u64 = 50 * ANSWER_COST_NS;
 
 /// Room for the largest answer (an ICMPv6 error: 14 + 1280 bytes), and for
-/// the checksum's 512-byte reads from the message's start (at 54 at most)
-/// whose bound the verifier checks for their largest size.
-pub(crate) const FRAME_ROOM: usize = 1600;
+/// the largest lengths the verifier can be shown (see `bounded_len`) at
+/// their offsets: up to 2048 bytes from offset 62.
+pub(crate) const FRAME_ROOM: usize = 2176;
+/// `bounded_len`'s largest length, plus one: a mask.
+const LEN_MASK: usize = 0x7ff;
 /// `bpf_csum_diff` reads at most 512 bytes per call.
 const CSUM_CHUNK: usize = 512;
 
@@ -274,14 +276,13 @@ fn port_unreachable(
     };
     let quote = ip_end(ctx, pkt)?.saturating_sub(pkt.l3_off).min(room);
     let quote_off = icmp_off + ICMP_HLEN;
-    // Bounds the verifier can follow: offset 42 or 62, 1 to 1232 bytes.
-    // (Checked as `quote - 1 < 1232`: LLVM merges a `quote == 0` check
-    // into others, and the verifier then sees a length that may be 0.)
-    let before_last = quote.wrapping_sub(1);
-    if before_last >= room || quote_off > ETH_HLEN + IPV6_HLEN + ICMP_HLEN {
+    // Bounds the verifier can follow: offset 42 or 62, 1 to 2048 bytes.
+    let Some(quote) = bounded_len(quote, room) else {
+        return Err(Stat::RefusedNotAllowed);
+    };
+    if quote_off > ETH_HLEN + IPV6_HLEN + ICMP_HLEN {
         return Err(Stat::RefusedNotAllowed);
     }
-    let quote = before_last + 1;
     let message_len = ICMP_HLEN + quote;
     // Zeros after the quote, up to a multiple of 4 bytes (the checksum
     // reads whole words); the quote is loaded over the first of them.
@@ -355,7 +356,9 @@ fn message_sum(frame: &[u8; FRAME_ROOM], off: usize, len: usize, seed: u32) -> R
         if start >= len {
             break;
         }
-        let size = (len - start).min(CSUM_CHUNK);
+        // Masked (a multiple of 4, at most 1020: no change to the value)
+        // after a volatile read, for the same reason as `bounded_len`.
+        let size = opaque((len - start).min(CSUM_CHUNK)) & 0x3fc;
         let from = off + start;
         if from + size > FRAME_ROOM {
             return Err(Stat::RefusedNotAllowed);
@@ -363,6 +366,27 @@ fn message_sum(frame: &[u8; FRAME_ROOM], off: usize, len: usize, seed: u32) -> R
         sum = csum(&frame[from..from + size], sum)?;
     }
     Ok(sum)
+}
+
+/// `len` (at most `max`, at most 2048) in a form whose bounds, 1 to 2048,
+/// every verifier follows: the helpers that read or write `len` bytes
+/// refuse a length that may be 0. Checked as a plain `len != 0`, LLVM
+/// tests a copy of the register, and kernel 6.1's verifier then sees a
+/// length from 0; the volatile read keeps LLVM from undoing the mask.
+#[inline(always)]
+fn bounded_len(len: usize, max: usize) -> Option<usize> {
+    let before_last = opaque(len.wrapping_sub(1));
+    if before_last >= max {
+        return None;
+    }
+    Some((before_last & LEN_MASK) + 1)
+}
+
+/// `value`, read back from the stack: LLVM knows nothing of it after.
+#[inline(always)]
+fn opaque(value: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&value) }
 }
 
 /// `bpf_csum_diff` over `bytes` (a multiple of 4, at most 512) added to
@@ -399,9 +423,10 @@ fn fold(sum: u32) -> u16 {
 /// the bytes after it), then the rest, keeping that csum right.
 #[inline(always)]
 fn send(ctx: &TcContext, reply: &mut ReplyScratch, len: usize) -> Result<(), i64> {
-    if !(ETH_HLEN + IPV4_HLEN..=FRAME_ROOM).contains(&len) {
+    if len < ETH_HLEN + IPV4_HLEN {
         return Err(-1);
     }
+    let rest = bounded_len(len - ETH_HLEN, IPV6_ERROR_MAX).ok_or(-1)?;
     let skb = ctx.skb.skb;
     let frame = reply.frame.as_mut_ptr();
     // SAFETY: plain helper calls; `frame` holds `len` bytes (checked).
@@ -416,7 +441,7 @@ fn send(ctx: &TcContext, reply: &mut ReplyScratch, len: usize) -> Result<(), i64
             skb as *mut _,
             ETH_HLEN as u32,
             frame.add(ETH_HLEN) as *const _,
-            (len - ETH_HLEN) as u32,
+            rest as u32,
             BPF_F_RECOMPUTE_CSUM,
         );
         if rest != 0 {

@@ -42,7 +42,7 @@ use portfwd_common::{
 
 use crate::{
     conntrack::{self, Nat},
-    fragments,
+    fragments, icmp,
     maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     reply, trace,
@@ -192,8 +192,14 @@ fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
 
 /// Parses into `pkt`; for a packet that is not ours, the verdict: passed
 /// untouched and counted, or dropped when it carries a loopback address.
+/// An ICMP error about a translated flow is translated (`icmp`).
 fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
     packet::parse(ctx, pkt).map_err(|reason| {
+        if reason == Stat::PassNotTcpUdp
+            && let Some(verdict) = icmp::translate_error(ctx)
+        {
+            return verdict;
+        }
         count(reason);
         if reason == Stat::DroppedLoopback {
             trace::stat(ctx, pkt, path, reason);
@@ -647,7 +653,7 @@ fn translate_fragment(
 /// Sends a rewritten packet on: redirected to `ifindex` through the
 /// neighbour subsystem when known, else back to the stack.
 #[inline(always)]
-fn deliver(ifindex: u32) -> i32 {
+pub(crate) fn deliver(ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(Stat::ToStack);
         return TC_ACT_OK;

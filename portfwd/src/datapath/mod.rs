@@ -20,6 +20,8 @@ mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
 #[cfg(test)]
+mod tc_cases_icmp;
+#[cfg(test)]
 mod tc_cases_reply;
 #[cfg(test)]
 mod tc_cost;
