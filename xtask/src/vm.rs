@@ -81,6 +81,12 @@ const SUBSET: &[(&str, &[&str])] = &[
         "allowlist",
         &["refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop"],
     ),
+    (
+        // ICMP errors of translated flows translated back (path MTU
+        // discovery through a router with a smaller MTU).
+        "pmtu",
+        &["a_client_behind_a_smaller_mtu_gets_large_responses_v4_and_v6"],
+    ),
     ("cni", &["chain_publishes_checks_and_deletes"]),
     ("reliability", &["a_reboot_brings_every_mapping_back"]),
     (
@@ -102,6 +108,7 @@ const SUBSET: &[(&str, &[&str])] = &[
 const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases::uplink_ingress_cases",
     "datapath::tc_cases_reply::refused_clients_get_what_a_closed_port_gives",
+    "datapath::tc_cases_icmp::icmp_errors_of_translated_flows_are_translated_both_ways",
 ];
 
 /// The guest's whole run is killed after this long.

@@ -22,6 +22,7 @@ mod explain;
 mod follow;
 mod hostile;
 mod kernel_support;
+mod pmtu;
 mod properties;
 mod reliability;
 mod serve;
