@@ -435,4 +435,9 @@ stats! {
     /// needed / packet too big, time exceeded), translated like the flow
     /// and sent on to the container or the client.
     IcmpErrorTranslated = "icmp_errors_translated",
+    /// Packets of tracked flows larger than the MTU of the interface they
+    /// were to be redirected to (GSO packets: by their segments), answered
+    /// as a router does: "fragmentation needed" (IPv4 with DF) or "packet
+    /// too big" (IPv6) to their sender; dropped.
+    TooBigAnswered = "too_big_answered",
 }

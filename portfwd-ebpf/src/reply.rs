@@ -12,10 +12,11 @@
 //! (`packet::parse_frame`); the MAC addresses are swapped.
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    EbpfContext,
+    bindings::{TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS},
     helpers::generated::{
-        bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes,
+        bpf_check_mtu, bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     programs::TcContext,
 };
@@ -56,6 +57,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// `bpf_skb_store_bytes`: keep a CHECKSUM_COMPLETE skb's csum right.
 const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 
@@ -91,6 +94,79 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet, path: u8) -> i32 {
     if stat != Stat::RefusedAnswered {
         return TC_ACT_SHOT;
     }
+    back(ctx)
+}
+
+/// For a packet of a tracked flow about to be redirected to `ifindex`:
+/// when it is larger than that interface's MTU (a GSO packet: its
+/// segments), the answer a router gives, as the forwarding path would have
+/// (`bpf_redirect_neigh` skips its MTU check, and the device would drop
+/// the packet silently): "fragmentation needed" with the MTU (IPv4 with
+/// DF) or "packet too big" (IPv6), to the sender, about its packet as it
+/// sent it; the packet is dropped. None: it fits, or it is IPv4 without DF
+/// (the forwarding path would fragment it; portfwd cannot, and leaves it to
+/// the redirect as before), or no answer is needed.
+// Not inlined: called from the program's frame, before the translation.
+#[inline(never)]
+pub(crate) fn too_big(ctx: &TcContext, pkt: &Packet, path: u8, ifindex: u32) -> Option<i32> {
+    let mut mtu: u32 = 0;
+    // SAFETY: a plain helper call; `mtu` is a local it writes.
+    let verdict =
+        unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS as u64) };
+    if verdict <= 0 {
+        return None;
+    }
+    if pkt.family == FAMILY_V4 {
+        let flags: [u8; 2] = ctx.load(pkt.l3_off + 6).ok()?;
+        if flags[0] & IPV4_DONT_FRAGMENT == 0 {
+            return None;
+        }
+    }
+    let stat = match answer_too_big(ctx, pkt, mtu) {
+        Ok(()) => Stat::TooBigAnswered,
+        Err(stat) => stat,
+    };
+    count(stat);
+    trace::stat(ctx, pkt, path, stat);
+    if stat != Stat::TooBigAnswered {
+        return Some(TC_ACT_SHOT);
+    }
+    Some(back(ctx))
+}
+
+#[inline(always)]
+fn answer_too_big(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<(), Stat> {
+    let reply = REPLY.get_ptr_mut(0).ok_or(Stat::RewriteFailed)?;
+    // SAFETY: per-CPU memory that only this program run uses.
+    let reply = unsafe { &mut *reply };
+    if !rate_allows(reply) {
+        return Err(Stat::AnswersRateLimited);
+    }
+    let len = if pkt.family == FAMILY_V4 {
+        let mtu = (mtu.min(u16::MAX as u32) as u16).to_be_bytes();
+        icmp_error(
+            ctx,
+            pkt,
+            reply,
+            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
+            [0, 0, mtu[0], mtu[1]],
+        )
+    } else {
+        icmp_error(
+            ctx,
+            pkt,
+            reply,
+            (ICMPV6_PACKET_TOO_BIG, 0),
+            mtu.to_be_bytes(),
+        )
+    }
+    .map_err(|_| Stat::RewriteFailed)?;
+    send(ctx, reply, len).map_err(|_| Stat::RewriteFailed)
+}
+
+/// Sends the answer back out of the interface the packet came in on.
+#[inline(always)]
+fn back(ctx: &TcContext) -> i32 {
     // Leaving through an uplink, the answer needs no look at egress.
     mark_translated(ctx);
     // SAFETY: reading a context field, checked by the verifier.
@@ -259,13 +335,31 @@ fn reset(ctx: &TcContext, pkt: &Packet, reply: &mut ReplyScratch) -> Result<usiz
 }
 
 /// The ICMP port unreachable a closed UDP port gives (IPv4 type 3 code 3,
-/// IPv6 type 1 code 4), holding the datagram from its IP header on, as
-/// much as the RFCs say. Returns the answer's length.
+/// IPv6 type 1 code 4). Returns the answer's length.
 #[inline(always)]
 fn port_unreachable(
     ctx: &TcContext,
     pkt: &Packet,
     reply: &mut ReplyScratch,
+) -> Result<usize, Stat> {
+    let kind = if pkt.family == FAMILY_V4 {
+        (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+    } else {
+        (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH)
+    };
+    icmp_error(ctx, pkt, reply, kind, [0; 4])
+}
+
+/// An ICMP error about the packet, of `kind` (type, code) with `rest` (its
+/// bytes 5-8), holding the datagram from its IP header on, as much as the
+/// RFCs say. Returns the answer's length.
+#[inline(always)]
+fn icmp_error(
+    ctx: &TcContext,
+    pkt: &Packet,
+    reply: &mut ReplyScratch,
+    kind: (u8, u8),
+    rest: [u8; 4],
 ) -> Result<usize, Stat> {
     let v4 = pkt.family == FAMILY_V4;
     let icmp_off = headers(ctx, pkt, &mut reply.frame)?;
@@ -304,19 +398,16 @@ fn port_unreachable(
     if loaded != 0 {
         return Err(Stat::RefusedNotAllowed);
     }
-    let (proto, kind, code) = if v4 {
-        (IPPROTO_ICMP, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
-    } else {
-        (IPPROTO_ICMPV6, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH)
-    };
+    let proto = if v4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
     reply.frame[ETH_HLEN + 1] = if v4 { TOS_INTERNETCONTROL } else { 0 };
     let pseudo = finish_ip(reply, v4, proto, message_len)?;
     // ICMPv4's checksum has no pseudo-header.
     let seed = if v4 { 0 } else { pseudo };
     let icmp = &mut reply.frame[icmp_off..icmp_off + ICMP_HLEN];
-    icmp.fill(0);
-    icmp[0] = kind;
-    icmp[1] = code;
+    icmp[..4].fill(0);
+    icmp[0] = kind.0;
+    icmp[1] = kind.1;
+    icmp[4..].copy_from_slice(&rest);
     let sum = message_sum(&reply.frame, icmp_off, (message_len + 3) & !3, seed)?;
     reply.frame[icmp_off + 2..icmp_off + 4].copy_from_slice(&fold(sum).to_ne_bytes());
     Ok(quote_off + quote)

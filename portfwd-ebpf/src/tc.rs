@@ -54,6 +54,10 @@ const DROP: i32 = TC_ACT_SHOT;
 const PACKET_HOST: u32 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+/// Frames up to this size are not checked against the MTU of the interface
+/// they are redirected to: no IP link has a smaller one in practice (576 is
+/// IPv4's minimum datagram every host accepts, plus Ethernet).
+const TOO_BIG_CHECKED_FROM: u32 = 576 + 14;
 
 #[classifier]
 pub(crate) fn pf_tc_uplink_in(ctx: TcContext) -> i32 {
@@ -116,7 +120,15 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
         }
         // SAFETY: a pointer into the map value, valid for this program run.
-        let flags = unsafe { (*entry).flags };
+        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
+        // Larger than the interface it goes to: answered, as the
+        // forwarding path would (only large packets pay the check).
+        if ifindex != 0
+            && pkt.len > TOO_BIG_CHECKED_FROM
+            && let Some(verdict) = reply::too_big(ctx, pkt, path, ifindex)
+        {
+            return verdict;
+        }
         if flags & CT_FLAG_REPLY != 0 {
             return translate_reply(ctx, pkt, key, entry, true);
         }

@@ -381,3 +381,174 @@ fn icmp_answers_are_rate_limited() {
         (verdicts[0] as u64, verdicts[1] as u64)
     );
 }
+
+/// A veth pair of the test's own with a small MTU (the container's link),
+/// removed when dropped.
+struct SmallLink {
+    ifindex: u32,
+}
+
+impl SmallLink {
+    const NAME: &str = "pftmtu0";
+    const PEER: &str = "pftmtu1";
+
+    fn new(mtu: u32) -> Self {
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        // A leftover of an interrupted run, if any.
+        std::process::Command::new("ip")
+            .args(["link", "del", Self::NAME])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok();
+        let mtu = mtu.to_string();
+        ip(&[
+            "link",
+            "add",
+            Self::NAME,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::PEER,
+            "mtu",
+            &mtu,
+        ]);
+        let ifindex = nix::net::if_::if_nametoindex(Self::NAME).unwrap();
+        SmallLink { ifindex }
+    }
+}
+
+impl Drop for SmallLink {
+    fn drop(&mut self) {
+        std::process::Command::new("ip")
+            .args(["link", "del", Self::NAME])
+            .status()
+            .ok();
+    }
+}
+
+/// A packet of a tracked flow larger than the MTU of the container's link
+/// (1280) gets the answer a router gives, quoting it as the client sent
+/// it: "fragmentation needed" with the MTU (IPv4 with DF), "packet too big"
+/// (IPv6); an IPv4 packet without DF goes on translated, as before (the
+/// forwarding path would fragment it; portfwd leaves it to the link).
+#[test]
+fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let link = SmallLink::new(1280);
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    for (host, container) in [
+        (at(HOST_V4, 8070), at(CTR_V4, 80)),
+        (at(HOST_V6, 8070), at(CTR_V6, 80)),
+    ] {
+        let mapping = Mapping {
+            name: "mtu".into(),
+            protocol: Protocol::Tcp,
+            host,
+            container,
+            ifindex: link.ifindex,
+            hold: true,
+            allow: None,
+        };
+        services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    }
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(UPLINK_PROGRAMS[0].name)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    program.load().unwrap();
+    let big = |src: SocketAddr, dst: SocketAddr, dont_fragment: bool| {
+        let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
+        let ip = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+            _ => unreachable!(),
+        };
+        let mut out = Vec::new();
+        ip.tcp(src.port(), dst.port(), 2000, 64240)
+            .ack(1)
+            .write(&mut out, &[7u8; 1400])
+            .unwrap();
+        if !dont_fragment {
+            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
+            header.dont_fragment = false;
+            header.header_checksum = header.calc_header_checksum();
+            out[14..34].copy_from_slice(&header.to_bytes());
+        }
+        out
+    };
+    let mut failures = Vec::new();
+    for (client, published, quoted) in [
+        (at(OUTSIDER_V4, 40111), at(HOST_V4, 8070), 576 - 28),
+        (at(OUTSIDER_V6, 40112), at(HOST_V6, 8070), 1280 - 48),
+    ] {
+        assert_eq!(
+            run(&ebpf, &frame(client, published, L4::Syn)).0,
+            REDIRECT,
+            "the SYN from {client}"
+        );
+        let input = big(client, published, true);
+        let before = stat(&ebpf, Stat::TooBigAnswered);
+        let (verdict, out) = run(&ebpf, &input);
+        let expected = too_big(published.ip(), client.ip(), &input[14..], quoted, 1280);
+        if (verdict, &out) != (REDIRECT, &expected) {
+            failures.push(format!(
+                "{client}: verdict {verdict:#x}, frame\n  {out:02x?}\nexpected\n  {expected:02x?}"
+            ));
+        }
+        if stat(&ebpf, Stat::TooBigAnswered) != before + 1 {
+            failures.push(format!("{client}: too_big_answered not counted"));
+        }
+    }
+    // IPv4 without DF: translated and redirected to the link, as before.
+    let client = at(OUTSIDER_V4, 40111);
+    let (verdict, out) = run(&ebpf, &big(client, at(HOST_V4, 8070), false));
+    let translated = big(client, at(CTR_V4, 80), false);
+    if (verdict, &out) != (REDIRECT, &translated) {
+        failures.push(format!("without DF: verdict {verdict:#x}, not translated"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The router's answer to a packet too big for an MTU of `mtu`.
+fn too_big(published: IpAddr, client: IpAddr, datagram: &[u8], quoted: usize, mtu: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(HOST_MAC, CLIENT_MAC);
+    let mut out = Vec::new();
+    match (published, client) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mtu = mtu.to_be_bytes();
+            builder
+                .ipv4(s.octets(), d.octets(), 64)
+                .icmpv4_raw(3, 4, [0, 0, mtu[0], mtu[1]])
+                .write(&mut out, &datagram[..quoted])
+                .unwrap();
+            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
+            header.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
+            header.dont_fragment = false;
+            header.header_checksum = header.calc_header_checksum();
+            out[14..34].copy_from_slice(&header.to_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => builder
+            .ipv6(s.octets(), d.octets(), 64)
+            .icmpv6_raw(2, 0, u32::from(mtu).to_be_bytes())
+            .write(&mut out, &datagram[..quoted])
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    out
+}
