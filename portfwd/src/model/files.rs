@@ -52,7 +52,13 @@ impl From<&Mapping> for Record {
             container_ip: m.container.ip(),
             container_port: m.container.port(),
             hold: m.hold,
-            allow: m.allow.clone(),
+            // The refusal is kept in its own field (the list's strings do
+            // not hold it), and the list as it reads back: records compare
+            // equal whether made from a mapping or read from a file.
+            allow: m.allow.clone().map(|allow| Allowlist {
+                refuse: Refuse::default(),
+                ..allow
+            }),
             refuse: m.allow.as_ref().map(|a| a.refuse).unwrap_or_default(),
         }
     }
@@ -271,6 +277,27 @@ mod tests {
             allow: None,
             refuse: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_refusal_is_kept_beside_the_allowlist() {
+        let mut drop = record(1);
+        drop.allow = Some(Allowlist::parse(&["10.0.0.0/8"]).unwrap());
+        drop.refuse = Refuse::Drop;
+        let json = serde_json::to_string(&drop).unwrap();
+        assert!(json.contains(r#""refuse":"drop""#), "{json}");
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, drop);
+        let mapping = back.to_mapping();
+        assert_eq!(mapping.allow.as_ref().unwrap().refuse, Refuse::Drop);
+        assert_eq!(Record::from(&mapping), drop);
+        // The default is not written, and a record without it rejects.
+        let mut reject = drop.clone();
+        reject.refuse = Refuse::Reject;
+        let json = serde_json::to_string(&reject).unwrap();
+        assert!(!json.contains("refuse"), "{json}");
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_mapping().allow.unwrap().refuse, Refuse::Reject);
     }
 
     #[test]
