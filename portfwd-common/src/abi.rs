@@ -64,6 +64,9 @@ macro_rules! map_name {
     (nat46_src) => {
         "pf_nat46_src"
     };
+    (reply) => {
+        "pf_reply"
+    };
 }
 
 /// The kernel map type.
@@ -261,8 +264,9 @@ pub const fn published_port_bit(proto: u8, port: u16) -> (u32, u32) {
 }
 
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
-/// whose types live in the eBPF crate: per-CPU scratch memory.
-pub const PRIVATE_MAPS: [&str; 1] = [map_name!(scratch)];
+/// whose types live in the eBPF crate: per-CPU scratch memory, and the
+/// per-CPU buffer and rate limit of the answers the programs send.
+pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
 
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
@@ -475,7 +479,9 @@ stats! {
     /// was too slow): dropped, never waited for.
     TraceLost = "trace_events_lost",
     /// New flows from a client outside the mapping's source allowlist
-    /// (external, or a container's hairpin flow): dropped.
+    /// (external, or a container's hairpin flow), dropped without an
+    /// answer: the mapping refuses silently (`--refuse drop`), or the answer
+    /// could not be sent (a TCP reset is never answered).
     RefusedNotAllowed = "refused_not_allowed",
     /// Connects and unconnected UDP sends of host processes (the socket
     /// programs) to a mapping whose allowlist lacks `host`: failed with
@@ -490,4 +496,20 @@ stats! {
     /// knows no host IPv4 address towards the container (`pf_nat46_src`):
     /// passed untouched (the host's held port drops them).
     PassNat46NoSource = "passed_nat46_no_source",
+    /// New flows from a client outside the mapping's source allowlist,
+    /// answered as a closed port answers (`--refuse reject`, the default):
+    /// a TCP reset, an ICMP port unreachable for UDP.
+    RefusedAnswered = "refused_answered",
+    /// ICMP answers over the rate limit (about 1000 a second per CPU, as
+    /// the kernel's `icmp_msgs_per_sec`): not sent, the packet dropped.
+    AnswersRateLimited = "answers_rate_limited",
+    /// ICMP errors about a translated flow (unreachable, fragmentation
+    /// needed / packet too big, time exceeded), translated like the flow
+    /// and sent on to the container or the client.
+    IcmpErrorTranslated = "icmp_errors_translated",
+    /// Packets of tracked flows larger than the MTU of the interface they
+    /// were to be redirected to (GSO packets: by their segments), answered
+    /// as a router does: "fragmentation needed" (IPv4 with DF) or "packet
+    /// too big" (IPv6) to their sender; dropped.
+    TooBigAnswered = "too_big_answered",
 }

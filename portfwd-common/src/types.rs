@@ -229,6 +229,10 @@ pub const SERVICE_FLAG_HAS_ALLOWLIST: u8 = 2;
 /// The allowlist names `host`: the host's own processes (the socket path)
 /// may connect. Meaningful only with `SERVICE_FLAG_HAS_ALLOWLIST`.
 pub const SERVICE_FLAG_HOST_ALLOWED: u8 = 4;
+/// A client the allowlist refuses gets no answer (`--refuse drop`). Without
+/// it, it gets what a closed port gives: a TCP reset, an ICMP port
+/// unreachable. Meaningful only with `SERVICE_FLAG_HAS_ALLOWLIST`.
+pub const SERVICE_FLAG_REFUSE_SILENTLY: u8 = 8;
 
 /// The data of a `pf_allow` key (after the LPM trie's prefix length): a
 /// mapping's service key, then a client network. The prefix length of an

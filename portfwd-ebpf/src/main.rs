@@ -6,6 +6,9 @@
 //!   and reverse-NAT the replies, with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites), and `nat46` (IPv6 clients
 //!   of IPv4 containers: the switch between families).
+//! - `icmp`: ICMP errors about translated flows, translated like them.
+//! - `reply`: the answers the TC programs send themselves (a closed
+//!   port's reset or ICMP port unreachable to a refused client).
 //! - `trace`: events for `portfwd trace`, written only while it runs.
 //! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
 //!   `types`: the types private to the programs (no module imports a module
@@ -19,11 +22,13 @@
 
 mod conntrack;
 mod fragments;
+mod icmp;
 mod iter;
 mod maps;
 mod nat46;
 mod packet;
 mod programs;
+mod reply;
 mod sock;
 mod tc;
 mod trace;

@@ -15,7 +15,7 @@ use portfwd_common::{
     MappingCounters, ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
 };
 
-use crate::types::Scratch;
+use crate::types::{ReplyScratch, Scratch};
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(services))]
@@ -103,3 +103,9 @@ pub(crate) static NAT46_SRC: HashMap<ServiceKey, Addr> =
 #[unsafe(export_name = map_name!(allow))]
 pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
     LpmTrie::with_max_entries(abi::ALLOW.max_entries, 0);
+
+/// Per-CPU memory for the answers the TC programs send (see `reply`), and
+/// each CPU's rate limit of them.
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(reply))]
+pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -35,17 +35,17 @@ use aya_ebpf::{
 use portfwd_common::{
     ALLOW_SERVICE_BITS, Addr, CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46,
     CT_FLAG_REPLY, CtKey, CtValue, FAMILY_V4, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, IPPROTO_UDP,
-    LocalAddrKey, SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    LocalAddrKey, SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_REFUSE_SILENTLY, ServiceKey, Stat,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_TC, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use crate::{
     conntrack::{self, Nat},
-    fragments,
+    fragments, icmp,
     maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
-    trace,
+    reply, trace,
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
@@ -54,6 +54,10 @@ const DROP: i32 = TC_ACT_SHOT;
 const PACKET_HOST: u32 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+/// Frames up to this size are not checked against the MTU of the interface
+/// they are redirected to: no IP link has a smaller one in practice (576 is
+/// IPv4's minimum datagram every host accepts, plus Ethernet).
+const TOO_BIG_CHECKED_FROM: u32 = 576 + 14;
 
 pub(crate) fn uplink_in(ctx: TcContext) -> i32 {
     ingress(&ctx, false)
@@ -110,10 +114,18 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
-            return start_flow(ctx, pkt, from_containers);
+            return answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
         }
         // SAFETY: a pointer into the map value, valid for this program run.
-        let flags = unsafe { (*entry).flags };
+        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
+        // Larger than the interface it goes to: answered, as the
+        // forwarding path would (only large packets pay the check).
+        if ifindex != 0
+            && pkt.len > TOO_BIG_CHECKED_FROM
+            && let Some(verdict) = reply::too_big(ctx, pkt, path, ifindex)
+        {
+            return verdict;
+        }
         if flags & CT_FLAG_REPLY != 0 {
             return translate_reply(ctx, pkt, key, entry, true);
         }
@@ -122,7 +134,17 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return translate_forward(ctx, pkt, key, entry);
         }
     }
-    start_flow(ctx, pkt, from_containers)
+    answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers))
+}
+
+/// `start_flow`'s verdict, or for a client the allowlist refuses with an
+/// answer, the answer (built here, not in `start_flow`'s deep frame).
+#[inline(always)]
+fn answer_refused(ctx: &TcContext, pkt: &Packet, path: u8, verdict: i32) -> i32 {
+    if verdict == reply::ANSWER {
+        return reply::refuse(ctx, pkt, path);
+    }
+    verdict
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
@@ -179,8 +201,14 @@ fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
 
 /// Parses into `pkt`; for a packet that is not ours, the verdict: passed
 /// untouched and counted, or dropped when it carries a loopback address.
+/// An ICMP error about a translated flow is translated (`icmp`).
 fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
     packet::parse(ctx, pkt).map_err(|reason| {
+        if reason == Stat::PassNotTcpUdp
+            && let Some(verdict) = icmp::translate_error(ctx)
+        {
+            return verdict;
+        }
         count(reason);
         if reason == Stat::DroppedLoopback {
             trace::stat(ctx, pkt, path, reason);
@@ -239,8 +267,10 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
         note(ctx, pkt, masquerade, Stat::UntrackedMidflow);
         return NEXT;
     }
-    if refused(ctx, pkt, masquerade, &service, &backend) {
-        return DROP;
+    match refused(ctx, pkt, masquerade, &service, &backend) {
+        Refusal::Allowed => {}
+        Refusal::Dropped => return DROP,
+        Refusal::Answer => return reply::ANSWER,
     }
     // Between families, only IPv6 clients of IPv4 containers (`nat46`).
     let nat46 = backend.family != pkt.family;
@@ -368,9 +398,18 @@ struct Backend {
     ifindex: u32,
 }
 
+#[repr(u8)]
+enum Refusal {
+    Allowed,
+    /// Dropped silently (`--refuse drop`): counted and traced.
+    Dropped,
+    /// To be answered as a closed port would (`reply::refuse`).
+    Answer,
+}
+
 /// Whether a new flow is refused by the mapping's source allowlist, which
 /// judges the packet's source (for a hairpin flow, the container's own
-/// address); counted and traced. One lookup, only for mappings with a list.
+/// address), and how. One lookup, only for mappings with a list.
 // Not inlined, and the LPM key in scratch memory: with the key in a frame,
 // either `start_flow`'s frame grows or this one, which calls `note` and the
 // trace, makes the deepest chain reach the 512-byte limit.
@@ -381,12 +420,12 @@ fn refused(
     masquerade: bool,
     service: &ServiceKey,
     backend: &Backend,
-) -> bool {
+) -> Refusal {
     if backend.flags & SERVICE_FLAG_HAS_ALLOWLIST == 0 {
-        return false;
+        return Refusal::Allowed;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return false;
+        return Refusal::Allowed;
     };
     // SAFETY: per-CPU memory that only this program run uses.
     let key = unsafe { &mut (*scratch).allow_key };
@@ -394,10 +433,13 @@ fn refused(
     key.data.service = *service;
     key.data.client = pkt.saddr;
     if ALLOW.get(&*key).is_some() {
-        return false;
+        return Refusal::Allowed;
+    }
+    if backend.flags & SERVICE_FLAG_REFUSE_SILENTLY == 0 {
+        return Refusal::Answer;
     }
     note(ctx, pkt, masquerade, Stat::RefusedNotAllowed);
-    true
+    Refusal::Dropped
 }
 
 /// The mapping for the packet's destination: exact address first, then the
@@ -655,7 +697,7 @@ fn translate_fragment(
 /// Sends a rewritten packet on: redirected to `ifindex` through the
 /// neighbour subsystem when known, else back to the stack.
 #[inline(always)]
-fn deliver(ifindex: u32) -> i32 {
+pub(crate) fn deliver(ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(Stat::ToStack);
         return TC_ACT_OK;
@@ -670,7 +712,7 @@ fn deliver(ifindex: u32) -> i32 {
 /// mark is kept (that packet is then looked up at egress, and found
 /// translated already).
 #[inline(always)]
-fn mark_translated(ctx: &TcContext) {
+pub(crate) fn mark_translated(ctx: &TcContext) {
     // SAFETY: reading a context field, checked by the verifier.
     if unsafe { (*ctx.skb.skb).mark } == 0 {
         ctx.set_mark(TRANSLATED_MARK);

@@ -5,7 +5,7 @@
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use portfwd_common::{Addr, AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
-use crate::packet::Packet;
+use crate::{packet::Packet, reply::FRAME_ROOM};
 
 /// Per-CPU memory of one TC program run (the `pf_scratch` map): the parsed
 /// packet and its flow key, and a conntrack entry under construction.
@@ -27,4 +27,14 @@ pub(crate) struct Scratch {
     pub allow_key: LpmKey<AllowKey>,
     /// The host's IPv4 source of a new NAT46 flow (`nat46::start`).
     pub nat46_source: Addr,
+}
+
+/// Per-CPU memory for one answer (the `pf_reply` map), and the CPU's ICMP
+/// rate limit, which outlives the program run.
+pub(crate) struct ReplyScratch {
+    pub frame: [u8; FRAME_ROOM],
+    /// The TCP/ICMPv6 checksum's pseudo-header.
+    pub pseudo: [u8; 40],
+    pub credit_ns: u64,
+    pub last_ns: u64,
 }

@@ -80,6 +80,18 @@ const SUBSET: &[(&str, &[&str])] = &[
         "hostile",
         &["loopback_published_ports_are_unreachable_from_outside"],
     ),
+    (
+        // Refused clients answered by the TC program (a reset, an ICMP
+        // port unreachable built in place and redirected back).
+        "allowlist",
+        &["refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop"],
+    ),
+    (
+        // ICMP errors of translated flows translated back (path MTU
+        // discovery through a router with a smaller MTU).
+        "pmtu",
+        &["a_client_behind_a_smaller_mtu_gets_large_responses_v4_and_v6"],
+    ),
     ("cni", &["chain_publishes_checks_and_deletes"]),
     ("reliability", &["a_reboot_brings_every_mapping_back"]),
     (
@@ -98,8 +110,11 @@ const SUBSET: &[(&str, &[&str])] = &[
 /// The table-driven `BPF_PROG_TEST_RUN` packet cases (a unit test of the
 /// library, where the embedded object is): run in the guest too, so that a
 /// verifier or helper difference of the older kernel fails a test.
-const PACKET_CASES: [&str; 2] = [
+const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases::uplink_ingress_cases",
+    "datapath::tc_cases_reply::refused_clients_get_what_a_closed_port_gives",
+    "datapath::tc_cases_icmp::icmp_errors_of_translated_flows_are_translated_both_ways",
+    "datapath::tc_cases_reply::packets_too_big_for_the_containers_link_get_a_routers_answer",
     "datapath::tc_cases_nat46::ipv6_clients_of_ipv4_containers_are_translated_between_families",
 ];
 

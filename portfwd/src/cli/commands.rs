@@ -111,7 +111,7 @@ pub(crate) fn map(
     container_ip: &str,
     publish: &[String],
     force: bool,
-    allow: &[String],
+    (allow, refuse): (&[String], model::Refuse),
 ) -> Result<()> {
     let container_ip: IpAddr = container_ip.parse().map_err(|_| {
         Error::usage(format!(
@@ -133,7 +133,8 @@ pub(crate) fn map(
     let allow = if allow.is_empty() {
         None
     } else {
-        Some(model::Allowlist::parse(allow).map_err(Error::usage)?)
+        let list = model::Allowlist::parse(allow).map_err(Error::usage)?;
+        Some(model::Allowlist { refuse, ..list })
     };
     let options = ops::PublishOptions {
         refuse_ports_in_use: !force,
@@ -152,7 +153,7 @@ pub(crate) fn map(
         let allow = m
             .allow
             .as_ref()
-            .map(|list| format!(" (allow {list})"))
+            .map(|list| format!(" (allow {list}; others: {})", list.refuse))
             .unwrap_or_default();
         format!(
             "published {}: {}/{} -> {}{allow}",

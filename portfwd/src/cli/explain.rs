@@ -74,7 +74,7 @@ fn write_mapping(out: &mut impl Write, e: &Explanation, m: &Matched) -> Result<(
     };
     row(out, "container", format!("{} {via}", m.container))?;
     if let Some(allow) = &m.allow {
-        row(out, "allow", allow.to_string())?;
+        row(out, "allow", format!("{allow} (others: {})", allow.refuse))?;
     }
     let c = &m.counters;
     row(

@@ -43,6 +43,10 @@ struct MappingJson<'a> {
     /// The source allowlist; absent: everyone may connect.
     #[serde(skip_serializing_if = "Option::is_none")]
     allow: Option<Vec<String>>,
+    /// What a client outside the allowlist gets: `reject` or `drop`
+    /// (present with `allow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refuse: Option<&'static str>,
     packets_in: u64,
     bytes_in: u64,
     packets_out: u64,
@@ -138,6 +142,7 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
                 container_ip: m.container.ip(),
                 container_port: m.container.port(),
                 allow: m.allow.as_ref().map(Allowlist::strings),
+                refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
                 packets_in: c.packets_in,
                 bytes_in: c.bytes_in,
                 packets_out: c.packets_out,
@@ -200,7 +205,11 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
     write_table(out, header, &rows).context("writing the table")?;
     for (m, _) in &listing.mappings {
         if let Some(allow) = &m.allow {
-            writeln!(out, "allow {} {}/{}: {allow}", m.name, m.host, m.protocol)?;
+            writeln!(
+                out,
+                "allow {} {}/{}: {allow} (others: {})",
+                m.name, m.host, m.protocol, allow.refuse
+            )?;
         }
     }
     if rows.is_empty() {

@@ -89,6 +89,10 @@ enum Command {
         /// machine's own processes (repeatable) [default: everyone]
         #[arg(long, value_name = "CIDR")]
         allow: Vec<String>,
+        /// What a client outside --allow gets: `reject` (what a closed port
+        /// gives: a TCP reset, an ICMP port unreachable) or `drop` (nothing)
+        #[arg(long, value_name = "reject|drop", requires = "allow")]
+        refuse: Option<crate::model::Refuse>,
     },
     /// Remove mappings by name or by host port: [HOSTIP:]HOSTPORT[-END][/PROTO]
     Unmap {
@@ -231,13 +235,14 @@ pub fn main() -> ExitCode {
             publish,
             force,
             allow,
+            refuse,
         } => commands::map(
             &pin_dir,
             name.as_deref(),
             &container_ip,
             &publish,
             force,
-            &allow,
+            (&allow, refuse.unwrap_or_default()),
         ),
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {

@@ -20,7 +20,11 @@ mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
 #[cfg(test)]
+mod tc_cases_icmp;
+#[cfg(test)]
 mod tc_cases_nat46;
+#[cfg(test)]
+mod tc_cases_reply;
 #[cfg(test)]
 mod tc_cost;
 mod trace;

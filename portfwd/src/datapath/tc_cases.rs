@@ -20,7 +20,7 @@ use portfwd_common::{
 };
 
 use super::object::OBJECT;
-use crate::model::{Allowlist, Mapping, Protocol};
+use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
 /// TC verdicts as the test run returns them.
 const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -224,9 +224,14 @@ fn cases() -> Vec<Case> {
 
 /// The published mappings: TCP 8080 -> 80 on both families, UDP 5353 ->
 /// 53; with an allowlist, TCP 8090 -> 80 on both families and UDP 5454 ->
-/// 53; interface 0, so rewritten packets go to the stack.
+/// 53; interface 0, so rewritten packets go to the stack. The allowlists
+/// refuse silently (`--refuse drop`); the answers of the default are
+/// `tc_cases_reply`'s.
 fn publish(ebpf: &mut Ebpf) {
-    let allow = Allowlist::parse(&["10.9.8.0/24", "fd00:9:8::/48"]).unwrap();
+    let allow = Allowlist {
+        refuse: Refuse::Drop,
+        ..Allowlist::parse(&["10.9.8.0/24", "fd00:9:8::/48"]).unwrap()
+    };
     let mut mappings = Vec::new();
     for (protocol, host, container, allow) in [
         (Protocol::Tcp, v4(HOST_V4, 8080), v4(CTR_V4, 80), None),

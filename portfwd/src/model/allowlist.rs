@@ -81,15 +81,64 @@ impl fmt::Display for Network {
     }
 }
 
-/// A mapping's source allowlist: client networks, and whether the host's
-/// own processes may connect. Stored and shown as a list of strings
-/// (`["10.0.0.0/8", "host"]`).
+/// What a client outside the list gets (`--refuse`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Refuse {
+    /// What a closed port gives: a TCP reset, an ICMP port unreachable.
+    #[default]
+    Reject,
+    /// Nothing: the packet is dropped.
+    Drop,
+}
+
+impl Refuse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refuse::Reject => "reject",
+            Refuse::Drop => "drop",
+        }
+    }
+
+    pub fn is_reject(&self) -> bool {
+        *self == Refuse::Reject
+    }
+}
+
+impl FromStr for Refuse {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "reject" => Ok(Refuse::Reject),
+            "drop" => Ok(Refuse::Drop),
+            _ => Err(format!(
+                "invalid refusal {text:?}: expected `reject` (a TCP reset, an ICMP port unreachable) or `drop` (no answer)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Refuse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mapping's source allowlist: client networks, whether the host's own
+/// processes may connect, and what the others get. Stored and shown as a
+/// list of strings (`["10.0.0.0/8", "host"]`); the refusal is stored
+/// beside it (see `Record::refuse`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Allowlist {
     pub host: bool,
     /// Sorted, without duplicates.
     pub networks: Vec<Network>,
+    /// What a refused external client gets (host processes get EPERM).
+    pub refuse: Refuse,
 }
 
 impl Allowlist {
@@ -117,6 +166,7 @@ impl Allowlist {
     pub fn for_family(&self, v4: bool) -> Allowlist {
         Allowlist {
             host: self.host,
+            refuse: self.refuse,
             networks: self
                 .networks
                 .iter()

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Allowlist, Mapping, Protocol};
+use super::{Allowlist, Mapping, Protocol, Refuse};
 use crate::error::Error;
 
 /// One mapping as the state file stores it.
@@ -28,6 +28,10 @@ pub struct Record {
     /// The source allowlist (see `Mapping::allow`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Allowlist>,
+    /// What a client outside the allowlist gets (`Allowlist::refuse`,
+    /// which the list's own strings do not hold).
+    #[serde(default, skip_serializing_if = "Refuse::is_reject")]
+    pub refuse: Refuse,
 }
 
 fn yes() -> bool {
@@ -48,7 +52,14 @@ impl From<&Mapping> for Record {
             container_ip: m.container.ip(),
             container_port: m.container.port(),
             hold: m.hold,
-            allow: m.allow.clone(),
+            // The refusal is kept in its own field (the list's strings do
+            // not hold it), and the list as it reads back: records compare
+            // equal whether made from a mapping or read from a file.
+            allow: m.allow.clone().map(|allow| Allowlist {
+                refuse: Refuse::default(),
+                ..allow
+            }),
+            refuse: m.allow.as_ref().map(|a| a.refuse).unwrap_or_default(),
         }
     }
 }
@@ -62,7 +73,10 @@ impl Record {
             container: SocketAddr::new(self.container_ip, self.container_port),
             ifindex: 0,
             hold: self.hold,
-            allow: self.allow.clone(),
+            allow: self.allow.clone().map(|allow| Allowlist {
+                refuse: self.refuse,
+                ..allow
+            }),
         }
     }
 }
@@ -203,6 +217,10 @@ pub struct ApplyEntry {
     /// The source allowlist of every mapping of the entry (`--allow`).
     #[serde(default)]
     pub allow: Option<Allowlist>,
+    /// What a client outside the allowlist gets (`--refuse`); only with
+    /// `allow`.
+    #[serde(default)]
+    pub refuse: Option<Refuse>,
 }
 
 /// Which syntax an apply file uses.
@@ -256,6 +274,7 @@ impl Record {
             container_port: 80,
             hold: true,
             allow: None,
+            refuse: Default::default(),
         }
     }
 }
@@ -263,6 +282,27 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refusal_is_kept_beside_the_allowlist() {
+        let mut drop = Record::sample(1);
+        drop.allow = Some(Allowlist::parse(&["10.0.0.0/8"]).unwrap());
+        drop.refuse = Refuse::Drop;
+        let json = serde_json::to_string(&drop).unwrap();
+        assert!(json.contains(r#""refuse":"drop""#), "{json}");
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, drop);
+        let mapping = back.to_mapping();
+        assert_eq!(mapping.allow.as_ref().unwrap().refuse, Refuse::Drop);
+        assert_eq!(Record::from(&mapping), drop);
+        // The default is not written, and a record without it rejects.
+        let mut reject = drop.clone();
+        reject.refuse = Refuse::Reject;
+        let json = serde_json::to_string(&reject).unwrap();
+        assert!(!json.contains("refuse"), "{json}");
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_mapping().allow.unwrap().refuse, Refuse::Reject);
+    }
 
     #[test]
     fn a_state_file_is_its_snapshot_and_the_changes_after_it() {

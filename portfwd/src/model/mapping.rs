@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Result, bail};
 use portfwd_common::{Addr, NAME_LEN, ServiceKey, ServiceValue};
 
-use super::{Allowlist, PortRange, Protocol};
+use super::{Allowlist, PortRange, Protocol, Refuse};
 use crate::error::Error;
 
 /// One published (host address, port, protocol) and its container endpoint.
@@ -60,6 +60,9 @@ impl Mapping {
             if allow.host {
                 value.flags |= portfwd_common::SERVICE_FLAG_HOST_ALLOWED;
             }
+            if allow.refuse == Refuse::Drop {
+                value.flags |= portfwd_common::SERVICE_FLAG_REFUSE_SILENTLY;
+            }
         }
         value
     }
@@ -83,6 +86,11 @@ impl Mapping {
                 Allowlist {
                     host: value.flags & portfwd_common::SERVICE_FLAG_HOST_ALLOWED != 0,
                     networks: Vec::new(),
+                    refuse: if value.flags & portfwd_common::SERVICE_FLAG_REFUSE_SILENTLY != 0 {
+                        Refuse::Drop
+                    } else {
+                        Refuse::Reject
+                    },
                 }
             }),
         })

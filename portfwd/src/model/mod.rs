@@ -14,7 +14,7 @@ mod plan;
 mod protocol;
 mod publish;
 
-pub use allowlist::{Allowlist, Network};
+pub use allowlist::{Allowlist, Network, Refuse};
 pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state};
 pub(crate) use files::{FORMAT_VERSION, JournalEntry, ParsedState, StateFile, parse_state_file};
 pub use mapping::{Mapping, UnmapSelector};

@@ -6,15 +6,15 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::{Session, publish::refuse_ports_in_use};
 use crate::{
     error::Error,
     host,
     model::{
-        self, ApplyFile, Format, HostPorts, Mapping, Planner, PortRange, Protocol, PublishSpec,
-        Record,
+        self, Allowlist, ApplyFile, Format, HostPorts, Mapping, Planner, PortRange, Protocol,
+        PublishSpec, Record,
     },
 };
 
@@ -52,6 +52,12 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
     let mut wanted: Vec<Mapping> = Vec::new();
     for entry in &file.mappings {
         model::check_container_ip(entry.container)?;
+        if entry.refuse.is_some() && entry.allow.is_none() {
+            bail!(Error::usage(format!(
+                "mapping for {}: `refuse` needs `allow` (without a list nobody is refused)",
+                entry.container
+            )));
+        }
         let name = entry
             .name
             .clone()
@@ -72,7 +78,10 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
         // Each mapping keeps the networks of its own family (see
         // `publish_with`), so that unchanged lists compare equal.
         wanted.extend(planned.into_iter().map(|m| Mapping {
-            allow: entry.allow.as_ref().map(|a| a.for_family(m.host.is_ipv4())),
+            allow: entry.allow.as_ref().map(|a| Allowlist {
+                refuse: entry.refuse.unwrap_or_default(),
+                ..a.for_family(m.host.is_ipv4())
+            }),
             ..m
         }));
     }

@@ -21,7 +21,7 @@ use crate::{
     datapath::{self, Flow, PinnedMaps},
     error::Error,
     holder, host, instance,
-    model::{Allowlist, Mapping, Protocol},
+    model::{Allowlist, Mapping, Protocol, Refuse},
 };
 
 /// What `explain` is asked about.
@@ -111,6 +111,9 @@ pub(crate) struct Matched {
     /// For NAT46, the host's IPv4 address the container sees external IPv6
     /// clients come from (None: unknown, they are not translated).
     pub(crate) nat46_source: Option<Ipv4Addr>,
+    /// What a client outside the list gets (with `allow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) refuse: Option<Refuse>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -237,6 +240,7 @@ fn matched(
             .filter(|flow| flow.service == mapping.key())
             .collect(),
         allow: mapping.allow.clone(),
+        refuse: mapping.allow.as_ref().map(|a| a.refuse),
         nat46: mapping.host.is_ipv6() && mapping.container.is_ipv4(),
         nat46_source: maps.nat46_source(mapping),
     }
@@ -348,8 +352,15 @@ fn judge(e: &mut Explanation) {
             // address (a container's hairpin flow too).
             Some(from) if !allow.allows((!host_client).then_some(from)) => {
                 served = false;
+                let answer = match (host_client, allow.refuse) {
+                    (true, _) => "connect() fails with EPERM",
+                    (false, Refuse::Reject) => {
+                        "answered as a closed port: TCP reset, ICMP port unreachable"
+                    }
+                    (false, Refuse::Drop) => "dropped without an answer",
+                };
                 e.reasons.push(format!(
-                    "{from} is not in the mapping's source allowlist ({allow}): refused"
+                    "{from} is not in the mapping's source allowlist ({allow}): refused, {answer}"
                 ));
             }
             Some(_) => {}
@@ -448,6 +459,7 @@ mod tests {
                 allow: Some(Allowlist::parse(allow).unwrap()),
                 nat46: false,
                 nat46_source: None,
+                refuse: Some(Refuse::Reject),
             }),
             host_path: true,
             uplinks: vec!["eth0".into()],

@@ -1,6 +1,7 @@
 //! Source allowlists (`portfwd map --allow`, `allow = [...]` in apply
-//! files), enforced by the programs: external clients outside the list are
-//! dropped on the TC path (v4 and v6, TCP and UDP), host processes are
+//! files), enforced by the programs: external clients outside the list get
+//! what a closed port gives on the TC path (v4 and v6, TCP and UDP), or
+//! nothing with `--refuse drop`; host processes are
 //! refused on the socket path unless the list names `host`, a container's
 //! hairpin flow is judged by its own address, and a changed list holds for
 //! the next flow. Needs root (`cargo xtask test`). Topology:
@@ -75,8 +76,32 @@ fn reaches(client: &Container, v6: bool, port: u16) -> (bool, bool) {
     (tcp.is_ok(), udp.is_ok())
 }
 
-fn refused_count() -> u64 {
-    stats().get("refused_not_allowed").copied().unwrap_or(0)
+fn stat(name: &str) -> u64 {
+    stats().get(name).copied().unwrap_or(0)
+}
+
+/// What `client` gets from the host's address on its uplink, TCP `port`
+/// and UDP `port + 1` (a connected socket): the errors, as a socket sees
+/// them.
+fn refusal(client: &Container, v6: bool, port: u16) -> (ErrorKind, ErrorKind) {
+    let host = if v6 {
+        client.host_v6()
+    } else {
+        client.host_v4()
+    };
+    let (tcp, udp) = (SocketAddr::new(host, port), SocketAddr::new(host, port + 1));
+    let (tcp, udp) = client.inside(move || (fetch(tcp), udp_ask(udp, None, b"hi")));
+    let kind = |result: Result<_, std::io::Error>| match result {
+        Ok(_) => panic!("{client_ip} reached the container", client_ip = client.v4()),
+        Err(error) => error.kind(),
+    };
+    (kind(tcp.map(|_| ())), kind(udp.map(|_| ())))
+}
+
+/// Whether an error is a timeout (no answer came): a connect times out, a
+/// receive with SO_RCVTIMEO says EAGAIN.
+fn timed_out(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::TimedOut | ErrorKind::WouldBlock)
 }
 
 fn explain_code(args: &[&str]) -> (Option<i32>, String) {
@@ -90,7 +115,7 @@ fn explain_code(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
-fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
+fn external_clients_outside_the_list_are_refused_v4_and_v6_tcp_and_udp() {
     let Some(_serial) = root_test("allowlist_external") else {
         return;
     };
@@ -114,13 +139,13 @@ fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
         "[::]:47752:80",
         "[::]:47753:5000/udp",
     ]);
-    let before = refused_count();
+    let before = stat("refused_answered");
     assert_eq!(reaches(&topo.allowed, false, 47750), (true, true));
     assert_eq!(reaches(&topo.allowed, true, 47752), (true, true));
     assert_eq!(reaches(&topo.refused, false, 47750), (false, false));
     assert_eq!(reaches(&topo.refused, true, 47752), (false, false));
-    // A SYN and a datagram per family at least (TCP retries add more).
-    assert!(refused_count() >= before + 4, "{:?}", stats());
+    // A SYN and a datagram per family, each answered once.
+    assert_eq!(stat("refused_answered"), before + 4, "{:?}", stats());
 
     let listed = listed();
     let on = |port: u64| {
@@ -139,7 +164,7 @@ fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
     let text = portfwd_ok(&["list"]);
     assert!(
         text.contains(&format!(
-            "allow {ctr4} 0.0.0.0:47750/tcp: {}/32",
+            "allow {ctr4} 0.0.0.0:47750/tcp: {}/32 (others: reject)",
             topo.allowed.v4()
         )),
         "{text}"
@@ -155,6 +180,95 @@ fn external_clients_outside_the_list_are_dropped_v4_and_v6_tcp_and_udp() {
     let (code, text) = explain_code(&[&published, "--from", &topo.allowed.v4().to_string()]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("allow"), "{text}");
+}
+
+/// A refused client gets what a closed port gives, at once: connect() and
+/// a connected UDP socket fail with ECONNREFUSED (a TCP reset, an ICMP
+/// port unreachable), v4 and v6; checksummed for real (the client's veth
+/// checks them: no offload on either end). With `--refuse drop` it gets
+/// nothing (both time out), and allowed clients still get through.
+#[test]
+fn refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop() {
+    let Some(_serial) = root_test("allowlist_reject") else {
+        return;
+    };
+    let topo = Topology::new();
+    let _pf = topo.up();
+    // Checksums computed in software and checked on receipt: without this
+    // a veth marks every packet as checked (or leaves it partial).
+    sh(
+        "ethtool",
+        &["-K", &topo.refused.host_if, "rx", "off", "tx", "off"],
+    );
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.refused.netns,
+            "ethtool",
+            "-K",
+            &topo.refused.ctr_if,
+            "rx",
+            "off",
+            "tx",
+            "off",
+        ],
+    );
+    let allow = format!("{}/32,fd00:252:75::/64", topo.allowed.v4());
+    let (ctr4, ctr6) = (topo.ctr.v4().to_string(), topo.ctr.v6().to_string());
+    for (refuse, ports4, ports6) in [
+        (
+            "reject",
+            ["47770:80", "47771:5000/udp"],
+            ["[::]:47772:80", "[::]:47773:5000/udp"],
+        ),
+        (
+            "drop",
+            ["47774:80", "47775:5000/udp"],
+            ["[::]:47776:80", "[::]:47777:5000/udp"],
+        ),
+    ] {
+        for (ctr, ports) in [(&ctr4, ports4), (&ctr6, ports6)] {
+            portfwd_ok(&[
+                "map", "--allow", &allow, "--refuse", refuse, ctr, ports[0], ports[1],
+            ]);
+        }
+    }
+    let refused = ErrorKind::ConnectionRefused;
+    let (answered, dropped) = (stat("refused_answered"), stat("refused_not_allowed"));
+    assert_eq!(refusal(&topo.refused, false, 47770), (refused, refused));
+    assert_eq!(refusal(&topo.refused, true, 47772), (refused, refused));
+    assert_eq!(stat("refused_answered"), answered + 4, "{:?}", stats());
+    assert_eq!(stat("refused_not_allowed"), dropped, "{:?}", stats());
+
+    for (v6, port) in [(false, 47774), (true, 47776)] {
+        let (tcp, udp) = refusal(&topo.refused, v6, port);
+        assert!(timed_out(tcp) && timed_out(udp), "{port}: {tcp:?} {udp:?}");
+    }
+    assert_eq!(stat("refused_answered"), answered + 4, "{:?}", stats());
+    assert!(stat("refused_not_allowed") >= dropped + 4, "{:?}", stats());
+    assert_eq!(reaches(&topo.allowed, false, 47770), (true, true));
+    assert_eq!(reaches(&topo.allowed, true, 47776), (true, true));
+
+    let listed = listed();
+    let refuse_of = |port: u64| {
+        listed
+            .iter()
+            .find(|m| m["host_port"] == port)
+            .unwrap_or_else(|| panic!("{port} in {listed:?}"))["refuse"]
+            .clone()
+    };
+    assert_eq!(refuse_of(47771), "reject");
+    assert_eq!(refuse_of(47777), "drop");
+    let published = format!("{}:47774", topo.refused.host_v4());
+    let (code, text) = explain_code(&[&published, "--from", &topo.refused.v4().to_string()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("dropped without an answer"), "{text}");
+
+    // `--refuse` without `--allow` means nothing: a usage error.
+    let out = portfwd(&["map", "--refuse", "drop", &ctr4, "47778:80"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 /// Whether a host process reaches the container through `127.0.0.1`: TCP

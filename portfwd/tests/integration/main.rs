@@ -23,6 +23,7 @@ mod follow;
 mod hostile;
 mod kernel_support;
 mod nat46;
+mod pmtu;
 mod properties;
 mod reliability;
 mod serve;
