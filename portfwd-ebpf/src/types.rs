@@ -2,7 +2,7 @@
 //! `portfwd-common`), kept apart so that `maps` and the modules that use
 //! the maps import them without importing each other.
 
-use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key as LpmKey};
 use portfwd_common::{AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::packet::Packet;
@@ -25,4 +25,6 @@ pub(crate) struct Scratch {
     pub frag_value: FragmentValue,
     /// A source allowlist lookup (`tc::refused`).
     pub allow_key: LpmKey<AllowKey>,
+    /// A host socket lookup (`tc::host_socket_uses`).
+    pub sock_tuple: bpf_sock_tuple,
 }

@@ -62,12 +62,14 @@ const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         // The TC path: external clients, UDP, IP fragments, counters,
-        // unmap and detach.
+        // unmap and detach; hairpin ports checked against host sockets
+        // (socket lookup helpers, a reference the verifier tracks).
         "tc_path",
         &[
             "udp_request_response_with_forwarding_on_and_off",
             "large_udp_datagrams_cross_the_external_path_both_ways",
             "counters_count_and_unmap_and_detach_stop_flows",
+            "hairpin_ports_avoid_the_host_sockets_on_the_gateway_address",
         ],
     ),
     (
