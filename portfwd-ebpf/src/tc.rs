@@ -128,8 +128,23 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
             return translate_forward(ctx, pkt, key, entry);
         }
+        forget_closing_flow(key, entry);
     }
     start_flow(ctx, pkt, from_containers)
+}
+
+/// A closing flow whose client opens it again: both entries are removed
+/// before the new flow is made. The new flow's reply key differs from the
+/// old one when it goes to another container or gets another port; left
+/// behind, the old reply entry would translate the old container's late
+/// packets into the new connection, and its own end (a changed mapping)
+/// would remove the new flow's forward entry, its twin by key.
+// Not inlined: its locals stay out of the program's frame.
+#[inline(never)]
+fn forget_closing_flow(key: &CtKey, entry: *mut CtValue) {
+    // SAFETY: a pointer into the map value, valid for this program run; not
+    // used after the removal.
+    conntrack::remove(key, unsafe { &*entry });
 }
 
 /// Uplink egress: replies that reached the uplink through the host's
