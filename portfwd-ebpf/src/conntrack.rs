@@ -141,7 +141,9 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
 /// packets per flow), so the twin entry is looked up here and only here.
 #[inline(never)]
 fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
-    ct.flags |= event;
+    // Closing is `close`'s to set, with its time: set here, the entry that
+    // saw the RST kept no closing time and expired at once.
+    ct.flags |= event & !CT_FLAG_CLOSING;
     let twin = twin_of(key, ct).and_then(|twin| CONNTRACK.get_ptr_mut(twin));
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = twin.map(|t| unsafe { &mut *t });

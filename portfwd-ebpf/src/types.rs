@@ -2,7 +2,7 @@
 //! `portfwd-common`), kept apart so that `maps` and the modules that use
 //! the maps import them without importing each other.
 
-use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key as LpmKey};
 use portfwd_common::{Addr, AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::{packet::Packet, reply::FRAME_ROOM};
@@ -27,6 +27,8 @@ pub(crate) struct Scratch {
     pub allow_key: LpmKey<AllowKey>,
     /// The host's IPv4 source of a new NAT46 flow (`nat46::start`).
     pub nat46_source: Addr,
+    /// A host socket lookup (`tc::host_socket_uses`).
+    pub sock_tuple: bpf_sock_tuple,
 }
 
 /// Per-CPU memory for one answer (the `pf_reply` map), and the CPU's ICMP

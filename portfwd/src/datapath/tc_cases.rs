@@ -582,3 +582,128 @@ fn a_flow_rechecks_its_mapping_when_the_services_generation_moves() {
     );
     assert_eq!(stat(&ebpf, Stat::FlowStopped), stopped + 1);
 }
+
+/// A TCP frame from `src` to `dst` with the ACK flag and FIN or RST.
+fn closing_frame(src: SocketAddr, dst: SocketAddr, rst: bool) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        unreachable!("IPv4 only")
+    };
+    let tcp = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+        .ipv4(s.octets(), d.octets(), 64)
+        .tcp(src.port(), dst.port(), 1000, 64240);
+    let tcp = if rst { tcp.rst() } else { tcp.fin() };
+    let mut out = Vec::new();
+    tcp.ack(1).write(&mut out, &[]).expect("building a frame");
+    out
+}
+
+/// A SYN that reopens a closing flow (the client reusing its port) starts
+/// a new flow and forgets the old one whole: its reply entry too, whose key
+/// differs when the new flow goes elsewhere (here the mapping moved to
+/// another container). Left behind, that entry translated the old
+/// container's late packets into the new connection, and stopping it (its
+/// mapping changed) removed the new flow's forward entry. Flows closed by
+/// FINs both ways and by a RST; a flow closed by a RST is still translated
+/// during the closing time (before, the entry that saw the RST kept no
+/// closing time and expired at once).
+#[test]
+fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED a_syn_that_reopens_a_closing_flow...: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    for (rst, client_port) in [(false, 40041), (true, 40042)] {
+        let how = if rst {
+            "closed by a RST"
+        } else {
+            "closed by FINs"
+        };
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+        publish(&mut ebpf);
+        let (uplink_in, backend_in) = (UPLINK_PROGRAMS[0].name, BACKEND_PROGRAMS[0].name);
+        for name in [uplink_in, backend_in] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+        }
+        let client = v4(CLIENT_V4, client_port);
+        let published = v4(HOST_V4, 8080);
+        let (old, new) = (v4(CTR_V4, 80), v4(Ipv4Addr::new(10, 9, 9, 3), 80));
+        let entries = |ebpf: &Ebpf| {
+            let map = ebpf.map(CONNTRACK.name).expect("the conntrack map");
+            let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+            map.keys().filter_map(Result::ok).count()
+        };
+        let syn = frame(client, published, L4::Syn);
+        assert_eq!(
+            run_marked(&ebpf, uplink_in, &syn, 0).1,
+            frame(client, old, L4::Syn),
+            "{how}"
+        );
+        let close = closing_frame(client, published, rst);
+        assert_eq!(
+            run_marked(&ebpf, uplink_in, &close, 0).1,
+            closing_frame(client, old, rst),
+            "{how}"
+        );
+        if !rst {
+            let reply = closing_frame(old, client, false);
+            assert_eq!(
+                run_marked(&ebpf, backend_in, &reply, 0).1,
+                closing_frame(published, client, false),
+                "{how}: the container's FIN"
+            );
+        }
+        let data = frame(client, published, L4::Ack);
+        assert_eq!(
+            run_marked(&ebpf, uplink_in, &data, 0),
+            (TO_STACK, frame(client, old, L4::Ack), 0),
+            "{how}: a late packet of the closing flow"
+        );
+        assert_eq!(entries(&ebpf), 2, "{how}");
+
+        // The mapping moves to another container; the client dials again
+        // from the same port.
+        let moved = Mapping {
+            name: "case".into(),
+            protocol: Protocol::Tcp,
+            host: published,
+            container: new,
+            ifindex: 0,
+            hold: true,
+            allow: None,
+        };
+        let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(map).unwrap();
+        services.insert(moved.key(), moved.value(), 0).unwrap();
+        let map = ebpf.map_mut(SERVICES_GEN.name).expect("the generation map");
+        let mut generation: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
+        generation.set(0, 1, 0).unwrap();
+        assert_eq!(
+            run_marked(&ebpf, uplink_in, &syn, 0).1,
+            frame(client, new, L4::Syn),
+            "{how}: the SYN reopens the flow to the new container"
+        );
+        assert_eq!(
+            entries(&ebpf),
+            2,
+            "{how}: the new flow's two entries, and nothing of the old flow"
+        );
+
+        // A late packet of the old container's connection: not translated,
+        // and the new flow goes on.
+        let late = frame(old, client, L4::Ack);
+        let (verdict, out, _) = run_marked(&ebpf, backend_in, &late, 0);
+        assert_eq!(
+            (verdict, out),
+            (NEXT, late),
+            "{how}: the old container's late packet"
+        );
+        assert_eq!(
+            run_marked(&ebpf, uplink_in, &data, 0),
+            (TO_STACK, frame(client, new, L4::Ack), 0),
+            "{how}: the new flow's data"
+        );
+    }
+}

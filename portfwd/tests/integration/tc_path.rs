@@ -591,6 +591,13 @@ fn connect_from(local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream>
     };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, ReuseAddr, &true)?;
+    // Linux bounds a blocking connect by the send timeout: a SYN that meets
+    // a clash fails in seconds instead of retrying for two minutes.
+    setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(3, 0),
+    )?;
     bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &SockaddrStorage::from(local),
@@ -828,4 +835,116 @@ fn replies_to_a_masqueraded_container_are_not_taken_for_new_flows() {
             "datagram {attempt}"
         );
     }
+}
+
+/// Writes a line on `stream` and reads the echo's answer.
+fn echo_line(stream: &mut TcpStream, text: &str) -> std::io::Result<String> {
+    writeln!(stream, "{text}")?;
+    let mut answer = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
+}
+
+/// Issue 11, case 5: a hairpin flow is masqueraded to the host address the
+/// container dialed, with a source port of portfwd's choosing (first the
+/// container's own). A host socket may already use that address and port
+/// towards the same container port: here a host connection (and a UDP
+/// socket) from the gateway address and port X to the container, and then
+/// the container dials the published port from its own port X. The hairpin
+/// flow must get another port; before, it took X, the container saw a SYN
+/// on the host's live connection, and the host's packets from the container
+/// were delivered to the hairpin client.
+#[test]
+fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
+    let Some(_serial) = root_test("hairpin_host_sockets") else {
+        return;
+    };
+    let topo = Topology::new(87);
+    let _echo = Server::start_with(
+        Some(topo.ctr.netns_path()),
+        "[::]:5087".parse().unwrap(),
+        Arc::new(echo),
+    );
+    let _udp_echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        "0.0.0.0:5087".parse().unwrap(),
+        "echo",
+    );
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47870:5087"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47871:5087"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47872:5087/udp"]);
+    for (v6, published) in [(false, 47870), (true, 47871)] {
+        let (gateway, container) = if v6 {
+            (topo.ctr.host_v6(), topo.ctr.v6())
+        } else {
+            (topo.ctr.host_v4(), topo.ctr.v4())
+        };
+        // The host's own connection: gateway:X -> container:5087, X of the
+        // kernel's choosing (a fixed X would meet the TIME_WAIT socket a
+        // previous run left on the host).
+        let mut host = TcpStream::connect_timeout(&SocketAddr::new(container, 5087), TIMEOUT)
+            .unwrap_or_else(|e| panic!("v6 {v6}: the host's connection: {e}"));
+        host.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let local = host.local_addr().unwrap();
+        assert_eq!(
+            local.ip(),
+            gateway,
+            "the host dials from its gateway address"
+        );
+        let port = local.port();
+        assert_eq!(echo_line(&mut host, "host before").unwrap(), "host before");
+        // The container dials the published port from the same port.
+        let hairpin = topo.ctr.inside(move || {
+            let mut stream = connect_from(
+                SocketAddr::new(container, port),
+                SocketAddr::new(gateway, published),
+            )?;
+            let answer = echo_line(&mut stream, "hairpin")?;
+            Ok::<_, std::io::Error>((stream, answer))
+        });
+        let after = echo_line(&mut host, "host after");
+        let (mut hairpin, answer) =
+            hairpin.unwrap_or_else(|e| panic!("v6 {v6}: the hairpin connection: {e}"));
+        assert_eq!(answer, "hairpin", "v6 {v6}: the hairpin connection");
+        assert_eq!(
+            after.unwrap_or_else(|e| panic!("v6 {v6}: the host's connection after: {e}")),
+            "host after",
+            "v6 {v6}: the host's connection after"
+        );
+        assert_eq!(
+            echo_line(&mut hairpin, "hairpin again").unwrap(),
+            "hairpin again",
+            "v6 {v6}"
+        );
+    }
+    // UDP: a host socket gateway:X -> container:5087, then a hairpin flow
+    // from the container's port X.
+    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
+    let host = UdpSocket::bind(SocketAddr::new(gateway, 0)).unwrap();
+    host.set_read_timeout(Some(TIMEOUT)).unwrap();
+    host.connect(SocketAddr::new(container, 5087)).unwrap();
+    let port = host.local_addr().unwrap().port();
+    let mut buf = [0u8; 512];
+    let mut ask = |text: &str| {
+        host.send(text.as_bytes())?;
+        let n = host.recv(&mut buf)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert_eq!(ask("host").unwrap(), format!("echo host {gateway}"));
+    let hairpin = topo.ctr.inside(move || {
+        udp_ask(
+            SocketAddr::new(gateway, 47872),
+            Some(SocketAddr::new(container, port)),
+            b"hairpin",
+        )
+    });
+    assert_eq!(
+        hairpin.expect("the hairpin datagram's answer"),
+        format!("echo hairpin {gateway}")
+    );
+    assert_eq!(
+        ask("host again").expect("the host socket's answer after the hairpin flow"),
+        format!("echo host again {gateway}")
+    );
 }
