@@ -185,6 +185,32 @@ impl PinnedMaps {
         Ok(mappings)
     }
 
+    /// The mapping published on `key`, if any, its allowlist included: one
+    /// lookup (and a walk of the allowlist map for a mapping that has one).
+    pub(crate) fn mapping(&self, key: &ServiceKey) -> Result<Option<Mapping>> {
+        let value = match self.services.get(key, 0) {
+            Ok(value) => value,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(error) => return Err(error).context("reading the services map"),
+        };
+        let Some(mut mapping) = Mapping::from_entry(key, &value) else {
+            return Ok(None);
+        };
+        if let Some(allow) = &mut mapping.allow {
+            for entry in self.allow.keys() {
+                let entry = entry.context("reading the allowlist map")?;
+                let data = entry.data();
+                if data.service == *key
+                    && let Some(network) = Allowlist::network_of(entry.prefix_len(), &data)
+                {
+                    allow.networks.push(network);
+                }
+            }
+            allow.networks.sort();
+        }
+        Ok(Some(mapping))
+    }
+
     /// The networks of every allowlist, by mapping.
     fn allowlists(
         &self,
