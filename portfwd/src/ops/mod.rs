@@ -50,6 +50,9 @@ pub(crate) struct Session<'a> {
     index: Option<PortIndex>,
     /// What this session changed, for the port holder.
     added: Vec<Mapping>,
+    /// Ports the holder was asked to bind ahead of the change (see
+    /// `holder::bind_ahead`).
+    ahead: Vec<holder::Ahead>,
     removed: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub(crate) recovered: Option<state::Fixes>,
@@ -81,6 +84,7 @@ impl<'a> Session<'a> {
             state,
             index,
             added: Vec::new(),
+            ahead: Vec::new(),
             removed: Vec::new(),
             recovered,
             swept: Vec::new(),
@@ -237,7 +241,22 @@ impl<'a> Session<'a> {
             new: &new,
         };
         let index = self.index.as_mut();
-        change_entries(&mut self.maps, &self.store, change, removed, added, index)?;
+        // The holder binds a large change's ports while the maps are written
+        // (its answer is awaited by `finish`, without the lock).
+        let ahead = holder::bind_ahead(self.pin_dir, added);
+        let changed = change_entries(&mut self.maps, &self.store, change, removed, added, index);
+        match (ahead, changed) {
+            (Some(ahead), Err(error)) => {
+                ahead.finish();
+                // Best effort: a port left held is released at the next sync.
+                holder::update(self.pin_dir, &[], added).ok();
+                return Err(error);
+            }
+            (ahead, changed) => {
+                changed?;
+                self.ahead.extend(ahead);
+            }
+        }
         if let Some(state) = &mut self.state {
             match snapshot {
                 Some(records) => state.records = records,
@@ -270,12 +289,16 @@ impl<'a> Session<'a> {
             lock,
             maps,
             added,
+            ahead,
             removed,
             recovered,
             ..
         } = self;
         drop(maps);
         drop(lock);
+        for ahead in ahead {
+            ahead.finish();
+        }
         let notes = end_sockets_through_gone(pin_dir, &removed, &added)
             .into_iter()
             .collect();

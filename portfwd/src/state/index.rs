@@ -31,6 +31,9 @@ const HEADER_LEN: u64 = 48;
 const PORTS: usize = 1 << 16;
 /// Two protocols times two families.
 const SLICES: usize = 4;
+/// Up to this many counts of one array change one by one; more, and the
+/// array is rewritten whole.
+const FEW: usize = 64;
 
 /// The state file as the index saw it last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,19 +163,23 @@ impl PortIndex {
     /// How many mappings are published on `port` of `protocol` and the
     /// family (`ipv4` or not), over every host address.
     pub(crate) fn count(&mut self, protocol: Protocol, ipv4: bool, port: u16) -> Result<u32> {
-        let slice = slice_of(protocol, ipv4);
-        if self.slices[slice].is_none() {
-            let mut bytes = vec![0u8; PORTS * 4];
-            read_at_most(&self.file, &mut bytes, offset(slice, 0))?;
-            let counts = bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            self.slices[slice] = Some(counts);
-        }
-        Ok(self.slices[slice]
-            .as_ref()
-            .map_or(0, |s| s[usize::from(port)]))
+        Ok(self.counts(slice_of(protocol, ipv4))?[usize::from(port)])
+    }
+
+    /// One count array, read on first use.
+    fn counts(&mut self, slice: usize) -> Result<&mut Vec<u32>> {
+        let counts = match self.slices[slice].take() {
+            Some(counts) => counts,
+            None => {
+                let mut bytes = vec![0u8; PORTS * 4];
+                read_at_most(&self.file, &mut bytes, offset(slice, 0))?;
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            }
+        };
+        Ok(self.slices[slice].insert(counts))
     }
 
     /// Follows a change appended to the state file (`state`, open): the
@@ -185,19 +192,36 @@ impl PortIndex {
         state: &File,
     ) -> Result<()> {
         let identity = Identity::of(state, self.snapshot_len)?;
-        let mut changed: std::collections::BTreeMap<u64, i64> = Default::default();
+        let mut changed: [std::collections::BTreeMap<u16, i64>; SLICES] = Default::default();
         for (records, delta) in [(removed, -1), (added, 1)] {
             for r in records {
-                let at = offset(slice_of(r.protocol, r.host_ip.is_ipv4()), r.host_port);
-                *changed.entry(at).or_default() += delta;
+                let slice = slice_of(r.protocol, r.host_ip.is_ipv4());
+                *changed[slice].entry(r.host_port).or_default() += delta;
             }
         }
-        for (at, delta) in changed {
-            let mut bytes = [0u8; 4];
-            read_at_most(&self.file, &mut bytes, at)?;
-            let count = i64::from(u32::from_ne_bytes(bytes)) + delta;
-            let count = u32::try_from(count.max(0)).unwrap_or(u32::MAX);
-            self.file.write_all_at(&count.to_ne_bytes(), at)?;
+        let apply = |count: u32, delta: i64| {
+            u32::try_from((i64::from(count) + delta).max(0)).unwrap_or(u32::MAX)
+        };
+        for (slice, changes) in changed.iter().enumerate() {
+            if changes.len() <= FEW {
+                // A few counts: each read and written where it is.
+                for (&port, &delta) in changes {
+                    let mut bytes = [0u8; 4];
+                    read_at_most(&self.file, &mut bytes, offset(slice, port))?;
+                    let count = apply(u32::from_ne_bytes(bytes), delta);
+                    self.file
+                        .write_all_at(&count.to_ne_bytes(), offset(slice, port))?;
+                }
+                continue;
+            }
+            // Many: the whole array, read and written in one go each.
+            let counts = self.counts(slice)?;
+            for (&port, &delta) in changes {
+                let count = &mut counts[usize::from(port)];
+                *count = apply(*count, delta);
+            }
+            let bytes: Vec<u8> = counts.iter().flat_map(|c| c.to_ne_bytes()).collect();
+            self.file.write_all_at(&bytes, offset(slice, 0))?;
         }
         self.slices = Default::default();
         self.file.write_all_at(&identity.encode(), 0)?;
@@ -314,6 +338,23 @@ mod tests {
         let (mut index, _) = PortIndex::open_current(&state).unwrap();
         assert_eq!(index.count(Protocol::Tcp, true, 80).unwrap(), 1);
         assert_eq!(index.count(Protocol::Udp, false, 53).unwrap(), 1);
+
+        // A change of many ports rewrites their array whole.
+        let many: Vec<Record> = (1000..1100)
+            .map(|port| record(Protocol::Udp, "0.0.0.0", port))
+            .collect();
+        file.write_all(b"many\n").unwrap();
+        index.update(&[], &many, &file).unwrap();
+        let (mut index, _) = PortIndex::open_current(&state).unwrap();
+        assert_eq!(index.count(Protocol::Udp, true, 53).unwrap(), 1);
+        assert_eq!(index.count(Protocol::Udp, true, 1099).unwrap(), 1);
+        assert_eq!(index.count(Protocol::Udp, true, 1100).unwrap(), 0);
+        file.write_all(b"fewer\n").unwrap();
+        index.update(&many[1..], &[], &file).unwrap();
+        let (mut index, _) = PortIndex::open_current(&state).unwrap();
+        assert_eq!(index.count(Protocol::Udp, true, 1000).unwrap(), 1);
+        assert_eq!(index.count(Protocol::Udp, true, 1001).unwrap(), 0);
+        assert_eq!(index.count(Protocol::Udp, true, 53).unwrap(), 1);
 
         // Written over in place, even at the same size: stale.
         std::thread::sleep(std::time::Duration::from_millis(20));
