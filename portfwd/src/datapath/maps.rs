@@ -226,11 +226,10 @@ impl PinnedMaps {
         Ok(by_service)
     }
 
-    /// Writes a mapping's allowlist networks, after removing any left for
-    /// its key (by a removal that failed half-way).
+    /// Writes a mapping's allowlist networks (those left for its key by a
+    /// removal that failed half-way are gone: see `forget_allowlists`).
     fn set_allowlist(&mut self, mapping: &Mapping) -> Result<(), MapError> {
         let service = mapping.key();
-        self.forget_allowlist(&service);
         let Some(allow) = &mapping.allow else {
             return Ok(());
         };
@@ -243,11 +242,19 @@ impl PinnedMaps {
     /// Removes a mapping's allowlist networks; failures are ignored (a
     /// stale network is removed when the key is published again).
     fn forget_allowlist(&mut self, service: &ServiceKey) {
+        self.forget_allowlists(std::slice::from_ref(service));
+    }
+
+    /// Removes the allowlist networks of every mapping of `services`, in one
+    /// walk of the allowlist map (not one per mapping: a large change would
+    /// walk it thousands of times).
+    fn forget_allowlists(&mut self, services: &[ServiceKey]) {
+        let services: std::collections::HashSet<&ServiceKey> = services.iter().collect();
         let stale: Vec<LpmKey<AllowKey>> = self
             .allow
             .keys()
             .filter_map(Result::ok)
-            .filter(|key| key.data().service == *service)
+            .filter(|key| services.contains(&key.data().service))
             .collect();
         for key in stale {
             self.allow.remove(&key).ok();
@@ -258,6 +265,8 @@ impl PinnedMaps {
     /// failure are removed again.
     pub(crate) fn add_all(&mut self, mappings: &[Mapping]) -> Result<()> {
         self.mark_ports_published(mappings)?;
+        let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
+        self.forget_allowlists(&keys);
         let cpus = possible_cpus()?;
         for (done, mapping) in mappings.iter().enumerate() {
             // Counters first, so that the programs count from the first
@@ -310,10 +319,11 @@ impl PinnedMaps {
         self.services_changed()?;
         // Counters go only once every entry is gone; flows of the removed
         // mappings stop at their next packet (the programs check the map).
-        for mapping in mappings {
-            self.forget_counters(&mapping.key());
-            self.forget_allowlist(&mapping.key());
+        let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
+        for key in &keys {
+            self.forget_counters(key);
         }
+        self.forget_allowlists(&keys);
         Ok(())
     }
 
@@ -381,11 +391,12 @@ impl PinnedMaps {
     }
 
     fn remove_keys(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<()> {
-        for key in keys {
-            self.services.remove(&key)?;
-            self.forget_counters(&key);
-            self.forget_allowlist(&key);
+        let keys: Vec<ServiceKey> = keys.collect();
+        for key in &keys {
+            self.services.remove(key)?;
+            self.forget_counters(key);
         }
+        self.forget_allowlists(&keys);
         self.services_changed()
     }
 
