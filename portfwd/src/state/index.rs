@@ -128,6 +128,8 @@ pub(crate) struct PortIndex {
     /// The count arrays read so far (each read whole on first use: an
     /// automatic-port search asks about many ports of one).
     slices: [Option<Vec<u32>>; SLICES],
+    /// Counts read one by one so far, per array.
+    lookups: [usize; SLICES],
 }
 
 /// Where the index of the state file `state` lives.
@@ -155,6 +157,7 @@ impl PortIndex {
                 file,
                 snapshot_len: identity.snapshot_len,
                 slices: Default::default(),
+                lookups: [0; SLICES],
             },
             identity,
         ))
@@ -163,7 +166,16 @@ impl PortIndex {
     /// How many mappings are published on `port` of `protocol` and the
     /// family (`ipv4` or not), over every host address.
     pub(crate) fn count(&mut self, protocol: Protocol, ipv4: bool, port: u16) -> Result<u32> {
-        Ok(self.counts(slice_of(protocol, ipv4))?[usize::from(port)])
+        let slice = slice_of(protocol, ipv4);
+        // A few ports are read where they are; a search over many reads
+        // their array once.
+        if self.slices[slice].is_none() && self.lookups[slice] < FEW {
+            self.lookups[slice] += 1;
+            let mut bytes = [0u8; 4];
+            read_at_most(&self.file, &mut bytes, offset(slice, port))?;
+            return Ok(u32::from_ne_bytes(bytes));
+        }
+        Ok(self.counts(slice)?[usize::from(port)])
     }
 
     /// One count array, read on first use.
@@ -323,6 +335,14 @@ mod tests {
         assert_eq!(index.count(Protocol::Udp, true, 53).unwrap(), 1);
         assert_eq!(index.count(Protocol::Udp, true, 80).unwrap(), 0);
         assert_eq!(index.count(Protocol::Tcp, true, 65535).unwrap(), 0);
+        // Past a few lookups, the array is read whole: the same counts.
+        for port in 0..=u16::MAX {
+            let expected = match port {
+                80 => 2,
+                _ => 0,
+            };
+            assert_eq!(index.count(Protocol::Tcp, true, port).unwrap(), expected);
+        }
 
         // A change appended: stale until the index follows it.
         let mut file = OpenOptions::new().append(true).open(&state).unwrap();
