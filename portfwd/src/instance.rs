@@ -60,7 +60,7 @@ pub(crate) fn run_dir() -> &'static Path {
 }
 
 /// The port holder's unix socket.
-pub(crate) fn holder_socket(pin_dir: &Path) -> PathBuf {
+pub fn holder_socket(pin_dir: &Path) -> PathBuf {
     run_dir().join(format!("holder{}.sock", tag(pin_dir)))
 }
 

@@ -189,6 +189,32 @@ impl PinnedMaps {
         Ok(mappings)
     }
 
+    /// The mapping published on `key`, if any, its allowlist included: one
+    /// lookup (and a walk of the allowlist map for a mapping that has one).
+    pub(crate) fn mapping(&self, key: &ServiceKey) -> Result<Option<Mapping>> {
+        let value = match self.services.get(key, 0) {
+            Ok(value) => value,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(error) => return Err(error).context("reading the services map"),
+        };
+        let Some(mut mapping) = Mapping::from_entry(key, &value) else {
+            return Ok(None);
+        };
+        if let Some(allow) = &mut mapping.allow {
+            for entry in self.allow.keys() {
+                let entry = entry.context("reading the allowlist map")?;
+                let data = entry.data();
+                if data.service == *key
+                    && let Some(network) = Allowlist::network_of(entry.prefix_len(), &data)
+                {
+                    allow.networks.push(network);
+                }
+            }
+            allow.networks.sort();
+        }
+        Ok(Some(mapping))
+    }
+
     /// The networks of every allowlist, by mapping.
     fn allowlists(
         &self,
@@ -204,11 +230,10 @@ impl PinnedMaps {
         Ok(by_service)
     }
 
-    /// Writes a mapping's allowlist networks, after removing any left for
-    /// its key (by a removal that failed half-way).
+    /// Writes a mapping's allowlist networks (those left for its key by a
+    /// removal that failed half-way are gone: see `forget_allowlists`).
     fn set_allowlist(&mut self, mapping: &Mapping) -> Result<(), MapError> {
         let service = mapping.key();
-        self.forget_allowlist(&service);
         let Some(allow) = &mapping.allow else {
             return Ok(());
         };
@@ -221,11 +246,19 @@ impl PinnedMaps {
     /// Removes a mapping's allowlist networks; failures are ignored (a
     /// stale network is removed when the key is published again).
     fn forget_allowlist(&mut self, service: &ServiceKey) {
+        self.forget_allowlists(std::slice::from_ref(service));
+    }
+
+    /// Removes the allowlist networks of every mapping of `services`, in one
+    /// walk of the allowlist map (not one per mapping: a large change would
+    /// walk it thousands of times).
+    fn forget_allowlists(&mut self, services: &[ServiceKey]) {
+        let services: std::collections::HashSet<&ServiceKey> = services.iter().collect();
         let stale: Vec<LpmKey<AllowKey>> = self
             .allow
             .keys()
             .filter_map(Result::ok)
-            .filter(|key| key.data().service == *service)
+            .filter(|key| services.contains(&key.data().service))
             .collect();
         for key in stale {
             self.allow.remove(&key).ok();
@@ -236,6 +269,8 @@ impl PinnedMaps {
     /// failure are removed again.
     pub(crate) fn add_all(&mut self, mappings: &[Mapping]) -> Result<()> {
         self.mark_ports_published(mappings)?;
+        let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
+        self.forget_allowlists(&keys);
         let cpus = possible_cpus()?;
         for (done, mapping) in mappings.iter().enumerate() {
             // Counters first, so that the programs count from the first
@@ -290,11 +325,12 @@ impl PinnedMaps {
         self.services_changed()?;
         // Counters go only once every entry is gone; flows of the removed
         // mappings stop at their next packet (the programs check the map).
-        for mapping in mappings {
-            self.forget_counters(&mapping.key());
-            self.nat46_src.remove(&mapping.key()).ok();
-            self.forget_allowlist(&mapping.key());
+        let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
+        for key in &keys {
+            self.forget_counters(key);
+            self.nat46_src.remove(key).ok();
         }
+        self.forget_allowlists(&keys);
         Ok(())
     }
 
@@ -396,11 +432,12 @@ impl PinnedMaps {
     }
 
     fn remove_keys(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<()> {
-        for key in keys {
-            self.services.remove(&key)?;
-            self.forget_counters(&key);
-            self.forget_allowlist(&key);
+        let keys: Vec<ServiceKey> = keys.collect();
+        for key in &keys {
+            self.services.remove(key)?;
+            self.forget_counters(key);
         }
+        self.forget_allowlists(&keys);
         self.services_changed()
     }
 

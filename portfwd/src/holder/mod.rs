@@ -133,17 +133,60 @@ pub(crate) fn update(
     added: &[Mapping],
     removed: &[Mapping],
 ) -> Result<Vec<String>> {
-    if !is_running(pin_dir) {
-        return sync(pin_dir);
+    let line = update_line(added, removed);
+    // One round trip: a holder that does not answer is started (or waited
+    // for) by `sync`.
+    match request(pin_dir, &line) {
+        Ok(reply) => parse_reply(&reply),
+        Err(_) if !is_running(pin_dir) => sync(pin_dir),
+        Err(error) => Err(error.context("asking the port holder to update")),
     }
-    let mut line = String::from("update");
+}
+
+fn update_line(added: &[Mapping], removed: &[Mapping]) -> String {
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(32 * (added.len() + removed.len()) + 8);
+    line.push_str("update");
     for (sign, mappings) in [('-', removed), ('+', added)] {
         for m in mappings.iter().filter(|m| m.hold) {
-            line.push_str(&format!(" {sign}{}/{}", m.protocol, m.host));
+            // Written in place: a large change has tens of thousands.
+            write!(line, " {sign}{}/{}", m.protocol, m.host).ok();
         }
     }
-    let reply = request(pin_dir, &line).context("asking the port holder to update")?;
-    parse_reply(&reply)
+    line
+}
+
+/// Below this many new ports, a change does not bind them ahead (see
+/// `bind_ahead`): the round trip would cost more than it saves.
+const AHEAD_FROM: usize = 64;
+
+/// A request to the holder whose reply is read later.
+pub(crate) struct Ahead(UnixStream);
+
+/// Asks a running holder to bind the ports of `added` now, before the
+/// change that publishes them is written, so that the holder's binds (the
+/// larger part of a large change) run while the caller writes the maps.
+/// The caller then `finish`es it and, as always, sends its `update` (which
+/// finds these ports held, and reports busy ones). None for a small change
+/// or when no holder answers (`update` starts one).
+pub(crate) fn bind_ahead(pin_dir: &Path, added: &[Mapping]) -> Option<Ahead> {
+    if added.iter().filter(|m| m.hold).count() < AHEAD_FROM {
+        return None;
+    }
+    let mut stream = UnixStream::connect(instance::holder_socket(pin_dir)).ok()?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).ok()?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT)).ok()?;
+    writeln!(stream, "{}", update_line(added, &[])).ok()?;
+    Some(Ahead(stream))
+}
+
+impl Ahead {
+    /// Waits for the holder to have answered (its busy ports are reported by
+    /// the `update` that follows).
+    pub(crate) fn finish(self) {
+        // Best effort: `update` binds whatever this did not.
+        BufReader::new(self.0).read_line(&mut String::new()).ok();
+    }
 }
 
 fn parse_reply(reply: &str) -> Result<Vec<String>> {

@@ -39,6 +39,9 @@ type Hold = (Protocol, SocketAddr);
 
 /// The holder process (`portfwd hold`, started by `up`).
 pub(crate) fn run(pin_dir: &Path) -> Result<()> {
+    // Opened first, so that it takes a low descriptor number: freed when
+    // the holder runs out of open files, it makes room to accept a client.
+    let mut spare = fs::File::open("/dev/null").ok();
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -116,8 +119,12 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
         if !client_ready {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else {
-            continue;
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                turn_away(&listener, &mut spare, &error);
+                continue;
+            }
         };
         match serve(pin_dir, stream, &mut held) {
             Ok(true) => {}
@@ -134,6 +141,28 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     fs::remove_file(&path).ok();
     Ok(())
 }
+
+/// After a failed accept: the client stays pending and poll reports it again
+/// at once, so the holder must not just try again. Out of open files, the
+/// spare descriptor makes room to accept the client and tell it why (then it
+/// is taken again); otherwise (or with no spare) the holder waits a moment.
+fn turn_away(listener: &UnixListener, spare: &mut Option<fs::File>, error: &std::io::Error) {
+    let out_of_files = matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+    if out_of_files && spare.take().is_some() {
+        if let Ok((mut stream, _)) = listener.accept() {
+            writeln!(stream, "error the port holder has no open files left").ok();
+        }
+        *spare = fs::File::open("/dev/null").ok();
+        eprintln!("portfwd hold: out of open files: a request was turned away");
+        return;
+    }
+    eprintln!("portfwd hold: accepting a request: {error}");
+    std::thread::sleep(ACCEPT_RETRY);
+}
+
+/// How long the holder waits before accepting again after a failure it
+/// cannot make room for.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Lets the holder keep one socket per published address: the default
 /// limit (often 1,024 or 20,000 open files) is below what tens of

@@ -219,12 +219,34 @@ fn bind_refused(protocol: Protocol, addr: SocketAddr) -> bool {
 
 fn scan_tables() -> Result<HashMap<(Protocol, u16), Vec<IpAddr>>> {
     let mut held: HashMap<(Protocol, u16), Vec<IpAddr>> = HashMap::new();
-    for (table, protocol) in [
-        ("/proc/net/tcp", Protocol::Tcp),
-        ("/proc/net/tcp6", Protocol::Tcp),
-        ("/proc/net/udp", Protocol::Udp),
-        ("/proc/net/udp6", Protocol::Udp),
-    ] {
+    // TCP listeners through sock_diag, asking for that one state: the kernel
+    // then walks only its listening sockets, where /proc/net/tcp walks every
+    // connection of the host too (most of the cost of a large `map`).
+    let listeners = [libc::AF_INET, libc::AF_INET6]
+        .into_iter()
+        .map(|family| sock_diag::dump(family as u8, libc::IPPROTO_TCP as u8, 1 << TCP_LISTEN))
+        .collect::<std::io::Result<Vec<_>>>();
+    let tables: &[(&str, Protocol)] = match listeners {
+        Ok(listeners) => {
+            for socket in listeners.into_iter().flatten() {
+                held.entry((Protocol::Tcp, socket.local_port))
+                    .or_default()
+                    .push(socket.local.to_canonical());
+            }
+            &[
+                ("/proc/net/udp", Protocol::Udp),
+                ("/proc/net/udp6", Protocol::Udp),
+            ]
+        }
+        // No sock_diag for TCP (a kernel without inet_diag): the tables.
+        Err(_) => &[
+            ("/proc/net/tcp", Protocol::Tcp),
+            ("/proc/net/tcp6", Protocol::Tcp),
+            ("/proc/net/udp", Protocol::Udp),
+            ("/proc/net/udp6", Protocol::Udp),
+        ],
+    };
+    for &(table, protocol) in tables {
         let text = match fs::read_to_string(table) {
             Ok(text) => text,
             // No IPv6 on this host.
@@ -265,6 +287,9 @@ fn table_holds(
 /// The local (address, port) of each socket in a /proc/net table that
 /// holds its port: TCP listeners, and every UDP socket. IPv4-mapped IPv6
 /// addresses come out as IPv4.
+/// The TCP state LISTEN (include/net/tcp_states.h).
+const TCP_LISTEN: u32 = 10;
+
 fn bound_sockets(table: &str, protocol: Protocol) -> impl Iterator<Item = (IpAddr, u16)> + '_ {
     const TCP_LISTEN: &str = "0A";
     table.lines().skip(1).filter_map(move |line| {
@@ -437,7 +462,19 @@ mod tests {
                 .is_some()
         );
         assert!(busy.table.get().is_none(), "one address is probed");
+        // Listeners of both families (through sock_diag), and not the
+        // connections: a client's port is no listener's.
+        let listener6 = TcpListener::bind("[::1]:0").unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let busy = BusyPorts::new();
         assert!(busy.any(Protocol::Tcp, addr.port()));
+        assert!(busy.any(Protocol::Tcp, listener6.local_addr().unwrap().port()));
+        assert!(!busy.any(Protocol::Tcp, client.local_addr().unwrap().port()));
+        assert!(
+            busy.holds_any([(Protocol::Tcp, &addr)].into_iter())
+                .is_some()
+        );
+        drop((client, listener6));
         assert!(
             busy.holds_any([(Protocol::Tcp, &addr)].into_iter())
                 .is_some()

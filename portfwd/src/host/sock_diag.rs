@@ -42,6 +42,9 @@ pub(crate) struct InetSocket {
     /// socket connected over IPv4 shows `::ffff:a.b.c.d`).
     pub(crate) peer: IpAddr,
     pub(crate) peer_port: u16,
+    /// The address and port the socket is bound to.
+    pub(crate) local: IpAddr,
+    pub(crate) local_port: u16,
     /// The kernel's socket cookie (what `bpf_get_socket_cookie` returns).
     pub(crate) cookie: u64,
     /// The raw `inet_diag_sockid` (with the cookie), to name the socket to
@@ -64,6 +67,8 @@ impl InetSocket {
             state: TCP_ESTABLISHED,
             peer: peer.ip(),
             peer_port: peer.port(),
+            local: peer.ip(),
+            local_port: 0,
             cookie,
             sockid: [0; SOCKID_LEN],
         }
@@ -191,13 +196,18 @@ fn parse_socket(protocol: u8, body: &[u8]) -> InetSocket {
     let state = body[1];
     let sockid: [u8; SOCKID_LEN] = body[4..4 + SOCKID_LEN].try_into().unwrap();
     // sockid: sport, dport (network order), src[16], dst[16], if, cookie.
+    let local_port = u16::from_be_bytes([sockid[0], sockid[1]]);
     let peer_port = u16::from_be_bytes([sockid[2], sockid[3]]);
-    let dst: [u8; 16] = sockid[20..36].try_into().unwrap();
-    let peer = if i32::from(family) == libc::AF_INET {
-        IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(dst))
+    let address = |bytes: &[u8]| {
+        let bytes: [u8; 16] = bytes.try_into().unwrap_or_default();
+        if i32::from(family) == libc::AF_INET {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
     };
+    let local = address(&sockid[4..20]);
+    let peer = address(&sockid[20..36]);
     let cookie = u64::from(u32_at(&sockid, 40)) | (u64::from(u32_at(&sockid, 44)) << 32);
     InetSocket {
         family,
@@ -205,6 +215,8 @@ fn parse_socket(protocol: u8, body: &[u8]) -> InetSocket {
         state,
         peer,
         peer_port,
+        local,
+        local_port,
         cookie,
         sockid,
     }

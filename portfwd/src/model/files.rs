@@ -65,6 +65,12 @@ impl From<&Mapping> for Record {
 }
 
 impl Record {
+    /// What identifies a mapping among those published: its protocol and
+    /// host address (the services map's key).
+    pub(crate) fn host_key(&self) -> (Protocol, IpAddr, u16) {
+        (self.protocol, self.host_ip, self.host_port)
+    }
+
     pub fn to_mapping(&self) -> Mapping {
         Mapping {
             name: self.name.clone(),
@@ -178,16 +184,21 @@ pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
         whole_len = at + line.trim_end().len();
     }
     if !changes.is_empty() {
-        // Applied as set operations, in order: the last change to a record
-        // wins.
-        let mut set: std::collections::BTreeSet<Record> = records.into_iter().collect();
+        // Applied in order, by host address (what the kernel's map is keyed
+        // by; two records never share one): a removal names the record by
+        // its host address, whatever else it says (a record read back from
+        // the kernel's map may differ in what the map does not keep, as the
+        // order of an allowlist), and the last change to an address wins.
+        let mut by_host: std::collections::BTreeMap<_, Record> =
+            records.into_iter().map(|r| (r.host_key(), r)).collect();
         for entry in changes {
             for record in &entry.remove {
-                set.remove(record);
+                by_host.remove(&record.host_key());
             }
-            set.extend(entry.add);
+            by_host.extend(entry.add.into_iter().map(|r| (r.host_key(), r)));
         }
-        records = set.into_iter().collect();
+        records = by_host.into_values().collect();
+        records.sort();
     }
     Ok(ParsedState {
         records,
@@ -335,6 +346,32 @@ mod tests {
         assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
         assert!(parse_state(&format!("{snapshot}{{\"bogus\": 1}}\n")).is_err());
         assert!(parse_state("").is_err());
+    }
+
+    #[test]
+    fn a_change_removes_a_record_by_its_host_address() {
+        let snapshot = serde_json::to_string(&StateFile {
+            version: FORMAT_VERSION,
+            mappings: vec![Record::sample(1), Record::sample(2)],
+        })
+        .unwrap();
+        // The record as the services map gives it back, with what the map
+        // does not keep (here: the allowlist's order) differing.
+        let read_back = Record {
+            allow: Some(Allowlist {
+                host: true,
+                networks: Vec::new(),
+                refuse: Default::default(),
+            }),
+            ..Record::sample(1)
+        };
+        let change = serde_json::to_string(&JournalEntry {
+            remove: vec![read_back],
+            add: vec![],
+        })
+        .unwrap();
+        let parsed = parse_state(&format!("{snapshot}\n{change}\n")).unwrap();
+        assert_eq!(parsed, [Record::sample(2)]);
     }
 
     #[test]

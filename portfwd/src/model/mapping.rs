@@ -32,15 +32,15 @@ pub struct Mapping {
     pub allow: Option<Allowlist>,
 }
 
+/// The services map's key of a mapping of `protocol` on `host`.
+pub(crate) fn service_key(protocol: Protocol, host: SocketAddr) -> ServiceKey {
+    let (family, addr) = Addr::from_ip(host.ip());
+    ServiceKey::new(family, addr, host.port().to_be(), protocol.number())
+}
+
 impl Mapping {
     pub fn key(&self) -> ServiceKey {
-        let (family, addr) = Addr::from_ip(self.host.ip());
-        ServiceKey::new(
-            family,
-            addr,
-            self.host.port().to_be(),
-            self.protocol.number(),
-        )
+        service_key(self.protocol, self.host)
     }
 
     pub fn value(&self) -> ServiceValue {

@@ -58,8 +58,29 @@ enum Slot {
     Planned(usize),
 }
 
-/// Mappings that conflict only on one (protocol, port, family).
-type PortKey = (Protocol, u16, bool);
+/// Mappings that conflict only on one (protocol, port, family: IPv4 or not).
+pub(crate) type PortKey = (Protocol, u16, bool);
+
+/// The (protocol, port, family) of every mapping `specs` ask for, when every
+/// spec names its host ports (no automatic port, no pool): mappings on other
+/// ports cannot conflict with them. None otherwise, or for a spec that
+/// planning refuses (it says why).
+pub(crate) fn explicit_ports(specs: &[PublishSpec], container_ip: IpAddr) -> Option<Vec<PortKey>> {
+    let mut keys = Vec::new();
+    for spec in specs {
+        if !matches!(spec.host_ports, HostPorts::Each(_)) {
+            return None;
+        }
+        let ips = host_ips(spec, container_ip).ok()?;
+        for (candidates, _) in spec.expand() {
+            keys.extend(
+                ips.iter()
+                    .map(|ip| (spec.protocol, candidates.start, ip.is_ipv4())),
+            );
+        }
+    }
+    Some(keys)
+}
 
 /// Plans several publications against one set of published mappings
 /// (`apply` plans one per container), each seeing the ones planned before.

@@ -38,7 +38,7 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
     } else {
         Session::open_for_change(pin_dir, "apply")?
     };
-    let current = session.mappings();
+    let current = session.mappings()?;
     // Ports the current set holds are free for the new one.
     let held: HashSet<(Protocol, u16)> = current
         .iter()

@@ -119,7 +119,7 @@ fn restore_state(
     let store = Store::of(pin_dir);
     let mut ifindex_of = datapath::backend_paths(pin_dir, lock);
     let recovered = state::recover(&store, maps, &mut ifindex_of)?;
-    let Some(records) = store.load()? else {
+    let Some(records) = store.load_after_boot()?.map(|loaded| loaded.records) else {
         let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
         store.save(&records)?;
         report.adopted = true;

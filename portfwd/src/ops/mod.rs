@@ -4,7 +4,11 @@
 //! Every change goes through a `Session`: the state lock, the pinned maps
 //! and the state file, changed together all or nothing (see `state`).
 
-use std::{collections::HashSet, net::IpAddr, path::Path};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
 
 use portfwd_common::{MAPS, SOCK_PROGRAMS};
 
@@ -13,8 +17,8 @@ use anyhow::{Context, Result};
 use crate::{
     datapath::{self, PinnedMaps, StateLock},
     holder, host, instance,
-    model::{Mapping, Record},
-    state::{self, Loaded, Store, owner},
+    model::{self, Mapping, PortKey, Record, UnmapSelector},
+    state::{self, Loaded, PortIndex, Store, owner},
 };
 
 mod apply;
@@ -33,16 +37,22 @@ pub(crate) use publish::{
 
 /// The state lock, the maps and the state file of one instance, for one
 /// command. Opening it finishes (rolls back) a change that a killed process
-/// left half done.
+/// left half done. It reads the state file only when the command needs
+/// every mapping, or the port index is stale (see `state`).
 pub(crate) struct Session<'a> {
     pin_dir: &'a Path,
     lock: StateLock,
     maps: PinnedMaps,
     store: Store,
-    /// The recorded mappings.
-    state: Loaded,
+    /// The recorded mappings, once read (see `records`).
+    state: Option<Loaded>,
+    /// The port index, while it describes the state file.
+    index: Option<PortIndex>,
     /// What this session changed, for the port holder.
     added: Vec<Mapping>,
+    /// Ports the holder was asked to bind ahead of the change (see
+    /// `holder::bind_ahead`).
+    ahead: Vec<holder::Ahead>,
     removed: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub(crate) recovered: Option<state::Fixes>,
@@ -60,14 +70,11 @@ impl<'a> Session<'a> {
         let mut maps = PinnedMaps::open(pin_dir, &lock)?;
         let store = Store::of(pin_dir);
         let recovered = state::recover(&store, &mut maps, datapath::backend_paths(pin_dir, &lock))?;
-        // Without a state file (a portfwd that predates it), the maps are
-        // the record; the first change writes it.
-        let state = match store.load_for_change()? {
-            Some(state) => state,
-            None => Loaded {
-                records: maps.mappings()?.iter().map(Record::from).collect(),
-                compact: true,
-            },
+        // A stale index (or a journal due for compaction) means reading the
+        // state file now, which also checks that it is whole.
+        let (state, index) = match store.current_index() {
+            Some(index) => (None, Some(index)),
+            None => (Some(load(&store, &maps)?), store.index()),
         };
         let mut session = Session {
             pin_dir,
@@ -75,7 +82,9 @@ impl<'a> Session<'a> {
             maps,
             store,
             state,
+            index,
             added: Vec::new(),
+            ahead: Vec::new(),
             removed: Vec::new(),
             recovered,
             swept: Vec::new(),
@@ -114,7 +123,7 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let doomed: Vec<Mapping> = self
-            .mappings()
+            .mappings()?
             .into_iter()
             .filter(|m| orphans.iter().flat_map(|(_, c)| c).any(|c| c.covers(m)))
             .collect();
@@ -137,36 +146,131 @@ impl<'a> Session<'a> {
         &self.maps
     }
 
+    /// The recorded mappings, read now if they were not yet.
+    fn records(&mut self) -> Result<&mut Loaded> {
+        let state = match self.state.take() {
+            Some(state) => state,
+            None => load(&self.store, &self.maps)?,
+        };
+        Ok(self.state.insert(state))
+    }
+
     /// Every mapping, as recorded.
-    pub(crate) fn mappings(&self) -> Vec<Mapping> {
-        self.state.records.iter().map(Record::to_mapping).collect()
+    pub(crate) fn mappings(&mut self) -> Result<Vec<Mapping>> {
+        Ok(self
+            .records()?
+            .records
+            .iter()
+            .map(Record::to_mapping)
+            .collect())
+    }
+
+    /// The published mappings that a request for exactly `ports` (None: a
+    /// request with automatic ports or pools) may conflict with: none when
+    /// the port index says that nothing is published on any of them;
+    /// otherwise every mapping.
+    pub(crate) fn conflict_candidates(
+        &mut self,
+        ports: Option<&[PortKey]>,
+    ) -> Result<Vec<Mapping>> {
+        if let (Some(ports), Some(index), None) = (ports, &mut self.index, &self.state) {
+            let mut taken = false;
+            for &(protocol, port, ipv4) in ports {
+                taken |= index.count(protocol, ipv4, port)? > 0;
+            }
+            if !taken {
+                return Ok(Vec::new());
+            }
+        }
+        self.mappings()
+    }
+
+    /// The mappings `selector` matches, looked up in the services map on the
+    /// ports the index says are published; None when the lookups cannot
+    /// tell (a selector without a host address, on a port that has mappings
+    /// on specific addresses): then every mapping must be read.
+    fn select(&mut self, selector: &UnmapSelector) -> Result<Option<Vec<Mapping>>> {
+        let (Some(index), None) = (&mut self.index, &self.state) else {
+            return Ok(None);
+        };
+        let mut found = Vec::new();
+        for port in selector.ports.iter() {
+            for ipv4 in [true, false] {
+                if selector.host_ip.is_some_and(|ip| ip.is_ipv4() != ipv4) {
+                    continue;
+                }
+                let count = index.count(selector.protocol, ipv4, port)?;
+                if count == 0 {
+                    continue;
+                }
+                let wildcard: IpAddr = if ipv4 {
+                    Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv6Addr::UNSPECIFIED.into()
+                };
+                let host = SocketAddr::new(selector.host_ip.unwrap_or(wildcard), port);
+                let published = self
+                    .maps
+                    .mapping(&model::service_key(selector.protocol, host))?;
+                if selector.host_ip.is_none() && count > u32::from(published.is_some()) {
+                    return Ok(None);
+                }
+                found.extend(published);
+            }
+        }
+        Ok(Some(found))
     }
 
     /// Applies a change to the maps and the state file, all or nothing.
     fn change(&mut self, removed: &[Mapping], added: &[Mapping]) -> Result<()> {
         let gone: Vec<Record> = removed.iter().map(Record::from).collect();
         let new: Vec<Record> = added.iter().map(Record::from).collect();
-        let doomed: HashSet<&Record> = gone.iter().collect();
-        let kept = |r: &&Record| !doomed.contains(r);
+        let doomed: HashSet<_> = gone.iter().map(Record::host_key).collect();
+        let kept = |r: &&Record| !doomed.contains(&r.host_key());
         // The whole new state is built only when it is written whole.
-        let snapshot: Option<Vec<Record>> = self.state.compact.then(|| {
-            let records = self.state.records.iter().filter(kept);
-            records.chain(&new).cloned().collect()
-        });
+        let snapshot: Option<Vec<Record>> = match &self.state {
+            Some(state) if state.compact => {
+                let records = state.records.iter().filter(kept);
+                Some(records.chain(&new).cloned().collect())
+            }
+            _ => None,
+        };
         let change = Change {
             snapshot: snapshot.as_deref(),
             gone: &gone,
             new: &new,
         };
-        change_entries(&mut self.maps, &self.store, change, removed, added)?;
-        match snapshot {
-            Some(records) => self.state.records = records,
-            None => {
-                self.state.records.retain(|r| kept(&r));
-                self.state.records.extend(new);
+        let index = self.index.as_mut();
+        // The holder binds a large change's ports while the maps are written
+        // (its answer is awaited by `finish`, without the lock).
+        let ahead = holder::bind_ahead(self.pin_dir, added);
+        let changed = change_entries(&mut self.maps, &self.store, change, removed, added, index);
+        match (ahead, changed) {
+            (Some(ahead), Err(error)) => {
+                ahead.finish();
+                // Best effort: a port left held is released at the next sync.
+                holder::update(self.pin_dir, &[], added).ok();
+                return Err(error);
+            }
+            (ahead, changed) => {
+                changed?;
+                self.ahead.extend(ahead);
             }
         }
-        self.state.compact = false;
+        if let Some(state) = &mut self.state {
+            match snapshot {
+                Some(records) => state.records = records,
+                None => {
+                    state.records.retain(|r| kept(&r));
+                    state.records.extend(new);
+                }
+            }
+            state.compact = false;
+        }
+        // A new snapshot comes with a new index.
+        if self.index.is_none() {
+            self.index = self.store.index();
+        }
         self.added.extend_from_slice(added);
         self.removed.extend_from_slice(removed);
         Ok(())
@@ -185,12 +289,16 @@ impl<'a> Session<'a> {
             lock,
             maps,
             added,
+            ahead,
             removed,
             recovered,
             ..
         } = self;
         drop(maps);
         drop(lock);
+        for ahead in ahead {
+            ahead.finish();
+        }
         let notes = end_sockets_through_gone(pin_dir, &removed, &added)
             .into_iter()
             .collect();
@@ -201,6 +309,18 @@ impl<'a> Session<'a> {
         };
         Ok(Finished { busy_ports, notes })
     }
+}
+
+/// The recorded mappings, read from the state file. Without one (a portfwd
+/// that predates it), the maps are the record; the first change writes it.
+fn load(store: &Store, maps: &PinnedMaps) -> Result<Loaded> {
+    Ok(match store.load_for_change()? {
+        Some(state) => state,
+        None => Loaded {
+            records: maps.mappings()?.iter().map(Record::from).collect(),
+            compact: true,
+        },
+    })
 }
 
 /// What a session reports once finished.
@@ -279,6 +399,7 @@ fn change_entries(
     change: Change<'_>,
     removed: &[Mapping],
     added: &[Mapping],
+    index: Option<&mut PortIndex>,
 ) -> Result<()> {
     let intent = store.begin(change.gone, change.new)?;
     if let Err(error) = maps.remove_all(removed) {
@@ -298,7 +419,7 @@ fn change_entries(
         store.abort();
         return Err(error);
     }
-    store.commit(intent, change.snapshot)
+    store.commit(intent, change.snapshot, index)
 }
 
 #[cfg(test)]
@@ -353,6 +474,7 @@ mod tests {
             change,
             std::slice::from_ref(&old),
             &[new],
+            None,
         )
         .unwrap_err();
         assert!(store.has_pending(), "the rollback was lost");

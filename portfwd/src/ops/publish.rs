@@ -54,7 +54,8 @@ pub(crate) fn publish_with(
 ) -> Result<Published> {
     let mut session = Session::open_for_change(pin_dir, "map")?;
     let notes = std::mem::take(&mut session.notes);
-    let existing = session.mappings();
+    let ports = model::explicit_ports(specs, container_ip);
+    let existing = session.conflict_candidates(ports.as_deref())?;
     let busy = host::BusyPorts::new();
     let in_use = |p, port| busy.any(p, port);
     let (mut planned, replaced) = match model::plan(name, container_ip, specs, &existing, in_use) {
@@ -156,23 +157,34 @@ pub(crate) fn withdraw(
     missing: Missing,
 ) -> Result<Withdrawn> {
     let mut session = Session::open_for_change(pin_dir, "unmap")?;
-    let existing = session.mappings();
     let mut doomed: Vec<Mapping> = Vec::new();
     if let Some(name) = name {
-        let named: Vec<&Mapping> = existing.iter().filter(|m| m.name == name).collect();
+        let named: Vec<Mapping> = session
+            .mappings()?
+            .into_iter()
+            .filter(|m| m.name == name)
+            .collect();
         if named.is_empty() && missing == Missing::Error {
             bail!("no mapping is named {name:?}");
         }
-        doomed.extend(named.into_iter().cloned());
+        doomed.extend(named);
     }
     for selector in selectors {
-        let matched: Vec<&Mapping> = existing.iter().filter(|m| selector.matches(m)).collect();
+        // Through the port index and the services map when they can tell.
+        let matched: Vec<Mapping> = match session.select(selector)? {
+            Some(matched) => matched,
+            None => session
+                .mappings()?
+                .into_iter()
+                .filter(|m| selector.matches(m))
+                .collect(),
+        };
         if matched.is_empty() && missing == Missing::Error {
             bail!("nothing is published on {selector}");
         }
         for m in matched {
-            if !doomed.contains(m) {
-                doomed.push(m.clone());
+            if !doomed.contains(&m) {
+                doomed.push(m);
             }
         }
     }
@@ -196,8 +208,10 @@ pub(crate) struct Withdrawn {
 pub(crate) fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
     let mut session = Session::open_for_change(pin_dir, "unmap")?;
     let key = Record::from(mapping);
+    // One lookup: the services map holds what the state file records.
     let found: Vec<Mapping> = session
-        .mappings()
+        .maps
+        .mapping(&mapping.key())?
         .into_iter()
         .filter(|m| Record::from(m) == key)
         .collect();
@@ -217,5 +231,5 @@ pub(crate) fn sweep_orphans(pin_dir: &Path) -> Result<Vec<Mapping>> {
 
 /// Every mapping, under the state lock.
 pub(crate) fn mappings(pin_dir: &Path) -> Result<Vec<Mapping>> {
-    Ok(Session::open(pin_dir, "list")?.mappings())
+    Session::open(pin_dir, "list")?.mappings()
 }

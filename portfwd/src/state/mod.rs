@@ -22,6 +22,13 @@
 //! process (whose writes the page cache keeps), while a power loss empties
 //! the maps anyway and `up` restores them from the last committed state.
 //!
+//! A change that adds or removes a few mappings does not read the state
+//! file: the port index beside it (see `index`) says which of their ports
+//! are free, and the services map holds the mappings to remove. Only what
+//! needs every mapping reads it whole (`list` reads the maps; `apply`,
+//! `unmap --name`, compaction, a stale index, and `up`, which also writes
+//! the index anew).
+//!
 //! A process killed before step 3 completes leaves the intent behind. The
 //! next command (or `up`) finds it and rolls the maps back to the state
 //! file: either all of a change happened, or none of it did. A change cut
@@ -42,8 +49,11 @@ use crate::{
     model::{FORMAT_VERSION, JournalEntry, ParsedState, Record, StateFile, parse_state_file},
 };
 
+mod index;
 pub(crate) mod owner;
 mod reconcile;
+
+pub(crate) use index::PortIndex;
 
 pub(crate) use reconcile::{Fixes, reconcile, recover};
 
@@ -92,6 +102,7 @@ pub(crate) struct Loaded {
 #[derive(Debug)]
 pub(crate) struct Intent {
     line: String,
+    entry: JournalEntry,
 }
 
 impl Store {
@@ -122,8 +133,21 @@ impl Store {
 
     /// The recorded mappings, for a change (under the state lock): a change
     /// that a killed writer left cut short at the end of the file is cut
-    /// off, so that the next one starts on a line of its own.
+    /// off, so that the next one starts on a line of its own. A stale port
+    /// index is written anew.
     pub(crate) fn load_for_change(&self) -> Result<Option<Loaded>> {
+        self.load_indexing(false)
+    }
+
+    /// As `load_for_change`, and the port index is written anew even when
+    /// it looks current: for `up`, which may run after a power loss (the
+    /// index is written without fsync, so its counts may be older than its
+    /// header).
+    pub(crate) fn load_after_boot(&self) -> Result<Option<Loaded>> {
+        self.load_indexing(true)
+    }
+
+    fn load_indexing(&self, rewrite_index: bool) -> Result<Option<Loaded>> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -149,6 +173,12 @@ impl Store {
             let mut file = OpenOptions::new().append(true).open(&self.path)?;
             file.write_all(b"\n")?;
             file.sync_data()?;
+        }
+        // Read whole: the index is written anew (it was stale, or `up` runs
+        // after a reboot, when an index written without fsync may hold
+        // counts older than its header).
+        if rewrite_index || PortIndex::open_current(&self.path).is_none() {
+            self.write_index(&records, snapshot_len as u64);
         }
         Ok(Some(Loaded {
             records,
@@ -196,9 +226,37 @@ impl Store {
         Ok(damaged)
     }
 
+    /// The port index, when it describes the state file as it is now and
+    /// the journal is not due for compaction: then a change needs not read
+    /// the state file (see `index`).
+    pub(crate) fn current_index(&self) -> Option<PortIndex> {
+        let (index, identity) = PortIndex::open_current(&self.path)?;
+        let snapshot = identity.snapshot_len.max(MIN_COMPACT_BYTES as u64);
+        (identity.journal_len() <= snapshot).then_some(index)
+    }
+
+    /// The port index, when it describes the state file as it is now (for a
+    /// session that read the state file: it keeps the index current).
+    pub(crate) fn index(&self) -> Option<PortIndex> {
+        PortIndex::open_current(&self.path).map(|(index, _)| index)
+    }
+
+    /// Writes the index of the state file as it is now, holding `records`.
+    /// Best effort: without it, the next change reads the state file.
+    fn write_index(&self, records: &[Record], snapshot_len: u64) {
+        let written = File::open(&self.path)
+            .map_err(anyhow::Error::from)
+            .and_then(|file| index::Identity::of(&file, snapshot_len))
+            .and_then(|identity| index::write(&self.path, records, identity));
+        if written.is_err() {
+            index::remove(&self.path);
+        }
+    }
+
     /// Writes a snapshot of `records` to `path`, through a temporary file
     /// and a rename so that readers see the old or the new file, never a
-    /// part; fsynced first. Root-only (0600 in a 0700 dir).
+    /// part; fsynced first. Root-only (0600 in a 0700 dir). The index
+    /// follows.
     fn write_snapshot(&self, records: &[Record]) -> Result<()> {
         let path = &self.path;
         let dir = path.parent().unwrap_or(Path::new("/"));
@@ -218,6 +276,7 @@ impl Store {
         file.write_all(b"\n")?;
         file.sync_all()?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+        self.write_index(records, text.len() as u64);
         Ok(())
     }
 
@@ -234,13 +293,19 @@ impl Store {
         let mut file = create_private(&pending)?;
         file.write_all(line.as_bytes())
             .with_context(|| format!("writing {}", pending.display()))?;
-        Ok(Intent { line })
+        Ok(Intent { line, entry })
     }
 
     /// Step 3 of a change: the intent, on disk, becomes part of the state:
     /// appended, or, given the whole state the change makes (when the
     /// journal is due for compaction, see `Loaded`), as a new snapshot.
-    pub(crate) fn commit(&self, intent: Intent, snapshot: Option<&[Record]>) -> Result<()> {
+    /// The port index (`index`, when the session has it) follows.
+    pub(crate) fn commit(
+        &self,
+        intent: Intent,
+        snapshot: Option<&[Record]>,
+        index: Option<&mut PortIndex>,
+    ) -> Result<()> {
         if let Some(records) = snapshot {
             self.write_snapshot(records)?;
         } else {
@@ -253,6 +318,12 @@ impl Store {
             file.write_all(intent.line.as_bytes())
                 .and_then(|()| file.sync_data())
                 .with_context(|| format!("committing to {}", self.path.display()))?;
+            if let Some(index) = index {
+                let Intent { entry, .. } = &intent;
+                if index.update(&entry.remove, &entry.add, &file).is_err() {
+                    index::remove(&self.path);
+                }
+            }
         }
         fs::remove_file(self.pending())
             .with_context(|| format!("removing {}", self.pending().display()))?;
@@ -278,6 +349,7 @@ impl Store {
 
     pub(crate) fn remove(&self) -> Result<()> {
         self.abort();
+        index::remove(&self.path);
         match fs::remove_file(&self.path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                 Err(error).with_context(|| format!("removing {}", self.path.display()))
@@ -337,6 +409,7 @@ mod tests {
                 loaded
                     .compact
                     .then_some(&[Record::sample(1), Record::sample(8080)][..]),
+                None,
             )
             .unwrap();
         assert!(!store.has_pending());
@@ -358,6 +431,7 @@ mod tests {
                 loaded
                     .compact
                     .then_some(&[Record::sample(1), Record::sample(2), Record::sample(8080)][..]),
+                None,
             )
             .unwrap();
         assert_eq!(
@@ -375,7 +449,7 @@ mod tests {
             records.push(Record::sample(port));
             let intent = store.begin(&[], &[Record::sample(port)]).unwrap();
             store
-                .commit(intent, loaded.compact.then_some(&records[..]))
+                .commit(intent, loaded.compact.then_some(&records[..]), None)
                 .unwrap();
         }
         let text = fs::read_to_string(store.path()).unwrap();

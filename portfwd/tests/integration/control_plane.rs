@@ -92,3 +92,74 @@ fn a_command_waiting_for_the_lock_names_who_holds_it() {
         "{stderr}"
     );
 }
+
+/// The lowest file descriptor number that process `pid` has free.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Sets the open-files limit (soft) of process `pid`; the old limits.
+fn set_open_files_limit(pid: u32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads `new` and writes `old`, both valid structs.
+    unsafe {
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old),
+            0
+        );
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()),
+            0
+        );
+    }
+    old
+}
+
+/// A port holder with no open file left for a connection answers it (and
+/// says why) instead of leaving it pending while poll wakes it up again and
+/// again (a busy loop at 100 % CPU, every command waiting for it in vain).
+#[test]
+fn a_holder_out_of_open_files_answers_and_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(_serial) = root_test("holder_out_of_files") else {
+        return;
+    };
+    let ctr = Container::new(63);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let pid = holder_pid().expect("the port holder runs");
+    // Every descriptor number it may still use is taken: accept fails with
+    // EMFILE.
+    let old = set_open_files_limit(pid, lowest_free_fd(pid));
+    let socket = portfwd::instance::holder_socket(std::path::Path::new(&pin_dir()));
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    // The holder may have answered and hung up already.
+    writeln!(stream, "ping").ok();
+    let mut reply = String::new();
+    let read = BufReader::new(&stream).read_line(&mut reply);
+    set_open_files_limit(pid, old.rlim_cur);
+    assert!(
+        read.is_ok(),
+        "the holder left the connection pending: {read:?}"
+    );
+    assert!(reply.contains("open files"), "{reply:?}");
+    // With files again, it serves as before.
+    let ip = ctr.v4().to_string();
+    portfwd_ok(&["map", "--name", "files", &ip, "47563:80"]);
+    assert_eq!(holder_pid(), Some(pid), "the same holder");
+    portfwd_ok(&["unmap", "--name", "files"]);
+}
