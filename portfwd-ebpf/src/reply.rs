@@ -27,7 +27,7 @@ use crate::{
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     tc::{count, mark_translated},
     trace,
-    types::ReplyScratch,
+    types::{FRAME_ROOM, ReplyScratch},
 };
 
 /// What `tc::start_flow` returns for a new flow the allowlist refuses with
@@ -68,10 +68,6 @@ const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 const ANSWER_COST_NS: u64 = 1_000_000;
 const BURST_NS: u64 = 50 * ANSWER_COST_NS;
 
-/// Room for the largest answer (an ICMPv6 error: 14 + 1280 bytes), and for
-/// the largest lengths the verifier can be shown (see `bounded_len`) at
-/// their offsets: up to 2048 bytes from offset 62.
-pub(crate) const FRAME_ROOM: usize = 2176;
 /// `bounded_len`'s largest length, plus one: a mask.
 const LEN_MASK: usize = 0x7ff;
 /// `bpf_csum_diff` reads at most 512 bytes per call.

@@ -5,7 +5,12 @@
 use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key as LpmKey};
 use portfwd_common::{Addr, AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
-use crate::{packet::Packet, reply::FRAME_ROOM};
+use crate::packet::Packet;
+
+/// Room for the largest answer `reply` builds (an ICMPv6 error: 14 + 1280
+/// bytes), and for the largest lengths the verifier can be shown (see
+/// `reply::bounded_len`) at their offsets: up to 2048 bytes from offset 62.
+pub(crate) const FRAME_ROOM: usize = 2176;
 
 /// Per-CPU memory of one TC program run (the `pf_scratch` map): the parsed
 /// packet and its flow key, and a conntrack entry under construction.
