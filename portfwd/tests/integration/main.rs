@@ -24,6 +24,7 @@ mod hostile;
 mod kernel_support;
 mod properties;
 mod reliability;
+mod rootless;
 mod serve;
 mod socket_completeness;
 mod socket_lifetime;
