@@ -130,6 +130,12 @@ impl Slot {
         format!("pfr{}", self.index)
     }
 
+    /// Whether `name` is the host end of a way in.
+    pub(crate) fn is_host_ifname(name: &str) -> bool {
+        name.strip_prefix("pfr")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
     /// The namespace end: the slot keeps it from clashing with a way in an
     /// earlier service made into the same namespace.
     pub(crate) fn ns_ifname(&self) -> String {
@@ -198,26 +204,6 @@ impl Pool {
         })
     }
 
-    /// The slot whose namespace end is `ip`.
-    pub(crate) fn slot_of(&self, ip: IpAddr) -> Option<Slot> {
-        let index = match ip {
-            IpAddr::V4(v4) if self.v4.contains(ip) => {
-                let IpAddr::V4(base) = self.v4.addr else {
-                    return None;
-                };
-                (u32::from(v4) - u32::from(base)) / 2
-            }
-            IpAddr::V6(v6) if self.v6.contains(ip) => {
-                let IpAddr::V6(base) = self.v6.addr else {
-                    return None;
-                };
-                u32::try_from((u128::from(v6) - u128::from(base)) / 2).ok()?
-            }
-            _ => return None,
-        };
-        self.slot(index)
-            .filter(|s| ip == IpAddr::V4(s.ns_v4) || ip == IpAddr::V6(s.ns_v6))
-    }
 }
 
 fn network_base(network: Network) -> IpAddr {
@@ -241,6 +227,14 @@ fn network_base(network: Network) -> IpAddr {
 /// owner, and a user names (and so removes) only their own.
 pub(crate) fn owner_prefix(uid: u32) -> String {
     format!("u{uid}.")
+}
+
+/// Whether a mapping name is a rootless one (`u<UID>.<NAME>`): such names
+/// are the service's.
+pub(crate) fn is_rootless_name(name: &str) -> bool {
+    name.strip_prefix('u')
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(uid, _)| !uid.is_empty() && uid.parse::<u32>().is_ok())
 }
 
 /// Whether `mapping` is one of `uid`'s rootless mappings.
@@ -389,12 +383,13 @@ mod tests {
             slot.ns_v6,
             "fd70:6f72:7466:7764::7".parse::<Ipv6Addr>().unwrap()
         );
-        assert_eq!(pool.slot_of(IpAddr::V4(slot.ns_v4)), Some(slot));
-        assert_eq!(pool.slot_of(IpAddr::V6(slot.ns_v6)), Some(slot));
-        // A host end is not a namespace's address.
-        assert_eq!(pool.slot_of(IpAddr::V4(slot.host_v4)), None);
-        assert_eq!(pool.slot_of("10.0.0.1".parse().unwrap()), None);
+        assert_eq!(slot.host_v6, "fd70:6f72:7466:7764::6".parse::<Ipv6Addr>().unwrap());
         assert!(pool.slot(32768).is_none());
+        assert_eq!(slot.host_ifname(), "pfr3");
+        assert!(Slot::is_host_ifname("pfr3"));
+        assert!(!Slot::is_host_ifname("pfr") && !Slot::is_host_ifname("pfrx"));
+        assert!(is_rootless_name("u1001.web") && !is_rootless_name("u.web"));
+        assert!(!is_rootless_name("user.web") && !is_rootless_name("10.0.0.2"));
     }
 
     #[test]

@@ -60,15 +60,6 @@ pub(crate) fn load_policy(path: &Path) -> Result<Option<LoadedPolicy>> {
     }))
 }
 
-/// The pool of the ways in: the policy's, or the default one.
-pub(crate) fn pool(policy_path: &Path) -> Result<Pool> {
-    Ok(match load_policy(policy_path)? {
-        Some(loaded) => loaded.pool,
-        None => Pool::new(rootless::DEFAULT_POOL_V4, rootless::DEFAULT_POOL_V6)
-            .map_err(|e| anyhow!(e))?,
-    })
-}
-
 /// The ways in this service made, by namespace (its nsfs inode, unique
 /// while the namespace lives; a way in lives exactly as long). One lock
 /// serialises rootless changes; it is taken after a request was read, never
@@ -214,6 +205,7 @@ pub(crate) fn map(
     };
 
     let mut by_netns = ways.lock();
+    sweep_gone(pin_dir)?;
     let slot = way_in(&mut by_netns, &netns, &pool)?;
     let full_name = format!(
         "{}{}",
@@ -306,6 +298,8 @@ fn way_in(by_netns: &mut HashMap<(u64, u64), Slot>, netns: &Netns, pool: &Pool) 
         by_netns.remove(&netns.id);
     }
     // Bounded by the pool; a taken slot has its host end.
+    // The mappings of an ended namespace go before its slot is given again
+    // (else they would lead into the new namespace).
     let slot = (0..pool.capacity())
         .filter_map(|index| pool.slot(index))
         .find(|slot| {
@@ -376,23 +370,31 @@ pub(crate) fn unmap(
 
 /// `list` for `caller`: theirs (root: every mapping). Mappings whose
 /// namespace ended are removed first, so that none is ever listed.
-pub(crate) fn list(pin_dir: &Path, policy_path: &Path, caller: Caller) -> Result<Vec<Mapping>> {
-    sweep_gone(pin_dir, &pool(policy_path)?)?;
+pub(crate) fn list(pin_dir: &Path, caller: Caller) -> Result<Vec<Mapping>> {
+    sweep_gone(pin_dir)?;
     Ok(super::mappings(pin_dir)?
         .into_iter()
         .filter(|m| caller.is_root() || rootless::owned_by(m, caller.uid))
         .collect())
 }
 
-/// Removes the mappings whose way in is gone (its namespace ended): those
-/// to an address of the pool whose host end `pfr<N>` no longer exists.
-pub(crate) fn sweep_gone(pin_dir: &Path, pool: &Pool) -> Result<Vec<Mapping>> {
+/// The host end (`pfr<N>`) of the way in a rootless mapping goes
+/// through: the interface the host routes its container address to. None
+/// when that is no way in (any more): its namespace ended, and with it
+/// the veth and its route.
+fn way_in_of(mapping: &Mapping) -> Option<String> {
+    let index = crate::host::netlink::route_oif(mapping.container.ip()).ok()??;
+    let name = crate::host::netlink::ifname(index).ok()?;
+    Slot::is_host_ifname(&name).then_some(name)
+}
+
+/// Removes the rootless mappings whose way in is gone (their namespace
+/// ended). Told by the route to the mapping's address, not by the policy's
+/// pool, which the administrator may change.
+pub(crate) fn sweep_gone(pin_dir: &Path) -> Result<Vec<Mapping>> {
     let gone: Vec<Mapping> = super::mappings(pin_dir)?
         .into_iter()
-        .filter(|m| {
-            pool.slot_of(m.container.ip())
-                .is_some_and(|slot| !netns::link_exists(&slot.host_ifname()))
-        })
+        .filter(|m| rootless::is_rootless_name(&m.name) && way_in_of(m).is_none())
         .collect();
     if gone.is_empty() {
         return Ok(gone);
@@ -400,13 +402,14 @@ pub(crate) fn sweep_gone(pin_dir: &Path, pool: &Pool) -> Result<Vec<Mapping>> {
     publish::withdraw_these(pin_dir, &gone)
 }
 
-/// The slots the published mappings use (to watch after a restart).
-pub(crate) fn slots_in_use(pin_dir: &Path, pool: &Pool) -> Result<Vec<Slot>> {
-    let mut slots: Vec<Slot> = super::mappings(pin_dir)?
+/// The host ends of the ways in the published mappings use, to watch.
+pub(crate) fn ways_in_use(pin_dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = super::mappings(pin_dir)?
         .iter()
-        .filter_map(|m| pool.slot_of(m.container.ip()))
+        .filter(|m| rootless::is_rootless_name(&m.name))
+        .filter_map(way_in_of)
         .collect();
-    slots.sort_by_key(|s| s.index);
-    slots.dedup();
-    Ok(slots)
+    names.sort();
+    names.dedup();
+    Ok(names)
 }

@@ -197,7 +197,7 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
         }
         Request::List {} => {
-            ops_rootless::list(&shared.pin_dir, &shared.policy, caller).map(|mappings| {
+            ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
                 mappings
                     .iter()
                     .map(|m| format!("{} {}/{} -> {}", m.name, m.host, m.protocol, m.container))
@@ -256,20 +256,23 @@ fn watch(shared: &Shared) {
     let mut known = startup_sweep(shared);
     loop {
         thread::sleep(WATCH_INTERVAL);
-        let mut gone = shared.ways.forget_gone();
-        known.retain(|slot| {
-            let alive = crate::host::netns::link_exists(&slot.host_ifname());
+        let mut gone: Vec<String> = shared
+            .ways
+            .forget_gone()
+            .iter()
+            .map(|slot| slot.host_ifname())
+            .collect();
+        known.retain(|name| {
+            let alive = crate::host::netns::link_exists(name);
             if !alive {
-                gone.push(*slot);
+                gone.push(name.clone());
             }
             alive
         });
         if gone.is_empty() {
             continue;
         }
-        match ops_rootless::pool(&shared.policy)
-            .and_then(|pool| ops_rootless::sweep_gone(&shared.pin_dir, &pool))
-        {
+        match ops_rootless::sweep_gone(&shared.pin_dir) {
             Ok(removed) => {
                 for m in removed {
                     eprintln!("portfwd serve: removed (its namespace is gone) {m}");
@@ -286,16 +289,16 @@ fn watch(shared: &Shared) {
 
 /// At start: removes what lost its namespace while no service ran, and
 /// returns the ways in still used, to watch.
-fn startup_sweep(shared: &Shared) -> Vec<rootless::Slot> {
+fn startup_sweep(shared: &Shared) -> Vec<String> {
     let up = shared.pin_dir.join(portfwd_common::SERVICES.name).exists();
     if !up {
         return Vec::new();
     }
-    let result = ops_rootless::pool(&shared.policy).and_then(|pool| {
-        for m in ops_rootless::sweep_gone(&shared.pin_dir, &pool)? {
+    let result = ops_rootless::sweep_gone(&shared.pin_dir).and_then(|removed| {
+        for m in removed {
             eprintln!("portfwd serve: removed (its namespace is gone) {m}");
         }
-        ops_rootless::slots_in_use(&shared.pin_dir, &pool)
+        ops_rootless::ways_in_use(&shared.pin_dir)
     });
     result.unwrap_or_else(|error| {
         eprintln!("portfwd serve: rootless mappings: {error:#}");
