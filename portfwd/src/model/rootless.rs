@@ -203,7 +203,6 @@ impl Pool {
             ns_v6: (v6 + 1).into(),
         })
     }
-
 }
 
 fn network_base(network: Network) -> IpAddr {
@@ -383,7 +382,10 @@ mod tests {
             slot.ns_v6,
             "fd70:6f72:7466:7764::7".parse::<Ipv6Addr>().unwrap()
         );
-        assert_eq!(slot.host_v6, "fd70:6f72:7466:7764::6".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            slot.host_v6,
+            "fd70:6f72:7466:7764::6".parse::<Ipv6Addr>().unwrap()
+        );
         assert!(pool.slot(32768).is_none());
         assert_eq!(slot.host_ifname(), "pfr3");
         assert!(Slot::is_host_ifname("pfr3"));

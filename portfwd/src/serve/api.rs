@@ -196,14 +196,12 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
         Request::Unmap { name, selectors } => {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
         }
-        Request::List {} => {
-            ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
-                mappings
-                    .iter()
-                    .map(|m| format!("{} {}/{} -> {}", m.name, m.host, m.protocol, m.container))
-                    .collect()
-            })
-        }
+        Request::List {} => ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
+            mappings
+                .iter()
+                .map(|m| format!("{} {}/{} -> {}", m.name, m.host, m.protocol, m.container))
+                .collect()
+        }),
     };
     match result {
         Ok(lines) => {
