@@ -166,6 +166,7 @@ pub(crate) fn create_way_in(netns: &Netns, slot: &Slot) -> Result<()> {
         let host_index = crate::host::netlink::ifindex(&host_if)?;
         host.add_address(host_index, IpAddr::V4(slot.host_v4), PAIR_PREFIX_V4)?;
         host.add_address(host_index, IpAddr::V6(slot.host_v6), PAIR_PREFIX_V6)?;
+        host.block_forwarding_from(&host_if)?;
         host.set_up(host_index)?;
         let inside = Rtnl::inside(netns)?;
         let ns_index = inside.link_index(&ns_if)?;
@@ -384,6 +385,34 @@ impl Rtnl {
         message.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::SetLink(message), 0)
             .context("setting the link up")
+    }
+
+    /// `ip rule add iif IFNAME prohibit` (both families), after the local
+    /// table's rule: what arrives through a way in reaches the host's own
+    /// addresses (the replies of the socket path) but is never forwarded,
+    /// so a user cannot send packets of any source address out through the
+    /// host. (The TC path's replies are redirected before routing.) A rule
+    /// that exists is kept: the rule of an earlier way in with this name
+    /// (its namespace ended) applies to this one as it is.
+    fn block_forwarding_from(&self, ifname: &str) -> Result<()> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut message = RuleMessage::default();
+            message.header.family = family;
+            message.header.action = RuleAction::Prohibit;
+            message
+                .attributes
+                .push(RuleAttribute::Iifname(ifname.to_owned()));
+            message
+                .attributes
+                .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+            match self.create(RouteNetlinkMessage::NewRule(message)) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other.with_context(|| {
+                    format!("adding the rule that keeps {ifname} from forwarding")
+                })?,
+            }
+        }
+        Ok(())
     }
 
     /// `ip route add default via GATEWAY dev INDEX table WAY_IN_TABLE`.

@@ -191,6 +191,11 @@ impl Drop for UserNamespace {
     }
 }
 
+/// Runs `f` on a thread inside the user's namespace.
+fn ns_inside<T: Send + 'static>(ns: &UserNamespace, f: impl FnOnce() -> T + Send + 'static) -> T {
+    netns::inside(&ns.path(), f)
+}
+
 /// `portfwd serve` with the API and the tests' policy; its log (stderr) in
 /// a file. Stopped when dropped.
 struct Service {
@@ -318,6 +323,30 @@ fn a_user_publishes_a_port_of_their_own_namespace() {
         .inside(move || udp_ask(uplink, None, b"ext"))
         .unwrap();
     assert_eq!(answer, format!("rootless-udp ext {}", client.v4()));
+
+    // The way in forwards nothing: a datagram from the namespace to the
+    // client network (routed through the way in, the host forwarding)
+    // does not arrive.
+    let way_in = way_in_of(&name);
+    // From the namespace's own address: its source rule sends it to the
+    // host through the way in.
+    let ns_addr: std::net::IpAddr = listed()
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["container_ip"].as_str()?.parse().ok())
+        .unwrap();
+    // Forwarding on for the way in alone (the host's setting stays).
+    set_if_sysctl(None, "ipv4", &way_in, "forwarding", "1");
+    let sink = client.inside(|| std::net::UdpSocket::bind("0.0.0.0:46399").unwrap());
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let to = addr(client.v4(), 46399);
+    ns_inside(&ns, move || {
+        let socket = std::net::UdpSocket::bind(addr(ns_addr, 0)).unwrap();
+        socket.send_to(b"spoof", to).unwrap();
+    });
+    let forwarded = sink.recv(&mut [0u8; 16]).is_ok();
+    assert!(!forwarded, "the host forwarded a datagram from the way in");
 
     // The user lists their own mapping; root lists it by its owner's name.
     let listing = user.portfwd_ok(&["list"]);
