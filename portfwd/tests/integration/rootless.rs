@@ -73,6 +73,12 @@ impl Drop for PoolRoutes {
     fn drop(&mut self) {
         for (family, prefix) in [("-4", POOL_V4), ("-6", POOL_V6)] {
             let _ = run("ip", &[family, "route", "del", "unreachable", prefix]);
+            // The service keeps the rule of a way in (inert once its
+            // interface is gone); the tests use the first few.
+            for n in 0..4 {
+                let ifname = format!("pfr{n}");
+                let _ = run("ip", &[family, "rule", "del", "iif", &ifname, "prohibit"]);
+            }
         }
     }
 }
