@@ -30,7 +30,7 @@ use portfwd_common::{
 use crate::{
     conntrack,
     maps::SCRATCH,
-    tc::{count, deliver, mark_translated},
+    verdict::{count, deliver, mark_translated},
 };
 
 const ETH_HLEN: usize = 14;

@@ -10,6 +10,8 @@
 //! - `reply`: the answers the TC programs send themselves (a closed
 //!   port's reset or ICMP port unreachable to a refused client).
 //! - `trace`: events for `portfwd trace`, written only while it runs.
+//! - `verdict`: counting a packet and sending it on, shared by the TC
+//!   modules.
 //! - `maps`: the maps, declared from `portfwd-common`'s ABI table, and
 //!   `types`: the types private to the programs (no module imports a module
 //!   that imports it).
@@ -33,6 +35,7 @@ mod sock;
 mod tc;
 mod trace;
 mod types;
+mod verdict;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -26,7 +26,7 @@ use portfwd_common::{Addr, CtValue, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Service
 use crate::{
     maps::{NAT46_SRC, SCRATCH},
     packet::{Packet, WHOLE},
-    tc::count,
+    verdict::count,
 };
 
 const ETH_HLEN: usize = 14;

@@ -25,7 +25,7 @@ use portfwd_common::{FAMILY_V4, IPPROTO_TCP, Stat};
 use crate::{
     maps::REPLY,
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    tc::{count, mark_translated},
+    verdict::{count, mark_translated},
     trace,
     types::{FRAME_ROOM, ReplyScratch},
 };

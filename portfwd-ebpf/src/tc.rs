@@ -26,12 +26,12 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK,
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
         TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_fib_lookup as fib_lookup, bpf_sk_lookup_udp, bpf_sk_release,
         bpf_skc_lookup_tcp,
     },
     programs::TcContext,
@@ -44,9 +44,10 @@ use portfwd_common::{
 };
 
 use crate::{
+    verdict::{count, deliver, mark_translated},
     conntrack::{self, Nat},
     fragments, icmp,
-    maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN, STATS},
+    maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     reply, trace,
@@ -787,31 +788,6 @@ fn translate_fragment(
     deliver(if redirect { value.ifindex } else { 0 })
 }
 
-/// Sends a rewritten packet on: redirected to `ifindex` through the
-/// neighbour subsystem when known, else back to the stack.
-#[inline(always)]
-pub(crate) fn deliver(ifindex: u32) -> i32 {
-    if ifindex == 0 {
-        count(Stat::ToStack);
-        return TC_ACT_OK;
-    }
-    count(Stat::Redirected);
-    // SAFETY: no parameters: the kernel resolves the next hop itself.
-    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-}
-
-/// Marks a reply that is redirected translated, so that the uplink's egress
-/// program lets it go at once. Only a packet without a mark: another user's
-/// mark is kept (that packet is then looked up at egress, and found
-/// translated already).
-#[inline(always)]
-pub(crate) fn mark_translated(ctx: &TcContext) {
-    // SAFETY: reading a context field, checked by the verifier.
-    if unsafe { (*ctx.skb.skb).mark } == 0 {
-        ctx.set_mark(TRANSLATED_MARK);
-    }
-}
-
 /// The interface the packet is on (in at ingress, out at egress).
 fn ifindex_of(ctx: &TcContext) -> u32 {
     // SAFETY: reading a context field, checked by the verifier.
@@ -832,9 +808,3 @@ fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
     }
 }
 
-pub(crate) fn count(stat: Stat) {
-    if let Some(value) = STATS.get_ptr_mut(stat.index()) {
-        // SAFETY: per-CPU value, only this CPU writes it.
-        unsafe { *value += 1 };
-    }
-}

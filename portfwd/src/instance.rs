@@ -8,7 +8,9 @@
 //! - `/var/lib/portfwd/state<tag>.json`: the state file (see `state`);
 //! - `/run/portfwd/holder<tag>.sock` and `.log`: the port holder's socket
 //!   and log (see `holder`);
-//! - `/run/portfwd/serve<tag>.pid`: the pid of `portfwd serve` (see `serve`).
+//! - `/run/portfwd/serve<tag>.pid`: the pid of `portfwd serve` (see `serve`);
+//! - `/run/portfwd-api/api<tag>.sock`: its API socket (see `serve::api`),
+//!   in a directory every user may enter.
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +65,19 @@ pub(crate) fn run_dir() -> &'static Path {
 pub fn holder_socket(pin_dir: &Path) -> PathBuf {
     run_dir().join(format!("holder{}.sock", tag(pin_dir)))
 }
+
+/// Where the API sockets live: not in `RUN_DIR`, which only root may
+/// enter (the holder's socket and log are there).
+const API_DIR: &str = "/run/portfwd-api";
+
+/// The API socket of `portfwd serve` (see `serve::api`), open to every user.
+pub fn api_socket(pin_dir: &Path) -> PathBuf {
+    Path::new(API_DIR).join(format!("api{}.sock", tag(pin_dir)))
+}
+
+/// Where the administrator enables rootless publishing (see
+/// `model::rootless`).
+pub const DEFAULT_ROOTLESS_POLICY: &str = "/etc/portfwd/rootless.toml";
 
 /// The pid of `portfwd serve`, while it runs: the CLI then leaves starting
 /// the port holder to it.

@@ -5,8 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::{error, holder, instance, ops, serve};
+use crate::{error, holder, instance, model::rootless::Request, ops, serve};
 
+mod api;
 mod commands;
 mod conntrack;
 mod explain;
@@ -72,16 +73,22 @@ enum Command {
         iface: String,
     },
     /// Publish container ports: PUBLISH is docker's -p syntax, e.g. 8080:80, 127.0.0.1:8080:80/udp, 80
+    #[command(
+        override_usage = "portfwd map [OPTIONS] CONTAINER_IP PUBLISH...\n       portfwd map --netns PID|PATH [OPTIONS] PUBLISH..."
+    )]
     Map {
         /// Name of the mapping [default: the container address]
         #[arg(long)]
         name: Option<String>,
-        /// The container's IPv4 or IPv6 address
-        #[arg(value_name = "CONTAINER_IP")]
-        container_ip: String,
+        /// Publish ports of this network namespace (a pid of a process in it,
+        /// or a namespace file such as RootlessKit's --detach-netns) through
+        /// `portfwd serve`: how a user who is not root publishes
+        #[arg(long, value_name = "PID|PATH", conflicts_with_all = ["force", "allow"])]
+        netns: Option<String>,
+        /// CONTAINER_IP (without --netns), then each PUBLISH:
         /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
-        #[arg(value_name = "PUBLISH", required = true)]
-        publish: Vec<String>,
+        #[arg(value_name = "ARGS", required = true)]
+        args: Vec<String>,
         /// Publish even a host port that another process holds
         #[arg(long)]
         force: bool,
@@ -153,6 +160,12 @@ enum Command {
         /// (portfwd_program_run_seconds; each program run costs two clock reads more)
         #[arg(long)]
         program_stats: bool,
+        /// The API socket, open to every user [default: /run/portfwd/api<instance>.sock]; `none` to turn it off
+        #[arg(long, value_name = "PATH")]
+        api: Option<PathBuf>,
+        /// The rootless policy: who may publish what through the API (no file: nobody but root)
+        #[arg(long, value_name = "FILE", default_value = instance::DEFAULT_ROOTLESS_POLICY)]
+        rootless_policy: PathBuf,
     },
     /// Print a shell completion script, e.g.
     /// `portfwd completions bash > /etc/bash_completion.d/portfwd`
@@ -231,19 +244,43 @@ pub fn main() -> ExitCode {
         Command::Detach { iface } => commands::detach(&pin_dir, &iface),
         Command::Map {
             name,
-            container_ip,
-            publish,
+            netns: Some(netns),
+            args,
+            ..
+        } => api::call(
+            &pin_dir,
+            &Request::Map {
+                netns,
+                name,
+                publish: args,
+            },
+        ),
+        Command::Map { .. } if !api::is_root() => Err(error::Error::usage(
+            "as a user who is not root, publish a port of your own namespace: portfwd map --netns PID|PATH PUBLISH...",
+        )
+        .into()),
+        Command::Map {
+            name,
+            netns: None,
+            args,
             force,
             allow,
             refuse,
-        } => commands::map(
-            &pin_dir,
-            name.as_deref(),
-            &container_ip,
-            &publish,
-            force,
-            (&allow, refuse.unwrap_or_default()),
-        ),
+        } => match args.split_first() {
+            Some((container_ip, publish)) if !publish.is_empty() => commands::map(
+                &pin_dir,
+                name.as_deref(),
+                container_ip,
+                publish,
+                force,
+                (&allow, refuse.unwrap_or_default()),
+            ),
+            _ => Err(error::Error::usage("map needs CONTAINER_IP and at least one PUBLISH").into()),
+        },
+        Command::Unmap { name, selectors } if !api::is_root() => {
+            api::call(&pin_dir, &Request::Unmap { name, selectors })
+        }
+        Command::List { .. } if !api::is_root() => api::call(&pin_dir, &Request::List {}),
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
@@ -284,11 +321,23 @@ pub fn main() -> ExitCode {
         Command::Serve {
             metrics,
             program_stats,
-        } => serve::run(serve::ServeOptions {
-            pin_dir,
-            metrics: metrics.0,
-            program_stats,
-        }),
+            api,
+            rootless_policy,
+        } => {
+            let api = match api {
+                Some(path) if path.as_os_str() == "none" => None,
+                path => Some(serve::ApiOptions {
+                    socket: path.unwrap_or_else(|| instance::api_socket(&pin_dir)),
+                    policy: rootless_policy,
+                }),
+            };
+            serve::run(serve::ServeOptions {
+                pin_dir,
+                metrics: metrics.0,
+                program_stats,
+                api,
+            })
+        }
         Command::Completions { shell } => print_completions(shell),
         Command::Man { dir } => write_man_pages(&dir),
         Command::State {

@@ -18,6 +18,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use crate::model::Protocol;
 
 pub(crate) mod netlink;
+pub(crate) mod netns;
 pub(crate) mod sock_diag;
 
 /// Loading, attaching and pinning programs, mounting bpffs.

@@ -13,6 +13,7 @@ mod mapping;
 mod plan;
 mod protocol;
 mod publish;
+pub(crate) mod rootless;
 
 pub use allowlist::{Allowlist, Network, Refuse};
 pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state};

@@ -26,6 +26,7 @@ mod conntrack;
 mod explain;
 mod lifecycle;
 mod publish;
+pub(crate) mod rootless;
 
 pub(crate) use apply::{apply, read_apply_file};
 pub(crate) use conntrack::{FlowFilter, flows, flush_flows};

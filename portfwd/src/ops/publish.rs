@@ -52,6 +52,19 @@ pub(crate) fn publish_with(
     specs: &[PublishSpec],
     options: PublishOptions,
 ) -> Result<Published> {
+    publish_checked(pin_dir, name, container_ip, specs, options, |_, _| Ok(()))
+}
+
+/// `publish_with`, refused (nothing changed) when `check` refuses the
+/// planned mappings, given with the published ones, under the state lock.
+pub(crate) fn publish_checked(
+    pin_dir: &Path,
+    name: &str,
+    container_ip: IpAddr,
+    specs: &[PublishSpec],
+    options: PublishOptions,
+    check: impl FnOnce(&[Mapping], &[Mapping]) -> Result<()>,
+) -> Result<Published> {
     let mut session = Session::open_for_change(pin_dir, "map")?;
     let notes = std::mem::take(&mut session.notes);
     let ports = model::explicit_ports(specs, container_ip);
@@ -71,6 +84,7 @@ pub(crate) fn publish_with(
             .collect();
         refuse_ports_in_use(&new_ports, &busy)?;
     }
+    check(&planned, &existing)?;
     let ifindex = session.prepare_backend_path(container_ip)?;
     for m in &mut planned {
         m.ifindex = ifindex;
@@ -195,6 +209,21 @@ pub(crate) fn withdraw(
         mappings: doomed,
         notes,
     })
+}
+
+/// Removes exactly these mappings (those still published), all or
+/// nothing, in one session; the mappings removed.
+pub(crate) fn withdraw_these(pin_dir: &Path, mappings: &[Mapping]) -> Result<Vec<Mapping>> {
+    let mut session = Session::open_for_change(pin_dir, "unmap")?;
+    let keys: Vec<Record> = mappings.iter().map(Record::from).collect();
+    let found: Vec<Mapping> = session
+        .mappings()?
+        .into_iter()
+        .filter(|m| keys.contains(&Record::from(m)))
+        .collect();
+    session.change(&found, &[])?;
+    session.finish()?;
+    Ok(found)
 }
 
 /// What `withdraw` removed, and notes for the user.

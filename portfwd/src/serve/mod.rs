@@ -7,6 +7,9 @@
 //!   that starts later (a race with a CLI) is left alone and watched.
 //! - With `--metrics ADDR` it serves Prometheus metrics on `/metrics`
 //!   (`metrics`), read from the pinned maps at each scrape.
+//! - It serves the local API (`api`): rootless users publish ports of
+//!   their own network namespaces through it, under the administrator's
+//!   policy, and it removes their mappings when the namespace ends.
 //! - SIGINT or SIGTERM stop it; the mappings and the forwarding stay (they
 //!   live in the kernel), only the ports' reservations go until it or the
 //!   next portfwd command starts a holder again.
@@ -32,7 +35,10 @@ use nix::{
 
 use crate::{datapath, holder, instance};
 
+mod api;
 mod metrics;
+
+pub(crate) use api::ApiOptions;
 
 pub(crate) struct ServeOptions {
     pub(crate) pin_dir: PathBuf,
@@ -40,6 +46,8 @@ pub(crate) struct ServeOptions {
     pub(crate) metrics: Option<SocketAddr>,
     /// Turn the kernel's per-program run-time statistics on while serving.
     pub(crate) program_stats: bool,
+    /// The API socket and the rootless policy; None: no API.
+    pub(crate) api: Option<ApiOptions>,
 }
 
 /// How often the supervisor checks that a port holder runs. A CLI that
@@ -89,6 +97,12 @@ pub(crate) fn run(options: ServeOptions) -> Result<()> {
     only_service.set_len(0)?;
     writeln!(only_service, "{}", std::process::id())
         .with_context(|| format!("writing {}", pid_file.display()))?;
+    let api_socket = options.api.as_ref().map(|api| api.socket.clone());
+    if let Some(api) = options.api {
+        let socket = api.socket.clone();
+        api::start(&options.pin_dir, api)?;
+        eprintln!("portfwd serve: API on {}", socket.display());
+    }
     let pin_dir = options.pin_dir.clone();
     thread::Builder::new()
         .name("holder".into())
@@ -101,6 +115,9 @@ pub(crate) fn run(options: ServeOptions) -> Result<()> {
     // is asked to stop too, so that `serve` stopping means the same
     // whichever process held them. Forwarding goes on.
     fs::remove_file(&pid_file).ok();
+    if let Some(socket) = api_socket {
+        fs::remove_file(socket).ok();
+    }
     holder::stop(&options.pin_dir).ok();
     Ok(())
 }

@@ -26,6 +26,7 @@ mod nat46;
 mod pmtu;
 mod properties;
 mod reliability;
+mod rootless;
 mod serve;
 mod socket_completeness;
 mod socket_lifetime;

@@ -1,0 +1,44 @@
+//! What the TC programs do with a packet once it is decided: count it,
+//! send it on (redirected, or to the stack), mark a translated reply. Used
+//! by `tc` and by the modules it calls (`icmp`, `reply`), which import this
+//! rather than `tc`: no import cycle.
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK, helpers::generated::bpf_redirect_neigh, programs::TcContext,
+};
+use portfwd_common::{Stat, TRANSLATED_MARK};
+
+use crate::maps::STATS;
+
+/// Sends a rewritten packet on: redirected to `ifindex` through the
+/// neighbour subsystem when known, else back to the stack.
+#[inline(always)]
+pub(crate) fn deliver(ifindex: u32) -> i32 {
+    if ifindex == 0 {
+        count(Stat::ToStack);
+        return TC_ACT_OK;
+    }
+    count(Stat::Redirected);
+    // SAFETY: no parameters: the kernel resolves the next hop itself.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Marks a reply that is redirected translated, so that the uplink's egress
+/// program lets it go at once. Only a packet without a mark: another user's
+/// mark is kept (that packet is then looked up at egress, and found
+/// translated already).
+#[inline(always)]
+pub(crate) fn mark_translated(ctx: &TcContext) {
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == 0 {
+        ctx.set_mark(TRANSLATED_MARK);
+    }
+}
+
+/// Counts one packet under `stat` (per-CPU).
+pub(crate) fn count(stat: Stat) {
+    if let Some(value) = STATS.get_ptr_mut(stat.index()) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *value += 1 };
+    }
+}

@@ -1,0 +1,456 @@
+//! Network namespaces of other users (rootless containers): opening one
+//! safely, who owns it, and the way into it: a veth pair whose namespace
+//! end has an address of portfwd's pool and a source-based route, so that
+//! replies from that address go back through the veth while the
+//! namespace's own default route (slirp4netns, pasta) stays as it is.
+//!
+//! The configuration is sent over rtnetlink (`netlink-packet-route`);
+//! requests for the namespace go through a netlink socket opened inside it
+//! (a socket stays in the namespace it was created in), by a short-lived
+//! thread that entered it: the service's own threads never change
+//! namespace.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    net::IpAddr,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, IpProtocol, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressFlags, AddressMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+    rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use nix::{
+    fcntl::{OFlag, open},
+    sched::{CloneFlags, setns},
+    sys::{socket::sockopt, stat::Mode, time::TimeVal},
+};
+
+use crate::model::rootless::{PAIR_PREFIX_V4, PAIR_PREFIX_V6, Slot};
+
+/// The routing table of the way in's source-based route, inside the
+/// namespace ("pf" in ASCII): far from the tables people number by hand.
+pub(crate) const WAY_IN_TABLE: u32 = 0x7066;
+/// The priority of its rule: before the main table's (32766).
+const WAY_IN_RULE_PRIORITY: u32 = 0x7066;
+/// The priorities of the rules for the replies of a UDP port (see
+/// `route_udp_replies`): the main table without its default routes first,
+/// then the way in's table.
+const UDP_MAIN_RULE_PRIORITY: u32 = 0x7064;
+const UDP_WAY_IN_RULE_PRIORITY: u32 = 0x7065;
+/// `statfs(2)`'s f_type of nsfs.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A network namespace, opened by the service.
+pub(crate) struct Netns {
+    fd: OwnedFd,
+    /// The nsfs inode: the same namespace for as long as it lives.
+    pub(crate) id: (u64, u64),
+}
+
+impl Netns {
+    /// Opens `target`, a pid (its `/proc/PID/ns/net`) or a path to a network
+    /// namespace file (a bind mount of one, as RootlessKit's
+    /// `--detach-netns` makes). The path is opened with O_PATH first and
+    /// must be on nsfs: opening it cannot have the side effects opening
+    /// a device or a FIFO would have for root.
+    pub(crate) fn open(target: &str) -> Result<Netns> {
+        let path = if !target.is_empty() && target.bytes().all(|b| b.is_ascii_digit()) {
+            format!("/proc/{target}/ns/net")
+        } else if target.starts_with('/') {
+            target.to_owned()
+        } else {
+            bail!("--netns {target:?}: expected a pid or an absolute path");
+        };
+        let not_found = |e: nix::Error| anyhow!("--netns {target}: cannot open {path}: {e}");
+        let handle = open(
+            path.as_str(),
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(not_found)?;
+        // SAFETY: `open` returned a new descriptor that nothing else owns.
+        let handle = unsafe { OwnedFd::from_raw_fd(handle) };
+        let fs_type = nix::sys::statfs::fstatfs(&handle)
+            .map_err(not_found)?
+            .filesystem_type()
+            .0;
+        if fs_type as i64 != NSFS_MAGIC {
+            bail!("--netns {target}: {path} is not a namespace");
+        }
+        let reopened = format!("/proc/self/fd/{}", handle.as_raw_fd());
+        let fd = open(
+            reopened.as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(not_found)?;
+        // SAFETY: as above.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: NS_GET_NSTYPE takes no argument and returns the type.
+        let kind = unsafe { libc::ioctl(fd.as_raw_fd(), libc::NS_GET_NSTYPE) };
+        if kind != libc::CLONE_NEWNET {
+            bail!("--netns {target}: {path} is not a network namespace");
+        }
+        let meta = fs::metadata(&reopened).map_err(|e| anyhow!("--netns {target}: {e}"))?;
+        Ok(Netns {
+            fd,
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// The uid that owns the user namespace that owns this network
+    /// namespace (0 for the host's), read from the opened namespace itself:
+    /// what the caller named cannot change under this check.
+    pub(crate) fn owner_uid(&self) -> Result<u32> {
+        // SAFETY: NS_GET_USERNS takes no argument and returns a new fd.
+        let userns = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::NS_GET_USERNS) };
+        if userns < 0 {
+            return Err(io::Error::last_os_error()).context("reading the namespace's owner");
+        }
+        // SAFETY: a new descriptor, ours alone.
+        let userns = unsafe { OwnedFd::from_raw_fd(userns) };
+        let mut uid: libc::uid_t = 0;
+        // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer.
+        let rc = unsafe { libc::ioctl(userns.as_raw_fd(), libc::NS_GET_OWNER_UID, &mut uid) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error()).context("reading the namespace's owner uid");
+        }
+        Ok(uid)
+    }
+
+    /// Whether this is the service's own network namespace.
+    pub(crate) fn is_own(&self) -> Result<bool> {
+        let own = fs::metadata("/proc/thread-self/ns/net").context("reading this netns")?;
+        Ok((own.dev(), own.ino()) == self.id)
+    }
+}
+
+/// Whether an interface named `name` exists in the service's namespace.
+pub(crate) fn link_exists(name: &str) -> bool {
+    CString::new(name)
+        .map(|c| nix::net::if_::if_nametoindex(c.as_c_str()).is_ok())
+        .unwrap_or(false)
+}
+
+/// Makes the way into `netns` for `slot`: the veth pair (host end
+/// `slot.host_ifname()`, namespace end `slot.ns_ifname()`), both ends'
+/// addresses, and inside the namespace the rule and route that send
+/// replies from the slot's addresses back through the veth. All or
+/// nothing: on failure the pair is deleted (which undoes the rest).
+pub(crate) fn create_way_in(netns: &Netns, slot: &Slot) -> Result<()> {
+    let host = Rtnl::here()?;
+    let host_if = slot.host_ifname();
+    let ns_if = slot.ns_ifname();
+    host.create_veth(&host_if, &ns_if, netns.fd.as_fd())
+        .with_context(|| format!("creating the veth pair {host_if}/{ns_if}"))?;
+    let result = (|| -> Result<()> {
+        let host_index = crate::host::netlink::ifindex(&host_if)?;
+        host.add_address(host_index, IpAddr::V4(slot.host_v4), PAIR_PREFIX_V4)?;
+        host.add_address(host_index, IpAddr::V6(slot.host_v6), PAIR_PREFIX_V6)?;
+        host.block_forwarding_from(&host_if)?;
+        host.set_up(host_index)?;
+        let inside = Rtnl::inside(netns)?;
+        let ns_index = inside.link_index(&ns_if)?;
+        inside.add_address(ns_index, IpAddr::V4(slot.ns_v4), PAIR_PREFIX_V4)?;
+        inside.add_address(ns_index, IpAddr::V6(slot.ns_v6), PAIR_PREFIX_V6)?;
+        inside.set_up(ns_index)?;
+        inside.add_default_route(ns_index, IpAddr::V4(slot.host_v4))?;
+        inside.add_default_route(ns_index, IpAddr::V6(slot.host_v6))?;
+        inside.add_source_rule(IpAddr::V4(slot.ns_v4))?;
+        inside.add_source_rule(IpAddr::V6(slot.ns_v6))?;
+        Ok(())
+    })();
+    if let Err(error) = result {
+        delete_link(&host_if).ok();
+        return Err(error.context(format!("configuring the way in through {host_if}")));
+    }
+    Ok(())
+}
+
+/// Sends the replies of the UDP servers on `ports` in `netns` through the
+/// way in. A TCP reply leaves from the address its connection came to (the
+/// way in's, matched by the source rule), but a UDP server bound to the
+/// wildcard replies from whatever address the route to the client picks:
+/// the namespace's default route (slirp4netns, pasta), which would lose
+/// it. So datagrams from these ports use the main table's specific routes
+/// (the namespace's own networks keep working), and instead of its default
+/// route, the way in's. Rules that exist already are kept.
+pub(crate) fn route_udp_replies(netns: &Netns, ports: (u16, u16)) -> Result<()> {
+    let inside = Rtnl::inside(netns)?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for (priority, table, suppress_default) in [
+            (
+                UDP_MAIN_RULE_PRIORITY,
+                u32::from(RouteHeader::RT_TABLE_MAIN),
+                true,
+            ),
+            (UDP_WAY_IN_RULE_PRIORITY, WAY_IN_TABLE, false),
+        ] {
+            let mut message = RuleMessage::default();
+            message.header.family = family;
+            message.header.action = RuleAction::ToTable;
+            message
+                .attributes
+                .push(RuleAttribute::IpProtocol(IpProtocol::Udp));
+            message
+                .attributes
+                .push(RuleAttribute::SourcePortRange(RulePortRange {
+                    start: ports.0,
+                    end: ports.1,
+                }));
+            message.attributes.push(RuleAttribute::Table(table));
+            message.attributes.push(RuleAttribute::Priority(priority));
+            if suppress_default {
+                message.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+            }
+            match inside.create(RouteNetlinkMessage::NewRule(message)) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other.with_context(|| {
+                    format!("adding the rule for UDP port {}-{}", ports.0, ports.1)
+                })?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes an interface of the service's namespace (a veth takes its peer
+/// with it); a missing one is no error.
+pub(crate) fn delete_link(name: &str) -> Result<()> {
+    let Ok(index) = crate::host::netlink::ifindex(name) else {
+        return Ok(());
+    };
+    let mut message = LinkMessage::default();
+    message.header.index = index;
+    match Rtnl::here()?.request(RouteNetlinkMessage::DelLink(message), 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        other => other.with_context(|| format!("deleting {name}")),
+    }
+}
+
+/// A netlink route socket in one namespace.
+struct Rtnl {
+    socket: Socket,
+}
+
+impl Rtnl {
+    /// In the calling thread's namespace.
+    fn here() -> Result<Rtnl> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+        nix::sys::socket::setsockopt(
+            &socket,
+            sockopt::ReceiveTimeout,
+            &TimeVal::new(RECV_TIMEOUT.as_secs() as i64, 0),
+        )?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Rtnl { socket })
+    }
+
+    /// In `netns`: opened by a thread that entered it and then ends.
+    fn inside(netns: &Netns) -> Result<Rtnl> {
+        let fd = netns.fd.try_clone()?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<Rtnl> {
+                    setns(&fd, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+                    Rtnl::here()
+                })
+                .join()
+                .map_err(|_| anyhow!("the thread entering the namespace panicked"))?
+        })
+    }
+
+    /// Sends one request and waits for its acknowledgement.
+    fn request(&self, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = 1;
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        message.finalize();
+        let mut buf = vec![0; message.buffer_len()];
+        message.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let mut buf = vec![0; 64 * 1024];
+        // Bounded: the kernel answers one request with one message.
+        for _ in 0..16 {
+            let len = self.socket.recv(&mut &mut buf[..], 0)?;
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            match reply.payload {
+                NetlinkPayload::Error(error) if error.code.is_some() => return Err(error.to_io()),
+                NetlinkPayload::Error(_) => return Ok(()),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_)) => {}
+                _ => {}
+            }
+        }
+        Err(io::Error::other("no acknowledgement from netlink"))
+    }
+
+    fn create(&self, message: RouteNetlinkMessage) -> io::Result<()> {
+        self.request(message, NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    fn create_veth(&self, name: &str, peer: &str, peer_netns: BorrowedFd<'_>) -> io::Result<()> {
+        let mut peer_message = LinkMessage::default();
+        peer_message
+            .attributes
+            .push(LinkAttribute::IfName(peer.to_owned()));
+        // The peer is born in the namespace: no moment in the host's, where
+        // its name could clash.
+        peer_message
+            .attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        let mut message = LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_owned()));
+        message.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_message))),
+        ]));
+        self.create(RouteNetlinkMessage::NewLink(message))
+    }
+
+    fn link_index(&self, name: &str) -> Result<u32> {
+        let mut message = LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_owned()));
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = 2;
+        let mut request = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(RouteNetlinkMessage::GetLink(message)),
+        );
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let mut buf = vec![0; 64 * 1024];
+        let len = self.socket.recv(&mut &mut buf[..], 0)?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len])
+            .map_err(|e| anyhow!("a netlink reply: {e}"))?;
+        match reply.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                Ok(link.header.index)
+            }
+            NetlinkPayload::Error(error) if error.code.is_some() => {
+                Err(error.to_io()).with_context(|| format!("looking up {name} in the namespace"))
+            }
+            _ => bail!("no interface {name} in the namespace"),
+        }
+    }
+
+    fn add_address(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()> {
+        let mut message = AddressMessage::default();
+        message.header.family = family(ip);
+        message.header.prefix_len = prefix;
+        message.header.index = index;
+        message.attributes.push(AddressAttribute::Local(ip));
+        message.attributes.push(AddressAttribute::Address(ip));
+        // No duplicate address detection: the other end is ours, and the
+        // address must serve at once.
+        message
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.create(RouteNetlinkMessage::NewAddress(message))
+            .with_context(|| format!("adding {ip}/{prefix}"))
+    }
+
+    fn set_up(&self, index: u32) -> Result<()> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.header.flags = LinkFlags::Up;
+        message.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(message), 0)
+            .context("setting the link up")
+    }
+
+    /// `ip rule add iif IFNAME prohibit` (both families), after the local
+    /// table's rule: what arrives through a way in reaches the host's own
+    /// addresses (the replies of the socket path) but is never forwarded,
+    /// so a user cannot send packets of any source address out through the
+    /// host. (The TC path's replies are redirected before routing.) A rule
+    /// that exists is kept: the rule of an earlier way in with this name
+    /// (its namespace ended) applies to this one as it is.
+    fn block_forwarding_from(&self, ifname: &str) -> Result<()> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut message = RuleMessage::default();
+            message.header.family = family;
+            message.header.action = RuleAction::Prohibit;
+            message
+                .attributes
+                .push(RuleAttribute::Iifname(ifname.to_owned()));
+            message
+                .attributes
+                .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+            match self.create(RouteNetlinkMessage::NewRule(message)) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other.with_context(|| {
+                    format!("adding the rule that keeps {ifname} from forwarding")
+                })?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `ip route add default via GATEWAY dev INDEX table WAY_IN_TABLE`.
+    fn add_default_route(&self, index: u32, gateway: IpAddr) -> Result<()> {
+        let mut message = RouteMessage::default();
+        message.header.address_family = family(gateway);
+        message.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        message.header.protocol = RouteProtocol::Static;
+        message.header.scope = RouteScope::Universe;
+        message.header.kind = RouteType::Unicast;
+        message.attributes.push(RouteAttribute::Table(WAY_IN_TABLE));
+        message
+            .attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
+        message.attributes.push(RouteAttribute::Oif(index));
+        self.create(RouteNetlinkMessage::NewRoute(message))
+            .with_context(|| format!("adding the route via {gateway}"))
+    }
+
+    /// `ip rule add from SOURCE lookup WAY_IN_TABLE`.
+    fn add_source_rule(&self, source: IpAddr) -> Result<()> {
+        let mut message = RuleMessage::default();
+        message.header.family = family(source);
+        message.header.src_len = if source.is_ipv4() { 32 } else { 128 };
+        message.header.action = RuleAction::ToTable;
+        message.attributes.push(RuleAttribute::Source(source));
+        message.attributes.push(RuleAttribute::Table(WAY_IN_TABLE));
+        message
+            .attributes
+            .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+        self.create(RouteNetlinkMessage::NewRule(message))
+            .with_context(|| format!("adding the rule from {source}"))
+    }
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}

@@ -1,0 +1,503 @@
+//! Rootless publishing: a real unprivileged user (created by the test and
+//! always removed) makes a user+network namespace with `unshare -Urn`, and
+//! publishes a port of it through `portfwd serve`'s API with `portfwd map
+//! --netns PID`. Needs root (`cargo xtask test`). Topology:
+//!
+//! ```text
+//! client ns pft-rlx151 (10.252.151.2) --veth-- host uplink pftr151h (10.252.151.1)
+//! host pfrN (pool .0) --veth-- the user's namespace (pool .1, servers)   [made by portfwd]
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use crate::support::*;
+
+const DIR: &str = "/tmp/portfwd-test-rootless";
+/// The ports the policy allows; the tests use the first few.
+const POLICY_PORTS: &str = "46300-46399";
+const PORT: u16 = 46310;
+/// The tests' own pool (the default's first /24 is left to real use).
+const POOL_V4: &str = "198.19.250.0/24";
+const POOL_V6: &str = "fd70:6f72:7466:7764::fa00/120";
+
+fn policy_path() -> PathBuf {
+    Path::new(DIR).join("rootless.toml")
+}
+
+fn write_policy(users: &[&str]) {
+    let users: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+    std::fs::create_dir_all(DIR).unwrap();
+    std::fs::write(
+        policy_path(),
+        format!(
+            "users = [{}]\nports = {POLICY_PORTS:?}\nmax_mappings = 8\npool_v4 = {POOL_V4:?}\npool_v6 = {POOL_V6:?}\n",
+            users.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+/// An unreachable route for the tests' pool, so that nothing of it ever
+/// leaves the machine; removed when dropped.
+struct PoolRoutes;
+
+impl PoolRoutes {
+    fn add() -> Self {
+        for (family, prefix) in [("-4", POOL_V4), ("-6", POOL_V6)] {
+            let _ = run("ip", &[family, "route", "del", "unreachable", prefix]);
+            sh(
+                "ip",
+                &[
+                    family,
+                    "route",
+                    "add",
+                    "unreachable",
+                    prefix,
+                    "metric",
+                    "4242",
+                ],
+            );
+        }
+        PoolRoutes
+    }
+}
+
+impl Drop for PoolRoutes {
+    fn drop(&mut self) {
+        for (family, prefix) in [("-4", POOL_V4), ("-6", POOL_V6)] {
+            let _ = run("ip", &[family, "route", "del", "unreachable", prefix]);
+            // The service keeps the rule of a way in (inert once its
+            // interface is gone); the tests use the first few.
+            for n in 0..4 {
+                let ifname = format!("pfr{n}");
+                let _ = run("ip", &[family, "rule", "del", "iif", &ifname, "prohibit"]);
+            }
+        }
+    }
+}
+
+/// A system user made for the test; deleted when dropped.
+struct TestUser {
+    name: String,
+    uid: u32,
+}
+
+impl TestUser {
+    fn create(name: &str) -> Self {
+        // A user left by a killed run.
+        let _ = run("userdel", &[name]);
+        sh(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+        );
+        let uid = sh("id", &["-u", name]).trim().parse().unwrap();
+        TestUser {
+            name: name.into(),
+            uid,
+        }
+    }
+
+    /// `portfwd --bpffs DIR ARGS...` run as this user.
+    fn portfwd(&self, args: &[&str]) -> Output {
+        let dir = pin_dir();
+        let mut all = vec![
+            "-u",
+            self.name.as_str(),
+            "--",
+            PORTFWD,
+            "--bpffs",
+            dir.as_str(),
+        ];
+        all.extend_from_slice(args);
+        run("runuser", &all)
+    }
+
+    fn portfwd_ok(&self, args: &[&str]) -> String {
+        let out = self.portfwd(args);
+        assert!(
+            out.status.success(),
+            "{} portfwd {args:?} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A refusal: exit status 1 (or 2 with `usage`), one line naming
+    /// `why`.
+    fn refused(&self, args: &[&str], why: &str) -> String {
+        let out = self.portfwd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} was not refused");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        stderr
+    }
+
+    /// A user+network namespace of this user's, held by a process.
+    fn namespace(&self) -> UserNamespace {
+        let mut child = Command::new("runuser")
+            .args(["-u", &self.name, "--", "unshare", "-Urn", "sh", "-c"])
+            .arg("echo $$; exec sleep 600")
+            .stdout(Stdio::piped())
+            // runuser reports its child's SIGKILL.
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid = line.trim().parse().unwrap();
+        UserNamespace { child, pid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = run("userdel", &[&self.name]);
+    }
+}
+
+/// The process holding a user's namespace (`sleep`, after `sh` exec'd it).
+struct UserNamespace {
+    child: Child,
+    pid: u32,
+}
+
+impl UserNamespace {
+    fn path(&self) -> PathBuf {
+        format!("/proc/{}/ns/net", self.pid).into()
+    }
+
+    /// Ends the namespace's only process: the namespace goes with it.
+    fn end(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for UserNamespace {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Runs `f` on a thread inside the user's namespace.
+fn ns_inside<T: Send + 'static>(ns: &UserNamespace, f: impl FnOnce() -> T + Send + 'static) -> T {
+    netns::inside(&ns.path(), f)
+}
+
+/// `portfwd serve` with the API and the tests' policy; its log (stderr) in
+/// a file. Stopped when dropped.
+struct Service {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    fn start() -> Self {
+        std::fs::create_dir_all(DIR).unwrap();
+        let log = Path::new(DIR).join("serve.log");
+        let child = Command::new(PORTFWD)
+            .args(["--bpffs", &pin_dir(), "serve", "--metrics", "none"])
+            .arg("--rootless-policy")
+            .arg(policy_path())
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting portfwd serve");
+        let service = Service { child, log };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                UnixStream::connect(api_socket()).is_ok()
+            }),
+            "portfwd serve never listened on {}",
+            api_socket().display()
+        );
+        service
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn api_socket() -> PathBuf {
+    let tag: String = pin_dir()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("/run/portfwd-api/api{tag}.sock").into()
+}
+
+/// Every mapping's name, as root sees them.
+fn names() -> Vec<String> {
+    listed()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn addr(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// The host end of the way into the namespace of `name`'s mappings.
+fn way_in_of(name: &str) -> String {
+    let m = listed()
+        .into_iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no mapping {name}"));
+    let container = m["container_ip"].as_str().unwrap();
+    let route = sh("ip", &["-o", "route", "get", container]);
+    let dev = route.split_whitespace().skip_while(|w| *w != "dev").nth(1);
+    dev.unwrap().to_owned()
+}
+
+#[test]
+fn a_user_publishes_a_port_of_their_own_namespace() {
+    let Some(_serial) = root_test("a_user_publishes_a_port_of_their_own_namespace") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(151, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl1");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let mut ns = user.namespace();
+    let server = Server::start(Some(ns.path()), "[::]:80".parse().unwrap(), "rootless");
+    let udp = serve_udp(
+        Some(ns.path()),
+        "0.0.0.0:53".parse().unwrap(),
+        "rootless-udp",
+    );
+
+    let pid = ns.pid.to_string();
+    let tcp = format!("{PORT}:80");
+    let udp_spec = format!("{PORT}:53/udp");
+    let out = user.portfwd_ok(&["map", "--netns", &pid, "--name", "web", &tcp, &udp_spec]);
+    let name = format!("u{}.web", user.uid);
+    assert!(out.contains(&format!("published {name}")), "{out}");
+    assert!(names().contains(&name), "{:?}", names());
+
+    // The host's processes, over the socket path, on every address.
+    for to in [
+        addr([127, 0, 0, 1], PORT),
+        addr(std::net::Ipv6Addr::LOCALHOST, PORT),
+        addr(client.host_v4(), PORT),
+    ] {
+        let (answer, _) = fetch(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert!(answer.starts_with("rootless "), "{to}: {answer}");
+        let answer = udp_ask(to, None, b"ping").unwrap_or_else(|e| panic!("udp {to}: {e}"));
+        assert!(answer.starts_with("rootless-udp ping"), "{to}: {answer}");
+    }
+    // An external client, over the TC path: the server sees its address.
+    let uplink = addr(client.host_v4(), PORT);
+    let (answer, _) = client.inside(move || fetch(uplink)).unwrap();
+    assert_eq!(answer, format!("rootless {}", client.v4()));
+    let answer = client
+        .inside(move || udp_ask(uplink, None, b"ext"))
+        .unwrap();
+    assert_eq!(answer, format!("rootless-udp ext {}", client.v4()));
+
+    // The way in forwards nothing: a datagram from the namespace to the
+    // client network (routed through the way in, the host forwarding)
+    // does not arrive.
+    let way_in = way_in_of(&name);
+    // From the namespace's own address: its source rule sends it to the
+    // host through the way in.
+    let ns_addr: std::net::IpAddr = listed()
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["container_ip"].as_str()?.parse().ok())
+        .unwrap();
+    // Forwarding on for the way in alone (the host's setting stays).
+    set_if_sysctl(None, "ipv4", &way_in, "forwarding", "1");
+    let sink = client.inside(|| std::net::UdpSocket::bind("0.0.0.0:46399").unwrap());
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let to = addr(client.v4(), 46399);
+    ns_inside(&ns, move || {
+        let socket = std::net::UdpSocket::bind(addr(ns_addr, 0)).unwrap();
+        socket.send_to(b"spoof", to).unwrap();
+    });
+    let forwarded = sink.recv(&mut [0u8; 16]).is_ok();
+    assert!(!forwarded, "the host forwarded a datagram from the way in");
+
+    // The user lists their own mapping; root lists it by its owner's name.
+    let listing = user.portfwd_ok(&["list"]);
+    assert!(listing.contains(&name), "{listing}");
+
+    // The namespace ends: its way in and its mappings go.
+    let way_in = way_in_of(&name);
+    assert!(way_in.starts_with("pfr"), "{way_in}");
+    drop(server);
+    drop(udp);
+    ns.end();
+    assert!(
+        wait_until(Duration::from_secs(5), || !names().contains(&name)),
+        "the mappings of an ended namespace stay: {:?}\n{}",
+        names(),
+        service.log()
+    );
+    assert!(!run("ip", &["link", "show", &way_in]).status.success());
+    assert!(!user.portfwd_ok(&["list"]).contains(&name));
+    assert!(
+        service.log().contains("its namespace is gone"),
+        "{}",
+        service.log()
+    );
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let Some(_serial) = root_test("refusals_change_nothing") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(152, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let alice = TestUser::create("pftrl2");
+    let bob = TestUser::create("pftrl3");
+    let carol = TestUser::create("pftrl4");
+    write_policy(&[&alice.name, &bob.name]);
+    let service = Service::start();
+    let alice_ns = alice.namespace();
+    let bob_ns = bob.namespace();
+    let (alice_pid, bob_pid) = (alice_ns.pid.to_string(), bob_ns.pid.to_string());
+    let taken = format!("{PORT}:80");
+    alice.portfwd_ok(&["map", "--netns", &alice_pid, &taken]);
+    let before = names();
+    let refusals_before = service.log().matches("refused").count();
+
+    let other = format!("{}:80", PORT + 1);
+    // A port outside the policy.
+    bob.refused(
+        &["map", "--netns", &bob_pid, "8080:80"],
+        "outside the ports",
+    );
+    // A port another user holds.
+    bob.refused(&["map", "--netns", &bob_pid, &taken], "already published");
+    // Another user's namespace, and the host's.
+    bob.refused(&["map", "--netns", &alice_pid, &other], "is not yours");
+    let host_pid = std::process::id().to_string();
+    bob.refused(&["map", "--netns", &host_pid, &other], "is not yours");
+    bob.refused(
+        &["map", "--netns", "/proc/self/ns/net", &other],
+        "is not yours",
+    );
+    // A path that is not a namespace.
+    bob.refused(
+        &["map", "--netns", "/etc/passwd", &other],
+        "not a namespace",
+    );
+    // A user the policy does not list.
+    let carol_ns = carol.namespace();
+    carol.refused(
+        &["map", "--netns", &carol_ns.pid.to_string(), &other],
+        "may not publish",
+    );
+    // Bob cannot remove Alice's mapping, nor see it.
+    bob.refused(&["unmap", &PORT.to_string()], "nothing of yours");
+    assert!(!bob.portfwd_ok(&["list"]).contains('u'));
+    // Without --netns, a user is told how.
+    bob.refused(&["map", "10.0.0.1", &other], "--netns");
+    assert_eq!(names(), before);
+    let refusals = service.log().matches("refused").count();
+    assert!(refusals >= refusals_before + 7, "{}", service.log());
+
+    // No policy file: nobody but root publishes.
+    std::fs::remove_file(policy_path()).unwrap();
+    bob.refused(&["map", "--netns", &bob_pid, &other], "not enabled");
+    assert_eq!(names(), before);
+
+    // Malformed requests: one line each, and the service goes on.
+    let mut stream = UnixStream::connect(api_socket()).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut replies = BufReader::new(stream.try_clone().unwrap());
+    for bad in [
+        "not json",
+        "{\"op\":\"map\"}",
+        "{\"op\":\"list\",\"uid\":0}",
+        "{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"x\"]}",
+        "{\"op\":\"unmap\",\"name\":\"../x\"}",
+    ] {
+        writeln!(stream, "{bad}").unwrap();
+        let mut reply = String::new();
+        replies.read_line(&mut reply).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        assert!(!reply["error"].as_str().unwrap().contains('\n'));
+    }
+    // An over-long line: refused, and the connection ends.
+    stream.write_all(&vec![b'x'; 20_000]).unwrap();
+    let mut reply = String::new();
+    replies.read_line(&mut reply).unwrap();
+    assert!(reply.contains("longer than"), "{reply}");
+    // Closed with the rest unread: the end, or a reset.
+    let mut rest = [0u8; 16];
+    assert!(!matches!(replies.read(&mut rest), Ok(n) if n > 0));
+    assert_eq!(names(), before);
+
+    // A flood of idle connections (a slow client holds no lock): the
+    // flooder is turned away past its share, and another user is served.
+    let flood: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let mut s = UnixStream::connect(api_socket()).unwrap();
+            s.write_all(b"{\"op\":").unwrap();
+            s
+        })
+        .collect();
+    let mut turned_away = 0;
+    for s in &flood {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut reply = String::new();
+        if BufReader::new(s).read_line(&mut reply).is_ok() && reply.contains("too many") {
+            turned_away += 1;
+        }
+    }
+    assert!(turned_away >= 8, "{turned_away} of 16 turned away");
+    let listing = alice.portfwd_ok(&["list"]);
+    assert!(listing.contains(&format!("u{}.", alice.uid)), "{listing}");
+    drop(flood);
+
+    // Alice removes her own mapping.
+    write_policy(&[&alice.name, &bob.name]);
+    alice.portfwd_ok(&["unmap", &PORT.to_string()]);
+    assert!(
+        !names()
+            .iter()
+            .any(|n| n.starts_with(&format!("u{}.", alice.uid)))
+    );
+}
