@@ -25,9 +25,9 @@ use portfwd_common::{FAMILY_V4, IPPROTO_TCP, Stat};
 use crate::{
     maps::REPLY,
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    verdict::{count, mark_translated},
     trace,
     types::{FRAME_ROOM, ReplyScratch},
+    verdict::{count, mark_translated},
 };
 
 /// What `tc::start_flow` returns for a new flow the allowlist refuses with

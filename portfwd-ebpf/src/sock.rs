@@ -341,7 +341,11 @@ fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
 /// getpeername and recvmsg.
 fn remember_dialed(ctx: &SockAddrContext, call: Call, slot: DialedSlot) {
     // SAFETY: reading a context field, checked by the verifier.
-    trace::socket(unsafe { (*ctx.sock_addr).protocol } as u8, call.trace_path(), &slot);
+    trace::socket(
+        unsafe { (*ctx.sock_addr).protocol } as u8,
+        call.trace_path(),
+        &slot,
+    );
     // SAFETY: the helper reads the context's socket; the storage it returns
     // (zeroed when created) belongs to this socket until the socket is freed.
     let Some(dialed) = (unsafe { SOCK_DIALED.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {

@@ -31,8 +31,7 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skc_lookup_tcp,
+        bpf_fib_lookup as fib_lookup, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     programs::TcContext,
 };
@@ -44,13 +43,13 @@ use portfwd_common::{
 };
 
 use crate::{
-    verdict::{count, deliver, mark_translated},
     conntrack::{self, Nat},
     fragments, icmp,
     maps::{ALLOW, COUNTERS, LOCAL_ADDRS, SCRATCH, SERVICES, SERVICES_GEN},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, LATER_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     reply, trace,
+    verdict::{count, deliver, mark_translated},
 };
 
 /// Not ours: let the next TC program (or the stack) have it.
@@ -380,12 +379,7 @@ fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
 /// address (nor, masqueraded, a host socket), else one of a few others (a
 /// bounded loop, for the verifier).
 #[inline(never)]
-fn masquerade_port(
-    ctx: &TcContext,
-    pkt: &Packet,
-    backend: &Backend,
-    addr: &Addr,
-) -> Option<u16> {
+fn masquerade_port(ctx: &TcContext, pkt: &Packet, backend: &Backend, addr: &Addr) -> Option<u16> {
     // The host's own address (hairpin, NAT46; not the client's own, kept by
     // an external flow): a host socket may hold the port. Derived here, not
     // passed: LLVM counts more than five arguments for this function.
@@ -807,4 +801,3 @@ fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
         }
     }
 }
-

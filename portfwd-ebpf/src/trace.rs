@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    Addr, CT_FLAG_MASQ, CtValue, DialedSlot, ServiceKey, Stat, TRACE_FLOW_NEW, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT, TraceEvent,
+    Addr, CT_FLAG_MASQ, CtValue, DialedSlot, ServiceKey, Stat, TRACE_FLOW_NEW,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRACE_SOCKET, TRACE_STAT, TraceEvent,
 };
 
 use crate::{

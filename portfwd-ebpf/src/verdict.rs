@@ -3,9 +3,7 @@
 //! by `tc` and by the modules it calls (`icmp`, `reply`), which import this
 //! rather than `tc`: no import cycle.
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK, helpers::generated::bpf_redirect_neigh, programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::generated::bpf_redirect_neigh, programs::TcContext};
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use crate::maps::STATS;
