@@ -26,6 +26,14 @@ pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether this user's `unmap` and `list` go through the service: not root,
+/// and a service answers on its socket (a killed one leaves the file).
+/// Without one, the command runs here and says which privileges it lacks,
+/// as it did before the service.
+pub(crate) fn serves_this_user(pin_dir: &Path) -> bool {
+    !is_root() && UnixStream::connect(instance::api_socket(pin_dir)).is_ok()
+}
+
 /// Sends `request` to the service of `pin_dir` and prints its lines; a
 /// refusal is the error (one line).
 pub(crate) fn call(pin_dir: &Path, request: &Request) -> Result<()> {

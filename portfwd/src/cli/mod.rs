@@ -277,10 +277,12 @@ pub fn main() -> ExitCode {
             ),
             _ => Err(error::Error::usage("map needs CONTAINER_IP and at least one PUBLISH").into()),
         },
-        Command::Unmap { name, selectors } if !api::is_root() => {
+        Command::Unmap { name, selectors } if api::serves_this_user(&pin_dir) => {
             api::call(&pin_dir, &Request::Unmap { name, selectors })
         }
-        Command::List { .. } if !api::is_root() => api::call(&pin_dir, &Request::List {}),
+        Command::List { .. } if api::serves_this_user(&pin_dir) => {
+            api::call(&pin_dir, &Request::List {})
+        }
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
