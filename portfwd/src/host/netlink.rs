@@ -44,6 +44,28 @@ const MAX_DUMP_ATTEMPTS: usize = 3;
 /// a route of that type via `lo`). A local address yields the loopback's
 /// index.
 pub(crate) fn route_oif(dst: IpAddr) -> Result<Option<u32>> {
+    route_get(dst, |route| oifs(route).next())
+}
+
+/// The source address the kernel picks for a connection from the host to
+/// `dst` (`ip route get DST`'s `src`): for a container, the host's address
+/// on its link. None when there is no route or it names no source.
+pub(crate) fn route_source(dst: IpAddr) -> Result<Option<IpAddr>> {
+    route_get(dst, |route| {
+        route
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            })
+    })
+}
+
+/// `ip route get DST`: what `pick` takes from the route the kernel would
+/// use, None when there is no route that delivers (see `route_oif`).
+fn route_get<T>(dst: IpAddr, pick: impl Fn(&RouteMessage) -> Option<T>) -> Result<Option<T>> {
     let mut request = RouteMessage::default();
     request.header.address_family = match dst {
         IpAddr::V4(_) => AddressFamily::Inet,
@@ -55,53 +77,13 @@ pub(crate) fn route_oif(dst: IpAddr) -> Result<Option<u32>> {
     request
         .attributes
         .push(RouteAttribute::Destination(RouteAddress::from(dst)));
-    let mut oif = None;
+    let mut picked = None;
     let result = exchange(request, NLM_F_REQUEST, |route| {
-        oif = oifs(&route).next().filter(|_| delivers(&route));
+        picked = pick(&route).filter(|_| delivers(&route));
         Flow::Done
     });
     match result {
-        Ok(_) => Ok(oif),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e).with_context(|| format!("looking up the route to {dst}")),
-    }
-}
-
-/// The source address the kernel picks for a connection from the host to
-/// `dst` (`ip route get DST`'s `src`): for a container, the host's address
-/// on its link. None when there is no route or it names no source.
-pub(crate) fn route_source(dst: IpAddr) -> Result<Option<IpAddr>> {
-    let mut request = RouteMessage::default();
-    request.header.address_family = match dst {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    };
-    request.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
-    request
-        .attributes
-        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
-    let mut source = None;
-    let result = exchange(request, NLM_F_REQUEST, |route| {
-        source = route
-            .attributes
-            .iter()
-            .find_map(|attribute| match attribute {
-                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-                RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-                _ => None,
-            })
-            .filter(|_| delivers(&route));
-        Flow::Done
-    });
-    match result {
-        Ok(_) => Ok(source),
+        Ok(_) => Ok(picked),
         Err(e)
             if matches!(
                 e.raw_os_error(),
