@@ -1,5 +1,7 @@
 //! `cargo xtask test`: everything CI checks, in order of increasing cost.
 
+use std::{path::Path, process::Command};
+
 use anyhow::Result;
 
 use crate::build::{EBPF_OBJ_ENV, build_ebpf};
@@ -34,14 +36,37 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     if let Some(series) = kernel {
         return vm::test_kernel(series, &obj);
     }
-    let cargo_in_root = || {
-        let mut cmd = cargo();
-        // clippy and the tests compile portfwd, whose build.rs embeds this object.
-        cmd.current_dir(root()).env(EBPF_OBJ_ENV, &obj);
-        cmd
-    };
+    lint(&obj)?;
+    if !is_root() {
+        println!(
+            "note: the integration tests need root (BPF, cgroups, network namespaces); \
+             not root, so they will skip"
+        );
+    }
+    // The benchmark's smoke run, on full runs as root only; before cargo test,
+    // so that the test summary stays the last thing printed.
+    if is_root() && args.is_empty() {
+        crate::bench::smoke()?;
+    }
+    cargo_test(&obj, args)?;
+    // Full runs also test the oldest kernel CI covers, when this machine can.
+    if !args.is_empty() {
+        return Ok(());
+    }
+    test_default_kernel(&obj)
+}
 
-    let cargo_line = |line: &str| run(cargo_in_root().args(line.split_whitespace()));
+/// cargo at the workspace root, with the eBPF object `obj`: clippy and the
+/// tests compile portfwd, whose build.rs embeds it.
+fn cargo_in_root(obj: &Path) -> Command {
+    let mut cmd = cargo();
+    cmd.current_dir(root()).env(EBPF_OBJ_ENV, obj);
+    cmd
+}
+
+/// fmt and clippy, on the workspace and the eBPF crate.
+fn lint(obj: &Path) -> Result<()> {
+    let cargo_line = |line: &str| run(cargo_in_root(obj).args(line.split_whitespace()));
     cargo_line("fmt --all --check")?;
     // The eBPF crate is outside the workspace, so `--all` misses it. Stable rustfmt is fine.
     cargo_line("fmt --manifest-path portfwd-ebpf/Cargo.toml --check")?;
@@ -60,23 +85,16 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
             "--",
             "-D",
             "warnings",
-        ]))?;
+        ]))
+}
 
-    if !is_root() {
-        println!(
-            "note: the integration tests need root (BPF, cgroups, network namespaces); \
-             not root, so they will skip"
-        );
-    }
+/// `cargo test`, with `args` split at a further `--` between cargo and the
+/// test binaries.
+fn cargo_test(obj: &Path, args: &[String]) -> Result<()> {
     let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
-    // The benchmark's smoke run, on full runs as root only; before cargo test,
-    // so that the test summary stays the last thing printed.
-    if is_root() && args.is_empty() {
-        crate::bench::smoke()?;
-    }
     // The metrics test checks its scrape with the real promtool when it can.
     let promtool = promtool();
     // `--workspace` would override a `-p` given by the caller.
@@ -85,7 +103,7 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
     let scope = (!picks_package).then_some("--workspace");
     // The integration tests attach to the shared cgroup root: one at a time.
-    let mut cargo_test = cargo_in_root();
+    let mut cargo_test = cargo_in_root(obj);
     if let Some(promtool) = &promtool {
         cargo_test.env(PROMTOOL_ENV, promtool);
     }
@@ -94,11 +112,12 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
         .args(scope)
         .args(cargo_args)
         .args(["--", "--test-threads=1"])
-        .args(test_args))?;
-    // Full runs also test the oldest kernel CI covers, when this machine can.
-    if !args.is_empty() {
-        return Ok(());
-    }
+        .args(test_args))
+}
+
+/// The guest tests on the oldest kernel CI covers, or a loud notice that
+/// they did not run.
+fn test_default_kernel(obj: &Path) -> Result<()> {
     let series = vm::DEFAULT_KERNEL;
     let skipped = std::env::var_os(SKIP_KERNEL_ENV)
         .map(|_| format!("{SKIP_KERNEL_ENV} is set"))
@@ -115,6 +134,6 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
             ]);
             Ok(())
         }
-        None => vm::test_kernel(series, &obj),
+        None => vm::test_kernel(series, obj),
     }
 }

@@ -178,6 +178,13 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
 }
 
 fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
+    write_mappings(out, listing)?;
+    write_links(out, listing)?;
+    write_health(out, listing)
+}
+
+/// The table of mappings with their counters, then their allowlists.
+fn write_mappings(out: &mut impl Write, listing: &Listing) -> Result<()> {
     let rows: Vec<[String; 7]> = listing
         .mappings
         .iter()
@@ -218,6 +225,12 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
             "(no mappings: add one with `portfwd map CONTAINER_IP PUBLISH`)"
         )?;
     }
+    Ok(())
+}
+
+/// Where portfwd's programs run: the uplinks, and the container-side links
+/// whose replies are not translated.
+fn write_links(out: &mut impl Write, listing: &Listing) -> Result<()> {
     let uplinks: Vec<String> = listing
         .links
         .iter()
@@ -243,6 +256,12 @@ fn write_text(out: &mut impl Write, listing: &Listing) -> Result<()> {
             unserved.join(", ")
         )?;
     }
+    Ok(())
+}
+
+/// The holder, the TC counters that are not zero, and what the kernel
+/// offered at the last `up`.
+fn write_health(out: &mut impl Write, listing: &Listing) -> Result<()> {
     if !listing.holder_running {
         writeln!(
             out,

@@ -76,31 +76,7 @@ enum Command {
     #[command(
         override_usage = "portfwd map [OPTIONS] CONTAINER_IP PUBLISH...\n       portfwd map --netns PID|PATH [OPTIONS] PUBLISH..."
     )]
-    Map {
-        /// Name of the mapping [default: the container address]
-        #[arg(long)]
-        name: Option<String>,
-        /// Publish ports of this network namespace (a pid of a process in it,
-        /// or a namespace file such as RootlessKit's --detach-netns) through
-        /// `portfwd serve`: how a user who is not root publishes
-        #[arg(long, value_name = "PID|PATH", conflicts_with_all = ["force", "allow"])]
-        netns: Option<String>,
-        /// CONTAINER_IP (without --netns), then each PUBLISH:
-        /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
-        #[arg(value_name = "ARGS", required = true)]
-        args: Vec<String>,
-        /// Publish even a host port that another process holds
-        #[arg(long)]
-        force: bool,
-        /// Only these clients may connect: CIDR[,CIDR...], and `host` for this
-        /// machine's own processes (repeatable) [default: everyone]
-        #[arg(long, value_name = "CIDR")]
-        allow: Vec<String>,
-        /// What a client outside --allow gets: `reject` (what a closed port
-        /// gives: a TCP reset, an ICMP port unreachable) or `drop` (nothing)
-        #[arg(long, value_name = "reject|drop", requires = "allow")]
-        refuse: Option<crate::model::Refuse>,
-    },
+    Map(MapArgs),
     /// Remove mappings by name or by host port: [HOSTIP:]HOSTPORT[-END][/PROTO]
     Unmap {
         #[arg(long)]
@@ -130,43 +106,10 @@ enum Command {
         json: bool,
     },
     /// Stream what the TC programs decide: new flows, drops, packets passed untranslated
-    Trace {
-        /// Only packets from or to this port
-        #[arg(long, value_name = "N")]
-        port: Option<u16>,
-        /// Only this protocol (tcp or udp)
-        #[arg(long, value_name = "PROTO")]
-        proto: Option<crate::model::Protocol>,
-        /// Only drops and packets passed untranslated
-        #[arg(long)]
-        drops: bool,
-        /// One JSON object per line
-        #[arg(long)]
-        json: bool,
-        /// Stop after N events
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
-        /// Stop after this many seconds
-        #[arg(long, value_name = "SECS")]
-        duration: Option<u64>,
-    },
+    Trace(TraceArgs),
     /// Run as the host's portfwd service: keep the port holder running
     /// (restarting it when it dies) and serve Prometheus metrics
-    Serve {
-        /// Serve metrics on http://ADDR/metrics (loopback by default; `none` to turn off)
-        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS, value_parser = parse_metrics_addr)]
-        metrics: MetricsAddr,
-        /// Turn on the kernel's per-program run-time statistics while serving
-        /// (portfwd_program_run_seconds; each program run costs two clock reads more)
-        #[arg(long)]
-        program_stats: bool,
-        /// The API socket, open to every user [default: /run/portfwd/api<instance>.sock]; `none` to turn it off
-        #[arg(long, value_name = "PATH")]
-        api: Option<PathBuf>,
-        /// The rootless policy: who may publish what through the API (no file: nobody but root)
-        #[arg(long, value_name = "FILE", default_value = instance::DEFAULT_ROOTLESS_POLICY)]
-        rootless_policy: PathBuf,
-    },
+    Serve(ServeArgs),
     /// Print a shell completion script, e.g.
     /// `portfwd completions bash > /etc/bash_completion.d/portfwd`
     Completions {
@@ -187,6 +130,72 @@ enum Command {
     /// The port holder process (started by `up`, stopped by `down`)
     #[command(hide = true)]
     Hold,
+}
+
+#[derive(clap::Args)]
+struct MapArgs {
+    /// Name of the mapping [default: the container address]
+    #[arg(long)]
+    name: Option<String>,
+    /// Publish ports of this network namespace (a pid of a process in it,
+    /// or a namespace file such as RootlessKit's --detach-netns) through
+    /// `portfwd serve`: how a user who is not root publishes
+    #[arg(long, value_name = "PID|PATH", conflicts_with_all = ["force", "allow"])]
+    netns: Option<String>,
+    /// CONTAINER_IP (without --netns), then each PUBLISH:
+    /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
+    #[arg(value_name = "ARGS", required = true)]
+    args: Vec<String>,
+    /// Publish even a host port that another process holds
+    #[arg(long)]
+    force: bool,
+    /// Only these clients may connect: CIDR[,CIDR...], and `host` for this
+    /// machine's own processes (repeatable) [default: everyone]
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    /// What a client outside --allow gets: `reject` (what a closed port
+    /// gives: a TCP reset, an ICMP port unreachable) or `drop` (nothing)
+    #[arg(long, value_name = "reject|drop", requires = "allow")]
+    refuse: Option<crate::model::Refuse>,
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Only packets from or to this port
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Only this protocol (tcp or udp)
+    #[arg(long, value_name = "PROTO")]
+    proto: Option<crate::model::Protocol>,
+    /// Only drops and packets passed untranslated
+    #[arg(long)]
+    drops: bool,
+    /// One JSON object per line
+    #[arg(long)]
+    json: bool,
+    /// Stop after N events
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after this many seconds
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Serve metrics on http://ADDR/metrics (loopback by default; `none` to turn off)
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS, value_parser = parse_metrics_addr)]
+    metrics: MetricsAddr,
+    /// Turn on the kernel's per-program run-time statistics while serving
+    /// (portfwd_program_run_seconds; each program run costs two clock reads more)
+    #[arg(long)]
+    program_stats: bool,
+    /// The API socket, open to every user [default: /run/portfwd/api<instance>.sock]; `none` to turn it off
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// The rootless policy: who may publish what through the API (no file: nobody but root)
+    #[arg(long, value_name = "FILE", default_value = instance::DEFAULT_ROOTLESS_POLICY)]
+    rootless_policy: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -222,8 +231,18 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
     };
-    let pin_dir = cli.bpffs;
-    let result = match cli.command {
+    match run(cli.bpffs, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("portfwd: {error:#}");
+            ExitCode::from(error::exit_status(&error))
+        }
+    }
+}
+
+/// Runs one command on the instance pinned at `pin_dir`.
+fn run(pin_dir: PathBuf, command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up {
             ifaces,
             cgroup,
@@ -242,41 +261,7 @@ pub fn main() -> ExitCode {
         Command::Apply { file, dry_run } => commands::apply(&pin_dir, &file, dry_run),
         Command::Attach { iface } => commands::attach(&pin_dir, &iface),
         Command::Detach { iface } => commands::detach(&pin_dir, &iface),
-        Command::Map {
-            name,
-            netns: Some(netns),
-            args,
-            ..
-        } => api::call(
-            &pin_dir,
-            &Request::Map {
-                netns,
-                name,
-                publish: args,
-            },
-        ),
-        Command::Map { .. } if !api::is_root() => Err(error::Error::usage(
-            "as a user who is not root, publish a port of your own namespace: portfwd map --netns PID|PATH PUBLISH...",
-        )
-        .into()),
-        Command::Map {
-            name,
-            netns: None,
-            args,
-            force,
-            allow,
-            refuse,
-        } => match args.split_first() {
-            Some((container_ip, publish)) if !publish.is_empty() => commands::map(
-                &pin_dir,
-                name.as_deref(),
-                container_ip,
-                publish,
-                force,
-                (&allow, refuse.unwrap_or_default()),
-            ),
-            _ => Err(error::Error::usage("map needs CONTAINER_IP and at least one PUBLISH").into()),
-        },
+        Command::Map(args) => run_map(&pin_dir, args),
         Command::Unmap { name, selectors } if api::serves_this_user(&pin_dir) => {
             api::call(&pin_dir, &Request::Unmap { name, selectors })
         }
@@ -288,71 +273,103 @@ pub fn main() -> ExitCode {
             commands::unmap(&pin_dir, name.as_deref(), &selectors)
         }
         Command::List { json } => commands::list(&pin_dir, json),
-        Command::Conntrack { command } => match command {
-            ConntrackCommand::List { port, json } => {
-                let filter = ops::FlowFilter { port, name: None };
-                conntrack::list(&pin_dir, &filter, json)
-            }
-            ConntrackCommand::Flush { port, name } => {
-                conntrack::flush(&pin_dir, &ops::FlowFilter { port, name })
-            }
-        },
-        Command::Trace {
-            port,
-            proto,
-            drops,
-            json,
-            count,
-            duration,
-        } => trace::trace(
-            &pin_dir,
-            &trace::TraceOptions {
-                filter: crate::datapath::TraceFilter {
-                    port,
-                    protocol: proto,
-                    drops_only: drops,
-                },
-                json,
-                count,
-                duration: duration.map(std::time::Duration::from_secs),
-            },
-        ),
+        Command::Conntrack { command } => run_conntrack(&pin_dir, command),
+        Command::Trace(args) => run_trace(&pin_dir, args),
         Command::Explain { target, from, json } => {
             explain::explain(&pin_dir, &target, from.as_deref(), json)
         }
-        Command::Serve {
-            metrics,
-            program_stats,
-            api,
-            rootless_policy,
-        } => {
-            let api = match api {
-                Some(path) if path.as_os_str() == "none" => None,
-                path => Some(serve::ApiOptions {
-                    socket: path.unwrap_or_else(|| instance::api_socket(&pin_dir)),
-                    policy: rootless_policy,
-                }),
-            };
-            serve::run(serve::ServeOptions {
-                pin_dir,
-                metrics: metrics.0,
-                program_stats,
-                api,
-            })
-        }
+        Command::Serve(args) => run_serve(pin_dir, args),
         Command::Completions { shell } => print_completions(shell),
         Command::Man { dir } => write_man_pages(&dir),
         Command::State {
             action: StateAction::Rebuild,
         } => commands::rebuild_state(&pin_dir),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("portfwd: {error:#}");
-            ExitCode::from(error::exit_status(&error))
+    }
+}
+
+/// `map --netns` goes to the service (how a user who is not root
+/// publishes); without it, root publishes a container address directly.
+fn run_map(pin_dir: &std::path::Path, args: MapArgs) -> anyhow::Result<()> {
+    let MapArgs {
+        name,
+        netns,
+        args,
+        force,
+        allow,
+        refuse,
+    } = args;
+    if let Some(netns) = netns {
+        let publish = args;
+        return api::call(
+            pin_dir,
+            &Request::Map {
+                netns,
+                name,
+                publish,
+            },
+        );
+    }
+    if !api::is_root() {
+        return Err(error::Error::usage(
+            "as a user who is not root, publish a port of your own namespace: portfwd map --netns PID|PATH PUBLISH...",
+        )
+        .into());
+    }
+    match args.split_first() {
+        Some((container_ip, publish)) if !publish.is_empty() => commands::map(
+            pin_dir,
+            name.as_deref(),
+            container_ip,
+            publish,
+            force,
+            (&allow, refuse.unwrap_or_default()),
+        ),
+        _ => Err(error::Error::usage("map needs CONTAINER_IP and at least one PUBLISH").into()),
+    }
+}
+
+fn run_conntrack(pin_dir: &std::path::Path, command: ConntrackCommand) -> anyhow::Result<()> {
+    match command {
+        ConntrackCommand::List { port, json } => {
+            let filter = ops::FlowFilter { port, name: None };
+            conntrack::list(pin_dir, &filter, json)
+        }
+        ConntrackCommand::Flush { port, name } => {
+            conntrack::flush(pin_dir, &ops::FlowFilter { port, name })
         }
     }
+}
+
+fn run_trace(pin_dir: &std::path::Path, args: TraceArgs) -> anyhow::Result<()> {
+    trace::trace(
+        pin_dir,
+        &trace::TraceOptions {
+            filter: crate::datapath::TraceFilter {
+                port: args.port,
+                protocol: args.proto,
+                drops_only: args.drops,
+            },
+            json: args.json,
+            count: args.count,
+            duration: args.duration.map(std::time::Duration::from_secs),
+        },
+    )
+}
+
+fn run_serve(pin_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    let api = match args.api {
+        Some(path) if path.as_os_str() == "none" => None,
+        path => Some(serve::ApiOptions {
+            socket: path.unwrap_or_else(|| instance::api_socket(&pin_dir)),
+            policy: args.rootless_policy,
+        }),
+    };
+    serve::run(serve::ServeOptions {
+        pin_dir,
+        metrics: args.metrics.0,
+        program_stats: args.program_stats,
+        api,
+    })
 }
 
 /// Prometheus' default port range has no portfwd entry yet; 9469 is free in

@@ -12,7 +12,7 @@
 //! one test run per new flow, each with a fresh client port, and the
 //! per-run overhead of that method is shown beside it.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -125,88 +125,137 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
     }
-    let a = v4(HOST_V4, 8080);
-    let b = v4(CTR_V4, 80);
-    let client = v4(CLIENT_V4, 40001);
-    // The two flows of the cycle, opened and answered (established).
+    open_cycle_flows(&ebpf);
+    let mut rows = measure_repeated(&ebpf);
+    rows.extend(measure_single_runs(&ebpf));
+    rows.push(measure_traced(&mut ebpf));
+    rows
+}
+
+/// The cycle's host side (A), container side (B), and the client of its
+/// two flows.
+fn cycle() -> (SocketAddr, SocketAddr, SocketAddr) {
+    (v4(HOST_V4, 8080), v4(CTR_V4, 80), v4(CLIENT_V4, 40001))
+}
+
+/// The two flows of the cycle, opened and answered (established).
+fn open_cycle_flows(ebpf: &Ebpf) {
+    let (a, b, client) = cycle();
     for (published, container) in [(a, b), (b, a)] {
-        let (code, _) = run(&ebpf, UPLINK_IN, &frame(client, published, L4::Syn), 1);
+        let (code, _) = run(ebpf, UPLINK_IN, &frame(client, published, L4::Syn), 1);
         assert_eq!(verdict(code), "redirect", "opening a flow to {published}");
-        let (code, _) = run(&ebpf, BACKEND_IN, &frame(container, client, L4::Ack), 1);
+        let (code, _) = run(ebpf, BACKEND_IN, &frame(container, client, L4::Ack), 1);
         assert_eq!(verdict(code), "redirect", "answering from {container}");
     }
-    let flows_before = stat(&ebpf, Stat::FlowNew);
+}
 
-    let mut rows = Vec::new();
-    let mut repeated = |program: &'static str, case: &'static str, input: Vec<u8>| {
-        let passes = (0..PASSES).map(|_| run(&ebpf, program, &input, REPEAT));
-        let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
-        rows.push(Row {
-            program,
-            case,
-            ns,
-            verdict,
-        });
-    };
-    // A frame to another MAC (PACKET_OTHERHOST): the program's first check
-    // sends it on; the cost of running a program at all.
+/// A frame to another MAC (PACKET_OTHERHOST): the program's first check
+/// sends it on; the cost of running a program at all.
+fn frame_for_another_host() -> Vec<u8> {
+    let (a, _, client) = cycle();
     let mut other_host = frame(client, a, L4::Ack);
     other_host[..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
-    repeated(
-        UPLINK_IN,
-        "baseline: frame for another host",
-        other_host.clone(),
-    );
-    repeated(
-        UPLINK_IN,
-        "established: data of a tracked flow",
-        frame(client, a, L4::Ack),
-    );
-    repeated(
-        BACKEND_IN,
-        "reply of a tracked flow",
-        frame(b, client, L4::Ack),
-    );
-    repeated(
-        UPLINK_OUT,
-        "reply of a tracked flow (routed)",
-        frame(b, client, L4::Ack),
-    );
-    repeated(
-        BACKEND_IN,
-        "untracked: container TCP to the host",
-        frame(v4(OTHER_CTR_V4, 80), v4(HOST_V4, 45000), L4::Ack),
-    );
-    repeated(
-        BACKEND_IN,
-        "untracked: container UDP to the host",
-        frame(v4(OTHER_CTR_V4, 5000), v4(HOST_V4, 53), L4::Udp),
-    );
-    repeated(
-        UPLINK_IN,
-        "unrelated: host's own TCP, inbound",
-        frame(v4(CLIENT_V4, 443), v4(HOST_V4, 50000), L4::Ack),
-    );
-    repeated(
-        UPLINK_OUT,
-        "unrelated: host's own TCP, outbound",
-        frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
-    );
-    repeated(
-        UPLINK_OUT,
-        "unrelated: host's own UDP, outbound",
-        frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 53), L4::Udp),
-    );
+    other_host
+}
+
+/// The cases that repeat on one skb: the fastest of `PASSES` passes.
+fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
+    let (a, b, client) = cycle();
+    let cases = [
+        (
+            UPLINK_IN,
+            "baseline: frame for another host",
+            frame_for_another_host(),
+        ),
+        (
+            UPLINK_IN,
+            "established: data of a tracked flow",
+            frame(client, a, L4::Ack),
+        ),
+        (
+            BACKEND_IN,
+            "reply of a tracked flow",
+            frame(b, client, L4::Ack),
+        ),
+        (
+            UPLINK_OUT,
+            "reply of a tracked flow (routed)",
+            frame(b, client, L4::Ack),
+        ),
+        (
+            BACKEND_IN,
+            "untracked: container TCP to the host",
+            frame(v4(OTHER_CTR_V4, 80), v4(HOST_V4, 45000), L4::Ack),
+        ),
+        (
+            BACKEND_IN,
+            "untracked: container UDP to the host",
+            frame(v4(OTHER_CTR_V4, 5000), v4(HOST_V4, 53), L4::Udp),
+        ),
+        (
+            UPLINK_IN,
+            "unrelated: host's own TCP, inbound",
+            frame(v4(CLIENT_V4, 443), v4(HOST_V4, 50000), L4::Ack),
+        ),
+        (
+            UPLINK_OUT,
+            "unrelated: host's own TCP, outbound",
+            frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
+        ),
+        (
+            UPLINK_OUT,
+            "unrelated: host's own UDP, outbound",
+            frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 53), L4::Udp),
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(program, case, input)| {
+            let passes = (0..PASSES).map(|_| run(ebpf, program, &input, REPEAT));
+            let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
+            Row {
+                program,
+                case,
+                ns,
+                verdict,
+            }
+        })
+        .collect()
+}
+
+/// The median of `runs` single runs of `program` on `input(0..runs)`,
+/// with the skb mark `mark`: (ns, verdict).
+fn median_single_run(
+    ebpf: &Ebpf,
+    program: &str,
+    mark: u32,
+    runs: std::ops::Range<u32>,
+    input: impl Fn(u32) -> Vec<u8>,
+) -> (u64, u32) {
+    let mut times: Vec<(u64, u32)> = runs
+        .map(|i| {
+            let (verdict, ns) = run_marked(ebpf, program, &input(i), 1, mark);
+            (ns, verdict)
+        })
+        .collect();
+    times.sort_unstable();
+    times[times.len() / 2]
+}
+
+/// A new client for each `i`: distinct addresses and ports.
+fn new_client(i: u32) -> SocketAddr {
+    let host = 10 + (i / 50_000) as u8;
+    v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
+}
+
+/// The cases that cannot repeat on one skb: the median of single runs.
+fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
+    let (a, _, _) = cycle();
+    let flows_before = stat(ebpf, Stat::FlowNew);
+    let mut rows = Vec::new();
     let mut single =
         |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
-            let mut times: Vec<(u64, u32)> = (0..SINGLE_RUNS)
-                .map(|i| {
-                    let (verdict, ns) = run_marked(&ebpf, program, &input(i), 1, mark);
-                    (ns, verdict)
-                })
-                .collect();
-            times.sort_unstable();
-            let (ns, verdict) = times[times.len() / 2];
+            let (ns, verdict) = median_single_run(ebpf, program, mark, 0..SINGLE_RUNS, input);
             rows.push(Row {
                 program,
                 case,
@@ -215,14 +264,10 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
             });
         };
     // New flows: one single run each, from distinct client ports.
-    let new_client = |i: u32| {
-        let host = 10 + (i / 50_000) as u8;
-        v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
-    };
     single(UPLINK_IN, "SYN of a new flow (single runs)", 0, &|i| {
         frame(new_client(i), a, L4::Syn)
     });
-    let new_flows = stat(&ebpf, Stat::FlowNew) - flows_before;
+    let new_flows = stat(ebpf, Stat::FlowNew) - flows_before;
     assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
     // A reply that backend_in translated and redirected reaches the
     // uplink's egress marked (its first run clears the mark: single runs).
@@ -234,25 +279,29 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
         TRANSLATED_MARK,
         &|_| frame(a, v4(CLIENT_V4, 40002), L4::Ack),
     );
+    let other_host = frame_for_another_host();
     single(
         UPLINK_IN,
         "baseline, single runs (overhead of that method)",
         0,
         &|_| other_host.clone(),
     );
-    // The same new flows with `portfwd trace` running: what a trace adds
-    // to the rare events it reports (a tracked flow's packets never look
-    // at it). Few enough runs that the ring buffer holds every event.
+    rows
+}
+
+/// The same new flows with `portfwd trace` running: what a trace adds
+/// to the rare events it reports (a tracked flow's packets never look
+/// at it). Few enough runs that the ring buffer holds every event.
+fn measure_traced(ebpf: &mut Ebpf) -> Row {
     const TRACED: &str = "SYN of a new flow, `portfwd trace` running (single runs)";
     let Some(switch) = ebpf.map_mut(TRACE_ON.name) else {
         // A build from before tracing (`--against` an older object).
-        rows.push(Row {
+        return Row {
             program: UPLINK_IN,
             case: TRACED,
             ns: 0,
             verdict: u32::MAX,
-        });
-        return rows;
+        };
     };
     let mut switch: Array<&mut MapData, TraceConfig> = Array::try_from(switch).unwrap();
     let on = TraceConfig {
@@ -260,27 +309,22 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
         ..TraceConfig::default()
     };
     switch.set(0, on, 0).unwrap();
-    let mut times: Vec<(u64, u32)> = (0..TRACED_RUNS)
-        .map(|i| {
-            let syn = frame(new_client(SINGLE_RUNS + i), a, L4::Syn);
-            let (verdict, ns) = run(&ebpf, UPLINK_IN, &syn, 1);
-            (ns, verdict)
-        })
-        .collect();
-    times.sort_unstable();
-    let (ns, verdict) = times[times.len() / 2];
-    rows.push(Row {
+    let (a, _, _) = cycle();
+    let runs = SINGLE_RUNS..SINGLE_RUNS + TRACED_RUNS;
+    let (ns, verdict) = median_single_run(ebpf, UPLINK_IN, 0, runs, |i| {
+        frame(new_client(i), a, L4::Syn)
+    });
+    assert_eq!(
+        stat(ebpf, Stat::TraceLost),
+        0,
+        "the ring buffer held every event"
+    );
+    Row {
         program: UPLINK_IN,
         case: TRACED,
         ns,
         verdict,
-    });
-    assert_eq!(
-        stat(&ebpf, Stat::TraceLost),
-        0,
-        "the ring buffer held every event"
-    );
-    rows
+    }
 }
 
 /// Prints the cost of each TC program per packet kind, for this build's

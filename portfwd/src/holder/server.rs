@@ -42,21 +42,8 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     // Opened first, so that it takes a low descriptor number: freed when
     // the holder runs out of open files, it makes room to accept a client.
     let mut spare = fs::File::open("/dev/null").ok();
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(instance::run_dir())
-        .with_context(|| format!("creating {}", instance::run_dir().display()))?;
     let path = instance::holder_socket(pin_dir);
-    // One holder per instance, for its whole life: a second one (a CLI's and
-    // `portfwd serve`'s starting at once) would unlink the first one's
-    // socket and leave it holding ports that nobody can reach.
-    let lock_path = path.with_extension("lock");
-    let lock_file =
-        fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
-    let _only_holder =
-        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| anyhow!("a port holder already runs for {}", pin_dir.display()))?;
+    let _only_holder = lock_instance(pin_dir, &path)?;
     if let Err(error) = raise_fd_limit() {
         eprintln!("portfwd hold: raising the open files limit: {error}");
     }
@@ -67,54 +54,17 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     let events = host_events().context("subscribing to link, address and route changes")?;
     let mut held: BTreeMap<Hold, OwnedFd> = BTreeMap::new();
-    let mut addresses_stale = true;
-    // At start too: interfaces may have been recreated while no holder ran.
-    let mut links_due = Some(Instant::now());
-    let mut last_follow = Instant::now();
-    let mut burst_started: Option<Instant> = None;
+    let mut following = HostFollowing::new();
     loop {
-        if addresses_stale {
-            addresses_stale = !refresh_local_addresses(pin_dir);
-        }
-        if links_due.is_some_and(|due| Instant::now() >= due) {
-            let followed = follow_host(pin_dir);
-            if followed {
-                last_follow = Instant::now();
-                burst_started = None;
-            }
-            links_due = (!followed).then(|| Instant::now() + RETRY);
-        }
+        following.catch_up(pin_dir);
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
             PollFd::new(events.as_fd(), PollFlags::POLLIN),
         ];
-        // Wake up when links are due to be followed, and every second to
-        // retry a deferred address refresh.
-        let wait = links_due.map_or(Duration::from_secs(1), |due| {
-            due.saturating_duration_since(Instant::now())
-        });
-        let wait =
-            PollTimeout::try_from(wait.min(Duration::from_secs(1))).unwrap_or(PollTimeout::ZERO);
-        poll(&mut fds, wait).context("poll")?;
+        poll(&mut fds, following.poll_timeout()).context("poll")?;
         let client_ready = fds[0].any().unwrap_or(false);
         if fds[1].any().unwrap_or(false) {
-            let links_changed = drain(&events);
-            addresses_stale = true;
-            // A burst of changes (a veth created, addressed, set up, its
-            // routes added) is followed once, when it has settled. An
-            // interface added or removed is followed at once (then); a host
-            // whose addresses or routes never settle (a routing daemon) at
-            // most once every MIN_GAP.
-            let now = Instant::now();
-            let began = *burst_started.get_or_insert(now);
-            let settled = now + SETTLE;
-            let due = if links_changed {
-                settled
-            } else {
-                settled.max(last_follow + MIN_GAP)
-            };
-            // A burst that never settles is followed MIN_GAP after it began.
-            links_due = Some(due.min(began + MIN_GAP));
+            following.host_changed(drain(&events));
         }
         if !client_ready {
             continue;
@@ -140,6 +90,89 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     // Best effort: a stale socket file is removed by the next holder.
     fs::remove_file(&path).ok();
     Ok(())
+}
+
+/// One holder per instance, for its whole life: a second one (a CLI's and
+/// `portfwd serve`'s starting at once) would unlink the first one's socket
+/// and leave it holding ports that nobody can reach. The lock lasts as long
+/// as the value returned.
+fn lock_instance(pin_dir: &Path, socket: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(instance::run_dir())
+        .with_context(|| format!("creating {}", instance::run_dir().display()))?;
+    let lock_path = socket.with_extension("lock");
+    let lock_file =
+        fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow!("a port holder already runs for {}", pin_dir.display()))
+}
+
+/// When the holder refreshes the local addresses and follows the host's
+/// links: after a burst of host changes has settled, and again after a
+/// failed attempt.
+struct HostFollowing {
+    addresses_stale: bool,
+    links_due: Option<Instant>,
+    last_follow: Instant,
+    burst_started: Option<Instant>,
+}
+
+impl HostFollowing {
+    fn new() -> Self {
+        Self {
+            addresses_stale: true,
+            // At start too: interfaces may have been recreated while no holder ran.
+            links_due: Some(Instant::now()),
+            last_follow: Instant::now(),
+            burst_started: None,
+        }
+    }
+
+    /// Does what is due now.
+    fn catch_up(&mut self, pin_dir: &Path) {
+        if self.addresses_stale {
+            self.addresses_stale = !refresh_local_addresses(pin_dir);
+        }
+        if self.links_due.is_some_and(|due| Instant::now() >= due) {
+            let followed = follow_host(pin_dir);
+            if followed {
+                self.last_follow = Instant::now();
+                self.burst_started = None;
+            }
+            self.links_due = (!followed).then(|| Instant::now() + RETRY);
+        }
+    }
+
+    /// Wake up when links are due to be followed, and every second to retry
+    /// a deferred address refresh.
+    fn poll_timeout(&self) -> PollTimeout {
+        let wait = self.links_due.map_or(Duration::from_secs(1), |due| {
+            due.saturating_duration_since(Instant::now())
+        });
+        PollTimeout::try_from(wait.min(Duration::from_secs(1))).unwrap_or(PollTimeout::ZERO)
+    }
+
+    /// The host's links, addresses or routes changed (`links_changed`: an
+    /// interface was added or removed).
+    fn host_changed(&mut self, links_changed: bool) {
+        self.addresses_stale = true;
+        // A burst of changes (a veth created, addressed, set up, its routes
+        // added) is followed once, when it has settled. An interface added or
+        // removed is followed at once (then); a host whose addresses or
+        // routes never settle (a routing daemon) at most once every MIN_GAP.
+        let now = Instant::now();
+        let began = *self.burst_started.get_or_insert(now);
+        let settled = now + SETTLE;
+        let due = if links_changed {
+            settled
+        } else {
+            settled.max(self.last_follow + MIN_GAP)
+        };
+        // A burst that never settles is followed MIN_GAP after it began.
+        self.links_due = Some(due.min(began + MIN_GAP));
+    }
 }
 
 /// After a failed accept: the client stays pending and poll reports it again

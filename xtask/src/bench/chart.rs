@@ -6,6 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -74,6 +76,9 @@ struct Bars<'a> {
     cap: Option<f64>,
 }
 
+/// A bar chart's plot: f64 groups along x, values on a linear or log y.
+type Plot<'a, Y> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, Y>>;
+
 fn draw_bars(bars: Bars, area: &Area, root: &Area) -> Result<()> {
     let n = bars.groups.len().max(1) as f64;
     let values = bars
@@ -94,85 +99,13 @@ fn draw_bars(bars: Bars, area: &Area, root: &Area) -> Result<()> {
         .margin_bottom(48)
         .x_label_area_size(10)
         .y_label_area_size(70);
-    let width = 0.8 / bars.series.len().max(1) as f64;
-    let bar = |chart_x: f64, i: usize| {
-        (
-            chart_x - 0.4 + width * i as f64,
-            chart_x - 0.4 + width * (i as f64 + 1.0),
-        )
-    };
-
-    macro_rules! body {
-        ($chart:ident, $floor:expr) => {{
-            $chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(0)
-                .y_desc(bars.y_desc)
-                .label_style(("sans-serif", 15))
-                .draw()
-                .map_err(err)?;
-            for (i, (mode, name, vals)) in bars.series.iter().enumerate() {
-                let style = color(*mode).filled();
-                $chart
-                    .draw_series(vals.iter().enumerate().filter_map(|(g, v)| {
-                        let (x0, x1) = bar(g as f64, i);
-                        v.map(|v| Rectangle::new([(x0, $floor), (x1, v.min(cap))], style))
-                    }))
-                    .map_err(err)?
-                    .label(name.as_str())
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], style));
-                let cut = ("sans-serif", 13).into_font().color(&BLACK);
-                for (g, v) in vals.iter().enumerate() {
-                    if let Some(v) = v.filter(|&v| v > cap) {
-                        let (x0, _) = bar(g as f64, i);
-                        let (px, py) = $chart.backend_coord(&(x0, cap));
-                        root.draw(&Text::new(format!("{v:.1}"), (px, py - 16), cut.clone()))
-                            .map_err(err)?;
-                    }
-                }
-            }
-            if let Some(y) = bars.reference {
-                $chart
-                    .draw_series(LineSeries::new(
-                        [(-0.5, y), (n - 0.5, y)],
-                        BLACK.stroke_width(1),
-                    ))
-                    .map_err(err)?;
-            }
-            $chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .label_font(("sans-serif", 15))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(err)?;
-            let label = ("sans-serif", 15).into_font().color(&BLACK);
-            for (g, text) in bars.groups.iter().enumerate() {
-                let (px, py) = $chart.backend_coord(&(g as f64, $floor));
-                let w = text.chars().count() as i32 * 4;
-                root.draw(&Text::new(text.clone(), (px - w, py + 6), label.clone()))
-                    .map_err(err)?;
-            }
-            let caption = ("sans-serif", 17).into_font().color(&BLACK);
-            for (first, last, text) in &bars.captions {
-                let mid = (*first as f64 + *last as f64) / 2.0;
-                let (px, py) = $chart.backend_coord(&(mid, $floor));
-                let w = text.chars().count() as i32 * 4;
-                root.draw(&Text::new(text.clone(), (px - w, py + 26), caption.clone()))
-                    .map_err(err)?;
-            }
-        }};
-    }
-
     if bars.log {
         let lo = 10f64.powf((min.max(1e-3)).log10().floor());
         let hi = 10f64.powf(max.log10().ceil() + 0.6);
         let mut chart = builder
             .build_cartesian_2d(-0.5..n - 0.5, (lo..hi).log_scale())
             .map_err(err)?;
-        body!(chart, lo);
+        draw_plot(&mut chart, lo, &bars, root)
     } else {
         let mut chart = builder
             .build_cartesian_2d(
@@ -180,7 +113,100 @@ fn draw_bars(bars: Bars, area: &Area, root: &Area) -> Result<()> {
                 0.0..max * if bars.cap.is_some() { 1.15 } else { 1.4 },
             )
             .map_err(err)?;
-        body!(chart, 0.0);
+        draw_plot(&mut chart, 0.0, &bars, root)
+    }
+}
+
+/// The mesh, the bars from `floor` up, the legend and the labels under x.
+fn draw_plot<'a, Y>(chart: &mut Plot<'a, Y>, floor: f64, bars: &Bars, root: &Area) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(bars.y_desc)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(err)?;
+    draw_series(chart, floor, bars, root)?;
+    if let Some(y) = bars.reference {
+        let n = bars.groups.len().max(1) as f64;
+        chart
+            .draw_series(LineSeries::new(
+                [(-0.5, y), (n - 0.5, y)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    draw_group_labels(chart, floor, bars, root)
+}
+
+/// One bar per series in each group; a bar above the cap is cut there,
+/// its value written on it.
+fn draw_series<Y>(chart: &mut Plot<'_, Y>, floor: f64, bars: &Bars, root: &Area) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let cap = bars.cap.unwrap_or(f64::INFINITY);
+    let width = 0.8 / bars.series.len().max(1) as f64;
+    let bar = |chart_x: f64, i: usize| {
+        (
+            chart_x - 0.4 + width * i as f64,
+            chart_x - 0.4 + width * (i as f64 + 1.0),
+        )
+    };
+    for (i, (mode, name, vals)) in bars.series.iter().enumerate() {
+        let style = color(*mode).filled();
+        chart
+            .draw_series(vals.iter().enumerate().filter_map(|(g, v)| {
+                let (x0, x1) = bar(g as f64, i);
+                v.map(|v| Rectangle::new([(x0, floor), (x1, v.min(cap))], style))
+            }))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], style));
+        let cut = ("sans-serif", 13).into_font().color(&BLACK);
+        for (g, v) in vals.iter().enumerate() {
+            if let Some(v) = v.filter(|&v| v > cap) {
+                let (x0, _) = bar(g as f64, i);
+                let (px, py) = chart.backend_coord(&(x0, cap));
+                root.draw(&Text::new(format!("{v:.1}"), (px, py - 16), cut.clone()))
+                    .map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each group's label under it, and the captions under runs of groups.
+fn draw_group_labels<Y>(chart: &Plot<'_, Y>, floor: f64, bars: &Bars, root: &Area) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let label = ("sans-serif", 15).into_font().color(&BLACK);
+    for (g, text) in bars.groups.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(g as f64, floor));
+        let w = text.chars().count() as i32 * 4;
+        root.draw(&Text::new(text.clone(), (px - w, py + 6), label.clone()))
+            .map_err(err)?;
+    }
+    let caption = ("sans-serif", 17).into_font().color(&BLACK);
+    for (first, last, text) in &bars.captions {
+        let mid = (*first as f64 + *last as f64) / 2.0;
+        let (px, py) = chart.backend_coord(&(mid, floor));
+        let w = text.chars().count() as i32 * 4;
+        root.draw(&Text::new(text.clone(), (px - w, py + 26), caption.clone()))
+            .map_err(err)?;
     }
     Ok(())
 }
