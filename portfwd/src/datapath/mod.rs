@@ -27,6 +27,8 @@ mod tc_cases_nat46;
 mod tc_cases_reply;
 #[cfg(test)]
 mod tc_cost;
+#[cfg(test)]
+mod tc_fixture;
 mod trace;
 
 pub(crate) use backend::prepare_backend_path;

@@ -8,82 +8,23 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
-use etherparse::PacketBuilder;
-use portfwd_common::{
-    BACKEND_PROGRAMS, SERVICES, ServiceKey, ServiceValue, Stat, TRANSLATED_MARK, UPLINK_PROGRAMS,
-};
+use portfwd_common::{Stat, TRANSLATED_MARK};
 
-use super::{
-    object::OBJECT,
-    tc_cases::{L4, frame, skb_ctx, stat},
+use super::tc_fixture::{
+    BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Failures, HOST_MAC, HOST_V4, HOST_V6, L4,
+    NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, at, frame, icmp, mapping,
 };
-use crate::model::{Mapping, Protocol};
+use crate::model::Protocol;
 
-const NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC
-const TO_STACK: u32 = 0; // TC_ACT_OK
-const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
-
-const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
-const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
-const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 7);
 const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 5, 1);
-const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
-const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
-const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 0, 7);
 const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 5, 0, 0, 0, 0, 1);
-const HOST_MAC: [u8; 6] = [0; 6];
 const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 5];
 
-fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-/// TCP 8080 -> 80 on both families, UDP 5353 -> 53 on IPv4; interface 0.
-fn publish(ebpf: &mut Ebpf) {
-    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(map).unwrap();
-    for (protocol, host, container) in [
-        (Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80)),
-        (Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53)),
-        (Protocol::Tcp, at(HOST_V6, 8080), at(CTR_V6, 80)),
-    ] {
-        let mapping = Mapping {
-            name: "icmp".into(),
-            protocol,
-            host,
-            container,
-            ifindex: 0,
-            hold: true,
-            allow: None,
-        };
-        services.insert(mapping.key(), mapping.value(), 0).unwrap();
-    }
-}
-
-/// An ICMP error frame from `from` to `to`: IPv4 `kind`/`code` with
-/// `rest` (bytes 5-8), or the IPv6 one, quoting `quoted`.
+/// An ICMP error frame from `from` to `to` (from a router's MAC to the
+/// host's): IPv4 `kind`/`code` with `rest` (bytes 5-8), or the IPv6 one,
+/// quoting `quoted`.
 fn error(from: IpAddr, to: IpAddr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(ROUTER_MAC, HOST_MAC);
-    let mut out = Vec::new();
-    match (from, to) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => builder
-            .ipv4(s.octets(), d.octets(), 64)
-            .icmpv4_raw(kind, code, rest)
-            .write(&mut out, quoted),
-        (IpAddr::V6(s), IpAddr::V6(d)) => builder
-            .ipv6(s.octets(), d.octets(), 64)
-            .icmpv6_raw(kind, code, rest)
-            .write(&mut out, quoted),
-        _ => unreachable!(),
-    }
-    .unwrap();
-    out
+    icmp((ROUTER_MAC, HOST_MAC), from, to, (kind, code, rest), quoted)
 }
 
 /// The IP packet of `tc_cases::frame(src, dst, l4)` as an error quotes it,
@@ -99,53 +40,28 @@ fn quoted(src: SocketAddr, dst: SocketAddr, l4: L4, checksum_of: Option<&[u8]>) 
     packet
 }
 
-fn run(ebpf: &Ebpf, program: &str, input: &[u8]) -> (u32, Vec<u8>, u32) {
-    let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
-    let ctx_in = skb_ctx(0);
-    let mut ctx_out = [0u8; 192];
-    let mut out = vec![0u8; input.len() + 64];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        })
-        .unwrap();
-    out.truncate(result.data_size_out as usize);
-    let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap());
-    (result.return_value, out, mark)
-}
-
 #[test]
 fn icmp_errors_of_translated_flows_are_translated_both_ways() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED icmp_errors_...: BPF_PROG_TEST_RUN needs root");
+    let Some(mut tc) = Tc::load("icmp_errors_of_translated_flows_are_translated_both_ways") else {
         return;
-    }
-    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
-    publish(&mut ebpf);
-    let (uplink_in, backend_in) = (UPLINK_PROGRAMS[0].name, BACKEND_PROGRAMS[0].name);
-    for name in [uplink_in, backend_in] {
-        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        program.load().unwrap();
-    }
-    let mut failures = Vec::new();
+    };
+    // TCP 8080 -> 80 on both families, UDP 5353 -> 53 on IPv4; interface 0.
+    tc.publish(&[
+        mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80)),
+        mapping(Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53)),
+        mapping(Protocol::Tcp, at(HOST_V6, 8080), at(CTR_V6, 80)),
+    ]);
+    let mut failures = Failures::default();
     let mut check = |name: &str, program: &str, input: Vec<u8>, verdict: u32, expected: Vec<u8>| {
-        let before = stat(&ebpf, Stat::IcmpErrorTranslated);
-        let (got, out, mark) = run(&ebpf, program, &input);
-        if (got, &out) != (verdict, &expected) {
-            failures.push(format!(
-                "{name}: verdict {got:#x} (expected {verdict:#x}), frame\n  {out:02x?}\nexpected\n  {expected:02x?}"
-            ));
-        }
+        let before = tc.stat(Stat::IcmpErrorTranslated);
+        let (got, out, mark) = tc.run_marked(program, &input, 0);
+        failures.check(name, (got, out), verdict, &expected);
         let translated = verdict != NEXT;
-        if stat(&ebpf, Stat::IcmpErrorTranslated) != before + u64::from(translated) {
-            failures.push(format!("{name}: icmp_errors_translated not counted right"));
+        if tc.stat(Stat::IcmpErrorTranslated) != before + u64::from(translated) {
+            failures.note(format!("{name}: icmp_errors_translated not counted right"));
         }
         if verdict == REDIRECT && mark != TRANSLATED_MARK {
-            failures.push(format!("{name}: redirected to the client without the mark"));
+            failures.note(format!("{name}: redirected to the client without the mark"));
         }
     };
 
@@ -163,7 +79,7 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
         (client6, published6, L4::Syn),
         (udp_client, published_udp, L4::Udp),
     ] {
-        let (verdict, _, _) = run(&ebpf, uplink_in, &frame(client, published, l4));
+        let (verdict, _, _) = tc.run_marked(UPLINK_IN, &frame(client, published, l4), 0);
         assert_eq!(verdict, TO_STACK, "the flow from {client}");
     }
 
@@ -173,7 +89,7 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     let reply = quoted(published4, client4, L4::Ack, None);
     check(
         "fragmentation needed about a reply",
-        uplink_in,
+        UPLINK_IN,
         error(ROUTER_V4.into(), HOST_V4.into(), 3, 4, [0, 0, 5, 0], &reply),
         TO_STACK,
         error(
@@ -189,7 +105,7 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     let mtu = 1280u32.to_be_bytes();
     check(
         "packet too big about an IPv6 reply",
-        uplink_in,
+        UPLINK_IN,
         error(ROUTER_V6.into(), HOST_V6.into(), 2, 0, mtu, &reply6),
         TO_STACK,
         error(
@@ -203,7 +119,7 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     );
     check(
         "time exceeded about an IPv6 reply",
-        uplink_in,
+        UPLINK_IN,
         error(ROUTER_V6.into(), HOST_V6.into(), 3, 0, [0; 4], &reply6),
         TO_STACK,
         error(
@@ -222,7 +138,7 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     let request = quoted(udp_client, ctr_udp, L4::Udp, None);
     check(
         "port unreachable from the container",
-        backend_in,
+        BACKEND_IN,
         error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
         REDIRECT,
         error(
@@ -246,10 +162,10 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     );
     check(
         "an error about an unknown flow",
-        uplink_in,
+        UPLINK_IN,
         unknown.clone(),
         NEXT,
         unknown,
     );
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures.assert_none();
 }

@@ -7,42 +7,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{
-        HashMap, MapData,
-        lpm_trie::{Key as LpmKey, LpmTrie},
-    },
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
-use etherparse::{Ipv4Header, PacketBuilder};
-use portfwd_common::{ALLOW, AllowKey, SERVICES, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS};
+use etherparse::IpDscp;
+use portfwd_common::Stat;
 
-use super::{
-    object::OBJECT,
-    tc_cases::{L4, frame, stat},
+use super::tc_fixture::{
+    CLIENT_MAC, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC, HOST_V4, HOST_V6, L4, REDIRECT,
+    SEQ, TO_STACK, Tc, UPLINK_IN, at, check_table, edit_ipv4_header, frame, icmp, ip_frame,
+    mapping,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
-const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
-const TO_STACK: u32 = 0; // TC_ACT_OK
-const DROP: u32 = 2; // TC_ACT_SHOT
-
-const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 1);
-const CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 2);
-const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 1);
-const CTR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 9, 0, 0, 0, 0, 2);
 /// Inside the allowlists (10.9.8.0/24, fd00:9:8::/48)...
 const INSIDER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 8, 9);
 /// ...and outside.
 const OUTSIDER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 6, 6);
 const OUTSIDER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 6, 0, 0, 0, 0, 6);
-/// `tc_cases::frame`'s MACs: from the client, to the host (the loopback
-/// device's all-zero MAC: PACKET_HOST in a test run).
-const HOST_MAC: [u8; 6] = [0; 6];
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
-/// `tc_cases::frame`'s TCP sequence number and payload length.
-const SYN_SEQ: u32 = 1000;
+/// `tc_cases::frame`'s TCP payload length.
 const PAYLOAD_LEN: u32 = 7;
 
 /// Mapped ports: with an allowlist that refuses with an answer (the
@@ -52,11 +32,7 @@ const UDP_REJECT: u16 = 5454;
 const TCP_DROP: u16 = 8091;
 const UDP_DROP: u16 = 5455;
 
-fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-fn publish(ebpf: &mut Ebpf) {
+fn published() -> Vec<Mapping> {
     let list = Allowlist::parse(&["10.9.8.0/24", "fd00:9:8::/48"]).unwrap();
     let mut mappings = Vec::new();
     for (host_ip, ctr_ip) in [
@@ -70,47 +46,25 @@ fn publish(ebpf: &mut Ebpf) {
             (Protocol::Udp, UDP_DROP, Refuse::Drop),
         ] {
             mappings.push(Mapping {
-                name: "reply".into(),
-                protocol,
-                host: at(host_ip, port),
-                container: at(ctr_ip, 80),
-                ifindex: 0,
-                hold: true,
                 allow: Some(Allowlist {
                     refuse,
                     ..list.for_family(host_ip.is_ipv4())
                 }),
+                ..mapping(protocol, at(host_ip, port), at(ctr_ip, 80))
             });
         }
     }
-    let map = ebpf.map_mut(ALLOW.name).expect("the allowlist map");
-    let mut lists: LpmTrie<&mut MapData, AllowKey, u8> = LpmTrie::try_from(map).unwrap();
-    for mapping in &mappings {
-        for (prefix_len, key) in mapping.allow.iter().flat_map(|a| a.keys(&mapping.key())) {
-            lists.insert(&LpmKey::new(prefix_len, key), 1, 0).unwrap();
-        }
-    }
-    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(map).unwrap();
-    for mapping in &mappings {
-        services.insert(mapping.key(), mapping.value(), 0).unwrap();
-    }
+    mappings
 }
 
 /// The reset a closed port sends for `tc_cases::frame`'s SYN from `client`
 /// to `published`: RST|ACK, seq 0, ack = its seq + 1 + its payload.
 fn reset(published: SocketAddr, client: SocketAddr) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(HOST_MAC, CLIENT_MAC);
-    let ip = match (published.ip(), client.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
-        _ => unreachable!(),
-    };
     let mut out = Vec::new();
-    ip.tcp(published.port(), client.port(), 0, 0)
+    ip_frame((HOST_MAC, CLIENT_MAC), published.ip(), client.ip())
+        .tcp(published.port(), client.port(), 0, 0)
         .rst()
-        .ack(SYN_SEQ + 1 + PAYLOAD_LEN)
+        .ack(SEQ + 1 + PAYLOAD_LEN)
         .write(&mut out, &[])
         .unwrap();
     out
@@ -120,54 +74,35 @@ fn reset(published: SocketAddr, client: SocketAddr) -> Vec<u8> {
 /// its IP header on), holding `quoted` bytes of it. IPv4: TOS 0xc0, no DF,
 /// as the kernel's ICMP errors.
 fn unreachable(published: IpAddr, client: IpAddr, datagram: &[u8], quoted: usize) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(HOST_MAC, CLIENT_MAC);
-    let mut out = Vec::new();
-    match (published, client) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            builder
-                .ipv4(s.octets(), d.octets(), 64)
-                .icmpv4_raw(3, 3, [0; 4])
-                .write(&mut out, &datagram[..quoted])
-                .unwrap();
-            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
-            header.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
+    let kind = match published {
+        IpAddr::V4(_) => (3, 3, [0; 4]),
+        IpAddr::V6(_) => (1, 4, [0; 4]),
+    };
+    answer(published, client, kind, &datagram[..quoted])
+}
+
+/// An ICMP error the host sends: IPv4 with TOS 0xc0 and no DF, as the
+/// kernel's ICMP errors.
+fn answer(published: IpAddr, client: IpAddr, kind: (u8, u8, [u8; 4]), quoted: &[u8]) -> Vec<u8> {
+    let mut out = icmp((HOST_MAC, CLIENT_MAC), published, client, kind, quoted);
+    if published.is_ipv4() {
+        edit_ipv4_header(&mut out, |header| {
+            header.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
             header.dont_fragment = false;
-            header.header_checksum = header.calc_header_checksum();
-            out[14..34].copy_from_slice(&header.to_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => builder
-            .ipv6(s.octets(), d.octets(), 64)
-            .icmpv6_raw(1, 4, [0; 4])
-            .write(&mut out, &datagram[..quoted])
-            .unwrap(),
-        _ => unreachable!(),
+        });
     }
     out
 }
 
 /// A UDP frame with `payload` bytes.
 fn udp(src: SocketAddr, dst: SocketAddr, payload: usize) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
-    let ip = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
-        _ => unreachable!(),
-    };
     let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
     let mut out = Vec::new();
-    ip.udp(src.port(), dst.port())
+    ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip())
+        .udp(src.port(), dst.port())
         .write(&mut out, &body)
         .unwrap();
     out
-}
-
-struct Case {
-    name: &'static str,
-    input: Vec<u8>,
-    verdict: u32,
-    /// None: the frame is left as it came.
-    output: Option<Vec<u8>>,
-    counts: Stat,
 }
 
 fn cases() -> Vec<Case> {
@@ -184,13 +119,7 @@ fn cases() -> Vec<Case> {
     // A reset is never answered (a reset with a SYN is nonsense, but it is
     // what reaches the allowlist: only SYNs and UDP do).
     rst[14 + 20 + 13] |= 0x04;
-    let case = |name, input, verdict, output, counts| Case {
-        name,
-        input,
-        verdict,
-        output,
-        counts,
-    };
+    let case = Case::new;
     vec![
         case(
             "a SYN from outside the list: a reset",
@@ -285,68 +214,14 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn loaded() -> Option<Ebpf> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
-        return None;
-    }
-    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
-    publish(&mut ebpf);
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(UPLINK_PROGRAMS[0].name)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    program.load().unwrap();
-    Some(ebpf)
-}
-
-fn run(ebpf: &Ebpf, input: &[u8]) -> (u32, Vec<u8>) {
-    let program: &SchedClassifier = ebpf
-        .program(UPLINK_PROGRAMS[0].name)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let mut out = vec![0u8; 2048];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .unwrap();
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
 #[test]
 fn refused_clients_get_what_a_closed_port_gives() {
-    let Some(ebpf) = loaded() else {
-        return;
-    };
-    let mut failures = Vec::new();
-    for case in cases() {
-        let before = stat(&ebpf, case.counts);
-        let (verdict, out) = run(&ebpf, &case.input);
-        let expected = case.output.as_ref().unwrap_or(&case.input);
-        if verdict != case.verdict {
-            failures.push(format!(
-                "{}: verdict {verdict:#x}, expected {:#x}",
-                case.name, case.verdict
-            ));
-        }
-        // A dropped frame's bytes do not matter.
-        if case.verdict != DROP && &out != expected {
-            failures.push(format!(
-                "{}: frame\n  {out:02x?}\nexpected\n  {expected:02x?}",
-                case.name
-            ));
-        }
-        if stat(&ebpf, case.counts) != before + 1 {
-            failures.push(format!("{}: did not count {:?}", case.name, case.counts));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_table(
+        "refused_clients_get_what_a_closed_port_gives",
+        &published(),
+        UPLINK_IN,
+        cases(),
+    );
 }
 
 /// ICMP answers are rate-limited per CPU (a burst of 50, then 1000 a
@@ -355,17 +230,17 @@ fn refused_clients_get_what_a_closed_port_gives() {
 /// over 0.95 s for none to be limited.
 #[test]
 fn icmp_answers_are_rate_limited() {
-    let Some(ebpf) = loaded() else {
+    let Some(tc) = Tc::load_with("icmp_answers_are_rate_limited", &published()) else {
         return;
     };
     let datagram = udp(at(OUTSIDER_V4, 40104), at(HOST_V4, UDP_REJECT), 7);
     let (answered, limited) = (
-        stat(&ebpf, Stat::RefusedAnswered),
-        stat(&ebpf, Stat::AnswersRateLimited),
+        tc.stat(Stat::RefusedAnswered),
+        tc.stat(Stat::AnswersRateLimited),
     );
     let mut verdicts = [0usize; 2];
     for _ in 0..1000 {
-        match run(&ebpf, &datagram).0 {
+        match tc.run(UPLINK_IN, &datagram).0 {
             REDIRECT => verdicts[0] += 1,
             DROP => verdicts[1] += 1,
             other => panic!("verdict {other:#x}"),
@@ -375,8 +250,8 @@ fn icmp_answers_are_rate_limited() {
     assert!(verdicts[1] > 0, "some are limited: {verdicts:?}");
     assert_eq!(
         (
-            stat(&ebpf, Stat::RefusedAnswered) - answered,
-            stat(&ebpf, Stat::AnswersRateLimited) - limited
+            tc.stat(Stat::RefusedAnswered) - answered,
+            tc.stat(Stat::AnswersRateLimited) - limited
         ),
         (verdicts[0] as u64, verdicts[1] as u64)
     );
@@ -442,113 +317,78 @@ impl Drop for SmallLink {
 /// forwarding path would fragment it; portfwd leaves it to the link).
 #[test]
 fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
+    let test = "packets_too_big_for_the_containers_link_get_a_routers_answer";
+    let Some(mut tc) = Tc::load(test) else {
         return;
-    }
-    let link = SmallLink::new(1280);
-    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
-    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(map).unwrap();
-    for (host, container) in [
-        (at(HOST_V4, 8070), at(CTR_V4, 80)),
-        (at(HOST_V6, 8070), at(CTR_V6, 80)),
-    ] {
-        let mapping = Mapping {
-            name: "mtu".into(),
-            protocol: Protocol::Tcp,
-            host,
-            container,
-            ifindex: link.ifindex,
-            hold: true,
-            allow: None,
-        };
-        services.insert(mapping.key(), mapping.value(), 0).unwrap();
-    }
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(UPLINK_PROGRAMS[0].name)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    program.load().unwrap();
-    let big = |src: SocketAddr, dst: SocketAddr, dont_fragment: bool| {
-        let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
-        let ip = match (src.ip(), dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
-            (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
-            _ => unreachable!(),
-        };
-        let mut out = Vec::new();
-        ip.tcp(src.port(), dst.port(), 2000, 64240)
-            .ack(1)
-            .write(&mut out, &[7u8; 1400])
-            .unwrap();
-        if !dont_fragment {
-            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
-            header.dont_fragment = false;
-            header.header_checksum = header.calc_header_checksum();
-            out[14..34].copy_from_slice(&header.to_bytes());
-        }
-        out
     };
-    let mut failures = Vec::new();
+    let link = SmallLink::new(1280);
+    let on_link = |host, container| Mapping {
+        ifindex: link.ifindex,
+        ..mapping(Protocol::Tcp, host, container)
+    };
+    tc.publish(&[
+        on_link(at(HOST_V4, 8070), at(CTR_V4, 80)),
+        on_link(at(HOST_V6, 8070), at(CTR_V6, 80)),
+    ]);
+    let mut failures = Failures::default();
     for (client, published, quoted) in [
         (at(OUTSIDER_V4, 40111), at(HOST_V4, 8070), 576 - 28),
         (at(OUTSIDER_V6, 40112), at(HOST_V6, 8070), 1280 - 48),
     ] {
         assert_eq!(
-            run(&ebpf, &frame(client, published, L4::Syn)).0,
+            tc.run(UPLINK_IN, &frame(client, published, L4::Syn)).0,
             REDIRECT,
             "the SYN from {client}"
         );
-        let input = big(client, published, true);
-        let before = stat(&ebpf, Stat::TooBigAnswered);
-        let (verdict, out) = run(&ebpf, &input);
-        let expected = too_big(published.ip(), client.ip(), &input[14..], quoted, 1280);
-        if (verdict, &out) != (REDIRECT, &expected) {
-            failures.push(format!(
-                "{client}: verdict {verdict:#x}, frame\n  {out:02x?}\nexpected\n  {expected:02x?}"
-            ));
-        }
-        if stat(&ebpf, Stat::TooBigAnswered) != before + 1 {
-            failures.push(format!("{client}: too_big_answered not counted"));
+        let input = big_segment(client, published, true);
+        let before = tc.stat(Stat::TooBigAnswered);
+        let expected = too_big(published.ip(), client.ip(), &input[14..quoted + 14], 1280);
+        failures.check(
+            &client.to_string(),
+            tc.run(UPLINK_IN, &input),
+            REDIRECT,
+            &expected,
+        );
+        if tc.stat(Stat::TooBigAnswered) != before + 1 {
+            failures.note(format!("{client}: too_big_answered not counted"));
         }
     }
     // IPv4 without DF: translated and redirected to the link, as before.
     let client = at(OUTSIDER_V4, 40111);
-    let (verdict, out) = run(&ebpf, &big(client, at(HOST_V4, 8070), false));
-    let translated = big(client, at(CTR_V4, 80), false);
-    if (verdict, &out) != (REDIRECT, &translated) {
-        failures.push(format!("without DF: verdict {verdict:#x}, not translated"));
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let translated = big_segment(client, at(CTR_V4, 80), false);
+    failures.check(
+        "without DF",
+        tc.run(UPLINK_IN, &big_segment(client, at(HOST_V4, 8070), false)),
+        REDIRECT,
+        &translated,
+    );
+    failures.assert_none();
 }
 
-/// The router's answer to a packet too big for an MTU of `mtu`.
-fn too_big(published: IpAddr, client: IpAddr, datagram: &[u8], quoted: usize, mtu: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(HOST_MAC, CLIENT_MAC);
+/// A TCP segment of 1400 bytes of data from `src` to `dst`, IPv4 with DF
+/// or not.
+fn big_segment(src: SocketAddr, dst: SocketAddr, dont_fragment: bool) -> Vec<u8> {
     let mut out = Vec::new();
-    match (published, client) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mtu = mtu.to_be_bytes();
-            builder
-                .ipv4(s.octets(), d.octets(), 64)
-                .icmpv4_raw(3, 4, [0, 0, mtu[0], mtu[1]])
-                .write(&mut out, &datagram[..quoted])
-                .unwrap();
-            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
-            header.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
-            header.dont_fragment = false;
-            header.header_checksum = header.calc_header_checksum();
-            out[14..34].copy_from_slice(&header.to_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => builder
-            .ipv6(s.octets(), d.octets(), 64)
-            .icmpv6_raw(2, 0, u32::from(mtu).to_be_bytes())
-            .write(&mut out, &datagram[..quoted])
-            .unwrap(),
-        _ => unreachable!(),
+    ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip())
+        .tcp(src.port(), dst.port(), 2000, 64240)
+        .ack(1)
+        .write(&mut out, &[7u8; 1400])
+        .unwrap();
+    if !dont_fragment {
+        edit_ipv4_header(&mut out, |header| header.dont_fragment = false);
     }
     out
+}
+
+/// The router's answer to a packet too big for an MTU of `mtu`, quoting
+/// `quoted`.
+fn too_big(published: IpAddr, client: IpAddr, quoted: &[u8], mtu: u16) -> Vec<u8> {
+    let kind = match published {
+        IpAddr::V4(_) => {
+            let mtu = mtu.to_be_bytes();
+            (3, 4, [0, 0, mtu[0], mtu[1]])
+        }
+        IpAddr::V6(_) => (2, 0, u32::from(mtu).to_be_bytes()),
+    };
+    answer(published, client, kind, quoted)
 }

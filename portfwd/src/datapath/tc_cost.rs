@@ -20,17 +20,16 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use portfwd_common::{
-    BACKEND_PROGRAMS, COUNTERS, MappingCounters, SERVICES, ServiceKey, ServiceValue, Stat,
-    TRACE_ON, TRANSLATED_MARK, TraceConfig, UPLINK_PROGRAMS,
+    COUNTERS, MappingCounters, SERVICES, ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK,
+    TraceConfig,
 };
 
 use super::object::OBJECT;
-use super::tc_cases::{CLIENT_V4, CTR_V4, HOST_V4, L4, frame, skb_ctx, stat, v4};
+use super::tc_fixture::{
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
+    skb_ctx, stat_of,
+};
 use crate::model::{Mapping, Protocol};
-
-const UPLINK_IN: &str = UPLINK_PROGRAMS[0].name;
-const UPLINK_OUT: &str = UPLINK_PROGRAMS[1].name;
-const BACKEND_IN: &str = BACKEND_PROGRAMS[0].name;
 
 /// Each repeated case runs `PASSES` times `REPEAT` runs; the figure is the
 /// fastest pass (other work on the machine only ever adds time). New flows:
@@ -42,16 +41,14 @@ const SINGLE_RUNS: u32 = 100_000;
 /// into the 256 KiB ring buffer, which nobody reads here.
 const TRACED_RUNS: u32 = 2_000;
 
-/// Another container, whose packets to the host belong to no tracked flow.
-const OTHER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 3);
 /// The redirect target of the mappings: any existing interface will do, a
 /// test run does not redirect (it returns the verdict).
 const LOOPBACK_IFINDEX: u32 = 1;
 
 /// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters.
 fn publish_cycle(ebpf: &mut Ebpf) {
-    let a = v4(HOST_V4, 8080);
-    let b = v4(CTR_V4, 80);
+    let a = at(HOST_V4, 8080);
+    let b = at(CTR_V4, 80);
     let mappings: Vec<Mapping> = [(a, b), (b, a)]
         .into_iter()
         .map(|(host, container)| Mapping {
@@ -135,7 +132,7 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
 /// The cycle's host side (A), container side (B), and the client of its
 /// two flows.
 fn cycle() -> (SocketAddr, SocketAddr, SocketAddr) {
-    (v4(HOST_V4, 8080), v4(CTR_V4, 80), v4(CLIENT_V4, 40001))
+    (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40001))
 }
 
 /// The two flows of the cycle, opened and answered (established).
@@ -185,27 +182,27 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
         (
             BACKEND_IN,
             "untracked: container TCP to the host",
-            frame(v4(OTHER_CTR_V4, 80), v4(HOST_V4, 45000), L4::Ack),
+            frame(at(OTHER_CTR_V4, 80), at(HOST_V4, 45000), L4::Ack),
         ),
         (
             BACKEND_IN,
             "untracked: container UDP to the host",
-            frame(v4(OTHER_CTR_V4, 5000), v4(HOST_V4, 53), L4::Udp),
+            frame(at(OTHER_CTR_V4, 5000), at(HOST_V4, 53), L4::Udp),
         ),
         (
             UPLINK_IN,
             "unrelated: host's own TCP, inbound",
-            frame(v4(CLIENT_V4, 443), v4(HOST_V4, 50000), L4::Ack),
+            frame(at(CLIENT_V4, 443), at(HOST_V4, 50000), L4::Ack),
         ),
         (
             UPLINK_OUT,
             "unrelated: host's own TCP, outbound",
-            frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 443), L4::Ack),
+            frame(at(HOST_V4, 50000), at(CLIENT_V4, 443), L4::Ack),
         ),
         (
             UPLINK_OUT,
             "unrelated: host's own UDP, outbound",
-            frame(v4(HOST_V4, 50000), v4(CLIENT_V4, 53), L4::Udp),
+            frame(at(HOST_V4, 50000), at(CLIENT_V4, 53), L4::Udp),
         ),
     ];
     cases
@@ -245,13 +242,13 @@ fn median_single_run(
 /// A new client for each `i`: distinct addresses and ports.
 fn new_client(i: u32) -> SocketAddr {
     let host = 10 + (i / 50_000) as u8;
-    v4(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
+    at(Ipv4Addr::new(10, 9, 7, host), 10_000 + (i % 50_000) as u16)
 }
 
 /// The cases that cannot repeat on one skb: the median of single runs.
 fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     let (a, _, _) = cycle();
-    let flows_before = stat(ebpf, Stat::FlowNew);
+    let flows_before = stat_of(ebpf, Stat::FlowNew);
     let mut rows = Vec::new();
     let mut single =
         |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
@@ -267,7 +264,7 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     single(UPLINK_IN, "SYN of a new flow (single runs)", 0, &|i| {
         frame(new_client(i), a, L4::Syn)
     });
-    let new_flows = stat(ebpf, Stat::FlowNew) - flows_before;
+    let new_flows = stat_of(ebpf, Stat::FlowNew) - flows_before;
     assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
     // A reply that backend_in translated and redirected reaches the
     // uplink's egress marked (its first run clears the mark: single runs).
@@ -277,7 +274,7 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
         UPLINK_OUT,
         "reply translated at ingress (marked; single runs)",
         TRANSLATED_MARK,
-        &|_| frame(a, v4(CLIENT_V4, 40002), L4::Ack),
+        &|_| frame(a, at(CLIENT_V4, 40002), L4::Ack),
     );
     let other_host = frame_for_another_host();
     single(
@@ -315,7 +312,7 @@ fn measure_traced(ebpf: &mut Ebpf) -> Row {
         frame(new_client(i), a, L4::Syn)
     });
     assert_eq!(
-        stat(ebpf, Stat::TraceLost),
+        stat_of(ebpf, Stat::TraceLost),
         0,
         "the ring buffer held every event"
     );
