@@ -32,11 +32,7 @@ impl Topology {
     fn new() -> Self {
         let ctr = Container::new(75);
         let _tcp = ctr.serve("[::]:80", "container");
-        let _udp = serve_udp(
-            Some(ctr.netns_path()),
-            "[::]:5000".parse().unwrap(),
-            "container",
-        );
+        let _udp = ctr.serve_udp("[::]:5000", "container");
         Topology {
             ctr,
             allowed: Container::with_prefix(75, "ext", 252),

@@ -7,17 +7,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-fn flows(args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["conntrack", "list", "--json"];
-    all.extend_from_slice(args);
-    let out = portfwd_ok(&all);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     let Some(_serial) = root_test("conntrack") else {
@@ -25,11 +14,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     };
     let ctr = Container::new(73);
     let client = Container::with_prefix(73, "ext", 252);
-    let _echo = serve_udp(
-        Some(ctr.netns_path()),
-        "0.0.0.0:5301".parse().unwrap(),
-        "ctr73",
-    );
+    let _echo = ctr.serve_udp("0.0.0.0:5301", "ctr73");
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
     portfwd_ok(&["map", "--name", "a", &ctr_ip, "47730:5301/udp"]);
@@ -46,7 +31,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     assert!(ask(47730, 41000).starts_with("ctr73"));
     assert!(ask(47731, 41001).starts_with("ctr73"));
 
-    let all = flows(&[]);
+    let all = conntrack_flows(&[]);
     assert_eq!(all.len(), 2, "{all:#?}");
     let a = all.iter().find(|f| f["mapping"] == "a").expect("a's flow");
     assert_eq!(a["protocol"], "udp");
@@ -55,7 +40,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     assert_eq!(a["container"], format!("{ctr_ip}:5301"));
     assert_eq!(a["container_sees"], a["client"], "the client's own address");
     assert_eq!(a["state"], "udp");
-    assert_eq!(flows(&["--port", "47731"]).len(), 1);
+    assert_eq!(conntrack_flows(&["--port", "47731"]).len(), 1);
     let text = portfwd_ok(&["conntrack", "list"]);
     assert!(text.contains(&format!("{client_ip}:41000")), "{text}");
 
@@ -66,7 +51,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
 
     let out = portfwd_ok(&["conntrack", "flush", "--name", "a"]);
     assert_eq!(out.trim(), "ended 1 flow");
-    let left = flows(&[]);
+    let left = conntrack_flows(&[]);
     assert_eq!(left.len(), 1, "{left:#?}");
     assert_eq!(left[0]["mapping"], "b");
     // a's client starts a new flow with its next datagram.
@@ -76,7 +61,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
 
     let out = portfwd_ok(&["conntrack", "flush"]);
     assert_eq!(out.trim(), "ended 2 flows");
-    assert!(flows(&[]).is_empty());
+    assert!(conntrack_flows(&[]).is_empty());
     // Bad input is a usage error.
     let out = portfwd(&["conntrack", "flush", "--port", "1", "--name", "a"]);
     assert_eq!(out.status.code(), Some(2));

@@ -84,11 +84,7 @@ fn a_recreated_container_link_is_served_again_at_once() {
     };
     let topo = Topology::new(190);
     let _web = topo.ctr.serve("[::]:5190", "web");
-    let _echo = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "[::]:5191".parse().unwrap(),
-        "echo",
-    );
+    let _echo = topo.ctr.serve_udp("[::]:5191", "echo");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
     portfwd_ok(&["map", "--name", "web", &ctr, "47801:5190", "47802:5191/udp"]);

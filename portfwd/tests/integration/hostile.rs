@@ -767,6 +767,91 @@ fn publish(
     (pf, server, echo)
 }
 
+/// One test of hostile packets on its own topology: the mappings
+/// published, the path checked before, the kinds injected and checked, and
+/// the path checked again after.
+struct HostileRun {
+    topo: Topology,
+    v6: bool,
+    /// The published TCP and UDP ports.
+    ports: (u16, u16),
+    /// How many mappings `list` showed before.
+    mappings: usize,
+    kinds: Vec<Kind>,
+    _running: (Portfwd, Server, Server),
+}
+
+impl HostileRun {
+    fn start(index: u8, name: &str, v6: bool, (tcp_port, udp_port): (u16, u16)) -> Self {
+        let topo = Topology::new(index);
+        let (container, host) = if v6 {
+            (topo.ctr.v6(), "[::]:")
+        } else {
+            (topo.ctr.v4(), "")
+        };
+        let running = publish(
+            &topo,
+            name,
+            container,
+            [
+                format!("{host}{tcp_port}:{TCP_SERVER}"),
+                format!("{host}{udp_port}:{UDP_ECHO}/udp"),
+            ],
+        );
+        // Before anything hostile: the path works.
+        normal_traffic_works(&topo, v6, tcp_port, udp_port);
+        HostileRun {
+            topo,
+            v6,
+            ports: (tcp_port, udp_port),
+            mappings: listed().len(),
+            kinds: Vec::new(),
+            _running: running,
+        }
+    }
+
+    /// A kind of frame from the client to the uplink: `packet` with `tag`.
+    fn add(
+        &mut self,
+        name: &'static str,
+        tag: u32,
+        packet: &[u8],
+        expect: Expect,
+        stat: Option<&'static str>,
+    ) {
+        let ethertype = if self.v6 { ETH_P_IPV6 } else { ETH_P_IP };
+        self.kinds.push(Kind {
+            name,
+            tag,
+            frame: self.topo.frame(ethertype, packet),
+            expect,
+            stat,
+        });
+    }
+
+    /// Injects every kind and checks where each went and what it counted;
+    /// `answered` must come back to a socket on `client` (connected to
+    /// nothing: any source is accepted, so the text is checked). Then the
+    /// programs and the maps still work.
+    fn finish(self, client: SocketAddr, answered: &str) {
+        let answers = collect_answers(&self.topo, client, Duration::from_secs(2));
+        let before = stats();
+        let frames = self.topo.inject(&self.kinds);
+        let answers = answers();
+        let backend = if self.v6 {
+            self.topo.ctr.v6()
+        } else {
+            self.topo.ctr.v4()
+        };
+        check(&self.kinds, &frames, client.ip(), backend, &before);
+        assert!(answers.iter().any(|a| a == answered), "{answers:?}");
+
+        assert_eq!(listed().len(), self.mappings, "{:?}", listed());
+        let (tcp_port, udp_port) = self.ports;
+        normal_traffic_works(&self.topo, self.v6, tcp_port, udp_port);
+    }
+}
+
 const FRAGMENT_MORE: u16 = 0x2000;
 
 #[test]
@@ -774,35 +859,15 @@ fn hostile_ipv4_packets_are_passed_counted_and_never_rewritten_wrong() {
     let Some(_serial) = root_test("hostile_ipv4_packets") else {
         return;
     };
-    let topo = Topology::new(41);
-    let (tcp_port, udp_port) = (47300, 47301);
-    let _running = publish(
-        &topo,
-        "hostile4",
-        topo.ctr.v4(),
-        [
-            format!("{tcp_port}:{TCP_SERVER}"),
-            format!("{udp_port}:{UDP_ECHO}/udp"),
-        ],
-    );
-    // Before anything hostile: the path works.
-    normal_traffic_works(&topo, false, tcp_port, udp_port);
-    let mappings = listed().len();
-
-    let (src, dst) = (topo.client_v4(), topo.host_v4());
+    let mut run = HostileRun::start(41, "hostile4", false, (47300, 47301));
+    let (tcp_port, udp_port) = run.ports;
+    let (src, dst) = (run.topo.client_v4(), run.topo.host_v4());
     // The source port of each injected flow: answers to the well-formed ones
     // come back to a socket bound on it.
     let sport = |k: u16| 47350 + k;
     let udp_to = |k: u16, payload: &[u8]| Ipv4Packet::udp(src, dst, sport(k), udp_port, payload);
-    let mut kinds = Vec::new();
     let mut add = |name, tag: u16, packet: Vec<u8>, expect, stat| {
-        kinds.push(Kind {
-            name,
-            tag: u32::from(tag),
-            frame: topo.frame(ETH_P_IP, &packet),
-            expect,
-            stat,
-        })
+        run.add(name, u32::from(tag), &packet, expect, stat);
     };
     use Expect::*;
 
@@ -989,41 +1054,21 @@ fn hostile_ipv4_packets_are_passed_counted_and_never_rewritten_wrong() {
 
     // Well-formed but for another machine's MAC: not ours, not counted.
     let other = udp_to(15, b"other host").id(0xa111).build();
-    kinds.push(Kind {
+    let client_mac = run.topo.client_mac;
+    run.kinds.push(Kind {
         name: "UDP to another MAC",
         tag: 0xa111,
-        frame: ethernet(
-            [0x02, 0, 0, 0, 0x41, 0x41],
-            topo.client_mac,
-            ETH_P_IP,
-            &other,
-        ),
+        frame: ethernet([0x02, 0, 0, 0, 0x41, 0x41], client_mac, ETH_P_IP, &other),
         expect: Passed,
         stat: None,
     });
 
-    let answers = collect_answers(
-        &topo,
-        SocketAddr::new(src.into(), sport(0)),
-        Duration::from_secs(2),
-    );
-    let before = stats();
-    let frames = topo.inject(&kinds);
-    let answers = answers();
-    check(&kinds, &frames, src.into(), topo.ctr.v4(), &before);
     // The datagram with IP options reached the echo, and its answer came
-    // back translated (the socket is connected to nothing: any source is
-    // accepted, so check the text).
-    assert!(
-        answers
-            .iter()
-            .any(|a| a == &format!("echo with options {src}")),
-        "{answers:?}"
+    // back translated.
+    run.finish(
+        SocketAddr::new(src.into(), sport(0)),
+        &format!("echo with options {src}"),
     );
-
-    // The programs and the maps still work.
-    assert_eq!(listed().len(), mappings, "{:?}", listed());
-    normal_traffic_works(&topo, false, tcp_port, udp_port);
 }
 
 #[test]
@@ -1031,32 +1076,13 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
     let Some(_serial) = root_test("hostile_ipv6_packets") else {
         return;
     };
-    let topo = Topology::new(42);
-    let (tcp_port, udp_port) = (47310, 47311);
-    let _running = publish(
-        &topo,
-        "hostile6",
-        topo.ctr.v6(),
-        [
-            format!("[::]:{tcp_port}:{TCP_SERVER}"),
-            format!("[::]:{udp_port}:{UDP_ECHO}/udp"),
-        ],
-    );
-    normal_traffic_works(&topo, true, tcp_port, udp_port);
-    let mappings = listed().len();
-
-    let (src, dst) = (topo.client_v6(), topo.host_v6());
+    let mut run = HostileRun::start(42, "hostile6", true, (47310, 47311));
+    let (tcp_port, udp_port) = run.ports;
+    let (src, dst) = (run.topo.client_v6(), run.topo.host_v6());
     let sport = |k: u16| 47360 + k;
     let udp_seg = |k: u16, payload: &[u8]| udp(src.into(), dst.into(), sport(k), udp_port, payload);
-    let mut kinds = Vec::new();
     let mut add = |name, tag: u32, packet: Vec<u8>, expect, stat| {
-        kinds.push(Kind {
-            name,
-            tag,
-            frame: topo.frame(ETH_P_IPV6, &packet),
-            expect,
-            stat,
-        })
+        run.add(name, tag, &packet, expect, stat);
     };
     use Expect::*;
 
@@ -1170,22 +1196,10 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
         Some("passed_not_tcp_udp"),
     );
 
-    let answers = collect_answers(
-        &topo,
+    run.finish(
         SocketAddr::new(src.into(), sport(0)),
-        Duration::from_secs(2),
+        &format!("echo plain {src}"),
     );
-    let before = stats();
-    let frames = topo.inject(&kinds);
-    let answers = answers();
-    check(&kinds, &frames, src.into(), topo.ctr.v6(), &before);
-    assert!(
-        answers.iter().any(|a| a == &format!("echo plain {src}")),
-        "{answers:?}"
-    );
-
-    assert_eq!(listed().len(), mappings, "{:?}", listed());
-    normal_traffic_works(&topo, true, tcp_port, udp_port);
 }
 
 // --- loopback-published ports and crafted frames (issue 16) ---

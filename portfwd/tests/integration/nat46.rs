@@ -9,24 +9,12 @@
 //! ```
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     sync::Arc,
-    time::Duration,
 };
 
-use serde_json::Value;
-
 use crate::support::*;
-
-fn flows() -> Vec<Value> {
-    let out = portfwd_ok(&["conntrack", "list", "--json"]);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 #[test]
 fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
@@ -37,16 +25,11 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     let client = Container::with_prefix(85, "ext", 252);
     // IPv4 only in the container's servers, IPv6 only on the client.
     let _web = ctr.serve("0.0.0.0:5085", "ctr85");
-    let _echo = serve_udp(
-        Some(ctr.netns_path()),
-        "0.0.0.0:5086".parse().unwrap(),
-        "ctr85",
-    );
+    let _echo = ctr.serve_udp("0.0.0.0:5086", "ctr85");
     // Large segments: the container's TCP sends GSO packets, whose type
     // the switch of families changes too.
-    let _bulk = Server::start_with(
-        Some(ctr.netns_path()),
-        "0.0.0.0:5087".parse().unwrap(),
+    let _bulk = ctr.serve_with(
+        "0.0.0.0:5087",
         Arc::new(|mut stream: TcpStream, _| {
             let _ = stream.write_all(&bulk());
         }),
@@ -91,7 +74,7 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
         );
     }
 
-    let flow = flows();
+    let flow = conntrack_flows(&[]);
     let udp = flow
         .iter()
         .find(|f| f["protocol"] == "udp")
@@ -118,8 +101,8 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     BufReader::new(&stream).read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), format!("ctr85 {gateway}"));
     let open = format!("[{client6}]:{}", stream.local_addr().unwrap().port());
-    let listed = |client: &str| flows().iter().any(|f| f["client"] == client);
-    assert!(listed(&open), "{:#?}", flows());
+    let listed = |client: &str| conntrack_flows(&[]).iter().any(|f| f["client"] == client);
+    assert!(listed(&open), "{:#?}", conntrack_flows(&[]));
     portfwd_ok(&["unmap", "--name", "dns46"]);
     portfwd_ok(&["unmap", "--name", "web46"]);
     portfwd_ok(&["unmap", "--name", "bulk46"]);
@@ -130,7 +113,7 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     assert!(
         wait_until(TIMEOUT, || !listed(&open) && !listed(&udp_client)),
         "flows after unmap: {:#?}",
-        flows()
+        conntrack_flows(&[])
     );
     let stats = stats();
     assert_eq!(stats["dropped_nat46_untranslatable"], 0, "{stats:?}");
@@ -141,14 +124,6 @@ fn bulk() -> Vec<u8> {
     (0..4 << 20)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect()
-}
-
-fn download(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut data = Vec::new();
-    stream.read_to_end(&mut data)?;
-    Ok(data)
 }
 
 /// Turns TX checksum offload on or off on both veth pairs.

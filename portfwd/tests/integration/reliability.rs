@@ -240,9 +240,8 @@ fn a_stream_survives_an_upgrade_in_place() {
     // 100 chunks of 200 KB, 20 ms apart: the reload happens mid-stream.
     let chunk: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
     let sent = chunk.clone();
-    let _source = Server::start_with(
-        Some(ctr.netns_path()),
-        "[::]:5002".parse().unwrap(),
+    let _source = ctr.serve_with(
+        "[::]:5002",
         Arc::new(move |mut stream: TcpStream, _| {
             for _ in 0..100 {
                 if stream.write_all(&sent).is_err() {
@@ -317,9 +316,8 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     };
     let ctr = Container::new(56);
     let client = Container::with_prefix(56, "ext", 252);
-    let _echo = Server::start_with(
-        Some(ctr.netns_path()),
-        "[::]:5004".parse().unwrap(),
+    let _echo = ctr.serve_with(
+        "[::]:5004",
         Arc::new(|stream: TcpStream, _| {
             let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
             let mut writer = stream;

@@ -15,7 +15,7 @@ fn udp_replies_come_from_the_address_the_client_sent_to() {
         return;
     };
     let ctr = Container::new(31);
-    let _echo = serve_udp(Some(ctr.netns_path()), "[::]:5003".parse().unwrap(), "echo");
+    let _echo = ctr.serve_udp("[::]:5003", "echo");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "47200:5003/udp"]);
     portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:47201:5003/udp"]);
@@ -52,7 +52,7 @@ fn a_dual_stack_socket_reaches_the_container_through_a_mapped_address() {
     };
     let ctr = Container::new(32);
     let _server = ctr.serve("[::]:80", "ctr32");
-    let _echo = serve_udp(Some(ctr.netns_path()), "[::]:5003".parse().unwrap(), "echo");
+    let _echo = ctr.serve_udp("[::]:5003", "echo");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "47201:80", "47201:5003/udp"]);
 
@@ -236,9 +236,8 @@ fn a_stream_keeps_flowing_while_another_process_maps_and_unmaps() {
     };
     let ctr = Container::new(37);
     let payload = vec![7u8; 4 << 20];
-    let _source = Server::start_with(
-        Some(ctr.netns_path()),
-        "[::]:5002".parse().unwrap(),
+    let _source = ctr.serve_with(
+        "[::]:5002",
         std::sync::Arc::new(move |mut s: TcpStream, _| {
             let _ = std::io::Write::write_all(&mut s, &payload);
         }),

@@ -42,7 +42,7 @@ fn live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones() {
     };
     let ctr = Container::new(81);
     let _held = serve_and_hold(&ctr, "[::]:80");
-    let _echo = serve_udp(Some(ctr.netns_path()), "[::]:5003".parse().unwrap(), "echo");
+    let _echo = ctr.serve_udp("[::]:5003", "echo");
     let max_flows = SMALL_MAP.to_string();
     let _pf = Portfwd::up(&["--iface", &ctr.host_if, "--max-flows", &max_flows]);
     // 47083 leads to a container port nobody listens on: each connect is
@@ -127,9 +127,9 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
     };
     let a = Container::new(82);
     let b = Container::new(83);
-    let _a_echo = serve_udp(Some(a.netns_path()), "[::]:5003".parse().unwrap(), "A");
+    let _a_echo = a.serve_udp("[::]:5003", "A");
     let _a_held = serve_and_hold(&a, "[::]:80");
-    let _b_echo = serve_udp(Some(b.netns_path()), "[::]:5003".parse().unwrap(), "B");
+    let _b_echo = b.serve_udp("[::]:5003", "B");
     let _pf = Portfwd::up(&["--iface", &a.host_if]);
     portfwd_ok(&["map", &a.v4().to_string(), "47084:5003/udp", "47085:80"]);
 

@@ -18,7 +18,8 @@ use std::{
 pub(crate) use portfwd_testkit::{
     netns,
     serve::{
-        Server, TIMEOUT, fetch, serve_udp, serve_udp_whole, udp_ask, udp_exchange, udp_roundtrip,
+        Handler, Server, TIMEOUT, fetch, serve_udp, serve_udp_whole, udp_ask, udp_exchange,
+        udp_roundtrip,
     },
 };
 
@@ -254,6 +255,18 @@ impl Container {
         Server::start(Some(self.netns_path()), addr.parse().unwrap(), greeting)
     }
 
+    /// Starts a server inside the container on `addr` that runs `handler`
+    /// for each connection.
+    pub(crate) fn serve_with(&self, addr: &str, handler: Handler) -> Server {
+        Server::start_with(Some(self.netns_path()), addr.parse().unwrap(), handler)
+    }
+
+    /// Starts a UDP server inside the container on `addr` that answers
+    /// every datagram with `<greeting> <payload> <client address>`.
+    pub(crate) fn serve_udp(&self, addr: &str, greeting: &str) -> Server {
+        serve_udp(Some(self.netns_path()), addr.parse().unwrap(), greeting)
+    }
+
     pub(crate) fn ip(&self, args: &[&str]) -> String {
         netns::ip_in(&self.netns, args).unwrap_or_else(|e| panic!("{e:#}"))
     }
@@ -304,6 +317,29 @@ pub(crate) fn listing() -> serde_json::Value {
 /// The mapping rows of `portfwd list --json`.
 pub(crate) fn listed() -> Vec<serde_json::Value> {
     listing()["mappings"].as_array().unwrap().clone()
+}
+
+/// Everything a TCP server at `addr` sends before it closes (20 s at most
+/// between reads).
+pub(crate) fn download(addr: std::net::SocketAddr) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// The flows of `portfwd conntrack list --json` with `args` (a filter).
+pub(crate) fn conntrack_flows(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["conntrack", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = portfwd_ok(&all);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// The TC programs' stats of `portfwd list --json`, by name.

@@ -82,14 +82,6 @@ fn upload(addr: SocketAddr, data: &[u8]) -> std::io::Result<String> {
     Ok(answer.trim_end().to_owned())
 }
 
-fn download(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut data = Vec::new();
-    stream.read_to_end(&mut data)?;
-    Ok(data)
-}
-
 #[test]
 fn tcp_streams_of_20mb_arrive_intact_with_offload_on_and_off() {
     let Some(_serial) = root_test("tcp_streams_of_20mb") else {
@@ -165,11 +157,7 @@ fn udp_request_response_with_forwarding_on_and_off() {
         return;
     };
     let topo = Topology::new(22);
-    let _echo = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "[::]:5003".parse().unwrap(),
-        "echo",
-    );
+    let _echo = topo.ctr.serve_udp("[::]:5003", "echo");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47110:5003/udp"]);
     portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47111:5003/udp"]);
@@ -246,11 +234,7 @@ fn counters_count_and_unmap_and_detach_stop_flows() {
         return;
     };
     let topo = Topology::new(24);
-    let _echo = Server::start_with(
-        Some(topo.ctr.netns_path()),
-        "[::]:5004".parse().unwrap(),
-        Arc::new(echo),
-    );
+    let _echo = topo.ctr.serve_with("[::]:5004", Arc::new(echo));
     let _pf = topo.up();
     let ctr_ip = topo.ctr.v4().to_string();
     portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "47130:5004"]);
@@ -480,17 +464,9 @@ fn ipv6_routed_through_the_host_is_not_rewritten() {
     }
     let other = Container::with_prefix(28, "oth", 253);
     let _container = topo.ctr.serve("[::]:80", "container");
-    let _container_udp = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "[::]:5008".parse().unwrap(),
-        "container",
-    );
+    let _container_udp = topo.ctr.serve_udp("[::]:5008", "container");
     let _elsewhere = other.serve("[::]:47170", "other host");
-    let _elsewhere_udp = serve_udp(
-        Some(other.netns_path()),
-        "[::]:47171".parse().unwrap(),
-        "other host",
-    );
+    let _elsewhere_udp = other.serve_udp("[::]:47171", "other host");
     let _pf = topo.up();
     let ctr6 = topo.ctr.v6().to_string();
     portfwd_ok(&["map", &ctr6, "[::]:47170:80", "[::]:47171:5008/udp"]);
@@ -534,9 +510,8 @@ fn a_half_closed_flow_lives_until_both_sides_close() {
     let topo = Topology::new(29);
     // Reads the request to its end (the client's FIN), thinks for 12 s,
     // then answers with RESPONSE bytes and closes.
-    let _slow = Server::start_with(
-        Some(topo.ctr.netns_path()),
-        "[::]:5009".parse().unwrap(),
+    let _slow = topo.ctr.serve_with(
+        "[::]:5009",
         Arc::new(|mut stream: TcpStream, _peer| {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
             let mut request = Vec::new();
@@ -623,11 +598,7 @@ fn flows_whose_replies_would_clash_get_distinct_ports() {
         return;
     };
     let topo = Topology::new(30);
-    let _echo = Server::start_with(
-        Some(topo.ctr.netns_path()),
-        "[::]:5010".parse().unwrap(),
-        Arc::new(echo),
-    );
+    let _echo = topo.ctr.serve_with("[::]:5010", Arc::new(echo));
     let _pf = topo.up();
     portfwd_ok(&[
         "map",
@@ -697,11 +668,7 @@ fn a_flow_that_lost_its_reply_entry_is_started_again() {
         return;
     };
     let topo = Topology::new(31);
-    let _echo = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "[::]:5011".parse().unwrap(),
-        "echo",
-    );
+    let _echo = topo.ctr.serve_udp("[::]:5011", "echo");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47200:5011/udp"]);
     let published = SocketAddr::new(topo.uplink(false), 47200);
@@ -805,16 +772,8 @@ fn replies_to_a_masqueraded_container_are_not_taken_for_new_flows() {
         return;
     };
     let topo = Topology::new(62);
-    let _remote = serve_udp(
-        Some(topo.client.netns_path()),
-        "0.0.0.0:5300".parse().unwrap(),
-        "remote",
-    );
-    let _published = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "0.0.0.0:5003".parse().unwrap(),
-        "published",
-    );
+    let _remote = topo.client.serve_udp("0.0.0.0:5300", "remote");
+    let _published = topo.ctr.serve_udp("0.0.0.0:5003", "published");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47140:5003/udp"]);
     for ns in [&topo.ctr, &topo.client] {
@@ -860,16 +819,8 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
         return;
     };
     let topo = Topology::new(87);
-    let _echo = Server::start_with(
-        Some(topo.ctr.netns_path()),
-        "[::]:5087".parse().unwrap(),
-        Arc::new(echo),
-    );
-    let _udp_echo = serve_udp(
-        Some(topo.ctr.netns_path()),
-        "0.0.0.0:5087".parse().unwrap(),
-        "echo",
-    );
+    let _echo = topo.ctr.serve_with("[::]:5087", Arc::new(echo));
+    let _udp_echo = topo.ctr.serve_udp("0.0.0.0:5087", "echo");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47870:5087"]);
     portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47871:5087"]);

@@ -67,11 +67,7 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     let ctr = Container::new(74);
     let client = Container::with_prefix(74, "ext", 252);
     let _web = ctr.serve("[::]:80", "ctr74");
-    let _echo = serve_udp(
-        Some(ctr.netns_path()),
-        "0.0.0.0:5301".parse().unwrap(),
-        "ctr74",
-    );
+    let _echo = ctr.serve_udp("0.0.0.0:5301", "ctr74");
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
     portfwd_ok(&["map", "--name", "web", &ctr_ip, "47740:80"]);
