@@ -43,6 +43,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{instance, model::Mapping};
 
+mod follow;
 mod server;
 
 pub(crate) use server::{attach_drop_all_filter, reserve, run};
