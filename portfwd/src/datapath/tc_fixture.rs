@@ -166,6 +166,16 @@ pub(super) fn gso_ctx(segs: u32, size: u32) -> [u8; SKB_CTX_LEN] {
     ctx
 }
 
+/// Whether this process may run the programs (root); if not, says that
+/// `test` is skipped.
+pub(super) fn can_run(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIPPED {test}: BPF_PROG_TEST_RUN needs root");
+    }
+    root
+}
+
 /// The object, loaded with maps of its own, and its TC programs.
 pub(super) struct Tc {
     ebpf: Ebpf,
@@ -175,11 +185,7 @@ impl Tc {
     /// Loads the object and its TC programs; None (the test skips, saying
     /// so) when not root: `BPF_PROG_TEST_RUN` needs it.
     pub(super) fn load(test: &str) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED {test}: BPF_PROG_TEST_RUN needs root");
-            return None;
-        }
-        Some(Self::load_as_root())
+        can_run(test).then(Self::load_as_root)
     }
 
     /// Loads the object and its TC programs, and publishes `mappings`; None
