@@ -166,6 +166,104 @@ impl TestUser {
     }
 }
 
+/// Subordinate ids for the RootlessKit user (`userdel` removes them), far
+/// from the ranges `useradd` hands out.
+const SUBIDS: &str = "1300000-1365535";
+
+impl TestUser {
+    /// A user with subordinate uids and gids, as RootlessKit needs.
+    fn create_with_subids(name: &str) -> Self {
+        let user = TestUser::create(name);
+        sh(
+            "usermod",
+            &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, name],
+        );
+        user
+    }
+
+    /// RootlessKit, as this user, with a slirp4netns child namespace (as
+    /// containerd-rootless runs it), running `sleep`.
+    fn rootlesskit(&self) -> RootlessKit {
+        let state = Path::new(DIR).join("rootlesskit");
+        std::fs::create_dir_all(DIR).unwrap();
+        let _ = std::fs::remove_dir_all(&state);
+        // The user's own, as $XDG_RUNTIME_DIR/containerd-rootless is.
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(self.uid), None).unwrap();
+        let child = Command::new("runuser")
+            .args(["-u", &self.name, "--", "rootlesskit"])
+            .args(["--net=slirp4netns", "--disable-host-loopback"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["sh", "-c", "echo $$; exec sleep 600"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(Path::new(DIR).join("rootlesskit.log")).unwrap())
+            .spawn()
+            .expect("starting rootlesskit");
+        let mut child = child;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // Never 0: kill(0) would signal the test's own process group.
+        let Some(command_pid) = line.trim().parse().ok().filter(|pid| *pid > 0) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rootlesskit did not start its command: {line:?}");
+        };
+        RootlessKit {
+            child,
+            command_pid,
+            state,
+        }
+    }
+}
+
+/// RootlessKit's parent process, and the command in its child namespace.
+struct RootlessKit {
+    child: Child,
+    command_pid: u32,
+    state: PathBuf,
+}
+
+impl RootlessKit {
+    /// What containerd-rootless users name: the pid in RootlessKit's
+    /// `child_pid` file (the process in the child namespace).
+    fn child_pid(&self) -> String {
+        let file = self.state.join("child_pid");
+        let mut pid = String::new();
+        wait_until(Duration::from_secs(10), || {
+            pid = std::fs::read_to_string(&file).unwrap_or_default();
+            !pid.trim().is_empty()
+        });
+        pid.trim().to_owned()
+    }
+
+    fn netns(&self) -> PathBuf {
+        format!("/proc/{}/ns/net", self.command_pid).into()
+    }
+
+    /// Ends the command: RootlessKit, its child namespace and slirp4netns go.
+    fn end(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.command_pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let exited = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for RootlessKit {
+    fn drop(&mut self) {
+        self.end();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
         let _ = run("userdel", &[&self.name]);
@@ -499,5 +597,48 @@ fn refusals_change_nothing() {
         !names()
             .iter()
             .any(|n| n.starts_with(&format!("u{}.", alice.uid)))
+    );
+}
+
+#[test]
+fn a_user_publishes_a_port_of_rootlesskits_child_namespace() {
+    let Some(_serial) = root_test("a_user_publishes_a_port_of_rootlesskits_child_namespace") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(153, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create_with_subids("pftrl5");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let mut kit = user.rootlesskit();
+    let server = Server::start(Some(kit.netns()), "0.0.0.0:80".parse().unwrap(), "kit");
+
+    // As the README says for containerd-rootless: the pid in child_pid.
+    let child_pid = kit.child_pid();
+    let port = PORT + 2;
+    let spec = format!("{port}:80");
+    let out = user.portfwd_ok(&["map", "--netns", &child_pid, "--name", "kit", &spec]);
+    let name = format!("u{}.kit", user.uid);
+    assert!(out.contains(&format!("published {name}")), "{out}");
+
+    for to in [addr([127, 0, 0, 1], port), addr(client.host_v4(), port)] {
+        let (answer, _) = fetch(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert!(answer.starts_with("kit "), "{to}: {answer}");
+    }
+    let uplink = addr(client.host_v4(), port);
+    let (answer, _) = client.inside(move || fetch(uplink)).unwrap();
+    assert_eq!(answer, format!("kit {}", client.v4()));
+    // slirp4netns's default route stays the namespace's own.
+    let routes = netns::inside(&kit.netns(), || sh("ip", &["route", "show", "default"]));
+    assert!(routes.contains("dev tap0"), "{routes}");
+
+    drop(server);
+    kit.end();
+    assert!(
+        wait_until(Duration::from_secs(5), || !names().contains(&name)),
+        "the mappings of RootlessKit's ended namespace stay: {:?}\n{}",
+        names(),
+        service.log()
     );
 }
