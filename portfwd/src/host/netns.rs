@@ -30,6 +30,7 @@ use netlink_packet_route::{
     AddressFamily, IpProtocol, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags, AddressMessage},
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    nsid::{NsidAttribute, NsidMessage},
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         RouteType,
@@ -149,6 +150,64 @@ pub(crate) fn link_exists(name: &str) -> bool {
     CString::new(name)
         .map(|c| nix::net::if_::if_nametoindex(c.as_c_str()).is_ok())
         .unwrap_or(false)
+}
+
+/// The host end (`pfr<N>`) of the way into `netns` that exists already,
+/// made before this service started (it was restarted). Found by the
+/// kernel's id for the namespace the end's peer lives in, so a link the
+/// user named inside their namespace cannot point at another's way in.
+pub(crate) fn existing_way_in(netns: &Netns) -> Result<Option<String>> {
+    let host = Rtnl::here()?;
+    let Some(nsid) = host.nsid_of(netns)? else {
+        // No device of the host's has a peer in it.
+        return Ok(None);
+    };
+    let names = nix::net::if_::if_nameindex().context("listing the interfaces")?;
+    for name in names.iter().filter_map(|i| i.name().to_str().ok()) {
+        if !Slot::is_host_ifname(name) {
+            continue;
+        }
+        // One gone in between is not this namespace's.
+        let Ok(link) = host.get_link(name) else {
+            continue;
+        };
+        let peer_in_netns = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(id) if *id == nsid));
+        if peer_in_netns {
+            return Ok(Some(name.to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes the host's rules of a way in whose interface is gone (see
+/// `Rtnl::block_forwarding_from`); missing ones are no error.
+pub(crate) fn unblock_forwarding_from(ifname: &str) -> Result<()> {
+    let host = Rtnl::here()?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let message = forwarding_block_rule(family, ifname);
+        match host.request(RouteNetlinkMessage::DelRule(message), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            other => other.with_context(|| format!("deleting the rule of {ifname}"))?,
+        }
+    }
+    Ok(())
+}
+
+/// `iif IFNAME prohibit`, at the way in's priority.
+fn forwarding_block_rule(family: AddressFamily, ifname: &str) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = family;
+    message.header.action = RuleAction::Prohibit;
+    message
+        .attributes
+        .push(RuleAttribute::Iifname(ifname.to_owned()));
+    message
+        .attributes
+        .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+    message
 }
 
 /// Makes the way into `netns` for `slot`: the veth pair (host end
@@ -332,17 +391,46 @@ impl Rtnl {
     }
 
     fn link_index(&self, name: &str) -> Result<u32> {
+        Ok(self.get_link(name)?.header.index)
+    }
+
+    /// `ip link show NAME`.
+    fn get_link(&self, name: &str) -> Result<LinkMessage> {
         let mut message = LinkMessage::default();
         message
             .attributes
             .push(LinkAttribute::IfName(name.to_owned()));
+        match self.ask(RouteNetlinkMessage::GetLink(message)) {
+            Ok(RouteNetlinkMessage::NewLink(link)) => Ok(link),
+            Ok(_) => bail!("no interface {name}"),
+            Err(e) => Err(e).with_context(|| format!("looking up {name}")),
+        }
+    }
+
+    /// The id this namespace gives `netns` (what a link whose peer lives
+    /// there reports as its IFLA_LINK_NETNSID); None when it has none.
+    fn nsid_of(&self, netns: &Netns) -> Result<Option<i32>> {
+        let mut message = NsidMessage::default();
+        let fd = u32::try_from(netns.fd.as_raw_fd())?;
+        message.attributes.push(NsidAttribute::Fd(fd));
+        let reply = self
+            .ask(RouteNetlinkMessage::GetNsId(message))
+            .context("asking for the namespace's id")?;
+        let RouteNetlinkMessage::NewNsId(reply) = reply else {
+            bail!("netlink answered a namespace id request with something else");
+        };
+        Ok(reply.attributes.iter().find_map(|a| match a {
+            NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+            _ => None,
+        }))
+    }
+
+    /// Sends one request that the kernel answers with one message.
+    fn ask(&self, message: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST;
         header.sequence_number = 2;
-        let mut request = NetlinkMessage::new(
-            header,
-            NetlinkPayload::from(RouteNetlinkMessage::GetLink(message)),
-        );
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::from(message));
         request.finalize();
         let mut buf = vec![0; request.buffer_len()];
         request.serialize(&mut buf);
@@ -350,15 +438,11 @@ impl Rtnl {
         let mut buf = vec![0; 64 * 1024];
         let len = self.socket.recv(&mut &mut buf[..], 0)?;
         let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len])
-            .map_err(|e| anyhow!("a netlink reply: {e}"))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         match reply.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                Ok(link.header.index)
-            }
-            NetlinkPayload::Error(error) if error.code.is_some() => {
-                Err(error.to_io()).with_context(|| format!("looking up {name} in the namespace"))
-            }
-            _ => bail!("no interface {name} in the namespace"),
+            NetlinkPayload::InnerMessage(message) => Ok(message),
+            NetlinkPayload::Error(error) if error.code.is_some() => Err(error.to_io()),
+            _ => Err(io::Error::other("no answer from netlink")),
         }
     }
 
@@ -396,15 +480,7 @@ impl Rtnl {
     /// (its namespace ended) applies to this one as it is.
     fn block_forwarding_from(&self, ifname: &str) -> Result<()> {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut message = RuleMessage::default();
-            message.header.family = family;
-            message.header.action = RuleAction::Prohibit;
-            message
-                .attributes
-                .push(RuleAttribute::Iifname(ifname.to_owned()));
-            message
-                .attributes
-                .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+            let message = forwarding_block_rule(family, ifname);
             match self.create(RouteNetlinkMessage::NewRule(message)) {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 other => other.with_context(|| {

@@ -132,8 +132,15 @@ impl Slot {
 
     /// Whether `name` is the host end of a way in.
     pub(crate) fn is_host_ifname(name: &str) -> bool {
+        Slot::index_of(name).is_some()
+    }
+
+    /// The slot whose host end `name` is.
+    pub(crate) fn index_of(name: &str) -> Option<u32> {
         name.strip_prefix("pfr")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?
+            .parse()
+            .ok()
     }
 
     /// The namespace end: the slot keeps it from clashing with a way in an
@@ -390,6 +397,8 @@ mod tests {
         assert_eq!(slot.host_ifname(), "pfr3");
         assert!(Slot::is_host_ifname("pfr3"));
         assert!(!Slot::is_host_ifname("pfr") && !Slot::is_host_ifname("pfrx"));
+        assert_eq!(Slot::index_of("pfr12"), Some(12));
+        assert_eq!(Slot::index_of("pfr+1"), None);
         assert!(is_rootless_name("u1001.web") && !is_rootless_name("u.web"));
         assert!(!is_rootless_name("user.web") && !is_rootless_name("10.0.0.2"));
     }

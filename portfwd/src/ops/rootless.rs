@@ -82,6 +82,19 @@ impl WaysIn {
         gone
     }
 
+    /// Deletes the host's rules of the ways in named `host_ifs` that are
+    /// gone. Under the lock: a way in made meanwhile with such a name keeps
+    /// its rules.
+    pub(crate) fn remove_rules_of_gone(&self, host_ifs: &[String]) -> Result<()> {
+        let _ways = self.lock();
+        for name in host_ifs {
+            if !netns::link_exists(name) {
+                netns::unblock_forwarding_from(name)?;
+            }
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Slot>> {
         // A panic while holding the lock leaves a map that is still valid.
         self.by_netns
@@ -297,6 +310,10 @@ fn way_in(by_netns: &mut HashMap<(u64, u64), Slot>, netns: &Netns, pool: &Pool) 
         }
         by_netns.remove(&netns.id);
     }
+    if let Some(slot) = found_again(netns, pool)? {
+        by_netns.insert(netns.id, slot);
+        return Ok(slot);
+    }
     // Bounded by the pool; a taken slot has its host end.
     // The mappings of an ended namespace go before its slot is given again
     // (else they would lead into the new namespace).
@@ -310,6 +327,26 @@ fn way_in(by_netns: &mut HashMap<(u64, u64), Slot>, netns: &Netns, pool: &Pool) 
     netns::create_way_in(netns, &slot)?;
     by_netns.insert(netns.id, slot);
     Ok(slot)
+}
+
+/// The way into `netns` that a service made before it was restarted. Its
+/// slot's addresses must be the current pool's (an administrator may
+/// have changed the pool since).
+fn found_again(netns: &Netns, pool: &Pool) -> Result<Option<Slot>> {
+    let Some(host_if) = netns::existing_way_in(netns)? else {
+        return Ok(None);
+    };
+    let slot = Slot::index_of(&host_if).and_then(|index| pool.slot(index));
+    let routed_there = |slot: &Slot| {
+        way_in_of_address(IpAddr::V4(slot.ns_v4)).as_deref() == Some(host_if.as_str())
+    };
+    match slot.filter(routed_there) {
+        Some(slot) => Ok(Some(slot)),
+        None => bail!(
+            "the way into this namespace ({host_if}) has addresses outside the rootless pool: \
+             restart the namespace to get a new one"
+        ),
+    }
 }
 
 /// `unmap` for `caller`: a user names only their own mappings.
@@ -383,7 +420,12 @@ pub(crate) fn list(pin_dir: &Path, caller: Caller) -> Result<Vec<Mapping>> {
 /// when that is no way in (any more): its namespace ended, and with it
 /// the veth and its route.
 fn way_in_of(mapping: &Mapping) -> Option<String> {
-    let index = crate::host::netlink::route_oif(mapping.container.ip()).ok()??;
+    way_in_of_address(mapping.container.ip())
+}
+
+/// The host end of the way in `ip` is routed through, if it is one.
+fn way_in_of_address(ip: IpAddr) -> Option<String> {
+    let index = crate::host::netlink::route_oif(ip).ok()??;
     let name = crate::host::netlink::ifname(index).ok()?;
     Slot::is_host_ifname(&name).then_some(name)
 }

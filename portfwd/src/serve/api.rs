@@ -270,6 +270,9 @@ fn watch(shared: &Shared) {
         if gone.is_empty() {
             continue;
         }
+        if let Err(error) = shared.ways.remove_rules_of_gone(&gone) {
+            eprintln!("portfwd serve: removing the rules of ended ways in: {error:#}");
+        }
         match ops_rootless::sweep_gone(&shared.pin_dir) {
             Ok(removed) => {
                 for m in removed {

@@ -73,8 +73,9 @@ impl Drop for PoolRoutes {
     fn drop(&mut self) {
         for (family, prefix) in [("-4", POOL_V4), ("-6", POOL_V6)] {
             let _ = run("ip", &[family, "route", "del", "unreachable", prefix]);
-            // The service keeps the rule of a way in (inert once its
-            // interface is gone); the tests use the first few.
+            // The rules of a way in that a killed service left (the
+            // service removes them when it sees the way in go); the tests
+            // use the first few.
             for n in 0..4 {
                 let ifname = format!("pfr{n}");
                 let _ = run("ip", &[family, "rule", "del", "iif", &ifname, "prohibit"]);
@@ -640,5 +641,55 @@ fn a_user_publishes_a_port_of_rootlesskits_child_namespace() {
         "the mappings of RootlessKit's ended namespace stay: {:?}\n{}",
         names(),
         service.log()
+    );
+}
+
+#[test]
+fn a_restarted_service_reuses_the_way_in_and_removes_its_rules() {
+    let Some(_serial) = root_test("a_restarted_service_reuses_the_way_in_and_removes_its_rules")
+    else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(154, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl6");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let mut ns = user.namespace();
+    let pid = ns.pid.to_string();
+    let first = format!("{}:80", PORT + 3);
+    user.portfwd_ok(&["map", "--netns", &pid, "--name", "one", &first]);
+    let way_in = way_in_of(&format!("u{}.one", user.uid));
+
+    // A restarted service finds the way into the namespace again.
+    drop(service);
+    let service = Service::start();
+    let second = format!("{}:81", PORT + 4);
+    user.portfwd_ok(&["map", "--netns", &pid, "--name", "two", &second]);
+    assert_eq!(way_in_of(&format!("u{}.two", user.uid)), way_in);
+    let inside = ns_inside(&ns, || sh("ip", &["-o", "link", "show"]));
+    assert_eq!(inside.matches(": portfwd").count(), 1, "{inside}");
+
+    // The namespace ends: the way in's rules on the host go with it.
+    ns.end();
+    let owner = format!("u{}.", user.uid);
+    assert!(
+        wait_until(Duration::from_secs(5), || !names()
+            .iter()
+            .any(|n| n.starts_with(&owner))),
+        "{}",
+        service.log()
+    );
+    let rule = format!("iif {way_in} ");
+    let has_rule = || {
+        ["-4", "-6"]
+            .iter()
+            .any(|family| sh("ip", &[family, "rule", "show"]).contains(&rule))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !has_rule()),
+        "the host keeps the rules of {way_in}: {}",
+        sh("ip", &["rule", "show"])
     );
 }
