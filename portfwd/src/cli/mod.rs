@@ -280,8 +280,8 @@ pub fn main() -> ExitCode {
         Command::Unmap { name, selectors } if api::serves_this_user(&pin_dir) => {
             api::call(&pin_dir, &Request::Unmap { name, selectors })
         }
-        Command::List { .. } if api::serves_this_user(&pin_dir) => {
-            api::call(&pin_dir, &Request::List {})
+        Command::List { json } if api::serves_this_user(&pin_dir) => {
+            api::call(&pin_dir, &Request::List { json })
         }
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {

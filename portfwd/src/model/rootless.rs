@@ -267,8 +267,48 @@ pub(crate) enum Request {
         #[serde(default)]
         selectors: Vec<String>,
     },
-    /// The caller's mappings (root: every mapping).
-    List {},
+    /// The caller's mappings (root: every mapping); with `json`, as one
+    /// JSON document (`listing_json`).
+    List {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        json: bool,
+    },
+}
+
+/// A mapping in `list --json` through the API: the fields of root's `list
+/// --json` that describe it (its counters and the host's state are root's).
+#[derive(Serialize)]
+struct ListedMapping<'a> {
+    name: &'a str,
+    protocol: &'a str,
+    host_ip: IpAddr,
+    host_port: u16,
+    container_ip: IpAddr,
+    container_port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refuse: Option<&'static str>,
+}
+
+/// `{"mappings": [...]}`, as root's `list --json` begins.
+pub(crate) fn listing_json(mappings: &[Mapping]) -> String {
+    let mappings: Vec<ListedMapping> = mappings
+        .iter()
+        .map(|m| ListedMapping {
+            name: &m.name,
+            protocol: m.protocol.as_str(),
+            host_ip: m.host.ip(),
+            host_port: m.host.port(),
+            container_ip: m.container.ip(),
+            container_port: m.container.port(),
+            allow: m.allow.as_ref().map(super::Allowlist::strings),
+            refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
+        })
+        .collect();
+    let document = serde_json::json!({ "mappings": mappings });
+    // Serialising plain data cannot fail.
+    serde_json::to_string_pretty(&document).unwrap_or_default()
 }
 
 /// The reply: `ok` with lines to print, or one line saying why not.
@@ -346,7 +386,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
                 check_user_name(name)?;
             }
         }
-        Request::List {} => {}
+        Request::List { .. } => {}
     }
     Ok(request)
 }
@@ -455,7 +495,11 @@ mod tests {
         );
         assert_eq!(
             parse_request(b"{\"op\":\"list\"}\n").unwrap(),
-            Request::List {}
+            Request::List { json: false }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"list","json":true}"#).unwrap(),
+            Request::List { json: true }
         );
         for bad in [
             &b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[]}"[..],

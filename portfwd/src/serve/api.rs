@@ -196,7 +196,10 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
         Request::Unmap { name, selectors } => {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
         }
-        Request::List {} => ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
+        Request::List { json } => ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
+            if *json {
+                return vec![rootless::listing_json(&mappings)];
+            }
             mappings
                 .iter()
                 .map(|m| format!("{} {}/{} -> {}", m.name, m.host, m.protocol, m.container))
@@ -205,7 +208,7 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
     };
     match result {
         Ok(lines) => {
-            if !matches!(request, Request::List {}) {
+            if !matches!(request, Request::List { .. }) {
                 eprintln!("portfwd serve: api: uid {}: {what}: done", caller.uid);
             }
             Reply::lines(lines)
@@ -243,7 +246,7 @@ fn describe(request: &Request) -> String {
                 .unwrap_or_default(),
             selectors.join(" ")
         ),
-        Request::List {} => "list".into(),
+        Request::List { .. } => "list".into(),
     }
 }
 

@@ -456,6 +456,19 @@ fn a_user_publishes_a_port_of_their_own_namespace() {
     // The user lists their own mapping; root lists it by its owner's name.
     let listing = user.portfwd_ok(&["list"]);
     assert!(listing.contains(&name), "{listing}");
+    let json = user.portfwd_ok(&["list", "--json"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("list --json: {e}: {json}"));
+    let mappings = json["mappings"].as_array().unwrap();
+    assert!(
+        mappings.iter().all(|m| m["name"] == name.as_str()),
+        "{json}"
+    );
+    assert!(
+        mappings
+            .iter()
+            .any(|m| m["host_port"] == PORT && m["protocol"] == "udp")
+    );
 
     // The namespace ends: its way in and its mappings go.
     let way_in = way_in_of(&name);
