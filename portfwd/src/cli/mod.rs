@@ -83,7 +83,7 @@ enum Command {
         /// Publish ports of this network namespace (a pid of a process in it,
         /// or a namespace file such as RootlessKit's --detach-netns) through
         /// `portfwd serve`: how a user who is not root publishes
-        #[arg(long, value_name = "PID|PATH", conflicts_with_all = ["force", "allow"])]
+        #[arg(long, value_name = "PID|PATH", conflicts_with = "force")]
         netns: Option<String>,
         /// CONTAINER_IP (without --netns), then each PUBLISH:
         /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
@@ -246,6 +246,8 @@ pub fn main() -> ExitCode {
             name,
             netns: Some(netns),
             args,
+            allow,
+            refuse,
             ..
         } => api::call(
             &pin_dir,
@@ -253,6 +255,8 @@ pub fn main() -> ExitCode {
                 netns,
                 name,
                 publish: args,
+                allow,
+                refuse,
             },
         ),
         Command::Map { .. } if !api::is_root() => Err(error::Error::usage(

@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Mapping, Network, PortRange};
+use super::{Mapping, Network, PortRange, Refuse};
 
 /// The default IPv4 pool: part of 198.18.0.0/15, reserved for benchmarking
 /// (RFC 2544), never routed on the Internet and rarely configured on hosts
@@ -259,6 +259,12 @@ pub(crate) enum Request {
         #[serde(default)]
         name: Option<String>,
         publish: Vec<String>,
+        /// `--allow`: the clients that may connect (none: everyone).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow: Vec<String>,
+        /// `--refuse`: what the others get (with `allow`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refuse: Option<Refuse>,
     },
     /// Remove the caller's mappings of a name and/or on host ports.
     Unmap {
@@ -364,9 +370,17 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => {
             if publish.is_empty() || publish.len() > MAX_SPECS {
                 return Err(format!("map needs 1 to {MAX_SPECS} PUBLISH specs"));
+            }
+            if allow.len() > MAX_SPECS {
+                return Err(format!("map takes at most {MAX_SPECS} --allow"));
+            }
+            if refuse.is_some() && allow.is_empty() {
+                return Err("--refuse needs --allow".into());
             }
             if netns.is_empty() || netns.len() > 4096 {
                 return Err("netns must be a pid or a path".into());
@@ -490,7 +504,9 @@ mod tests {
             Request::Map {
                 netns: "42".into(),
                 name: None,
-                publish: vec!["8080:80".into()]
+                publish: vec!["8080:80".into()],
+                allow: Vec::new(),
+                refuse: None,
             }
         );
         assert_eq!(
@@ -505,6 +521,8 @@ mod tests {
             &b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[]}"[..],
             b"{\"op\":\"unmap\"}",
             b"{\"op\":\"list\",\"uid\":0}",
+            b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"80\"],\"refuse\":\"drop\"}",
+            b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"80\"],\"allow\":[\"host\"],\"refuse\":\"x\"}",
             b"{\"op\":\"map\",\"netns\":\"1\",\"name\":\"a b\",\"publish\":[\"80\"]}",
             b"\xff",
             b"",

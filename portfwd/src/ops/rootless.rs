@@ -18,7 +18,7 @@ use crate::{
     error::Error,
     host::netns::{self, Netns},
     model::{
-        Mapping, PortRange, Protocol, PublishSpec, UnmapSelector,
+        Allowlist, Mapping, PortRange, Protocol, PublishSpec, Refuse, UnmapSelector,
         rootless::{self, Policy, Pool, Slot},
     },
 };
@@ -180,17 +180,30 @@ fn check_policy(
     Ok(())
 }
 
-/// `map --netns TARGET [--name NAME] PUBLISH...` for `caller`: the lines
-/// to print.
+/// What `map --netns TARGET [--name NAME] [--allow ... --refuse R]
+/// PUBLISH...` asks for.
+pub(crate) struct MapRequest<'a> {
+    pub(crate) target: &'a str,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) publish: &'a [String],
+    /// `--allow` (empty: everyone) and `--refuse`.
+    pub(crate) allow: (&'a [String], Refuse),
+}
+
+/// `map --netns ...` for `caller`: the lines to print.
 pub(crate) fn map(
     pin_dir: &Path,
     policy_path: &Path,
     ways: &WaysIn,
     caller: Caller,
-    target: &str,
-    name: Option<&str>,
-    publish: &[String],
+    request: &MapRequest<'_>,
 ) -> Result<Vec<String>> {
+    let MapRequest {
+        target,
+        name,
+        publish,
+        allow: (allow, refuse),
+    } = *request;
     let loaded = admit(caller, policy_path)?;
     let specs = publish
         .iter()
@@ -199,6 +212,13 @@ pub(crate) fn map(
     if let Some(name) = name {
         rootless::check_user_name(name).map_err(Error::usage)?;
     }
+    // An allowlist only narrows who reaches the user's own mapping.
+    let allow = if allow.is_empty() {
+        None
+    } else {
+        let list = Allowlist::parse(allow).map_err(Error::usage)?;
+        Some(Allowlist { refuse, ..list })
+    };
     let netns = Netns::open(target).map_err(|e| Error::usage(format!("{e:#}")))?;
     let owner = netns.owner_uid()?;
     if !caller.is_root() && owner != caller.uid {
@@ -234,6 +254,7 @@ pub(crate) fn map(
         .partition(|s| matches!(s.host_ip, Some(IpAddr::V6(ip)) if !ip.is_unspecified()));
     let options = PublishOptions {
         refuse_ports_in_use: true,
+        allow,
         ..PublishOptions::default()
     };
     let mut lines = Vec::new();

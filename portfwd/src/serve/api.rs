@@ -184,14 +184,19 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => ops_rootless::map(
             &shared.pin_dir,
             &shared.policy,
             &shared.ways,
             caller,
-            netns,
-            name.as_deref(),
-            publish,
+            &ops_rootless::MapRequest {
+                target: netns,
+                name: name.as_deref(),
+                publish,
+                allow: (allow, refuse.unwrap_or_default()),
+            },
         ),
         Request::Unmap { name, selectors } => {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
@@ -232,10 +237,19 @@ fn describe(request: &Request) -> String {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => format!(
-            "map --netns {netns}{} {}",
+            "map --netns {netns}{}{}{} {}",
             name.as_ref()
                 .map(|n| format!(" --name {n}"))
+                .unwrap_or_default(),
+            allow
+                .iter()
+                .map(|a| format!(" --allow {a}"))
+                .collect::<String>(),
+            refuse
+                .map(|r| format!(" --refuse {}", r.as_str()))
                 .unwrap_or_default(),
             publish.join(" ")
         ),

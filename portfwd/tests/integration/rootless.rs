@@ -706,3 +706,49 @@ fn a_restarted_service_reuses_the_way_in_and_removes_its_rules() {
         sh("ip", &["rule", "show"])
     );
 }
+
+#[test]
+fn a_user_publishes_on_ipv6_and_with_an_allowlist() {
+    let Some(_serial) = root_test("a_user_publishes_on_ipv6_and_with_an_allowlist") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(155, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl7");
+    write_policy(&[&user.name]);
+    let _service = Service::start();
+    let ns = user.namespace();
+    let _server = Server::start(Some(ns.path()), "[::]:80".parse().unwrap(), "rootless6");
+    let pid = ns.pid.to_string();
+
+    // An explicit IPv6 host address: to the namespace's IPv6 address,
+    // over the TC path for an external client, which keeps its address.
+    let port = PORT + 5;
+    let spec = format!("[{}]:{port}:80", client.host_v6());
+    let out = user.portfwd_ok(&["map", "--netns", &pid, "--name", "v6", &spec]);
+    assert!(out.contains("-> [fd70:"), "{out}");
+    let to = addr(client.host_v6(), port);
+    let (answer, _) = fetch(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+    assert!(answer.starts_with("rootless6 "), "{answer}");
+    let (answer, _) = client.inside(move || fetch(to)).unwrap();
+    assert_eq!(answer, format!("rootless6 {}", client.v6()));
+
+    // --allow and --refuse apply to a user's mapping as to root's.
+    let port = PORT + 6;
+    let spec = format!("{port}:80");
+    user.portfwd_ok(&[
+        "map", "--netns", &pid, "--name", "local", "--allow", "host", "--refuse", "reject", &spec,
+    ]);
+    let (answer, _) = fetch(addr([127, 0, 0, 1], port)).unwrap();
+    assert!(answer.starts_with("rootless6 "), "{answer}");
+    let uplink = addr(client.host_v4(), port);
+    let outside = client.inside(move || fetch(uplink));
+    assert!(outside.is_err(), "a client outside --allow got {outside:?}");
+    let local = listed()
+        .into_iter()
+        .find(|m| m["name"] == format!("u{}.local", user.uid))
+        .unwrap();
+    assert_eq!(local["allow"], serde_json::json!(["host"]), "{local}");
+    assert_eq!(local["refuse"], "reject", "{local}");
+}
