@@ -198,39 +198,10 @@ pub(crate) fn map(
     caller: Caller,
     request: &MapRequest<'_>,
 ) -> Result<Vec<String>> {
-    let MapRequest {
-        target,
-        name,
-        publish,
-        allow: (allow, refuse),
-    } = *request;
     let loaded = admit(caller, policy_path)?;
-    let specs = publish
-        .iter()
-        .map(|text| text.parse::<PublishSpec>())
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(name) = name {
-        rootless::check_user_name(name).map_err(Error::usage)?;
-    }
-    // An allowlist only narrows who reaches the user's own mapping.
-    let allow = if allow.is_empty() {
-        None
-    } else {
-        let list = Allowlist::parse(allow).map_err(Error::usage)?;
-        Some(Allowlist { refuse, ..list })
-    };
-    let netns = Netns::open(target).map_err(|e| Error::usage(format!("{e:#}")))?;
-    let owner = netns.owner_uid()?;
-    if !caller.is_root() && owner != caller.uid {
-        bail!(
-            "the network namespace {target} is not yours (its user namespace belongs to uid {owner})"
-        );
-    }
-    if netns.is_own()? {
-        bail!(
-            "{target} is the host's network namespace: publish with `portfwd map ADDRESS` instead"
-        );
-    }
+    let (specs, allow) = parse_map_request(request)?;
+    let target = request.target;
+    let netns = open_target(caller, target)?;
     let pool = match &loaded {
         Some(loaded) => loaded.pool,
         None => Pool::new(rootless::DEFAULT_POOL_V4, rootless::DEFAULT_POOL_V6)
@@ -243,7 +214,9 @@ pub(crate) fn map(
     let full_name = format!(
         "{}{}",
         rootless::owner_prefix(caller.uid),
-        name.map(str::to_owned)
+        request
+            .name
+            .map(str::to_owned)
             .unwrap_or_else(|| format!("ns{}", slot.index))
     );
     // IPv6 host addresses go to the namespace's IPv6 address; the rest
@@ -257,44 +230,99 @@ pub(crate) fn map(
         allow,
         ..PublishOptions::default()
     };
-    let mut lines = Vec::new();
+    let check = |planned: &[Mapping], existing: &[Mapping]| match &loaded {
+        Some(loaded) if !caller.is_root() => check_policy(caller, loaded, planned, existing),
+        _ => Ok(()),
+    };
+    let families = [(v4, IpAddr::V4(slot.ns_v4)), (v6, IpAddr::V6(slot.ns_v6))];
+    let published = publish_families(pin_dir, &full_name, families, &options, &check, &netns)?;
+    Ok(published
+        .iter()
+        .map(|m| {
+            format!(
+                "published {}: {}/{} -> {} (port {} in {target})",
+                m.name,
+                m.host,
+                m.protocol,
+                m.container,
+                m.container.port()
+            )
+        })
+        .collect())
+}
+
+/// The request's PUBLISH specs and allowlist, checked before anything is
+/// opened.
+fn parse_map_request(request: &MapRequest<'_>) -> Result<(Vec<PublishSpec>, Option<Allowlist>)> {
+    let specs = request
+        .publish
+        .iter()
+        .map(|text| text.parse::<PublishSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = request.name {
+        rootless::check_user_name(name).map_err(Error::usage)?;
+    }
+    // An allowlist only narrows who reaches the user's own mapping.
+    let (allow, refuse) = request.allow;
+    let allow = if allow.is_empty() {
+        None
+    } else {
+        let list = Allowlist::parse(allow).map_err(Error::usage)?;
+        Some(Allowlist { refuse, ..list })
+    };
+    Ok((specs, allow))
+}
+
+/// Opens the namespace `target` names, which must be the caller's (root:
+/// any but the host's).
+fn open_target(caller: Caller, target: &str) -> Result<Netns> {
+    let netns = Netns::open(target).map_err(|e| Error::usage(format!("{e:#}")))?;
+    let owner = netns.owner_uid()?;
+    if !caller.is_root() && owner != caller.uid {
+        bail!(
+            "the network namespace {target} is not yours (its user namespace belongs to uid {owner})"
+        );
+    }
+    if netns.is_own()? {
+        bail!(
+            "{target} is the host's network namespace: publish with `portfwd map ADDRESS` instead"
+        );
+    }
+    Ok(netns)
+}
+
+/// The policy's check of planned mappings against the existing ones.
+type PolicyCheck<'a> = dyn Fn(&[Mapping], &[Mapping]) -> Result<()> + 'a;
+
+/// Publishes each family's specs to the namespace's address of that
+/// family, and routes their UDP replies through the way in. All or
+/// nothing: on an error, what was published goes again.
+fn publish_families(
+    pin_dir: &Path,
+    name: &str,
+    families: [(Vec<PublishSpec>, IpAddr); 2],
+    options: &PublishOptions,
+    check: &PolicyCheck<'_>,
+    netns: &Netns,
+) -> Result<Vec<Mapping>> {
     let mut done: Vec<Mapping> = Vec::new();
-    for (specs, ip) in [(v4, IpAddr::V4(slot.ns_v4)), (v6, IpAddr::V6(slot.ns_v6))] {
+    for (specs, ip) in families {
         if specs.is_empty() {
             continue;
         }
-        let check = |planned: &[Mapping], existing: &[Mapping]| match &loaded {
-            Some(loaded) if !caller.is_root() => check_policy(caller, loaded, planned, existing),
-            _ => Ok(()),
-        };
-        match publish::publish_checked(pin_dir, &full_name, ip, &specs, options.clone(), check) {
-            Ok(published) => {
+        let result = publish::publish_checked(pin_dir, name, ip, &specs, options.clone(), check)
+            .and_then(|published| {
                 done.extend(published.mappings.iter().cloned());
-                if let Err(error) = route_udp_replies(&netns, &published.mappings) {
-                    publish::withdraw_these(pin_dir, &done).ok();
-                    return Err(error);
-                }
-                lines.extend(published.mappings.iter().map(|m| {
-                    format!(
-                        "published {}: {}/{} -> {} (port {} in {target})",
-                        m.name,
-                        m.host,
-                        m.protocol,
-                        m.container,
-                        m.container.port()
-                    )
-                }));
+                route_udp_replies(netns, &published.mappings)
+            });
+        if let Err(error) = result {
+            if !done.is_empty() {
+                publish::withdraw_these(pin_dir, &done).ok();
             }
-            Err(error) => {
-                // All or nothing: the first family's mappings go again.
-                if !done.is_empty() {
-                    publish::withdraw_these(pin_dir, &done).ok();
-                }
-                return Err(error);
-            }
+            return Err(error);
         }
     }
-    Ok(lines)
+    Ok(done)
 }
 
 /// The rules that send the replies of the published UDP ports through the
