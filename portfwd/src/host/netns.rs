@@ -12,12 +12,14 @@
 
 use std::{
     ffi::CString,
-    fs, io,
+    fs,
+    io::{self, Write},
     net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -56,6 +58,30 @@ const WAY_IN_RULE_PRIORITY: u32 = 0x7066;
 /// then the way in's table.
 const UDP_MAIN_RULE_PRIORITY: u32 = 0x7064;
 const UDP_WAY_IN_RULE_PRIORITY: u32 = 0x7065;
+/// The mark (a connection's and then its reply packets') of what came in
+/// through a way in, inside the namespace: one bit, far from the ones
+/// Kubernetes (0x4000, 0x8000) and CNI's portmap (0x2000) use.
+const WAY_IN_MARK: u32 = 0x0100_0000;
+/// nftables, inside the namespace: connections that come in through a way
+/// in are marked, and the replies the namespace forwards for them (from a
+/// container further in, to which CNI's `portmap` DNATs, as rootless
+/// nerdctl does in RootlessKit's child namespace) carry the mark, which a
+/// rule routes back through the way in. Without it such a reply is routed
+/// before the DNAT is undone: its source is the container's, the source
+/// rule misses it, and it leaves by the namespace's default route. (The
+/// namespace's own servers' replies leave from the way in's address: the
+/// source rule takes them.) Replaced whole each time: idempotent.
+const MARK_RULES: &str = "\
+add table inet portfwd
+delete table inet portfwd
+table inet portfwd {
+    chain ways_in {
+        type filter hook prerouting priority mangle; policy accept;
+        iifname \"portfwd*\" ct mark set ct mark or 0x01000000
+        ct direction reply ct mark and 0x01000000 != 0 meta mark set meta mark or 0x01000000
+    }
+}
+";
 /// `statfs(2)`'s f_type of nsfs.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
@@ -290,6 +316,60 @@ pub(crate) fn route_udp_replies(netns: &Netns, ports: (u16, u16)) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Routes the replies that `netns` forwards for connections that came in
+/// through its way in back through it (see `MARK_RULES`): the nftables
+/// rules and `ip rule add fwmark WAY_IN_MARK lookup WAY_IN_TABLE` (both
+/// families). Rules that exist already are kept.
+pub(crate) fn route_forwarded_replies(netns: &Netns) -> Result<()> {
+    let inside = Rtnl::inside(netns)?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut message = RuleMessage::default();
+        message.header.family = family;
+        message.header.action = RuleAction::ToTable;
+        message.attributes.push(RuleAttribute::FwMark(WAY_IN_MARK));
+        message.attributes.push(RuleAttribute::FwMask(WAY_IN_MARK));
+        message.attributes.push(RuleAttribute::Table(WAY_IN_TABLE));
+        message
+            .attributes
+            .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+        match inside.create(RouteNetlinkMessage::NewRule(message)) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            other => other.context("adding the rule for the way in's mark")?,
+        }
+    }
+    nft_inside(netns, MARK_RULES).context("marking the connections that come through the way in")
+}
+
+/// Runs `nft -f -` with `script` in `netns`: started by a thread that
+/// entered it (a child starts in its parent thread's namespaces).
+fn nft_inside(netns: &Netns, script: &str) -> Result<()> {
+    let fd = netns.fd.try_clone()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<()> {
+                setns(&fd, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+                let mut child = Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("running nft")?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(script.as_bytes())?;
+                }
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    let why = String::from_utf8_lossy(&out.stderr);
+                    bail!("nft: {}", why.lines().next().unwrap_or("failed"));
+                }
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow!("the thread entering the namespace panicked"))?
+    })
 }
 
 /// Deletes an interface of the service's namespace (a veth takes its peer

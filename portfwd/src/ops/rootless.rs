@@ -211,6 +211,8 @@ pub(crate) fn map(
     let mut by_netns = ways.lock();
     sweep_gone(pin_dir)?;
     let slot = way_in(&mut by_netns, &netns, &pool)?;
+    // At each map: a way in an older service made gets them too.
+    netns::route_forwarded_replies(&netns)?;
     let full_name = format!(
         "{}{}",
         rootless::owner_prefix(caller.uid),

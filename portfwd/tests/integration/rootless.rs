@@ -762,3 +762,108 @@ fn a_user_publishes_on_ipv6_and_with_an_allowlist() {
     assert_eq!(local["allow"], serde_json::json!(["host"]), "{local}");
     assert_eq!(local["refuse"], "reject", "{local}");
 }
+
+/// A container behind the user's namespace, as rootless nerdctl's are:
+/// its own namespace `pft-rlq156` (10.249.156.2) on a veth whose other end
+/// (10.249.156.1) is in the user's namespace, which forwards, and a DNAT
+/// rule there from `HOP_PORT` to the container's port 80 (what CNI
+/// `portmap` adds in RootlessKit's child namespace). Removed when dropped.
+struct ContainerBehind;
+
+const HOP_PORT: u16 = 18080;
+const BEHIND_NS: &str = "pft-rlq156";
+const BEHIND_NET: &str = "10.249.156.0/24";
+
+impl ContainerBehind {
+    fn create(ns: &UserNamespace) -> Self {
+        let _ = run("ip", &["route", "del", "unreachable", BEHIND_NET]);
+        sh(
+            "ip",
+            &["route", "add", "unreachable", BEHIND_NET, "metric", "4242"],
+        );
+        netns::add(BEHIND_NS).unwrap();
+        let pid = ns.pid.to_string();
+        sh(
+            "ip",
+            &[
+                "link", "add", "pftq156u", "netns", &pid, "type", "veth", "peer", "name",
+                "pftq156c", "netns", BEHIND_NS,
+            ],
+        );
+        ns_inside(ns, || {
+            sh("ip", &["addr", "add", "10.249.156.1/24", "dev", "pftq156u"]);
+            sh("ip", &["link", "set", "pftq156u", "up"]);
+            sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            let to = format!("--dport={HOP_PORT}");
+            sh(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    &to,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    "10.249.156.2:80",
+                ],
+            );
+        });
+        netns::ip_in(
+            BEHIND_NS,
+            &["addr", "add", "10.249.156.2/24", "dev", "pftq156c"],
+        )
+        .unwrap();
+        netns::ip_in(BEHIND_NS, &["link", "set", "pftq156c", "up"]).unwrap();
+        netns::ip_in(
+            BEHIND_NS,
+            &["route", "add", "default", "via", "10.249.156.1"],
+        )
+        .unwrap();
+        ContainerBehind
+    }
+}
+
+impl Drop for ContainerBehind {
+    fn drop(&mut self) {
+        netns::delete(BEHIND_NS);
+        let _ = run("ip", &["route", "del", "unreachable", BEHIND_NET]);
+    }
+}
+
+#[test]
+fn a_port_that_the_namespace_forwards_further_in() {
+    let Some(_serial) = root_test("a_port_that_the_namespace_forwards_further_in") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(156, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl8");
+    write_policy(&[&user.name]);
+    let _service = Service::start();
+    let ns = user.namespace();
+    let _behind = ContainerBehind::create(&ns);
+    let _server = Server::start(
+        Some(netns::path(BEHIND_NS)),
+        "0.0.0.0:80".parse().unwrap(),
+        "behind",
+    );
+    let port = PORT + 7;
+    let spec = format!("{port}:{HOP_PORT}");
+    user.portfwd_ok(&["map", "--netns", &ns.pid.to_string(), &spec]);
+
+    let (answer, _) = fetch(addr([127, 0, 0, 1], port)).unwrap();
+    assert!(answer.starts_with("behind "), "{answer}");
+    // The container's replies are routed in the user's namespace before
+    // the DNAT is undone: they must still go back through the way in.
+    let uplink = addr(client.host_v4(), port);
+    let answer = client.inside(move || fetch(uplink));
+    assert!(
+        matches!(&answer, Ok((a, _)) if *a == format!("behind {}", client.v4())),
+        "{answer:?}"
+    );
+}
