@@ -37,6 +37,9 @@ const DEBS: &[&str] = &[
     // The Docker test: a private dockerd (with containerd) whose userland
     // proxy is portfwd. Installing it starts no daemon (runlevel 1, below).
     "docker.io",
+    // The rootless tests: RootlessKit's child namespace (slirp4netns).
+    "rootlesskit",
+    "slirp4netns",
 ];
 
 #[derive(Default)]

@@ -140,7 +140,7 @@ struct MapArgs {
     /// Publish ports of this network namespace (a pid of a process in it,
     /// or a namespace file such as RootlessKit's --detach-netns) through
     /// `portfwd serve`: how a user who is not root publishes
-    #[arg(long, value_name = "PID|PATH", conflicts_with_all = ["force", "allow"])]
+    #[arg(long, value_name = "PID|PATH", conflicts_with = "force")]
     netns: Option<String>,
     /// CONTAINER_IP (without --netns), then each PUBLISH:
     /// [[HOSTIP:]HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
@@ -265,8 +265,8 @@ fn run(pin_dir: PathBuf, command: Command) -> anyhow::Result<()> {
         Command::Unmap { name, selectors } if api::serves_this_user(&pin_dir) => {
             api::call(&pin_dir, &Request::Unmap { name, selectors })
         }
-        Command::List { .. } if api::serves_this_user(&pin_dir) => {
-            api::call(&pin_dir, &Request::List {})
+        Command::List { json } if api::serves_this_user(&pin_dir) => {
+            api::call(&pin_dir, &Request::List { json })
         }
         Command::Hold => holder::run(&pin_dir),
         Command::Unmap { name, selectors } => {
@@ -306,6 +306,8 @@ fn run_map(pin_dir: &std::path::Path, args: MapArgs) -> anyhow::Result<()> {
                 netns,
                 name,
                 publish,
+                allow,
+                refuse,
             },
         );
     }

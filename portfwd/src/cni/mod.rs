@@ -217,6 +217,8 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
         ensure_up(conf)?;
         let pin_dir = conf.pin_dir();
         let name = attachment_name(id, ifname);
+        model::check_name(&name)
+            .map_err(|e| CniError::from_anyhow(code::INVALID_ENVIRONMENT, "CNI_CONTAINERID", &e))?;
         // A repeated ADD of an attachment replaces its mappings.
         ops::withdraw(&pin_dir, Some(&name), &[], Missing::Ignore).map_err(|e| {
             CniError::from_anyhow(code::PUBLISH_FAILED, "removing earlier mappings", &e)

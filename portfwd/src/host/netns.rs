@@ -12,12 +12,14 @@
 
 use std::{
     ffi::CString,
-    fs, io,
+    fs,
+    io::{self, Write},
     net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -30,6 +32,7 @@ use netlink_packet_route::{
     AddressFamily, IpProtocol, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags, AddressMessage},
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    nsid::{NsidAttribute, NsidMessage},
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         RouteType,
@@ -55,6 +58,30 @@ const WAY_IN_RULE_PRIORITY: u32 = 0x7066;
 /// then the way in's table.
 const UDP_MAIN_RULE_PRIORITY: u32 = 0x7064;
 const UDP_WAY_IN_RULE_PRIORITY: u32 = 0x7065;
+/// The mark (a connection's and then its reply packets') of what came in
+/// through a way in, inside the namespace: one bit, far from the ones
+/// Kubernetes (0x4000, 0x8000) and CNI's portmap (0x2000) use.
+const WAY_IN_MARK: u32 = 0x0100_0000;
+/// nftables, inside the namespace: connections that come in through a way
+/// in are marked, and the replies the namespace forwards for them (from a
+/// container further in, to which CNI's `portmap` DNATs, as rootless
+/// nerdctl does in RootlessKit's child namespace) carry the mark, which a
+/// rule routes back through the way in. Without it such a reply is routed
+/// before the DNAT is undone: its source is the container's, the source
+/// rule misses it, and it leaves by the namespace's default route. (The
+/// namespace's own servers' replies leave from the way in's address: the
+/// source rule takes them.) Replaced whole each time: idempotent.
+const MARK_RULES: &str = "\
+add table inet portfwd
+delete table inet portfwd
+table inet portfwd {
+    chain ways_in {
+        type filter hook prerouting priority mangle; policy accept;
+        iifname \"portfwd*\" ct mark set ct mark or 0x01000000
+        ct direction reply ct mark and 0x01000000 != 0 meta mark set meta mark or 0x01000000
+    }
+}
+";
 /// `statfs(2)`'s f_type of nsfs.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,6 +178,64 @@ pub(crate) fn link_exists(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The host end (`pfr<N>`) of the way into `netns` that exists already,
+/// made before this service started (it was restarted). Found by the
+/// kernel's id for the namespace the end's peer lives in, so a link the
+/// user named inside their namespace cannot point at another's way in.
+pub(crate) fn existing_way_in(netns: &Netns) -> Result<Option<String>> {
+    let host = Rtnl::here()?;
+    let Some(nsid) = host.nsid_of(netns)? else {
+        // No device of the host's has a peer in it.
+        return Ok(None);
+    };
+    let names = nix::net::if_::if_nameindex().context("listing the interfaces")?;
+    for name in names.iter().filter_map(|i| i.name().to_str().ok()) {
+        if !Slot::is_host_ifname(name) {
+            continue;
+        }
+        // One gone in between is not this namespace's.
+        let Ok(link) = host.get_link(name) else {
+            continue;
+        };
+        let peer_in_netns = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(id) if *id == nsid));
+        if peer_in_netns {
+            return Ok(Some(name.to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes the host's rules of a way in whose interface is gone (see
+/// `Rtnl::block_forwarding_from`); missing ones are no error.
+pub(crate) fn unblock_forwarding_from(ifname: &str) -> Result<()> {
+    let host = Rtnl::here()?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let message = forwarding_block_rule(family, ifname);
+        match host.request(RouteNetlinkMessage::DelRule(message), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            other => other.with_context(|| format!("deleting the rule of {ifname}"))?,
+        }
+    }
+    Ok(())
+}
+
+/// `iif IFNAME prohibit`, at the way in's priority.
+fn forwarding_block_rule(family: AddressFamily, ifname: &str) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = family;
+    message.header.action = RuleAction::Prohibit;
+    message
+        .attributes
+        .push(RuleAttribute::Iifname(ifname.to_owned()));
+    message
+        .attributes
+        .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+    message
+}
+
 /// Makes the way into `netns` for `slot`: the veth pair (host end
 /// `slot.host_ifname()`, namespace end `slot.ns_ifname()`), both ends'
 /// addresses, and inside the namespace the rule and route that send
@@ -231,6 +316,60 @@ pub(crate) fn route_udp_replies(netns: &Netns, ports: (u16, u16)) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Routes the replies that `netns` forwards for connections that came in
+/// through its way in back through it (see `MARK_RULES`): the nftables
+/// rules and `ip rule add fwmark WAY_IN_MARK lookup WAY_IN_TABLE` (both
+/// families). Rules that exist already are kept.
+pub(crate) fn route_forwarded_replies(netns: &Netns) -> Result<()> {
+    let inside = Rtnl::inside(netns)?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut message = RuleMessage::default();
+        message.header.family = family;
+        message.header.action = RuleAction::ToTable;
+        message.attributes.push(RuleAttribute::FwMark(WAY_IN_MARK));
+        message.attributes.push(RuleAttribute::FwMask(WAY_IN_MARK));
+        message.attributes.push(RuleAttribute::Table(WAY_IN_TABLE));
+        message
+            .attributes
+            .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+        match inside.create(RouteNetlinkMessage::NewRule(message)) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            other => other.context("adding the rule for the way in's mark")?,
+        }
+    }
+    nft_inside(netns, MARK_RULES).context("marking the connections that come through the way in")
+}
+
+/// Runs `nft -f -` with `script` in `netns`: started by a thread that
+/// entered it (a child starts in its parent thread's namespaces).
+fn nft_inside(netns: &Netns, script: &str) -> Result<()> {
+    let fd = netns.fd.try_clone()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<()> {
+                setns(&fd, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+                let mut child = Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("running nft")?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(script.as_bytes())?;
+                }
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    let why = String::from_utf8_lossy(&out.stderr);
+                    bail!("nft: {}", why.lines().next().unwrap_or("failed"));
+                }
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow!("the thread entering the namespace panicked"))?
+    })
 }
 
 /// Deletes an interface of the service's namespace (a veth takes its peer
@@ -332,17 +471,46 @@ impl Rtnl {
     }
 
     fn link_index(&self, name: &str) -> Result<u32> {
+        Ok(self.get_link(name)?.header.index)
+    }
+
+    /// `ip link show NAME`.
+    fn get_link(&self, name: &str) -> Result<LinkMessage> {
         let mut message = LinkMessage::default();
         message
             .attributes
             .push(LinkAttribute::IfName(name.to_owned()));
+        match self.ask(RouteNetlinkMessage::GetLink(message)) {
+            Ok(RouteNetlinkMessage::NewLink(link)) => Ok(link),
+            Ok(_) => bail!("no interface {name}"),
+            Err(e) => Err(e).with_context(|| format!("looking up {name}")),
+        }
+    }
+
+    /// The id this namespace gives `netns` (what a link whose peer lives
+    /// there reports as its IFLA_LINK_NETNSID); None when it has none.
+    fn nsid_of(&self, netns: &Netns) -> Result<Option<i32>> {
+        let mut message = NsidMessage::default();
+        let fd = u32::try_from(netns.fd.as_raw_fd())?;
+        message.attributes.push(NsidAttribute::Fd(fd));
+        let reply = self
+            .ask(RouteNetlinkMessage::GetNsId(message))
+            .context("asking for the namespace's id")?;
+        let RouteNetlinkMessage::NewNsId(reply) = reply else {
+            bail!("netlink answered a namespace id request with something else");
+        };
+        Ok(reply.attributes.iter().find_map(|a| match a {
+            NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+            _ => None,
+        }))
+    }
+
+    /// Sends one request that the kernel answers with one message.
+    fn ask(&self, message: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST;
         header.sequence_number = 2;
-        let mut request = NetlinkMessage::new(
-            header,
-            NetlinkPayload::from(RouteNetlinkMessage::GetLink(message)),
-        );
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::from(message));
         request.finalize();
         let mut buf = vec![0; request.buffer_len()];
         request.serialize(&mut buf);
@@ -350,15 +518,11 @@ impl Rtnl {
         let mut buf = vec![0; 64 * 1024];
         let len = self.socket.recv(&mut &mut buf[..], 0)?;
         let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len])
-            .map_err(|e| anyhow!("a netlink reply: {e}"))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         match reply.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                Ok(link.header.index)
-            }
-            NetlinkPayload::Error(error) if error.code.is_some() => {
-                Err(error.to_io()).with_context(|| format!("looking up {name} in the namespace"))
-            }
-            _ => bail!("no interface {name} in the namespace"),
+            NetlinkPayload::InnerMessage(message) => Ok(message),
+            NetlinkPayload::Error(error) if error.code.is_some() => Err(error.to_io()),
+            _ => Err(io::Error::other("no answer from netlink")),
         }
     }
 
@@ -396,15 +560,7 @@ impl Rtnl {
     /// (its namespace ended) applies to this one as it is.
     fn block_forwarding_from(&self, ifname: &str) -> Result<()> {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut message = RuleMessage::default();
-            message.header.family = family;
-            message.header.action = RuleAction::Prohibit;
-            message
-                .attributes
-                .push(RuleAttribute::Iifname(ifname.to_owned()));
-            message
-                .attributes
-                .push(RuleAttribute::Priority(WAY_IN_RULE_PRIORITY));
+            let message = forwarding_block_rule(family, ifname);
             match self.create(RouteNetlinkMessage::NewRule(message)) {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 other => other.with_context(|| {

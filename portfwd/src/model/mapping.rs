@@ -133,6 +133,13 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
             "invalid name {name:?}: no spaces or control characters"
         )));
     }
+    // The rootless service removes such mappings when their namespace
+    // ends: one of root's must never look like them.
+    if super::rootless::is_rootless_name(name) {
+        bail!(Error::usage(format!(
+            "invalid name {name:?}: names u<UID>.NAME are the rootless service's (portfwd map --netns)"
+        )));
+    }
     Ok(())
 }
 
@@ -505,6 +512,8 @@ mod tests {
         assert!(check_name(&"a".repeat(65)).is_err());
         assert!(check_name("").is_err());
         assert!(check_name("two words").is_err());
+        assert!(check_name("u1000.web").is_err());
+        assert!(check_name("u.web").is_ok() && check_name("user.web").is_ok());
         assert!(check_container_ip("0.0.0.0".parse().unwrap()).is_err());
         assert!(check_container_ip("ff02::1".parse().unwrap()).is_err());
     }

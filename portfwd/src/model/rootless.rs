@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Mapping, Network, PortRange};
+use super::{Mapping, Network, PortRange, Refuse};
 
 /// The default IPv4 pool: part of 198.18.0.0/15, reserved for benchmarking
 /// (RFC 2544), never routed on the Internet and rarely configured on hosts
@@ -132,8 +132,15 @@ impl Slot {
 
     /// Whether `name` is the host end of a way in.
     pub(crate) fn is_host_ifname(name: &str) -> bool {
+        Slot::index_of(name).is_some()
+    }
+
+    /// The slot whose host end `name` is.
+    pub(crate) fn index_of(name: &str) -> Option<u32> {
         name.strip_prefix("pfr")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?
+            .parse()
+            .ok()
     }
 
     /// The namespace end: the slot keeps it from clashing with a way in an
@@ -252,6 +259,12 @@ pub(crate) enum Request {
         #[serde(default)]
         name: Option<String>,
         publish: Vec<String>,
+        /// `--allow`: the clients that may connect (none: everyone).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow: Vec<String>,
+        /// `--refuse`: what the others get (with `allow`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refuse: Option<Refuse>,
     },
     /// Remove the caller's mappings of a name and/or on host ports.
     Unmap {
@@ -260,8 +273,48 @@ pub(crate) enum Request {
         #[serde(default)]
         selectors: Vec<String>,
     },
-    /// The caller's mappings (root: every mapping).
-    List {},
+    /// The caller's mappings (root: every mapping); with `json`, as one
+    /// JSON document (`listing_json`).
+    List {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        json: bool,
+    },
+}
+
+/// A mapping in `list --json` through the API: the fields of root's `list
+/// --json` that describe it (its counters and the host's state are root's).
+#[derive(Serialize)]
+struct ListedMapping<'a> {
+    name: &'a str,
+    protocol: &'a str,
+    host_ip: IpAddr,
+    host_port: u16,
+    container_ip: IpAddr,
+    container_port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refuse: Option<&'static str>,
+}
+
+/// `{"mappings": [...]}`, as root's `list --json` begins.
+pub(crate) fn listing_json(mappings: &[Mapping]) -> String {
+    let mappings: Vec<ListedMapping> = mappings
+        .iter()
+        .map(|m| ListedMapping {
+            name: &m.name,
+            protocol: m.protocol.as_str(),
+            host_ip: m.host.ip(),
+            host_port: m.host.port(),
+            container_ip: m.container.ip(),
+            container_port: m.container.port(),
+            allow: m.allow.as_ref().map(super::Allowlist::strings),
+            refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
+        })
+        .collect();
+    let document = serde_json::json!({ "mappings": mappings });
+    // Serialising plain data cannot fail.
+    serde_json::to_string_pretty(&document).unwrap_or_default()
 }
 
 /// The reply: `ok` with lines to print, or one line saying why not.
@@ -317,9 +370,17 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => {
             if publish.is_empty() || publish.len() > MAX_SPECS {
                 return Err(format!("map needs 1 to {MAX_SPECS} PUBLISH specs"));
+            }
+            if allow.len() > MAX_SPECS {
+                return Err(format!("map takes at most {MAX_SPECS} --allow"));
+            }
+            if refuse.is_some() && allow.is_empty() {
+                return Err("--refuse needs --allow".into());
             }
             if netns.is_empty() || netns.len() > 4096 {
                 return Err("netns must be a pid or a path".into());
@@ -339,7 +400,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
                 check_user_name(name)?;
             }
         }
-        Request::List {} => {}
+        Request::List { .. } => {}
     }
     Ok(request)
 }
@@ -390,6 +451,8 @@ mod tests {
         assert_eq!(slot.host_ifname(), "pfr3");
         assert!(Slot::is_host_ifname("pfr3"));
         assert!(!Slot::is_host_ifname("pfr") && !Slot::is_host_ifname("pfrx"));
+        assert_eq!(Slot::index_of("pfr12"), Some(12));
+        assert_eq!(Slot::index_of("pfr+1"), None);
         assert!(is_rootless_name("u1001.web") && !is_rootless_name("u.web"));
         assert!(!is_rootless_name("user.web") && !is_rootless_name("10.0.0.2"));
     }
@@ -441,17 +504,25 @@ mod tests {
             Request::Map {
                 netns: "42".into(),
                 name: None,
-                publish: vec!["8080:80".into()]
+                publish: vec!["8080:80".into()],
+                allow: Vec::new(),
+                refuse: None,
             }
         );
         assert_eq!(
             parse_request(b"{\"op\":\"list\"}\n").unwrap(),
-            Request::List {}
+            Request::List { json: false }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"list","json":true}"#).unwrap(),
+            Request::List { json: true }
         );
         for bad in [
             &b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[]}"[..],
             b"{\"op\":\"unmap\"}",
             b"{\"op\":\"list\",\"uid\":0}",
+            b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"80\"],\"refuse\":\"drop\"}",
+            b"{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"80\"],\"allow\":[\"host\"],\"refuse\":\"x\"}",
             b"{\"op\":\"map\",\"netns\":\"1\",\"name\":\"a b\",\"publish\":[\"80\"]}",
             b"\xff",
             b"",

@@ -18,7 +18,7 @@ use crate::{
     error::Error,
     host::netns::{self, Netns},
     model::{
-        Mapping, PortRange, Protocol, PublishSpec, UnmapSelector,
+        Allowlist, Mapping, PortRange, Protocol, PublishSpec, Refuse, UnmapSelector,
         rootless::{self, Policy, Pool, Slot},
     },
 };
@@ -80,6 +80,19 @@ impl WaysIn {
             .collect();
         ways.retain(|_, s| !gone.contains(s));
         gone
+    }
+
+    /// Deletes the host's rules of the ways in named `host_ifs` that are
+    /// gone. Under the lock: a way in made meanwhile with such a name keeps
+    /// its rules.
+    pub(crate) fn remove_rules_of_gone(&self, host_ifs: &[String]) -> Result<()> {
+        let _ways = self.lock();
+        for name in host_ifs {
+            if !netns::link_exists(name) {
+                netns::unblock_forwarding_from(name)?;
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Slot>> {
@@ -167,25 +180,104 @@ fn check_policy(
     Ok(())
 }
 
-/// `map --netns TARGET [--name NAME] PUBLISH...` for `caller`: the lines
-/// to print.
+/// What `map --netns TARGET [--name NAME] [--allow ... --refuse R]
+/// PUBLISH...` asks for.
+pub(crate) struct MapRequest<'a> {
+    pub(crate) target: &'a str,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) publish: &'a [String],
+    /// `--allow` (empty: everyone) and `--refuse`.
+    pub(crate) allow: (&'a [String], Refuse),
+}
+
+/// `map --netns ...` for `caller`: the lines to print.
 pub(crate) fn map(
     pin_dir: &Path,
     policy_path: &Path,
     ways: &WaysIn,
     caller: Caller,
-    target: &str,
-    name: Option<&str>,
-    publish: &[String],
+    request: &MapRequest<'_>,
 ) -> Result<Vec<String>> {
     let loaded = admit(caller, policy_path)?;
-    let specs = publish
+    let (specs, allow) = parse_map_request(request)?;
+    let target = request.target;
+    let netns = open_target(caller, target)?;
+    let pool = match &loaded {
+        Some(loaded) => loaded.pool,
+        None => Pool::new(rootless::DEFAULT_POOL_V4, rootless::DEFAULT_POOL_V6)
+            .map_err(|e| anyhow!(e))?,
+    };
+
+    let mut by_netns = ways.lock();
+    sweep_gone(pin_dir)?;
+    let slot = way_in(&mut by_netns, &netns, &pool)?;
+    // At each map: a way in an older service made gets them too.
+    netns::route_forwarded_replies(&netns)?;
+    let full_name = format!(
+        "{}{}",
+        rootless::owner_prefix(caller.uid),
+        request
+            .name
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("ns{}", slot.index))
+    );
+    // IPv6 host addresses go to the namespace's IPv6 address; the rest
+    // (IPv4 and the wildcards of both families) to its IPv4 one, as a
+    // rootful `portfwd map` of an IPv4 container does.
+    let (v6, v4): (Vec<PublishSpec>, Vec<PublishSpec>) = specs
+        .into_iter()
+        .partition(|s| matches!(s.host_ip, Some(IpAddr::V6(ip)) if !ip.is_unspecified()));
+    let options = PublishOptions {
+        refuse_ports_in_use: true,
+        allow,
+        ..PublishOptions::default()
+    };
+    let check = |planned: &[Mapping], existing: &[Mapping]| match &loaded {
+        Some(loaded) if !caller.is_root() => check_policy(caller, loaded, planned, existing),
+        _ => Ok(()),
+    };
+    let families = [(v4, IpAddr::V4(slot.ns_v4)), (v6, IpAddr::V6(slot.ns_v6))];
+    let published = publish_families(pin_dir, &full_name, families, &options, &check, &netns)?;
+    Ok(published
+        .iter()
+        .map(|m| {
+            format!(
+                "published {}: {}/{} -> {} (port {} in {target})",
+                m.name,
+                m.host,
+                m.protocol,
+                m.container,
+                m.container.port()
+            )
+        })
+        .collect())
+}
+
+/// The request's PUBLISH specs and allowlist, checked before anything is
+/// opened.
+fn parse_map_request(request: &MapRequest<'_>) -> Result<(Vec<PublishSpec>, Option<Allowlist>)> {
+    let specs = request
+        .publish
         .iter()
         .map(|text| text.parse::<PublishSpec>())
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(name) = name {
+    if let Some(name) = request.name {
         rootless::check_user_name(name).map_err(Error::usage)?;
     }
+    // An allowlist only narrows who reaches the user's own mapping.
+    let (allow, refuse) = request.allow;
+    let allow = if allow.is_empty() {
+        None
+    } else {
+        let list = Allowlist::parse(allow).map_err(Error::usage)?;
+        Some(Allowlist { refuse, ..list })
+    };
+    Ok((specs, allow))
+}
+
+/// Opens the namespace `target` names, which must be the caller's (root:
+/// any but the host's).
+fn open_target(caller: Caller, target: &str) -> Result<Netns> {
     let netns = Netns::open(target).map_err(|e| Error::usage(format!("{e:#}")))?;
     let owner = netns.owner_uid()?;
     if !caller.is_root() && owner != caller.uid {
@@ -198,69 +290,41 @@ pub(crate) fn map(
             "{target} is the host's network namespace: publish with `portfwd map ADDRESS` instead"
         );
     }
-    let pool = match &loaded {
-        Some(loaded) => loaded.pool,
-        None => Pool::new(rootless::DEFAULT_POOL_V4, rootless::DEFAULT_POOL_V6)
-            .map_err(|e| anyhow!(e))?,
-    };
+    Ok(netns)
+}
 
-    let mut by_netns = ways.lock();
-    sweep_gone(pin_dir)?;
-    let slot = way_in(&mut by_netns, &netns, &pool)?;
-    let full_name = format!(
-        "{}{}",
-        rootless::owner_prefix(caller.uid),
-        name.map(str::to_owned)
-            .unwrap_or_else(|| format!("ns{}", slot.index))
-    );
-    // IPv6 host addresses go to the namespace's IPv6 address; the rest
-    // (IPv4 and the wildcards of both families) to its IPv4 one, as a
-    // rootful `portfwd map` of an IPv4 container does.
-    let (v6, v4): (Vec<PublishSpec>, Vec<PublishSpec>) = specs
-        .into_iter()
-        .partition(|s| matches!(s.host_ip, Some(IpAddr::V6(ip)) if !ip.is_unspecified()));
-    let options = PublishOptions {
-        refuse_ports_in_use: true,
-        ..PublishOptions::default()
-    };
-    let mut lines = Vec::new();
+/// The policy's check of planned mappings against the existing ones.
+type PolicyCheck<'a> = dyn Fn(&[Mapping], &[Mapping]) -> Result<()> + 'a;
+
+/// Publishes each family's specs to the namespace's address of that
+/// family, and routes their UDP replies through the way in. All or
+/// nothing: on an error, what was published goes again.
+fn publish_families(
+    pin_dir: &Path,
+    name: &str,
+    families: [(Vec<PublishSpec>, IpAddr); 2],
+    options: &PublishOptions,
+    check: &PolicyCheck<'_>,
+    netns: &Netns,
+) -> Result<Vec<Mapping>> {
     let mut done: Vec<Mapping> = Vec::new();
-    for (specs, ip) in [(v4, IpAddr::V4(slot.ns_v4)), (v6, IpAddr::V6(slot.ns_v6))] {
+    for (specs, ip) in families {
         if specs.is_empty() {
             continue;
         }
-        let check = |planned: &[Mapping], existing: &[Mapping]| match &loaded {
-            Some(loaded) if !caller.is_root() => check_policy(caller, loaded, planned, existing),
-            _ => Ok(()),
-        };
-        match publish::publish_checked(pin_dir, &full_name, ip, &specs, options.clone(), check) {
-            Ok(published) => {
+        let result = publish::publish_checked(pin_dir, name, ip, &specs, options.clone(), check)
+            .and_then(|published| {
                 done.extend(published.mappings.iter().cloned());
-                if let Err(error) = route_udp_replies(&netns, &published.mappings) {
-                    publish::withdraw_these(pin_dir, &done).ok();
-                    return Err(error);
-                }
-                lines.extend(published.mappings.iter().map(|m| {
-                    format!(
-                        "published {}: {}/{} -> {} (port {} in {target})",
-                        m.name,
-                        m.host,
-                        m.protocol,
-                        m.container,
-                        m.container.port()
-                    )
-                }));
+                route_udp_replies(netns, &published.mappings)
+            });
+        if let Err(error) = result {
+            if !done.is_empty() {
+                publish::withdraw_these(pin_dir, &done).ok();
             }
-            Err(error) => {
-                // All or nothing: the first family's mappings go again.
-                if !done.is_empty() {
-                    publish::withdraw_these(pin_dir, &done).ok();
-                }
-                return Err(error);
-            }
+            return Err(error);
         }
     }
-    Ok(lines)
+    Ok(done)
 }
 
 /// The rules that send the replies of the published UDP ports through the
@@ -297,6 +361,10 @@ fn way_in(by_netns: &mut HashMap<(u64, u64), Slot>, netns: &Netns, pool: &Pool) 
         }
         by_netns.remove(&netns.id);
     }
+    if let Some(slot) = found_again(netns, pool)? {
+        by_netns.insert(netns.id, slot);
+        return Ok(slot);
+    }
     // Bounded by the pool; a taken slot has its host end.
     // The mappings of an ended namespace go before its slot is given again
     // (else they would lead into the new namespace).
@@ -310,6 +378,26 @@ fn way_in(by_netns: &mut HashMap<(u64, u64), Slot>, netns: &Netns, pool: &Pool) 
     netns::create_way_in(netns, &slot)?;
     by_netns.insert(netns.id, slot);
     Ok(slot)
+}
+
+/// The way into `netns` that a service made before it was restarted. Its
+/// slot's addresses must be the current pool's (an administrator may
+/// have changed the pool since).
+fn found_again(netns: &Netns, pool: &Pool) -> Result<Option<Slot>> {
+    let Some(host_if) = netns::existing_way_in(netns)? else {
+        return Ok(None);
+    };
+    let slot = Slot::index_of(&host_if).and_then(|index| pool.slot(index));
+    let routed_there = |slot: &Slot| {
+        way_in_of_address(IpAddr::V4(slot.ns_v4)).as_deref() == Some(host_if.as_str())
+    };
+    match slot.filter(routed_there) {
+        Some(slot) => Ok(Some(slot)),
+        None => bail!(
+            "the way into this namespace ({host_if}) has addresses outside the rootless pool: \
+             restart the namespace to get a new one"
+        ),
+    }
 }
 
 /// `unmap` for `caller`: a user names only their own mappings.
@@ -383,7 +471,12 @@ pub(crate) fn list(pin_dir: &Path, caller: Caller) -> Result<Vec<Mapping>> {
 /// when that is no way in (any more): its namespace ended, and with it
 /// the veth and its route.
 fn way_in_of(mapping: &Mapping) -> Option<String> {
-    let index = crate::host::netlink::route_oif(mapping.container.ip()).ok()??;
+    way_in_of_address(mapping.container.ip())
+}
+
+/// The host end of the way in `ip` is routed through, if it is one.
+fn way_in_of_address(ip: IpAddr) -> Option<String> {
+    let index = crate::host::netlink::route_oif(ip).ok()??;
     let name = crate::host::netlink::ifname(index).ok()?;
     Slot::is_host_ifname(&name).then_some(name)
 }

@@ -184,19 +184,27 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => ops_rootless::map(
             &shared.pin_dir,
             &shared.policy,
             &shared.ways,
             caller,
-            netns,
-            name.as_deref(),
-            publish,
+            &ops_rootless::MapRequest {
+                target: netns,
+                name: name.as_deref(),
+                publish,
+                allow: (allow, refuse.unwrap_or_default()),
+            },
         ),
         Request::Unmap { name, selectors } => {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
         }
-        Request::List {} => ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
+        Request::List { json } => ops_rootless::list(&shared.pin_dir, caller).map(|mappings| {
+            if *json {
+                return vec![rootless::listing_json(&mappings)];
+            }
             mappings
                 .iter()
                 .map(|m| format!("{} {}/{} -> {}", m.name, m.host, m.protocol, m.container))
@@ -205,7 +213,7 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
     };
     match result {
         Ok(lines) => {
-            if !matches!(request, Request::List {}) {
+            if !matches!(request, Request::List { .. }) {
                 eprintln!("portfwd serve: api: uid {}: {what}: done", caller.uid);
             }
             Reply::lines(lines)
@@ -229,10 +237,19 @@ fn describe(request: &Request) -> String {
             netns,
             name,
             publish,
+            allow,
+            refuse,
         } => format!(
-            "map --netns {netns}{} {}",
+            "map --netns {netns}{}{}{} {}",
             name.as_ref()
                 .map(|n| format!(" --name {n}"))
+                .unwrap_or_default(),
+            allow
+                .iter()
+                .map(|a| format!(" --allow {a}"))
+                .collect::<String>(),
+            refuse
+                .map(|r| format!(" --refuse {}", r.as_str()))
                 .unwrap_or_default(),
             publish.join(" ")
         ),
@@ -243,7 +260,7 @@ fn describe(request: &Request) -> String {
                 .unwrap_or_default(),
             selectors.join(" ")
         ),
-        Request::List {} => "list".into(),
+        Request::List { .. } => "list".into(),
     }
 }
 
@@ -269,6 +286,9 @@ fn watch(shared: &Shared) {
         });
         if gone.is_empty() {
             continue;
+        }
+        if let Err(error) = shared.ways.remove_rules_of_gone(&gone) {
+            eprintln!("portfwd serve: removing the rules of ended ways in: {error:#}");
         }
         match ops_rootless::sweep_gone(&shared.pin_dir) {
             Ok(removed) => {

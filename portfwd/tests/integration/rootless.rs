@@ -73,8 +73,9 @@ impl Drop for PoolRoutes {
     fn drop(&mut self) {
         for (family, prefix) in [("-4", POOL_V4), ("-6", POOL_V6)] {
             let _ = run("ip", &[family, "route", "del", "unreachable", prefix]);
-            // The service keeps the rule of a way in (inert once its
-            // interface is gone); the tests use the first few.
+            // The rules of a way in that a killed service left (the
+            // service removes them when it sees the way in go); the tests
+            // use the first few.
             for n in 0..4 {
                 let ifname = format!("pfr{n}");
                 let _ = run("ip", &[family, "rule", "del", "iif", &ifname, "prohibit"]);
@@ -163,6 +164,104 @@ impl TestUser {
             .unwrap();
         let pid = line.trim().parse().unwrap();
         UserNamespace { child, pid }
+    }
+}
+
+/// Subordinate ids for the RootlessKit user (`userdel` removes them), far
+/// from the ranges `useradd` hands out.
+const SUBIDS: &str = "1300000-1365535";
+
+impl TestUser {
+    /// A user with subordinate uids and gids, as RootlessKit needs.
+    fn create_with_subids(name: &str) -> Self {
+        let user = TestUser::create(name);
+        sh(
+            "usermod",
+            &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, name],
+        );
+        user
+    }
+
+    /// RootlessKit, as this user, with a slirp4netns child namespace (as
+    /// containerd-rootless runs it), running `sleep`.
+    fn rootlesskit(&self) -> RootlessKit {
+        let state = Path::new(DIR).join("rootlesskit");
+        std::fs::create_dir_all(DIR).unwrap();
+        let _ = std::fs::remove_dir_all(&state);
+        // The user's own, as $XDG_RUNTIME_DIR/containerd-rootless is.
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(self.uid), None).unwrap();
+        let child = Command::new("runuser")
+            .args(["-u", &self.name, "--", "rootlesskit"])
+            .args(["--net=slirp4netns", "--disable-host-loopback"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["sh", "-c", "echo $$; exec sleep 600"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(Path::new(DIR).join("rootlesskit.log")).unwrap())
+            .spawn()
+            .expect("starting rootlesskit");
+        let mut child = child;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // Never 0: kill(0) would signal the test's own process group.
+        let Some(command_pid) = line.trim().parse().ok().filter(|pid| *pid > 0) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rootlesskit did not start its command: {line:?}");
+        };
+        RootlessKit {
+            child,
+            command_pid,
+            state,
+        }
+    }
+}
+
+/// RootlessKit's parent process, and the command in its child namespace.
+struct RootlessKit {
+    child: Child,
+    command_pid: u32,
+    state: PathBuf,
+}
+
+impl RootlessKit {
+    /// What containerd-rootless users name: the pid in RootlessKit's
+    /// `child_pid` file (the process in the child namespace).
+    fn child_pid(&self) -> String {
+        let file = self.state.join("child_pid");
+        let mut pid = String::new();
+        wait_until(Duration::from_secs(10), || {
+            pid = std::fs::read_to_string(&file).unwrap_or_default();
+            !pid.trim().is_empty()
+        });
+        pid.trim().to_owned()
+    }
+
+    fn netns(&self) -> PathBuf {
+        format!("/proc/{}/ns/net", self.command_pid).into()
+    }
+
+    /// Ends the command: RootlessKit, its child namespace and slirp4netns go.
+    fn end(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.command_pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let exited = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for RootlessKit {
+    fn drop(&mut self) {
+        self.end();
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
@@ -357,6 +456,19 @@ fn a_user_publishes_a_port_of_their_own_namespace() {
     // The user lists their own mapping; root lists it by its owner's name.
     let listing = user.portfwd_ok(&["list"]);
     assert!(listing.contains(&name), "{listing}");
+    let json = user.portfwd_ok(&["list", "--json"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("list --json: {e}: {json}"));
+    let mappings = json["mappings"].as_array().unwrap();
+    assert!(
+        mappings.iter().all(|m| m["name"] == name.as_str()),
+        "{json}"
+    );
+    assert!(
+        mappings
+            .iter()
+            .any(|m| m["host_port"] == PORT && m["protocol"] == "udp")
+    );
 
     // The namespace ends: its way in and its mappings go.
     let way_in = way_in_of(&name);
@@ -432,6 +544,14 @@ fn refusals_change_nothing() {
     assert!(!bob.portfwd_ok(&["list"]).contains('u'));
     // Without --netns, a user is told how.
     bob.refused(&["map", "10.0.0.1", &other], "--netns");
+    // Root's own names may not look like a user's: the sweep removes those.
+    let reserved = portfwd(&["map", "--name", "u1234.web", "198.19.250.77", &other]);
+    assert_eq!(reserved.status.code(), Some(2), "{reserved:?}");
+    let why = String::from_utf8_lossy(&reserved.stderr);
+    assert!(
+        why.contains("rootless") && why.lines().count() == 1,
+        "{why}"
+    );
     assert_eq!(names(), before);
     let refusals = service.log().matches("refused").count();
     assert!(refusals >= refusals_before + 7, "{}", service.log());
@@ -474,7 +594,9 @@ fn refusals_change_nothing() {
     let flood: Vec<UnixStream> = (0..16)
         .map(|_| {
             let mut s = UnixStream::connect(api_socket()).unwrap();
-            s.write_all(b"{\"op\":").unwrap();
+            // A connection turned away may be closed already (EPIPE); its
+            // reply is still there to read.
+            let _ = s.write_all(b"{\"op\":");
             s
         })
         .collect();
@@ -499,5 +621,249 @@ fn refusals_change_nothing() {
         !names()
             .iter()
             .any(|n| n.starts_with(&format!("u{}.", alice.uid)))
+    );
+}
+
+#[test]
+fn a_user_publishes_a_port_of_rootlesskits_child_namespace() {
+    let Some(_serial) = root_test("a_user_publishes_a_port_of_rootlesskits_child_namespace") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(153, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create_with_subids("pftrl5");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let mut kit = user.rootlesskit();
+    let server = Server::start(Some(kit.netns()), "0.0.0.0:80".parse().unwrap(), "kit");
+
+    // As the README says for containerd-rootless: the pid in child_pid.
+    let child_pid = kit.child_pid();
+    let port = PORT + 2;
+    let spec = format!("{port}:80");
+    let out = user.portfwd_ok(&["map", "--netns", &child_pid, "--name", "kit", &spec]);
+    let name = format!("u{}.kit", user.uid);
+    assert!(out.contains(&format!("published {name}")), "{out}");
+
+    for to in [addr([127, 0, 0, 1], port), addr(client.host_v4(), port)] {
+        let (answer, _) = fetch(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert!(answer.starts_with("kit "), "{to}: {answer}");
+    }
+    let uplink = addr(client.host_v4(), port);
+    let (answer, _) = client.inside(move || fetch(uplink)).unwrap();
+    assert_eq!(answer, format!("kit {}", client.v4()));
+    // slirp4netns's default route stays the namespace's own.
+    let routes = netns::inside(&kit.netns(), || sh("ip", &["route", "show", "default"]));
+    assert!(routes.contains("dev tap0"), "{routes}");
+
+    drop(server);
+    kit.end();
+    assert!(
+        wait_until(Duration::from_secs(5), || !names().contains(&name)),
+        "the mappings of RootlessKit's ended namespace stay: {:?}\n{}",
+        names(),
+        service.log()
+    );
+}
+
+#[test]
+fn a_restarted_service_reuses_the_way_in_and_removes_its_rules() {
+    let Some(_serial) = root_test("a_restarted_service_reuses_the_way_in_and_removes_its_rules")
+    else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(154, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl6");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let mut ns = user.namespace();
+    let pid = ns.pid.to_string();
+    let first = format!("{}:80", PORT + 3);
+    user.portfwd_ok(&["map", "--netns", &pid, "--name", "one", &first]);
+    let way_in = way_in_of(&format!("u{}.one", user.uid));
+
+    // A restarted service finds the way into the namespace again.
+    drop(service);
+    let service = Service::start();
+    let second = format!("{}:81", PORT + 4);
+    user.portfwd_ok(&["map", "--netns", &pid, "--name", "two", &second]);
+    assert_eq!(way_in_of(&format!("u{}.two", user.uid)), way_in);
+    let inside = ns_inside(&ns, || sh("ip", &["-o", "link", "show"]));
+    assert_eq!(inside.matches(": portfwd").count(), 1, "{inside}");
+
+    // The namespace ends: the way in's rules on the host go with it.
+    ns.end();
+    let owner = format!("u{}.", user.uid);
+    assert!(
+        wait_until(Duration::from_secs(5), || !names()
+            .iter()
+            .any(|n| n.starts_with(&owner))),
+        "{}",
+        service.log()
+    );
+    let rule = format!("iif {way_in} ");
+    let has_rule = || {
+        ["-4", "-6"]
+            .iter()
+            .any(|family| sh("ip", &[family, "rule", "show"]).contains(&rule))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !has_rule()),
+        "the host keeps the rules of {way_in}: {}",
+        sh("ip", &["rule", "show"])
+    );
+}
+
+#[test]
+fn a_user_publishes_on_ipv6_and_with_an_allowlist() {
+    let Some(_serial) = root_test("a_user_publishes_on_ipv6_and_with_an_allowlist") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(155, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl7");
+    write_policy(&[&user.name]);
+    let _service = Service::start();
+    let ns = user.namespace();
+    let _server = Server::start(Some(ns.path()), "[::]:80".parse().unwrap(), "rootless6");
+    let pid = ns.pid.to_string();
+
+    // An explicit IPv6 host address: to the namespace's IPv6 address,
+    // over the TC path for an external client, which keeps its address.
+    let port = PORT + 5;
+    let spec = format!("[{}]:{port}:80", client.host_v6());
+    let out = user.portfwd_ok(&["map", "--netns", &pid, "--name", "v6", &spec]);
+    assert!(out.contains("-> [fd70:"), "{out}");
+    let to = addr(client.host_v6(), port);
+    let (answer, _) = fetch(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+    assert!(answer.starts_with("rootless6 "), "{answer}");
+    let (answer, _) = client.inside(move || fetch(to)).unwrap();
+    assert_eq!(answer, format!("rootless6 {}", client.v6()));
+
+    // --allow and --refuse apply to a user's mapping as to root's.
+    let port = PORT + 6;
+    let spec = format!("{port}:80");
+    user.portfwd_ok(&[
+        "map", "--netns", &pid, "--name", "local", "--allow", "host", "--refuse", "reject", &spec,
+    ]);
+    let (answer, _) = fetch(addr([127, 0, 0, 1], port)).unwrap();
+    assert!(answer.starts_with("rootless6 "), "{answer}");
+    let uplink = addr(client.host_v4(), port);
+    let outside = client.inside(move || fetch(uplink));
+    assert!(outside.is_err(), "a client outside --allow got {outside:?}");
+    let local = listed()
+        .into_iter()
+        .find(|m| m["name"] == format!("u{}.local", user.uid))
+        .unwrap();
+    assert_eq!(local["allow"], serde_json::json!(["host"]), "{local}");
+    assert_eq!(local["refuse"], "reject", "{local}");
+}
+
+/// A container behind the user's namespace, as rootless nerdctl's are:
+/// its own namespace `pft-rlq156` (10.249.156.2) on a veth whose other end
+/// (10.249.156.1) is in the user's namespace, which forwards, and a DNAT
+/// rule there from `HOP_PORT` to the container's port 80 (what CNI
+/// `portmap` adds in RootlessKit's child namespace). Removed when dropped.
+struct ContainerBehind;
+
+const HOP_PORT: u16 = 18080;
+const BEHIND_NS: &str = "pft-rlq156";
+const BEHIND_NET: &str = "10.249.156.0/24";
+
+impl ContainerBehind {
+    fn create(ns: &UserNamespace) -> Self {
+        let _ = run("ip", &["route", "del", "unreachable", BEHIND_NET]);
+        sh(
+            "ip",
+            &["route", "add", "unreachable", BEHIND_NET, "metric", "4242"],
+        );
+        netns::add(BEHIND_NS).unwrap();
+        let pid = ns.pid.to_string();
+        sh(
+            "ip",
+            &[
+                "link", "add", "pftq156u", "netns", &pid, "type", "veth", "peer", "name",
+                "pftq156c", "netns", BEHIND_NS,
+            ],
+        );
+        ns_inside(ns, || {
+            sh("ip", &["addr", "add", "10.249.156.1/24", "dev", "pftq156u"]);
+            sh("ip", &["link", "set", "pftq156u", "up"]);
+            sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            let to = format!("--dport={HOP_PORT}");
+            sh(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    &to,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    "10.249.156.2:80",
+                ],
+            );
+        });
+        netns::ip_in(
+            BEHIND_NS,
+            &["addr", "add", "10.249.156.2/24", "dev", "pftq156c"],
+        )
+        .unwrap();
+        netns::ip_in(BEHIND_NS, &["link", "set", "pftq156c", "up"]).unwrap();
+        netns::ip_in(
+            BEHIND_NS,
+            &["route", "add", "default", "via", "10.249.156.1"],
+        )
+        .unwrap();
+        ContainerBehind
+    }
+}
+
+impl Drop for ContainerBehind {
+    fn drop(&mut self) {
+        netns::delete(BEHIND_NS);
+        let _ = run("ip", &["route", "del", "unreachable", BEHIND_NET]);
+    }
+}
+
+#[test]
+fn a_port_that_the_namespace_forwards_further_in() {
+    let Some(_serial) = root_test("a_port_that_the_namespace_forwards_further_in") else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(156, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl8");
+    write_policy(&[&user.name]);
+    let _service = Service::start();
+    let ns = user.namespace();
+    let _behind = ContainerBehind::create(&ns);
+    let _server = Server::start(
+        Some(netns::path(BEHIND_NS)),
+        "0.0.0.0:80".parse().unwrap(),
+        "behind",
+    );
+    let port = PORT + 7;
+    let spec = format!("{port}:{HOP_PORT}");
+    user.portfwd_ok(&["map", "--netns", &ns.pid.to_string(), &spec]);
+
+    let (answer, _) = fetch(addr([127, 0, 0, 1], port)).unwrap();
+    assert!(answer.starts_with("behind "), "{answer}");
+    // The container's replies are routed in the user's namespace before
+    // the DNAT is undone: they must still go back through the way in.
+    let uplink = addr(client.host_v4(), port);
+    let answer = client.inside(move || fetch(uplink));
+    assert!(
+        matches!(&answer, Ok((a, _)) if *a == format!("behind {}", client.v4())),
+        "{answer:?}"
     );
 }
