@@ -30,7 +30,7 @@ use crate::{
     verdict::{count, mark_translated},
 };
 
-/// What `tc::start_flow` returns for a new flow the allowlist refuses with
+/// What `tc::flow::start_flow` returns for a new flow the allowlist refuses with
 /// an answer: not a TC verdict; the program answers (`refuse`) once
 /// `start_flow`'s frame is gone, for the stack's sake.
 pub(crate) const ANSWER: i32 = 0x7ead;
