@@ -37,8 +37,8 @@ mod translate;
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_REPLY, CtKey, CtValue, IPPROTO_UDP, Stat,
-    TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
+    IPPROTO_UDP, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use self::{
@@ -120,19 +120,27 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // SAFETY: a pointer into the map value, valid for this program run.
         let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
         // Larger than the interface it goes to: answered, as the
-        // forwarding path would (only large packets pay the check).
+        // forwarding path would (only large packets pay the check), or
+        // left to the stack to fragment.
+        let mut redirect = true;
         if ifindex != 0
             && pkt.len > TOO_BIG_CHECKED_FROM
             && let Some(verdict) = reply::too_big(ctx, pkt, path, ifindex)
         {
-            return verdict;
+            if verdict != reply::FRAGMENT {
+                return verdict;
+            }
+            redirect = !fragmented_by_stack(ctx, pkt, flags, path);
         }
         if flags & CT_FLAG_REPLY != 0 {
+            if !redirect {
+                return NEXT;
+            }
             return translate_reply(ctx, pkt, key, entry, true);
         }
         // A SYN on a closing flow is the client reusing its port: a new flow.
         if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(ctx, pkt, key, entry);
+            return translate_forward(ctx, pkt, key, entry, redirect);
         }
         forget_closing_flow(key, entry);
     }
@@ -147,6 +155,29 @@ fn answer_refused(ctx: &TcContext, pkt: &Packet, path: u8, verdict: i32) -> i32 
         return reply::refuse(ctx, pkt, path);
     }
     verdict
+}
+
+/// Whether an IPv4 packet without DF, too big for the interface it would be
+/// redirected to (`reply::FRAGMENT`), goes to the host's stack instead,
+/// whose forwarding path fragments it as a router does (a redirect skips
+/// that path, and the link would drop the packet). Towards a container it
+/// is translated first; towards a client it goes untranslated: translated,
+/// its source would be the host's own (published) address, a martian on
+/// input, so the stack forwards the container's packet and the uplink's
+/// egress program translates the fragments, as every routed reply. Needs
+/// forwarding on the interface it came in on (else the stack drops it, as
+/// the link did). Not for hairpin (masqueraded) flows, whose translated
+/// source is the host's too and whose replies the stack would deliver
+/// locally, nor for NAT46 ones: those are redirected as before.
+// Not inlined: its locals stay out of the program's frame.
+#[inline(never)]
+fn fragmented_by_stack(ctx: &TcContext, pkt: &Packet, flags: u8, path: u8) -> bool {
+    if flags & (CT_FLAG_MASQ | CT_FLAG_NAT46) != 0 {
+        return false;
+    }
+    count(Stat::TooBigToStack);
+    trace::stat(ctx, pkt, path, Stat::TooBigToStack);
+    true
 }
 
 /// A closing flow whose client opens it again: both entries are removed

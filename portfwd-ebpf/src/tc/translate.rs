@@ -45,6 +45,7 @@ pub(super) fn translate_forward(
     pkt: &Packet,
     key: &CtKey,
     entry: *mut CtValue,
+    redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
@@ -59,12 +60,14 @@ pub(super) fn translate_forward(
     }
     let now = pkt.now;
     conntrack::touch(key, entry, pkt, now);
+    // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
+    let ifindex = if redirect { ct.ifindex } else { 0 };
     if ct.flags & CT_FLAG_NAT46 != 0 {
         add_traffic(&ct.service, pkt.len, true);
-        return finish_nat46(ctx, pkt, ct, ct.ifindex);
+        return finish_nat46(ctx, pkt, ct, ifindex);
     }
     if pkt.fragment == FIRST_FRAGMENT {
-        fragments::remember(pkt, ct, ct.ifindex, ifindex_of(ctx), now);
+        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
     }
     add_traffic(&ct.service, pkt.len, true);
     if ct.flags & CT_FLAG_MASQ != 0
@@ -79,7 +82,7 @@ pub(super) fn translate_forward(
         End::Destination,
         &ct.nat_addr,
         ct.nat_port,
-        ct.ifindex,
+        ifindex,
     )
 }
 

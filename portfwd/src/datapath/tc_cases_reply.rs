@@ -438,8 +438,7 @@ impl Drop for SmallLink {
 /// A packet of a tracked flow larger than the MTU of the container's link
 /// (1280) gets the answer a router gives, quoting it as the client sent
 /// it: "fragmentation needed" with the MTU (IPv4 with DF), "packet too big"
-/// (IPv6); an IPv4 packet without DF goes on translated, as before (the
-/// forwarding path would fragment it; portfwd leaves it to the link).
+/// (IPv6). (IPv4 without DF: `tc_cases_oversize`.)
 #[test]
 fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
     if !nix::unistd::geteuid().is_root() {
@@ -472,7 +471,7 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
         .try_into()
         .unwrap();
     program.load().unwrap();
-    let big = |src: SocketAddr, dst: SocketAddr, dont_fragment: bool| {
+    let big = |src: SocketAddr, dst: SocketAddr| {
         let builder = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
         let ip = match (src.ip(), dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
@@ -484,12 +483,6 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
             .ack(1)
             .write(&mut out, &[7u8; 1400])
             .unwrap();
-        if !dont_fragment {
-            let (mut header, _) = Ipv4Header::from_slice(&out[14..]).unwrap();
-            header.dont_fragment = false;
-            header.header_checksum = header.calc_header_checksum();
-            out[14..34].copy_from_slice(&header.to_bytes());
-        }
         out
     };
     let mut failures = Vec::new();
@@ -502,7 +495,7 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
             REDIRECT,
             "the SYN from {client}"
         );
-        let input = big(client, published, true);
+        let input = big(client, published);
         let before = stat(&ebpf, Stat::TooBigAnswered);
         let (verdict, out) = run(&ebpf, &input);
         let expected = too_big(published.ip(), client.ip(), &input[14..], quoted, 1280);
@@ -514,13 +507,6 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
         if stat(&ebpf, Stat::TooBigAnswered) != before + 1 {
             failures.push(format!("{client}: too_big_answered not counted"));
         }
-    }
-    // IPv4 without DF: translated and redirected to the link, as before.
-    let client = at(OUTSIDER_V4, 40111);
-    let (verdict, out) = run(&ebpf, &big(client, at(HOST_V4, 8070), false));
-    let translated = big(client, at(CTR_V4, 80), false);
-    if (verdict, &out) != (REDIRECT, &translated) {
-        failures.push(format!("without DF: verdict {verdict:#x}, not translated"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
