@@ -35,15 +35,19 @@ mod masquerade;
 mod service;
 mod translate;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    programs::TcContext,
+};
 use portfwd_common::{
     CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
-    IPPROTO_UDP, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use self::{
     flow::{is_new_tcp, start_flow},
-    service::publishes,
+    service::{find_service, is_host_address, publishes},
     translate::{translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
@@ -115,7 +119,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
-            return answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
+            return new_flow(ctx, pkt, path, from_containers);
         }
         // SAFETY: a pointer into the map value, valid for this program run.
         let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
@@ -144,7 +148,64 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         }
         forget_closing_flow(key, entry);
     }
-    answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers))
+    new_flow(ctx, pkt, path, from_containers)
+}
+
+/// A packet that matches no tracked flow (`start_flow`). A large one is
+/// first checked against the MTU of the container's link, as packets of
+/// tracked flows are (see `first_packet_too_big`).
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, path: u8, from_containers: bool) -> i32 {
+    let mut to_stack = false;
+    if pkt.len > TOO_BIG_CHECKED_FROM
+        && let Some(verdict) = first_packet_too_big(ctx, pkt, path, from_containers)
+    {
+        if verdict != reply::FRAGMENT {
+            return verdict;
+        }
+        to_stack = !from_containers;
+    }
+    let verdict = answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
+    // Translated towards the container, it goes to the stack instead, to be
+    // fragmented (see `fragmented_by_stack`): the redirect that
+    // `start_flow` asked for is not used when the verdict is not
+    // TC_ACT_REDIRECT.
+    if to_stack && verdict == TC_ACT_REDIRECT {
+        count(Stat::TooBigToStack);
+        trace::stat(ctx, pkt, path, Stat::TooBigToStack);
+        return TC_ACT_OK;
+    }
+    verdict
+}
+
+/// For the first packet of a new flow (a SYN, a UDP datagram) larger than
+/// the MTU of its container's link: `reply::too_big`'s answer, before any
+/// flow exists (the sender retries smaller, and that opens the flow), or
+/// `reply::FRAGMENT`. Only where the answer gives nothing away: a mapping
+/// with an allowlist is not checked (its refusal must come first, and it
+/// lives in `start_flow`'s frame), nor a NAT46 flow (the container's IPv4
+/// link against an IPv6 packet), nor a forged host source from an uplink
+/// (`start_flow` drops it). None: it fits, or it is not checked.
+// Not inlined: the mapping lookup's locals stay out of the program's frame.
+#[inline(never)]
+fn first_packet_too_big(
+    ctx: &TcContext,
+    pkt: &Packet,
+    path: u8,
+    from_containers: bool,
+) -> Option<i32> {
+    if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
+        return None;
+    }
+    let (_, backend) = find_service(ctx, pkt)?;
+    if backend.ifindex == 0
+        || backend.family != pkt.family
+        || backend.flags & SERVICE_FLAG_HAS_ALLOWLIST != 0
+        || (!from_containers && is_host_address(pkt.family, &pkt.saddr))
+    {
+        return None;
+    }
+    reply::too_big(ctx, pkt, path, backend.ifindex)
 }
 
 /// `start_flow`'s verdict, or for a client the allowlist refuses with an

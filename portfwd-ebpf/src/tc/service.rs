@@ -28,6 +28,10 @@ pub(super) struct Backend {
 
 /// The mapping for the packet's destination: exact address first, then the
 /// family's wildcard when the destination is one of this host's addresses.
+// Inlined: called from `start_flow` and `tc::first_packet_too_big`, it
+// would otherwise become a call of its own, and `start_flow`, this and
+// `is_local_destination` would make a chain over the 512-byte stack.
+#[inline(always)]
 pub(super) fn find_service(ctx: &TcContext, pkt: &Packet) -> Option<(ServiceKey, Backend)> {
     // An unspecified destination is a martian; its key would be the
     // wildcard's.

@@ -35,48 +35,35 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
 const CONTAINER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
 const LO_MAC: [u8; 6] = [0; 6];
 
-/// A veth pair of the test's own with an MTU of 1280: the container's link
-/// and the client's interface at once. Removed when dropped.
+/// A veth pair of the test's own, `name` and `peer`, with an MTU of 1280:
+/// the container's link and the client's interface at once. Removed when
+/// dropped. (Each test has its own: tests run in parallel.)
 struct SmallLink {
+    name: &'static str,
     ifindex: u32,
     mac: [u8; 6],
 }
 
 impl SmallLink {
-    const NAME: &str = "pftfrg0";
-    const PEER: &str = "pftfrg1";
-
-    fn new() -> Self {
-        let _ = portfwd_testkit::netns::ip(&["link", "del", Self::NAME]);
+    fn new(name: &'static str, peer: &'static str) -> Self {
+        portfwd_testkit::netns::ip(&["link", "del", name]).ok();
         portfwd_testkit::netns::ip(&[
-            "link",
-            "add",
-            Self::NAME,
-            "mtu",
-            "1280",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            Self::PEER,
-            "mtu",
-            "1280",
+            "link", "add", name, "mtu", "1280", "type", "veth", "peer", "name", peer, "mtu", "1280",
         ])
         .unwrap();
-        let ifindex = nix::net::if_::if_nametoindex(Self::NAME).unwrap();
-        let text =
-            std::fs::read_to_string(format!("/sys/class/net/{}/address", Self::NAME)).unwrap();
+        let ifindex = nix::net::if_::if_nametoindex(name).unwrap();
+        let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap();
         let mut mac = [0u8; 6];
         for (byte, hex) in mac.iter_mut().zip(text.trim().split(':')) {
             *byte = u8::from_str_radix(hex, 16).unwrap();
         }
-        SmallLink { ifindex, mac }
+        SmallLink { name, ifindex, mac }
     }
 }
 
 impl Drop for SmallLink {
     fn drop(&mut self) {
-        let _ = portfwd_testkit::netns::ip(&["link", "del", Self::NAME]);
+        portfwd_testkit::netns::ip(&["link", "del", self.name]).ok();
     }
 }
 
@@ -130,7 +117,7 @@ fn oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it() {
         eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
         return;
     }
-    let link = SmallLink::new();
+    let link = SmallLink::new("pftfrg0", "pftfrg1");
     let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
@@ -192,6 +179,67 @@ fn oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it() {
     let fits = udp(from_container, CONTAINER, CLIENT, 1200, false);
     if run(&ebpf, backend_in, &fits, 0).0 != REDIRECT {
         failures.push("a datagram that fits, to the client: not redirected".into());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The first datagram of a flow is checked too: with DF, answered with
+/// "fragmentation needed" (MTU 1280) to the client, before any flow
+/// exists; without DF, translated and handed to the stack.
+#[test]
+fn first_datagrams_too_big_are_checked_too() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let link = SmallLink::new("pftfrg2", "pftfrg3");
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    let mapping = Mapping {
+        name: "frag".into(),
+        protocol: Protocol::Udp,
+        host: PUBLISHED,
+        container: CONTAINER,
+        ifindex: link.ifindex,
+        hold: true,
+        allow: None,
+    };
+    services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(UPLINK_PROGRAMS[0].name)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    program.load().unwrap();
+    let uplink_in = UPLINK_PROGRAMS[0].name;
+    let from_client = (CLIENT_MAC, link.mac);
+    let mut failures = Vec::new();
+
+    let big = udp(from_client, CLIENT, PUBLISHED, 1400, true);
+    let (verdict, out) = run(&ebpf, uplink_in, &big, link.ifindex);
+    // IPv4 ICMP type 3 code 4 with the MTU, to the client.
+    let answered = out.len() > 42
+        && out[23] == 1
+        && out[30..34] == [10, 9, 5, 5]
+        && (out[34], out[35]) == (3, 4)
+        && out[40..42] == 1280u16.to_be_bytes();
+    if verdict != REDIRECT || !answered {
+        failures.push(format!(
+            "with DF: verdict {verdict:#x}, frame {:02x?}",
+            &out[..out.len().min(48)]
+        ));
+    }
+    let other = SocketAddr::new(CLIENT.ip(), CLIENT.port() + 1);
+    let big = udp(from_client, other, PUBLISHED, 1400, false);
+    let (verdict, out) = run(&ebpf, uplink_in, &big, link.ifindex);
+    let translated = udp(from_client, other, CONTAINER, 1400, false);
+    if (verdict, &out) != (TO_STACK, &translated) {
+        failures.push(format!(
+            "without DF: verdict {verdict:#x}, translated {}",
+            out == translated
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
