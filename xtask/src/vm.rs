@@ -129,6 +129,8 @@ const PACKET_CASES: &[&str] = &[
     // Oversize IPv4 without DF to the stack; first datagrams checked.
     "datapath::tc_cases_oversize::oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it",
     "datapath::tc_cases_oversize::first_datagrams_too_big_are_checked_too",
+    // ICMP errors of the host's own stack translated at uplink egress.
+    "datapath::tc_cases_icmp::errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress",
 ];
 
 /// The guest's whole run is killed after this long.

@@ -270,7 +270,14 @@ fn routed_reply(ctx: &TcContext) -> i32 {
     };
     // SAFETY: per-CPU memory that only this program run uses.
     let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
-    if packet::parse(ctx, pkt).is_err() {
+    if let Err(reason) = packet::parse(ctx, pkt) {
+        // An ICMP error the host's stack sends about a client's translated
+        // packet: translated back to the client's view.
+        if reason == Stat::PassNotTcpUdp
+            && let Some(verdict) = icmp::translate_error::<true>(ctx)
+        {
+            return verdict;
+        }
         return NEXT;
     }
     if pkt.fragment == LATER_FRAGMENT {
@@ -305,7 +312,7 @@ fn routed_reply(ctx: &TcContext) -> i32 {
 fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
     packet::parse(ctx, pkt).map_err(|reason| {
         if reason == Stat::PassNotTcpUdp
-            && let Some(verdict) = icmp::translate_error(ctx)
+            && let Some(verdict) = icmp::translate_error::<false>(ctx)
         {
             return verdict;
         }

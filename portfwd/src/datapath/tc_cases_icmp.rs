@@ -253,3 +253,99 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// ICMP errors the host's own stack sends about a client's translated
+/// packet (the container's address unreachable, a TTL run out in the
+/// forwarding path) leave through the uplink quoting `client ->
+/// container:p`; the client's kernel would match them to no socket. At
+/// the uplink's egress they are translated to quote `client ->
+/// published:P` and go on (from the host's own address: it sent them).
+#[test]
+fn errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED errors_the_host_sends_...: BPF_PROG_TEST_RUN needs root");
+        return;
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+    publish(&mut ebpf);
+    let (uplink_in, uplink_out) = (UPLINK_PROGRAMS[0].name, UPLINK_PROGRAMS[1].name);
+    for name in [uplink_in, uplink_out] {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+    }
+    let (client4, client6, udp_client) = (
+        at(CLIENT_V4, 40211),
+        at(CLIENT_V6, 40212),
+        at(CLIENT_V4, 40213),
+    );
+    let (published4, published6, published_udp) =
+        (at(HOST_V4, 8080), at(HOST_V6, 8080), at(HOST_V4, 5353));
+    let (ctr4, ctr6, ctr_udp) = (at(CTR_V4, 80), at(CTR_V6, 80), at(CTR_V4, 53));
+    for (client, published, l4) in [
+        (client4, published4, L4::Syn),
+        (client6, published6, L4::Syn),
+        (udp_client, published_udp, L4::Udp),
+    ] {
+        let (verdict, _, _) = run(&ebpf, uplink_in, &frame(client, published, l4));
+        assert_eq!(verdict, TO_STACK, "the flow from {client}");
+    }
+    let mut failures = Vec::new();
+    // (name, the error as the host sends it, as the client must get it)
+    let cases = [
+        (
+            "host unreachable about a UDP datagram",
+            (3, 1, udp_client, ctr_udp, published_udp, L4::Udp),
+        ),
+        (
+            "time exceeded about a TCP segment",
+            (11, 0, client4, ctr4, published4, L4::Ack),
+        ),
+        (
+            "IPv6 address unreachable about a TCP segment",
+            (1, 3, client6, ctr6, published6, L4::Ack),
+        ),
+    ];
+    for (name, (kind, code, client, ctr, published, l4)) in cases {
+        let host: IpAddr = if client.is_ipv4() {
+            HOST_V4.into()
+        } else {
+            HOST_V6.into()
+        };
+        let sent = quoted(client, ctr, l4, None);
+        let input = error(host, client.ip(), kind, code, [0; 4], &sent);
+        let expected = error(
+            host,
+            client.ip(),
+            kind,
+            code,
+            [0; 4],
+            &quoted(client, published, l4, Some(&sent)),
+        );
+        let before = stat(&ebpf, Stat::IcmpErrorTranslated);
+        let (verdict, out, _) = run(&ebpf, uplink_out, &input);
+        if (verdict, &out) != (NEXT, &expected) {
+            failures.push(format!(
+                "{name}: verdict {verdict:#x}, frame\n  {out:02x?}\nexpected\n  {expected:02x?}"
+            ));
+        }
+        if stat(&ebpf, Stat::IcmpErrorTranslated) != before + 1 {
+            failures.push(format!("{name}: icmp_errors_translated not counted"));
+        }
+    }
+    // About a packet of no flow (the host's own): untouched.
+    let own = error(
+        HOST_V4.into(),
+        CLIENT_V4.into(),
+        3,
+        1,
+        [0; 4],
+        &quoted(at(CLIENT_V4, 40299), ctr4, L4::Ack, None),
+    );
+    let (verdict, out, _) = run(&ebpf, uplink_out, &own);
+    if (verdict, &out) != (NEXT, &own) {
+        failures.push(format!(
+            "an error about no flow: verdict {verdict:#x}, changed"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -284,12 +284,49 @@ fn ask_without_df(node: &Container, to: SocketAddr, size: usize) -> Result<Vec<u
     })
 }
 
+/// From inside `node`: `BIG_DATAGRAM` bytes without DF and with a TTL of 1
+/// to `to`, on a connected socket that reports ICMP errors
+/// (`IP_RECVERR`); the error its next receive reports (None: nothing came
+/// in two seconds, or an answer).
+fn ttl_expired_error(node: &Container, to: SocketAddr) -> Option<i32> {
+    node.inside(move || {
+        use std::os::fd::AsRawFd;
+        let socket = udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)), libc::IP_PMTUDISC_DONT);
+        let one: i32 = 1;
+        // SAFETY: a valid socket and an int option of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                (&one as *const i32).cast(),
+                size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
+        socket.set_ttl(1).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        socket.connect(to).unwrap();
+        socket.send(&vec![b'q'; BIG_DATAGRAM]).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        socket
+            .recv(&mut buf)
+            .err()
+            .and_then(|e| e.raw_os_error())
+            .filter(|&errno| errno != libc::EAGAIN)
+    })
+}
+
 /// IPv4 datagrams without DF that are larger than the link they are
 /// redirected to (issue 11, case 8): a router fragments them, and so must
 /// the host; redirected as they were, the link dropped them. Towards the
 /// container (its link 1280, the uplink 1500), then towards the client (the
 /// uplink 1280, the container's link 1500). The host forwards only on the
-/// two interfaces of the test (its global setting is left alone).
+/// two interfaces of the test (its global setting is left alone). On the
+/// way, the "time exceeded" the host sends about a translated datagram
+/// (TTL 1) reaches the client in its view.
 #[test]
 fn datagrams_without_df_larger_than_the_next_link_are_fragmented_both_ways() {
     let Some(_serial) = root_test("pmtu") else {
@@ -317,6 +354,16 @@ fn datagrams_without_df_larger_than_the_next_link_are_fragmented_both_ways() {
         answer,
         Ok(format!("got {BIG_DATAGRAM}")),
         "towards the container"
+    );
+
+    // With a TTL of 1, the host's forwarding path sends "time exceeded"
+    // about the translated datagram (client -> container); translated at
+    // the uplink's egress, it reaches the client's socket.
+    let expired = ttl_expired_error(client, published);
+    assert_eq!(
+        expired,
+        Some(libc::EHOSTUNREACH),
+        "time exceeded from the host"
     );
 
     set_link_mtu(ctr, "1500");
