@@ -45,18 +45,30 @@ struct SmallLink {
 }
 
 impl SmallLink {
-    fn new(name: &'static str, peer: &'static str) -> Self {
+    /// Its MAC is set, not left random: udev may replace a random one
+    /// after the link is made (`MACAddressPolicy=persistent`), and frames
+    /// to the old one would not be the host's (PACKET_OTHERHOST).
+    fn new(name: &'static str, peer: &'static str, mac: [u8; 6]) -> Self {
         portfwd_testkit::netns::ip(&["link", "del", name]).ok();
+        let text: Vec<String> = mac.iter().map(|byte| format!("{byte:02x}")).collect();
         portfwd_testkit::netns::ip(&[
-            "link", "add", name, "mtu", "1280", "type", "veth", "peer", "name", peer, "mtu", "1280",
+            "link",
+            "add",
+            name,
+            "address",
+            &text.join(":"),
+            "mtu",
+            "1280",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "mtu",
+            "1280",
         ])
         .unwrap();
         let ifindex = nix::net::if_::if_nametoindex(name).unwrap();
-        let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap();
-        let mut mac = [0u8; 6];
-        for (byte, hex) in mac.iter_mut().zip(text.trim().split(':')) {
-            *byte = u8::from_str_radix(hex, 16).unwrap();
-        }
         SmallLink { name, ifindex, mac }
     }
 }
@@ -117,7 +129,7 @@ fn oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it() {
         eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
         return;
     }
-    let link = SmallLink::new("pftfrg0", "pftfrg1");
+    let link = SmallLink::new("pftfrg0", "pftfrg1", [2, 0, 0x5e, 0, 0, 1]);
     let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
@@ -192,7 +204,7 @@ fn first_datagrams_too_big_are_checked_too() {
         eprintln!("SKIPPED: BPF_PROG_TEST_RUN needs root");
         return;
     }
-    let link = SmallLink::new("pftfrg2", "pftfrg3");
+    let link = SmallLink::new("pftfrg2", "pftfrg3", [2, 0, 0x5e, 0, 0, 2]);
     let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
