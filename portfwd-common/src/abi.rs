@@ -512,4 +512,11 @@ stats! {
     /// as a router does: "fragmentation needed" (IPv4 with DF) or "packet
     /// too big" (IPv6) to their sender; dropped.
     TooBigAnswered = "too_big_answered",
+    /// Packets of tracked flows, IPv4 without DF, larger than the MTU of
+    /// the interface they were to be redirected to: handed to the host's
+    /// forwarding path, which fragments them (a redirect cannot, and the
+    /// link would drop them). Towards a container translated first; towards
+    /// a client untranslated, the uplink's egress program translating the
+    /// fragments. Needs forwarding on the interface they came in on.
+    TooBigToStack = "too_big_to_stack",
 }

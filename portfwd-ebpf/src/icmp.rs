@@ -12,7 +12,8 @@
 //! - an error a container sends about a client's packet (embedded
 //!   `client -> container:p`) goes to the client as the host's: outer
 //!   source and embedded destination become the published address and
-//!   port.
+//!   port; so does one the host's own stack sends about such a packet
+//!   (it leaves through an uplink: translated at its egress).
 //!
 //! The flow is found by the embedded tuple, reversed: the conntrack entry
 //! of the direction opposite to the quoted packet's. The outer IP header's
@@ -76,11 +77,18 @@ struct Error {
 
 /// For a packet that is not TCP or UDP: if it is an ICMP error about a
 /// translated flow, the error translated and the verdict; else None (not
-/// ours).
+/// ours). `LEAVING`: at an uplink's egress, where only the errors the
+/// host's own stack sends about a client's translated packet are ours
+/// (e.g. "host unreachable" when the container is gone, "time exceeded"
+/// from the forwarding path): they quote the packet as translated
+/// (`client -> container:p`), and go on to the client translated, in the
+/// view of the address it used.
 // Not inlined: called from the program's frame; its locals stay out of
-// the TCP/UDP path.
+// the TCP/UDP path. `LEAVING` a constant, not an argument: one function
+// per program, each with the frame it had (an argument grew it by 32
+// bytes, to 480 of 512 with `rewrite`).
 #[inline(never)]
-pub(crate) fn translate_error(ctx: &TcContext) -> Option<i32> {
+pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i32> {
     let error = parse(ctx)?;
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU memory that only this program run uses.
@@ -96,7 +104,7 @@ pub(crate) fn translate_error(ctx: &TcContext) -> Option<i32> {
     let entry = conntrack::lookup(key, conntrack::now())?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*entry };
-    if ct.flags & CT_FLAG_HOST != 0 {
+    if ct.flags & CT_FLAG_HOST != 0 || (LEAVING && ct.flags & CT_FLAG_REPLY == 0) {
         return None;
     }
     if rewrite(ctx, &error, ct).is_err() {
@@ -105,6 +113,9 @@ pub(crate) fn translate_error(ctx: &TcContext) -> Option<i32> {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     count(Stat::IcmpErrorTranslated);
+    if LEAVING {
+        return Some(aya_ebpf::bindings::TC_ACT_UNSPEC);
+    }
     if ct.flags & CT_FLAG_REPLY != 0 && ct.ifindex != 0 {
         mark_translated(ctx);
     }

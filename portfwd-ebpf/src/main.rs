@@ -3,7 +3,7 @@
 //! - `sock`: cgroup sock_addr programs that translate host processes'
 //!   connections to a published port straight to the container endpoint.
 //! - `tc`: TC programs that DNAT external clients' flows to the container
-//!   and reverse-NAT the replies, with `conntrack` and `packet` (header
+//!   and reverse-NAT the replies (split by concern: see `tc`'s own doc), with `conntrack` and `packet` (header
 //!   parsing and checksum-preserving rewrites), and `nat46` (IPv6 clients
 //!   of IPv4 containers: the switch between families).
 //! - `icmp`: ICMP errors about translated flows, translated like them.

@@ -97,7 +97,7 @@ pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(
 pub(crate) static NAT46_SRC: HashMap<ServiceKey, Addr> =
     HashMap::with_max_entries(abi::NAT46_SRC.max_entries, abi::NAT46_SRC.flags);
 
-/// Source allowlists (see `tc::allowed`). aya-ebpf adds `BPF_F_NO_PREALLOC`
+/// Source allowlists (see `tc::flow::refused`). aya-ebpf adds `BPF_F_NO_PREALLOC`
 /// to an LPM trie's flags itself.
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(allow))]

@@ -30,10 +30,14 @@ use crate::{
     verdict::{count, mark_translated},
 };
 
-/// What `tc::start_flow` returns for a new flow the allowlist refuses with
+/// What `tc::flow::start_flow` returns for a new flow the allowlist refuses with
 /// an answer: not a TC verdict; the program answers (`refuse`) once
 /// `start_flow`'s frame is gone, for the stack's sake.
 pub(crate) const ANSWER: i32 = 0x7ead;
+/// What `too_big` returns for an IPv4 packet without DF: not a verdict; the
+/// forwarding path fragments such a packet, and the program decides how it
+/// gets there (`tc::fragmented_by_stack`).
+pub(crate) const FRAGMENT: i32 = 0x7eae;
 
 const ETH_HLEN: usize = 14;
 const IPV4_HLEN: usize = 20;
@@ -99,9 +103,8 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet, path: u8) -> i32 {
 /// (`bpf_redirect_neigh` skips its MTU check, and the device would drop
 /// the packet silently): "fragmentation needed" with the MTU (IPv4 with
 /// DF) or "packet too big" (IPv6), to the sender, about its packet as it
-/// sent it; the packet is dropped. None: it fits, or it is IPv4 without DF
-/// (the forwarding path would fragment it; portfwd cannot, and leaves it to
-/// the redirect as before), or no answer is needed.
+/// sent it; the packet is dropped. `FRAGMENT`: too big, IPv4 without DF
+/// (the forwarding path fragments those). None: it fits.
 // Not inlined: called from the program's frame, before the translation.
 #[inline(never)]
 pub(crate) fn too_big(ctx: &TcContext, pkt: &Packet, path: u8, ifindex: u32) -> Option<i32> {
@@ -115,7 +118,7 @@ pub(crate) fn too_big(ctx: &TcContext, pkt: &Packet, path: u8, ifindex: u32) -> 
     if pkt.family == FAMILY_V4 {
         let flags: [u8; 2] = ctx.load(pkt.l3_off + 6).ok()?;
         if flags[0] & IPV4_DONT_FRAGMENT == 0 {
-            return None;
+            return Some(FRAGMENT);
         }
     }
     let stat = match answer_too_big(ctx, pkt, mtu) {

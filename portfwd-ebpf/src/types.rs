@@ -28,11 +28,11 @@ pub(crate) struct Scratch {
     pub value: CtValue,
     pub frag_key: FragmentKey,
     pub frag_value: FragmentValue,
-    /// A source allowlist lookup (`tc::refused`).
+    /// A source allowlist lookup (`tc::flow::refused`).
     pub allow_key: LpmKey<AllowKey>,
     /// The host's IPv4 source of a new NAT46 flow (`nat46::start`).
     pub nat46_source: Addr,
-    /// A host socket lookup (`tc::host_socket_uses`).
+    /// A host socket lookup (`tc::masquerade::host_socket_uses`).
     pub sock_tuple: bpf_sock_tuple,
 }
 

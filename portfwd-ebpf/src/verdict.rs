@@ -3,10 +3,18 @@
 //! by `tc` and by the modules it calls (`icmp`, `reply`), which import this
 //! rather than `tc`: no import cycle.
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::generated::bpf_redirect_neigh, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::generated::bpf_redirect_neigh,
+    programs::TcContext,
+};
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use crate::maps::STATS;
+
+/// Not ours: let the next TC program (or the stack) have it.
+pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
+pub(crate) const DROP: i32 = TC_ACT_SHOT;
 
 /// Sends a rewritten packet on: redirected to `ifindex` through the
 /// neighbour subsystem when known, else back to the stack.

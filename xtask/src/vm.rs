@@ -90,9 +90,15 @@ const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         // ICMP errors of translated flows translated back (path MTU
-        // discovery through a router with a smaller MTU).
+        // discovery through a router with a smaller MTU); the too-big
+        // answer (bpf_check_mtu), first datagrams included; datagrams
+        // without DF handed to the stack to be fragmented.
         "pmtu",
-        &["a_client_behind_a_smaller_mtu_gets_large_responses_v4_and_v6"],
+        &[
+            "a_client_behind_a_smaller_mtu_gets_large_responses_v4_and_v6",
+            "a_client_sending_too_big_with_df_learns_the_containers_mtu",
+            "datagrams_without_df_larger_than_the_next_link_are_fragmented_both_ways",
+        ],
     ),
     ("cni", &["chain_publishes_checks_and_deletes"]),
     ("reliability", &["a_reboot_brings_every_mapping_back"]),
@@ -120,6 +126,11 @@ const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases_nat46::ipv6_clients_of_ipv4_containers_are_translated_between_families",
     // Flow state changes and a closing flow reopened (both directions).
     "datapath::tc_cases::a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry",
+    // Oversize IPv4 without DF to the stack; first datagrams checked.
+    "datapath::tc_cases_oversize::oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it",
+    "datapath::tc_cases_oversize::first_datagrams_too_big_are_checked_too",
+    // ICMP errors of the host's own stack translated at uplink egress.
+    "datapath::tc_cases_icmp::errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress",
 ];
 
 /// The guest's whole run is killed after this long.

@@ -24,6 +24,8 @@ mod tc_cases_icmp;
 #[cfg(test)]
 mod tc_cases_nat46;
 #[cfg(test)]
+mod tc_cases_oversize;
+#[cfg(test)]
 mod tc_cases_reply;
 #[cfg(test)]
 mod tc_cost;

@@ -12,9 +12,9 @@ use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Failures, HOST_MAC, HOST_V4, HOST_V6, L4,
-    NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, at, frame, icmp, mapping,
+    NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, UPLINK_OUT, at, frame, icmp, mapping,
 };
-use crate::model::Protocol;
+use crate::model::{Mapping, Protocol};
 
 const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 5, 1);
 const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 5, 0, 0, 0, 0, 1);
@@ -40,17 +40,21 @@ fn quoted(src: SocketAddr, dst: SocketAddr, l4: L4, checksum_of: Option<&[u8]>) 
     packet
 }
 
+/// TCP 8080 -> 80 on both families, UDP 5353 -> 53 on IPv4; interface 0.
+fn mappings() -> [Mapping; 3] {
+    [
+        mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80)),
+        mapping(Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53)),
+        mapping(Protocol::Tcp, at(HOST_V6, 8080), at(CTR_V6, 80)),
+    ]
+}
+
 #[test]
 fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     let Some(mut tc) = Tc::load("icmp_errors_of_translated_flows_are_translated_both_ways") else {
         return;
     };
-    // TCP 8080 -> 80 on both families, UDP 5353 -> 53 on IPv4; interface 0.
-    tc.publish(&[
-        mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80)),
-        mapping(Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53)),
-        mapping(Protocol::Tcp, at(HOST_V6, 8080), at(CTR_V6, 80)),
-    ]);
+    tc.publish(&mappings());
     let mut failures = Failures::default();
     let mut check = |name: &str, program: &str, input: Vec<u8>, verdict: u32, expected: Vec<u8>| {
         let before = tc.stat(Stat::IcmpErrorTranslated);
@@ -166,6 +170,90 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
         unknown.clone(),
         NEXT,
         unknown,
+    );
+    failures.assert_none();
+}
+
+/// ICMP errors the host's own stack sends about a client's translated
+/// packet (the container's address unreachable, a TTL run out in the
+/// forwarding path) leave through the uplink quoting `client ->
+/// container:p`; the client's kernel would match them to no socket. At
+/// the uplink's egress they are translated to quote `client ->
+/// published:P` and go on (from the host's own address: it sent them).
+#[test]
+fn errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress() {
+    let test = "errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress";
+    let Some(tc) = Tc::load_with(test, &mappings()) else {
+        return;
+    };
+    let (client4, client6, udp_client) = (
+        at(CLIENT_V4, 40211),
+        at(CLIENT_V6, 40212),
+        at(CLIENT_V4, 40213),
+    );
+    let (published4, published6, published_udp) =
+        (at(HOST_V4, 8080), at(HOST_V6, 8080), at(HOST_V4, 5353));
+    let (ctr4, ctr6, ctr_udp) = (at(CTR_V4, 80), at(CTR_V6, 80), at(CTR_V4, 53));
+    for (client, published, l4) in [
+        (client4, published4, L4::Syn),
+        (client6, published6, L4::Syn),
+        (udp_client, published_udp, L4::Udp),
+    ] {
+        let (verdict, _) = tc.run(UPLINK_IN, &frame(client, published, l4));
+        assert_eq!(verdict, TO_STACK, "the flow from {client}");
+    }
+    let mut failures = Failures::default();
+    // (name, the error as the host sends it, as the client must get it)
+    let cases = [
+        (
+            "host unreachable about a UDP datagram",
+            (3, 1, udp_client, ctr_udp, published_udp, L4::Udp),
+        ),
+        (
+            "time exceeded about a TCP segment",
+            (11, 0, client4, ctr4, published4, L4::Ack),
+        ),
+        (
+            "IPv6 address unreachable about a TCP segment",
+            (1, 3, client6, ctr6, published6, L4::Ack),
+        ),
+    ];
+    for (name, (kind, code, client, ctr, published, l4)) in cases {
+        let host: IpAddr = if client.is_ipv4() {
+            HOST_V4.into()
+        } else {
+            HOST_V6.into()
+        };
+        let sent = quoted(client, ctr, l4, None);
+        let input = error(host, client.ip(), kind, code, [0; 4], &sent);
+        let expected = error(
+            host,
+            client.ip(),
+            kind,
+            code,
+            [0; 4],
+            &quoted(client, published, l4, Some(&sent)),
+        );
+        let before = tc.stat(Stat::IcmpErrorTranslated);
+        failures.check(name, tc.run(UPLINK_OUT, &input), NEXT, &expected);
+        if tc.stat(Stat::IcmpErrorTranslated) != before + 1 {
+            failures.note(format!("{name}: icmp_errors_translated not counted"));
+        }
+    }
+    // About a packet of no flow (the host's own): untouched.
+    let own = error(
+        HOST_V4.into(),
+        CLIENT_V4.into(),
+        3,
+        1,
+        [0; 4],
+        &quoted(at(CLIENT_V4, 40299), ctr4, L4::Ack, None),
+    );
+    failures.check(
+        "an error about no flow",
+        tc.run(UPLINK_OUT, &own),
+        NEXT,
+        &own,
     );
     failures.assert_none();
 }

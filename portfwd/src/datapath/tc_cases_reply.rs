@@ -313,8 +313,7 @@ impl Drop for SmallLink {
 /// A packet of a tracked flow larger than the MTU of the container's link
 /// (1280) gets the answer a router gives, quoting it as the client sent
 /// it: "fragmentation needed" with the MTU (IPv4 with DF), "packet too big"
-/// (IPv6); an IPv4 packet without DF goes on translated, as before (the
-/// forwarding path would fragment it; portfwd leaves it to the link).
+/// (IPv6). (IPv4 without DF: `tc_cases_oversize`.)
 #[test]
 fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
     let test = "packets_too_big_for_the_containers_link_get_a_routers_answer";
@@ -340,7 +339,7 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
             REDIRECT,
             "the SYN from {client}"
         );
-        let input = big_segment(client, published, true);
+        let input = big_segment(client, published);
         let before = tc.stat(Stat::TooBigAnswered);
         let expected = too_big(published.ip(), client.ip(), &input[14..quoted + 14], 1280);
         failures.check(
@@ -353,30 +352,17 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
             failures.note(format!("{client}: too_big_answered not counted"));
         }
     }
-    // IPv4 without DF: translated and redirected to the link, as before.
-    let client = at(OUTSIDER_V4, 40111);
-    let translated = big_segment(client, at(CTR_V4, 80), false);
-    failures.check(
-        "without DF",
-        tc.run(UPLINK_IN, &big_segment(client, at(HOST_V4, 8070), false)),
-        REDIRECT,
-        &translated,
-    );
     failures.assert_none();
 }
 
-/// A TCP segment of 1400 bytes of data from `src` to `dst`, IPv4 with DF
-/// or not.
-fn big_segment(src: SocketAddr, dst: SocketAddr, dont_fragment: bool) -> Vec<u8> {
+/// A TCP segment of 1400 bytes of data from `src` to `dst` (IPv4 with DF).
+fn big_segment(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let mut out = Vec::new();
     ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip())
         .tcp(src.port(), dst.port(), 2000, 64240)
         .ack(1)
         .write(&mut out, &[7u8; 1400])
         .unwrap();
-    if !dont_fragment {
-        edit_ipv4_header(&mut out, |header| header.dont_fragment = false);
-    }
     out
 }
 

@@ -143,9 +143,11 @@ pub(super) fn edit_ipv4_header(frame: &mut [u8], edit: impl FnOnce(&mut Ipv4Head
     frame[14..14 + bytes.len()].copy_from_slice(&bytes);
 }
 
-/// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8.
+/// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8,
+/// the interface at 40.
 pub(super) const SKB_CTX_LEN: usize = 192;
 const SKB_MARK_OFF: usize = 8;
+const SKB_IFINDEX_OFF: usize = 40;
 /// Offsets in `struct __sk_buff` of the GSO fields a test run accepts.
 const SKB_GSO_SEGS_OFF: usize = 164;
 const SKB_GSO_SIZE_OFF: usize = 176;
@@ -155,6 +157,14 @@ const SKB_GSO_SIZE_OFF: usize = 176;
 pub(super) fn skb_ctx(mark: u32) -> [u8; SKB_CTX_LEN] {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
+/// A test run's skb context of an skb that came in on interface `ifindex`
+/// (0: none, the loopback device).
+pub(super) fn ifindex_ctx(ifindex: u32) -> [u8; SKB_CTX_LEN] {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 

@@ -1,0 +1,327 @@
+//! TC programs: clients outside the host namespace reaching a published
+//! port.
+//!
+//! - `uplink_in` (uplink ingress): a new TCP (SYN) or UDP flow to a
+//!   published (address, port, protocol) gets its destination rewritten to
+//!   the container and is tracked; later packets of tracked flows follow
+//!   their entry. Rewritten packets are redirected straight to the
+//!   container's interface when it is known, skipping the host's forwarding
+//!   path (so `ip_forward` may be off).
+//! - `backend_in` (ingress of the interface towards the containers):
+//!   replies of tracked flows get their source rewritten back to the
+//!   published address and are redirected to the interface the flow came in
+//!   on. It also serves containers that dial a published address of the
+//!   host (hairpin): like an external flow, but masqueraded to the dialed
+//!   host address, so that the container answering replies through the
+//!   host even when the client shares its link (a bridge) or is itself.
+//! - `uplink_out` (uplink egress): the reverse translation for replies
+//!   that reached the uplink through the host's routing instead. Replies
+//!   that an ingress program translated and redirected carry
+//!   `TRANSLATED_MARK`, and leave at once.
+//!
+//! Packets that are not ours go on untouched (TC_ACT_UNSPEC: the next
+//! program or the stack decides), and every kind of untouched packet that
+//! could have been ours is counted in the stats map.
+//!
+//! Split by concern: `flow` starts new flows (and judges the allowlist),
+//! `service` finds a packet's mapping, `masquerade` picks a flow's source
+//! port towards the container, `translate` rewrites packets of tracked
+//! flows and sends them on; this module holds the programs themselves.
+//! The imports go one way: this module → `flow` → `masquerade`,
+//! `translate` → `service`.
+
+mod flow;
+mod masquerade;
+mod service;
+mod translate;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    programs::TcContext,
+};
+use portfwd_common::{
+    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_UPLINK, TRANSLATED_MARK,
+};
+
+use self::{
+    flow::{is_new_tcp, start_flow},
+    service::{find_service, is_host_address, publishes},
+    translate::{translate_forward, translate_fragment, translate_reply},
+};
+use crate::{
+    conntrack, icmp,
+    maps::SCRATCH,
+    packet::{self, LATER_FRAGMENT, Packet},
+    reply, trace,
+    verdict::{DROP, NEXT, count},
+};
+
+const PACKET_HOST: u32 = 0;
+/// Frames up to this size are not checked against the MTU of the interface
+/// they are redirected to: no IP link has a smaller one in practice (576 is
+/// IPv4's minimum datagram every host accepts, plus Ethernet).
+const TOO_BIG_CHECKED_FROM: u32 = 576 + 14;
+
+pub(crate) fn uplink_in(ctx: TcContext) -> i32 {
+    ingress(&ctx, false)
+}
+
+pub(crate) fn backend_in(ctx: TcContext) -> i32 {
+    ingress(&ctx, true)
+}
+
+pub(crate) fn uplink_out(ctx: TcContext) -> i32 {
+    routed_reply(&ctx)
+}
+
+/// Packets entering the host: tracked flows in either direction, and new
+/// flows to published ports (masqueraded when they come from containers).
+#[inline(always)]
+fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
+    // Frames not addressed to this host's MAC (promiscuous mode) are not ours.
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return NEXT;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return NEXT;
+    };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    let path = if from_containers {
+        TRACE_PATH_CONTAINERS
+    } else {
+        TRACE_PATH_UPLINK
+    };
+    if let Err(verdict) = parse_or_count(ctx, pkt, path) {
+        return verdict;
+    }
+    if pkt.fragment == LATER_FRAGMENT {
+        let untracked = if from_containers {
+            Stat::PassFragmentFromContainers
+        } else {
+            Stat::PassFragment
+        };
+        return translate_fragment(ctx, pkt, Some(untracked), true);
+    }
+    conntrack::set_key(key, pkt);
+    if let Some((entry, now)) = conntrack::find(key) {
+        pkt.now = now;
+        // A reply to what the host itself sent from a published port (see
+        // `routed_reply`): the host's, not a new flow.
+        // SAFETY: a pointer into the map value, valid for this program run.
+        if unsafe { (*entry).flags } & CT_FLAG_HOST != 0 {
+            conntrack::touch(key, entry, pkt, now);
+            return NEXT;
+        }
+        // A flow that lost its other entry (evicted, or expired alone) is
+        // forgotten and started again by this packet.
+        if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
+            return new_flow(ctx, pkt, path, from_containers);
+        }
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
+        // Larger than the interface it goes to: answered, as the
+        // forwarding path would (only large packets pay the check), or
+        // left to the stack to fragment.
+        let mut redirect = true;
+        if ifindex != 0
+            && pkt.len > TOO_BIG_CHECKED_FROM
+            && let Some(verdict) = reply::too_big(ctx, pkt, path, ifindex)
+        {
+            if verdict != reply::FRAGMENT {
+                return verdict;
+            }
+            redirect = !fragmented_by_stack(ctx, pkt, flags, path);
+        }
+        if flags & CT_FLAG_REPLY != 0 {
+            if !redirect {
+                return NEXT;
+            }
+            return translate_reply(ctx, pkt, key, entry, true);
+        }
+        // A SYN on a closing flow is the client reusing its port: a new flow.
+        if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
+            return translate_forward(ctx, pkt, key, entry, redirect);
+        }
+        forget_closing_flow(key, entry);
+    }
+    new_flow(ctx, pkt, path, from_containers)
+}
+
+/// A packet that matches no tracked flow (`start_flow`). A large one is
+/// first checked against the MTU of the container's link, as packets of
+/// tracked flows are (see `first_packet_too_big`).
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, path: u8, from_containers: bool) -> i32 {
+    let mut to_stack = false;
+    if pkt.len > TOO_BIG_CHECKED_FROM
+        && let Some(verdict) = first_packet_too_big(ctx, pkt, path, from_containers)
+    {
+        if verdict != reply::FRAGMENT {
+            return verdict;
+        }
+        to_stack = !from_containers;
+    }
+    let verdict = answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
+    // Translated towards the container, it goes to the stack instead, to be
+    // fragmented (see `fragmented_by_stack`): the redirect that
+    // `start_flow` asked for is not used when the verdict is not
+    // TC_ACT_REDIRECT.
+    if to_stack && verdict == TC_ACT_REDIRECT {
+        count(Stat::TooBigToStack);
+        trace::stat(ctx, pkt, path, Stat::TooBigToStack);
+        return TC_ACT_OK;
+    }
+    verdict
+}
+
+/// For the first packet of a new flow (a SYN, a UDP datagram) larger than
+/// the MTU of its container's link: `reply::too_big`'s answer, before any
+/// flow exists (the sender retries smaller, and that opens the flow), or
+/// `reply::FRAGMENT`. Only where the answer gives nothing away: a mapping
+/// with an allowlist is not checked (its refusal must come first, and it
+/// lives in `start_flow`'s frame), nor a NAT46 flow (the container's IPv4
+/// link against an IPv6 packet), nor a forged host source from an uplink
+/// (`start_flow` drops it). None: it fits, or it is not checked.
+// Not inlined: the mapping lookup's locals stay out of the program's frame.
+#[inline(never)]
+fn first_packet_too_big(
+    ctx: &TcContext,
+    pkt: &Packet,
+    path: u8,
+    from_containers: bool,
+) -> Option<i32> {
+    if pkt.proto == IPPROTO_TCP && !is_new_tcp(pkt) {
+        return None;
+    }
+    let (_, backend) = find_service(ctx, pkt)?;
+    if backend.ifindex == 0
+        || backend.family != pkt.family
+        || backend.flags & SERVICE_FLAG_HAS_ALLOWLIST != 0
+        || (!from_containers && is_host_address(pkt.family, &pkt.saddr))
+    {
+        return None;
+    }
+    reply::too_big(ctx, pkt, path, backend.ifindex)
+}
+
+/// `start_flow`'s verdict, or for a client the allowlist refuses with an
+/// answer, the answer (built here, not in `start_flow`'s deep frame).
+#[inline(always)]
+fn answer_refused(ctx: &TcContext, pkt: &Packet, path: u8, verdict: i32) -> i32 {
+    if verdict == reply::ANSWER {
+        return reply::refuse(ctx, pkt, path);
+    }
+    verdict
+}
+
+/// Whether an IPv4 packet without DF, too big for the interface it would be
+/// redirected to (`reply::FRAGMENT`), goes to the host's stack instead,
+/// whose forwarding path fragments it as a router does (a redirect skips
+/// that path, and the link would drop the packet). Towards a container it
+/// is translated first; towards a client it goes untranslated: translated,
+/// its source would be the host's own (published) address, a martian on
+/// input, so the stack forwards the container's packet and the uplink's
+/// egress program translates the fragments, as every routed reply. Needs
+/// forwarding on the interface it came in on (else the stack drops it, as
+/// the link did). Not for hairpin (masqueraded) flows, whose translated
+/// source is the host's too and whose replies the stack would deliver
+/// locally, nor for NAT46 ones: those are redirected as before.
+// Not inlined: its locals stay out of the program's frame.
+#[inline(never)]
+fn fragmented_by_stack(ctx: &TcContext, pkt: &Packet, flags: u8, path: u8) -> bool {
+    if flags & (CT_FLAG_MASQ | CT_FLAG_NAT46) != 0 {
+        return false;
+    }
+    count(Stat::TooBigToStack);
+    trace::stat(ctx, pkt, path, Stat::TooBigToStack);
+    true
+}
+
+/// A closing flow whose client opens it again: both entries are removed
+/// before the new flow is made. The new flow's reply key differs from the
+/// old one when it goes to another container or gets another port; left
+/// behind, the old reply entry would translate the old container's late
+/// packets into the new connection, and its own end (a changed mapping)
+/// would remove the new flow's forward entry, its twin by key.
+// Not inlined: its locals stay out of the program's frame.
+#[inline(never)]
+fn forget_closing_flow(key: &CtKey, entry: *mut CtValue) {
+    // SAFETY: a pointer into the map value, valid for this program run; not
+    // used after the removal.
+    conntrack::remove(key, unsafe { &*entry });
+}
+
+/// Uplink egress: replies that reached the uplink through the host's
+/// routing rather than a redirect.
+fn routed_reply(ctx: &TcContext) -> i32 {
+    // Translated at ingress and redirected here: nothing left to do. The
+    // mark was ours (set on a packet that had none): cleared.
+    // SAFETY: reading a context field, checked by the verifier.
+    if unsafe { (*ctx.skb.skb).mark } == TRANSLATED_MARK {
+        ctx.set_mark(0);
+        return NEXT;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return NEXT;
+    };
+    // SAFETY: per-CPU memory that only this program run uses.
+    let (pkt, key) = unsafe { (&mut (*scratch).pkt, &mut (*scratch).flow_key) };
+    if let Err(reason) = packet::parse(ctx, pkt) {
+        // An ICMP error the host's stack sends about a client's translated
+        // packet: translated back to the client's view.
+        if reason == Stat::PassNotTcpUdp
+            && let Some(verdict) = icmp::translate_error::<true>(ctx)
+        {
+            return verdict;
+        }
+        return NEXT;
+    }
+    if pkt.fragment == LATER_FRAGMENT {
+        // Egress sees all the host's traffic: untracked fragments are not
+        // counted here.
+        return translate_fragment(ctx, pkt, None, false);
+    }
+    conntrack::set_key(key, pkt);
+    match conntrack::find(key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        Some((entry, now)) if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 => {
+            pkt.now = now;
+            translate_reply(ctx, pkt, key, entry, false)
+        }
+        Some(_) => NEXT,
+        // A UDP datagram the host sends from a published port: a container
+        // masqueraded by the host's own NAT, which kept its source port (the
+        // kernel's automatic ports may be published ones). Its replies will
+        // come to that port and must reach the host's NAT, not the mapping.
+        // (TCP needs nothing: only a SYN opens a flow, and a reply is none.)
+        None if pkt.proto == IPPROTO_UDP && publishes(pkt.family, &pkt.saddr, pkt.sport) => {
+            conntrack::pass_replies_to(pkt, conntrack::now());
+            NEXT
+        }
+        None => NEXT,
+    }
+}
+
+/// Parses into `pkt`; for a packet that is not ours, the verdict: passed
+/// untouched and counted, or dropped when it carries a loopback address.
+/// An ICMP error about a translated flow is translated (`icmp`).
+fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
+    packet::parse(ctx, pkt).map_err(|reason| {
+        if reason == Stat::PassNotTcpUdp
+            && let Some(verdict) = icmp::translate_error::<false>(ctx)
+        {
+            return verdict;
+        }
+        count(reason);
+        if reason == Stat::DroppedLoopback {
+            trace::stat(ctx, pkt, path, reason);
+            DROP
+        } else {
+            NEXT
+        }
+    })
+}

@@ -1,0 +1,132 @@
+//! The mapping a packet is for: the services map, by exact address or by
+//! the family's wildcard when the destination is one of the host's own.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, LocalAddrKey, ServiceKey, ServiceValue};
+
+use crate::{
+    maps::{LOCAL_ADDRS, SERVICES, SERVICES_GEN},
+    packet::Packet,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+pub(super) struct Backend {
+    pub(super) addr: Addr,
+    pub(super) port: u16,
+    pub(super) family: u8,
+    /// `SERVICE_FLAG_*`.
+    pub(super) flags: u8,
+    pub(super) ifindex: u32,
+}
+
+/// The mapping for the packet's destination: exact address first, then the
+/// family's wildcard when the destination is one of this host's addresses.
+// Inlined: called from `start_flow` and `tc::first_packet_too_big`, it
+// would otherwise become a call of its own, and `start_flow`, this and
+// `is_local_destination` would make a chain over the 512-byte stack.
+#[inline(always)]
+pub(super) fn find_service(ctx: &TcContext, pkt: &Packet) -> Option<(ServiceKey, Backend)> {
+    // An unspecified destination is a martian; its key would be the
+    // wildcard's.
+    if pkt.daddr.is_unspecified() {
+        return None;
+    }
+    let exact = ServiceKey::new(pkt.family, pkt.daddr, pkt.dport, pkt.proto);
+    // SAFETY: values are copied out at once (the map is not preallocated,
+    // so a concurrent delete cannot recycle the element under us).
+    if let Some(value) = unsafe { SERVICES.get(&exact) } {
+        return Some((exact, backend_of(value)));
+    }
+    let wildcard = exact.wildcard();
+    let value = unsafe { SERVICES.get(&wildcard) }?;
+    if !is_local_destination(ctx, pkt) {
+        return None;
+    }
+    Some((wildcard, backend_of(value)))
+}
+
+fn backend_of(value: &ServiceValue) -> Backend {
+    Backend {
+        addr: value.addr,
+        port: value.port,
+        family: value.family,
+        flags: value.flags,
+        ifindex: value.ifindex,
+    }
+}
+
+/// One of the host's addresses (`pf_local_addrs`, kept current by the port
+/// holder; `up` and every `map` refresh it).
+// Not inlined: the key stays out of `start_flow`'s frame.
+#[inline(never)]
+pub(super) fn is_host_address(family: u8, addr: &Addr) -> bool {
+    // SAFETY: the value is not read, only its presence.
+    unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
+}
+
+/// Whether the destination is this host: the kernel's FIB does not forward
+/// it, and it is one of the host's addresses (`pf_local_addrs`, kept
+/// current by the port holder). Neither alone will do: "not forwarded" also
+/// means broadcast, multicast or no route at all, and when forwarding is off
+/// on the ingress interface the helper says so before it looks at the
+/// route (though IPv6 may still forward through a per-interface
+/// `force_forwarding`, kernel 6.17), so a packet routed through the host to
+/// another machine would be taken for ours.
+#[inline(never)]
+fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = if pkt.family == FAMILY_V4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    params.l4_protocol = pkt.proto;
+    params.sport = pkt.sport;
+    params.dport = pkt.dport;
+    // SAFETY: reading a context field, checked by the verifier.
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if pkt.family == FAMILY_V4 {
+        params.__bindgen_anon_3.ipv4_src = pkt.saddr.words[0];
+        params.__bindgen_anon_4.ipv4_dst = pkt.daddr.words[0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = pkt.saddr.words;
+        params.__bindgen_anon_4.ipv6_dst = pkt.daddr.words;
+    }
+    // SAFETY: params is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // "Not forwarded" also covers broadcast, multicast and "no route": the
+    // host's addresses decide in both cases.
+    (rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
+        && is_host_address(pkt.family, &pkt.daddr)
+}
+
+/// The services generation (`pf_services_gen`), truncated as flows keep it.
+#[inline(always)]
+pub(super) fn services_generation() -> u16 {
+    SERVICES_GEN
+        .get(0)
+        .map_or(0, |generation| *generation as u16)
+}
+
+/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping.
+#[inline(never)]
+pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
+    let exact = ServiceKey::new(family, *addr, port, IPPROTO_UDP);
+    // SAFETY: only the presence of the values is read.
+    unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }
+}

@@ -1,0 +1,212 @@
+//! Packets of tracked flows (and later fragments of translated datagrams):
+//! rewritten as their conntrack entry says and sent on.
+
+use aya_ebpf::programs::TcContext;
+use portfwd_common::{
+    Addr, CT_FLAG_MASQ, CT_FLAG_NAT46, CtKey, CtValue, FRAGMENT_FLAG_REPLY, ServiceKey, Stat,
+    TRACE_PATH_TC,
+};
+
+use super::service::services_generation;
+use crate::{
+    conntrack, fragments,
+    maps::{COUNTERS, SERVICES},
+    nat46,
+    packet::{self, End, FIRST_FRAGMENT, Packet},
+    trace,
+    verdict::{DROP, NEXT, count, deliver, mark_translated},
+};
+
+/// The flow's mapping must still exist and still point at the same
+/// container: `unmap` (or a remap) stops existing flows, not only new ones.
+/// Looked up only when the services changed since the flow last checked
+/// (userspace increments the generation after removing mappings).
+#[inline(always)]
+fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
+    let generation = services_generation();
+    if ct.generation == generation {
+        return true;
+    }
+    // SAFETY: the value is read at once.
+    let mapped = match unsafe { SERVICES.get(&ct.service) } {
+        Some(value) => value.addr == *backend && value.port == backend_port,
+        None => false,
+    };
+    if mapped {
+        ct.generation = generation;
+    }
+    mapped
+}
+
+// The entry is used in place, not copied: the stack is limited to 512 bytes.
+#[inline(never)]
+pub(super) fn translate_forward(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtValue,
+    redirect: bool,
+) -> i32 {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let ct = unsafe { &mut *entry };
+    let (backend, backend_port) = (ct.nat_addr, ct.nat_port);
+    if !still_mapped(ct, &backend, backend_port) {
+        conntrack::remove(key, ct);
+        count(Stat::FlowStopped);
+        trace::stat(ctx, pkt, TRACE_PATH_TC, Stat::FlowStopped);
+        // Untouched, the packet meets no listener on the host: the client
+        // gets a reset (TCP) or an ICMP error (UDP).
+        return NEXT;
+    }
+    let now = pkt.now;
+    conntrack::touch(key, entry, pkt, now);
+    // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
+    let ifindex = if redirect { ct.ifindex } else { 0 };
+    if ct.flags & CT_FLAG_NAT46 != 0 {
+        add_traffic(&ct.service, pkt.len, true);
+        return finish_nat46(ctx, pkt, ct, ifindex);
+    }
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
+    }
+    add_traffic(&ct.service, pkt.len, true);
+    if ct.flags & CT_FLAG_MASQ != 0
+        && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
+    {
+        count(Stat::RewriteFailed);
+        return DROP;
+    }
+    finish(
+        ctx,
+        pkt,
+        End::Destination,
+        &ct.nat_addr,
+        ct.nat_port,
+        ifindex,
+    )
+}
+
+#[inline(never)]
+pub(super) fn translate_reply(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtValue,
+    redirect: bool,
+) -> i32 {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let ct = unsafe { &mut *entry };
+    if !still_mapped(ct, &pkt.saddr, pkt.sport) {
+        conntrack::remove(key, ct);
+        count(Stat::FlowStopped);
+        // A reply of a stopped flow would reach the client from the
+        // container's own address: drop it (counted above).
+        return DROP;
+    }
+    let now = pkt.now;
+    conntrack::touch(key, entry, pkt, now);
+    let ifindex = if redirect { ct.ifindex } else { 0 };
+    if ifindex != 0 {
+        mark_translated(ctx);
+    }
+    if ct.flags & CT_FLAG_NAT46 != 0 {
+        add_traffic(&ct.service, pkt.len, false);
+        return finish_nat46(ctx, pkt, ct, ifindex);
+    }
+    if pkt.fragment == FIRST_FRAGMENT {
+        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
+    }
+    add_traffic(&ct.service, pkt.len, false);
+    if ct.flags & CT_FLAG_MASQ != 0
+        && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
+    {
+        count(Stat::RewriteFailed);
+        return DROP;
+    }
+    finish(ctx, pkt, End::Source, &ct.nat_addr, ct.nat_port, ifindex)
+}
+
+/// Rewrites the packet and sends it on: redirected to `ifindex` through the
+/// neighbour subsystem when known, else back to the stack.
+// Inlined: a BPF-to-BPF call takes at most five arguments.
+#[inline(always)]
+pub(super) fn finish(
+    ctx: &TcContext,
+    pkt: &Packet,
+    end: End,
+    addr: &Addr,
+    port: u16,
+    ifindex: u32,
+) -> i32 {
+    if !packet::rewrite(ctx, pkt, end, addr, port) {
+        // A half-rewritten packet must not leave: its checksums are wrong.
+        count(Stat::RewriteFailed);
+        return DROP;
+    }
+    deliver(ifindex)
+}
+
+/// Translates a packet of a NAT46 flow to the other family and sends it
+/// on (see `finish`); a packet that cannot be translated is dropped.
+#[inline(always)]
+pub(super) fn finish_nat46(ctx: &TcContext, pkt: &Packet, ct: &CtValue, ifindex: u32) -> i32 {
+    if !nat46::translate(ctx, pkt, ct) {
+        return DROP;
+    }
+    deliver(ifindex)
+}
+
+/// A later fragment: translated like its datagram's first fragment, if that
+/// was translated (see `fragments`); else passed and counted as `untracked`.
+/// `redirect`: sent where the first went (ingress), or left to the stack.
+#[inline(never)]
+pub(super) fn translate_fragment(
+    ctx: &TcContext,
+    pkt: &Packet,
+    untracked: Option<Stat>,
+    redirect: bool,
+) -> i32 {
+    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), conntrack::now()) else {
+        if let Some(stat) = untracked {
+            count(stat);
+        }
+        return NEXT;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let value = unsafe { &*value };
+    if !packet::rewrite_addresses(ctx, pkt, &value.saddr, &value.daddr) {
+        count(Stat::RewriteFailed);
+        return DROP;
+    }
+    let reply = value.flags & FRAGMENT_FLAG_REPLY != 0;
+    if reply && redirect && value.ifindex != 0 {
+        mark_translated(ctx);
+    }
+    add_traffic(&value.service, pkt.len, !reply);
+    count(if reply {
+        Stat::FragmentOut
+    } else {
+        Stat::FragmentIn
+    });
+    deliver(if redirect { value.ifindex } else { 0 })
+}
+
+/// The interface the packet is on (in at ingress, out at egress).
+pub(super) fn ifindex_of(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a context field, checked by the verifier.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+pub(super) fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(service) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        let counters = unsafe { &mut *counters };
+        if inbound {
+            counters.packets_in += 1;
+            counters.bytes_in += bytes as u64;
+        } else {
+            counters.packets_out += 1;
+            counters.bytes_out += bytes as u64;
+        }
+    }
+}
