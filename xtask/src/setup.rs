@@ -37,6 +37,11 @@ const DEBS: &[&str] = &[
     // The Docker test: a private dockerd (with containerd) whose userland
     // proxy is portfwd. Installing it starts no daemon (runlevel 1, below).
     "docker.io",
+    // Rootless namespaces (issue 15's tests and `bench --rootless`):
+    // RootlessKit with slirp4netns, and newuidmap/newgidmap.
+    "rootlesskit",
+    "slirp4netns",
+    "uidmap",
 ];
 
 #[derive(Default)]
@@ -328,6 +333,10 @@ const BENCH_DEBS: &[&str] = &[
     "iproute2",
     "curl",
     "bpftool",
+    // --rootless: RootlessKit's builtin port driver over slirp4netns.
+    "rootlesskit",
+    "slirp4netns",
+    "uidmap",
 ];
 
 /// Installs the benchmark's Debian packages that are missing.
