@@ -1,13 +1,15 @@
 //! `cargo xtask bench --rootless`: a port of an unprivileged user's own
 //! network namespace, published by RootlessKit's `builtin` port driver (a
-//! process that copies every byte) and by portfwd's rootless path (`portfwd
-//! serve` under a policy, the user's `portfwd map --netns PID`), into the
-//! same namespace, to the same servers, on the same host ports, in turns.
+//! process that copies every byte), by portfwd's rootless path (`portfwd
+//! serve` under a policy, the user's `portfwd map --netns PID`) and by
+//! pasta, into the same namespace, to the same servers, on the same host
+//! ports, in turns.
 //!
 //! ```text
-//! <p>-cli --veth-- h2e (10.N.2.1) <p>-host: rootlesskit (builtin driver), portfwd serve
-//!                                     |  slirp4netns (the namespace's own network)
+//! <p>-cli --veth-- h2e (10.N.2.1) <p>-host: rootlesskit (builtin driver), portfwd serve, pasta
+//!                                     |  slirp4netns: tap0 (the namespace's own network)
 //!                                     |  pfr0 --veth-- portfwd0 (portfwd's way in)
+//!                                     |  pasta: pasta0 (while pasta publishes)
 //!                                  the user's namespace (RootlessKit's child): nginx, iperf3
 //! ```
 //!
@@ -28,7 +30,7 @@ use serde_json::json;
 
 use super::measure::{self, Load, Metric, NetPath, PATHS, Target};
 use super::modes::{HTTP, IPERF, Mode, Port};
-use super::ns::{H2E, Role, Topo, check, in_ns, in_ns_as};
+use super::ns::{self, H2E, Role, Topo, check, in_ns, in_ns_as};
 use super::report::{self, median, ratio, value};
 use super::{NGINX_CONF, Plan, loadavg};
 use crate::interrupt;
@@ -41,15 +43,20 @@ pub(crate) enum Driver {
     Rootlesskit,
     /// portfwd's rootless path: the user's `portfwd map --netns PID`.
     Portfwd,
+    /// pasta (Debian's passt 2023-03), joined to the same namespace: a
+    /// userspace copy too (splice for local clients, its own TCP/IP
+    /// translation through a tap device for external ones).
+    Pasta,
 }
 
-const DRIVERS: [Driver; 2] = [Driver::Rootlesskit, Driver::Portfwd];
+const DRIVERS: [Driver; 3] = [Driver::Rootlesskit, Driver::Portfwd, Driver::Pasta];
 
 impl Driver {
     fn name(self) -> &'static str {
         match self {
             Driver::Rootlesskit => "rootlesskit builtin",
             Driver::Portfwd => "portfwd rootless",
+            Driver::Pasta => "pasta",
         }
     }
 }
@@ -93,6 +100,8 @@ struct Rig<'a> {
     dir: PathBuf,
     rootlesskit: Option<Child>,
     serve: Option<Child>,
+    /// pasta, while it publishes (started per trial: its ports are fixed).
+    pasta: Option<Child>,
     /// The pid of RootlessKit's child: its namespace is the target.
     child_pid: Option<u32>,
     /// The port ids `rootlessctl add-ports` returned, while published.
@@ -115,6 +124,7 @@ pub(crate) fn bench(
         dir: PathBuf::from(format!("/tmp/portfwd-bench-{prefix}-rootless")),
         rootlesskit: None,
         serve: None,
+        pasta: None,
         child_pid: None,
         rootlessctl_ids: Vec::new(),
     };
@@ -153,6 +163,12 @@ impl Rig<'_> {
             self.user, self.topo.host, self.topo.cli, self.topo.net
         );
         self.topo.create()?;
+        // pasta takes the addresses of its namespace interface from the
+        // host's default-route interface, and refuses to start without one.
+        ns::ip(
+            &self.topo.host,
+            &format!("route add default via 10.{}.2.2", self.topo.net),
+        )?;
         self.create_user()?;
         self.start_rootlesskit()?;
         self.start_portfwd()?;
@@ -161,11 +177,13 @@ impl Rig<'_> {
             connections: plan.connections,
         };
         for rep in 0..plan.reps {
-            // Interleaved, the first driver alternating.
+            // Interleaved: the order reversed and shifted from one
+            // repetition to the next, as in the rootful modes.
             let mut order = DRIVERS;
             if rep % 2 == 1 {
                 order.reverse();
             }
+            order.rotate_left((rep / 2) % DRIVERS.len());
             for driver in order {
                 interrupt::check()?;
                 if let Some(l) = loadavg() {
@@ -360,6 +378,34 @@ impl Rig<'_> {
                 }
                 check(&mut map)?;
             }
+            Driver::Pasta => {
+                let pid = self.child_pid.context("no rootlesskit child")?;
+                let log = std::fs::File::create(self.dir.join("pasta.log"))?;
+                let mut cmd = self.as_user("pasta", Role::Proxy);
+                cmd.arg("--userns")
+                    .arg(format!("/proc/{pid}/ns/user"))
+                    .arg("--netns")
+                    .arg(format!("/proc/{pid}/ns/net"))
+                    .args(["-I", "pasta0", "-i", H2E, "--config-net", "-f"])
+                    // No UDP, nothing from the namespace to the host.
+                    .args(["-u", "none", "-T", "none", "-U", "none"]);
+                for port in PUBLISHED {
+                    cmd.args(["-t", &format!("{}:{}", port.host, port.ctr)]);
+                }
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .process_group(0)
+                    .spawn()
+                    .context("starting pasta")?;
+                self.pasta = Some(child);
+                for port in PUBLISHED {
+                    ns::wait_listening(&self.topo.host, "t", port.host).with_context(|| {
+                        format!("pasta did not publish: {}", self.log_tail("pasta.log"))
+                    })?;
+                }
+            }
         }
         Ok(())
     }
@@ -373,6 +419,11 @@ impl Rig<'_> {
             }
             Driver::Portfwd => {
                 check(self.user_portfwd().args(["unmap", "--name", "bench"]))?;
+            }
+            Driver::Pasta => {
+                if let Some(child) = self.pasta.take() {
+                    stop_group(child);
+                }
             }
         }
         Ok(())
@@ -388,9 +439,13 @@ impl Rig<'_> {
     /// processes by their own ids, the pins, the namespaces, the user (and
     /// with it its subordinate ids), the directory.
     fn cleanup(&mut self) {
-        for child in [self.serve.take(), self.rootlesskit.take()]
-            .into_iter()
-            .flatten()
+        for child in [
+            self.pasta.take(),
+            self.serve.take(),
+            self.rootlesskit.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             stop_group(child);
         }
@@ -532,12 +587,9 @@ impl RootlessResults {
         (!s.is_empty()).then(|| median(s))
     }
 
-    /// portfwd / RootlessKit, ratio of medians.
-    fn portfwd_vs_rootlesskit(&self, path: NetPath, metric: Metric) -> Option<f64> {
-        Some(
-            self.med(Driver::Portfwd, path, metric)?
-                / self.med(Driver::Rootlesskit, path, metric)?,
-        )
+    /// `a` / `b`, ratio of medians.
+    fn ratio(&self, a: Driver, b: Driver, path: NetPath, metric: Metric) -> Option<f64> {
+        Some(self.med(a, path, metric)? / self.med(b, path, metric)?)
     }
 }
 
@@ -548,11 +600,12 @@ fn markdown(plan: &Plan, r: &RootlessResults, elapsed: f64) -> String {
         "Rootless: command `{}` ({:.1} min). One user+network namespace made by \
          RootlessKit 1.1 (`--net=slirp4netns --port-driver=builtin`) as an \
          unprivileged user, nginx and iperf3 inside; its ports published on the \
-         same host ports either by RootlessKit's builtin driver (`rootlessctl \
-         add-ports 0.0.0.0:8080:80/tcp`) or by the user's `portfwd map --netns PID` \
-         through `portfwd serve`, in turns. Each cell: median of {} repetition{} \
-         (min–max), each {} s; `[1.50×]`: portfwd / RootlessKit (latency: lower \
-         is better). wrk: 1 thread, {} connections.\n",
+         same host ports, in turns, by RootlessKit's builtin driver (`rootlessctl \
+         add-ports 0.0.0.0:8080:80/tcp`), by the user's `portfwd map --netns PID` \
+         through `portfwd serve`, or by pasta joined to the namespace (`pasta \
+         --userns … --netns … --config-net -t 8080:80`). Each cell: median of {} \
+         repetition{} (min–max), each {} s; `[1.50×]`: ratio to RootlessKit's \
+         builtin driver (latency: lower is better). wrk: 1 thread, {} connections.\n",
         plan.command,
         elapsed / 60.0,
         plan.reps,
@@ -597,8 +650,8 @@ fn markdown(plan: &Plan, r: &RootlessResults, elapsed: f64) -> String {
                     write!(s, " ({}–{})", value(metric, min), value(metric, max))
                         .expect("writing to a String");
                 }
-                if driver == Driver::Portfwd
-                    && let Some(x) = r.portfwd_vs_rootlesskit(path, metric)
+                if driver != Driver::Rootlesskit
+                    && let Some(x) = r.ratio(driver, Driver::Rootlesskit, path, metric)
                 {
                     write!(s, " [{}]", ratio(x)).expect("writing to a String");
                 }
@@ -615,6 +668,24 @@ fn markdown(plan: &Plan, r: &RootlessResults, elapsed: f64) -> String {
             writeln!(s, " {} | {errors} |", syn.join(", ")).expect("writing to a String");
         }
         s += "\n";
+    }
+    s += "#### Rootless, portfwd relative to each (ratio of medians; latency: lower is better)\n\n";
+    s += "| path | portfwd vs |";
+    for metric in METRICS {
+        write!(s, " {} |", metric.label()).expect("writing to a String");
+    }
+    s += "\n|---|---|";
+    s += &"---|".repeat(METRICS.len());
+    s += "\n";
+    for path in PATHS {
+        for other in [Driver::Rootlesskit, Driver::Pasta] {
+            write!(s, "| {} | {} |", path.name(), other.name()).expect("writing to a String");
+            for metric in METRICS {
+                let x = r.ratio(Driver::Portfwd, other, path, metric);
+                write!(s, " {} |", x.map_or("–".into(), ratio)).expect("writing to a String");
+            }
+            s += "\n";
+        }
     }
     s
 }
