@@ -333,10 +333,12 @@ const BENCH_DEBS: &[&str] = &[
     "iproute2",
     "curl",
     "bpftool",
-    // --rootless: RootlessKit's builtin port driver over slirp4netns.
+    // --rootless: RootlessKit's builtin port driver over slirp4netns, and
+    // pasta (from passt).
     "rootlesskit",
     "slirp4netns",
     "uidmap",
+    "passt",
 ];
 
 /// Installs the benchmark's Debian packages that are missing.
