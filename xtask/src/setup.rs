@@ -37,9 +37,11 @@ const DEBS: &[&str] = &[
     // The Docker test: a private dockerd (with containerd) whose userland
     // proxy is portfwd. Installing it starts no daemon (runlevel 1, below).
     "docker.io",
-    // The rootless tests: RootlessKit's child namespace (slirp4netns).
+    // Rootless namespaces (issue 15's tests and `bench --rootless`):
+    // RootlessKit with slirp4netns, and newuidmap/newgidmap.
     "rootlesskit",
     "slirp4netns",
+    "uidmap",
 ];
 
 #[derive(Default)]
@@ -331,6 +333,12 @@ const BENCH_DEBS: &[&str] = &[
     "iproute2",
     "curl",
     "bpftool",
+    // --rootless: RootlessKit's builtin port driver over slirp4netns, and
+    // pasta (from passt).
+    "rootlesskit",
+    "slirp4netns",
+    "uidmap",
+    "passt",
 ];
 
 /// Installs the benchmark's Debian packages that are missing.

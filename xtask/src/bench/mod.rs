@@ -7,6 +7,7 @@ mod measure;
 mod modes;
 mod ns;
 mod report;
+mod rootless;
 mod runner;
 mod targets;
 mod tool;
@@ -76,6 +77,11 @@ pub(crate) struct Args {
     /// this one, in turns.
     #[arg(long, value_name = "OBJECT", requires = "prog")]
     against: Option<PathBuf>,
+    /// Only the rootless comparison: a port of an unprivileged user's
+    /// RootlessKit namespace published by RootlessKit's builtin port driver
+    /// and by portfwd's rootless path (`serve` + `map --netns`), in turns.
+    #[arg(long, conflicts_with_all = ["control_plane", "modes", "prog"])]
+    rootless: bool,
 }
 
 /// The key of one series of samples.
@@ -164,6 +170,11 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     };
     let out = std::path::absolute(args.out.unwrap_or_else(|| target.join("bench")))?;
     std::fs::create_dir_all(&out)?;
+    if args.rootless {
+        interrupt::catch()?;
+        let topo = Topo::new(&args.prefix)?;
+        return rootless::bench(&plan, &args.prefix, &topo, portfwd, &out);
+    }
     let docker_proxy = if plan.modes.contains(&Mode::DockerProxy) {
         Some(docker_proxy(&target.join("bench-tools"))?)
     } else {
@@ -279,55 +290,66 @@ fn write_results(
     Ok(())
 }
 
-/// `cargo xtask test`'s smoke run: `bench --quick --modes direct,portfwd`
-/// must complete and produce a table (no speed is asserted). Its output goes
-/// to a log, so that the test summary stays readable.
+/// `cargo xtask test`'s smoke runs: `bench --quick --modes direct,portfwd`,
+/// then `bench --quick --rootless` (about 20 s), must complete and produce
+/// their tables (no speed is asserted). Their output goes to a log, so that
+/// the test summary stays readable.
 pub(crate) fn smoke() -> Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
     let out = target.join("bench-smoke");
-    std::fs::remove_file(out.join("results.json")).ok();
-    std::fs::create_dir_all(&out)?;
-    let log_path = out.join("log.txt");
+    smoke_run(
+        &out,
+        &["--modes", "direct,portfwd"],
+        "results.json",
+        "| portfwd |",
+    )?;
+    smoke_run(
+        &out,
+        &["--rootless"],
+        "rootless.json",
+        "| portfwd rootless |",
+    )
+}
+
+/// One smoke run, `bench --quick EXTRA`, whose results must hold rows in
+/// `json` and a row `row` in the matching table.
+fn smoke_run(out: &Path, extra: &[&str], json: &str, row: &str) -> Result<()> {
+    let table = out.join(json.replace(".json", ".md"));
+    std::fs::remove_file(out.join(json)).ok();
+    std::fs::create_dir_all(out)?;
+    let log_path = out.join(json.replace(".json", "-log.txt"));
     let log = std::fs::File::create(&log_path)?;
-    println!(
-        "bench smoke: cargo xtask bench --quick --modes direct,portfwd (log: {})",
-        log_path.display()
-    );
+    let command = format!("cargo xtask bench --quick {}", extra.join(" "));
+    println!("bench smoke: {command} (log: {})", log_path.display());
     let started = Instant::now();
     let status = Command::new(std::env::current_exe()?)
-        .args([
-            "bench",
-            "--quick",
-            "--modes",
-            "direct,portfwd",
-            "--prefix",
-            "pfs",
-        ])
+        .args(["bench", "--quick", "--prefix", "pfs"])
+        .args(extra)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()?;
-    let rows = std::fs::read_to_string(out.join("results.json"))
+    let rows = std::fs::read_to_string(out.join(json))
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|json| json["results"].as_array().map(Vec::len))
         .unwrap_or(0);
-    let table = std::fs::read_to_string(out.join("results.md")).unwrap_or_default();
-    if !status.success() || rows == 0 || !table.contains("| portfwd |") {
+    let text = std::fs::read_to_string(&table).unwrap_or_default();
+    if !status.success() || rows == 0 || !text.contains(row) {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         for line in &lines[lines.len().saturating_sub(40)..] {
             eprintln!("  {line}");
         }
-        bail!("the benchmark's smoke run failed ({status}, {rows} result rows)");
+        bail!("the benchmark's smoke run `{command}` failed ({status}, {rows} result rows)");
     }
     println!(
         "bench smoke: ok, {rows} result series in {:.0} s ({})",
         started.elapsed().as_secs_f64(),
-        out.join("results.md").display()
+        table.display()
     );
     Ok(())
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::measure::{Metric, NetPath, PATHS};
 use super::modes::Mode;
-use super::targets::targets;
+use super::targets::{Check, issue_11, targets};
 use super::{CURVE, Plan, Results, SCALE, Update};
 
 #[derive(Clone, Debug, Serialize)]
@@ -462,19 +462,33 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
         s += "\n";
     }
 
-    let checks = targets(r);
-    if !checks.is_empty() {
-        s += "#### Targets of issue 6\n\n| target | measured | met |\n|---|---|---|\n";
-        for c in &checks {
-            let met = match c.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "not measured",
-            };
-            writeln!(s, "| {} | {} | {met} |", c.what, c.measured).expect("writing to a String");
-        }
+    for (title, checks) in [
+        ("Targets of issue 11 (end to end)", issue_11(r)),
+        ("Targets of issue 6", targets(r)),
+    ] {
+        check_table(&mut s, title, &checks);
     }
     s
+}
+
+fn check_table(s: &mut String, title: &str, checks: &[Check]) {
+    if checks.is_empty() {
+        return;
+    }
+    writeln!(
+        s,
+        "#### {title}\n\n| target | measured | met |\n|---|---|---|"
+    )
+    .expect("writing to a String");
+    for c in checks {
+        let met = match c.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        writeln!(s, "| {} | {} | {met} |", c.what, c.measured).expect("writing to a String");
+    }
+    *s += "\n";
 }
 
 pub(crate) fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value {
@@ -532,5 +546,6 @@ pub(crate) fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value
         "updates": updates,
         "bpf_programs": r.bpf,
         "targets": targets(r),
+        "targets_issue_11": issue_11(r),
     })
 }

@@ -2,6 +2,7 @@
 //! mode, and the profile of portfwd's programs.
 
 use std::{
+    collections::BTreeMap,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -251,10 +252,11 @@ impl Bench<'_> {
         let before_up = prog_stats()?;
         let active = self.env.setup(Mode::Portfwd, 0)?;
         let result = (|| -> Result<()> {
-            let ours: Vec<u64> = prog_stats()?
+            // Loaded by this `up`, and one of portfwd's programs by name.
+            let ours: BTreeMap<u64, &str> = prog_stats()?
                 .into_iter()
-                .filter(|(id, (name, _, _))| !before_up.contains_key(id) && name.starts_with("pf_"))
-                .map(|(id, _)| id)
+                .filter(|(id, _)| !before_up.contains_key(id))
+                .filter_map(|(id, (name, _, _))| Some((id, program_named(&name)?)))
                 .collect();
             let old = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
             self.bpf_stats_restore = Some(old.trim().to_owned());
@@ -265,7 +267,7 @@ impl Bench<'_> {
                 let w = measure::wrk(&target, &self.load, true)?;
                 let after = prog_stats()?;
                 let requests = w.rps * self.load.secs as f64;
-                for id in &ours {
+                for (id, &program) in &ours {
                     let (Some(a), Some(b)) = (after.get(id), before.get(id)) else {
                         continue;
                     };
@@ -276,7 +278,7 @@ impl Bench<'_> {
                     let ns = a.1.saturating_sub(b.1);
                     self.results.bpf.push(report::ProgCost {
                         path,
-                        program: a.0.clone(),
+                        program: program.to_owned(),
                         calls_per_conn: calls as f64 / requests,
                         ns_per_call: ns as f64 / calls as f64,
                     });
@@ -289,5 +291,35 @@ impl Bench<'_> {
         }
         self.env.teardown(active);
         result
+    }
+}
+
+/// The portfwd program that the kernel lists as `kernel_name`: the kernel
+/// keeps 15 bytes of a name, and the loader may drop the `pf_` prefix
+/// (`pf_tc_uplink_in` is listed as `tc_uplink_in`), so a listed name is the
+/// tail of the full one, or its start when truncated.
+fn program_named(kernel_name: &str) -> Option<&'static str> {
+    portfwd_common::programs()
+        .map(|p| p.name)
+        .find(|full| {
+            full.ends_with(kernel_name)
+                || (kernel_name.len() == 15 && full.starts_with(kernel_name))
+        })
+        .filter(|_| kernel_name.len() >= 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::program_named;
+
+    #[test]
+    fn kernel_names_map_to_portfwd_programs() {
+        assert_eq!(program_named("tc_uplink_in"), Some("pf_tc_uplink_in"));
+        assert_eq!(program_named("getpeername4"), Some("pf_getpeername4"));
+        assert_eq!(program_named("pf_connect4"), Some("pf_connect4"));
+        assert_eq!(program_named("pf_tc_backend_i"), Some("pf_tc_backend_in"));
+        assert_eq!(program_named("tc_backend_in"), Some("pf_tc_backend_in"));
+        assert_eq!(program_named("cil_from_netdev"), None);
+        assert_eq!(program_named("in"), None);
     }
 }

@@ -206,3 +206,119 @@ fn update_checks(r: &Results) -> Vec<Check> {
         })
         .collect()
 }
+
+/// Issue 11's end-to-end targets: the external path ahead of direct and
+/// clearly ahead of iptables on request rate (keep-alive HTTP) and
+/// connection rate, level with direct on throughput; the local path level
+/// with direct on every metric, latencies included.
+pub(crate) fn issue_11(r: &Results) -> Vec<Check> {
+    let mut out = Vec::new();
+    if r.main(Mode::Portfwd, NetPath::External, Metric::KaRps)
+        .is_none()
+    {
+        return out;
+    }
+    let ext = NetPath::External;
+    for metric in [Metric::KaRps, Metric::ConnPerS] {
+        for (other, bound) in [(Mode::Direct, 1.0), (Mode::Iptables, 1.1)] {
+            let what = format!(
+                "external: {} ≥ {bound:.1} × {}",
+                metric.label(),
+                other.name()
+            );
+            out.push(versus(r, what, ext, other, metric, bound));
+        }
+    }
+    out.push(versus(
+        r,
+        "external: TCP Gbit/s ≥ 0.98 × direct".into(),
+        ext,
+        Mode::Direct,
+        Metric::TcpGbps,
+        0.98,
+    ));
+    for metric in METRICS {
+        let what = if metric.higher_is_better() {
+            format!("local: {} ≥ 0.97 × direct", metric.label())
+        } else {
+            format!("local: {} ≤ direct / 0.97", metric.label())
+        };
+        out.push(versus(r, what, NetPath::Local, Mode::Direct, metric, 0.97));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(figures: &[(Mode, NetPath, Metric, f64)]) -> Results {
+        let mut r = Results::default();
+        for &(mode, path, metric, v) in figures {
+            let others = super::super::report::base_others(mode);
+            r.samples.insert((mode, path, others, metric), vec![v]);
+        }
+        r
+    }
+
+    fn met(checks: &[Check], what: &str) -> Option<bool> {
+        checks
+            .iter()
+            .find(|c| c.what == what)
+            .unwrap_or_else(|| panic!("no target {what:?}"))
+            .met
+    }
+
+    #[test]
+    fn issue_11_targets_compare_with_the_right_bound() {
+        use Metric::*;
+        use Mode::*;
+        use NetPath::*;
+        let r = results(&[
+            (Direct, External, KaRps, 100.0),
+            (Iptables, External, KaRps, 95.0),
+            (Portfwd, External, KaRps, 104.0),
+            (Direct, External, ConnPerS, 100.0),
+            (Iptables, External, ConnPerS, 90.0),
+            (Portfwd, External, ConnPerS, 99.0),
+            (Direct, External, TcpGbps, 10.0),
+            (Portfwd, External, TcpGbps, 9.8),
+            (Direct, Local, KaP99Ms, 1.0),
+            (Portfwd, Local, KaP99Ms, 1.04),
+            (Direct, Local, KaRps, 100.0),
+            (Portfwd, Local, KaRps, 97.0),
+        ]);
+        let checks = issue_11(&r);
+        assert_eq!(
+            met(&checks, "external: keep-alive req/s ≥ 1.0 × direct"),
+            Some(true)
+        );
+        // 104 / 95 = 1.09: short of 1.1 × iptables.
+        assert_eq!(
+            met(&checks, "external: keep-alive req/s ≥ 1.1 × iptables"),
+            Some(false)
+        );
+        assert_eq!(
+            met(&checks, "external: new conn/s ≥ 1.0 × direct"),
+            Some(false)
+        );
+        assert_eq!(
+            met(&checks, "external: new conn/s ≥ 1.1 × iptables"),
+            Some(true)
+        );
+        assert_eq!(
+            met(&checks, "external: TCP Gbit/s ≥ 0.98 × direct"),
+            Some(true)
+        );
+        // A latency: 1.04 is above 1 / 0.97 = 1.031.
+        assert_eq!(
+            met(&checks, "local: keep-alive p99 ms ≤ direct / 0.97"),
+            Some(false)
+        );
+        assert_eq!(
+            met(&checks, "local: keep-alive req/s ≥ 0.97 × direct"),
+            Some(true)
+        );
+        assert_eq!(met(&checks, "local: UDP req/s ≥ 0.97 × direct"), None);
+    }
+}
