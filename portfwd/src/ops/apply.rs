@@ -14,7 +14,7 @@ use crate::{
     host,
     model::{
         self, Allowlist, ApplyFile, Format, HostPorts, Mapping, Planner, PortRange, Protocol,
-        PublishSpec, Record,
+        PublishSpec,
     },
 };
 
@@ -85,17 +85,16 @@ pub(crate) fn apply(pin_dir: &Path, file: &ApplyFile, dry_run: bool) -> Result<D
             ..m
         }));
     }
-    let key = |m: &Mapping| Record::from(m);
-    let current_keys: BTreeSet<Record> = current.iter().map(key).collect();
-    let wanted_keys: BTreeSet<Record> = wanted.iter().map(key).collect();
+    let current_set: BTreeSet<&Mapping> = current.iter().collect();
+    let wanted_set: BTreeSet<&Mapping> = wanted.iter().collect();
     let removed: Vec<Mapping> = current
         .iter()
-        .filter(|m| !wanted_keys.contains(&key(m)))
+        .filter(|m| !wanted_set.contains(m))
         .cloned()
         .collect();
     let mut added: Vec<Mapping> = wanted
         .iter()
-        .filter(|m| !current_keys.contains(&key(m)))
+        .filter(|m| !current_set.contains(m))
         .cloned()
         .collect();
     let diff_kept = wanted.len() - added.len();
