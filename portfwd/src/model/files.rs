@@ -113,6 +113,36 @@ pub(crate) struct JournalEntry {
     pub(crate) add: Vec<Mapping>,
 }
 
+/// How long the journal line of a change is (as `JournalEntry` writes it),
+/// without building it.
+pub(crate) fn journal_line_len(removed: &[Mapping], added: &[Mapping]) -> usize {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        remove: &'a [Mapping],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        add: &'a [Mapping],
+    }
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let line = Line {
+        remove: removed,
+        add: added,
+    };
+    // Writing to a counter cannot fail.
+    serde_json::to_writer(&mut count, &line).ok();
+    count.0 + 1
+}
+
 /// A state file's content: the mappings, and how much of the text holds
 /// them whole.
 #[derive(Debug)]
@@ -344,6 +374,19 @@ mod tests {
         assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
         assert!(parse_state(&format!("{snapshot}{{\"bogus\": 1}}\n")).is_err());
         assert!(parse_state("").is_err());
+    }
+
+    #[test]
+    fn the_length_of_a_journal_line_is_known_before_it_is_written() {
+        let (a, b) = (Mapping::sample(1), Mapping::sample(2));
+        for (remove, add) in [(vec![], vec![a.clone()]), (vec![a, b.clone()], vec![b])] {
+            let line = serde_json::to_string(&JournalEntry {
+                remove: remove.clone(),
+                add: add.clone(),
+            })
+            .unwrap();
+            assert_eq!(journal_line_len(&remove, &add), line.len() + 1);
+        }
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
 };
 
+/// From this many mappings, a change checks whether it makes the journal
+/// outgrow the snapshot (see `Session::change`).
+const COMPACT_NOW_FROM: usize = 64;
+
 /// The state lock, the maps and the state file of one instance, for one
 /// command. Opening it finishes (rolls back) a change that a killed process
 /// left half done. It reads the state file only when the command needs
@@ -156,8 +160,15 @@ impl<'a> Session<'a> {
         Ok(self.state.insert(state))
     }
 
-    /// Every mapping, as recorded.
+    /// Every mapping, as recorded: the state file's, once read; otherwise
+    /// the services map's. While the port index is current the two hold the
+    /// same mappings (opening the session rolled back any change left half
+    /// done, and every change writes both), and the map is read in a few
+    /// calls where the state file would be read and parsed whole.
     pub(crate) fn mappings(&mut self) -> Result<Vec<Mapping>> {
+        if let (None, Some(_)) = (&self.state, &self.index) {
+            return self.maps.mappings();
+        }
         Ok(self.loaded()?.mappings.clone())
     }
 
@@ -219,6 +230,16 @@ impl<'a> Session<'a> {
 
     /// Applies a change to the maps and the state file, all or nothing.
     fn change(&mut self, removed: &[Mapping], added: &[Mapping]) -> Result<()> {
+        // A large change whose line would make the journal outgrow the
+        // snapshot writes a new snapshot itself: the commands after it find
+        // a compact file, and need not read it (see `Store::current_index`),
+        // where before the next one read the whole journal and compacted.
+        // (A small change cannot outgrow it by much: the next command does.)
+        if removed.len() + added.len() >= COMPACT_NOW_FROM
+            && self.store.outgrows(model::journal_line_len(removed, added))
+        {
+            self.loaded()?.compact = true;
+        }
         let doomed: HashSet<_> = removed.iter().map(Mapping::host_key).collect();
         let kept = |m: &&Mapping| !doomed.contains(&m.host_key());
         // The whole new state is built only when it is written whole.

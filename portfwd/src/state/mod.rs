@@ -235,6 +235,17 @@ impl Store {
         (identity.journal_len() <= snapshot).then_some(index)
     }
 
+    /// Whether `extra` more bytes of journal would make it outgrow the
+    /// snapshot (see `Loaded::compact`). False when the index, which knows
+    /// where the snapshot ends, is not current: then the state file was read
+    /// whole, which decided it.
+    pub(crate) fn outgrows(&self, extra: usize) -> bool {
+        PortIndex::open_current(&self.path).is_some_and(|(_, identity)| {
+            let journal = identity.journal_len() + extra as u64;
+            journal > identity.snapshot_len.max(MIN_COMPACT_BYTES as u64)
+        })
+    }
+
     /// The port index, when it describes the state file as it is now (for a
     /// session that read the state file: it keeps the index current).
     pub(crate) fn index(&self) -> Option<PortIndex> {
