@@ -501,16 +501,13 @@ impl PinnedMaps {
                 LocalAddrKey::new(family, addr)
             })
             .collect();
-        let stale: Vec<LocalAddrKey> = self
-            .local_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| !wanted.contains(key))
-            .collect();
-        for key in &stale {
+        let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|key| !wanted.contains(key)) {
             self.local_addrs.remove(key)?;
         }
-        for key in &wanted {
+        // Only what is missing: every change syncs, and the addresses
+        // rarely change.
+        for key in wanted.iter().filter(|key| !present.contains(key)) {
             self.local_addrs
                 .insert(key, 1, 0)
                 .context("updating the local addresses map (more than its capacity?)")?;
