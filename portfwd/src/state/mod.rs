@@ -8,9 +8,11 @@
 //! It is a snapshot (one JSON document: every mapping) followed by a
 //! journal: one JSON line per change committed since (the mappings it
 //! removed and added), so that a change writes what it changes, not
-//! everything published. When the journal outgrows the snapshot, the next
-//! change compacts the file: a new snapshot, written to a temporary file,
-//! fsynced and renamed over the old one.
+//! everything published. When the journal outgrows the snapshot, a change
+//! compacts the file: a new snapshot, written to a temporary file, fsynced
+//! and renamed over the old one. A large change whose own line would make
+//! it outgrow does so itself (see `Store::outgrows`); a small one, when it
+//! finds the journal outgrown.
 //!
 //! A change (map, unmap, apply, CNI ADD/DEL), under the state lock:
 //! 1. writes the change to `<state>.pending`: the intent;
@@ -24,10 +26,10 @@
 //!
 //! A change that adds or removes a few mappings does not read the state
 //! file: the port index beside it (see `index`) says which of their ports
-//! are free, and the services map holds the mappings to remove. Only what
-//! needs every mapping reads it whole (`list` reads the maps; `apply`,
-//! `unmap --name`, compaction, a stale index, and `up`, which also writes
-//! the index anew).
+//! are free, and the services map holds the mappings to remove. What needs
+//! every mapping (`apply`, `unmap --name`, automatic ports) reads them from
+//! the services map while the index is current; only compaction, a stale
+//! index, and `up` (which also writes the index anew) read the file whole.
 //!
 //! A process killed before step 3 completes leaves the intent behind. The
 //! next command (or `up`) finds it and rolls the maps back to the state
