@@ -2,11 +2,11 @@
 //! command that changes them holds an exclusive lock on the pin directory, so
 //! concurrent CLI processes never interleave their read-check-write steps.
 
-use std::{collections::BTreeMap, fs::File, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, fs::File, net::IpAddr, os::fd::AsFd, path::Path};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{
-    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -167,11 +167,24 @@ impl PinnedMaps {
         })
     }
 
+    /// Every entry of the services map: in a few batched calls, or (on a
+    /// kernel that refuses them) one entry at a time.
+    fn service_entries(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        let fd = IterableMap::map(&self.services).fd().as_fd();
+        match super::batch::lookup_all(fd) {
+            Ok(entries) => Ok(entries),
+            Err(_) => self
+                .services
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading the services map"),
+        }
+    }
+
     /// Every mapping, sorted by host port, protocol and address.
     pub(crate) fn mappings(&self) -> Result<Vec<Mapping>> {
         let mut mappings = Vec::new();
-        for entry in self.services.iter() {
-            let (key, value) = entry.context("reading the services map")?;
+        for (key, value) in self.service_entries()? {
             // Entries this build cannot decode are not ours to show or touch.
             if let Some(mapping) = Mapping::from_entry(&key, &value) {
                 mappings.push(mapping);
@@ -271,25 +284,28 @@ impl PinnedMaps {
         self.mark_ports_published(mappings)?;
         let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
         self.forget_allowlists(&keys);
-        let cpus = possible_cpus()?;
+        // Counters first, so that the programs count from the first packet.
+        if let Err((failed, error)) = self.zero_counters(&keys, possible_cpus()?) {
+            keys.iter().for_each(|key| self.forget_counters(key));
+            return Err(describe_insert_error(error, &mappings[failed]));
+        }
         for (done, mapping) in mappings.iter().enumerate() {
-            // Counters first, so that the programs count from the first
-            // packet; the allowlist before the entry whose flag says to look
-            // it up, so that no client is refused while it is written.
+            // The allowlist before the entry whose flag says to look it up,
+            // so that no client is refused while it is written.
             let inserted = self
-                .counters
-                .insert(mapping.key(), zeroed_per_cpu(cpus)?, 0)
-                .and_then(|()| self.set_nat46_source(mapping))
+                .set_nat46_source(mapping)
                 .and_then(|()| self.set_allowlist(mapping))
                 .and_then(|()| {
                     self.services
                         .insert(mapping.key(), mapping.value(), NO_EXIST)
                 });
             if let Err(error) = inserted {
-                self.forget_counters(&mapping.key());
+                keys[done..]
+                    .iter()
+                    .for_each(|key| self.forget_counters(key));
                 self.nat46_src.remove(&mapping.key()).ok();
                 self.forget_allowlist(&mapping.key());
-                let undo = self.remove_keys(mappings[..done].iter().map(Mapping::key));
+                let undo = self.remove_keys(keys[..done].iter().copied());
                 let error = describe_insert_error(error, mapping);
                 return match undo {
                     Ok(()) => Err(error),
@@ -298,6 +314,25 @@ impl PinnedMaps {
                     ))),
                 };
             }
+        }
+        Ok(())
+    }
+
+    /// Sets the counters of `keys` to zero: in a few batched calls, or (on a
+    /// kernel that refuses them, or a failure half-way: a full map) one at a
+    /// time, which says which key failed, and why.
+    fn zero_counters(&mut self, keys: &[ServiceKey], cpus: usize) -> Result<(), (usize, MapError)> {
+        // One value per possible CPU, each 8-byte aligned (40 bytes already).
+        let value_len = size_of::<MappingCounters>().next_multiple_of(8) * cpus;
+        let zeros = vec![0u8; keys.len() * value_len];
+        let fd = IterableMap::map(&self.counters).fd().as_fd();
+        if super::batch::update_all(fd, keys, &zeros, value_len).is_ok() {
+            return Ok(());
+        }
+        for (i, key) in keys.iter().enumerate() {
+            zeroed_per_cpu(cpus)
+                .and_then(|zeroed| self.counters.insert(key, zeroed, 0))
+                .map_err(|error| (i, error))?;
         }
         Ok(())
     }
@@ -328,7 +363,10 @@ impl PinnedMaps {
         let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
         for key in &keys {
             self.forget_counters(key);
-            self.nat46_src.remove(key).ok();
+            // Only IPv6 host addresses have one (see `set_nat46_source`).
+            if key.family != portfwd_common::FAMILY_V4 {
+                self.nat46_src.remove(key).ok();
+            }
         }
         self.forget_allowlists(&keys);
         Ok(())
@@ -379,10 +417,13 @@ impl PinnedMaps {
         };
         match source {
             Some(source) => self.nat46_src.insert(key, Addr::from(source), 0),
-            None => {
+            // Only IPv6 host addresses ever have one (a stale one, of a
+            // mapping removed half-way, is removed): no call for the others.
+            None if mapping.host.is_ipv6() => {
                 self.nat46_src.remove(&key).ok();
                 Ok(())
             }
+            None => Ok(()),
         }
     }
 
@@ -460,16 +501,13 @@ impl PinnedMaps {
                 LocalAddrKey::new(family, addr)
             })
             .collect();
-        let stale: Vec<LocalAddrKey> = self
-            .local_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| !wanted.contains(key))
-            .collect();
-        for key in &stale {
+        let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|key| !wanted.contains(key)) {
             self.local_addrs.remove(key)?;
         }
-        for key in &wanted {
+        // Only what is missing: every change syncs, and the addresses
+        // rarely change.
+        for key in wanted.iter().filter(|key| !present.contains(key)) {
             self.local_addrs
                 .insert(key, 1, 0)
                 .context("updating the local addresses map (more than its capacity?)")?;

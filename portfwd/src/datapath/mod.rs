@@ -6,6 +6,7 @@
 //! `instance` and `host` only.
 
 mod backend;
+mod batch;
 mod conntrack;
 mod follow;
 mod install;

@@ -130,7 +130,7 @@ impl fmt::Display for Refuse {
 /// A mapping's source allowlist: client networks, whether the host's own
 /// processes may connect, and what the others get. Stored and shown as a
 /// list of strings (`["10.0.0.0/8", "host"]`); the refusal is stored
-/// beside it (see `Record::refuse`).
+/// beside it (see `model::files`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Allowlist {

@@ -13,25 +13,41 @@ use serde::{Deserialize, Serialize};
 use super::{Allowlist, Mapping, Protocol, Refuse};
 use crate::error::Error;
 
-/// One mapping as the state file stores it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Record {
-    pub name: String,
-    pub protocol: Protocol,
-    pub host_ip: IpAddr,
-    pub host_port: u16,
-    pub container_ip: IpAddr,
-    pub container_port: u16,
-    /// Whether the holder binds the host port (see `Mapping::hold`).
-    #[serde(default = "yes", skip_serializing_if = "is_yes")]
-    pub hold: bool,
-    /// The source allowlist (see `Mapping::allow`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow: Option<Allowlist>,
-    /// What a client outside the allowlist gets (`Allowlist::refuse`,
-    /// which the list's own strings do not hold).
-    #[serde(default, skip_serializing_if = "Refuse::is_reject")]
-    pub refuse: Refuse,
+/// How the state file stores a mapping (the form every version-1 file
+/// holds): the addresses split into IP and port, `hold` only when off, the
+/// refusal beside the allowlist's strings (which do not hold it), and no
+/// interface (found anew whenever the mapping is installed).
+#[derive(Serialize)]
+struct Stored<'a> {
+    name: &'a str,
+    protocol: Protocol,
+    host_ip: IpAddr,
+    host_port: u16,
+    container_ip: IpAddr,
+    container_port: u16,
+    #[serde(skip_serializing_if = "is_yes")]
+    hold: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<&'a Allowlist>,
+    #[serde(skip_serializing_if = "Refuse::is_reject")]
+    refuse: Refuse,
+}
+
+/// `Stored`, as read back (unknown fields are ignored, as they always were).
+#[derive(Deserialize)]
+struct StoredOwned {
+    name: String,
+    protocol: Protocol,
+    host_ip: IpAddr,
+    host_port: u16,
+    container_ip: IpAddr,
+    container_port: u16,
+    #[serde(default = "yes")]
+    hold: bool,
+    #[serde(default)]
+    allow: Option<Allowlist>,
+    #[serde(default)]
+    refuse: Refuse,
 }
 
 fn yes() -> bool {
@@ -42,48 +58,38 @@ fn is_yes(value: &bool) -> bool {
     *value
 }
 
-impl From<&Mapping> for Record {
-    fn from(m: &Mapping) -> Self {
-        Record {
-            name: m.name.clone(),
-            protocol: m.protocol,
-            host_ip: m.host.ip(),
-            host_port: m.host.port(),
-            container_ip: m.container.ip(),
-            container_port: m.container.port(),
-            hold: m.hold,
-            // The refusal is kept in its own field (the list's strings do
-            // not hold it), and the list as it reads back: records compare
-            // equal whether made from a mapping or read from a file.
-            allow: m.allow.clone().map(|allow| Allowlist {
-                refuse: Refuse::default(),
-                ..allow
-            }),
-            refuse: m.allow.as_ref().map(|a| a.refuse).unwrap_or_default(),
+impl Serialize for Mapping {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Stored {
+            name: &self.name,
+            protocol: self.protocol,
+            host_ip: self.host.ip(),
+            host_port: self.host.port(),
+            container_ip: self.container.ip(),
+            container_port: self.container.port(),
+            hold: self.hold,
+            allow: self.allow.as_ref(),
+            refuse: self.allow.as_ref().map(|a| a.refuse).unwrap_or_default(),
         }
+        .serialize(serializer)
     }
 }
 
-impl Record {
-    /// What identifies a mapping among those published: its protocol and
-    /// host address (the services map's key).
-    pub(crate) fn host_key(&self) -> (Protocol, IpAddr, u16) {
-        (self.protocol, self.host_ip, self.host_port)
-    }
-
-    pub fn to_mapping(&self) -> Mapping {
-        Mapping {
-            name: self.name.clone(),
-            protocol: self.protocol,
-            host: SocketAddr::new(self.host_ip, self.host_port),
-            container: SocketAddr::new(self.container_ip, self.container_port),
+impl<'de> Deserialize<'de> for Mapping {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = StoredOwned::deserialize(deserializer)?;
+        Ok(Mapping {
+            name: stored.name,
+            protocol: stored.protocol,
+            host: SocketAddr::new(stored.host_ip, stored.host_port),
+            container: SocketAddr::new(stored.container_ip, stored.container_port),
             ifindex: 0,
-            hold: self.hold,
-            allow: self.allow.clone().map(|allow| Allowlist {
-                refuse: self.refuse,
+            hold: stored.hold,
+            allow: stored.allow.map(|allow| Allowlist {
+                refuse: stored.refuse,
                 ..allow
             }),
-        }
+        })
     }
 }
 
@@ -93,25 +99,55 @@ pub(crate) const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StateFile {
     pub(crate) version: u32,
-    pub(crate) mappings: Vec<Record>,
+    pub(crate) mappings: Vec<Mapping>,
 }
 
 /// One committed change, appended to the state file after its snapshot
-/// (see `state`): the records it removed, then those it added.
+/// (see `state`): the mappings it removed, then those it added.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JournalEntry {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) remove: Vec<Record>,
+    pub(crate) remove: Vec<Mapping>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) add: Vec<Record>,
+    pub(crate) add: Vec<Mapping>,
 }
 
-/// A state file's content: the records, and how much of the text holds
+/// How long the journal line of a change is (as `JournalEntry` writes it),
+/// without building it.
+pub(crate) fn journal_line_len(removed: &[Mapping], added: &[Mapping]) -> usize {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        remove: &'a [Mapping],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        add: &'a [Mapping],
+    }
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let line = Line {
+        remove: removed,
+        add: added,
+    };
+    // Writing to a counter cannot fail.
+    serde_json::to_writer(&mut count, &line).ok();
+    count.0 + 1
+}
+
+/// A state file's content: the mappings, and how much of the text holds
 /// them whole.
 #[derive(Debug)]
 pub(crate) struct ParsedState {
-    pub(crate) records: Vec<Record>,
+    pub(crate) mappings: Vec<Mapping>,
     /// Where the last whole entry ends: text after it is an entry whose
     /// writer was killed half-way, never committed.
     pub(crate) whole_len: usize,
@@ -125,8 +161,8 @@ pub(crate) struct ParsedState {
 
 /// Parses a state file's text: a snapshot, then the changes committed
 /// since, in order (an entry cut short at the end is ignored).
-pub fn parse_state(text: &str) -> Result<Vec<Record>> {
-    parse_state_file(text).map(|parsed| parsed.records)
+pub fn parse_state(text: &str) -> Result<Vec<Mapping>> {
+    parse_state_file(text).map(|parsed| parsed.mappings)
 }
 
 pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
@@ -143,7 +179,7 @@ pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
             );
         }
         return Ok(ParsedState {
-            records: file.mappings,
+            mappings: file.mappings,
             whole_len: text.len(),
             snapshot_len: text.len(),
             journal_len: 0,
@@ -162,7 +198,7 @@ pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
         );
     }
     let snapshot_len = first.len();
-    let mut records = file.mappings;
+    let mut mappings = file.mappings;
     let mut whole_len = snapshot_len;
     let mut offset = snapshot_len + 1;
     let mut changes: Vec<JournalEntry> = Vec::new();
@@ -185,23 +221,23 @@ pub(crate) fn parse_state_file(text: &str) -> Result<ParsedState> {
     }
     if !changes.is_empty() {
         // Applied in order, by host address (what the kernel's map is keyed
-        // by; two records never share one): a removal names the record by
-        // its host address, whatever else it says (a record read back from
+        // by; two mappings never share one): a removal names the mapping by
+        // its host address, whatever else it says (a mapping read back from
         // the kernel's map may differ in what the map does not keep, as the
         // order of an allowlist), and the last change to an address wins.
-        let mut by_host: std::collections::BTreeMap<_, Record> =
-            records.into_iter().map(|r| (r.host_key(), r)).collect();
+        let mut by_host: std::collections::BTreeMap<_, Mapping> =
+            mappings.into_iter().map(|m| (m.host_key(), m)).collect();
         for entry in changes {
-            for record in &entry.remove {
-                by_host.remove(&record.host_key());
+            for mapping in &entry.remove {
+                by_host.remove(&mapping.host_key());
             }
-            by_host.extend(entry.add.into_iter().map(|r| (r.host_key(), r)));
+            by_host.extend(entry.add.into_iter().map(|m| (m.host_key(), m)));
         }
-        records = by_host.into_values().collect();
-        records.sort();
+        mappings = by_host.into_values().collect();
+        mappings.sort();
     }
     Ok(ParsedState {
-        records,
+        mappings,
         whole_len,
         snapshot_len,
         journal_len: whole_len - snapshot_len,
@@ -273,46 +309,38 @@ pub fn parse_apply(text: &str, format: Format) -> Result<ApplyFile> {
 }
 
 #[cfg(test)]
-impl Record {
-    /// The tests' mapping: `web`, TCP `0.0.0.0:port` to `10.0.0.2:80`.
-    pub(crate) fn sample(port: u16) -> Record {
-        Record {
-            name: "web".into(),
-            protocol: Protocol::Tcp,
-            host_ip: "0.0.0.0".parse().unwrap(),
-            host_port: port,
-            container_ip: "10.0.0.2".parse().unwrap(),
-            container_port: 80,
-            hold: true,
-            allow: None,
-            refuse: Default::default(),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The form every version-1 state file holds, written before `Mapping`
+    /// had serde of its own (as `Record`): read, and written back the same.
     #[test]
-    fn the_refusal_is_kept_beside_the_allowlist() {
-        let mut drop = Record::sample(1);
-        drop.allow = Some(Allowlist::parse(&["10.0.0.0/8"]).unwrap());
-        drop.refuse = Refuse::Drop;
-        let json = serde_json::to_string(&drop).unwrap();
-        assert!(json.contains(r#""refuse":"drop""#), "{json}");
-        let back: Record = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, drop);
-        let mapping = back.to_mapping();
-        assert_eq!(mapping.allow.as_ref().unwrap().refuse, Refuse::Drop);
-        assert_eq!(Record::from(&mapping), drop);
-        // The default is not written, and a record without it rejects.
-        let mut reject = drop.clone();
-        reject.refuse = Refuse::Reject;
-        let json = serde_json::to_string(&reject).unwrap();
-        assert!(!json.contains("refuse"), "{json}");
-        let back: Record = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.to_mapping().allow.unwrap().refuse, Refuse::Reject);
+    fn mappings_are_stored_as_state_files_always_held_them() {
+        let stored = [
+            r#"{"name":"web","protocol":"tcp","host_ip":"0.0.0.0","host_port":1,"container_ip":"10.0.0.2","container_port":80}"#,
+            r#"{"name":"dns","protocol":"udp","host_ip":"::1","host_port":53,"container_ip":"fd00::2","container_port":5353,"hold":false,"allow":["fd00::/8","host"],"refuse":"drop"}"#,
+            r#"{"name":"x","protocol":"tcp","host_ip":"127.0.0.1","host_port":9,"container_ip":"10.0.0.2","container_port":9,"allow":["10.0.0.0/8"]}"#,
+        ];
+        for text in stored {
+            let mapping: Mapping = serde_json::from_str(text).unwrap();
+            assert_eq!(mapping.ifindex, 0, "the interface is not stored");
+            assert_eq!(serde_json::to_string(&mapping).unwrap(), text);
+        }
+        let dns: Mapping = serde_json::from_str(stored[1]).unwrap();
+        let allow = dns.allow.as_ref().unwrap();
+        assert_eq!((allow.host, allow.refuse), (true, Refuse::Drop));
+        assert!(!dns.hold);
+        // Without a refusal, a list rejects; fields a later version may add
+        // are ignored, as they always were.
+        let x: Mapping = serde_json::from_str(&stored[2].replace('}', r#","later":1}"#)).unwrap();
+        assert_eq!(x.allow.unwrap().refuse, Refuse::Reject);
+        // The interface is not part of what a mapping is.
+        let installed = Mapping {
+            ifindex: 7,
+            ..Mapping::sample(1)
+        };
+        assert_eq!(installed, Mapping::sample(1));
+        assert!(!serde_json::to_string(&installed).unwrap().contains('7'));
     }
 
     #[test]
@@ -320,27 +348,27 @@ mod tests {
         let line = |entry: &JournalEntry| serde_json::to_string(entry).unwrap() + "\n";
         let snapshot = serde_json::to_string(&StateFile {
             version: FORMAT_VERSION,
-            mappings: vec![Record::sample(1), Record::sample(2)],
+            mappings: vec![Mapping::sample(1), Mapping::sample(2)],
         })
         .unwrap()
             + "\n";
         let first = line(&JournalEntry {
-            remove: vec![Record::sample(1)],
-            add: vec![Record::sample(3)],
+            remove: vec![Mapping::sample(1)],
+            add: vec![Mapping::sample(3)],
         });
         let second = line(&JournalEntry {
-            remove: vec![Record::sample(3)],
-            add: vec![Record::sample(1)],
+            remove: vec![Mapping::sample(3)],
+            add: vec![Mapping::sample(1)],
         });
         let text = format!("{snapshot}{first}{second}");
         let parsed = parse_state_file(&text).unwrap();
-        assert_eq!(parsed.records, [Record::sample(1), Record::sample(2)]);
+        assert_eq!(parsed.mappings, [Mapping::sample(1), Mapping::sample(2)]);
         assert_eq!(parsed.whole_len, text.trim_end().len());
         assert_eq!(parsed.snapshot_len, snapshot.trim_end().len());
         // A change cut short by a kill never happened.
         let cut = format!("{snapshot}{first}{}", &second[..10]);
         let parsed = parse_state_file(&cut).unwrap();
-        assert_eq!(parsed.records, [Record::sample(2), Record::sample(3)]);
+        assert_eq!(parsed.mappings, [Mapping::sample(2), Mapping::sample(3)]);
         assert_eq!(parsed.whole_len, snapshot.len() + first.len() - 1);
         // Garbage that is not a cut-short change is an error.
         assert!(parse_state(&format!("{snapshot}{first}[1]\n{second}")).is_err());
@@ -349,21 +377,34 @@ mod tests {
     }
 
     #[test]
-    fn a_change_removes_a_record_by_its_host_address() {
+    fn the_length_of_a_journal_line_is_known_before_it_is_written() {
+        let (a, b) = (Mapping::sample(1), Mapping::sample(2));
+        for (remove, add) in [(vec![], vec![a.clone()]), (vec![a, b.clone()], vec![b])] {
+            let line = serde_json::to_string(&JournalEntry {
+                remove: remove.clone(),
+                add: add.clone(),
+            })
+            .unwrap();
+            assert_eq!(journal_line_len(&remove, &add), line.len() + 1);
+        }
+    }
+
+    #[test]
+    fn a_change_removes_a_mapping_by_its_host_address() {
         let snapshot = serde_json::to_string(&StateFile {
             version: FORMAT_VERSION,
-            mappings: vec![Record::sample(1), Record::sample(2)],
+            mappings: vec![Mapping::sample(1), Mapping::sample(2)],
         })
         .unwrap();
-        // The record as the services map gives it back, with what the map
+        // The mapping as the services map gives it back, with what the map
         // does not keep (here: the allowlist's order) differing.
-        let read_back = Record {
+        let read_back = Mapping {
             allow: Some(Allowlist {
                 host: true,
                 networks: Vec::new(),
                 refuse: Default::default(),
             }),
-            ..Record::sample(1)
+            ..Mapping::sample(1)
         };
         let change = serde_json::to_string(&JournalEntry {
             remove: vec![read_back],
@@ -371,18 +412,18 @@ mod tests {
         })
         .unwrap();
         let parsed = parse_state(&format!("{snapshot}\n{change}\n")).unwrap();
-        assert_eq!(parsed, [Record::sample(2)]);
+        assert_eq!(parsed, [Mapping::sample(2)]);
     }
 
     #[test]
     fn a_snapshot_reformatted_over_several_lines_is_read_and_rewritten_next() {
         let file = StateFile {
             version: FORMAT_VERSION,
-            mappings: vec![Record::sample(1), Record::sample(2)],
+            mappings: vec![Mapping::sample(1), Mapping::sample(2)],
         };
         let pretty = serde_json::to_string_pretty(&file).unwrap() + "\n";
         let parsed = parse_state_file(&pretty).unwrap();
-        assert_eq!(parsed.records, [Record::sample(1), Record::sample(2)]);
+        assert_eq!(parsed.mappings, [Mapping::sample(1), Mapping::sample(2)]);
         assert!(
             parsed.multi_line,
             "the next change writes a one-line snapshot"

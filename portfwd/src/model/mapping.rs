@@ -16,7 +16,11 @@ use crate::error::Error;
 /// One published (host address, port, protocol) and its container endpoint.
 /// An unspecified host address (`0.0.0.0`, `::`) is the wildcard: every
 /// local address of that family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Two mappings are equal when they publish the same thing: everything but
+/// `ifindex` counts (it is found anew whenever a mapping is installed, and
+/// the state file does not keep it). The state file's form is in `files`.
+#[derive(Debug, Clone)]
 pub struct Mapping {
     pub name: String,
     pub protocol: Protocol,
@@ -30,6 +34,63 @@ pub struct Mapping {
     pub hold: bool,
     /// The source allowlist (`--allow`); None: everyone may connect.
     pub allow: Option<Allowlist>,
+}
+
+impl Mapping {
+    /// What equality and order go by: every field but `ifindex`, in the
+    /// order the state file's snapshot is sorted by.
+    #[allow(clippy::type_complexity)]
+    fn identity(
+        &self,
+    ) -> (
+        &str,
+        Protocol,
+        SocketAddr,
+        SocketAddr,
+        bool,
+        &Option<Allowlist>,
+    ) {
+        (
+            &self.name,
+            self.protocol,
+            self.host,
+            self.container,
+            self.hold,
+            &self.allow,
+        )
+    }
+
+    /// What identifies a mapping among those published: its protocol and
+    /// host address (the services map's key; two never share one).
+    pub(crate) fn host_key(&self) -> (Protocol, SocketAddr) {
+        (self.protocol, self.host)
+    }
+}
+
+impl PartialEq for Mapping {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for Mapping {}
+
+impl PartialOrd for Mapping {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Mapping {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.identity().cmp(&other.identity())
+    }
+}
+
+impl std::hash::Hash for Mapping {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state);
+    }
 }
 
 /// The services map's key of a mapping of `protocol` on `host`.
@@ -213,6 +274,22 @@ impl std::str::FromStr for UnmapSelector {
 }
 
 #[cfg(test)]
+impl Mapping {
+    /// The tests' mapping: `web`, TCP `0.0.0.0:port` to `10.0.0.2:80`.
+    pub(crate) fn sample(port: u16) -> Mapping {
+        Mapping {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            host: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            container: "10.0.0.2:80".parse().unwrap(),
+            ifindex: 0,
+            hold: true,
+            allow: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::cell::Cell;
 
@@ -250,7 +327,8 @@ mod tests {
                     hold: protocol == Protocol::Tcp,
                     allow: None,
                 };
-                assert_eq!(Mapping::from_entry(&m.key(), &m.value()), Some(m.clone()));
+                let back = Mapping::from_entry(&m.key(), &m.value()).unwrap();
+                assert_eq!((&back, back.ifindex), (&m, m.ifindex));
             }
         }
     }

@@ -16,8 +16,10 @@ mod publish;
 pub(crate) mod rootless;
 
 pub use allowlist::{Allowlist, Network, Refuse};
-pub use files::{ApplyEntry, ApplyFile, Format, Record, parse_apply, parse_state};
-pub(crate) use files::{FORMAT_VERSION, JournalEntry, ParsedState, StateFile, parse_state_file};
+pub use files::{ApplyEntry, ApplyFile, Format, parse_apply, parse_state};
+pub(crate) use files::{
+    FORMAT_VERSION, JournalEntry, ParsedState, StateFile, journal_line_len, parse_state_file,
+};
 pub use mapping::{Mapping, UnmapSelector};
 pub(crate) use mapping::{check_container_ip, check_name, service_key};
 pub(crate) use plan::{Planner, PortKey, explicit_ports, plan};

@@ -162,6 +162,26 @@ impl<'a> Planner<'a> {
         result.map(|()| self.planned[before..].to_vec())
     }
 
+    /// As `plan`, for a caller that gives up at the first error and takes
+    /// every mapping planned at the end (`into_planned`), without a copy of
+    /// each call's: how many mappings this call planned.
+    pub(crate) fn plan_more(
+        &mut self,
+        name: &str,
+        container_ip: IpAddr,
+        specs: &[PublishSpec],
+        in_use: impl Fn(Protocol, u16) -> bool,
+    ) -> Result<usize> {
+        let before = self.planned.len();
+        self.plan_specs(name, container_ip, specs, in_use)?;
+        Ok(self.planned.len() - before)
+    }
+
+    /// Every mapping planned, in the order planned.
+    pub(crate) fn into_planned(self) -> Vec<Mapping> {
+        self.planned
+    }
+
     fn plan_specs(
         &mut self,
         name: &str,

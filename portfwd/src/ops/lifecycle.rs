@@ -12,7 +12,6 @@ use crate::{
         kernel::{self, KernelFeatures},
     },
     holder, host,
-    model::Record,
     state::{self, Fixes, Store},
 };
 
@@ -119,13 +118,12 @@ fn restore_state(
     let store = Store::of(pin_dir);
     let mut ifindex_of = datapath::backend_paths(pin_dir, lock);
     let recovered = state::recover(&store, maps, &mut ifindex_of)?;
-    let Some(records) = store.load_after_boot()?.map(|loaded| loaded.records) else {
-        let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
-        store.save(&records)?;
+    let Some(recorded) = store.load_after_boot()?.map(|loaded| loaded.mappings) else {
+        store.save(&maps.mappings()?)?;
         report.adopted = true;
         return Ok(());
     };
-    let mut fixes = state::reconcile(maps, &records, &mut ifindex_of)?;
+    let mut fixes = state::reconcile(maps, &recorded, &mut ifindex_of)?;
     drop(ifindex_of);
     // Interfaces are recreated with new indexes (a restarted container):
     // redirect to where the container is now, flows included.
@@ -223,11 +221,11 @@ pub(crate) fn rebuild_state(pin_dir: &Path) -> Result<Rebuilt> {
     }
     let lock = StateLock::acquire(pin_dir)?;
     let maps = PinnedMaps::open(pin_dir, &lock)?;
-    let records: Vec<Record> = maps.mappings()?.iter().map(Record::from).collect();
-    let damaged = store.rebuild(&records)?;
+    let mappings = maps.mappings()?;
+    let damaged = store.rebuild(&mappings)?;
     Ok(Rebuilt {
         path: store.path().to_owned(),
-        mappings: records.len(),
+        mappings: mappings.len(),
         damaged,
     })
 }

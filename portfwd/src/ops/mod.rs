@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use crate::{
     datapath::{self, PinnedMaps, StateLock},
     holder, host, instance,
-    model::{self, Mapping, PortKey, Record, UnmapSelector},
+    model::{self, Mapping, PortKey, UnmapSelector},
     state::{self, Loaded, PortIndex, Store, owner},
 };
 
@@ -36,6 +36,10 @@ pub(crate) use publish::{
     Missing, PublishOptions, mappings, publish_with, sweep_orphans, withdraw, withdraw_exact,
 };
 
+/// From this many mappings, a change checks whether it makes the journal
+/// outgrow the snapshot (see `Session::change`).
+const COMPACT_NOW_FROM: usize = 64;
+
 /// The state lock, the maps and the state file of one instance, for one
 /// command. Opening it finishes (rolls back) a change that a killed process
 /// left half done. It reads the state file only when the command needs
@@ -45,7 +49,7 @@ pub(crate) struct Session<'a> {
     lock: StateLock,
     maps: PinnedMaps,
     store: Store,
-    /// The recorded mappings, once read (see `records`).
+    /// The recorded mappings, once read (see `loaded`).
     state: Option<Loaded>,
     /// The port index, while it describes the state file.
     index: Option<PortIndex>,
@@ -148,7 +152,7 @@ impl<'a> Session<'a> {
     }
 
     /// The recorded mappings, read now if they were not yet.
-    fn records(&mut self) -> Result<&mut Loaded> {
+    fn loaded(&mut self) -> Result<&mut Loaded> {
         let state = match self.state.take() {
             Some(state) => state,
             None => load(&self.store, &self.maps)?,
@@ -156,14 +160,16 @@ impl<'a> Session<'a> {
         Ok(self.state.insert(state))
     }
 
-    /// Every mapping, as recorded.
+    /// Every mapping, as recorded: the state file's, once read; otherwise
+    /// the services map's. While the port index is current the two hold the
+    /// same mappings (opening the session rolled back any change left half
+    /// done, and every change writes both), and the map is read in a few
+    /// calls where the state file would be read and parsed whole.
     pub(crate) fn mappings(&mut self) -> Result<Vec<Mapping>> {
-        Ok(self
-            .records()?
-            .records
-            .iter()
-            .map(Record::to_mapping)
-            .collect())
+        if let (None, Some(_)) = (&self.state, &self.index) {
+            return self.maps.mappings();
+        }
+        Ok(self.loaded()?.mappings.clone())
     }
 
     /// The published mappings that a request for exactly `ports` (None: a
@@ -224,28 +230,38 @@ impl<'a> Session<'a> {
 
     /// Applies a change to the maps and the state file, all or nothing.
     fn change(&mut self, removed: &[Mapping], added: &[Mapping]) -> Result<()> {
-        let gone: Vec<Record> = removed.iter().map(Record::from).collect();
-        let new: Vec<Record> = added.iter().map(Record::from).collect();
-        let doomed: HashSet<_> = gone.iter().map(Record::host_key).collect();
-        let kept = |r: &&Record| !doomed.contains(&r.host_key());
+        // A large change whose line would make the journal outgrow the
+        // snapshot writes a new snapshot itself: the commands after it find
+        // a compact file, and need not read it (see `Store::current_index`),
+        // where before the next one read the whole journal and compacted.
+        // (A small change cannot outgrow it by much: the next command does.)
+        if removed.len() + added.len() >= COMPACT_NOW_FROM
+            && self.store.outgrows(model::journal_line_len(removed, added))
+        {
+            self.loaded()?.compact = true;
+        }
+        let doomed: HashSet<_> = removed.iter().map(Mapping::host_key).collect();
+        let kept = |m: &&Mapping| !doomed.contains(&m.host_key());
         // The whole new state is built only when it is written whole.
-        let snapshot: Option<Vec<Record>> = match &self.state {
+        let snapshot: Option<Vec<Mapping>> = match &self.state {
             Some(state) if state.compact => {
-                let records = state.records.iter().filter(kept);
-                Some(records.chain(&new).cloned().collect())
+                let mappings = state.mappings.iter().filter(kept);
+                Some(mappings.chain(added).cloned().collect())
             }
             _ => None,
-        };
-        let change = Change {
-            snapshot: snapshot.as_deref(),
-            gone: &gone,
-            new: &new,
         };
         let index = self.index.as_mut();
         // The holder binds a large change's ports while the maps are written
         // (its answer is awaited by `finish`, without the lock).
         let ahead = holder::bind_ahead(self.pin_dir, added);
-        let changed = change_entries(&mut self.maps, &self.store, change, removed, added, index);
+        let changed = change_entries(
+            &mut self.maps,
+            &self.store,
+            snapshot.as_deref(),
+            removed,
+            added,
+            index,
+        );
         match (ahead, changed) {
             (Some(ahead), Err(error)) => {
                 ahead.finish();
@@ -260,10 +276,10 @@ impl<'a> Session<'a> {
         }
         if let Some(state) = &mut self.state {
             match snapshot {
-                Some(records) => state.records = records,
+                Some(mappings) => state.mappings = mappings,
                 None => {
-                    state.records.retain(|r| kept(&r));
-                    state.records.extend(new);
+                    state.mappings.retain(|m| kept(&m));
+                    state.mappings.extend_from_slice(added);
                 }
             }
             state.compact = false;
@@ -318,7 +334,7 @@ fn load(store: &Store, maps: &PinnedMaps) -> Result<Loaded> {
     Ok(match store.load_for_change()? {
         Some(state) => state,
         None => Loaded {
-            records: maps.mappings()?.iter().map(Record::from).collect(),
+            mappings: maps.mappings()?,
             compact: true,
         },
     })
@@ -383,26 +399,20 @@ impl MapWrites for PinnedMaps {
     }
 }
 
-/// A change to the state file: the records it removes and adds, and the
-/// whole state it makes when that is written whole (see `Loaded::compact`).
-struct Change<'a> {
-    snapshot: Option<&'a [Record]>,
-    gone: &'a [Record],
-    new: &'a [Record],
-}
-
 /// One change, as `state` describes it: the intent, the maps, then the
-/// commit. When the maps cannot be put back after a failure, the intent
-/// stays: the next command (or `up`) rolls the maps back to the state file.
+/// commit (with `snapshot`, the whole state it makes, when that is written
+/// whole: see `Loaded::compact`). When the maps cannot be put back after a
+/// failure, the intent stays: the next command (or `up`) rolls the maps
+/// back to the state file.
 fn change_entries(
     maps: &mut impl MapWrites,
     store: &Store,
-    change: Change<'_>,
+    snapshot: Option<&[Mapping]>,
     removed: &[Mapping],
     added: &[Mapping],
     index: Option<&mut PortIndex>,
 ) -> Result<()> {
-    let intent = store.begin(change.gone, change.new)?;
+    let intent = store.begin(removed, added)?;
     if let Err(error) = maps.remove_all(removed) {
         // remove_all put back what it had removed.
         store.abort();
@@ -420,7 +430,7 @@ fn change_entries(
         store.abort();
         return Err(error);
     }
-    store.commit(intent, change.snapshot, index)
+    store.commit(intent, snapshot, index)
 }
 
 #[cfg(test)]
@@ -428,7 +438,6 @@ mod tests {
     use anyhow::bail;
 
     use super::*;
-    use crate::model::Protocol;
 
     /// Maps whose adds always fail (a full map, say).
     struct FullMaps;
@@ -443,18 +452,6 @@ mod tests {
         }
     }
 
-    fn mapping(port: u16) -> Mapping {
-        Mapping {
-            name: "web".into(),
-            protocol: Protocol::Tcp,
-            host: format!("0.0.0.0:{port}").parse().unwrap(),
-            container: "10.0.0.2:80".parse().unwrap(),
-            ifindex: 0,
-            hold: true,
-            allow: None,
-        }
-    }
-
     /// A replacement whose add fails and whose put-back fails too leaves
     /// the maps in neither state: the intent must stay for the next
     /// command to roll back, and the error must say so.
@@ -462,17 +459,12 @@ mod tests {
     fn a_failed_put_back_keeps_the_intent() {
         let dir = std::env::temp_dir().join(format!("portfwd-ops-{}", std::process::id()));
         let store = Store::new(dir.join("state.json"));
-        let (old, new) = (mapping(8080), mapping(8081));
-        store.save(&[Record::from(&old)]).unwrap();
-        let change = Change {
-            snapshot: None,
-            gone: &[Record::from(&old)],
-            new: &[Record::from(&new)],
-        };
+        let (old, new) = (Mapping::sample(8080), Mapping::sample(8081));
+        store.save(std::slice::from_ref(&old)).unwrap();
         let error = change_entries(
             &mut FullMaps,
             &store,
-            change,
+            None,
             std::slice::from_ref(&old),
             &[new],
             None,
@@ -480,7 +472,7 @@ mod tests {
         .unwrap_err();
         assert!(store.has_pending(), "the rollback was lost");
         assert!(format!("{error:#}").contains("putting back"), "{error:#}");
-        assert_eq!(store.load().unwrap(), Some(vec![Record::from(&old)]));
+        assert_eq!(store.load().unwrap(), Some(vec![old]));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

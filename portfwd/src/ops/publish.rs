@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use super::Session;
 use crate::{
     host,
-    model::{self, Mapping, PublishSpec, Record, UnmapSelector},
+    model::{self, Mapping, PublishSpec, UnmapSelector},
 };
 
 /// How `publish` treats host ports that another process already holds.
@@ -215,11 +215,10 @@ pub(crate) fn withdraw(
 /// nothing, in one session; the mappings removed.
 pub(crate) fn withdraw_these(pin_dir: &Path, mappings: &[Mapping]) -> Result<Vec<Mapping>> {
     let mut session = Session::open_for_change(pin_dir, "unmap")?;
-    let keys: Vec<Record> = mappings.iter().map(Record::from).collect();
     let found: Vec<Mapping> = session
         .mappings()?
         .into_iter()
-        .filter(|m| keys.contains(&Record::from(m)))
+        .filter(|m| mappings.contains(m))
         .collect();
     session.change(&found, &[])?;
     session.finish()?;
@@ -236,13 +235,12 @@ pub(crate) struct Withdrawn {
 /// endpoints) if it is published; whether it was.
 pub(crate) fn withdraw_exact(pin_dir: &Path, mapping: &Mapping) -> Result<bool> {
     let mut session = Session::open_for_change(pin_dir, "unmap")?;
-    let key = Record::from(mapping);
     // One lookup: the services map holds what the state file records.
     let found: Vec<Mapping> = session
         .maps
         .mapping(&mapping.key())?
         .into_iter()
-        .filter(|m| Record::from(m) == key)
+        .filter(|m| m == mapping)
         .collect();
     session.change(&found, &[])?;
     session.finish()?;

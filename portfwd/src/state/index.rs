@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::model::{Protocol, Record};
+use crate::model::{Mapping, Protocol};
 
 const MAGIC: [u8; 8] = *b"pfindex1";
 const HEADER_LEN: u64 = 48;
@@ -199,16 +199,16 @@ impl PortIndex {
     /// leaves the header stale: the next command rebuilds the index.
     pub(crate) fn update(
         &mut self,
-        removed: &[Record],
-        added: &[Record],
+        removed: &[Mapping],
+        added: &[Mapping],
         state: &File,
     ) -> Result<()> {
         let identity = Identity::of(state, self.snapshot_len)?;
         let mut changed: [std::collections::BTreeMap<u16, i64>; SLICES] = Default::default();
-        for (records, delta) in [(removed, -1), (added, 1)] {
-            for r in records {
-                let slice = slice_of(r.protocol, r.host_ip.is_ipv4());
-                *changed[slice].entry(r.host_port).or_default() += delta;
+        for (mappings, delta) in [(removed, -1), (added, 1)] {
+            for m in mappings {
+                let slice = slice_of(m.protocol, m.host.is_ipv4());
+                *changed[slice].entry(m.host.port()).or_default() += delta;
             }
         }
         let apply = |count: u32, delta: i64| {
@@ -257,14 +257,14 @@ fn read_at_most(file: &File, buf: &mut [u8], at: u64) -> Result<()> {
     Ok(())
 }
 
-/// Writes the index of a state file whose records are `records` and whose
+/// Writes the index of a state file whose mappings are `mappings` and whose
 /// identity is `identity`, whole (after a full read or a new snapshot):
 /// through a temporary file and a rename, so that a reader sees the old
 /// index (stale, so unused) or the new one. Root-only, like the state.
-pub(crate) fn write(state: &Path, records: &[Record], identity: Identity) -> Result<()> {
+pub(crate) fn write(state: &Path, mappings: &[Mapping], identity: Identity) -> Result<()> {
     let mut counts = vec![0u32; SLICES * PORTS];
-    for r in records {
-        let slot = slice_of(r.protocol, r.host_ip.is_ipv4()) * PORTS + usize::from(r.host_port);
+    for m in mappings {
+        let slot = slice_of(m.protocol, m.host.is_ipv4()) * PORTS + usize::from(m.host.port());
         counts[slot] = counts[slot].saturating_add(1);
     }
     let mut bytes = Vec::with_capacity(HEADER_LEN as usize + counts.len() * 4);
@@ -300,11 +300,11 @@ pub(crate) fn remove(state: &Path) {
 mod tests {
     use super::*;
 
-    fn record(protocol: Protocol, ip: &str, port: u16) -> Record {
-        Record {
+    fn record(protocol: Protocol, ip: &str, port: u16) -> Mapping {
+        Mapping {
             protocol,
-            host_ip: ip.parse().unwrap(),
-            ..Record::sample(port)
+            host: std::net::SocketAddr::new(ip.parse().unwrap(), port),
+            ..Mapping::sample(port)
         }
     }
 
@@ -316,13 +316,13 @@ mod tests {
         fs::write(&state, b"snapshot\n").unwrap();
         let identity = |snapshot_len| Identity::of(&File::open(&state).unwrap(), snapshot_len);
         assert!(PortIndex::open_current(&state).is_none(), "no index yet");
-        let records = [
+        let mappings = [
             record(Protocol::Tcp, "0.0.0.0", 80),
             record(Protocol::Tcp, "127.0.0.1", 80),
             record(Protocol::Tcp, "::", 80),
             record(Protocol::Udp, "0.0.0.0", 53),
         ];
-        write(&state, &records, identity(8).unwrap()).unwrap();
+        write(&state, &mappings, identity(8).unwrap()).unwrap();
         let (mut index, seen) = PortIndex::open_current(&state).unwrap();
         assert_eq!(seen.snapshot_len, 8);
         assert_eq!(index.count(Protocol::Tcp, true, 80).unwrap(), 2);
@@ -355,7 +355,7 @@ mod tests {
         assert_eq!(index.count(Protocol::Udp, false, 53).unwrap(), 1);
 
         // A change of many ports rewrites their array whole.
-        let many: Vec<Record> = (1000..1100)
+        let many: Vec<Mapping> = (1000..1100)
             .map(|port| record(Protocol::Udp, "0.0.0.0", port))
             .collect();
         file.write_all(b"many\n").unwrap();
@@ -376,7 +376,7 @@ mod tests {
         fs::write(&state, b"garbage\nchange\n").unwrap();
         assert!(PortIndex::open_current(&state).is_none());
         // Replaced by a rename: stale.
-        write(&state, &records, identity(8).unwrap()).unwrap();
+        write(&state, &mappings, identity(8).unwrap()).unwrap();
         let tmp = dir.join("other");
         fs::write(&tmp, b"garbage\nchange\n").unwrap();
         fs::rename(&tmp, &state).unwrap();
@@ -385,7 +385,7 @@ mod tests {
         fs::write(path_of(&state), b"garbage").unwrap();
         assert!(PortIndex::open_current(&state).is_none());
         use std::os::unix::fs::PermissionsExt;
-        write(&state, &records, identity(8).unwrap()).unwrap();
+        write(&state, &mappings, identity(8).unwrap()).unwrap();
         let mode = fs::metadata(path_of(&state)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::remove_dir_all(dir).unwrap();

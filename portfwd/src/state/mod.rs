@@ -6,11 +6,13 @@
 //! the maps from it, and `up` on a running system reconciles them with it.
 //!
 //! It is a snapshot (one JSON document: every mapping) followed by a
-//! journal: one JSON line per change committed since (the records it
+//! journal: one JSON line per change committed since (the mappings it
 //! removed and added), so that a change writes what it changes, not
-//! everything published. When the journal outgrows the snapshot, the next
-//! change compacts the file: a new snapshot, written to a temporary file,
-//! fsynced and renamed over the old one.
+//! everything published. When the journal outgrows the snapshot, a change
+//! compacts the file: a new snapshot, written to a temporary file, fsynced
+//! and renamed over the old one. A large change whose own line would make
+//! it outgrow does so itself (see `Store::outgrows`); a small one, when it
+//! finds the journal outgrown.
 //!
 //! A change (map, unmap, apply, CNI ADD/DEL), under the state lock:
 //! 1. writes the change to `<state>.pending`: the intent;
@@ -24,10 +26,10 @@
 //!
 //! A change that adds or removes a few mappings does not read the state
 //! file: the port index beside it (see `index`) says which of their ports
-//! are free, and the services map holds the mappings to remove. Only what
-//! needs every mapping reads it whole (`list` reads the maps; `apply`,
-//! `unmap --name`, compaction, a stale index, and `up`, which also writes
-//! the index anew).
+//! are free, and the services map holds the mappings to remove. What needs
+//! every mapping (`apply`, `unmap --name`, automatic ports) reads them from
+//! the services map while the index is current; only compaction, a stale
+//! index, and `up` (which also writes the index anew) read the file whole.
 //!
 //! A process killed before step 3 completes leaves the intent behind. The
 //! next command (or `up`) finds it and rolls the maps back to the state
@@ -46,7 +48,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     instance,
-    model::{FORMAT_VERSION, JournalEntry, ParsedState, Record, StateFile, parse_state_file},
+    model::{FORMAT_VERSION, JournalEntry, Mapping, ParsedState, StateFile, parse_state_file},
 };
 
 mod index;
@@ -92,7 +94,7 @@ pub(crate) struct Store {
 /// file they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Loaded {
-    pub(crate) records: Vec<Record>,
+    pub(crate) mappings: Vec<Mapping>,
     /// Whether the next commit writes a new snapshot instead of appending:
     /// the journal has outgrown the snapshot (or there is no file yet).
     pub(crate) compact: bool,
@@ -127,8 +129,8 @@ impl Store {
 
     /// The recorded mappings; None when there is no state file yet. A file
     /// that does not parse (truncated, garbage, empty) is a `Damaged` error.
-    pub(crate) fn load(&self) -> Result<Option<Vec<Record>>> {
-        Ok(self.load_for_change()?.map(|loaded| loaded.records))
+    pub(crate) fn load(&self) -> Result<Option<Vec<Mapping>>> {
+        Ok(self.load_for_change()?.map(|loaded| loaded.mappings))
     }
 
     /// The recorded mappings, for a change (under the state lock): a change
@@ -161,7 +163,7 @@ impl Store {
         };
         let text = String::from_utf8(bytes).map_err(|error| damaged(error.to_string()))?;
         let ParsedState {
-            records,
+            mappings,
             whole_len,
             snapshot_len,
             journal_len,
@@ -178,10 +180,10 @@ impl Store {
         // after a reboot, when an index written without fsync may hold
         // counts older than its header).
         if rewrite_index || PortIndex::open_current(&self.path).is_none() {
-            self.write_index(&records, snapshot_len as u64);
+            self.write_index(&mappings, snapshot_len as u64);
         }
         Ok(Some(Loaded {
-            records,
+            mappings,
             compact: multi_line || journal_len > snapshot_len.max(MIN_COMPACT_BYTES),
         }))
     }
@@ -190,7 +192,7 @@ impl Store {
     /// damaged file is kept beside it as `<state>.damaged-<unix time>`, a pending change
     /// is dropped (the maps are the truth). Returns where the damaged file
     /// went, if there was one.
-    pub(crate) fn rebuild(&self, records: &[Record]) -> Result<Option<PathBuf>> {
+    pub(crate) fn rebuild(&self, mappings: &[Mapping]) -> Result<Option<PathBuf>> {
         let damaged = match self.load() {
             Ok(_) => None,
             Err(error) if error.downcast_ref::<Damaged>().is_some() => {
@@ -222,7 +224,7 @@ impl Store {
             Err(error) => return Err(error),
         };
         self.abort();
-        self.write_snapshot(records)?;
+        self.write_snapshot(mappings)?;
         Ok(damaged)
     }
 
@@ -235,33 +237,44 @@ impl Store {
         (identity.journal_len() <= snapshot).then_some(index)
     }
 
+    /// Whether `extra` more bytes of journal would make it outgrow the
+    /// snapshot (see `Loaded::compact`). False when the index, which knows
+    /// where the snapshot ends, is not current: then the state file was read
+    /// whole, which decided it.
+    pub(crate) fn outgrows(&self, extra: usize) -> bool {
+        PortIndex::open_current(&self.path).is_some_and(|(_, identity)| {
+            let journal = identity.journal_len() + extra as u64;
+            journal > identity.snapshot_len.max(MIN_COMPACT_BYTES as u64)
+        })
+    }
+
     /// The port index, when it describes the state file as it is now (for a
     /// session that read the state file: it keeps the index current).
     pub(crate) fn index(&self) -> Option<PortIndex> {
         PortIndex::open_current(&self.path).map(|(index, _)| index)
     }
 
-    /// Writes the index of the state file as it is now, holding `records`.
+    /// Writes the index of the state file as it is now, holding `mappings`.
     /// Best effort: without it, the next change reads the state file.
-    fn write_index(&self, records: &[Record], snapshot_len: u64) {
+    fn write_index(&self, mappings: &[Mapping], snapshot_len: u64) {
         let written = File::open(&self.path)
             .map_err(anyhow::Error::from)
             .and_then(|file| index::Identity::of(&file, snapshot_len))
-            .and_then(|identity| index::write(&self.path, records, identity));
+            .and_then(|identity| index::write(&self.path, mappings, identity));
         if written.is_err() {
             index::remove(&self.path);
         }
     }
 
-    /// Writes a snapshot of `records` to `path`, through a temporary file
+    /// Writes a snapshot of `mappings` to `path`, through a temporary file
     /// and a rename so that readers see the old or the new file, never a
     /// part; fsynced first. Root-only (0600 in a 0700 dir). The index
     /// follows.
-    fn write_snapshot(&self, records: &[Record]) -> Result<()> {
+    fn write_snapshot(&self, mappings: &[Mapping]) -> Result<()> {
         let path = &self.path;
         let dir = path.parent().unwrap_or(Path::new("/"));
         create_dir(dir)?;
-        let mut sorted = records.to_vec();
+        let mut sorted = mappings.to_vec();
         sorted.sort();
         // Compact JSON on one line; the journal follows it.
         let text = serde_json::to_string(&StateFile {
@@ -276,12 +289,12 @@ impl Store {
         file.write_all(b"\n")?;
         file.sync_all()?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
-        self.write_index(records, text.len() as u64);
+        self.write_index(mappings, text.len() as u64);
         Ok(())
     }
 
-    /// Step 1 of a change: the intent (the records removed and added).
-    pub(crate) fn begin(&self, removed: &[Record], added: &[Record]) -> Result<Intent> {
+    /// Step 1 of a change: the intent (the mappings removed and added).
+    pub(crate) fn begin(&self, removed: &[Mapping], added: &[Mapping]) -> Result<Intent> {
         let entry = JournalEntry {
             remove: removed.to_vec(),
             add: added.to_vec(),
@@ -303,11 +316,11 @@ impl Store {
     pub(crate) fn commit(
         &self,
         intent: Intent,
-        snapshot: Option<&[Record]>,
+        snapshot: Option<&[Mapping]>,
         index: Option<&mut PortIndex>,
     ) -> Result<()> {
-        if let Some(records) = snapshot {
-            self.write_snapshot(records)?;
+        if let Some(mappings) = snapshot {
+            self.write_snapshot(mappings)?;
         } else {
             let mut file = OpenOptions::new()
                 .append(true)
@@ -332,8 +345,8 @@ impl Store {
 
     /// Writes the state directly, as a snapshot (no change of the maps
     /// involved).
-    pub(crate) fn save(&self, records: &[Record]) -> Result<()> {
-        self.write_snapshot(records)
+    pub(crate) fn save(&self, mappings: &[Mapping]) -> Result<()> {
+        self.write_snapshot(mappings)
     }
 
     /// Forgets a change that did not reach the maps.
@@ -388,11 +401,11 @@ mod tests {
         let store = Store::new(dir.join("state.json"));
         assert_eq!(store.load().unwrap(), None);
         store
-            .save(&[Record::sample(8081), Record::sample(8080)])
+            .save(&[Mapping::sample(8081), Mapping::sample(8080)])
             .unwrap();
         assert_eq!(
             store.load().unwrap(),
-            Some(vec![Record::sample(8080), Record::sample(8081)])
+            Some(vec![Mapping::sample(8080), Mapping::sample(8081)])
         );
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(store.path()).unwrap().permissions().mode();
@@ -400,7 +413,7 @@ mod tests {
         // A change is journalled after the snapshot, not rewritten whole.
         let loaded = store.load_for_change().unwrap().unwrap();
         let intent = store
-            .begin(&[Record::sample(8081)], &[Record::sample(1)])
+            .begin(&[Mapping::sample(8081)], &[Mapping::sample(1)])
             .unwrap();
         assert!(store.has_pending());
         store
@@ -408,14 +421,14 @@ mod tests {
                 intent,
                 loaded
                     .compact
-                    .then_some(&[Record::sample(1), Record::sample(8080)][..]),
+                    .then_some(&[Mapping::sample(1), Mapping::sample(8080)][..]),
                 None,
             )
             .unwrap();
         assert!(!store.has_pending());
         assert_eq!(
             store.load().unwrap(),
-            Some(vec![Record::sample(1), Record::sample(8080)])
+            Some(vec![Mapping::sample(1), Mapping::sample(8080)])
         );
         let text = fs::read_to_string(store.path()).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
@@ -423,33 +436,37 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(store.path()).unwrap();
         file.write_all(b"{\"add\":[{\"na").unwrap();
         let loaded = store.load_for_change().unwrap().unwrap();
-        assert_eq!(loaded.records, [Record::sample(1), Record::sample(8080)]);
-        let intent = store.begin(&[], &[Record::sample(2)]).unwrap();
+        assert_eq!(loaded.mappings, [Mapping::sample(1), Mapping::sample(8080)]);
+        let intent = store.begin(&[], &[Mapping::sample(2)]).unwrap();
         store
             .commit(
                 intent,
-                loaded
-                    .compact
-                    .then_some(&[Record::sample(1), Record::sample(2), Record::sample(8080)][..]),
+                loaded.compact.then_some(
+                    &[
+                        Mapping::sample(1),
+                        Mapping::sample(2),
+                        Mapping::sample(8080),
+                    ][..],
+                ),
                 None,
             )
             .unwrap();
         assert_eq!(
             store.load().unwrap(),
             Some(vec![
-                Record::sample(1),
-                Record::sample(2),
-                Record::sample(8080)
+                Mapping::sample(1),
+                Mapping::sample(2),
+                Mapping::sample(8080)
             ])
         );
         // A journal that outgrows its snapshot is compacted into a new one.
         for port in 10_000..11_000 {
             let loaded = store.load_for_change().unwrap().unwrap();
-            let mut records = loaded.records.clone();
-            records.push(Record::sample(port));
-            let intent = store.begin(&[], &[Record::sample(port)]).unwrap();
+            let mut mappings = loaded.mappings.clone();
+            mappings.push(Mapping::sample(port));
+            let intent = store.begin(&[], &[Mapping::sample(port)]).unwrap();
             store
-                .commit(intent, loaded.compact.then_some(&records[..]), None)
+                .commit(intent, loaded.compact.then_some(&mappings[..]), None)
                 .unwrap();
         }
         let text = fs::read_to_string(store.path()).unwrap();

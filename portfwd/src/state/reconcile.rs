@@ -5,10 +5,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use anyhow::Result;
 
 use super::Store;
-use crate::{
-    datapath::PinnedMaps,
-    model::{Mapping, Record},
-};
+use crate::{datapath::PinnedMaps, model::Mapping};
 
 /// What a reconciliation changed in the maps.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -17,27 +14,26 @@ pub(crate) struct Fixes {
     pub(crate) removed: Vec<Mapping>,
 }
 
-/// Makes the maps hold exactly `records` (entries that differ in their
-/// container are replaced). The caller holds the state lock.
+/// Makes the maps hold exactly `recorded` (entries that differ in more
+/// than their interface are replaced). The caller holds the state lock.
 pub(crate) fn reconcile(
     maps: &mut PinnedMaps,
-    records: &[Record],
+    recorded: &[Mapping],
     mut ifindex_of: impl FnMut(IpAddr) -> u32,
 ) -> Result<Fixes> {
-    let wanted: BTreeSet<Record> = records.iter().cloned().collect();
+    let wanted: BTreeSet<&Mapping> = recorded.iter().collect();
     let current: Vec<Mapping> = maps.mappings()?;
-    let have: BTreeSet<Record> = current.iter().map(Record::from).collect();
+    let have: BTreeSet<&Mapping> = current.iter().collect();
     let removed: Vec<Mapping> = current
         .iter()
-        .filter(|m| !wanted.contains(&Record::from(*m)))
+        .filter(|m| !wanted.contains(m))
         .cloned()
         .collect();
     let added: Vec<Mapping> = wanted
         .difference(&have)
-        .map(|r| {
-            let mut m = r.to_mapping();
-            m.ifindex = ifindex_of(r.container_ip);
-            m
+        .map(|&m| Mapping {
+            ifindex: ifindex_of(m.container.ip()),
+            ..m.clone()
         })
         .collect();
     maps.remove_all(&removed)?;
@@ -58,8 +54,8 @@ pub(crate) fn recover(
     if !store.has_pending() {
         return Ok(None);
     }
-    let records = store.load()?.unwrap_or_default();
-    let fixes = reconcile(maps, &records, ifindex_of)?;
+    let recorded = store.load()?.unwrap_or_default();
+    let fixes = reconcile(maps, &recorded, ifindex_of)?;
     store.abort();
     Ok(Some(fixes))
 }

@@ -296,13 +296,13 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
 
         let out = portfwd_ok(&["state", "rebuild"]);
         assert!(out.contains("2 mappings"), "{out}");
-        let records = portfwd::model::parse_state(&std::fs::read_to_string(state_file()).unwrap())
+        let recorded = portfwd::model::parse_state(&std::fs::read_to_string(state_file()).unwrap())
             .expect("a rebuilt state file parses");
-        assert_eq!(records.len(), 2);
+        assert_eq!(recorded.len(), 2);
         assert!(
-            records
+            recorded
                 .iter()
-                .all(|r| r.name == "web" && r.host_port == 47841)
+                .all(|m| m.name == "web" && m.host.port() == 47841)
         );
         // Changes work again.
         portfwd_ok(&["map", &ctr, "47842:5190"]);

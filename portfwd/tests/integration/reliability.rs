@@ -37,11 +37,11 @@ fn recorded() -> BTreeSet<(String, u64, String)> {
     portfwd::model::parse_state(&text)
         .unwrap()
         .iter()
-        .map(|r| {
+        .map(|m| {
             (
-                r.host_ip.to_string(),
-                r.host_port as u64,
-                r.protocol.to_string(),
+                m.host.ip().to_string(),
+                m.host.port() as u64,
+                m.protocol.to_string(),
             )
         })
         .collect()

@@ -1,0 +1,124 @@
+//! Reading and writing many entries of a hash map in a few system calls
+//! (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH: kernel 5.6), by raw bpf(2)
+//! calls: aya 0.14 has no API for the batch commands. Its iterator makes two
+//! calls per entry (next key, then lookup), and its insert one: 20,000 calls
+//! to read the services map of 10,000 mappings (most of what `apply` and
+//! `list` spent), 10,000 to zero their counters.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Entries asked for per call (the kernel fills fewer at the end).
+const CHUNK: usize = 4096;
+
+/// `union bpf_attr` for the batch commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Every entry of the hash map `map` (keys `K`, values `V`: not a per-CPU
+/// map). An error of the call is returned as is: the caller falls back to
+/// iterating (an older kernel says EINVAL).
+pub(crate) fn lookup_all<K, V>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K, V)>>
+where
+    K: bytemuck::Pod,
+    V: bytemuck::Pod,
+{
+    let mut keys: Vec<K> = vec![K::zeroed(); CHUNK];
+    let mut values: Vec<V> = vec![V::zeroed(); CHUNK];
+    let mut entries = Vec::new();
+    // The position where the previous call stopped (for a hash map, a
+    // bucket number the kernel hands back; 8 bytes hold any map's).
+    let (mut position, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const position as u64 },
+            out_batch: &raw mut next as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr is the batch member of bpf_attr, of the size passed;
+        // the kernel writes at most `count` keys and values into buffers
+        // that hold CHUNK of each, at most 8 bytes to `next`, and the
+        // number it wrote to `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        let filled = (attr.count as usize).min(CHUNK);
+        entries.extend(
+            keys[..filled]
+                .iter()
+                .copied()
+                .zip(values[..filled].iter().copied()),
+        );
+        match error {
+            None => {}
+            // The end of the map (the last entries come with it).
+            Some(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Some(error) => return Err(error),
+        }
+        position = next;
+        first = false;
+    }
+}
+
+/// Writes `values` (`value_len` bytes each: for a per-CPU map, one value per
+/// possible CPU, each rounded up to 8 bytes) under `keys`, in order,
+/// replacing what is there (the batch commands take no BPF_NOEXIST). On a
+/// failure, the entries before the one that failed are written.
+pub(crate) fn update_all<K: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+    value_len: usize,
+) -> std::io::Result<()> {
+    assert_eq!(values.len(), keys.len() * value_len, "one value per key");
+    for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * value_len)) {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr is the batch member of bpf_attr, of the size passed;
+        // the kernel reads `count` keys and values from buffers that hold
+        // that many, and writes only `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
