@@ -49,6 +49,38 @@ fn mappings() -> [Mapping; 3] {
     ]
 }
 
+/// One flow of each of `mappings()`: TCP from the client on both families,
+/// UDP on IPv4, as (IPv4 TCP, IPv6 TCP, IPv4 UDP) triples.
+struct Flows {
+    client: (SocketAddr, SocketAddr, SocketAddr),
+    published: (SocketAddr, SocketAddr, SocketAddr),
+    container: (SocketAddr, SocketAddr, SocketAddr),
+}
+
+impl Flows {
+    /// Opens the flows from client ports `port`, `port + 1` and `port + 2`.
+    fn open(tc: &Tc, port: u16) -> Self {
+        let flows = Self {
+            client: (
+                at(CLIENT_V4, port),
+                at(CLIENT_V6, port + 1),
+                at(CLIENT_V4, port + 2),
+            ),
+            published: (at(HOST_V4, 8080), at(HOST_V6, 8080), at(HOST_V4, 5353)),
+            container: (at(CTR_V4, 80), at(CTR_V6, 80), at(CTR_V4, 53)),
+        };
+        for (client, published, l4) in [
+            (flows.client.0, flows.published.0, L4::Syn),
+            (flows.client.1, flows.published.1, L4::Syn),
+            (flows.client.2, flows.published.2, L4::Udp),
+        ] {
+            let (verdict, _) = tc.run(UPLINK_IN, &frame(client, published, l4));
+            assert_eq!(verdict, TO_STACK, "the flow from {client}");
+        }
+        flows
+    }
+}
+
 #[test]
 fn icmp_errors_of_translated_flows_are_translated_both_ways() {
     let Some(mut tc) = Tc::load("icmp_errors_of_translated_flows_are_translated_both_ways") else {
@@ -69,23 +101,11 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
         }
     };
 
-    // The flows: TCP from the client on both families, UDP on IPv4.
-    let (client4, client6, udp_client) = (
-        at(CLIENT_V4, 40201),
-        at(CLIENT_V6, 40202),
-        at(CLIENT_V4, 40203),
-    );
-    let (published4, published6, published_udp) =
-        (at(HOST_V4, 8080), at(HOST_V6, 8080), at(HOST_V4, 5353));
-    let (ctr4, ctr6, ctr_udp) = (at(CTR_V4, 80), at(CTR_V6, 80), at(CTR_V4, 53));
-    for (client, published, l4) in [
-        (client4, published4, L4::Syn),
-        (client6, published6, L4::Syn),
-        (udp_client, published_udp, L4::Udp),
-    ] {
-        let (verdict, _, _) = tc.run_marked(UPLINK_IN, &frame(client, published, l4), 0);
-        assert_eq!(verdict, TO_STACK, "the flow from {client}");
-    }
+    let Flows {
+        client: (client4, client6, udp_client),
+        published: (published4, published6, published_udp),
+        container: (ctr4, ctr6, ctr_udp),
+    } = Flows::open(&tc, 40201);
 
     // A router on the client's way cannot forward the host's reply
     // (fragmentation needed, next-hop MTU 1280): to the container, about
@@ -186,22 +206,11 @@ fn errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egres
     let Some(tc) = Tc::load_with(test, &mappings()) else {
         return;
     };
-    let (client4, client6, udp_client) = (
-        at(CLIENT_V4, 40211),
-        at(CLIENT_V6, 40212),
-        at(CLIENT_V4, 40213),
-    );
-    let (published4, published6, published_udp) =
-        (at(HOST_V4, 8080), at(HOST_V6, 8080), at(HOST_V4, 5353));
-    let (ctr4, ctr6, ctr_udp) = (at(CTR_V4, 80), at(CTR_V6, 80), at(CTR_V4, 53));
-    for (client, published, l4) in [
-        (client4, published4, L4::Syn),
-        (client6, published6, L4::Syn),
-        (udp_client, published_udp, L4::Udp),
-    ] {
-        let (verdict, _) = tc.run(UPLINK_IN, &frame(client, published, l4));
-        assert_eq!(verdict, TO_STACK, "the flow from {client}");
-    }
+    let Flows {
+        client: (client4, client6, udp_client),
+        published: (published4, published6, published_udp),
+        container: (ctr4, ctr6, ctr_udp),
+    } = Flows::open(&tc, 40211);
     let mut failures = Failures::default();
     // (name, the error as the host sends it, as the client must get it)
     let cases = [
