@@ -195,6 +195,13 @@ pub(crate) fn set_key(key: &mut CtKey, pkt: &Packet) {
     key._pad = 0;
 }
 
+/// The key a reply to the packet would have: its own, ends swapped.
+fn set_key_of_reply(key: &mut CtKey, pkt: &Packet) {
+    set_key(key, pkt);
+    (key.saddr, key.daddr) = (key.daddr, key.saddr);
+    (key.sport, key.dport) = (key.dport, key.sport);
+}
+
 /// The key of the reply direction: the container answering whoever it saw
 /// as the client (the client itself, or the masquerade address).
 fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
@@ -287,13 +294,7 @@ pub(crate) fn pass_replies_to(pkt: &Packet, now: u64) {
     // SAFETY: per-CPU memory that only this program run uses; fields other
     // than the packet.
     let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
-    key.saddr = pkt.daddr;
-    key.daddr = pkt.saddr;
-    key.sport = pkt.dport;
-    key.dport = pkt.sport;
-    key.proto = pkt.proto;
-    key.family = pkt.family;
-    key._pad = 0;
+    set_key_of_reply(key, pkt);
     if let Some(entry) = lookup(key, now) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let ct = unsafe { &mut *entry };

@@ -58,32 +58,10 @@ pub(super) fn translate_forward(
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    let now = pkt.now;
-    conntrack::touch(key, entry, pkt, now);
+    conntrack::touch(key, entry, pkt, pkt.now);
     // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
     let ifindex = if redirect { ct.ifindex } else { 0 };
-    if ct.flags & CT_FLAG_NAT46 != 0 {
-        add_traffic(&ct.service, pkt.len, true);
-        return finish_nat46(ctx, pkt, ct, ifindex);
-    }
-    if pkt.fragment == FIRST_FRAGMENT {
-        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
-    }
-    add_traffic(&ct.service, pkt.len, true);
-    if ct.flags & CT_FLAG_MASQ != 0
-        && !packet::rewrite(ctx, pkt, End::Source, &ct.masq_addr, ct.masq_port)
-    {
-        count(Stat::RewriteFailed);
-        return DROP;
-    }
-    finish(
-        ctx,
-        pkt,
-        End::Destination,
-        &ct.nat_addr,
-        ct.nat_port,
-        ifindex,
-    )
+    send_translated(ctx, pkt, ct, ifindex, true)
 }
 
 #[inline(never)]
@@ -103,27 +81,47 @@ pub(super) fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    let now = pkt.now;
-    conntrack::touch(key, entry, pkt, now);
+    conntrack::touch(key, entry, pkt, pkt.now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if ifindex != 0 {
         mark_translated(ctx);
     }
+    send_translated(ctx, pkt, ct, ifindex, false)
+}
+
+/// What both directions of a tracked flow do last: count the traffic,
+/// remember a first fragment, apply (forward) or undo (reply) the hairpin
+/// masquerade, then rewrite the NAT end and send the packet on.
+/// `forward`: client to container, whose NAT end is the destination.
+// Inlined into each caller: its frame stays theirs (no deeper chain).
+#[inline(always)]
+fn send_translated(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ct: &CtValue,
+    ifindex: u32,
+    forward: bool,
+) -> i32 {
     if ct.flags & CT_FLAG_NAT46 != 0 {
-        add_traffic(&ct.service, pkt.len, false);
+        add_traffic(&ct.service, pkt.len, forward);
         return finish_nat46(ctx, pkt, ct, ifindex);
     }
     if pkt.fragment == FIRST_FRAGMENT {
-        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), now);
+        fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), pkt.now);
     }
-    add_traffic(&ct.service, pkt.len, false);
+    add_traffic(&ct.service, pkt.len, forward);
+    let (masquerade_end, nat_end) = if forward {
+        (End::Source, End::Destination)
+    } else {
+        (End::Destination, End::Source)
+    };
     if ct.flags & CT_FLAG_MASQ != 0
-        && !packet::rewrite(ctx, pkt, End::Destination, &ct.masq_addr, ct.masq_port)
+        && !packet::rewrite(ctx, pkt, masquerade_end, &ct.masq_addr, ct.masq_port)
     {
         count(Stat::RewriteFailed);
         return DROP;
     }
-    finish(ctx, pkt, End::Source, &ct.nat_addr, ct.nat_port, ifindex)
+    finish(ctx, pkt, nat_end, &ct.nat_addr, ct.nat_port, ifindex)
 }
 
 /// Rewrites the packet and sends it on: redirected to `ifindex` through the
