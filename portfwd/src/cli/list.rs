@@ -1,7 +1,7 @@
 //! `portfwd list`: the mappings with their counters, the uplinks and the TC
 //! programs' stats, as a table or as JSON.
 
-use std::{collections::BTreeMap, io::Write, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, io::Write, path::Path};
 
 use anyhow::{Context, Result};
 use portfwd_common::{MappingCounters, Stat};
@@ -13,7 +13,7 @@ use crate::{
         kernel::{self, KernelFeatures},
     },
     holder,
-    model::{Allowlist, Mapping},
+    model::{ListedMapping, Mapping},
     ops,
     state::Damaged,
 };
@@ -32,21 +32,11 @@ struct Listing {
     holder_running: bool,
 }
 
+/// A mapping as `list --json` shows it, with its counters.
 #[derive(Serialize)]
 struct MappingJson<'a> {
-    name: &'a str,
-    protocol: &'a str,
-    host_ip: IpAddr,
-    host_port: u16,
-    container_ip: IpAddr,
-    container_port: u16,
-    /// The source allowlist; absent: everyone may connect.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    allow: Option<Vec<String>>,
-    /// What a client outside the allowlist gets: `reject` or `drop`
-    /// (present with `allow`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    refuse: Option<&'static str>,
+    #[serde(flatten)]
+    mapping: ListedMapping<'a>,
     packets_in: u64,
     bytes_in: u64,
     packets_out: u64,
@@ -135,14 +125,7 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
             .mappings
             .iter()
             .map(|(m, c)| MappingJson {
-                name: &m.name,
-                protocol: m.protocol.as_str(),
-                host_ip: m.host.ip(),
-                host_port: m.host.port(),
-                container_ip: m.container.ip(),
-                container_port: m.container.port(),
-                allow: m.allow.as_ref().map(Allowlist::strings),
-                refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
+                mapping: ListedMapping::from(m),
                 packets_in: c.packets_in,
                 bytes_in: c.bytes_in,
                 packets_out: c.packets_out,

@@ -13,6 +13,41 @@ use serde::{Deserialize, Serialize};
 use super::{Allowlist, Mapping, Protocol, Refuse};
 use crate::error::Error;
 
+/// A mapping as `list --json` shows it (root's, with its counters beside
+/// it, and a user's through the rootless API): the state file's fields
+/// but `hold`.
+#[derive(Serialize)]
+pub(crate) struct ListedMapping<'a> {
+    name: &'a str,
+    protocol: &'a str,
+    host_ip: IpAddr,
+    host_port: u16,
+    container_ip: IpAddr,
+    container_port: u16,
+    /// The source allowlist; absent: everyone may connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<String>>,
+    /// What a client outside the allowlist gets: `reject` or `drop`
+    /// (present with `allow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refuse: Option<&'static str>,
+}
+
+impl<'a> From<&'a Mapping> for ListedMapping<'a> {
+    fn from(m: &'a Mapping) -> Self {
+        Self {
+            name: &m.name,
+            protocol: m.protocol.as_str(),
+            host_ip: m.host.ip(),
+            host_port: m.host.port(),
+            container_ip: m.container.ip(),
+            container_port: m.container.port(),
+            allow: m.allow.as_ref().map(Allowlist::strings),
+            refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
+        }
+    }
+}
+
 /// How the state file stores a mapping (the form every version-1 file
 /// holds): the addresses split into IP and port, `hold` only when off, the
 /// refusal beside the allowlist's strings (which do not hold it), and no

@@ -18,7 +18,8 @@ pub(crate) mod rootless;
 pub use allowlist::{Allowlist, Network, Refuse};
 pub use files::{ApplyEntry, ApplyFile, Format, parse_apply, parse_state};
 pub(crate) use files::{
-    FORMAT_VERSION, JournalEntry, ParsedState, StateFile, journal_line_len, parse_state_file,
+    FORMAT_VERSION, JournalEntry, ListedMapping, ParsedState, StateFile, journal_line_len,
+    parse_state_file,
 };
 pub use mapping::{Mapping, UnmapSelector};
 pub(crate) use mapping::{check_container_ip, check_name, service_key};
