@@ -52,6 +52,18 @@ struct Missing {
     /// rustfmt/clippy of the host toolchain, needed by `cargo xtask test`.
     host_components: Vec<&'static str>,
     bpf_linker: bool,
+    /// `/dev/net/tun` not usable by unprivileged users (slirp4netns opens it
+    /// inside the rootless tests' user namespaces).
+    tun_closed: bool,
+}
+
+/// The tun device, which Debian's udev rule (`50-udev-default.rules`) makes
+/// 0666; a machine whose /dev was made without udev may have it 0600.
+const TUN: &str = "/dev/net/tun";
+
+fn tun_is_closed() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(TUN).is_ok_and(|meta| meta.permissions().mode() & 0o006 != 0o006)
 }
 
 impl Missing {
@@ -79,6 +91,7 @@ impl Missing {
             .filter(|c| !host.lines().any(|l| l.starts_with(c)))
             .collect();
         m.bpf_linker = !bpf_linker_works();
+        m.tun_closed = tun_is_closed();
         Ok(m)
     }
 
@@ -101,6 +114,9 @@ impl Missing {
         }
         if self.bpf_linker {
             out.push("bpf-linker".into());
+        }
+        if self.tun_closed {
+            out.push(format!("{TUN} usable by users (mode 0666, as udev sets it)"));
         }
         out
     }
@@ -288,6 +304,11 @@ pub(crate) fn install() -> Result<()> {
         if !bpf_linker_works() {
             bail!("bpf-linker was installed but does not run");
         }
+    }
+    if m.tun_closed {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(TUN, fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("making {TUN} usable by users (chmod 0666)"))?;
     }
     println!("setup: everything is installed");
     Ok(())
