@@ -5,7 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::{error, holder, instance, model::rootless::Request, ops, serve};
+use crate::{
+    error, holder, instance,
+    model::rootless::{MapRequest, Request},
+    ops, serve,
+};
 
 mod api;
 mod commands;
@@ -302,13 +306,13 @@ fn run_map(pin_dir: &std::path::Path, args: MapArgs) -> anyhow::Result<()> {
         let publish = args;
         return api::call(
             pin_dir,
-            &Request::Map {
+            &Request::Map(MapRequest {
                 netns,
                 name,
                 publish,
                 allow,
                 refuse,
-            },
+            }),
         );
     }
     if !api::is_root() {

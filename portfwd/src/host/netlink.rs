@@ -1,6 +1,6 @@
 //! Routing facts from the kernel over rtnetlink (NETLINK_ROUTE),
-//! synchronously: which interface a destination is routed through, and
-//! which interfaces carry default routes. Messages are encoded and decoded
+//! synchronously: which interface a destination is routed through, which
+//! interfaces carry default routes, and the routing rules. Messages are encoded and decoded
 //! by `netlink-packet-route`; `netlink-sys` is the socket.
 //!
 //! Every loop is bounded (reads per request, dump retries) and every read
@@ -22,6 +22,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+    rule::RuleMessage,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::{errno::Errno, sys::socket::sockopt, sys::time::TimeVal};
@@ -210,6 +211,29 @@ fn default_route_ifindexes() -> Result<BTreeSet<u32>> {
     bail!("route dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
 }
 
+/// The routing rules of every family (`ip rule show`, IPv4 and IPv6).
+pub(crate) fn rules() -> Result<Vec<RuleMessage>> {
+    for _ in 0..MAX_DUMP_ATTEMPTS {
+        let mut rules = Vec::new();
+        // AF_UNSPEC: the kernel dumps the rules of every family.
+        let interrupted = exchange_messages(
+            RouteNetlinkMessage::GetRule(RuleMessage::default()),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            |message| {
+                if let RouteNetlinkMessage::NewRule(rule) = message {
+                    rules.push(rule);
+                }
+                Flow::Continue
+            },
+        )
+        .context("dumping the routing rules")?;
+        if !interrupted {
+            return Ok(rules);
+        }
+    }
+    bail!("rule dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
+}
+
 /// Whether traffic on this route goes anywhere.
 fn delivers(route: &RouteMessage) -> bool {
     !matches!(
@@ -264,8 +288,19 @@ fn exchange(
     flags: u16,
     mut on_route: impl FnMut(RouteMessage) -> Flow,
 ) -> io::Result<bool> {
-    // A fresh socket per request keeps replies to other requests out of the
-    // way, and lands in the calling thread's netns.
+    exchange_messages(
+        RouteNetlinkMessage::GetRoute(request),
+        flags,
+        |message| match message {
+            RouteNetlinkMessage::NewRoute(route) => on_route(route),
+            _ => Flow::Continue,
+        },
+    )
+}
+
+/// A netlink route socket of the calling thread's namespace, connected to
+/// the kernel, whose reads give up after `RECV_TIMEOUT`.
+pub(crate) fn route_socket() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     nix::sys::socket::setsockopt(
         &socket,
@@ -274,13 +309,23 @@ fn exchange(
     )?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// `exchange` for any request: each message of the reply goes to
+/// `on_message`.
+fn exchange_messages(
+    request: RouteNetlinkMessage,
+    flags: u16,
+    mut on_message: impl FnMut(RouteNetlinkMessage) -> Flow,
+) -> io::Result<bool> {
+    // A fresh socket per request keeps replies to other requests out of the
+    // way, and lands in the calling thread's netns.
+    let socket = route_socket()?;
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = 1;
-    let mut message = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetRoute(request)),
-    );
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request));
     message.finalize();
     let mut buf = vec![0; message.buffer_len()];
     message.serialize(&mut buf);
@@ -304,8 +349,8 @@ fn exchange(
             datagram = &datagram[length.next_multiple_of(4).min(datagram.len())..];
             interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
             match reply.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
-                    if let Flow::Done = on_route(route) {
+                NetlinkPayload::InnerMessage(message) => {
+                    if let Flow::Done = on_message(message) {
                         return Ok(interrupted);
                     }
                 }

@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Mapping, Network, PortRange, Refuse};
+use super::{ListedMapping, Mapping, Network, PortRange, Refuse};
 
 /// The default IPv4 pool: part of 198.18.0.0/15, reserved for benchmarking
 /// (RFC 2544), never routed on the Internet and rarely configured on hosts
@@ -248,24 +248,51 @@ pub(crate) fn owned_by(mapping: &Mapping, uid: u32) -> bool {
     mapping.name.starts_with(&owner_prefix(uid))
 }
 
+/// What `{"op": "map", ...}` asks: publish ports of the namespace `netns`
+/// (a pid, or a path to a network namespace file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MapRequest {
+    pub(crate) netns: String,
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    pub(crate) publish: Vec<String>,
+    /// `--allow`: the clients that may connect (none: everyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) allow: Vec<String>,
+    /// `--refuse`: what the others get (with `allow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) refuse: Option<Refuse>,
+}
+
+impl MapRequest {
+    /// The request's own limits, before any work.
+    fn check(&self) -> Result<(), String> {
+        if self.publish.is_empty() || self.publish.len() > MAX_SPECS {
+            return Err(format!("map needs 1 to {MAX_SPECS} PUBLISH specs"));
+        }
+        if self.allow.len() > MAX_SPECS {
+            return Err(format!("map takes at most {MAX_SPECS} --allow"));
+        }
+        if self.refuse.is_some() && self.allow.is_empty() {
+            return Err("--refuse needs --allow".into());
+        }
+        if self.netns.is_empty() || self.netns.len() > 4096 {
+            return Err("netns must be a pid or a path".into());
+        }
+        if let Some(name) = &self.name {
+            check_user_name(name)?;
+        }
+        Ok(())
+    }
+}
+
 /// A request on the API socket: one JSON object on one line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum Request {
-    /// Publish ports of the namespace `netns` (a pid, or a path to a
-    /// network namespace file).
-    Map {
-        netns: String,
-        #[serde(default)]
-        name: Option<String>,
-        publish: Vec<String>,
-        /// `--allow`: the clients that may connect (none: everyone).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        allow: Vec<String>,
-        /// `--refuse`: what the others get (with `allow`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        refuse: Option<Refuse>,
-    },
+    /// Publish ports of a namespace of the caller's.
+    Map(MapRequest),
     /// Remove the caller's mappings of a name and/or on host ports.
     Unmap {
         #[serde(default)]
@@ -281,37 +308,9 @@ pub(crate) enum Request {
     },
 }
 
-/// A mapping in `list --json` through the API: the fields of root's `list
-/// --json` that describe it (its counters and the host's state are root's).
-#[derive(Serialize)]
-struct ListedMapping<'a> {
-    name: &'a str,
-    protocol: &'a str,
-    host_ip: IpAddr,
-    host_port: u16,
-    container_ip: IpAddr,
-    container_port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    allow: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    refuse: Option<&'static str>,
-}
-
 /// `{"mappings": [...]}`, as root's `list --json` begins.
 pub(crate) fn listing_json(mappings: &[Mapping]) -> String {
-    let mappings: Vec<ListedMapping> = mappings
-        .iter()
-        .map(|m| ListedMapping {
-            name: &m.name,
-            protocol: m.protocol.as_str(),
-            host_ip: m.host.ip(),
-            host_port: m.host.port(),
-            container_ip: m.container.ip(),
-            container_port: m.container.port(),
-            allow: m.allow.as_ref().map(super::Allowlist::strings),
-            refuse: m.allow.as_ref().map(|a| a.refuse.as_str()),
-        })
-        .collect();
+    let mappings: Vec<ListedMapping> = mappings.iter().map(ListedMapping::from).collect();
     let document = serde_json::json!({ "mappings": mappings });
     // Serialising plain data cannot fail.
     serde_json::to_string_pretty(&document).unwrap_or_default()
@@ -366,29 +365,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
     let request: Request = serde_json::from_str(text.trim_end_matches(['\n', '\r']))
         .map_err(|e| format!("malformed request: {}", one_line(&e.to_string())))?;
     match &request {
-        Request::Map {
-            netns,
-            name,
-            publish,
-            allow,
-            refuse,
-        } => {
-            if publish.is_empty() || publish.len() > MAX_SPECS {
-                return Err(format!("map needs 1 to {MAX_SPECS} PUBLISH specs"));
-            }
-            if allow.len() > MAX_SPECS {
-                return Err(format!("map takes at most {MAX_SPECS} --allow"));
-            }
-            if refuse.is_some() && allow.is_empty() {
-                return Err("--refuse needs --allow".into());
-            }
-            if netns.is_empty() || netns.len() > 4096 {
-                return Err("netns must be a pid or a path".into());
-            }
-            if let Some(name) = name {
-                check_user_name(name)?;
-            }
-        }
+        Request::Map(map) => map.check()?,
         Request::Unmap { name, selectors } => {
             if name.is_none() && selectors.is_empty() {
                 return Err("unmap needs a name or at least one [HOSTIP:]HOSTPORT[/PROTO]".into());
@@ -501,14 +478,16 @@ mod tests {
     fn requests_parse() {
         assert_eq!(
             parse_request(br#"{"op":"map","netns":"42","publish":["8080:80"]}"#).unwrap(),
-            Request::Map {
+            Request::Map(MapRequest {
                 netns: "42".into(),
                 name: None,
                 publish: vec!["8080:80".into()],
                 allow: Vec::new(),
                 refuse: None,
-            }
+            })
         );
+        // A field the service does not know is refused, not ignored.
+        assert!(parse_request(br#"{"op":"map","netns":"42","publish":["80"],"user":0}"#).is_err());
         assert_eq!(
             parse_request(b"{\"op\":\"list\"}\n").unwrap(),
             Request::List { json: false }

@@ -95,6 +95,18 @@ impl WaysIn {
         Ok(())
     }
 
+    /// Deletes the host's rules of the ways in that are gone, whoever made
+    /// them: those of namespaces that ended while no service ran (the
+    /// veth went with the namespace, its rules stayed). Their names.
+    pub(crate) fn remove_rules_left(&self) -> Result<Vec<String>> {
+        let gone: Vec<String> = netns::ways_in_with_rules()?
+            .into_iter()
+            .filter(|name| !netns::link_exists(name))
+            .collect();
+        self.remove_rules_of_gone(&gone)?;
+        Ok(gone)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Slot>> {
         // A panic while holding the lock leaves a map that is still valid.
         self.by_netns

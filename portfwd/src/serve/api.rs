@@ -172,7 +172,11 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
     let request = match rootless::parse_request(line) {
         Ok(request) => request,
         Err(error) => {
-            eprintln!("portfwd serve: api: uid {}: refused: {error}", caller.uid);
+            eprintln!(
+                "portfwd serve: api: uid {}: refused: {}",
+                caller.uid,
+                for_log(&error)
+            );
             let mut reply = Reply::refused(error);
             reply.usage = true;
             return reply;
@@ -180,22 +184,16 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
     };
     let what = describe(&request);
     let result = match &request {
-        Request::Map {
-            netns,
-            name,
-            publish,
-            allow,
-            refuse,
-        } => ops_rootless::map(
+        Request::Map(map) => ops_rootless::map(
             &shared.pin_dir,
             &shared.policy,
             &shared.ways,
             caller,
             &ops_rootless::MapRequest {
-                target: netns,
-                name: name.as_deref(),
-                publish,
-                allow: (allow, refuse.unwrap_or_default()),
+                target: &map.netns,
+                name: map.name.as_deref(),
+                publish: &map.publish,
+                allow: (&map.allow, map.refuse.unwrap_or_default()),
             },
         ),
         Request::Unmap { name, selectors } => {
@@ -219,46 +217,59 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
             Reply::lines(lines)
         }
         Err(error) => {
-            let message = rootless::one_line(&format!("{error:#}"));
+            let message = format!("{error:#}");
             eprintln!(
-                "portfwd serve: api: uid {}: {what}: refused: {message}",
-                caller.uid
+                "portfwd serve: api: uid {}: {what}: refused: {}",
+                caller.uid,
+                for_log(&message)
             );
-            let mut reply = Reply::refused(message);
+            let mut reply = Reply::refused(rootless::one_line(&message));
             reply.usage = crate::error::exit_status(&error) == 2;
             reply
         }
     }
 }
 
+/// A user's text as the log shows it: printable ASCII as it is, a
+/// backslash doubled, anything else escaped (`\n`, `\u{1b}`, `\u{2028}`),
+/// so that no string a user sends can end a log line, start one, or
+/// rewrite one on a terminal, and the log still says what was sent.
+fn for_log(text: &str) -> String {
+    let mut logged = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => logged.push_str("\\\\"),
+            ' ' => logged.push(' '),
+            c if c.is_ascii_graphic() => logged.push(c),
+            c => logged.extend(c.escape_default()),
+        }
+    }
+    logged
+}
+
+/// The request, for the log; the user's strings through `for_log`.
 fn describe(request: &Request) -> String {
+    let all = |texts: &[String], option: &str| -> String {
+        texts
+            .iter()
+            .map(|text| format!("{option}{}", for_log(text)))
+            .collect()
+    };
     match request {
-        Request::Map {
-            netns,
-            name,
-            publish,
-            allow,
-            refuse,
-        } => format!(
-            "map --netns {netns}{}{}{} {}",
-            name.as_ref()
-                .map(|n| format!(" --name {n}"))
-                .unwrap_or_default(),
-            allow
-                .iter()
-                .map(|a| format!(" --allow {a}"))
-                .collect::<String>(),
-            refuse
+        Request::Map(map) => format!(
+            "map --netns {}{}{}{}{}",
+            for_log(&map.netns),
+            all(map.name.as_slice(), " --name "),
+            all(&map.allow, " --allow "),
+            map.refuse
                 .map(|r| format!(" --refuse {}", r.as_str()))
                 .unwrap_or_default(),
-            publish.join(" ")
+            all(&map.publish, " ")
         ),
         Request::Unmap { name, selectors } => format!(
-            "unmap{} {}",
-            name.as_ref()
-                .map(|n| format!(" --name {n}"))
-                .unwrap_or_default(),
-            selectors.join(" ")
+            "unmap{}{}",
+            all(name.as_slice(), " --name "),
+            all(selectors, " ")
         ),
         Request::List { .. } => "list".into(),
     }
@@ -305,9 +316,18 @@ fn watch(shared: &Shared) {
     }
 }
 
-/// At start: removes what lost its namespace while no service ran, and
-/// returns the ways in still used, to watch.
+/// At start: removes what lost its namespace while no service ran (the
+/// host's rules of its way in, its mappings), and returns the ways in
+/// still used, to watch.
 fn startup_sweep(shared: &Shared) -> Vec<String> {
+    match shared.ways.remove_rules_left() {
+        Ok(gone) => {
+            for name in gone {
+                eprintln!("portfwd serve: removed the rules of {name} (its namespace is gone)");
+            }
+        }
+        Err(error) => eprintln!("portfwd serve: removing the rules of ended ways in: {error:#}"),
+    }
     let up = shared.pin_dir.join(portfwd_common::SERVICES.name).exists();
     if !up {
         return Vec::new();
@@ -322,4 +342,42 @@ fn startup_sweep(shared: &Shared) -> Vec<String> {
         eprintln!("portfwd serve: rootless mappings: {error:#}");
         Vec::new()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rootless::MapRequest;
+
+    /// What a user sends is theirs: a control character in it must not
+    /// start a line of the service's log, nor rewrite one on a terminal.
+    #[test]
+    fn a_logged_request_is_one_line_whatever_the_user_sent() {
+        let forged = "portfwd serve: api: uid 0: map --netns 1 80: done";
+        let requests = [
+            Request::Map(MapRequest {
+                netns: format!("1\r{forged}"),
+                name: None,
+                publish: vec![format!("46399:80\n{forged}")],
+                allow: vec!["10.0.0.0/8\u{2028}x\u{1b}[2K".into()],
+                refuse: None,
+            }),
+            Request::Unmap {
+                name: None,
+                selectors: vec![format!("46399\n{forged}"), "a\\nb".into()],
+            },
+        ];
+        for request in &requests {
+            let logged = describe(request);
+            assert!(
+                logged.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+                "{logged:?}"
+            );
+            // Escaped, not dropped: the log still says what was asked.
+            assert!(logged.contains(forged), "{logged}");
+        }
+        // A backslash the user sent is told from an escaped newline.
+        assert!(describe(&requests[1]).contains(r"46399\n"));
+        assert!(describe(&requests[1]).contains(r"a\\nb"));
+    }
 }

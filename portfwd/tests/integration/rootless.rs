@@ -210,7 +210,12 @@ impl TestUser {
         let Some(command_pid) = line.trim().parse().ok().filter(|pid| *pid > 0) else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("rootlesskit did not start its command: {line:?}");
+            let log = std::fs::read_to_string(Path::new(DIR).join("rootlesskit.log"));
+            panic!(
+                "rootlesskit did not start its command: {line:?}; its log: {} \
+                 (slirp4netns needs /dev/net/tun mode 0666: `cargo xtask setup`)",
+                log.unwrap_or_default().trim()
+            );
         };
         RootlessKit {
             child,
@@ -306,6 +311,8 @@ fn ns_inside<T: Send + 'static>(ns: &UserNamespace, f: impl FnOnce() -> T + Send
 struct Service {
     child: Child,
     log: PathBuf,
+    /// False once killed (and reaped): its pid may be another's.
+    running: bool,
 }
 
 impl Service {
@@ -320,7 +327,11 @@ impl Service {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting portfwd serve");
-        let service = Service { child, log };
+        let service = Service {
+            child,
+            log,
+            running: true,
+        };
         assert!(
             wait_until(Duration::from_secs(10), || {
                 UnixStream::connect(api_socket()).is_ok()
@@ -334,10 +345,22 @@ impl Service {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Kills it (SIGKILL): it cleans nothing up.
+    fn kill(&mut self) {
+        if self.running {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.running = false;
+        }
+    }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
+        if !self.running {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
@@ -571,6 +594,10 @@ fn refusals_change_nothing() {
         "{\"op\":\"list\",\"uid\":0}",
         "{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"x\"]}",
         "{\"op\":\"unmap\",\"name\":\"../x\"}",
+        // The user's strings are logged: control characters in them must
+        // not forge a line of the service's (see below).
+        "{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"46399:80\\nportfwd serve: api: uid 4242: forged\\r\"]}",
+        "{\"op\":\"unmap\",\"selectors\":[\"46399\\u001b[2K\\nportfwd serve: api: uid 4242: forged\"]}",
     ] {
         writeln!(stream, "{bad}").unwrap();
         let mut reply = String::new();
@@ -579,6 +606,16 @@ fn refusals_change_nothing() {
         assert_eq!(reply["ok"], false, "{bad}: {reply}");
         assert!(!reply["error"].as_str().unwrap().contains('\n'));
     }
+    let log = service.log();
+    assert!(
+        !log.lines()
+            .any(|line| line.starts_with("portfwd serve: api: uid 4242")),
+        "a user forged a line of the log:\n{log}"
+    );
+    assert!(
+        !log.chars().any(|c| c != '\n' && c.is_control()),
+        "a user's control characters reached the log: {log:?}"
+    );
     // An over-long line: refused, and the connection ends.
     stream.write_all(&vec![b'x'; 20_000]).unwrap();
     let mut reply = String::new();
@@ -704,16 +741,73 @@ fn a_restarted_service_reuses_the_way_in_and_removes_its_rules() {
         "{}",
         service.log()
     );
-    let rule = format!("iif {way_in} ");
-    let has_rule = || {
-        ["-4", "-6"]
-            .iter()
-            .any(|family| sh("ip", &[family, "rule", "show"]).contains(&rule))
-    };
     assert!(
-        wait_until(Duration::from_secs(5), || !has_rule()),
+        wait_until(Duration::from_secs(5), || !host_has_rules_of(&way_in)),
         "the host keeps the rules of {way_in}: {}",
         sh("ip", &["rule", "show"])
+    );
+}
+
+/// Whether the host has a rule for the way in `ifname` (its `iif IFNAME
+/// prohibit`, either family).
+fn host_has_rules_of(ifname: &str) -> bool {
+    let rule = format!("iif {ifname} ");
+    ["-4", "-6"]
+        .iter()
+        .any(|family| sh("ip", &[family, "rule", "show"]).contains(&rule))
+}
+
+#[test]
+fn a_service_started_after_a_namespace_went_removes_what_it_left() {
+    let Some(_serial) = root_test("a_service_started_after_a_namespace_went_removes_what_it_left")
+    else {
+        return;
+    };
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(157, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create("pftrl9");
+    write_policy(&[&user.name]);
+    let mut service = Service::start();
+    let mut ns = user.namespace();
+    let pid = ns.pid.to_string();
+    let spec = format!("{}:80", PORT + 8);
+    user.portfwd_ok(&["map", "--netns", &pid, "--name", "gone", &spec]);
+    let name = format!("u{}.gone", user.uid);
+    let way_in = way_in_of(&name);
+    assert!(host_has_rules_of(&way_in));
+
+    // The service is killed, and the namespace ends while none runs: its
+    // veth goes with it (the kernel removes it, a moment later).
+    service.kill();
+    ns.end();
+    assert!(
+        wait_until(Duration::from_secs(10), || !run(
+            "ip",
+            &["link", "show", &way_in]
+        )
+        .status
+        .success()),
+        "{way_in} outlived its namespace"
+    );
+    assert!(names().contains(&name), "{:?}", names());
+
+    // The next service removes what the way in left: its mappings and the
+    // host's rules for it.
+    let service = Service::start();
+    assert!(
+        wait_until(Duration::from_secs(5), || !names().contains(&name)
+            && !host_has_rules_of(&way_in)),
+        "left behind: {:?}\n{}\n{}",
+        names(),
+        sh("ip", &["rule", "show"]),
+        service.log()
+    );
+    assert!(!user.portfwd_ok(&["list"]).contains(&name));
+    assert!(
+        service.log().contains("its namespace is gone"),
+        "{}",
+        service.log()
     );
 }
 
@@ -865,5 +959,232 @@ fn a_port_that_the_namespace_forwards_further_in() {
     assert!(
         matches!(&answer, Ok((a, _)) if *a == format!("behind {}", client.v4())),
         "{answer:?}"
+    );
+}
+
+/// Rootless podman (Debian 12's podman 4.3.1) as a test user with
+/// subordinate ids, with its own HOME, XDG_RUNTIME_DIR and containers.conf
+/// (runc, cgroupfs, file events: see runtimes.md), and a busybox root
+/// filesystem (no registry) whose httpd answers `podman <client address>`
+/// from a CGI. The container, podman's pause process (it holds the user
+/// namespace) and the directory go when dropped.
+struct RootlessPodman {
+    user: String,
+    dir: PathBuf,
+}
+
+const PODMAN_CONTAINER: &str = "pftrl-web";
+
+impl RootlessPodman {
+    fn setup(user: &TestUser) -> Self {
+        let dir = Path::new(DIR).join("podman");
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["home", "run", "rootfs/bin", "rootfs/www/cgi-bin"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox is missing: install busybox-static (`cargo xtask setup` does)");
+        std::fs::copy(busybox, dir.join("rootfs/bin/busybox")).unwrap();
+        for applet in ["sh", "httpd", "echo"] {
+            std::os::unix::fs::symlink("busybox", dir.join("rootfs/bin").join(applet)).unwrap();
+        }
+        let cgi = dir.join("rootfs/www/cgi-bin/ip");
+        std::fs::write(
+            &cgi,
+            "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"podman $REMOTE_ADDR\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+             [network]\ndefault_rootless_network_cmd = \"slirp4netns\"\n",
+        )
+        .unwrap();
+        // The user's own, as their home and runtime directory are; podman
+        // creates /etc in the root filesystem (the user is root in it).
+        sh("chown", &["-R", &user.name, dir.to_str().unwrap()]);
+        sh("chmod", &["0700", dir.join("run").to_str().unwrap()]);
+        RootlessPodman {
+            user: user.name.clone(),
+            dir,
+        }
+    }
+
+    /// `podman ARGS` as the user, bounded in time.
+    fn podman(&self, args: &[&str]) -> Output {
+        let env = |name: &str, sub: &str| format!("{name}={}", self.dir.join(sub).display());
+        let mut all = vec![
+            "-u".to_owned(),
+            self.user.clone(),
+            "--".into(),
+            "env".into(),
+            env("HOME", "home"),
+            env("XDG_RUNTIME_DIR", "run"),
+            env("CONTAINERS_CONF", "containers.conf"),
+            "timeout".into(),
+            "120".into(),
+            "podman".into(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        run("runuser", &all)
+    }
+
+    /// Starts the web container on slirp4netns (no `-p`); its pid, or
+    /// why podman could not run it.
+    fn run_web(&self) -> Result<String, String> {
+        let rootfs = self.dir.join("rootfs");
+        let out = self.podman(&[
+            "run",
+            "-d",
+            "--name",
+            PODMAN_CONTAINER,
+            "--network",
+            "slirp4netns",
+            "--stop-signal",
+            "KILL",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        let out = self.podman(&["inspect", "-f", "{{.State.Pid}}", PODMAN_CONTAINER]);
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        match pid.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(pid),
+            _ => Err(format!("podman inspect gave no pid: {pid:?}")),
+        }
+    }
+
+    fn remove_web(&self) {
+        let out = self.podman(&["rm", "-f", "--time", "0", PODMAN_CONTAINER]);
+        assert!(
+            out.status.success(),
+            "podman rm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for RootlessPodman {
+    fn drop(&mut self) {
+        let _ = self.podman(&["rm", "-f", "--time", "0", PODMAN_CONTAINER]);
+        // podman's pause process holds the user's user namespace; never
+        // pid 0 (kill(0) would signal the test's own process group).
+        let pause = self.dir.join("run/libpod/tmp/pause.pid");
+        let pid = std::fs::read_to_string(pause).unwrap_or_default();
+        if let Some(pid) = pid.trim().parse::<i32>().ok().filter(|pid| *pid > 0) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        // userdel refuses a user who still runs something.
+        wait_until(Duration::from_secs(10), || {
+            !run("pgrep", &["-u", &self.user]).status.success()
+        });
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GET /cgi-bin/ip` of the podman container at `to`: the body, the
+/// client's address without the IPv4-mapped IPv6 dressing.
+fn podman_ip(to: SocketAddr) -> Result<String, String> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("{to}: {e}"))?;
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /cgi-bin/ip HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let body = answer.lines().last().unwrap_or("").trim();
+    Ok(body.replace("[::ffff:", "").replace(['[', ']'], ""))
+}
+
+#[test]
+fn a_user_publishes_a_port_of_a_rootless_podman_container() {
+    let Some(_serial) = root_test("a_user_publishes_a_port_of_a_rootless_podman_container") else {
+        return;
+    };
+    assert!(
+        run(
+            "sh",
+            &[
+                "-c",
+                "command -v podman && command -v runc && command -v slirp4netns"
+            ]
+        )
+        .status
+        .success(),
+        "podman, runc or slirp4netns is missing: `cargo xtask setup` installs them"
+    );
+    let _routes = PoolRoutes::add();
+    let client = Container::with_prefix(158, "rlx", 252);
+    let _portfwd = Portfwd::up(&["--iface", &client.host_if]);
+    let user = TestUser::create_with_subids("pftrl10");
+    write_policy(&[&user.name]);
+    let service = Service::start();
+    let podman = RootlessPodman::setup(&user);
+    let pid = match podman.run_web() {
+        Ok(pid) => pid,
+        Err(why) => {
+            eprintln!(
+                "\n\n*** SKIPPED a_user_publishes_a_port_of_a_rootless_podman_container: \
+                 rootless podman cannot run a container on this machine: {why} ***\n"
+            );
+            return;
+        }
+    };
+
+    // As the README says: the container's pid.
+    let port = PORT + 9;
+    let spec = format!("{port}:80");
+    let out = user.portfwd_ok(&["map", "--netns", &pid, "--name", "pod", &spec]);
+    let name = format!("u{}.pod", user.uid);
+    assert!(out.contains(&format!("published {name}")), "{out}");
+
+    // httpd starts after `podman run` returns: the first answer may take
+    // a moment (bounded).
+    let local = addr([127, 0, 0, 1], port);
+    let mut answer = Err(String::new());
+    wait_until(Duration::from_secs(10), || {
+        answer = podman_ip(local);
+        answer.is_ok()
+    });
+    let answer = answer.unwrap_or_else(|e| panic!("{local}: {e}"));
+    assert!(answer.starts_with("podman "), "{answer}");
+    for to in [
+        addr(std::net::Ipv6Addr::LOCALHOST, port),
+        addr(client.host_v4(), port),
+    ] {
+        let answer = podman_ip(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert!(answer.starts_with("podman "), "{to}: {answer}");
+    }
+    // An external client: the container sees its own address.
+    let uplink = addr(client.host_v4(), port);
+    let answer = client.inside(move || podman_ip(uplink)).unwrap();
+    assert_eq!(answer, format!("podman {}", client.v4()));
+
+    // `podman rm -f` ends the namespace: the mapping goes.
+    podman.remove_web();
+    assert!(
+        wait_until(Duration::from_secs(5), || !names().contains(&name)),
+        "the mapping of a removed podman container stays: {:?}\n{}",
+        names(),
+        service.log()
     );
 }
