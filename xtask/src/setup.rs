@@ -116,7 +116,9 @@ impl Missing {
             out.push("bpf-linker".into());
         }
         if self.tun_closed {
-            out.push(format!("{TUN} usable by users (mode 0666, as udev sets it)"));
+            out.push(format!(
+                "{TUN} usable by users (mode 0666, as udev sets it)"
+            ));
         }
         out
     }
