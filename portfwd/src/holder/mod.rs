@@ -167,9 +167,9 @@ pub(crate) struct Ahead(UnixStream);
 /// Asks a running holder to bind the ports of `added` now, before the
 /// change that publishes them is written, so that the holder's binds (the
 /// larger part of a large change) run while the caller writes the maps.
-/// The caller then `finish`es it and, as always, sends its `update` (which
-/// finds these ports held, and reports busy ones). None for a small change
-/// or when no holder answers (`update` starts one).
+/// The caller then `finish`es it (which reports the busy ones) and leaves
+/// these ports out of its `update`. None for a small change or when no
+/// holder answers (`update` starts one).
 pub(crate) fn bind_ahead(pin_dir: &Path, added: &[Mapping]) -> Option<Ahead> {
     if added.iter().filter(|m| m.hold).count() < AHEAD_FROM {
         return None;
@@ -182,15 +182,21 @@ pub(crate) fn bind_ahead(pin_dir: &Path, added: &[Mapping]) -> Option<Ahead> {
 }
 
 impl Ahead {
-    /// Waits for the holder to have answered (its busy ports are reported by
-    /// the `update` that follows).
-    pub(crate) fn finish(self) {
-        // Best effort: `update` binds whatever this did not.
-        BufReader::new(self.0).read_line(&mut String::new()).ok();
+    /// Waits for the holder's answer: the ports it could not bind (another
+    /// process holds them), or None when it gave no answer.
+    #[must_use]
+    pub(crate) fn finish(self) -> Option<Vec<String>> {
+        let mut reply = String::new();
+        match BufReader::new(self.0).read_line(&mut reply) {
+            Ok(read) if read > 0 => parse_reply(&reply).ok(),
+            _ => None,
+        }
     }
 }
 
+/// The busy ports of a reply line (with or without its newline).
 fn parse_reply(reply: &str) -> Result<Vec<String>> {
+    let reply = reply.trim_end();
     match reply.split_once(' ') {
         Some(("ok", _)) => Ok(Vec::new()),
         Some(("busy", ports)) => Ok(ports.split(' ').map(str::to_owned).collect()),

@@ -53,12 +53,14 @@ pub(crate) struct Session<'a> {
     state: Option<Loaded>,
     /// The port index, while it describes the state file.
     index: Option<PortIndex>,
-    /// What this session changed, for the port holder.
+    /// What this session changed.
     added: Vec<Mapping>,
-    /// Ports the holder was asked to bind ahead of the change (see
-    /// `holder::bind_ahead`).
-    ahead: Vec<holder::Ahead>,
     removed: Vec<Mapping>,
+    /// Ports the holder was asked to bind ahead of the change (see
+    /// `holder::bind_ahead`), and the added mappings it was not: the
+    /// `update` at the end names only these (and the removed ones).
+    ahead: Vec<holder::Ahead>,
+    added_not_ahead: Vec<Mapping>,
     /// What opening the session repaired, if anything.
     pub(crate) recovered: Option<state::Fixes>,
     /// Mappings removed on opening because their owner process is gone
@@ -90,6 +92,7 @@ impl<'a> Session<'a> {
             index,
             added: Vec::new(),
             ahead: Vec::new(),
+            added_not_ahead: Vec::new(),
             removed: Vec::new(),
             recovered,
             swept: Vec::new(),
@@ -264,14 +267,16 @@ impl<'a> Session<'a> {
         );
         match (ahead, changed) {
             (Some(ahead), Err(error)) => {
-                ahead.finish();
+                // Whatever it bound is let go below.
+                drop(ahead.finish());
                 // Best effort: a port left held is released at the next sync.
                 holder::update(self.pin_dir, &[], added).ok();
                 return Err(error);
             }
-            (ahead, changed) => {
+            (Some(ahead), Ok(())) => self.ahead.push(ahead),
+            (None, changed) => {
                 changed?;
-                self.ahead.extend(ahead);
+                self.added_not_ahead.extend_from_slice(added);
             }
         }
         if let Some(state) = &mut self.state {
@@ -307,23 +312,31 @@ impl<'a> Session<'a> {
             maps,
             added,
             ahead,
+            added_not_ahead,
             removed,
             recovered,
             ..
         } = self;
         drop(maps);
         drop(lock);
+        let mut busy_ports = Vec::new();
+        let mut all_answered = true;
         for ahead in ahead {
-            ahead.finish();
+            match ahead.finish() {
+                Some(busy) => busy_ports.extend(busy),
+                None => all_answered = false,
+            }
         }
         let notes = end_sockets_through_gone(pin_dir, &removed, &added)
             .into_iter()
             .collect();
-        let busy_ports = if recovered.is_some() {
-            holder::sync(pin_dir)?
+        // A holder that did not answer the ports sent ahead (it died, or
+        // none ran) syncs whole, as after a recovered change.
+        if recovered.is_some() || !all_answered {
+            busy_ports = holder::sync(pin_dir)?;
         } else {
-            holder::update(pin_dir, &added, &removed)?
-        };
+            busy_ports.extend(holder::update(pin_dir, &added_not_ahead, &removed)?);
+        }
         Ok(Finished { busy_ports, notes })
     }
 }

@@ -272,3 +272,39 @@ fn a_stream_keeps_flowing_while_another_process_maps_and_unmaps() {
     updater.join().unwrap();
     assert_eq!(received.len(), 4 << 20);
 }
+
+/// A change large enough that the holder binds its ports ahead of the map
+/// writes, on several threads (from 512 ports), holds every free port and
+/// names the one a host service listens on (with --force, published anyway).
+#[test]
+fn a_large_forced_range_holds_every_free_port_and_names_the_busy_one() {
+    let Some(_serial) = root_test("large_forced_range") else {
+        return;
+    };
+    let ctr = Container::new(38);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    let service = TcpListener::bind("127.0.0.1:44400").unwrap();
+    let out = portfwd(&[
+        "map",
+        "--force",
+        "--name",
+        "wide",
+        &ctr.v4().to_string(),
+        "44100-44699:44100-44699",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let busy: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("held by another process"))
+        .collect();
+    assert_eq!(busy.len(), 1, "{stderr}");
+    assert!(busy[0].contains("0.0.0.0:44400/tcp"), "{stderr}");
+    // 600 ports on the IPv4 and the IPv6 wildcard, less the busy one.
+    let held = ss("-lntpH sport >= :44100 and sport <= :44699");
+    let by_portfwd = held.lines().filter(|l| l.contains("portfwd")).count();
+    assert_eq!(by_portfwd, 2 * 600 - 1, "{held}");
+    drop(service);
+    portfwd_ok(&["unmap", "--name", "wide"]);
+    assert!(ss("-lntpH sport >= :44100 and sport <= :44699").is_empty());
+}
