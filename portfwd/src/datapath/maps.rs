@@ -21,6 +21,10 @@ use crate::model::{Allowlist, Mapping};
 /// Insert only when the key is absent (BPF_NOEXIST).
 const NO_EXIST: u64 = 1;
 
+/// From this many mappings on, a change writes the services map in
+/// batches (see `PinnedMaps::insert_batched`).
+const BATCH_FROM: usize = 64;
+
 /// An exclusive lock on the pin directory, held until dropped.
 pub(crate) struct StateLock(#[allow(dead_code)] Flock<File>);
 
@@ -289,6 +293,9 @@ impl PinnedMaps {
             keys.iter().for_each(|key| self.forget_counters(key));
             return Err(describe_insert_error(error, &mappings[failed]));
         }
+        if mappings.len() >= BATCH_FROM && self.insert_batched(mappings, &keys).is_ok() {
+            return Ok(());
+        }
         for (done, mapping) in mappings.iter().enumerate() {
             // The allowlist before the entry whose flag says to look it up,
             // so that no client is refused while it is written.
@@ -316,6 +323,42 @@ impl PinnedMaps {
             }
         }
         Ok(())
+    }
+
+    /// The services entries of a large change in a few batched calls
+    /// (10,000 single inserts are most of what a 10,000-port `map` costs),
+    /// each mapping's NAT46 source and allowlist written before them. The
+    /// batch command takes no BPF_NOEXIST: that the keys are absent rests
+    /// on the planner, which found them in no mapping of the state file,
+    /// and the services map holds exactly the state file's mappings while
+    /// the lock is held (a change a killed command left half done is
+    /// rolled back before anything is planned). On a failure (a full map),
+    /// what this wrote is removed again and the caller inserts one entry at
+    /// a time, which names the mapping that failed, and why.
+    fn insert_batched(&mut self, mappings: &[Mapping], keys: &[ServiceKey]) -> Result<(), ()> {
+        let written = mappings.iter().try_for_each(|mapping| {
+            self.set_nat46_source(mapping)
+                .and_then(|()| self.set_allowlist(mapping))
+        });
+        let values: Vec<ServiceValue> = mappings.iter().map(Mapping::value).collect();
+        let inserted = written.is_ok()
+            && super::batch::update_all(
+                IterableMap::map(&self.services).fd().as_fd(),
+                keys,
+                bytemuck::cast_slice(&values),
+                size_of::<ServiceValue>(),
+            )
+            .is_ok();
+        if inserted {
+            return Ok(());
+        }
+        for key in keys {
+            // Absent (not written before the failure): nothing to undo.
+            self.services.remove(key).ok();
+            self.nat46_src.remove(key).ok();
+        }
+        self.forget_allowlists(keys);
+        Err(())
     }
 
     /// Sets the counters of `keys` to zero: in a few batched calls, or (on a
