@@ -304,6 +304,15 @@ fn map_sizes_are_configurable_and_a_full_map_says_so() {
     assert!(stderr.contains("full"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert_eq!(listed(), before);
+    // So does a change large enough to be written in batches, and its
+    // ports bound ahead are let go.
+    let out = portfwd(&["map", &ctr.v4().to_string(), "47530-47599:47530-47599"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("full"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(listed(), before);
+    assert!(std::net::TcpListener::bind("0.0.0.0:47550").is_ok());
     // Sizes apply when the maps are created: a later `up` says so.
     let out = portfwd(&["up", "--iface", &ctr.host_if, "--max-mappings", "8"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not applied"));
