@@ -52,19 +52,10 @@ where
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: attr is the batch member of bpf_attr, of the size passed;
-        // the kernel writes at most `count` keys and values into buffers
+        // The kernel writes at most `count` keys and values into buffers
         // that hold CHUNK of each, at most 8 bytes to `next`, and the
         // number it wrote to `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let error = (rc < 0).then(std::io::Error::last_os_error);
+        let error = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
         let filled = (attr.count as usize).min(CHUNK);
         entries.extend(
             keys[..filled]
@@ -105,20 +96,29 @@ pub(crate) fn update_all<K: bytemuck::Pod>(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: attr is the batch member of bpf_attr, of the size passed;
-        // the kernel reads `count` keys and values from buffers that hold
+        // The kernel reads `count` keys and values from buffers that hold
         // that many, and writes only `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        batch_call(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// One batch command. `attr`'s buffers must be what its counts say: the
+/// kernel reads and writes through them.
+fn batch_call(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: attr is the batch member of bpf_attr, of the size passed; the
+    // callers keep the buffers it points to alive and as large as its
+    // counts.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

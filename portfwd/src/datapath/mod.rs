@@ -12,6 +12,7 @@ mod follow;
 mod install;
 pub(crate) mod kernel;
 mod links;
+mod lock;
 mod maps;
 mod object;
 mod observe;
@@ -45,7 +46,8 @@ pub(crate) use install::{
 };
 pub(crate) use kernel::load_constant_program;
 pub(crate) use links::{attach_uplink, detach_interface};
-pub(crate) use maps::{PinnedMaps, StateLock};
+pub(crate) use lock::StateLock;
+pub(crate) use maps::PinnedMaps;
 pub(crate) use object::Sizes;
 pub(crate) use observe::{MapFill, ProgramRuns, enable_run_statistics, map_fill, program_runs};
 pub(crate) use rollback::Rollback;
