@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 use crate::types::{
     AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey, MappingCounters,
-    ServiceKey, ServiceValue, SockDialed, TraceConfig,
+    SOCK_CONNECTED_SLOTS, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig,
 };
 
 /// The name of a map, as the eBPF object declares it and as it is pinned
@@ -30,6 +30,9 @@ macro_rules! map_name {
     };
     (sock_dialed) => {
         "pf_sock_dialed"
+    };
+    (sock_connected) => {
+        "pf_sock_conn"
     };
     (conntrack) => {
         "pf_conntrack"
@@ -160,6 +163,18 @@ pub const SOCK_DIALED: MapDef = MapDef {
         0,
     )
 };
+/// Sockets connected through a mapping, one slot each, chosen by the
+/// socket's cookie; a socket whose slot another holds falls back to
+/// `SOCK_DIALED` (a slot costs the connect one array write, a socket
+/// storage two kernel allocations). `pf_sock_release` frees a slot when its
+/// socket closes. Pinned like `SOCK_DIALED`.
+pub const SOCK_CONNECTED: MapDef = map(
+    map_name!(sock_connected),
+    MapKind::Array,
+    4,
+    size::<SockConnected>(),
+    SOCK_CONNECTED_SLOTS,
+);
 /// Maps of earlier versions, no longer created: `down` removes their pins.
 /// `pf_sock_revnat`: the reverse-NAT LRU map that `SOCK_DIALED` replaced.
 pub const OBSOLETE_MAPS: [&str; 1] = ["pf_sock_revnat"];
@@ -271,11 +286,12 @@ pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 14] = [
+pub const MAPS: [MapDef; 15] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
     SOCK_DIALED,
+    SOCK_CONNECTED,
     CONNTRACK,
     COUNTERS,
     STATS,
@@ -294,6 +310,8 @@ pub enum Hook {
     /// A cgroup `sock_addr` hook (`connect4`, `sendmsg6`, ...), on the
     /// cgroup v2 root.
     CgroupSockAddr(&'static str),
+    /// A cgroup `sock` hook (`sock_release`), on the same cgroup.
+    CgroupSock(&'static str),
     /// TC ingress of an interface.
     TcIngress,
     /// TC egress of an interface.
@@ -345,6 +363,9 @@ macro_rules! program_name {
     (iter_udp) => {
         "pf_iter_udp"
     };
+    (sock_release) => {
+        "pf_sock_release"
+    };
 }
 
 /// One program of the ABI.
@@ -363,7 +384,7 @@ const fn sock(name: &'static str, hook: &'static str) -> ProgramDef {
 }
 
 /// The socket programs, attached to the cgroup v2 root.
-pub const SOCK_PROGRAMS: [ProgramDef; 8] = [
+pub const SOCK_PROGRAMS: [ProgramDef; 9] = [
     sock(program_name!(connect4), "connect4"),
     sock(program_name!(connect6), "connect6"),
     sock(program_name!(getpeername4), "getpeername4"),
@@ -372,6 +393,10 @@ pub const SOCK_PROGRAMS: [ProgramDef; 8] = [
     sock(program_name!(sendmsg6), "sendmsg6"),
     sock(program_name!(recvmsg4), "recvmsg4"),
     sock(program_name!(recvmsg6), "recvmsg6"),
+    ProgramDef {
+        name: program_name!(sock_release),
+        hook: Hook::CgroupSock("sock_release"),
+    },
 ];
 
 /// On uplinks: DNAT of new external flows, reverse NAT of routed replies.

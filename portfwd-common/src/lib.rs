@@ -110,6 +110,8 @@ mod tests {
         assert_eq!(size_of::<TraceEvent>(), 96);
         assert_eq!(size_of::<DialedSlot>(), 40);
         assert_eq!(size_of::<SockDialed>(), 40 * SOCK_DIALED_SLOTS + 8);
+        assert_eq!(size_of::<SockConnected>(), 48);
+        assert!(SOCK_CONNECTED_SLOTS.is_power_of_two());
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<FragmentValue>(), 72);
     }

@@ -302,6 +302,29 @@ pub struct DialedSlot {
     pub _pad: [u8; 3],
 }
 
+/// The slots of `SOCK_CONNECTED`: a power of two (a socket's slot is its
+/// cookie's low bits).
+pub const SOCK_CONNECTED_SLOTS: u32 = 65_536;
+
+/// What a socket connected through a mapping remembers, in the slot of
+/// `SOCK_CONNECTED` its cookie selects (see `portfwd-ebpf/src/sock.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConnected {
+    /// The cookie of the socket that holds the slot; 0: free. Changed only
+    /// by atomic additions (see `sock::claim_slot`), so that of two sockets
+    /// claiming one slot at once at most one wins.
+    pub owner: u64,
+    pub slot: DialedSlot,
+}
+
+impl SockConnected {
+    /// The slot of the socket with `cookie`.
+    pub const fn index_of(cookie: u64) -> u32 {
+        cookie as u32 & (SOCK_CONNECTED_SLOTS - 1)
+    }
+}
+
 /// What a translated socket remembers, in the socket's own storage
 /// (`BPF_MAP_TYPE_SK_STORAGE`): it lives exactly as long as the socket, so
 /// no number of short-lived sockets can push out a live one's.

@@ -20,6 +20,7 @@ plain_old_data!(
     Config,
     DialedSlot,
     SockDialed,
+    SockConnected,
     FragmentKey,
     FragmentValue,
     CtKey,

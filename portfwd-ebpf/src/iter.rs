@@ -1,8 +1,9 @@
 //! A BPF iterator over the UDP sockets of the calling process's network
 //! namespace, run by userspace (`unmap`, a re-publish; see
 //! `portfwd::datapath::sockets`): for each socket the socket programs
-//! translated, it writes the socket's cookie and its `SOCK_DIALED` storage
-//! to the iterator's output. Userspace then ends, with sock_diag's
+//! translated, it writes the socket's cookie and what it remembers (its
+//! `SOCK_CONNECTED` slot, as the first slot of a `SockDialed`, or its
+//! `SOCK_DIALED` storage) to the iterator's output. Userspace then ends, with sock_diag's
 //! `SOCK_DESTROY`, the connected ones whose storage names a removed
 //! mapping. (sock_diag reports socket storage for TCP sockets only; TCP
 //! needs no iterator.) Needs Linux 5.12 (socket storage and cookies in
@@ -14,9 +15,9 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_sk_storage_get};
-use portfwd_common::SockDialed;
+use portfwd_common::{SockConnected, SockDialed};
 
-use crate::maps::SOCK_DIALED;
+use crate::maps::{SOCK_CONNECTED, SOCK_DIALED};
 
 /// `struct bpf_iter_meta`: the output's seq_file comes first.
 #[repr(C)]
@@ -41,13 +42,26 @@ pub(crate) fn udp_sockets(ctx: *mut c_void) -> i32 {
         if sk.is_null() {
             return 0;
         }
+        let cookie = bpf_get_socket_cookie(sk);
+        let seq = (*(*ctx).meta).seq;
+        if let Some(entry) = SOCK_CONNECTED.get(SockConnected::index_of(cookie))
+            && entry.owner == cookie
+        {
+            let mut dialed = SockDialed::default();
+            dialed.slots[0] = entry.slot;
+            bpf_seq_write(seq, (&raw const cookie).cast(), 8);
+            bpf_seq_write(
+                seq,
+                (&raw const dialed).cast(),
+                size_of::<SockDialed>() as u32,
+            );
+            return 0;
+        }
         let map = (&raw const SOCK_DIALED).cast_mut().cast::<c_void>();
         let dialed = bpf_sk_storage_get(map, sk, ptr::null_mut(), 0);
         if dialed.is_null() {
             return 0;
         }
-        let cookie = bpf_get_socket_cookie(sk);
-        let seq = (*(*ctx).meta).seq;
         bpf_seq_write(seq, (&raw const cookie).cast(), 8);
         bpf_seq_write(seq, dialed, size_of::<SockDialed>() as u32);
     }

@@ -17,6 +17,12 @@
 //!   that imports it).
 #![no_std]
 #![no_main]
+// The one atomic the socket programs need, an addition, is only reachable
+// through the intrinsic: the BPF target has no compare-and-swap, so core's
+// `AtomicU64` offers loads and stores but no `fetch_add` (see
+// `sock::claim`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // Map keys and values are passed to aya's `impl Borrow<K>` parameters by
 // reference on purpose: by value, each would be copied into the caller's
 // frame, and the verifier's 512-byte stack is nearly used up.

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     self as abi, Addr, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
-    MappingCounters, ServiceKey, ServiceValue, SockDialed, TraceConfig, map_name,
+    MappingCounters, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig, map_name,
 };
 
 use crate::types::{ReplyScratch, Scratch};
@@ -39,6 +39,11 @@ pub(crate) static CONFIG: Array<Config> =
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = map_name!(sock_dialed))]
 pub(crate) static SOCK_DIALED: SkStorage<SockDialed> = SkStorage::new();
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(sock_connected))]
+pub(crate) static SOCK_CONNECTED: Array<SockConnected> =
+    Array::with_max_entries(abi::SOCK_CONNECTED.max_entries, abi::SOCK_CONNECTED.flags);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(published_ports))]

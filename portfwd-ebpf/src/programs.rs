@@ -11,8 +11,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock_addr},
-    programs::{SockAddrContext, TcContext},
+    bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use portfwd_common::program_name;
 
@@ -37,6 +37,12 @@ sock_addr_program!(recvmsg4);
 sock_addr_program!(recvmsg6);
 sock_addr_program!(getpeername4);
 sock_addr_program!(getpeername6);
+
+#[unsafe(export_name = program_name!(sock_release))]
+#[unsafe(link_section = "cgroup/sock_release")]
+extern "C" fn sock_release(ctx: *mut bpf_sock) -> i32 {
+    sock::release(SockContext::new(ctx))
+}
 
 #[unsafe(export_name = program_name!(tc_uplink_in))]
 #[unsafe(link_section = "classifier")]

@@ -10,18 +10,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    programs::{CgroupSockAddr, SchedClassifier},
-};
+use aya::{Ebpf, programs::SchedClassifier};
 use portfwd_common::{Config, MAPS, OBSOLETE_MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
 
 use super::{
     PinnedMaps, StateLock,
     follow::repair_links,
     links::{
-        attach_sock_program, attach_tc, load_all, program_of, replace_program, tc_attachments,
-        unpin_links_in,
+        attach_sock_program, attach_tc, load_all, program_of, replace_program, sock_program_fd,
+        tc_attachments, unpin_links_in,
     },
     object::{self, Sizes},
     rollback::Rollback,
@@ -169,19 +166,15 @@ fn attach_sock_programs(
         let name = program_def.name;
         let pin = links.join(name);
         if pin.exists() {
-            let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
-            if program.fd().is_err() {
-                program.load().with_context(|| format!("loading {name}"))?;
-            }
-            let tag = program.info()?.tag();
-            if replace_program(program.fd()?.as_fd(), tag, &pin, options.reload)? {
+            let (fd, tag) = sock_program_fd(ebpf, program_def)?;
+            if replace_program(fd, tag, &pin, options.reload)? {
                 report.replaced.push(name.to_owned());
             } else {
                 report.already_attached.push(name);
             }
             continue;
         }
-        attach_sock_program(ebpf, name, &cgroup_file, &pin)
+        attach_sock_program(ebpf, program_def, &cgroup_file, &pin)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         rollback.created(pin);
         report.attached.push(name);

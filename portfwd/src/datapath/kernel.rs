@@ -80,6 +80,17 @@ const REQUIREMENTS: &[Requirement] = &[
         },
     },
     Requirement {
+        name: "bpf_get_socket_cookie in cgroup sock programs",
+        since: "5.10",
+        used_for: "freeing a closed socket's record (cgroup/sock_release)",
+        probe: || {
+            helper(
+                ProgramType::CgroupSock,
+                BpfHelper::BPF_FUNC_get_socket_cookie,
+            )
+        },
+    },
+    Requirement {
         name: "bpf_fib_lookup",
         since: "4.18",
         used_for: "recognising the host's own addresses on the TC path",

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
@@ -33,18 +33,63 @@ use crate::instance;
 
 pub(crate) fn attach_sock_program(
     ebpf: &mut Ebpf,
-    name: &str,
+    program_def: &ProgramDef,
     cgroup: &File,
     pin: &Path,
 ) -> Result<()> {
-    // Loaded by `load_all`.
-    let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
-    // Single: aya's AllowMultiple passes BPF_F_ALLOW_MULTI as link flags,
-    // which the kernel rejects; a link attachment coexists with other
-    // programs on the cgroup anyway.
-    let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
-    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    let name = program_def.name;
+    // Loaded by `load_all`. Single: aya's AllowMultiple passes
+    // BPF_F_ALLOW_MULTI as link flags, which the kernel rejects; a link
+    // attachment coexists with other programs on the cgroup anyway.
+    let link: FdLink = match program_def.hook {
+        Hook::CgroupSock(_) => {
+            let program: &mut CgroupSock = program_of(ebpf, name)?.try_into()?;
+            let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
+            program.take_link(link_id)?.try_into()?
+        }
+        _ => {
+            let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
+            let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
+            program.take_link(link_id)?.try_into()?
+        }
+    };
     link.pin(pin)?;
+    Ok(())
+}
+
+/// A socket program's file descriptor and tag (loaded now if it was not).
+pub(crate) fn sock_program_fd<'a>(
+    ebpf: &'a mut Ebpf,
+    program_def: &ProgramDef,
+) -> Result<(BorrowedFd<'a>, u64)> {
+    let name = program_def.name;
+    let program = program_of(ebpf, name)?;
+    if program.fd().is_err() {
+        load_program(program, program_def)?;
+    }
+    let program = program_of(ebpf, name)?;
+    let tag = program.info()?.tag();
+    Ok((program.fd()?.as_fd(), tag))
+}
+
+fn load_program(program: &mut aya::programs::Program, program_def: &ProgramDef) -> Result<()> {
+    let name = program_def.name;
+    match program_def.hook {
+        Hook::CgroupSockAddr(_) => {
+            let program: &mut CgroupSockAddr = program.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        Hook::CgroupSock(_) => {
+            let program: &mut CgroupSock = program.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        Hook::TcIngress | Hook::TcEgress => {
+            let program: &mut SchedClassifier = program.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        // Loaded by the command that runs it (see `sockets`).
+        Hook::Iter(_) => {}
+    }
     Ok(())
 }
 
@@ -53,19 +98,7 @@ pub(crate) fn attach_sock_program(
 /// attached.
 pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<()> {
     for program_def in programs() {
-        let name = program_def.name;
-        match program_def.hook {
-            Hook::CgroupSockAddr(_) => {
-                let program: &mut CgroupSockAddr = program_of(ebpf, name)?.try_into()?;
-                program.load().with_context(|| format!("loading {name}"))?;
-            }
-            Hook::TcIngress | Hook::TcEgress => {
-                let program: &mut SchedClassifier = program_of(ebpf, name)?.try_into()?;
-                program.load().with_context(|| format!("loading {name}"))?;
-            }
-            // Loaded by the command that runs it (see `sockets`).
-            Hook::Iter(_) => {}
-        }
+        load_program(program_of(ebpf, program_def.name)?, program_def)?;
     }
     Ok(())
 }

@@ -27,8 +27,9 @@ impl Sizes {
             out.extend([(SERVICES.name, n), (COUNTERS.name, n)]);
         }
         if let Some(n) = self.max_flows {
-            // Two conntrack entries per flow. (The socket path keeps what it
-            // needs in each socket's own storage: nothing to size.)
+            // Two conntrack entries per flow. (The socket path's slots are a
+            // fixed array, backed by each socket's own storage: nothing to
+            // size.)
             out.push((CONNTRACK.name, n.saturating_mul(2)));
         }
         out
@@ -167,6 +168,10 @@ mod tests {
                 ) => {
                     // aya names them Connect4, UDPSendMsg4, GetPeerName4...
                     format!("{attach_type:?}").to_lowercase().ends_with(hook)
+                }
+                (Hook::CgroupSock(hook), ProgramSection::CgroupSock { attach_type }) => {
+                    // SockRelease for "sock_release".
+                    format!("{attach_type:?}").to_lowercase() == hook.replace('_', "")
                 }
                 (Hook::TcIngress | Hook::TcEgress, ProgramSection::SchedClassifier) => true,
                 (Hook::Iter(_), ProgramSection::Iter { sleepable: false }) => true,

@@ -188,3 +188,46 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
         "the old container closes the kept connection: {read:?}"
     );
 }
+
+/// A connected socket's translation lives in the `pf_sock_conn` slot its
+/// cookie selects (one array write per connect), and the slot is free again
+/// when the socket closes (`pf_sock_release`): otherwise closed sockets
+/// would keep the slots, and every later connect would fall back to the
+/// socket storage, three times slower.
+#[test]
+fn a_closed_socket_frees_its_slot() {
+    let Some(_serial) = root_test("socket_slots") else {
+        return;
+    };
+    let ctr = Container::new(84);
+    let _held = serve_and_hold(&ctr, "[::]:80");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47091:80"]);
+    let dialed: SocketAddr = "127.0.0.1:47091".parse().unwrap();
+    let streams: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect_timeout(&dialed, Duration::from_secs(5)).unwrap())
+        .collect();
+    for stream in &streams {
+        assert_eq!(stream.peer_addr().unwrap(), dialed);
+    }
+    assert_eq!(slots_held(), streams.len());
+    drop(streams);
+    assert!(
+        wait_until(Duration::from_secs(5), || slots_held() == 0),
+        "{} slots still held by closed sockets",
+        slots_held()
+    );
+}
+
+/// The `pf_sock_conn` slots that a socket holds.
+fn slots_held() -> usize {
+    let pin = std::path::Path::new(&pin_dir()).join(portfwd_common::SOCK_CONNECTED.name);
+    let map = aya::maps::MapData::from_pin(pin).unwrap();
+    let slots: aya::maps::Array<_, portfwd_common::SockConnected> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    slots
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|slot| slot.owner != 0)
+        .count()
+}
