@@ -52,11 +52,12 @@ const SUBSET: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        // Socket storage (a BTF map), the UDP socket iterator and
-        // SOCK_DESTROY on the older kernel.
+        // Socket storage (a BTF map), the slots freed by sock_release, the
+        // UDP socket iterator and SOCK_DESTROY on the older kernel.
         "socket_lifetime",
         &[
             "live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones",
+            "a_closed_socket_frees_its_slot",
             "unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping",
         ],
     ),
