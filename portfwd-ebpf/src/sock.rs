@@ -16,8 +16,9 @@
 //! that storage costs two kernel allocations (about 0.8 µs, three times
 //! the rest of the connect). A map keyed by socket would fill with closed
 //! sockets and push out live ones; neither of these can. recvmsg and
-//! getpeername of a socket that was never translated cost one array read
-//! and one storage lookup.
+//! getpeername of a host socket that was never translated cost a slot read
+//! and a storage lookup; those of other namespaces' sockets, the netns
+//! check.
 //!
 //! Only sockets of the host network namespace are translated: the programs
 //! sit on the cgroup v2 root, which also holds every container's processes,
@@ -82,28 +83,36 @@ pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-// recvmsg and getpeername: a socket that was never translated has no
-// storage, and only host sockets are ever translated, so the storage lookup
-// is the whole cost for every other socket (recvmsg also runs inside
-// accept()).
+// recvmsg and getpeername: only host sockets are ever translated, so a
+// container's socket (its server's accept() runs getpeername too) leaves
+// after the netns check; a host socket that was never translated holds no
+// slot and has no storage.
 
 pub(crate) fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_peer4(&ctx);
+    if in_host_netns(&ctx) {
+        restore_peer4(&ctx);
+    }
     PROCEED
 }
 
 pub(crate) fn recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_peer6(&ctx);
+    if in_host_netns(&ctx) {
+        restore_peer6(&ctx);
+    }
     PROCEED
 }
 
 pub(crate) fn getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_peer4(&ctx);
+    if in_host_netns(&ctx) {
+        restore_peer4(&ctx);
+    }
     PROCEED
 }
 
 pub(crate) fn getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_peer6(&ctx);
+    if in_host_netns(&ctx) {
+        restore_peer6(&ctx);
+    }
     PROCEED
 }
 
