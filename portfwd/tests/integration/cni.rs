@@ -784,15 +784,7 @@ fn podman_setup(uplink: &str) {
     ] {
         fs::create_dir_all(dir.join(sub)).unwrap();
     }
-    // A busybox root filesystem: no image registry is reachable.
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox is missing: install busybox-static (`cargo xtask setup` does)");
-    fs::copy(busybox, dir.join("rootfs/bin/busybox")).unwrap();
-    for applet in ["sh", "httpd", "true"] {
-        symlink("busybox", dir.join("rootfs/bin").join(applet)).unwrap();
-    }
+    busybox_rootfs(&dir.join("rootfs"), &["sh", "httpd", "true"], None);
     fs::write(dir.join("rootfs/www/index.html"), "hello from podman\n").unwrap();
     // The plugin directory: Debian's plugins, and portfwd.
     for entry in fs::read_dir(CNI_PLUGINS).unwrap() {

@@ -9,9 +9,9 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    os::unix::fs::{PermissionsExt, symlink},
+    io::Read,
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -301,23 +301,11 @@ fn cleanup_leftovers() {
 /// `web <client address>`, built with `docker import` (no registry).
 fn import_image() {
     let rootfs = Path::new(DIR).join("rootfs");
-    fs::create_dir_all(rootfs.join("bin")).unwrap();
-    fs::create_dir_all(rootfs.join("www/cgi-bin")).unwrap();
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox is missing: install busybox-static (`cargo xtask setup` does)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "httpd", "sleep", "wget", "echo"] {
-        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let cgi = rootfs.join("www/cgi-bin/ip");
-    fs::write(
-        &cgi,
-        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"web $REMOTE_ADDR\"\n",
-    )
-    .unwrap();
-    fs::set_permissions(&cgi, fs::Permissions::from_mode(0o755)).unwrap();
+    busybox_rootfs(
+        &rootfs,
+        &["sh", "httpd", "sleep", "wget", "echo"],
+        Some("web"),
+    );
     let tarball = Path::new(DIR).join("rootfs.tar");
     sh(
         "tar",
@@ -362,17 +350,7 @@ fn sandbox(name: &str) -> PathBuf {
 fn http_get_from(netns: PathBuf, addr: SocketAddr) -> Result<String, String> {
     std::thread::spawn(move || {
         netns::enter(&netns).unwrap();
-        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream
-            .write_all(b"GET /cgi-bin/ip HTTP/1.0\r\n\r\n")
-            .map_err(|e| e.to_string())?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .map_err(|e| e.to_string())?;
-        let body = answer.lines().last().unwrap_or("").trim();
-        Ok(body.replace("[::ffff:", "").replace(']', ""))
+        cgi_ip(addr)
     })
     .join()
     .unwrap()

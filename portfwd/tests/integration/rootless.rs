@@ -979,25 +979,14 @@ impl RootlessPodman {
     fn setup(user: &TestUser) -> Self {
         let dir = Path::new(DIR).join("podman");
         let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["home", "run", "rootfs/bin", "rootfs/www/cgi-bin"] {
+        for sub in ["home", "run"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("busybox is missing: install busybox-static (`cargo xtask setup` does)");
-        std::fs::copy(busybox, dir.join("rootfs/bin/busybox")).unwrap();
-        for applet in ["sh", "httpd", "echo"] {
-            std::os::unix::fs::symlink("busybox", dir.join("rootfs/bin").join(applet)).unwrap();
-        }
-        let cgi = dir.join("rootfs/www/cgi-bin/ip");
-        std::fs::write(
-            &cgi,
-            "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"podman $REMOTE_ADDR\"\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        busybox_rootfs(
+            &dir.join("rootfs"),
+            &["sh", "httpd", "echo"],
+            Some("podman"),
+        );
         std::fs::write(
             dir.join("containers.conf"),
             "[containers]\ndefault_ulimits = []\n\
@@ -1098,23 +1087,6 @@ impl Drop for RootlessPodman {
     }
 }
 
-/// `GET /cgi-bin/ip` of the podman container at `to`: the body, the
-/// client's address without the IPv4-mapped IPv6 dressing.
-fn podman_ip(to: SocketAddr) -> Result<String, String> {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("{to}: {e}"))?;
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream
-        .write_all(b"GET /cgi-bin/ip HTTP/1.0\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| e.to_string())?;
-    let body = answer.lines().last().unwrap_or("").trim();
-    Ok(body.replace("[::ffff:", "").replace(['[', ']'], ""))
-}
-
 #[test]
 fn a_user_publishes_a_port_of_a_rootless_podman_container() {
     let Some(_serial) = root_test("a_user_publishes_a_port_of_a_rootless_podman_container") else {
@@ -1162,7 +1134,7 @@ fn a_user_publishes_a_port_of_a_rootless_podman_container() {
     let local = addr([127, 0, 0, 1], port);
     let mut answer = Err(String::new());
     wait_until(Duration::from_secs(10), || {
-        answer = podman_ip(local);
+        answer = cgi_ip(local);
         answer.is_ok()
     });
     let answer = answer.unwrap_or_else(|e| panic!("{local}: {e}"));
@@ -1171,12 +1143,12 @@ fn a_user_publishes_a_port_of_a_rootless_podman_container() {
         addr(std::net::Ipv6Addr::LOCALHOST, port),
         addr(client.host_v4(), port),
     ] {
-        let answer = podman_ip(to).unwrap_or_else(|e| panic!("{to}: {e}"));
+        let answer = cgi_ip(to).unwrap_or_else(|e| panic!("{to}: {e}"));
         assert!(answer.starts_with("podman "), "{to}: {answer}");
     }
     // An external client: the container sees its own address.
     let uplink = addr(client.host_v4(), port);
-    let answer = client.inside(move || podman_ip(uplink)).unwrap();
+    let answer = client.inside(move || cgi_ip(uplink)).unwrap();
     assert_eq!(answer, format!("podman {}", client.v4()));
 
     // `podman rm -f` ends the namespace: the mapping goes.

@@ -366,3 +366,49 @@ pub(crate) fn holder_pid() -> Option<u32> {
             holds.then_some(pid)
         })
 }
+
+/// A busybox root filesystem under `rootfs` (no image registry is
+/// reachable): `bin/busybox` with `applets` linked to it and, with `cgi`,
+/// `www/cgi-bin/ip`, a CGI for busybox httpd that answers `<cgi> <client
+/// address>`.
+pub(crate) fn busybox_rootfs(rootfs: &std::path::Path, applets: &[&str], cgi: Option<&str>) {
+    use std::{fs, os::unix::fs::PermissionsExt};
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("busybox is missing: install busybox-static (`cargo xtask setup` does)");
+    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let Some(word) = cgi else {
+        return;
+    };
+    fs::create_dir_all(rootfs.join("www/cgi-bin")).unwrap();
+    let script = rootfs.join("www/cgi-bin/ip");
+    fs::write(
+        &script,
+        format!("#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"{word} $REMOTE_ADDR\"\n"),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `GET /cgi-bin/ip` (the CGI of `busybox_rootfs`) at `to`: the body, the
+/// client's address without the IPv4-mapped IPv6 dressing.
+pub(crate) fn cgi_ip(to: std::net::SocketAddr) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("{to}: {e}"))?;
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /cgi-bin/ip HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let body = answer.lines().last().unwrap_or("").trim();
+    Ok(body.replace("[::ffff:", "").replace(['[', ']'], ""))
+}
