@@ -18,8 +18,8 @@ use crate::{
     error::Error,
     host::netns::{self, Netns},
     model::{
-        Allowlist, Mapping, PortRange, Protocol, PublishSpec, Refuse, UnmapSelector,
-        rootless::{self, Policy, Pool, Slot},
+        Allowlist, Mapping, PortRange, Protocol, PublishSpec, UnmapSelector,
+        rootless::{self, MapRequest, Policy, Pool, Slot},
     },
 };
 
@@ -192,27 +192,17 @@ fn check_policy(
     Ok(())
 }
 
-/// What `map --netns TARGET [--name NAME] [--allow ... --refuse R]
-/// PUBLISH...` asks for.
-pub(crate) struct MapRequest<'a> {
-    pub(crate) target: &'a str,
-    pub(crate) name: Option<&'a str>,
-    pub(crate) publish: &'a [String],
-    /// `--allow` (empty: everyone) and `--refuse`.
-    pub(crate) allow: (&'a [String], Refuse),
-}
-
 /// `map --netns ...` for `caller`: the lines to print.
 pub(crate) fn map(
     pin_dir: &Path,
     policy_path: &Path,
     ways: &WaysIn,
     caller: Caller,
-    request: &MapRequest<'_>,
+    request: &MapRequest,
 ) -> Result<Vec<String>> {
     let loaded = admit(caller, policy_path)?;
     let (specs, allow) = parse_map_request(request)?;
-    let target = request.target;
+    let target = request.netns.as_str();
     let netns = open_target(caller, target)?;
     let pool = match &loaded {
         Some(loaded) => loaded.pool,
@@ -230,7 +220,7 @@ pub(crate) fn map(
         rootless::owner_prefix(caller.uid),
         request
             .name
-            .map(str::to_owned)
+            .clone()
             .unwrap_or_else(|| format!("ns{}", slot.index))
     );
     // IPv6 host addresses go to the namespace's IPv6 address; the rest
@@ -267,22 +257,24 @@ pub(crate) fn map(
 
 /// The request's PUBLISH specs and allowlist, checked before anything is
 /// opened.
-fn parse_map_request(request: &MapRequest<'_>) -> Result<(Vec<PublishSpec>, Option<Allowlist>)> {
+fn parse_map_request(request: &MapRequest) -> Result<(Vec<PublishSpec>, Option<Allowlist>)> {
     let specs = request
         .publish
         .iter()
         .map(|text| text.parse::<PublishSpec>())
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(name) = request.name {
+    if let Some(name) = &request.name {
         rootless::check_user_name(name).map_err(Error::usage)?;
     }
     // An allowlist only narrows who reaches the user's own mapping.
-    let (allow, refuse) = request.allow;
-    let allow = if allow.is_empty() {
+    let allow = if request.allow.is_empty() {
         None
     } else {
-        let list = Allowlist::parse(allow).map_err(Error::usage)?;
-        Some(Allowlist { refuse, ..list })
+        let list = Allowlist::parse(&request.allow).map_err(Error::usage)?;
+        Some(Allowlist {
+            refuse: request.refuse.unwrap_or_default(),
+            ..list
+        })
     };
     Ok((specs, allow))
 }

@@ -184,18 +184,9 @@ fn handle(line: &[u8], caller: Caller, shared: &Shared) -> Reply {
     };
     let what = describe(&request);
     let result = match &request {
-        Request::Map(map) => ops_rootless::map(
-            &shared.pin_dir,
-            &shared.policy,
-            &shared.ways,
-            caller,
-            &ops_rootless::MapRequest {
-                target: &map.netns,
-                name: map.name.as_deref(),
-                publish: &map.publish,
-                allow: (&map.allow, map.refuse.unwrap_or_default()),
-            },
-        ),
+        Request::Map(map) => {
+            ops_rootless::map(&shared.pin_dir, &shared.policy, &shared.ways, caller, map)
+        }
         Request::Unmap { name, selectors } => {
             ops_rootless::unmap(&shared.pin_dir, caller, name.as_deref(), selectors)
         }
