@@ -52,6 +52,9 @@ macro_rules! map_name {
     (published_ports) => {
         "pf_ports"
     };
+    (backend_ports) => {
+        "pf_backend_ports"
+    };
     (scratch) => {
         "pf_scratch"
     };
@@ -262,18 +265,38 @@ pub const SERVICES_GEN: MapDef = map(map_name!(services_gen), MapKind::Array, 4,
 /// one array read instead of two hash lookups. Userspace sets a port's bit
 /// before it adds the port's first mapping and clears stale bits at `up`
 /// only: a set bit for a port no longer published costs the lookups, never
-/// a wrong answer. See `published_port_bit`.
+/// a wrong answer. See `port_bit`.
 pub const PUBLISHED_PORTS: MapDef = map(
     map_name!(published_ports),
     MapKind::Array,
     4,
     4,
-    2 * 65_536 / 32,
+    PORT_BITMAP_WORDS,
+);
+/// Which (protocol, port) pairs a mapping has sent host sockets to (the
+/// container's port): getpeername and recvmsg of a socket whose peer port
+/// has no bit leave after one array read, without the socket cookie, the
+/// `SOCK_CONNECTED` slot and the storage lookup. Userspace sets a port's
+/// bit before the mapping's entries exist and never clears it while the
+/// instance lives: a socket translated through a mapping since removed
+/// still reports the address it dialed. `up` adds the bits of the services
+/// map (an upgrade from a build without this map). Layout as
+/// `PUBLISHED_PORTS`.
+pub const BACKEND_PORTS: MapDef = map(
+    map_name!(backend_ports),
+    MapKind::Array,
+    4,
+    4,
+    PORT_BITMAP_WORDS,
 );
 
-/// The word (index in `PUBLISHED_PORTS`) and bit of a protocol's port (host
-/// byte order); TCP and any other protocol share the first half.
-pub const fn published_port_bit(proto: u8, port: u16) -> (u32, u32) {
+/// Words of a port bitmap: a bit per TCP port and one per UDP port.
+pub const PORT_BITMAP_WORDS: u32 = 2 * 65_536 / 32;
+
+/// The word (index in a port bitmap: `PUBLISHED_PORTS`, `BACKEND_PORTS`)
+/// and bit of a protocol's port (host byte order); TCP and any other
+/// protocol share the first half.
+pub const fn port_bit(proto: u8, port: u16) -> (u32, u32) {
     let half = if proto == crate::IPPROTO_UDP { 2048 } else { 0 };
     (half + (port as u32 >> 5), 1 << (port & 31))
 }
@@ -286,7 +309,7 @@ pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 15] = [
+pub const MAPS: [MapDef; 16] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -300,6 +323,7 @@ pub const MAPS: [MapDef; 15] = [
     TRACE_ON,
     SERVICES_GEN,
     PUBLISHED_PORTS,
+    BACKEND_PORTS,
     ALLOW,
     NAT46_SRC,
 ];

@@ -51,6 +51,11 @@ pub(crate) static PUBLISHED_PORTS: Array<u32> =
     Array::with_max_entries(abi::PUBLISHED_PORTS.max_entries, abi::PUBLISHED_PORTS.flags);
 
 #[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(backend_ports))]
+pub(crate) static BACKEND_PORTS: Array<u32> =
+    Array::with_max_entries(abi::BACKEND_PORTS.max_entries, abi::BACKEND_PORTS.flags);
+
+#[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(conntrack))]
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(abi::CONNTRACK.max_entries, abi::CONNTRACK.flags);

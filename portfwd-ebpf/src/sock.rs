@@ -37,11 +37,14 @@ use aya_ebpf::{
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
     SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey,
-    SockConnected, Stat, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, published_port_bit,
+    SockConnected, Stat, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, port_bit,
 };
 
 use crate::{
-    maps::{CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED, STATS},
+    maps::{
+        BACKEND_PORTS, CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED,
+        STATS,
+    },
     trace,
 };
 
@@ -83,37 +86,52 @@ pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-// recvmsg and getpeername: only host sockets are ever translated, so a
-// container's socket (its server's accept() runs getpeername too) leaves
-// after the netns check; a host socket that was never translated holds no
-// slot and has no storage.
+// recvmsg and getpeername: a peer whose port no mapping ever translated a
+// socket to (most of them: a container's server runs getpeername in every
+// accept(), with a client's port) leaves after one array read, before the
+// netns check's helper call; only host sockets are ever translated; a host
+// socket that was never translated holds no slot and has no storage.
 
 pub(crate) fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    if in_host_netns(&ctx) {
+    if may_be_translated(&ctx) {
         restore_peer4(&ctx);
     }
     PROCEED
 }
 
 pub(crate) fn recvmsg6(ctx: SockAddrContext) -> i32 {
-    if in_host_netns(&ctx) {
+    if may_be_translated(&ctx) {
         restore_peer6(&ctx);
     }
     PROCEED
 }
 
 pub(crate) fn getpeername4(ctx: SockAddrContext) -> i32 {
-    if in_host_netns(&ctx) {
+    if may_be_translated(&ctx) {
         restore_peer4(&ctx);
     }
     PROCEED
 }
 
 pub(crate) fn getpeername6(ctx: SockAddrContext) -> i32 {
-    if in_host_netns(&ctx) {
+    if may_be_translated(&ctx) {
         restore_peer6(&ctx);
     }
     PROCEED
+}
+
+/// Whether the socket's peer (recvmsg: the datagram's source) may be a
+/// container endpoint a host socket was translated to: its port has a bit
+/// in `BACKEND_PORTS` and the socket is the host's.
+fn may_be_translated(ctx: &SockAddrContext) -> bool {
+    // SAFETY: context field reads, checked by the verifier.
+    let (protocol, port) = unsafe { ((*ctx.sock_addr).protocol, (*ctx.sock_addr).user_port) };
+    let (word, bit) = port_bit(protocol as u8, u16::from_be(port as u16));
+    // A missing word (cannot happen: the index is in range) means "look".
+    if BACKEND_PORTS.get(word).is_some_and(|bits| bits & bit == 0) {
+        return false;
+    }
+    in_host_netns(ctx)
 }
 
 /// A socket closes: the `SOCK_CONNECTED` slot it holds, if any, is free
@@ -179,7 +197,7 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
     // Most connects and sends go to ports nobody published: one array read
     // (which the verifier inlines) says so. A missing word (cannot happen:
     // the index is in range) means "look".
-    let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
+    let (word, bit) = port_bit(key.proto, u16::from_be(key.port));
     if PUBLISHED_PORTS
         .get(word)
         .is_some_and(|bits| bits & bit == 0)

@@ -110,10 +110,11 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     object::check_pinned_layouts(pin_dir)?;
     let mut ebpf = object::load(pin_dir, options.sizes)?;
     load_all(&mut ebpf)?;
-    // The published-ports bits, from the services map (after unmaps, or an
-    // upgrade from a build without them), before any program that reads
-    // them is attached: a published port must never look unpublished.
-    PinnedMaps::open(pin_dir, &lock)?.rebuild_published_ports()?;
+    // The port bits, from the services map (after unmaps, or an upgrade
+    // from a build without them), before any program that reads them is
+    // attached: a published port or a translated socket's peer must never
+    // look unknown.
+    PinnedMaps::open(pin_dir, &lock)?.rebuild_port_bits()?;
     let mut report = InstallReport {
         cgroup: cgroup.clone(),
         ..InstallReport::default()

@@ -9,9 +9,9 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use portfwd_common::{
-    ALLOW, Addr, AllowKey, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey, MappingCounters,
-    NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
-    published_port_bit,
+    ALLOW, Addr, AllowKey, BACKEND_PORTS, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey,
+    MappingCounters, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey,
+    ServiceValue, Stat, port_bit,
 };
 
 use super::StateLock;
@@ -34,6 +34,7 @@ pub(crate) struct PinnedMaps {
     stats: PerCpuArray<MapData, u64>,
     services_gen: Array<MapData, u64>,
     published_ports: Array<MapData, u32>,
+    backend_ports: Array<MapData, u32>,
     allow: LpmTrie<MapData, AllowKey, u8>,
     nat46_src: HashMap<MapData, ServiceKey, Addr>,
 }
@@ -78,6 +79,8 @@ impl PinnedMaps {
             .context("the services generation map has an unexpected layout")?;
         let published_ports = Array::try_from(Map::Array(open_pin(dir, PUBLISHED_PORTS.name)?))
             .context("the published ports map has an unexpected layout")?;
+        let backend_ports = Array::try_from(Map::Array(open_pin(dir, BACKEND_PORTS.name)?))
+            .context("the backend ports map has an unexpected layout")?;
         let allow = LpmTrie::try_from(Map::LpmTrie(open_pin(dir, ALLOW.name)?))
             .context("the allowlist map has an unexpected layout")?;
         let nat46_src = HashMap::try_from(Map::HashMap(open_pin(dir, NAT46_SRC.name)?))
@@ -92,6 +95,7 @@ impl PinnedMaps {
             stats,
             services_gen,
             published_ports,
+            backend_ports,
         })
     }
 
@@ -209,7 +213,7 @@ impl PinnedMaps {
     /// Adds every mapping or, on any failure, none: entries added before the
     /// failure are removed again.
     pub(crate) fn add_all(&mut self, mappings: &[Mapping]) -> Result<()> {
-        self.mark_ports_published(mappings)?;
+        self.mark_ports(mappings)?;
         let keys: Vec<ServiceKey> = mappings.iter().map(Mapping::key).collect();
         self.forget_allowlists(&keys);
         // Counters first, so that the programs count from the first packet.
@@ -482,39 +486,44 @@ impl PinnedMaps {
         Ok(())
     }
 
-    /// Sets the published-ports bits of `mappings`' ports (before their
-    /// entries exist, so that the socket programs never skip a published
-    /// port); one read and one write per word that changes.
-    fn mark_ports_published(&mut self, mappings: &[Mapping]) -> Result<()> {
-        let mut words: BTreeMap<u32, u32> = BTreeMap::new();
+    /// Sets the bits of `mappings`' host ports in `PUBLISHED_PORTS` and of
+    /// their container ports in `BACKEND_PORTS` (before their entries
+    /// exist, so that the socket programs never skip a published port or
+    /// a translated socket's peer); one read and one write per word that
+    /// changes.
+    fn mark_ports(&mut self, mappings: &[Mapping]) -> Result<()> {
+        let mut published: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut backends: BTreeMap<u32, u32> = BTreeMap::new();
         for m in mappings {
-            let (word, bit) = published_port_bit(m.key().proto, m.host.port());
-            *words.entry(word).or_default() |= bit;
+            let proto = m.key().proto;
+            let (word, bit) = port_bit(proto, m.host.port());
+            *published.entry(word).or_default() |= bit;
+            let (word, bit) = port_bit(proto, m.container.port());
+            *backends.entry(word).or_default() |= bit;
         }
-        for (word, bits) in words {
-            let old = self.published_ports.get(&word, 0)?;
-            if old | bits != old {
-                self.published_ports.set(word, old | bits, 0)?;
-            }
-        }
-        Ok(())
+        set_bits(&mut self.published_ports, published)?;
+        set_bits(&mut self.backend_ports, backends)
     }
 
-    /// Makes the published-ports bits exactly those of the services map
-    /// (`up`: clears the bits of ports no longer published).
-    pub(crate) fn rebuild_published_ports(&mut self) -> Result<()> {
-        let mut wanted = vec![0u32; PUBLISHED_PORTS.max_entries as usize];
-        for entry in self.services.keys() {
-            let key = entry.context("reading the services map")?;
-            let (word, bit) = published_port_bit(key.proto, u16::from_be(key.port));
-            wanted[word as usize] |= bit;
+    /// `up`: makes the published-ports bits exactly those of the services
+    /// map (clears the bits of ports no longer published), and adds the
+    /// services' container ports to the backend-ports bits (which are
+    /// never cleared: see `BACKEND_PORTS`).
+    pub(crate) fn rebuild_port_bits(&mut self) -> Result<()> {
+        let mut published = vec![0u32; PUBLISHED_PORTS.max_entries as usize];
+        let mut backends: BTreeMap<u32, u32> = BTreeMap::new();
+        for (key, value) in self.service_entries()? {
+            let (word, bit) = port_bit(key.proto, u16::from_be(key.port));
+            published[word as usize] |= bit;
+            let (word, bit) = port_bit(key.proto, u16::from_be(value.port));
+            *backends.entry(word).or_default() |= bit;
         }
-        for (word, bits) in (0u32..).zip(wanted) {
+        for (word, bits) in (0u32..).zip(published) {
             if self.published_ports.get(&word, 0)? != bits {
                 self.published_ports.set(word, bits, 0)?;
             }
         }
-        Ok(())
+        set_bits(&mut self.backend_ports, backends)
     }
 
     pub(crate) fn set_config(&mut self, config: Config) -> Result<()> {
@@ -523,6 +532,17 @@ impl PinnedMaps {
             .context("writing the config map")?;
         Ok(())
     }
+}
+
+/// Adds `bits` (word index → bits) to a port bitmap.
+fn set_bits(bitmap: &mut Array<MapData, u32>, bits: BTreeMap<u32, u32>) -> Result<()> {
+    for (word, bits) in bits {
+        let old = bitmap.get(&word, 0)?;
+        if old | bits != old {
+            bitmap.set(word, old | bits, 0)?;
+        }
+    }
+    Ok(())
 }
 
 fn possible_cpus() -> Result<usize> {

@@ -231,3 +231,26 @@ fn slots_held() -> usize {
         .filter(|slot| slot.owner != 0)
         .count()
 }
+
+/// getpeername looks for a socket's record only when its peer's port has a
+/// bit in `pf_backend_ports`. The bits are kept while the instance lives:
+/// a TCP connection outlives its mapping's `unmap` (it still reaches the
+/// container), and must still report the address it dialed, also after
+/// `up` runs again (which sets the bits from the services map).
+#[test]
+fn a_socket_outliving_its_mapping_still_reports_what_it_dialed() {
+    let Some(_serial) = root_test("outliving_socket") else {
+        return;
+    };
+    let ctr = Container::new(86);
+    let _held = serve_and_hold(&ctr, "[::]:80");
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "47093:80"]);
+    let dialed: SocketAddr = "127.0.0.1:47093".parse().unwrap();
+    let stream = TcpStream::connect_timeout(&dialed, Duration::from_secs(5)).unwrap();
+    assert_eq!(stream.peer_addr().unwrap(), dialed, "while mapped");
+    portfwd_ok(&["unmap", "47093"]);
+    assert_eq!(stream.peer_addr().unwrap(), dialed, "after unmap");
+    portfwd_ok(&["up", "--iface", &ctr.host_if]);
+    assert_eq!(stream.peer_addr().unwrap(), dialed, "after up again");
+}
