@@ -32,6 +32,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    maps::Array,
     programs::{SockAddrContext, SockContext},
 };
 use portfwd_common::{
@@ -126,12 +127,19 @@ pub(crate) fn getpeername6(ctx: SockAddrContext) -> i32 {
 fn may_be_translated(ctx: &SockAddrContext) -> bool {
     // SAFETY: context field reads, checked by the verifier.
     let (protocol, port) = unsafe { ((*ctx.sock_addr).protocol, (*ctx.sock_addr).user_port) };
-    let (word, bit) = port_bit(protocol as u8, u16::from_be(port as u16));
-    // A missing word (cannot happen: the index is in range) means "look".
-    if BACKEND_PORTS.get(word).is_some_and(|bits| bits & bit == 0) {
-        return false;
-    }
-    in_host_netns(ctx)
+    !lacks_port(&BACKEND_PORTS, protocol as u8, u16::from_be(port as u16)) && in_host_netns(ctx)
+}
+
+/// Whether the port bitmap `bitmap` (see `port_bit`) has no bit for the
+/// protocol's port (host byte order): one array read, which the verifier
+/// inlines. A missing word (cannot happen: the index is in range) counts
+/// as a bit, so that the caller looks further.
+// Inlined: the map is then a constant at each lookup, which the verifier
+// needs to inline the array read.
+#[inline(always)]
+fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
+    let (word, bit) = port_bit(proto, port);
+    bitmap.get(word).is_some_and(|bits| bits & bit == 0)
 }
 
 /// A socket closes: the `SOCK_CONNECTED` slot it holds, if any, is free
@@ -194,14 +202,8 @@ fn socket_protocol(sa: *mut bpf_sock_addr) -> Option<u8> {
 /// Exact (address, port, protocol) first; then, when the destination is one
 /// of the host's own addresses, the family's wildcard mapping.
 fn find_backend(key: ServiceKey) -> Option<Backend> {
-    // Most connects and sends go to ports nobody published: one array read
-    // (which the verifier inlines) says so. A missing word (cannot happen:
-    // the index is in range) means "look".
-    let (word, bit) = port_bit(key.proto, u16::from_be(key.port));
-    if PUBLISHED_PORTS
-        .get(word)
-        .is_some_and(|bits| bits & bit == 0)
-    {
+    // Most connects and sends go to ports nobody published.
+    if lacks_port(&PUBLISHED_PORTS, key.proto, u16::from_be(key.port)) {
         return None;
     }
     let loopback = is_loopback(key.family, &key.addr);
