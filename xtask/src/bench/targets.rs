@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::measure::{METRICS, Metric, NetPath, PATHS};
 use super::modes::Mode;
-use super::report::{median, min_max, ratio, value};
+use super::report::{base_others, median, min_max, ratio, value};
 use super::{Results, SCALE, Update};
 
 #[derive(Serialize)]
@@ -111,10 +111,21 @@ fn versus(
             } else {
                 x <= 1.0 / bound
             };
-            (
-                format!("{} vs {}: {}", value(metric, a), value(metric, b), ratio(x)),
-                Some(met),
-            )
+            let mut measured =
+                format!("{} vs {}: {}", value(metric, a), value(metric, b), ratio(x));
+            // A miss that the other mode's own repetitions span is noise as
+            // much as a difference: said, so that nobody reads more into it.
+            let theirs = r.series(other, path, base_others(other), metric);
+            let (low, high) = min_max(theirs);
+            if !met && theirs.len() > 1 && (low..=high).contains(&a) {
+                measured.push_str(&format!(
+                    "; inside {}'s own range ({}–{})",
+                    other.name(),
+                    value(metric, low),
+                    value(metric, high)
+                ));
+            }
+            (measured, Some(met))
         }
         _ => (format!("{} not measured", other.name()), None),
     };
@@ -320,5 +331,40 @@ mod tests {
             Some(true)
         );
         assert_eq!(met(&checks, "local: UDP req/s ≥ 0.97 × direct"), None);
+    }
+
+    #[test]
+    fn a_miss_inside_the_other_modes_range_says_so() {
+        let mut r = Results::default();
+        let key = |mode| (mode, NetPath::Local, base_others(mode), Metric::KaRps);
+        r.samples
+            .insert(key(Mode::Direct), vec![90.0, 100.0, 110.0]);
+        r.samples.insert(key(Mode::Portfwd), vec![95.0]);
+        let inside = versus(
+            &r,
+            String::new(),
+            NetPath::Local,
+            Mode::Direct,
+            Metric::KaRps,
+            0.97,
+        );
+        assert_eq!(inside.met, Some(false));
+        assert!(
+            inside
+                .measured
+                .ends_with("; inside direct's own range (90–110)"),
+            "{}",
+            inside.measured
+        );
+        r.samples.insert(key(Mode::Portfwd), vec![85.0]);
+        let outside = versus(
+            &r,
+            String::new(),
+            NetPath::Local,
+            Mode::Direct,
+            Metric::KaRps,
+            0.97,
+        );
+        assert!(!outside.measured.contains("range"), "{}", outside.measured);
     }
 }
