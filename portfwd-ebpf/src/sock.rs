@@ -87,10 +87,10 @@ pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-// recvmsg and getpeername: a peer whose port no mapping ever translated a
-// socket to (most of them: a container's server runs getpeername in every
-// accept(), with a client's port) leaves after one array read, before the
-// netns check's helper call; only host sockets are ever translated; a host
+// recvmsg and getpeername: most peers' ports are no mapping's container
+// port (a container's server runs getpeername in every accept(), with a
+// client's port), and leave after one array read, before the netns
+// check's helper call. Only host sockets are ever translated, and a host
 // socket that was never translated holds no slot and has no storage.
 
 pub(crate) fn recvmsg4(ctx: SockAddrContext) -> i32 {
