@@ -24,8 +24,8 @@
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    Addr, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_REPLY, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP,
-    IPPROTO_UDP, Stat,
+    Addr, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtValue, FAMILY_V4, FAMILY_V6,
+    IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
 use crate::{
@@ -104,7 +104,11 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     let entry = conntrack::lookup(key, conntrack::now())?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*entry };
-    if ct.flags & CT_FLAG_HOST != 0 || (LEAVING && ct.flags & CT_FLAG_REPLY == 0) {
+    // A NAT46 flow's error would have to change family with its quote
+    // (ICMPv6 <-> ICMP, both headers rebuilt): not done, it passes as it
+    // came. Rewritten in place, it would carry IPv6 addresses cut to IPv4.
+    if ct.flags & (CT_FLAG_HOST | CT_FLAG_NAT46) != 0 || (LEAVING && ct.flags & CT_FLAG_REPLY == 0)
+    {
         return None;
     }
     if rewrite(ctx, &error, ct).is_err() {

@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 use portfwd_common::Stat;
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V6, CTR_V4, Case, DROP, Failures, HOST_V4, HOST_V6, L4, NEXT, REDIRECT,
-    TO_STACK, Tc, UPLINK_IN, at, frame, mapping,
+    BACKEND_IN, CLIENT_MAC, CLIENT_V6, CTR_V4, Case, DROP, Failures, HOST_MAC, HOST_V4, HOST_V6,
+    L4, NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, at, frame, icmp, mapping,
 };
 use crate::model::Protocol;
 
@@ -90,7 +90,23 @@ fn ipv6_clients_of_ipv4_containers_are_translated_between_families() {
     // What is not translated, and the stat each counts.
     let fragment = first_fragment_v6(&frame(at(CLIENT_V6, 40043), at(HOST_V6, 8046), L4::Syn));
     let unknown = frame(at(CLIENT_V6, 40044), at(HOST_V6, 8047), L4::Syn);
+    // An ICMPv6 error about a reply the host sent (a router on the way to
+    // the client quoting `[published] -> client`): not translated either.
+    let unreachable_v6 = icmp(
+        (CLIENT_MAC, HOST_MAC),
+        CLIENT_V6.into(),
+        HOST_V6.into(),
+        (1, 4, [0; 4]),
+        &frame(at(HOST_V6, 8046), at(CLIENT_V6, 40041), L4::Ack)[14..],
+    );
     let uplink_cases = vec![
+        Case::new(
+            "an ICMPv6 error about a NAT46 flow's reply",
+            unreachable_v6,
+            NEXT,
+            None,
+            Stat::PassNotTcpUdp,
+        ),
         Case::new(
             "the first fragment of a new flow",
             fragment,
@@ -110,13 +126,32 @@ fn ipv6_clients_of_ipv4_containers_are_translated_between_families() {
     let mut no_checksum = frame(at(CTR_V4, 53), at(SOURCE, 40042), L4::Udp);
     let udp_check = 14 + 20 + 6;
     no_checksum[udp_check..udp_check + 2].copy_from_slice(&[0, 0]);
-    let backend_cases = vec![Case::new(
-        "a UDP reply without a checksum",
-        no_checksum,
-        DROP,
-        None,
-        Stat::DroppedNat46,
-    )];
+    // An ICMP error the container sends about the client's (translated)
+    // packet is not translated: it would have to change family too. It
+    // leaves as it came, like any packet that is not TCP or UDP.
+    let port_unreachable = icmp(
+        (CLIENT_MAC, HOST_MAC),
+        CTR_V4.into(),
+        SOURCE.into(),
+        (3, 3, [0; 4]),
+        &frame(at(SOURCE, 40041), at(CTR_V4, 80), L4::Ack)[14..],
+    );
+    let backend_cases = vec![
+        Case::new(
+            "a UDP reply without a checksum",
+            no_checksum,
+            DROP,
+            None,
+            Stat::DroppedNat46,
+        ),
+        Case::new(
+            "the container's ICMP error about a NAT46 flow",
+            port_unreachable,
+            NEXT,
+            None,
+            Stat::PassNotTcpUdp,
+        ),
+    ];
     tc.check_cases(BACKEND_IN, backend_cases, &mut failures);
     failures.assert_none();
 }
