@@ -113,13 +113,19 @@ fn versus(
             };
             let mut measured =
                 format!("{} vs {}: {}", value(metric, a), value(metric, b), ratio(x));
-            // A miss that the other mode's own repetitions span is noise as
-            // much as a difference: said, so that nobody reads more into it.
+            // A miss that would be met against some of the other mode's
+            // own repetitions (its range, times the bound) is noise as much
+            // as a difference: said, so that nobody reads more into it.
             let theirs = r.series(other, path, base_others(other), metric);
             let (low, high) = min_max(theirs);
-            if !met && theirs.len() > 1 && (low..=high).contains(&a) {
+            let scale = if metric.higher_is_better() {
+                bound
+            } else {
+                1.0 / bound
+            };
+            if !met && theirs.len() > 1 && (low * scale..=high * scale).contains(&a) {
                 measured.push_str(&format!(
-                    "; inside {}'s own range ({}–{})",
+                    "; inside {}'s own range ({}–{}) × {scale:.2}",
                     other.name(),
                     value(metric, low),
                     value(metric, high)
@@ -335,36 +341,75 @@ mod tests {
 
     #[test]
     fn a_miss_inside_the_other_modes_range_says_so() {
-        let mut r = Results::default();
-        let key = |mode| (mode, NetPath::Local, base_others(mode), Metric::KaRps);
-        r.samples
-            .insert(key(Mode::Direct), vec![90.0, 100.0, 110.0]);
-        r.samples.insert(key(Mode::Portfwd), vec![95.0]);
-        let inside = versus(
-            &r,
-            String::new(),
-            NetPath::Local,
-            Mode::Direct,
-            Metric::KaRps,
-            0.97,
-        );
-        assert_eq!(inside.met, Some(false));
-        assert!(
-            inside
-                .measured
-                .ends_with("; inside direct's own range (90–110)"),
-            "{}",
-            inside.measured
-        );
-        r.samples.insert(key(Mode::Portfwd), vec![85.0]);
-        let outside = versus(
-            &r,
-            String::new(),
-            NetPath::Local,
-            Mode::Direct,
-            Metric::KaRps,
-            0.97,
-        );
-        assert!(!outside.measured.contains("range"), "{}", outside.measured);
+        // (other mode's repetitions, portfwd's median, metric, bound,
+        // whether the miss is annotated)
+        let cases = [
+            // 95 < 0.97 × 100, but ≥ 0.97 × 90.
+            (
+                Mode::Direct,
+                [90.0, 100.0, 110.0],
+                95.0,
+                Metric::KaRps,
+                0.97,
+                true,
+            ),
+            (
+                Mode::Direct,
+                [90.0, 100.0, 110.0],
+                85.0,
+                Metric::KaRps,
+                0.97,
+                false,
+            ),
+            // The bound scales the range: 105 < 1.1 × 100 but ≥ 1.1 × 90;
+            // 98 lies inside 90–110 yet below 1.1 × 90.
+            (
+                Mode::Iptables,
+                [90.0, 100.0, 110.0],
+                105.0,
+                Metric::ConnPerS,
+                1.1,
+                true,
+            ),
+            (
+                Mode::Iptables,
+                [90.0, 100.0, 110.0],
+                98.0,
+                Metric::ConnPerS,
+                1.1,
+                false,
+            ),
+            // A latency: lower is better, the range is divided by the bound.
+            (
+                Mode::Direct,
+                [0.05, 0.06, 0.11],
+                0.098,
+                Metric::KaP50Ms,
+                0.97,
+                true,
+            ),
+            (
+                Mode::Direct,
+                [0.05, 0.06, 0.09],
+                0.098,
+                Metric::KaP50Ms,
+                0.97,
+                false,
+            ),
+        ];
+        for (other, theirs, ours, metric, bound, annotated) in cases {
+            let mut r = Results::default();
+            let key = |mode| (mode, NetPath::Local, base_others(mode), metric);
+            r.samples.insert(key(other), theirs.to_vec());
+            r.samples.insert(key(Mode::Portfwd), vec![ours]);
+            let check = versus(&r, String::new(), NetPath::Local, other, metric, bound);
+            assert_eq!(check.met, Some(false), "{ours} against {theirs:?}");
+            assert_eq!(
+                check.measured.contains("own range"),
+                annotated,
+                "{ours} against {theirs:?} × {bound}: {}",
+                check.measured
+            );
+        }
     }
 }
