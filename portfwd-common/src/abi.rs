@@ -280,8 +280,9 @@ pub const PUBLISHED_PORTS: MapDef = map(
 /// bit before the mapping's entries exist and never clears it while the
 /// instance lives: a socket translated through a mapping since removed
 /// still reports the address it dialed. `up` adds the bits of the services
-/// map (an upgrade from a build without this map). Layout as
-/// `PUBLISHED_PORTS`.
+/// map (an upgrade from a build without this map: a socket translated
+/// through a mapping removed before the upgrade then reports the
+/// container's address). Layout as `PUBLISHED_PORTS`.
 pub const BACKEND_PORTS: MapDef = map(
     map_name!(backend_ports),
     MapKind::Array,

@@ -16,9 +16,10 @@
 //! that storage costs two kernel allocations (about 0.8 µs, three times
 //! the rest of the connect). A map keyed by socket would fill with closed
 //! sockets and push out live ones; neither of these can. recvmsg and
-//! getpeername of a host socket that was never translated cost a slot read
-//! and a storage lookup; those of other namespaces' sockets, the netns
-//! check.
+//! getpeername of a socket whose peer's port no mapping leads to
+//! (`BACKEND_PORTS`) cost one array read; of other namespaces' sockets,
+//! that and the netns check; only a host socket talking to such a port
+//! pays for its cookie, its slot and its storage lookup.
 //!
 //! Only sockets of the host network namespace are translated: the programs
 //! sit on the cgroup v2 root, which also holds every container's processes,
