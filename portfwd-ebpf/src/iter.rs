@@ -15,9 +15,9 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_sk_storage_get};
-use portfwd_common::{SockConnected, SockDialed};
+use portfwd_common::SockDialed;
 
-use crate::maps::{SOCK_CONNECTED, SOCK_DIALED};
+use crate::{maps::SOCK_DIALED, sock};
 
 /// `struct bpf_iter_meta`: the output's seq_file comes first.
 #[repr(C)]
@@ -44,11 +44,9 @@ pub(crate) fn udp_sockets(ctx: *mut c_void) -> i32 {
         }
         let cookie = bpf_get_socket_cookie(sk);
         let seq = (*(*ctx).meta).seq;
-        if let Some(entry) = SOCK_CONNECTED.get(SockConnected::index_of(cookie))
-            && entry.owner == cookie
-        {
+        if let Some(slot) = sock::connected_record(cookie) {
             let mut dialed = SockDialed::default();
-            dialed.slots[0] = entry.slot;
+            dialed.slots[0] = *slot;
             bpf_seq_write(seq, (&raw const cookie).cast(), 8);
             bpf_seq_write(
                 seq,

@@ -497,6 +497,19 @@ fn add_to_owner(entry: *mut SockConnected, amount: u64) {
     }
 }
 
+/// The record in the `SOCK_CONNECTED` slot of the socket with `cookie`, if
+/// that socket holds the slot (getpeername, recvmsg, the UDP iterator).
+#[inline(always)]
+pub(crate) fn connected_record(cookie: u64) -> Option<&'static DialedSlot> {
+    let entry = SOCK_CONNECTED.get_ptr_mut(SockConnected::index_of(cookie))?;
+    if owner_of(entry) != cookie {
+        return None;
+    }
+    // SAFETY: a value of an array map, never freed; this socket's until it
+    // closes.
+    Some(unsafe { &(*entry).slot })
+}
+
 /// `entry`'s owner, read once. A volatile read rather than an atomic load,
 /// which the BPF backend cannot select; an aligned 8-byte load is single
 /// on every architecture.
@@ -514,15 +527,12 @@ fn owner_of(entry: *mut SockConnected) -> u64 {
 fn dialed_for(ctx: &SockAddrContext, family: u8, peer: &Addr, port: u16) -> Option<(Addr, u16)> {
     // SAFETY: the helper reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(entry) = SOCK_CONNECTED.get(SockConnected::index_of(cookie)) {
-        let slot = &entry.slot;
-        if entry.owner == cookie
-            && slot.family == family
-            && slot.backend_port == port
-            && slot.backend == *peer
-        {
-            return Some((slot.dialed, slot.dialed_port));
-        }
+    if let Some(slot) = connected_record(cookie)
+        && slot.family == family
+        && slot.backend_port == port
+        && slot.backend == *peer
+    {
+        return Some((slot.dialed, slot.dialed_port));
     }
     // SAFETY: a lookup without creation; see `remember_dialed`.
     let dialed = unsafe { SOCK_DIALED.get_ptr_mut(ctx).as_ref() }?;
