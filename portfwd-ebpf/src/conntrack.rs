@@ -232,26 +232,8 @@ pub(crate) fn create(
     // SAFETY: per-CPU memory that only this program run uses; fields other
     // than the packet (which `pkt` may point to).
     let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
-    let (mut masq_flag, masq_addr, masq_port) = match nat.masq {
-        Some((addr, port)) => (CT_FLAG_MASQ, addr, port),
-        None => (0, Addr::UNSPECIFIED, 0),
-    };
-    if nat.backend_family != pkt.family {
-        masq_flag |= CT_FLAG_NAT46;
-    }
-    // Field by field: a struct literal would be built on the stack first.
     set_reply_key(key, pkt, nat);
-    value.nat_addr = pkt.daddr;
-    value.nat_port = pkt.dport;
-    value.flags = CT_FLAG_REPLY | masq_flag;
-    value._pad = 0;
-    value.ifindex = nat.client_ifindex;
-    value.service = *service;
-    value.masq_addr = pkt.saddr;
-    value.masq_port = pkt.sport;
-    value.generation = nat.generation;
-    value.last_seen_ns = now;
-    value.closing_since_ns = 0;
+    set_reply_value(value, pkt, service, nat, now);
     // The reply key was checked free (`masquerade_port`); another CPU may
     // have taken it since: never replace a live entry of another flow.
     if CONNTRACK.insert(&*key, &*value, BPF_NOEXIST).is_err() {
@@ -265,13 +247,7 @@ pub(crate) fn create(
         // expired or was evicted alone): replaced.
         CONNTRACK.insert(&*key, &*value, 0)?;
     }
-    // The forward entry: the same, but for the other direction.
-    value.nat_addr = nat.backend;
-    value.nat_port = nat.backend_port;
-    value.flags = masq_flag;
-    value.ifindex = nat.backend_ifindex;
-    value.masq_addr = masq_addr;
-    value.masq_port = masq_port;
+    set_forward_value(value, nat);
     set_key(key, pkt);
     if let Err(error) = CONNTRACK.insert(&*key, &*value, 0) {
         set_reply_key(key, pkt, nat);
@@ -279,6 +255,115 @@ pub(crate) fn create(
         return Err(error);
     }
     Ok(&*value)
+}
+
+/// A reply entry's value (the forward one is made from it).
+// Field by field: a struct literal would be built on the stack first.
+#[inline(always)]
+fn set_reply_value(value: &mut CtValue, pkt: &Packet, service: &ServiceKey, nat: &Nat, now: u64) {
+    value.nat_addr = pkt.daddr;
+    value.nat_port = pkt.dport;
+    value.flags = CT_FLAG_REPLY | flow_flags(pkt, nat);
+    value._pad = 0;
+    value.ifindex = nat.client_ifindex;
+    value.service = *service;
+    value.masq_addr = pkt.saddr;
+    value.masq_port = pkt.sport;
+    value.generation = nat.generation;
+    value.last_seen_ns = now;
+    value.closing_since_ns = 0;
+}
+
+/// Turns a reply entry's value into the forward one's: the same, but for
+/// the other direction.
+#[inline(always)]
+fn set_forward_value(value: &mut CtValue, nat: &Nat) {
+    let (masq_addr, masq_port) = nat.masq.unwrap_or((Addr::UNSPECIFIED, 0));
+    value.nat_addr = nat.backend;
+    value.nat_port = nat.backend_port;
+    value.flags &= !CT_FLAG_REPLY;
+    value.ifindex = nat.backend_ifindex;
+    value.masq_addr = masq_addr;
+    value.masq_port = masq_port;
+}
+
+/// The flags both entries of a new flow have.
+#[inline(always)]
+fn flow_flags(pkt: &Packet, nat: &Nat) -> u8 {
+    let mut flags = if nat.masq.is_some() { CT_FLAG_MASQ } else { 0 };
+    if nat.backend_family != pkt.family {
+        flags |= CT_FLAG_NAT46;
+    }
+    flags
+}
+
+/// For a SYN reopening a closing flow (`Packet::reopening`), `create`'s
+/// work when the new flow goes where the old one went (the same container
+/// and port, the client's own port kept, neither flow masqueraded nor
+/// NAT46): both keys stay, and the old entries are rewritten in place.
+/// That costs two lookups where removing and inserting them again cost two
+/// deletions and two insertions, each taking an element from the LRU's
+/// lists (and, from a full map, evicting one). A client that dials again
+/// and again soon reuses its ports, within a closing flow's time.
+///
+/// The forward entry as written (as `create`'s), or None: then the old
+/// flow is forgotten whole, for `create` to start the new one. Its reply
+/// entry's key differs from the new flow's, and left behind it would
+/// translate the old container's late packets into the new connection, and
+/// its own end (a changed mapping) would remove the new flow's forward
+/// entry, its twin by key.
+// Not inlined: its locals stay out of `start_flow`'s frame, which has no
+// room for them.
+#[inline(never)]
+pub(crate) fn reopen(
+    pkt: &Packet,
+    service: &ServiceKey,
+    nat: &Nat,
+    now: u64,
+) -> Option<*const CtValue> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU memory that only this program run uses; fields other
+    // than the packet (which `pkt` may point to). The forward key goes in
+    // `flow_key` (which holds it already): `remove` builds the twin's key
+    // in `key`.
+    let (forward_key, key, value) = unsafe {
+        (
+            &mut (*scratch).flow_key,
+            &mut (*scratch).key,
+            &mut (*scratch).value,
+        )
+    };
+    set_key(forward_key, pkt);
+    let forward = CONNTRACK.get_ptr_mut(&*forward_key)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let old = unsafe { &mut *forward };
+    let same_place = nat.masq.is_none()
+        && nat.backend_family == pkt.family
+        && old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
+        && old.nat_addr == nat.backend
+        && old.nat_port == nat.backend_port;
+    let reply = if same_place {
+        set_reply_key(key, pkt, nat);
+        // SAFETY: a pointer into the map value, valid for this program run.
+        CONNTRACK
+            .get_ptr_mut(&*key)
+            .filter(|reply| is_reply_of(unsafe { &**reply }, pkt))
+    } else {
+        None
+    };
+    let Some(reply) = reply else {
+        remove(forward_key, old);
+        return None;
+    };
+    // Another CPU may read the entries meanwhile: the addresses and ports
+    // they translate to are the same before and after (they are in the
+    // keys); only the state, times and mapping change.
+    set_reply_value(value, pkt, service, nat, now);
+    // SAFETY: pointers into the map values, valid for this program run.
+    unsafe { *reply = *value };
+    set_forward_value(value, nat);
+    *old = *value;
+    Some(&*value)
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,

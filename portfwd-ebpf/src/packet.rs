@@ -59,6 +59,9 @@ pub(crate) struct Packet {
     /// When the packet matched a tracked flow (`conntrack::now`): the clock
     /// is read once, on a hit. 0 until then.
     pub now: u64,
+    /// A SYN reusing the ports of a closing flow, whose entries the new
+    /// flow takes over (`conntrack::create`). Set by `tc::ingress`.
+    pub reopening: bool,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -217,6 +220,7 @@ fn later_fragment(
         fragment: LATER_FRAGMENT,
         frag_id,
         now: 0,
+        reopening: false,
     })
 }
 
@@ -315,6 +319,7 @@ fn transport(
         fragment: WHOLE,
         frag_id: 0,
         now: 0,
+        reopening: false,
     })
 }
 

@@ -121,7 +121,16 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
         masq,
         generation,
     };
-    let Ok(forward) = conntrack::create(pkt, &service, &nat, now) else {
+    // A SYN reopening a closing flow takes its entries over when it can.
+    let reopened = match pkt.reopening {
+        true => conntrack::reopen(pkt, &service, &nat, now),
+        false => None,
+    };
+    let created = match reopened {
+        Some(forward) => Ok(forward),
+        None => conntrack::create(pkt, &service, &nat, now),
+    };
+    let Ok(forward) = created else {
         // Untracked, the replies could not be translated back: do not start.
         note(ctx, pkt, masquerade, Stat::RewriteFailed);
         return NEXT;

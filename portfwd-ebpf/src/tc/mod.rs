@@ -40,9 +40,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, IPPROTO_TCP,
+    IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
+    TRANSLATED_MARK,
 };
 
 use self::{
@@ -142,11 +142,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             }
             return translate_reply(ctx, pkt, key, entry, true);
         }
-        // A SYN on a closing flow is the client reusing its port: a new flow.
+        // A SYN on a closing flow is the client reusing its port: a new
+        // flow, which takes the old one's entries over or forgets them
+        // (`conntrack::create`).
         if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
             return translate_forward(ctx, pkt, key, entry, redirect);
         }
-        forget_closing_flow(key, entry);
+        pkt.reopening = true;
     }
     new_flow(ctx, pkt, path, from_containers)
 }
@@ -239,20 +241,6 @@ fn fragmented_by_stack(ctx: &TcContext, pkt: &Packet, flags: u8, path: u8) -> bo
     count(Stat::TooBigToStack);
     trace::stat(ctx, pkt, path, Stat::TooBigToStack);
     true
-}
-
-/// A closing flow whose client opens it again: both entries are removed
-/// before the new flow is made. The new flow's reply key differs from the
-/// old one when it goes to another container or gets another port; left
-/// behind, the old reply entry would translate the old container's late
-/// packets into the new connection, and its own end (a changed mapping)
-/// would remove the new flow's forward entry, its twin by key.
-// Not inlined: its locals stay out of the program's frame.
-#[inline(never)]
-fn forget_closing_flow(key: &CtKey, entry: *mut CtValue) {
-    // SAFETY: a pointer into the map value, valid for this program run; not
-    // used after the removal.
-    conntrack::remove(key, unsafe { &*entry });
 }
 
 /// Uplink egress: replies that reached the uplink through the host's

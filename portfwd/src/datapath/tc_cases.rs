@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use etherparse::{IpFragOffset, Ipv4Header};
-use portfwd_common::{Stat, TRANSLATED_MARK};
+use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat, TRANSLATED_MARK};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
@@ -416,6 +416,86 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
             tc.run_marked(UPLINK_IN, &data, 0),
             (TO_STACK, frame(client, new, L4::Ack), 0),
             "{how}: the new flow's data"
+        );
+    }
+}
+
+/// The flags of every conntrack entry, sorted.
+fn conntrack_flags(tc: &Tc) -> Vec<u8> {
+    use aya::maps::{HashMap, MapData};
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
+    let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+    let mut flags: Vec<u8> = map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, v)| v.flags)
+        .collect();
+    flags.sort_unstable();
+    flags
+}
+
+/// A SYN that reopens a closing flow to the same container (the client
+/// reusing its port, the mapping unchanged) takes the old flow's two
+/// entries over: nothing of the old flow's closing state is left (before
+/// the entries were rewritten in place, they were removed and inserted
+/// again), and the new flow is established by its first reply.
+#[test]
+fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
+    if !can_run("a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh") {
+        return;
+    }
+    for (rst, client_port) in [(false, 40043), (true, 40044)] {
+        let how = if rst {
+            "closed by a RST"
+        } else {
+            "closed by FINs"
+        };
+        let mut tc = Tc::load_as_root();
+        tc.publish(&published());
+        let client = at(CLIENT_V4, client_port);
+        let published = at(HOST_V4, 8080);
+        let container = at(CTR_V4, 80);
+        close_a_flow(&tc, how, (client, published, container), rst);
+        assert_ne!(conntrack_flags(&tc), [0, CT_FLAG_REPLY], "{how}: closing");
+
+        let syn = frame(client, published, L4::Syn);
+        assert_eq!(
+            tc.run_marked(UPLINK_IN, &syn, 0).1,
+            frame(client, container, L4::Syn),
+            "{how}: the SYN reopens the flow"
+        );
+        assert_eq!(
+            conntrack_flags(&tc),
+            [0, CT_FLAG_REPLY],
+            "{how}: the new flow's two entries, opening"
+        );
+        let reply = frame(container, client, L4::Ack);
+        assert_eq!(
+            tc.run_marked(BACKEND_IN, &reply, 0).1,
+            frame(published, client, L4::Ack),
+            "{how}: the container's answer"
+        );
+        assert_eq!(
+            conntrack_flags(&tc),
+            [CT_FLAG_ESTABLISHED, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
+            "{how}: established by its first reply"
+        );
+        // The client's FIN closes its side only: the container's data
+        // still reaches it (a closing flow's would too, for a while; the
+        // flags above say it is not one).
+        let fin = closing_frame(client, published, false);
+        assert_eq!(
+            tc.run_marked(UPLINK_IN, &fin, 0).1,
+            closing_frame(client, container, false),
+            "{how}: the client's FIN"
+        );
+        assert!(
+            conntrack_flags(&tc)
+                .iter()
+                .all(|f| f & CT_FLAG_CLOSING == 0),
+            "{how}: half-closed, not closing: {:?}",
+            conntrack_flags(&tc)
         );
     }
 }

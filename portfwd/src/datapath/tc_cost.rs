@@ -266,6 +266,25 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     });
     let new_flows = stat_of(ebpf, Stat::FlowNew) - flows_before;
     assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
+    // The same clients again, each after its flow was reset (untimed): a
+    // SYN reopening a closing flow, as a client that dials again and again
+    // soon reuses its ports.
+    for i in 0..SINGLE_RUNS {
+        run(ebpf, UPLINK_IN, &frame(new_client(i), a, L4::Rst), 1);
+    }
+    let flows_before = stat_of(ebpf, Stat::FlowNew);
+    single(
+        UPLINK_IN,
+        "SYN reopening a closing flow (single runs)",
+        0,
+        &|i| frame(new_client(i), a, L4::Syn),
+    );
+    let reopened = stat_of(ebpf, Stat::FlowNew) - flows_before;
+    assert_eq!(
+        reopened,
+        u64::from(SINGLE_RUNS),
+        "every SYN reopened its flow"
+    );
     // A reply that backend_in translated and redirected reaches the
     // uplink's egress marked (its first run clears the mark: single runs).
     // Another client port than the cycle's: here A:8080 is also a container

@@ -76,6 +76,8 @@ pub(super) fn mapping(protocol: Protocol, host: SocketAddr, container: SocketAdd
 pub(super) enum L4 {
     Syn,
     Ack,
+    /// The client gives up: RST (with ACK), no payload.
+    Rst,
     Udp,
 }
 
@@ -108,6 +110,11 @@ pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
             .tcp(src.port(), dst.port(), SEQ, 64240)
             .ack(1)
             .write(&mut out, PAYLOAD),
+        L4::Rst => ip
+            .tcp(src.port(), dst.port(), SEQ, 64240)
+            .rst()
+            .ack(1)
+            .write(&mut out, &[]),
         L4::Udp => ip.udp(src.port(), dst.port()).write(&mut out, PAYLOAD),
     }
     .expect("building a frame");
