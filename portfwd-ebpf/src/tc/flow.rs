@@ -11,12 +11,12 @@ use portfwd_common::{
 use super::{
     masquerade::masquerade_port,
     service::{Backend, find_service, is_host_address, services_generation},
-    translate::{add_traffic, finish, finish_nat46, ifindex_of},
+    translate::{add_connection, finish, finish_nat46, ifindex_of},
 };
 use crate::{
     conntrack::{self, Nat},
     fragments,
-    maps::{ALLOW, COUNTERS, SCRATCH},
+    maps::{ALLOW, SCRATCH},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
     reply, trace,
@@ -148,11 +148,7 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
     count(Stat::FlowNew);
     // SAFETY: the entry just inserted, in scratch memory.
     trace::flow_new(ctx, pkt, masquerade, unsafe { &*forward });
-    if let Some(counters) = COUNTERS.get_ptr_mut(&service) {
-        // SAFETY: per-CPU value, only this CPU writes it.
-        unsafe { (*counters).connections += 1 };
-    }
-    add_traffic(&service, pkt.len, true);
+    add_connection(&service, pkt.len);
     if nat46 {
         // SAFETY: the entry just inserted, in scratch memory.
         return finish_nat46(ctx, pkt, unsafe { &*forward }, backend.ifindex);

@@ -109,20 +109,27 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     conntrack::set_key(key, pkt);
     if let Some((entry, now)) = conntrack::find(key) {
         pkt.now = now;
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
         // A reply to what the host itself sent from a published port (see
         // `routed_reply`): the host's, not a new flow.
-        // SAFETY: a pointer into the map value, valid for this program run.
-        if unsafe { (*entry).flags } & CT_FLAG_HOST != 0 {
+        if flags & CT_FLAG_HOST != 0 {
             conntrack::touch(key, entry, pkt, now);
             return NEXT;
         }
-        // A flow that lost its other entry (evicted, or expired alone) is
-        // forgotten and started again by this packet.
-        if conntrack::orphaned(key, entry, is_new_tcp(pkt), now) {
+        let syn = is_new_tcp(pkt);
+        // A SYN on a closing flow is the client reusing its port: a new
+        // flow, which takes the old one's entries over or forgets them
+        // (`conntrack::reopen`), with or without its other entry.
+        if syn && flags & (CT_FLAG_CLOSING | CT_FLAG_REPLY) == CT_FLAG_CLOSING {
+            pkt.reopening = true;
             return new_flow(ctx, pkt, path, from_containers);
         }
-        // SAFETY: a pointer into the map value, valid for this program run.
-        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
+        // A flow that lost its other entry (evicted, or expired alone) is
+        // forgotten and started again by this packet.
+        if conntrack::orphaned(key, entry, syn, now) {
+            return new_flow(ctx, pkt, path, from_containers);
+        }
         // Larger than the interface it goes to: answered, as the
         // forwarding path would (only large packets pay the check), or
         // left to the stack to fragment.
@@ -142,13 +149,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             }
             return translate_reply(ctx, pkt, key, entry, true);
         }
-        // A SYN on a closing flow is the client reusing its port: a new
-        // flow, which takes the old one's entries over or forgets them
-        // (`conntrack::create`).
-        if !(is_new_tcp(pkt) && flags & CT_FLAG_CLOSING != 0) {
-            return translate_forward(ctx, pkt, key, entry, redirect);
-        }
-        pkt.reopening = true;
+        return translate_forward(ctx, pkt, key, entry, redirect);
     }
     new_flow(ctx, pkt, path, from_containers)
 }

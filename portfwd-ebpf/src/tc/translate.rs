@@ -195,10 +195,24 @@ pub(super) fn ifindex_of(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Counts a packet of the mapping's traffic (`inbound`: client to
+/// container).
 pub(super) fn add_traffic(service: &ServiceKey, bytes: u32, inbound: bool) {
+    add_to_counters(service, bytes, inbound, 0);
+}
+
+/// Counts a new flow's first packet: a connection, and inbound traffic.
+pub(super) fn add_connection(service: &ServiceKey, bytes: u32) {
+    add_to_counters(service, bytes, true, 1);
+}
+
+/// One lookup of the mapping's counters per packet, even a flow's first.
+#[inline(always)]
+fn add_to_counters(service: &ServiceKey, bytes: u32, inbound: bool, connections: u64) {
     if let Some(counters) = COUNTERS.get_ptr_mut(service) {
         // SAFETY: per-CPU value, only this CPU writes it.
         let counters = unsafe { &mut *counters };
+        counters.connections += connections;
         if inbound {
             counters.packets_in += 1;
             counters.bytes_in += bytes as u64;

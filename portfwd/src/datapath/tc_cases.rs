@@ -498,6 +498,42 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
             conntrack_flags(&tc)
         );
     }
+
+    // The closing flow lost its reply entry (evicted): the SYN still opens
+    // a whole new flow.
+    let mut tc = Tc::load_as_root();
+    tc.publish(&published());
+    let (client, published, container) = (at(CLIENT_V4, 40045), at(HOST_V4, 8080), at(CTR_V4, 80));
+    close_a_flow(&tc, "evicted", (client, published, container), false);
+    remove_reply_entries(&mut tc);
+    assert_eq!(conntrack_flags(&tc).len(), 1);
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, published, L4::Syn), 0)
+            .1,
+        frame(client, container, L4::Syn),
+        "the SYN reopens the flow whose reply entry is gone"
+    );
+    assert_eq!(conntrack_flags(&tc), [0, CT_FLAG_REPLY]);
+}
+
+/// Removes every reply entry from conntrack, as evictions may.
+fn remove_reply_entries(tc: &mut Tc) {
+    use aya::maps::{HashMap, MapData};
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    let map = tc
+        .ebpf_mut()
+        .map_mut(CONNTRACK.name)
+        .expect("the conntrack map");
+    let mut map: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+    let replies: Vec<CtKey> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, value)| value.flags & CT_FLAG_REPLY != 0)
+        .map(|(key, _)| key)
+        .collect();
+    for key in replies {
+        map.remove(&key).unwrap();
+    }
 }
 
 /// Opens a flow from `client` to `published` (translated to `container`)

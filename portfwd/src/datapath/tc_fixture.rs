@@ -229,6 +229,10 @@ impl Tc {
         &self.ebpf
     }
 
+    pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// Adds (or replaces) `mappings` in the services map, and their
     /// allowlists in the allowlist map.
     pub(super) fn publish(&mut self, mappings: &[Mapping]) {
