@@ -16,6 +16,7 @@ use portfwd_common::{
 use crate::{
     maps::{CONNTRACK, SCRATCH},
     packet::{Packet, TCP_FIN, TCP_RST},
+    types::Nat,
 };
 
 /// `bpf_map_update_elem` flag: only if the key is not there yet.
@@ -92,9 +93,8 @@ pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, syn: bool, now: u64) ->
 fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &*entry };
-    let twin = twin_of(key, ct).and_then(|twin| CONNTRACK.get_ptr_mut(twin));
-    match twin {
-        Some(twin) => {
+    match twin_entry(key, ct) {
+        Some((_, twin)) => {
             // SAFETY: a pointer into the map value, valid for this program run.
             unsafe { (*twin).last_seen_ns = now };
             false
@@ -144,9 +144,8 @@ fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
     // Closing is `close`'s to set, with its time: set here, the entry that
     // saw the RST kept no closing time and expired at once.
     ct.flags |= event & !CT_FLAG_CLOSING;
-    let twin = twin_of(key, ct).and_then(|twin| CONNTRACK.get_ptr_mut(twin));
     // SAFETY: a pointer into the map value, valid for this program run.
-    let twin = twin.map(|t| unsafe { &mut *t });
+    let twin = twin_entry(key, ct).map(|(_, t)| unsafe { &mut *t });
     match (event, twin) {
         (CT_FLAG_ESTABLISHED, Some(twin)) => twin.flags |= CT_FLAG_ESTABLISHED,
         (CT_FLAG_ESTABLISHED, None) => {}
@@ -166,22 +165,6 @@ fn close(ct: &mut CtValue, now: u64) {
         ct.flags |= CT_FLAG_CLOSING;
         ct.closing_since_ns = now;
     }
-}
-
-/// Where a new flow goes: the container, and for a hairpin flow the
-/// source it is masqueraded to.
-pub(crate) struct Nat {
-    pub backend: Addr,
-    /// The container's family: not the client's for a NAT46 flow.
-    pub backend_family: u8,
-    pub backend_port: u16,
-    pub backend_ifindex: u32,
-    /// The interface the flow came in on (its replies go back there).
-    pub client_ifindex: u32,
-    /// Hairpin: the (host address, port) the client is rewritten to.
-    pub masq: Option<(Addr, u16)>,
-    /// The services generation read before the mapping was looked up.
-    pub generation: u16,
 }
 
 /// The key of the packet's own flow (the forward direction of a new one).
@@ -297,21 +280,24 @@ fn flow_flags(pkt: &Packet, nat: &Nat) -> u8 {
     flags
 }
 
-/// For a SYN reopening a closing flow (`Packet::reopening`), `create`'s
-/// work when the new flow goes where the old one went (the same container
-/// and port, the client's own port kept, neither flow masqueraded nor
-/// NAT46): both keys stay, and the old entries are rewritten in place.
-/// That costs two lookups where removing and inserting them again cost two
-/// deletions and two insertions, each taking an element from the LRU's
-/// lists (and, from a full map, evicting one). A client that dials again
-/// and again soon reuses its ports, within a closing flow's time.
+/// For a SYN reopening a closing flow (`Packet::reopening`): `create`'s
+/// work when the new flow goes where the old one went (`plain`: an
+/// external client, no NAT46; the same container and port; the old flow's
+/// reply entry there, so the client keeps its port): both keys stay, and
+/// the old entries are rewritten in place. That costs two lookups where
+/// removing and inserting them again cost two deletions and two
+/// insertions, each taking an element from the LRU's lists (and, from a
+/// full map, evicting one), and the new flow needs no port check
+/// (`masquerade_port`). A client that dials again and again soon reuses
+/// its ports, within a closing flow's time.
 ///
 /// The forward entry as written (as `create`'s), or None: then the old
 /// flow is forgotten whole, for `create` to start the new one. Its reply
-/// entry's key differs from the new flow's, and left behind it would
+/// entry's key may differ from the new flow's, and left behind it would
 /// translate the old container's late packets into the new connection, and
 /// its own end (a changed mapping) would remove the new flow's forward
-/// entry, its twin by key.
+/// entry, its twin by key. An entry under that key that is not the old
+/// flow's (another flow took the key after an eviction) stays.
 // Not inlined: its locals stay out of `start_flow`'s frame, which has no
 // room for them.
 #[inline(never)]
@@ -319,51 +305,41 @@ pub(crate) fn reopen(
     pkt: &Packet,
     service: &ServiceKey,
     nat: &Nat,
-    now: u64,
+    plain: bool,
 ) -> Option<*const CtValue> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU memory that only this program run uses; fields other
     // than the packet (which `pkt` may point to). The forward key goes in
-    // `flow_key` (which holds it already): `remove` builds the twin's key
-    // in `key`.
-    let (forward_key, key, value) = unsafe {
-        (
-            &mut (*scratch).flow_key,
-            &mut (*scratch).key,
-            &mut (*scratch).value,
-        )
-    };
+    // `flow_key` (which holds it already): `twin_of` builds its key in
+    // `key`.
+    let (forward_key, value) = unsafe { (&mut (*scratch).flow_key, &mut (*scratch).value) };
     set_key(forward_key, pkt);
     let forward = CONNTRACK.get_ptr_mut(&*forward_key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let old = unsafe { &mut *forward };
-    let same_place = nat.masq.is_none()
-        && nat.backend_family == pkt.family
+    // The old reply key is then the new flow's (`set_reply_key`).
+    let same_place = plain
+        && nat.masq.is_none()
         && old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
         && old.nat_addr == nat.backend
         && old.nat_port == nat.backend_port;
-    let reply = if same_place {
-        set_reply_key(key, pkt, nat);
-        // SAFETY: a pointer into the map value, valid for this program run.
-        CONNTRACK
-            .get_ptr_mut(&*key)
-            .filter(|reply| is_reply_of(unsafe { &**reply }, pkt))
-    } else {
-        None
-    };
-    let Some(reply) = reply else {
-        remove(forward_key, old);
-        return None;
-    };
-    // Another CPU may read the entries meanwhile: the addresses and ports
-    // they translate to are the same before and after (they are in the
-    // keys); only the state, times and mapping change.
-    set_reply_value(value, pkt, service, nat, now);
-    // SAFETY: pointers into the map values, valid for this program run.
-    unsafe { *reply = *value };
-    set_forward_value(value, nat);
-    *old = *value;
-    Some(&*value)
+    if same_place && let Some((_, reply)) = twin_entry(forward_key, old) {
+        // Another CPU may read the entries meanwhile: the addresses and
+        // ports they translate to are the same before and after (they are
+        // in the keys); only the state, times and mapping change. The clock
+        // is as read for the packet's conntrack hit.
+        set_reply_value(value, pkt, service, nat, pkt.now);
+        // Copied, not assigned: an assignment went through the stack.
+        // SAFETY: a pointer into the map value, valid for this run, and
+        // scratch memory: not the same memory.
+        unsafe { core::ptr::copy_nonoverlapping(value, reply, 1) };
+        set_forward_value(value, nat);
+        // SAFETY: as above.
+        unsafe { core::ptr::copy_nonoverlapping(value, forward, 1) };
+        return Some(&*value);
+    }
+    remove(forward_key, old);
+    None
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,
@@ -446,6 +422,35 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
     Some(twin)
 }
 
+/// The other direction's entry of the flow of `key` and `ct`, with its key
+/// (in scratch memory, see `twin_of`), if it is there and is this flow's:
+/// after an eviction another flow may hold its key (the same client port
+/// through another published port to the same container port), and that
+/// flow's entry is not this one's to change or remove.
+#[inline(always)]
+fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue)> {
+    let twin_key = twin_of(key, ct)?;
+    let entry = CONNTRACK.get_ptr_mut(twin_key)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let twin = unsafe { &*entry };
+    let pairs = if ct.flags & CT_FLAG_REPLY == 0 {
+        // The reply entry of this client and published address.
+        twin.flags & CT_FLAG_REPLY != 0
+            && twin.masq_addr == key.saddr
+            && twin.masq_port == key.sport
+            && twin.nat_addr == key.daddr
+            && twin.nat_port == key.dport
+    } else {
+        // The forward entry to this container, from the source it sees.
+        twin.flags & CT_FLAG_REPLY == 0
+            && twin.nat_addr == key.saddr
+            && twin.nat_port == key.sport
+            && (twin.flags & CT_FLAG_MASQ == 0
+                || (twin.masq_addr == key.daddr && twin.masq_port == key.dport))
+    };
+    pairs.then_some((twin_key, entry))
+}
+
 /// Whether `ct` is the reply entry of the flow that `pkt` (a forward packet)
 /// belongs to: its client and published address are the packet's.
 pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
@@ -456,9 +461,10 @@ pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
         && ct.nat_port == pkt.dport
 }
 
-/// Forgets a flow, given either direction's key and entry.
+/// Forgets a flow, given either direction's key and entry (and its other
+/// entry only if that is this flow's, see `twin_entry`).
 pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
-    if let Some(twin) = twin_of(key, ct) {
+    if let Some((twin, _)) = twin_entry(key, ct) {
         let _ = CONNTRACK.remove(twin);
     }
     let _ = CONNTRACK.remove(key);

@@ -60,7 +60,7 @@ pub(crate) struct Packet {
     /// is read once, on a hit. 0 until then.
     pub now: u64,
     /// A SYN reusing the ports of a closing flow, whose entries the new
-    /// flow takes over (`conntrack::create`). Set by `tc::ingress`.
+    /// flow takes over (`conntrack::reopen`). Set by `tc::ingress`.
     pub reopening: bool,
 }
 

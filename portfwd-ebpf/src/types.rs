@@ -34,6 +34,8 @@ pub(crate) struct Scratch {
     pub nat46_source: Addr,
     /// A host socket lookup (`tc::masquerade::host_socket_uses`).
     pub sock_tuple: bpf_sock_tuple,
+    /// Where a new flow goes (`tc::flow::start_flow`).
+    pub nat: Nat,
 }
 
 /// Per-CPU memory for one answer (the `pf_reply` map), and the CPU's ICMP
@@ -44,4 +46,20 @@ pub(crate) struct ReplyScratch {
     pub pseudo: [u8; 40],
     pub credit_ns: u64,
     pub last_ns: u64,
+}
+
+/// Where a new flow goes: the container, and for a hairpin flow the
+/// source it is masqueraded to.
+pub(crate) struct Nat {
+    pub backend: Addr,
+    /// The container's family: not the client's for a NAT46 flow.
+    pub backend_family: u8,
+    pub backend_port: u16,
+    pub backend_ifindex: u32,
+    /// The interface the flow came in on (its replies go back there).
+    pub client_ifindex: u32,
+    /// Hairpin: the (host address, port) the client is rewritten to.
+    pub masq: Option<(Addr, u16)>,
+    /// The services generation read before the mapping was looked up.
+    pub generation: u16,
 }

@@ -14,8 +14,7 @@ use super::{
     translate::{add_connection, finish, finish_nat46, ifindex_of},
 };
 use crate::{
-    conntrack::{self, Nat},
-    fragments,
+    conntrack, fragments,
     maps::{ALLOW, SCRATCH},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
@@ -48,8 +47,10 @@ pub(super) fn is_new_tcp(pkt: &Packet) -> bool {
 // calls of their own where that helps the stack; cutting the rest into
 // more calls would pass their values as more than five arguments (a BPF
 // call's limit) or through scratch memory, and its 320-byte frame is the
-// deepest chain's largest part (program 32 + this + `masquerade_port`
-// 128 = 480 of 512 on 6.1): a new frame below it does not fit.
+// deepest chains' largest part. On 6.1, which rounds each frame up to 32
+// bytes, program 32 + this 320 + `masquerade_port` 128 +
+// `host_socket_uses` 32, and program 32 + this + `conntrack::reopen` 128 +
+// `conntrack::remove` 32, are each 512 of 512: nothing more fits below it.
 #[inline(never)]
 pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
     let opens = pkt.proto != IPPROTO_TCP || is_new_tcp(pkt);
@@ -106,29 +107,40 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
         (false, true) => &pkt.daddr,
         (false, false) => &pkt.saddr,
     };
-    let Some(port) = masquerade_port(ctx, pkt, &backend, masq_addr) else {
-        note(ctx, pkt, masquerade, Stat::RewriteFailed);
+    // In scratch memory, field by field: on the stack it made this frame
+    // too large (see above).
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
-    let masq = (masquerade || nat46 || port != pkt.sport).then_some((*masq_addr, port));
-    let nat = Nat {
-        backend: backend.addr,
-        backend_family: backend.family,
-        backend_port: backend.port,
-        backend_ifindex: backend.ifindex,
-        // SAFETY: reading a context field, checked by the verifier.
-        client_ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        masq,
-        generation,
-    };
-    // A SYN reopening a closing flow takes its entries over when it can.
+    // SAFETY: per-CPU memory that only this program run uses.
+    let nat = unsafe { &mut (*scratch).nat };
+    nat.backend = backend.addr;
+    nat.backend_family = backend.family;
+    nat.backend_port = backend.port;
+    nat.backend_ifindex = backend.ifindex;
+    // SAFETY: reading a context field, checked by the verifier.
+    nat.client_ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The client's own port, unless `masquerade_port` says otherwise.
+    nat.masq = None;
+    nat.generation = generation;
+    // A SYN reopening a closing flow takes its entries over when it can
+    // (then its port is its own), else forgets them.
     let reopened = match pkt.reopening {
-        true => conntrack::reopen(pkt, &service, &nat, now),
+        true => conntrack::reopen(pkt, &service, nat, !masquerade && !nat46),
         false => None,
     };
     let created = match reopened {
         Some(forward) => Ok(forward),
-        None => conntrack::create(pkt, &service, &nat, now),
+        None => {
+            let Some(port) = masquerade_port(ctx, pkt, &backend, masq_addr) else {
+                note(ctx, pkt, masquerade, Stat::RewriteFailed);
+                return NEXT;
+            };
+            if masquerade || nat46 || port != pkt.sport {
+                nat.masq = Some((*masq_addr, port));
+            }
+            conntrack::create(pkt, &service, nat, now)
+        }
     };
     let Ok(forward) = created else {
         // Untracked, the replies could not be translated back: do not start.
@@ -153,7 +165,7 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
         // SAFETY: the entry just inserted, in scratch memory.
         return finish_nat46(ctx, pkt, unsafe { &*forward }, backend.ifindex);
     }
-    if let Some((addr, port)) = masq
+    if let Some((addr, port)) = nat.masq
         && !packet::rewrite(ctx, pkt, End::Source, &addr, port)
     {
         count(Stat::RewriteFailed);

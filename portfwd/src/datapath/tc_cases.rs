@@ -516,6 +516,98 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
     assert_eq!(conntrack_flags(&tc), [0, CT_FLAG_REPLY]);
 }
 
+/// A SYN that reopens a closing flow whose reply entry was evicted, and
+/// whose reply key another flow took meanwhile (the same client port,
+/// through another published port to the same container port): that
+/// flow's entry stays, and the new flow gets another port towards the
+/// container. Before, forgetting the closing flow removed whatever entry
+/// had its reply key, and the other flow's replies left untranslated.
+#[test]
+fn reopening_a_flow_leaves_another_flows_entry_under_its_old_reply_key() {
+    if !can_run("reopening_a_flow_leaves_another_flows_entry_under_its_old_reply_key") {
+        return;
+    }
+    let mut tc = Tc::load_as_root();
+    let (first, second) = (at(HOST_V4, 8080), at(HOST_V4, 8081));
+    let container = at(CTR_V4, 80);
+    tc.publish(&[
+        mapping(Protocol::Tcp, first, container),
+        mapping(Protocol::Tcp, second, container),
+    ]);
+    let client = at(CLIENT_V4, 40046);
+    close_a_flow(&tc, "reset", (client, first, container), true);
+    remove_reply_entries(&mut tc);
+    // The same client port through the other published port: its reply
+    // key, the first flow's, is free.
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, second, L4::Syn), 0)
+            .1,
+        frame(client, container, L4::Syn)
+    );
+
+    // The client dials the first port again from the same port.
+    let (_, out, _) = tc.run_marked(UPLINK_IN, &frame(client, first, L4::Syn), 0);
+    let headers = etherparse::PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(tcp)) = headers.transport else {
+        panic!("not TCP: {out:?}");
+    };
+    assert_eq!(tcp.destination_port, container.port());
+    assert_ne!(
+        tcp.source_port,
+        client.port(),
+        "the reopened flow moves to another port towards the container"
+    );
+
+    // The other flow's replies are still translated.
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(second, client, L4::Ack),
+        "the other flow's reply"
+    );
+}
+
+/// A flow whose reply entry was evicted, and whose reply key another flow
+/// took (as above): its RST closes its own entry, not that flow's. Before,
+/// the entry under the key was taken for its own, and the other flow ended
+/// with it.
+#[test]
+fn a_flow_that_lost_its_reply_entry_leaves_the_flow_under_that_key_open() {
+    if !can_run("a_flow_that_lost_its_reply_entry_leaves_the_flow_under_that_key_open") {
+        return;
+    }
+    let mut tc = Tc::load_as_root();
+    let (first, second) = (at(HOST_V4, 8080), at(HOST_V4, 8081));
+    let container = at(CTR_V4, 80);
+    tc.publish(&[
+        mapping(Protocol::Tcp, first, container),
+        mapping(Protocol::Tcp, second, container),
+    ]);
+    let client = at(CLIENT_V4, 40047);
+    tc.run_marked(UPLINK_IN, &frame(client, first, L4::Syn), 0);
+    remove_reply_entries(&mut tc);
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, second, L4::Syn), 0)
+            .1,
+        frame(client, container, L4::Syn),
+        "the second flow, under the first one's reply key"
+    );
+    assert_eq!(conntrack_flags(&tc), [0, 0, CT_FLAG_REPLY]);
+
+    tc.run_marked(UPLINK_IN, &closing_frame(client, first, true), 0);
+    assert_eq!(
+        conntrack_flags(&tc),
+        [0, CT_FLAG_REPLY, CT_FLAG_CLOSING],
+        "the first flow closes alone"
+    );
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(second, client, L4::Ack),
+        "the second flow's reply"
+    );
+}
+
 /// Removes every reply entry from conntrack, as evictions may.
 fn remove_reply_entries(tc: &mut Tc) {
     use aya::maps::{HashMap, MapData};
