@@ -308,11 +308,11 @@ pub(crate) fn reopen(
     plain: bool,
 ) -> Option<*const CtValue> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU memory that only this program run uses; fields other
-    // than the packet (which `pkt` may point to). The forward key goes in
+    // SAFETY: per-CPU memory that only this program run uses, not the
+    // packet's (which `pkt` may point to). The forward key goes in
     // `flow_key` (which holds it already): `twin_of` builds its key in
     // `key`.
-    let (forward_key, value) = unsafe { (&mut (*scratch).flow_key, &mut (*scratch).value) };
+    let forward_key = unsafe { &mut (*scratch).flow_key };
     set_key(forward_key, pkt);
     let forward = CONNTRACK.get_ptr_mut(&*forward_key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -325,21 +325,36 @@ pub(crate) fn reopen(
         && old.nat_port == nat.backend_port;
     if same_place && let Some((_, reply)) = twin_entry(forward_key, old) {
         // Another CPU may read the entries meanwhile: the addresses and
-        // ports they translate to are the same before and after (they are
-        // in the keys); only the state, times and mapping change. The clock
-        // is as read for the packet's conntrack hit.
-        set_reply_value(value, pkt, service, nat, pkt.now);
-        // Copied, not assigned: an assignment went through the stack.
-        // SAFETY: a pointer into the map value, valid for this run, and
-        // scratch memory: not the same memory.
-        unsafe { core::ptr::copy_nonoverlapping(value, reply, 1) };
-        set_forward_value(value, nat);
-        // SAFETY: as above.
-        unsafe { core::ptr::copy_nonoverlapping(value, forward, 1) };
-        return Some(&*value);
+        // ports they translate to stay (they are in the keys); only the
+        // state, times, interfaces and mapping change. The clock is as read
+        // for the packet's conntrack hit.
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let reply = unsafe { &mut *reply };
+        restart(
+            reply,
+            CT_FLAG_REPLY,
+            nat.client_ifindex,
+            service,
+            nat,
+            pkt.now,
+        );
+        restart(old, 0, nat.backend_ifindex, service, nat, pkt.now);
+        return Some(forward);
     }
     remove(forward_key, old);
     None
+}
+
+/// One entry of a closing flow, made the reopened flow's (`reopen`): its
+/// addresses stay, its state and times start again.
+#[inline(always)]
+fn restart(ct: &mut CtValue, flags: u8, ifindex: u32, service: &ServiceKey, nat: &Nat, now: u64) {
+    ct.flags = flags;
+    ct.ifindex = ifindex;
+    ct.service = *service;
+    ct.generation = nat.generation;
+    ct.last_seen_ns = now;
+    ct.closing_since_ns = 0;
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,

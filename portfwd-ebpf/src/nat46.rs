@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use portfwd_common::{Addr, CtValue, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, Stat};
+use portfwd_common::{CtValue, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, Stat};
 
 use crate::{
     maps::{NAT46_SRC, SCRATCH},
@@ -71,14 +71,6 @@ pub(crate) fn start(pkt: &Packet, service: &ServiceKey) -> i32 {
     // SAFETY: per-CPU memory that only this program run uses.
     unsafe { (*scratch).nat46_source = *found };
     TRANSLATE
-}
-
-/// The host's IPv4 source that `start` found, in scratch memory.
-#[inline(always)]
-pub(crate) fn source() -> Option<&'static Addr> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU memory that only this program run uses.
-    Some(unsafe { &(*scratch).nat46_source })
 }
 
 /// Translates a packet of a NAT46 flow (`CT_FLAG_NAT46`) to the other

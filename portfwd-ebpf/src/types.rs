@@ -21,7 +21,14 @@ pub(crate) const FRAME_ROOM: usize = 2176;
 /// the LLVM that links the object). Kernel 6.1's verifier, which counts
 /// each frame rounded up to 32 bytes, rejected it at 544. Here they cost no
 /// stack at all: the chain needs 416 bytes there.
+///
+/// `nat` comes first, at offset 0 (hence `repr(C)`): LLVM computed its
+/// address from the lookup's result before the null check, which kernel
+/// 6.1's verifier refuses ("pointer arithmetic on map_value_or_null").
+#[repr(C)]
 pub(crate) struct Scratch {
+    /// Where a new flow goes (`tc::flow::start_flow`).
+    pub nat: Nat,
     pub pkt: Packet,
     pub flow_key: CtKey,
     pub key: CtKey,
@@ -34,8 +41,6 @@ pub(crate) struct Scratch {
     pub nat46_source: Addr,
     /// A host socket lookup (`tc::masquerade::host_socket_uses`).
     pub sock_tuple: bpf_sock_tuple,
-    /// Where a new flow goes (`tc::flow::start_flow`).
-    pub nat: Nat,
 }
 
 /// Per-CPU memory for one answer (the `pf_reply` map), and the CPU's ICMP

@@ -99,18 +99,17 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
     // gets another, as netfilter's NAT clash resolution does.
     // A NAT46 flow, the host's IPv4 address towards the container.
     let now = conntrack::now();
-    let masq_addr = match (nat46, masquerade) {
-        (true, _) => match nat46::source() {
-            Some(source) => source,
-            None => return NEXT,
-        },
-        (false, true) => &pkt.daddr,
-        (false, false) => &pkt.saddr,
-    };
-    // In scratch memory, field by field: on the stack it made this frame
-    // too large (see above).
+    // `Nat` in scratch memory, field by field: on the stack it made this
+    // frame too large (see above).
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return NEXT;
+    };
+    let masq_addr = match (nat46, masquerade) {
+        // SAFETY: per-CPU memory that only this program run uses, where
+        // `nat46::start` left the source it found.
+        (true, _) => unsafe { &(*scratch).nat46_source },
+        (false, true) => &pkt.daddr,
+        (false, false) => &pkt.saddr,
     };
     // SAFETY: per-CPU memory that only this program run uses.
     let nat = unsafe { &mut (*scratch).nat };
