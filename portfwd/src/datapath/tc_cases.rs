@@ -367,15 +367,7 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
     if !can_run("a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry") {
         return;
     }
-    for (rst, client_port) in [(false, 40041), (true, 40042)] {
-        let how = if rst {
-            "closed by a RST"
-        } else {
-            "closed by FINs"
-        };
-        let mut tc = Tc::load_as_root();
-        tc.publish(&published());
-        let client = at(CLIENT_V4, client_port);
+    for_each_way_of_closing([40041, 40042], |mut tc, how, rst, client| {
         let published = at(HOST_V4, 8080);
         let (old, new) = (at(CTR_V4, 80), at(OTHER_CTR_V4, 80));
         let data = frame(client, published, L4::Ack);
@@ -417,6 +409,22 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
             (TO_STACK, frame(client, new, L4::Ack), 0),
             "{how}: the new flow's data"
         );
+    });
+}
+
+/// Runs `check` for each way a flow closes (FINs both ways, then a RST),
+/// each on a fresh instance with `published()` and from its own client
+/// port: `check(tc, how, rst, client)`.
+fn for_each_way_of_closing(ports: [u16; 2], check: impl Fn(Tc, &str, bool, SocketAddr)) {
+    for (rst, port) in [(false, ports[0]), (true, ports[1])] {
+        let how = if rst {
+            "closed by a RST"
+        } else {
+            "closed by FINs"
+        };
+        let mut tc = Tc::load_as_root();
+        tc.publish(&published());
+        check(tc, how, rst, at(CLIENT_V4, port));
     }
 }
 
@@ -445,15 +453,7 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
     if !can_run("a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh") {
         return;
     }
-    for (rst, client_port) in [(false, 40043), (true, 40044)] {
-        let how = if rst {
-            "closed by a RST"
-        } else {
-            "closed by FINs"
-        };
-        let mut tc = Tc::load_as_root();
-        tc.publish(&published());
-        let client = at(CLIENT_V4, client_port);
+    for_each_way_of_closing([40043, 40044], |tc, how, rst, client| {
         let published = at(HOST_V4, 8080);
         let container = at(CTR_V4, 80);
         close_a_flow(&tc, how, (client, published, container), rst);
@@ -481,9 +481,8 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
             [CT_FLAG_ESTABLISHED, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
             "{how}: established by its first reply"
         );
-        // The client's FIN closes its side only: the container's data
-        // still reaches it (a closing flow's would too, for a while; the
-        // flags above say it is not one).
+        // The client's FIN closes its side only: the old flow's FIN, which
+        // would have closed the flow with this one, is gone.
         let fin = closing_frame(client, published, false);
         assert_eq!(
             tc.run_marked(UPLINK_IN, &fin, 0).1,
@@ -497,7 +496,7 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
             "{how}: half-closed, not closing: {:?}",
             conntrack_flags(&tc)
         );
-    }
+    });
 
     // The closing flow lost its reply entry (evicted): the SYN still opens
     // a whole new flow.
@@ -527,13 +526,7 @@ fn reopening_a_flow_leaves_another_flows_entry_under_its_old_reply_key() {
     if !can_run("reopening_a_flow_leaves_another_flows_entry_under_its_old_reply_key") {
         return;
     }
-    let mut tc = Tc::load_as_root();
-    let (first, second) = (at(HOST_V4, 8080), at(HOST_V4, 8081));
-    let container = at(CTR_V4, 80);
-    tc.publish(&[
-        mapping(Protocol::Tcp, first, container),
-        mapping(Protocol::Tcp, second, container),
-    ]);
+    let (mut tc, [first, second], container) = two_ports_to_one_container();
     let client = at(CLIENT_V4, 40046);
     close_a_flow(&tc, "reset", (client, first, container), true);
     remove_reply_entries(&mut tc);
@@ -576,13 +569,7 @@ fn a_flow_that_lost_its_reply_entry_leaves_the_flow_under_that_key_open() {
     if !can_run("a_flow_that_lost_its_reply_entry_leaves_the_flow_under_that_key_open") {
         return;
     }
-    let mut tc = Tc::load_as_root();
-    let (first, second) = (at(HOST_V4, 8080), at(HOST_V4, 8081));
-    let container = at(CTR_V4, 80);
-    tc.publish(&[
-        mapping(Protocol::Tcp, first, container),
-        mapping(Protocol::Tcp, second, container),
-    ]);
+    let (mut tc, [first, second], container) = two_ports_to_one_container();
     let client = at(CLIENT_V4, 40047);
     tc.run_marked(UPLINK_IN, &frame(client, first, L4::Syn), 0);
     remove_reply_entries(&mut tc);
@@ -606,6 +593,16 @@ fn a_flow_that_lost_its_reply_entry_leaves_the_flow_under_that_key_open() {
         frame(second, client, L4::Ack),
         "the second flow's reply"
     );
+}
+
+/// An instance publishing two host ports (8080 and 8081) to one container
+/// port.
+fn two_ports_to_one_container() -> (Tc, [SocketAddr; 2], SocketAddr) {
+    let mut tc = Tc::load_as_root();
+    let ports = [at(HOST_V4, 8080), at(HOST_V4, 8081)];
+    let container = at(CTR_V4, 80);
+    tc.publish(&ports.map(|port| mapping(Protocol::Tcp, port, container)));
+    (tc, ports, container)
 }
 
 /// Removes every reply entry from conntrack, as evictions may.
