@@ -448,21 +448,26 @@ fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue
     let entry = CONNTRACK.get_ptr_mut(twin_key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &*entry };
-    let pairs = if ct.flags & CT_FLAG_REPLY == 0 {
-        // The reply entry of this client and published address.
-        twin.flags & CT_FLAG_REPLY != 0
-            && twin.masq_addr == key.saddr
-            && twin.masq_port == key.sport
-            && twin.nat_addr == key.daddr
-            && twin.nat_port == key.dport
-    } else {
-        // The forward entry to this container, from the source it sees.
-        twin.flags & CT_FLAG_REPLY == 0
-            && twin.nat_addr == key.saddr
-            && twin.nat_port == key.sport
-            && (twin.flags & CT_FLAG_MASQ == 0
-                || (twin.masq_addr == key.daddr && twin.masq_port == key.dport))
-    };
+    // Both entries of a flow have the same masquerade and NAT46 flags
+    // (`flow_flags`): a masqueraded reply entry's key for its forward entry
+    // is also a plain flow's forward key.
+    let same_kind = (twin.flags ^ ct.flags) & (CT_FLAG_MASQ | CT_FLAG_NAT46) == 0;
+    let pairs = same_kind
+        && if ct.flags & CT_FLAG_REPLY == 0 {
+            // The reply entry of this client and published address.
+            twin.flags & CT_FLAG_REPLY != 0
+                && twin.masq_addr == key.saddr
+                && twin.masq_port == key.sport
+                && twin.nat_addr == key.daddr
+                && twin.nat_port == key.dport
+        } else {
+            // The forward entry to this container, from the source it sees.
+            twin.flags & CT_FLAG_REPLY == 0
+                && twin.nat_addr == key.saddr
+                && twin.nat_port == key.sport
+                && (twin.flags & CT_FLAG_MASQ == 0
+                    || (twin.masq_addr == key.daddr && twin.masq_port == key.dport))
+        };
     pairs.then_some((twin_key, entry))
 }
 

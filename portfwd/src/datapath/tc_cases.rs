@@ -540,13 +540,8 @@ fn reopening_a_flow_leaves_another_flows_entry_under_its_old_reply_key() {
 
     // The client dials the first port again from the same port.
     let (_, out, _) = tc.run_marked(UPLINK_IN, &frame(client, first, L4::Syn), 0);
-    let headers = etherparse::PacketHeaders::from_ethernet_slice(&out).unwrap();
-    let Some(etherparse::TransportHeader::Tcp(tcp)) = headers.transport else {
-        panic!("not TCP: {out:?}");
-    };
-    assert_eq!(tcp.destination_port, container.port());
     assert_ne!(
-        tcp.source_port,
+        tcp_source_port(&out),
         client.port(),
         "the reopened flow moves to another port towards the container"
     );
@@ -607,6 +602,14 @@ fn two_ports_to_one_container() -> (Tc, [SocketAddr; 2], SocketAddr) {
 
 /// Removes every reply entry from conntrack, as evictions may.
 fn remove_reply_entries(tc: &mut Tc) {
+    remove_entries(tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
+}
+
+/// Removes the conntrack entries that `which` picks, as evictions may.
+fn remove_entries(
+    tc: &mut Tc,
+    which: impl Fn(&portfwd_common::CtKey, &portfwd_common::CtValue) -> bool,
+) {
     use aya::maps::{HashMap, MapData};
     use portfwd_common::{CONNTRACK, CtKey, CtValue};
     let map = tc
@@ -614,15 +617,66 @@ fn remove_reply_entries(tc: &mut Tc) {
         .map_mut(CONNTRACK.name)
         .expect("the conntrack map");
     let mut map: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    let replies: Vec<CtKey> = map
+    let picked: Vec<CtKey> = map
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, value)| value.flags & CT_FLAG_REPLY != 0)
+        .filter(|(key, value)| which(key, value))
         .map(|(key, _)| key)
         .collect();
-    for key in replies {
+    for key in picked {
         map.remove(&key).unwrap();
     }
+}
+
+/// The source port of a TCP frame.
+fn tcp_source_port(frame: &[u8]) -> u16 {
+    let headers = etherparse::PacketHeaders::from_ethernet_slice(frame).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(tcp)) = headers.transport else {
+        panic!("not TCP: {frame:?}");
+    };
+    tcp.source_port
+}
+
+/// A flow that got another port towards the container (a clash) and lost
+/// its forward entry, while a new flow from the client's own port took
+/// the plain reply key: the first flow's reply entry is not paired with
+/// the new flow's forward entry, so a RST from the container on the first
+/// flow leaves the new one open. Before, a masqueraded reply entry took
+/// any unmasqueraded forward entry under its client's key for its own.
+#[test]
+fn a_reply_entry_is_not_paired_with_another_flows_forward_entry() {
+    if !can_run("a_reply_entry_is_not_paired_with_another_flows_forward_entry") {
+        return;
+    }
+    let (mut tc, [first, second], container) = two_ports_to_one_container();
+    let client = at(CLIENT_V4, 40048);
+    // Flow X holds the reply key of the client's own port; flow A, from
+    // the same port through the other published port, gets another.
+    tc.run_marked(UPLINK_IN, &frame(client, first, L4::Syn), 0);
+    let (_, out, _) = tc.run_marked(UPLINK_IN, &frame(client, second, L4::Syn), 0);
+    let moved = at(CLIENT_V4, tcp_source_port(&out));
+    assert_ne!(moved, client, "flow A clashed with X");
+    // X is gone, and so is A's forward entry (evicted alone).
+    remove_entries(&mut tc, |key, value| {
+        value.flags & CT_FLAG_REPLY == 0 || key.dport == client.port().to_be()
+    });
+    assert_eq!(conntrack_flags(&tc).len(), 1, "A's reply entry is left");
+    // Flow B: the client's port through the second port again; its reply
+    // key (the client's own port) is free.
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, second, L4::Syn), 0)
+            .1,
+        frame(client, container, L4::Syn)
+    );
+
+    // The container resets A.
+    tc.run_marked(BACKEND_IN, &closing_frame(container, moved, true), 0);
+    let flags = conntrack_flags(&tc);
+    assert_eq!(
+        flags.iter().filter(|f| *f & CT_FLAG_CLOSING != 0).count(),
+        1,
+        "only A's reply entry closes: {flags:?}"
+    );
 }
 
 /// Opens a flow from `client` to `published` (translated to `container`)
