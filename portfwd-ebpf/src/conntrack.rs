@@ -317,9 +317,9 @@ pub(crate) fn reopen(
     let forward = CONNTRACK.get_ptr_mut(&*forward_key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let old = unsafe { &mut *forward };
-    // The old reply key is then the new flow's (`set_reply_key`).
+    // The old reply key is then the new flow's (`set_reply_key`): `nat`
+    // has no masquerade yet (no port is chosen before `reopen`).
     let same_place = plain
-        && nat.masq.is_none()
         && old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
         && old.nat_addr == nat.backend
         && old.nat_port == nat.backend_port;
@@ -335,10 +335,17 @@ pub(crate) fn reopen(
             CT_FLAG_REPLY,
             nat.client_ifindex,
             service,
-            nat,
+            nat.generation,
             pkt.now,
         );
-        restart(old, 0, nat.backend_ifindex, service, nat, pkt.now);
+        restart(
+            old,
+            0,
+            nat.backend_ifindex,
+            service,
+            nat.generation,
+            pkt.now,
+        );
         return Some(forward);
     }
     remove(forward_key, old);
@@ -348,11 +355,18 @@ pub(crate) fn reopen(
 /// One entry of a closing flow, made the reopened flow's (`reopen`): its
 /// addresses stay, its state and times start again.
 #[inline(always)]
-fn restart(ct: &mut CtValue, flags: u8, ifindex: u32, service: &ServiceKey, nat: &Nat, now: u64) {
+fn restart(
+    ct: &mut CtValue,
+    flags: u8,
+    ifindex: u32,
+    service: &ServiceKey,
+    generation: u16,
+    now: u64,
+) {
     ct.flags = flags;
     ct.ifindex = ifindex;
     ct.service = *service;
-    ct.generation = nat.generation;
+    ct.generation = generation;
     ct.last_seen_ns = now;
     ct.closing_since_ns = 0;
 }

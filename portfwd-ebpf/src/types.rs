@@ -22,9 +22,12 @@ pub(crate) const FRAME_ROOM: usize = 2176;
 /// each frame rounded up to 32 bytes, rejected it at 544. Here they cost no
 /// stack at all: the chain needs 416 bytes there.
 ///
-/// `nat` comes first, at offset 0 (hence `repr(C)`): LLVM computed its
-/// address from the lookup's result before the null check, which kernel
-/// 6.1's verifier refuses ("pointer arithmetic on map_value_or_null").
+/// `nat` comes first, at offset 0 (hence `repr(C)`), so that
+/// `tc::flow::start_flow` reaches it with no offset from its lookup's
+/// result. LLVM may compute a field's address before the null check,
+/// which kernel 6.1's verifier refuses ("pointer arithmetic on
+/// map_value_or_null"): it did so for the NAT46 source, which that
+/// function now reads through the same, checked, pointer.
 #[repr(C)]
 pub(crate) struct Scratch {
     /// Where a new flow goes (`tc::flow::start_flow`).

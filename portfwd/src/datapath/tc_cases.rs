@@ -344,15 +344,6 @@ fn closing_frame(src: SocketAddr, dst: SocketAddr, rst: bool) -> Vec<u8> {
     out
 }
 
-/// How many entries conntrack holds.
-fn conntrack_entries(tc: &Tc) -> usize {
-    use aya::maps::{HashMap, MapData};
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
-    let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
-    let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    map.keys().filter_map(Result::ok).count()
-}
-
 /// A SYN that reopens a closing flow (the client reusing its port) starts
 /// a new flow and forgets the old one whole: its reply entry too, whose key
 /// differs when the new flow goes elsewhere (here the mapping moved to
@@ -377,7 +368,7 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
             (TO_STACK, frame(client, old, L4::Ack), 0),
             "{how}: a late packet of the closing flow"
         );
-        assert_eq!(conntrack_entries(&tc), 2, "{how}");
+        assert_eq!(conntrack_flags(&tc).len(), 2, "{how}");
 
         // The mapping moves to another container; the client dials again
         // from the same port.
@@ -390,7 +381,7 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
             "{how}: the SYN reopens the flow to the new container"
         );
         assert_eq!(
-            conntrack_entries(&tc),
+            conntrack_flags(&tc).len(),
             2,
             "{how}: the new flow's two entries, and nothing of the old flow"
         );
