@@ -73,6 +73,9 @@ macro_rules! map_name {
     (reply) => {
         "pf_reply"
     };
+    (peer_links) => {
+        "pf_peer_links"
+    };
 }
 
 /// The kernel map type.
@@ -291,6 +294,16 @@ pub const BACKEND_PORTS: MapDef = map(
     PORT_BITMAP_WORDS,
 );
 
+/// The interfaces towards containers that a packet can be redirected
+/// through straight into the container's namespace (`bpf_redirect_peer`):
+/// a veth whose peer lives in another namespace, with no queueing
+/// discipline of its own (a shaper, such as the CNI `bandwidth` plugin's,
+/// would be skipped). Key an ifindex; the value is unused (one byte).
+/// Userspace keeps it in line with the host's interfaces
+/// (`datapath::peer_links`); an interface it does not list is redirected
+/// through the neighbour subsystem (`bpf_redirect_neigh`), as any other.
+pub const PEER_LINKS: MapDef = map(map_name!(peer_links), MapKind::Hash, 4, 1, 4_096);
+
 /// Words of a port bitmap: a bit per TCP port and one per UDP port.
 pub const PORT_BITMAP_WORDS: u32 = 2 * 65_536 / 32;
 
@@ -310,7 +323,7 @@ pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 16] = [
+pub const MAPS: [MapDef; 17] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -327,6 +340,7 @@ pub const MAPS: [MapDef; 16] = [
     BACKEND_PORTS,
     ALLOW,
     NAT46_SRC,
+    PEER_LINKS,
 ];
 
 /// Where a program attaches.
@@ -569,4 +583,8 @@ stats! {
     /// a client untranslated, the uplink's egress program translating the
     /// fragments. Needs forwarding on the interface they came in on.
     TooBigToStack = "too_big_to_stack",
+    /// Of the packets counted as `redirected`, those redirected straight
+    /// into a container's namespace (`PEER_LINKS`): the host-side veth's
+    /// transmit and the second receive pass skipped.
+    RedirectedToPeer = "redirected_to_peer",
 }

@@ -114,6 +114,13 @@ pub(crate) static NAT46_SRC: HashMap<ServiceKey, Addr> =
 pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
     LpmTrie::with_max_entries(abi::ALLOW.max_entries, 0);
 
+/// The interfaces a packet is redirected through into the container's
+/// namespace (see `verdict::deliver`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(peer_links))]
+pub(crate) static PEER_LINKS: HashMap<u32, u8> =
+    HashMap::with_max_entries(abi::PEER_LINKS.max_entries, abi::PEER_LINKS.flags);
+
 /// Per-CPU memory for the answers the TC programs send (see `reply`), and
 /// each CPU's rate limit of them.
 #[unsafe(link_section = "maps")]

@@ -64,6 +64,9 @@ struct LinkJson<'a> {
     programs: &'a [String],
     state: &'static str,
     uplink: bool,
+    /// Packets redirected to it go straight into the container's namespace
+    /// (a veth without a queueing discipline of its own).
+    into_peer: bool,
 }
 
 pub(crate) fn list(pin_dir: &Path, json: bool) -> Result<()> {
@@ -148,6 +151,7 @@ fn write_json(out: &mut impl Write, listing: &Listing) -> Result<()> {
                     programs: &link.programs,
                     state: link.state.as_str(),
                     uplink: link.is_uplink(),
+                    into_peer: link.into_peer,
                 };
                 (link.ifname.as_str(), json)
             })

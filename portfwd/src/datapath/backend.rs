@@ -8,6 +8,7 @@ use anyhow::Result;
 use super::{
     StateLock,
     links::{attach_backend, is_uplink},
+    peer_links,
 };
 use crate::host::netlink;
 
@@ -46,8 +47,10 @@ pub(crate) fn prepare_backend_path_with(
         Some(names) => names,
         None => default_routes.insert(netlink::default_route_interfaces()?),
     };
-    if !default_routes.contains(&ifname) {
-        attach_backend(pin_dir, &ifname, lock)?;
+    if !default_routes.contains(&ifname) && attach_backend(pin_dir, &ifname, lock)? {
+        // Best effort: unlisted, the interface is redirected to through the
+        // neighbour subsystem, and the next follow of the host lists it.
+        peer_links::add(pin_dir, ifindex).ok();
     }
     Ok(ifindex)
 }

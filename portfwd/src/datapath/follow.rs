@@ -37,7 +37,7 @@ use super::{
     backend::prepare_backend_path_with,
     install::check_uplink,
     links::{attach_tc, tc_attachments, tcx_link_ifindex, unpin_links_in},
-    object, tc_attach,
+    object, peer_links, tc_attach,
 };
 use crate::{host::netlink, instance, model::Mapping};
 
@@ -68,6 +68,9 @@ pub(crate) struct TcLink {
     pub(crate) ifname: String,
     pub(crate) programs: Vec<String>,
     pub(crate) state: LinkState,
+    /// Packets redirected to it go straight into its peer's namespace
+    /// (`pf_peer_links`).
+    pub(crate) into_peer: bool,
 }
 
 impl TcLink {
@@ -79,14 +82,18 @@ impl TcLink {
 
 /// Every interface with pinned TC programs, checked against the kernel.
 pub(crate) fn tc_links(pin_dir: &Path) -> Vec<TcLink> {
+    let into_peer = peer_links::listed(pin_dir);
     tc_attachments(pin_dir)
         .into_iter()
         .map(|(ifname, programs)| {
             let state = link_state(pin_dir, &ifname, &programs);
+            let into_peer = state == LinkState::Attached
+                && netlink::ifindex(&ifname).is_ok_and(|index| into_peer.contains(&index));
             TcLink {
                 ifname,
                 programs,
                 state,
+                into_peer,
             }
         })
         .collect()
@@ -269,11 +276,13 @@ pub(crate) fn follow_host(
         Vec::new()
     };
     // Flows can only point at a dead interface when one went away.
-    let flows = if links.reattached.is_empty() && links.forgotten.is_empty() && moved.is_empty() {
-        0
-    } else {
-        follow_flows(pin_dir)?
-    };
+    let changed = something_died || !moved.is_empty();
+    let flows = if changed { follow_flows(pin_dir)? } else { 0 };
+    // A queueing discipline added to an interface changes nothing above:
+    // the holder follows everything on its events.
+    if scope == Follow::Everything || changed {
+        peer_links::sync(pin_dir)?;
+    }
     Ok(HostFixes {
         links,
         moved,

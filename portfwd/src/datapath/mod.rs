@@ -16,6 +16,7 @@ mod lock;
 mod maps;
 mod object;
 mod observe;
+mod peer_links;
 mod rollback;
 mod sockets;
 mod tc_attach;

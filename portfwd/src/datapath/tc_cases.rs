@@ -5,8 +5,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use aya::maps::{HashMap, MapData};
 use etherparse::{IpFragOffset, Ipv4Header};
-use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat, TRANSLATED_MARK};
+use portfwd_common::{
+    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, PEER_LINKS, Stat, TRANSLATED_MARK,
+};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
@@ -218,6 +221,65 @@ fn translated_replies_skip_uplink_egress() {
     );
     let (verdict, out, _) = tc.run_marked(UPLINK_OUT, &reply, 0);
     assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
+}
+
+/// A packet redirected to an interface that `pf_peer_links` lists (a veth
+/// into a container's namespace) goes into its peer; to any other, through
+/// the neighbour subsystem. Either way it is redirected and translated alike:
+/// the stats tell the two apart (a test run does not redirect).
+#[test]
+fn packets_to_a_listed_veth_go_into_its_peer() {
+    let Some(mut tc) = Tc::load("packets_to_a_listed_veth_go_into_its_peer") else {
+        return;
+    };
+    const CONTAINER_VETH: u32 = 7;
+    let mapping = Mapping {
+        ifindex: CONTAINER_VETH,
+        ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80))
+    };
+    tc.publish(std::slice::from_ref(&mapping));
+    let map = tc
+        .ebpf_mut()
+        .map_mut(PEER_LINKS.name)
+        .expect("the peer links map");
+    let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
+    peer_links.insert(CONTAINER_VETH, 1, 0).unwrap();
+
+    let client = at(CLIENT_V4, 40001);
+    let into_peer = |tc: &Tc| tc.stat(Stat::RedirectedToPeer);
+    let translated = frame(client, mapping.container, L4::Syn);
+    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Syn));
+    assert_eq!(got, (REDIRECT, translated), "the SYN");
+    assert_eq!(into_peer(&tc), 1, "the SYN went into the peer");
+    let translated = frame(client, mapping.container, L4::Ack);
+    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Ack));
+    assert_eq!(got, (REDIRECT, translated.clone()), "a packet of the flow");
+    assert_eq!(into_peer(&tc), 2, "a packet of the flow went into the peer");
+
+    // The reply goes back to the client's interface, which is not listed.
+    let reply = frame(mapping.container, client, L4::Ack);
+    let (verdict, _) = tc.run(BACKEND_IN, &reply);
+    assert_eq!(verdict, REDIRECT, "the reply");
+    assert_eq!(
+        (into_peer(&tc), tc.stat(Stat::Redirected)),
+        (2, 3),
+        "the reply was redirected, not into a peer"
+    );
+
+    // Unlisted (a shaper was added to it): through the neighbour subsystem.
+    let map = tc
+        .ebpf_mut()
+        .map_mut(PEER_LINKS.name)
+        .expect("the peer links map");
+    let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
+    peer_links.remove(&CONTAINER_VETH).unwrap();
+    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Ack));
+    assert_eq!(got, (REDIRECT, translated), "a packet after unlisting");
+    assert_eq!(
+        (into_peer(&tc), tc.stat(Stat::Redirected)),
+        (2, 4),
+        "a packet after unlisting was redirected, not into the peer"
+    );
 }
 
 /// The frame as BIG TCP's GRO leaves a packet over 64 KiB: the IP length

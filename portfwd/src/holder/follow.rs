@@ -98,7 +98,10 @@ pub(super) fn host_events() -> Result<OwnedFd> {
         | libc::RTMGRP_IPV4_IFADDR
         | libc::RTMGRP_IPV6_IFADDR
         | libc::RTMGRP_IPV4_ROUTE
-        | libc::RTMGRP_IPV6_ROUTE) as u32;
+        | libc::RTMGRP_IPV6_ROUTE
+        // Queueing disciplines: one on an interface towards a container
+        // stops redirects into its peer (`datapath::peer_links`).
+        | libc::RTMGRP_TC) as u32;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
     Ok(fd)
 }

@@ -21,6 +21,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
     rule::RuleMessage,
 };
@@ -232,6 +233,71 @@ pub(crate) fn rules() -> Result<Vec<RuleMessage>> {
         }
     }
     bail!("rule dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
+}
+
+/// The interfaces a packet can be redirected through straight into
+/// another namespace (`bpf_redirect_peer`, see `portfwd_common::PEER_LINKS`).
+pub(crate) fn links_into_peer() -> Result<BTreeSet<u32>> {
+    for _ in 0..MAX_DUMP_ATTEMPTS {
+        let mut found = BTreeSet::new();
+        let interrupted = exchange_messages(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            |message| {
+                if let RouteNetlinkMessage::NewLink(link) = message
+                    && redirects_into_peer(&link)
+                {
+                    found.insert(link.header.index);
+                }
+                Flow::Continue
+            },
+        )
+        .context("dumping the interfaces")?;
+        if !interrupted {
+            return Ok(found);
+        }
+    }
+    bail!("interface dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
+}
+
+/// `links_into_peer` for one interface.
+pub(crate) fn link_into_peer(index: u32) -> Result<bool> {
+    let mut request = LinkMessage::default();
+    request.header.index = index;
+    let mut found = false;
+    exchange_messages(
+        RouteNetlinkMessage::GetLink(request),
+        NLM_F_REQUEST,
+        |message| {
+            if let RouteNetlinkMessage::NewLink(link) = message {
+                found = redirects_into_peer(&link);
+            }
+            Flow::Done
+        },
+    )
+    .with_context(|| format!("reading interface {index}"))?;
+    Ok(found)
+}
+
+/// A veth whose peer lives in another namespace (the kernel names that
+/// namespace, IFLA_LINK_NETNSID, only then), with no queueing discipline
+/// of its own (`noqueue`, a veth's default): a shaper there, such as the
+/// CNI `bandwidth` plugin's, would be skipped by a redirect into the peer.
+fn redirects_into_peer(link: &LinkMessage) -> bool {
+    let (mut veth, mut peer_elsewhere, mut unqueued) = (false, false, true);
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::LinkInfo(infos) => {
+                veth = infos
+                    .iter()
+                    .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+            LinkAttribute::Qdisc(kind) => unqueued = kind == "noqueue",
+            _ => {}
+        }
+    }
+    veth && peer_elsewhere && unqueued
 }
 
 /// Whether traffic on this route goes anywhere.

@@ -353,3 +353,56 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
         std::fs::remove_file(copy.path()).unwrap();
     }
 }
+
+/// Packets to a container's veth go straight into its namespace
+/// (`redirected_to_peer`), unless the veth has a queueing discipline of its
+/// own: a shaper on it (the CNI `bandwidth` plugin's) must still see them.
+/// The holder follows the shaper's coming and going.
+#[test]
+fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
+    let Some(_serial) = root_test("shaped_container_link") else {
+        return;
+    };
+    let topo = Topology::new(195);
+    let _web = topo.ctr.serve("[::]:5195", "web");
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47851:5195"]);
+    let into_peer = || stats()["redirected_to_peer"];
+    // A fetch that is served, and whether its packets went into the peer.
+    let served_into_peer = || {
+        let before = into_peer();
+        let served = topo
+            .fetch_external(47851)
+            .is_ok_and(|answer| answer.starts_with("web "));
+        served.then(|| into_peer() > before)
+    };
+    let host_if = topo.ctr.host_if.as_str();
+    let listed_into_peer = || listing()["links"][host_if]["into_peer"].as_bool();
+    assert_eq!(served_into_peer(), Some(true), "an unshaped veth");
+    assert_eq!(listed_into_peer(), Some(true), "list: an unshaped veth");
+
+    let shaper = [
+        "root", "tbf", "rate", "1gbit", "burst", "128k", "latency", "50ms",
+    ];
+    sh(
+        "tc",
+        &[&["qdisc", "add", "dev", host_if][..], &shaper].concat(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || served_into_peer()
+            == Some(false)),
+        "packets still go around the shaper on {host_if}"
+    );
+    assert_eq!(listed_into_peer(), Some(false), "list: a shaped veth");
+    let shaped = sh("tc", &["-s", "qdisc", "show", "dev", host_if, "root"]);
+    assert!(
+        !shaped.contains("Sent 0 bytes"),
+        "the shaper saw nothing: {shaped}"
+    );
+
+    sh("tc", &["qdisc", "del", "dev", host_if, "root"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || served_into_peer() == Some(true)),
+        "packets do not go into the peer again once the shaper is gone"
+    );
+}

@@ -1,0 +1,79 @@
+//! Which interfaces towards containers the TC programs redirect through
+//! straight into the container's namespace (`pf_peer_links`, see
+//! `portfwd_common::PEER_LINKS`): those with the reply program attached
+//! that are veths into another namespace without a queueing discipline of
+//! their own. Kept in line with the host by `follow_host` and when the
+//! reply program is attached to a new interface.
+//!
+//! A map pinned by a build without it is absent until `up`: then there is
+//! nothing to keep (the programs of that build do not read it).
+
+use std::{collections::BTreeSet, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS};
+
+use super::links::tc_attachments;
+use crate::host::netlink;
+
+/// The map, if this instance has it.
+fn open(pin_dir: &Path) -> Result<Option<HashMap<MapData, u32, u8>>> {
+    let path = pin_dir.join(PEER_LINKS.name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = HashMap::try_from(Map::HashMap(data))
+        .context("the peer links map has an unexpected layout")?;
+    Ok(Some(map))
+}
+
+/// The interfaces listed (none when the map is absent or unreadable).
+pub(crate) fn listed(pin_dir: &Path) -> BTreeSet<u32> {
+    let Ok(Some(map)) = open(pin_dir) else {
+        return BTreeSet::new();
+    };
+    map.keys().filter_map(Result::ok).collect()
+}
+
+/// Lists exactly the interfaces with the reply program (and not the
+/// uplink's) that redirect into their peer now.
+pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
+    let Some(mut map) = open(pin_dir)? else {
+        return Ok(());
+    };
+    let capable = netlink::links_into_peer()?;
+    let wanted: BTreeSet<u32> = tc_attachments(pin_dir)
+        .into_iter()
+        .filter(|(_, programs)| {
+            let has = |name: &str| programs.iter().any(|program| program == name);
+            has(BACKEND_PROGRAMS[0].name) && !has(UPLINK_PROGRAMS[0].name)
+        })
+        .filter_map(|(ifname, _)| netlink::ifindex(&ifname).ok())
+        .filter(|ifindex| capable.contains(ifindex))
+        .collect();
+    let listed: BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
+    for ifindex in listed.iter().filter(|i| !wanted.contains(i)) {
+        // Gone meanwhile: as good as removed.
+        map.remove(ifindex).ok();
+    }
+    for ifindex in wanted.iter().filter(|i| !listed.contains(i)) {
+        map.insert(ifindex, 1, 0)
+            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+    }
+    Ok(())
+}
+
+/// Lists `ifindex` (the reply program just attached to it) if it
+/// redirects into its peer.
+pub(crate) fn add(pin_dir: &Path, ifindex: u32) -> Result<()> {
+    let Some(mut map) = open(pin_dir)? else {
+        return Ok(());
+    };
+    if netlink::link_into_peer(ifindex)? {
+        map.insert(ifindex, 1, 0)
+            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+    }
+    Ok(())
+}
