@@ -66,6 +66,11 @@ fn write_mapping(out: &mut impl Write, e: &Explanation, m: &Matched) -> Result<(
         ),
     )?;
     let via = match &m.container_interface {
+        Some(name) if m.container_interface_into_peer => {
+            format!(
+                "via {name} (reply program attached; into the container's namespace in one pass)"
+            )
+        }
         Some(name) if m.container_interface_attached => {
             format!("via {name} (reply program attached)")
         }

@@ -101,6 +101,9 @@ pub(crate) struct Matched {
     pub(crate) container_interface: Option<String>,
     /// The reply program is attached there.
     pub(crate) container_interface_attached: bool,
+    /// Packets are redirected through it straight into the container's
+    /// namespace (`pf_peer_links`), not through the neighbour subsystem.
+    pub(crate) container_interface_into_peer: bool,
     pub(crate) counters: Counters,
     /// Its live flows on the TC path.
     pub(crate) flows: Vec<Flow>,
@@ -221,11 +224,13 @@ fn matched(
     let container_interface = (mapping.ifindex != 0)
         .then(|| host::netlink::ifname(mapping.ifindex).ok())
         .flatten();
-    let container_interface_attached = container_interface.as_ref().is_some_and(|name| {
-        attached.iter().any(|link| {
+    let link = container_interface.as_ref().and_then(|name| {
+        attached.iter().find(|link| {
             &link.ifname == name && link.programs.iter().any(|p| p == BACKEND_PROGRAMS[0].name)
         })
     });
+    let container_interface_attached = link.is_some();
+    let container_interface_into_peer = link.is_some_and(|link| link.into_peer);
     Matched {
         how,
         name: mapping.name.clone(),
@@ -233,6 +238,7 @@ fn matched(
         container: mapping.container,
         container_interface,
         container_interface_attached,
+        container_interface_into_peer,
         counters: maps.counters(mapping).into(),
         flows: datapath::flows(pin_dir)
             .unwrap_or_default()
@@ -454,6 +460,7 @@ mod tests {
                 container: "10.88.0.5:80".parse().unwrap(),
                 container_interface: None,
                 container_interface_attached: false,
+                container_interface_into_peer: false,
                 counters: Counters::default(),
                 flows: Vec::new(),
                 allow: Some(Allowlist::parse(allow).unwrap()),

@@ -380,6 +380,10 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
     let listed_into_peer = || listing()["links"][host_if]["into_peer"].as_bool();
     assert_eq!(served_into_peer(), Some(true), "an unshaped veth");
     assert_eq!(listed_into_peer(), Some(true), "list: an unshaped veth");
+    let published = topo.published(47851).to_string();
+    let explained_into_peer =
+        || portfwd_ok(&["explain", &published]).contains("into the container's namespace");
+    assert!(explained_into_peer(), "explain: an unshaped veth");
 
     let shaper = [
         "root", "tbf", "rate", "1gbit", "burst", "128k", "latency", "50ms",
@@ -394,6 +398,7 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         "packets still go around the shaper on {host_if}"
     );
     assert_eq!(listed_into_peer(), Some(false), "list: a shaped veth");
+    assert!(!explained_into_peer(), "explain: a shaped veth");
     let shaped = sh("tc", &["-s", "qdisc", "show", "dev", host_if, "root"]);
     assert!(
         !shaped.contains("Sent 0 bytes"),
