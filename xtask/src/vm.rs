@@ -110,9 +110,13 @@ const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         // A recreated container veth: netlink filters (no TCX on 6.1) are
-        // attached again, and an old flow follows the new interface.
+        // attached again, and an old flow follows the new interface. A
+        // shaper on a container's veth stops redirects into its peer.
         "follow",
-        &["a_recreated_container_link_is_served_again_at_once"],
+        &[
+            "a_recreated_container_link_is_served_again_at_once",
+            "a_shaped_container_link_is_not_redirected_around_its_shaper",
+        ],
     ),
 ];
 
@@ -125,6 +129,8 @@ const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases_icmp::icmp_errors_of_translated_flows_are_translated_both_ways",
     "datapath::tc_cases_reply::packets_too_big_for_the_containers_link_get_a_routers_answer",
     "datapath::tc_cases_nat46::ipv6_clients_of_ipv4_containers_are_translated_between_families",
+    // Redirects into a listed veth's peer (bpf_redirect_peer).
+    "datapath::tc_cases::packets_to_a_listed_veth_go_into_its_peer",
     // Flow state changes and a closing flow reopened (both directions).
     "datapath::tc_cases::a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry",
     // Oversize IPv4 without DF to the stack; first datagrams checked.
