@@ -123,7 +123,7 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     if ct.flags & CT_FLAG_REPLY != 0 && ct.ifindex != 0 {
         mark_translated(ctx);
     }
-    Some(deliver(ct.ifindex))
+    Some(deliver(ctx, ct.ifindex))
 }
 
 /// The error's headers, if it is an ICMP error quoting a TCP or UDP packet.

@@ -9,15 +9,18 @@
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use portfwd_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// `AF_INET`, `AF_INET6`: the families of `bpf_fib_lookup`.
+pub(crate) const AF_INET: u8 = 2;
+pub(crate) const AF_INET6: u8 = 10;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 
-const IPV4_DADDR_OFF: usize = 16;
-const IPV4_SADDR_OFF: usize = 12;
+pub(crate) const IPV4_DADDR_OFF: usize = 16;
+pub(crate) const IPV4_SADDR_OFF: usize = 12;
 const IPV4_CSUM_OFF: usize = 10;
-const IPV6_SADDR_OFF: usize = 8;
-const IPV6_DADDR_OFF: usize = 24;
+pub(crate) const IPV6_SADDR_OFF: usize = 8;
+pub(crate) const IPV6_DADDR_OFF: usize = 24;
 const IPV6_HLEN: usize = 40;
 
 const TCP_CSUM_OFF: usize = 16;

@@ -4,13 +4,26 @@
 //! rather than `tc`: no import cycle.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::generated::{bpf_redirect_neigh, bpf_redirect_peer},
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes,
+    },
     programs::TcContext,
 };
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
-use crate::maps::{PEER_LINKS, STATS};
+use crate::{
+    maps::{PEER_LINKS, STATS},
+    packet::{
+        AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_DADDR_OFF, IPV4_SADDR_OFF,
+        IPV6_DADDR_OFF, IPV6_SADDR_OFF,
+    },
+};
+/// `BPF_FIB_LOOKUP_OUTPUT`: a lookup as the host would send the packet out
+/// (by `params.ifindex`), not as a router forwarding it: no forwarding
+/// check, so `ip_forward` may stay off.
+const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// Not ours: let the next TC program (or the stack) have it.
 pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
@@ -20,31 +33,93 @@ pub(crate) const DROP: i32 = TC_ACT_SHOT;
 /// back to the stack. Called with an `ifindex` at ingress only: a redirect
 /// into the peer is refused (the packet dropped) at egress.
 #[inline(always)]
-pub(crate) fn deliver(ifindex: u32) -> i32 {
+pub(crate) fn deliver(ctx: &TcContext, ifindex: u32) -> i32 {
     if ifindex == 0 {
         count(Stat::ToStack);
         return TC_ACT_OK;
     }
     count(Stat::Redirected);
-    redirect(ifindex)
+    redirect(ctx, ifindex)
 }
 
 /// Into the container's namespace when `ifindex` is a veth towards it
-/// (`PEER_LINKS`): the packet is received there in this same pass, as if
-/// the veth had carried it. Else through the neighbour subsystem, which
-/// routes and fills in the link-layer header.
-// Not inlined: the lookup's key gets its own frame, not one more slot in
+/// (`PEER_LINKS`) and the kernel knows the next hop's link-layer address:
+/// the frame is addressed as the veth would carry it, then received there
+/// in this same pass. Else through the neighbour subsystem, which routes,
+/// resolves and fills in the link-layer header itself.
+// Not inlined: its locals get a frame of their own, not more slots in
 // `start_flow`'s, whose chain is at 6.1's 512-byte limit.
 #[inline(never)]
-fn redirect(ifindex: u32) -> i32 {
+fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
     // SAFETY: the value is not read.
-    if unsafe { PEER_LINKS.get(&ifindex) }.is_some() {
+    if unsafe { PEER_LINKS.get(&ifindex) }.is_some() && address_frame(ctx, ifindex) {
         count(Stat::RedirectedToPeer);
+        // The veth clears the mark of a packet it carries into another
+        // namespace; a redirect into the peer does not (nor before 6.15
+        // anything else `skb_scrub_packet` clears). The host's marks, ours
+        // (`mark_translated`) among them, must not reach the container.
+        // SAFETY: reading a context field, checked by the verifier.
+        if unsafe { (*ctx.skb.skb).mark } != 0 {
+            ctx.set_mark(0);
+        }
         // SAFETY: plain arguments.
         return unsafe { bpf_redirect_peer(ifindex, 0) as i32 };
     }
     // SAFETY: no parameters: the kernel resolves the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Writes the Ethernet addresses the packet would get leaving by
+/// `ifindex`: the next hop's (the kernel's neighbour entry for it, as
+/// `bpf_redirect_neigh` would use) and the interface's own. A frame keeps
+/// them into the container, where a bridge, a macvlan or a packet socket
+/// may read them. False, the frame untouched, when the route to the
+/// destination leaves by another interface or the neighbour is not (yet)
+/// known: then the neighbour subsystem must resolve it.
+#[inline(always)]
+fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // SAFETY: reading a context field, checked by the verifier.
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    // The addresses as rewritten (and, after NAT46, of the new family),
+    // loaded straight into `params`: copies would take another 32 bytes of
+    // this frame, which ends `start_flow`'s chain.
+    // SAFETY: the unions' members are addresses, plain bytes: the IPv6
+    // one's 16 bytes cover the IPv4 one.
+    let (src, dst) = unsafe {
+        (
+            &mut *(&raw mut params.__bindgen_anon_3).cast::<[u8; 16]>(),
+            &mut *(&raw mut params.__bindgen_anon_4).cast::<[u8; 16]>(),
+        )
+    };
+    let loaded = if protocol == u32::from(ETH_P_IP.to_be()) {
+        params.family = AF_INET;
+        load(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
+            && load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4])
+    } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
+        params.family = AF_INET6;
+        load(ctx, ETH_HLEN + IPV6_SADDR_OFF, src) && load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst)
+    } else {
+        false
+    };
+    if !loaded {
+        return false;
+    }
+    params.ifindex = ifindex;
+    // SAFETY: params is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+        && params.ifindex == ifindex
+        && ctx.store(0, &params.dmac, 0).is_ok()
+        && ctx.store(6, &params.smac, 0).is_ok()
 }
 
 /// Marks a reply that is redirected translated, so that the uplink's egress
@@ -64,5 +139,22 @@ pub(crate) fn count(stat: Stat) {
     if let Some(value) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *value += 1 };
+    }
+}
+
+/// `to.len()` bytes of the packet at `offset`. Not `TcContext::load_bytes`,
+/// which asks for at most what the packet holds: a length the verifier
+/// cannot tell from zero.
+#[inline(always)]
+fn load(ctx: &TcContext, offset: usize, to: &mut [u8]) -> bool {
+    // SAFETY: `to` is writable for its length, which the helper checks
+    // against the packet.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            to.as_mut_ptr().cast(),
+            to.len() as u32,
+        ) == 0
     }
 }

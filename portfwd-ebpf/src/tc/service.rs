@@ -11,11 +11,8 @@ use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, LocalAddrKey, ServiceKey, Ser
 
 use crate::{
     maps::{LOCAL_ADDRS, SERVICES, SERVICES_GEN},
-    packet::Packet,
+    packet::{AF_INET, AF_INET6, Packet},
 };
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 pub(super) struct Backend {
     pub(super) addr: Addr,

@@ -141,7 +141,7 @@ pub(super) fn finish(
         count(Stat::RewriteFailed);
         return DROP;
     }
-    deliver(ifindex)
+    deliver(ctx, ifindex)
 }
 
 /// Translates a packet of a NAT46 flow to the other family and sends it
@@ -151,7 +151,7 @@ pub(super) fn finish_nat46(ctx: &TcContext, pkt: &Packet, ct: &CtValue, ifindex:
     if !nat46::translate(ctx, pkt, ct) {
         return DROP;
     }
-    deliver(ifindex)
+    deliver(ctx, ifindex)
 }
 
 /// A later fragment: translated like its datagram's first fragment, if that
@@ -186,7 +186,7 @@ pub(super) fn translate_fragment(
     } else {
         Stat::FragmentIn
     });
-    deliver(if redirect { value.ifindex } else { 0 })
+    deliver(ctx, if redirect { value.ifindex } else { 0 })
 }
 
 /// The interface the packet is on (in at ingress, out at egress).

@@ -50,7 +50,7 @@ pub(crate) fn prepare_backend_path_with(
     if !default_routes.contains(&ifname) && attach_backend(pin_dir, &ifname, lock)? {
         // Best effort: unlisted, the interface is redirected to through the
         // neighbour subsystem, and the next follow of the host lists it.
-        peer_links::add(pin_dir, ifindex).ok();
+        peer_links::add(pin_dir, ifindex, &ifname).ok();
     }
     Ok(ifindex)
 }

@@ -281,7 +281,9 @@ pub(crate) fn follow_host(
     // A queueing discipline added to an interface changes nothing above:
     // the holder follows everything on its events.
     if scope == Follow::Everything || changed {
-        peer_links::sync(pin_dir)?;
+        // Best effort: an interface left unlisted is redirected to through
+        // the neighbour subsystem, and the next follow tries again.
+        peer_links::sync(pin_dir).ok();
     }
     Ok(HostFixes {
         links,

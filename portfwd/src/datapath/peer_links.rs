@@ -1,17 +1,24 @@
 //! Which interfaces towards containers the TC programs redirect through
 //! straight into the container's namespace (`pf_peer_links`, see
 //! `portfwd_common::PEER_LINKS`): those with the reply program attached
-//! that are veths into another namespace without a queueing discipline of
-//! their own. Kept in line with the host by `follow_host` and when the
+//! that are veths into another namespace where nothing on the way would be
+//! skipped (`into_peer`). Kept in line with the host by `follow_host` and when the
 //! reply program is attached to a new interface.
 //!
 //! A map pinned by a build without it is absent until `up`: then there is
 //! nothing to keep (the programs of that build do not read it).
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{SchedClassifier, TcAttachType},
+};
 use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS};
 
 use super::links::tc_attachments;
@@ -43,16 +50,15 @@ pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
     let Some(mut map) = open(pin_dir)? else {
         return Ok(());
     };
-    let capable = netlink::links_into_peer()?;
-    let wanted: BTreeSet<u32> = tc_attachments(pin_dir)
+    let towards_containers: BTreeMap<u32, String> = tc_attachments(pin_dir)
         .into_iter()
         .filter(|(_, programs)| {
             let has = |name: &str| programs.iter().any(|program| program == name);
             has(BACKEND_PROGRAMS[0].name) && !has(UPLINK_PROGRAMS[0].name)
         })
-        .filter_map(|(ifname, _)| netlink::ifindex(&ifname).ok())
-        .filter(|ifindex| capable.contains(ifindex))
+        .filter_map(|(ifname, _)| Some((netlink::ifindex(&ifname).ok()?, ifname)))
         .collect();
+    let wanted = into_peer(&towards_containers)?;
     let listed: BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
     for ifindex in listed.iter().filter(|i| !wanted.contains(i)) {
         // Gone meanwhile: as good as removed.
@@ -65,15 +71,38 @@ pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Lists `ifindex` (the reply program just attached to it) if it
-/// redirects into its peer.
-pub(crate) fn add(pin_dir: &Path, ifindex: u32) -> Result<()> {
+/// Lists `ifname` (the reply program just attached to it) if it redirects
+/// into its peer.
+pub(crate) fn add(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
     let Some(mut map) = open(pin_dir)? else {
         return Ok(());
     };
-    if netlink::link_into_peer(ifindex)? {
+    if !into_peer(&BTreeMap::from([(ifindex, ifname.to_owned())]))?.is_empty() {
         map.insert(ifindex, 1, 0)
             .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
     }
     Ok(())
+}
+
+/// Of `interfaces` (index -> name), those that redirect into their peer:
+/// what the host's links say (`netlink::links_into_peer`); no TCX program
+/// on their egress, which a redirect into the peer would skip (a kernel
+/// without TCX has none); and IPv4 forwarding on, without which the
+/// programs cannot learn the next hop's address (`bpf_fib_lookup` answers
+/// only for a forwarding interface) and redirect every packet through the
+/// neighbour subsystem.
+fn into_peer(interfaces: &BTreeMap<u32, String>) -> Result<BTreeSet<u32>> {
+    let found = netlink::links_into_peer(|index| interfaces.contains_key(&index))?;
+    Ok(found
+        .into_iter()
+        .filter(|index| {
+            let ifname = &interfaces[index];
+            let no_tcx_egress = SchedClassifier::query_tcx(ifname, TcAttachType::Egress)
+                .map_or(true, |(_, programs)| programs.is_empty());
+            let forwarding =
+                fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"))
+                    .is_ok_and(|value| value.trim() == "1");
+            no_tcx_egress && forwarding
+        })
+        .collect())
 }

@@ -223,63 +223,121 @@ fn translated_replies_skip_uplink_egress() {
     assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
 }
 
+/// Namespaces of `packets_to_a_listed_veth_go_into_its_peer`, removed when
+/// dropped: the test runs in the first, whose veth leads into the second.
+struct PeerCaseNamespaces;
+
+impl PeerCaseNamespaces {
+    const HOST: &'static str = "pf-case-peer-h";
+    const CONTAINER: &'static str = "pf-case-peer-c";
+    const VETH: &'static str = "pfcase0";
+    const VETH_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+    /// The neighbour entry of `CTR_V4` (none for `OTHER_CTR_V4`).
+    const CTR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+
+    fn new() -> Self {
+        use portfwd_testkit::netns;
+        let mac = |mac: [u8; 6]| mac.map(|b| format!("{b:02x}")).join(":");
+        netns::add(Self::HOST).unwrap();
+        netns::add(Self::CONTAINER).unwrap();
+        netns::veth(Self::VETH, Some(Self::HOST), "eth0", Self::CONTAINER).unwrap();
+        let (veth, veth_mac, ctr_mac) = (Self::VETH, mac(Self::VETH_MAC), mac(Self::CTR_MAC));
+        let (ctr, other) = (CTR_V4.to_string(), OTHER_CTR_V4.to_string());
+        for args in [
+            vec!["link", "set", veth, "address", &veth_mac, "up"],
+            vec!["route", "add", &ctr, "dev", veth],
+            vec!["route", "add", &other, "dev", veth],
+            vec!["neigh", "add", &ctr, "lladdr", &ctr_mac, "dev", veth],
+        ] {
+            netns::ip_in(Self::HOST, &args).unwrap();
+        }
+        // `bpf_fib_lookup` answers only for an interface that forwards.
+        netns::sysctl(Self::HOST, "net.ipv4.ip_forward", "1").unwrap();
+        PeerCaseNamespaces
+    }
+}
+
+impl Drop for PeerCaseNamespaces {
+    fn drop(&mut self) {
+        portfwd_testkit::netns::delete(Self::HOST);
+        portfwd_testkit::netns::delete(Self::CONTAINER);
+    }
+}
+
 /// A packet redirected to an interface that `pf_peer_links` lists (a veth
-/// into a container's namespace) goes into its peer; to any other, through
-/// the neighbour subsystem. Either way it is redirected and translated alike:
-/// the stats tell the two apart (a test run does not redirect).
+/// into a container's namespace) goes into its peer: addressed as the veth
+/// would carry it (to the neighbour the kernel knows for its destination,
+/// from the veth's own address) and without the host's mark. With no
+/// neighbour known, or to an unlisted interface, it goes through the
+/// neighbour subsystem untouched. A test run returns the verdict and does
+/// not redirect: the stats tell the two ways apart.
 #[test]
 fn packets_to_a_listed_veth_go_into_its_peer() {
-    let Some(mut tc) = Tc::load("packets_to_a_listed_veth_go_into_its_peer") else {
+    if !can_run("packets_to_a_listed_veth_go_into_its_peer") {
         return;
-    };
-    const CONTAINER_VETH: u32 = 7;
-    let mapping = Mapping {
-        ifindex: CONTAINER_VETH,
-        ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80))
-    };
-    tc.publish(std::slice::from_ref(&mapping));
-    let map = tc
-        .ebpf_mut()
-        .map_mut(PEER_LINKS.name)
-        .expect("the peer links map");
-    let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
-    peer_links.insert(CONTAINER_VETH, 1, 0).unwrap();
+    }
+    type Ns = PeerCaseNamespaces;
+    let _namespaces = Ns::new();
+    let path = portfwd_testkit::netns::path(Ns::HOST);
+    portfwd_testkit::netns::inside(&path, || {
+        let ifindex = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
+        let mut tc = Tc::load_as_root();
+        let known = Mapping {
+            ifindex,
+            ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80))
+        };
+        let unknown = Mapping {
+            ifindex,
+            ..mapping(Protocol::Tcp, at(HOST_V4, 8081), at(OTHER_CTR_V4, 80))
+        };
+        tc.publish(&[known.clone(), unknown.clone()]);
+        let list = |tc: &mut Tc, listed: bool| {
+            let map = tc.ebpf_mut().map_mut(PEER_LINKS.name).unwrap();
+            let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
+            match listed {
+                true => peer_links.insert(ifindex, 1, 0).unwrap(),
+                false => peer_links.remove(&ifindex).unwrap(),
+            }
+        };
+        list(&mut tc, true);
+        let client = at(CLIENT_V4, 40001);
+        let counted = |tc: &Tc| (tc.stat(Stat::RedirectedToPeer), tc.stat(Stat::Redirected));
+        let readdressed = |mut frame: Vec<u8>| {
+            frame[..6].copy_from_slice(&Ns::CTR_MAC);
+            frame[6..12].copy_from_slice(&Ns::VETH_MAC);
+            frame
+        };
 
-    let client = at(CLIENT_V4, 40001);
-    let into_peer = |tc: &Tc| tc.stat(Stat::RedirectedToPeer);
-    let translated = frame(client, mapping.container, L4::Syn);
-    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Syn));
-    assert_eq!(got, (REDIRECT, translated), "the SYN");
-    assert_eq!(into_peer(&tc), 1, "the SYN went into the peer");
-    let translated = frame(client, mapping.container, L4::Ack);
-    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Ack));
-    assert_eq!(got, (REDIRECT, translated.clone()), "a packet of the flow");
-    assert_eq!(into_peer(&tc), 2, "a packet of the flow went into the peer");
+        let syn = frame(client, known.host, L4::Syn);
+        let got = tc.run_marked(UPLINK_IN, &syn, 0x4000);
+        let into_peer = readdressed(frame(client, known.container, L4::Syn));
+        assert_eq!(got, (REDIRECT, into_peer, 0), "a SYN, marked 0x4000");
+        assert_eq!(counted(&tc), (1, 1), "the SYN went into the peer");
+        let ack = frame(client, known.host, L4::Ack);
+        let into_peer = readdressed(frame(client, known.container, L4::Ack));
+        let got = tc.run_marked(UPLINK_IN, &ack, 0);
+        assert_eq!(got, (REDIRECT, into_peer, 0), "a packet of the flow");
+        assert_eq!(counted(&tc), (2, 2), "it went into the peer");
 
-    // The reply goes back to the client's interface, which is not listed.
-    let reply = frame(mapping.container, client, L4::Ack);
-    let (verdict, _) = tc.run(BACKEND_IN, &reply);
-    assert_eq!(verdict, REDIRECT, "the reply");
-    assert_eq!(
-        (into_peer(&tc), tc.stat(Stat::Redirected)),
-        (2, 3),
-        "the reply was redirected, not into a peer"
-    );
+        // No neighbour known for the destination: the neighbour subsystem
+        // resolves it.
+        let syn = frame(client, unknown.host, L4::Syn);
+        let through_neighbours = frame(client, unknown.container, L4::Syn);
+        let got = tc.run_marked(UPLINK_IN, &syn, 0x4000);
+        assert_eq!(got, (REDIRECT, through_neighbours, 0x4000), "no neighbour");
+        assert_eq!(
+            counted(&tc),
+            (2, 3),
+            "without a neighbour, not into the peer"
+        );
 
-    // Unlisted (a shaper was added to it): through the neighbour subsystem.
-    let map = tc
-        .ebpf_mut()
-        .map_mut(PEER_LINKS.name)
-        .expect("the peer links map");
-    let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
-    peer_links.remove(&CONTAINER_VETH).unwrap();
-    let got = tc.run(UPLINK_IN, &frame(client, mapping.host, L4::Ack));
-    assert_eq!(got, (REDIRECT, translated), "a packet after unlisting");
-    assert_eq!(
-        (into_peer(&tc), tc.stat(Stat::Redirected)),
-        (2, 4),
-        "a packet after unlisting was redirected, not into the peer"
-    );
+        // Unlisted (a shaper was added to it): the neighbour subsystem.
+        list(&mut tc, false);
+        let through_neighbours = frame(client, known.container, L4::Ack);
+        let got = tc.run_marked(UPLINK_IN, &ack, 0x4000);
+        assert_eq!(got, (REDIRECT, through_neighbours, 0x4000), "unlisted");
+        assert_eq!(counted(&tc), (2, 4), "unlisted, not into the peer");
+    });
 }
 
 /// The frame as BIG TCP's GRO leaves a packet over 64 KiB: the IP length

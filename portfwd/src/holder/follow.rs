@@ -99,9 +99,11 @@ pub(super) fn host_events() -> Result<OwnedFd> {
         | libc::RTMGRP_IPV6_IFADDR
         | libc::RTMGRP_IPV4_ROUTE
         | libc::RTMGRP_IPV6_ROUTE
-        // Queueing disciplines: one on an interface towards a container
-        // stops redirects into its peer (`datapath::peer_links`).
-        | libc::RTMGRP_TC) as u32;
+        // Queueing disciplines and filters, and IPv4 forwarding per
+        // interface: each decides whether packets to a container's veth go
+        // straight into its peer (`datapath::peer_links`).
+        | libc::RTMGRP_TC
+        | (1 << (libc::RTNLGRP_IPV4_NETCONF - 1)) as libc::c_int) as u32;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
     Ok(fd)
 }

@@ -8,7 +8,7 @@
 //! hang.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::{CStr, CString},
     io,
     net::IpAddr,
@@ -21,9 +21,10 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
     rule::RuleMessage,
+    tc::{TcHandle, TcMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::{errno::Errno, sys::socket::sockopt, sys::time::TimeVal};
@@ -191,113 +192,176 @@ fn utf8_name(index: u32, name: CString) -> Result<String> {
 }
 
 fn default_route_ifindexes() -> Result<BTreeSet<u32>> {
-    for _ in 0..MAX_DUMP_ATTEMPTS {
-        let mut found = BTreeSet::new();
-        // A dump of every family (AF_UNSPEC), filtered here.
-        let interrupted = exchange(
-            RouteMessage::default(),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            |route| {
-                if is_main_default(&route) {
-                    found.extend(oifs(&route));
-                }
-                Flow::Continue
-            },
-        )
-        .context("dumping routes")?;
-        if !interrupted {
-            return Ok(found);
-        }
-    }
-    bail!("route dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
+    // A dump of every family (AF_UNSPEC), filtered here.
+    dump(
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        "routes",
+        |message, found: &mut BTreeSet<u32>| {
+            if let RouteNetlinkMessage::NewRoute(route) = message
+                && is_main_default(&route)
+            {
+                found.extend(oifs(&route));
+            }
+        },
+    )
 }
 
 /// The routing rules of every family (`ip rule show`, IPv4 and IPv6).
 pub(crate) fn rules() -> Result<Vec<RuleMessage>> {
-    for _ in 0..MAX_DUMP_ATTEMPTS {
-        let mut rules = Vec::new();
-        // AF_UNSPEC: the kernel dumps the rules of every family.
-        let interrupted = exchange_messages(
-            RouteNetlinkMessage::GetRule(RuleMessage::default()),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            |message| {
-                if let RouteNetlinkMessage::NewRule(rule) = message {
-                    rules.push(rule);
-                }
-                Flow::Continue
-            },
-        )
-        .context("dumping the routing rules")?;
-        if !interrupted {
-            return Ok(rules);
-        }
-    }
-    bail!("rule dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
+    // AF_UNSPEC: the kernel dumps the rules of every family.
+    dump(
+        RouteNetlinkMessage::GetRule(RuleMessage::default()),
+        "the routing rules",
+        |message, rules: &mut Vec<RuleMessage>| {
+            if let RouteNetlinkMessage::NewRule(rule) = message {
+                rules.push(rule);
+            }
+        },
+    )
 }
 
-/// The interfaces a packet can be redirected through straight into
-/// another namespace (`bpf_redirect_peer`, see `portfwd_common::PEER_LINKS`).
-pub(crate) fn links_into_peer() -> Result<BTreeSet<u32>> {
-    for _ in 0..MAX_DUMP_ATTEMPTS {
-        let mut found = BTreeSet::new();
-        let interrupted = exchange_messages(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            |message| {
-                if let RouteNetlinkMessage::NewLink(link) = message
-                    && redirects_into_peer(&link)
-                {
-                    found.insert(link.header.index);
+/// The host's veths, among those `wanted`, through which a packet can be
+/// redirected straight into the other namespace (`bpf_redirect_peer`, see
+/// `portfwd_common::PEER_LINKS`) and be received there as if the veth had
+/// carried it. What such a redirect skips must not matter:
+/// - the host side's queueing discipline: `noqueue` (a veth's default),
+///   not a shaper such as the CNI `bandwidth` plugin's `tbf`;
+/// - the host side's egress filters (a netlink clsact filter; TCX programs
+///   are the caller's to check, see `datapath::peer_links`);
+/// - the peer's XDP program (see `without_xdp_in`).
+///
+/// The frame itself is addressed as the veth would carry it (see
+/// `verdict::redirect` in the eBPF crate).
+pub(crate) fn links_into_peer(wanted: impl Fn(u32) -> bool) -> Result<BTreeSet<u32>> {
+    let candidates = dump(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        "the interfaces",
+        |message, found: &mut Vec<VethToElsewhere>| {
+            if let RouteNetlinkMessage::NewLink(link) = message
+                && let Some(veth) = VethToElsewhere::of(&link)
+                && wanted(veth.index)
+            {
+                found.push(veth);
+            }
+        },
+    )?;
+    let mut without_xdp: BTreeMap<i32, BTreeSet<u32>> = BTreeMap::new();
+    let mut found = BTreeSet::new();
+    for veth in candidates {
+        // A namespace that cannot be read (gone meanwhile) counts as XDP
+        // everywhere.
+        let peers = without_xdp
+            .entry(veth.netnsid)
+            .or_insert_with(|| without_xdp_in(veth.netnsid).unwrap_or_default());
+        // Filters that cannot be listed may be there.
+        if peers.contains(&veth.peer) && !has_egress_filters(veth.index).unwrap_or(true) {
+            found.insert(veth.index);
+        }
+    }
+    Ok(found)
+}
+
+/// A veth without a queueing discipline of its own whose peer lives in
+/// another namespace (the kernel names that namespace, IFLA_LINK_NETNSID,
+/// only then).
+struct VethToElsewhere {
+    index: u32,
+    /// The peer's index in its namespace.
+    peer: u32,
+    /// The peer's namespace, as this namespace numbers it.
+    netnsid: i32,
+}
+
+impl VethToElsewhere {
+    fn of(link: &LinkMessage) -> Option<Self> {
+        let (mut veth, mut unqueued, mut peer, mut netnsid) = (false, false, None, None);
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::LinkInfo(infos) => {
+                    veth = infos
+                        .iter()
+                        .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)));
                 }
+                LinkAttribute::Qdisc(kind) => unqueued = kind == "noqueue",
+                LinkAttribute::Link(index) => peer = Some(*index),
+                LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
+                _ => {}
+            }
+        }
+        (veth && unqueued).then_some(VethToElsewhere {
+            index: link.header.index,
+            peer: peer?,
+            netnsid: netnsid?,
+        })
+    }
+}
+
+/// The interfaces of the namespace `netnsid` (as this namespace numbers
+/// it) without an XDP program: a veth runs its peer's in its transmit,
+/// which a redirect into the peer skips.
+fn without_xdp_in(netnsid: i32) -> Result<BTreeSet<u32>> {
+    let mut request = LinkMessage::default();
+    request.attributes.push(LinkAttribute::IfNetnsId(netnsid));
+    let xdp_attached = |attribute: &LinkAttribute| match attribute {
+        LinkAttribute::Xdp(xdp) => xdp
+            .iter()
+            .any(|x| matches!(x, LinkXdp::Attached(a) if *a != XdpAttached::None)),
+        _ => false,
+    };
+    dump(
+        RouteNetlinkMessage::GetLink(request),
+        "the interfaces of a container's namespace",
+        |message, found: &mut BTreeSet<u32>| {
+            if let RouteNetlinkMessage::NewLink(link) = message
+                && !link.attributes.iter().any(xdp_attached)
+            {
+                found.insert(link.header.index);
+            }
+        },
+    )
+}
+
+/// Whether the interface has filters on its clsact egress hook (`tc
+/// filter show dev IF egress`): none without a clsact qdisc.
+fn has_egress_filters(index: u32) -> Result<bool> {
+    let mut request = TcMessage::default();
+    request.header.index = i32::try_from(index).context("an interface index over i32")?;
+    request.header.parent = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: TcHandle::MIN_EGRESS,
+    };
+    dump(
+        RouteNetlinkMessage::GetTrafficFilter(request),
+        "an interface's egress filters",
+        |message, found: &mut bool| {
+            *found |= matches!(message, RouteNetlinkMessage::NewTrafficFilter(_));
+        },
+    )
+}
+
+/// A dump of `request`'s kind, each message given to `collect`; retried
+/// from scratch when concurrent changes interrupted it (NLM_F_DUMP_INTR:
+/// it may be inconsistent).
+fn dump<T: Default>(
+    request: RouteNetlinkMessage,
+    what: &str,
+    mut collect: impl FnMut(RouteNetlinkMessage, &mut T),
+) -> Result<T> {
+    for _ in 0..MAX_DUMP_ATTEMPTS {
+        let mut found = T::default();
+        let interrupted =
+            exchange_messages(request.clone(), NLM_F_REQUEST | NLM_F_DUMP, |message| {
+                collect(message, &mut found);
                 Flow::Continue
-            },
-        )
-        .context("dumping the interfaces")?;
+            })
+            .with_context(|| format!("dumping {what}"))?;
         if !interrupted {
             return Ok(found);
         }
     }
-    bail!("interface dump was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row")
-}
-
-/// `links_into_peer` for one interface.
-pub(crate) fn link_into_peer(index: u32) -> Result<bool> {
-    let mut request = LinkMessage::default();
-    request.header.index = index;
-    let mut found = false;
-    exchange_messages(
-        RouteNetlinkMessage::GetLink(request),
-        NLM_F_REQUEST,
-        |message| {
-            if let RouteNetlinkMessage::NewLink(link) = message {
-                found = redirects_into_peer(&link);
-            }
-            Flow::Done
-        },
+    bail!(
+        "the dump of {what} was interrupted by concurrent changes {MAX_DUMP_ATTEMPTS} times in a row"
     )
-    .with_context(|| format!("reading interface {index}"))?;
-    Ok(found)
-}
-
-/// A veth whose peer lives in another namespace (the kernel names that
-/// namespace, IFLA_LINK_NETNSID, only then), with no queueing discipline
-/// of its own (`noqueue`, a veth's default): a shaper there, such as the
-/// CNI `bandwidth` plugin's, would be skipped by a redirect into the peer.
-fn redirects_into_peer(link: &LinkMessage) -> bool {
-    let (mut veth, mut peer_elsewhere, mut unqueued) = (false, false, true);
-    for attribute in &link.attributes {
-        match attribute {
-            LinkAttribute::LinkInfo(infos) => {
-                veth = infos
-                    .iter()
-                    .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)));
-            }
-            LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
-            LinkAttribute::Qdisc(kind) => unqueued = kind == "noqueue",
-            _ => {}
-        }
-    }
-    veth && peer_elsewhere && unqueued
 }
 
 /// Whether traffic on this route goes anywhere.

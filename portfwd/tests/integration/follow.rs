@@ -364,6 +364,9 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         return;
     };
     let topo = Topology::new(195);
+    // Redirects into the peer need forwarding on the veth (see README); on
+    // this one only, which goes with it.
+    set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
     let _web = topo.ctr.serve("[::]:5195", "web");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47851:5195"]);
@@ -409,5 +412,41 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
     assert!(
         wait_until(Duration::from_secs(10), || served_into_peer() == Some(true)),
         "packets do not go into the peer again once the shaper is gone"
+    );
+
+    // A filter on the veth's egress (another tool's policy) would be
+    // skipped too. (Before TCX, portfwd's own programs are filters on the
+    // same clsact qdisc, at ingress.)
+    run("tc", &["qdisc", "add", "dev", host_if, "clsact"]);
+    let filter = [
+        "egress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0",
+    ];
+    sh(
+        "tc",
+        &[&["filter", "add", "dev", host_if][..], &filter].concat(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || served_into_peer()
+            == Some(false)),
+        "packets go around an egress filter on {host_if}"
+    );
+    sh(
+        "tc",
+        &["filter", "del", "dev", host_if, "egress", "prio", "7"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || served_into_peer() == Some(true)),
+        "packets do not go into the peer again once the filter is gone"
+    );
+
+    // Without forwarding the programs cannot learn the container's
+    // link-layer address: every packet takes the neighbour subsystem, and
+    // `list` says so once the holder has followed.
+    set_if_sysctl(None, "ipv4", host_if, "forwarding", "0");
+    assert_eq!(served_into_peer(), Some(false), "forwarding off");
+    assert!(
+        wait_until(Duration::from_secs(10), || listed_into_peer()
+            == Some(false)),
+        "list: forwarding off"
     );
 }

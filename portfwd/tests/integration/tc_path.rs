@@ -899,3 +899,66 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
         format!("echo host again {gateway}")
     );
 }
+
+/// A packet redirected straight into a container's namespace is addressed
+/// as the veth would have carried it: to the container's link-layer
+/// address, which the kernel's neighbour entry holds. A container that
+/// makes its interface a bridge port (a VM's bridge inside a pod does) gets
+/// frames its bridge delivers to it, not frames for another host's address
+/// that it floods.
+#[test]
+fn a_container_that_bridges_its_interface_still_gets_its_frames() {
+    let Some(_serial) = root_test("bridged_container_interface") else {
+        return;
+    };
+    let topo = Topology::new(196);
+    // Redirects into the peer need forwarding on the veth (see README); on
+    // this one only, which goes with it.
+    set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
+    let _web = topo.ctr.serve("[::]:5196", "web");
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47861:5196"]);
+    let published = SocketAddr::new(topo.uplink(false), 47861);
+    let into_peer = || stats()["redirected_to_peer"];
+    let served = || {
+        topo.client
+            .inside(move || fetch(published))
+            .is_ok_and(|(answer, _)| answer.starts_with("web "))
+    };
+    let before = into_peer();
+    assert!(served(), "the container is not served");
+    assert!(into_peer() > before, "packets did not go into the peer");
+
+    // Inside the container (nothing the host hears of): its address moves
+    // to a bridge whose port the veth's peer becomes.
+    let (ns, ctr_if) = (topo.ctr.netns.as_str(), topo.ctr.ctr_if.as_str());
+    let address = format!("{}/24", topo.ctr.v4());
+    let gateway = topo.ctr.host_v4().to_string();
+    for args in [
+        vec!["link", "add", "pfbr0", "type", "bridge"],
+        vec!["addr", "flush", "dev", ctr_if],
+        vec!["link", "set", ctr_if, "master", "pfbr0"],
+        vec!["addr", "add", &address, "dev", "pfbr0"],
+        vec!["link", "set", "pfbr0", "up"],
+        vec!["route", "add", "default", "via", &gateway],
+    ] {
+        sh("ip", &[&["-n", ns][..], &args].concat());
+    }
+    let before = into_peer();
+    assert!(
+        wait_until(Duration::from_secs(10), served),
+        "the bridged container is not served"
+    );
+    // Every packet of the fetch went into the peer: the veth is still
+    // listed (its peer may be a bridge port), the frames addressed to the
+    // bridge's address, which the host's neighbour entry holds.
+    assert!(
+        into_peer() >= before + 3,
+        "packets to the bridged container did not go into the peer"
+    );
+    assert_eq!(
+        listing()["links"][&topo.ctr.host_if]["into_peer"].as_bool(),
+        Some(true),
+        "list: a veth whose peer is a bridge port"
+    );
+}
