@@ -20,9 +20,11 @@ use crate::{
         IPV6_DADDR_OFF, IPV6_SADDR_OFF,
     },
 };
+
 /// `BPF_FIB_LOOKUP_OUTPUT`: a lookup as the host would send the packet out
-/// (by `params.ifindex`), not as a router forwarding it: no forwarding
-/// check, so `ip_forward` may stay off.
+/// by `params.ifindex`, not as a router would forward it in. (The helper
+/// still answers only for an interface that forwards: without forwarding,
+/// every packet takes the neighbour subsystem.)
 const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// Not ours: let the next TC program (or the stack) have it.
@@ -74,8 +76,9 @@ fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
 /// `bpf_redirect_neigh` would use) and the interface's own. A frame keeps
 /// them into the container, where a bridge, a macvlan or a packet socket
 /// may read them. False, the frame untouched, when the route to the
-/// destination leaves by another interface or the neighbour is not (yet)
-/// known: then the neighbour subsystem must resolve it.
+/// destination leaves by another interface, the neighbour is not (yet)
+/// known or the interface does not forward: then the neighbour subsystem
+/// must resolve it.
 #[inline(always)]
 fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
