@@ -124,22 +124,22 @@ fn external_clients_outside_the_list_are_refused_v4_and_v6_tcp_and_udp() {
         "--allow",
         &allow,
         &ctr4,
-        "47750:80",
-        "47751:5000/udp",
+        "62750:80",
+        "62751:5000/udp",
     ]);
     portfwd_ok(&[
         "map",
         "--allow",
         &allow,
         &ctr6,
-        "[::]:47752:80",
-        "[::]:47753:5000/udp",
+        "[::]:62752:80",
+        "[::]:62753:5000/udp",
     ]);
     let before = stat("refused_answered");
-    assert_eq!(reaches(&topo.allowed, false, 47750), (true, true));
-    assert_eq!(reaches(&topo.allowed, true, 47752), (true, true));
-    assert_eq!(reaches(&topo.refused, false, 47750), (false, false));
-    assert_eq!(reaches(&topo.refused, true, 47752), (false, false));
+    assert_eq!(reaches(&topo.allowed, false, 62750), (true, true));
+    assert_eq!(reaches(&topo.allowed, true, 62752), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 62750), (false, false));
+    assert_eq!(reaches(&topo.refused, true, 62752), (false, false));
     // A SYN and a datagram per family, each answered once.
     assert_eq!(stat("refused_answered"), before + 4, "{:?}", stats());
 
@@ -153,20 +153,20 @@ fn external_clients_outside_the_list_are_refused_v4_and_v6_tcp_and_udp() {
     };
     // Each mapping holds the networks of its own family.
     let v4 = serde_json::json!([format!("{}/32", topo.allowed.v4())]);
-    assert_eq!(on(47750), v4);
-    assert_eq!(on(47751), v4);
-    assert_eq!(on(47753), serde_json::json!(["fd00:252:75::/64"]));
+    assert_eq!(on(62750), v4);
+    assert_eq!(on(62751), v4);
+    assert_eq!(on(62753), serde_json::json!(["fd00:252:75::/64"]));
 
     let text = portfwd_ok(&["list"]);
     assert!(
         text.contains(&format!(
-            "allow {ctr4} 0.0.0.0:47750/tcp: {}/32 (others: reject)",
+            "allow {ctr4} 0.0.0.0:62750/tcp: {}/32 (others: reject)",
             topo.allowed.v4()
         )),
         "{text}"
     );
 
-    let published = format!("{}:47750", topo.allowed.host_v4());
+    let published = format!("{}:62750", topo.allowed.host_v4());
     let (code, text) = explain_code(&[&published, "--from", &topo.refused.v4().to_string()]);
     assert_eq!(code, Some(1), "{text}");
     assert!(
@@ -216,13 +216,13 @@ fn refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop() {
     for (refuse, ports4, ports6) in [
         (
             "reject",
-            ["47770:80", "47771:5000/udp"],
-            ["[::]:47772:80", "[::]:47773:5000/udp"],
+            ["62770:80", "62771:5000/udp"],
+            ["[::]:62772:80", "[::]:62773:5000/udp"],
         ),
         (
             "drop",
-            ["47774:80", "47775:5000/udp"],
-            ["[::]:47776:80", "[::]:47777:5000/udp"],
+            ["62774:80", "62775:5000/udp"],
+            ["[::]:62776:80", "[::]:62777:5000/udp"],
         ),
     ] {
         for (ctr, ports) in [(&ctr4, ports4), (&ctr6, ports6)] {
@@ -233,19 +233,19 @@ fn refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop() {
     }
     let refused = ErrorKind::ConnectionRefused;
     let (answered, dropped) = (stat("refused_answered"), stat("refused_not_allowed"));
-    assert_eq!(refusal(&topo.refused, false, 47770), (refused, refused));
-    assert_eq!(refusal(&topo.refused, true, 47772), (refused, refused));
+    assert_eq!(refusal(&topo.refused, false, 62770), (refused, refused));
+    assert_eq!(refusal(&topo.refused, true, 62772), (refused, refused));
     assert_eq!(stat("refused_answered"), answered + 4, "{:?}", stats());
     assert_eq!(stat("refused_not_allowed"), dropped, "{:?}", stats());
 
-    for (v6, port) in [(false, 47774), (true, 47776)] {
+    for (v6, port) in [(false, 62774), (true, 62776)] {
         let (tcp, udp) = refusal(&topo.refused, v6, port);
         assert!(timed_out(tcp) && timed_out(udp), "{port}: {tcp:?} {udp:?}");
     }
     assert_eq!(stat("refused_answered"), answered + 4, "{:?}", stats());
     assert!(stat("refused_not_allowed") >= dropped + 4, "{:?}", stats());
-    assert_eq!(reaches(&topo.allowed, false, 47770), (true, true));
-    assert_eq!(reaches(&topo.allowed, true, 47776), (true, true));
+    assert_eq!(reaches(&topo.allowed, false, 62770), (true, true));
+    assert_eq!(reaches(&topo.allowed, true, 62776), (true, true));
 
     let listed = listed();
     let refuse_of = |port: u64| {
@@ -255,15 +255,15 @@ fn refused_clients_get_a_closed_ports_answer_or_nothing_with_refuse_drop() {
             .unwrap_or_else(|| panic!("{port} in {listed:?}"))["refuse"]
             .clone()
     };
-    assert_eq!(refuse_of(47771), "reject");
-    assert_eq!(refuse_of(47777), "drop");
-    let published = format!("{}:47774", topo.refused.host_v4());
+    assert_eq!(refuse_of(62771), "reject");
+    assert_eq!(refuse_of(62777), "drop");
+    let published = format!("{}:62774", topo.refused.host_v4());
     let (code, text) = explain_code(&[&published, "--from", &topo.refused.v4().to_string()]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("dropped without an answer"), "{text}");
 
     // `--refuse` without `--allow` means nothing: a usage error.
-    let out = portfwd(&["map", "--refuse", "drop", &ctr4, "47778:80"]);
+    let out = portfwd(&["map", "--refuse", "drop", &ctr4, "62778:80"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
@@ -291,7 +291,7 @@ fn write_apply(dir: &std::path::Path, ctr: IpAddr, allow: &[String]) -> PathBuf 
     std::fs::write(
         &file,
         format!(
-            "[[mappings]]\nname = \"web\"\ncontainer = \"{ctr}\"\npublish = [\"47755:80\", \"47756:5000/udp\"]\nallow = [{}]\n",
+            "[[mappings]]\nname = \"web\"\ncontainer = \"{ctr}\"\npublish = [\"62755:80\", \"62756:5000/udp\"]\nallow = [{}]\n",
             allow.join(", ")
         ),
     )
@@ -323,21 +323,21 @@ fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
             .unwrap_or(0)
     };
     let before = host_refused();
-    assert_eq!(host_reaches(47755), (false, false));
+    assert_eq!(host_reaches(62755), (false, false));
     assert!(host_refused() >= before + 2, "{:?}", stats());
-    assert_eq!(reaches(&topo.allowed, false, 47755), (true, true));
-    assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
+    assert_eq!(reaches(&topo.allowed, false, 62755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 62755), (false, false));
     // A container's hairpin flow is judged by its own address.
     let ctr = topo.ctr.v4();
-    let hairpin = SocketAddr::new(topo.allowed.host_v4(), 47755);
+    let hairpin = SocketAddr::new(topo.allowed.host_v4(), 62755);
     assert!(topo.ctr.inside(move || fetch(hairpin)).is_err(), "{ctr}");
 
     // The list changes: client B, the container and host processes in,
     // client A out, for the very next flows.
     apply(&[b, format!("{ctr}/32"), "host".into()]);
-    assert_eq!(host_reaches(47755), (true, true));
-    assert_eq!(reaches(&topo.refused, false, 47755), (true, true));
-    assert_eq!(reaches(&topo.allowed, false, 47755), (false, false));
+    assert_eq!(host_reaches(62755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 62755), (true, true));
+    assert_eq!(reaches(&topo.allowed, false, 62755), (false, false));
     let (greeting, _) = topo.ctr.inside(move || fetch(hairpin)).unwrap();
     assert!(greeting.starts_with("container "), "{greeting}");
 
@@ -350,11 +350,11 @@ fn host_processes_need_the_host_keyword_and_a_changed_list_holds_at_once() {
         "--allow",
         "host",
         &topo.ctr.v4().to_string(),
-        "47755:80",
-        "47756:5000/udp",
+        "62755:80",
+        "62756:5000/udp",
     ]);
-    assert_eq!(host_reaches(47755), (true, true));
-    assert_eq!(reaches(&topo.refused, false, 47755), (false, false));
+    assert_eq!(host_reaches(62755), (true, true));
+    assert_eq!(reaches(&topo.refused, false, 62755), (false, false));
     // Replaced, not added: 0.0.0.0 and [::], TCP and UDP.
     assert_eq!(listed().len(), 4, "{:?}", listed());
     std::fs::remove_dir_all(&dir).ok();
@@ -369,7 +369,7 @@ fn a_bad_cidr_is_a_usage_error_that_changes_nothing() {
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     let ip = ctr.v4().to_string();
     for bad in ["10.0.0.1/8", "10.0.0.0/33", "somewhere", "10.0.0.0/8,,host"] {
-        let out = portfwd(&["map", "--allow", bad, &ip, "47760:80"]);
+        let out = portfwd(&["map", "--allow", bad, &ip, "62760:80"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{bad}: {stderr}");

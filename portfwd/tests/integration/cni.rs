@@ -5,7 +5,7 @@
 //! removed by Drop guards, also on failure.
 //!
 //! Names: namespaces `pft-cni*`, interfaces `pftn*`, bridges `pftnbrN`,
-//! subnets in 10.254.0.0/16 and fd00:254::/32, host ports 47400-47499.
+//! subnets in 10.254.0.0/16 and fd00:254::/32, host ports 62400-62499.
 
 use std::{
     fs,
@@ -282,8 +282,8 @@ fn chain_publishes_checks_and_deletes() {
     let ctr_ip = address.split('/').next().unwrap().to_owned();
 
     let mappings = json!([
-        {"hostPort": 47400, "containerPort": 80, "protocol": "tcp"},
-        {"hostPort": 47401, "containerPort": 81, "protocol": "tcp", "hostIP": "127.0.0.1"},
+        {"hostPort": 62400, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 62401, "containerPort": 81, "protocol": "tcp", "hostIP": "127.0.0.1"},
     ]);
     let conf = portfwd_conf("pftn-chain", &client.host_if, mappings, Some(&prev));
     let out = portfwd_cni("ADD", &id, &netns_path, "eth0", &conf);
@@ -309,18 +309,18 @@ fn chain_publishes_checks_and_deletes() {
 
     // From the host: loopback (both families), the bridge's gateway address.
     for addr in [
-        "127.0.0.1:47400".to_owned(),
-        "[::1]:47400".to_owned(),
-        "10.254.1.1:47400".to_owned(),
-        format!("{}:47400", client.host_v4()),
+        "127.0.0.1:62400".to_owned(),
+        "[::1]:62400".to_owned(),
+        "10.254.1.1:62400".to_owned(),
+        format!("{}:62400", client.host_v4()),
     ] {
         let (answer, _) = fetch(addr.parse().unwrap()).unwrap_or_else(|e| panic!("{addr}: {e}"));
         assert!(answer.starts_with("web "), "{addr}: {answer}");
     }
-    let (answer, _) = fetch("127.0.0.1:47401".parse().unwrap()).unwrap();
+    let (answer, _) = fetch("127.0.0.1:62401".parse().unwrap()).unwrap();
     assert!(answer.starts_with("other "), "{answer}");
     // From another namespace, through the uplink: the client's own address.
-    let uplink: SocketAddr = format!("{}:47400", client.host_v4()).parse().unwrap();
+    let uplink: SocketAddr = format!("{}:62400", client.host_v4()).parse().unwrap();
     let (answer, _) = client
         .inside(move || fetch(uplink))
         .expect("client through the uplink");
@@ -331,7 +331,7 @@ fn chain_publishes_checks_and_deletes() {
     // DEL removes exactly this attachment's mappings.
     portfwd_cni("DEL", &id, &netns_path, "eth0", &conf).expect_ok("DEL");
     assert!(!names_listed().contains(&name), "{:?}", listed());
-    let error = fetch("127.0.0.1:47400".parse().unwrap()).unwrap_err();
+    let error = fetch("127.0.0.1:62400".parse().unwrap()).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     portfwd_cni("CHECK", &id, &netns_path, "eth0", &conf).expect_error(102, "CHECK after DEL");
     // A second DEL (CNI requires it to succeed), also without prevResult.
@@ -380,7 +380,7 @@ fn the_allow_option_limits_sources_and_check_compares_it() {
         "0.0.0.0:80".parse().unwrap(),
         "web",
     );
-    let mappings = json!([{"hostPort": 47410, "containerPort": 80, "protocol": "tcp"}]);
+    let mappings = json!([{"hostPort": 62410, "containerPort": 80, "protocol": "tcp"}]);
     let plain = portfwd_conf("pftn-allow", &client.host_if, mappings, Some(&prev));
 
     // An entry that is no network: refused as the configuration's fault,
@@ -404,9 +404,9 @@ fn the_allow_option_limits_sources_and_check_compares_it() {
             || m["allow"] == json!(["host"])),
         "each family keeps its own networks: {rows:?}"
     );
-    let (answer, _) = fetch("127.0.0.1:47410".parse().unwrap()).expect("a host process");
+    let (answer, _) = fetch("127.0.0.1:62410".parse().unwrap()).expect("a host process");
     assert!(answer.starts_with("web "), "{answer}");
-    let uplink: SocketAddr = format!("{}:47410", client.host_v4()).parse().unwrap();
+    let uplink: SocketAddr = format!("{}:62410", client.host_v4()).parse().unwrap();
     assert!(
         client.inside(move || fetch(uplink)).is_err(),
         "a client outside the list must not reach the container"
@@ -445,7 +445,7 @@ fn bad_input_gives_cni_error_json() {
     let good = portfwd_conf(
         "pftn-errors",
         "pftn-none",
-        json!([{"hostPort": 47410, "containerPort": 80}]),
+        json!([{"hostPort": 62410, "containerPort": 80}]),
         Some(&prev),
     );
     let id = container_id(2);
@@ -526,13 +526,13 @@ fn bad_input_gives_cni_error_json() {
         (7, "sctp", {
             let mut c = good.clone();
             c["runtimeConfig"]["portMappings"] =
-                json!([{"hostPort": 47410, "containerPort": 80, "protocol": "sctp"}]);
+                json!([{"hostPort": 62410, "containerPort": 80, "protocol": "sctp"}]);
             c
         }),
         (7, "bad hostIP", {
             let mut c = good.clone();
             c["runtimeConfig"]["portMappings"] =
-                json!([{"hostPort": 47410, "containerPort": 80, "hostIP": "nowhere"}]);
+                json!([{"hostPort": 62410, "containerPort": 80, "hostIP": "nowhere"}]);
             c
         }),
         (7, "no container address", {
@@ -591,9 +591,9 @@ fn dual_stack_conflicts_and_0_4_0() {
         "pftn-dual",
         &ctr.host_if,
         json!([
-            {"hostPort": 47420, "containerPort": 80, "protocol": "tcp"},
-            {"hostPort": 47420, "containerPort": 80, "protocol": "tcp"},
-            {"hostPort": 47421, "containerPort": 80, "protocol": "tcp", "hostIP": "::1"},
+            {"hostPort": 62420, "containerPort": 80, "protocol": "tcp"},
+            {"hostPort": 62420, "containerPort": 80, "protocol": "tcp"},
+            {"hostPort": 62421, "containerPort": 80, "protocol": "tcp", "hostIP": "::1"},
         ]),
         Some(&prev),
     );
@@ -620,12 +620,12 @@ fn dual_stack_conflicts_and_0_4_0() {
         })
     };
     assert_eq!(rows.len(), 3, "{rows:?}");
-    assert!(has("0.0.0.0", 47420, ctr.v4().to_string()), "{rows:?}");
-    assert!(has("::", 47420, ctr.v6().to_string()), "{rows:?}");
-    assert!(has("::1", 47421, ctr.v6().to_string()), "{rows:?}");
-    let (answer, _) = fetch("127.0.0.1:47420".parse().unwrap()).unwrap();
+    assert!(has("0.0.0.0", 62420, ctr.v4().to_string()), "{rows:?}");
+    assert!(has("::", 62420, ctr.v6().to_string()), "{rows:?}");
+    assert!(has("::1", 62421, ctr.v6().to_string()), "{rows:?}");
+    let (answer, _) = fetch("127.0.0.1:62420".parse().unwrap()).unwrap();
     assert!(answer.starts_with("dual 10.254.3."), "{answer}");
-    let (answer, _) = fetch("[::1]:47420".parse().unwrap()).unwrap();
+    let (answer, _) = fetch("[::1]:62420".parse().unwrap()).unwrap();
     assert!(answer.starts_with("dual fd00:254:3:"), "{answer}");
     portfwd_cni("CHECK", id, &ns_path, "eth0", &conf).expect_ok("CHECK");
 
@@ -633,17 +633,17 @@ fn dual_stack_conflicts_and_0_4_0() {
     // behind (not even its other, free port).
     let mut other = conf.clone();
     other["runtimeConfig"]["portMappings"] = json!([
-        {"hostPort": 47422, "containerPort": 80},
-        {"hostPort": 47420, "containerPort": 80},
+        {"hostPort": 62422, "containerPort": 80},
+        {"hostPort": 62420, "containerPort": 80},
     ]);
     portfwd_cni("ADD", "pftn-dual-2", &ns_path, "eth0", &other).expect_error(100, "taken port");
     assert!(
-        listed().iter().all(|m| m["host_port"] != 47422),
+        listed().iter().all(|m| m["host_port"] != 62422),
         "{:?}",
         listed()
     );
     // A mapping removed behind the plugin's back fails CHECK.
-    portfwd_ok(&["unmap", "[::1]:47421"]);
+    portfwd_ok(&["unmap", "[::1]:62421"]);
     portfwd_cni("CHECK", id, &ns_path, "eth0", &conf).expect_error(102, "CHECK");
     // A repeated ADD restores the attachment's mappings.
     portfwd_cni("ADD", id, &ns_path, "eth0", &conf).expect_ok("ADD again");
@@ -653,7 +653,7 @@ fn dual_stack_conflicts_and_0_4_0() {
 }
 
 /// Runs `command` for containers `pftn-conc-N` (N in `ids`) at once, each
-/// publishing tcp and udp 47430+N; every invocation must succeed.
+/// publishing tcp and udp 62430+N; every invocation must succeed.
 fn run_concurrently(command: &'static str, ids: Vec<u16>, uplink: &str) {
     let handles: Vec<_> = ids
         .into_iter()
@@ -669,8 +669,8 @@ fn run_concurrently(command: &'static str, ids: Vec<u16>, uplink: &str) {
                     "pftn-conc",
                     &uplink,
                     json!([
-                        {"hostPort": 47430 + n, "containerPort": 80},
-                        {"hostPort": 47430 + n, "containerPort": 53, "protocol": "udp"},
+                        {"hostPort": 62430 + n, "containerPort": 80},
+                        {"hostPort": 62430 + n, "containerPort": 53, "protocol": "udp"},
                     ]),
                     Some(&prev),
                 );
@@ -718,7 +718,7 @@ fn concurrent_adds_and_dels_keep_each_others_entries() {
 // --- podman -----------------------------------------------------------
 
 const PODMAN_DIR: &str = "/tmp/pftn-podman";
-const PODMAN_PORT: u16 = 47477;
+const PODMAN_PORT: u16 = 62477;
 
 /// podman with the test's own configuration and storage: the machine's
 /// containers.conf, /etc/cni/net.d and /var/lib/containers stay untouched.

@@ -17,8 +17,8 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     let _echo = ctr.serve_udp("0.0.0.0:5301", "ctr73");
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "a", &ctr_ip, "47730:5301/udp"]);
-    portfwd_ok(&["map", "--name", "b", &ctr_ip, "47731:5301/udp"]);
+    portfwd_ok(&["map", "--name", "a", &ctr_ip, "62730:5301/udp"]);
+    portfwd_ok(&["map", "--name", "b", &ctr_ip, "62731:5301/udp"]);
     let uplink = client.host_v4();
     let client_ip = client.v4();
     let ask = move |port: u16, from_port: u16| {
@@ -28,24 +28,24 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
             .inside(move || udp_ask(to, Some(from), b"hi"))
             .unwrap_or_else(|e| panic!("{to} from {from}: {e}"))
     };
-    assert!(ask(47730, 41000).starts_with("ctr73"));
-    assert!(ask(47731, 41001).starts_with("ctr73"));
+    assert!(ask(62730, 41000).starts_with("ctr73"));
+    assert!(ask(62731, 41001).starts_with("ctr73"));
 
     let all = conntrack_flows(&[]);
     assert_eq!(all.len(), 2, "{all:#?}");
     let a = all.iter().find(|f| f["mapping"] == "a").expect("a's flow");
     assert_eq!(a["protocol"], "udp");
     assert_eq!(a["client"], format!("{client_ip}:41000"));
-    assert_eq!(a["published"], format!("{uplink}:47730"));
+    assert_eq!(a["published"], format!("{uplink}:62730"));
     assert_eq!(a["container"], format!("{ctr_ip}:5301"));
     assert_eq!(a["container_sees"], a["client"], "the client's own address");
     assert_eq!(a["state"], "udp");
-    assert_eq!(conntrack_flows(&["--port", "47731"]).len(), 1);
+    assert_eq!(conntrack_flows(&["--port", "62731"]).len(), 1);
     let text = portfwd_ok(&["conntrack", "list"]);
     assert!(text.contains(&format!("{client_ip}:41000")), "{text}");
 
     // explain shows the mapping's flows too.
-    let out = portfwd_ok(&["explain", "--json", &format!("{uplink}:47730/udp")]);
+    let out = portfwd_ok(&["explain", "--json", &format!("{uplink}:62730/udp")]);
     let explained: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(explained["matched"]["flows"].as_array().unwrap().len(), 1);
 
@@ -56,7 +56,7 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     assert_eq!(left[0]["mapping"], "b");
     // a's client starts a new flow with its next datagram.
     let before = stats()["flows_new"];
-    assert!(ask(47730, 41000).starts_with("ctr73"));
+    assert!(ask(62730, 41000).starts_with("ctr73"));
     assert_eq!(stats()["flows_new"], before + 1);
 
     let out = portfwd_ok(&["conntrack", "flush"]);

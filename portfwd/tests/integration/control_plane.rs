@@ -23,7 +23,7 @@ fn automatic_ports_by_the_thousand_and_requests_that_cannot_be_met() {
     let ctr = Container::new(61);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     let ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "keep", &ip, "47560:80"]);
+    portfwd_ok(&["map", "--name", "keep", &ip, "62560:80"]);
     let before = listed();
 
     // More automatic ports than the range 49153-60999 holds (11,847): a
@@ -47,16 +47,16 @@ fn automatic_ports_by_the_thousand_and_requests_that_cannot_be_met() {
 
     // A pool of two ports serves two publications; a third finds it full:
     // one line, exit 1, nothing changes.
-    portfwd_ok(&["map", "--name", "pool", &ip, "47561-47562:80"]);
-    portfwd_ok(&["map", "--name", "pool", &ip, "47561-47562:81"]);
-    assert_eq!(ports_of("pool"), BTreeSet::from([47561, 47562]));
+    portfwd_ok(&["map", "--name", "pool", &ip, "62561-62562:80"]);
+    portfwd_ok(&["map", "--name", "pool", &ip, "62561-62562:81"]);
+    assert_eq!(ports_of("pool"), BTreeSet::from([62561, 62562]));
     let full = listed();
-    let out = portfwd(&["map", "--name", "pool", &ip, "47561-47562:82"]);
+    let out = portfwd(&["map", "--name", "pool", &ip, "62561-62562:82"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("no free host port in 47561-47562"),
+        stderr.contains("no free host port in 62561-62562"),
         "{stderr}"
     );
     assert_eq!(listed(), full);
@@ -159,7 +159,7 @@ fn a_holder_out_of_open_files_answers_and_goes_on() {
     assert!(reply.contains("open files"), "{reply:?}");
     // With files again, it serves as before.
     let ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "files", &ip, "47563:80"]);
+    portfwd_ok(&["map", "--name", "files", &ip, "62563:80"]);
     assert_eq!(holder_pid(), Some(pid), "the same holder");
     portfwd_ok(&["unmap", "--name", "files"]);
 }

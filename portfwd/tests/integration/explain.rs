@@ -41,17 +41,17 @@ fn explain_gives_the_verdict_and_the_reasons() {
     let _server = ctr.serve("[::]:80", "ctr72");
     let pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr_ip, "47720:80"]);
-    portfwd_ok(&["map", "--name", "local", &ctr_ip, "127.0.0.1:47721:80"]);
-    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "47722:53/udp"]);
+    portfwd_ok(&["map", "--name", "web", &ctr_ip, "62720:80"]);
+    portfwd_ok(&["map", "--name", "local", &ctr_ip, "127.0.0.1:62721:80"]);
+    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "62722:53/udp"]);
     let uplink = client.host_v4();
-    let dialed = SocketAddr::new(uplink, 47720);
+    let dialed = SocketAddr::new(uplink, 62720);
     client
         .inside(move || fetch(dialed))
         .expect("the client reaches the mapping");
 
     // A served wildcard mapping, from outside and from the host.
-    let (code, json, _) = explain(&[&format!("{uplink}:47720")]);
+    let (code, json, _) = explain(&[&format!("{uplink}:62720")]);
     assert_eq!(code, Some(0), "{json:#}");
     assert_eq!(json["served"], true);
     assert_eq!(json["matched"]["how"], "wildcard");
@@ -64,18 +64,18 @@ fn explain_gives_the_verdict_and_the_reasons() {
     assert!(json["matched"]["counters"]["flows"].as_u64().unwrap() >= 1);
     let holder = json["port_held_by"].as_str().unwrap_or_default();
     assert!(holder.starts_with("portfwd"), "{holder}");
-    let (code, json, _) = explain(&["127.0.0.1:47720", "--from", "127.0.0.1"]);
+    let (code, json, _) = explain(&["127.0.0.1:62720", "--from", "127.0.0.1"]);
     assert_eq!((code, &json["served"]), (Some(0), &Value::Bool(true)));
     // The text form says the same.
-    let text = portfwd_ok(&["explain", &format!("{uplink}:47720")]);
+    let text = portfwd_ok(&["explain", &format!("{uplink}:62720")]);
     assert!(
-        text.starts_with(&format!("{uplink}:47720/tcp: served")),
+        text.starts_with(&format!("{uplink}:62720/tcp: served")),
         "{text}"
     );
 
     // Published on loopback only: not from another address of the host,
     // and never for an external client.
-    let (code, json, stderr) = explain(&[&format!("{uplink}:47721")]);
+    let (code, json, stderr) = explain(&[&format!("{uplink}:62721")]);
     assert_eq!(code, Some(1));
     assert!(json["matched"].is_null());
     assert!(
@@ -86,7 +86,7 @@ fn explain_gives_the_verdict_and_the_reasons() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let client_ip = client.v4().to_string();
-    let (code, json, _) = explain(&["127.0.0.1:47721", "--from", &client_ip]);
+    let (code, json, _) = explain(&["127.0.0.1:62721", "--from", &client_ip]);
     assert_eq!(code, Some(1));
     assert_eq!(json["matched"]["how"], "exact");
     assert!(
@@ -95,7 +95,7 @@ fn explain_gives_the_verdict_and_the_reasons() {
     );
 
     // A UDP mapping asked as TCP.
-    let (code, json, _) = explain(&["127.0.0.1:47722"]);
+    let (code, json, _) = explain(&["127.0.0.1:62722"]);
     assert_eq!(code, Some(1));
     assert!(
         reasons(&json)
@@ -103,12 +103,12 @@ fn explain_gives_the_verdict_and_the_reasons() {
             .any(|r| r.contains("it is udp, not tcp")),
         "{json:#}"
     );
-    let (code, _, _) = explain(&["127.0.0.1:47722/udp"]);
+    let (code, _, _) = explain(&["127.0.0.1:62722/udp"]);
     assert_eq!(code, Some(0));
 
     // No mapping, but a host process listens.
-    let listener = std::net::TcpListener::bind("127.0.0.1:47723").unwrap();
-    let (code, json, _) = explain(&["127.0.0.1:47723"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:62723").unwrap();
+    let (code, json, _) = explain(&["127.0.0.1:62723"]);
     assert_eq!(code, Some(1));
     let owner = json["port_held_by"].as_str().unwrap_or_default().to_owned();
     assert!(
@@ -122,7 +122,7 @@ fn explain_gives_the_verdict_and_the_reasons() {
 
     // portfwd down.
     drop(pf);
-    let (code, json, _) = explain(&["127.0.0.1:47720"]);
+    let (code, json, _) = explain(&["127.0.0.1:62720"]);
     assert_eq!(code, Some(1));
     assert_eq!(json["up"], false);
     assert!(

@@ -87,9 +87,9 @@ fn a_recreated_container_link_is_served_again_at_once() {
     let _echo = topo.ctr.serve_udp("[::]:5191", "echo");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr, "47801:5190", "47802:5191/udp"]);
-    assert!(topo.fetch_external(47801).unwrap().starts_with("web "));
-    let udp = topo.udp_client(47802);
+    portfwd_ok(&["map", "--name", "web", &ctr, "62801:5190", "62802:5191/udp"]);
+    assert!(topo.fetch_external(62801).unwrap().starts_with("web "));
+    let udp = topo.udp_client(62802);
     let before = ask(&udp, "before").expect("UDP through the published port");
     assert!(before.starts_with("echo before"), "{before}");
 
@@ -100,7 +100,7 @@ fn a_recreated_container_link_is_served_again_at_once() {
     // The port holder follows link events: no command needed.
     let recreated = std::time::Instant::now();
     assert!(
-        topo.served_within(47801, Duration::from_secs(10)),
+        topo.served_within(62801, Duration::from_secs(10)),
         "external TCP clients are not served after the container's veth was recreated"
     );
     // For the README's "how fast" (never asserted: timing is noisy).
@@ -125,7 +125,7 @@ fn a_recreated_container_link_is_served_again_at_once() {
         "up --reload: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(topo.fetch_external(47801).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(62801).unwrap().starts_with("web "));
 }
 
 #[test]
@@ -136,13 +136,13 @@ fn a_recreated_uplink_is_attached_again_at_once() {
     let topo = Topology::new(191);
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47811:5190"]);
-    assert!(topo.fetch_external(47811).unwrap().starts_with("web "));
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62811:5190"]);
+    assert!(topo.fetch_external(62811).unwrap().starts_with("web "));
 
     topo.client.recreate_link();
 
     assert!(
-        topo.served_within(47811, Duration::from_secs(10)),
+        topo.served_within(62811, Duration::from_secs(10)),
         "external clients are not served after the uplink was recreated"
     );
     assert_eq!(
@@ -153,7 +153,7 @@ fn a_recreated_uplink_is_attached_again_at_once() {
     let out = portfwd_ok(&["attach", &topo.client.host_if]);
     assert!(out.contains("already attached"), "{out}");
     portfwd_ok(&["up", "--iface", &topo.client.host_if, "--reload"]);
-    assert!(topo.fetch_external(47811).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(62811).unwrap().starts_with("web "));
 }
 
 #[test]
@@ -165,13 +165,13 @@ fn without_a_holder_severed_links_are_shown_and_the_next_command_repairs_them() 
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", &ctr, "47821:5190"]);
-    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
+    portfwd_ok(&["map", &ctr, "62821:5190"]);
+    assert!(topo.fetch_external(62821).unwrap().starts_with("web "));
 
     // The killed holder: forwarding goes on, the ports are not reserved,
     // and `list` says so.
     kill_holder();
-    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(62821).unwrap().starts_with("web "));
     let text = portfwd_ok(&["list"]);
     assert!(
         text.contains("port holder is not running"),
@@ -187,17 +187,17 @@ fn without_a_holder_severed_links_are_shown_and_the_next_command_repairs_them() 
     assert_eq!(link_state(&topo.client.host_if).as_deref(), Some("severed"));
     let text = portfwd_ok(&["list"]);
     assert!(text.contains("severed"), "{text}");
-    assert!(topo.fetch_external(47821).is_err());
+    assert!(topo.fetch_external(62821).is_err());
 
     // ...and the next change repairs both, and restarts the holder.
-    portfwd_ok(&["map", &ctr, "47822:5190"]);
+    portfwd_ok(&["map", &ctr, "62822:5190"]);
     assert_eq!(link_state(&topo.ctr.host_if).as_deref(), Some("attached"));
     assert_eq!(
         link_state(&topo.client.host_if).as_deref(),
         Some("attached")
     );
-    assert!(topo.fetch_external(47821).unwrap().starts_with("web "));
-    assert!(topo.fetch_external(47822).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(62821).unwrap().starts_with("web "));
+    assert!(topo.fetch_external(62822).unwrap().starts_with("web "));
     assert!(holder_pid().is_some());
     assert_eq!(listing()["holder_running"], true);
 }
@@ -210,7 +210,7 @@ fn a_deleted_uplink_is_shown_gone_and_detach_says_what_it_did() {
     let topo = Topology::new(193);
     let other = Container::with_prefix(193, "out", 253);
     let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--iface", &other.host_if]);
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47831:5190"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62831:5190"]);
     let uplink = topo.client.host_if.clone();
     sh("ip", &["link", "del", &uplink]);
 
@@ -258,7 +258,7 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
     let _web = topo.ctr.serve("[::]:5190", "web");
     let _pf = topo.up();
     let ctr = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr, "47841:5190"]);
+    portfwd_ok(&["map", "--name", "web", &ctr, "62841:5190"]);
     let good = std::fs::read(state_file()).unwrap();
     // Cut in the snapshot (the first line): a journal line cut short at the
     // end is what a killed writer leaves, a change that did not commit.
@@ -268,7 +268,7 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
     for damage in [b"garbage\x00\xff".to_vec(), Vec::new(), truncated] {
         std::fs::write(state_file(), &damage).unwrap();
         // A change refuses, in one line that says what to do.
-        let out = portfwd(&["map", &ctr, "47842:5190"]);
+        let out = portfwd(&["map", &ctr, "62842:5190"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -285,14 +285,14 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
             "list: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(stdout.contains("47841"), "{stdout}");
+        assert!(stdout.contains("62841"), "{stdout}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("state rebuild"),
             "list does not warn"
         );
         assert_eq!(listed().len(), 2, "the IPv4 and IPv6 wildcard");
         // Forwarding never stopped.
-        assert!(topo.fetch_external(47841).unwrap().starts_with("web "));
+        assert!(topo.fetch_external(62841).unwrap().starts_with("web "));
 
         let out = portfwd_ok(&["state", "rebuild"]);
         assert!(out.contains("2 mappings"), "{out}");
@@ -302,11 +302,11 @@ fn a_damaged_state_file_says_what_to_do_and_is_rebuilt_from_the_kernel() {
         assert!(
             recorded
                 .iter()
-                .all(|m| m.name == "web" && m.host.port() == 47841)
+                .all(|m| m.name == "web" && m.host.port() == 62841)
         );
         // Changes work again.
-        portfwd_ok(&["map", &ctr, "47842:5190"]);
-        portfwd_ok(&["unmap", "47842"]);
+        portfwd_ok(&["map", &ctr, "62842:5190"]);
+        portfwd_ok(&["unmap", "62842"]);
     }
 
     // After a reboot (nothing pinned) the damaged file is the only record:
@@ -369,13 +369,13 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
     set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
     let _web = topo.ctr.serve("[::]:5195", "web");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47851:5195"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62851:5195"]);
     let into_peer = || stats()["redirected_to_peer"];
     // A fetch that is served, and whether its packets went into the peer.
     let served_into_peer = || {
         let before = into_peer();
         let served = topo
-            .fetch_external(47851)
+            .fetch_external(62851)
             .is_ok_and(|answer| answer.starts_with("web "));
         served.then(|| into_peer() > before)
     };
@@ -383,7 +383,7 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
     let listed_into_peer = || listing()["links"][host_if]["into_peer"].as_bool();
     assert_eq!(served_into_peer(), Some(true), "an unshaped veth");
     assert_eq!(listed_into_peer(), Some(true), "list: an unshaped veth");
-    let published = topo.published(47851).to_string();
+    let published = topo.published(62851).to_string();
     let explained_into_peer =
         || portfwd_ok(&["explain", &published]).contains("into the container's namespace");
     assert!(explained_into_peer(), "explain: an unshaped veth");

@@ -45,7 +45,7 @@ const PACKET_OUTGOING: u8 = 4;
 /// Each kind of frame is sent this many times.
 const REPEAT: u64 = 3;
 
-// Ports inside the container and the published host ports (47300-47399).
+// Ports inside the container and the published host ports (62300-62399).
 const UDP_ECHO: u16 = 5301;
 const TCP_SERVER: u16 = 5302;
 
@@ -859,12 +859,12 @@ fn hostile_ipv4_packets_are_passed_counted_and_never_rewritten_wrong() {
     let Some(_serial) = root_test("hostile_ipv4_packets") else {
         return;
     };
-    let mut run = HostileRun::start(41, "hostile4", false, (47300, 47301));
+    let mut run = HostileRun::start(41, "hostile4", false, (62300, 62301));
     let (tcp_port, udp_port) = run.ports;
     let (src, dst) = (run.topo.client_v4(), run.topo.host_v4());
     // The source port of each injected flow: answers to the well-formed ones
     // come back to a socket bound on it.
-    let sport = |k: u16| 47350 + k;
+    let sport = |k: u16| 62350 + k;
     let udp_to = |k: u16, payload: &[u8]| Ipv4Packet::udp(src, dst, sport(k), udp_port, payload);
     let mut add = |name, tag: u16, packet: Vec<u8>, expect, stat| {
         run.add(name, u32::from(tag), &packet, expect, stat);
@@ -1076,10 +1076,10 @@ fn hostile_ipv6_packets_are_passed_counted_and_never_rewritten_wrong() {
     let Some(_serial) = root_test("hostile_ipv6_packets") else {
         return;
     };
-    let mut run = HostileRun::start(42, "hostile6", true, (47310, 47311));
+    let mut run = HostileRun::start(42, "hostile6", true, (62310, 62311));
     let (tcp_port, udp_port) = run.ports;
     let (src, dst) = (run.topo.client_v6(), run.topo.host_v6());
-    let sport = |k: u16| 47360 + k;
+    let sport = |k: u16| 62360 + k;
     let udp_seg = |k: u16, payload: &[u8]| udp(src.into(), dst.into(), sport(k), udp_port, payload);
     let mut add = |name, tag: u32, packet: Vec<u8>, expect, stat| {
         run.add(name, tag, &packet, expect, stat);
@@ -1338,7 +1338,7 @@ fn loopback_published_ports_are_unreachable_from_outside() {
         &format!("0.0.0.0:{any_tcp}:{TCP_SERVER}"),
         // On an address of another interface (the container's gateway):
         // reached through the uplink too (the weak host model).
-        &format!("{}:47328:{UDP_ECHO}/udp", topo.ctr.host_v4()),
+        &format!("{}:62328:{UDP_ECHO}/udp", topo.ctr.host_v4()),
     ]);
     portfwd_ok(&[
         "map",
@@ -1350,7 +1350,7 @@ fn loopback_published_ports_are_unreachable_from_outside() {
         &format!("[::]:{any6_udp}:{UDP_ECHO}/udp"),
     ]);
     let neighbour_ip = neighbour.v4().to_string();
-    portfwd_ok(&["map", "--name", "nb", &neighbour_ip, "47327:5301/udp"]);
+    portfwd_ok(&["map", "--name", "nb", &neighbour_ip, "62327:5301/udp"]);
 
     // Controls: host processes reach the loopback ports (the socket path).
     for addr in [format!("127.0.0.1:{lo_tcp}"), format!("[::1]:{lo6_tcp}")] {
@@ -1379,7 +1379,7 @@ fn loopback_published_ports_are_unreachable_from_outside() {
     let (c4, h4) = (topo.client_v4(), topo.host_v4());
     let (c6, h6) = (topo.client_v6(), topo.host_v6());
     let v6_udp = |name, tag: u32, src: Ipv6Addr, dst: Ipv6Addr, dport: u16, delivered| {
-        let segment = udp(src.into(), dst.into(), 47370, dport, b"loopback?");
+        let segment = udp(src.into(), dst.into(), 62370, dport, b"loopback?");
         LoopbackCase {
             name,
             tag,
@@ -1387,60 +1387,60 @@ fn loopback_published_ports_are_unreachable_from_outside() {
             delivered,
         }
     };
-    let syn6 = tcp_syn(c6.into(), lo6.into(), 47371, lo6_tcp);
+    let syn6 = tcp_syn(c6.into(), lo6.into(), 62371, lo6_tcp);
     let uplink_cases = vec![
         frame4(
             "UDP to 127.0.0.1",
             0xb100,
-            Ipv4Packet::udp(c4, lo, 47372, lo_udp, b"lo"),
+            Ipv4Packet::udp(c4, lo, 62372, lo_udp, b"lo"),
             false,
         ),
         frame4(
             "TCP SYN to 127.0.0.1",
             0xb101,
-            Ipv4Packet::tcp_syn(c4, lo, 47373, lo_tcp),
+            Ipv4Packet::tcp_syn(c4, lo, 62373, lo_tcp),
             false,
         ),
         frame4(
             "UDP to 127.0.0.2",
             0xb102,
-            Ipv4Packet::udp(c4, lo2, 47374, lo_udp, b"lo2"),
+            Ipv4Packet::udp(c4, lo2, 62374, lo_udp, b"lo2"),
             false,
         ),
         frame4(
             "UDP to 127.0.0.1 on a wildcard port",
             0xb103,
-            Ipv4Packet::udp(c4, lo, 47375, any_udp, b"lo any"),
+            Ipv4Packet::udp(c4, lo, 62375, any_udp, b"lo any"),
             false,
         ),
         frame4(
             "TCP SYN to 127.0.0.2 on a wildcard port",
             0xb104,
-            Ipv4Packet::tcp_syn(c4, lo2, 47376, any_tcp),
+            Ipv4Packet::tcp_syn(c4, lo2, 62376, any_tcp),
             false,
         ),
         frame4(
             "UDP from 127.0.0.1 to the uplink address",
             0xb105,
-            Ipv4Packet::udp(lo, h4, 47377, any_udp, b"from lo"),
+            Ipv4Packet::udp(lo, h4, 62377, any_udp, b"from lo"),
             false,
         ),
         frame4(
             "TCP SYN from 127.0.0.1 to the uplink address",
             0xb106,
-            Ipv4Packet::tcp_syn(lo, h4, 47378, any_tcp),
+            Ipv4Packet::tcp_syn(lo, h4, 62378, any_tcp),
             false,
         ),
         frame4(
             "UDP to another interface's address (weak host model)",
             0xb108,
-            Ipv4Packet::udp(c4, v4(topo.ctr.host_v4()), 47384, 47328, b"weak host"),
+            Ipv4Packet::udp(c4, v4(topo.ctr.host_v4()), 62384, 62328, b"weak host"),
             true,
         ),
         frame4(
             "UDP to the uplink address (control)",
             0xb107,
-            Ipv4Packet::udp(c4, h4, 47379, any_udp, b"control"),
+            Ipv4Packet::udp(c4, h4, 62379, any_udp, b"control"),
             true,
         ),
         v6_udp("UDP to [::1]", 0xb6000, c6, lo6, lo6_udp, false),
@@ -1508,25 +1508,25 @@ fn loopback_published_ports_are_unreachable_from_outside() {
         hairpin(
             "hairpin UDP to 127.0.0.1",
             0xb110,
-            Ipv4Packet::udp(n4, lo, 47380, lo_udp, b"hp"),
+            Ipv4Packet::udp(n4, lo, 62380, lo_udp, b"hp"),
             false,
         ),
         hairpin(
             "hairpin TCP SYN to 127.0.0.1",
             0xb111,
-            Ipv4Packet::tcp_syn(n4, lo, 47381, lo_tcp),
+            Ipv4Packet::tcp_syn(n4, lo, 62381, lo_tcp),
             false,
         ),
         hairpin(
             "hairpin UDP from 127.0.0.1 to the gateway",
             0xb112,
-            Ipv4Packet::udp(lo, gateway, 47382, any_udp, b"hp lo"),
+            Ipv4Packet::udp(lo, gateway, 62382, any_udp, b"hp lo"),
             false,
         ),
         hairpin(
             "hairpin UDP to the gateway (control)",
             0xb113,
-            Ipv4Packet::udp(n4, gateway, 47383, any_udp, b"hp control"),
+            Ipv4Packet::udp(n4, gateway, 62383, any_udp, b"hp control"),
             true,
         ),
     ];
@@ -1601,7 +1601,7 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         &topo,
         "frag4",
         topo.ctr.v4(),
-        ["47342:5302".to_string(), format!("{udp4}:{UDP_ECHO}/udp")],
+        ["62342:5302".to_string(), format!("{udp4}:{UDP_ECHO}/udp")],
     );
     portfwd_ok(&[
         "map",
@@ -1611,7 +1611,7 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         &format!("[::]:{udp6}:{UDP_ECHO}/udp"),
     ]);
     // Normal traffic first (see the local-source test: neighbours known).
-    normal_traffic_works(&topo, false, 47342, udp4);
+    normal_traffic_works(&topo, false, 62342, udp4);
     let warm = SocketAddr::new(topo.client.host_v6(), udp6);
     topo.client
         .inside(move || udp_ask(warm, None, b"warm"))
@@ -1644,10 +1644,10 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         (frames, id, SocketAddr::new(c6.into(), sport))
     };
     let cases = [
-        ("IPv4, last first", v4_frames(47390, 0xc401, true)),
-        ("IPv4, in order", v4_frames(47391, 0xc402, false)),
-        ("IPv6, last first", v6_frames(47392, 0xc601, true)),
-        ("IPv6, in order", v6_frames(47393, 0xc602, false)),
+        ("IPv4, last first", v4_frames(62390, 0xc401, true)),
+        ("IPv4, in order", v4_frames(62391, 0xc402, false)),
+        ("IPv6, last first", v6_frames(62392, 0xc601, true)),
+        ("IPv6, in order", v6_frames(62393, 0xc602, false)),
     ];
     for (name, (frames, tag, client)) in cases {
         let in_order = name.ends_with("in order");
@@ -1724,7 +1724,7 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         "--name",
         "local-src6",
         &topo.ctr.v6().to_string(),
-        &format!("[::]:47352:{UDP_ECHO}/udp"),
+        &format!("[::]:62352:{UDP_ECHO}/udp"),
     ]);
     let (c4, h4, c6, h6) = (
         topo.client_v4(),
@@ -1736,7 +1736,7 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
     // link-layer addresses before the crafted frames come (the first
     // redirected packet waits for neighbour discovery).
     normal_traffic_works(&topo, false, tcp_port, udp_port);
-    let warm = SocketAddr::new(h6.into(), 47352);
+    let warm = SocketAddr::new(h6.into(), 62352);
     topo.client
         .inside(move || udp_ask(warm, None, b"warm"))
         .expect("UDP to the IPv6 mapping before the crafted frames");
@@ -1759,7 +1759,7 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
                 h6,
                 tag,
                 UDP,
-                &udp(src.into(), h6.into(), 47395, 47352, b"src"),
+                &udp(src.into(), h6.into(), 62395, 62352, b"src"),
             ),
         ),
         delivered,
@@ -1768,25 +1768,25 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         frame4(
             "TCP SYN from the host's gateway address",
             0xb200,
-            Ipv4Packet::tcp_syn(gateway4, h4, 47396, tcp_port),
+            Ipv4Packet::tcp_syn(gateway4, h4, 62396, tcp_port),
             false,
         ),
         frame4(
             "UDP from the host's gateway address",
             0xb201,
-            Ipv4Packet::udp(gateway4, h4, 47397, udp_port, b"gw"),
+            Ipv4Packet::udp(gateway4, h4, 62397, udp_port, b"gw"),
             false,
         ),
         frame4(
             "UDP from the uplink's own address",
             0xb202,
-            Ipv4Packet::udp(h4, h4, 47398, udp_port, b"self"),
+            Ipv4Packet::udp(h4, h4, 62398, udp_port, b"self"),
             false,
         ),
         frame4(
             "UDP from the client (control)",
             0xb203,
-            Ipv4Packet::udp(c4, h4, 47399, udp_port, b"control"),
+            Ipv4Packet::udp(c4, h4, 62399, udp_port, b"control"),
             true,
         ),
         udp6(

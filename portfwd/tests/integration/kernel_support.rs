@@ -88,7 +88,7 @@ fn a_failed_up_leaves_nothing_attached_or_pinned() {
     // A failed `up` on a running instance keeps the instance as it was.
     let _server = ctr.serve("0.0.0.0:80", "ctr40");
     let pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47040:80"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62040:80"]);
     let links = |dir: &str| {
         let mut names: Vec<String> = std::fs::read_dir(Path::new(dir).join("links"))
             .unwrap()
@@ -104,7 +104,7 @@ fn a_failed_up_leaves_nothing_attached_or_pinned() {
     one_line_error(&out);
     assert_eq!(links(&pin_dir()), links_before);
     assert_no_new_programs(&running, "after a failed second up");
-    let (greeting, _) = fetch("127.0.0.1:47040".parse().unwrap()).unwrap();
+    let (greeting, _) = fetch("127.0.0.1:62040".parse().unwrap()).unwrap();
     assert!(greeting.starts_with("ctr40 "), "{greeting}");
     drop(pf);
 }
@@ -188,7 +188,7 @@ fn without_tcx_netlink_filters_forward_and_down_removes_them() {
         &[
             "map",
             &ctr.v4().to_string(),
-            &format!("{}:47043:80", client.host_v4()),
+            &format!("{}:62043:80", client.host_v4()),
         ],
     );
     assert!(
@@ -197,7 +197,7 @@ fn without_tcx_netlink_filters_forward_and_down_removes_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(filters(&ctr.host_if, "ingress").contains("pf_tc_backend_in"));
-    let published: std::net::SocketAddr = format!("{}:47043", client.host_v4()).parse().unwrap();
+    let published: std::net::SocketAddr = format!("{}:62043", client.host_v4()).parse().unwrap();
     let through_uplink = || client.inside(move || fetch(published).map(|(greeting, _)| greeting));
     let got = through_uplink().expect("through the netlink filters");
     assert!(got.starts_with("ctr43 "), "{got}");

@@ -37,15 +37,15 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     client.ip(&["-4", "addr", "flush", "dev", &client.ctr_if]);
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web46", &ctr_ip, "[::]:47850:5085"]);
-    portfwd_ok(&["map", "--name", "dns46", &ctr_ip, "[::]:47851:5086/udp"]);
-    portfwd_ok(&["map", "--name", "bulk46", &ctr_ip, "[::]:47852:5087"]);
+    portfwd_ok(&["map", "--name", "web46", &ctr_ip, "[::]:62850:5085"]);
+    portfwd_ok(&["map", "--name", "dns46", &ctr_ip, "[::]:62851:5086/udp"]);
+    portfwd_ok(&["map", "--name", "bulk46", &ctr_ip, "[::]:62852:5087"]);
     let (uplink6, client6) = (client.host_v6(), client.v6());
     let gateway = ctr.host_v4();
 
-    let web = SocketAddr::new(uplink6, 47850);
-    let dns = SocketAddr::new(uplink6, 47851);
-    let bulk_at = SocketAddr::new(uplink6, 47852);
+    let web = SocketAddr::new(uplink6, 62850);
+    let dns = SocketAddr::new(uplink6, 62851);
+    let bulk_at = SocketAddr::new(uplink6, 62852);
     let from = SocketAddr::new(client6, 41850);
     let ask = move || udp_from(dns, from, b"ping");
     // With checksum offload (partial checksums, the NIC's to finish) and
@@ -81,7 +81,7 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
         .unwrap_or_else(|| panic!("no UDP flow in {flow:#?}"));
     assert_eq!(udp["mapping"], "dns46");
     assert_eq!(udp["client"], format!("[{client6}]:41850"));
-    assert_eq!(udp["published"], format!("[{uplink6}]:47851"));
+    assert_eq!(udp["published"], format!("[{uplink6}]:62851"));
     assert_eq!(udp["container"], format!("{ctr_ip}:5086"));
     let sees = udp["container_sees"].as_str().unwrap();
     assert!(sees.starts_with(&format!("{gateway}:")), "{udp:#?}");
@@ -89,7 +89,7 @@ fn ipv6_clients_reach_an_ipv4_container_through_the_ipv6_wildcard() {
     assert!(text.contains(&format!("[{client6}]:41850")), "{text}");
 
     // explain says what the container sees.
-    let out = portfwd_ok(&["explain", &format!("[{uplink6}]:47850")]);
+    let out = portfwd_ok(&["explain", &format!("[{uplink6}]:62850")]);
     assert!(out.contains(&gateway.to_string()), "{out}");
 
     // A TCP connection the client keeps open (the server closed its

@@ -25,7 +25,7 @@ use crate::support::*;
 /// The download: large enough for full-size segments, small enough to be
 /// quick once they fit.
 const RESPONSE: usize = 512 * 1024;
-const PORT: u16 = 47790;
+const PORT: u16 = 62790;
 
 /// The client's namespace behind the router, and the host routes to it.
 struct FarClient {
@@ -332,7 +332,7 @@ fn datagrams_without_df_larger_than_the_next_link_are_fragmented_both_ways() {
     let Some(_serial) = root_test("pmtu") else {
         return;
     };
-    const PORT: u16 = 47961;
+    const PORT: u16 = 62961;
     let topo = Topology::new(96);
     let (ctr, client) = (&topo.ctr, &topo.client);
     for node in [ctr, client] {
@@ -436,7 +436,7 @@ fn a_client_sending_too_big_with_df_learns_the_containers_mtu() {
     let Some(_serial) = root_test("pmtu") else {
         return;
     };
-    const PORT: u16 = 47962;
+    const PORT: u16 = 62962;
     let topo = Topology::new(97);
     let (ctr, client) = (&topo.ctr, &topo.client);
     let _udp = serve_udp(Some(ctr.netns_path()), "[::]:5397".parse().unwrap(), "pmtu");

@@ -69,7 +69,7 @@ fn sixteen_concurrent_writers_lose_nothing() {
         .map(|w| {
             let container = container.clone();
             std::thread::spawn(move || {
-                let base = 43000 + w * 125;
+                let base = 63000 + w * 125;
                 for r in 0..5u16 {
                     let first = base + r * 25;
                     let spec = format!(
@@ -110,7 +110,7 @@ fn sixteen_concurrent_writers_lose_nothing() {
             for p in 0..25 {
                 expected.insert((
                     "127.0.0.1".to_owned(),
-                    43000 + w * 125 + r * 25 + p,
+                    63000 + w * 125 + r * 25 + p,
                     "tcp".to_owned(),
                 ));
             }
@@ -137,7 +137,7 @@ fn a_killed_range_map_leaves_all_or_nothing() {
             "--name",
             "big",
             &container,
-            "45000-45999:20000-20999"
+            "31000-31999:20000-20999"
         ])
         .status()
         .unwrap()
@@ -155,7 +155,7 @@ fn a_killed_range_map_leaves_all_or_nothing() {
             "--name",
             "big",
             &container,
-            "45000-45999:20000-20999",
+            "31000-31999:20000-20999",
         ])
         .spawn()
         .unwrap();
@@ -193,19 +193,19 @@ fn a_reboot_brings_every_mapping_back() {
         "--name",
         "web",
         &ctr.v4().to_string(),
-        "47501:80",
-        "127.0.0.1:47502:80/udp",
+        "62501:80",
+        "127.0.0.1:62502:80/udp",
     ]);
     let before = published();
     // A reboot empties bpffs; `down --keep-state` does the same here.
     portfwd_ok(&["down", "--keep-state"]);
     assert!(!std::path::Path::new(&pin_dir()).exists());
-    assert!(fetch("127.0.0.1:47501".parse().unwrap()).is_err());
+    assert!(fetch("127.0.0.1:62501".parse().unwrap()).is_err());
     let out = portfwd_ok(&up);
-    assert!(out.contains("restored web: 0.0.0.0:47501/tcp"), "{out}");
+    assert!(out.contains("restored web: 0.0.0.0:62501/tcp"), "{out}");
     assert_eq!(published(), before);
     assert!(
-        fetch("127.0.0.1:47501".parse().unwrap())
+        fetch("127.0.0.1:62501".parse().unwrap())
             .unwrap()
             .0
             .starts_with("ctr53")
@@ -253,8 +253,8 @@ fn a_stream_survives_an_upgrade_in_place() {
     );
     let up = ["up", "--iface", client.host_if.as_str()];
     let _pf = Portfwd::up(&up[1..]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47510:5002"]);
-    let published = SocketAddr::new(client.host_v4(), 47510);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62510:5002"]);
+    let published = SocketAddr::new(client.host_v4(), 62510);
     let client_ns = client.netns_path();
     let download = std::thread::spawn(move || {
         netns::enter(&client_ns).unwrap();
@@ -296,9 +296,9 @@ fn map_sizes_are_configurable_and_a_full_map_says_so() {
         "--max-flows",
         "2",
     ]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47520:80", "47521:80"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62520:80", "62521:80"]);
     let before = listed();
-    let out = portfwd(&["map", &ctr.v4().to_string(), "47522:80"]);
+    let out = portfwd(&["map", &ctr.v4().to_string(), "62522:80"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("full"), "{stderr}");
@@ -306,13 +306,13 @@ fn map_sizes_are_configurable_and_a_full_map_says_so() {
     assert_eq!(listed(), before);
     // So does a change large enough to be written in batches, and its
     // ports bound ahead are let go.
-    let out = portfwd(&["map", &ctr.v4().to_string(), "47530-47599:47530-47599"]);
+    let out = portfwd(&["map", &ctr.v4().to_string(), "62530-62599:62530-62599"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("full"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert_eq!(listed(), before);
-    assert!(std::net::TcpListener::bind("0.0.0.0:47550").is_ok());
+    assert!(std::net::TcpListener::bind("0.0.0.0:62550").is_ok());
     // Sizes apply when the maps are created: a later `up` says so.
     let out = portfwd(&["up", "--iface", &ctr.host_if, "--max-mappings", "8"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not applied"));
@@ -341,8 +341,8 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     );
     // Room for two flows.
     let _pf = Portfwd::up(&["--iface", &client.host_if, "--max-flows", "2"]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47530:5004"]);
-    let published = SocketAddr::new(client.host_v4(), 47530);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62530:5004"]);
+    let published = SocketAddr::new(client.host_v4(), 62530);
     let client_ns = client.netns_path();
     let first_flow_lives = std::thread::spawn(move || {
         netns::enter(&client_ns).unwrap();
@@ -381,7 +381,7 @@ fn apply_replaces_the_whole_set_and_prints_the_difference() {
         "--name",
         "old",
         &ctr.v4().to_string(),
-        "127.0.0.1:47540:80",
+        "127.0.0.1:62540:80",
     ]);
     let dir = std::env::temp_dir().join(format!("portfwd-apply-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -389,7 +389,7 @@ fn apply_replaces_the_whole_set_and_prints_the_difference() {
     std::fs::write(
         &toml,
         format!(
-            "[[mappings]]\nname = \"web\"\ncontainer = \"{0}\"\npublish = [\"127.0.0.1:47541:80\", \"127.0.0.1:47542:53/udp\"]\n",
+            "[[mappings]]\nname = \"web\"\ncontainer = \"{0}\"\npublish = [\"127.0.0.1:62541:80\", \"127.0.0.1:62542:53/udp\"]\n",
             ctr.v4()
         ),
     )
@@ -397,7 +397,7 @@ fn apply_replaces_the_whole_set_and_prints_the_difference() {
     let toml = toml.to_str().unwrap();
     let dry = portfwd_ok(&["apply", "-f", toml, "--dry-run"]);
     assert!(
-        dry.contains("- old 127.0.0.1:47540/tcp") && dry.contains("+ web 127.0.0.1:47541/tcp"),
+        dry.contains("- old 127.0.0.1:62540/tcp") && dry.contains("+ web 127.0.0.1:62541/tcp"),
         "{dry}"
     );
     assert!(
@@ -408,8 +408,8 @@ fn apply_replaces_the_whole_set_and_prints_the_difference() {
     let applied = portfwd_ok(&["apply", "-f", toml]);
     assert!(applied.contains("2 added, 1 removed"), "{applied}");
     let expected: BTreeSet<_> = [
-        ("127.0.0.1".to_owned(), 47541, "tcp".to_owned()),
-        ("127.0.0.1".to_owned(), 47542, "udp".to_owned()),
+        ("127.0.0.1".to_owned(), 62541, "tcp".to_owned()),
+        ("127.0.0.1".to_owned(), 62542, "udp".to_owned()),
     ]
     .into();
     assert_eq!(published(), expected);
@@ -421,7 +421,7 @@ fn apply_replaces_the_whole_set_and_prints_the_difference() {
     std::fs::write(
         &json,
         format!(
-            r#"{{"mappings": [{{"container": "{}", "publish": ["127.0.0.1:47543:80"]}}]}}"#,
+            r#"{{"mappings": [{{"container": "{}", "publish": ["127.0.0.1:62543:80"]}}]}}"#,
             ctr.v4()
         ),
     )
@@ -459,7 +459,7 @@ fn bad_input_of_every_kind_changes_nothing() {
     };
     let ctr = Container::new(58);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", "--name", "keep", &ctr.v4().to_string(), "47550:80"]);
+    portfwd_ok(&["map", "--name", "keep", &ctr.v4().to_string(), "62550:80"]);
     let before = listed();
     let ip = ctr.v4().to_string();
     let long_name = "x".repeat(65);
@@ -493,8 +493,8 @@ fn bad_input_of_every_kind_changes_nothing() {
     let runtime: Vec<Vec<&str>> = vec![
         vec!["attach", "pft-no-such-if"],
         vec!["up", "--iface", "pft-no-such-if"],
-        vec!["unmap", "47999"],
-        vec!["map", &ip, "47550:80"],
+        vec!["unmap", "62999"],
+        vec!["map", &ip, "62550:80"],
     ];
     for args in &runtime {
         let out = portfwd(args);
@@ -522,7 +522,7 @@ fn a_rolled_back_change_keeps_the_interface_towards_the_container() {
     };
     let ctr = Container::new(59);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47601:80"]);
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "62601:80"]);
     let mut services = services_map();
     let entries: Vec<_> = services.iter().map(Result::unwrap).collect();
     assert_eq!(entries.len(), 2, "the IPv4 and the IPv6 wildcard");

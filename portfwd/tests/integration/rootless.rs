@@ -21,8 +21,8 @@ use crate::support::*;
 
 const DIR: &str = "/tmp/portfwd-test-rootless";
 /// The ports the policy allows; the tests use the first few.
-const POLICY_PORTS: &str = "46300-46399";
-const PORT: u16 = 46310;
+const POLICY_PORTS: &str = "65300-65399";
+const PORT: u16 = 65310;
 /// The tests' own pool (the default's first /24 is left to real use).
 const POOL_V4: &str = "198.19.250.0/24";
 const POOL_V6: &str = "fd70:6f72:7466:7764::fa00/120";
@@ -465,10 +465,10 @@ fn a_user_publishes_a_port_of_their_own_namespace() {
         .unwrap();
     // Forwarding on for the way in alone (the host's setting stays).
     set_if_sysctl(None, "ipv4", &way_in, "forwarding", "1");
-    let sink = client.inside(|| std::net::UdpSocket::bind("0.0.0.0:46399").unwrap());
+    let sink = client.inside(|| std::net::UdpSocket::bind("0.0.0.0:65399").unwrap());
     sink.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    let to = addr(client.v4(), 46399);
+    let to = addr(client.v4(), 65399);
     ns_inside(&ns, move || {
         let socket = std::net::UdpSocket::bind(addr(ns_addr, 0)).unwrap();
         socket.send_to(b"spoof", to).unwrap();
@@ -596,8 +596,8 @@ fn refusals_change_nothing() {
         "{\"op\":\"unmap\",\"name\":\"../x\"}",
         // The user's strings are logged: control characters in them must
         // not forge a line of the service's (see below).
-        "{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"46399:80\\nportfwd serve: api: uid 4242: forged\\r\"]}",
-        "{\"op\":\"unmap\",\"selectors\":[\"46399\\u001b[2K\\nportfwd serve: api: uid 4242: forged\"]}",
+        "{\"op\":\"map\",\"netns\":\"1\",\"publish\":[\"65399:80\\nportfwd serve: api: uid 4242: forged\\r\"]}",
+        "{\"op\":\"unmap\",\"selectors\":[\"65399\\u001b[2K\\nportfwd serve: api: uid 4242: forged\"]}",
     ] {
         writeln!(stream, "{bad}").unwrap();
         let mut reply = String::new();

@@ -12,7 +12,7 @@ use std::{
 
 use crate::support::*;
 
-const METRICS: &str = "127.0.0.1:47719";
+const METRICS: &str = "127.0.0.1:62719";
 
 /// `portfwd serve` as a child process, stopped (SIGTERM) when dropped.
 struct Service(Child);
@@ -217,17 +217,17 @@ fn serve_holds_the_ports_and_its_metrics_follow_the_traffic() {
     let client = Container::with_prefix(71, "ext", 252);
     let _server = ctr.serve("[::]:80", "ctr71");
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
-    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47710:80"]);
-    let held_by_up = tcp_port_holder(47710).expect("up's port holder holds 47710");
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "62710:80"]);
+    let held_by_up = tcp_port_holder(62710).expect("up's port holder holds 62710");
 
     let service = Service::start(&[]);
     // The service replaced the holder that `up` started.
     assert!(
         wait_until(Duration::from_secs(5), || {
-            tcp_port_holder(47710) == Some(service.pid())
+            tcp_port_holder(62710) == Some(service.pid())
         }),
-        "47710 is held by {:?}, not by serve ({}); up's holder was {held_by_up}",
-        tcp_port_holder(47710),
+        "62710 is held by {:?}, not by serve ({}); up's holder was {held_by_up}",
+        tcp_port_holder(62710),
         service.pid()
     );
     let before = scrape();
@@ -237,7 +237,7 @@ fn serve_holds_the_ports_and_its_metrics_follow_the_traffic() {
     assert!(value(&before, "portfwd_conntrack_capacity") > 0.0);
 
     const FETCHES: usize = 3;
-    let dialed = SocketAddr::new(client.host_v4(), 47710);
+    let dialed = SocketAddr::new(client.host_v4(), 62710);
     for _ in 0..FETCHES {
         let (answer, _) = client
             .inside(move || fetch(dialed))
@@ -245,7 +245,7 @@ fn serve_holds_the_ports_and_its_metrics_follow_the_traffic() {
         assert!(answer.starts_with("ctr71"), "{answer}");
     }
     let after = scrape();
-    let web = r#"name="web",protocol="tcp",host="0.0.0.0:47710",container=""#;
+    let web = r#"name="web",protocol="tcp",host="0.0.0.0:62710",container=""#;
     let series = |metric: &str, extra: &str| format!("{metric}{{{web}{}:80\"{extra}}}", ctr.v4());
     let grew = |series: &str| value(&after, series) - value(&before, series);
     assert_eq!(
@@ -278,22 +278,22 @@ fn serve_holds_the_ports_and_its_metrics_follow_the_traffic() {
     // again, by the service or a holder the CLI started (whichever first).
     portfwd_ok(&["down"]);
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
-    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47711:80"]);
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "62711:80"]);
     assert!(
-        wait_until(Duration::from_secs(5), || tcp_port_holder(47711)
+        wait_until(Duration::from_secs(5), || tcp_port_holder(62711)
             == Some(service.pid())),
         "after down and up, serve holds the ports again ({:?})",
-        tcp_port_holder(47711)
+        tcp_port_holder(62711)
     );
 
     assert!(service.stop().success(), "SIGTERM is a clean stop");
     assert_eq!(
-        tcp_port_holder(47711),
+        tcp_port_holder(62711),
         None,
         "stopping serve releases the ports"
     );
     // Forwarding goes on without the service.
-    let dialed = SocketAddr::new(client.host_v4(), 47711);
+    let dialed = SocketAddr::new(client.host_v4(), 62711);
     assert!(client.inside(move || fetch(dialed)).is_ok());
 }
 

@@ -17,25 +17,25 @@ fn udp_replies_come_from_the_address_the_client_sent_to() {
     let ctr = Container::new(31);
     let _echo = ctr.serve_udp("[::]:5003", "echo");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47200:5003/udp"]);
-    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:47201:5003/udp"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62200:5003/udp"]);
+    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:62201:5003/udp"]);
 
     // IPv4 container: IPv4 sends of either kind; from IPv6 sockets, the
     // kernel can move a connected socket to IPv4, not a single datagram.
     let v4 = ctr.host_v4().to_string();
     for (to, connected) in [
-        ("127.0.0.1:47200".parse().unwrap(), false),
-        (SocketAddr::new(ctr.host_v4(), 47200), false),
-        ("127.0.0.1:47200".parse().unwrap(), true),
-        ("[::1]:47200".parse().unwrap(), true),
-        (SocketAddr::new(ctr.host_v6(), 47200), true),
+        ("127.0.0.1:62200".parse().unwrap(), false),
+        (SocketAddr::new(ctr.host_v4(), 62200), false),
+        ("127.0.0.1:62200".parse().unwrap(), true),
+        ("[::1]:62200".parse().unwrap(), true),
+        (SocketAddr::new(ctr.host_v6(), 62200), true),
         // IPv6 container: IPv6 all the way.
-        ("[::1]:47201".parse().unwrap(), false),
+        ("[::1]:62201".parse().unwrap(), false),
     ] {
         let via = format!("{to} (connected: {connected})");
         let (answer, from) =
             udp_exchange(to, None, b"ping", connected).unwrap_or_else(|e| panic!("{via}: {e}"));
-        let client = if to.port() == 47201 {
+        let client = if to.port() == 62201 {
             ctr.host_v6().to_string()
         } else {
             v4.clone()
@@ -54,9 +54,9 @@ fn a_dual_stack_socket_reaches_the_container_through_a_mapped_address() {
     let _server = ctr.serve("[::]:80", "ctr32");
     let _echo = ctr.serve_udp("[::]:5003", "echo");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47201:80", "47201:5003/udp"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62201:80", "62201:5003/udp"]);
 
-    let mapped: SocketAddr = "[::ffff:127.0.0.1]:47201".parse().unwrap();
+    let mapped: SocketAddr = "[::ffff:127.0.0.1]:62201".parse().unwrap();
     let (answer, peer) = fetch(mapped).unwrap();
     assert_eq!(answer, format!("ctr32 {}", ctr.host_v4()));
     assert_eq!(peer, mapped);
@@ -75,7 +75,7 @@ fn containers_reach_published_ports_through_the_host() {
     // The uplink is elsewhere: A and B reach the host through their own veths.
     let uplink = Container::with_prefix(33, "ext", 252);
     let _a_public = a.serve("[::]:80", "A");
-    let _a_own = a.serve("127.0.0.1:47211", "A's own loopback");
+    let _a_own = a.serve("127.0.0.1:62211", "A's own loopback");
     let _b_public = b.serve("[::]:80", "B");
     let _pf = Portfwd::up(&["--iface", &uplink.host_if]);
     portfwd_ok(&[
@@ -83,10 +83,10 @@ fn containers_reach_published_ports_through_the_host() {
         "--name",
         "a",
         &a.v4().to_string(),
-        "47210:80",
-        "47211:80",
+        "62210:80",
+        "62211:80",
     ]);
-    portfwd_ok(&["map", "--name", "b", &b.v4().to_string(), "47212:80"]);
+    portfwd_ok(&["map", "--name", "b", &b.v4().to_string(), "62212:80"]);
 
     // From inside A, the host's addresses: its own gateway, and B's.
     let gateway = a.host_v4();
@@ -98,27 +98,27 @@ fn containers_reach_published_ports_through_the_host() {
                 .unwrap_or_else(|e| format!("error {e}"))
         };
         [
-            ask(SocketAddr::new(gateway, 47212)),
-            ask(SocketAddr::new(elsewhere, 47212)),
-            ask(SocketAddr::new(gateway, 47210)),
-            ask("127.0.0.1:47211".parse().unwrap()),
+            ask(SocketAddr::new(gateway, 62212)),
+            ask(SocketAddr::new(elsewhere, 62212)),
+            ask(SocketAddr::new(gateway, 62210)),
+            ask("127.0.0.1:62211".parse().unwrap()),
         ]
     });
     // Hairpin flows are masqueraded to the host address A dialed.
     assert_eq!(
         answers[0],
         format!("B {gateway}"),
-        "A -> host:47212 reaches B"
+        "A -> host:62212 reaches B"
     );
     assert_eq!(
         answers[1],
         format!("B {elsewhere}"),
-        "A -> other host address:47212 reaches B"
+        "A -> other host address:62212 reaches B"
     );
     assert_eq!(
         answers[2],
         format!("A {gateway}"),
-        "A -> host:47210 reaches A itself"
+        "A -> host:62210 reaches A itself"
     );
     assert!(
         answers[3].starts_with("A's own loopback"),
@@ -143,38 +143,38 @@ fn published_ports_are_held_visible_and_released() {
         "--name",
         "held",
         &ctr.v4().to_string(),
-        "47220:80",
-        "47221:53/udp",
+        "62220:80",
+        "62221:53/udp",
     ]);
 
     // Visible in ss, held by portfwd, for IPv4 and IPv6.
-    let tcp = ss("-lntpH sport = :47220");
+    let tcp = ss("-lntpH sport = :62220");
     assert_eq!(tcp.lines().count(), 2, "{tcp}");
     assert!(tcp.lines().all(|l| l.contains("portfwd")), "{tcp}");
-    let udp = ss("-lnupH sport = :47221");
+    let udp = ss("-lnupH sport = :62221");
     assert_eq!(udp.lines().count(), 2, "{udp}");
     // Nobody else can bind them.
-    let err = TcpListener::bind("0.0.0.0:47220").unwrap_err();
+    let err = TcpListener::bind("0.0.0.0:62220").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
-    let err = UdpSocket::bind("127.0.0.1:47221").unwrap_err();
+    let err = UdpSocket::bind("127.0.0.1:62221").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
     // Connections still reach the container, not the held socket.
     let _server = ctr.serve("[::]:80", "ctr35");
     assert!(
-        fetch("127.0.0.1:47220".parse().unwrap())
+        fetch("127.0.0.1:62220".parse().unwrap())
             .unwrap()
             .0
             .starts_with("ctr35")
     );
 
     // A port a host service listens on is refused, naming the service.
-    let service = TcpListener::bind("127.0.0.1:47222").unwrap();
+    let service = TcpListener::bind("127.0.0.1:62222").unwrap();
     let before = listed();
-    let out = portfwd(&["map", &ctr.v4().to_string(), "47223:80", "47222:80"]);
+    let out = portfwd(&["map", &ctr.v4().to_string(), "62223:80", "62222:80"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("47222/tcp") && stderr.contains(&format!("pid {}", std::process::id())),
+        stderr.contains("62222/tcp") && stderr.contains(&format!("pid {}", std::process::id())),
         "{stderr}"
     );
     assert_eq!(listed(), before, "a refused map changes nothing");
@@ -185,19 +185,19 @@ fn published_ports_are_held_visible_and_released() {
         "--name",
         "forced",
         &ctr.v4().to_string(),
-        "47222:80",
+        "62222:80",
     ]);
     drop(service);
 
     // unmap releases the port; down releases everything.
     portfwd_ok(&["unmap", "--name", "held"]);
-    assert!(TcpListener::bind("0.0.0.0:47220").is_ok());
-    assert!(UdpSocket::bind("127.0.0.1:47221").is_ok());
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47224:80"]);
-    assert!(TcpListener::bind("0.0.0.0:47224").is_err());
+    assert!(TcpListener::bind("0.0.0.0:62220").is_ok());
+    assert!(UdpSocket::bind("127.0.0.1:62221").is_ok());
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62224:80"]);
+    assert!(TcpListener::bind("0.0.0.0:62224").is_err());
     portfwd_ok(&["down"]);
-    assert!(TcpListener::bind("0.0.0.0:47224").is_ok());
-    assert!(ss("-lntpH sport = :47224").is_empty());
+    assert!(TcpListener::bind("0.0.0.0:62224").is_ok());
+    assert!(ss("-lntpH sport = :62224").is_empty());
 }
 
 #[test]
@@ -208,14 +208,14 @@ fn the_holder_follows_address_changes() {
     let ctr = Container::new(36);
     let _server = ctr.serve("[::]:80", "ctr36");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47230:80"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62230:80"]);
     // An address added after `map`: the holder sees it and wildcard
     // mappings serve it, with no portfwd command run.
     sh(
         "ip",
         &["addr", "add", "10.251.36.77/32", "dev", &ctr.host_if],
     );
-    let added: SocketAddr = "10.251.36.77:47230".parse().unwrap();
+    let added: SocketAddr = "10.251.36.77:62230".parse().unwrap();
     // Short attempts: before the holder's refresh, the connection meets the
     // held (silent) socket and would wait out a long timeout.
     let served = wait_until(std::time::Duration::from_secs(5), || {
@@ -243,11 +243,11 @@ fn a_stream_keeps_flowing_while_another_process_maps_and_unmaps() {
         }),
     );
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47240:5002"]);
-    let mut stream = TcpStream::connect("127.0.0.1:47240").unwrap();
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62240:5002"]);
+    let mut stream = TcpStream::connect("127.0.0.1:62240").unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let updater = std::thread::spawn(|| {
-        for port in 47241..47246 {
+        for port in 62241..62246 {
             let p = port.to_string();
             let out = Command::new(PORTFWD)
                 .args([
@@ -283,14 +283,14 @@ fn a_large_forced_range_holds_every_free_port_and_names_the_busy_one() {
     };
     let ctr = Container::new(38);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    let service = TcpListener::bind("127.0.0.1:44400").unwrap();
+    let service = TcpListener::bind("127.0.0.1:61400").unwrap();
     let out = portfwd(&[
         "map",
         "--force",
         "--name",
         "wide",
         &ctr.v4().to_string(),
-        "44100-44699:44100-44699",
+        "61100-61699:61100-61699",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -299,12 +299,12 @@ fn a_large_forced_range_holds_every_free_port_and_names_the_busy_one() {
         .filter(|l| l.contains("held by another process"))
         .collect();
     assert_eq!(busy.len(), 1, "{stderr}");
-    assert!(busy[0].contains("0.0.0.0:44400/tcp"), "{stderr}");
+    assert!(busy[0].contains("0.0.0.0:61400/tcp"), "{stderr}");
     // 600 ports on the IPv4 and the IPv6 wildcard, less the busy one.
-    let held = ss("-lntpH sport >= :44100 and sport <= :44699");
+    let held = ss("-lntpH sport >= :61100 and sport <= :61699");
     let by_portfwd = held.lines().filter(|l| l.contains("portfwd")).count();
     assert_eq!(by_portfwd, 2 * 600 - 1, "{held}");
     drop(service);
     portfwd_ok(&["unmap", "--name", "wide"]);
-    assert!(ss("-lntpH sport >= :44100 and sport <= :44699").is_empty());
+    assert!(ss("-lntpH sport >= :61100 and sport <= :61699").is_empty());
 }

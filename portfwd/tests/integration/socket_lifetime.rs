@@ -45,21 +45,21 @@ fn live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones() {
     let _echo = ctr.serve_udp("[::]:5003", "echo");
     let max_flows = SMALL_MAP.to_string();
     let _pf = Portfwd::up(&["--iface", &ctr.host_if, "--max-flows", &max_flows]);
-    // 47083 leads to a container port nobody listens on: each connect is
+    // 62083 leads to a container port nobody listens on: each connect is
     // translated, then refused at once by the container.
     portfwd_ok(&[
         "map",
         &ctr.v4().to_string(),
-        "47081:80",
-        "47082:5003/udp",
-        "47083:81",
+        "62081:80",
+        "62082:5003/udp",
+        "62083:81",
     ]);
 
     // Long-lived: two TCP connections and an unconnected UDP client whose
     // reply waits in its queue while the churn runs.
     let dialed: [SocketAddr; 2] = [
-        "127.0.0.1:47081".parse().unwrap(),
-        SocketAddr::new(ctr.host_v4(), 47081),
+        "127.0.0.1:62081".parse().unwrap(),
+        SocketAddr::new(ctr.host_v4(), 62081),
     ];
     let long_lived: Vec<TcpStream> = dialed
         .iter()
@@ -68,7 +68,7 @@ fn live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones() {
     for (stream, to) in long_lived.iter().zip(&dialed) {
         assert_eq!(stream.peer_addr().unwrap(), *to, "before the churn");
     }
-    let udp_to: SocketAddr = "127.0.0.1:47082".parse().unwrap();
+    let udp_to: SocketAddr = "127.0.0.1:62082".parse().unwrap();
     let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
     udp.set_read_timeout(Some(TIMEOUT)).unwrap();
     udp.send_to(b"before", udp_to).unwrap();
@@ -78,12 +78,12 @@ fn live_sockets_keep_their_dialed_address_through_a_churn_of_short_ones() {
 
     // The churn: short TCP connections and short connected UDP sockets,
     // every one translated by the socket programs.
-    let refused: SocketAddr = "127.0.0.1:47083".parse().unwrap();
+    let refused: SocketAddr = "127.0.0.1:62083".parse().unwrap();
     let start = Instant::now();
     let mut churned = 0;
     while churned < CHURN && start.elapsed() < CHURN_LIMIT {
         let attempt = TcpStream::connect_timeout(&refused, TIMEOUT);
-        assert!(attempt.is_err(), "nothing listens behind 47083");
+        assert!(attempt.is_err(), "nothing listens behind 62083");
         let short = UdpSocket::bind("0.0.0.0:0").unwrap();
         short.connect(udp_to).unwrap();
         assert_eq!(short.peer_addr().unwrap(), udp_to, "a short UDP socket");
@@ -131,7 +131,7 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
     let _a_held = serve_and_hold(&a, "[::]:80");
     let _b_echo = b.serve_udp("[::]:5003", "B");
     let _pf = Portfwd::up(&["--iface", &a.host_if]);
-    portfwd_ok(&["map", &a.v4().to_string(), "47084:5003/udp", "47085:80"]);
+    portfwd_ok(&["map", &a.v4().to_string(), "62084:5003/udp", "62085:80"]);
 
     let ask = |socket: &UdpSocket, payload: &str| -> std::io::Result<String> {
         socket.send(payload.as_bytes())?;
@@ -139,7 +139,7 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
         let n = socket.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    let published: SocketAddr = "127.0.0.1:47084".parse().unwrap();
+    let published: SocketAddr = "127.0.0.1:62084".parse().unwrap();
     let connected = |to: SocketAddr| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
         socket.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -151,12 +151,12 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
     // Control: a socket connected straight to the container is not ours.
     let direct = connected(SocketAddr::new(a.v4(), 5003));
     assert!(ask(&direct, "direct").unwrap().starts_with("A direct"));
-    let mut tcp = TcpStream::connect_timeout(&"127.0.0.1:47085".parse().unwrap(), TIMEOUT).unwrap();
+    let mut tcp = TcpStream::connect_timeout(&"127.0.0.1:62085".parse().unwrap(), TIMEOUT).unwrap();
     tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
 
     // Re-publish the UDP port to B.
-    portfwd_ok(&["unmap", "47084/udp"]);
-    portfwd_ok(&["map", &b.v4().to_string(), "47084:5003/udp"]);
+    portfwd_ok(&["unmap", "62084/udp"]);
+    portfwd_ok(&["map", &b.v4().to_string(), "62084:5003/udp"]);
     match ask(&through_mapping, "two") {
         Err(_) => {}
         Ok(answer) => assert!(
@@ -178,7 +178,7 @@ fn unmap_and_republish_end_host_udp_sockets_connected_through_the_mapping() {
     // TCP connections through a removed mapping are kept (they drain, as
     // with kube-proxy and Cilium): the held one still reaches A, whose
     // server answers a byte by closing.
-    portfwd_ok(&["unmap", "47085"]);
+    portfwd_ok(&["unmap", "62085"]);
     tcp.write_all(b"x")
         .expect("the kept connection takes a write");
     let mut byte = [0u8; 1];
@@ -202,8 +202,8 @@ fn a_closed_socket_frees_its_slot() {
     let ctr = Container::new(84);
     let _held = serve_and_hold(&ctr, "[::]:80");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47091:80"]);
-    let dialed: SocketAddr = "127.0.0.1:47091".parse().unwrap();
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62091:80"]);
+    let dialed: SocketAddr = "127.0.0.1:62091".parse().unwrap();
     let streams: Vec<TcpStream> = (0..32)
         .map(|_| TcpStream::connect_timeout(&dialed, Duration::from_secs(5)).unwrap())
         .collect();
@@ -245,11 +245,11 @@ fn a_socket_outliving_its_mapping_still_reports_what_it_dialed() {
     let ctr = Container::new(86);
     let _held = serve_and_hold(&ctr, "[::]:80");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47093:80"]);
-    let dialed: SocketAddr = "127.0.0.1:47093".parse().unwrap();
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62093:80"]);
+    let dialed: SocketAddr = "127.0.0.1:62093".parse().unwrap();
     let stream = TcpStream::connect_timeout(&dialed, Duration::from_secs(5)).unwrap();
     assert_eq!(stream.peer_addr().unwrap(), dialed, "while mapped");
-    portfwd_ok(&["unmap", "47093"]);
+    portfwd_ok(&["unmap", "62093"]);
     assert_eq!(stream.peer_addr().unwrap(), dialed, "after unmap");
     portfwd_ok(&["up", "--iface", &ctr.host_if]);
     assert_eq!(stream.peer_addr().unwrap(), dialed, "after up again");

@@ -19,14 +19,14 @@ fn host_connections_reach_the_container_through_every_local_address() {
     let _server = ctr.serve("[::]:80", "hello from ctr11 to");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     // The veth's host address exists before `map`, which records it.
-    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "47011:80"]);
+    portfwd_ok(&["map", "--name", "web", &ctr.v4().to_string(), "62011:80"]);
 
     let expected = format!("hello from ctr11 to {}", ctr.host_v4());
     for dialed in [
-        "127.0.0.1:47011".parse().unwrap(),
-        "[::1]:47011".parse().unwrap(),
-        addr(ctr.host_v4(), 47011),
-        addr(ctr.host_v6(), 47011),
+        "127.0.0.1:62011".parse().unwrap(),
+        "[::1]:62011".parse().unwrap(),
+        addr(ctr.host_v4(), 62011),
+        addr(ctr.host_v6(), 62011),
     ] {
         let (answer, peer) = fetch(dialed).unwrap_or_else(|e| panic!("{dialed}: {e}"));
         // IPv6 sockets reach the IPv4 container over IPv4 (mapped address).
@@ -44,12 +44,12 @@ fn ipv6_container_is_reached_through_ipv6_loopback() {
     let ctr = Container::new(12);
     let _server = ctr.serve("[::]:80", "v6 ctr12 to");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:47012:80"]);
-    let (answer, peer) = fetch("[::1]:47012".parse().unwrap()).unwrap();
+    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:62012:80"]);
+    let (answer, peer) = fetch("[::1]:62012".parse().unwrap()).unwrap();
     assert_eq!(answer, format!("v6 ctr12 to {}", ctr.host_v6()));
-    assert_eq!(peer, "[::1]:47012".parse().unwrap());
+    assert_eq!(peer, "[::1]:62012".parse().unwrap());
     // Published on ::1 only: 127.0.0.1 is not forwarded.
-    assert!(fetch("127.0.0.1:47012".parse().unwrap()).is_err());
+    assert!(fetch("127.0.0.1:62012".parse().unwrap()).is_err());
 }
 
 #[test]
@@ -65,10 +65,10 @@ fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
         "--name",
         "first",
         &ctr.v4().to_string(),
-        "127.0.0.1:47013:80",
-        "47014:80/udp",
+        "127.0.0.1:62013:80",
+        "62014:80/udp",
     ]);
-    assert!(fetch("127.0.0.1:47013".parse().unwrap()).is_ok());
+    assert!(fetch("127.0.0.1:62013".parse().unwrap()).is_ok());
 
     let rows = listed();
     assert_eq!(rows.len(), 3, "{rows:?}");
@@ -78,11 +78,11 @@ fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
     );
     assert!(
         rows.iter()
-            .any(|r| r["protocol"] == "udp" && r["host_ip"] == "::" && r["host_port"] == 47014)
+            .any(|r| r["protocol"] == "udp" && r["host_ip"] == "::" && r["host_port"] == 62014)
     );
 
-    portfwd_ok(&["unmap", "127.0.0.1:47013"]);
-    let error = fetch("127.0.0.1:47013".parse().unwrap()).unwrap_err();
+    portfwd_ok(&["unmap", "127.0.0.1:62013"]);
+    let error = fetch("127.0.0.1:62013".parse().unwrap()).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     portfwd_ok(&["unmap", "--name", "first"]);
     assert!(listed().is_empty());
@@ -96,13 +96,13 @@ fn connections_inside_other_namespaces_are_never_redirected() {
     let ctr = Container::new(14);
     let _public = ctr.serve("[::]:80", "published");
     // The container's own service on its own loopback, same port number.
-    let _own = ctr.serve("127.0.0.1:47015", "own loopback");
+    let _own = ctr.serve("127.0.0.1:62015", "own loopback");
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47015:80"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62015:80"]);
 
-    let (answer, _) = fetch("127.0.0.1:47015".parse().unwrap()).unwrap();
+    let (answer, _) = fetch("127.0.0.1:62015".parse().unwrap()).unwrap();
     assert!(answer.starts_with("published"), "{answer}");
-    let inside = ctr.inside(|| fetch("127.0.0.1:47015".parse().unwrap()).map(|(a, _)| a));
+    let inside = ctr.inside(|| fetch("127.0.0.1:62015".parse().unwrap()).map(|(a, _)| a));
     assert!(inside.unwrap().starts_with("own loopback"));
 }
 
@@ -113,16 +113,16 @@ fn bad_input_and_conflicts_change_nothing() {
     };
     let ctr = Container::new(15);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", "--name", "a", "10.251.15.2", "47016:80"]);
+    portfwd_ok(&["map", "--name", "a", "10.251.15.2", "62016:80"]);
     let before = listed();
 
     let usage = [
         vec!["map", "10.251.15.2", "70000:80"],
-        vec!["map", "10.251.15.2", "47020:80", "3000-3001:80-82"],
-        vec!["map", "not-an-ip", "47020:80"],
-        vec!["map", "10.251.15.2", "47020:80/sctp"],
-        vec!["map", "--name", "has space", "10.251.15.2", "47020:80"],
-        vec!["unmap", "47016/icmp"],
+        vec!["map", "10.251.15.2", "62020:80", "3000-3001:80-82"],
+        vec!["map", "not-an-ip", "62020:80"],
+        vec!["map", "10.251.15.2", "62020:80/sctp"],
+        vec!["map", "--name", "has space", "10.251.15.2", "62020:80"],
+        vec!["unmap", "62016/icmp"],
         vec!["unmap"],
     ];
     for args in usage {
@@ -137,9 +137,9 @@ fn bad_input_and_conflicts_change_nothing() {
     }
     // A conflict in the second PUBLISH must not leave the first one behind.
     let runtime = [
-        vec!["map", "10.251.15.2", "47021:80", "127.0.0.1:47016:80"],
-        vec!["map", "10.251.15.2", "47022:80", "47022:81"],
-        vec!["unmap", "47016", "47099"],
+        vec!["map", "10.251.15.2", "62021:80", "127.0.0.1:62016:80"],
+        vec!["map", "10.251.15.2", "62022:80", "62022:81"],
+        vec!["unmap", "62016", "62099"],
         vec!["unmap", "--name", "nobody"],
     ];
     for args in runtime {
@@ -186,11 +186,11 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
     let ctr = Container::new(16);
     let _server = ctr.serve("[::]:80", "ctr16");
     let pf = Portfwd::up(&["--iface", &ctr.host_if]);
-    portfwd_ok(&["map", &ctr.v4().to_string(), "47017:80"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62017:80"]);
     // A second `up` keeps the mappings and attaches nothing twice.
     let again = portfwd_ok(&["up", "--iface", &ctr.host_if]);
     assert!(again.contains("already up (2 mappings)"), "{again}");
-    assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_ok());
+    assert!(fetch("127.0.0.1:62017".parse().unwrap()).is_ok());
 
     let (program_ids, map_ids) = pinned_object_ids();
     // The socket programs, two on the uplink (the veth here).
@@ -200,7 +200,7 @@ fn up_is_idempotent_and_down_leaves_nothing_behind() {
     std::mem::forget(pf);
 
     assert!(!std::path::Path::new(&pin_dir()).exists());
-    assert!(fetch("127.0.0.1:47017".parse().unwrap()).is_err());
+    assert!(fetch("127.0.0.1:62017".parse().unwrap()).is_err());
     // The kernel frees programs and maps once the last reference goes
     // (after an RCU grace period, hence the wait).
     let gone = wait_until(Duration::from_secs(5), || {

@@ -101,16 +101,16 @@ fn tcp_streams_of_20mb_arrive_intact_with_offload_on_and_off() {
         "--name",
         "v4",
         &topo.ctr.v4().to_string(),
-        "47100:5001",
-        "47101:5002",
+        "62100:5001",
+        "62101:5002",
     ]);
     portfwd_ok(&[
         "map",
         "--name",
         "v6",
         &topo.ctr.v6().to_string(),
-        "47102:5001",
-        "47103:5002",
+        "62102:5001",
+        "62103:5002",
     ]);
 
     let data = Arc::new(pattern(MB20));
@@ -118,7 +118,7 @@ fn tcp_streams_of_20mb_arrive_intact_with_offload_on_and_off() {
     for offload in [true, false] {
         topo.set_tx_offload(offload);
         for v6 in [false, true] {
-            let (up_port, down_port) = if v6 { (47102, 47103) } else { (47100, 47101) };
+            let (up_port, down_port) = if v6 { (62102, 62103) } else { (62100, 62101) };
             let host = topo.uplink(v6);
             let client_ip = if v6 {
                 topo.client.v6()
@@ -144,7 +144,7 @@ fn tcp_streams_of_20mb_arrive_intact_with_offload_on_and_off() {
         }
     }
     // Host processes reach the same published port through the socket path.
-    let answer = upload("127.0.0.1:47100".parse().unwrap(), b"from the host").unwrap();
+    let answer = upload("127.0.0.1:62100".parse().unwrap(), b"from the host").unwrap();
     assert!(
         answer.ends_with(&topo.ctr.host_v4().to_string()),
         "{answer}"
@@ -159,15 +159,15 @@ fn udp_request_response_with_forwarding_on_and_off() {
     let topo = Topology::new(22);
     let _echo = topo.ctr.serve_udp("[::]:5003", "echo");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47110:5003/udp"]);
-    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47111:5003/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62110:5003/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:62111:5003/udp"]);
 
     for forwarding in ["0", "1"] {
         for ns in [&topo.ctr, &topo.client] {
             set_if_sysctl(None, "ipv4", &ns.host_if, "forwarding", forwarding);
         }
         for v6 in [false, true] {
-            let published = SocketAddr::new(topo.uplink(v6), if v6 { 47111 } else { 47110 });
+            let published = SocketAddr::new(topo.uplink(v6), if v6 { 62111 } else { 62110 });
             let answer = topo.client.inside(move || -> std::io::Result<String> {
                 let socket = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
                 socket.set_read_timeout(Some(TIMEOUT))?;
@@ -200,17 +200,17 @@ fn traffic_routed_through_the_host_is_not_rewritten() {
     let topo = Topology::new(23);
     let other = Container::with_prefix(23, "oth", 253);
     let _container = topo.ctr.serve("[::]:80", "container");
-    let _elsewhere = other.serve("[::]:47120", "other host");
+    let _elsewhere = other.serve("[::]:62120", "other host");
     // The host routes between the client and the other host (IPv4 forwarding
     // on these two interfaces only).
     for ifname in [&topo.client.host_if, &other.host_if] {
         set_if_sysctl(None, "ipv4", ifname, "forwarding", "1");
     }
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47120:80"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62120:80"]);
 
-    let host = SocketAddr::new(topo.uplink(false), 47120);
-    let elsewhere = SocketAddr::new(other.v4(), 47120);
+    let host = SocketAddr::new(topo.uplink(false), 62120);
+    let elsewhere = SocketAddr::new(other.v4(), 62120);
     let (to_host, to_elsewhere) = topo
         .client
         .inside(move || (fetch(host).map(|a| a.0), fetch(elsewhere).map(|a| a.0)));
@@ -237,8 +237,8 @@ fn counters_count_and_unmap_and_detach_stop_flows() {
     let _echo = topo.ctr.serve_with("[::]:5004", Arc::new(echo));
     let _pf = topo.up();
     let ctr_ip = topo.ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "47130:5004"]);
-    let published = SocketAddr::new(topo.uplink(false), 47130);
+    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "62130:5004"]);
+    let published = SocketAddr::new(topo.uplink(false), 62130);
 
     // An open connection: one message echoed, then (after unmap) no more.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -285,7 +285,7 @@ fn counters_count_and_unmap_and_detach_stop_flows() {
     assert!(stats["flows_stopped"] >= 1, "{stats:?}");
 
     // Detaching the uplink stops external forwarding; the socket path stays.
-    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "47130:5004"]);
+    portfwd_ok(&["map", "--name", "cnt", &ctr_ip, "62130:5004"]);
     assert!(topo.client.inside(move || external_echo(published)).is_ok());
     portfwd_ok(&["detach", &topo.client.host_if]);
     assert!(
@@ -293,7 +293,7 @@ fn counters_count_and_unmap_and_detach_stop_flows() {
             .inside(move || external_echo(published))
             .is_err()
     );
-    assert!(external_echo("127.0.0.1:47130".parse().unwrap()).is_ok());
+    assert!(external_echo("127.0.0.1:62130".parse().unwrap()).is_ok());
     portfwd_ok(&["attach", &topo.client.host_if]);
     assert!(topo.client.inside(move || external_echo(published)).is_ok());
 }
@@ -361,11 +361,11 @@ fn large_udp_datagrams_cross_the_external_path_both_ways() {
     let topo = Topology::new(25);
     let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5005".parse().unwrap());
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47140:5005/udp"]);
-    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47141:5005/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62140:5005/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:62141:5005/udp"]);
     let before = stats();
     for v6 in [false, true] {
-        let published = SocketAddr::new(topo.uplink(v6), if v6 { 47141 } else { 47140 });
+        let published = SocketAddr::new(topo.uplink(v6), if v6 { 62141 } else { 62140 });
         let client = if v6 {
             topo.client.v6()
         } else {
@@ -387,15 +387,15 @@ fn large_udp_datagrams_through_hairpin_and_the_socket_path() {
     let topo = Topology::new(26);
     let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5006".parse().unwrap());
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47150:5006/udp"]);
-    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47151:5006/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62150:5006/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:62151:5006/udp"]);
     // Hairpin: the container dials the host's address on its own link; it
     // sees that address as the client (masqueraded).
     for v6 in [false, true] {
         let (gateway, port) = if v6 {
-            (topo.ctr.host_v6(), 47151)
+            (topo.ctr.host_v6(), 62151)
         } else {
-            (topo.ctr.host_v4(), 47150)
+            (topo.ctr.host_v4(), 62150)
         };
         large_datagrams_echo(
             Some(&topo.ctr),
@@ -404,8 +404,8 @@ fn large_udp_datagrams_through_hairpin_and_the_socket_path() {
         );
     }
     // The socket path rewrites before the kernel fragments: a host process.
-    large_datagrams_echo(None, "127.0.0.1:47150".parse().unwrap(), None);
-    large_datagrams_echo(None, "[::1]:47151".parse().unwrap(), None);
+    large_datagrams_echo(None, "127.0.0.1:62150".parse().unwrap(), None);
+    large_datagrams_echo(None, "[::1]:62151".parse().unwrap(), None);
 }
 
 #[test]
@@ -418,25 +418,25 @@ fn fragments_of_unrelated_datagrams_are_left_alone() {
     let _echo = serve_udp_whole(Some(topo.ctr.netns_path()), "[::]:5007".parse().unwrap());
     // Another machine's service on the very port published here, and a host
     // service on a port that is not published.
-    let _elsewhere = serve_udp_whole(Some(other.netns_path()), "0.0.0.0:47160".parse().unwrap());
-    let _host = serve_udp_whole(None, SocketAddr::new(topo.uplink(false), 47161));
+    let _elsewhere = serve_udp_whole(Some(other.netns_path()), "0.0.0.0:62160".parse().unwrap());
+    let _host = serve_udp_whole(None, SocketAddr::new(topo.uplink(false), 62161));
     for ifname in [&topo.client.host_if, &other.host_if] {
         set_if_sysctl(None, "ipv4", ifname, "forwarding", "1");
     }
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47160:5007/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62160:5007/udp"]);
     let before = stats();
     let client = topo.client.v4();
     // Routed through the host: the other machine answers, seeing the client.
     large_datagrams_echo(
         Some(&topo.client),
-        SocketAddr::new(other.v4(), 47160),
+        SocketAddr::new(other.v4(), 62160),
         Some(client),
     );
     // To a host socket: delivered whole by the host's own reassembly.
     large_datagrams_echo(
         Some(&topo.client),
-        SocketAddr::new(topo.uplink(false), 47161),
+        SocketAddr::new(topo.uplink(false), 62161),
         Some(client),
     );
     assert_eq!(rose(&before, "fragments_translated_in"), 0);
@@ -465,14 +465,14 @@ fn ipv6_routed_through_the_host_is_not_rewritten() {
     let other = Container::with_prefix(28, "oth", 253);
     let _container = topo.ctr.serve("[::]:80", "container");
     let _container_udp = topo.ctr.serve_udp("[::]:5008", "container");
-    let _elsewhere = other.serve("[::]:47170", "other host");
-    let _elsewhere_udp = other.serve_udp("[::]:47171", "other host");
+    let _elsewhere = other.serve("[::]:62170", "other host");
+    let _elsewhere_udp = other.serve_udp("[::]:62171", "other host");
     let _pf = topo.up();
     let ctr6 = topo.ctr.v6().to_string();
-    portfwd_ok(&["map", &ctr6, "[::]:47170:80", "[::]:47171:5008/udp"]);
+    portfwd_ok(&["map", &ctr6, "[::]:62170:80", "[::]:62171:5008/udp"]);
     let client = topo.client.v6();
-    let tcp = SocketAddr::new(other.v6(), 47170);
-    let udp = SocketAddr::new(other.v6(), 47171);
+    let tcp = SocketAddr::new(other.v6(), 62170);
+    let udp = SocketAddr::new(other.v6(), 62171);
     let ask = move || {
         let tcp_answer = fetch(tcp).map(|a| a.0);
         let udp_answer = udp_ask(udp, None, b"ping");
@@ -492,7 +492,7 @@ fn ipv6_routed_through_the_host_is_not_rewritten() {
     assert_eq!(tcp_answer.unwrap(), format!("other host {client}"));
     assert_eq!(udp_answer.unwrap(), format!("other host ping {client}"));
     // The published port on the host's own address still works.
-    let host = SocketAddr::new(topo.uplink(true), 47170);
+    let host = SocketAddr::new(topo.uplink(true), 62170);
     let (greeting, _) = topo.client.inside(move || fetch(host)).unwrap();
     assert_eq!(greeting, format!("container {client}"));
 }
@@ -523,12 +523,12 @@ fn a_half_closed_flow_lives_until_both_sides_close() {
         }),
     );
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47180:5009"]);
-    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47181:5009"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62180:5009"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:62181:5009"]);
     let downloads: Vec<_> = [false, true]
         .into_iter()
         .map(|v6| {
-            let published = SocketAddr::new(topo.uplink(v6), if v6 { 47181 } else { 47180 });
+            let published = SocketAddr::new(topo.uplink(v6), if v6 { 62181 } else { 62180 });
             let client = topo.client.netns_path();
             std::thread::spawn(move || -> std::io::Result<usize> {
                 netns::enter(&client).unwrap();
@@ -605,22 +605,22 @@ fn flows_whose_replies_would_clash_get_distinct_ports() {
         "--name",
         "clash-a",
         &topo.ctr.v4().to_string(),
-        "47190:5010",
+        "62190:5010",
     ]);
     portfwd_ok(&[
         "map",
         "--name",
         "clash-b",
         &topo.ctr.v4().to_string(),
-        "47191:5010",
+        "62191:5010",
     ]);
     let host = topo.uplink(false);
-    let local = SocketAddr::new(topo.client.v4(), 47199);
+    let local = SocketAddr::new(topo.client.v4(), 62199);
     let result = topo
         .client
         .inside(move || -> std::io::Result<(String, String)> {
-            let mut a = connect_from(local, SocketAddr::new(host, 47190))?;
-            let mut b = connect_from(local, SocketAddr::new(host, 47191))?;
+            let mut a = connect_from(local, SocketAddr::new(host, 62190))?;
+            let mut b = connect_from(local, SocketAddr::new(host, 62191))?;
             let line = |stream: &mut TcpStream, text: &str| -> std::io::Result<String> {
                 writeln!(stream, "{text}")?;
                 let mut answer = String::new();
@@ -670,8 +670,8 @@ fn a_flow_that_lost_its_reply_entry_is_started_again() {
     let topo = Topology::new(31);
     let _echo = topo.ctr.serve_udp("[::]:5011", "echo");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47200:5011/udp"]);
-    let published = SocketAddr::new(topo.uplink(false), 47200);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62200:5011/udp"]);
+    let published = SocketAddr::new(topo.uplink(false), 62200);
     let client = topo.client.netns_path();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (answers_tx, answers_rx) = std::sync::mpsc::channel();
@@ -775,7 +775,7 @@ fn replies_to_a_masqueraded_container_are_not_taken_for_new_flows() {
     let _remote = topo.client.serve_udp("0.0.0.0:5300", "remote");
     let _published = topo.ctr.serve_udp("0.0.0.0:5003", "published");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47140:5003/udp"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62140:5003/udp"]);
     for ns in [&topo.ctr, &topo.client] {
         set_if_sysctl(None, "ipv4", &ns.host_if, "forwarding", "1");
     }
@@ -787,7 +787,7 @@ fn replies_to_a_masqueraded_container_are_not_taken_for_new_flows() {
     for attempt in 0..2 {
         let answer = topo
             .ctr
-            .inside(move || udp_ask(remote, Some("0.0.0.0:47140".parse().unwrap()), b"ping"));
+            .inside(move || udp_ask(remote, Some("0.0.0.0:62140".parse().unwrap()), b"ping"));
         assert_eq!(
             answer.unwrap_or_else(|e| panic!("datagram {attempt}: no answer: {e}")),
             format!("remote ping {masqueraded_as}"),
@@ -822,10 +822,10 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
     let _echo = topo.ctr.serve_with("[::]:5087", Arc::new(echo));
     let _udp_echo = topo.ctr.serve_udp("0.0.0.0:5087", "echo");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47870:5087"]);
-    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:47871:5087"]);
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47872:5087/udp"]);
-    for (v6, published) in [(false, 47870), (true, 47871)] {
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62870:5087"]);
+    portfwd_ok(&["map", &topo.ctr.v6().to_string(), "[::]:62871:5087"]);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62872:5087/udp"]);
+    for (v6, published) in [(false, 62870), (true, 62871)] {
         let (gateway, container) = if v6 {
             (topo.ctr.host_v6(), topo.ctr.v6())
         } else {
@@ -885,7 +885,7 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
     assert_eq!(ask("host").unwrap(), format!("echo host {gateway}"));
     let hairpin = topo.ctr.inside(move || {
         udp_ask(
-            SocketAddr::new(gateway, 47872),
+            SocketAddr::new(gateway, 62872),
             Some(SocketAddr::new(container, port)),
             b"hairpin",
         )
@@ -917,8 +917,8 @@ fn a_container_that_bridges_its_interface_still_gets_its_frames() {
     set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
     let _web = topo.ctr.serve("[::]:5196", "web");
     let _pf = topo.up();
-    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "47861:5196"]);
-    let published = SocketAddr::new(topo.uplink(false), 47861);
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62861:5196"]);
+    let published = SocketAddr::new(topo.uplink(false), 62861);
     let into_peer = || stats()["redirected_to_peer"];
     let served = || {
         topo.client

@@ -70,12 +70,12 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     let _echo = ctr.serve_udp("0.0.0.0:5301", "ctr74");
     let _pf = Portfwd::up(&["--iface", &client.host_if]);
     let ctr_ip = ctr.v4().to_string();
-    portfwd_ok(&["map", "--name", "web", &ctr_ip, "47740:80"]);
-    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "47741:5301/udp"]);
+    portfwd_ok(&["map", "--name", "web", &ctr_ip, "62740:80"]);
+    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "62741:5301/udp"]);
     let uplink = client.host_v4();
     let client_ip = client.v4();
-    let web = SocketAddr::new(uplink, 47740);
-    let dns = SocketAddr::new(uplink, 47741);
+    let web = SocketAddr::new(uplink, 62740);
+    let dns = SocketAddr::new(uplink, 62741);
     let from = SocketAddr::new(client_ip, 41740);
 
     let trace = start_trace(&["--count", "6"]);
@@ -88,7 +88,7 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     // Hairpin: the container dials the published address.
     ctr.inside(move || fetch(web)).expect("hairpin fetch");
     // A host process: the socket path.
-    fetch("127.0.0.1:47740".parse().unwrap()).expect("host fetch");
+    fetch("127.0.0.1:62740".parse().unwrap()).expect("host fetch");
     // The UDP flow goes on after its mapping is removed: stopped.
     portfwd_ok(&["unmap", "--name", "dns"]);
     let _ = client.inside(move || udp_ask(dns, Some(from), b"again"));
@@ -98,7 +98,7 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
     assert_eq!(sockets.len(), 1, "{events:#?}");
     assert_eq!(sockets[0]["path"], "connect");
     assert_eq!(sockets[0]["pid"], std::process::id());
-    assert_eq!(sockets[0]["destination"], "127.0.0.1:47740");
+    assert_eq!(sockets[0]["destination"], "127.0.0.1:62740");
     assert_eq!(sockets[0]["translated_to"], format!("{ctr_ip}:80"));
 
     let external: Vec<&Value> = events
@@ -142,8 +142,8 @@ fn trace_shows_new_flows_hairpin_and_stopped_flows() {
 
     // Filters: only drops and untranslated packets, only one port. A new
     // flow is not shown; the stopped one is.
-    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "47741:5301/udp"]);
-    let trace = start_trace(&["--drops", "--port", "47741", "--count", "1"]);
+    portfwd_ok(&["map", "--name", "dns", &ctr_ip, "62741:5301/udp"]);
+    let trace = start_trace(&["--drops", "--port", "62741", "--count", "1"]);
     client.inside(move || fetch(web)).expect("external fetch");
     client
         .inside(move || udp_ask(dns, Some(SocketAddr::new(client_ip, 41741)), b"x"))
@@ -192,20 +192,20 @@ fn host_processes_refused_by_an_allowlist_are_traced_as_drops() {
     let ctr = Container::new(78);
     let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
     let ctr_ip = ctr.v4().to_string();
-    for publish in ["47745:80", "47746:5301/udp"] {
+    for publish in ["62745:80", "62746:5301/udp"] {
         portfwd_ok(&["map", "--allow", "192.0.2.0/24", &ctr_ip, publish]);
     }
     let trace = start_trace(&["--drops", "--count", "2"]);
-    let refused = fetch("127.0.0.1:47745".parse().unwrap()).unwrap_err();
+    let refused = fetch("127.0.0.1:62745".parse().unwrap()).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let refused = socket.send_to(b"x", "127.0.0.1:47746").unwrap_err();
+    let refused = socket.send_to(b"x", "127.0.0.1:62746").unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
     let events = events_of(trace);
     assert_eq!(events.len(), 2, "{events:#?}");
     for (event, (path, protocol, port)) in events
         .iter()
-        .zip([("connect", "tcp", 47745), ("sendmsg", "udp", 47746)])
+        .zip([("connect", "tcp", 62745), ("sendmsg", "udp", 62746)])
     {
         assert_eq!(event["event"], "refused_host_not_allowed", "{event}");
         assert_eq!(event["path"], path, "{event}");
