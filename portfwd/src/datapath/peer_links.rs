@@ -21,7 +21,7 @@ use aya::{
 };
 use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS};
 
-use super::links::tc_attachments;
+use super::{kernel, links::tc_attachments};
 use crate::host::netlink;
 
 /// The map, if this instance has it.
@@ -87,7 +87,7 @@ pub(crate) fn add(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
 /// Of `interfaces` (index -> name), those that redirect into their peer:
 /// what the host's links say (`netlink::links_into_peer`); no TCX program
 /// on their egress, which a redirect into the peer would skip (a kernel
-/// without TCX has none); and IPv4 forwarding on, without which the
+/// without TCX has none; a failed query lists nothing); and IPv4 forwarding on, without which the
 /// programs cannot learn the next hop's address (`bpf_fib_lookup` answers
 /// only for a forwarding interface) and redirect every packet through the
 /// neighbour subsystem.
@@ -97,8 +97,13 @@ fn into_peer(interfaces: &BTreeMap<u32, String>) -> Result<BTreeSet<u32>> {
         .into_iter()
         .filter(|index| {
             let ifname = &interfaces[index];
-            let no_tcx_egress = SchedClassifier::query_tcx(ifname, TcAttachType::Egress)
-                .map_or(true, |(_, programs)| programs.is_empty());
+            let no_tcx_egress = match SchedClassifier::query_tcx(ifname, TcAttachType::Egress) {
+                Ok((_, programs)) => programs.is_empty(),
+                // A kernel without TCX has no such programs; on one with
+                // TCX, a query that fails says nothing, and the interface
+                // stays on the neighbour path.
+                Err(_) => !kernel::tcx_supported(),
+            };
             let forwarding =
                 fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"))
                     .is_ok_and(|value| value.trim() == "1");
