@@ -144,9 +144,16 @@ fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
 }
 
 /// A socket closes: the `SOCK_CONNECTED` slot it holds, if any, is free
-/// again. Runs for every TCP and UDP socket of the cgroup (one cookie and
-/// one array read for those that hold none).
+/// again. Runs for every TCP and UDP socket of the cgroup, in every
+/// namespace: only the host's sockets can hold a slot (`connect` translates
+/// only theirs, and a socket never changes namespace), so the others leave
+/// after the namespace check, without the socket cookie and the read of a
+/// slot that is cold in cache; a host socket holding none pays both.
 pub(crate) fn release(ctx: SockContext) -> i32 {
+    // SAFETY: the helper only reads the context's socket.
+    if !is_host_netns(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
+        return PROCEED;
+    }
     // SAFETY: the helper reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(entry) = SOCK_CONNECTED.get_ptr_mut(SockConnected::index_of(cookie))
@@ -180,7 +187,12 @@ impl Backend {
 
 fn in_host_netns(ctx: &SockAddrContext) -> bool {
     // SAFETY: the helper only reads the context's socket.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    is_host_netns(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+}
+
+/// Whether `cookie` is the host namespace's (`Config`; never before `up`
+/// wrote it).
+fn is_host_netns(cookie: u64) -> bool {
     match CONFIG.get(0) {
         Some(config) => config.host_netns_cookie != 0 && config.host_netns_cookie == cookie,
         None => false,
