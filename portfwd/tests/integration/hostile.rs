@@ -1311,8 +1311,8 @@ fn loopback_published_ports_are_unreachable_from_outside() {
     // A second container, with a mapping of its own so that its host-side
     // veth is a backend interface: it sends the hairpin-side frames.
     let neighbour = Container::new(44);
-    let (lo_tcp, lo_udp, any_udp, any_tcp) = (47320u16, 47321u16, 47322u16, 47323u16);
-    let (lo6_tcp, lo6_udp, any6_udp) = (47324u16, 47325u16, 47326u16);
+    let (lo_tcp, lo_udp, any_udp, any_tcp) = (62320u16, 62321u16, 62322u16, 62323u16);
+    let (lo6_tcp, lo6_udp, any6_udp) = (62324u16, 62325u16, 62326u16);
     let _echo = serve_udp(
         Some(topo.ctr.netns_path()),
         SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
@@ -1596,7 +1596,7 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         return;
     };
     let topo = Topology::new(45);
-    let (udp4, udp6) = (47340u16, 47341u16);
+    let (udp4, udp6) = (62340u16, 62341u16);
     let _running = publish(
         &topo,
         "frag4",
@@ -1709,7 +1709,7 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         return;
     };
     let topo = Topology::new(46);
-    let (tcp_port, udp_port) = (47350u16, 47351u16);
+    let (tcp_port, udp_port) = (62350u16, 62351u16);
     let _running = publish(
         &topo,
         "local-src",

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portfwd::model::{HostPorts, PublishSpec};
 pub(crate) use portfwd_testkit::{
     netns,
     serve::{
@@ -78,6 +79,9 @@ pub(crate) fn portfwd(args: &[&str]) -> Output {
 
 /// `portfwd` that must succeed; returns stdout.
 pub(crate) fn portfwd_ok(args: &[&str]) -> String {
+    if args.first() == Some(&"map") {
+        refuse_ephemeral_host_ports(args);
+    }
     let out = portfwd(args);
     assert!(
         out.status.success(),
@@ -86,6 +90,38 @@ pub(crate) fn portfwd_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails a test whose `map` publishes a host port inside the kernel's
+/// ephemeral range (`ip_local_port_range`): any client connection of the
+/// machine, or a TIME_WAIT an earlier test left, may hold that port just
+/// then, and `map` rightly refuses it (a CI run failed so, on 47870).
+/// Automatic ports, which come from that range by design, are not checked.
+fn refuse_ephemeral_host_ports(args: &[&str]) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|_| "32768 60999".into());
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (Some(low), Some(high)) = (bounds.next(), bounds.next()) else {
+        return;
+    };
+    for spec in args
+        .iter()
+        .filter_map(|arg| arg.parse::<PublishSpec>().ok())
+    {
+        let hosts = match spec.host_ports {
+            HostPorts::Auto => continue,
+            HostPorts::Each(hosts) | HostPorts::Pool(hosts) => hosts,
+        };
+        assert!(
+            hosts.end < low || hosts.start > high,
+            "map {args:?}: host ports {}-{} reach into the kernel's ephemeral range \
+             {low}-{high}, where a client connection may hold them: publish ports outside it",
+            hosts.start,
+            hosts.end
+        );
+    }
 }
 
 /// portfwd brought up for one test and always taken down. Tests always
