@@ -2,8 +2,8 @@
 //! straight into the container's namespace (`pf_peer_links`, see
 //! `portfwd_common::PEER_LINKS`): those with the reply program attached
 //! that are veths into another namespace where nothing on the way would be
-//! skipped (`into_peer`). Kept in line with the host by `follow_host` and when the
-//! reply program is attached to a new interface.
+//! skipped (`into_peer`). Kept in line with the host by `follow_host` and
+//! when the reply program is attached to a new interface.
 //!
 //! A map pinned by a build without it is absent until `up`: then there is
 //! nothing to keep (the programs of that build do not read it).
@@ -87,10 +87,10 @@ pub(crate) fn add(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
 /// Of `interfaces` (index -> name), those that redirect into their peer:
 /// what the host's links say (`netlink::links_into_peer`); no TCX program
 /// on their egress, which a redirect into the peer would skip (a kernel
-/// without TCX has none; a failed query lists nothing); and IPv4 forwarding on, without which the
-/// programs cannot learn the next hop's address (`bpf_fib_lookup` answers
-/// only for a forwarding interface) and redirect every packet through the
-/// neighbour subsystem.
+/// without TCX has none; a failed query lists nothing); and IPv4
+/// forwarding on, without which the programs cannot learn the next hop's
+/// address (`bpf_fib_lookup` answers only for a forwarding interface) and
+/// redirect every packet through the neighbour subsystem.
 fn into_peer(interfaces: &BTreeMap<u32, String>) -> Result<BTreeSet<u32>> {
     let found = netlink::links_into_peer(|index| interfaces.contains_key(&index))?;
     Ok(found

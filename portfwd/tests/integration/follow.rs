@@ -364,20 +364,17 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         return;
     };
     let topo = Topology::new(195);
-    // Redirects into the peer need forwarding on the veth (see README); on
-    // this one only, which goes with it.
-    set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
+    topo.ctr.forward_on_host_link();
     let _web = topo.ctr.serve("[::]:5195", "web");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62851:5195"]);
-    let into_peer = || stats()["redirected_to_peer"];
     // A fetch that is served, and whether its packets went into the peer.
     let served_into_peer = || {
-        let before = into_peer();
+        let before = redirected_to_peer();
         let served = topo
             .fetch_external(62851)
             .is_ok_and(|answer| answer.starts_with("web "));
-        served.then(|| into_peer() > before)
+        served.then(|| redirected_to_peer() > before)
     };
     let host_if = topo.ctr.host_if.as_str();
     let listed_into_peer = || listing()["links"][host_if]["into_peer"].as_bool();
@@ -395,9 +392,14 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         "tc",
         &[&["qdisc", "add", "dev", host_if][..], &shaper].concat(),
     );
+    // The holder follows each change within its usual settle time.
+    let followed = |into_peer: bool| {
+        wait_until(Duration::from_secs(10), || {
+            served_into_peer() == Some(into_peer)
+        })
+    };
     assert!(
-        wait_until(Duration::from_secs(10), || served_into_peer()
-            == Some(false)),
+        followed(false),
         "packets still go around the shaper on {host_if}"
     );
     assert_eq!(listed_into_peer(), Some(false), "list: a shaped veth");
@@ -410,7 +412,7 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
 
     sh("tc", &["qdisc", "del", "dev", host_if, "root"]);
     assert!(
-        wait_until(Duration::from_secs(10), || served_into_peer() == Some(true)),
+        followed(true),
         "packets do not go into the peer again once the shaper is gone"
     );
 
@@ -426,8 +428,7 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         &[&["filter", "add", "dev", host_if][..], &filter].concat(),
     );
     assert!(
-        wait_until(Duration::from_secs(10), || served_into_peer()
-            == Some(false)),
+        followed(false),
         "packets go around an egress filter on {host_if}"
     );
     sh(
@@ -435,7 +436,7 @@ fn a_shaped_container_link_is_not_redirected_around_its_shaper() {
         &["filter", "del", "dev", host_if, "egress", "prio", "7"],
     );
     assert!(
-        wait_until(Duration::from_secs(10), || served_into_peer() == Some(true)),
+        followed(true),
         "packets do not go into the peer again once the filter is gone"
     );
 

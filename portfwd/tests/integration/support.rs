@@ -225,6 +225,13 @@ impl Container {
         self.link()
     }
 
+    /// IPv4 forwarding on this container's host-side veth, which
+    /// redirects into the container's namespace need (see README); on
+    /// that veth only, so it goes with it.
+    pub(crate) fn forward_on_host_link(&self) {
+        set_if_sysctl(None, "ipv4", &self.host_if, "forwarding", "1");
+    }
+
     /// Deletes the veth pair and creates it again with the same names and
     /// addresses, as a restarted container (or a recreated uplink) gets:
     /// the namespace and what runs in it stay, the host side gets a new
@@ -376,6 +383,12 @@ pub(crate) fn conntrack_flows(args: &[&str]) -> Vec<serde_json::Value> {
         .as_array()
         .unwrap()
         .clone()
+}
+
+/// Packets the TC programs have sent straight into a container's
+/// namespace (`redirected_to_peer`).
+pub(crate) fn redirected_to_peer() -> u64 {
+    stats()["redirected_to_peer"]
 }
 
 /// The TC programs' stats of `portfwd list --json`, by name.

@@ -912,22 +912,22 @@ fn a_container_that_bridges_its_interface_still_gets_its_frames() {
         return;
     };
     let topo = Topology::new(196);
-    // Redirects into the peer need forwarding on the veth (see README); on
-    // this one only, which goes with it.
-    set_if_sysctl(None, "ipv4", &topo.ctr.host_if, "forwarding", "1");
+    topo.ctr.forward_on_host_link();
     let _web = topo.ctr.serve("[::]:5196", "web");
     let _pf = topo.up();
     portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62861:5196"]);
     let published = SocketAddr::new(topo.uplink(false), 62861);
-    let into_peer = || stats()["redirected_to_peer"];
     let served = || {
         topo.client
             .inside(move || fetch(published))
             .is_ok_and(|(answer, _)| answer.starts_with("web "))
     };
-    let before = into_peer();
+    let before = redirected_to_peer();
     assert!(served(), "the container is not served");
-    assert!(into_peer() > before, "packets did not go into the peer");
+    assert!(
+        redirected_to_peer() > before,
+        "packets did not go into the peer"
+    );
 
     // Inside the container (nothing the host hears of): its address moves
     // to a bridge whose port the veth's peer becomes.
@@ -944,7 +944,7 @@ fn a_container_that_bridges_its_interface_still_gets_its_frames() {
     ] {
         sh("ip", &[&["-n", ns][..], &args].concat());
     }
-    let before = into_peer();
+    let before = redirected_to_peer();
     assert!(
         wait_until(Duration::from_secs(10), served),
         "the bridged container is not served"
@@ -953,7 +953,7 @@ fn a_container_that_bridges_its_interface_still_gets_its_frames() {
     // listed (its peer may be a bridge port), the frames addressed to the
     // bridge's address, which the host's neighbour entry holds.
     assert!(
-        into_peer() >= before + 3,
+        redirected_to_peer() >= before + 3,
         "packets to the bridged container did not go into the peer"
     );
     assert_eq!(
