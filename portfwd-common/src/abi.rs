@@ -587,4 +587,9 @@ stats! {
     /// into a container's namespace (`PEER_LINKS`): the host-side veth's
     /// transmit and the second receive pass skipped.
     RedirectedToPeer = "redirected_to_peer",
+    /// TCP packets from containers to a host address that belong to a
+    /// connection of the host's own (a host process that dialed a published
+    /// port through the socket path, or the container directly): passed to
+    /// the stack without a conntrack lookup.
+    PassHostConnection = "passed_host_connection",
 }

@@ -42,7 +42,7 @@ pub(crate) struct Scratch {
     pub allow_key: LpmKey<AllowKey>,
     /// The host's IPv4 source of a new NAT46 flow (`nat46::start`).
     pub nat46_source: Addr,
-    /// A host socket lookup (`tc::masquerade::host_socket_uses`).
+    /// A host socket lookup (`tc::host_socket`).
     pub sock_tuple: bpf_sock_tuple,
 }
 

@@ -35,10 +35,13 @@ const SUBSET: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        // The socket path (TCP, every local address) and up/down.
+        // The socket path (TCP, every local address; the host's own
+        // connections leave a container's link before the conntrack) and
+        // up/down.
         "socket_path",
         &[
             "host_connections_reach_the_container_through_every_local_address",
+            "replies_of_host_connections_leave_the_container_link_as_the_hosts_own",
             "up_is_idempotent_and_down_leaves_nothing_behind",
         ],
     ),

@@ -49,7 +49,7 @@ pub(super) fn is_new_tcp(pkt: &Packet) -> bool {
 // call's limit) or through scratch memory, and its 320-byte frame is the
 // deepest chains' largest part. On 6.1, which rounds each frame up to 32
 // bytes, program 32 + this 320 + `masquerade_port` 128 +
-// `host_socket_uses` 32, and program 32 + this + `conntrack::reopen` 128 +
+// `host_socket` 32, and program 32 + this + `conntrack::reopen` 128 +
 // `conntrack::remove` 32, are each 512 of 512: nothing more fits below it.
 #[inline(never)]
 pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {

@@ -31,6 +31,7 @@
 //! `translate` → `service`.
 
 mod flow;
+mod host_socket;
 mod masquerade;
 mod service;
 mod translate;
@@ -40,13 +41,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, IPPROTO_TCP,
+    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, IPPROTO_TCP,
     IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
     TRANSLATED_MARK,
 };
 
 use self::{
     flow::{is_new_tcp, start_flow},
+    host_socket::{HostSocket, host_socket},
     service::{find_service, is_host_address, publishes},
     translate::{translate_forward, translate_fragment, translate_reply},
 };
@@ -107,6 +109,10 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         return translate_fragment(ctx, pkt, Some(untracked), true);
     }
     conntrack::set_key(key, pkt);
+    if from_containers && answers_host_connection(ctx, pkt, key) {
+        count(Stat::PassHostConnection);
+        return NEXT;
+    }
     if let Some((entry, now)) = conntrack::find(key) {
         pkt.now = now;
         // SAFETY: a pointer into the map value, valid for this program run.
@@ -152,6 +158,23 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         return translate_forward(ctx, pkt, key, entry, redirect);
     }
     new_flow(ctx, pkt, path, from_containers)
+}
+
+/// Whether a TCP packet from a container to a host address belongs to a
+/// connection of the host's own: a host process that dialed a published
+/// port through the socket path (or the container directly). Such a packet
+/// leaves before the conntrack lookup, whose miss is most of its cost: a
+/// cold bucket of a table sized for the busiest host. No tracked flow can
+/// share its ends: a hairpin or NAT46 flow's port towards the container is
+/// one no host socket uses (`masquerade_port`), and external clients are
+/// never host addresses (`start_flow` drops them). A SYN opens a flow or
+/// none, and goes on to the conntrack.
+#[inline(always)]
+fn answers_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
+    pkt.proto == IPPROTO_TCP
+        && !is_new_tcp(pkt)
+        && is_host_address(pkt.family, &pkt.daddr)
+        && host_socket(ctx, key) == HostSocket::Connected
 }
 
 /// A packet that matches no tracked flow (`start_flow`). A large one is

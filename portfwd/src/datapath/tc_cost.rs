@@ -12,16 +12,24 @@
 //! one test run per new flow, each with a fresh client port, and the
 //! per-run overhead of that method is shown beside it.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::Command,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use nix::{
+    sched::{CloneFlags, unshare},
+    sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
+};
 use portfwd_common::{
-    COUNTERS, MappingCounters, SERVICES, ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK,
-    TraceConfig,
+    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES, ServiceKey,
+    ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
 };
 
 use super::object::OBJECT;
@@ -115,9 +123,58 @@ struct Row {
     verdict: u32,
 }
 
+/// The host's address is one of its own (`pf_local_addrs`), as the port
+/// holder records it.
+fn record_host_address(ebpf: &mut Ebpf) {
+    let mut local: HashMap<&mut MapData, LocalAddrKey, u8> =
+        HashMap::try_from(ebpf.map_mut(LOCAL_ADDRS.name).unwrap()).unwrap();
+    let key = LocalAddrKey::new(FAMILY_V4, Addr::from(HOST_V4));
+    local.insert(key, 1, 0).unwrap();
+}
+
+/// Host address and port, container address and port of `host_connection`.
+const HOST_CONNECTION: (SocketAddrV4, SocketAddrV4) = (
+    SocketAddrV4::new(HOST_V4, 45001),
+    SocketAddrV4::new(OTHER_CTR_V4, 80),
+);
+
+/// A connection a host process made to a container (`HOST_CONNECTION`),
+/// made in a network namespace of this thread's own where both addresses
+/// are local: a test run looks sockets up in the namespace of the thread
+/// that runs it. The sockets live as long as the returned value.
+fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
+    let (host, container) = HOST_CONNECTION;
+    unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace of the test's own");
+    // Children inherit the namespace of the thread that spawns them.
+    let add = |ip: &Ipv4Addr| format!("addr add {ip}/32 dev lo");
+    for args in [
+        "link set lo up".to_owned(),
+        add(host.ip()),
+        add(container.ip()),
+    ] {
+        let args: Vec<&str> = args.split(' ').collect();
+        let status = Command::new("ip").args(&args).status().expect("running ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+    let listener = TcpListener::bind(container).unwrap();
+    // std's connect cannot choose its source: the frame names the host's.
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(host)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(container)).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (listener, TcpStream::from(fd), accepted)
+}
+
 /// Every case, on a fresh load of `ebpf` (an object's programs and maps).
 fn measure(mut ebpf: Ebpf) -> Vec<Row> {
     publish_cycle(&mut ebpf);
+    record_host_address(&mut ebpf);
     for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
@@ -183,6 +240,11 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
             BACKEND_IN,
             "untracked: container TCP to the host",
             frame(at(OTHER_CTR_V4, 80), at(HOST_V4, 45000), L4::Ack),
+        ),
+        (
+            BACKEND_IN,
+            "container TCP of a host connection (socket path)",
+            frame(HOST_CONNECTION.1.into(), HOST_CONNECTION.0.into(), L4::Ack),
         ),
         (
             BACKEND_IN,
@@ -354,6 +416,7 @@ fn tc_program_cost() {
         eprintln!("SKIPPED tc_program_cost: BPF_PROG_TEST_RUN needs root");
         return;
     }
+    let _connection = host_connection();
     let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
     let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
     let Some(against) = against else {

@@ -53,6 +53,40 @@ fn ipv6_container_is_reached_through_ipv6_loopback() {
 }
 
 #[test]
+fn replies_of_host_connections_leave_the_container_link_as_the_hosts_own() {
+    let Some(_serial) = root_test("replies_of_host_connections") else {
+        return;
+    };
+    let ctr = Container::new(17);
+    // An uplink of its own: the container's link gets the backend program.
+    let uplink = Container::with_prefix(17, "ext", 252);
+    let _server = ctr.serve("[::]:80", "ctr17 to");
+    let _pf = Portfwd::up(&["--iface", &uplink.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62017:80"]);
+    portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:62018:80"]);
+    for (dialed, host) in [
+        ("127.0.0.1:62017", ctr.host_v4()),
+        ("[::1]:62018", ctr.host_v6()),
+    ] {
+        let before = stats()["passed_host_connection"];
+        let (answer, _) = fetch(dialed.parse().unwrap()).unwrap();
+        assert_eq!(answer, format!("ctr17 to {host}"));
+        // SYN-ACK, the answer, its FIN and ACKs: the container's packets
+        // pass as the host's own connection, before any conntrack lookup.
+        let passed = stats()["passed_host_connection"] - before;
+        assert!(
+            passed >= 3,
+            "{dialed}: {passed} packets passed as the host's"
+        );
+    }
+    assert_eq!(
+        stats()["flows_new"],
+        0,
+        "no flow tracked for the socket path"
+    );
+}
+
+#[test]
 fn a_second_process_sees_and_removes_mappings_and_unmap_stops_forwarding() {
     let Some(_serial) = root_test("second_process") else {
         return;
