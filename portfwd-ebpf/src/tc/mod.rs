@@ -25,10 +25,11 @@
 //!
 //! Split by concern: `flow` starts new flows (and judges the allowlist),
 //! `service` finds a packet's mapping, `masquerade` picks a flow's source
-//! port towards the container, `translate` rewrites packets of tracked
-//! flows and sends them on; this module holds the programs themselves.
-//! The imports go one way: this module → `flow` → `masquerade`,
-//! `translate` → `service`.
+//! port towards the container, `host_socket` finds the host's own socket
+//! for a packet, `translate` rewrites packets of tracked flows and sends
+//! them on; this module holds the programs themselves. The imports go one
+//! way: this module → `flow` → `masquerade` → `host_socket`, `translate`
+//! → `service`.
 
 mod flow;
 mod host_socket;
