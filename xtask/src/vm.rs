@@ -74,6 +74,10 @@ const SUBSET: &[(&str, &[&str])] = &[
             "large_udp_datagrams_cross_the_external_path_both_ways",
             "counters_count_and_unmap_and_detach_stop_flows",
             "hairpin_ports_avoid_the_host_sockets_on_the_gateway_address",
+            // The host's own connections before the conntrack: which
+            // socket states own a container's packet.
+            "a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait",
+            "a_host_connection_clashing_with_a_hairpin_flow_does_not_reset_it",
             // Into a container's namespace (bpf_redirect_peer), the frame
             // addressed from the FIB (bpf_fib_lookup's neighbour).
             "a_container_that_bridges_its_interface_still_gets_its_frames",

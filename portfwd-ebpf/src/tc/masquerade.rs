@@ -4,7 +4,7 @@ use aya_ebpf::programs::TcContext;
 use portfwd_common::Addr;
 
 use super::{
-    host_socket::{HostSocket, host_socket},
+    host_socket::{NO_SOCKET, host_socket},
     service::Backend,
 };
 use crate::{conntrack, maps::SCRATCH, packet::Packet};
@@ -48,8 +48,11 @@ pub(super) fn masquerade_port(
             // socket may already hold this port towards the container. Not
             // a port for this flow then: its reply entry would take that
             // socket's packets, and the container would see the flow's SYN
-            // on its side of the host's connection.
-            None if host_side && host_socket(ctx, key) != HostSocket::None => {}
+            // on its side of the host's connection. Looked up rather than
+            // avoided by a reserved range of ports: the host binds ports
+            // anywhere, and the kernel's automatic range is a per-namespace
+            // setting.
+            None if host_side && host_socket(ctx, key) != NO_SOCKET => {}
             None => return Some(port.to_be()),
             // This very flow's reply entry (its forward entry expired or
             // was evicted alone): its port stays.

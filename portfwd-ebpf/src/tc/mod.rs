@@ -28,8 +28,8 @@
 //! port towards the container, `host_socket` finds the host's own socket
 //! for a packet, `translate` rewrites packets of tracked flows and sends
 //! them on; this module holds the programs themselves. The imports go one
-//! way: this module → `flow` → `masquerade` → `host_socket`, `translate`
-//! → `service`.
+//! way: this module → `flow` → `masquerade` → `host_socket`, this module
+//! → `host_socket`, `translate` → `service`.
 
 mod flow;
 mod host_socket;
@@ -49,7 +49,7 @@ use portfwd_common::{
 
 use self::{
     flow::{is_new_tcp, start_flow},
-    host_socket::{HostSocket, host_socket},
+    host_socket::{host_socket, owns_packet},
     service::{find_service, is_host_address, publishes},
     translate::{translate_forward, translate_fragment, translate_reply},
 };
@@ -110,7 +110,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         return translate_fragment(ctx, pkt, Some(untracked), true);
     }
     conntrack::set_key(key, pkt);
-    if from_containers && answers_host_connection(ctx, pkt, key) {
+    if from_containers && of_host_connection(ctx, pkt, key) {
         count(Stat::PassHostConnection);
         return NEXT;
     }
@@ -163,19 +163,22 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
 
 /// Whether a TCP packet from a container to a host address belongs to a
 /// connection of the host's own: a host process that dialed a published
-/// port through the socket path (or the container directly). Such a packet
-/// leaves before the conntrack lookup, whose miss is most of its cost: a
-/// cold bucket of a table sized for the busiest host. No tracked flow can
-/// share its ends: a hairpin or NAT46 flow's port towards the container is
-/// one no host socket uses (`masquerade_port`), and external clients are
-/// never host addresses (`start_flow` drops them). A SYN opens a flow or
-/// none, and goes on to the conntrack.
+/// port through the socket path, or the container dialing a host service.
+/// Such a packet leaves before the conntrack lookup, whose miss is most of
+/// its cost: a cold bucket of a table sized for the busiest host. Only a
+/// connection that owns the packet beyond doubt (`owns_packet`) counts: no
+/// tracked flow starts with the ends of one, because a hairpin or NAT46
+/// flow's port towards the container is one that no host socket uses
+/// (`masquerade_port`) and external clients are never host addresses
+/// (`start_flow` drops them). A host connection made later with the ends of
+/// a live flow is refused by the container, which holds them (see
+/// `owns_packet`). A SYN opens a flow or none: it goes on to the conntrack.
 #[inline(always)]
-fn answers_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
+fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
     pkt.proto == IPPROTO_TCP
         && !is_new_tcp(pkt)
         && is_host_address(pkt.family, &pkt.daddr)
-        && host_socket(ctx, key) == HostSocket::Connected
+        && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
 }
 
 /// A packet that matches no tracked flow (`start_flow`). A large one is

@@ -64,9 +64,11 @@ fn replies_of_host_connections_leave_the_container_link_as_the_hosts_own() {
     let _pf = Portfwd::up(&["--iface", &uplink.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "62017:80"]);
     portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:62018:80"]);
+    // IPv4, IPv6, and an IPv6 socket to the IPv4 container (v4-mapped).
     for (dialed, host) in [
         ("127.0.0.1:62017", ctr.host_v4()),
         ("[::1]:62018", ctr.host_v6()),
+        ("[::1]:62017", ctr.host_v4()),
     ] {
         let before = stats()["passed_host_connection"];
         let (answer, _) = fetch(dialed.parse().unwrap()).unwrap();
@@ -84,6 +86,14 @@ fn replies_of_host_connections_leave_the_container_link_as_the_hosts_own() {
         0,
         "no flow tracked for the socket path"
     );
+    // The container dialing the same host address (hairpin): its packets
+    // are a tracked flow's, not a host connection's.
+    let before = stats()["passed_host_connection"];
+    let gateway = SocketAddr::new(ctr.host_v4(), 62017);
+    let (answer, _) = ctr.inside(move || fetch(gateway)).unwrap();
+    assert_eq!(answer, format!("ctr17 to {}", gateway.ip()));
+    assert_eq!(stats()["flows_new"], 1, "the hairpin flow");
+    assert_eq!(stats()["passed_host_connection"], before, "hairpin packets");
 }
 
 #[test]

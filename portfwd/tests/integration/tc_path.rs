@@ -5,7 +5,7 @@
 use std::{
     hash::Hasher,
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::Arc,
     time::Duration,
 };
@@ -897,6 +897,89 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
     assert_eq!(
         ask("host again").expect("the host socket's answer after the hairpin flow"),
         format!("echo host again {gateway}")
+    );
+}
+
+/// A hairpin flow whose ends are those of a host socket in TIME_WAIT: a
+/// host service on the port, before it was published, served the same
+/// container port, and closed first. `map` binds over such leftovers. The
+/// container's packets of the new flow must be translated, not passed to
+/// the TIME_WAIT socket as the host's own (which answers them, and the
+/// flow never reaches the container's server).
+#[test]
+fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait() {
+    let Some(_serial) = root_test("hairpin_time_wait") else {
+        return;
+    };
+    let topo = Topology::new(88);
+    let _echo = topo.ctr.serve_with("0.0.0.0:5088", Arc::new(echo));
+    let _pf = topo.up();
+    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
+    let published = SocketAddr::new(gateway, 62880);
+    let source = SocketAddr::new(container, 41880);
+    // The host's service answers the container, and closes first: its
+    // socket (gateway:62880 <-> container:41880) stays in TIME_WAIT.
+    let service = TcpListener::bind(published).unwrap();
+    let dialer = topo.ctr.inside(move || {
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut stream = connect_from(source, published)?;
+            // Until the host's FIN: then this side closes second.
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest)?;
+            Ok(())
+        })
+    });
+    let (served, _) = service.accept().unwrap();
+    drop(served);
+    dialer
+        .join()
+        .unwrap()
+        .expect("the connection to the host's service");
+    drop(service);
+    portfwd_ok(&["map", &container.to_string(), "62880:5088"]);
+    // The same ends again, now a hairpin flow to the published port.
+    let answer = topo.ctr.inside(move || {
+        let mut stream = connect_from(source, published)?;
+        echo_line(&mut stream, "hairpin")
+    });
+    assert_eq!(
+        answer.expect("the hairpin flow over the host's TIME_WAIT socket"),
+        "hairpin"
+    );
+}
+
+/// A host connection whose ends clash with a live hairpin flow's towards
+/// the container (the host dials the container's port from the address
+/// and port the flow is masqueraded to). The container answers the host's
+/// SYN with an ACK of the flow it holds; that ACK must not reach the host's
+/// opening socket as its own, which would answer with a reset that ends
+/// the hairpin flow in the container.
+#[test]
+fn a_host_connection_clashing_with_a_hairpin_flow_does_not_reset_it() {
+    let Some(_serial) = root_test("host_connection_clash") else {
+        return;
+    };
+    let topo = Topology::new(89);
+    let _echo = topo.ctr.serve_with("0.0.0.0:5089", Arc::new(echo));
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62890:5089"]);
+    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
+    let source = SocketAddr::new(container, 41890);
+    let mut hairpin = topo
+        .ctr
+        .inside(move || connect_from(source, SocketAddr::new(gateway, 62890)))
+        .expect("the hairpin connection");
+    assert_eq!(echo_line(&mut hairpin, "before").unwrap(), "before");
+    // The flow reaches the container from gateway:41890 (its own port kept).
+    let clash = connect_from(
+        SocketAddr::new(gateway, 41890),
+        SocketAddr::new(container, 5089),
+    );
+    assert!(clash.is_err(), "the container holds those ends already");
+    assert_eq!(
+        echo_line(&mut hairpin, "after")
+            .expect("the hairpin flow after the host's clashing connect"),
+        "after"
     );
 }
 
