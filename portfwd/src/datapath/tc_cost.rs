@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use nix::{
@@ -28,14 +28,14 @@ use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
 };
 use portfwd_common::{
-    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES, STATS,
-    ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
+    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES, ServiceKey,
+    ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
 };
 
 use super::object::OBJECT;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
-    skb_ctx, stat_of,
+    skb_ctx, stat_if_counted, stat_of,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -289,13 +289,6 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
         assert_eq!(passed, runs, "the host connection's packets passed first");
     }
     rows
-}
-
-/// `stat_of`, or None for an object from before `stat` existed.
-fn stat_if_counted(ebpf: &Ebpf, stat: Stat) -> Option<u64> {
-    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(ebpf.map(STATS.name)?).ok()?;
-    let per_cpu = stats.get(&stat.index(), 0).ok()?;
-    Some(per_cpu.iter().sum())
 }
 
 /// The median of `runs` single runs of `program` on `input(0..runs)`,

@@ -361,9 +361,15 @@ pub(super) fn check_table(test: &str, mappings: &[Mapping], program: &str, cases
 
 /// What the programs of `ebpf` counted of `stat`, over every CPU.
 pub(super) fn stat_of(ebpf: &Ebpf, stat: Stat) -> u64 {
-    let map = ebpf.map(STATS.name).expect("the stats map");
-    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).unwrap();
-    stats.get(&stat.index(), 0).unwrap().iter().sum()
+    stat_if_counted(ebpf, stat).expect("the stats map holds the stat")
+}
+
+/// `stat_of`, or None for an object from before `stat` existed (`bench
+/// --prog --against` an older build).
+pub(super) fn stat_if_counted(ebpf: &Ebpf, stat: Stat) -> Option<u64> {
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(ebpf.map(STATS.name)?).ok()?;
+    let per_cpu = stats.get(&stat.index(), 0).ok()?;
+    Some(per_cpu.iter().sum())
 }
 
 /// One row of a case table: a frame in, the verdict, the frame out, and
