@@ -4,7 +4,7 @@
 //! keyed by the packet as the client sends it, and the reply one, keyed by
 //! the container's answer. Both carry the mapping's key.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
@@ -15,6 +15,7 @@ use portfwd_common::{
 };
 use serde::Serialize;
 
+use super::batch;
 use crate::model::Protocol;
 
 /// One tracked flow, as its forward entry describes it.
@@ -162,7 +163,7 @@ fn entries(map: &HashMap<MapData, CtKey, CtValue>) -> Result<Vec<(CtKey, CtValue
 pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
     let map = open(pin_dir)?;
     let now = monotonic_now();
-    let mut flows: Vec<Flow> = entries(&map)?
+    let mut flows: Vec<Flow> = all_entries(&map)?
         .into_iter()
         // Reply entries are the other half of a listed flow; host entries
         // (`CT_FLAG_HOST`) mark the host's own NAT, not a flow of a mapping.
@@ -175,6 +176,42 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
     Ok(flows)
 }
 
+/// Removes the entries that the programs would no longer use (a flow
+/// closed or timed out): they expire lazily, at their next lookup, so
+/// otherwise they stay until the LRU evicts them, and under churn it evicts
+/// by age alone: a live flow idle for longer than the map takes to fill
+/// goes with the dead ones. Each candidate is read again just before it
+/// goes, so that an entry a flow reopened since (a client reusing its port)
+/// stays. The number of entries removed.
+pub(crate) fn sweep_expired(pin_dir: &Path) -> Result<usize> {
+    let mut map = open(pin_dir)?;
+    let now = monotonic_now();
+    let expired: Vec<CtKey> = all_entries(&map)?
+        .into_iter()
+        .filter(|(key, value)| !live(key, value, now))
+        .map(|(key, _)| key)
+        .collect();
+    let mut removed = 0;
+    for key in expired {
+        let still_expired = map
+            .get(&key, 0)
+            .is_ok_and(|value| !live(&key, &value, monotonic_now()));
+        if still_expired && map.remove(&key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Every entry, in a few batch calls (a full table of 524,288 entries: 128
+/// calls), or one entry at a time on a kernel that refuses them.
+fn all_entries(map: &HashMap<MapData, CtKey, CtValue>) -> Result<Vec<(CtKey, CtValue)>> {
+    match batch::lookup_all(map.map().fd().as_fd()) {
+        Ok(entries) => Ok(entries),
+        Err(_) => entries(map),
+    }
+}
+
 /// Removes both entries of every flow (live or not) of the mappings whose
 /// keys `selected` accepts; the number of flows removed.
 pub(crate) fn forget_flows(
@@ -182,7 +219,7 @@ pub(crate) fn forget_flows(
     selected: impl Fn(&ServiceKey) -> bool,
 ) -> Result<usize> {
     let mut map = open(pin_dir)?;
-    let doomed: Vec<(CtKey, bool)> = entries(&map)?
+    let doomed: Vec<(CtKey, bool)> = all_entries(&map)?
         .into_iter()
         .filter(|(_, value)| selected(&value.service))
         .map(|(key, value)| (key, value.flags & CT_FLAG_REPLY == 0))

@@ -37,7 +37,7 @@ mod tc_fixture;
 mod trace;
 
 pub(crate) use backend::prepare_backend_path;
-pub(crate) use conntrack::{Flow, flows, forget_flows};
+pub(crate) use conntrack::{Flow, flows, forget_flows, sweep_expired};
 pub(crate) use follow::{
     Follow, LinkState, TcLink, backend_paths, follow_host, follow_links, tc_links,
 };

@@ -45,6 +45,7 @@ use crate::{instance, model::Mapping};
 
 mod follow;
 mod server;
+mod sweep;
 
 pub(crate) use server::{attach_drop_all_filter, reserve, run};
 

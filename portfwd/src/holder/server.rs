@@ -58,6 +58,7 @@ pub(crate) fn run(pin_dir: &Path) -> Result<()> {
     let events = host_events().context("subscribing to link, address and route changes")?;
     let mut held: BTreeMap<Hold, OwnedFd> = BTreeMap::new();
     let mut following = HostFollowing::new();
+    super::sweep::start(pin_dir.to_path_buf());
     loop {
         following.catch_up(pin_dir);
         let mut fds = [

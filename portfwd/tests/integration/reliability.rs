@@ -325,20 +325,7 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     };
     let ctr = Container::new(56);
     let client = Container::with_prefix(56, "ext", 252);
-    let _echo = ctr.serve_with(
-        "[::]:5004",
-        Arc::new(|stream: TcpStream, _| {
-            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-            let mut writer = stream;
-            let mut line = String::new();
-            while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
-                if writer.write_all(line.as_bytes()).is_err() {
-                    break;
-                }
-                line.clear();
-            }
-        }),
-    );
+    let _echo = ctr.serve_with("[::]:5004", Arc::new(echo_lines));
     // Room for two flows.
     let _pf = Portfwd::up(&["--iface", &client.host_if, "--max-flows", "2"]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "62530:5004"]);
@@ -346,20 +333,12 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     let client_ns = client.netns_path();
     let first_flow_lives = std::thread::spawn(move || {
         netns::enter(&client_ns).unwrap();
-        let open = |msg: &[u8]| {
-            let mut s = TcpStream::connect_timeout(&published, TIMEOUT)?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(msg)?;
-            let mut buf = [0u8; 16];
-            let n = s.read(&mut buf)?;
-            Ok::<_, std::io::Error>((s, n))
-        };
-        let (mut first, _) = open(b"one\n").unwrap();
+        let mut first = echoed(published, b"one\n").unwrap();
         // Three more flows: the first one is the least recently used.
-        let _others: Vec<_> = (0..3).map(|_| open(b"more\n").unwrap()).collect();
-        let _ = first.write_all(b"again\n");
-        let mut buf = [0u8; 16];
-        matches!(first.read(&mut buf), Ok(n) if n > 0)
+        let _others: Vec<_> = (0..3)
+            .map(|_| echoed(published, b"more\n").unwrap())
+            .collect();
+        still_echoes(&mut first)
     });
     assert!(
         !first_flow_lives.join().unwrap(),
@@ -367,6 +346,81 @@ fn a_full_conntrack_evicts_the_oldest_flow_and_counts_it() {
     );
     let stats = stats();
     assert!(stats["untracked_midflow"] >= 1, "{stats:?}");
+}
+
+/// A line-echo server's handler: each line comes back until the client
+/// closes, or stays silent for a minute (a flow left idle longer than the
+/// server's default 20 s must still be served).
+fn echo_lines(stream: TcpStream, _: SocketAddr) {
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+        if writer.write_all(line.as_bytes()).is_err() {
+            break;
+        }
+        line.clear();
+    }
+}
+
+/// A connection to `published` that sent `msg` and read its echo.
+fn echoed(published: SocketAddr, msg: &[u8]) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&published, TIMEOUT)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(msg)?;
+    let mut buf = [0u8; 16];
+    if s.read(&mut buf)? == 0 {
+        return Err(std::io::Error::other("closed before the echo"));
+    }
+    Ok(s)
+}
+
+/// Whether an open connection to the echo server still gets an answer.
+fn still_echoes(stream: &mut TcpStream) -> bool {
+    let _ = stream.write_all(b"again\n");
+    let mut buf = [0u8; 16];
+    matches!(stream.read(&mut buf), Ok(n) if n > 0)
+}
+
+#[test]
+fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
+    let Some(_serial) = root_test("conntrack_sweep") else {
+        return;
+    };
+    let ctr = Container::new(64);
+    let client = Container::with_prefix(64, "ext", 252);
+    let _echo = ctr.serve_with("[::]:5005", Arc::new(echo_lines));
+    // 2,048 entries, two per flow.
+    let _pf = Portfwd::up(&["--iface", &client.host_if, "--max-flows", "1024"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62570:5005"]);
+    let published = SocketAddr::new(client.host_v4(), 62570);
+    let client_ns = client.netns_path();
+    // Three rounds of 850 short flows, 5,100 entries in all: the map holds
+    // any one round and the idle flow, not two rounds. Between rounds, the
+    // flows of the last one close and expire (10 s after their last FIN)
+    // and the holder's sweep (every 5 s) removes them; without it the LRU
+    // makes room for each round from the oldest entries, and by the third
+    // it has taken the idle flow's.
+    let round = move || {
+        for _ in 0..850 {
+            echoed(published, b"short\n").unwrap();
+        }
+    };
+    let idle_flow_lives = std::thread::spawn(move || {
+        netns::enter(&client_ns).unwrap();
+        let mut idle = echoed(published, b"idle\n").unwrap();
+        round();
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_secs(10 + 5 + 2));
+            round();
+        }
+        still_echoes(&mut idle)
+    });
+    assert!(
+        idle_flow_lives.join().unwrap(),
+        "the idle flow was evicted to make room for closed ones"
+    );
 }
 
 #[test]
