@@ -17,6 +17,8 @@
 //! addresses map current, so wildcard mappings follow address changes, and
 //! follows interfaces recreated under the same name (`datapath::follow`):
 //! their programs are attached again, mappings and flows redirect to them.
+//! And it sweeps the entries of closed and timed-out flows out of the
+//! connection tracking (`sweep`).
 //!
 //! Protocol on its unix socket, one line each way: `sync` (hold exactly
 //! what the map publishes) or `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`
