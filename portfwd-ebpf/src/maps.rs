@@ -13,6 +13,7 @@ use aya_ebpf::{
 use portfwd_common::{
     self as abi, Addr, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
     MappingCounters, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig, map_name,
+    port_bit,
 };
 
 use crate::types::{ReplyScratch, Scratch};
@@ -126,3 +127,15 @@ pub(crate) static PEER_LINKS: HashMap<u32, u8> =
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(reply))]
 pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the port bitmap `bitmap` (see `port_bit`) has no bit for the
+/// protocol's port (host byte order): one array read, which the verifier
+/// inlines. A missing word (cannot happen: the index is in range) counts
+/// as a bit, so that the caller looks further.
+// Inlined: the map is then a constant at each lookup, which the verifier
+// needs to inline the array read.
+#[inline(always)]
+pub(crate) fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
+    let (word, bit) = port_bit(proto, port);
+    bitmap.get(word).is_some_and(|bits| bits & bit == 0)
+}

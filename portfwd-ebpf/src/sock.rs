@@ -33,19 +33,18 @@ use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    maps::Array,
     programs::{SockAddrContext, SockContext},
 };
 use portfwd_common::{
     Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
     SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey,
-    SockConnected, Stat, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG, port_bit,
+    SockConnected, Stat, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG,
 };
 
 use crate::{
     maps::{
         BACKEND_PORTS, CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED,
-        STATS,
+        STATS, lacks_port,
     },
     trace,
 };
@@ -129,18 +128,6 @@ fn may_be_translated(ctx: &SockAddrContext) -> bool {
     // SAFETY: context field reads, checked by the verifier.
     let (protocol, port) = unsafe { ((*ctx.sock_addr).protocol, (*ctx.sock_addr).user_port) };
     !lacks_port(&BACKEND_PORTS, protocol as u8, u16::from_be(port as u16)) && in_host_netns(ctx)
-}
-
-/// Whether the port bitmap `bitmap` (see `port_bit`) has no bit for the
-/// protocol's port (host byte order): one array read, which the verifier
-/// inlines. A missing word (cannot happen: the index is in range) counts
-/// as a bit, so that the caller looks further.
-// Inlined: the map is then a constant at each lookup, which the verifier
-// needs to inline the array read.
-#[inline(always)]
-fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
-    let (word, bit) = port_bit(proto, port);
-    bitmap.get(word).is_some_and(|bits| bits & bit == 0)
 }
 
 /// A socket closes: the `SOCK_CONNECTED` slot it holds, if any, is free

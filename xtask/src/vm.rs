@@ -75,8 +75,9 @@ const SUBSET: &[(&str, &[&str])] = &[
             "counters_count_and_unmap_and_detach_stop_flows",
             "hairpin_ports_avoid_the_host_sockets_on_the_gateway_address",
             // The host's own connections before the conntrack: which
-            // socket states own a container's packet.
+            // sockets (states, ports) own a container's packet.
             "a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait",
+            "a_hairpin_flow_is_not_taken_for_a_host_socket_in_close_wait",
             "a_host_connection_clashing_with_a_hairpin_flow_does_not_reset_it",
             // Into a container's namespace (bpf_redirect_peer), the frame
             // addressed from the FIB (bpf_fib_lookup's neighbour).

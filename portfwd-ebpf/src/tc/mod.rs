@@ -55,7 +55,7 @@ use self::{
 };
 use crate::{
     conntrack, icmp,
-    maps::SCRATCH,
+    maps::{PUBLISHED_PORTS, SCRATCH, lacks_port},
     packet::{self, LATER_FRAGMENT, Packet},
     reply, trace,
     verdict::{DROP, NEXT, count},
@@ -173,10 +173,17 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
 /// (`start_flow` drops them). A host connection made later with the ends of
 /// a live flow is refused by the container, which holds them (see
 /// `owns_packet`). A SYN opens a flow or none: it goes on to the conntrack.
+/// So does a packet to a port that may be published: a host socket there
+/// is a leftover of an earlier service (`map` binds over it), whose ends a
+/// hairpin flow to the published port may take again once the container's
+/// end is gone (the host's in CLOSE_WAIT). The host's own connections dial
+/// from ports its stack chose, never a port the holder binds; one from a
+/// published port nobody holds only pays the conntrack lookup, as before.
 #[inline(always)]
 fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
     pkt.proto == IPPROTO_TCP
         && !is_new_tcp(pkt)
+        && lacks_port(&PUBLISHED_PORTS, IPPROTO_TCP, u16::from_be(pkt.dport))
         && is_host_address(pkt.family, &pkt.daddr)
         && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
 }

@@ -948,6 +948,50 @@ fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait() {
     );
 }
 
+/// The host's end of a connection that the container ended (CLOSE_WAIT:
+/// the host's service never closed it) shares its ends with a hairpin flow
+/// that the container opens later to the port, published since, from the
+/// same source port. The flow's packets are the flow's: the host socket,
+/// which holds a published port, must not take them as its own.
+#[test]
+fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_close_wait() {
+    let Some(_serial) = root_test("hairpin_close_wait") else {
+        return;
+    };
+    let topo = Topology::new(98);
+    let _echo = topo.ctr.serve_with("0.0.0.0:5098", Arc::new(echo));
+    let _pf = topo.up();
+    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
+    let published = SocketAddr::new(gateway, 62980);
+    let source = SocketAddr::new(container, 41980);
+    // The container's end goes a second after its FIN (FIN_WAIT2 times
+    // out); the host's, never closed, stays in CLOSE_WAIT.
+    topo.ctr
+        .inside(|| std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "1"))
+        .unwrap();
+    let service = TcpListener::bind(published).unwrap();
+    let dialer = topo
+        .ctr
+        .inside(move || std::thread::spawn(move || connect_from(source, published).map(drop)));
+    let (_served, _) = service.accept().unwrap();
+    dialer
+        .join()
+        .unwrap()
+        .expect("the connection to the host's service");
+    drop(service);
+    std::thread::sleep(Duration::from_secs(3));
+    portfwd_ok(&["map", &container.to_string(), "62980:5098"]);
+    // The same ends again, now a hairpin flow to the published port.
+    let answer = topo.ctr.inside(move || {
+        let mut stream = connect_from(source, published)?;
+        echo_line(&mut stream, "hairpin")
+    });
+    assert_eq!(
+        answer.expect("the hairpin flow over the host's CLOSE_WAIT socket"),
+        "hairpin"
+    );
+}
+
 /// A host connection whose ends clash with a live hairpin flow's towards
 /// the container (the host dials the container's port from the address
 /// and port the flow is masqueraded to). The container answers the host's
