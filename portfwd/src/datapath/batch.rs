@@ -8,7 +8,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Entries asked for per call (the kernel fills fewer at the end).
-const CHUNK: usize = 4096;
+pub(crate) const CHUNK: usize = 4096;
 
 /// `union bpf_attr` for the batch commands.
 #[repr(C)]
@@ -34,9 +34,27 @@ where
     K: bytemuck::Pod,
     V: bytemuck::Pod,
 {
+    let mut entries = Vec::new();
+    lookup_chunks(map, |keys: &[K], values: &[V]| {
+        entries.extend(keys.iter().copied().zip(values.iter().copied()));
+    })?;
+    Ok(entries)
+}
+
+/// Every entry of the hash map `map`, handed to `each` a call's worth at a
+/// time (up to CHUNK), so that a caller can pace its work between calls.
+/// The walk goes by bucket: entries removed or added meanwhile in buckets
+/// already read do not disturb it. Errors as `lookup_all`'s.
+pub(crate) fn lookup_chunks<K, V>(
+    map: BorrowedFd<'_>,
+    mut each: impl FnMut(&[K], &[V]),
+) -> std::io::Result<()>
+where
+    K: bytemuck::Pod,
+    V: bytemuck::Pod,
+{
     let mut keys: Vec<K> = vec![K::zeroed(); CHUNK];
     let mut values: Vec<V> = vec![V::zeroed(); CHUNK];
-    let mut entries = Vec::new();
     // The position where the previous call stopped (for a hash map, a
     // bucket number the kernel hands back; 8 bytes hold any map's).
     let (mut position, mut next) = (0u64, 0u64);
@@ -57,16 +75,13 @@ where
         // number it wrote to `attr.count`.
         let error = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
         let filled = (attr.count as usize).min(CHUNK);
-        entries.extend(
-            keys[..filled]
-                .iter()
-                .copied()
-                .zip(values[..filled].iter().copied()),
-        );
         match error {
-            None => {}
+            None => each(&keys[..filled], &values[..filled]),
             // The end of the map (the last entries come with it).
-            Some(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Some(error) if error.raw_os_error() == Some(libc::ENOENT) => {
+                each(&keys[..filled], &values[..filled]);
+                return Ok(());
+            }
             Some(error) => return Err(error),
         }
         position = next;

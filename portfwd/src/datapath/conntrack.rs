@@ -181,27 +181,47 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
 /// otherwise they stay until the LRU evicts them, and under churn it evicts
 /// by age alone: a live flow idle for longer than the map takes to fill
 /// goes with the dead ones. Each candidate is read again just before it
-/// goes, so that an entry a flow reopened since (a client reusing its port)
-/// stays. The number of entries removed.
-pub(crate) fn sweep_expired(pin_dir: &Path) -> Result<usize> {
-    let mut map = open(pin_dir)?;
-    let now = monotonic_now();
-    let expired: Vec<CtKey> = all_entries(&map)?
-        .into_iter()
-        .filter(|(key, value)| !live(key, value, now))
-        .map(|(key, _)| key)
-        .collect();
+/// goes, so that an entry a flow opened since with the same key (a client
+/// reusing its port) stays. The work is paced: `pause` is called after
+/// each read of up to `batch::CHUNK` entries and every `SWEEP_STEP`
+/// removals, so that a caller can spread a pass that removes a burst of
+/// closed flows instead of taking the CPU and its cache at once. The number
+/// of entries removed.
+pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<usize> {
+    let reader = open(pin_dir)?;
+    let mut writer = open(pin_dir)?;
     let mut removed = 0;
-    for key in expired {
-        let still_expired = map
-            .get(&key, 0)
-            .is_ok_and(|value| !live(&key, &value, monotonic_now()));
-        if still_expired && map.remove(&key).is_ok() {
-            removed += 1;
+    let mut sweep = |keys: &[CtKey], values: &[CtValue]| {
+        let now = monotonic_now();
+        let expired = keys
+            .iter()
+            .zip(values)
+            .filter(|(key, value)| !live(key, value, now));
+        for (n, (key, _)) in expired.enumerate() {
+            if n > 0 && n % SWEEP_STEP == 0 {
+                pause();
+            }
+            let still_expired = writer
+                .get(key, 0)
+                .is_ok_and(|value| !live(key, &value, monotonic_now()));
+            if still_expired && writer.remove(key).is_ok() {
+                removed += 1;
+            }
+        }
+        pause();
+    };
+    if batch::lookup_chunks(reader.map().fd().as_fd(), &mut sweep).is_err() {
+        // A kernel without the batch commands: one entry at a time.
+        for chunk in entries(&reader)?.chunks(batch::CHUNK) {
+            let (keys, values): (Vec<CtKey>, Vec<CtValue>) = chunk.iter().copied().unzip();
+            sweep(&keys, &values);
         }
     }
     Ok(removed)
 }
+
+/// Removals between two pauses of a sweep (see `sweep_expired`).
+const SWEEP_STEP: usize = 256;
 
 /// Every entry, in a few batch calls (a full table of 524,288 entries: 128
 /// calls), or one entry at a time on a kernel that refuses them.
