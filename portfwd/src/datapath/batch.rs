@@ -3,7 +3,8 @@
 //! calls: aya 0.14 has no API for the batch commands. Its iterator makes two
 //! calls per entry (next key, then lookup), and its insert one: 20,000 calls
 //! to read the services map of 10,000 mappings (most of what `apply` and
-//! `list` spent), 10,000 to zero their counters.
+//! `list` spent), 10,000 to zero their counters. Also the one command aya
+//! lacks for a single entry: BPF_MAP_LOOKUP_AND_DELETE_ELEM (`take`).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -136,4 +137,55 @@ fn batch_call(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `union bpf_attr` for the commands on one element.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// Removes `key`'s entry from the hash map `map` and returns what it held,
+/// in one step under the map's lock (kernel 5.14 for hash maps): unlike a
+/// lookup then a delete, nothing written between the two can be lost.
+/// None when there is no entry; an error of the call as is (an older
+/// kernel says EINVAL or ENOTSUPP).
+pub(crate) fn take<K, V>(map: BorrowedFd<'_>, key: &K) -> std::io::Result<Option<V>>
+where
+    K: bytemuck::Pod,
+    V: bytemuck::Pod,
+{
+    let mut value = V::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: (&raw mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: attr is the element member of bpf_attr, of the size passed;
+    // the kernel reads a key and writes a value of the map's sizes, which
+    // are K's and V's.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(error)
 }

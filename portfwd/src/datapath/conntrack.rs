@@ -15,7 +15,7 @@ use portfwd_common::{
 };
 use serde::Serialize;
 
-use super::batch;
+use super::{batch, maps::NO_EXIST};
 use crate::model::Protocol;
 
 /// One tracked flow, as its forward entry describes it.
@@ -180,31 +180,29 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
 /// closed or timed out): they expire lazily, at their next lookup, so
 /// otherwise they stay until the LRU evicts them, and under churn it evicts
 /// by age alone: a live flow idle for longer than the map takes to fill
-/// goes with the dead ones. Each candidate is read again just before it
-/// goes, so that an entry a flow opened since with the same key (a client
-/// reusing its port) stays. The work is paced: `pause` is called after
-/// each read of up to `batch::CHUNK` entries and every `SWEEP_STEP`
-/// removals, so that a caller can spread a pass that removes a burst of
-/// closed flows instead of taking the CPU and its cache at once. The number
-/// of entries removed.
+/// goes with the dead ones. An entry goes only when it has been dead for
+/// `SWEEP_MARGIN_NS`, and it is taken out and looked at in one step
+/// (`batch::take`): an entry that a flow wrote since the read (a client
+/// reusing its port opened a new flow with the same key) is put back. The
+/// work is paced: `pause` is called after each read of up to `batch::CHUNK`
+/// entries and every `SWEEP_STEP` dead ones, so that a caller can spread a
+/// pass that removes a burst of closed flows instead of taking the CPU and
+/// its cache at once. The number of entries removed.
 pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<usize> {
     let reader = open(pin_dir)?;
     let mut writer = open(pin_dir)?;
     let mut removed = 0;
     let mut sweep = |keys: &[CtKey], values: &[CtValue]| {
         let now = monotonic_now();
-        let expired = keys
+        let dead = keys
             .iter()
             .zip(values)
-            .filter(|(key, value)| !live(key, value, now));
-        for (n, (key, _)) in expired.enumerate() {
+            .filter(|(key, value)| !live_long_ago(key, value, now));
+        for (n, (key, _)) in dead.enumerate() {
             if n > 0 && n % SWEEP_STEP == 0 {
                 pause();
             }
-            let still_expired = writer
-                .get(key, 0)
-                .is_ok_and(|value| !live(key, &value, monotonic_now()));
-            if still_expired && writer.remove(key).is_ok() {
+            if remove_if_dead(&mut writer, key) {
                 removed += 1;
             }
         }
@@ -220,8 +218,42 @@ pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<u
     Ok(removed)
 }
 
-/// Removals between two pauses of a sweep (see `sweep_expired`).
+/// Dead entries between two pauses of a sweep (see `sweep_expired`).
 const SWEEP_STEP: usize = 256;
+
+/// How long an entry must have been dead before the sweep removes it: more
+/// than the programs' clock lags `CLOCK_MONOTONIC` (the coarse clock, a
+/// tick behind) and than the two entries of a flow may differ by (a live
+/// entry refreshes its twin at most once a second, `REFRESH_NS` in the
+/// programs), so that the sweep never takes an entry the programs would
+/// still use or revive.
+const SWEEP_MARGIN_NS: u64 = 3_000_000_000;
+
+/// Whether the entry was still live `SWEEP_MARGIN_NS` ago, or is now.
+fn live_long_ago(key: &CtKey, value: &CtValue, now: u64) -> bool {
+    live(key, value, now.saturating_sub(SWEEP_MARGIN_NS))
+}
+
+/// Removes `key`'s entry if it is still dead: taken out and looked at in
+/// one step, put back if a flow wrote it since (unless another took the
+/// key meanwhile). On a kernel without that step (before 5.14), a lookup
+/// then a delete, with a window of two system calls.
+fn remove_if_dead(map: &mut HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> bool {
+    match batch::take::<CtKey, CtValue>(map.map().fd().as_fd(), key) {
+        Ok(Some(value)) if live_long_ago(key, &value, monotonic_now()) => {
+            // A failure means another flow holds the key now: it stays.
+            map.insert(key, value, NO_EXIST).ok();
+            false
+        }
+        Ok(taken) => taken.is_some(),
+        Err(_) => {
+            let dead = map
+                .get(key, 0)
+                .is_ok_and(|value| !live_long_ago(key, &value, monotonic_now()));
+            dead && map.remove(key).is_ok()
+        }
+    }
+}
 
 /// Every entry, in a few batch calls (a full table of 524,288 entries: 128
 /// calls), or one entry at a time on a kernel that refuses them.

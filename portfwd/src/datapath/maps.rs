@@ -18,7 +18,7 @@ use super::StateLock;
 use crate::model::{Allowlist, Mapping};
 
 /// Insert only when the key is absent (BPF_NOEXIST).
-const NO_EXIST: u64 = 1;
+pub(super) const NO_EXIST: u64 = 1;
 
 /// From this many mappings on, a change writes the services map in
 /// batches (see `PinnedMaps::insert_batched`).

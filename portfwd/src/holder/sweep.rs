@@ -21,7 +21,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// then a pass every 20 s; an empty table costs a millisecond).
 const IDLE_PER_BUSY: u32 = 100;
 /// The sweep's rest between two steps of its work (a read of 4,096
-/// entries, or 256 removals: about a millisecond each): a pass that removes
+/// entries, or of 256 dead ones: about a millisecond each): a pass that removes
 /// the entries of a burst of closed flows spreads over seconds, so that its
 /// memory traffic does not delay the packets of the moment.
 const PAUSE: Duration = Duration::from_millis(2);

@@ -399,7 +399,8 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
     // Three rounds of 850 short flows, 5,100 entries in all: the map holds
     // any one round and the idle flow, not two rounds. Between rounds, the
     // flows of the last one close and expire (10 s after their last FIN)
-    // and the holder's sweep (every 5 s) removes them; without it the LRU
+    // and the holder's sweep (every 5 s, 3 s after an entry died) removes
+    // them; without it the LRU
     // makes room for each round from the oldest entries, and by the third
     // it has taken the idle flow's.
     let round = move || {
@@ -412,7 +413,7 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
         let mut idle = echoed(published, b"idle\n").unwrap();
         round();
         for _ in 0..2 {
-            std::thread::sleep(Duration::from_secs(10 + 5 + 2));
+            std::thread::sleep(Duration::from_secs(10 + 3 + 5 + 2));
             round();
         }
         still_echoes(&mut idle)
