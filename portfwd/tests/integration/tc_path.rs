@@ -900,50 +900,93 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
     );
 }
 
-/// A hairpin flow whose ends are those of a host socket in TIME_WAIT: a
-/// host service on the port, before it was published, served the same
-/// container port, and closed first. `map` binds over such leftovers. The
-/// container's packets of the new flow must be translated, not passed to
-/// the TIME_WAIT socket as the host's own (which answers them, and the
-/// flow never reaches the container's server).
-#[test]
-fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait() {
-    let Some(_serial) = root_test("hairpin_time_wait") else {
-        return;
-    };
-    let topo = Topology::new(88);
-    let _echo = topo.ctr.serve_with("0.0.0.0:5088", Arc::new(echo));
+/// What a host service on a port, before it was published, left of its
+/// connection with the container: the host's socket of those ends.
+#[derive(Clone, Copy)]
+enum Leftover {
+    /// The service closed first.
+    TimeWait,
+    /// The container closed, the service never did; the container's end is
+    /// gone (its FIN_WAIT2 timed out).
+    CloseWait,
+}
+
+/// The container dials a host service at `gateway:620<index>0` from
+/// `container:410<index>0`, the host's socket of that connection is left in
+/// `leftover`, the port is published to the container's echo server (`map`
+/// binds over such leftovers), and the container dials it again from the
+/// same port: a hairpin flow with the leftover's ends. The flow's answer.
+fn hairpin_flow_over_a_host_leftover(index: u8, leftover: Leftover) -> std::io::Result<String> {
+    let topo = Topology::new(index);
+    let server_port = 5000 + u16::from(index);
+    let _echo = topo
+        .ctr
+        .serve_with(&format!("0.0.0.0:{server_port}"), Arc::new(echo));
     let _pf = topo.up();
     let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
-    let published = SocketAddr::new(gateway, 62880);
-    let source = SocketAddr::new(container, 41880);
-    // The host's service answers the container, and closes first: its
-    // socket (gateway:62880 <-> container:41880) stays in TIME_WAIT.
+    let published = SocketAddr::new(gateway, 62000 + 10 * u16::from(index));
+    let source = SocketAddr::new(container, 41000 + 10 * u16::from(index));
+    if let Leftover::CloseWait = leftover {
+        // The container's end goes a second after its FIN.
+        topo.ctr
+            .inside(|| std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "1"))
+            .unwrap();
+    }
     let service = TcpListener::bind(published).unwrap();
     let dialer = topo.ctr.inside(move || {
         std::thread::spawn(move || -> std::io::Result<()> {
             let mut stream = connect_from(source, published)?;
-            // Until the host's FIN: then this side closes second.
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest)?;
+            if let Leftover::TimeWait = leftover {
+                // Until the host's FIN: then this side closes second.
+                stream.read_to_end(&mut Vec::new())?;
+            }
             Ok(())
         })
     });
     let (served, _) = service.accept().unwrap();
-    drop(served);
+    // Closed at once for TIME_WAIT; for CLOSE_WAIT, kept open until the
+    // hairpin flow has answered.
+    let _kept = match leftover {
+        Leftover::TimeWait => {
+            drop(served);
+            None
+        }
+        Leftover::CloseWait => Some(served),
+    };
     dialer
         .join()
         .unwrap()
         .expect("the connection to the host's service");
     drop(service);
-    portfwd_ok(&["map", &container.to_string(), "62880:5088"]);
+    if let Leftover::CloseWait = leftover {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    portfwd_ok(&[
+        "map",
+        &container.to_string(),
+        &format!("{}:{server_port}", published.port()),
+    ]);
     // The same ends again, now a hairpin flow to the published port.
-    let answer = topo.ctr.inside(move || {
+    topo.ctr.inside(move || {
         let mut stream = connect_from(source, published)?;
         echo_line(&mut stream, "hairpin")
-    });
+    })
+}
+
+/// A hairpin flow whose ends are those of a host socket in TIME_WAIT: a
+/// host service on the port, before it was published, served the same
+/// container port, and closed first. The container's packets of the new
+/// flow must be translated, not passed to the TIME_WAIT socket as the
+/// host's own (which answers them, and the flow never reaches the
+/// container's server).
+#[test]
+fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_time_wait() {
+    let Some(_serial) = root_test("hairpin_time_wait") else {
+        return;
+    };
     assert_eq!(
-        answer.expect("the hairpin flow over the host's TIME_WAIT socket"),
+        hairpin_flow_over_a_host_leftover(88, Leftover::TimeWait)
+            .expect("the hairpin flow over the host's TIME_WAIT socket"),
         "hairpin"
     );
 }
@@ -958,36 +1001,9 @@ fn a_hairpin_flow_is_not_taken_for_a_host_socket_in_close_wait() {
     let Some(_serial) = root_test("hairpin_close_wait") else {
         return;
     };
-    let topo = Topology::new(98);
-    let _echo = topo.ctr.serve_with("0.0.0.0:5098", Arc::new(echo));
-    let _pf = topo.up();
-    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
-    let published = SocketAddr::new(gateway, 62980);
-    let source = SocketAddr::new(container, 41980);
-    // The container's end goes a second after its FIN (FIN_WAIT2 times
-    // out); the host's, never closed, stays in CLOSE_WAIT.
-    topo.ctr
-        .inside(|| std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "1"))
-        .unwrap();
-    let service = TcpListener::bind(published).unwrap();
-    let dialer = topo
-        .ctr
-        .inside(move || std::thread::spawn(move || connect_from(source, published).map(drop)));
-    let (_served, _) = service.accept().unwrap();
-    dialer
-        .join()
-        .unwrap()
-        .expect("the connection to the host's service");
-    drop(service);
-    std::thread::sleep(Duration::from_secs(3));
-    portfwd_ok(&["map", &container.to_string(), "62980:5098"]);
-    // The same ends again, now a hairpin flow to the published port.
-    let answer = topo.ctr.inside(move || {
-        let mut stream = connect_from(source, published)?;
-        echo_line(&mut stream, "hairpin")
-    });
     assert_eq!(
-        answer.expect("the hairpin flow over the host's CLOSE_WAIT socket"),
+        hairpin_flow_over_a_host_leftover(98, Leftover::CloseWait)
+            .expect("the hairpin flow over the host's CLOSE_WAIT socket"),
         "hairpin"
     );
 }
