@@ -83,8 +83,14 @@ pub fn delete(name: &str) {
 }
 
 /// A veth pair: `a_if` in namespace `a_ns` (None: the host), `b_if` in
-/// `b_ns`; both down, without addresses. A leftover `a_if` of an
+/// `b_ns`; both down, without IP addresses. A leftover `a_if` of an
 /// interrupted run (in the host) is deleted first.
+///
+/// Each end's MAC is set from its name, not left random: where udevd runs
+/// (virtme-ng's guests do), `MACAddressPolicy=persistent` replaces a
+/// random MAC some time after the link is made, and a test that read the
+/// MAC before that sends frames the kernel no longer takes as the host's
+/// (PACKET_OTHERHOST), which the TC programs leave alone.
 pub fn veth(a_if: &str, a_ns: Option<&str>, b_if: &str, b_ns: &str) -> Result<()> {
     if a_ns.is_none() {
         Command::new("ip")
@@ -93,13 +99,26 @@ pub fn veth(a_if: &str, a_ns: Option<&str>, b_if: &str, b_ns: &str) -> Result<()
             .status()
             .ok();
     }
-    let mut args = vec!["link", "add", a_if];
+    let (a_mac, b_mac) = (mac_of_name(a_if), mac_of_name(b_if));
+    let mut args = vec!["link", "add", a_if, "address", &a_mac];
     if let Some(ns) = a_ns {
         args.extend(["netns", ns]);
     }
-    args.extend(["type", "veth", "peer", "name", b_if, "netns", b_ns]);
+    args.extend(["type", "veth", "peer", "name", b_if, "address", &b_mac]);
+    args.extend(["netns", b_ns]);
     ip(&args)?;
     Ok(())
+}
+
+/// A locally administered unicast MAC derived from an interface name
+/// (FNV-1a), so that the two ends of a pair differ and a test's links
+/// keep theirs from one run to the next.
+fn mac_of_name(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let [_, _, _, a, b, c, d, e] = hash.to_be_bytes();
+    format!("02:{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}")
 }
 
 /// Enters the network namespace at `path` (this thread only).
