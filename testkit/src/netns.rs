@@ -86,7 +86,7 @@ pub fn delete(name: &str) {
 /// `b_ns`; both down, without IP addresses. A leftover `a_if` of an
 /// interrupted run (in the host) is deleted first.
 ///
-/// Each end's MAC is set from its name, not left random: where udevd runs
+/// Each end's MAC is set from its namespace and name, not left random: where udevd runs
 /// (virtme-ng's guests do), `MACAddressPolicy=persistent` replaces a
 /// random MAC some time after the link is made, and a test that read the
 /// MAC before that sends frames the kernel no longer takes as the host's
@@ -99,7 +99,8 @@ pub fn veth(a_if: &str, a_ns: Option<&str>, b_if: &str, b_ns: &str) -> Result<()
             .status()
             .ok();
     }
-    let (a_mac, b_mac) = (mac_of_name(a_if), mac_of_name(b_if));
+    let a_place = format!("{}/{a_if}", a_ns.unwrap_or(""));
+    let (a_mac, b_mac) = (mac_of(&a_place), mac_of(&format!("{b_ns}/{b_if}")));
     let mut args = vec!["link", "add", a_if, "address", &a_mac];
     if let Some(ns) = a_ns {
         args.extend(["netns", ns]);
@@ -110,11 +111,12 @@ pub fn veth(a_if: &str, a_ns: Option<&str>, b_if: &str, b_ns: &str) -> Result<()
     Ok(())
 }
 
-/// A locally administered unicast MAC derived from an interface name
-/// (FNV-1a), so that the two ends of a pair differ and a test's links
-/// keep theirs from one run to the next.
-fn mac_of_name(name: &str) -> String {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+/// A locally administered unicast MAC derived from `place`, an interface's
+/// namespace and name (FNV-1a): the two ends of a pair differ, so do
+/// same-named interfaces of different namespaces, and a test's links keep
+/// theirs from one run to the next.
+fn mac_of(place: &str) -> String {
+    let hash = place.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     });
     let [_, _, _, a, b, c, d, e] = hash.to_be_bytes();
@@ -184,4 +186,22 @@ pub fn wait_listening(name: &str, proto: &str, port: u16) -> Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     bail!("nothing listens on {port} in {name} after 10 s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mac_of;
+
+    #[test]
+    fn derived_macs_are_unicast_local_and_distinct() {
+        let (a, b, c) = (
+            mac_of("/pft43h"),
+            mac_of("pft-ctr43/pft43c"),
+            mac_of("x/eth0"),
+        );
+        assert!(a.starts_with("02:") && a.len() == 17, "{a}");
+        assert_ne!(a, b);
+        assert_ne!(c, mac_of("y/eth0"));
+        assert_eq!(a, mac_of("/pft43h"));
+    }
 }
