@@ -28,8 +28,8 @@ use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
 };
 use portfwd_common::{
-    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, SERVICES, ServiceKey,
-    ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
+    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, PEER_LINKS, SERVICES,
+    ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
 };
 
 use super::object::OBJECT;
@@ -53,26 +53,43 @@ const TRACED_RUNS: u32 = 2_000;
 /// test run does not redirect (it returns the verdict).
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters.
-fn publish_cycle(ebpf: &mut Ebpf) {
+/// The container of the peer case: behind `PEER_VETH`, published at its
+/// own address and port (a translation that leaves the packet as it was,
+/// so that it repeats on one skb).
+const PEER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 4);
+/// A veth of the measurement's namespace, listed in `pf_peer_links`.
+const PEER_VETH: &str = "pfcost0";
+
+/// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters; and
+/// the peer case's mapping, to `PEER_VETH`.
+fn publish_cycle(ebpf: &mut Ebpf, peer_ifindex: u32) {
     let a = at(HOST_V4, 8080);
     let b = at(CTR_V4, 80);
-    let mappings: Vec<Mapping> = [(a, b), (b, a)]
-        .into_iter()
-        .map(|(host, container)| Mapping {
-            name: "cost".into(),
-            protocol: Protocol::Tcp,
-            host,
-            container,
-            ifindex: LOOPBACK_IFINDEX,
-            hold: true,
-            allow: None,
-        })
-        .collect();
+    let peer = at(PEER_CTR_V4, 80);
+    let mappings: Vec<Mapping> = [
+        (a, b, LOOPBACK_IFINDEX),
+        (b, a, LOOPBACK_IFINDEX),
+        (peer, peer, peer_ifindex),
+    ]
+    .into_iter()
+    .map(|(host, container, ifindex)| Mapping {
+        name: "cost".into(),
+        protocol: Protocol::Tcp,
+        host,
+        container,
+        ifindex,
+        hold: true,
+        allow: None,
+    })
+    .collect();
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
         HashMap::try_from(ebpf.map_mut(SERVICES.name).unwrap()).unwrap();
     for mapping in &mappings {
         services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    }
+    if let Some(map) = ebpf.map_mut(PEER_LINKS.name) {
+        let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
+        peer_links.insert(peer_ifindex, 1, 0).unwrap();
     }
     let mut counters: PerCpuHashMap<&mut MapData, ServiceKey, MappingCounters> =
         PerCpuHashMap::try_from(ebpf.map_mut(COUNTERS.name).unwrap()).unwrap();
@@ -158,6 +175,35 @@ fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
         let status = Command::new("ip").args(&args).status().expect("running ip");
         assert!(status.success(), "ip {args:?}");
     }
+    // The peer case's veth: a route and a neighbour entry for its
+    // container, and forwarding, without which `bpf_fib_lookup` does not
+    // answer (the frame would not be addressed).
+    let peer = PEER_CTR_V4.to_string();
+    for args in [
+        vec![
+            "link", "add", PEER_VETH, "type", "veth", "peer", "name", "pfcost1",
+        ],
+        vec!["link", "set", PEER_VETH, "up"],
+        vec!["link", "set", "pfcost1", "up"],
+        vec!["route", "add", &peer, "dev", PEER_VETH],
+        vec![
+            "neigh",
+            "add",
+            &peer,
+            "lladdr",
+            "02:00:00:00:00:0c",
+            "dev",
+            PEER_VETH,
+        ],
+    ] {
+        let status = Command::new("ip").args(&args).status().expect("running ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+    let status = Command::new("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .expect("running sysctl");
+    assert!(status.success(), "sysctl net.ipv4.ip_forward=1");
     let listener = TcpListener::bind(container).unwrap();
     // std's connect cannot choose its source: the frame names the host's.
     let fd = socket(
@@ -175,7 +221,8 @@ fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
 
 /// Every case, on a fresh load of `ebpf` (an object's programs and maps).
 fn measure(mut ebpf: Ebpf) -> Vec<Row> {
-    publish_cycle(&mut ebpf);
+    let peer_ifindex = nix::net::if_::if_nametoindex(PEER_VETH).expect("the peer case's veth");
+    publish_cycle(&mut ebpf, peer_ifindex);
     record_host_address(&mut ebpf);
     for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -194,10 +241,12 @@ fn cycle() -> (SocketAddr, SocketAddr, SocketAddr) {
     (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40001))
 }
 
-/// The two flows of the cycle, opened and answered (established).
+/// The two flows of the cycle and the peer case's, opened and answered
+/// (established).
 fn open_cycle_flows(ebpf: &Ebpf) {
     let (a, b, client) = cycle();
-    for (published, container) in [(a, b), (b, a)] {
+    let peer = at(PEER_CTR_V4, 80);
+    for (published, container) in [(a, b), (b, a), (peer, peer)] {
         let (code, _) = run(ebpf, UPLINK_IN, &frame(client, published, L4::Syn), 1);
         assert_eq!(verdict(code), "redirect", "opening a flow to {published}");
         let (code, _) = run(ebpf, BACKEND_IN, &frame(container, client, L4::Ack), 1);
@@ -217,6 +266,7 @@ fn frame_for_another_host() -> Vec<u8> {
 /// The cases that repeat on one skb: the fastest of `PASSES` passes.
 fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
     let (a, b, client) = cycle();
+    let to_peer_before = stat_if_counted(ebpf, Stat::RedirectedToPeer);
     let cases = [
         (
             UPLINK_IN,
@@ -227,6 +277,11 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
             UPLINK_IN,
             "established: data of a tracked flow",
             frame(client, a, L4::Ack),
+        ),
+        (
+            UPLINK_IN,
+            "established, into a container's veth (frame addressed)",
+            frame(client, at(PEER_CTR_V4, 80), L4::Ack),
         ),
         (
             BACKEND_IN,
@@ -287,6 +342,19 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
     if let Some(passed) = stat_if_counted(ebpf, Stat::PassHostConnection) {
         let runs = PASSES as u64 * u64::from(REPEAT);
         assert_eq!(passed, runs, "the host connection's packets passed first");
+    }
+    // And every run of the peer case went into the peer, its frame
+    // addressed (the cycle's flows go to the loopback device, unlisted).
+    if let (Some(before), Some(after)) = (
+        to_peer_before,
+        stat_if_counted(ebpf, Stat::RedirectedToPeer),
+    ) {
+        let runs = PASSES as u64 * u64::from(REPEAT);
+        assert_eq!(
+            after - before,
+            runs,
+            "the peer case's packets went into the peer"
+        );
     }
     rows
 }
