@@ -6,8 +6,37 @@
 //! `bpf_skb_load_bytes` (non-linear skbs; a short packet is then just an
 //! error): a helper call per read cost more than the parse itself.
 
-use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_fib_lookup},
+    programs::TcContext,
+};
 use portfwd_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Stat};
+
+/// `bpf_fib_lookup`'s parameters, 8-aligned so that they can be cleared
+/// eight bytes at a time (the verifier refuses misaligned stack stores).
+#[repr(C, align(8))]
+pub(crate) struct FibParams(pub(crate) bpf_fib_lookup);
+
+impl FibParams {
+    /// Makes `storage` an all-zero query (an empty one) by eight 8-byte
+    /// stores, and gives it out. Zeroed any other way (`core::mem::zeroed`,
+    /// or returned by value), the 64 bytes become a call of `memset`, which
+    /// this target builds as a loop of one-byte stores: some 320
+    /// instructions on every packet redirected into a container. Volatile,
+    /// or LLVM merges the stores back into that call.
+    #[inline(always)]
+    pub(crate) fn clear(storage: &mut MaybeUninit<Self>) -> &mut bpf_fib_lookup {
+        let words = storage.as_mut_ptr().cast::<u64>();
+        for i in 0..size_of::<Self>() / 8 {
+            // SAFETY: within `storage`, 8-aligned (the type's alignment).
+            unsafe { words.add(i).write_volatile(0) };
+        }
+        // SAFETY: every byte was written; all-zero is a valid value.
+        unsafe { &mut storage.assume_init_mut().0 }
+    }
+}
 
 /// `AF_INET`, `AF_INET6`: the families of `bpf_fib_lookup`.
 pub(crate) const AF_INET: u8 = 2;

@@ -3,6 +3,8 @@
 //! by `tc` and by the modules it calls (`icmp`, `reply`), which import this
 //! rather than `tc`: no import cycle.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup},
@@ -16,8 +18,8 @@ use portfwd_common::{Stat, TRANSLATED_MARK};
 use crate::{
     maps::{PEER_LINKS, STATS},
     packet::{
-        AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_DADDR_OFF, IPV4_SADDR_OFF,
-        IPV6_DADDR_OFF, IPV6_SADDR_OFF,
+        AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
+        IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
     },
 };
 
@@ -81,8 +83,8 @@ fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
 /// must resolve it.
 #[inline(always)]
 fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut storage = MaybeUninit::uninit();
+    let params = FibParams::clear(&mut storage);
     // SAFETY: reading a context field, checked by the verifier.
     let protocol = unsafe { (*ctx.skb.skb).protocol };
     // The addresses as rewritten (and, after NAT46, of the new family),
@@ -114,7 +116,7 @@ fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )

@@ -1,6 +1,8 @@
 //! The mapping a packet is for: the services map, by exact address or by
 //! the family's wildcard when the destination is one of the host's own.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup},
@@ -11,7 +13,7 @@ use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, LocalAddrKey, ServiceKey, Ser
 
 use crate::{
     maps::{LOCAL_ADDRS, SERVICES, SERVICES_GEN},
-    packet::{AF_INET, AF_INET6, Packet},
+    packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
 pub(super) struct Backend {
@@ -78,8 +80,8 @@ pub(super) fn is_host_address(family: u8, addr: &Addr) -> bool {
 /// another machine would be taken for ours.
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut storage = MaybeUninit::uninit();
+    let params = FibParams::clear(&mut storage);
     params.family = if pkt.family == FAMILY_V4 {
         AF_INET
     } else {
@@ -98,14 +100,7 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
         params.__bindgen_anon_4.ipv6_dst = pkt.daddr.words;
     }
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
     // "Not forwarded" also covers broadcast, multicast and "no route": the
     // host's addresses decide in both cases.
     (rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
