@@ -32,6 +32,8 @@ use portfwd_common::{
     ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
 };
 
+use portfwd_testkit::netns;
+
 use super::object::OBJECT;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
@@ -60,12 +62,17 @@ const PEER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 4);
 /// A veth of the measurement's namespace, listed in `pf_peer_links`.
 const PEER_VETH: &str = "pfcost0";
 
+/// The peer case's container, published at its own address and port.
+fn peer_container() -> SocketAddr {
+    at(PEER_CTR_V4, 80)
+}
+
 /// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters; and
 /// the peer case's mapping, to `PEER_VETH`.
 fn publish_cycle(ebpf: &mut Ebpf, peer_ifindex: u32) {
     let a = at(HOST_V4, 8080);
     let b = at(CTR_V4, 80);
-    let peer = at(PEER_CTR_V4, 80);
+    let peer = peer_container();
     let mappings: Vec<Mapping> = [
         (a, b, LOOPBACK_IFINDEX),
         (b, a, LOOPBACK_IFINDEX),
@@ -165,19 +172,37 @@ fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
     let (host, container) = HOST_CONNECTION;
     unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace of the test's own");
     // Children inherit the namespace of the thread that spawns them.
-    let add = |ip: &Ipv4Addr| format!("addr add {ip}/32 dev lo");
+    let (host_ip, container_ip) = (
+        format!("{}/32", host.ip()),
+        format!("{}/32", container.ip()),
+    );
     for args in [
-        "link set lo up".to_owned(),
-        add(host.ip()),
-        add(container.ip()),
+        vec!["link", "set", "lo", "up"],
+        vec!["addr", "add", &host_ip, "dev", "lo"],
+        vec!["addr", "add", &container_ip, "dev", "lo"],
     ] {
-        let args: Vec<&str> = args.split(' ').collect();
-        let status = Command::new("ip").args(&args).status().expect("running ip");
-        assert!(status.success(), "ip {args:?}");
+        netns::ip(&args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
     }
-    // The peer case's veth: a route and a neighbour entry for its
-    // container, and forwarding, without which `bpf_fib_lookup` does not
-    // answer (the frame would not be addressed).
+    let listener = TcpListener::bind(container).unwrap();
+    // std's connect cannot choose its source: the frame names the host's.
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(host)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(container)).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (listener, TcpStream::from(fd), accepted)
+}
+
+/// The peer case's veth, in this thread's namespace (`host_connection`
+/// made it): a route and a neighbour entry for its container, and
+/// forwarding, without which `bpf_fib_lookup` does not answer (the frame
+/// would not be addressed).
+fn peer_link() {
     let peer = PEER_CTR_V4.to_string();
     for args in [
         vec![
@@ -196,27 +221,13 @@ fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
             PEER_VETH,
         ],
     ] {
-        let status = Command::new("ip").args(&args).status().expect("running ip");
-        assert!(status.success(), "ip {args:?}");
+        netns::ip(&args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
     }
     let status = Command::new("sysctl")
         .args(["-qw", "net.ipv4.ip_forward=1"])
         .status()
         .expect("running sysctl");
     assert!(status.success(), "sysctl net.ipv4.ip_forward=1");
-    let listener = TcpListener::bind(container).unwrap();
-    // std's connect cannot choose its source: the frame names the host's.
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &SockaddrIn::from(host)).unwrap();
-    connect(fd.as_raw_fd(), &SockaddrIn::from(container)).unwrap();
-    let (accepted, _) = listener.accept().unwrap();
-    (listener, TcpStream::from(fd), accepted)
 }
 
 /// Every case, on a fresh load of `ebpf` (an object's programs and maps).
@@ -245,7 +256,7 @@ fn cycle() -> (SocketAddr, SocketAddr, SocketAddr) {
 /// (established).
 fn open_cycle_flows(ebpf: &Ebpf) {
     let (a, b, client) = cycle();
-    let peer = at(PEER_CTR_V4, 80);
+    let peer = peer_container();
     for (published, container) in [(a, b), (b, a), (peer, peer)] {
         let (code, _) = run(ebpf, UPLINK_IN, &frame(client, published, L4::Syn), 1);
         assert_eq!(verdict(code), "redirect", "opening a flow to {published}");
@@ -281,7 +292,7 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
         (
             UPLINK_IN,
             "established, into a container's veth (frame addressed)",
-            frame(client, at(PEER_CTR_V4, 80), L4::Ack),
+            frame(client, peer_container(), L4::Ack),
         ),
         (
             BACKEND_IN,
@@ -339,8 +350,8 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
         .collect();
     // Every run of the host connection's case took the shortcut (a build
     // that counts it: `--against` may be older).
+    let runs = PASSES as u64 * u64::from(REPEAT);
     if let Some(passed) = stat_if_counted(ebpf, Stat::PassHostConnection) {
-        let runs = PASSES as u64 * u64::from(REPEAT);
         assert_eq!(passed, runs, "the host connection's packets passed first");
     }
     // And every run of the peer case went into the peer, its frame
@@ -349,7 +360,6 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
         to_peer_before,
         stat_if_counted(ebpf, Stat::RedirectedToPeer),
     ) {
-        let runs = PASSES as u64 * u64::from(REPEAT);
         assert_eq!(
             after - before,
             runs,
@@ -494,6 +504,7 @@ fn tc_program_cost() {
         return;
     }
     let _connection = host_connection();
+    peer_link();
     let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
     let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
     let Some(against) = against else {

@@ -19,6 +19,9 @@ use super::{
 };
 use crate::interrupt;
 
+/// Where the kernel's per-program run time and count are switched on.
+const BPF_STATS_KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
 /// Owns everything the run creates; Drop removes it on success, error or Ctrl-C.
 pub(super) struct Bench<'a> {
     pub(super) env: Env<'a>,
@@ -44,7 +47,7 @@ impl Bench<'_> {
     /// Removes what this run (or an earlier one killed hard) left.
     pub(super) fn cleanup(&mut self) {
         if let Some(old) = self.bpf_stats_restore.take() {
-            std::fs::write("/proc/sys/kernel/bpf_stats_enabled", old).ok();
+            std::fs::write(BPF_STATS_KNOB, old).ok();
         }
         for server in &mut self.servers {
             server.kill().ok();
@@ -297,12 +300,11 @@ impl Bench<'_> {
     /// Sets kernel.bpf_stats_enabled, keeping what it was for `cleanup` the
     /// first time.
     fn set_bpf_stats(&mut self, value: &str) -> Result<()> {
-        const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
         if self.bpf_stats_restore.is_none() {
-            let old = std::fs::read_to_string(KNOB)?;
+            let old = std::fs::read_to_string(BPF_STATS_KNOB)?;
             self.bpf_stats_restore = Some(old.trim().to_owned());
         }
-        std::fs::write(KNOB, value)?;
+        std::fs::write(BPF_STATS_KNOB, value)?;
         Ok(())
     }
 }
