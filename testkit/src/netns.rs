@@ -108,6 +108,19 @@ pub fn veth(a_if: &str, a_ns: Option<&str>, b_if: &str, b_ns: &str) -> Result<()
     args.extend(["type", "veth", "peer", "name", b_if, "address", &b_mac]);
     args.extend(["netns", b_ns]);
     ip(&args)?;
+    // No duplicate address detection on either end: until it ends (1-2 s
+    // after the link comes up) the link-local address is tentative, and
+    // the kernel sends no neighbour solicitation from a link without a
+    // ready one, so a test's first IPv6 packets through a fresh pair would
+    // wait that long for their neighbour. The pair is the test's own.
+    for (ns, ifname) in [(a_ns, a_if), (Some(b_ns), b_if)] {
+        let key = format!("net.ipv6.conf.{ifname}.accept_dad");
+        match ns {
+            Some(ns) => sysctl(ns, &key, "0")?,
+            None => std::fs::write(format!("/proc/sys/{}", key.replace('.', "/")), "0")
+                .with_context(|| format!("{key}=0"))?,
+        }
+    }
     Ok(())
 }
 
@@ -190,7 +203,7 @@ pub fn wait_listening(name: &str, proto: &str, port: u16) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::mac_of;
+    use super::*;
 
     #[test]
     fn derived_macs_are_unicast_local_and_distinct() {
@@ -203,5 +216,41 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(c, mac_of("y/eth0"));
         assert_eq!(a, mac_of("/pft43h"));
+    }
+
+    /// Right after `link set up`, neither end's link-local address is
+    /// tentative: the kernel solicits a neighbour only from a ready
+    /// link-local address, so a test's first IPv6 packets through a fresh
+    /// pair would otherwise wait until DAD ends (1-2 s) and a 2 s timeout
+    /// could expire (seen in CI: pmtu's first datagram). Needs root.
+    #[test]
+    fn fresh_pairs_solicit_neighbours_at_once() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        const NS: &str = "pfk-dad";
+        add(NS).unwrap();
+        let result = (|| -> Result<()> {
+            veth("pfkdadh", None, "pfkdadc", NS)?;
+            ip(&["link", "set", "pfkdadh", "up"])?;
+            ip_in(NS, &["link", "set", "pfkdadc", "up"])?;
+            let tentative = [
+                ip(&["-6", "addr", "show", "dev", "pfkdadh", "tentative"])?,
+                ip_in(NS, &["-6", "addr", "show", "dev", "pfkdadc", "tentative"])?,
+            ];
+            if tentative.iter().any(|out| !out.trim().is_empty()) {
+                bail!("tentative link-local addresses: {tentative:?}");
+            }
+            Ok(())
+        })();
+        delete(NS);
+        Command::new("ip")
+            .args(["link", "del", "pfkdadh"])
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+        result.unwrap();
     }
 }
