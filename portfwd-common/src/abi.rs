@@ -76,6 +76,9 @@ macro_rules! map_name {
     (peer_links) => {
         "pf_peer_links"
     };
+    (masq_flows) => {
+        "pf_masq_flows"
+    };
 }
 
 /// The kernel map type.
@@ -304,6 +307,29 @@ pub const BACKEND_PORTS: MapDef = map(
 /// through the neighbour subsystem (`bpf_redirect_neigh`), as any other.
 pub const PEER_LINKS: MapDef = map(map_name!(peer_links), MapKind::Hash, 4, 1, 4_096);
 
+/// Whether the conntrack may hold a masqueraded flow (`CT_FLAG_MASQ`:
+/// hairpin, NAT46, an external client moved to another port). While it
+/// holds none, a container's TCP packet to a host address and a port no
+/// mapping publishes can belong to no tracked flow: the TC programs pass
+/// it to the host without the socket lookup that otherwise tells the
+/// host's connections from such flows. Two `u64`s, each written by one
+/// side only: `MASQ_FLOWS_STARTED`, `MASQ_FLOWS_NONE_AFTER`.
+pub const MASQ_FLOWS: MapDef = map(map_name!(masq_flows), MapKind::Array, 4, 8, 2);
+/// `MASQ_FLOWS` index: masqueraded flows started; the programs add one
+/// after they insert such a flow's entries.
+pub const MASQ_FLOWS_STARTED: u32 = 0;
+/// `MASQ_FLOWS` index: the count of flows started plus one, as the holder's
+/// sweep read it before a pass that found no masqueraded entry (0, a new
+/// map's: nothing found yet). See `holds_no_masq_flow`.
+pub const MASQ_FLOWS_NONE_AFTER: u32 = 1;
+
+/// Whether the conntrack holds no masqueraded flow, given `MASQ_FLOWS`:
+/// none was found by a pass that began after `none_after - 1` had started,
+/// and none started since.
+pub const fn holds_no_masq_flow(started: u64, none_after: u64) -> bool {
+    none_after == started.wrapping_add(1)
+}
+
 /// Words of a port bitmap: a bit per TCP port and one per UDP port.
 pub const PORT_BITMAP_WORDS: u32 = 2 * 65_536 / 32;
 
@@ -323,7 +349,7 @@ pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 17] = [
+pub const MAPS: [MapDef; 18] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -341,6 +367,7 @@ pub const MAPS: [MapDef; 17] = [
     ALLOW,
     NAT46_SRC,
     PEER_LINKS,
+    MASQ_FLOWS,
 ];
 
 /// Where a program attaches.

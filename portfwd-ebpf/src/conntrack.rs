@@ -6,15 +6,18 @@
 //! matters: the socket programs also connect host processes to the same
 //! containers, and their replies must not be rewritten.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
     Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
     CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
-    CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, ServiceKey,
+    CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED,
+    ServiceKey,
 };
 
 use crate::{
-    maps::{CONNTRACK, SCRATCH},
+    maps::{CONNTRACK, MASQ_FLOWS, SCRATCH},
     packet::{Packet, TCP_FIN, TCP_RST},
     types::Nat,
 };
@@ -237,7 +240,38 @@ pub(crate) fn create(
         let _ = CONNTRACK.remove(&*key);
         return Err(error);
     }
+    if value.flags & CT_FLAG_MASQ != 0 {
+        count_masq_flow();
+    }
     Ok(&*value)
+}
+
+/// Counts a masqueraded flow whose entries are in the table (see
+/// `portfwd_common::MASQ_FLOWS`): after both insertions, so that a sweep
+/// that read the count before this addition finds the entries, and one
+/// that read it before them sees the count change.
+#[inline(always)]
+fn count_masq_flow() {
+    if let Some(started) = MASQ_FLOWS.get_ptr_mut(MASQ_FLOWS_STARTED) {
+        // SAFETY: a pointer into the map's value. An addition whose result
+        // is unused compiles to BPF_XADD (see `sock::claim`).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(started, 1) };
+    }
+}
+
+/// Whether the table holds no masqueraded flow: the sweep found none, and
+/// none started since (see `portfwd_common::MASQ_FLOWS`).
+#[inline(always)]
+pub(crate) fn holds_no_masq_flow() -> bool {
+    match (
+        MASQ_FLOWS.get(MASQ_FLOWS_STARTED),
+        MASQ_FLOWS.get(MASQ_FLOWS_NONE_AFTER),
+    ) {
+        (Some(started), Some(none_after)) => {
+            portfwd_common::holds_no_masq_flow(*started, *none_after)
+        }
+        _ => false,
+    }
 }
 
 /// A reply entry's value (the forward one is made from it).

@@ -74,6 +74,13 @@ pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
 pub(crate) static SERVICES_GEN: Array<u64> =
     Array::with_max_entries(abi::SERVICES_GEN.max_entries, abi::SERVICES_GEN.flags);
 
+/// Whether the conntrack may hold a masqueraded flow (see
+/// `portfwd_common::MASQ_FLOWS`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(masq_flows))]
+pub(crate) static MASQ_FLOWS: Array<u64> =
+    Array::with_max_entries(abi::MASQ_FLOWS.max_entries, abi::MASQ_FLOWS.flags);
+
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(counters))]
 pub(crate) static COUNTERS: PerCpuHashMap<ServiceKey, MappingCounters> =

@@ -179,13 +179,20 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
 /// end is gone (the host's in CLOSE_WAIT). The host's own connections dial
 /// from ports its stack chose, never a port the holder binds; one from a
 /// published port nobody holds only pays the conntrack lookup, as before.
+///
+/// While the table holds no masqueraded flow (`holds_no_masq_flow`, the
+/// sweep's finding), no socket is looked up: only a masqueraded flow's
+/// reply entry (hairpin, NAT46) has a host address and a port that no
+/// mapping publishes as its destination, so the conntrack would find no
+/// flow of the packet and pass it too. That saves the lookup on every
+/// packet of the local path's connections.
 #[inline(always)]
 fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
     pkt.proto == IPPROTO_TCP
         && !is_new_tcp(pkt)
         && lacks_port(&PUBLISHED_PORTS, IPPROTO_TCP, u16::from_be(pkt.dport))
         && is_host_address(pkt.family, &pkt.daddr)
-        && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
+        && (conntrack::holds_no_masq_flow() || owns_packet(host_socket(ctx, key), pkt.tcp_flags))
 }
 
 /// A packet that matches no tracked flow (`start_flow`). A large one is

@@ -7,11 +7,11 @@
 use std::{net::SocketAddr, os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, IterableMap, Map, MapData};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
     CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
     CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
-    CtKey, CtValue, FAMILY_V4, ServiceKey,
+    CtKey, CtValue, FAMILY_V4, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey,
 };
 use serde::Serialize;
 
@@ -188,11 +188,23 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
 /// entries and every `SWEEP_STEP` dead ones, so that a caller can spread a
 /// pass that removes a burst of closed flows instead of taking the CPU and
 /// its cache at once. The number of entries removed.
+///
+/// A pass also tells the programs whether the table holds a masqueraded
+/// flow (see `portfwd_common::MASQ_FLOWS`): the count of such flows started
+/// is read first, and a pass that sees none writes it (plus one) back as
+/// the count after which there were none. A flow started meanwhile has
+/// changed the count, and the mark does not hold. One seen clears the
+/// mark, in case a program that does not count them (an earlier version's,
+/// during an upgrade) made it.
 pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<usize> {
     let reader = open(pin_dir)?;
     let mut writer = open(pin_dir)?;
+    let mut masq_flows = open_masq_flows(pin_dir)?;
+    let started = masq_flows.get(&MASQ_FLOWS_STARTED, 0)?;
+    let mut masq_seen = false;
     let mut removed = 0;
     let mut sweep = |keys: &[CtKey], values: &[CtValue]| {
+        masq_seen |= values.iter().any(|value| value.flags & CT_FLAG_MASQ != 0);
         let now = monotonic_now();
         let dead = keys
             .iter()
@@ -215,7 +227,20 @@ pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<u
             sweep(&keys, &values);
         }
     }
+    let none_after = if masq_seen {
+        0
+    } else {
+        started.wrapping_add(1)
+    };
+    masq_flows.set(MASQ_FLOWS_NONE_AFTER, none_after, 0)?;
     Ok(removed)
+}
+
+fn open_masq_flows(pin_dir: &Path) -> Result<Array<MapData, u64>> {
+    let path = pin_dir.join(MASQ_FLOWS.name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {} (is portfwd up?)", path.display()))?;
+    Array::try_from(Map::Array(data)).context("the masqueraded flows map has an unexpected layout")
 }
 
 /// Dead entries between two pauses of a sweep (see `sweep_expired`).

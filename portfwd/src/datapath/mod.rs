@@ -23,6 +23,8 @@ mod tc_attach;
 #[cfg(test)]
 mod tc_cases;
 #[cfg(test)]
+mod tc_cases_host;
+#[cfg(test)]
 mod tc_cases_icmp;
 #[cfg(test)]
 mod tc_cases_nat46;

@@ -28,8 +28,9 @@ use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
 };
 use portfwd_common::{
-    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MappingCounters, PEER_LINKS, SERVICES,
-    ServiceKey, ServiceValue, Stat, TRACE_ON, TRANSLATED_MARK, TraceConfig,
+    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
+    MASQ_FLOWS_STARTED, MappingCounters, PEER_LINKS, SERVICES, ServiceKey, ServiceValue, Stat,
+    TRACE_ON, TRANSLATED_MARK, TraceConfig,
 };
 
 use portfwd_testkit::netns;
@@ -241,9 +242,44 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
     }
     open_cycle_flows(&ebpf);
     let mut rows = measure_repeated(&ebpf);
+    rows.push(measure_without_masq_flows(&mut ebpf));
     rows.extend(measure_single_runs(&ebpf));
     rows.push(measure_traced(&mut ebpf));
     rows
+}
+
+/// The host connection's case once the sweep has found no masqueraded flow
+/// in the table (`pf_masq_flows`): no socket lookup. The cycle's flows are
+/// not masqueraded. A build without the map (`--against` an older one)
+/// measures the case as before.
+fn measure_without_masq_flows(ebpf: &mut Ebpf) -> Row {
+    let marked = ebpf.map_mut(MASQ_FLOWS.name).map(|map| {
+        let mut words: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
+        let started = words.get(&MASQ_FLOWS_STARTED, 0).unwrap();
+        words.set(MASQ_FLOWS_NONE_AFTER, started + 1, 0).unwrap();
+    });
+    let passed_before = stat_if_counted(ebpf, Stat::PassHostConnection);
+    let input = frame(HOST_CONNECTION.1.into(), HOST_CONNECTION.0.into(), L4::Ack);
+    let passes = (0..PASSES).map(|_| run(ebpf, BACKEND_IN, &input, REPEAT));
+    let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
+    if let (Some(()), Some(before), Some(after)) = (
+        marked,
+        passed_before,
+        stat_if_counted(ebpf, Stat::PassHostConnection),
+    ) {
+        let runs = PASSES as u64 * u64::from(REPEAT);
+        assert_eq!(
+            after - before,
+            runs,
+            "the marked case's packets passed first"
+        );
+    }
+    Row {
+        program: BACKEND_IN,
+        case: "container TCP of a host connection, no masqueraded flow (no socket lookup)",
+        ns,
+        verdict,
+    }
 }
 
 /// The cycle's host side (A), container side (B), and the client of its

@@ -20,8 +20,9 @@ use aya::{
 };
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
 use portfwd_common::{
-    ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, NAT46_SRC, SERVICES, SERVICES_GEN, STATS, ServiceKey,
-    ServiceValue, Stat, UPLINK_PROGRAMS,
+    ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, FAMILY_V4, FAMILY_V6, LOCAL_ADDRS, LocalAddrKey,
+    MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC, SERVICES, SERVICES_GEN,
+    STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS,
 };
 
 use super::object::OBJECT;
@@ -272,6 +273,40 @@ impl Tc {
             .expect("the generation map");
         let mut slot: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
         slot.set(0, generation, 0).unwrap();
+    }
+
+    /// `ip` is one of the host's addresses, as the port holder records it.
+    pub(super) fn record_host_address(&mut self, ip: IpAddr) {
+        let map = self
+            .ebpf
+            .map_mut(LOCAL_ADDRS.name)
+            .expect("the local addresses map");
+        let mut local: HashMap<&mut MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
+        let addr = match ip {
+            IpAddr::V4(ip) => Addr::from(ip),
+            IpAddr::V6(ip) => Addr::from(ip),
+        };
+        let family = if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+        local.insert(LocalAddrKey::new(family, addr), 1, 0).unwrap();
+    }
+
+    /// The masqueraded flows the programs counted as started.
+    pub(super) fn masq_flows_started(&self) -> u64 {
+        let map = self
+            .ebpf
+            .map(MASQ_FLOWS.name)
+            .expect("the masqueraded flows map");
+        let slots: Array<&MapData, u64> = Array::try_from(map).unwrap();
+        slots.get(&MASQ_FLOWS_STARTED, 0).unwrap()
+    }
+
+    /// What the holder's sweep writes after a pass that found no
+    /// masqueraded flow: the count as read, plus one.
+    pub(super) fn mark_no_masq_flow(&mut self) {
+        let none_after = self.masq_flows_started() + 1;
+        let map = self.ebpf.map_mut(MASQ_FLOWS.name).unwrap();
+        let mut slots: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
+        slots.set(MASQ_FLOWS_NONE_AFTER, none_after, 0).unwrap();
     }
 
     /// What the programs counted of `stat`, over every CPU.

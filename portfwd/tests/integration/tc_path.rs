@@ -900,6 +900,69 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
     );
 }
 
+/// The two words of `pf_masq_flows`: masqueraded flows started, and the
+/// count (plus one) after which the sweep found none.
+fn masq_flows() -> (u64, u64) {
+    let path = std::path::Path::new(&pin_dir()).join("pf_masq_flows");
+    let data = aya::maps::MapData::from_pin(path).expect("the pinned pf_masq_flows");
+    let words: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array of u64");
+    (words.get(&0, 0).unwrap(), words.get(&1, 0).unwrap())
+}
+
+/// The holder's sweep tells the TC programs when the conntrack holds no
+/// masqueraded flow; then a container's packets of a host connection pass
+/// without a socket lookup. A hairpin flow opened after that must still be
+/// translated both ways (it is counted, and the mark no longer holds), and
+/// the host's connection beside it keeps working.
+#[test]
+fn a_hairpin_flow_after_the_sweep_found_none_is_translated() {
+    let Some(_serial) = root_test("masq_flows_mark") else {
+        return;
+    };
+    let topo = Topology::new(88);
+    let _echo = topo.ctr.serve_with("[::]:5088", Arc::new(echo));
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62880:5088"]);
+    // The sweep's first pass comes 5 s after `up`.
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let (started, none_after) = masq_flows();
+            none_after == started + 1
+        }),
+        "the sweep marks the table as holding no masqueraded flow: {:?}",
+        masq_flows()
+    );
+    let (gateway, container) = (topo.ctr.host_v4(), topo.ctr.v4());
+    let mut host = TcpStream::connect_timeout(&SocketAddr::new(container, 5088), TIMEOUT)
+        .expect("the host's connection");
+    host.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(echo_line(&mut host, "host").unwrap(), "host");
+    let passed_before = stats()["passed_host_connection"];
+    let mut hairpin = topo
+        .ctr
+        .inside(move || {
+            let mut stream = TcpStream::connect_timeout(&SocketAddr::new(gateway, 62880), TIMEOUT)?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let answer = echo_line(&mut stream, "hairpin")?;
+            Ok::<_, std::io::Error>((stream, answer))
+        })
+        .map(|(stream, answer)| {
+            assert_eq!(answer, "hairpin");
+            stream
+        })
+        .expect("the hairpin connection");
+    let (started, none_after) = masq_flows();
+    assert_eq!(started, 1, "the hairpin flow is counted");
+    assert_ne!(none_after, started + 1, "the mark no longer holds");
+    assert_eq!(echo_line(&mut hairpin, "again").unwrap(), "again");
+    assert_eq!(echo_line(&mut host, "host again").unwrap(), "host again");
+    assert!(
+        stats()["passed_host_connection"] > passed_before,
+        "the host connection's packets still pass as the host's"
+    );
+}
+
 /// What a host service on a port, before it was published, left of its
 /// connection with the container: the host's socket of those ends.
 #[derive(Clone, Copy)]

@@ -1,0 +1,78 @@
+//! Cases for a container's TCP packets to a host address: a connection of
+//! the host's own, passed at once, and a hairpin flow's, translated. While
+//! the conntrack holds no masqueraded flow (the sweep's mark in
+//! `pf_masq_flows`), the first pass without a socket lookup; a hairpin flow
+//! started after the mark makes its replies go through the lookups again.
+
+use portfwd_common::Stat;
+
+use super::tc_fixture::{
+    BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at, frame, mapping,
+};
+use crate::model::Protocol;
+
+/// A host connection's packet: no host socket has these ends (the test
+/// runs in the host's namespace, where neither address is local), so only
+/// the mark can pass it as a host connection's.
+fn host_connection_packet() -> Vec<u8> {
+    frame(at(OTHER_CTR_V4, 80), at(HOST_V4, 45000), L4::Ack)
+}
+
+#[test]
+fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists() {
+    let published = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80));
+    let Some(mut tc) = Tc::load_with(
+        "host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists",
+        &[published],
+    ) else {
+        return;
+    };
+    tc.record_host_address(HOST_V4.into());
+    let passed = |tc: &Tc| tc.stat(Stat::PassHostConnection);
+
+    // A new map says nothing: the socket lookup finds no socket, and the
+    // packet goes on to the conntrack, which has no flow of it.
+    let (verdict, _) = tc.run(BACKEND_IN, &host_connection_packet());
+    assert_eq!((verdict, passed(&tc)), (NEXT, 0), "before any sweep");
+
+    // The sweep found no masqueraded flow: passed at once.
+    tc.mark_no_masq_flow();
+    let (verdict, _) = tc.run(BACKEND_IN, &host_connection_packet());
+    assert_eq!(
+        (verdict, passed(&tc)),
+        (NEXT, 1),
+        "after a sweep found none"
+    );
+
+    // A hairpin flow: a container dials the published address. Its reply
+    // (the other container's SYN-ACK to the host address it was
+    // masqueraded to) has the shape of a host connection's packet, and the
+    // mark no longer holds: translated back to the dialing container.
+    let client = at(CTR_V4, 40000);
+    let (verdict, to_container) = tc.run(BACKEND_IN, &frame(client, at(HOST_V4, 8080), L4::Syn));
+    assert_eq!(verdict, TO_STACK, "the hairpin SYN, translated");
+    assert_eq!(
+        to_container,
+        frame(at(HOST_V4, 40000), at(OTHER_CTR_V4, 80), L4::Syn),
+        "masqueraded to the host address, keeping its port"
+    );
+    let reply = frame(at(OTHER_CTR_V4, 80), at(HOST_V4, 40000), L4::Ack);
+    let (verdict, to_client) = tc.run(BACKEND_IN, &reply);
+    assert_eq!(
+        (verdict, to_client),
+        (REDIRECT, frame(at(HOST_V4, 8080), client, L4::Ack)),
+        "the hairpin reply, translated back"
+    );
+    assert_eq!(tc.masq_flows_started(), 1, "the hairpin flow is counted");
+    let (verdict, _) = tc.run(BACKEND_IN, &host_connection_packet());
+    assert_eq!(
+        (verdict, passed(&tc)),
+        (NEXT, 1),
+        "a host connection's packet goes through the lookups again"
+    );
+
+    // The next sweep that finds none (the hairpin flow gone) marks again.
+    tc.mark_no_masq_flow();
+    tc.run(BACKEND_IN, &host_connection_packet());
+    assert_eq!(passed(&tc), 2, "after the next sweep found none");
+}
