@@ -40,10 +40,11 @@ fn sweep_while_up(pin_dir: &Path) {
     if let Err(error) = run_only_when_idle() {
         eprintln!("portfwd hold: the conntrack sweep at the lowest priority: {error}");
     }
-    let mut wait = SWEEP_EVERY;
     let mut failing = false;
+    // The first pass at once: it also tells the TC programs that a new
+    // instance's table holds no masqueraded flow (`sweep_expired`), which
+    // spares host connections a socket lookup per packet from the start.
     loop {
-        thread::sleep(wait);
         if !pin_dir.exists() {
             return;
         }
@@ -58,7 +59,7 @@ fn sweep_while_up(pin_dir: &Path) {
             Err(_) => {}
         }
         let busy = thread_cpu_time().saturating_sub(started);
-        wait = SWEEP_EVERY.max(busy * IDLE_PER_BUSY);
+        thread::sleep(SWEEP_EVERY.max(busy * IDLE_PER_BUSY));
     }
 }
 
