@@ -28,9 +28,8 @@ use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
 };
 use portfwd_common::{
-    Addr, COUNTERS, FAMILY_V4, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
-    MASQ_FLOWS_STARTED, MappingCounters, PEER_LINKS, SERVICES, ServiceKey, ServiceValue, Stat,
-    TRACE_ON, TRANSLATED_MARK, TraceConfig,
+    COUNTERS, MappingCounters, PEER_LINKS, SERVICES, ServiceKey, ServiceValue, Stat, TRACE_ON,
+    TRANSLATED_MARK, TraceConfig,
 };
 
 use portfwd_testkit::netns;
@@ -38,7 +37,7 @@ use portfwd_testkit::netns;
 use super::object::OBJECT;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
-    skb_ctx, stat_if_counted, stat_of,
+    mark_no_masq_flow, record_host_address, skb_ctx, stat_if_counted, stat_of,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -148,17 +147,6 @@ struct Row {
     verdict: u32,
 }
 
-/// The host's address is one of its own (`pf_local_addrs`), as the port
-/// holder records it.
-fn record_host_address(ebpf: &mut Ebpf) {
-    let Some(map) = ebpf.map_mut(LOCAL_ADDRS.name) else {
-        return; // A build from before the map (`--against` an older object).
-    };
-    let mut local: HashMap<&mut MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
-    let key = LocalAddrKey::new(FAMILY_V4, Addr::from(HOST_V4));
-    local.insert(key, 1, 0).unwrap();
-}
-
 /// Host address and port, container address and port of `host_connection`.
 const HOST_CONNECTION: (SocketAddrV4, SocketAddrV4) = (
     SocketAddrV4::new(HOST_V4, 45001),
@@ -235,7 +223,7 @@ fn peer_link() {
 fn measure(mut ebpf: Ebpf) -> Vec<Row> {
     let peer_ifindex = nix::net::if_::if_nametoindex(PEER_VETH).expect("the peer case's veth");
     publish_cycle(&mut ebpf, peer_ifindex);
-    record_host_address(&mut ebpf);
+    record_host_address(&mut ebpf, HOST_V4.into());
     for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
@@ -253,16 +241,12 @@ fn measure(mut ebpf: Ebpf) -> Vec<Row> {
 /// not masqueraded. A build without the map (`--against` an older one)
 /// measures the case as before.
 fn measure_without_masq_flows(ebpf: &mut Ebpf) -> Row {
-    let marked = ebpf.map_mut(MASQ_FLOWS.name).map(|map| {
-        let mut words: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
-        let started = words.get(&MASQ_FLOWS_STARTED, 0).unwrap();
-        words.set(MASQ_FLOWS_NONE_AFTER, started + 1, 0).unwrap();
-    });
+    let marked = mark_no_masq_flow(ebpf);
     let passed_before = stat_if_counted(ebpf, Stat::PassHostConnection);
     let input = frame(HOST_CONNECTION.1.into(), HOST_CONNECTION.0.into(), L4::Ack);
     let passes = (0..PASSES).map(|_| run(ebpf, BACKEND_IN, &input, REPEAT));
     let (verdict, ns) = passes.min_by_key(|&(_, ns)| ns).unwrap();
-    if let (Some(()), Some(before), Some(after)) = (
+    if let (true, Some(before), Some(after)) = (
         marked,
         passed_before,
         stat_if_counted(ebpf, Stat::PassHostConnection),

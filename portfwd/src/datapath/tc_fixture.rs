@@ -277,17 +277,7 @@ impl Tc {
 
     /// `ip` is one of the host's addresses, as the port holder records it.
     pub(super) fn record_host_address(&mut self, ip: IpAddr) {
-        let map = self
-            .ebpf
-            .map_mut(LOCAL_ADDRS.name)
-            .expect("the local addresses map");
-        let mut local: HashMap<&mut MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
-        let addr = match ip {
-            IpAddr::V4(ip) => Addr::from(ip),
-            IpAddr::V6(ip) => Addr::from(ip),
-        };
-        let family = if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
-        local.insert(LocalAddrKey::new(family, addr), 1, 0).unwrap();
+        record_host_address(&mut self.ebpf, ip);
     }
 
     /// The masqueraded flows the programs counted as started.
@@ -301,12 +291,12 @@ impl Tc {
     }
 
     /// What the holder's sweep writes after a pass that found no
-    /// masqueraded flow: the count as read, plus one.
+    /// masqueraded flow.
     pub(super) fn mark_no_masq_flow(&mut self) {
-        let none_after = self.masq_flows_started() + 1;
-        let map = self.ebpf.map_mut(MASQ_FLOWS.name).unwrap();
-        let mut slots: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
-        slots.set(MASQ_FLOWS_NONE_AFTER, none_after, 0).unwrap();
+        assert!(
+            mark_no_masq_flow(&mut self.ebpf),
+            "the masqueraded flows map"
+        );
     }
 
     /// What the programs counted of `stat`, over every CPU.
@@ -392,6 +382,36 @@ pub(super) fn check_table(test: &str, mappings: &[Mapping], program: &str, cases
     let mut failures = Failures::default();
     tc.check_cases(program, cases, &mut failures);
     failures.assert_none();
+}
+
+/// `ip` is one of the host's addresses in `ebpf`'s maps, as the port
+/// holder records it; nothing for an object without the map (`bench
+/// --prog --against` an older build).
+pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
+    let Some(map) = ebpf.map_mut(LOCAL_ADDRS.name) else {
+        return;
+    };
+    let mut local: HashMap<&mut MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
+    let (family, addr) = match ip {
+        IpAddr::V4(ip) => (FAMILY_V4, Addr::from(ip)),
+        IpAddr::V6(ip) => (FAMILY_V6, Addr::from(ip)),
+    };
+    local.insert(LocalAddrKey::new(family, addr), 1, 0).unwrap();
+}
+
+/// What the holder's sweep writes into `ebpf`'s `pf_masq_flows` after a
+/// pass that found no masqueraded flow: the count as read, plus one. False
+/// for an object without the map (an older build).
+pub(super) fn mark_no_masq_flow(ebpf: &mut Ebpf) -> bool {
+    let Some(map) = ebpf.map_mut(MASQ_FLOWS.name) else {
+        return false;
+    };
+    let mut words: Array<&mut MapData, u64> = Array::try_from(map).unwrap();
+    let started = words.get(&MASQ_FLOWS_STARTED, 0).unwrap();
+    words
+        .set(MASQ_FLOWS_NONE_AFTER, started.wrapping_add(1), 0)
+        .unwrap();
+    true
 }
 
 /// What the programs of `ebpf` counted of `stat`, over every CPU.

@@ -376,7 +376,6 @@ fn echoed(published: SocketAddr, msg: &[u8]) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Whether an open connection to the echo server still gets an answer.
 /// Keeps the calling thread on the CPU it runs on now.
 fn pin_to_current_cpu() {
     // SAFETY: a zeroed cpu_set_t is an empty set, filled with a CPU number
@@ -399,6 +398,7 @@ fn pin_to_current_cpu() {
     }
 }
 
+/// Whether an open connection to the echo server still gets an answer.
 fn still_echoes(stream: &mut TcpStream) -> bool {
     let _ = stream.write_all(b"again\n");
     let mut buf = [0u8; 16];

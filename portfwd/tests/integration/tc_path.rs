@@ -903,11 +903,13 @@ fn hairpin_ports_avoid_the_host_sockets_on_the_gateway_address() {
 /// The two words of `pf_masq_flows`: masqueraded flows started, and the
 /// count (plus one) after which the sweep found none.
 fn masq_flows() -> (u64, u64) {
-    let path = std::path::Path::new(&pin_dir()).join("pf_masq_flows");
+    use portfwd_common::{MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED};
+    let path = std::path::Path::new(&pin_dir()).join(MASQ_FLOWS.name);
     let data = aya::maps::MapData::from_pin(path).expect("the pinned pf_masq_flows");
     let words: aya::maps::Array<_, u64> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array of u64");
-    (words.get(&0, 0).unwrap(), words.get(&1, 0).unwrap())
+    let word = |index| words.get(&index, 0).unwrap();
+    (word(MASQ_FLOWS_STARTED), word(MASQ_FLOWS_NONE_AFTER))
 }
 
 /// The holder's sweep tells the TC programs when the conntrack holds no
@@ -928,7 +930,7 @@ fn a_hairpin_flow_after_the_sweep_found_none_is_translated() {
     assert!(
         wait_until(Duration::from_secs(5), || {
             let (started, none_after) = masq_flows();
-            none_after == started + 1
+            portfwd_common::holds_no_masq_flow(started, none_after)
         }),
         "the sweep marks the table as holding no masqueraded flow: {:?}",
         masq_flows()
@@ -954,7 +956,10 @@ fn a_hairpin_flow_after_the_sweep_found_none_is_translated() {
         .expect("the hairpin connection");
     let (started, none_after) = masq_flows();
     assert_eq!(started, 1, "the hairpin flow is counted");
-    assert_ne!(none_after, started + 1, "the mark no longer holds");
+    assert!(
+        !portfwd_common::holds_no_masq_flow(started, none_after),
+        "the mark no longer holds"
+    );
     assert_eq!(echo_line(&mut hairpin, "again").unwrap(), "again");
     assert_eq!(echo_line(&mut host, "host again").unwrap(), "host again");
     assert!(
