@@ -314,32 +314,28 @@ fn flow_flags(pkt: &Packet, nat: &Nat) -> u8 {
     flags
 }
 
-/// For a SYN reopening a closing flow (`Packet::reopening`): `create`'s
-/// work when the new flow goes where the old one went (`plain`: an
-/// external client, no NAT46; the same container and port; the old flow's
-/// reply entry there, so the client keeps its port): both keys stay, and
-/// the old entries are rewritten in place. That costs two lookups where
-/// removing and inserting them again cost two deletions and two
-/// insertions, each taking an element from the LRU's lists (and, from a
-/// full map, evicting one), and the new flow needs no port check
-/// (`masquerade_port`). A client that dials again and again soon reuses
-/// its ports, within a closing flow's time.
+/// For a SYN reopening a closing flow, whose forward entry `forward` the
+/// packet's lookup found: `create`'s work when the new flow goes where the
+/// old one went (an external client, no NAT46, which the caller checks; the
+/// same container and port; the old flow's reply entry there, so the client
+/// keeps its port): both keys stay, and the old entries are rewritten in
+/// place. That costs one lookup (the reply entry) where removing and
+/// inserting them again cost two deletions and two insertions, each taking
+/// an element from the LRU's lists (and, from a full map, evicting one),
+/// and the new flow needs no port check (`masquerade_port`). A client that
+/// dials again and again soon reuses its ports, within a closing flow's
+/// time.
 ///
 /// The forward entry as written (as `create`'s), or None: then the old
-/// flow is forgotten whole, for `create` to start the new one. Its reply
-/// entry's key may differ from the new flow's, and left behind it would
-/// translate the old container's late packets into the new connection, and
-/// its own end (a changed mapping) would remove the new flow's forward
-/// entry, its twin by key. An entry under that key that is not the old
-/// flow's (another flow took the key after an eviction) stays.
+/// flow is forgotten whole (`forget`), for `create` to start the new one.
 // Not inlined: its locals stay out of `start_flow`'s frame, which has no
 // room for them.
 #[inline(never)]
 pub(crate) fn reopen(
     pkt: &Packet,
+    forward: *mut CtValue,
     service: &ServiceKey,
     nat: &Nat,
-    plain: bool,
 ) -> Option<*const CtValue> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU memory that only this program run uses, not the
@@ -348,13 +344,11 @@ pub(crate) fn reopen(
     // `key`.
     let forward_key = unsafe { &mut (*scratch).flow_key };
     set_key(forward_key, pkt);
-    let forward = CONNTRACK.get_ptr_mut(&*forward_key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let old = unsafe { &mut *forward };
     // The old reply key is then the new flow's (`set_reply_key`): `nat`
     // has no masquerade yet (no port is chosen before `reopen`).
-    let same_place = plain
-        && old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
+    let same_place = old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
         && old.nat_addr == nat.backend
         && old.nat_port == nat.backend_port;
     if same_place && let Some((_, reply)) = twin_entry(forward_key, old) {
@@ -384,6 +378,25 @@ pub(crate) fn reopen(
     }
     remove(forward_key, old);
     None
+}
+
+/// Forgets the closing flow whose forward entry `forward` a SYN with its
+/// ports found, when the new flow cannot take its entries over (`reopen`).
+/// Its reply entry's key may differ from the new flow's, and left behind it
+/// would translate the old container's late packets into the new
+/// connection, and its own end (a changed mapping) would remove the new
+/// flow's forward entry, its twin by key. An entry under that key that is
+/// not the old flow's (another flow took the key after an eviction) stays.
+#[inline(never)]
+pub(crate) fn forget(pkt: &Packet, forward: *mut CtValue) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `reopen`.
+    let forward_key = unsafe { &mut (*scratch).flow_key };
+    set_key(forward_key, pkt);
+    // SAFETY: a pointer into the map value, valid for this program run.
+    remove(forward_key, unsafe { &*forward });
 }
 
 /// One entry of a closing flow, made the reopened flow's (`reopen`): its

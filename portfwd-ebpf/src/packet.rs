@@ -91,9 +91,6 @@ pub(crate) struct Packet {
     /// When the packet matched a tracked flow (`conntrack::now`): the clock
     /// is read once, on a hit. 0 until then.
     pub now: u64,
-    /// A SYN reusing the ports of a closing flow, whose entries the new
-    /// flow takes over (`conntrack::reopen`). Set by `tc::ingress`.
-    pub reopening: bool,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -252,7 +249,6 @@ fn later_fragment(
         fragment: LATER_FRAGMENT,
         frag_id,
         now: 0,
-        reopening: false,
     })
 }
 
@@ -351,7 +347,6 @@ fn transport(
         fragment: WHOLE,
         frag_id: 0,
         now: 0,
-        reopening: false,
     })
 }
 

@@ -4,8 +4,8 @@
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    ALLOW_SERVICE_BITS, IPPROTO_TCP, SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_REFUSE_SILENTLY,
-    ServiceKey, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
+    ALLOW_SERVICE_BITS, CtValue, IPPROTO_TCP, SERVICE_FLAG_HAS_ALLOWLIST,
+    SERVICE_FLAG_REFUSE_SILENTLY, ServiceKey, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
 };
 
 use super::{
@@ -52,7 +52,12 @@ pub(super) fn is_new_tcp(pkt: &Packet) -> bool {
 // `host_socket` 32, and program 32 + this + `conntrack::reopen` 128 +
 // `conntrack::remove` 32, are each 512 of 512: nothing more fits below it.
 #[inline(never)]
-pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32 {
+pub(super) fn start_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    masquerade: bool,
+    closing: *mut CtValue,
+) -> i32 {
     let opens = pkt.proto != IPPROTO_TCP || is_new_tcp(pkt);
     // From containers, an untracked TCP packet that opens nothing is a reply
     // on a socket-path connection: out at once, without a service lookup.
@@ -124,9 +129,13 @@ pub(super) fn start_flow(ctx: &TcContext, pkt: &Packet, masquerade: bool) -> i32
     nat.generation = generation;
     // A SYN reopening a closing flow takes its entries over when it can
     // (then its port is its own), else forgets them.
-    let reopened = match pkt.reopening {
-        true => conntrack::reopen(pkt, &service, nat, !masquerade && !nat46),
-        false => None,
+    let reopened = match (closing.is_null(), masquerade || nat46) {
+        (true, _) => None,
+        (false, false) => conntrack::reopen(pkt, closing, &service, nat),
+        (false, true) => {
+            conntrack::forget(pkt, closing);
+            None
+        }
     };
     let created = match reopened {
         Some(forward) => Ok(forward),

@@ -37,14 +37,16 @@ mod masquerade;
 mod service;
 mod translate;
 
+use core::ptr;
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
     programs::TcContext,
 };
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, IPPROTO_TCP,
-    IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK,
-    TRANSLATED_MARK,
+    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use self::{
@@ -129,17 +131,22 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // flow, which takes the old one's entries over or forgets them
         // (`conntrack::reopen`), with or without its other entry.
         if syn && flags & (CT_FLAG_CLOSING | CT_FLAG_REPLY) == CT_FLAG_CLOSING {
-            pkt.reopening = true;
-            return new_flow(ctx, pkt, path, from_containers);
+            return new_flow(ctx, pkt, path, from_containers, entry);
         }
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, syn, now) {
-            return new_flow(ctx, pkt, path, from_containers);
+            return new_flow(ctx, pkt, path, from_containers, ptr::null_mut());
         }
         // Larger than the interface it goes to: answered, as the
         // forwarding path would (only large packets pay the check), or
         // left to the stack to fragment.
+        // The flags are read from the entry again after calls, not kept:
+        // one more value live across them took one more slot of this
+        // frame, which starts `start_flow`'s chain, at 6.1's limit. They
+        // are the ones an entry keeps (direction, masquerade, NAT46).
+        // SAFETY (both reads): a pointer into the map value, valid for
+        // this program run.
         let mut redirect = true;
         if ifindex != 0
             && pkt.len > TOO_BIG_CHECKED_FROM
@@ -148,9 +155,9 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             if verdict != reply::FRAGMENT {
                 return verdict;
             }
-            redirect = !fragmented_by_stack(ctx, pkt, flags, path);
+            redirect = !fragmented_by_stack(ctx, pkt, unsafe { (*entry).flags }, path);
         }
-        if flags & CT_FLAG_REPLY != 0 {
+        if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
             if !redirect {
                 return NEXT;
             }
@@ -158,7 +165,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         }
         return translate_forward(ctx, pkt, key, entry, redirect);
     }
-    new_flow(ctx, pkt, path, from_containers)
+    new_flow(ctx, pkt, path, from_containers, ptr::null_mut())
 }
 
 /// Whether a TCP packet from a container to a host address belongs to a
@@ -195,11 +202,19 @@ fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
         && (conntrack::holds_no_masq_flow() || owns_packet(host_socket(ctx, key), pkt.tcp_flags))
 }
 
-/// A packet that matches no tracked flow (`start_flow`). A large one is
-/// first checked against the MTU of the container's link, as packets of
-/// tracked flows are (see `first_packet_too_big`).
+/// A packet that matches no tracked flow (`start_flow`), or a SYN that
+/// reuses the ports of the closing flow whose forward entry is `closing`
+/// (else null). A large one is first checked against the MTU of the
+/// container's link, as packets of tracked flows are (see
+/// `first_packet_too_big`).
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, path: u8, from_containers: bool) -> i32 {
+fn new_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    path: u8,
+    from_containers: bool,
+    closing: *mut CtValue,
+) -> i32 {
     let mut to_stack = false;
     if pkt.len > TOO_BIG_CHECKED_FROM
         && let Some(verdict) = first_packet_too_big(ctx, pkt, path, from_containers)
@@ -209,7 +224,12 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, path: u8, from_containers: bool) -> i
         }
         to_stack = !from_containers;
     }
-    let verdict = answer_refused(ctx, pkt, path, start_flow(ctx, pkt, from_containers));
+    let verdict = answer_refused(
+        ctx,
+        pkt,
+        path,
+        start_flow(ctx, pkt, from_containers, closing),
+    );
     // Translated towards the container, it goes to the stack instead, to be
     // fragmented (see `fragmented_by_stack`): the redirect that
     // `start_flow` asked for is not used when the verdict is not

@@ -14,8 +14,8 @@ use portfwd_common::{
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
     HOST_V4, HOST_V6, L4, NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TO_STACK, Tc, UPLINK_IN,
-    UPLINK_OUT, at, can_run, check_table, edit_ipv4_header, frame, gso_ctx, ip_frame, mapping,
-    skb_ctx,
+    UPLINK_OUT, at, can_run, check_table, conntrack_flags, edit_ipv4_header, frame, gso_ctx,
+    ip_frame, mapping, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -537,21 +537,6 @@ fn for_each_way_of_closing(ports: [u16; 2], check: impl Fn(Tc, &str, bool, Socke
         tc.publish(&published());
         check(tc, how, rst, at(CLIENT_V4, port));
     }
-}
-
-/// The flags of every conntrack entry, sorted.
-fn conntrack_flags(tc: &Tc) -> Vec<u8> {
-    use aya::maps::{HashMap, MapData};
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
-    let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
-    let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    let mut flags: Vec<u8> = map
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(_, v)| v.flags)
-        .collect();
-    flags.sort_unstable();
-    flags
 }
 
 /// A SYN that reopens a closing flow to the same container (the client

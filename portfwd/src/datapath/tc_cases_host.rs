@@ -3,11 +3,13 @@
 //! the conntrack holds no masqueraded flow (the sweep's mark in
 //! `pf_masq_flows`), the first pass without a socket lookup; a hairpin flow
 //! started after the mark makes its replies go through the lookups again.
+//! A hairpin flow's ports, reused while it closes, start a new flow.
 
-use portfwd_common::Stat;
+use portfwd_common::{CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
-    BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at, frame, mapping,
+    BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at,
+    conntrack_flags, frame, mapping,
 };
 use crate::model::Protocol;
 
@@ -75,4 +77,63 @@ fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists
     tc.mark_no_masq_flow();
     tc.run(BACKEND_IN, &host_connection_packet());
     assert_eq!(passed(&tc), 2, "after the next sweep found none");
+}
+
+/// A container dials the published address again from the port of its
+/// hairpin flow, which a RST closed, after the mapping moved (here to the
+/// dialing container itself): the SYN finds the closing flow's forward
+/// entry, but a masqueraded flow is not taken over in place (that is for an
+/// external client's flow, `conntrack::reopen`), so the old flow's two
+/// entries go (`conntrack::forget`) and the new flow's two come. Left
+/// behind, the old reply entry would translate the old container's late
+/// packets into the new connection.
+#[test]
+fn a_hairpin_syn_on_a_closing_flows_ports_forgets_the_old_flow() {
+    let published = at(HOST_V4, 8080);
+    let (client, masqueraded) = (at(CTR_V4, 40001), at(HOST_V4, 40001));
+    let (old, new) = (at(OTHER_CTR_V4, 80), at(CTR_V4, 80));
+    let Some(mut tc) = Tc::load_with(
+        "a_hairpin_syn_on_a_closing_flows_ports_forgets_the_old_flow",
+        &[mapping(Protocol::Tcp, published, old)],
+    ) else {
+        return;
+    };
+    let syn = frame(client, published, L4::Syn);
+    assert_eq!(
+        tc.run(BACKEND_IN, &syn),
+        (TO_STACK, frame(masqueraded, old, L4::Syn)),
+        "the hairpin SYN"
+    );
+    assert_eq!(
+        tc.run(BACKEND_IN, &frame(client, published, L4::Rst)),
+        (TO_STACK, frame(masqueraded, old, L4::Rst)),
+        "the dialing container's RST"
+    );
+    assert_eq!(conntrack_flags(&tc).len(), 2, "the closing hairpin flow");
+
+    tc.publish(&[mapping(Protocol::Tcp, published, new)]);
+    tc.move_services_generation(1);
+    let flows = tc.stat(Stat::FlowNew);
+    assert_eq!(
+        tc.run(BACKEND_IN, &syn),
+        (TO_STACK, frame(masqueraded, new, L4::Syn)),
+        "the SYN on the closing flow's ports"
+    );
+    assert_eq!(tc.stat(Stat::FlowNew), flows + 1, "a new flow");
+    assert_eq!(
+        conntrack_flags(&tc),
+        [CT_FLAG_MASQ, CT_FLAG_MASQ | CT_FLAG_REPLY],
+        "the new flow's two entries, opening, and nothing of the old flow"
+    );
+    let late = frame(old, masqueraded, L4::Ack);
+    assert_eq!(
+        tc.run(BACKEND_IN, &late),
+        (NEXT, late.clone()),
+        "the old container's late packet, not translated"
+    );
+    assert_eq!(
+        tc.run(BACKEND_IN, &frame(new, masqueraded, L4::Ack)),
+        (REDIRECT, frame(published, client, L4::Ack)),
+        "the new flow's reply, translated back"
+    );
 }

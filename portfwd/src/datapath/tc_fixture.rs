@@ -483,3 +483,18 @@ impl Failures {
         assert!(self.0.is_empty(), "{}", self.0.join("\n"));
     }
 }
+
+/// The flags of every conntrack entry, sorted.
+pub(super) fn conntrack_flags(tc: &Tc) -> Vec<u8> {
+    use aya::maps::{HashMap, MapData};
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
+    let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+    let mut flags: Vec<u8> = map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, v)| v.flags)
+        .collect();
+    flags.sort_unstable();
+    flags
+}
