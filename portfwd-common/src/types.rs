@@ -118,8 +118,10 @@ pub const CT_FLAG_MASQ: u8 = 4;
 /// This entry's direction sent a FIN (its side is closed; the other side
 /// may go on sending: a half-close).
 pub const CT_FLAG_FIN: u8 = 8;
-/// The container answered: the flow is established (until then a TCP flow
-/// ends after `CT_TCP_SYN_NS` idle). Set on both entries.
+/// This entry's side took part in the handshake: the reply entry's at the
+/// container's first answer, the forward entry's at the client's first
+/// packet after its SYN. Until then the entry ends after `CT_TCP_SYN_NS`
+/// idle.
 pub const CT_FLAG_ESTABLISHED: u8 = 16;
 /// Not a translated flow: the replies of UDP datagrams that the host itself
 /// sent from a published port (a container masqueraded by the host's NAT,

@@ -18,7 +18,7 @@ use portfwd_common::{
 
 use crate::{
     maps::{CONNTRACK, MASQ_FLOWS, SCRATCH},
-    packet::{Packet, TCP_FIN, TCP_RST},
+    packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
     types::Nat,
 };
 
@@ -110,10 +110,12 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 }
 
 /// Records that a packet of the flow went by: refreshes the idle timer, and
-/// for TCP follows the flow's state: established at the first reply, one
-/// side closed at its FIN, closing once both sides sent a FIN (a half-close
-/// lives on) or at a RST. Other CPUs may write the same entry; a lost update
-/// only shifts a timestamp.
+/// for TCP follows the flow's state: each entry is established and closed
+/// by its own side's packets, the flow closing once both sides sent a FIN
+/// (a half-close lives on) or at a RST. Only the last needs the other
+/// entry, looked up in `change_state`: a RST, or any packet of a side that
+/// closed already. Other CPUs may write the same entry; a lost update only
+/// shifts a timestamp or delays a state by a packet.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.
@@ -124,34 +126,45 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     if pkt.proto != IPPROTO_TCP || ct.flags & CT_FLAG_CLOSING != 0 {
         return;
     }
-    // The common case (data and ACKs of an established flow) ends here.
-    let event = if pkt.tcp_flags & TCP_RST != 0 {
-        CT_FLAG_CLOSING
-    } else if pkt.tcp_flags & TCP_FIN != 0 || ct.flags & CT_FLAG_FIN != 0 {
-        // This side's FIN, or any packet of a side already closed: both
-        // sides may send their FIN at once on two CPUs, each before it sees
-        // the other's, so the twin is checked again until the flow closes.
-        CT_FLAG_FIN
-    } else if ct.flags & (CT_FLAG_REPLY | CT_FLAG_ESTABLISHED) == CT_FLAG_REPLY {
-        CT_FLAG_ESTABLISHED
-    } else {
+    if pkt.tcp_flags & TCP_RST != 0 {
+        change_state(key, ct, CT_FLAG_CLOSING, now);
         return;
-    };
-    change_state(key, ct, event, now);
+    }
+    if ct.flags & CT_FLAG_FIN != 0 {
+        // This side closed before: has the other closed since? A side's
+        // own FIN does not ask (below), so the side that closed first finds
+        // out at its next packet, the ACK of the other's FIN; and when both
+        // send their FIN at once on two CPUs, each before it sees the
+        // other's, whichever side sends next does.
+        change_state(key, ct, CT_FLAG_FIN, now);
+        return;
+    }
+    // The reply entry is established by the container's first answer, the
+    // forward one by the client's first packet after its SYN (its ACK of
+    // that answer): a SYN flood that nothing answers keeps the short
+    // timeout of `CT_TCP_SYN_NS`. Written only when it changes, so that the
+    // packets of an established flow leave the line clean (the common case).
+    let mut flags = ct.flags;
+    if flags & CT_FLAG_REPLY != 0 || pkt.tcp_flags & TCP_SYN == 0 {
+        flags |= CT_FLAG_ESTABLISHED;
+    }
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FLAG_FIN;
+    }
+    if flags != ct.flags {
+        ct.flags = flags;
+    }
 }
 
 /// A state change that concerns both entries of the flow (rare: a few
 /// packets per flow), so the twin entry is looked up here and only here.
 #[inline(never)]
 fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
-    // Closing is `close`'s to set, with its time: set here, the entry that
-    // saw the RST kept no closing time and expired at once.
-    ct.flags |= event & !CT_FLAG_CLOSING;
+    // `event`: a RST (closing is `close`'s to set, with its time), or a
+    // packet of a side whose FIN `touch` recorded already.
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = twin_entry(key, ct).map(|(_, t)| unsafe { &mut *t });
     match (event, twin) {
-        (CT_FLAG_ESTABLISHED, Some(twin)) => twin.flags |= CT_FLAG_ESTABLISHED,
-        (CT_FLAG_ESTABLISHED, None) => {}
         // One side closed; the flow closes when the other side has too.
         (CT_FLAG_FIN, Some(twin)) if twin.flags & CT_FLAG_FIN == 0 => {}
         (_, Some(twin)) => {

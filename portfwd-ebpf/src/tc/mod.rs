@@ -44,8 +44,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
+    CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey,
+    CtValue, IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
     TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
@@ -127,10 +127,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return NEXT;
         }
         let syn = is_new_tcp(pkt);
-        // A SYN on a closing flow is the client reusing its port: a new
-        // flow, which takes the old one's entries over or forgets them
+        // A SYN on a flow whose client closed its side (the flow closing,
+        // or the client's FIN seen: the other side's FIN is noticed at the
+        // client's next packet, see `conntrack::touch`) is the client
+        // reusing its port, which no live socket of its holds: a new flow,
+        // which takes the old one's entries over or forgets them
         // (`conntrack::reopen`), with or without its other entry.
-        if syn && flags & (CT_FLAG_CLOSING | CT_FLAG_REPLY) == CT_FLAG_CLOSING {
+        if syn && flags & CT_FLAG_REPLY == 0 && flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) != 0 {
             return new_flow(ctx, pkt, path, from_containers, entry);
         }
         // A flow that lost its other entry (evicted, or expired alone) is

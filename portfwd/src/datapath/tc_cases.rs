@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, MapData};
 use etherparse::{IpFragOffset, Ipv4Header};
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, PEER_LINKS, Stat, TRANSLATED_MARK,
+    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, PEER_LINKS, Stat,
+    TRANSLATED_MARK,
 };
 
 use super::tc_fixture::{
@@ -523,6 +524,101 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
     });
 }
 
+/// Each entry of a TCP flow is established and closed by its own side's
+/// packets; only a RST, or a packet of a side that closed already, looks at
+/// the other entry. The reply entry is established by the container's
+/// answer, the forward one by the client's ACK of it (before, the answer
+/// set both, through a lookup of the forward entry). Both sides' FINs close
+/// the flow at the next packet of the side that closed first, its ACK of
+/// the other's FIN (before, the second FIN closed it, and each FIN looked
+/// the other entry up). Both orders of closing, and data after a
+/// half-close.
+#[test]
+fn each_entry_of_a_tcp_flow_follows_its_own_side() {
+    if !can_run("each_entry_of_a_tcp_flow_follows_its_own_side") {
+        return;
+    }
+    const R: u8 = CT_FLAG_REPLY;
+    const E: u8 = CT_FLAG_ESTABLISHED;
+    const F: u8 = CT_FLAG_FIN;
+    const C: u8 = CT_FLAG_CLOSING;
+    let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
+    for (client_closes_first, port) in [(true, 40048), (false, 40049)] {
+        let mut tc = Tc::load_as_root();
+        tc.publish(&published());
+        let client = at(CLIENT_V4, port);
+        let step = |program: &str, input: Vec<u8>, forward: u8, reply: u8, what: &str| {
+            let (verdict, _, _) = tc.run_marked(program, &input, 0);
+            assert_ne!(verdict, NEXT, "{what}: translated");
+            let mut want = vec![forward, reply];
+            want.sort_unstable();
+            assert_eq!(conntrack_flags(&tc), want, "{what}");
+        };
+        let from_client = |l4| frame(client, dialed, l4);
+        let from_container = |l4| frame(container, client, l4);
+        step(UPLINK_IN, from_client(L4::Syn), 0, R, "the SYN");
+        step(BACKEND_IN, from_container(L4::Ack), 0, R | E, "the answer");
+        step(
+            UPLINK_IN,
+            from_client(L4::Ack),
+            E,
+            R | E,
+            "the client's ACK",
+        );
+        let client_fin = closing_frame(client, dialed, false);
+        let container_fin = closing_frame(container, client, false);
+        if client_closes_first {
+            step(UPLINK_IN, client_fin, E | F, R | E, "the client's FIN");
+            step(
+                BACKEND_IN,
+                from_container(L4::Ack),
+                E | F,
+                R | E,
+                "data after it",
+            );
+            step(
+                BACKEND_IN,
+                container_fin,
+                E | F,
+                R | E | F,
+                "the container's FIN",
+            );
+            let closed = (E | F | C, R | E | F | C);
+            step(
+                UPLINK_IN,
+                from_client(L4::Ack),
+                closed.0,
+                closed.1,
+                "the client's ACK",
+            );
+        } else {
+            step(
+                BACKEND_IN,
+                container_fin,
+                E,
+                R | E | F,
+                "the container's FIN",
+            );
+            step(
+                UPLINK_IN,
+                from_client(L4::Ack),
+                E,
+                R | E | F,
+                "the client's ACK",
+            );
+            step(UPLINK_IN, client_fin, E | F, R | E | F, "the client's FIN");
+            let closed = (E | F | C, R | E | F | C);
+            step(
+                BACKEND_IN,
+                from_container(L4::Ack),
+                closed.0,
+                closed.1,
+                "the container's ACK",
+            );
+        }
+    }
+}
+
 /// Runs `check` for each way a flow closes (FINs both ways, then a RST),
 /// each on a fresh instance with `published()` and from its own client
 /// port: `check(tc, how, rst, client)`.
@@ -553,7 +649,13 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
         let published = at(HOST_V4, 8080);
         let container = at(CTR_V4, 80);
         close_a_flow(&tc, how, (client, published, container), rst);
-        assert_ne!(conntrack_flags(&tc), [0, CT_FLAG_REPLY], "{how}: closing");
+        assert!(
+            conntrack_flags(&tc)
+                .iter()
+                .all(|f| f & CT_FLAG_CLOSING != 0),
+            "{how}: closing: {:?}",
+            conntrack_flags(&tc)
+        );
 
         let syn = frame(client, published, L4::Syn);
         assert_eq!(
@@ -574,17 +676,30 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
         );
         assert_eq!(
             conntrack_flags(&tc),
+            [0, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
+            "{how}: the reply entry established by the container's answer"
+        );
+        let data = frame(client, published, L4::Ack);
+        assert_eq!(
+            tc.run_marked(UPLINK_IN, &data, 0).1,
+            frame(client, container, L4::Ack),
+            "{how}: the client's ACK"
+        );
+        assert_eq!(
+            conntrack_flags(&tc),
             [CT_FLAG_ESTABLISHED, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
-            "{how}: established by its first reply"
+            "{how}: the forward entry established by the client's ACK"
         );
         // The client's FIN closes its side only: the old flow's FIN, which
-        // would have closed the flow with this one, is gone.
+        // would have closed the flow with this one, is gone. (The client's
+        // packet after its FIN is the one that asks the other entry.)
         let fin = closing_frame(client, published, false);
         assert_eq!(
             tc.run_marked(UPLINK_IN, &fin, 0).1,
             closing_frame(client, container, false),
             "{how}: the client's FIN"
         );
+        tc.run_marked(UPLINK_IN, &data, 0);
         assert!(
             conntrack_flags(&tc)
                 .iter()
@@ -776,7 +891,8 @@ fn a_reply_entry_is_not_paired_with_another_flows_forward_entry() {
 }
 
 /// Opens a flow from `client` to `published` (translated to `container`)
-/// and closes it: by the client's RST, or by FINs both ways.
+/// and closes it: by the client's RST, or by FINs both ways and the
+/// client's ACK of the container's.
 fn close_a_flow(
     tc: &Tc,
     how: &str,
@@ -801,6 +917,12 @@ fn close_a_flow(
             tc.run_marked(BACKEND_IN, &reply, 0).1,
             closing_frame(published, client, false),
             "{how}: the container's FIN"
+        );
+        let last_ack = frame(client, published, L4::Ack);
+        assert_eq!(
+            tc.run_marked(UPLINK_IN, &last_ack, 0).1,
+            frame(client, container, L4::Ack),
+            "{how}: the client's ACK of the container's FIN"
         );
     }
 }
