@@ -40,7 +40,8 @@ pub(super) fn is_new_tcp(pkt: &Packet) -> bool {
 }
 
 /// A packet that matches no tracked flow: a new flow if it opens one to a
-/// published port.
+/// published port. `closing`: the forward entry of the flow whose ports a
+/// SYN reuses (`tc::ingress`), else null.
 // Not inlined (nor are the other steps): each BPF function gets its own
 // stack frame, and one frame holding every step's locals exceeds 512 bytes.
 // Long on purpose: the verifier forces its shape. Its steps are already
@@ -48,9 +49,9 @@ pub(super) fn is_new_tcp(pkt: &Packet) -> bool {
 // more calls would pass their values as more than five arguments (a BPF
 // call's limit) or through scratch memory, and its 320-byte frame is the
 // deepest chains' largest part. On 6.1, which rounds each frame up to 32
-// bytes, program 32 + this 320 + `masquerade_port` 128 +
-// `host_socket` 32, and program 32 + this + `conntrack::reopen` 128 +
-// `conntrack::remove` 32, are each 512 of 512: nothing more fits below it.
+// bytes, program 32 + this 320 + `masquerade_port` 128 + `host_socket` 32
+// is 512 of 512: nothing more fits below it, and the program's own frame
+// must stay within 32 bytes (see `tc::ingress`).
 #[inline(never)]
 pub(super) fn start_flow(
     ctx: &TcContext,
