@@ -547,76 +547,102 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
         let mut tc = Tc::load_as_root();
         tc.publish(&published());
         let client = at(CLIENT_V4, port);
-        let step = |program: &str, input: Vec<u8>, forward: u8, reply: u8, what: &str| {
-            let (verdict, _, _) = tc.run_marked(program, &input, 0);
-            assert_ne!(verdict, NEXT, "{what}: translated");
-            let mut want = vec![forward, reply];
-            want.sort_unstable();
-            assert_eq!(conntrack_flags(&tc), want, "{what}");
-        };
-        let from_client = |l4| frame(client, dialed, l4);
-        let from_container = |l4| frame(container, client, l4);
-        step(UPLINK_IN, from_client(L4::Syn), 0, R, "the SYN");
-        step(BACKEND_IN, from_container(L4::Ack), 0, R | E, "the answer");
-        step(
+        let to_container = |l4| (frame(client, dialed, l4), frame(client, container, l4));
+        let to_client = |l4| (frame(container, client, l4), frame(dialed, client, l4));
+        let client_fin = (
+            closing_frame(client, dialed, false),
+            closing_frame(client, container, false),
+        );
+        let container_fin = (
+            closing_frame(container, client, false),
+            closing_frame(dialed, client, false),
+        );
+        check_step(&tc, UPLINK_IN, to_container(L4::Syn), [0, R], "the SYN");
+        check_step(
+            &tc,
+            BACKEND_IN,
+            to_client(L4::Ack),
+            [0, R | E],
+            "the answer",
+        );
+        check_step(
+            &tc,
             UPLINK_IN,
-            from_client(L4::Ack),
-            E,
-            R | E,
+            to_container(L4::Ack),
+            [E, R | E],
             "the client's ACK",
         );
-        let client_fin = closing_frame(client, dialed, false);
-        let container_fin = closing_frame(container, client, false);
+        let closed = [E | F | C, R | E | F | C];
         if client_closes_first {
-            step(UPLINK_IN, client_fin, E | F, R | E, "the client's FIN");
-            step(
+            check_step(
+                &tc,
+                UPLINK_IN,
+                client_fin,
+                [E | F, R | E],
+                "the client's FIN",
+            );
+            check_step(
+                &tc,
                 BACKEND_IN,
-                from_container(L4::Ack),
-                E | F,
-                R | E,
+                to_client(L4::Ack),
+                [E | F, R | E],
                 "data after it",
             );
-            step(
-                BACKEND_IN,
-                container_fin,
-                E | F,
-                R | E | F,
-                "the container's FIN",
-            );
-            let closed = (E | F | C, R | E | F | C);
-            step(
+            let fin = [E | F, R | E | F];
+            check_step(&tc, BACKEND_IN, container_fin, fin, "the container's FIN");
+            check_step(
+                &tc,
                 UPLINK_IN,
-                from_client(L4::Ack),
-                closed.0,
-                closed.1,
+                to_container(L4::Ack),
+                closed,
                 "the client's ACK",
             );
         } else {
-            step(
+            check_step(
+                &tc,
                 BACKEND_IN,
                 container_fin,
-                E,
-                R | E | F,
+                [E, R | E | F],
                 "the container's FIN",
             );
-            step(
+            check_step(
+                &tc,
                 UPLINK_IN,
-                from_client(L4::Ack),
-                E,
-                R | E | F,
-                "the client's ACK",
+                to_container(L4::Ack),
+                [E, R | E | F],
+                "its ACK",
             );
-            step(UPLINK_IN, client_fin, E | F, R | E | F, "the client's FIN");
-            let closed = (E | F | C, R | E | F | C);
-            step(
+            check_step(
+                &tc,
+                UPLINK_IN,
+                client_fin,
+                [E | F, R | E | F],
+                "the client's FIN",
+            );
+            check_step(
+                &tc,
                 BACKEND_IN,
-                from_container(L4::Ack),
-                closed.0,
-                closed.1,
+                to_client(L4::Ack),
+                closed,
                 "the container's ACK",
             );
         }
     }
+}
+
+/// Runs a frame through `program` and checks the frame that comes out (the
+/// pair: in, out), then the flags of the flow's two entries (in any order).
+fn check_step(
+    tc: &Tc,
+    program: &str,
+    (input, output): (Vec<u8>, Vec<u8>),
+    flags: [u8; 2],
+    what: &str,
+) {
+    assert_eq!(tc.run_marked(program, &input, 0).1, output, "{what}");
+    let mut want = flags.to_vec();
+    want.sort_unstable();
+    assert_eq!(conntrack_flags(tc), want, "{what}: the entries' flags");
 }
 
 /// Runs `check` for each way a flow closes (FINs both ways, then a RST),
@@ -639,7 +665,7 @@ fn for_each_way_of_closing(ports: [u16; 2], check: impl Fn(Tc, &str, bool, Socke
 /// reusing its port, the mapping unchanged) takes the old flow's two
 /// entries over: nothing of the old flow's closing state is left (before
 /// the entries were rewritten in place, they were removed and inserted
-/// again), and the new flow is established by its first reply.
+/// again), and the new flow is established again, each entry by its side.
 #[test]
 fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
     if !can_run("a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh") {
@@ -657,39 +683,22 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
             conntrack_flags(&tc)
         );
 
-        let syn = frame(client, published, L4::Syn);
-        assert_eq!(
-            tc.run_marked(UPLINK_IN, &syn, 0).1,
-            frame(client, container, L4::Syn),
-            "{how}: the SYN reopens the flow"
+        let (to_container, to_client) = (
+            |l4| (frame(client, published, l4), frame(client, container, l4)),
+            |l4| (frame(container, client, l4), frame(published, client, l4)),
         );
-        assert_eq!(
-            conntrack_flags(&tc),
+        let (opening, answered, established) = (
             [0, CT_FLAG_REPLY],
-            "{how}: the new flow's two entries, opening"
-        );
-        let reply = frame(container, client, L4::Ack);
-        assert_eq!(
-            tc.run_marked(BACKEND_IN, &reply, 0).1,
-            frame(published, client, L4::Ack),
-            "{how}: the container's answer"
-        );
-        assert_eq!(
-            conntrack_flags(&tc),
             [0, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
-            "{how}: the reply entry established by the container's answer"
-        );
-        let data = frame(client, published, L4::Ack);
-        assert_eq!(
-            tc.run_marked(UPLINK_IN, &data, 0).1,
-            frame(client, container, L4::Ack),
-            "{how}: the client's ACK"
-        );
-        assert_eq!(
-            conntrack_flags(&tc),
             [CT_FLAG_ESTABLISHED, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
-            "{how}: the forward entry established by the client's ACK"
         );
+        let what = format!("{how}: the SYN reopens the flow, its entries opening");
+        check_step(&tc, UPLINK_IN, to_container(L4::Syn), opening, &what);
+        let what = format!("{how}: the container's answer establishes the reply entry");
+        check_step(&tc, BACKEND_IN, to_client(L4::Ack), answered, &what);
+        let what = format!("{how}: the client's ACK establishes the forward entry");
+        check_step(&tc, UPLINK_IN, to_container(L4::Ack), established, &what);
+        let data = frame(client, published, L4::Ack);
         // The client's FIN closes its side only: the old flow's FIN, which
         // would have closed the flow with this one, is gone. (The client's
         // packet after its FIN is the one that asks the other entry.)
