@@ -72,11 +72,14 @@ impl FlowState {
 }
 
 fn open(pin_dir: &Path) -> Result<HashMap<MapData, CtKey, CtValue>> {
-    let path = pin_dir.join(CONNTRACK.name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening {} (is portfwd up?)", path.display()))?;
-    HashMap::try_from(Map::LruHashMap(data))
+    HashMap::try_from(Map::LruHashMap(open_pin(pin_dir, CONNTRACK.name)?))
         .context("the conntrack map has an unexpected layout (built by another portfwd version?)")
+}
+
+/// The map pinned under `pin_dir` as `name`.
+fn open_pin(pin_dir: &Path, name: &str) -> Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {} (is portfwd up?)", path.display()))
 }
 
 /// The clock the programs stamp entries with (`bpf_ktime_get*_ns`).
@@ -242,10 +245,8 @@ pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<u
 }
 
 fn open_masq_flows(pin_dir: &Path) -> Result<Array<MapData, u64>> {
-    let path = pin_dir.join(MASQ_FLOWS.name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening {} (is portfwd up?)", path.display()))?;
-    Array::try_from(Map::Array(data)).context("the masqueraded flows map has an unexpected layout")
+    Array::try_from(Map::Array(open_pin(pin_dir, MASQ_FLOWS.name)?))
+        .context("the masqueraded flows map has an unexpected layout")
 }
 
 /// Dead entries between two pauses of a sweep (see `sweep_expired`).
