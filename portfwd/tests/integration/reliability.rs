@@ -378,24 +378,11 @@ fn echoed(published: SocketAddr, msg: &[u8]) -> std::io::Result<TcpStream> {
 
 /// Keeps the calling thread on the CPU it runs on now.
 fn pin_to_current_cpu() {
-    // SAFETY: a zeroed cpu_set_t is an empty set, filled with a CPU number
-    // the kernel gave; sched_setaffinity reads the set we own.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    use nix::sched::{CpuSet, sched_getcpu, sched_setaffinity};
+    let cpu = sched_getcpu().expect("sched_getcpu");
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("a CPU number the kernel gave");
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
 /// Whether an open connection to the echo server still gets an answer.
