@@ -74,7 +74,7 @@ macro_rules! map_name {
         "pf_reply"
     };
     (peer_links) => {
-        "pf_peer_links"
+        "pf_peer_link_bits"
     };
     (masq_flows) => {
         "pf_masq_flows"
@@ -185,8 +185,10 @@ pub const SOCK_CONNECTED: MapDef = map(
     SOCK_CONNECTED_SLOTS,
 );
 /// Maps of earlier versions, no longer created: `down` removes their pins.
-/// `pf_sock_revnat`: the reverse-NAT LRU map that `SOCK_DIALED` replaced.
-pub const OBSOLETE_MAPS: [&str; 1] = ["pf_sock_revnat"];
+/// `pf_sock_revnat`: the reverse-NAT LRU map that `SOCK_DIALED` replaced;
+/// `pf_peer_links`: the hash of interfaces that `PEER_LINKS`'s bitmap
+/// replaced.
+pub const OBSOLETE_MAPS: [&str; 2] = ["pf_sock_revnat", "pf_peer_links"];
 /// Tracked flows of the TC path: two entries per flow (one per direction).
 pub const CONNTRACK: MapDef = map(
     map_name!(conntrack),
@@ -301,11 +303,30 @@ pub const BACKEND_PORTS: MapDef = map(
 /// through straight into the container's namespace (`bpf_redirect_peer`):
 /// a veth whose peer lives in another namespace, with no queueing
 /// discipline of its own (a shaper, such as the CNI `bandwidth` plugin's,
-/// would be skipped). Key an ifindex; the value is unused (one byte).
-/// Userspace keeps it in line with the host's interfaces
-/// (`datapath::peer_links`); an interface it does not list is redirected
-/// through the neighbour subsystem (`bpf_redirect_neigh`), as any other.
-pub const PEER_LINKS: MapDef = map(map_name!(peer_links), MapKind::Hash, 4, 1, 4_096);
+/// would be skipped). A bitmap of ifindexes (see `link_bit`): a packet's
+/// test is one array read, which the verifier inlines, where a hash lookup
+/// cost every redirected packet tens of nanoseconds. Userspace keeps it in
+/// line with the host's interfaces (`datapath::peer_links`); an interface
+/// it does not list, or whose index is beyond the bitmap
+/// (`PEER_LINK_INDEXES`), is redirected through the neighbour subsystem
+/// (`bpf_redirect_neigh`), as any other.
+pub const PEER_LINKS: MapDef = map(
+    map_name!(peer_links),
+    MapKind::Array,
+    4,
+    4,
+    PEER_LINK_INDEXES / 32,
+);
+/// Interface indexes that `PEER_LINKS` can list: 1 to 2^21 - 1 (a 256 KiB
+/// array). A host allocates indexes upwards, two per container started
+/// (the veth pair), so this covers about a million container starts
+/// since boot; an interface beyond it takes the neighbour path.
+pub const PEER_LINK_INDEXES: u32 = 1 << 21;
+
+/// The word (index in a `PEER_LINKS`-like bitmap) and bit of `index`.
+pub const fn link_bit(index: u32) -> (u32, u32) {
+    (index >> 5, 1 << (index & 31))
+}
 
 /// Whether the conntrack may hold a masqueraded flow (`CT_FLAG_MASQ`:
 /// hairpin, NAT46, an external client moved to another port). While it

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     self as abi, Addr, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
-    MappingCounters, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig, map_name,
-    port_bit,
+    MappingCounters, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig, link_bit,
+    map_name, port_bit,
 };
 
 use crate::types::{ReplyScratch, Scratch};
@@ -123,11 +123,11 @@ pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
     LpmTrie::with_max_entries(abi::ALLOW.max_entries, 0);
 
 /// The interfaces a packet is redirected through into the container's
-/// namespace (see `verdict::deliver`).
+/// namespace, a bit each (see `verdict::deliver`, `is_peer_link`).
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(peer_links))]
-pub(crate) static PEER_LINKS: HashMap<u32, u8> =
-    HashMap::with_max_entries(abi::PEER_LINKS.max_entries, abi::PEER_LINKS.flags);
+pub(crate) static PEER_LINKS: Array<u32> =
+    Array::with_max_entries(abi::PEER_LINKS.max_entries, abi::PEER_LINKS.flags);
 
 /// Per-CPU memory for the answers the TC programs send (see `reply`), and
 /// each CPU's rate limit of them.
@@ -145,4 +145,13 @@ pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entri
 pub(crate) fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
     let (word, bit) = port_bit(proto, port);
     bitmap.get(word).is_some_and(|bits| bits & bit == 0)
+}
+
+/// Whether `PEER_LINKS` lists the interface: one array read, inlined by
+/// the verifier (see `lacks_port`). An index beyond the bitmap is not
+/// listed.
+#[inline(always)]
+pub(crate) fn is_peer_link(ifindex: u32) -> bool {
+    let (word, bit) = link_bit(ifindex);
+    PEER_LINKS.get(word).is_some_and(|bits| bits & bit != 0)
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use crate::{
-    maps::{PEER_LINKS, STATS},
+    maps::{STATS, is_peer_link},
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
         IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
@@ -55,8 +55,7 @@ pub(crate) fn deliver(ctx: &TcContext, ifindex: u32) -> i32 {
 // `start_flow`'s, whose chain is at 6.1's 512-byte limit.
 #[inline(never)]
 fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
-    // SAFETY: the value is not read.
-    if unsafe { PEER_LINKS.get(&ifindex) }.is_some() && address_frame(ctx, ifindex) {
+    if is_peer_link(ifindex) && address_frame(ctx, ifindex) {
         count(Stat::RedirectedToPeer);
         // The veth clears the mark of a packet it carries into another
         // namespace; a redirect into the peer does not (nor before 6.15

@@ -69,7 +69,7 @@ pub(crate) struct TcLink {
     pub(crate) programs: Vec<String>,
     pub(crate) state: LinkState,
     /// Packets redirected to it go straight into its peer's namespace
-    /// (`pf_peer_links`).
+    /// (`pf_peer_link_bits`).
     pub(crate) into_peer: bool,
 }
 

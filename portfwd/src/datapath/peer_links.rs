@@ -1,5 +1,5 @@
 //! Which interfaces towards containers the TC programs redirect through
-//! straight into the container's namespace (`pf_peer_links`, see
+//! straight into the container's namespace (`pf_peer_link_bits`, see
 //! `portfwd_common::PEER_LINKS`): those with the reply program attached
 //! that are veths into another namespace where nothing on the way would be
 //! skipped (`into_peer`). Kept in line with the host by `follow_host` and
@@ -9,6 +9,7 @@
 //! nothing to keep (the programs of that build do not read it).
 
 use std::{
+    borrow::{Borrow, BorrowMut},
     collections::{BTreeMap, BTreeSet},
     fs,
     path::Path,
@@ -16,32 +17,66 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, Map, MapData},
+    maps::{Array, Map, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS};
+use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS, link_bit};
 
 use super::{kernel, links::tc_attachments};
 use crate::host::netlink;
 
-/// The map, if this instance has it.
-fn open(pin_dir: &Path) -> Result<Option<HashMap<MapData, u32, u8>>> {
+/// The bitmap, if this instance has it.
+fn open(pin_dir: &Path) -> Result<Option<Array<MapData, u32>>> {
     let path = pin_dir.join(PEER_LINKS.name);
     if !path.exists() {
         return Ok(None);
     }
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map = HashMap::try_from(Map::HashMap(data))
-        .context("the peer links map has an unexpected layout")?;
+    let map =
+        Array::try_from(Map::Array(data)).context("the peer links map has an unexpected layout")?;
     Ok(Some(map))
+}
+
+/// The interfaces a bitmap lists.
+fn read<T: Borrow<MapData>>(map: &Array<T, u32>) -> BTreeSet<u32> {
+    (0u32..)
+        .zip(map.iter())
+        .filter_map(|(word, bits)| Some((word, bits.ok()?)))
+        .filter(|(_, bits)| *bits != 0)
+        .flat_map(|(word, bits)| {
+            (0..32)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| word * 32 + bit)
+        })
+        .collect()
+}
+
+/// Lists the interface in a bitmap (`listed`) or takes it off. An index
+/// beyond the bitmap cannot be listed: it stays on the neighbour path.
+pub(super) fn set_listed<T: BorrowMut<MapData>>(
+    map: &mut Array<T, u32>,
+    ifindex: u32,
+    listed: bool,
+) -> Result<()> {
+    let (word, bit) = link_bit(ifindex);
+    if word >= map.len() {
+        return Ok(());
+    }
+    let old = map.get(&word, 0)?;
+    let new = if listed { old | bit } else { old & !bit };
+    if new != old {
+        map.set(word, new, 0)
+            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+    }
+    Ok(())
 }
 
 /// The interfaces listed (none when the map is absent or unreadable).
 pub(crate) fn listed(pin_dir: &Path) -> BTreeSet<u32> {
-    let Ok(Some(map)) = open(pin_dir) else {
-        return BTreeSet::new();
-    };
-    map.keys().filter_map(Result::ok).collect()
+    match open(pin_dir) {
+        Ok(Some(map)) => read(&map),
+        _ => BTreeSet::new(),
+    }
 }
 
 /// Lists exactly the interfaces with the reply program (and not the
@@ -59,14 +94,13 @@ pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
         .filter_map(|(ifname, _)| Some((netlink::ifindex(&ifname).ok()?, ifname)))
         .collect();
     let wanted = into_peer(&towards_containers)?;
-    let listed: BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
+    let listed = read(&map);
     for ifindex in listed.iter().filter(|i| !wanted.contains(i)) {
         // Gone meanwhile: as good as removed.
-        map.remove(ifindex).ok();
+        set_listed(&mut map, *ifindex, false)?;
     }
     for ifindex in wanted.iter().filter(|i| !listed.contains(i)) {
-        map.insert(ifindex, 1, 0)
-            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+        set_listed(&mut map, *ifindex, true)?;
     }
     Ok(())
 }
@@ -78,8 +112,7 @@ pub(crate) fn add(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
         return Ok(());
     };
     if !into_peer(&BTreeMap::from([(ifindex, ifname.to_owned())]))?.is_empty() {
-        map.insert(ifindex, 1, 0)
-            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+        set_listed(&mut map, ifindex, true)?;
     }
     Ok(())
 }

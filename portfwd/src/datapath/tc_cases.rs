@@ -5,13 +5,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, MapData};
 use etherparse::{IpFragOffset, Ipv4Header};
 use portfwd_common::{
     CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, PEER_LINKS, Stat,
     TRANSLATED_MARK,
 };
 
+use super::peer_links::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
     HOST_V4, HOST_V6, L4, NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TO_STACK, Tc, UPLINK_IN,
@@ -265,7 +266,7 @@ impl Drop for PeerCaseNamespaces {
     }
 }
 
-/// A packet redirected to an interface that `pf_peer_links` lists (a veth
+/// A packet redirected to an interface that `pf_peer_link_bits` lists (a veth
 /// into a container's namespace) goes into its peer: addressed as the veth
 /// would carry it (to the neighbour the kernel knows for its destination,
 /// from the veth's own address) and without the host's mark. With no
@@ -294,11 +295,8 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
         tc.publish(&[known.clone(), unknown.clone()]);
         let list = |tc: &mut Tc, listed: bool| {
             let map = tc.ebpf_mut().map_mut(PEER_LINKS.name).unwrap();
-            let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
-            match listed {
-                true => peer_links.insert(ifindex, 1, 0).unwrap(),
-                false => peer_links.remove(&ifindex).unwrap(),
-            }
+            let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+            set_listed(&mut peer_links, ifindex, listed).unwrap();
         };
         list(&mut tc, true);
         let client = at(CLIENT_V4, 40001);

@@ -35,6 +35,7 @@ use portfwd_common::{
 use portfwd_testkit::netns;
 
 use super::object::OBJECT;
+use super::peer_links::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
     mark_no_masq_flow, record_host_address, skb_ctx, stat_if_counted, stat_of,
@@ -59,7 +60,7 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// own address and port (a translation that leaves the packet as it was,
 /// so that it repeats on one skb).
 const PEER_CTR_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 4);
-/// A veth of the measurement's namespace, listed in `pf_peer_links`.
+/// A veth of the measurement's namespace, listed in `pf_peer_link_bits`.
 const PEER_VETH: &str = "pfcost0";
 
 /// The peer case's container, published at its own address and port.
@@ -95,6 +96,10 @@ fn publish_cycle(ebpf: &mut Ebpf, peer_ifindex: u32) {
         services.insert(mapping.key(), mapping.value(), 0).unwrap();
     }
     if let Some(map) = ebpf.map_mut(PEER_LINKS.name) {
+        let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        set_listed(&mut peer_links, peer_ifindex, true).unwrap();
+    } else if let Some(map) = ebpf.map_mut("pf_peer_links") {
+        // An object of a build before the bitmap (`--against`): its hash.
         let mut peer_links: HashMap<&mut MapData, u32, u8> = HashMap::try_from(map).unwrap();
         peer_links.insert(peer_ifindex, 1, 0).unwrap();
     }

@@ -102,7 +102,7 @@ pub(crate) struct Matched {
     /// The reply program is attached there.
     pub(crate) container_interface_attached: bool,
     /// Packets are redirected through it straight into the container's
-    /// namespace (`pf_peer_links`), not through the neighbour subsystem.
+    /// namespace (`pf_peer_link_bits`), not through the neighbour subsystem.
     pub(crate) container_interface_into_peer: bool,
     pub(crate) counters: Counters,
     /// Its live flows on the TC path.
