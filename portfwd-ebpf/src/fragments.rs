@@ -7,8 +7,12 @@
 //! covers the whole datagram, but it lives in the first fragment, whose
 //! rewrite already applied the pseudo-header change.
 //!
-//! Entries live `FRAGMENT_TIMEOUT_NS` in an LRU map, and serve only
-//! fragments that come in on the interface the first one came in on. A later fragment that
+//! Entries live until the datagram's last fragment (the one without "more
+//! fragments") is translated, at most `FRAGMENT_TIMEOUT_NS`, in an LRU map,
+//! and serve only fragments that come in on the interface the first one
+//! came in on. Forgotten at the last fragment, they leave the map's free
+//! elements to the next datagrams: a map that every datagram left full
+//! took each new one's element from the LRU's lists by eviction. A later fragment that
 //! arrives before its first (reordered on the way) matches nothing: it is
 //! passed to the host untouched and counted, and its datagram is lost (the
 //! sender's retry, or the application's, carries it). Nothing is held back:
@@ -63,6 +67,20 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex
     value.first_seen_ns = now;
     set_key(key, pkt);
     let _ = FRAGMENTS.insert(key, value, 0);
+}
+
+/// Forgets the datagram of `pkt`, its last fragment (see the module doc): a
+/// middle fragment that comes after it (reordered on the way) matches
+/// nothing, as one that comes before the first.
+#[inline(always)]
+pub(crate) fn forget(pkt: &Packet) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `remember`.
+    let key = unsafe { &mut (*scratch).frag_key };
+    set_key(key, pkt);
+    let _ = FRAGMENTS.remove(key);
 }
 
 /// The translation of the later fragment `pkt`'s datagram, if its first

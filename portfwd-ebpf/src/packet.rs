@@ -83,7 +83,7 @@ pub(crate) struct Packet {
     pub l4_off: usize,
     /// Bytes of the packet, for the counters.
     pub len: u32,
-    /// `WHOLE`, `FIRST_FRAGMENT` or `LATER_FRAGMENT`.
+    /// `WHOLE`, `FIRST_FRAGMENT`, `LATER_FRAGMENT` or `LAST_FRAGMENT`.
     pub fragment: u8,
     /// The IP identification of a fragment's datagram (IPv4: 16 bits; IPv6:
     /// the Fragment header's 32).
@@ -97,8 +97,19 @@ pub(crate) struct Packet {
 pub(crate) const WHOLE: u8 = 0;
 /// Offset 0 with more to come: it carries the TCP/UDP header.
 pub(crate) const FIRST_FRAGMENT: u8 = 1;
-/// Any other fragment: no transport header, ports unknown (zero).
+/// A fragment after the first with more to come: no transport header,
+/// ports unknown (zero).
 pub(crate) const LATER_FRAGMENT: u8 = 2;
+/// A fragment after the first without more to come (the datagram's last
+/// bytes): as `LATER_FRAGMENT`.
+pub(crate) const LAST_FRAGMENT: u8 = 3;
+
+impl Packet {
+    /// A fragment after the first (`LATER_FRAGMENT`, `LAST_FRAGMENT`).
+    pub(crate) fn is_later_fragment(&self) -> bool {
+        self.fragment >= LATER_FRAGMENT
+    }
+}
 
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
@@ -169,14 +180,14 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
     // translation of their first (see `fragments`).
     let flags_offset = u16::from_be_bytes([header[6], header[7]]);
     let frag_id = u16::from_be_bytes([header[4], header[5]]) as u32;
+    let more = flags_offset & IPV4_MORE_FRAGMENTS != 0;
     if flags_offset & IPV4_OFFSET_MASK != 0 {
-        return later_fragment(ctx, FAMILY_V4, proto, saddr, daddr, l3_off, frag_id);
+        let fragment = if more { LATER_FRAGMENT } else { LAST_FRAGMENT };
+        return later_fragment(
+            ctx, FAMILY_V4, proto, saddr, daddr, l3_off, frag_id, fragment,
+        );
     }
-    let fragment = if flags_offset & IPV4_MORE_FRAGMENTS != 0 {
-        FIRST_FRAGMENT
-    } else {
-        WHOLE
-    };
+    let fragment = if more { FIRST_FRAGMENT } else { WHOLE };
     let mut pkt = transport(
         ctx,
         FAMILY_V4,
@@ -221,7 +232,9 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, PassReason> {
     ctx.load(offset).map_err(|_| Stat::PassTruncated)
 }
 
-/// A fragment after the first: only addresses, protocol and identification.
+/// A fragment after the first (`fragment`: `LATER_FRAGMENT` or
+/// `LAST_FRAGMENT`): only addresses, protocol and identification.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn later_fragment(
     ctx: &TcContext,
@@ -231,6 +244,7 @@ fn later_fragment(
     daddr: Addr,
     l3_off: usize,
     frag_id: u32,
+    fragment: u8,
 ) -> Result<Packet, PassReason> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Stat::PassFragment);
@@ -246,7 +260,7 @@ fn later_fragment(
         l3_off,
         l4_off: l3_off,
         len: ctx.len(),
-        fragment: LATER_FRAGMENT,
+        fragment,
         frag_id,
         now: 0,
     })
@@ -285,7 +299,14 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Packet, PassReason> {
         frag_id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         let offset_more = u16::from_be_bytes([header[2], header[3]]);
         if offset_more & !0x7 != 0 {
-            return later_fragment(ctx, FAMILY_V6, proto, saddr, daddr, l3_off, frag_id);
+            let fragment = if offset_more & 1 != 0 {
+                LATER_FRAGMENT
+            } else {
+                LAST_FRAGMENT
+            };
+            return later_fragment(
+                ctx, FAMILY_V6, proto, saddr, daddr, l3_off, frag_id, fragment,
+            );
         }
         if offset_more & 1 != 0 {
             fragment = FIRST_FRAGMENT;

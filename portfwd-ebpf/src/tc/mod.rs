@@ -58,7 +58,7 @@ use self::{
 use crate::{
     conntrack, icmp,
     maps::{PUBLISHED_PORTS, SCRATCH, lacks_port},
-    packet::{self, LATER_FRAGMENT, Packet},
+    packet::{self, Packet},
     reply, trace,
     verdict::{DROP, NEXT, count},
 };
@@ -103,7 +103,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if let Err(verdict) = parse_or_count(ctx, pkt, path) {
         return verdict;
     }
-    if pkt.fragment == LATER_FRAGMENT {
+    if pkt.is_later_fragment() {
         let untracked = if from_containers {
             Stat::PassFragmentFromContainers
         } else {
@@ -333,7 +333,7 @@ fn routed_reply(ctx: &TcContext) -> i32 {
         }
         return NEXT;
     }
-    if pkt.fragment == LATER_FRAGMENT {
+    if pkt.is_later_fragment() {
         // Egress sees all the host's traffic: untracked fragments are not
         // counted here.
         return translate_fragment(ctx, pkt, None, false);

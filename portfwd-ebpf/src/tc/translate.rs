@@ -12,7 +12,7 @@ use crate::{
     conntrack, fragments,
     maps::{COUNTERS, SERVICES},
     nat46,
-    packet::{self, End, FIRST_FRAGMENT, Packet},
+    packet::{self, End, FIRST_FRAGMENT, LAST_FRAGMENT, Packet},
     trace,
     verdict::{DROP, NEXT, count, deliver, mark_translated},
 };
@@ -186,7 +186,11 @@ pub(super) fn translate_fragment(
     } else {
         Stat::FragmentIn
     });
-    deliver(ctx, if redirect { value.ifindex } else { 0 })
+    let ifindex = if redirect { value.ifindex } else { 0 };
+    if pkt.fragment == LAST_FRAGMENT {
+        fragments::forget(pkt);
+    }
+    deliver(ctx, ifindex)
 }
 
 /// The interface the packet is on (in at ingress, out at egress).

@@ -5,11 +5,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use etherparse::{IpFragOffset, Ipv4Header};
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, PEER_LINKS, Stat,
-    TRANSLATED_MARK,
+    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS, FragmentKey,
+    FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
 use super::peer_links::set_listed;
@@ -404,6 +404,84 @@ fn big_tcp_packets_of_tracked_flows_are_translated() {
                 "{published}: IP length 0 without GSO was not passed"
             ));
         }
+    }
+    failures.assert_none();
+}
+
+/// A fragment of the datagram `id` from `CLIENT_V4:40030` to `to`: at
+/// `offset` (8-byte units), `more` to come. Fragments after the first carry
+/// the first's bytes here; the programs read no ports in them.
+fn fragment_of(id: u16, to: SocketAddr, offset: u16, more: bool) -> Vec<u8> {
+    let mut frame = frame(at(CLIENT_V4, 40030), to, L4::Udp);
+    edit_ipv4_header(&mut frame, |header| {
+        header.identification = id;
+        header.more_fragments = more;
+        header.fragment_offset = IpFragOffset::try_new(offset).unwrap();
+    });
+    frame
+}
+
+/// How many datagrams the fragments map remembers.
+fn remembered_datagrams(tc: &Tc) -> usize {
+    let map = tc.ebpf().map(FRAGMENTS.name).expect("the fragments map");
+    let map: HashMap<&MapData, FragmentKey, FragmentValue> = HashMap::try_from(map).unwrap();
+    map.keys().count()
+}
+
+/// The later fragments of a datagram follow its first until its last (the
+/// one without "more fragments"), which forgets the datagram: the map keeps
+/// nothing of a datagram that came whole, and a fragment of it that comes
+/// after the last (reordered on the way) is passed untouched, as one that
+/// comes before the first.
+#[test]
+fn a_datagram_is_forgotten_at_its_last_fragment() {
+    let Some(tc) = Tc::load_with("a_datagram_is_forgotten_at_its_last_fragment", &published())
+    else {
+        return;
+    };
+    let published = at(HOST_V4, 5353);
+    // A later fragment comes out with the container's address, its bytes
+    // (no ports) as they were.
+    let translated = |mut frame: Vec<u8>| {
+        edit_ipv4_header(&mut frame, |header| header.destination = CTR_V4.octets());
+        frame
+    };
+    let mut failures = Failures::default();
+    let first = fragment_of(0x5151, published, 0, true);
+    failures.check(
+        "the first fragment",
+        tc.run(UPLINK_IN, &first),
+        TO_STACK,
+        &fragment_of(0x5151, at(CTR_V4, 53), 0, true),
+    );
+    let middle = fragment_of(0x5151, published, 1, true);
+    let last = fragment_of(0x5151, published, 2, false);
+    for (what, fragment, remembered) in [
+        ("a middle fragment", &middle, 1),
+        ("the last fragment", &last, 0),
+    ] {
+        failures.check(
+            what,
+            tc.run(UPLINK_IN, fragment),
+            TO_STACK,
+            &translated(fragment.clone()),
+        );
+        let datagrams = remembered_datagrams(&tc);
+        if datagrams != remembered {
+            failures.note(format!(
+                "after {what}: {datagrams} datagrams remembered, not {remembered}"
+            ));
+        }
+    }
+    let before = tc.stat(Stat::PassFragment);
+    failures.check(
+        "a middle fragment after the last",
+        tc.run(UPLINK_IN, &middle),
+        NEXT,
+        &middle,
+    );
+    if tc.stat(Stat::PassFragment) != before + 1 {
+        failures.note("the fragment after the last was not counted as passed".into());
     }
     failures.assert_none();
 }

@@ -377,6 +377,18 @@ fn large_udp_datagrams_cross_the_external_path_both_ways() {
     // fragments, translated both ways.
     assert!(rose(&before, "fragments_translated_in") >= 2 * 40);
     assert!(rose(&before, "fragments_translated_out") >= 2 * 40);
+    // Every datagram came whole: each was forgotten at its last fragment.
+    assert_eq!(fragment_entries(), 0, "datagrams still remembered");
+}
+
+/// How many datagrams the TC path's fragments map remembers.
+fn fragment_entries() -> usize {
+    use portfwd_common::{FragmentKey, FragmentValue};
+    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::FRAGMENTS.name);
+    let map = aya::maps::MapData::from_pin(&path).expect("the pinned fragments map");
+    let map: aya::maps::HashMap<_, FragmentKey, FragmentValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    map.keys().count()
 }
 
 #[test]
