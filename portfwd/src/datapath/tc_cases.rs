@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{Array, HashMap, MapData};
-use etherparse::{IpFragOffset, Ipv4Header};
+use etherparse::Ipv4Header;
 use portfwd_common::{
     CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS, FragmentKey,
     FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
@@ -16,8 +16,8 @@ use super::peer_links::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
     HOST_V4, HOST_V6, L4, NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TO_STACK, Tc, UPLINK_IN,
-    UPLINK_OUT, at, can_run, check_table, conntrack_flags, edit_ipv4_header, frame, gso_ctx,
-    ip_frame, mapping, skb_ctx,
+    UPLINK_OUT, as_fragment, at, can_run, check_table, conntrack_flags, edit_ipv4_header, frame,
+    gso_ctx, ip_frame, mapping, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -25,15 +25,6 @@ use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 /// hold `CLIENT_V4`'s /24 and `CLIENT_V6`'s /48.
 const OUTSIDER_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 7, 7);
 const OUTSIDER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 7, 0, 0, 0, 0, 7);
-
-/// The frame as a later fragment (offset 8 bytes): it carries no ports.
-/// (A first fragment does, and is translated.)
-fn later_fragment(mut frame: Vec<u8>) -> Vec<u8> {
-    edit_ipv4_header(&mut frame, |header| {
-        header.fragment_offset = IpFragOffset::try_new(1).unwrap();
-    });
-    frame
-}
 
 fn cases() -> Vec<Case> {
     let syn = frame(at(CLIENT_V4, 40001), at(HOST_V4, 8080), L4::Syn);
@@ -87,7 +78,14 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "a later fragment",
-            later_fragment(frame(at(CLIENT_V4, 40006), at(HOST_V4, 8080), L4::Syn)),
+            // Offset 8 bytes: it carries no ports (a first fragment does,
+            // and is translated).
+            as_fragment(
+                frame(at(CLIENT_V4, 40006), at(HOST_V4, 8080), L4::Syn),
+                0,
+                1,
+                false,
+            ),
             NEXT,
             None,
             Stat::PassFragment,
@@ -408,17 +406,10 @@ fn big_tcp_packets_of_tracked_flows_are_translated() {
     failures.assert_none();
 }
 
-/// A fragment of the datagram `id` from `CLIENT_V4:40030` to `to`: at
-/// `offset` (8-byte units), `more` to come. Fragments after the first carry
-/// the first's bytes here; the programs read no ports in them.
+/// A fragment of the datagram `id` from `CLIENT_V4:40030` to `to` (see
+/// `as_fragment`).
 fn fragment_of(id: u16, to: SocketAddr, offset: u16, more: bool) -> Vec<u8> {
-    let mut frame = frame(at(CLIENT_V4, 40030), to, L4::Udp);
-    edit_ipv4_header(&mut frame, |header| {
-        header.identification = id;
-        header.more_fragments = more;
-        header.fragment_offset = IpFragOffset::try_new(offset).unwrap();
-    });
-    frame
+    as_fragment(frame(at(CLIENT_V4, 40030), to, L4::Udp), id, offset, more)
 }
 
 /// How many datagrams the fragments map remembers.

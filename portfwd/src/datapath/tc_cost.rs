@@ -37,8 +37,8 @@ use portfwd_testkit::netns;
 use super::object::OBJECT;
 use super::peer_links::set_listed;
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, at, frame,
-    mark_no_masq_flow, record_host_address, skb_ctx, stat_if_counted, stat_of,
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, as_fragment,
+    at, frame, mark_no_masq_flow, record_host_address, skb_ctx, stat_if_counted, stat_of,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -277,8 +277,21 @@ fn cycle() -> (SocketAddr, SocketAddr, SocketAddr) {
     (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40001))
 }
 
+/// The datagram of the fragment case: one through each of the cycle's
+/// flows, so that a later fragment translated through one comes out as a
+/// later fragment of the other's.
+const CYCLE_DATAGRAM: u16 = 0x5151;
+
+/// A fragment of the cycle's datagram from its client to `to` (see
+/// `as_fragment`).
+fn cycle_fragment(to: SocketAddr, offset: u16) -> Vec<u8> {
+    let (_, _, client) = cycle();
+    as_fragment(frame(client, to, L4::Ack), CYCLE_DATAGRAM, offset, true)
+}
+
 /// The two flows of the cycle and the peer case's, opened and answered
-/// (established).
+/// (established); then the first fragment of the cycle's datagram through
+/// each of the cycle's flows.
 fn open_cycle_flows(ebpf: &Ebpf) {
     let (a, b, client) = cycle();
     let peer = peer_container();
@@ -287,6 +300,10 @@ fn open_cycle_flows(ebpf: &Ebpf) {
         assert_eq!(verdict(code), "redirect", "opening a flow to {published}");
         let (code, _) = run(ebpf, BACKEND_IN, &frame(container, client, L4::Ack), 1);
         assert_eq!(verdict(code), "redirect", "answering from {container}");
+    }
+    for published in [a, b] {
+        let (code, _) = run(ebpf, UPLINK_IN, &cycle_fragment(published, 0), 1);
+        assert_eq!(verdict(code), "redirect", "a first fragment to {published}");
     }
 }
 
@@ -318,6 +335,11 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
             UPLINK_IN,
             "established, into a container's veth (frame addressed)",
             frame(client, peer_container(), L4::Ack),
+        ),
+        (
+            UPLINK_IN,
+            "later fragment of a translated datagram",
+            cycle_fragment(a, 1),
         ),
         (
             BACKEND_IN,

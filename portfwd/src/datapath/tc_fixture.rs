@@ -18,7 +18,7 @@ use aya::{
     },
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
+use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
 use portfwd_common::{
     ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, FAMILY_V4, FAMILY_V6, LOCAL_ADDRS, LocalAddrKey,
     MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC, SERVICES, SERVICES_GEN,
@@ -149,6 +149,18 @@ pub(super) fn edit_ipv4_header(frame: &mut [u8], edit: impl FnOnce(&mut Ipv4Head
     header.header_checksum = header.calc_header_checksum();
     let bytes = header.to_bytes();
     frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+}
+
+/// `frame` (IPv4) as a fragment of the datagram `id`: at `offset` (8-byte
+/// units), `more` to come. A fragment after the first carries the first's
+/// bytes here: the programs read no ports in it.
+pub(super) fn as_fragment(mut frame: Vec<u8>, id: u16, offset: u16, more: bool) -> Vec<u8> {
+    edit_ipv4_header(&mut frame, |header| {
+        header.identification = id;
+        header.more_fragments = more;
+        header.fragment_offset = IpFragOffset::try_new(offset).unwrap();
+    });
+    frame
 }
 
 /// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8,
