@@ -118,10 +118,11 @@ pub const CT_FLAG_MASQ: u8 = 4;
 /// This entry's direction sent a FIN (its side is closed; the other side
 /// may go on sending: a half-close).
 pub const CT_FLAG_FIN: u8 = 8;
-/// This entry's side took part in the handshake: the reply entry's at the
-/// container's first answer, the forward entry's at the client's first
-/// packet after its SYN. Until then the entry ends after `CT_TCP_SYN_NS`
-/// idle.
+/// The flow completed its handshake: the client's first packet after the
+/// container's answer (`CT_FLAG_ANSWERED`) sets it on both entries. Until
+/// then each entry ends after `CT_TCP_SYN_NS` idle, so that a SYN flood
+/// from spoofed sources, which the container answers and nobody confirms,
+/// leaves no two-hour entries.
 pub const CT_FLAG_ESTABLISHED: u8 = 16;
 /// Not a translated flow: the replies of UDP datagrams that the host itself
 /// sent from a published port (a container masqueraded by the host's NAT,
@@ -137,6 +138,12 @@ pub const CT_FLAG_HOST: u8 = 32;
 /// keyed by the IPv4 packet and holds IPv6 addresses (published address,
 /// client).
 pub const CT_FLAG_NAT46: u8 = 64;
+/// A reply entry whose container answered (its SYN-ACK, or any later
+/// packet): the client's next packet establishes the flow. A client's ACK
+/// before any answer (sent blind, by a spoofed source) establishes
+/// nothing. (Entries of builds before this flag have `CT_FLAG_ESTABLISHED`
+/// on an answered reply entry, which counts as answered.)
+pub const CT_FLAG_ANSWERED: u8 = 128;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]

@@ -10,10 +10,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
-    Addr, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
-    CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED,
-    ServiceKey,
+    Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
+    CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER,
+    MASQ_FLOWS_STARTED, ServiceKey,
 };
 
 use crate::{
@@ -139,13 +139,17 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
         change_state(key, ct, CT_FLAG_FIN, now);
         return;
     }
-    // The reply entry is established by the container's first answer, the
-    // forward one by the client's first packet after its SYN (its ACK of
-    // that answer): a SYN flood that nothing answers keeps the short
-    // timeout of `CT_TCP_SYN_NS`. Written only when it changes, so that the
-    // packets of an established flow leave the line clean (the common case).
+    // The container's packets mark its answer on the reply entry; the
+    // client's first packet after its SYN (its ACK of that answer)
+    // establishes the flow, both entries (`establish`): a SYN flood that
+    // only the container answers keeps the short timeout of
+    // `CT_TCP_SYN_NS`. Written only when it changes, so that the packets of
+    // an established flow leave the line clean (the common case).
     let mut flags = ct.flags;
-    if flags & CT_FLAG_REPLY != 0 || pkt.tcp_flags & TCP_SYN == 0 {
+    if flags & CT_FLAG_REPLY != 0 {
+        flags |= CT_FLAG_ANSWERED;
+    } else if flags & CT_FLAG_ESTABLISHED == 0 && pkt.tcp_flags & TCP_SYN == 0 && establish(key, ct)
+    {
         flags |= CT_FLAG_ESTABLISHED;
     }
     if pkt.tcp_flags & TCP_FIN != 0 {
@@ -154,6 +158,27 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     if flags != ct.flags {
         ct.flags = flags;
     }
+}
+
+/// The client's first packet after its SYN, of the flow of the forward
+/// entry `ct`: establishes the reply entry too when the container answered
+/// (an entry of an earlier build, established, counts as answered), and
+/// says so; else (an ACK sent blind, or the reply entry gone) changes
+/// nothing. One lookup per flow.
+#[inline(never)]
+fn establish(key: &CtKey, ct: &CtValue) -> bool {
+    let Some((_, twin)) = twin_entry(key, ct) else {
+        return false;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let twin = unsafe { &mut *twin };
+    if twin.flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 {
+        return false;
+    }
+    if twin.flags & CT_FLAG_ESTABLISHED == 0 {
+        twin.flags |= CT_FLAG_ESTABLISHED;
+    }
+    true
 }
 
 /// A state change that concerns both entries of the flow (rare: a few

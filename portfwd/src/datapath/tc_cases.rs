@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{Array, HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS, FragmentKey,
-    FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
+    CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS,
+    FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
 use super::peer_links::set_listed;
@@ -591,10 +591,11 @@ fn a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry() {
     });
 }
 
-/// Each entry of a TCP flow is established and closed by its own side's
-/// packets; only a RST, or a packet of a side that closed already, looks at
-/// the other entry. The reply entry is established by the container's
-/// answer, the forward one by the client's ACK of it (before, the answer
+/// Each entry of a TCP flow is closed by its own side's packets; only a
+/// RST, or a packet of a side that closed already, looks at the other
+/// entry. The container's answer marks the reply entry answered, and the
+/// client's ACK of it establishes both entries (session 16 had each side
+/// establish its own entry, the answer the reply entry; before, the answer
 /// set both, through a lookup of the forward entry). Both sides' FINs close
 /// the flow at the next packet of the side that closed first, its ACK of
 /// the other's FIN (before, the second FIN closed it, and each FIN looked
@@ -609,6 +610,7 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
     const E: u8 = CT_FLAG_ESTABLISHED;
     const F: u8 = CT_FLAG_FIN;
     const C: u8 = CT_FLAG_CLOSING;
+    const A: u8 = CT_FLAG_ANSWERED;
     let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
     for (client_closes_first, port) in [(true, 40048), (false, 40049)] {
         let mut tc = Tc::load_as_root();
@@ -629,33 +631,33 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
             &tc,
             BACKEND_IN,
             to_client(L4::Ack),
-            [0, R | E],
+            [0, R | A],
             "the answer",
         );
         check_step(
             &tc,
             UPLINK_IN,
             to_container(L4::Ack),
-            [E, R | E],
+            [E, R | A | E],
             "the client's ACK",
         );
-        let closed = [E | F | C, R | E | F | C];
+        let closed = [E | F | C, R | A | E | F | C];
         if client_closes_first {
             check_step(
                 &tc,
                 UPLINK_IN,
                 client_fin,
-                [E | F, R | E],
+                [E | F, R | A | E],
                 "the client's FIN",
             );
             check_step(
                 &tc,
                 BACKEND_IN,
                 to_client(L4::Ack),
-                [E | F, R | E],
+                [E | F, R | A | E],
                 "data after it",
             );
-            let fin = [E | F, R | E | F];
+            let fin = [E | F, R | A | E | F];
             check_step(&tc, BACKEND_IN, container_fin, fin, "the container's FIN");
             check_step(
                 &tc,
@@ -669,21 +671,21 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
                 &tc,
                 BACKEND_IN,
                 container_fin,
-                [E, R | E | F],
+                [E, R | A | E | F],
                 "the container's FIN",
             );
             check_step(
                 &tc,
                 UPLINK_IN,
                 to_container(L4::Ack),
-                [E, R | E | F],
+                [E, R | A | E | F],
                 "its ACK",
             );
             check_step(
                 &tc,
                 UPLINK_IN,
                 client_fin,
-                [E | F, R | E | F],
+                [E | F, R | A | E | F],
                 "the client's FIN",
             );
             check_step(
@@ -695,6 +697,60 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
             );
         }
     }
+}
+
+/// A SYN flood from spoofed sources cannot fill the table with two-hour
+/// entries (issue 11, case 1): a flow is established only when its client
+/// answers the container's answer. A SYN that only the container answers
+/// (the SYN-ACK goes to a spoofed address, which never replies) leaves
+/// both entries on the SYN timeout; so does a client's ACK that no answer
+/// came before (sent blind). Before, the container's answer established
+/// the reply entry (two hours), and a blind ACK the forward entry.
+#[test]
+fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
+    if !can_run("a_flow_is_established_only_by_its_clients_answer_to_the_containers") {
+        return;
+    }
+    let mut tc = Tc::load_as_root();
+    tc.publish(&published());
+    let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
+    let established = |tc: &Tc| {
+        conntrack_flags(tc)
+            .iter()
+            .filter(|flags| *flags & CT_FLAG_ESTABLISHED != 0)
+            .count()
+    };
+    // Answered, never confirmed.
+    let spoofed = at(CLIENT_V4, 40050);
+    tc.run_marked(UPLINK_IN, &frame(spoofed, dialed, L4::Syn), 0);
+    let answer = frame(container, spoofed, L4::Ack);
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &answer, 0).1,
+        frame(dialed, spoofed, L4::Ack),
+        "the container's answer is translated"
+    );
+    assert_eq!(
+        established(&tc),
+        0,
+        "answered only: {:?}",
+        conntrack_flags(&tc)
+    );
+    // A blind ACK: no answer came before it.
+    tc = Tc::load_as_root();
+    tc.publish(&published());
+    let blind = at(CLIENT_V4, 40051);
+    tc.run_marked(UPLINK_IN, &frame(blind, dialed, L4::Syn), 0);
+    tc.run_marked(UPLINK_IN, &frame(blind, dialed, L4::Ack), 0);
+    assert_eq!(
+        established(&tc),
+        0,
+        "a blind ACK: {:?}",
+        conntrack_flags(&tc)
+    );
+    // Answered, then confirmed: both entries established.
+    tc.run_marked(BACKEND_IN, &frame(container, blind, L4::Ack), 0);
+    tc.run_marked(UPLINK_IN, &frame(blind, dialed, L4::Ack), 0);
+    assert_eq!(established(&tc), 2, "confirmed: {:?}", conntrack_flags(&tc));
 }
 
 /// Runs a frame through `program` and checks the frame that comes out (the
@@ -754,16 +810,17 @@ fn a_syn_that_reopens_a_closing_flow_to_the_same_container_starts_afresh() {
             |l4| (frame(client, published, l4), frame(client, container, l4)),
             |l4| (frame(container, client, l4), frame(published, client, l4)),
         );
+        let answered_reply = CT_FLAG_REPLY | CT_FLAG_ANSWERED;
         let (opening, answered, established) = (
             [0, CT_FLAG_REPLY],
-            [0, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
-            [CT_FLAG_ESTABLISHED, CT_FLAG_REPLY | CT_FLAG_ESTABLISHED],
+            [0, answered_reply],
+            [CT_FLAG_ESTABLISHED, answered_reply | CT_FLAG_ESTABLISHED],
         );
         let what = format!("{how}: the SYN reopens the flow, its entries opening");
         check_step(&tc, UPLINK_IN, to_container(L4::Syn), opening, &what);
-        let what = format!("{how}: the container's answer establishes the reply entry");
+        let what = format!("{how}: the container's answer marks the reply entry");
         check_step(&tc, BACKEND_IN, to_client(L4::Ack), answered, &what);
-        let what = format!("{how}: the client's ACK establishes the forward entry");
+        let what = format!("{how}: the client's ACK establishes both entries");
         check_step(&tc, UPLINK_IN, to_container(L4::Ack), established, &what);
         let data = frame(client, published, L4::Ack);
         // The client's FIN closes its side only: the old flow's FIN, which

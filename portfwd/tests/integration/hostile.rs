@@ -1800,6 +1800,81 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
 }
 
+/// A SYN flood from spoofed sources leaves no two-hour entries (issue 11,
+/// case 1): the container answers every SYN, its answers go to addresses
+/// that nobody holds, and both entries of each flow stay on the SYN
+/// timeout (`CT_TCP_SYN_NS`), which the sweep honours. Before, the
+/// container's answer established the reply entry, which then lived two
+/// hours after its flow's forward entry had expired.
+#[test]
+fn syns_from_spoofed_sources_establish_no_flow() {
+    use portfwd_common::{CONNTRACK, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY};
+    let Some(_serial) = root_test("spoofed_syns") else {
+        return;
+    };
+    let topo = Topology::new(47);
+    let (tcp_port, udp_port) = (62360u16, 62361u16);
+    let _running = publish(
+        &topo,
+        "spoofed",
+        topo.ctr.v4(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    normal_traffic_works(&topo, false, tcp_port, udp_port);
+    // Sources on the client's link that no host there holds.
+    let [a, b, c, _] = topo.client_v4().octets();
+    let spoofed: Vec<Ipv4Addr> = (0..20).map(|i| Ipv4Addr::new(a, b, c, 200 + i)).collect();
+    let client_if = topo.client.ctr_if.clone();
+    let sender = topo
+        .client
+        .inside(move || RawSocket::bind(&client_if))
+        .expect("raw socket in the client namespace");
+    for (i, src) in spoofed.iter().enumerate() {
+        let syn = Ipv4Packet::tcp_syn(*src, topo.host_v4(), 41000 + i as u16, tcp_port);
+        sender
+            .send(&topo.frame(ETH_P_IP, &syn.id(0xc000 + i as u16).build()))
+            .expect("sending a spoofed SYN");
+    }
+    // The container's answers pass the reply program at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let path = std::path::Path::new(&pin_dir()).join(CONNTRACK.name);
+    let map = aya::maps::MapData::from_pin(&path).expect("the pinned conntrack map");
+    let map: aya::maps::HashMap<_, portfwd_common::CtKey, portfwd_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    let spoofed_flows: Vec<u8> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            let client = if value.flags & CT_FLAG_REPLY != 0 {
+                key.daddr
+            } else {
+                key.saddr
+            };
+            spoofed
+                .iter()
+                .any(|ip| client.words[0] == u32::from_ne_bytes(ip.octets()))
+        })
+        .map(|(_, value)| value.flags)
+        .collect();
+    let answered = spoofed_flows
+        .iter()
+        .filter(|flags| *flags & CT_FLAG_ANSWERED != 0)
+        .count();
+    let established = spoofed_flows
+        .iter()
+        .filter(|flags| *flags & CT_FLAG_ESTABLISHED != 0)
+        .count();
+    assert_eq!(
+        (spoofed_flows.len(), established),
+        (2 * spoofed.len(), 0),
+        "entries of the spoofed flows, and how many are established: {spoofed_flows:?}"
+    );
+    assert_eq!(answered, spoofed.len(), "the container answered each SYN");
+}
+
 /// The TC programs parse Ethernet frames: an interface without a link-layer
 /// header (tun, wireguard) is refused as an uplink with one line, and
 /// nothing is attached (issue 11, case 9).
