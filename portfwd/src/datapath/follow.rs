@@ -82,13 +82,13 @@ impl TcLink {
 
 /// Every interface with pinned TC programs, checked against the kernel.
 pub(crate) fn tc_links(pin_dir: &Path) -> Vec<TcLink> {
-    let into_peer = peer_links::listed(pin_dir);
+    let into_peer = peer_links::Listed::open(pin_dir);
     tc_attachments(pin_dir)
         .into_iter()
         .map(|(ifname, programs)| {
             let state = link_state(pin_dir, &ifname, &programs);
             let into_peer = state == LinkState::Attached
-                && netlink::ifindex(&ifname).is_ok_and(|index| into_peer.contains(&index));
+                && netlink::ifindex(&ifname).is_ok_and(|index| into_peer.contains(index));
             TcLink {
                 ifname,
                 programs,

@@ -1808,7 +1808,9 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
 /// hours after its flow's forward entry had expired.
 #[test]
 fn syns_from_spoofed_sources_establish_no_flow() {
-    use portfwd_common::{CONNTRACK, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY};
+    use portfwd_common::{
+        CONNTRACK, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CtKey, CtValue,
+    };
     let Some(_serial) = root_test("spoofed_syns") else {
         return;
     };
@@ -1840,10 +1842,7 @@ fn syns_from_spoofed_sources_establish_no_flow() {
     }
     // The container's answers pass the reply program at once.
     std::thread::sleep(Duration::from_millis(500));
-    let path = std::path::Path::new(&pin_dir()).join(CONNTRACK.name);
-    let map = aya::maps::MapData::from_pin(&path).expect("the pinned conntrack map");
-    let map: aya::maps::HashMap<_, portfwd_common::CtKey, portfwd_common::CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
     let spoofed_flows: Vec<u8> = map
         .iter()
         .filter_map(Result::ok)

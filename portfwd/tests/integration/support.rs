@@ -31,6 +31,17 @@ pub(crate) fn pin_dir() -> String {
     std::env::var("PORTFWD_TEST_BPFFS").unwrap_or_else(|_| "/sys/fs/bpf/portfwd-test".into())
 }
 
+/// The running instance's pinned LRU hash `map` (the conntrack, the
+/// fragments map), to read or change by hand.
+pub(crate) fn pinned_lru_hash<K: aya::Pod, V: aya::Pod>(
+    map: &portfwd_common::MapDef,
+) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let path = std::path::Path::new(&pin_dir()).join(map.name);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|e| panic!("the pinned {}: {e}", map.name));
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
+}
+
 /// Tests share the cgroup root and the pin directory: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -383,12 +383,10 @@ fn large_udp_datagrams_cross_the_external_path_both_ways() {
 
 /// How many datagrams the TC path's fragments map remembers.
 fn fragment_entries() -> usize {
-    use portfwd_common::{FragmentKey, FragmentValue};
-    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::FRAGMENTS.name);
-    let map = aya::maps::MapData::from_pin(&path).expect("the pinned fragments map");
-    let map: aya::maps::HashMap<_, FragmentKey, FragmentValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
-    map.keys().count()
+    use portfwd_common::{FRAGMENTS, FragmentKey, FragmentValue};
+    pinned_lru_hash::<FragmentKey, FragmentValue>(&FRAGMENTS)
+        .keys()
+        .count()
 }
 
 #[test]
@@ -653,11 +651,8 @@ fn flows_whose_replies_would_clash_get_distinct_ports() {
 /// LRU eviction or a lone expiry does to one half of a flow); returns how
 /// many.
 fn forget_reply_entries() -> usize {
-    use portfwd_common::{CT_FLAG_REPLY, CtKey, CtValue};
-    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::CONNTRACK.name);
-    let map = aya::maps::MapData::from_pin(&path).expect("the pinned conntrack map");
-    let mut map: aya::maps::HashMap<_, CtKey, CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue};
+    let mut map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
     let replies: Vec<CtKey> = map
         .iter()
         .filter_map(Result::ok)
