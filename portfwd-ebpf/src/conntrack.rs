@@ -81,7 +81,12 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
 /// removed, so that the packet starts the flow again (for TCP only a SYN
 /// can). Asked at most once per `REFRESH_NS` per entry, and for every SYN;
 /// a live twin's idle timer is refreshed with this entry's, so that the
-/// two directions of a one-way flow expire together.
+/// two directions of a one-way flow expire together, and an established
+/// flow's reply entry is made established if it is not: `establish`'s
+/// write to it, from another CPU, can be lost (to the container's own
+/// update of its flags, to userspace rewriting the entry, or to a program
+/// of the build before, during an upgrade), and without it the reply entry
+/// would end after the SYN timeout while its flow lives on.
 #[inline(always)]
 pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, syn: bool, now: u64) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
@@ -100,6 +105,20 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
         Some((_, twin)) => {
             // SAFETY: a pointer into the map value, valid for this program run.
             unsafe { (*twin).last_seen_ns = now };
+            let (forward, reply) = if ct.flags & CT_FLAG_REPLY == 0 {
+                (entry, twin)
+            } else {
+                (twin, entry)
+            };
+            // SAFETY: pointers into the map values, valid for this program
+            // run.
+            unsafe {
+                if (*forward).flags & CT_FLAG_ESTABLISHED != 0
+                    && (*reply).flags & CT_FLAG_ESTABLISHED == 0
+                {
+                    (*reply).flags |= CT_FLAG_ESTABLISHED;
+                }
+            }
             false
         }
         None => {
@@ -110,12 +129,15 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 }
 
 /// Records that a packet of the flow went by: refreshes the idle timer, and
-/// for TCP follows the flow's state: each entry is established and closed
-/// by its own side's packets, the flow closing once both sides sent a FIN
-/// (a half-close lives on) or at a RST. Only the last needs the other
-/// entry, looked up in `change_state`: a RST, or any packet of a side that
-/// closed already. Other CPUs may write the same entry; a lost update only
-/// shifts a timestamp or delays a state by a packet.
+/// for TCP follows the flow's state: the flow is established, both entries,
+/// by the client's answer to the container's (`establish`); each entry is
+/// closed by its own side's packets, the flow closing once both sides sent
+/// a FIN (a half-close lives on) or at a RST. Only those steps need the
+/// other entry: the client's first packet after its SYN, a RST, or any
+/// packet of a side that closed already. Other CPUs may write the same
+/// entry; a lost update shifts a timestamp, delays a state by a packet, or
+/// (the reply entry's establishment) is made good by `check_twin` at the
+/// flow's next packet after a second.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.

@@ -1,6 +1,6 @@
-//! Reading and writing many entries of a hash map in a few system calls
-//! (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH: kernel 5.6), by raw bpf(2)
-//! calls: aya 0.14 has no API for the batch commands. Its iterator makes two
+//! Reading and writing many entries of a map (a hash, or an array) in a
+//! few system calls (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH: kernel
+//! 5.6), by raw bpf(2) calls: aya 0.14 has no API for the batch commands. Its iterator makes two
 //! calls per entry (next key, then lookup), and its insert one: 20,000 calls
 //! to read the services map of 10,000 mappings (most of what `apply` and
 //! `list` spent), 10,000 to zero their counters. Also the one command aya
@@ -27,8 +27,8 @@ struct BatchAttr {
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
-/// Every entry of the hash map `map` (keys `K`, values `V`: not a per-CPU
-/// map). An error of the call is returned as is: the caller falls back to
+/// Every entry of the hash or array map `map` (keys `K`, values `V`: not a
+/// per-CPU map). An error of the call is returned as is: the caller falls back to
 /// iterating (an older kernel says EINVAL).
 pub(crate) fn lookup_all<K, V>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K, V)>>
 where
@@ -42,10 +42,11 @@ where
     Ok(entries)
 }
 
-/// Every entry of the hash map `map`, handed to `each` a call's worth at a
-/// time (up to CHUNK), so that a caller can pace its work between calls.
-/// The walk goes by bucket: entries removed or added meanwhile in buckets
-/// already read do not disturb it. Errors as `lookup_all`'s.
+/// Every entry of the hash or array map `map`, handed to `each` a call's
+/// worth at a time (up to CHUNK), so that a caller can pace its work
+/// between calls. A hash map's walk goes by bucket: entries removed or
+/// added meanwhile in buckets already read do not disturb it; an array's
+/// goes by index. Errors as `lookup_all`'s.
 pub(crate) fn lookup_chunks<K, V>(
     map: BorrowedFd<'_>,
     mut each: impl FnMut(&[K], &[V]),
@@ -56,8 +57,10 @@ where
 {
     let mut keys: Vec<K> = vec![K::zeroed(); CHUNK];
     let mut values: Vec<V> = vec![V::zeroed(); CHUNK];
-    // The position where the previous call stopped (for a hash map, a
-    // bucket number the kernel hands back; 8 bytes hold any map's).
+    // The position where the previous call stopped, as the kernel hands it
+    // back (a hash map's bucket number, an array's next index: a key's
+    // size) and reads it again; never interpreted here. 8 bytes hold
+    // either.
     let (mut position, mut next) = (0u64, 0u64);
     let mut first = true;
     loop {

@@ -753,6 +753,44 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
     assert_eq!(established(&tc), 2, "confirmed: {:?}", conntrack_flags(&tc));
 }
 
+/// The reply entry's establishment is another CPU's write (`establish`),
+/// which the container's own update of the entry, userspace rewriting it or
+/// a program of the build before (during an upgrade) can lose: then the
+/// flow's next packet after a second of quiet makes it good. Before, the
+/// reply entry stayed on the SYN timeout, and the sweep removed it from
+/// under an idle flow.
+#[test]
+fn a_lost_establishment_of_the_reply_entry_is_made_good() {
+    if !can_run("a_lost_establishment_of_the_reply_entry_is_made_good") {
+        return;
+    }
+    let mut tc = Tc::load_as_root();
+    tc.publish(&published());
+    let (dialed, container, client) = (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40052));
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
+    tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0);
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0);
+    let (answered, established) = (
+        CT_FLAG_REPLY | CT_FLAG_ANSWERED,
+        CT_FLAG_REPLY | CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED,
+    );
+    assert_eq!(conntrack_flags(&tc), [CT_FLAG_ESTABLISHED, established]);
+    // The reply entry's establishment lost; both entries quiet for 2 s.
+    change_entries(&mut tc, |value| {
+        if value.flags & CT_FLAG_REPLY != 0 {
+            value.flags &= !CT_FLAG_ESTABLISHED;
+        }
+        value.last_seen_ns = value.last_seen_ns.saturating_sub(2_000_000_000);
+    });
+    assert_eq!(conntrack_flags(&tc), [CT_FLAG_ESTABLISHED, answered]);
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0);
+    assert_eq!(
+        conntrack_flags(&tc),
+        [CT_FLAG_ESTABLISHED, established],
+        "made good by the client's packet"
+    );
+}
+
 /// Runs a frame through `program` and checks the frame that comes out (the
 /// pair: in, out), then the flags of the flow's two entries (in any order).
 fn check_step(
@@ -949,19 +987,24 @@ fn remove_reply_entries(tc: &mut Tc) {
     remove_entries(tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
 }
 
+/// The conntrack map of `tc`, to change by hand.
+fn conntrack_of(
+    tc: &mut Tc,
+) -> HashMap<&mut MapData, portfwd_common::CtKey, portfwd_common::CtValue> {
+    let map = tc
+        .ebpf_mut()
+        .map_mut(portfwd_common::CONNTRACK.name)
+        .expect("the conntrack map");
+    HashMap::try_from(map).unwrap()
+}
+
 /// Removes the conntrack entries that `which` picks, as evictions may.
 fn remove_entries(
     tc: &mut Tc,
     which: impl Fn(&portfwd_common::CtKey, &portfwd_common::CtValue) -> bool,
 ) {
-    use aya::maps::{HashMap, MapData};
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
-    let map = tc
-        .ebpf_mut()
-        .map_mut(CONNTRACK.name)
-        .expect("the conntrack map");
-    let mut map: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    let picked: Vec<CtKey> = map
+    let mut map = conntrack_of(tc);
+    let picked: Vec<_> = map
         .iter()
         .filter_map(Result::ok)
         .filter(|(key, value)| which(key, value))
@@ -969,6 +1012,17 @@ fn remove_entries(
         .collect();
     for key in picked {
         map.remove(&key).unwrap();
+    }
+}
+
+/// Rewrites every conntrack entry with `change`, as a lost update or
+/// another CPU's write may leave it.
+fn change_entries(tc: &mut Tc, change: impl Fn(&mut portfwd_common::CtValue)) {
+    let mut map = conntrack_of(tc);
+    let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
+    for (key, mut value) in entries {
+        change(&mut value);
+        map.insert(key, value, 0).unwrap();
     }
 }
 
