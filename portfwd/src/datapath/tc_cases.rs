@@ -708,11 +708,12 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
 /// the reply entry (two hours), and a blind ACK the forward entry.
 #[test]
 fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
-    if !can_run("a_flow_is_established_only_by_its_clients_answer_to_the_containers") {
+    let Some(tc) = Tc::load_with(
+        "a_flow_is_established_only_by_its_clients_answer_to_the_containers",
+        &published(),
+    ) else {
         return;
-    }
-    let mut tc = Tc::load_as_root();
-    tc.publish(&published());
+    };
     let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
     let established = |tc: &Tc| {
         conntrack_flags(tc)
@@ -735,9 +736,7 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
         "answered only: {:?}",
         conntrack_flags(&tc)
     );
-    // A blind ACK: no answer came before it.
-    tc = Tc::load_as_root();
-    tc.publish(&published());
+    // A blind ACK: no answer came before it (another flow beside the first).
     let blind = at(CLIENT_V4, 40051);
     tc.run_marked(UPLINK_IN, &frame(blind, dialed, L4::Syn), 0);
     tc.run_marked(UPLINK_IN, &frame(blind, dialed, L4::Ack), 0);
@@ -761,11 +760,12 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
 /// under an idle flow.
 #[test]
 fn a_lost_establishment_of_the_reply_entry_is_made_good() {
-    if !can_run("a_lost_establishment_of_the_reply_entry_is_made_good") {
+    let Some(mut tc) = Tc::load_with(
+        "a_lost_establishment_of_the_reply_entry_is_made_good",
+        &published(),
+    ) else {
         return;
-    }
-    let mut tc = Tc::load_as_root();
-    tc.publish(&published());
+    };
     let (dialed, container, client) = (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40052));
     tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
     tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0);
