@@ -172,9 +172,41 @@ pub struct CtValue {
     /// flow's mapping was last seen unchanged: while it is current, the
     /// mapping is not looked up again.
     pub generation: u16,
-    /// `bpf_ktime_get_ns` of the last packet, and of the first FIN/RST.
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once
+    /// a second).
     pub last_seen_ns: u64,
-    pub closing_since_ns: u64,
+    /// Once the flow is closing (`CT_FLAG_CLOSING`): since when
+    /// (`closing_since_ns`). Before, for TCP: how far this entry's
+    /// direction has gone (`tcp_next`), against which the programs check a
+    /// reset and the client's establishing ACK. One word for both, because
+    /// an entry needs its progress only until it closes, and the builds
+    /// before read this word only from a closing entry (and wrote 0
+    /// otherwise, which reads as no progress known): the entry keeps their
+    /// layout, and flows go on across an upgrade.
+    pub closing_or_progress: u64,
+}
+
+impl CtValue {
+    /// When the flow started closing; meaningful with `CT_FLAG_CLOSING`.
+    pub const fn closing_since_ns(&self) -> u64 {
+        self.closing_or_progress
+    }
+
+    /// TCP, until the flow is closing: the sequence number after
+    /// everything this entry's direction has sent (its SYN, data and FIN),
+    /// where its next new segment starts and the sequence number of a
+    /// reset it sends. 0: not known yet.
+    pub const fn tcp_next(&self) -> u32 {
+        self.closing_or_progress as u32
+    }
+
+    pub const fn set_tcp_next(&mut self, next: u32) {
+        self.closing_or_progress = next as u64;
+    }
+
+    pub const fn set_closing_since(&mut self, now_ns: u64) {
+        self.closing_or_progress = now_ns;
+    }
 }
 
 /// Key of the fragments map: one IP datagram as its fragments carry it

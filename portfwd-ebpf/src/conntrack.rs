@@ -13,13 +13,14 @@ use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
     CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
     CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER,
-    MASQ_FLOWS_STARTED, ServiceKey,
+    MASQ_FLOWS_STARTED, ServiceKey, Stat,
 };
 
 use crate::{
     maps::{CONNTRACK, MASQ_FLOWS, SCRATCH},
-    packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     types::Nat,
+    verdict::count,
 };
 
 /// `bpf_map_update_elem` flag: only if the key is not there yet.
@@ -68,7 +69,7 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
         return idle > CT_UDP_IDLE_NS;
     }
     if ct.flags & CT_FLAG_CLOSING != 0 {
-        return now.saturating_sub(ct.closing_since_ns) > CT_TCP_CLOSING_NS;
+        return now.saturating_sub(ct.closing_since_ns()) > CT_TCP_CLOSING_NS;
     }
     if ct.flags & CT_FLAG_ESTABLISHED == 0 {
         return idle > CT_TCP_SYN_NS;
@@ -129,15 +130,17 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 }
 
 /// Records that a packet of the flow went by: refreshes the idle timer, and
-/// for TCP follows the flow's state: the flow is established, both entries,
-/// by the client's answer to the container's (`establish`); each entry is
-/// closed by its own side's packets, the flow closing once both sides sent
-/// a FIN (a half-close lives on) or at a RST. Only those steps need the
-/// other entry: the client's first packet after its SYN, a RST, or any
-/// packet of a side that closed already. Other CPUs may write the same
-/// entry; a lost update shifts a timestamp, delays a state by a packet, or
-/// (the reply entry's establishment) is made good by `check_twin` at the
-/// flow's next packet after a second.
+/// for TCP follows the flow's state: how far each direction has gone
+/// (`advance`); the flow is established, both entries, by the client's
+/// answer to the container's (`establish`); each entry is closed by its own
+/// side's packets, the flow closing once both sides sent a FIN (a
+/// half-close lives on) or at a RST sent from where its side is
+/// (`reset_fits`). Only those steps need the other entry: the client's
+/// first packet after its SYN, a RST, or any packet of a side that closed
+/// already. Other CPUs may write the same entry; a lost update shifts a
+/// timestamp, delays a state by a packet, or (the reply entry's
+/// establishment) is made good by `check_twin` at the flow's next packet
+/// after a second.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.
@@ -149,9 +152,14 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
         return;
     }
     if pkt.tcp_flags & TCP_RST != 0 {
-        change_state(key, ct, CT_FLAG_CLOSING, now);
+        if reset_fits(ct, pkt) {
+            change_state(key, ct, CT_FLAG_CLOSING, now);
+        } else {
+            count(Stat::ResetOutOfWindow);
+        }
         return;
     }
+    advance(ct, pkt);
     if ct.flags & CT_FLAG_FIN != 0 {
         // This side closed before: has the other closed since? A side's
         // own FIN does not ask (below), so the side that closed first finds
@@ -170,7 +178,9 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     let mut flags = ct.flags;
     if flags & CT_FLAG_REPLY != 0 {
         flags |= CT_FLAG_ANSWERED;
-    } else if flags & CT_FLAG_ESTABLISHED == 0 && pkt.tcp_flags & TCP_SYN == 0 && establish(key, ct)
+    } else if flags & CT_FLAG_ESTABLISHED == 0
+        && pkt.tcp_flags & TCP_SYN == 0
+        && establish(key, ct, pkt)
     {
         flags |= CT_FLAG_ESTABLISHED;
     }
@@ -184,23 +194,79 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
 
 /// The client's first packet after its SYN, of the flow of the forward
 /// entry `ct`: establishes the reply entry too when the container answered
-/// (an entry of an earlier build, established, counts as answered), and
-/// says so; else (an ACK sent blind, or the reply entry gone) changes
-/// nothing. One lookup per flow.
+/// (an entry of an earlier build, established, counts as answered) and the
+/// packet acknowledges that answer (`acknowledges`), and says so; else (an
+/// ACK sent blind, by a source that never saw the answer, or the reply
+/// entry gone) changes nothing. One lookup per flow.
 #[inline(never)]
-fn establish(key: &CtKey, ct: &CtValue) -> bool {
+fn establish(key: &CtKey, ct: &CtValue, pkt: &Packet) -> bool {
     let Some((_, twin)) = twin_entry(key, ct) else {
         return false;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &mut *twin };
-    if twin.flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 {
+    if twin.flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 || !acknowledges(pkt, twin) {
         return false;
     }
     if twin.flags & CT_FLAG_ESTABLISHED == 0 {
         twin.flags |= CT_FLAG_ESTABLISHED;
     }
     true
+}
+
+/// The most a TCP sender's segment may start ahead of where its direction
+/// was seen (segments lost on the way here), and how far a reset's or an
+/// acknowledgment's number may lag behind what it answers (data in flight):
+/// the largest window without scaling. A segment forged by a source that
+/// does not see the flow hits these windows once in 65,536 tries.
+const SEQ_WINDOW: u32 = 65_535;
+
+/// Moves the entry's direction on by the packet (not a RST), if the packet
+/// is where that direction is: a segment that starts before (a
+/// retransmission) or at most `SEQ_WINDOW` after the known end and goes
+/// past it. A forged segment elsewhere changes nothing, so that it cannot
+/// move the flow to where a forged reset then fits. Written only when it
+/// changes.
+#[inline(always)]
+fn advance(ct: &mut CtValue, pkt: &Packet) {
+    let next = ct.tcp_next();
+    let moves = if next == 0 {
+        // Not known yet: the direction's first packet since the entry was
+        // made (the container's answer), or since an upgrade.
+        pkt.seq_end != 0
+    } else {
+        pkt.seq_end.wrapping_sub(next) as i32 > 0
+            && pkt.seq.wrapping_sub(next) as i32 <= SEQ_WINDOW as i32
+    };
+    if moves {
+        ct.set_tcp_next(pkt.seq_end);
+    }
+}
+
+/// Whether a RST comes from where its side of the flow is: its sequence
+/// number at that side's end (a socket aborting), or at most `SEQ_WINDOW`
+/// behind it (a stack answering a segment whose acknowledgment lagged).
+/// A reset forged by a source that cannot see the flow almost never does;
+/// it is passed on (the endpoint judges it: Linux answers a near miss with
+/// a challenge ACK, RFC 5961) and the flow goes on. A side whose end is not
+/// known (no packet of it seen yet, or an entry of an earlier build) is
+/// believed, as before.
+#[inline(always)]
+fn reset_fits(ct: &CtValue, pkt: &Packet) -> bool {
+    let next = ct.tcp_next();
+    next == 0 || next.wrapping_sub(pkt.seq) <= SEQ_WINDOW
+}
+
+/// Whether the client's packet acknowledges the container's answer, whose
+/// reply entry is `reply`: an ACK of at most its end, and at most
+/// `SEQ_WINDOW` behind (the container may have sent more since). A source
+/// that never saw the answer (it forged the SYN's address) cannot know it.
+/// An answer whose end is not known (an entry of an earlier build) counts
+/// as acknowledged.
+#[inline(always)]
+fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
+    let next = reply.tcp_next();
+    next == 0 || (pkt.tcp_flags & TCP_ACK != 0 && next.wrapping_sub(pkt.ack) <= SEQ_WINDOW)
 }
 
 /// A state change that concerns both entries of the flow (rare: a few
@@ -226,7 +292,7 @@ fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
 fn close(ct: &mut CtValue, now: u64) {
     if ct.flags & CT_FLAG_CLOSING == 0 {
         ct.flags |= CT_FLAG_CLOSING;
-        ct.closing_since_ns = now;
+        ct.set_closing_since(now);
     }
 }
 
@@ -293,7 +359,7 @@ pub(crate) fn create(
         // expired or was evicted alone): replaced.
         CONNTRACK.insert(&*key, &*value, 0)?;
     }
-    set_forward_value(value, nat);
+    set_forward_value(value, pkt, nat);
     set_key(key, pkt);
     if let Err(error) = CONNTRACK.insert(&*key, &*value, 0) {
         set_reply_key(key, pkt, nat);
@@ -348,13 +414,14 @@ fn set_reply_value(value: &mut CtValue, pkt: &Packet, service: &ServiceKey, nat:
     value.masq_port = pkt.sport;
     value.generation = nat.generation;
     value.last_seen_ns = now;
-    value.closing_since_ns = 0;
+    // The container has sent nothing yet.
+    value.closing_or_progress = 0;
 }
 
 /// Turns a reply entry's value into the forward one's: the same, but for
 /// the other direction.
 #[inline(always)]
-fn set_forward_value(value: &mut CtValue, nat: &Nat) {
+fn set_forward_value(value: &mut CtValue, pkt: &Packet, nat: &Nat) {
     let (masq_addr, masq_port) = nat.masq.unwrap_or((Addr::UNSPECIFIED, 0));
     value.nat_addr = nat.backend;
     value.nat_port = nat.backend_port;
@@ -362,6 +429,7 @@ fn set_forward_value(value: &mut CtValue, nat: &Nat) {
     value.ifindex = nat.backend_ifindex;
     value.masq_addr = masq_addr;
     value.masq_port = masq_port;
+    value.set_tcp_next(pkt.seq_end);
 }
 
 /// The flags both entries of a new flow have.
@@ -434,6 +502,8 @@ pub(crate) fn reopen(
             nat.generation,
             pkt.now,
         );
+        // The client's SYN; the container has sent nothing yet (`restart`).
+        old.set_tcp_next(pkt.seq_end);
         return Some(forward);
     }
     remove(forward_key, old);
@@ -475,7 +545,7 @@ fn restart(
     ct.service = *service;
     ct.generation = generation;
     ct.last_seen_ns = now;
-    ct.closing_since_ns = 0;
+    ct.closing_or_progress = 0;
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,
@@ -511,7 +581,7 @@ pub(crate) fn pass_replies_to(pkt: &Packet, now: u64) {
     value.masq_port = 0;
     value.generation = 0;
     value.last_seen_ns = now;
-    value.closing_since_ns = 0;
+    value.closing_or_progress = 0;
     let _ = CONNTRACK.insert(&*key, &*value, 0);
 }
 

@@ -79,6 +79,12 @@ pub(crate) struct Packet {
     pub dport: u16,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP (0 for UDP), in host byte order: the sequence number, the
+    /// acknowledgment number (meaningful with `TCP_ACK`), and the sequence
+    /// number after the segment (its data, SYN and FIN counted).
+    pub seq: u32,
+    pub ack: u32,
+    pub seq_end: u32,
     pub l3_off: usize,
     pub l4_off: usize,
     /// Bytes of the packet, for the counters.
@@ -257,6 +263,9 @@ fn later_fragment(
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        seq: 0,
+        ack: 0,
+        seq_end: 0,
         l3_off,
         l4_off: l3_off,
         len: ctx.len(),
@@ -347,12 +356,24 @@ fn transport(
         return Err(Stat::PassTruncated);
     }
     // TCP: the ports through the flags in one read.
-    let (ports, tcp_flags) = if proto == IPPROTO_TCP {
+    let (ports, tcp_flags, seq, ack, seq_end) = if proto == IPPROTO_TCP {
         let head: [u8; TCP_FLAGS_OFF + 1] = read(ctx, l4_off)?;
         let port = |i: usize| u16::from_ne_bytes([head[i], head[i + 1]]);
-        ([port(0), port(2)], head[TCP_FLAGS_OFF])
+        let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let flags = head[TCP_FLAGS_OFF];
+        let header_len = (head[TCP_FLAGS_OFF - 1] >> 4) as usize * 4;
+        let mut length = l3_end.saturating_sub(l4_off).saturating_sub(header_len) as u32;
+        length += (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+        let seq = word(4);
+        (
+            [port(0), port(2)],
+            flags,
+            seq,
+            word(8),
+            seq.wrapping_add(length),
+        )
     } else {
-        (read::<[u16; 2]>(ctx, l4_off)?, 0)
+        (read::<[u16; 2]>(ctx, l4_off)?, 0, 0, 0, 0)
     };
     Ok(Packet {
         family,
@@ -362,6 +383,9 @@ fn transport(
         sport: ports[0],
         dport: ports[1],
         tcp_flags,
+        seq,
+        ack,
+        seq_end,
         l3_off,
         l4_off,
         len: ctx.len(),

@@ -24,7 +24,7 @@ use portfwd_common::{FAMILY_V4, IPPROTO_TCP, Stat};
 
 use crate::{
     maps::REPLY,
-    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_RST},
     trace,
     types::{FRAME_ROOM, ReplyScratch},
     verdict::{count, mark_translated},
@@ -292,24 +292,10 @@ fn reset(ctx: &TcContext, pkt: &Packet, reply: &mut ReplyScratch) -> Result<usiz
     if pkt.tcp_flags & TCP_RST != 0 {
         return Err(Stat::RefusedNotAllowed);
     }
-    let l4: [u8; 13] = ctx.load(pkt.l4_off).map_err(|_| Stat::RefusedNotAllowed)?;
-    let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
-    let ack = u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]);
-    let header_len = ((l4[12] >> 4) as usize) * 4;
-    let segment_len = ip_end(ctx, pkt)?
-        .saturating_sub(pkt.l4_off)
-        .saturating_sub(header_len) as u32;
     let (seq, ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
-        (ack, 0, TCP_RST)
+        (pkt.ack, 0, TCP_RST)
     } else {
-        let mut length = segment_len;
-        if pkt.tcp_flags & TCP_SYN != 0 {
-            length += 1;
-        }
-        if pkt.tcp_flags & TCP_FIN != 0 {
-            length += 1;
-        }
-        (0, seq.wrapping_add(length), TCP_RST | TCP_ACK)
+        (0, pkt.seq_end, TCP_RST | TCP_ACK)
     };
     let v4 = pkt.family == FAMILY_V4;
     let l4_off = headers(ctx, pkt, &mut reply.frame)?;

@@ -98,7 +98,7 @@ fn live(key: &CtKey, value: &CtValue, now: u64) -> bool {
         return idle <= CT_UDP_IDLE_NS;
     }
     if value.flags & CT_FLAG_CLOSING != 0 {
-        return now.saturating_sub(value.closing_since_ns) <= CT_TCP_CLOSING_NS;
+        return now.saturating_sub(value.closing_since_ns()) <= CT_TCP_CLOSING_NS;
     }
     if value.flags & CT_FLAG_ESTABLISHED == 0 {
         return idle <= CT_TCP_SYN_NS;
@@ -373,7 +373,7 @@ mod tests {
         assert_eq!(flow.container_sees, "10.88.0.1:61000".parse().unwrap());
         // A closing flow lives 10 s after its close, a SYN-only one 60 s.
         value.flags = CT_FLAG_CLOSING | CT_FLAG_ESTABLISHED;
-        value.closing_since_ns = 1_000_000_000;
+        value.set_closing_since(1_000_000_000);
         assert!(live(&key, &value, 1_000_000_000 + CT_TCP_CLOSING_NS));
         assert!(!live(&key, &value, 2_000_000_000 + CT_TCP_CLOSING_NS));
         value.flags = 0;

@@ -33,6 +33,8 @@ mod tc_cases_oversize;
 #[cfg(test)]
 mod tc_cases_reply;
 #[cfg(test)]
+mod tc_cases_sequence;
+#[cfg(test)]
 mod tc_cost;
 #[cfg(test)]
 mod tc_fixture;

@@ -16,8 +16,8 @@ use super::peer_links::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
     HOST_V4, HOST_V6, L4, NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TO_STACK, Tc, UPLINK_IN,
-    UPLINK_OUT, as_fragment, at, can_run, check_table, conntrack_flags, edit_ipv4_header, frame,
-    gso_ctx, ip_frame, mapping, skb_ctx,
+    UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
+    conntrack_of, edit_ipv4_header, frame, gso_ctx, ip_frame, mapping, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -987,17 +987,6 @@ fn remove_reply_entries(tc: &mut Tc) {
     remove_entries(tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
 }
 
-/// The conntrack map of `tc`, to change by hand.
-fn conntrack_of(
-    tc: &mut Tc,
-) -> HashMap<&mut MapData, portfwd_common::CtKey, portfwd_common::CtValue> {
-    let map = tc
-        .ebpf_mut()
-        .map_mut(portfwd_common::CONNTRACK.name)
-        .expect("the conntrack map");
-    HashMap::try_from(map).unwrap()
-}
-
 /// Removes the conntrack entries that `which` picks, as evictions may.
 fn remove_entries(
     tc: &mut Tc,
@@ -1012,17 +1001,6 @@ fn remove_entries(
         .collect();
     for key in picked {
         map.remove(&key).unwrap();
-    }
-}
-
-/// Rewrites every conntrack entry with `change`, as a lost update or
-/// another CPU's write may leave it.
-fn change_entries(tc: &mut Tc, change: impl Fn(&mut portfwd_common::CtValue)) {
-    let mut map = conntrack_of(tc);
-    let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
-    for (key, mut value) in entries {
-        change(&mut value);
-        map.insert(key, value, 0).unwrap();
     }
 }
 

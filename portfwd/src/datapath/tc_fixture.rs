@@ -20,9 +20,9 @@ use aya::{
 };
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
 use portfwd_common::{
-    ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, FAMILY_V4, FAMILY_V6, LOCAL_ADDRS, LocalAddrKey,
-    MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC, SERVICES, SERVICES_GEN,
-    STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS,
+    ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, CONNTRACK, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
+    LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC,
+    SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS,
 };
 
 use super::object::OBJECT;
@@ -119,6 +119,40 @@ pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
         L4::Udp => ip.udp(src.port(), dst.port()).write(&mut out, PAYLOAD),
     }
     .expect("building a frame");
+    out
+}
+
+/// TCP flags of `segment`.
+pub(super) const TCP_SYN: u8 = 0x02;
+pub(super) const TCP_RST: u8 = 0x04;
+pub(super) const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment from the client's MAC to the host's, `src` to `dst`, with
+/// the flags `flags` (`TCP_*`), the sequence number `seq`, the
+/// acknowledgment `ack` (with `TCP_ACK`) and `payload`.
+pub(super) fn segment(
+    (src, dst): (SocketAddr, SocketAddr),
+    flags: u8,
+    (seq, ack): (u32, u32),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut tcp = ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip()).tcp(
+        src.port(),
+        dst.port(),
+        seq,
+        64240,
+    );
+    if flags & TCP_SYN != 0 {
+        tcp = tcp.syn();
+    }
+    if flags & TCP_RST != 0 {
+        tcp = tcp.rst();
+    }
+    if flags & TCP_ACK != 0 {
+        tcp = tcp.ack(ack);
+    }
+    let mut out = Vec::new();
+    tcp.write(&mut out, payload).expect("building a frame");
     out
 }
 
@@ -496,10 +530,28 @@ impl Failures {
     }
 }
 
+/// The conntrack map of `tc`, to change by hand.
+pub(super) fn conntrack_of(tc: &mut Tc) -> HashMap<&mut MapData, CtKey, CtValue> {
+    let map = tc
+        .ebpf_mut()
+        .map_mut(CONNTRACK.name)
+        .expect("the conntrack map");
+    HashMap::try_from(map).unwrap()
+}
+
+/// Rewrites every conntrack entry with `change`, as a lost update or
+/// another CPU's write may leave it.
+pub(super) fn change_entries(tc: &mut Tc, change: impl Fn(&mut CtValue)) {
+    let mut map = conntrack_of(tc);
+    let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
+    for (key, mut value) in entries {
+        change(&mut value);
+        map.insert(key, value, 0).unwrap();
+    }
+}
+
 /// The flags of every conntrack entry, sorted.
 pub(super) fn conntrack_flags(tc: &Tc) -> Vec<u8> {
-    use aya::maps::{HashMap, MapData};
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
     let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
     let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
     let mut flags: Vec<u8> = map

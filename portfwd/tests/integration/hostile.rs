@@ -84,8 +84,22 @@ fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<
 
 /// A TCP SYN (20-byte header, no options), with its checksum.
 fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut header = TcpHeader::new(sport, dport, 0x1234_5678, 64240);
-    header.syn = true;
+    tcp_segment(src, dst, (sport, dport), 0x1234_5678, |header| {
+        header.syn = true
+    })
+}
+
+/// A TCP header without payload, `src:sport` to `dst:dport`, with the
+/// sequence number `seq` and the flags `flags` sets.
+fn tcp_segment(
+    src: IpAddr,
+    dst: IpAddr,
+    (sport, dport): (u16, u16),
+    seq: u32,
+    flags: impl FnOnce(&mut TcpHeader),
+) -> Vec<u8> {
+    let mut header = TcpHeader::new(sport, dport, seq, 64240);
+    flags(&mut header);
     header.checksum = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             header.calc_checksum_ipv4_raw(s.octets(), d.octets(), &[])
@@ -1803,9 +1817,11 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
 /// A SYN flood from spoofed sources leaves no two-hour entries (issue 11,
 /// case 1): the container answers every SYN, its answers go to addresses
 /// that nobody holds, and both entries of each flow stay on the SYN
-/// timeout (`CT_TCP_SYN_NS`), which the sweep honours. Before, the
-/// container's answer established the reply entry, which then lived two
-/// hours after its flow's forward entry had expired.
+/// timeout (`CT_TCP_SYN_NS`), which the sweep honours, even when the forger
+/// follows each SYN with an ACK, blind. Before, the container's answer
+/// established the reply entry, which then lived two hours after its
+/// flow's forward entry had expired; and later any ACK after the answer
+/// established the flow.
 #[test]
 fn syns_from_spoofed_sources_establish_no_flow() {
     use portfwd_common::{
@@ -1842,6 +1858,25 @@ fn syns_from_spoofed_sources_establish_no_flow() {
     }
     // The container's answers pass the reply program at once.
     std::thread::sleep(Duration::from_millis(500));
+    // Then each source's ACK, sent blind: the forger never saw the answer,
+    // and guesses its sequence number.
+    for (i, src) in spoofed.iter().enumerate() {
+        let ack = tcp_segment(
+            (*src).into(),
+            topo.host_v4().into(),
+            (41000 + i as u16, tcp_port),
+            0x1234_5679,
+            |header| {
+                header.ack = true;
+                header.acknowledgment_number = 0xdead_beef;
+            },
+        );
+        let packet = Ipv4Packet::new(*src, topo.host_v4(), TCP, ack);
+        sender
+            .send(&topo.frame(ETH_P_IP, &packet.id(0xc080 + i as u16).build()))
+            .expect("sending a blind ACK");
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
     let spoofed_flows: Vec<u8> = map
         .iter()
@@ -1892,4 +1927,134 @@ fn non_ethernet_uplinks_are_refused() {
     assert_eq!(refused.status.code(), Some(1), "{message}");
     assert!(message.contains("not an Ethernet"), "{message}");
     assert_eq!(message.trim().lines().count(), 1, "{message}");
+}
+
+/// A reset forged by a source that cannot see the flow (the client's
+/// address and port, a sequence number elsewhere) leaves a live flow open,
+/// and the client's own reset still closes it (issue 11, case 1). Before,
+/// any reset closed the flow: its entries ended 10 s later, however live
+/// the connection, while the container itself ignored the forged reset
+/// (RFC 5961).
+#[test]
+fn forged_resets_leave_a_live_flow_open() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::Arc;
+
+    use portfwd_common::{CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_REPLY, CtKey, CtValue};
+    let Some(_serial) = root_test("forged_resets") else {
+        return;
+    };
+    let topo = Topology::new(48);
+    let (port, echo_port) = (62362u16, 5303u16);
+    let _echo = topo.ctr.serve_with(
+        &format!("[::]:{echo_port}"),
+        Arc::new(|mut stream: TcpStream, _| {
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }),
+    );
+    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let container = topo.ctr.v4().to_string();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "resets",
+        &container,
+        &format!("{port}:{echo_port}"),
+    ]);
+    let published = SocketAddr::new(topo.client.host_v4(), port);
+    let mut stream = topo
+        .client
+        .inside(move || TcpStream::connect_timeout(&published, TIMEOUT))
+        .expect("connecting to the published port");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let echoes = |stream: &mut TcpStream| {
+        let mut answer = [0u8; 5];
+        stream.write_all(b"ping\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"ping\n"
+    };
+    assert!(echoes(&mut stream), "the flow works");
+    let client_port = stream.local_addr().unwrap().port();
+    // The flow's two entries: (forward, reply).
+    let entries = || {
+        let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
+        let of_flow: Vec<CtValue> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                let flow_port = if value.flags & CT_FLAG_REPLY != 0 {
+                    key.dport
+                } else {
+                    key.sport
+                };
+                key.proto == TCP && flow_port == client_port.to_be()
+            })
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(of_flow.len(), 2, "{of_flow:?}");
+        let forward = *of_flow
+            .iter()
+            .find(|v| v.flags & CT_FLAG_REPLY == 0)
+            .unwrap();
+        let reply = *of_flow
+            .iter()
+            .find(|v| v.flags & CT_FLAG_REPLY != 0)
+            .unwrap();
+        (forward, reply)
+    };
+    let closing = |(forward, reply): (CtValue, CtValue)| {
+        [forward.flags, reply.flags].map(|flags| flags & CT_FLAG_CLOSING != 0)
+    };
+    let client_next = entries().0.tcp_next();
+    assert_ne!(client_next, 0, "the client's side is known");
+    // A reset from the client's address and port, 100,000 bytes ahead of
+    // where the client is.
+    let (client, host) = (topo.client_v4(), topo.host_v4());
+    let forged = tcp_segment(
+        client.into(),
+        host.into(),
+        (client_port, port),
+        client_next.wrapping_add(100_000),
+        |header| header.rst = true,
+    );
+    let client_if = topo.client.ctr_if.clone();
+    let sender = topo
+        .client
+        .inside(move || RawSocket::bind(&client_if))
+        .expect("raw socket in the client namespace");
+    let ignored = stats()["resets_out_of_window"];
+    sender
+        .send(
+            &topo.frame(
+                ETH_P_IP,
+                &Ipv4Packet::new(client, host, TCP, forged)
+                    .id(0xc100)
+                    .build(),
+            ),
+        )
+        .expect("sending the forged reset");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(closing(entries()), [false, false], "after the forged reset");
+    assert_eq!(stats()["resets_out_of_window"], ignored + 1);
+    assert!(echoes(&mut stream), "the flow still works");
+    // The client's own reset (SO_LINGER 0): at where the client is.
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(closing(entries()), [true, true], "after the client's reset");
+    assert_eq!(stats()["resets_out_of_window"], ignored + 1);
 }

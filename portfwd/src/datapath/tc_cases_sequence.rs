@@ -1,0 +1,185 @@
+//! What a flow believes of a TCP segment depends on its sequence numbers
+//! (issue 11, case 1): a reset closes the flow only when it comes from
+//! where its sender's side of the flow is, and the client's ACK
+//! establishes the flow only when it acknowledges the container's answer.
+//! A source that cannot see the flow (it forged the client's address, or
+//! guessed the client's port) does not know those numbers. Before, any
+//! reset closed the flow (gone 10 s later, however live), and any ACK after
+//! the answer established it (two hours).
+
+use std::net::SocketAddr;
+
+use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat};
+
+use super::tc_fixture::{
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, TCP_ACK, TCP_RST, TCP_SYN, TO_STACK, Tc, UPLINK_IN, at,
+    change_entries, conntrack_flags, mapping, segment,
+};
+use crate::model::Protocol;
+
+const CLIENT_ISN: u32 = 7_000;
+const CONTAINER_ISN: u32 = 90_000;
+/// A request of 3 bytes after the handshake.
+const REQUEST: &[u8] = b"GET";
+
+fn dialed() -> SocketAddr {
+    at(HOST_V4, 8080)
+}
+
+fn container() -> SocketAddr {
+    at(CTR_V4, 80)
+}
+
+fn load(test: &str) -> Option<Tc> {
+    Tc::load_with(test, &[mapping(Protocol::Tcp, dialed(), container())])
+}
+
+/// The client's SYN and the container's answer: the flow of `client`,
+/// answered, not yet established.
+fn answered(tc: &Tc, client: SocketAddr) {
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
+    );
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_SYN | TCP_ACK,
+            (CONTAINER_ISN, CLIENT_ISN + 1),
+            &[],
+        ),
+    );
+}
+
+/// A client's ACK of `ack` (with its request), and whether the flow is
+/// established after it, both entries (else neither).
+fn acked_establishes(tc: &Tc, client: SocketAddr, ack: u32) -> bool {
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_ACK, (CLIENT_ISN + 1, ack), REQUEST),
+    );
+    let flags = conntrack_flags(tc);
+    let established = flags
+        .iter()
+        .filter(|f| *f & CT_FLAG_ESTABLISHED != 0)
+        .count();
+    assert!(established == 0 || established == 2, "{flags:?}");
+    established == 2
+}
+
+/// Whether both entries of the one flow are closing.
+fn closing(tc: &Tc) -> bool {
+    let flags = conntrack_flags(tc);
+    assert_eq!(flags.len(), 2, "{flags:?}");
+    flags.iter().all(|f| f & CT_FLAG_CLOSING != 0)
+}
+
+/// A reset of the client's, with the sequence number `seq`: the verdict
+/// and the frame out.
+fn client_reset(tc: &Tc, client: SocketAddr, seq: u32) -> (u32, Vec<u8>) {
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_RST, (seq, 0), &[]),
+    )
+}
+
+#[test]
+fn a_reset_closes_a_flow_only_from_where_its_side_is() {
+    const TEST: &str = "a_reset_closes_a_flow_only_from_where_its_side_is";
+    let Some(tc) = load(TEST) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40060);
+    answered(&tc, client);
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+    // Where each side is: the client after its request, the container
+    // after its SYN.
+    let client_next = CLIENT_ISN + 1 + REQUEST.len() as u32;
+    let container_next = CONTAINER_ISN + 1;
+    let ignored = tc.stat(Stat::ResetOutOfWindow);
+    // Forged resets: ahead of the client, far behind it; from the
+    // container's side, ahead of it.
+    let ahead = client_next + 100_000;
+    assert_eq!(
+        client_reset(&tc, client, ahead),
+        (
+            TO_STACK,
+            segment((client, container()), TCP_RST, (ahead, 0), &[])
+        ),
+        "passed on to the container, translated"
+    );
+    client_reset(&tc, client, client_next.wrapping_sub(70_000));
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_RST,
+            (container_next + 100_000, 0),
+            &[],
+        ),
+    );
+    // A forged segment far ahead does not move the client's side, so that
+    // a reset at its end does not fit either.
+    let far = client_next + 1_000_000;
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_ACK, (far, container_next), b"x"),
+    );
+    client_reset(&tc, client, far + 1);
+    assert!(!closing(&tc), "forged resets: {:?}", conntrack_flags(&tc));
+    assert_eq!(tc.stat(Stat::ResetOutOfWindow), ignored + 4);
+    // The client's stack answering a segment whose ACK lagged (its reset
+    // takes that ACK as its sequence number): a little behind, it fits.
+    client_reset(&tc, client, client_next - REQUEST.len() as u32);
+    assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
+    assert_eq!(tc.stat(Stat::ResetOutOfWindow), ignored + 4);
+
+    // An entry of an earlier build knows no sequence number: its resets
+    // are believed, as they were.
+    let Some(mut tc) = load(TEST) else {
+        return;
+    };
+    answered(&tc, client);
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+    change_entries(&mut tc, |value| value.closing_or_progress = 0);
+    client_reset(&tc, client, ahead);
+    assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
+}
+
+#[test]
+fn a_blind_ack_after_the_answer_establishes_nothing() {
+    const TEST: &str = "a_blind_ack_after_the_answer_establishes_nothing";
+    let Some(tc) = load(TEST) else {
+        return;
+    };
+    // A SYN from a forged source that the container answers: the forger
+    // does not see the answer, and guesses its sequence number.
+    let forged = at(CLIENT_V4, 40061);
+    answered(&tc, forged);
+    for guess in [
+        CONTAINER_ISN + 1 + 100_000,
+        CONTAINER_ISN.wrapping_sub(70_000),
+    ] {
+        assert!(
+            !acked_establishes(&tc, forged, guess),
+            "ACK of {guess}: {:?}",
+            conntrack_flags(&tc)
+        );
+    }
+    // The client that saw it acknowledges it.
+    assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1));
+
+    // An answer recorded by an earlier build (no sequence number known):
+    // any ACK after it establishes the flow, as before.
+    let Some(mut tc) = load(TEST) else {
+        return;
+    };
+    answered(&tc, forged);
+    change_entries(&mut tc, |value| {
+        if value.flags & CT_FLAG_REPLY != 0 {
+            value.closing_or_progress = 0;
+        }
+    });
+    assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1 + 100_000));
+}
