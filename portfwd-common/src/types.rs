@@ -176,8 +176,8 @@ pub struct CtValue {
     /// a second).
     pub last_seen_ns: u64,
     /// Once the flow is closing (`CT_FLAG_CLOSING`): since when
-    /// (`closing_since_ns`). Before, for TCP: how far this entry's
-    /// direction has gone (`tcp_next`), against which the programs check a
+    /// (`closing_since_ns`). Before, for TCP: where this entry's side of
+    /// the flow is (`tcp_next`), against which the programs check a
     /// reset and the client's establishing ACK. One word for both, because
     /// an entry needs its progress only until it closes, and the builds
     /// before read this word only from a closing entry (and wrote 0
@@ -192,10 +192,11 @@ impl CtValue {
         self.closing_or_progress
     }
 
-    /// TCP, until the flow is closing: the sequence number after
-    /// everything this entry's direction has sent (its SYN, data and FIN),
-    /// where its next new segment starts and the sequence number of a
-    /// reset it sends. 0: not known yet.
+    /// TCP, until the flow is closing: where this entry's side is, its
+    /// mark: the sequence number after everything it had sent (its SYN,
+    /// data and FIN) when the mark last moved, which the programs do every
+    /// 32 KiB or so; so the side's true end is at most that far past it.
+    /// 0: not known yet.
     pub const fn tcp_next(&self) -> u32 {
         self.closing_or_progress as u32
     }

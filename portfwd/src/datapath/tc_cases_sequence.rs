@@ -183,3 +183,32 @@ fn a_blind_ack_after_the_answer_establishes_nothing() {
     });
     assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1 + 100_000));
 }
+
+/// A side's mark follows it through a long flow (it moves every 32 KiB,
+/// not at every segment): after 70,000 bytes, the client's reset at its
+/// end still closes the flow.
+#[test]
+fn a_sides_mark_follows_it_through_a_long_flow() {
+    let Some(tc) = load("a_sides_mark_follows_it_through_a_long_flow") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40062);
+    answered(&tc, client);
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+    let start = CLIENT_ISN + 1 + REQUEST.len() as u32;
+    let chunk = [b'x'; 1400];
+    for i in 0..50 {
+        tc.run(
+            UPLINK_IN,
+            &segment(
+                (client, dialed()),
+                TCP_ACK,
+                (start + i * chunk.len() as u32, CONTAINER_ISN + 1),
+                &chunk,
+            ),
+        );
+    }
+    let end = start + 50 * chunk.len() as u32;
+    client_reset(&tc, client, end);
+    assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
+}
