@@ -640,9 +640,10 @@ stats! {
     /// port through the socket path, or the container directly): passed to
     /// the stack without a conntrack lookup.
     PassHostConnection = "passed_host_connection",
-    /// TCP resets of tracked flows whose sequence number is not where their
-    /// sender's side of the flow is (a reset forged by a source that cannot
-    /// see the flow, or one sent from behind the data in flight): passed on
-    /// to the endpoint, which judges it, and the flow not closed.
-    ResetOutOfWindow = "resets_out_of_window",
+    /// TCP resets and FINs of tracked flows whose sequence number is not
+    /// near their sender's side of the flow (forged by a source that cannot
+    /// see the flow, or a reset sent from far behind the data in flight):
+    /// passed on to the endpoint, which judges them, and the flow not
+    /// closed.
+    CloseOutOfWindow = "closes_out_of_window",
 }

@@ -188,8 +188,16 @@ pub struct CtValue {
 
 impl CtValue {
     /// When the flow started closing; meaningful with `CT_FLAG_CLOSING`.
+    /// A mark (below 2^32) there instead was written by a packet that
+    /// another CPU handled as the flow closed; no clock reading is that
+    /// low after the first 4.3 s of uptime. The last packet's time then
+    /// stands in, so that the flow keeps its closing time.
     pub const fn closing_since_ns(&self) -> u64 {
-        self.closing_or_progress
+        if self.closing_or_progress >> 32 == 0 {
+            self.last_seen_ns
+        } else {
+            self.closing_or_progress
+        }
     }
 
     /// TCP, until the flow is closing: where this entry's side is, its

@@ -134,8 +134,8 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 /// `SEQ_MARK_STEP` (`advance`); the flow is established, both entries, by the client's
 /// answer to the container's (`establish`); each entry is closed by its own
 /// side's packets, the flow closing once both sides sent a FIN (a
-/// half-close lives on) or at a RST sent from where its side is
-/// (`reset_fits`). Only those steps need the other entry: the client's
+/// half-close lives on) or at a RST, each from where its side is
+/// (`from_its_side`). Only those steps need the other entry: the client's
 /// first packet after its SYN, a RST, or any packet of a side that closed
 /// already. Other CPUs may write the same entry; a lost update shifts a
 /// timestamp, delays a state by a packet, or (the reply entry's
@@ -152,10 +152,10 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
         return;
     }
     if pkt.tcp_flags & TCP_RST != 0 {
-        if reset_fits(ct, pkt) {
+        if from_its_side(ct, pkt) {
             change_state(key, ct, CT_FLAG_CLOSING, now);
         } else {
-            count(Stat::ResetOutOfWindow);
+            count(Stat::CloseOutOfWindow);
         }
         return;
     }
@@ -184,8 +184,16 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     {
         flags |= CT_FLAG_ESTABLISHED;
     }
+    // A FIN closes its side only from that side, as a RST: a forged FIN
+    // would make the flow's next SYN (forged too) a client reusing its
+    // port, which starts the flow over at a sequence number of the
+    // forger's choosing.
     if pkt.tcp_flags & TCP_FIN != 0 {
-        flags |= CT_FLAG_FIN;
+        if from_its_side(ct, pkt) {
+            flags |= CT_FLAG_FIN;
+        } else {
+            count(Stat::CloseOutOfWindow);
+        }
     }
     if flags != ct.flags {
         ct.flags = flags;
@@ -205,7 +213,11 @@ fn establish(key: &CtKey, ct: &CtValue, pkt: &Packet) -> bool {
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &mut *twin };
-    if twin.flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 || !acknowledges(pkt, twin) {
+    // A closing reply entry's word holds its closing time, not a mark.
+    if twin.flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0
+        || twin.flags & CT_FLAG_CLOSING != 0
+        || !acknowledges(pkt, twin)
+    {
         return false;
     }
     if twin.flags & CT_FLAG_ESTABLISHED == 0 {
@@ -243,13 +255,23 @@ fn near(mark: u32, number: u32) -> bool {
 /// the side has sent `SEQ_MARK_STEP` past it, if the packet is where that
 /// side is: a segment that starts before the mark (a retransmission) or
 /// at most `SEQ_WINDOW` after it. A segment forged elsewhere moves nothing,
-/// so that it cannot take the mark to where a forged reset then fits.
+/// so that it cannot take the mark to where a forged reset then fits. A
+/// side that loses more than `SEQ_MARK_STEP` in one burst before its
+/// segments reach the host, with more than `SEQ_WINDOW` in flight, can
+/// leave its mark behind for good: its resets are then passed on, and the
+/// flow left to its idle timeout.
 #[inline(always)]
 fn advance(ct: &mut CtValue, pkt: &Packet) {
     let mark = ct.tcp_next();
-    let moves = if mark == 0 {
+    let sets = mark == 0
+        || (pkt.tcp_flags & TCP_SYN != 0 && ct.flags & CT_FLAG_ESTABLISHED == 0);
+    let moves = if sets {
         // Not known yet: the side's first packet since the entry was made
-        // (the container's answer), or since an upgrade.
+        // (the container's answer), or since an upgrade. Or a SYN (the
+        // container's SYN-ACK) before the flow is established, which starts
+        // the side's sequence afresh: a client whose SYN met the
+        // container's TIME_WAIT socket of an earlier connection got that
+        // connection's ACK first, and resets it and sends its SYN again.
         pkt.seq_end != 0
     } else {
         pkt.seq_end.wrapping_sub(mark) as i32 >= SEQ_MARK_STEP as i32
@@ -260,16 +282,16 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
     }
 }
 
-/// Whether a RST comes from where its side of the flow is (`near` its
-/// mark): a socket aborting sends its end, a stack answering a segment
-/// sends that segment's acknowledgment, which may lag. A reset forged by a
-/// source that cannot see the flow almost never does; it is passed on (the
-/// endpoint judges it: Linux answers a near miss with a challenge ACK, RFC
-/// 5961) and the flow goes on. A side whose mark is not known (no packet
-/// of it seen yet, or an entry of an earlier build) is believed, as
-/// before.
+/// Whether a RST or a FIN comes from where its side of the flow is
+/// (`near` its mark): a socket aborting sends its end, a stack answering a
+/// segment sends that segment's acknowledgment, which may lag; a FIN
+/// follows the side's data. One forged by a source that cannot see the
+/// flow almost never does; it is passed on (the endpoint judges it: Linux
+/// answers a near miss with a challenge ACK, RFC 5961) and the flow goes
+/// on. A side whose mark is not known (no packet of it seen yet, or an
+/// entry of an earlier build) is believed, as before.
 #[inline(always)]
-fn reset_fits(ct: &CtValue, pkt: &Packet) -> bool {
+fn from_its_side(ct: &CtValue, pkt: &Packet) -> bool {
     let mark = ct.tcp_next();
     mark == 0 || near(mark, pkt.seq)
 }

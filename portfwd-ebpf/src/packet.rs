@@ -361,7 +361,9 @@ fn transport(
         let port = |i: usize| u16::from_ne_bytes([head[i], head[i + 1]]);
         let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let flags = head[TCP_FLAGS_OFF];
-        let header_len = (head[TCP_FLAGS_OFF - 1] >> 4) as usize * 4;
+        // A data offset below the fixed header's 5 words is malformed;
+        // the length then counts from the fixed header's end.
+        let header_len = ((head[TCP_FLAGS_OFF - 1] >> 4) as usize * 4).max(20);
         let mut length = l3_end.saturating_sub(l4_off).saturating_sub(header_len) as u32;
         length += (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
         let seq = word(4);

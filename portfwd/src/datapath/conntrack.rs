@@ -373,9 +373,17 @@ mod tests {
         assert_eq!(flow.container_sees, "10.88.0.1:61000".parse().unwrap());
         // A closing flow lives 10 s after its close, a SYN-only one 60 s.
         value.flags = CT_FLAG_CLOSING | CT_FLAG_ESTABLISHED;
-        value.set_closing_since(1_000_000_000);
-        assert!(live(&key, &value, 1_000_000_000 + CT_TCP_CLOSING_NS));
-        assert!(!live(&key, &value, 2_000_000_000 + CT_TCP_CLOSING_NS));
+        value.set_closing_since(9_000_000_000);
+        assert!(live(&key, &value, 9_000_000_000 + CT_TCP_CLOSING_NS));
+        assert!(!live(&key, &value, 10_000_000_000 + CT_TCP_CLOSING_NS));
+        // A mark written into a closing entry (by a packet that another CPU
+        // handled as the flow closed): the last packet's time stands in for
+        // the closing time, which the mark overwrote.
+        value.last_seen_ns = 5_000_000_000;
+        value.set_tcp_next(7_000);
+        assert!(live(&key, &value, 5_000_000_000 + CT_TCP_CLOSING_NS));
+        assert!(!live(&key, &value, 6_000_000_000 + CT_TCP_CLOSING_NS));
+        value.last_seen_ns = 1_000_000_000;
         value.flags = 0;
         assert_eq!(decode(&key, &value, now).unwrap().state, FlowState::SynSent);
         assert!(!live(&key, &value, 2_000_000_000 + CT_TCP_SYN_NS));

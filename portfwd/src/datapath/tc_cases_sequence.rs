@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, TCP_ACK, TCP_RST, TCP_SYN, TO_STACK, Tc, UPLINK_IN, at,
-    change_entries, conntrack_flags, mapping, segment,
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
+    UPLINK_IN, at, change_entries, conntrack_flags, mapping, segment,
 };
 use crate::model::Protocol;
 
@@ -93,14 +93,14 @@ fn a_reset_closes_a_flow_only_from_where_its_side_is() {
     let client = at(CLIENT_V4, 40060);
     answered(&tc, client);
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
-    // Where each side is: the client after its request, the container
-    // after its SYN.
-    let client_next = CLIENT_ISN + 1 + REQUEST.len() as u32;
-    let container_next = CONTAINER_ISN + 1;
-    let ignored = tc.stat(Stat::ResetOutOfWindow);
-    // Forged resets: ahead of the client, far behind it; from the
-    // container's side, ahead of it.
-    let ahead = client_next + 100_000;
+    // The sides' marks: after their SYNs (the client's 3-byte request
+    // moves nothing).
+    let mark = CLIENT_ISN + 1;
+    let container_mark = CONTAINER_ISN + 1;
+    let passed = tc.stat(Stat::CloseOutOfWindow);
+    // Forged resets: just past the band around the client's mark, just
+    // before it, far from it; from the container's side, far from it.
+    let ahead = mark + 32_768;
     assert_eq!(
         client_reset(&tc, client, ahead),
         (
@@ -109,31 +109,58 @@ fn a_reset_closes_a_flow_only_from_where_its_side_is() {
         ),
         "passed on to the container, translated"
     );
-    client_reset(&tc, client, client_next.wrapping_sub(70_000));
+    client_reset(&tc, client, mark.wrapping_sub(65_536));
+    client_reset(&tc, client, mark + 1_000_000);
     tc.run(
         BACKEND_IN,
         &segment(
             (container(), client),
             TCP_RST,
-            (container_next + 100_000, 0),
+            (container_mark + 100_000, 0),
             &[],
         ),
     );
-    // A forged segment far ahead does not move the client's side, so that
+    // A forged segment far ahead does not move the client's mark, so that
     // a reset at its end does not fit either.
-    let far = client_next + 1_000_000;
+    let far = mark + 1_000_000;
     tc.run(
         UPLINK_IN,
-        &segment((client, dialed()), TCP_ACK, (far, container_next), b"x"),
+        &segment((client, dialed()), TCP_ACK, (far, container_mark), b"x"),
     );
     client_reset(&tc, client, far + 1);
-    assert!(!closing(&tc), "forged resets: {:?}", conntrack_flags(&tc));
-    assert_eq!(tc.stat(Stat::ResetOutOfWindow), ignored + 4);
-    // The client's stack answering a segment whose ACK lagged (its reset
-    // takes that ACK as its sequence number): a little behind, it fits.
-    client_reset(&tc, client, client_next - REQUEST.len() as u32);
-    assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
-    assert_eq!(tc.stat(Stat::ResetOutOfWindow), ignored + 4);
+    // A forged FIN closes nothing either, so that a forged SYN after it is
+    // not a client reusing its port (which would start the flow over at a
+    // sequence number of the forger's choosing, where its reset fits).
+    tc.run(
+        UPLINK_IN,
+        &segment(
+            (client, dialed()),
+            TCP_FIN | TCP_ACK,
+            (far, container_mark),
+            &[],
+        ),
+    );
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (5_000_000, 0), &[]),
+    );
+    client_reset(&tc, client, 5_000_001);
+    assert!(!closing(&tc), "forged: {:?}", conntrack_flags(&tc));
+    assert_eq!(tc.stat(Stat::CloseOutOfWindow), passed + 7);
+
+    // The client's resets at the band's edges, and at its mark (a stack
+    // answering a segment whose ACK lagged sends that ACK): each closes a
+    // flow.
+    for seq in [mark.wrapping_sub(65_535), mark + 32_767, mark] {
+        let Some(tc) = load(TEST) else {
+            return;
+        };
+        answered(&tc, client);
+        assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+        client_reset(&tc, client, seq);
+        assert!(closing(&tc), "a reset at {seq}: {:?}", conntrack_flags(&tc));
+        assert_eq!(tc.stat(Stat::CloseOutOfWindow), 0);
+    }
 
     // An entry of an earlier build knows no sequence number: its resets
     // are believed, as they were.
@@ -211,4 +238,47 @@ fn a_sides_mark_follows_it_through_a_long_flow() {
     let end = start + 50 * chunk.len() as u32;
     client_reset(&tc, client, end);
     assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
+}
+
+/// A client reusing its port while the container still holds the earlier
+/// connection in TIME_WAIT: the container answers its SYN with that
+/// connection's ACK first, the client resets it and sends its SYN again,
+/// and the container's SYN-ACK then starts a new sequence. The SYN-ACK
+/// sets the container's mark, so that the client's ACK of it establishes
+/// the flow; before, the earlier connection's ACK had set it for good and
+/// the flow never became established (it ended after 60 s idle).
+#[test]
+fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
+    let Some(tc) = load("a_containers_syn_ack_sets_its_mark_before_the_flow_is_established") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40063);
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
+    );
+    // The earlier connection's ACK, from far elsewhere in the sequence.
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_ACK,
+            (CONTAINER_ISN + 3_000_000, 4_000_000),
+            &[],
+        ),
+    );
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_RST, (4_000_000, 0), &[]),
+    );
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
+    );
+    answered(&tc, client);
+    assert!(
+        acked_establishes(&tc, client, CONTAINER_ISN + 1),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
 }

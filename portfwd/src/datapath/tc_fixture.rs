@@ -123,6 +123,7 @@ pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
 }
 
 /// TCP flags of `segment`.
+pub(super) const TCP_FIN: u8 = 0x01;
 pub(super) const TCP_SYN: u8 = 0x02;
 pub(super) const TCP_RST: u8 = 0x04;
 pub(super) const TCP_ACK: u8 = 0x10;
@@ -144,6 +145,9 @@ pub(super) fn segment(
     );
     if flags & TCP_SYN != 0 {
         tcp = tcp.syn();
+    }
+    if flags & TCP_FIN != 0 {
+        tcp = tcp.fin();
     }
     if flags & TCP_RST != 0 {
         tcp = tcp.rst();
