@@ -264,7 +264,9 @@ fn near(mark: u32, number: u32) -> bool {
 fn advance(ct: &mut CtValue, pkt: &Packet) {
     let mark = ct.tcp_next();
     let sets = mark == 0
-        || (pkt.tcp_flags & TCP_SYN != 0 && ct.flags & CT_FLAG_ESTABLISHED == 0);
+        || (pkt.tcp_flags & TCP_SYN != 0
+            && ct.flags & CT_FLAG_ESTABLISHED == 0
+            && (ct.flags & CT_FLAG_REPLY == 0 || !pkt.from_uplink));
     let moves = if sets {
         // Not known yet: the side's first packet since the entry was made
         // (the container's answer), or since an upgrade. Or a SYN (the
@@ -272,6 +274,10 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
         // the side's sequence afresh: a client whose SYN met the
         // container's TIME_WAIT socket of an earlier connection got that
         // connection's ACK first, and resets it and sends its SYN again.
+        // The container answers from its side: a SYN-ACK of its flow that
+        // comes in on an uplink is forged, and sets nothing (the first
+        // packet of a side sets its mark wherever it comes from, and the
+        // container's own SYN-ACK then sets it again).
         pkt.seq_end != 0
     } else {
         pkt.seq_end.wrapping_sub(mark) as i32 >= SEQ_MARK_STEP as i32

@@ -97,6 +97,9 @@ pub(crate) struct Packet {
     /// When the packet matched a tracked flow (`conntrack::now`): the clock
     /// is read once, on a hit. 0 until then.
     pub now: u64,
+    /// It came in on an uplink (`pf_tc_uplink_in`), from outside the host:
+    /// a packet there that claims to be a container's is forged.
+    pub from_uplink: bool,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -272,6 +275,7 @@ fn later_fragment(
         fragment,
         frag_id,
         now: 0,
+        from_uplink: false,
     })
 }
 
@@ -394,6 +398,7 @@ fn transport(
         fragment: WHOLE,
         frag_id: 0,
         now: 0,
+        from_uplink: false,
     })
 }
 

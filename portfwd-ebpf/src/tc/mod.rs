@@ -103,6 +103,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if let Err(verdict) = parse_or_count(ctx, pkt, path) {
         return verdict;
     }
+    pkt.from_uplink = !from_containers;
     if pkt.is_later_fragment() {
         let untracked = if from_containers {
             Stat::PassFragmentFromContainers

@@ -282,3 +282,31 @@ fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
         conntrack_flags(&tc)
     );
 }
+
+/// A SYN-ACK of the container's that comes in on an uplink is forged (the
+/// container answers from its own side): it does not set the container's
+/// mark, so that an ACK of it establishes nothing.
+#[test]
+fn a_syn_ack_from_outside_sets_no_mark() {
+    let Some(tc) = load("a_syn_ack_from_outside_sets_no_mark") else {
+        return;
+    };
+    let forged = at(CLIENT_V4, 40064);
+    answered(&tc, forged);
+    let elsewhere = CONTAINER_ISN + 3_000_000;
+    tc.run(
+        UPLINK_IN,
+        &segment(
+            (container(), forged),
+            TCP_SYN | TCP_ACK,
+            (elsewhere, CLIENT_ISN + 1),
+            &[],
+        ),
+    );
+    assert!(
+        !acked_establishes(&tc, forged, elsewhere + 1),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
+    assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1));
+}
