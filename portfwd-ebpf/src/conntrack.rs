@@ -135,7 +135,7 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 /// answer to the container's (`establish`); each entry is closed by its own
 /// side's packets, the flow closing once both sides sent a FIN (a
 /// half-close lives on) or at a RST, each from where its side is
-/// (`from_its_side`). Only those steps need the other entry: the client's
+/// (`closes_from_its_side`). Only those steps need the other entry: the client's
 /// first packet after its SYN, a RST, or any packet of a side that closed
 /// already. Other CPUs may write the same entry; a lost update shifts a
 /// timestamp, delays a state by a packet, or (the reply entry's
@@ -152,10 +152,8 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
         return;
     }
     if pkt.tcp_flags & TCP_RST != 0 {
-        if from_its_side(ct, pkt) {
+        if closes_from_its_side(ct, pkt) {
             change_state(key, ct, CT_FLAG_CLOSING, now);
-        } else {
-            count(Stat::CloseOutOfWindow);
         }
         return;
     }
@@ -188,12 +186,8 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // would make the flow's next SYN (forged too) a client reusing its
     // port, which starts the flow over at a sequence number of the
     // forger's choosing.
-    if pkt.tcp_flags & TCP_FIN != 0 {
-        if from_its_side(ct, pkt) {
-            flags |= CT_FLAG_FIN;
-        } else {
-            count(Stat::CloseOutOfWindow);
-        }
+    if pkt.tcp_flags & TCP_FIN != 0 && closes_from_its_side(ct, pkt) {
+        flags |= CT_FLAG_FIN;
     }
     if flags != ct.flags {
         ct.flags = flags;
@@ -296,10 +290,15 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
 /// answers a near miss with a challenge ACK, RFC 5961) and the flow goes
 /// on. A side whose mark is not known (no packet of it seen yet, or an
 /// entry of an earlier build) is believed, as before.
+/// A close that does not is counted (`Stat::CloseOutOfWindow`).
 #[inline(always)]
-fn from_its_side(ct: &CtValue, pkt: &Packet) -> bool {
+fn closes_from_its_side(ct: &CtValue, pkt: &Packet) -> bool {
     let mark = ct.tcp_next();
-    mark == 0 || near(mark, pkt.seq)
+    let fits = mark == 0 || near(mark, pkt.seq);
+    if !fits {
+        count(Stat::CloseOutOfWindow);
+    }
+    fits
 }
 
 /// Whether the client's packet acknowledges the container's answer, whose

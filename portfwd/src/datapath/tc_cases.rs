@@ -14,10 +14,10 @@ use portfwd_common::{
 
 use super::peer_links::set_listed;
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_MAC, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_MAC,
-    HOST_V4, HOST_V6, L4, NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TO_STACK, Tc, UPLINK_IN,
-    UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
-    conntrack_of, edit_ipv4_header, frame, gso_ctx, ip_frame, mapping, skb_ctx,
+    BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
+    NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
+    UPLINK_IN, UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
+    conntrack_of, edit_ipv4_header, frame, gso_ctx, mapping, segment, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -520,16 +520,8 @@ fn a_flow_rechecks_its_mapping_when_the_services_generation_moves() {
 /// A TCP frame from `src` to `dst` with the ACK flag and FIN or RST.
 fn closing_frame(src: SocketAddr, dst: SocketAddr, rst: bool) -> Vec<u8> {
     assert!(matches!(src.ip(), IpAddr::V4(_)), "IPv4 only");
-    let tcp = ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip()).tcp(
-        src.port(),
-        dst.port(),
-        SEQ,
-        64240,
-    );
-    let tcp = if rst { tcp.rst() } else { tcp.fin() };
-    let mut out = Vec::new();
-    tcp.ack(1).write(&mut out, &[]).expect("building a frame");
-    out
+    let close = if rst { TCP_RST } else { TCP_FIN };
+    segment((src, dst), close | TCP_ACK, (SEQ, 1), &[])
 }
 
 /// A SYN that reopens a closing flow (the client reusing its port) starts

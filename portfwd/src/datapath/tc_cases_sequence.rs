@@ -37,10 +37,7 @@ fn load(test: &str) -> Option<Tc> {
 /// The client's SYN and the container's answer: the flow of `client`,
 /// answered, not yet established.
 fn answered(tc: &Tc, client: SocketAddr) {
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
-    );
+    client_syn(tc, client);
     tc.run(
         BACKEND_IN,
         &segment(
@@ -49,6 +46,14 @@ fn answered(tc: &Tc, client: SocketAddr) {
             (CONTAINER_ISN, CLIENT_ISN + 1),
             &[],
         ),
+    );
+}
+
+/// The client's SYN.
+fn client_syn(tc: &Tc, client: SocketAddr) {
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
     );
 }
 
@@ -253,10 +258,7 @@ fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
         return;
     };
     let client = at(CLIENT_V4, 40063);
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
-    );
+    client_syn(&tc, client);
     // The earlier connection's ACK, from far elsewhere in the sequence.
     tc.run(
         BACKEND_IN,
@@ -271,10 +273,7 @@ fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
         UPLINK_IN,
         &segment((client, dialed()), TCP_RST, (4_000_000, 0), &[]),
     );
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
-    );
+    // The client's SYN again, and the container's SYN-ACK.
     answered(&tc, client);
     assert!(
         acked_establishes(&tc, client, CONTAINER_ISN + 1),

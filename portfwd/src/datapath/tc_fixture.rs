@@ -100,26 +100,20 @@ pub(super) fn ip_frame(
 /// An Ethernet frame from the client's MAC to the host's, `src` to `dst`,
 /// with a 7-byte payload.
 pub(super) fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
-    let ip = ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip());
-    let mut out = Vec::new();
+    let ends = (src, dst);
     match l4 {
-        L4::Syn => ip
-            .tcp(src.port(), dst.port(), SEQ, 64240)
-            .syn()
-            .write(&mut out, PAYLOAD),
-        L4::Ack => ip
-            .tcp(src.port(), dst.port(), SEQ, 64240)
-            .ack(1)
-            .write(&mut out, PAYLOAD),
-        L4::Rst => ip
-            .tcp(src.port(), dst.port(), SEQ, 64240)
-            .rst()
-            .ack(1)
-            .write(&mut out, &[]),
-        L4::Udp => ip.udp(src.port(), dst.port()).write(&mut out, PAYLOAD),
+        L4::Syn => segment(ends, TCP_SYN, (SEQ, 0), PAYLOAD),
+        L4::Ack => segment(ends, TCP_ACK, (SEQ, 1), PAYLOAD),
+        L4::Rst => segment(ends, TCP_RST | TCP_ACK, (SEQ, 1), &[]),
+        L4::Udp => {
+            let mut out = Vec::new();
+            ip_frame((CLIENT_MAC, HOST_MAC), src.ip(), dst.ip())
+                .udp(src.port(), dst.port())
+                .write(&mut out, PAYLOAD)
+                .expect("building a frame");
+            out
+        }
     }
-    .expect("building a frame");
-    out
 }
 
 /// TCP flags of `segment`.
