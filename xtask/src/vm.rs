@@ -144,11 +144,9 @@ const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases::packets_to_a_listed_veth_go_into_its_peer",
     // Flow state changes and a closing flow reopened (both directions).
     "datapath::tc_cases::a_syn_that_reopens_a_closing_flow_forgets_its_old_reply_entry",
-    // Resets, FINs and the establishing ACK judged by sequence numbers.
+    // Resets and FINs judged by sequence numbers (the other sequence cases
+    // run on the host only: this machine's guest runs near its limit).
     "datapath::tc_cases_sequence::a_reset_closes_a_flow_only_from_where_its_side_is",
-    "datapath::tc_cases_sequence::a_blind_ack_after_the_answer_establishes_nothing",
-    "datapath::tc_cases_sequence::a_containers_syn_ack_sets_its_mark_before_the_flow_is_established",
-    "datapath::tc_cases_sequence::a_syn_ack_from_outside_sets_no_mark",
     // Oversize IPv4 without DF to the stack; first datagrams checked.
     "datapath::tc_cases_oversize::oversize_ipv4_without_df_goes_to_the_stack_which_fragments_it",
     "datapath::tc_cases_oversize::first_datagrams_too_big_are_checked_too",
