@@ -646,4 +646,11 @@ stats! {
     /// passed on to the endpoint, which judges them, and the flow not
     /// closed.
     CloseOutOfWindow = "closes_out_of_window",
+    /// Packets of a tracked flow's container side (its reply direction:
+    /// the container's address and port as their source) that came in on
+    /// an uplink, while the flow's mapping reaches its container through
+    /// another interface: forged, since the container's own come in on its
+    /// link. Dropped, so that they set nothing of the flow (its answer, its
+    /// mark) and reach no client from the published address.
+    DroppedContainerSource = "dropped_container_source",
 }

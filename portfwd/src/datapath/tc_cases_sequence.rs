@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
+    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
     UPLINK_IN, at, change_entries, conntrack_flags, mapping, segment,
 };
-use crate::model::Protocol;
+use crate::model::{Mapping, Protocol};
 
 const CLIENT_ISN: u32 = 7_000;
 const CONTAINER_ISN: u32 = 90_000;
@@ -308,4 +308,82 @@ fn a_syn_ack_from_outside_sets_no_mark() {
         conntrack_flags(&tc)
     );
     assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1));
+}
+
+/// The interface through which `behind_link`'s mapping reaches its
+/// container: not the one a test run's packets come in on (the loopback
+/// device, 1), nor any of the test's namespace.
+const CONTAINER_LINK: u32 = 1_000_000;
+/// The loopback device: the interface a test run's packets come in on.
+const TEST_RUN_LINK: u32 = 1;
+
+/// `load` with the mapping's container reached through interface `link`.
+fn behind_link(test: &str, link: u32) -> Option<Tc> {
+    let mapping = Mapping {
+        ifindex: link,
+        ..mapping(Protocol::Tcp, dialed(), container())
+    };
+    Tc::load_with(test, &[mapping])
+}
+
+/// The container's SYN-ACK to `client`, with the sequence number `isn`.
+fn container_syn_ack(client: SocketAddr, isn: u32) -> Vec<u8> {
+    segment(
+        (container(), client),
+        TCP_SYN | TCP_ACK,
+        (isn, CLIENT_ISN + 1),
+        &[],
+    )
+}
+
+/// A packet in the container's name that comes in on an uplink, when the
+/// mapping reaches its container through another interface, is forged: it
+/// is dropped and counted, and sets nothing. Before, a container that did
+/// not answer (stopped, or its listen queue full under a SYN flood) let a
+/// forger's SYN, a SYN-ACK in the container's name from the client's link
+/// and an ACK of it establish the flow: two-hour entries for three packets.
+#[test]
+fn a_containers_answer_from_an_uplink_is_forged() {
+    const TEST: &str = "a_containers_answer_from_an_uplink_is_forged";
+    let Some(tc) = behind_link(TEST, CONTAINER_LINK) else {
+        return;
+    };
+    let forged = at(CLIENT_V4, 40066);
+    client_syn(&tc, forged);
+    let answer = container_syn_ack(forged, CONTAINER_ISN);
+    let before = tc.stat(Stat::DroppedContainerSource);
+    assert_eq!(tc.run(UPLINK_IN, &answer), (DROP, answer.clone()));
+    assert_eq!(tc.stat(Stat::DroppedContainerSource), before + 1);
+    assert!(
+        !acked_establishes(&tc, forged, CONTAINER_ISN + 1),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
+    // The container's own answer, from its link.
+    let isn = CONTAINER_ISN + 5_000_000;
+    tc.run(BACKEND_IN, &container_syn_ack(forged, isn));
+    assert!(acked_establishes(&tc, forged, isn + 1));
+}
+
+/// A container reached through an uplink (the route to it goes there)
+/// answers through that uplink: its packets are translated there.
+#[test]
+fn a_container_behind_an_uplink_answers_through_it() {
+    const TEST: &str = "a_container_behind_an_uplink_answers_through_it";
+    let Some(tc) = behind_link(TEST, TEST_RUN_LINK) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40068);
+    client_syn(&tc, client);
+    let (_, out) = tc.run(UPLINK_IN, &container_syn_ack(client, CONTAINER_ISN));
+    assert_eq!(
+        out,
+        segment(
+            (dialed(), client),
+            TCP_SYN | TCP_ACK,
+            (CONTAINER_ISN, CLIENT_ISN + 1),
+            &[]
+        )
+    );
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
 }

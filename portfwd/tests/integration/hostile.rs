@@ -1917,6 +1917,117 @@ fn syns_from_spoofed_sources_establish_no_flow() {
     assert_eq!(answered, spoofed.len(), "the container answered each SYN");
 }
 
+/// A packet in the container's name that comes in on an uplink is forged,
+/// when the mapping reaches its container through another interface
+/// (issue 11, case 1). A container that does not answer (here: stopped,
+/// its address held by nobody; likewise one whose listen queue a SYN flood
+/// filled) left a window: each forger's SYN, a SYN-ACK in the container's
+/// name sent from the client's link, and an ACK of that SYN-ACK
+/// established a spoofed flow, two-hour entries for three packets. Now the
+/// SYN-ACK is dropped and counted (`dropped_container_source`), and every
+/// such flow stays unanswered, on the SYN timeout.
+#[test]
+fn a_silent_containers_answer_forged_from_an_uplink_establishes_nothing() {
+    use portfwd_common::{
+        CONNTRACK, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CtKey, CtValue,
+    };
+    let Some(_serial) = root_test("forged_container_answers") else {
+        return;
+    };
+    let topo = Topology::new(49);
+    let (tcp_port, udp_port) = (62364u16, 62365u16);
+    // A container address on the container's link that nobody holds.
+    let IpAddr::V4(ctr) = topo.ctr.v4() else {
+        unreachable!("an IPv4 container address")
+    };
+    let [a, b, c, _] = ctr.octets();
+    let stopped = Ipv4Addr::new(a, b, c, 9);
+    let _running = publish(
+        &topo,
+        "silent",
+        stopped.into(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    let [a, b, c, _] = topo.client_v4().octets();
+    let spoofed: Vec<Ipv4Addr> = (0..20).map(|i| Ipv4Addr::new(a, b, c, 200 + i)).collect();
+    let client_if = topo.client.ctr_if.clone();
+    let sender = topo
+        .client
+        .inside(move || RawSocket::bind(&client_if))
+        .expect("raw socket in the client namespace");
+    let before = stats();
+    let (client_isn, forged_isn) = (0x1234_5678u32, 0x5000_0000u32);
+    for (i, src) in spoofed.iter().enumerate() {
+        let sport = 42000 + i as u16;
+        let syn = Ipv4Packet::tcp_syn(*src, topo.host_v4(), sport, tcp_port);
+        let answer = tcp_segment(
+            stopped.into(),
+            (*src).into(),
+            (TCP_SERVER, sport),
+            forged_isn,
+            |header| {
+                header.syn = true;
+                header.ack = true;
+                header.acknowledgment_number = client_isn + 1;
+            },
+        );
+        let ack = tcp_segment(
+            (*src).into(),
+            topo.host_v4().into(),
+            (sport, tcp_port),
+            client_isn + 1,
+            |header| {
+                header.ack = true;
+                header.acknowledgment_number = forged_isn + 1;
+            },
+        );
+        let id = 0xd000 + 4 * i as u16;
+        for packet in [
+            syn.id(id),
+            Ipv4Packet::new(stopped, *src, TCP, answer).id(id + 1),
+            Ipv4Packet::new(*src, topo.host_v4(), TCP, ack).id(id + 2),
+        ] {
+            sender
+                .send(&topo.frame(ETH_P_IP, &packet.build()))
+                .expect("sending a forged segment");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
+    let spoofed_flows: Vec<u8> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            let client = if value.flags & CT_FLAG_REPLY != 0 {
+                key.daddr
+            } else {
+                key.saddr
+            };
+            spoofed
+                .iter()
+                .any(|ip| client.words[0] == u32::from_ne_bytes(ip.octets()))
+        })
+        .map(|(_, value)| value.flags)
+        .collect();
+    let answered_or_established = spoofed_flows
+        .iter()
+        .filter(|flags| *flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) != 0)
+        .count();
+    assert_eq!(
+        (spoofed_flows.len(), answered_or_established),
+        (2 * spoofed.len(), 0),
+        "entries of the spoofed flows, and how many are answered or established: {spoofed_flows:?}"
+    );
+    let dropped = |s: &BTreeMap<String, u64>| s.get("dropped_container_source").copied();
+    assert_eq!(
+        dropped(&stats()).unwrap_or(0) - dropped(&before).unwrap_or(0),
+        spoofed.len() as u64
+    );
+}
+
 /// The TC programs parse Ethernet frames: an interface without a link-layer
 /// header (tun, wireguard) is refused as an uplink with one line, and
 /// nothing is attached (issue 11, case 9).
