@@ -653,4 +653,8 @@ stats! {
     /// link. Dropped, so that they set nothing of the flow (its answer, its
     /// mark) and reach no client from the published address.
     DroppedContainerSource = "dropped_container_source",
+    /// TCP flows forgotten at their last packet: both sides sent their FIN
+    /// and each acknowledged the other's, so both entries were removed with
+    /// that ACK instead of waiting out the closing time.
+    FlowEnded = "flows_ended",
 }

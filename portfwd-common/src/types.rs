@@ -145,6 +145,13 @@ pub const CT_FLAG_NAT46: u8 = 64;
 /// on an answered reply entry, which counts as answered.)
 pub const CT_FLAG_ANSWERED: u8 = 128;
 
+/// In `CtValue::more_flags`: this entry's side sent its FIN, and the other
+/// side acknowledged exactly that FIN (the entry's mark is the FIN's end,
+/// see `CtValue::tcp_next`). When the other side's FIN is acknowledged
+/// too, the flow ended cleanly, and both entries are removed at that last
+/// ACK instead of waiting out the closing time.
+pub const CT_MORE_FIN_ACKED: u8 = 1;
+
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,7 +162,9 @@ pub struct CtValue {
     /// Network byte order.
     pub nat_port: u16,
     pub flags: u8,
-    pub _pad: u8,
+    /// `CT_MORE_*`: flags beyond the eight of `flags`. The builds before
+    /// them wrote 0 here and never read it.
+    pub more_flags: u8,
     /// Where to redirect the rewritten packet (0: let the stack route it).
     pub ifindex: u32,
     /// The mapping the flow belongs to: it must still exist, with the same

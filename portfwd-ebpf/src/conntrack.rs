@@ -11,7 +11,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
-    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
     CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER,
     MASQ_FLOWS_STARTED, ServiceKey, Stat,
 };
@@ -142,30 +142,30 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
 /// establishment) is made good by `check_twin` at the flow's next packet
 /// after a second.
 #[inline(always)]
-pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
+pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) -> Touched {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
     if now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
         ct.last_seen_ns = now;
     }
     if pkt.proto != IPPROTO_TCP || ct.flags & CT_FLAG_CLOSING != 0 {
-        return;
+        return Touched::Lives;
     }
     if pkt.tcp_flags & TCP_RST != 0 {
         if closes_from_its_side(ct, pkt) {
-            change_state(key, ct, CT_FLAG_CLOSING, now);
+            change_state(key, ct, pkt, CT_FLAG_CLOSING, now);
         }
-        return;
+        return Touched::Lives;
     }
     advance(ct, pkt);
     if ct.flags & CT_FLAG_FIN != 0 {
         // This side closed before: has the other closed since? A side's
-        // own FIN does not ask (below), so the side that closed first finds
-        // out at its next packet, the ACK of the other's FIN; and when both
-        // send their FIN at once on two CPUs, each before it sees the
-        // other's, whichever side sends next does.
-        change_state(key, ct, CT_FLAG_FIN, now);
-        return;
+        // own FIN asks only whether it acknowledges the other's (below),
+        // so the side that closed first finds out at its next packet, the
+        // ACK of the other's FIN; and when both send their FIN at once on
+        // two CPUs, each before it sees the other's, whichever side sends
+        // next does.
+        return change_state(key, ct, pkt, CT_FLAG_FIN, now);
     }
     // The container's packets mark its answer on the reply entry; the
     // client's first packet after its SYN (its ACK of that answer)
@@ -188,9 +188,56 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) {
     // forger's choosing.
     if pkt.tcp_flags & TCP_FIN != 0 && closes_from_its_side(ct, pkt) {
         flags |= CT_FLAG_FIN;
+        // The FIN's end, exactly: the other side's ACK of this FIN must
+        // say that number.
+        ct.set_tcp_next(pkt.seq_end);
+        acknowledge_fin_of_twin(key, ct, pkt);
     }
     if flags != ct.flags {
         ct.flags = flags;
+    }
+    Touched::Lives
+}
+
+/// What a packet did to its flow (`touch`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Touched {
+    /// The flow goes on (or closes, and its entries wait out the closing
+    /// time).
+    Lives,
+    /// The packet was the flow's last: both sides sent their FIN and each
+    /// acknowledged the other's. The caller translates it, then removes
+    /// both entries (`remove`).
+    Ended,
+}
+
+/// Whether `pkt` acknowledges the FIN of the side whose entry is `other`,
+/// exactly its end (that side's mark since its FIN, see `touch`). A FIN's
+/// end not known (an entry of an earlier build, whose mark was not set at
+/// the FIN) is acknowledged by nothing: that flow waits out its closing
+/// time.
+#[inline(always)]
+fn acknowledges_fin(pkt: &Packet, other: &CtValue) -> bool {
+    other.flags & (CT_FLAG_FIN | CT_FLAG_CLOSING) == CT_FLAG_FIN
+        && other.tcp_next() != 0
+        && pkt.tcp_flags & TCP_ACK != 0
+        && pkt.ack == other.tcp_next()
+}
+
+/// At a side's FIN: whether it acknowledges the other side's FIN, which
+/// the other side sent first (the FIN of a side that closes second
+/// normally carries that ACK). Recorded on the other side's entry
+/// (`CT_MORE_FIN_ACKED`), for the other side's ACK of this FIN, the
+/// flow's last packet, to find. One lookup of the other entry per FIN.
+#[inline(never)]
+fn acknowledge_fin_of_twin(key: &CtKey, ct: &CtValue, pkt: &Packet) {
+    let Some((_, twin)) = twin_entry(key, ct) else {
+        return;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let twin = unsafe { &mut *twin };
+    if acknowledges_fin(pkt, twin) && twin.more_flags & CT_MORE_FIN_ACKED == 0 {
+        twin.more_flags |= CT_MORE_FIN_ACKED;
     }
 }
 
@@ -313,9 +360,10 @@ fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
 }
 
 /// A state change that concerns both entries of the flow (rare: a few
-/// packets per flow), so the twin entry is looked up here and only here.
+/// packets per flow), so the twin entry is looked up here (and at a FIN,
+/// `acknowledge_fin_of_twin`).
 #[inline(never)]
-fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
+fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64) -> Touched {
     // `event`: a RST (closing is `close`'s to set, with its time), or a
     // packet of a side whose FIN `touch` recorded already.
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -323,6 +371,19 @@ fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
     match (event, twin) {
         // One side closed; the flow closes when the other side has too.
         (CT_FLAG_FIN, Some(twin)) if twin.flags & CT_FLAG_FIN == 0 => {}
+        // Both closed, and this packet acknowledges the other side's FIN
+        // after the other side acknowledged this one's: the flow's last
+        // packet. Its entries go with it, rather than fill the table for
+        // the closing time and until the sweep (a busy host's ended flows
+        // would make the LRU evict its live idle ones).
+        (CT_FLAG_FIN, Some(twin))
+            if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) =>
+        {
+            return Touched::Ended;
+        }
+        // Else (a RST; FINs that crossed, neither acknowledging the other;
+        // a FIN's end not known) the flow closes, and its entries wait out
+        // the closing time for the packets still under way.
         (_, Some(twin)) => {
             close(ct, now);
             close(twin, now);
@@ -330,6 +391,7 @@ fn change_state(key: &CtKey, ct: &mut CtValue, event: u8, now: u64) {
         // No twin (evicted): nothing could translate the other direction.
         (_, None) => close(ct, now),
     }
+    Touched::Lives
 }
 
 fn close(ct: &mut CtValue, now: u64) {
@@ -450,7 +512,7 @@ fn set_reply_value(value: &mut CtValue, pkt: &Packet, service: &ServiceKey, nat:
     value.nat_addr = pkt.daddr;
     value.nat_port = pkt.dport;
     value.flags = CT_FLAG_REPLY | flow_flags(pkt, nat);
-    value._pad = 0;
+    value.more_flags = 0;
     value.ifindex = nat.client_ifindex;
     value.service = *service;
     value.masq_addr = pkt.saddr;
@@ -589,6 +651,7 @@ fn restart(
     ct.generation = generation;
     ct.last_seen_ns = now;
     ct.closing_or_progress = 0;
+    ct.more_flags = 0;
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,
@@ -617,7 +680,7 @@ pub(crate) fn pass_replies_to(pkt: &Packet, now: u64) {
     value.nat_addr = Addr::UNSPECIFIED;
     value.nat_port = 0;
     value.flags = CT_FLAG_HOST;
-    value._pad = 0;
+    value.more_flags = 0;
     value.ifindex = 0;
     value.service = ServiceKey::new(0, Addr::UNSPECIFIED, 0, 0);
     value.masq_addr = Addr::UNSPECIFIED;

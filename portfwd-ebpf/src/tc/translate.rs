@@ -9,7 +9,8 @@ use portfwd_common::{
 
 use super::service::services_generation;
 use crate::{
-    conntrack, fragments,
+    conntrack::{self, Touched},
+    fragments,
     maps::{COUNTERS, SERVICES},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, LAST_FRAGMENT, Packet},
@@ -79,10 +80,12 @@ pub(super) fn translate_forward(
         // gets a reset (TCP) or an ICMP error (UDP).
         return NEXT;
     }
-    conntrack::touch(key, entry, pkt, pkt.now);
+    let touched = conntrack::touch(key, entry, pkt, pkt.now);
     // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
     let ifindex = if redirect { ct.ifindex } else { 0 };
-    send_translated(ctx, pkt, ct, ifindex, true)
+    let verdict = send_translated(ctx, pkt, ct, ifindex, true);
+    forget_if_ended(key, ct, touched);
+    verdict
 }
 
 #[inline(never)]
@@ -107,12 +110,25 @@ pub(super) fn translate_reply(
         // container's own address: drop it (counted above).
         return DROP;
     }
-    conntrack::touch(key, entry, pkt, pkt.now);
+    let touched = conntrack::touch(key, entry, pkt, pkt.now);
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if ifindex != 0 {
         mark_translated(ctx);
     }
-    send_translated(ctx, pkt, ct, ifindex, false)
+    let verdict = send_translated(ctx, pkt, ct, ifindex, false);
+    forget_if_ended(key, ct, touched);
+    verdict
+}
+
+/// Removes both entries of a flow whose last packet this was (see
+/// `conntrack::Touched`), once the packet is translated: the entry's
+/// memory is the map's, and a removed element may be reused at once.
+#[inline(always)]
+fn forget_if_ended(key: &CtKey, ct: &CtValue, touched: Touched) {
+    if touched == Touched::Ended {
+        conntrack::remove(key, ct);
+        count(Stat::FlowEnded);
+    }
 }
 
 /// What both directions of a tracked flow do last: count the traffic,

@@ -387,3 +387,103 @@ fn a_container_behind_an_uplink_answers_through_it() {
     );
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
 }
+
+/// The container's response to `REQUEST`, 3 bytes.
+const RESPONSE: &[u8] = b"OK!";
+
+/// Where each side is after `exchanged`: the client's and the container's
+/// next sequence numbers.
+const CLIENT_AFTER: u32 = CLIENT_ISN + 1 + REQUEST.len() as u32;
+const CONTAINER_AFTER: u32 = CONTAINER_ISN + 1 + RESPONSE.len() as u32;
+
+/// A flow of `client`, established, its request sent and answered.
+fn exchanged(tc: &Tc, client: SocketAddr) {
+    answered(tc, client);
+    assert!(acked_establishes(tc, client, CONTAINER_ISN + 1));
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_ACK,
+            (CONTAINER_ISN + 1, CLIENT_AFTER),
+            RESPONSE,
+        ),
+    );
+}
+
+/// One segment of a closing flow: from the client or from the container,
+/// its flags, sequence and acknowledgment numbers; the translated segment
+/// out (and the verdict, for the client's).
+fn closing_step(tc: &Tc, client: SocketAddr, from_client: bool, flags: u8, seq_ack: (u32, u32)) {
+    let (program, ends, out_ends) = if from_client {
+        (UPLINK_IN, (client, dialed()), (client, container()))
+    } else {
+        (BACKEND_IN, (container(), client), (dialed(), client))
+    };
+    let (verdict, out) = tc.run(program, &segment(ends, flags, seq_ack, &[]));
+    assert_eq!(out, segment(out_ends, flags, seq_ack, &[]), "translated");
+    if from_client {
+        assert_eq!(verdict, TO_STACK);
+    }
+}
+
+/// A flow whose sides both closed cleanly is forgotten at its last packet,
+/// the ACK of the second FIN (itself translated), when the first FIN was
+/// acknowledged too: each FIN's end is its side's mark, and each ACK must
+/// acknowledge it exactly. Both orders of closing. Before, both entries
+/// stayed for the 10 s closing time and until the holder's sweep took them
+/// (3–20 s later): above about 13,000 new connections per second the table
+/// filled with ended flows, and the LRU evicted live idle flows to make
+/// room. Flows that close otherwise keep their closing time: FINs that
+/// cross (neither acknowledges the other's), and a last ACK that does not
+/// acknowledge the FIN exactly.
+#[test]
+fn a_flow_that_closes_cleanly_is_forgotten_at_its_last_ack() {
+    const TEST: &str = "a_flow_that_closes_cleanly_is_forgotten_at_its_last_ack";
+    let Some(tc) = load(TEST) else {
+        return;
+    };
+    let (c, s) = (CLIENT_AFTER, CONTAINER_AFTER);
+    const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+
+    // The client closes first; the container acknowledges its FIN with its
+    // own.
+    let client = at(CLIENT_V4, 40070);
+    exchanged(&tc, client);
+    closing_step(&tc, client, true, FIN_ACK, (c, s));
+    closing_step(&tc, client, false, FIN_ACK, (s, c + 1));
+    assert_eq!(conntrack_flags(&tc).len(), 2, "before the last ACK");
+    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
+    assert_eq!(conntrack_flags(&tc), Vec::<u8>::new(), "client first");
+
+    // The container closes first; the client acknowledges its FIN, then
+    // sends its own.
+    let client = at(CLIENT_V4, 40071);
+    exchanged(&tc, client);
+    closing_step(&tc, client, false, FIN_ACK, (s, c));
+    closing_step(&tc, client, true, TCP_ACK, (c, s + 1));
+    closing_step(&tc, client, true, FIN_ACK, (c, s + 1));
+    assert_eq!(conntrack_flags(&tc).len(), 2, "before the last ACK");
+    closing_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
+    assert_eq!(conntrack_flags(&tc), Vec::<u8>::new(), "container first");
+
+    // FINs that cross: each side's ACK of the other's comes after both.
+    let client = at(CLIENT_V4, 40072);
+    exchanged(&tc, client);
+    closing_step(&tc, client, true, FIN_ACK, (c, s));
+    closing_step(&tc, client, false, FIN_ACK, (s, c));
+    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
+    closing_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
+    assert!(closing(&tc), "crossed: {:?}", conntrack_flags(&tc));
+
+    // A last ACK that acknowledges something else than the FIN.
+    let Some(tc) = load(TEST) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40073);
+    exchanged(&tc, client);
+    closing_step(&tc, client, true, FIN_ACK, (c, s));
+    closing_step(&tc, client, false, FIN_ACK, (s, c + 1));
+    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1 + 1_000));
+    assert!(closing(&tc), "not exact: {:?}", conntrack_flags(&tc));
+}

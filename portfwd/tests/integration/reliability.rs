@@ -412,9 +412,12 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
     // them; without it the LRU
     // makes room for each round from the oldest entries, and by the third
     // it has taken the idle flow's.
+    // Each short flow ends with the client's reset: its entries wait out
+    // the closing time (a flow whose sides both close cleanly is forgotten
+    // at its last ACK, see `closed_flows_are_forgotten_at_their_last_ack`).
     let round = move || {
         for _ in 0..850 {
-            echoed(published, b"short\n").unwrap();
+            reset(echoed(published, b"short\n").unwrap());
         }
     };
     let idle_flow_lives = std::thread::spawn(move || {
@@ -437,6 +440,63 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
     assert!(
         idle_flow_lives.join().unwrap(),
         "the idle flow was evicted to make room for closed ones"
+    );
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0), not a FIN.
+fn reset(stream: TcpStream) {
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER");
+}
+
+/// A flow whose sides both close cleanly (each FIN acknowledged) is
+/// forgotten at its last ACK, so that a burst of short connections, faster
+/// than any sweep, does not fill the table with ended flows and make the
+/// LRU evict a live idle one (issue 11). Before, each ended flow kept its
+/// entries for the 10 s closing time and until the sweep: three rounds of
+/// 850 short flows back to back through a table of 1,024 flows took the
+/// idle flow's entries.
+#[test]
+fn closed_flows_are_forgotten_at_their_last_ack() {
+    let Some(_serial) = root_test("conntrack_last_ack") else {
+        return;
+    };
+    let ctr = Container::new(65);
+    let client = Container::with_prefix(65, "ext", 252);
+    let _echo = ctr.serve_with("[::]:5005", Arc::new(echo_lines));
+    let _pf = Portfwd::up(&["--iface", &client.host_if, "--max-flows", "1024"]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62571:5005"]);
+    let published = SocketAddr::new(client.host_v4(), 62571);
+    let client_ns = client.netns_path();
+    let ended_before = stats().get("flows_ended").copied().unwrap_or(0);
+    let idle_flow_lives = std::thread::spawn(move || {
+        netns::enter(&client_ns).unwrap();
+        // As in `closed_flows_are_swept_before_the_lru_takes_an_idle_flow`.
+        pin_to_current_cpu();
+        let mut idle = echoed(published, b"idle\n").unwrap();
+        for _ in 0..3 * 850 {
+            // The client closes first; the echo server closes at its EOF.
+            drop(echoed(published, b"short\n").unwrap());
+        }
+        still_echoes(&mut idle)
+    });
+    assert!(
+        idle_flow_lives.join().unwrap(),
+        "the idle flow was evicted to make room for ended ones"
+    );
+    // The last flows' ends may still be under way.
+    let ended = |n| stats().get("flows_ended").copied().unwrap_or(0) >= ended_before + n;
+    assert!(
+        wait_until(Duration::from_secs(5), || ended(3 * 850 - 10)),
+        "flows ended at their last ACK: {}",
+        stats().get("flows_ended").copied().unwrap_or(0) - ended_before
     );
 }
 
