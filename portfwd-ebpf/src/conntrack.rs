@@ -206,8 +206,8 @@ pub(crate) enum Touched {
     /// time).
     Lives,
     /// The packet was the flow's last: both sides sent their FIN and each
-    /// acknowledged the other's. The caller translates it, then removes
-    /// both entries (`remove`).
+    /// acknowledged the other's. The other entry is removed already; the
+    /// caller translates the packet, then removes this entry.
     Ended,
 }
 
@@ -366,30 +366,34 @@ fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
 fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64) -> Touched {
     // `event`: a RST (closing is `close`'s to set, with its time), or a
     // packet of a side whose FIN `touch` recorded already.
+    let Some((twin_key, twin)) = twin_entry(key, ct) else {
+        // No twin (evicted): nothing could translate the other direction.
+        close(ct, now);
+        return Touched::Lives;
+    };
     // SAFETY: a pointer into the map value, valid for this program run.
-    let twin = twin_entry(key, ct).map(|(_, t)| unsafe { &mut *t });
-    match (event, twin) {
+    let twin = unsafe { &mut *twin };
+    match event {
         // One side closed; the flow closes when the other side has too.
-        (CT_FLAG_FIN, Some(twin)) if twin.flags & CT_FLAG_FIN == 0 => {}
+        CT_FLAG_FIN if twin.flags & CT_FLAG_FIN == 0 => {}
         // Both closed, and this packet acknowledges the other side's FIN
         // after the other side acknowledged this one's: the flow's last
         // packet. Its entries go with it, rather than fill the table for
         // the closing time and until the sweep (a busy host's ended flows
-        // would make the LRU evict its live idle ones).
-        (CT_FLAG_FIN, Some(twin))
-            if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) =>
-        {
+        // would make the LRU evict its live idle ones): the other one now
+        // (this packet does not read it), this one once the packet is
+        // translated (`Touched::Ended`).
+        CT_FLAG_FIN if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) => {
+            let _ = CONNTRACK.remove(twin_key);
             return Touched::Ended;
         }
         // Else (a RST; FINs that crossed, neither acknowledging the other;
         // a FIN's end not known) the flow closes, and its entries wait out
         // the closing time for the packets still under way.
-        (_, Some(twin)) => {
+        _ => {
             close(ct, now);
             close(twin, now);
         }
-        // No twin (evicted): nothing could translate the other direction.
-        (_, None) => close(ct, now),
     }
     Touched::Lives
 }
@@ -776,6 +780,11 @@ pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
         && ct.masq_port == pkt.sport
         && ct.nat_addr == pkt.daddr
         && ct.nat_port == pkt.dport
+}
+
+/// Forgets one entry, under `key`.
+pub(crate) fn remove_entry(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
 }
 
 /// Forgets a flow, given either direction's key and entry (and its other

@@ -84,7 +84,7 @@ pub(super) fn translate_forward(
     // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
     let ifindex = if redirect { ct.ifindex } else { 0 };
     let verdict = send_translated(ctx, pkt, ct, ifindex, true);
-    forget_if_ended(key, ct, touched);
+    forget_if_ended(key, touched);
     verdict
 }
 
@@ -116,17 +116,18 @@ pub(super) fn translate_reply(
         mark_translated(ctx);
     }
     let verdict = send_translated(ctx, pkt, ct, ifindex, false);
-    forget_if_ended(key, ct, touched);
+    forget_if_ended(key, touched);
     verdict
 }
 
-/// Removes both entries of a flow whose last packet this was (see
-/// `conntrack::Touched`), once the packet is translated: the entry's
-/// memory is the map's, and a removed element may be reused at once.
+/// Removes the entry of a flow whose last packet this was (see
+/// `conntrack::Touched`; the other entry is gone already), once the packet
+/// is translated: the entry's memory is the map's, and a removed element
+/// may be reused at once.
 #[inline(always)]
-fn forget_if_ended(key: &CtKey, ct: &CtValue, touched: Touched) {
+fn forget_if_ended(key: &CtKey, touched: Touched) {
     if touched == Touched::Ended {
-        conntrack::remove(key, ct);
+        conntrack::remove_entry(key);
         count(Stat::FlowEnded);
     }
 }
