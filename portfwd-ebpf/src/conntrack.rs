@@ -316,7 +316,9 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
         // container's TIME_WAIT socket of an earlier connection got that
         // connection's ACK first, and resets it and sends its SYN again.
         // The container answers from its side: a SYN-ACK of its flow that
-        // comes in on an uplink is forged, and sets nothing (the first
+        // comes in on an uplink that does not reach it was dropped
+        // (`tc::ingress`), and one from an uplink that may not reach it (the
+        // mapping knows no interface, or a VLAN tag) sets nothing (the first
         // packet of a side sets its mark wherever it comes from, and the
         // container's own SYN-ACK then sets it again).
         pkt.seq_end != 0

@@ -97,8 +97,10 @@ pub(crate) struct Packet {
     /// When the packet matched a tracked flow (`conntrack::now`): the clock
     /// is read once, on a hit. 0 until then.
     pub now: u64,
-    /// It came in on an uplink (`pf_tc_uplink_in`), from outside the host:
-    /// a packet there that claims to be a container's is forged.
+    /// It came in on an uplink (`pf_tc_uplink_in`), from outside the host,
+    /// and not from a container reached through that uplink (see
+    /// `tc::service::ContainerLink`): a packet in a container's name here
+    /// cannot set that container's mark.
     pub from_uplink: bool,
 }
 

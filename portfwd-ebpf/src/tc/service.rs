@@ -122,3 +122,40 @@ pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
     // SAFETY: only the presence of the values is read.
     unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }
 }
+
+/// Whether a packet in a tracked flow's container's name (its reply
+/// direction) that came in on the uplink of `ctx` can be the container's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum ContainerLink {
+    /// The flow's mapping reaches its container through this very
+    /// interface (a container behind an uplink): its packets come in here.
+    This,
+    /// Through another interface: the container's own packets come in on
+    /// that one (to `pf_tc_backend_in`), so this one is forged. A forger
+    /// on the client's link could otherwise answer a flow in the
+    /// container's name (its first mark, `CT_FLAG_ANSWERED`) before the
+    /// container did, or when it never does (stopped, or its listen queue
+    /// full), and establish a spoofed flow with its own ACK.
+    Other,
+    /// Not known: the mapping knows no interface, or is gone (the flow's
+    /// own check, `still_mapped`, then stops it), or the frame carries a
+    /// VLAN tag: a container reached through a VLAN interface of this
+    /// uplink sends its packets in here, tagged, under the VLAN
+    /// interface's index in the mapping, and the programs cannot tell that
+    /// from a forger's tag.
+    Unknown,
+}
+
+// Not inlined: the lookup's locals stay out of the ingress program's frame,
+// which starts `start_flow`'s chain.
+#[inline(never)]
+pub(super) fn container_link(ctx: &TcContext, service: &ServiceKey) -> ContainerLink {
+    // SAFETY: reading context fields, checked by the verifier.
+    let (ifindex, tagged) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present != 0) };
+    // SAFETY: the value is read at once.
+    match unsafe { SERVICES.get(service) } {
+        Some(mapping) if mapping.ifindex == ifindex => ContainerLink::This,
+        Some(mapping) if mapping.ifindex != 0 && !tagged => ContainerLink::Other,
+        _ => ContainerLink::Unknown,
+    }
+}

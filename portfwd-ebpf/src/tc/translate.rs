@@ -7,7 +7,7 @@ use portfwd_common::{
     TRACE_PATH_TC, TRACE_PATH_UPLINK,
 };
 
-use super::service::services_generation;
+use super::service::{ContainerLink, container_link, services_generation};
 use crate::{
     conntrack::{self, Touched},
     fragments,
@@ -39,27 +39,6 @@ fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
     mapped
 }
 
-/// Whether a packet in a flow's container's name (its reply direction)
-/// that came in on an uplink can be the container's: the flow's mapping
-/// reaches its container through this very interface (a container behind
-/// an uplink), or through none known. Else it is forged: the container's
-/// own packets come in on its link, to `pf_tc_backend_in`. A forger on the
-/// client's link could otherwise answer a flow in the container's name
-/// (its first mark, `CT_FLAG_ANSWERED`) before the container did, or when
-/// it never does (stopped, or its listen queue full), and establish a
-/// spoofed flow with its own ACK. A mapping gone says yes: the flow's own
-/// check (`still_mapped`) stops it.
-// Not inlined: the lookup's locals stay out of the caller's frame.
-#[inline(never)]
-fn comes_from_container_link(ctx: &TcContext, service: &ServiceKey) -> bool {
-    // SAFETY: the value is read at once.
-    let Some(mapping) = (unsafe { SERVICES.get(service) }) else {
-        return true;
-    };
-    // SAFETY: reading a context field, checked by the verifier.
-    mapping.ifindex == 0 || mapping.ifindex == unsafe { (*ctx.skb.skb).ifindex }
-}
-
 // The entry is used in place, not copied: the stack is limited to 512 bytes.
 #[inline(never)]
 pub(super) fn translate_forward(
@@ -88,20 +67,33 @@ pub(super) fn translate_forward(
     verdict
 }
 
+// The check of a packet from an uplink lives here, not in `tc::ingress`:
+// there it took one more slot of the ingress frame, which starts
+// `start_flow`'s chain, and that chain went over 6.1's 512 bytes.
 #[inline(never)]
 pub(super) fn translate_reply(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &mut Packet,
     key: &CtKey,
     entry: *mut CtValue,
     redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
-    if pkt.from_uplink && !comes_from_container_link(ctx, &ct.service) {
-        count(Stat::DroppedContainerSource);
-        trace::stat(ctx, pkt, TRACE_PATH_UPLINK, Stat::DroppedContainerSource);
-        return DROP;
+    // A packet in the container's name from an uplink: forged unless the
+    // container is reached through it (`ContainerLink`). From there, it is
+    // the container's as from any container link, and its SYN-ACK may set
+    // the container's mark (`conntrack::touch`).
+    if pkt.from_uplink {
+        match container_link(ctx, &ct.service) {
+            ContainerLink::Other => {
+                count(Stat::DroppedContainerSource);
+                trace::stat(ctx, pkt, TRACE_PATH_UPLINK, Stat::DroppedContainerSource);
+                return DROP;
+            }
+            ContainerLink::This => pkt.from_uplink = false,
+            ContainerLink::Unknown => {}
+        }
     }
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
         conntrack::remove(key, ct);

@@ -366,7 +366,12 @@ fn a_containers_answer_from_an_uplink_is_forged() {
 }
 
 /// A container reached through an uplink (the route to it goes there)
-/// answers through that uplink: its packets are translated there.
+/// answers through that uplink: its packets are translated there, and are
+/// its own as on any container link: its SYN-ACK sets its mark afresh
+/// before the flow is established (the TIME_WAIT case of
+/// `a_containers_syn_ack_sets_its_mark_before_the_flow_is_established`).
+/// Before, any SYN-ACK that came in on an uplink was taken for forged, and
+/// that flow never became established.
 #[test]
 fn a_container_behind_an_uplink_answers_through_it() {
     const TEST: &str = "a_container_behind_an_uplink_answers_through_it";
@@ -386,6 +391,35 @@ fn a_container_behind_an_uplink_answers_through_it() {
         )
     );
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+
+    // A client reusing its port while the container holds the earlier
+    // connection in TIME_WAIT: that connection's ACK, the client's reset,
+    // its SYN again and the container's SYN-ACK, all through the uplink.
+    let Some(tc) = behind_link(TEST, TEST_RUN_LINK) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40069);
+    client_syn(&tc, client);
+    tc.run(
+        UPLINK_IN,
+        &segment(
+            (container(), client),
+            TCP_ACK,
+            (CONTAINER_ISN + 3_000_000, 4_000_000),
+            &[],
+        ),
+    );
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_RST, (4_000_000, 0), &[]),
+    );
+    client_syn(&tc, client);
+    tc.run(UPLINK_IN, &container_syn_ack(client, CONTAINER_ISN));
+    assert!(
+        acked_establishes(&tc, client, CONTAINER_ISN + 1),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
 }
 
 /// The container's response to `REQUEST`, 3 bytes.
