@@ -258,10 +258,23 @@ fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
         return;
     };
     let client = at(CLIENT_V4, 40063);
-    client_syn(&tc, client);
-    // The earlier connection's ACK, from far elsewhere in the sequence.
+    reuse_against_time_wait(&tc, client, BACKEND_IN);
+    assert!(
+        acked_establishes(&tc, client, CONTAINER_ISN + 1),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
+}
+
+/// A client reusing its port while the container still holds the earlier
+/// connection in TIME_WAIT, the container's packets through `program`:
+/// the client's SYN, the earlier connection's ACK (from far elsewhere in
+/// the sequence), the client's reset, its SYN again and the container's
+/// SYN-ACK.
+fn reuse_against_time_wait(tc: &Tc, client: SocketAddr, program: &str) {
+    client_syn(tc, client);
     tc.run(
-        BACKEND_IN,
+        program,
         &segment(
             (container(), client),
             TCP_ACK,
@@ -273,13 +286,8 @@ fn a_containers_syn_ack_sets_its_mark_before_the_flow_is_established() {
         UPLINK_IN,
         &segment((client, dialed()), TCP_RST, (4_000_000, 0), &[]),
     );
-    // The client's SYN again, and the container's SYN-ACK.
-    answered(&tc, client);
-    assert!(
-        acked_establishes(&tc, client, CONTAINER_ISN + 1),
-        "{:?}",
-        conntrack_flags(&tc)
-    );
+    client_syn(tc, client);
+    tc.run(program, &container_syn_ack(client, CONTAINER_ISN));
 }
 
 /// A SYN-ACK of the container's that comes in on an uplink is forged (the
@@ -392,29 +400,13 @@ fn a_container_behind_an_uplink_answers_through_it() {
     );
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
 
-    // A client reusing its port while the container holds the earlier
-    // connection in TIME_WAIT: that connection's ACK, the client's reset,
-    // its SYN again and the container's SYN-ACK, all through the uplink.
+    // A client reusing its port against the container's TIME_WAIT socket,
+    // all through the uplink.
     let Some(tc) = behind_link(TEST, TEST_RUN_LINK) else {
         return;
     };
     let client = at(CLIENT_V4, 40069);
-    client_syn(&tc, client);
-    tc.run(
-        UPLINK_IN,
-        &segment(
-            (container(), client),
-            TCP_ACK,
-            (CONTAINER_ISN + 3_000_000, 4_000_000),
-            &[],
-        ),
-    );
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_RST, (4_000_000, 0), &[]),
-    );
-    client_syn(&tc, client);
-    tc.run(UPLINK_IN, &container_syn_ack(client, CONTAINER_ISN));
+    reuse_against_time_wait(&tc, client, UPLINK_IN);
     assert!(
         acked_establishes(&tc, client, CONTAINER_ISN + 1),
         "{:?}",

@@ -1814,6 +1814,27 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
 }
 
+/// The flags of the conntrack entries (both directions) of the flows whose
+/// client is one of `clients`.
+fn flags_of_flows_from(clients: &[Ipv4Addr]) -> Vec<u8> {
+    use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue};
+    pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK)
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            let client = if value.flags & CT_FLAG_REPLY != 0 {
+                key.daddr
+            } else {
+                key.saddr
+            };
+            clients
+                .iter()
+                .any(|ip| client.words[0] == u32::from_ne_bytes(ip.octets()))
+        })
+        .map(|(_, value)| value.flags)
+        .collect()
+}
+
 /// A SYN flood from spoofed sources leaves no two-hour entries (issue 11,
 /// case 1): the container answers every SYN, its answers go to addresses
 /// that nobody holds, and both entries of each flow stay on the SYN
@@ -1885,22 +1906,7 @@ fn syns_from_spoofed_sources_establish_no_flow() {
             .expect("sending a blind ACK");
     }
     std::thread::sleep(Duration::from_millis(300));
-    let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
-    let spoofed_flows: Vec<u8> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, value)| {
-            let client = if value.flags & CT_FLAG_REPLY != 0 {
-                key.daddr
-            } else {
-                key.saddr
-            };
-            spoofed
-                .iter()
-                .any(|ip| client.words[0] == u32::from_ne_bytes(ip.octets()))
-        })
-        .map(|(_, value)| value.flags)
-        .collect();
+    let spoofed_flows = flags_of_flows_from(&spoofed);
     let answered = spoofed_flows
         .iter()
         .filter(|flags| *flags & CT_FLAG_ANSWERED != 0)
@@ -1928,9 +1934,7 @@ fn syns_from_spoofed_sources_establish_no_flow() {
 /// such flow stays unanswered, on the SYN timeout.
 #[test]
 fn a_silent_containers_answer_forged_from_an_uplink_establishes_nothing() {
-    use portfwd_common::{
-        CONNTRACK, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CtKey, CtValue,
-    };
+    use portfwd_common::{CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED};
     let Some(_serial) = root_test("forged_container_answers") else {
         return;
     };
@@ -1996,22 +2000,7 @@ fn a_silent_containers_answer_forged_from_an_uplink_establishes_nothing() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
-    let spoofed_flows: Vec<u8> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, value)| {
-            let client = if value.flags & CT_FLAG_REPLY != 0 {
-                key.daddr
-            } else {
-                key.saddr
-            };
-            spoofed
-                .iter()
-                .any(|ip| client.words[0] == u32::from_ne_bytes(ip.octets()))
-        })
-        .map(|(_, value)| value.flags)
-        .collect();
+    let spoofed_flows = flags_of_flows_from(&spoofed);
     let answered_or_established = spoofed_flows
         .iter()
         .filter(|flags| *flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) != 0)
@@ -2171,16 +2160,7 @@ fn forged_resets_leave_a_live_flow_open() {
     let read_back = std::thread::spawn(move || reader.read_exact(&mut back).map(|_| back));
     stream.write_all(&block).unwrap();
     assert_eq!(read_back.join().unwrap().expect("the echo"), block);
-    nix::sys::socket::setsockopt(
-        &stream,
-        nix::sys::socket::sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    drop(stream);
+    reset(stream);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(closing(entries()), [true, true], "after the client's reset");
     assert_eq!(stats()["closes_out_of_window"], ignored + 1);

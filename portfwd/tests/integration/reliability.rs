@@ -443,19 +443,6 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
     );
 }
 
-/// Closes `stream` with a reset (SO_LINGER 0), not a FIN.
-fn reset(stream: TcpStream) {
-    nix::sys::socket::setsockopt(
-        &stream,
-        nix::sys::socket::sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .expect("SO_LINGER");
-}
-
 /// A flow whose sides both close cleanly (each FIN acknowledged) is
 /// forgotten at its last ACK, so that a burst of short connections, faster
 /// than any sweep, does not fill the table with ended flows and make the

@@ -472,3 +472,16 @@ pub(crate) fn cgi_ip(to: std::net::SocketAddr) -> Result<String, String> {
     let body = answer.lines().last().unwrap_or("").trim();
     Ok(body.replace("[::ffff:", "").replace(['[', ']'], ""))
 }
+
+/// Closes `stream` with a reset (SO_LINGER 0), not a FIN.
+pub(crate) fn reset(stream: std::net::TcpStream) {
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER");
+}
