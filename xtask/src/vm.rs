@@ -154,8 +154,11 @@ const PACKET_CASES: &[&str] = &[
     "datapath::tc_cases_icmp::errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egress",
 ];
 
-/// The guest's whole run is killed after this long.
-const GUEST_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// The guest's whole run is killed after this long. Its 42 tests take
+/// 19–22 min under TCG on a 2-CPU machine shared with other work (sessions
+/// 18 and 19: 1,165 s and 1,324 s from boot to shutdown), so a hung guest
+/// is stopped with room left in CI's 90 minutes, and a slow one is not.
+const GUEST_LIMIT: Duration = Duration::from_secs(35 * 60);
 
 /// Marks the guest's exit status in its output (vng's own exit status
 /// has not always been the command's).
