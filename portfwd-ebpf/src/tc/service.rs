@@ -146,8 +146,7 @@ pub(super) enum ContainerLink {
     Unknown,
 }
 
-// Not inlined: the lookup's locals stay out of the ingress program's frame,
-// which starts `start_flow`'s chain.
+// Not inlined: the lookup's locals stay out of `translate_reply`'s frame.
 #[inline(never)]
 pub(super) fn container_link(ctx: &TcContext, service: &ServiceKey) -> ContainerLink {
     // SAFETY: reading context fields, checked by the verifier.

@@ -462,7 +462,8 @@ fn closed_flows_are_forgotten_at_their_last_ack() {
     portfwd_ok(&["map", &ctr.v4().to_string(), "62571:5005"]);
     let published = SocketAddr::new(client.host_v4(), 62571);
     let client_ns = client.netns_path();
-    let ended_before = stats().get("flows_ended").copied().unwrap_or(0);
+    let flows_ended = || stats().get("flows_ended").copied().unwrap_or(0);
+    let ended_before = flows_ended();
     let idle_flow_lives = std::thread::spawn(move || {
         netns::enter(&client_ns).unwrap();
         // As in `closed_flows_are_swept_before_the_lru_takes_an_idle_flow`.
@@ -479,11 +480,11 @@ fn closed_flows_are_forgotten_at_their_last_ack() {
         "the idle flow was evicted to make room for ended ones"
     );
     // The last flows' ends may still be under way.
-    let ended = |n| stats().get("flows_ended").copied().unwrap_or(0) >= ended_before + n;
     assert!(
-        wait_until(Duration::from_secs(5), || ended(3 * 850 - 10)),
+        wait_until(Duration::from_secs(5), || flows_ended()
+            >= ended_before + 3 * 850 - 10),
         "flows ended at their last ACK: {}",
-        stats().get("flows_ended").copied().unwrap_or(0) - ended_before
+        flows_ended() - ended_before
     );
 }
 
