@@ -45,14 +45,14 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey,
-    CtValue, IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, Stat, TRACE_PATH_CONTAINERS,
-    TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    CtValue, IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat,
+    TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use self::{
     flow::{is_new_tcp, start_flow},
     host_socket::{host_socket, owns_packet},
-    service::{find_service, is_host_address, publishes},
+    service::{ContainerLink, container_link, find_service, is_host_address, publishes},
     translate::{translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
@@ -120,12 +120,22 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
     if let Some((entry, now)) = conntrack::find(key) {
         pkt.now = now;
         // SAFETY: a pointer into the map value, valid for this program run.
-        let (flags, ifindex) = unsafe { ((*entry).flags, (*entry).ifindex) };
+        let flags = unsafe { (*entry).flags };
         // A reply to what the host itself sent from a published port (see
         // `routed_reply`): the host's, not a new flow.
         if flags & CT_FLAG_HOST != 0 {
             conntrack::touch(key, entry, pkt, now);
             return NEXT;
+        }
+        // A packet in the container's name from an uplink is checked before
+        // anything of the flow is asked or refreshed.
+        // SAFETY: a pointer into the map value, valid for this program run
+        // (a map value is a valid key).
+        if !from_containers
+            && flags & CT_FLAG_REPLY != 0
+            && forged_in_containers_name(ctx, pkt, unsafe { &(*entry).service })
+        {
+            return DROP;
         }
         let syn = is_new_tcp(pkt);
         // A SYN on a flow whose client closed its side (the flow closing,
@@ -139,18 +149,20 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         }
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
-        if conntrack::orphaned(key, entry, syn, now) {
+        if conntrack::orphaned(key, entry, syn, pkt.now) {
             return new_flow(ctx, pkt, path, from_containers, ptr::null_mut());
         }
         // Larger than the interface it goes to: answered, as the
         // forwarding path would (only large packets pay the check), or
         // left to the stack to fragment.
-        // The flags are read from the entry again after calls, not kept:
-        // one more value live across them took one more slot of this
-        // frame, which starts `start_flow`'s chain, at 6.1's limit. They
-        // are the ones an entry keeps (direction, masquerade, NAT46).
-        // SAFETY (both reads): a pointer into the map value, valid for
-        // this program run.
+        // The interface and the flags are read from the entry again after
+        // calls, not kept: one more value live across them took one more
+        // slot of this frame, which starts `start_flow`'s chain, at 6.1's
+        // limit. They are the ones an entry keeps (its interface, the
+        // direction, masquerade, NAT46).
+        // SAFETY (all three reads): a pointer into the map value, valid
+        // for this program run.
+        let ifindex = unsafe { (*entry).ifindex };
         let mut redirect = true;
         if ifindex != 0
             && pkt.len > TOO_BIG_CHECKED_FROM
@@ -170,6 +182,30 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         return translate_forward(ctx, pkt, key, entry, redirect);
     }
     new_flow(ctx, pkt, path, from_containers, ptr::null_mut())
+}
+
+/// Whether a packet in the container's name (a flow's reply direction) that
+/// came in on an uplink is forged: it is unless the flow's mapping reaches
+/// its container through that uplink (`ContainerLink`), and then it is
+/// counted and traced. From there, it is the container's as from any
+/// container link, and its SYN-ACK may set the container's mark
+/// (`conntrack::touch`).
+// Not inlined: the trace's locals would take slots of the ingress frame,
+// which starts `start_flow`'s chain, at 6.1's 512-byte limit.
+#[inline(never)]
+fn forged_in_containers_name(ctx: &TcContext, pkt: &mut Packet, service: &ServiceKey) -> bool {
+    match container_link(ctx, service) {
+        ContainerLink::Other => {
+            count(Stat::DroppedContainerSource);
+            trace::stat(ctx, pkt, TRACE_PATH_UPLINK, Stat::DroppedContainerSource);
+            true
+        }
+        ContainerLink::This => {
+            pkt.from_uplink = false;
+            false
+        }
+        ContainerLink::Unknown => false,
+    }
 }
 
 /// Whether a TCP packet from a container to a host address belongs to a

@@ -146,8 +146,7 @@ pub(super) enum ContainerLink {
     Unknown,
 }
 
-// Not inlined: the lookup's locals stay out of `translate_reply`'s frame.
-#[inline(never)]
+#[inline(always)]
 pub(super) fn container_link(ctx: &TcContext, service: &ServiceKey) -> ContainerLink {
     // SAFETY: reading context fields, checked by the verifier.
     let (ifindex, tagged) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present != 0) };

@@ -4,10 +4,10 @@
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
     Addr, CT_FLAG_MASQ, CT_FLAG_NAT46, CtKey, CtValue, FRAGMENT_FLAG_REPLY, ServiceKey, Stat,
-    TRACE_PATH_TC, TRACE_PATH_UPLINK,
+    TRACE_PATH_TC,
 };
 
-use super::service::{ContainerLink, container_link, services_generation};
+use super::service::services_generation;
 use crate::{
     conntrack::{self, Touched},
     fragments,
@@ -67,34 +67,16 @@ pub(super) fn translate_forward(
     verdict
 }
 
-// The check of a packet from an uplink lives here, not in `tc::ingress`:
-// there it took one more slot of the ingress frame, which starts
-// `start_flow`'s chain, and that chain went over 6.1's 512 bytes.
 #[inline(never)]
 pub(super) fn translate_reply(
     ctx: &TcContext,
-    pkt: &mut Packet,
+    pkt: &Packet,
     key: &CtKey,
     entry: *mut CtValue,
     redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
-    // A packet in the container's name from an uplink: forged unless the
-    // container is reached through it (`ContainerLink`). From there, it is
-    // the container's as from any container link, and its SYN-ACK may set
-    // the container's mark (`conntrack::touch`).
-    if pkt.from_uplink {
-        match container_link(ctx, &ct.service) {
-            ContainerLink::Other => {
-                count(Stat::DroppedContainerSource);
-                trace::stat(ctx, pkt, TRACE_PATH_UPLINK, Stat::DroppedContainerSource);
-                return DROP;
-            }
-            ContainerLink::This => pkt.from_uplink = false,
-            ContainerLink::Unknown => {}
-        }
-    }
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use portfwd_common::Stat;
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_MAC, CLIENT_V4, CTR_V4, Failures, HOST_MAC, HOST_V4, NEXT, REDIRECT,
+    BACKEND_IN, CLIENT_MAC, CLIENT_V4, CTR_V4, DROP, Failures, HOST_MAC, HOST_V4, NEXT, REDIRECT,
     TO_STACK, Tc, UPLINK_IN, edit_ipv4_header, ifindex_ctx, ip_frame, mapping,
 };
 use crate::model::{Mapping, Protocol};
@@ -180,4 +180,32 @@ fn first_datagrams_too_big_are_checked_too() {
     let got = run(&tc, UPLINK_IN, &big, link.ifindex);
     failures.check("without DF", got, TO_STACK, &translated);
     failures.assert_none();
+}
+
+/// A datagram in the container's name that comes in on the client's link,
+/// larger than that link and without DF, is forged like any other from
+/// there (the container's link is another): dropped and counted. Before,
+/// the size check ran first and handed it to the stack, which routed it
+/// back out of the client's link, where the egress program translated it
+/// without asking where it came from.
+#[test]
+fn a_forged_oversize_answer_from_the_clients_link_is_dropped() {
+    let test = "a_forged_oversize_answer_from_the_clients_link_is_dropped";
+    let Some(mut tc) = Tc::load(test) else {
+        return;
+    };
+    let containers = SmallLink::new("pftfrg4", "pftfrg5", [2, 0, 0x5e, 0, 0, 3]);
+    let clients = SmallLink::new("pftfrg6", "pftfrg7", [2, 0, 0x5e, 0, 0, 4]);
+    tc.publish(&[on_link(&containers)]);
+    let from_client = (CLIENT_MAC, clients.mac);
+    let small = udp(from_client, CLIENT, PUBLISHED, 100, false);
+    let (verdict, _) = run(&tc, UPLINK_IN, &small, clients.ifindex);
+    assert_eq!(verdict, REDIRECT, "the first datagram opens the flow");
+
+    let before = tc.stat(Stat::DroppedContainerSource);
+    let forged = udp(from_client, CONTAINER, CLIENT, 1400, false);
+    let (verdict, out) = run(&tc, UPLINK_IN, &forged, clients.ifindex);
+    assert_eq!(verdict, DROP, "verdict {verdict:#x}");
+    assert!(out == forged, "the frame was changed");
+    assert_eq!(tc.stat(Stat::DroppedContainerSource), before + 1);
 }

@@ -13,7 +13,7 @@ use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
-    UPLINK_IN, at, change_entries, conntrack_flags, mapping, segment,
+    UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping, segment,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -412,6 +412,47 @@ fn a_container_behind_an_uplink_answers_through_it() {
         "{:?}",
         conntrack_flags(&tc)
     );
+}
+
+/// A forged packet in the container's name from an uplink is dropped before
+/// it does anything to the flow: before, the check that looks for an entry's
+/// lost twin (once a second of the entry's quiet) ran first, and refreshed
+/// the client's entry's idle timer: a forger on the client's link kept an
+/// abandoned flow's entry alive with a packet a second.
+#[test]
+fn a_forged_answer_from_an_uplink_refreshes_nothing() {
+    const TEST: &str = "a_forged_answer_from_an_uplink_refreshes_nothing";
+    let Some(mut tc) = behind_link(TEST, CONTAINER_LINK) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40070);
+    answered(&tc, client);
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+    // Both entries quiet for 2 s: the next packet of either asks for its twin.
+    change_entries(&mut tc, |value| {
+        value.last_seen_ns = value.last_seen_ns.saturating_sub(2_000_000_000);
+    });
+    let quiet = last_seen(&mut tc);
+    let forged = segment(
+        (container(), client),
+        TCP_ACK,
+        (CONTAINER_ISN + 1, CLIENT_AFTER),
+        &[],
+    );
+    assert_eq!(tc.run(UPLINK_IN, &forged), (DROP, forged.clone()));
+    assert_eq!(last_seen(&mut tc), quiet, "an entry's idle timer moved");
+}
+
+/// The idle timers (`last_seen_ns`) of every conntrack entry, sorted.
+fn last_seen(tc: &mut Tc) -> Vec<u64> {
+    let map = conntrack_of(tc);
+    let mut times: Vec<u64> = map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, value)| value.last_seen_ns)
+        .collect();
+    times.sort_unstable();
+    times
 }
 
 /// The container's response to `REQUEST`, 3 bytes.
