@@ -104,9 +104,12 @@ pub(crate) fn size_notes(pin_dir: &Path, sizes: Sizes) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-    use aya_obj::{Object, ProgramSection, generated::bpf_map_type as map_type};
+    use aya_obj::{
+        Object, ProgramSection,
+        generated::{bpf_insn, bpf_map_type as map_type},
+    };
     use portfwd_common::{Hook, MapKind, PRIVATE_MAPS, programs};
 
     use super::*;
@@ -184,5 +187,94 @@ mod tests {
             );
         }
         assert_eq!(sections.len(), programs().count(), "{:?}", sections.keys());
+    }
+
+    /// The stack of a program's deepest chain of calls, as the verifiers of
+    /// kernels up to at least 6.1 count it, fits their 512 bytes. Each frame
+    /// counts its deepest access below r10 (a spill, a local), rounded up to
+    /// 32 bytes (`check_max_stack_depth`). Newer verifiers count only what
+    /// the paths they walk use, so this kernel loads programs that 6.1
+    /// rejects ("combined stack size of 5 calls is 544"); this test finds
+    /// that in a second, the 6.1 guest of `cargo xtask test` in minutes.
+    #[test]
+    fn every_programs_deepest_call_chain_fits_older_verifiers_stack() {
+        let mut object = Object::parse(OBJECT).expect("parsing the embedded eBPF object");
+        let text_sections: HashSet<usize> = object.functions.keys().map(|key| key.0).collect();
+        object
+            .relocate_calls(&text_sections)
+            .expect("linking the object's calls");
+        let mut failures = Vec::new();
+        for (name, program) in &object.programs {
+            let instructions = &object.functions[&program.function_key()].instructions;
+            let (depth, chain) = deepest_chain(instructions);
+            if depth > 512 {
+                failures.push(format!("{name}: {depth} bytes, frames {chain:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
+    /// The stack of the deepest chain of calls from the program's start, and
+    /// that chain's frames (each one's deepest access): a linked program's
+    /// functions follow its own, each starting where a call goes.
+    fn deepest_chain(instructions: &[bpf_insn]) -> (u32, Vec<u32>) {
+        const CALL: u8 = 0x85;
+        const PSEUDO_CALL: u8 = 1;
+        const FRAME_POINTER: u8 = 10;
+        let target = |at: usize, insn: &bpf_insn| {
+            (insn.code == CALL && insn.src_reg() == PSEUDO_CALL)
+                .then(|| usize::try_from(at as i64 + 1 + i64::from(insn.imm)).unwrap())
+        };
+        let mut starts: BTreeSet<usize> = [0].into();
+        starts.extend(
+            instructions
+                .iter()
+                .enumerate()
+                .filter_map(|(at, insn)| target(at, insn)),
+        );
+        let bounds: Vec<usize> = starts.iter().copied().chain([instructions.len()]).collect();
+        let frame = |start: usize| -> (u32, Vec<usize>) {
+            let end = bounds[bounds.iter().position(|&b| b == start).unwrap() + 1];
+            let mut depth = 0;
+            let mut callees = Vec::new();
+            for (at, insn) in instructions.iter().enumerate().take(end).skip(start) {
+                let class = insn.code & 7;
+                // LDX reads from src_reg + off; ST and STX write to dst_reg + off.
+                let base = match class {
+                    1 => insn.src_reg(),
+                    2 | 3 => insn.dst_reg(),
+                    _ => u8::MAX,
+                };
+                if base == FRAME_POINTER && insn.off < 0 {
+                    depth = depth.max(u32::from(insn.off.unsigned_abs()));
+                }
+                callees.extend(target(at, insn));
+            }
+            (depth, callees)
+        };
+        fn walk(
+            start: usize,
+            frame: &dyn Fn(usize) -> (u32, Vec<usize>),
+            seen: &mut Vec<usize>,
+        ) -> (u32, Vec<u32>) {
+            let (depth, callees) = frame(start);
+            seen.push(start);
+            let mut deepest = (0, Vec::new());
+            for callee in callees {
+                if seen.contains(&callee) {
+                    continue; // recursion: the verifier refuses it anyway
+                }
+                let chain = walk(callee, frame, seen);
+                if chain.0 > deepest.0 {
+                    deepest = chain;
+                }
+            }
+            seen.pop();
+            // As the verifier rounds: a frame of at least 1 byte, to 32.
+            let (below, mut chain) = deepest;
+            chain.insert(0, depth);
+            (depth.max(1).next_multiple_of(32) + below, chain)
+        }
+        walk(0, &frame, &mut Vec::new())
     }
 }
