@@ -404,8 +404,7 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
                 return false;
             }
         }
-        // SAFETY: kill has no memory-safety preconditions; pid is our child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        kill_tree(pid);
         true
     });
     let mut result = None;
@@ -441,9 +440,71 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
     }
 }
 
+/// Kills `pid` and every process under it: vng runs qemu as a child of
+/// its own, which outlives a kill of vng alone and holds the output pipe
+/// open (so the reading loop would wait for the guest anyway). Children
+/// first are found from /proc, then all are killed; the guest's processes
+/// stay in the caller's process group, so Ctrl-C still reaches them.
+fn kill_tree(pid: u32) {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            Some((p, ppid.parse().ok()?))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        at += 1;
+    }
+    for p in tree {
+        // SAFETY: kill has no memory-safety preconditions; these are our
+        // child and its descendants.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child's own child dies with it (as qemu must with vng).
+    #[test]
+    fn kill_tree_ends_the_grandchildren_too() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 300 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let grandchild: u32 = line.trim().parse().unwrap();
+        kill_tree(child.id());
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .map_or(true, |stat| stat.contains(") Z "))
+        };
+        while !gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone(), "the grandchild {grandchild} lives on");
+    }
 
     #[test]
     fn every_test_of_the_subset_exists() {
