@@ -317,7 +317,7 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
         // connection's ACK first, and resets it and sends its SYN again.
         // The container answers from its side: a SYN-ACK of its flow that
         // comes in on an uplink that does not reach it was dropped
-        // (`tc::translate::translate_reply`), and one from an uplink that
+        // (`tc::forged_in_containers_name`), and one from an uplink that
         // may not reach it (the
         // mapping knows no interface, or a VLAN tag) sets nothing (the first
         // packet of a side sets its mark wherever it comes from, and the

@@ -155,8 +155,8 @@ const PACKET_CASES: &[&str] = &[
 ];
 
 /// The guest's whole run is killed after this long. Its 42 tests take
-/// 19–22 min under TCG on a 2-CPU machine shared with other work (sessions
-/// 18 and 19: 1,165 s and 1,324 s from boot to shutdown), so a hung guest
+/// 18–22 min under TCG on a 2-CPU machine shared with other work (sessions
+/// 18 and 19: 1,090–1,324 s from boot to shutdown), so a hung guest
 /// is stopped with room left in CI's 90 minutes, and a slow one is not.
 const GUEST_LIMIT: Duration = Duration::from_secs(35 * 60);
 
@@ -384,6 +384,10 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
         vmlinuz.display()
     );
     let started = Instant::now();
+    // Orphans of the guest's processes become ours, for the watchdog to find
+    // (`kill_descendants`).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let mut child = Command::new("vng")
         .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--run"])
         .arg(vmlinuz)
@@ -404,7 +408,7 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
                 return false;
             }
         }
-        kill_tree(pid);
+        kill_descendants(std::process::id());
         true
     });
     let mut result = None;
@@ -440,70 +444,117 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
     }
 }
 
-/// Kills `pid` and every process under it: vng runs qemu as a child of
-/// its own, which outlives a kill of vng alone and holds the output pipe
-/// open (so the reading loop would wait for the guest anyway). Children
-/// first are found from /proc, then all are killed; the guest's processes
-/// stay in the caller's process group, so Ctrl-C still reaches them.
-fn kill_tree(pid: u32) {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+/// Kills every process under `pid`, over again until none is left (a
+/// process may fork meanwhile). For the guest, `pid` is xtask itself, made
+/// a subreaper before vng starts (`PR_SET_CHILD_SUBREAPER`): vng runs qemu
+/// as a child of its own, which outlived a kill of vng alone and held the
+/// output pipe open (so the reading loop waited for the guest anyway), and
+/// a process whose parent died is then xtask's, not init's, and found here
+/// too. The guest's processes stay in xtask's process group, so Ctrl-C
+/// still reaches them.
+fn kill_descendants(pid: u32) {
+    for _ in 0..50 {
+        let living = descendants(pid);
+        if living.is_empty() {
+            return;
+        }
+        for p in living {
+            // SAFETY: kill has no memory-safety preconditions; these are
+            // our descendants.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The living (not zombie) processes under `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let processes: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
-            Some((p, ppid.parse().ok()?))
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            (state != "Z").then_some((p, ppid))
         })
         .collect();
-    let mut tree = vec![pid];
+    let mut found = vec![pid];
     let mut at = 0;
-    while at < tree.len() {
-        let parent = tree[at];
-        tree.extend(
-            parents
+    while at < found.len() {
+        let parent = found[at];
+        found.extend(
+            processes
                 .iter()
                 .filter(|(_, pp)| *pp == parent)
                 .map(|(p, _)| *p),
         );
         at += 1;
     }
-    for p in tree {
-        // SAFETY: kill has no memory-safety preconditions; these are our
-        // child and its descendants.
-        unsafe { libc::kill(p as i32, libc::SIGKILL) };
-    }
+    found.remove(0);
+    found
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::CommandExt;
+
     use super::*;
 
-    /// A child's own child dies with it (as qemu must with vng).
+    /// Everything under a process dies: its child's child (as qemu under
+    /// vng), and an orphan that a subreaper took in (as xtask takes in
+    /// the guest's). Reads the pid that `sh` prints on its first line.
     #[test]
-    fn kill_tree_ends_the_grandchildren_too() {
-        let mut child = Command::new("sh")
-            .args(["-c", "sleep 300 & echo $!; wait"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let grandchild: u32 = line.trim().parse().unwrap();
-        kill_tree(child.id());
-        child.wait().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let gone = || {
-            std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
-                .map_or(true, |stat| stat.contains(") Z "))
+    fn kill_descendants_ends_grandchildren_and_orphans() {
+        let started = |script: &str, subreaper: bool| {
+            let mut command = Command::new("sh");
+            command.args(["-c", script]).stdout(Stdio::piped());
+            if subreaper {
+                // SAFETY: prctl with integer arguments, async-signal-safe.
+                unsafe {
+                    command.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+                        Ok(())
+                    })
+                };
+            }
+            let mut child = command.spawn().unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            (child, line.trim().parse::<u32>().unwrap())
         };
-        while !gone() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(gone(), "the grandchild {grandchild} lives on");
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        let gone_soon = |pid: u32| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !alive(pid)
+        };
+        let (mut parent, grandchild) = started("sleep 300 & echo $!; wait", false);
+        kill_descendants(parent.id());
+        assert!(
+            gone_soon(grandchild),
+            "the grandchild {grandchild} lives on"
+        );
+        parent.kill().ok();
+        parent.wait().unwrap();
+
+        // The middle shell exits at once: its sleep is the subreaper's.
+        let (mut reaper, orphan) = started("sh -c 'sleep 300 & echo $!'; exec sleep 300", true);
+        assert!(alive(orphan));
+        kill_descendants(reaper.id());
+        assert!(gone_soon(orphan), "the orphan {orphan} lives on");
+        reaper.kill().ok();
+        reaper.wait().unwrap();
     }
 
     #[test]
