@@ -13,7 +13,7 @@ use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
-    UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping, segment,
+    UPLINK_IN, at, change_entries, conntrack_flags, mapping, of_every_entry, segment,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -432,7 +432,7 @@ fn a_forged_answer_from_an_uplink_refreshes_nothing() {
     change_entries(&mut tc, |value| {
         value.last_seen_ns = value.last_seen_ns.saturating_sub(2_000_000_000);
     });
-    let quiet = last_seen(&mut tc);
+    let quiet = of_every_entry(&tc, |value| value.last_seen_ns);
     let forged = segment(
         (container(), client),
         TCP_ACK,
@@ -440,19 +440,11 @@ fn a_forged_answer_from_an_uplink_refreshes_nothing() {
         &[],
     );
     assert_eq!(tc.run(UPLINK_IN, &forged), (DROP, forged.clone()));
-    assert_eq!(last_seen(&mut tc), quiet, "an entry's idle timer moved");
-}
-
-/// The idle timers (`last_seen_ns`) of every conntrack entry, sorted.
-fn last_seen(tc: &mut Tc) -> Vec<u64> {
-    let map = conntrack_of(tc);
-    let mut times: Vec<u64> = map
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(_, value)| value.last_seen_ns)
-        .collect();
-    times.sort_unstable();
-    times
+    assert_eq!(
+        of_every_entry(&tc, |value| value.last_seen_ns),
+        quiet,
+        "an entry's idle timer moved"
+    );
 }
 
 /// The container's response to `REQUEST`, 3 bytes.

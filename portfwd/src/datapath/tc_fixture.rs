@@ -548,15 +548,20 @@ pub(super) fn change_entries(tc: &mut Tc, change: impl Fn(&mut CtValue)) {
     }
 }
 
-/// The flags of every conntrack entry, sorted.
-pub(super) fn conntrack_flags(tc: &Tc) -> Vec<u8> {
+/// A field of every conntrack entry, sorted.
+pub(super) fn of_every_entry<T: Ord>(tc: &Tc, field: impl Fn(&CtValue) -> T) -> Vec<T> {
     let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
     let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    let mut flags: Vec<u8> = map
+    let mut values: Vec<T> = map
         .iter()
         .filter_map(Result::ok)
-        .map(|(_, v)| v.flags)
+        .map(|(_, value)| field(&value))
         .collect();
-    flags.sort_unstable();
-    flags
+    values.sort_unstable();
+    values
+}
+
+/// The flags of every conntrack entry, sorted.
+pub(super) fn conntrack_flags(tc: &Tc) -> Vec<u8> {
+    of_every_entry(tc, |value| value.flags)
 }
