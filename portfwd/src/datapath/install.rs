@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, programs::SchedClassifier};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, fstatfs};
 use portfwd_common::{Config, MAPS, OBSOLETE_MAPS, SOCK_PROGRAMS, UPLINK_PROGRAMS};
 
 use super::{
@@ -24,7 +25,7 @@ use super::{
     rollback::Rollback,
     tc_attach,
 };
-use crate::{host, instance};
+use crate::{error::Error, host, instance};
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct InstallOptions {
@@ -163,6 +164,21 @@ fn attach_sock_programs(
     let links = instance::links_dir(&options.pin_dir);
     let cgroup_file =
         File::open(cgroup).with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+    // The kernel refuses a directory of another file system (a cgroup v1
+    // hierarchy, or the tmpfs that holds them in a hybrid layout) with only
+    // "Bad file descriptor": say what is wrong, as bad input.
+    let is_cgroup2 =
+        fstatfs(&cgroup_file).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC);
+    if !is_cgroup2 {
+        let mount = host::cgroup2_mount()
+            .map(|mount| format!(" (this host's cgroup2 mount: {})", mount.display()))
+            .unwrap_or_default();
+        return Err(Error::usage(format!(
+            "{} is not a cgroup v2 directory{mount}",
+            cgroup.display()
+        ))
+        .into());
+    }
     for program_def in &SOCK_PROGRAMS {
         let name = program_def.name;
         let pin = links.join(name);
