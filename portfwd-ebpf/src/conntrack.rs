@@ -318,10 +318,9 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
         // The container answers from its side: a SYN-ACK of its flow that
         // comes in on an uplink that does not reach it was dropped
         // (`tc::forged_in_containers_name`), and one from an uplink that
-        // may not reach it (the
-        // mapping knows no interface, or a VLAN tag) sets nothing (the first
-        // packet of a side sets its mark wherever it comes from, and the
-        // container's own SYN-ACK then sets it again).
+        // may not reach it (the mapping knows no interface, or a VLAN tag)
+        // sets nothing (the first packet of a side sets its mark wherever it
+        // comes from, and the container's own SYN-ACK then sets it again).
         pkt.seq_end != 0
     } else {
         pkt.seq_end.wrapping_sub(mark) as i32 >= SEQ_MARK_STEP as i32
