@@ -79,6 +79,9 @@ macro_rules! map_name {
     (masq_flows) => {
         "pf_masq_flows"
     };
+    (next_hops) => {
+        "pf_next_hops"
+    };
 }
 
 /// The kernel map type.
@@ -363,9 +366,10 @@ pub const fn port_bit(proto: u8, port: u16) -> (u32, u32) {
 }
 
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
-/// whose types live in the eBPF crate: per-CPU scratch memory, and the
-/// per-CPU buffer and rate limit of the answers the programs send.
-pub const PRIVATE_MAPS: [&str; 2] = [map_name!(scratch), map_name!(reply)];
+/// whose types live in the eBPF crate: per-CPU scratch memory, the per-CPU
+/// buffer and rate limit of the answers the programs send, and each CPU's
+/// cache of next hops' link-layer addresses.
+pub const PRIVATE_MAPS: [&str; 3] = [map_name!(scratch), map_name!(reply), map_name!(next_hops)];
 
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:

@@ -8,7 +8,6 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
     CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_TCP_CLOSING_NS,
@@ -17,6 +16,7 @@ use portfwd_common::{
 };
 
 use crate::{
+    clock::now,
     maps::{CONNTRACK, MASQ_FLOWS, SCRATCH},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     types::Nat,
@@ -29,15 +29,6 @@ const BPF_NOEXIST: u64 = 1;
 /// Refresh `last_seen_ns` at most this often: every write to a shared entry
 /// bounces its cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
-
-/// Monotonic time, to a clock tick (a few ms): the timeouts are seconds, and
-/// the coarse clock costs a fraction of the precise one (no clocksource
-/// read). Read once per packet, and only by packets that hit a flow or open
-/// one.
-pub(crate) fn now() -> u64 {
-    // SAFETY: no arguments, no side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
 
 /// The live entry for this packet's flow and the time (read only on a hit),
 /// or None (absent or expired).

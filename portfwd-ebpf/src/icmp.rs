@@ -29,7 +29,7 @@ use portfwd_common::{
 };
 
 use crate::{
-    conntrack,
+    clock, conntrack,
     maps::SCRATCH,
     verdict::{count, deliver, mark_translated},
 };
@@ -101,7 +101,7 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     key.proto = error.inner_proto;
     key.family = error.family;
     key._pad = 0;
-    let entry = conntrack::lookup(key, conntrack::now())?;
+    let entry = conntrack::lookup(key, clock::now())?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*entry };
     // A NAT46 flow's error would have to change family with its quote

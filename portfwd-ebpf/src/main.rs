@@ -28,6 +28,7 @@
 // frame, and the verifier's 512-byte stack is nearly used up.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod clock;
 mod conntrack;
 mod fragments;
 mod icmp;

@@ -16,7 +16,7 @@ use portfwd_common::{
     map_name, port_bit,
 };
 
-use crate::types::{ReplyScratch, Scratch};
+use crate::types::{NextHop, ReplyScratch, Scratch};
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(services))]
@@ -134,6 +134,18 @@ pub(crate) static PEER_LINKS: Array<u32> =
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(reply))]
 pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's cache of the link-layer addresses of frames redirected into
+/// containers (see `verdict::address_frame`): direct-mapped, a slot per
+/// (interface, destination) hash.
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(next_hops))]
+pub(crate) static NEXT_HOPS: PerCpuArray<NextHop> =
+    PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
+
+/// Slots of `NEXT_HOPS`, a power of two: more than the containers one CPU
+/// sends to at once on most hosts; a collision costs a FIB lookup.
+pub(crate) const NEXT_HOP_SLOTS: u32 = 64;
 
 /// Whether the port bitmap `bitmap` (see `port_bit`) has no bit for the
 /// protocol's port (host byte order): one array read, which the verifier

@@ -56,6 +56,22 @@ pub(crate) struct ReplyScratch {
     pub last_ns: u64,
 }
 
+/// One slot of a CPU's next-hop cache (the `pf_next_hops` map, see
+/// `verdict::address_frame`): the Ethernet addresses of a frame to `dst`
+/// leaving by `ifindex`, as the FIB gave them at `learned_ns`.
+pub(crate) struct NextHop {
+    pub learned_ns: u64,
+    /// The destination, as `bpf_fib_lookup` takes it (an IPv4 address in
+    /// the first word, the others zero).
+    pub dst: [u32; 4],
+    pub ifindex: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    /// The frame's first 12 bytes: the next hop's address, then the
+    /// interface's own.
+    pub macs: [u8; 12],
+}
+
 /// Where a new flow goes: the container, and for a hairpin flow the
 /// source it is masqueraded to.
 pub(crate) struct Nat {

@@ -14,7 +14,7 @@ use super::{
     translate::{add_connection, finish, finish_nat46, ifindex_of},
 };
 use crate::{
-    conntrack, fragments,
+    clock, conntrack, fragments,
     maps::{ALLOW, SCRATCH},
     nat46,
     packet::{self, End, FIRST_FRAGMENT, Packet, TCP_ACK, TCP_SYN},
@@ -104,7 +104,7 @@ pub(super) fn start_flow(
     // the same container (through another published port) has it: then it
     // gets another, as netfilter's NAT clash resolution does.
     // A NAT46 flow, the host's IPv4 address towards the container.
-    let now = conntrack::now();
+    let now = clock::now();
     // `Nat` in scratch memory, field by field: on the stack it made this
     // frame too large (see above).
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {

@@ -7,7 +7,7 @@ use super::{
     host_socket::{NO_SOCKET, host_socket},
     service::Backend,
 };
-use crate::{conntrack, maps::SCRATCH, packet::Packet};
+use crate::{clock, conntrack, maps::SCRATCH, packet::Packet};
 
 /// A source port for a new flow seen by the container as coming from the
 /// client (or, `masquerade`, from the host address the container dialed):
@@ -28,7 +28,7 @@ pub(super) fn masquerade_port(
     // Its own clock read (a coarse one, a few ns): the caller's `now` would
     // be a sixth argument, and a BPF function takes five at most (LLVM
     // counts this one's arguments after its own rewrites).
-    let now = conntrack::now();
+    let now = clock::now();
     // The candidate key lives in scratch memory: this call is the deepest
     // of the hairpin path, where the 512-byte stack runs out.
     let scratch = SCRATCH.get_ptr_mut(0)?;

@@ -56,7 +56,7 @@ use self::{
     translate::{translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
-    conntrack, icmp,
+    clock, conntrack, icmp,
     maps::{PUBLISHED_PORTS, SCRATCH, lacks_port},
     packet::{self, Packet},
     reply, trace,
@@ -389,7 +389,7 @@ fn routed_reply(ctx: &TcContext) -> i32 {
         // come to that port and must reach the host's NAT, not the mapping.
         // (TCP needs nothing: only a SYN opens a flow, and a reply is none.)
         None if pkt.proto == IPPROTO_UDP && publishes(pkt.family, &pkt.saddr, pkt.sport) => {
-            conntrack::pass_replies_to(pkt, conntrack::now());
+            conntrack::pass_replies_to(pkt, clock::now());
             NEXT
         }
         None => NEXT,

@@ -9,6 +9,7 @@ use portfwd_common::{
 
 use super::service::services_generation;
 use crate::{
+    clock,
     conntrack::{self, Touched},
     fragments,
     maps::{COUNTERS, SERVICES},
@@ -181,7 +182,7 @@ pub(super) fn translate_fragment(
     untracked: Option<Stat>,
     redirect: bool,
 ) -> i32 {
-    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), conntrack::now()) else {
+    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), clock::now()) else {
         if let Some(stat) = untracked {
             count(stat);
         }

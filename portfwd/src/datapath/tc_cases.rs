@@ -337,6 +337,97 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
     });
 }
 
+/// The link-layer addresses of a frame into a peer come from the FIB, and
+/// each CPU keeps them for a second (`pf_next_hops`): a neighbour entry
+/// changed meanwhile (a container's interface given another address, which
+/// keeps its index) reaches the frames after that second, not at once.
+/// The test runs on one CPU, whose cache it sees.
+#[test]
+fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
+    if !can_run("a_changed_neighbour_reaches_frames_into_a_peer_within_a_second") {
+        return;
+    }
+    type Ns = PeerCaseNamespaces;
+    const NEW_CTR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
+    let _namespaces = Ns::new();
+    let path = portfwd_testkit::netns::path(Ns::HOST);
+    portfwd_testkit::netns::inside(&path, || {
+        let _pinned = PinnedToOneCpu::new();
+        let ifindex = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
+        let mut tc = Tc::load_as_root();
+        let known = Mapping {
+            ifindex,
+            ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80))
+        };
+        tc.publish(std::slice::from_ref(&known));
+        let map = tc.ebpf_mut().map_mut(PEER_LINKS.name).unwrap();
+        let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        set_listed(&mut peer_links, ifindex, true).unwrap();
+        let client = at(CLIENT_V4, 40001);
+        let addressed = |l4: L4, ctr_mac: [u8; 6]| {
+            let mut frame = frame(client, known.container, l4);
+            frame[..6].copy_from_slice(&ctr_mac);
+            frame[6..12].copy_from_slice(&Ns::VETH_MAC);
+            frame
+        };
+        let syn = frame(client, known.host, L4::Syn);
+        let got = tc.run_marked(UPLINK_IN, &syn, 0);
+        assert_eq!(
+            got,
+            (REDIRECT, addressed(L4::Syn, Ns::CTR_MAC), 0),
+            "the SYN"
+        );
+
+        let new_mac = NEW_CTR_MAC.map(|b| format!("{b:02x}")).join(":");
+        let ctr = CTR_V4.to_string();
+        let replace = [
+            "neigh",
+            "replace",
+            &ctr,
+            "lladdr",
+            &new_mac,
+            "dev",
+            Ns::VETH,
+        ];
+        portfwd_testkit::netns::ip_in(Ns::HOST, &replace).unwrap();
+        let ack = frame(client, known.host, L4::Ack);
+        let got = tc.run_marked(UPLINK_IN, &ack, 0);
+        let cached = (REDIRECT, addressed(L4::Ack, Ns::CTR_MAC), 0);
+        assert_eq!(got, cached, "at once: the address the FIB gave for the SYN");
+        assert_eq!(tc.stat(Stat::RedirectedToPeer), 2, "both into the peer");
+
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let got = tc.run_marked(UPLINK_IN, &ack, 0);
+        let fresh = (REDIRECT, addressed(L4::Ack, NEW_CTR_MAC), 0);
+        assert_eq!(got, fresh, "after a second: the new neighbour entry's");
+    });
+}
+
+/// Keeps the calling thread on the CPU it runs on until dropped (then on
+/// the CPUs it had): per-CPU state stays in view.
+struct PinnedToOneCpu(nix::sched::CpuSet);
+
+impl PinnedToOneCpu {
+    fn new() -> Self {
+        use nix::{sched, unistd::Pid};
+        let before = sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let cpu = (0..sched::CpuSet::count())
+            .find(|&cpu| before.is_set(cpu).unwrap_or(false))
+            .expect("a thread runs on some CPU");
+        let mut one = sched::CpuSet::new();
+        one.set(cpu).unwrap();
+        sched::sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+        PinnedToOneCpu(before)
+    }
+}
+
+impl Drop for PinnedToOneCpu {
+    fn drop(&mut self) {
+        // Failing, the thread stays on one CPU: the test is over anyway.
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0).ok();
+    }
+}
+
 /// The frame as BIG TCP's GRO leaves a packet over 64 KiB: the IP length
 /// field 0 (IPv4 `tot_len`, with the header checksum made right again; IPv6
 /// `payload_len`), the length being the skb's.
