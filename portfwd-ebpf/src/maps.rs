@@ -135,9 +135,9 @@ pub(crate) static PEER_LINKS: Array<u32> =
 #[unsafe(export_name = map_name!(reply))]
 pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Each CPU's cache of the link-layer addresses of frames redirected into
-/// containers (see `verdict::address_frame`): direct-mapped, a slot per
-/// (interface, destination) hash.
+/// Each CPU's cache of the FIB's answers for the packets the TC programs
+/// redirect: next hop and frame addresses (see `verdict::next_hop`);
+/// direct-mapped, a slot per (interface, destination) hash.
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(next_hops))]
 pub(crate) static NEXT_HOPS: PerCpuArray<NextHop> =

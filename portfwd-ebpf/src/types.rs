@@ -2,7 +2,10 @@
 //! `portfwd-common`), kept apart so that `maps` and the modules that use
 //! the maps import them without importing each other.
 
-use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key as LpmKey};
+use aya_ebpf::{
+    bindings::{bpf_redir_neigh, bpf_sock_tuple},
+    maps::lpm_trie::Key as LpmKey,
+};
 use portfwd_common::{Addr, AllowKey, CtKey, CtValue, FragmentKey, FragmentValue};
 
 use crate::packet::Packet;
@@ -57,19 +60,24 @@ pub(crate) struct ReplyScratch {
 }
 
 /// One slot of a CPU's next-hop cache (the `pf_next_hops` map, see
-/// `verdict::address_frame`): the Ethernet addresses of a frame to `dst`
-/// leaving by `ifindex`, as the FIB gave them at `learned_ns`.
+/// `verdict::next_hop`): where a packet to `dst` leaving by `ifindex` goes
+/// next, as the FIB said at `learned_ns`.
 pub(crate) struct NextHop {
     pub learned_ns: u64,
     /// The destination, as `bpf_fib_lookup` takes it (an IPv4 address in
     /// the first word, the others zero).
     pub dst: [u32; 4],
     pub ifindex: u32,
-    /// `AF_INET` or `AF_INET6`.
+    /// The destination's: `AF_INET` or `AF_INET6`.
     pub family: u8,
-    /// The frame's first 12 bytes: the next hop's address, then the
-    /// interface's own.
+    /// 1 when the FIB gave the fields below, 0 when it gave nothing (the
+    /// kernel then routes the packet itself).
+    pub answered: u8,
+    /// The frame's first 12 bytes: the next hop's link-layer address, then
+    /// the interface's own.
     pub macs: [u8; 12],
+    /// The next hop's address, as `bpf_redirect_neigh` takes it.
+    pub gateway: bpf_redir_neigh,
 }
 
 /// Where a new flow goes: the container, and for a hairpin flow the

@@ -7,7 +7,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_fib_lookup, bpf_redir_neigh,
+    },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes,
     },
@@ -22,6 +25,7 @@ use crate::{
         AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
         IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
     },
+    types::NextHop,
 };
 
 /// `BPF_FIB_LOOKUP_OUTPUT`: a lookup as the host would send the packet out
@@ -50,13 +54,23 @@ pub(crate) fn deliver(ctx: &TcContext, ifindex: u32) -> i32 {
 /// Into the container's namespace when `ifindex` is a veth towards it
 /// (`PEER_LINKS`) and the kernel knows the next hop's link-layer address:
 /// the frame is addressed as the veth would carry it, then received there
-/// in this same pass. Else through the neighbour subsystem, which routes,
-/// resolves and fills in the link-layer header itself.
+/// in this same pass. Else through the neighbour subsystem, which resolves
+/// the next hop's link-layer address and fills in the header: told the
+/// next hop when the FIB gave it (`next_hop`), so that the packet is not
+/// routed again (a reply to an uplink saves the kernel's route lookup);
+/// else the kernel routes it too.
 // Not inlined: its locals get a frame of their own, not more slots in
 // `start_flow`'s, whose chain is at 6.1's 512-byte limit.
 #[inline(never)]
 fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
-    if is_peer_link(ifindex) && address_frame(ctx, ifindex) {
+    let Some(hop) = next_hop(ctx, ifindex) else {
+        // SAFETY: no parameters: the kernel routes and resolves itself.
+        return unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 };
+    };
+    // SAFETY: a pointer into this CPU's map value, valid for this program
+    // run; no other program runs on this CPU meanwhile.
+    let hop = unsafe { &mut *hop };
+    if is_peer_link(ifindex) && ctx.store(0, &hop.macs, 0).is_ok() {
         count(Stat::RedirectedToPeer);
         // The veth clears the mark of a packet it carries into another
         // namespace; a redirect into the peer does not (nor before 6.15
@@ -69,34 +83,44 @@ fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
         // SAFETY: plain arguments.
         return unsafe { bpf_redirect_peer(ifindex, 0) as i32 };
     }
-    // SAFETY: no parameters: the kernel resolves the next hop itself.
-    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    // SAFETY: the next hop is a `bpf_redir_neigh` of the size passed.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut hop.gateway,
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
 }
 
-/// How long the Ethernet addresses of a frame to a destination, once
-/// given by the FIB, are used without asking it again (`NEXT_HOPS`).
+/// How long the FIB's answer for a destination is used without asking it
+/// again (`NEXT_HOPS`).
 const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
-/// Writes the Ethernet addresses the packet would get leaving by
-/// `ifindex`: the next hop's (the kernel's neighbour entry for it, as
-/// `bpf_redirect_neigh` would use) and the interface's own. A frame keeps
-/// them into the container, where a bridge, a macvlan or a packet socket
-/// may read them. False, the frame untouched, when the route to the
-/// destination leaves by another interface, the neighbour is not (yet)
-/// known or the interface does not forward: then the neighbour subsystem
-/// must resolve it.
+/// Where a packet leaving by `ifindex` goes next, as the FIB says: the
+/// next hop's address (a gateway, or the destination itself on the link)
+/// and the Ethernet addresses of the frame (the kernel's neighbour entry
+/// for the next hop, and the interface's own), which a frame into a
+/// container keeps: a bridge, a macvlan or a packet socket there may read
+/// them. None when the route to the destination leaves by another
+/// interface, the neighbour is not (yet) known or the interface does not
+/// forward: then the kernel must route and resolve it. An oversize packet
+/// is no concern of this lookup (the callers check the length against the
+/// interface's MTU first), so the query carries a length of its own.
 ///
-/// The FIB's answer is kept in the CPU's slot for the destination
+/// The answer is kept in the CPU's slot for the destination
 /// (`NEXT_HOPS`) and used for a second: the lookup was a third of
 /// `pf_tc_uplink_in`'s time on a packet into a container in real traffic
 /// (about 250 of 850 ns). So a changed route or neighbour entry (a
 /// container's interface given another address, which keeps its index)
-/// reaches the frames within a second; the container's IP stack takes the
-/// frames meanwhile (a packet redirected into the peer keeps the type it
-/// had on the uplink, to this host). A recreated interface has another
-/// index, and another slot.
+/// reaches the packets within a second; meanwhile the container's IP stack
+/// takes their frames (a packet redirected into the peer keeps the type it
+/// had on the uplink, to this host), and the neighbour subsystem still
+/// resolves a next hop that changed its link-layer address. A recreated
+/// interface has another index, and another slot.
 #[inline(always)]
-fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
+fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
     let mut storage = MaybeUninit::uninit();
     let params = FibParams::clear(&mut storage);
     // SAFETY: reading a context field, checked by the verifier.
@@ -114,61 +138,81 @@ fn address_frame(ctx: &TcContext, ifindex: u32) -> bool {
         )
     };
     let v4 = protocol == u32::from(ETH_P_IP.to_be());
-    let loaded = if v4 {
-        params.family = AF_INET;
-        load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4])
+    let (family, loaded) = if v4 {
+        (AF_INET, load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4]))
     } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
-        params.family = AF_INET6;
-        load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst)
+        (AF_INET6, load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst))
     } else {
-        false
+        (0, false)
     };
     if !loaded {
-        return false;
+        return None;
     }
     // SAFETY: the union's IPv6 member, four words, covers the IPv4 one
     // (the words after it are zero).
-    let dst_words = unsafe { params.__bindgen_anon_4.ipv6_dst };
-    let now = clock::now();
-    let Some(slot) = NEXT_HOPS.get_ptr_mut(next_hop_slot(ifindex, &dst_words)) else {
-        return false;
-    };
+    let dst_words = unsafe { &params.__bindgen_anon_4.ipv6_dst };
+    let slot = NEXT_HOPS.get_ptr_mut(next_hop_slot(ifindex, dst_words))?;
     // SAFETY: a pointer into this CPU's map value, valid for this program
     // run; no other program runs on this CPU meanwhile.
-    let slot = unsafe { &mut *slot };
-    if slot.ifindex == ifindex
-        && slot.family == params.family
-        && slot.dst == dst_words
-        && now.wrapping_sub(slot.learned_ns) <= NEXT_HOP_TTL_NS
+    let hop = unsafe { &mut *slot };
+    if hop.ifindex == ifindex
+        && hop.family == family
+        && hop.dst == *dst_words
+        && clock::now().wrapping_sub(hop.learned_ns) <= NEXT_HOP_TTL_NS
     {
-        return ctx.store(0, &slot.macs, 0).is_ok();
+        return (hop.answered != 0).then_some(slot);
     }
+    // The slot is taken for this destination before the FIB writes over
+    // it in `params`, unanswered until it answers: fewer values held
+    // across the call keep this frame within 6.1's stack.
+    hop.dst = *dst_words;
+    hop.family = family;
+    hop.ifindex = ifindex;
+    hop.answered = 0;
+    hop.learned_ns = clock::now();
     let loaded = if v4 {
         load(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
     } else {
         load(ctx, ETH_HLEN + IPV6_SADDR_OFF, src)
     };
-    params.ifindex = ifindex;
-    // SAFETY: params is a valid bpf_fib_lookup of the size passed.
-    let rc = loaded
-        && unsafe {
-            fib_lookup(
-                ctx.as_ptr(),
-                params,
-                size_of::<bpf_fib_lookup>() as i32,
-                BPF_FIB_LOOKUP_OUTPUT,
-            )
-        } == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
-    if !rc || params.ifindex != ifindex {
-        return false;
+    if !loaded {
+        return None;
     }
-    slot.macs[..6].copy_from_slice(&params.dmac);
-    slot.macs[6..].copy_from_slice(&params.smac);
-    slot.dst = dst_words;
-    slot.family = params.family;
-    slot.ifindex = ifindex;
-    slot.learned_ns = now;
-    ctx.store(0, &slot.macs, 0).is_ok()
+    params.family = family;
+    params.ifindex = ifindex;
+    // Not 0, which would check this skb's length against the MTU of the
+    // FIB's interface: one oversize packet would leave the slot unanswered
+    // for the second.
+    params.__bindgen_anon_1.tot_len = 1;
+    // SAFETY: params is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    // No answer is remembered too, for the second: else each packet would
+    // pay the lookup on top of the kernel's own routing. Except a neighbour
+    // not known yet, which the kernel resolves for this very packet: the
+    // next one asks again (a new container's first connection goes into
+    // the peer from its second packet on).
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        hop.learned_ns = 0;
+    }
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ifindex {
+        return None;
+    }
+    hop.macs[..6].copy_from_slice(&params.dmac);
+    hop.macs[6..].copy_from_slice(&params.smac);
+    // The FIB wrote the next hop over the destination, and its family over
+    // the query's (an IPv4 route through an IPv6 gateway).
+    hop.gateway.nh_family = u32::from(params.family);
+    // SAFETY: as above, the IPv6 member covers the IPv4 one.
+    hop.gateway.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    hop.answered = 1;
+    Some(slot)
 }
 
 /// The `NEXT_HOPS` slot of a destination leaving by `ifindex`: a

@@ -340,8 +340,9 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
 /// The link-layer addresses of a frame into a peer come from the FIB, and
 /// each CPU keeps them for a second (`pf_next_hops`): a neighbour entry
 /// changed meanwhile (a container's interface given another address, which
-/// keeps its index) reaches the frames after that second, not at once.
-/// The test runs on one CPU, whose cache it sees.
+/// keeps its index) reaches the frames after that second, not at once. A
+/// neighbour not known yet is asked for again at the next packet. The test
+/// runs on one CPU, whose cache it sees.
 #[test]
 fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
     if !can_run("a_changed_neighbour_reaches_frames_into_a_peer_within_a_second") {
@@ -400,6 +401,27 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
         let got = tc.run_marked(UPLINK_IN, &ack, 0);
         let fresh = (REDIRECT, addressed(L4::Ack, NEW_CTR_MAC), 0);
         assert_eq!(got, fresh, "after a second: the new neighbour entry's");
+
+        // A neighbour the kernel does not know yet is not remembered as
+        // unknown: once it is known, the next packet goes into the peer.
+        let other = Mapping {
+            ifindex,
+            ..mapping(Protocol::Tcp, at(HOST_V4, 8081), at(OTHER_CTR_V4, 80))
+        };
+        tc.publish(std::slice::from_ref(&other));
+        let syn = frame(client, other.host, L4::Syn);
+        let untouched = frame(client, other.container, L4::Syn);
+        let got = tc.run_marked(UPLINK_IN, &syn, 0);
+        assert_eq!(got, (REDIRECT, untouched, 0), "no neighbour yet");
+        let (other_ctr, mac) = (OTHER_CTR_V4.to_string(), new_mac.clone());
+        let learned = ["neigh", "add", &other_ctr, "lladdr", &mac, "dev", Ns::VETH];
+        portfwd_testkit::netns::ip_in(Ns::HOST, &learned).unwrap();
+        let ack = frame(client, other.host, L4::Ack);
+        let mut into_peer = frame(client, other.container, L4::Ack);
+        into_peer[..6].copy_from_slice(&NEW_CTR_MAC);
+        into_peer[6..12].copy_from_slice(&Ns::VETH_MAC);
+        let got = tc.run_marked(UPLINK_IN, &ack, 0);
+        assert_eq!(got, (REDIRECT, into_peer, 0), "the neighbour known since");
     });
 }
 
