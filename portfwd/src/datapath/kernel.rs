@@ -2,8 +2,8 @@
 //! changes anything, recorded next to the instance's state file, and shown
 //! by `up` (one line) and `list`.
 //!
-//! The minimum kernel is 5.10: each requirement below names the kernel
-//! that introduced it, and `bpf_redirect_neigh` (5.10) is the newest. On a
+//! The minimum kernel is 5.11: each requirement below names the kernel
+//! that introduced it, and `bpf_ktime_get_coarse_ns` (5.11) is the newest. On a
 //! kernel without one, `up` refuses with one line naming it. Newer kernels
 //! add what portfwd uses when present (TCX links, 6.6) or reports (the
 //! `bpf_sock_destroy` kfunc, 6.5; BTF); without them it degrades as the
@@ -27,7 +27,7 @@ use aya::{
 use serde::{Deserialize, Serialize};
 
 /// The oldest kernel that has everything in `REQUIREMENTS`.
-pub(crate) const MINIMUM_KERNEL: &str = "5.10";
+pub(crate) const MINIMUM_KERNEL: &str = "5.11";
 
 /// Lets tests pretend that features are missing: a comma-separated list of
 /// feature names (`tcx`, `bpf_redirect_neigh`, ...). Never needed otherwise.
@@ -104,6 +104,17 @@ const REQUIREMENTS: &[Requirement] = &[
             helper(
                 ProgramType::SchedClassifier,
                 BpfHelper::BPF_FUNC_redirect_neigh,
+            )
+        },
+    },
+    Requirement {
+        name: "bpf_ktime_get_coarse_ns",
+        since: "5.11",
+        used_for: "the TC path's connection tracking clock",
+        probe: || {
+            helper(
+                ProgramType::SchedClassifier,
+                BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
             )
         },
     },
@@ -337,7 +348,7 @@ mod tests {
         let line = features.summary();
         assert!(!line.contains('\n'));
         assert!(
-            line.starts_with("kernel 6.1.0-57-amd64 (minimum 5.10)"),
+            line.starts_with("kernel 6.1.0-57-amd64 (minimum 5.11)"),
             "{line}"
         );
         assert!(line.contains("netlink filters"), "{line}");

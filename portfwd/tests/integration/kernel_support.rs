@@ -147,19 +147,31 @@ fn below_the_minimum_up_refuses_with_one_line_and_leaves_nothing() {
     let ctr = Container::new(42);
     let _ = portfwd(&["down"]);
     let before = our_program_ids();
-    // bpf_redirect_neigh (5.10) is the newest thing the programs need.
-    let out = portfwd_env(
-        &[("PORTFWD_PROBE_DENY", "bpf_redirect_neigh")],
-        &["up", "--iface", &ctr.host_if],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = one_line_error(&out);
-    assert!(
-        stderr.contains("bpf_redirect_neigh") && stderr.contains("5.10"),
-        "{stderr}"
-    );
-    assert!(!Path::new(&pin_dir()).exists(), "refused up left pins");
-    assert_no_new_programs(&before, "after a refused up");
+    // bpf_ktime_get_coarse_ns (5.11, the conntrack's clock) is the newest
+    // thing the programs need; bpf_redirect_neigh (5.10) the one before.
+    for (missing, since) in [
+        ("bpf_ktime_get_coarse_ns", "5.11"),
+        ("bpf_redirect_neigh", "5.10"),
+    ] {
+        let out = portfwd_env(
+            &[("PORTFWD_PROBE_DENY", missing)],
+            &["up", "--iface", &ctr.host_if],
+        );
+        assert_eq!(out.status.code(), Some(1), "without {missing}");
+        let stderr = one_line_error(&out);
+        assert!(
+            stderr.contains(missing) && stderr.contains(since),
+            "{stderr}"
+        );
+        assert!(
+            stderr
+                .trim_end()
+                .ends_with("portfwd needs Linux 5.11 or newer"),
+            "{stderr}"
+        );
+        assert!(!Path::new(&pin_dir()).exists(), "refused up left pins");
+        assert_no_new_programs(&before, "after a refused up");
+    }
 }
 
 #[test]
