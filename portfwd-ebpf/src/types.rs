@@ -60,12 +60,13 @@ pub(crate) struct ReplyScratch {
 }
 
 /// One slot of a CPU's next-hop cache (the `pf_next_hops` map, see
-/// `verdict::next_hop`): where a packet to `dst` leaving by `ifindex` goes
-/// next, as the FIB said at `learned_ns`.
+/// `verdict::next_hop`): where a packet from `src` to `dst` leaving by
+/// `ifindex` goes next, as the FIB said at `learned_ns`.
 pub(crate) struct NextHop {
     pub learned_ns: u64,
-    /// The destination, as `bpf_fib_lookup` takes it (an IPv4 address in
-    /// the first word, the others zero).
+    /// The packet's addresses, as `bpf_fib_lookup` takes them (an IPv4
+    /// address in the first word, the others zero).
+    pub src: [u32; 4],
     pub dst: [u32; 4],
     pub ifindex: u32,
     /// The destination's: `AF_INET` or `AF_INET6`.

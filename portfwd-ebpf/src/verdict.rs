@@ -105,14 +105,17 @@ const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// container keeps: a bridge, a macvlan or a packet socket there may read
 /// them. None when the route to the destination leaves by another
 /// interface, the neighbour is not (yet) known or the interface does not
-/// forward: then the kernel must route and resolve it. An oversize packet
-/// is no concern of this lookup (the callers check the length against the
-/// interface's MTU first), so the query carries a length of its own.
+/// forward: then the kernel must route and resolve it. The query is the
+/// packet's addresses and the interface, so rules on the source take part,
+/// rules on a mark, the TOS or the protocol do not. (The kernel's own
+/// routing of the packet, which this spares, saw those; at TC ingress the
+/// host's netfilter has not marked the packet yet, and a reply carries
+/// portfwd's own mark.)
 ///
-/// The answer is kept in the CPU's slot for the destination
-/// (`NEXT_HOPS`) and used for a second: the lookup was a third of
-/// `pf_tc_uplink_in`'s time on a packet into a container in real traffic
-/// (about 250 of 850 ns). So a changed route or neighbour entry (a
+/// The answer is kept in the CPU's slot for the packet's addresses and
+/// interface (`NEXT_HOPS`) and used for a second: the lookup was a third
+/// of `pf_tc_uplink_in`'s time on a packet into a container in real
+/// traffic (about 250 of 850 ns). So a changed route or neighbour entry (a
 /// container's interface given another address, which keeps its index)
 /// reaches the packets within a second; meanwhile the container's IP stack
 /// takes their frames (a packet redirected into the peer keeps the type it
@@ -127,8 +130,7 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
     let protocol = unsafe { (*ctx.skb.skb).protocol };
     // The addresses as rewritten (and, after NAT46, of the new family),
     // loaded straight into `params`: copies would take another 32 bytes of
-    // this frame, which ends `start_flow`'s chain. The source only when
-    // the FIB is asked.
+    // this frame, which ends `start_flow`'s chain.
     // SAFETY: the unions' members are addresses, plain bytes: the IPv6
     // one's 16 bytes cover the IPv4 one.
     let (src, dst) = unsafe {
@@ -137,52 +139,59 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
             &mut *(&raw mut params.__bindgen_anon_4).cast::<[u8; 16]>(),
         )
     };
-    let v4 = protocol == u32::from(ETH_P_IP.to_be());
-    let (family, loaded) = if v4 {
-        (AF_INET, load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4]))
+    let (family, loaded) = if protocol == u32::from(ETH_P_IP.to_be()) {
+        let loaded = load(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
+            && load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4]);
+        (AF_INET, loaded)
     } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
-        (AF_INET6, load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst))
+        let loaded =
+            load(ctx, ETH_HLEN + IPV6_SADDR_OFF, src) && load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst);
+        (AF_INET6, loaded)
     } else {
         (0, false)
     };
     if !loaded {
         return None;
     }
-    // SAFETY: the union's IPv6 member, four words, covers the IPv4 one
-    // (the words after it are zero).
-    let dst_words = unsafe { &params.__bindgen_anon_4.ipv6_dst };
-    let slot = NEXT_HOPS.get_ptr_mut(next_hop_slot(ifindex, dst_words))?;
+    // SAFETY: the unions' IPv6 members, four words, cover the IPv4 ones
+    // (the words after them are zero).
+    let (src_words, dst_words) = unsafe {
+        (
+            &params.__bindgen_anon_3.ipv6_src,
+            &params.__bindgen_anon_4.ipv6_dst,
+        )
+    };
+    let slot = NEXT_HOPS.get_ptr_mut(next_hop_slot(ifindex, src_words, dst_words))?;
     // SAFETY: a pointer into this CPU's map value, valid for this program
     // run; no other program runs on this CPU meanwhile.
     let hop = unsafe { &mut *slot };
     if hop.ifindex == ifindex
         && hop.family == family
         && hop.dst == *dst_words
+        && hop.src == *src_words
         && clock::now().wrapping_sub(hop.learned_ns) <= NEXT_HOP_TTL_NS
     {
         return (hop.answered != 0).then_some(slot);
     }
-    // The slot is taken for this destination before the FIB writes over
-    // it in `params`, unanswered until it answers: fewer values held
-    // across the call keep this frame within 6.1's stack.
+    // The slot is taken for these addresses before the FIB writes over
+    // the destination in `params`, unanswered until it answers: fewer
+    // values held across the call keep this frame within 6.1's stack.
+    hop.src = *src_words;
     hop.dst = *dst_words;
     hop.family = family;
     hop.ifindex = ifindex;
     hop.answered = 0;
     hop.learned_ns = clock::now();
-    let loaded = if v4 {
-        load(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
-    } else {
-        load(ctx, ETH_HLEN + IPV6_SADDR_OFF, src)
-    };
-    if !loaded {
-        return None;
-    }
     params.family = family;
     params.ifindex = ifindex;
     // Not 0, which would check this skb's length against the MTU of the
-    // FIB's interface: one oversize packet would leave the slot unanswered
-    // for the second.
+    // FIB's interface (kernels from 5.12 then compare this length
+    // instead): one oversize packet would leave the slot unanswered for
+    // the second. The length is the callers' concern: `reply::too_big`
+    // checks the packets of tracked flows and most first packets; the
+    // first datagram of a mapping with an allowlist, or of a NAT46 flow,
+    // larger than the container's MTU goes into the peer, whose stack
+    // takes it (before, the veth dropped it silently).
     params.__bindgen_anon_1.tot_len = 1;
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
     let rc = unsafe {
@@ -215,12 +224,13 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
     Some(slot)
 }
 
-/// The `NEXT_HOPS` slot of a destination leaving by `ifindex`: a
-/// multiplicative hash of the address's outer words (an IPv4 address is
+/// The `NEXT_HOPS` slot of a packet's addresses leaving by `ifindex`: a
+/// multiplicative hash of the addresses' outer words (an IPv4 address is
 /// the first) and the index.
 #[inline(always)]
-fn next_hop_slot(ifindex: u32, dst: &[u32; 4]) -> u32 {
-    (dst[0] ^ dst[3] ^ ifindex).wrapping_mul(0x9e37_79b1) >> (32 - NEXT_HOP_SLOTS.trailing_zeros())
+fn next_hop_slot(ifindex: u32, src: &[u32; 4], dst: &[u32; 4]) -> u32 {
+    (src[0] ^ src[3] ^ dst[0] ^ dst[3] ^ ifindex).wrapping_mul(0x9e37_79b1)
+        >> (32 - NEXT_HOP_SLOTS.trailing_zeros())
 }
 
 /// Marks a reply that is redirected translated, so that the uplink's egress

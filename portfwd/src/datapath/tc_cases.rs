@@ -223,24 +223,30 @@ fn translated_replies_skip_uplink_egress() {
     assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
 }
 
-/// Namespaces of `packets_to_a_listed_veth_go_into_its_peer`, removed when
-/// dropped: the test runs in the first, whose veth leads into the second.
-struct PeerCaseNamespaces;
+/// Namespaces of the tests of redirects into a peer, removed when dropped:
+/// the test runs in the first (`host`), whose veth leads into the second.
+/// Named after the test, so that tests run at once do not share them.
+struct PeerCaseNamespaces {
+    host: String,
+    container: String,
+}
 
 impl PeerCaseNamespaces {
-    const HOST: &'static str = "pf-case-peer-h";
-    const CONTAINER: &'static str = "pf-case-peer-c";
     const VETH: &'static str = "pfcase0";
     const VETH_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
     /// The neighbour entry of `CTR_V4` (none for `OTHER_CTR_V4`).
     const CTR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
 
-    fn new() -> Self {
+    fn new(tag: &str) -> Self {
         use portfwd_testkit::netns;
+        let (host, container) = (format!("pf-case-{tag}-h"), format!("pf-case-{tag}-c"));
         let mac = |mac: [u8; 6]| mac.map(|b| format!("{b:02x}")).join(":");
-        netns::add(Self::HOST).unwrap();
-        netns::add(Self::CONTAINER).unwrap();
-        netns::veth(Self::VETH, Some(Self::HOST), "eth0", Self::CONTAINER).unwrap();
+        netns::add(&host).unwrap();
+        netns::add(&container).unwrap();
+        // Removed when dropped, however the rest goes.
+        let namespaces = PeerCaseNamespaces { host, container };
+        let (host, container) = (namespaces.host.as_str(), namespaces.container.as_str());
+        netns::veth(Self::VETH, Some(host), "eth0", container).unwrap();
         let (veth, veth_mac, ctr_mac) = (Self::VETH, mac(Self::VETH_MAC), mac(Self::CTR_MAC));
         let (ctr, other) = (CTR_V4.to_string(), OTHER_CTR_V4.to_string());
         for args in [
@@ -249,18 +255,18 @@ impl PeerCaseNamespaces {
             vec!["route", "add", &other, "dev", veth],
             vec!["neigh", "add", &ctr, "lladdr", &ctr_mac, "dev", veth],
         ] {
-            netns::ip_in(Self::HOST, &args).unwrap();
+            netns::ip_in(host, &args).unwrap();
         }
         // `bpf_fib_lookup` answers only for an interface that forwards.
-        netns::sysctl(Self::HOST, "net.ipv4.ip_forward", "1").unwrap();
-        PeerCaseNamespaces
+        netns::sysctl(host, "net.ipv4.ip_forward", "1").unwrap();
+        namespaces
     }
 }
 
 impl Drop for PeerCaseNamespaces {
     fn drop(&mut self) {
-        portfwd_testkit::netns::delete(Self::HOST);
-        portfwd_testkit::netns::delete(Self::CONTAINER);
+        portfwd_testkit::netns::delete(&self.host);
+        portfwd_testkit::netns::delete(&self.container);
     }
 }
 
@@ -277,8 +283,8 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
         return;
     }
     type Ns = PeerCaseNamespaces;
-    let _namespaces = Ns::new();
-    let path = portfwd_testkit::netns::path(Ns::HOST);
+    let namespaces = Ns::new("peer");
+    let path = portfwd_testkit::netns::path(&namespaces.host);
     portfwd_testkit::netns::inside(&path, || {
         let ifindex = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
         let mut tc = Tc::load_as_root();
@@ -350,9 +356,10 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
     }
     type Ns = PeerCaseNamespaces;
     const NEW_CTR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
-    let _namespaces = Ns::new();
-    let path = portfwd_testkit::netns::path(Ns::HOST);
-    portfwd_testkit::netns::inside(&path, || {
+    let namespaces = Ns::new("nexthop");
+    let path = portfwd_testkit::netns::path(&namespaces.host);
+    let host = namespaces.host.clone();
+    portfwd_testkit::netns::inside(&path, move || {
         let _pinned = PinnedToOneCpu::new();
         let ifindex = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
         let mut tc = Tc::load_as_root();
@@ -390,7 +397,7 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
             "dev",
             Ns::VETH,
         ];
-        portfwd_testkit::netns::ip_in(Ns::HOST, &replace).unwrap();
+        portfwd_testkit::netns::ip_in(&host, &replace).unwrap();
         let ack = frame(client, known.host, L4::Ack);
         let got = tc.run_marked(UPLINK_IN, &ack, 0);
         let cached = (REDIRECT, addressed(L4::Ack, Ns::CTR_MAC), 0);
@@ -415,7 +422,7 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
         assert_eq!(got, (REDIRECT, untouched, 0), "no neighbour yet");
         let (other_ctr, mac) = (OTHER_CTR_V4.to_string(), new_mac.clone());
         let learned = ["neigh", "add", &other_ctr, "lladdr", &mac, "dev", Ns::VETH];
-        portfwd_testkit::netns::ip_in(Ns::HOST, &learned).unwrap();
+        portfwd_testkit::netns::ip_in(&host, &learned).unwrap();
         let ack = frame(client, other.host, L4::Ack);
         let mut into_peer = frame(client, other.container, L4::Ack);
         into_peer[..6].copy_from_slice(&NEW_CTR_MAC);
