@@ -368,7 +368,7 @@ pub const fn port_bit(proto: u8, port: u16) -> (u32, u32) {
 /// Maps private to the eBPF programs (neither pinned nor read by userspace),
 /// whose types live in the eBPF crate: per-CPU scratch memory, the per-CPU
 /// buffer and rate limit of the answers the programs send, and each CPU's
-/// cache of next hops' link-layer addresses.
+/// cache of the FIB's answers (next hops and frame addresses).
 pub const PRIVATE_MAPS: [&str; 3] = [map_name!(scratch), map_name!(reply), map_name!(next_hops)];
 
 /// Every map of the object.

@@ -137,7 +137,8 @@ pub(crate) static REPLY: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entri
 
 /// Each CPU's cache of the FIB's answers for the packets the TC programs
 /// redirect: next hop and frame addresses (see `verdict::next_hop`);
-/// direct-mapped, a slot per (interface, destination) hash.
+/// direct-mapped, a slot per hash of the interface and the packet's
+/// addresses.
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(next_hops))]
 pub(crate) static NEXT_HOPS: PerCpuArray<NextHop> =

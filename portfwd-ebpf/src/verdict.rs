@@ -94,8 +94,8 @@ fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
     }
 }
 
-/// How long the FIB's answer for a destination is used without asking it
-/// again (`NEXT_HOPS`).
+/// How long the FIB's answer for a packet's addresses and interface is
+/// used without asking it again (`NEXT_HOPS`).
 const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// Where a packet leaving by `ifindex` goes next, as the FIB says: the

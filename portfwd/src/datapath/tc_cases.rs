@@ -240,7 +240,7 @@ impl PeerCaseNamespaces {
     fn new(tag: &str) -> Self {
         use portfwd_testkit::netns;
         let (host, container) = (format!("pf-case-{tag}-h"), format!("pf-case-{tag}-c"));
-        let mac = |mac: [u8; 6]| mac.map(|b| format!("{b:02x}")).join(":");
+        let mac = Self::mac_text;
         netns::add(&host).unwrap();
         netns::add(&container).unwrap();
         // Removed when dropped, however the rest goes.
@@ -260,6 +260,19 @@ impl PeerCaseNamespaces {
         // `bpf_fib_lookup` answers only for an interface that forwards.
         netns::sysctl(host, "net.ipv4.ip_forward", "1").unwrap();
         namespaces
+    }
+
+    /// `mac` as `ip` spells it.
+    fn mac_text(mac: [u8; 6]) -> String {
+        mac.map(|b| format!("{b:02x}")).join(":")
+    }
+
+    /// `frame` addressed as the veth would carry it to the neighbour whose
+    /// link-layer address is `ctr_mac`.
+    fn addressed(mut frame: Vec<u8>, ctr_mac: [u8; 6]) -> Vec<u8> {
+        frame[..6].copy_from_slice(&ctr_mac);
+        frame[6..12].copy_from_slice(&Self::VETH_MAC);
+        frame
     }
 }
 
@@ -305,11 +318,7 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
         list(&mut tc, true);
         let client = at(CLIENT_V4, 40001);
         let counted = |tc: &Tc| (tc.stat(Stat::RedirectedToPeer), tc.stat(Stat::Redirected));
-        let readdressed = |mut frame: Vec<u8>| {
-            frame[..6].copy_from_slice(&Ns::CTR_MAC);
-            frame[6..12].copy_from_slice(&Ns::VETH_MAC);
-            frame
-        };
+        let readdressed = |frame: Vec<u8>| Ns::addressed(frame, Ns::CTR_MAC);
 
         let syn = frame(client, known.host, L4::Syn);
         let got = tc.run_marked(UPLINK_IN, &syn, 0x4000);
@@ -372,12 +381,8 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
         let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
         set_listed(&mut peer_links, ifindex, true).unwrap();
         let client = at(CLIENT_V4, 40001);
-        let addressed = |l4: L4, ctr_mac: [u8; 6]| {
-            let mut frame = frame(client, known.container, l4);
-            frame[..6].copy_from_slice(&ctr_mac);
-            frame[6..12].copy_from_slice(&Ns::VETH_MAC);
-            frame
-        };
+        let addressed =
+            |l4: L4, ctr_mac| Ns::addressed(frame(client, known.container, l4), ctr_mac);
         let syn = frame(client, known.host, L4::Syn);
         let got = tc.run_marked(UPLINK_IN, &syn, 0);
         assert_eq!(
@@ -386,7 +391,7 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
             "the SYN"
         );
 
-        let new_mac = NEW_CTR_MAC.map(|b| format!("{b:02x}")).join(":");
+        let new_mac = Ns::mac_text(NEW_CTR_MAC);
         let ctr = CTR_V4.to_string();
         let replace = [
             "neigh",
@@ -424,16 +429,14 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
         let learned = ["neigh", "add", &other_ctr, "lladdr", &mac, "dev", Ns::VETH];
         portfwd_testkit::netns::ip_in(&host, &learned).unwrap();
         let ack = frame(client, other.host, L4::Ack);
-        let mut into_peer = frame(client, other.container, L4::Ack);
-        into_peer[..6].copy_from_slice(&NEW_CTR_MAC);
-        into_peer[6..12].copy_from_slice(&Ns::VETH_MAC);
+        let into_peer = Ns::addressed(frame(client, other.container, L4::Ack), NEW_CTR_MAC);
         let got = tc.run_marked(UPLINK_IN, &ack, 0);
         assert_eq!(got, (REDIRECT, into_peer, 0), "the neighbour known since");
     });
 }
 
-/// Keeps the calling thread on the CPU it runs on until dropped (then on
-/// the CPUs it had): per-CPU state stays in view.
+/// Keeps the calling thread on one CPU (the first it may run on) until
+/// dropped, then on the CPUs it had: per-CPU state stays in view.
 struct PinnedToOneCpu(nix::sched::CpuSet);
 
 impl PinnedToOneCpu {
