@@ -639,10 +639,11 @@ stats! {
     /// into a container's namespace (`PEER_LINKS`): the host-side veth's
     /// transmit and the second receive pass skipped.
     RedirectedToPeer = "redirected_to_peer",
-    /// TCP packets from containers to a host address that belong to a
-    /// connection of the host's own (a host process that dialed a published
-    /// port through the socket path, or the container directly): passed to
-    /// the stack without a conntrack lookup.
+    /// Packets from containers to a host address that belong to an
+    /// exchange of the host's own (a host process that dialed a published
+    /// port through the socket path, or the container a host service
+    /// directly, TCP or UDP): passed to the stack without a conntrack
+    /// lookup.
     PassHostConnection = "passed_host_connection",
     /// TCP resets and FINs of tracked flows whose sequence number is not
     /// near their sender's side of the flow (forged by a source that cannot

@@ -208,38 +208,42 @@ fn forged_in_containers_name(ctx: &TcContext, pkt: &mut Packet, service: &Servic
     }
 }
 
-/// Whether a TCP packet from a container to a host address belongs to a
-/// connection of the host's own: a host process that dialed a published
-/// port through the socket path, or the container dialing a host service.
-/// Such a packet leaves before the conntrack lookup, whose miss is most of
-/// its cost: a cold bucket of a table sized for the busiest host. Only a
-/// connection that owns the packet beyond doubt (`owns_packet`) counts: no
-/// tracked flow starts with the ends of one, because a hairpin or NAT46
-/// flow's port towards the container is one that no host socket uses
-/// (`masquerade_port`) and external clients are never host addresses
-/// (`start_flow` drops them). A host connection made later with the ends of
-/// a live flow is refused by the container, which holds them (see
-/// `owns_packet`). A SYN opens a flow or none: it goes on to the conntrack.
-/// So does a packet to a port that may be published: a host socket there
-/// is a leftover of an earlier service (`map` binds over it), whose ends a
-/// hairpin flow to the published port may take again once the container's
-/// end is gone (the host's in CLOSE_WAIT). The host's own connections dial
-/// from ports its stack chose, never a port the holder binds; one from a
-/// published port nobody holds only pays the conntrack lookup, as before.
+/// Whether a packet from a container to a host address belongs to an
+/// exchange of the host's own: a host process that dialed a published port
+/// through the socket path, or the container dialing a host service (its
+/// DNS queries to the host's resolver, say). Such a packet leaves before
+/// the conntrack lookup, whose miss is most of its cost: a cold bucket of a
+/// table sized for the busiest host. No tracked flow starts with the ends
+/// of one: a hairpin or NAT46 flow's port towards the container is one that
+/// no host socket uses (`masquerade_port`) and external clients are never
+/// host addresses (`start_flow` drops them). A TCP SYN opens a flow or
+/// none: it goes on to the conntrack. So does a packet to a port that may
+/// be published: a TCP socket there is a leftover of an earlier service
+/// (`map` binds over it), whose ends a hairpin flow to the published port
+/// may take again once the container's end is gone (the host's in
+/// CLOSE_WAIT), and a UDP datagram there may be the reply to one the host
+/// sent from that port (`conntrack::pass_replies_to`). The host's own
+/// connections dial from ports its stack chose, never a port the holder
+/// binds; one from a published port nobody holds only pays the conntrack
+/// lookup, as before.
 ///
 /// While the table holds no masqueraded flow (`holds_no_masq_flow`, the
-/// sweep's finding), no socket is looked up: only a masqueraded flow's
-/// reply entry (hairpin, NAT46) has a host address and a port that no
-/// mapping publishes as its destination, so the conntrack would find no
-/// flow of the packet and pass it too. That saves the lookup on every
-/// packet of the local path's connections.
+/// sweep's finding), that is all: only a masqueraded flow's reply entry
+/// (hairpin, NAT46) has a host address and a port that no mapping
+/// publishes as its destination, so the conntrack would find no flow of
+/// the packet and pass it too. That saves the lookup on every packet of
+/// the local path's connections and exchanges. Else a TCP packet is the
+/// host's only when a host socket owns it beyond doubt (`owns_packet`; a
+/// host connection made later with the ends of a live flow is refused by
+/// the container, which holds them), and a UDP datagram goes on to the
+/// conntrack.
 #[inline(always)]
 fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
-    pkt.proto == IPPROTO_TCP
-        && !is_new_tcp(pkt)
-        && lacks_port(&PUBLISHED_PORTS, IPPROTO_TCP, u16::from_be(pkt.dport))
+    !is_new_tcp(pkt)
+        && lacks_port(&PUBLISHED_PORTS, pkt.proto, u16::from_be(pkt.dport))
         && is_host_address(pkt.family, &pkt.daddr)
-        && (conntrack::holds_no_masq_flow() || owns_packet(host_socket(ctx, key), pkt.tcp_flags))
+        && (conntrack::holds_no_masq_flow()
+            || (pkt.proto == IPPROTO_TCP && owns_packet(host_socket(ctx, key), pkt.tcp_flags)))
 }
 
 /// A packet that matches no tracked flow (`start_flow`), or a SYN that

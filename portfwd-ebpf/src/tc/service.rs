@@ -12,7 +12,7 @@ use aya_ebpf::{
 use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, LocalAddrKey, ServiceKey, ServiceValue};
 
 use crate::{
-    maps::{LOCAL_ADDRS, SERVICES, SERVICES_GEN},
+    maps::{LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, lacks_port},
     packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
@@ -27,6 +27,10 @@ pub(super) struct Backend {
 
 /// The mapping for the packet's destination: exact address first, then the
 /// family's wildcard when the destination is one of this host's addresses.
+/// A port that no mapping publishes (`pf_published_ports`) is left after
+/// one array read instead of the two hash lookups: most packets that match
+/// no flow (the host's own traffic on an uplink, a container's datagrams to
+/// the host) are to such ports.
 // Inlined: called from `start_flow` and `tc::first_packet_too_big`, it
 // would otherwise become a call of its own, and `start_flow`, this and
 // `is_local_destination` would make a chain over the 512-byte stack.
@@ -34,7 +38,9 @@ pub(super) struct Backend {
 pub(super) fn find_service(ctx: &TcContext, pkt: &Packet) -> Option<(ServiceKey, Backend)> {
     // An unspecified destination is a martian; its key would be the
     // wildcard's.
-    if pkt.daddr.is_unspecified() {
+    if pkt.daddr.is_unspecified()
+        || lacks_port(&PUBLISHED_PORTS, pkt.proto, u16::from_be(pkt.dport))
+    {
         return None;
     }
     let exact = ServiceKey::new(pkt.family, pkt.daddr, pkt.dport, pkt.proto);
@@ -115,9 +121,13 @@ pub(super) fn services_generation() -> u16 {
         .map_or(0, |generation| *generation as u16)
 }
 
-/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping.
+/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping
+/// (a port without its bit in `pf_published_ports` after one array read).
 #[inline(never)]
 pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
+    if lacks_port(&PUBLISHED_PORTS, IPPROTO_UDP, u16::from_be(port)) {
+        return false;
+    }
     let exact = ServiceKey::new(family, *addr, port, IPPROTO_UDP);
     // SAFETY: only the presence of the values is read.
     unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }

@@ -1,9 +1,10 @@
-//! Cases for a container's TCP packets to a host address: a connection of
+//! Cases for a container's packets to a host address: a connection of
 //! the host's own, passed at once, and a hairpin flow's, translated. While
 //! the conntrack holds no masqueraded flow (the sweep's mark in
-//! `pf_masq_flows`), the first pass without a socket lookup; a hairpin flow
-//! started after the mark makes its replies go through the lookups again.
-//! A hairpin flow's ports, reused while it closes, start a new flow.
+//! `pf_masq_flows`), TCP passes without a socket lookup and UDP without
+//! the conntrack's; a hairpin flow started after the mark makes its
+//! replies go through the lookups again. A hairpin flow's ports, reused
+//! while it closes, start a new flow.
 
 use portfwd_common::{CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
 
@@ -77,6 +78,55 @@ fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists
     tc.mark_no_masq_flow();
     tc.run(BACKEND_IN, &host_connection_packet());
     assert_eq!(passed(&tc), 2, "after the next sweep found none");
+}
+
+/// A container's datagrams to a host address on a port that no mapping
+/// publishes (the answers to a host process's datagrams through the socket
+/// path, or the container's queries to a host service) leave before the
+/// conntrack lookup while it holds no masqueraded flow; a hairpin UDP
+/// flow's replies have the same shape, and go through the conntrack again
+/// once one started.
+#[test]
+fn host_datagrams_skip_the_conntrack_only_while_no_masqueraded_flow_exists() {
+    let published = at(HOST_V4, 5353);
+    let service = at(OTHER_CTR_V4, 53);
+    let Some(mut tc) = Tc::load_with(
+        "host_datagrams_skip_the_conntrack_only_while_no_masqueraded_flow_exists",
+        &[mapping(Protocol::Udp, published, service)],
+    ) else {
+        return;
+    };
+    tc.record_host_address(HOST_V4.into());
+    let passed = |tc: &Tc| tc.stat(Stat::PassHostConnection);
+    let answer = frame(service, at(HOST_V4, 45000), L4::Udp);
+
+    let (verdict, _) = tc.run(BACKEND_IN, &answer);
+    assert_eq!((verdict, passed(&tc)), (NEXT, 0), "before any sweep");
+    tc.mark_no_masq_flow();
+    let (verdict, _) = tc.run(BACKEND_IN, &answer);
+    assert_eq!(
+        (verdict, passed(&tc)),
+        (NEXT, 1),
+        "after a sweep found none"
+    );
+    let (verdict, _) = tc.run(BACKEND_IN, &frame(at(CTR_V4, 40000), published, L4::Udp));
+    assert_eq!(
+        (verdict, passed(&tc)),
+        (TO_STACK, 1),
+        "a datagram to the published port opens a hairpin flow"
+    );
+    let reply = frame(service, at(HOST_V4, 40000), L4::Udp);
+    assert_eq!(
+        tc.run(BACKEND_IN, &reply),
+        (REDIRECT, frame(published, at(CTR_V4, 40000), L4::Udp)),
+        "the hairpin flow's reply, translated back"
+    );
+    let (verdict, _) = tc.run(BACKEND_IN, &answer);
+    assert_eq!(
+        (verdict, passed(&tc)),
+        (NEXT, 1),
+        "a host exchange's datagram goes through the conntrack again"
+    );
 }
 
 /// A container dials the published address again from the port of its

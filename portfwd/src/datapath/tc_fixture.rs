@@ -22,7 +22,8 @@ use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuild
 use portfwd_common::{
     ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, CONNTRACK, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
     LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC,
-    SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS,
+    PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
+    UPLINK_PROGRAMS, port_bit,
 };
 
 use super::object::OBJECT;
@@ -288,12 +289,7 @@ impl Tc {
                 lists.insert(&LpmKey::new(prefix_len, key), 1, 0).unwrap();
             }
         }
-        let map = self.ebpf.map_mut(SERVICES.name).expect("the services map");
-        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(map).unwrap();
-        for mapping in mappings {
-            services.insert(mapping.key(), mapping.value(), 0).unwrap();
-        }
+        insert_services(&mut self.ebpf, mappings);
     }
 
     /// The host's IPv4 `source` for the NAT46 flows of `mapping`.
@@ -441,6 +437,27 @@ pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
         IpAddr::V6(ip) => (FAMILY_V6, Addr::from(ip)),
     };
     local.insert(LocalAddrKey::new(family, addr), 1, 0).unwrap();
+}
+
+/// Adds (or replaces) `mappings` in `ebpf`'s services map, each port's bit
+/// in the published-ports bitmap first, as userspace does (`Maps`); no
+/// bitmap in an object without the map (`bench --prog --against` an older
+/// build).
+pub(super) fn insert_services(ebpf: &mut Ebpf, mappings: &[Mapping]) {
+    if let Some(map) = ebpf.map_mut(PUBLISHED_PORTS.name) {
+        let mut bitmap: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        for mapping in mappings {
+            let (word, bit) = port_bit(mapping.key().proto, mapping.host.port());
+            let bits = bitmap.get(&word, 0).unwrap();
+            bitmap.set(word, bits | bit, 0).unwrap();
+        }
+    }
+    let map = ebpf.map_mut(SERVICES.name).expect("the services map");
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map).unwrap();
+    for mapping in mappings {
+        services.insert(mapping.key(), mapping.value(), 0).unwrap();
+    }
 }
 
 /// What the holder's sweep writes into `ebpf`'s `pf_masq_flows` after a
