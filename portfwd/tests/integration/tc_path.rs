@@ -1180,3 +1180,263 @@ fn a_container_that_bridges_its_interface_still_gets_its_frames() {
         "list: a veth whose peer is a bridge port"
     );
 }
+
+/// Two host addresses on the client's uplink, each routed to a client off
+/// the link by its own gateway (a rule on the source), and the client
+/// behind both: the second gateway is a macvlan of the client's namespace,
+/// with a MAC of its own, so that the frames show which one the host chose.
+///
+/// ```text
+/// host pfte98h: 10.252.98.1 (main: client via .2), 10.252.98.3 (from .3: client via .4)
+/// client ns: pfte98c 10.252.98.2, macvlan pftg98m 10.252.98.4, lo 10.248.98.9
+/// ```
+struct SourceRouted {
+    uplink: String,
+}
+
+impl SourceRouted {
+    const CLIENT: &str = "10.248.98.9";
+    const CLIENT_NET: &str = "10.248.98.0/24";
+    const SECOND_ADDRESS: &str = "10.252.98.3";
+    const SECOND_GATEWAY: &str = "10.252.98.4";
+    const GATEWAY_IF: &str = "pftg98m";
+    const TABLE: &str = "24898";
+
+    fn new(topo: &Topology) -> Self {
+        let (ns, uplink, client_if) = (
+            topo.client.netns.as_str(),
+            topo.client.host_if.as_str(),
+            topo.client.ctr_if.as_str(),
+        );
+        let routed = SourceRouted {
+            uplink: uplink.to_owned(),
+        };
+        let client = format!("{}/32", Self::CLIENT);
+        let second_gateway = format!("{}/24", Self::SECOND_GATEWAY);
+        for args in [
+            vec![
+                "link",
+                "add",
+                "link",
+                client_if,
+                "name",
+                Self::GATEWAY_IF,
+                "type",
+                "macvlan",
+                "mode",
+                "bridge",
+            ],
+            vec!["addr", "add", &second_gateway, "dev", Self::GATEWAY_IF],
+            vec!["link", "set", Self::GATEWAY_IF, "up"],
+            vec!["addr", "add", &client, "dev", "lo"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            netns::ip_in(ns, &args).unwrap();
+        }
+        // Replies to the client come in by either gateway.
+        for scope in ["all", "default", client_if, Self::GATEWAY_IF] {
+            let key = format!("net.ipv4.conf.{scope}.rp_filter");
+            netns::sysctl(ns, &key, "0").unwrap();
+        }
+        // Traffic to the test prefix never leaves through a real route.
+        sh(
+            "ip",
+            &[
+                "route",
+                "add",
+                "unreachable",
+                Self::CLIENT_NET,
+                "metric",
+                "4000",
+            ],
+        );
+        let second_address = format!("{}/24", Self::SECOND_ADDRESS);
+        let first_gateway = topo.client.v4().to_string();
+        // The gateways' MACs, fixed: the client's veth would also answer
+        // ARP for the macvlan's address.
+        let mac = |ifname: &str| {
+            let link: serde_json::Value =
+                serde_json::from_str(&topo.client.ip(&["-j", "link", "show", "dev", ifname]))
+                    .unwrap();
+            link[0]["address"].as_str().unwrap().to_owned()
+        };
+        let (first_mac, second_mac) = (mac(client_if), mac(Self::GATEWAY_IF));
+        for args in [
+            vec!["addr", "add", &second_address, "dev", uplink],
+            vec![
+                "neigh",
+                "replace",
+                &first_gateway,
+                "lladdr",
+                &first_mac,
+                "dev",
+                uplink,
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "neigh",
+                "replace",
+                Self::SECOND_GATEWAY,
+                "lladdr",
+                &second_mac,
+                "dev",
+                uplink,
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "route",
+                "add",
+                Self::CLIENT,
+                "via",
+                &first_gateway,
+                "dev",
+                uplink,
+            ],
+            vec![
+                "route",
+                "add",
+                Self::CLIENT,
+                "via",
+                Self::SECOND_GATEWAY,
+                "dev",
+                uplink,
+                "table",
+                Self::TABLE,
+            ],
+            vec![
+                "rule",
+                "add",
+                "from",
+                Self::SECOND_ADDRESS,
+                "lookup",
+                Self::TABLE,
+                "pref",
+                Self::TABLE,
+            ],
+        ] {
+            sh("ip", &args);
+        }
+        routed
+    }
+
+    /// Bytes received so far by `ifname` in the client's namespace.
+    fn received(topo: &Topology, ifname: &str) -> u64 {
+        let link: serde_json::Value =
+            serde_json::from_str(&topo.client.ip(&["-s", "-j", "link", "show", "dev", ifname]))
+                .unwrap();
+        link[0]["stats64"]["rx"]["bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for SourceRouted {
+    fn drop(&mut self) {
+        // The routes and neighbours go with the uplink; the rule does not.
+        let _ = run(
+            "ip",
+            &[
+                "rule",
+                "del",
+                "from",
+                Self::SECOND_ADDRESS,
+                "lookup",
+                Self::TABLE,
+            ],
+        );
+        let _ = run("ip", &["route", "flush", "table", Self::TABLE]);
+        let _ = run("ip", &["route", "del", Self::CLIENT, "dev", &self.uplink]);
+        let _ = run(
+            "ip",
+            &[
+                "route",
+                "del",
+                "unreachable",
+                Self::CLIENT_NET,
+                "metric",
+                "4000",
+            ],
+        );
+    }
+}
+
+/// Sends 2 MB, then closes.
+fn two_megabytes(mut stream: TcpStream, _peer: SocketAddr) {
+    let _ = stream.write_all(&pattern(2 << 20));
+}
+
+/// Replies to a client go by the gateway that the host's routing gives
+/// their source, the published address the client dialed: with a rule on
+/// the source, two addresses on one uplink reach the same client through
+/// two gateways. The programs keep the FIB's answer for a second (per CPU,
+/// `pf_next_hops`); keyed on the destination alone, the replies from the
+/// second address took the first one's gateway for that second (review of
+/// session 21). Everything runs on one CPU, whose cache the first download
+/// fills.
+#[test]
+fn replies_from_each_host_address_take_its_own_gateway() {
+    let Some(_serial) = root_test("source_routed_replies") else {
+        return;
+    };
+    let topo = Topology::new(98);
+    let routed = SourceRouted::new(&topo);
+    // The FIB helper answers only for an interface that forwards.
+    topo.client.forward_on_host_link();
+    topo.ctr.forward_on_host_link();
+    let _pinned = PinnedToThisCpu::new();
+    let _server = topo.ctr.serve_with("[::]:5198", Arc::new(two_megabytes));
+    let _pf = topo.up();
+    portfwd_ok(&["map", &topo.ctr.v4().to_string(), "62872:5198"]);
+    let client: IpAddr = SourceRouted::CLIENT.parse().unwrap();
+    let download_from = |host: IpAddr| {
+        let published = SocketAddr::new(host, 62872);
+        topo.client.inside(move || -> std::io::Result<usize> {
+            let mut stream = connect_from(SocketAddr::new(client, 0), published)?;
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data)?;
+            Ok(data.len())
+        })
+    };
+    let first_gateway_if = topo.client.ctr_if.clone();
+    for (host, gateway_if) in [
+        (topo.uplink(false), first_gateway_if.as_str()),
+        (
+            SourceRouted::SECOND_ADDRESS.parse().unwrap(),
+            SourceRouted::GATEWAY_IF,
+        ),
+    ] {
+        let before = SourceRouted::received(&topo, gateway_if);
+        let downloaded = download_from(host).unwrap_or_else(|e| panic!("from {host}: {e}"));
+        assert_eq!(downloaded, 2 << 20, "the whole download from {host}");
+        let received = SourceRouted::received(&topo, gateway_if) - before;
+        assert!(
+            received >= 2 << 20,
+            "replies from {host} came in by {gateway_if} with {received} bytes: \
+             they took another address's gateway"
+        );
+    }
+    drop(routed);
+}
+
+/// Keeps the calling thread, and the threads it starts, on the CPU it runs
+/// on now; the thread's whole set again when dropped.
+struct PinnedToThisCpu(nix::sched::CpuSet);
+
+impl PinnedToThisCpu {
+    fn new() -> Self {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+        let this = nix::unistd::Pid::from_raw(0);
+        let all = sched_getaffinity(this).expect("sched_getaffinity");
+        let mut one = CpuSet::new();
+        one.set(sched_getcpu().expect("sched_getcpu"))
+            .expect("a CPU number the kernel gave");
+        sched_setaffinity(this, &one).expect("sched_setaffinity");
+        PinnedToThisCpu(all)
+    }
+}
+
+impl Drop for PinnedToThisCpu {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}
