@@ -121,8 +121,12 @@ pub(super) fn services_generation() -> u16 {
         .map_or(0, |generation| *generation as u16)
 }
 
-/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping
-/// (a port without its bit in `pf_published_ports` after one array read).
+/// Whether UDP `addr:port` is published, by an exact mapping or, when
+/// `addr` is one of the host's, a wildcard one (a port without its bit in
+/// `pf_published_ports` after one array read). A wildcard mapping
+/// publishes the port on the host's addresses only: a datagram routed
+/// through the host from another machine's address and that port is not
+/// the mapping's.
 #[inline(never)]
 pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
     if lacks_port(&PUBLISHED_PORTS, IPPROTO_UDP, u16::from_be(port)) {
@@ -130,7 +134,10 @@ pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
     }
     let exact = ServiceKey::new(family, *addr, port, IPPROTO_UDP);
     // SAFETY: only the presence of the values is read.
-    unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }
+    unsafe {
+        SERVICES.get(&exact).is_some()
+            || (SERVICES.get(&exact.wildcard()).is_some() && is_host_address(family, addr))
+    }
 }
 
 /// Whether a packet in a tracked flow's container's name (its reply
