@@ -83,9 +83,14 @@ pub(super) fn is_host_address(family: u8, addr: &Addr) -> bool {
 /// on the ingress interface the helper says so before it looks at the
 /// route (though IPv6 may still forward through a per-interface
 /// `force_forwarding`, kernel 6.17), so a packet routed through the host to
-/// another machine would be taken for ours.
+/// another machine would be taken for ours. The map is asked first: a
+/// packet routed through the host to a port that a wildcard mapping
+/// publishes is then left without the FIB lookup.
 #[inline(never)]
 fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
+    if !is_host_address(pkt.family, &pkt.daddr) {
+        return false;
+    }
     let mut storage = MaybeUninit::uninit();
     let params = FibParams::clear(&mut storage);
     params.family = if pkt.family == FAMILY_V4 {
@@ -108,9 +113,8 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
     // "Not forwarded" also covers broadcast, multicast and "no route": the
-    // host's addresses decide in both cases.
-    (rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
-        && is_host_address(pkt.family, &pkt.daddr)
+    // host's addresses decided those above.
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
 }
 
 /// The services generation (`pf_services_gen`), truncated as flows keep it.
