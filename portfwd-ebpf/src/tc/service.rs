@@ -125,12 +125,15 @@ pub(super) fn services_generation() -> u16 {
         .map_or(0, |generation| *generation as u16)
 }
 
-/// Whether UDP `addr:port` is published, by an exact mapping or, when
-/// `addr` is one of the host's, a wildcard one (a port without its bit in
-/// `pf_published_ports` after one array read). A wildcard mapping
-/// publishes the port on the host's addresses only: a datagram routed
-/// through the host from another machine's address and that port is not
-/// the mapping's.
+/// Whether UDP `addr:port` is published, by an exact or a wildcard mapping
+/// (a port without its bit in `pf_published_ports` after one array read).
+/// The wildcard counts for any source, not only the host's addresses: a
+/// datagram routed through the host from another machine's address and
+/// such a port gets an entry too, which is harmless (its replies go to
+/// the host, which routes them, and skip the mapping lookup), whereas
+/// asking `pf_local_addrs` would open a window after the host gains an
+/// address, until the holder records it, in which a masqueraded
+/// container's replies to that address would open a flow to the mapping.
 #[inline(never)]
 pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
     if lacks_port(&PUBLISHED_PORTS, IPPROTO_UDP, u16::from_be(port)) {
@@ -138,10 +141,7 @@ pub(super) fn publishes(family: u8, addr: &Addr, port: u16) -> bool {
     }
     let exact = ServiceKey::new(family, *addr, port, IPPROTO_UDP);
     // SAFETY: only the presence of the values is read.
-    unsafe {
-        SERVICES.get(&exact).is_some()
-            || (SERVICES.get(&exact.wildcard()).is_some() && is_host_address(family, addr))
-    }
+    unsafe { SERVICES.get(&exact).is_some() || SERVICES.get(&exact.wildcard()).is_some() }
 }
 
 /// Whether a packet in a tracked flow's container's name (its reply

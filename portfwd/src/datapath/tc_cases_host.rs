@@ -4,19 +4,13 @@
 //! `pf_masq_flows`), TCP passes without a socket lookup and UDP without
 //! the conntrack's; a hairpin flow started after the mark makes its
 //! replies go through the lookups again. A hairpin flow's ports, reused
-//! while it closes, start a new flow. The host's own datagrams from a
-//! published port hold their replies back from the mapping; datagrams
-//! routed through the host do not.
+//! while it closes, start a new flow.
 
 use portfwd_common::{CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
 
-use std::net::Ipv4Addr;
-
-use portfwd_common::CT_FLAG_HOST;
-
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc,
-    UPLINK_IN, UPLINK_OUT, at, conntrack_flags, frame, mapping,
+    BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at,
+    conntrack_flags, frame, mapping,
 };
 use crate::model::Protocol;
 
@@ -191,52 +185,5 @@ fn a_hairpin_syn_on_a_closing_flows_ports_forgets_the_old_flow() {
         tc.run(BACKEND_IN, &frame(new, masqueraded, L4::Ack)),
         (REDIRECT, frame(published, client, L4::Ack)),
         "the new flow's reply, translated back"
-    );
-}
-
-/// A datagram that leaves by the uplink from a port published on every
-/// host address (a wildcard mapping) is the host's own only when its
-/// source is a host address (a container masqueraded by the host's NAT,
-/// which kept its port): its replies then go to the host, not to the
-/// mapping (`CT_FLAG_HOST`). One routed through the host from another
-/// machine's address (a container with a routed address serving that port
-/// itself) is not the mapping's business: it creates no entry. Before, the
-/// wildcard matched any source, and every such datagram cost the egress
-/// program a conntrack write.
-#[test]
-fn only_the_hosts_own_datagrams_from_a_published_port_hold_their_replies_back() {
-    let Some(mut tc) = Tc::load_with(
-        "only_the_hosts_own_datagrams_from_a_published_port_hold_their_replies_back",
-        &[mapping(
-            Protocol::Udp,
-            at(Ipv4Addr::UNSPECIFIED, 5353),
-            at(CTR_V4, 53),
-        )],
-    ) else {
-        return;
-    };
-    tc.record_host_address(HOST_V4.into());
-    let client = at(CLIENT_V4, 40020);
-
-    let routed = frame(at(OTHER_CTR_V4, 5353), client, L4::Udp);
-    assert_eq!(tc.run(UPLINK_OUT, &routed), (NEXT, routed.clone()));
-    assert_eq!(
-        conntrack_flags(&tc),
-        [0u8; 0],
-        "a datagram routed through the host holds nothing back"
-    );
-
-    let own = frame(at(HOST_V4, 5353), client, L4::Udp);
-    assert_eq!(tc.run(UPLINK_OUT, &own), (NEXT, own.clone()));
-    assert_eq!(
-        conntrack_flags(&tc),
-        [CT_FLAG_HOST],
-        "the host's own datagram holds its replies back"
-    );
-    let reply = frame(client, at(HOST_V4, 5353), L4::Udp);
-    assert_eq!(
-        tc.run(UPLINK_IN, &reply),
-        (NEXT, reply.clone()),
-        "the reply goes to the host, untranslated"
     );
 }
