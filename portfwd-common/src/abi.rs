@@ -272,11 +272,13 @@ pub const NAT46_SRC: MapDef = MapDef {
 /// flow's mapping up again only when the services changed, not per packet.
 pub const SERVICES_GEN: MapDef = map(map_name!(services_gen), MapKind::Array, 4, 8, 1);
 /// Which (protocol, port) pairs may be published: one bit each, so that the
-/// socket programs leave a connect or a UDP send to any other port after
-/// one array read instead of two hash lookups. Userspace sets a port's bit
-/// before it adds the port's first mapping and clears stale bits at `up`
-/// only: a set bit for a port no longer published costs the lookups, never
-/// a wrong answer. See `port_bit`.
+/// socket programs leave a connect or a UDP send to any other port, and the
+/// TC programs a packet of no flow (its mapping's lookup) or a container's
+/// packet to the host (`MASQ_FLOWS`), after one array read instead of two
+/// hash lookups. A port without its bit is taken for unpublished, so
+/// userspace sets a port's bit before it adds the port's first mapping; it
+/// clears stale bits at `up` only: a set bit for a port no longer published
+/// costs the lookups, never a wrong answer. See `port_bit`.
 pub const PUBLISHED_PORTS: MapDef = map(
     map_name!(published_ports),
     MapKind::Array,
@@ -333,10 +335,11 @@ pub const fn link_bit(index: u32) -> (u32, u32) {
 
 /// Whether the conntrack may hold a masqueraded flow (`CT_FLAG_MASQ`:
 /// hairpin, NAT46, an external client moved to another port). While it
-/// holds none, a container's TCP packet to a host address and a port no
-/// mapping publishes can belong to no tracked flow: the TC programs pass
-/// it to the host without the socket lookup that otherwise tells the
-/// host's connections from such flows. Two `u64`s, each written by one
+/// holds none, a container's TCP or UDP packet to a host address and a
+/// port no mapping publishes can belong to no tracked flow: the TC
+/// programs pass it to the host without the conntrack lookup (and, for
+/// TCP, the socket lookup that otherwise tells the host's connections
+/// from such flows). Two `u64`s, each written by one
 /// side only: `MASQ_FLOWS_STARTED`, `MASQ_FLOWS_NONE_AFTER`.
 pub const MASQ_FLOWS: MapDef = map(map_name!(masq_flows), MapKind::Array, 4, 8, 2);
 /// `MASQ_FLOWS` index: masqueraded flows started; the programs add one

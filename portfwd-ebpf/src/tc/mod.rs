@@ -218,11 +218,11 @@ fn forged_in_containers_name(ctx: &TcContext, pkt: &mut Packet, service: &Servic
 /// no host socket uses (`masquerade_port`) and external clients are never
 /// host addresses (`start_flow` drops them). A TCP SYN opens a flow or
 /// none: it goes on to the conntrack. So does a packet to a port that may
-/// be published: a TCP socket there is a leftover of an earlier service
-/// (`map` binds over it), whose ends a hairpin flow to the published port
-/// may take again once the container's end is gone (the host's in
-/// CLOSE_WAIT), and a UDP datagram there may be the reply to one the host
-/// sent from that port (`conntrack::pass_replies_to`). The host's own
+/// be published: a datagram there may open a hairpin flow, or be one's,
+/// and a TCP socket there is a leftover of an earlier service (`map`
+/// binds over it), whose ends a hairpin flow to the published port may
+/// take again once the container's end is gone (the host's in
+/// CLOSE_WAIT). The host's own
 /// connections dial from ports its stack chose, never a port the holder
 /// binds; one from a published port nobody holds only pays the conntrack
 /// lookup, as before.
