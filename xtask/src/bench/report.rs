@@ -191,6 +191,29 @@ impl Results {
     pub(crate) fn vs_direct(&self, mode: Mode, path: NetPath, metric: Metric) -> Option<f64> {
         Some(self.main(mode, path, metric)? / self.main(Mode::Direct, path, metric)?)
     }
+
+    /// portfwd / `other` repetition by repetition (main trials): each
+    /// repetition's portfwd figure against the same repetition's figure of
+    /// `other`, measured minutes apart at most, where the medians may come
+    /// from repetitions far apart in time. None unless both have every
+    /// repetition.
+    pub(crate) fn per_repetition(
+        &self,
+        other: Mode,
+        path: NetPath,
+        metric: Metric,
+    ) -> Option<Vec<f64>> {
+        let ours = self.series(Mode::Portfwd, path, base_others(Mode::Portfwd), metric);
+        let theirs = self.series(other, path, base_others(other), metric);
+        (!ours.is_empty() && ours.len() == theirs.len())
+            .then(|| ours.iter().zip(theirs).map(|(a, b)| a / b).collect())
+    }
+}
+
+/// `median× (min–max)` of ratios.
+pub(super) fn ratios_cell(ratios: &[f64]) -> String {
+    let (min, max) = min_max(ratios);
+    format!("{} ({:.2}–{:.2})", ratio(median(ratios)), min, max)
 }
 
 const PATH_TITLES: [&str; 2] = [
@@ -226,7 +249,8 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
     writeln!(
         s,
         "Each cell: median of {} repetition{} (min–max), each {} s, modes interleaved \
-         (every configuration once per repetition, order alternating); `[0.97×]` is the \
+         (every configuration once per repetition, order alternating, portfwd beside \
+         direct); `[0.97×]` is the \
          ratio to `direct` (for latencies, lower is better). wrk: 1 thread, {} connections, \
          a 3-byte nginx response (1 worker); new connections: `Connection: close`. UDP: \
          sequential request/response on one connected socket. SYN rtx: client SYN \
@@ -303,6 +327,31 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
                         .zip(r.main(mode, path, metric))
                         .map(|(a, b)| a / b);
                     write!(s, " {} |", x.map_or("–".into(), ratio)).expect("writing to a String");
+                }
+                s += "\n";
+            }
+        }
+        s += "\n";
+        s += "#### portfwd relative to each mode, repetition by repetition (median of the \
+              repetitions' ratios, min–max)\n\n";
+        s += "Each repetition's portfwd figure against the same repetition's figure of the \
+              other mode: slow drift on the machine moves both alike, where the medians of \
+              two modes may come from repetitions far apart.\n\n";
+        s += "| path | portfwd vs |";
+        for metric in MAIN_METRICS {
+            write!(s, " {} |", metric.label()).expect("writing to a String");
+        }
+        s += "\n|---|---|";
+        s += &"---|".repeat(MAIN_METRICS.len());
+        s += "\n";
+        for path in PATHS {
+            for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
+                write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
+                for metric in MAIN_METRICS {
+                    let cell = r
+                        .per_repetition(mode, path, metric)
+                        .map_or("–".into(), |ratios| ratios_cell(&ratios));
+                    write!(s, " {cell} |").expect("writing to a String");
                 }
                 s += "\n";
             }
@@ -508,6 +557,10 @@ pub(crate) fn json(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> Value
                 "min": min,
                 "max": max,
                 "ratio_to_direct": direct.map(|d| median(samples) / d),
+                "portfwd_ratio_per_repetition": (mode != Mode::Portfwd
+                    && others == base_others(mode))
+                    .then(|| r.per_repetition(mode, path, metric))
+                    .flatten(),
                 "syn_retrans": r.syn_retrans.get(&(mode, path, others)),
             })
         })

@@ -104,16 +104,7 @@ impl Bench<'_> {
             trials.clear();
         }
         for rep in (0..plan.reps).filter(|_| !trials.is_empty()) {
-            // Interleaved: every configuration once per repetition, in an
-            // order that alternates direction and shifts, so that no mode
-            // always runs first, last or after the same one.
-            let mut order: Vec<&Trial> = trials.iter().collect();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            let len = order.len();
-            order.rotate_left((rep / 2) % len);
-            for trial in order {
+            for trial in repetition_order(&trials, rep) {
                 interrupt::check()?;
                 self.trial(trial, rep, plan)?;
             }
@@ -323,9 +314,81 @@ fn program_named(kernel_name: &str) -> Option<&'static str> {
         .filter(|_| kernel_name.len() >= 8)
 }
 
+/// The trials of repetition `rep`, interleaved: every configuration once,
+/// in an order that alternates direction and shifts, so that no mode
+/// always runs first, last or after the same one; except that portfwd's
+/// main trial runs right after `direct`'s in even repetitions and right
+/// before it in odd ones: the two are compared repetition by repetition
+/// (`Results::per_repetition`), and slow drift on the machine then moves
+/// both alike.
+fn repetition_order(trials: &[Trial], rep: usize) -> Vec<&Trial> {
+    let mut order: Vec<&Trial> = trials.iter().collect();
+    if rep % 2 == 1 {
+        order.reverse();
+    }
+    let len = order.len();
+    order.rotate_left((rep / 2) % len);
+    let main = |mode: Mode| move |trial: &&Trial| trial.mode == mode && trial.full;
+    if let Some(ours) = order.iter().position(main(Mode::Portfwd)) {
+        let ours = order.remove(ours);
+        let direct = order.iter().position(main(Mode::Direct));
+        let at = direct.map_or(order.len(), |d| d + usize::from(rep.is_multiple_of(2)));
+        order.insert(at, ours);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
-    use super::program_named;
+    use super::{Mode, Trial, program_named, repetition_order};
+
+    #[test]
+    fn portfwd_runs_beside_direct_in_every_repetition() {
+        let mut trials: Vec<Trial> = [
+            Mode::Direct,
+            Mode::Iptables,
+            Mode::Nft,
+            Mode::DockerProxy,
+            Mode::Portfwd,
+        ]
+        .into_iter()
+        .map(|mode| Trial {
+            mode,
+            others: usize::from(mode.scales()),
+            full: true,
+        })
+        .collect();
+        for others in [1000, 10_000] {
+            for mode in [Mode::Iptables, Mode::Nft, Mode::Portfwd] {
+                trials.push(Trial {
+                    mode,
+                    others,
+                    full: false,
+                });
+            }
+        }
+        let mut firsts = Vec::new();
+        for rep in 0..6 {
+            let order = repetition_order(&trials, rep);
+            assert_eq!(
+                order.len(),
+                trials.len(),
+                "repetition {rep}: every trial once"
+            );
+            for trial in &trials {
+                let times = order.iter().filter(|t| std::ptr::eq(**t, trial)).count();
+                assert_eq!(times, 1, "repetition {rep}: {:?} once", trial.mode);
+            }
+            let at = |mode: Mode| order.iter().position(|t| t.mode == mode && t.full).unwrap();
+            let (direct, ours) = (at(Mode::Direct), at(Mode::Portfwd));
+            let expected = if rep % 2 == 0 { direct + 1 } else { direct - 1 };
+            assert_eq!(ours, expected, "repetition {rep}: portfwd beside direct");
+            firsts.push(order[0].mode);
+        }
+        // The order still moves: not the same mode first every time.
+        firsts.dedup();
+        assert!(firsts.len() > 1, "the same trial first in every repetition");
+    }
 
     #[test]
     fn kernel_names_map_to_portfwd_programs() {

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::measure::{METRICS, Metric, NetPath, PATHS};
 use super::modes::Mode;
-use super::report::{base_others, median, min_max, ratio, value};
+use super::report::{base_others, median, min_max, ratio, ratios_cell, value};
 use super::{Results, SCALE, Update};
 
 #[derive(Serialize)]
@@ -113,6 +113,11 @@ fn versus(
             };
             let mut measured =
                 format!("{} vs {}: {}", value(metric, a), value(metric, b), ratio(x));
+            if let Some(ratios) = r.per_repetition(other, path, metric)
+                && ratios.len() > 1
+            {
+                measured.push_str(&format!("; per repetition {}", ratios_cell(&ratios)));
+            }
             // A miss that would be met against some of the other mode's
             // own repetitions (its range, times the bound) is noise as much
             // as a difference: said, so that nobody reads more into it.
@@ -337,6 +342,45 @@ mod tests {
             Some(true)
         );
         assert_eq!(met(&checks, "local: UDP req/s ≥ 0.97 × direct"), None);
+    }
+
+    #[test]
+    fn ratios_are_also_given_repetition_by_repetition() {
+        let mut r = Results::default();
+        let key = |mode| (mode, NetPath::External, base_others(mode), Metric::ConnPerS);
+        // Drift: each repetition slower than the last, portfwd 5 % ahead in
+        // each; the medians are 100 and 105 either way.
+        r.samples
+            .insert(key(Mode::Direct), vec![120.0, 100.0, 80.0]);
+        r.samples
+            .insert(key(Mode::Portfwd), vec![126.0, 105.0, 84.0]);
+        let ratios = r
+            .per_repetition(Mode::Direct, NetPath::External, Metric::ConnPerS)
+            .unwrap();
+        for (got, want) in ratios.iter().zip([1.05, 1.05, 1.05]) {
+            assert!((got - want).abs() < 1e-9, "{ratios:?}");
+        }
+        let check = versus(
+            &r,
+            String::new(),
+            NetPath::External,
+            Mode::Direct,
+            Metric::ConnPerS,
+            1.0,
+        );
+        assert!(
+            check
+                .measured
+                .ends_with("; per repetition 1.05× (1.05–1.05)"),
+            "{}",
+            check.measured
+        );
+        // A mode missing a repetition is not paired.
+        r.samples.insert(key(Mode::Direct), vec![120.0, 100.0]);
+        assert_eq!(
+            r.per_repetition(Mode::Direct, NetPath::External, Metric::ConnPerS),
+            None
+        );
     }
 
     #[test]
