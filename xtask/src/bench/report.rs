@@ -210,6 +210,28 @@ impl Results {
     }
 }
 
+/// A table of portfwd against each other mode of the run, a row per path
+/// and mode, a column per main metric; `cell` gives each cell's text.
+fn versus_table(s: &mut String, plan: &Plan, cell: impl Fn(NetPath, Mode, Metric) -> String) {
+    *s += "| path | portfwd vs |";
+    for metric in MAIN_METRICS {
+        write!(s, " {} |", metric.label()).expect("writing to a String");
+    }
+    *s += "\n|---|---|";
+    *s += &"---|".repeat(MAIN_METRICS.len());
+    *s += "\n";
+    for path in PATHS {
+        for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
+            write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
+            for metric in MAIN_METRICS {
+                write!(s, " {} |", cell(path, mode, metric)).expect("writing to a String");
+            }
+            *s += "\n";
+        }
+    }
+    *s += "\n";
+}
+
 /// `median× (min–max)` of ratios.
 pub(super) fn ratios_cell(ratios: &[f64]) -> String {
     let (min, max) = min_max(ratios);
@@ -311,52 +333,20 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
 
     if traffic && plan.modes.contains(&Mode::Portfwd) && plan.modes.len() > 1 {
         s += "#### portfwd relative to each mode (ratio of medians; latency: lower is better)\n\n";
-        s += "| path | portfwd vs |";
-        for metric in MAIN_METRICS {
-            write!(s, " {} |", metric.label()).expect("writing to a String");
-        }
-        s += "\n|---|---|";
-        s += &"---|".repeat(MAIN_METRICS.len());
-        s += "\n";
-        for path in PATHS {
-            for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
-                write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
-                for metric in MAIN_METRICS {
-                    let x = r
-                        .main(Mode::Portfwd, path, metric)
-                        .zip(r.main(mode, path, metric))
-                        .map(|(a, b)| a / b);
-                    write!(s, " {} |", x.map_or("–".into(), ratio)).expect("writing to a String");
-                }
-                s += "\n";
-            }
-        }
-        s += "\n";
+        versus_table(&mut s, plan, |path, mode, metric| {
+            r.main(Mode::Portfwd, path, metric)
+                .zip(r.main(mode, path, metric))
+                .map_or("–".into(), |(a, b)| ratio(a / b))
+        });
         s += "#### portfwd relative to each mode, repetition by repetition (median of the \
               repetitions' ratios, min–max)\n\n";
         s += "Each repetition's portfwd figure against the same repetition's figure of the \
               other mode: slow drift on the machine moves both alike, where the medians of \
               two modes may come from repetitions far apart.\n\n";
-        s += "| path | portfwd vs |";
-        for metric in MAIN_METRICS {
-            write!(s, " {} |", metric.label()).expect("writing to a String");
-        }
-        s += "\n|---|---|";
-        s += &"---|".repeat(MAIN_METRICS.len());
-        s += "\n";
-        for path in PATHS {
-            for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
-                write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
-                for metric in MAIN_METRICS {
-                    let cell = r
-                        .per_repetition(mode, path, metric)
-                        .map_or("–".into(), |ratios| ratios_cell(&ratios));
-                    write!(s, " {cell} |").expect("writing to a String");
-                }
-                s += "\n";
-            }
-        }
-        s += "\n";
+        versus_table(&mut s, plan, |path, mode, metric| {
+            r.per_repetition(mode, path, metric)
+                .map_or("–".into(), |ratios| ratios_cell(&ratios))
+        });
     }
 
     let scaled: Vec<Mode> = plan.modes.iter().copied().filter(|m| m.scales()).collect();
