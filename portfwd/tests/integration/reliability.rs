@@ -376,15 +376,6 @@ fn echoed(published: SocketAddr, msg: &[u8]) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Keeps the calling thread on the CPU it runs on now.
-fn pin_to_current_cpu() {
-    use nix::sched::{CpuSet, sched_getcpu, sched_setaffinity};
-    let cpu = sched_getcpu().expect("sched_getcpu");
-    let mut set = CpuSet::new();
-    set.set(cpu).expect("a CPU number the kernel gave");
-    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
-
 /// Whether an open connection to the echo server still gets an answer.
 fn still_echoes(stream: &mut TcpStream) -> bool {
     let _ = stream.write_all(b"again\n");
@@ -428,7 +419,7 @@ fn closed_flows_are_swept_before_the_lru_takes_an_idle_flow() {
         // inserts free entries 128 at a time; the spare room of a round
         // (2,048 entries less 1,700 and the idle flow's 2: 346) would run
         // out with SYNs on three CPUs or more, sweep or not.
-        pin_to_current_cpu();
+        let _pinned = PinnedToThisCpu::new();
         let mut idle = echoed(published, b"idle\n").unwrap();
         round();
         for _ in 0..2 {
@@ -467,7 +458,7 @@ fn closed_flows_are_forgotten_at_their_last_ack() {
     let idle_flow_lives = std::thread::spawn(move || {
         netns::enter(&client_ns).unwrap();
         // As in `closed_flows_are_swept_before_the_lru_takes_an_idle_flow`.
-        pin_to_current_cpu();
+        let _pinned = PinnedToThisCpu::new();
         let mut idle = echoed(published, b"idle\n").unwrap();
         for _ in 0..3 * 850 {
             // The client closes first; the echo server closes at its EOF.

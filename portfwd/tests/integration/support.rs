@@ -485,3 +485,26 @@ pub(crate) fn reset(stream: std::net::TcpStream) {
     )
     .expect("SO_LINGER");
 }
+
+/// Keeps the calling thread, and the threads it starts, on the CPU it runs
+/// on now; the thread's whole set again when dropped.
+pub(crate) struct PinnedToThisCpu(nix::sched::CpuSet);
+
+impl PinnedToThisCpu {
+    pub(crate) fn new() -> Self {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+        let this = nix::unistd::Pid::from_raw(0);
+        let all = sched_getaffinity(this).expect("sched_getaffinity");
+        let mut one = CpuSet::new();
+        one.set(sched_getcpu().expect("sched_getcpu"))
+            .expect("a CPU number the kernel gave");
+        sched_setaffinity(this, &one).expect("sched_setaffinity");
+        PinnedToThisCpu(all)
+    }
+}
+
+impl Drop for PinnedToThisCpu {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}

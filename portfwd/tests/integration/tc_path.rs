@@ -1323,23 +1323,6 @@ impl SourceRouted {
         routed
     }
 
-    /// Bytes received so far by `ifname` in the client's namespace.
-    fn received(topo: &Topology, ifname: &str) -> u64 {
-        let link: serde_json::Value =
-            serde_json::from_str(&topo.client.ip(&["-s", "-j", "link", "show", "dev", ifname]))
-                .unwrap();
-        link[0]["stats64"]["rx"]["bytes"].as_u64().unwrap()
-    }
-}
-
-impl Drop for SourceRouted {
-    fn drop(&mut self) {
-        let _ = run("ip", &["route", "del", Self::CLIENT, "dev", &self.uplink]);
-        Self::remove_host_routing();
-    }
-}
-
-impl SourceRouted {
     /// The host's rule, table and unreachable route: the routes and
     /// neighbours on the uplink go with it, these do not.
     fn remove_host_routing() {
@@ -1366,6 +1349,21 @@ impl SourceRouted {
                 "4000",
             ],
         );
+    }
+
+    /// Bytes received so far by `ifname` in the client's namespace.
+    fn received(topo: &Topology, ifname: &str) -> u64 {
+        let link: serde_json::Value =
+            serde_json::from_str(&topo.client.ip(&["-s", "-j", "link", "show", "dev", ifname]))
+                .unwrap();
+        link[0]["stats64"]["rx"]["bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for SourceRouted {
+    fn drop(&mut self) {
+        let _ = run("ip", &["route", "del", Self::CLIENT, "dev", &self.uplink]);
+        Self::remove_host_routing();
     }
 }
 
@@ -1433,27 +1431,4 @@ fn replies_from_each_host_address_take_its_own_gateway() {
         }
     }
     drop(routed);
-}
-
-/// Keeps the calling thread, and the threads it starts, on the CPU it runs
-/// on now; the thread's whole set again when dropped.
-struct PinnedToThisCpu(nix::sched::CpuSet);
-
-impl PinnedToThisCpu {
-    fn new() -> Self {
-        use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
-        let this = nix::unistd::Pid::from_raw(0);
-        let all = sched_getaffinity(this).expect("sched_getaffinity");
-        let mut one = CpuSet::new();
-        one.set(sched_getcpu().expect("sched_getcpu"))
-            .expect("a CPU number the kernel gave");
-        sched_setaffinity(this, &one).expect("sched_setaffinity");
-        PinnedToThisCpu(all)
-    }
-}
-
-impl Drop for PinnedToThisCpu {
-    fn drop(&mut self) {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
-    }
 }
