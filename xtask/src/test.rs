@@ -4,7 +4,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::Result;
 
-use crate::build::{EBPF_OBJ_ENV, build_ebpf};
+use crate::build::{EBPF_OBJ_ENV, build_ebpf, test_binaries};
 use crate::{cargo, is_root, nightly, root, run, setup, vm};
 
 /// Set to skip the guest kernel tests of a full run (with a loud notice).
@@ -46,7 +46,7 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     // The benchmark's smoke run, on full runs as root only; before cargo test,
     // so that the test summary stays the last thing printed.
     if is_root() && args.is_empty() {
-        crate::bench::smoke()?;
+        crate::bench::smoke(&test_binaries(&obj)?.cli)?;
     }
     cargo_test(&obj, args)?;
     // Full runs also test the oldest kernel CI covers, when this machine can.

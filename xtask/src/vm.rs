@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{build::EBPF_OBJ_ENV, cargo, is_root, root, setup, stdout_of, succeeds};
+use crate::{
+    build::{TestBinaries, test_binaries},
+    is_root, root, setup, stdout_of, succeeds,
+};
 
 /// The kernel series CI boots by default: Debian 12's own kernel.
 pub(crate) const DEFAULT_KERNEL: &str = "6.1";
@@ -200,7 +203,11 @@ pub(crate) fn test_kernel(series: &str, obj: &Path) -> Result<()> {
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     let vmlinuz = install(series, &work.join("setup.log"))?;
-    let (binary, library) = build_test_binaries(obj)?;
+    let TestBinaries {
+        integration: binary,
+        library,
+        ..
+    } = test_binaries(obj)?;
     let script = guest_script(&binary, &library);
     let script_path = work.join(format!("guest-{series}.sh"));
     std::fs::write(&script_path, script)?;
@@ -303,50 +310,6 @@ fn newest_kernel_package(series: &str) -> Result<String> {
     packages.pop().map(str::to_owned).with_context(|| {
         format!("apt knows no linux-image-{series}.*-amd64-unsigned (apt-get update?)")
     })
-}
-
-/// The portfwd package's two test binaries the guest runs: (integration
-/// tests, library unit tests).
-///
-/// Built as `cargo test` of the whole workspace builds them (the host
-/// phase of `cargo xtask test`), not with `-p portfwd`: selecting one
-/// package resolves its dependencies' features for it alone, and that
-/// recompiled aya and a dozen crates (25 s in CI) for binaries the host
-/// phase had just built.
-fn build_test_binaries(obj: &Path) -> Result<(PathBuf, PathBuf)> {
-    let out = stdout_of(cargo().current_dir(root()).env(EBPF_OBJ_ENV, obj).args([
-        "test",
-        "--workspace",
-        "--no-run",
-        "--message-format=json",
-    ]))?;
-    let (mut integration, mut library) = (None, None);
-    for line in out.lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(exe) = message["executable"].as_str() else {
-            continue;
-        };
-        let has_kind = |kind: &str| {
-            message["target"]["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == kind))
-        };
-        // Target names are unique in the workspace: portfwd's library is
-        // `portfwd` (the others' are `portfwd_common`, `portfwd_testkit`),
-        // and only portfwd has a test target `integration`.
-        match message["target"]["name"].as_str() {
-            Some("integration") if has_kind("test") => integration = Some(PathBuf::from(exe)),
-            Some("portfwd") if has_kind("lib") => library = Some(PathBuf::from(exe)),
-            _ => {}
-        }
-    }
-    match (integration, library) {
-        (Some(integration), Some(library)) => Ok((integration, library)),
-        (None, _) => bail!("cargo built no integration test binary of portfwd"),
-        (_, None) => bail!("cargo built no unit test binary of portfwd's library"),
-    }
 }
 
 /// The guest's script: the subset's tests one at a time, then the mark.

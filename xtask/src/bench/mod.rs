@@ -293,20 +293,23 @@ fn write_results(
 /// `cargo xtask test`'s smoke runs: `bench --quick --modes direct,portfwd`,
 /// then `bench --quick --rootless` (about 20 s), must complete and produce
 /// their tables (no speed is asserted). Their output goes to a log, so that
-/// the test summary stays readable.
-pub(crate) fn smoke() -> Result<()> {
+/// the test summary stays readable. They run `portfwd`, the debug build the
+/// tests use: a release build of its own cost CI a minute, and the smoke
+/// times nothing.
+pub(crate) fn smoke(portfwd: &Path) -> Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
     let out = target.join("bench-smoke");
+    let portfwd = portfwd.to_str().context("the portfwd binary's path")?;
     smoke_run(
         &out,
-        &["--modes", "direct,portfwd"],
+        &["--modes", "direct,portfwd", "--portfwd", portfwd],
         "results.json",
         "| portfwd |",
     )?;
     smoke_run(
         &out,
-        &["--rootless"],
+        &["--rootless", "--portfwd", portfwd],
         "rootless.json",
         "| portfwd rootless |",
     )
