@@ -100,8 +100,9 @@ fn load_program(program: &mut aya::programs::Program, program_def: &ProgramDef) 
 /// Each on a thread of its own: the kernel verifies a privileged load
 /// without a global lock, and verification is most of `up`'s time (the
 /// two TC ingress programs, about a third each; in the emulated 6.1 guest
-/// of `cargo xtask test`, 3 s each). The first error in `programs()`'s
-/// order is the one reported, as when they loaded one after another.
+/// of `cargo xtask test`, 3 s each). A program missing from the object is
+/// reported before anything loads; of the loads that fail, the first in
+/// `programs()`'s order is reported, as when they loaded one after another.
 pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<()> {
     let defs: Vec<&'static ProgramDef> = programs().collect();
     if let Some(missing) = defs.iter().find(|def| ebpf.program(def.name).is_none()) {
