@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{build, interrupt, is_root, root, run, succeeds};
+use crate::{build, interrupt, is_root, run, succeeds};
 
 /// `sh!("ip link set {HOST_IF} up")`: format a command line, show it and run it.
 macro_rules! sh {
@@ -62,8 +62,7 @@ pub(crate) fn demo() -> Result<()> {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
     build::build(false)?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
+    let target = crate::target_dir();
     let mut demo = Demo {
         bin: target.join("debug/portfwd"),
         server: None,

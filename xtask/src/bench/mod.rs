@@ -159,8 +159,7 @@ pub(crate) fn bench(args: Args) -> Result<()> {
     ns::NICE.store(args.nice, Ordering::Relaxed);
     ns::PIN.store(args.pin, Ordering::Relaxed);
     setup::install_bench_debs()?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
+    let target = crate::target_dir();
     let portfwd = match &args.portfwd {
         Some(path) => std::path::absolute(path)?,
         None => {
@@ -297,8 +296,7 @@ fn write_results(
 /// tests use: a release build of its own cost CI a minute, and the smoke
 /// times nothing.
 pub(crate) fn smoke(portfwd: &Path) -> Result<()> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or(root().join("target"), |d| root().join(d));
+    let target = crate::target_dir();
     let out = target.join("bench-smoke");
     let portfwd = portfwd.to_str().context("the portfwd binary's path")?;
     smoke_run(
