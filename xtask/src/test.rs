@@ -43,17 +43,28 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
              not root, so they will skip"
         );
     }
-    // The benchmark's smoke run, on full runs as root only; before cargo test,
-    // so that the test summary stays the last thing printed.
+    // Full runs also test the oldest kernel CI covers, when this machine
+    // can, beside the host's tests (`vm::Beside`).
+    let guest = if args.is_empty() {
+        Some(Guest::start()?)
+    } else {
+        None
+    };
+    // Nothing returns early while the guest runs: its result and output
+    // come at the end, whatever the host's tests did.
+    let host = host_tests(&obj, args);
+    let guest = guest.map(Guest::finish).transpose();
+    host.and(guest).map(|_| ())
+}
+
+/// The benchmark's smoke run (full runs as root only; before cargo test, so
+/// that the test summary stays the last thing the host prints), then
+/// `cargo test`.
+fn host_tests(obj: &Path, args: &[String]) -> Result<()> {
     if is_root() && args.is_empty() {
-        crate::bench::smoke(&test_binaries(&obj)?.cli)?;
+        crate::bench::smoke(&test_binaries(obj)?.cli)?;
     }
-    cargo_test(&obj, args)?;
-    // Full runs also test the oldest kernel CI covers, when this machine can.
-    if !args.is_empty() {
-        return Ok(());
-    }
-    test_default_kernel(&obj)
+    cargo_test(obj, args)
 }
 
 /// cargo at the workspace root, with the eBPF object `obj`: clippy and the
@@ -115,25 +126,41 @@ fn cargo_test(obj: &Path, args: &[String]) -> Result<()> {
         .args(test_args))
 }
 
-/// The guest tests on the oldest kernel CI covers, or a loud notice that
-/// they did not run.
-fn test_default_kernel(obj: &Path) -> Result<()> {
-    let series = vm::DEFAULT_KERNEL;
-    let skipped = std::env::var_os(SKIP_KERNEL_ENV)
-        .map(|_| format!("{SKIP_KERNEL_ENV} is set"))
-        .or_else(vm::cannot_run);
-    match skipped {
-        Some(reason) => {
-            vm::loud_notice(&[
-                format!(
-                    "NOT TESTED: kernel {series} (Debian 12). The guest tests did not run: {reason}."
-                ),
-                format!(
-                    "Run them with `cargo xtask test --kernel {series}` as root on x86_64 Debian."
-                ),
-            ]);
-            Ok(())
+/// The guest tests on the oldest kernel CI covers, in a full run.
+enum Guest {
+    Beside(vm::Beside),
+    /// Why they cannot run on this machine (or were skipped).
+    NotTested(String),
+}
+
+impl Guest {
+    /// Starts the guest tests when this machine can run them.
+    fn start() -> Result<Guest> {
+        let skipped = std::env::var_os(SKIP_KERNEL_ENV)
+            .map(|_| format!("{SKIP_KERNEL_ENV} is set"))
+            .or_else(vm::cannot_run);
+        Ok(match skipped {
+            Some(reason) => Guest::NotTested(reason),
+            None => Guest::Beside(vm::Beside::start(vm::DEFAULT_KERNEL)?),
+        })
+    }
+
+    /// Their result, or a loud notice, last, that they did not run.
+    fn finish(self) -> Result<()> {
+        let series = vm::DEFAULT_KERNEL;
+        match self {
+            Guest::Beside(guest) => guest.finish(),
+            Guest::NotTested(reason) => {
+                vm::loud_notice(&[
+                    format!(
+                        "NOT TESTED: kernel {series} (Debian 12). The guest tests did not run: {reason}."
+                    ),
+                    format!(
+                        "Run them with `cargo xtask test --kernel {series}` as root on x86_64 Debian."
+                    ),
+                ]);
+                Ok(())
+            }
         }
-        None => vm::test_kernel(series, obj),
     }
 }

@@ -11,7 +11,9 @@
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -194,6 +196,91 @@ pub(crate) fn loud_notice(lines: &[String]) {
     eprintln!("{bar}\n");
 }
 
+/// The guest tests of a full `cargo xtask test`, running beside the host's
+/// own: the guest needs one CPU of emulation for about 20 minutes, most of
+/// the run, and the host's tests leave the other CPU of a 2-CPU machine
+/// mostly idle (one test at a time, much of it waiting on traffic and
+/// timers). A process of its own, `cargo xtask test --kernel SERIES`, so
+/// that it alone is the subreaper of the guest's processes (`run_guest`);
+/// the host tests' daemons, orphaned, still go to init, which reaps them
+/// (under a subreaper that does not wait for them, an exited holder would
+/// stay a zombie, alive to any test that looks for its pid).
+pub(crate) struct Beside {
+    series: String,
+    child: Child,
+    /// The guest process's output from its boot on, kept for the end.
+    later: JoinHandle<Vec<String>>,
+}
+
+impl Beside {
+    /// Starts the guest process, shows its output until the guest boots
+    /// (building the test binaries, installing the kernel and QEMU), and
+    /// returns then: from there on it needs neither cargo nor apt-get,
+    /// which the host's tests use next, one at a time.
+    pub(crate) fn start(series: &str) -> Result<Beside> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["test", "--kernel", series])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the guest tests' process")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (booted, booting) = mpsc::channel();
+        let boot_line = booting_line(series);
+        let later = thread::spawn(move || {
+            let mut booted = Some(booted);
+            let mut later = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if booted.is_none() {
+                    later.push(line);
+                    continue;
+                }
+                println!("{line}");
+                if line.starts_with(&boot_line)
+                    && let Some(booted) = booted.take()
+                {
+                    booted.send(()).ok();
+                }
+            }
+            later
+        });
+        // Err: the process ended before the boot; `finish` reports how.
+        if booting.recv().is_ok() {
+            println!(
+                "kernel {series}: the guest's tests run beside the host's; their output follows the host's"
+            );
+        }
+        Ok(Beside {
+            series: series.into(),
+            child,
+            later,
+        })
+    }
+
+    /// Waits for the guest's tests, prints their output, and says whether
+    /// they passed.
+    pub(crate) fn finish(mut self) -> Result<()> {
+        let series = &self.series;
+        let later = self.later.join().unwrap_or_default();
+        if !later.is_empty() {
+            println!("\n==> kernel {series}: the guest's tests, run beside the host's");
+        }
+        for line in later {
+            println!("{line}");
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("kernel {series}: the guest tests failed ({status}; see above)");
+        }
+        Ok(())
+    }
+}
+
+/// The start of the line `run_guest` prints as it boots the guest.
+fn booting_line(series: &str) -> String {
+    format!("kernel {series}: booting ")
+}
+
 /// Builds the test binaries, installs what the guest needs, boots
 /// `series` and runs the subset in it.
 pub(crate) fn test_kernel(series: &str, obj: &Path) -> Result<()> {
@@ -346,7 +433,8 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
     let count: usize =
         SUBSET.iter().map(|(_, tests)| tests.len()).sum::<usize>() + PACKET_CASES.len();
     println!(
-        "kernel {series}: booting {} under TCG (virtme-ng) for {count} tests (integration tests and the packet cases)",
+        "{}{} under TCG (virtme-ng) for {count} tests (integration tests and the packet cases)",
+        booting_line(series),
         vmlinuz.display()
     );
     let started = Instant::now();
