@@ -78,28 +78,33 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
 /// write to it, from another CPU, can be lost (to the container's own
 /// update of its flags, to userspace rewriting the entry, or to a program
 /// of the build before, during an upgrade), and without it the reply entry
-/// would end after the SYN timeout while its flow lives on.
+/// would end after the SYN timeout while its flow lives on. A container's
+/// packet also brings the client's mark up to what the container
+/// acknowledges (`catch_up`).
 #[inline(always)]
-pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, syn: bool, now: u64) -> bool {
+pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, pkt: &Packet, syn: bool) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &*entry };
-    if !syn && now.saturating_sub(ct.last_seen_ns) <= REFRESH_NS {
+    if !syn && pkt.now.saturating_sub(ct.last_seen_ns) <= REFRESH_NS {
         return false;
     }
-    check_twin(key, entry, now)
+    check_twin(key, entry, pkt)
 }
 
 #[inline(never)]
-fn check_twin(key: &CtKey, entry: *mut CtValue, now: u64) -> bool {
+fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &*entry };
     match twin_entry(key, ct) {
         Some((_, twin)) => {
             // SAFETY: a pointer into the map value, valid for this program run.
-            unsafe { (*twin).last_seen_ns = now };
+            unsafe { (*twin).last_seen_ns = pkt.now };
             let (forward, reply) = if ct.flags & CT_FLAG_REPLY == 0 {
                 (entry, twin)
             } else {
+                // SAFETY: a pointer into the map value, valid for this
+                // program run.
+                catch_up(unsafe { &mut *twin }, pkt);
                 (twin, entry)
             };
             // SAFETY: pointers into the map values, valid for this program
@@ -290,8 +295,9 @@ fn near(mark: u32, number: u32) -> bool {
 /// so that it cannot take the mark to where a forged reset then fits. A
 /// side that loses more than `SEQ_MARK_STEP` in one burst before its
 /// segments reach the host, with more than `SEQ_WINDOW` in flight, can
-/// leave its mark behind for good: its resets are then passed on, and the
-/// flow left to its idle timeout.
+/// leave its mark behind (its resets are then passed on, the flow not
+/// closed) until the container's acknowledgment brings it back
+/// (`catch_up`).
 #[inline(always)]
 fn advance(ct: &mut CtValue, pkt: &Packet) {
     let mark = ct.tcp_next();
@@ -319,6 +325,35 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
     };
     if moves {
         ct.set_tcp_next(pkt.seq_end);
+    }
+}
+
+/// Moves the client's mark (its entry `forward`) up to the container's
+/// acknowledgment in `pkt`, when that is past it: the container received
+/// that much, so the client is there at least. This is how a mark left
+/// behind comes back (see `advance`): the client's segments after a burst
+/// lost before the host start too far past the mark to move it, and
+/// when more than `SEQ_WINDOW - SEQ_MARK_STEP` of them came through
+/// before the retransmissions, the client's new data starts too far past
+/// the mark that the retransmissions left, for good; its resets were then
+/// passed on and the flow left to its idle timeout. Only an
+/// acknowledgment from a container link counts (one that came in on an
+/// uplink may be forged), and only while the client's side is open: a
+/// closing entry's word holds its closing time, and a side's FIN end is
+/// its mark exactly (`acknowledges_fin`), which no acknowledgment passes.
+/// Asked once a second (`orphaned`), so a mark comes back within a second
+/// of the container's next packet.
+#[inline(always)]
+fn catch_up(forward: &mut CtValue, pkt: &Packet) {
+    let mark = forward.tcp_next();
+    if pkt.proto == IPPROTO_TCP
+        && !pkt.from_uplink
+        && pkt.tcp_flags & TCP_ACK != 0
+        && forward.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) == 0
+        && mark != 0
+        && pkt.ack.wrapping_sub(mark) as i32 > 0
+    {
+        forward.set_tcp_next(pkt.ack);
     }
 }
 

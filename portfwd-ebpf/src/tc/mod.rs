@@ -149,7 +149,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         }
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
-        if conntrack::orphaned(key, entry, syn, pkt.now) {
+        if conntrack::orphaned(key, entry, pkt, syn) {
             return new_flow(ctx, pkt, path, from_containers, ptr::null_mut());
         }
         // Larger than the interface it goes to: answered, as the

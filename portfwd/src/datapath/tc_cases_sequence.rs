@@ -245,6 +245,61 @@ fn a_sides_mark_follows_it_through_a_long_flow() {
     assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
 }
 
+/// A burst of the client's segments lost before they reach the host: the
+/// segments after the hole start too far past the client's mark to move
+/// it, and when more than half a window of them came through before the
+/// retransmissions, the mark that those leave is too far behind the
+/// client's new data to follow it. Before, the mark stayed there for good:
+/// the client's resets were passed on and the flow left to its idle
+/// timeout (two hours). The container's acknowledgment of the client's
+/// end brings it back (checked once a second per entry: the test ages the
+/// entries by two seconds), and a reset then closes the flow.
+#[test]
+fn a_sides_mark_left_behind_by_a_lost_burst_comes_back() {
+    let Some(mut tc) = load("a_sides_mark_left_behind_by_a_lost_burst_comes_back") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40068);
+    answered(&tc, client);
+    assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
+    let start = CLIENT_ISN + 1 + REQUEST.len() as u32;
+    let chunk = [b'x'; 1400];
+    let offset = |i: u32| start + i * chunk.len() as u32;
+    let client_data = |tc: &Tc, i: u32| {
+        tc.run(
+            UPLINK_IN,
+            &segment(
+                (client, dialed()),
+                TCP_ACK,
+                (offset(i), CONTAINER_ISN + 1),
+                &chunk,
+            ),
+        );
+    };
+    // 30 segments reach the host, 60 (84,000 bytes) are lost, 30 more
+    // reach it, the lost ones come again, then new data.
+    (0..30)
+        .chain(90..120)
+        .chain(30..90)
+        .chain(120..125)
+        .for_each(|i| client_data(&tc, i));
+    let end = offset(125);
+    client_reset(&tc, client, end);
+    assert!(!closing(&tc), "the mark is left behind");
+    change_entries(&mut tc, |entry| entry.last_seen_ns -= 2_000_000_000);
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_ACK,
+            (CONTAINER_ISN + 1, end),
+            &[],
+        ),
+    );
+    client_reset(&tc, client, end);
+    assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
+}
+
 /// A client reusing its port while the container still holds the earlier
 /// connection in TIME_WAIT: the container answers its SYN with that
 /// connection's ACK first, the client resets it and sends its SYN again,
