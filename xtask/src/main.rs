@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Formatting, clippy and the whole test suite (what CI runs), then a subset
+    /// Formatting, clippy and the whole test suite (what CI runs), and beside it a subset
     /// of the integration tests on Debian 12's kernel 6.1 in a VM (root, x86_64).
     Test {
         /// Only run the integration test subset on this kernel series (booted
