@@ -117,10 +117,15 @@ pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<()> {
         .collect();
     loads.sort_by_key(|(index, _, _)| *index);
     std::thread::scope(|scope| {
-        let threads: Vec<_> = loads
-            .into_iter()
-            .map(|(_, def, program)| scope.spawn(move || load_program(program, def)))
-            .collect();
+        let mut threads = Vec::with_capacity(loads.len());
+        for (_, def, program) in loads {
+            // A thread that cannot start (a pids cgroup's limit, say) is
+            // an error of `up`'s, not a panic.
+            let thread = std::thread::Builder::new()
+                .spawn_scoped(scope, move || load_program(program, def))
+                .with_context(|| format!("loading {}: starting a thread", def.name))?;
+            threads.push(thread);
+        }
         // The scope joins the threads this leaves at the first error.
         threads.into_iter().try_for_each(|thread| {
             thread

@@ -174,6 +174,78 @@ fn below_the_minimum_up_refuses_with_one_line_and_leaves_nothing() {
     }
 }
 
+/// A pids cgroup that holds one task and allows it no other: a process
+/// there can start neither a thread nor a child. The `pids` hierarchy of
+/// cgroup v1 (hybrid hosts, as this project's machines) or cgroup v2's
+/// `pids` controller where the root delegates it; None (with a notice)
+/// where neither is there. Removed on drop.
+struct NoRoomForTasks(std::path::PathBuf);
+
+impl NoRoomForTasks {
+    fn new(name: &str) -> Option<Self> {
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let v2_pids = std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "pids"));
+        let parent = if v1.join("cgroup.procs").exists() {
+            v1
+        } else if v2_pids {
+            v2
+        } else {
+            eprintln!("\n*** SKIPPED {name}: no pids cgroup controller here ***\n");
+            return None;
+        };
+        let dir = parent.join(format!("portfwd-test-{name}"));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating a pids cgroup");
+        std::fs::write(dir.join("pids.max"), "1").expect("setting pids.max");
+        Some(NoRoomForTasks(dir))
+    }
+
+    /// `portfwd` with the tests' pin directory, run in the cgroup: the
+    /// shell moves itself there ("0": the writing process), then becomes
+    /// portfwd.
+    fn portfwd(&self, args: &[&str]) -> std::process::Output {
+        let procs = self.0.join("cgroup.procs");
+        Command::new("sh")
+            .args(["-c", r#"echo 0 > "$0" && exec "$@""#])
+            .arg(procs)
+            .args([PORTFWD, "--bpffs", pin_dir().as_str()])
+            .args(args)
+            .output()
+            .expect("running sh")
+    }
+}
+
+impl Drop for NoRoomForTasks {
+    fn drop(&mut self) {
+        // Empty once the process has exited.
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `up` where it cannot start a thread (it verifies the programs on one
+/// thread each): a one-line error, exit status 1, nothing attached or
+/// pinned. Before, the failed spawn panicked (exit status 101).
+#[test]
+fn up_without_room_for_a_thread_fails_with_one_line_and_leaves_nothing() {
+    let Some(_serial) = root_test("no_room_for_threads") else {
+        return;
+    };
+    let Some(cgroup) = NoRoomForTasks::new("no_room_for_threads") else {
+        return;
+    };
+    let ctr = Container::new(45);
+    let _ = portfwd(&["down"]);
+    let before = our_program_ids();
+    let out = cgroup.portfwd(&["up", "--iface", &ctr.host_if]);
+    let stderr = one_line_error(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("portfwd: "), "{stderr}");
+    assert!(!Path::new(&pin_dir()).exists(), "the failed up left pins");
+    assert_no_new_programs(&before, "after the failed up");
+}
+
 #[test]
 fn without_tcx_netlink_filters_forward_and_down_removes_them() {
     let Some(_serial) = root_test("netlink_tc") else {
