@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 
 pub(crate) use tool::{Tool, run as run_tool};
 
-use measure::{Load, Metric, NetPath};
+use measure::{Load, Metric, NetPath, PATHS, TRAFFIC, Traffic};
 use modes::{ALL_MODES, Env, Mode};
 use ns::{Topo, check};
 use runner::Bench;
@@ -41,6 +41,15 @@ pub(crate) struct Args {
     /// Modes to compare, comma-separated [default: all]: direct, iptables, nft, docker-proxy, portfwd.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
+    /// Only these paths, comma-separated [default: both]: external, local.
+    /// With --paths or --loads the run measures those figures alone: no
+    /// scale trials, control-plane section or eBPF profile.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Only these loads, comma-separated [default: all]: tcp, keep-alive,
+    /// new-connections, udp, udp-4k.
+    #[arg(long, value_delimiter = ',')]
+    loads: Vec<String>,
     /// Repetitions of every figure [default: 3; --quick: 1].
     #[arg(long)]
     reps: Option<usize>,
@@ -130,6 +139,10 @@ pub(crate) struct Results {
 /// Settings of the run, as recorded in the results.
 pub(crate) struct Plan {
     pub(crate) modes: Vec<Mode>,
+    pub(crate) paths: Vec<NetPath>,
+    pub(crate) loads: Vec<Traffic>,
+    /// Only some paths or loads were asked for: those figures alone.
+    pub(crate) focused: bool,
     pub(crate) nice: i32,
     pub(crate) reps: usize,
     pub(crate) secs: u64,
@@ -238,11 +251,33 @@ impl Plan {
             m.dedup();
             m
         };
+        let focused = !args.paths.is_empty() || !args.loads.is_empty();
+        let paths = if args.paths.is_empty() {
+            PATHS.to_vec()
+        } else {
+            args.paths
+                .iter()
+                .map(|s| NetPath::parse(s.trim()))
+                .collect::<Result<_>>()?
+        };
+        let loads = if args.loads.is_empty() {
+            TRAFFIC.to_vec()
+        } else {
+            args.loads
+                .iter()
+                .map(|s| Traffic::parse(s.trim()))
+                .collect::<Result<_>>()?
+        };
         Ok(Plan {
+            paths,
+            loads,
+            focused,
             reps: args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
             secs: args.secs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
             connections: args.connections,
-            scales: if args.quick {
+            scales: if focused {
+                Vec::new()
+            } else if args.quick {
                 vec![SCALE]
             } else {
                 vec![1_000, SCALE]
@@ -276,16 +311,18 @@ fn write_results(
         out.join("results.json"),
         serde_json::to_string_pretty(&json)? + "\n",
     )?;
-    let png = out.join("chart.png");
-    if let Err(e) = chart::draw(plan, results, &png) {
-        eprintln!("bench: no chart: {e:#}");
+    let mut written = vec![out.join("results.md"), out.join("results.json")];
+    // The chart's panels are every path and load: a focused run's empty
+    // ones have no range (plotters then looped without end).
+    if !plan.focused {
+        let png = out.join("chart.png");
+        match chart::draw(plan, results, &png) {
+            Ok(()) => written.push(png),
+            Err(e) => eprintln!("bench: no chart: {e:#}"),
+        }
     }
-    println!(
-        "results: {}, {}, {}",
-        out.join("results.md").display(),
-        out.join("results.json").display(),
-        png.display()
-    );
+    let written: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("results: {}", written.join(", "));
     Ok(())
 }
 

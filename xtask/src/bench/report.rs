@@ -220,7 +220,7 @@ fn versus_table(s: &mut String, plan: &Plan, cell: impl Fn(NetPath, Mode, Metric
     *s += "\n|---|---|";
     *s += &"---|".repeat(MAIN_METRICS.len());
     *s += "\n";
-    for path in PATHS {
+    for &path in &plan.paths {
         for &mode in plan.modes.iter().filter(|&&m| m != Mode::Portfwd) {
             write!(s, "| {} | {} |", path.name(), mode.name()).expect("writing to a String");
             for metric in MAIN_METRICS {
@@ -297,7 +297,8 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
 
     // A --control-plane run measures no traffic: no traffic tables.
     let traffic = !plan.control_plane;
-    for (path, title) in PATHS.into_iter().zip(PATH_TITLES).filter(|_| traffic) {
+    let measured = |&(path, _): &(NetPath, &str)| traffic && plan.paths.contains(&path);
+    for (path, title) in PATHS.into_iter().zip(PATH_TITLES).filter(measured) {
         writeln!(s, "#### {title}\n").expect("writing to a String");
         s += "| mode | mappings |";
         for metric in MAIN_METRICS {
@@ -350,7 +351,8 @@ pub(crate) fn markdown(plan: &Plan, r: &Results, m: &Machine, elapsed: f64) -> S
     }
 
     let scaled: Vec<Mode> = plan.modes.iter().copied().filter(|m| m.scales()).collect();
-    if !scaled.is_empty() {
+    // A focused run (--paths, --loads) measured its figures alone.
+    if !scaled.is_empty() && !plan.focused {
         const SCALE_METRICS: [Metric; 4] = [
             Metric::ConnPerS,
             Metric::ConnP99Ms,

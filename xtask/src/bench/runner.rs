@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 use super::{
     Key, NGINX_CONF, Plan, Results, Trial, loadavg,
-    measure::{self, Load, Metric, PATHS, Target},
+    measure::{self, Load, Metric, PATHS, Target, Traffic},
     modes::{Env, Mode},
     ns::{self, Role, Topo, in_ns_as},
     prog_stats, report,
@@ -109,6 +109,10 @@ impl Bench<'_> {
                 self.trial(trial, rep, plan)?;
             }
         }
+        // A focused run (--paths, --loads) measures its figures alone.
+        if plan.focused {
+            return Ok(());
+        }
         for &mode in plan.modes.iter().filter(|m| m.scales()) {
             interrupt::check()?;
             self.updates(mode, plan, work)?;
@@ -180,7 +184,8 @@ impl Bench<'_> {
 
     fn measure(&mut self, trial: &Trial, rep: usize, plan: &Plan) -> Result<()> {
         let Trial { mode, others, full } = *trial;
-        for path in PATHS {
+        let load = |traffic| plan.loads.contains(&traffic);
+        for &path in &plan.paths {
             let target = Target::new(self.topo(), mode, path);
             measure::probe(&target)
                 .with_context(|| format!("{} on the {} path", mode.name(), path.name()))?;
@@ -194,7 +199,7 @@ impl Bench<'_> {
                 others,
                 if others == 1 { " " } else { "s" }
             );
-            if full {
+            if full && load(Traffic::Tcp) {
                 interrupt::check()?;
                 let gbps = measure::iperf3(&target, &self.load)?;
                 self.record(key(Metric::TcpGbps), gbps);
@@ -202,7 +207,8 @@ impl Bench<'_> {
             }
             let mut syn = 0;
             let mut errors = 0;
-            for close in [false, true] {
+            let wrk_runs = [(false, Traffic::KeepAlive), (true, Traffic::NewConnections)];
+            for (close, _) in wrk_runs.into_iter().filter(|&(_, traffic)| load(traffic)) {
                 interrupt::check()?;
                 let w = measure::wrk(&target, &self.load, close)?;
                 let metrics = if close {
@@ -222,11 +228,13 @@ impl Bench<'_> {
                     w.p99_ms
                 );
             }
-            if full {
+            if full && load(Traffic::Udp) {
                 interrupt::check()?;
                 let rate = measure::udp_rr(&self.xtask, &target, &self.load, 32)?;
                 self.record(key(Metric::UdpRps), rate);
                 line += &format!(" udp {rate:.0}/s,");
+            }
+            if full && load(Traffic::Udp4k) {
                 interrupt::check()?;
                 let large = measure::UDP_LARGE;
                 let rate = measure::udp_rr(&self.xtask, &target, &self.load, large)?;
