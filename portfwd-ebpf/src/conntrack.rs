@@ -104,7 +104,7 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
             } else {
                 // SAFETY: a pointer into the map value, valid for this
                 // program run.
-                catch_up(unsafe { &mut *twin }, pkt);
+                catch_up(unsafe { &mut *twin }, ct, pkt);
                 (twin, entry)
             };
             // SAFETY: pointers into the map values, valid for this program
@@ -336,26 +336,44 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
 /// when more than `SEQ_WINDOW - SEQ_MARK_STEP` of them came through
 /// before the retransmissions, the client's new data starts too far past
 /// the mark that the retransmissions left, for good; its resets were then
-/// passed on and the flow left to its idle timeout. Only an
-/// acknowledgment from a container link counts (one that came in on an
-/// uplink may be forged), and only while the client's side is open: a
+/// passed on and the flow left to its idle timeout.
+///
+/// Only the container's own packet counts, as a reset does
+/// (`closes_from_its_side`): one from a container link (one that came in
+/// on an uplink may be forged) whose sequence number is `near` the
+/// container's mark (`reply`, its entry): a neighbour on the container's
+/// link that forged the container's ACKs would otherwise walk the client's
+/// mark, a window's jump a second, to a number of its choosing, where its
+/// forged reset then fits. At most `MAX_CATCH_UP` at once (TCP's largest
+/// window), and only on an established flow whose client side is open: a
 /// closing entry's word holds its closing time, and a side's FIN end is
 /// its mark exactly (`acknowledges_fin`), which no acknowledgment passes.
 /// Asked once a second (`orphaned`), so a mark comes back within a second
 /// of the container's next packet.
 #[inline(always)]
-fn catch_up(forward: &mut CtValue, pkt: &Packet) {
-    let mark = forward.tcp_next();
+fn catch_up(forward: &mut CtValue, reply: &CtValue, pkt: &Packet) {
+    let (mark, container_mark) = (forward.tcp_next(), reply.tcp_next());
+    let ahead = pkt.ack.wrapping_sub(mark);
     if pkt.proto == IPPROTO_TCP
         && !pkt.from_uplink
-        && pkt.tcp_flags & TCP_ACK != 0
-        && forward.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) == 0
+        && pkt.tcp_flags & (TCP_ACK | TCP_RST) == TCP_ACK
+        && forward.flags & (CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING | CT_FLAG_FIN)
+            == CT_FLAG_ESTABLISHED
+        && reply.flags & CT_FLAG_CLOSING == 0
         && mark != 0
-        && pkt.ack.wrapping_sub(mark) as i32 > 0
+        && container_mark != 0
+        && near(container_mark, pkt.seq)
+        && pkt.ack != 0
+        && ahead != 0
+        && ahead <= MAX_CATCH_UP
     {
         forward.set_tcp_next(pkt.ack);
     }
 }
+
+/// The farthest `catch_up` moves a mark at once: TCP's largest window
+/// (65,535 scaled by 2^14).
+const MAX_CATCH_UP: u32 = 1 << 30;
 
 /// Whether a RST or a FIN comes from where its side of the flow is
 /// (`near` its mark): a socket aborting sends its end, a stack answering a

@@ -253,7 +253,9 @@ fn a_sides_mark_follows_it_through_a_long_flow() {
 /// the client's resets were passed on and the flow left to its idle
 /// timeout (two hours). The container's acknowledgment of the client's
 /// end brings it back (checked once a second per entry: the test ages the
-/// entries by two seconds), and a reset then closes the flow.
+/// entries by two seconds), and a reset then closes the flow. An ACK in
+/// the container's name whose sequence number is not where the container
+/// is (a neighbour forging it) moves nothing.
 #[test]
 fn a_sides_mark_left_behind_by_a_lost_burst_comes_back() {
     let Some(mut tc) = load("a_sides_mark_left_behind_by_a_lost_burst_comes_back") else {
@@ -286,16 +288,17 @@ fn a_sides_mark_left_behind_by_a_lost_burst_comes_back() {
     let end = offset(125);
     client_reset(&tc, client, end);
     assert!(!closing(&tc), "the mark is left behind");
-    change_entries(&mut tc, |entry| entry.last_seen_ns -= 2_000_000_000);
-    tc.run(
-        BACKEND_IN,
-        &segment(
-            (container(), client),
-            TCP_ACK,
-            (CONTAINER_ISN + 1, end),
-            &[],
-        ),
-    );
+    let container_ack = |tc: &mut Tc, seq: u32| {
+        change_entries(tc, |entry| entry.last_seen_ns -= 2_000_000_000);
+        tc.run(
+            BACKEND_IN,
+            &segment((container(), client), TCP_ACK, (seq, end), &[]),
+        );
+    };
+    container_ack(&mut tc, CONTAINER_ISN + 1 + 1_000_000);
+    client_reset(&tc, client, end);
+    assert!(!closing(&tc), "moved by a forged ACK");
+    container_ack(&mut tc, CONTAINER_ISN + 1);
     client_reset(&tc, client, end);
     assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
 }
