@@ -83,11 +83,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: error: {e:#}");
+            eprintln!("{ERROR_PREFIX} {e:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// How xtask prints the error it exits with (the guest's runner reads it
+/// in its process's output, `vm::Beside`).
+const ERROR_PREFIX: &str = "xtask: error:";
 
 /// The workspace root (xtask lives one level below it).
 fn root() -> &'static Path {

@@ -2,7 +2,7 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::build::{EBPF_OBJ_ENV, build_ebpf, test_binaries};
 use crate::{cargo, is_root, nightly, root, run, setup, vm};
@@ -53,8 +53,11 @@ pub(crate) fn test(kernel: Option<&str>, args: &[String]) -> Result<()> {
     // Nothing returns early while the guest runs: its result and output
     // come at the end, whatever the host's tests did.
     let host = host_tests(&obj, args);
-    let guest = guest.map(Guest::finish).transpose();
-    host.and(guest).map(|_| ())
+    let guest = guest.map_or(Ok(()), Guest::finish);
+    match (host, guest) {
+        (Err(host), Err(guest)) => bail!("{host:#}; and {guest:#}"),
+        (host, guest) => host.and(guest),
+    }
 }
 
 /// The benchmark's smoke run (full runs as root only; before cargo test, so

@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    ERROR_PREFIX,
     build::{TestBinaries, test_binaries},
     is_root, root, setup, stdout_of, succeeds,
 };
@@ -208,8 +209,10 @@ pub(crate) fn loud_notice(lines: &[String]) {
 pub(crate) struct Beside {
     series: String,
     child: Child,
+    /// Whether the guest booted (the process did not end before).
+    booted: bool,
     /// The guest process's output from its boot on, kept for the end.
-    later: JoinHandle<Vec<String>>,
+    later: JoinHandle<GuestOutput>,
 }
 
 impl Beside {
@@ -218,21 +221,28 @@ impl Beside {
     /// returns then: from there on it needs neither cargo nor apt-get,
     /// which the host's tests use next, one at a time.
     pub(crate) fn start(series: &str) -> Result<Beside> {
-        let mut child = Command::new(std::env::current_exe()?)
+        // Its stdout and stderr in one pipe, in order: an error it reports
+        // after the boot comes with the rest, at the end.
+        let (reader, writer) = std::io::pipe()?;
+        let child = Command::new(std::env::current_exe()?)
             .args(["test", "--kernel", series])
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(writer.try_clone()?)
+            .stderr(writer)
             .spawn()
             .context("starting the guest tests' process")?;
-        let stdout = child.stdout.take().expect("piped");
         let (booted, booting) = mpsc::channel();
         let boot_line = booting_line(series);
         let later = thread::spawn(move || {
             let mut booted = Some(booted);
-            let mut later = Vec::new();
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut output = GuestOutput::default();
+            for line in BufReader::new(reader).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).into_owned();
+                if line.starts_with(ERROR_PREFIX) {
+                    output.error = Some(line.clone());
+                }
                 if booted.is_none() {
-                    later.push(line);
+                    output.later.push(line);
                     continue;
                 }
                 println!("{line}");
@@ -242,10 +252,11 @@ impl Beside {
                     booted.send(()).ok();
                 }
             }
-            later
+            output
         });
         // Err: the process ended before the boot; `finish` reports how.
-        if booting.recv().is_ok() {
+        let booted = booting.recv().is_ok();
+        if booted {
             println!(
                 "kernel {series}: the guest's tests run beside the host's; their output follows the host's"
             );
@@ -253,6 +264,7 @@ impl Beside {
         Ok(Beside {
             series: series.into(),
             child,
+            booted,
             later,
         })
     }
@@ -261,19 +273,34 @@ impl Beside {
     /// they passed.
     pub(crate) fn finish(mut self) -> Result<()> {
         let series = &self.series;
-        let later = self.later.join().unwrap_or_default();
-        if !later.is_empty() {
+        let output = self.later.join().unwrap_or_default();
+        if !output.later.is_empty() {
             println!("\n==> kernel {series}: the guest's tests, run beside the host's");
         }
-        for line in later {
+        for line in &output.later {
             println!("{line}");
         }
         let status = self.child.wait()?;
-        if !status.success() {
-            bail!("kernel {series}: the guest tests failed ({status}; see above)");
+        if status.success() {
+            return Ok(());
         }
-        Ok(())
+        let why = output.error.map_or_else(
+            || status.to_string(),
+            |line| line.trim_start_matches(ERROR_PREFIX).trim().to_owned(),
+        );
+        if !self.booted {
+            bail!("kernel {series}: the guest did not boot: {why}");
+        }
+        bail!("kernel {series}: the guest tests failed: {why}");
     }
+}
+
+/// What the guest process printed after the guest booted, and the error
+/// it exited with, if any.
+#[derive(Default)]
+struct GuestOutput {
+    later: Vec<String>,
+    error: Option<String>,
 }
 
 /// The start of the line `run_guest` prints as it boots the guest.

@@ -38,7 +38,7 @@ impl NetPath {
 pub(crate) const PATHS: [NetPath; 2] = [NetPath::External, NetPath::Local];
 
 /// The loads a trial puts on a path, each measured by its own tool run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Traffic {
     /// iperf3: `Metric::TcpGbps`.
     Tcp,

@@ -36,7 +36,7 @@ pub(crate) struct Args {
     #[arg(long)]
     quick: bool,
     /// Only the control-plane section (updates, the scale curve), no traffic.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["paths", "loads"])]
     control_plane: bool,
     /// Modes to compare, comma-separated [default: all]: direct, iptables, nft, docker-proxy, portfwd.
     #[arg(long, value_delimiter = ',')]
@@ -89,7 +89,7 @@ pub(crate) struct Args {
     /// Only the rootless comparison: a port of an unprivileged user's
     /// RootlessKit namespace published by RootlessKit's builtin port driver
     /// and by portfwd's rootless path (`serve` + `map --netns`), in turns.
-    #[arg(long, conflicts_with_all = ["control_plane", "modes", "prog"])]
+    #[arg(long, conflicts_with_all = ["control_plane", "modes", "prog", "paths", "loads"])]
     rootless: bool,
 }
 
@@ -255,18 +255,26 @@ impl Plan {
         let paths = if args.paths.is_empty() {
             PATHS.to_vec()
         } else {
-            args.paths
+            let mut paths = args
+                .paths
                 .iter()
                 .map(|s| NetPath::parse(s.trim()))
-                .collect::<Result<_>>()?
+                .collect::<Result<Vec<_>>>()?;
+            paths.sort();
+            paths.dedup();
+            paths
         };
         let loads = if args.loads.is_empty() {
             TRAFFIC.to_vec()
         } else {
-            args.loads
+            let mut loads = args
+                .loads
                 .iter()
                 .map(|s| Traffic::parse(s.trim()))
-                .collect::<Result<_>>()?
+                .collect::<Result<Vec<_>>>()?;
+            loads.sort();
+            loads.dedup();
+            loads
         };
         Ok(Plan {
             paths,
