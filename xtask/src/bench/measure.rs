@@ -26,15 +26,6 @@ impl NetPath {
     }
 }
 
-impl NetPath {
-    pub(crate) fn parse(name: &str) -> Result<Self> {
-        PATHS
-            .into_iter()
-            .find(|path| path.name() == name)
-            .with_context(|| format!("unknown path {name:?} (external, local)"))
-    }
-}
-
 pub(crate) const PATHS: [NetPath; 2] = [NetPath::External, NetPath::Local];
 
 /// The loads a trial puts on a path, each measured by its own tool run.
@@ -69,15 +60,6 @@ impl Traffic {
             Traffic::Udp => "udp",
             Traffic::Udp4k => "udp-4k",
         }
-    }
-
-    pub(crate) fn parse(name: &str) -> Result<Self> {
-        TRAFFIC
-            .into_iter()
-            .find(|load| load.name() == name)
-            .with_context(|| {
-                format!("unknown load {name:?} (tcp, keep-alive, new-connections, udp, udp-4k)")
-            })
     }
 }
 
@@ -353,19 +335,6 @@ Transfer/sec:      5.53MB
         assert!((w.p50_ms - 0.37).abs() < 1e-9);
         assert!((w.p99_ms - 1.28).abs() < 1e-9);
         assert_eq!(w.errors, 4);
-    }
-
-    #[test]
-    fn paths_and_loads_by_name() {
-        for path in PATHS {
-            assert_eq!(NetPath::parse(path.name()).unwrap(), path);
-        }
-        for load in TRAFFIC {
-            assert_eq!(Traffic::parse(load.name()).unwrap(), load);
-        }
-        let error = Traffic::parse("keepalive").unwrap_err().to_string();
-        assert!(error.contains("keep-alive, new-connections"), "{error}");
-        assert!(NetPath::parse("loopback").is_err());
     }
 
     #[test]

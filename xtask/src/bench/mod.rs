@@ -239,43 +239,10 @@ pub(crate) fn bench(args: Args) -> Result<()> {
 
 impl Plan {
     fn new(args: &Args) -> Result<Self> {
-        let modes = if args.modes.is_empty() {
-            ALL_MODES.to_vec()
-        } else {
-            let mut m = args
-                .modes
-                .iter()
-                .map(|s| Mode::parse(s.trim()))
-                .collect::<Result<Vec<_>>>()?;
-            m.sort();
-            m.dedup();
-            m
-        };
         let focused = !args.paths.is_empty() || !args.loads.is_empty();
-        let paths = if args.paths.is_empty() {
-            PATHS.to_vec()
-        } else {
-            let mut paths = args
-                .paths
-                .iter()
-                .map(|s| NetPath::parse(s.trim()))
-                .collect::<Result<Vec<_>>>()?;
-            paths.sort();
-            paths.dedup();
-            paths
-        };
-        let loads = if args.loads.is_empty() {
-            TRAFFIC.to_vec()
-        } else {
-            let mut loads = args
-                .loads
-                .iter()
-                .map(|s| Traffic::parse(s.trim()))
-                .collect::<Result<Vec<_>>>()?;
-            loads.sort();
-            loads.dedup();
-            loads
-        };
+        let modes = chosen(&args.modes, &ALL_MODES, Mode::name, "mode")?;
+        let paths = chosen(&args.paths, &PATHS, NetPath::name, "path")?;
+        let loads = chosen(&args.loads, &TRAFFIC, Traffic::name, "load")?;
         Ok(Plan {
             paths,
             loads,
@@ -300,6 +267,35 @@ impl Plan {
             control_plane: args.control_plane,
         })
     }
+}
+
+/// The values of `all` that `names` (a comma-separated option) name by
+/// `name`, sorted, each once; all of them when it names none.
+fn chosen<T: Copy + Ord>(
+    names: &[String],
+    all: &[T],
+    name: fn(T) -> &'static str,
+    what: &str,
+) -> Result<Vec<T>> {
+    if names.is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut chosen = names
+        .iter()
+        .map(|text| {
+            let text = text.trim();
+            all.iter()
+                .copied()
+                .find(|&v| name(v) == text)
+                .with_context(|| {
+                    let names: Vec<_> = all.iter().map(|&v| name(v)).collect();
+                    format!("unknown {what} {text:?} ({what}s: {})", names.join(", "))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    chosen.sort();
+    chosen.dedup();
+    Ok(chosen)
 }
 
 /// results.md (also printed), results.json and chart.png under `out`.
@@ -492,3 +488,38 @@ http {
     }
 }
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(text: &str) -> Vec<String> {
+        text.split(',').map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn modes_paths_and_loads_by_name() {
+        for path in PATHS {
+            let chosen = chosen(&names(path.name()), &PATHS, NetPath::name, "path");
+            assert_eq!(chosen.unwrap(), [path]);
+        }
+        for load in TRAFFIC {
+            let chosen = chosen(&names(load.name()), &TRAFFIC, Traffic::name, "load");
+            assert_eq!(chosen.unwrap(), [load]);
+        }
+        let error = chosen(&names("keepalive"), &TRAFFIC, Traffic::name, "load")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("keep-alive, new-connections"), "{error}");
+        assert!(chosen(&names("loopback"), &PATHS, NetPath::name, "path").is_err());
+        // Sorted, each once; all when none is named.
+        let modes = chosen(
+            &names("portfwd, direct,portfwd"),
+            &ALL_MODES,
+            Mode::name,
+            "mode",
+        );
+        assert_eq!(modes.unwrap(), [Mode::Direct, Mode::Portfwd]);
+        assert_eq!(chosen(&[], &PATHS, NetPath::name, "path").unwrap(), PATHS);
+    }
+}

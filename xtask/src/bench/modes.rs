@@ -44,16 +44,6 @@ impl Mode {
         }
     }
 
-    pub(crate) fn parse(text: &str) -> Result<Self> {
-        ALL_MODES
-            .into_iter()
-            .find(|m| m.name() == text)
-            .with_context(|| {
-                let names: Vec<_> = ALL_MODES.iter().map(|m| m.name()).collect();
-                format!("unknown mode {text:?} (modes: {})", names.join(", "))
-            })
-    }
-
     /// Modes measured with 1,000 and 10,000 other mappings (docker-proxy
     /// would need one process per mapping; direct has none).
     pub(crate) fn scales(self) -> bool {
