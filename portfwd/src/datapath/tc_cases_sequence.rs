@@ -216,6 +216,27 @@ fn a_blind_ack_after_the_answer_establishes_nothing() {
     assert!(acked_establishes(&tc, forged, CONTAINER_ISN + 1 + 100_000));
 }
 
+/// The client's data after its request, in chunks of this size.
+const CHUNK: [u8; 1400] = [b'x'; 1400];
+
+/// Where the client's chunk `i` starts.
+fn chunk_start(i: u32) -> u32 {
+    CLIENT_ISN + 1 + REQUEST.len() as u32 + i * CHUNK.len() as u32
+}
+
+/// The client's chunk `i`, acknowledging the container's SYN.
+fn client_chunk(tc: &Tc, client: SocketAddr, i: u32) {
+    tc.run(
+        UPLINK_IN,
+        &segment(
+            (client, dialed()),
+            TCP_ACK,
+            (chunk_start(i), CONTAINER_ISN + 1),
+            &CHUNK,
+        ),
+    );
+}
+
 /// A side's mark follows it through a long flow (it moves every 32 KiB,
 /// not at every segment): after 70,000 bytes, the client's reset at its
 /// end still closes the flow.
@@ -227,20 +248,8 @@ fn a_sides_mark_follows_it_through_a_long_flow() {
     let client = at(CLIENT_V4, 40062);
     answered(&tc, client);
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
-    let start = CLIENT_ISN + 1 + REQUEST.len() as u32;
-    let chunk = [b'x'; 1400];
-    for i in 0..50 {
-        tc.run(
-            UPLINK_IN,
-            &segment(
-                (client, dialed()),
-                TCP_ACK,
-                (start + i * chunk.len() as u32, CONTAINER_ISN + 1),
-                &chunk,
-            ),
-        );
-    }
-    let end = start + 50 * chunk.len() as u32;
+    (0..50).for_each(|i| client_chunk(&tc, client, i));
+    let end = chunk_start(50);
     client_reset(&tc, client, end);
     assert!(closing(&tc), "{:?}", conntrack_flags(&tc));
 }
@@ -264,28 +273,14 @@ fn a_sides_mark_left_behind_by_a_lost_burst_comes_back() {
     let client = at(CLIENT_V4, 40068);
     answered(&tc, client);
     assert!(acked_establishes(&tc, client, CONTAINER_ISN + 1));
-    let start = CLIENT_ISN + 1 + REQUEST.len() as u32;
-    let chunk = [b'x'; 1400];
-    let offset = |i: u32| start + i * chunk.len() as u32;
-    let client_data = |tc: &Tc, i: u32| {
-        tc.run(
-            UPLINK_IN,
-            &segment(
-                (client, dialed()),
-                TCP_ACK,
-                (offset(i), CONTAINER_ISN + 1),
-                &chunk,
-            ),
-        );
-    };
     // 30 segments reach the host, 60 (84,000 bytes) are lost, 30 more
     // reach it, the lost ones come again, then new data.
     (0..30)
         .chain(90..120)
         .chain(30..90)
         .chain(120..125)
-        .for_each(|i| client_data(&tc, i));
-    let end = offset(125);
+        .for_each(|i| client_chunk(&tc, client, i));
+    let end = chunk_start(125);
     client_reset(&tc, client, end);
     assert!(!closing(&tc), "the mark is left behind");
     let container_ack = |tc: &mut Tc, seq: u32| {
