@@ -101,7 +101,8 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     key.proto = error.inner_proto;
     key.family = error.family;
     key._pad = 0;
-    let entry = conntrack::lookup(key, clock::now())?;
+    let now = clock::now();
+    let entry = conntrack::lookup(key, now)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*entry };
     // A NAT46 flow's error would have to change family with its quote
@@ -123,7 +124,7 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     if ct.flags & CT_FLAG_REPLY != 0 && ct.ifindex != 0 {
         mark_translated(ctx);
     }
-    Some(deliver(ctx, ct.ifindex))
+    Some(deliver(ctx, ct.ifindex, now))
 }
 
 /// The error's headers, if it is an ICMP error quoting a TCP or UDP packet.

@@ -11,15 +11,12 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes,
-    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use crate::{
-    clock,
     maps::{NEXT_HOP_SLOTS, NEXT_HOPS, STATS, is_peer_link},
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
@@ -41,14 +38,15 @@ pub(crate) const DROP: i32 = TC_ACT_SHOT;
 /// Sends a rewritten packet on: redirected to `ifindex` when known, else
 /// back to the stack. Called with an `ifindex` at ingress only: a redirect
 /// into the peer is refused (the packet dropped) at egress.
+/// `now`: the packet's clock read (`clock::now`).
 #[inline(always)]
-pub(crate) fn deliver(ctx: &TcContext, ifindex: u32) -> i32 {
+pub(crate) fn deliver(ctx: &TcContext, ifindex: u32, now: u64) -> i32 {
     if ifindex == 0 {
         count(Stat::ToStack);
         return TC_ACT_OK;
     }
     count(Stat::Redirected);
-    redirect(ctx, ifindex)
+    redirect(ctx, ifindex, now)
 }
 
 /// Into the container's namespace when `ifindex` is a veth towards it
@@ -62,15 +60,15 @@ pub(crate) fn deliver(ctx: &TcContext, ifindex: u32) -> i32 {
 // Not inlined: its locals get a frame of their own, not more slots in
 // `start_flow`'s, whose chain is at 6.1's 512-byte limit.
 #[inline(never)]
-fn redirect(ctx: &TcContext, ifindex: u32) -> i32 {
-    let Some(hop) = next_hop(ctx, ifindex) else {
+fn redirect(ctx: &TcContext, ifindex: u32, now: u64) -> i32 {
+    let Some(hop) = next_hop(ctx, ifindex, now) else {
         // SAFETY: no parameters: the kernel routes and resolves itself.
         return unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 };
     };
     // SAFETY: a pointer into this CPU's map value, valid for this program
     // run; no other program runs on this CPU meanwhile.
     let hop = unsafe { &mut *hop };
-    if is_peer_link(ifindex) && ctx.store(0, &hop.macs, 0).is_ok() {
+    if is_peer_link(ifindex) && write_macs(ctx, &hop.macs) {
         count(Stat::RedirectedToPeer);
         // The veth clears the mark of a packet it carries into another
         // namespace; a redirect into the peer does not (nor before 6.15
@@ -123,7 +121,7 @@ const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// resolves a next hop that changed its link-layer address. A recreated
 /// interface has another index, and another slot.
 #[inline(always)]
-fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
+fn next_hop(ctx: &TcContext, ifindex: u32, now: u64) -> Option<*mut NextHop> {
     let mut storage = MaybeUninit::uninit();
     let params = FibParams::clear(&mut storage);
     // SAFETY: reading a context field, checked by the verifier.
@@ -139,20 +137,27 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
             &mut *(&raw mut params.__bindgen_anon_4).cast::<[u8; 16]>(),
         )
     };
-    let (family, loaded) = if protocol == u32::from(ETH_P_IP.to_be()) {
-        let loaded = load(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
-            && load(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4]);
-        (AF_INET, loaded)
+    // Read in place: the rewrite made the headers up to the TCP/UDP
+    // checksum linear (the helpers it calls pull them), so these reads
+    // fail only for a packet the kernel then routes itself. Two helper
+    // calls fewer per redirect.
+    let family = if protocol == u32::from(ETH_P_IP.to_be()) {
+        if !read_in_place(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
+            || !read_in_place(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4])
+        {
+            return None;
+        }
+        AF_INET
     } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
-        let loaded =
-            load(ctx, ETH_HLEN + IPV6_SADDR_OFF, src) && load(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst);
-        (AF_INET6, loaded)
+        if !read_in_place(ctx, ETH_HLEN + IPV6_SADDR_OFF, src)
+            || !read_in_place(ctx, ETH_HLEN + IPV6_DADDR_OFF, dst)
+        {
+            return None;
+        }
+        AF_INET6
     } else {
-        (0, false)
-    };
-    if !loaded {
         return None;
-    }
+    };
     // SAFETY: the unions' IPv6 members, four words, cover the IPv4 ones
     // (the words after them are zero).
     let (src_words, dst_words) = unsafe {
@@ -169,7 +174,7 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
         && hop.family == family
         && hop.dst == *dst_words
         && hop.src == *src_words
-        && clock::now().wrapping_sub(hop.learned_ns) <= NEXT_HOP_TTL_NS
+        && now.wrapping_sub(hop.learned_ns) <= NEXT_HOP_TTL_NS
     {
         return (hop.answered != 0).then_some(slot);
     }
@@ -181,7 +186,7 @@ fn next_hop(ctx: &TcContext, ifindex: u32) -> Option<*mut NextHop> {
     hop.family = family;
     hop.ifindex = ifindex;
     hop.answered = 0;
-    hop.learned_ns = clock::now();
+    hop.learned_ns = now;
     params.family = family;
     params.ifindex = ifindex;
     // Not 0, which would check this skb's length against the MTU of the
@@ -253,19 +258,30 @@ pub(crate) fn count(stat: Stat) {
     }
 }
 
-/// `to.len()` bytes of the packet at `offset`. Not `TcContext::load_bytes`,
-/// which asks for at most what the packet holds: a length the verifier
-/// cannot tell from zero.
+/// `to.len()` bytes of the packet's linear part at `offset`, if it holds
+/// them.
 #[inline(always)]
-fn load(ctx: &TcContext, offset: usize, to: &mut [u8]) -> bool {
-    // SAFETY: `to` is writable for its length, which the helper checks
-    // against the packet.
-    unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr(),
-            offset as u32,
-            to.as_mut_ptr().cast(),
-            to.len() as u32,
-        ) == 0
+fn read_in_place(ctx: &TcContext, offset: usize, to: &mut [u8]) -> bool {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + offset + to.len() > data_end {
+        return false;
     }
+    // SAFETY: inside the packet's linear part (checked just above).
+    unsafe {
+        core::ptr::copy_nonoverlapping((data + offset) as *const u8, to.as_mut_ptr(), to.len())
+    };
+    true
+}
+
+/// The frame's Ethernet addresses, written in place (the rewrite made the
+/// header writable); false for a frame too short to hold them.
+#[inline(always)]
+fn write_macs(ctx: &TcContext, macs: &[u8; 12]) -> bool {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + macs.len() > data_end {
+        return false;
+    }
+    // SAFETY: inside the packet's linear part (checked just above).
+    unsafe { (data as *mut [u8; 12]).write_unaligned(*macs) };
+    true
 }

@@ -172,7 +172,7 @@ pub(super) fn start_flow(
     add_connection(&service, pkt.len);
     if nat46 {
         // SAFETY: the entry just inserted, in scratch memory.
-        return finish_nat46(ctx, pkt, unsafe { &*forward }, backend.ifindex);
+        return finish_nat46(ctx, pkt, unsafe { &*forward }, backend.ifindex, now);
     }
     if let Some((addr, port)) = nat.masq
         && !packet::rewrite(ctx, pkt, End::Source, &addr, port)
@@ -187,6 +187,7 @@ pub(super) fn start_flow(
         &backend.addr,
         backend.port,
         backend.ifindex,
+        now,
     )
 }
 

@@ -122,7 +122,7 @@ fn send_translated(
 ) -> i32 {
     if ct.flags & CT_FLAG_NAT46 != 0 {
         add_traffic(&ct.service, pkt.len, forward);
-        return finish_nat46(ctx, pkt, ct, ifindex);
+        return finish_nat46(ctx, pkt, ct, ifindex, pkt.now);
     }
     if pkt.fragment == FIRST_FRAGMENT {
         fragments::remember(pkt, ct, ifindex, ifindex_of(ctx), pkt.now);
@@ -139,11 +139,20 @@ fn send_translated(
         count(Stat::RewriteFailed);
         return DROP;
     }
-    finish(ctx, pkt, nat_end, &ct.nat_addr, ct.nat_port, ifindex)
+    finish(
+        ctx,
+        pkt,
+        nat_end,
+        &ct.nat_addr,
+        ct.nat_port,
+        ifindex,
+        pkt.now,
+    )
 }
 
 /// Rewrites the packet and sends it on: redirected to `ifindex` through the
-/// neighbour subsystem when known, else back to the stack.
+/// neighbour subsystem when known, else back to the stack. `now`: the
+/// packet's clock read.
 // Inlined: a BPF-to-BPF call takes at most five arguments.
 #[inline(always)]
 pub(super) fn finish(
@@ -153,23 +162,30 @@ pub(super) fn finish(
     addr: &Addr,
     port: u16,
     ifindex: u32,
+    now: u64,
 ) -> i32 {
     if !packet::rewrite(ctx, pkt, end, addr, port) {
         // A half-rewritten packet must not leave: its checksums are wrong.
         count(Stat::RewriteFailed);
         return DROP;
     }
-    deliver(ctx, ifindex)
+    deliver(ctx, ifindex, now)
 }
 
 /// Translates a packet of a NAT46 flow to the other family and sends it
 /// on (see `finish`); a packet that cannot be translated is dropped.
 #[inline(always)]
-pub(super) fn finish_nat46(ctx: &TcContext, pkt: &Packet, ct: &CtValue, ifindex: u32) -> i32 {
+pub(super) fn finish_nat46(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ct: &CtValue,
+    ifindex: u32,
+    now: u64,
+) -> i32 {
     if !nat46::translate(ctx, pkt, ct) {
         return DROP;
     }
-    deliver(ctx, ifindex)
+    deliver(ctx, ifindex, now)
 }
 
 /// A later fragment: translated like its datagram's first fragment, if that
@@ -182,7 +198,8 @@ pub(super) fn translate_fragment(
     untracked: Option<Stat>,
     redirect: bool,
 ) -> i32 {
-    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), clock::now()) else {
+    let now = clock::now();
+    let Some(value) = fragments::lookup(pkt, ifindex_of(ctx), now) else {
         if let Some(stat) = untracked {
             count(stat);
         }
@@ -208,7 +225,7 @@ pub(super) fn translate_fragment(
     if pkt.fragment == LAST_FRAGMENT {
         fragments::forget(pkt);
     }
-    deliver(ctx, ifindex)
+    deliver(ctx, ifindex, now)
 }
 
 /// The interface the packet is on (in at ingress, out at egress).
