@@ -435,6 +435,40 @@ fn store_v4_address(ctx: &TcContext, end: End, to: u32) -> Result<(), i64> {
     Ok(())
 }
 
+/// Writes a port: in place when the transport header follows an IPv4
+/// header without options (a constant offset, the ports' word read and
+/// written whole, so that which port changes is not an offset either: see
+/// `store_v4_address` on 6.1's verifier and variable offsets), else with
+/// the store helper. The checksum helper before it made the header
+/// writable. One helper call fewer on nearly every rewrite.
+#[inline(always)]
+fn store_port(ctx: &TcContext, pkt: &Packet, end: End, port: u16) -> Result<(), i64> {
+    const L4_OFF: usize = ETH_HLEN + 20;
+    if pkt.family == FAMILY_V4 && pkt.l4_off == L4_OFF {
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        if data + L4_OFF + 4 > data_end {
+            return Err(-1);
+        }
+        // SAFETY: inside the packet (checked against data_end above).
+        unsafe {
+            let ports = (data + L4_OFF) as *mut [u16; 2];
+            let mut value = ports.read_unaligned();
+            match end {
+                End::Source => value[0] = port,
+                End::Destination => value[1] = port,
+            }
+            ports.write_unaligned(value);
+        }
+        return Ok(());
+    }
+    let port_off = pkt.l4_off
+        + match end {
+            End::Source => 0,
+            End::Destination => 2,
+        };
+    ctx.store(port_off, &port, 0)
+}
+
 /// An Internet checksum after a 32-bit word of what it covers changed from
 /// `from` to `to` (RFC 1624), all in the packet's byte order.
 #[inline(always)]
@@ -560,13 +594,8 @@ fn rewrite_fields(
         ctx.store(addr_off, &addr.words, BPF_F_RECOMPUTE_CSUM)?;
     }
     if old_port != port {
-        let port_off = pkt.l4_off
-            + match end {
-                End::Source => 0,
-                End::Destination => 2,
-            };
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, l4_flags | 2)?;
-        ctx.store(port_off, &port, 0)?;
+        store_port(ctx, pkt, end, port)?;
     }
     if pkt.family == FAMILY_V4 {
         store_v4_address(ctx, end, addr.words[0])?;
