@@ -223,6 +223,76 @@ fn translated_replies_skip_uplink_egress() {
     assert_eq!((verdict, &out), (TO_STACK, &translated), "a routed reply");
 }
 
+/// `frame` (IPv4) with four bytes of IPv4 options (three NOPs and the end
+/// of the list) after its header: the transport header moves 4 bytes on.
+fn with_ipv4_options(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..34].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 0]);
+    out.extend_from_slice(&frame[34..]);
+    out[14] = 0x46;
+    let total = u16::from_be_bytes([out[16], out[17]]) + 4;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let sum = out[14..38]
+        .chunks(2)
+        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let check = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    out[24..26].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// Both ports of a flow are rewritten whether or not the IPv4 header has
+/// options: without them in place, at the transport header's usual offset;
+/// with them through the store helper (`store_port` in the eBPF crate).
+/// Each direction, each way, frame in and frame out.
+#[test]
+fn ports_are_rewritten_after_ipv4_headers_with_and_without_options() {
+    let Some(mut tc) = Tc::load("ports_are_rewritten_after_ipv4_headers_with_and_without_options")
+    else {
+        return;
+    };
+    let mapping = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80));
+    tc.publish(std::slice::from_ref(&mapping));
+    let mut failures = Failures::default();
+    for (options, client) in [(false, at(CLIENT_V4, 40101)), (true, at(CLIENT_V4, 40102))] {
+        let framed = |frame: Vec<u8>| {
+            if options {
+                with_ipv4_options(&frame)
+            } else {
+                frame
+            }
+        };
+        // The mapping has no interface: the SYN goes to the stack. The
+        // reply goes back to the interface the SYN came in on.
+        let steps = [
+            (
+                UPLINK_IN,
+                frame(client, mapping.host, L4::Syn),
+                TO_STACK,
+                frame(client, mapping.container, L4::Syn),
+            ),
+            (
+                BACKEND_IN,
+                frame(mapping.container, client, L4::Ack),
+                REDIRECT,
+                frame(mapping.host, client, L4::Ack),
+            ),
+        ];
+        for (program, input, expected, output) in steps {
+            let (verdict, out, _) = tc.run_marked(program, &framed(input), 0);
+            failures.check(
+                &format!("{program}, options {options}"),
+                (verdict, out),
+                expected,
+                &framed(output),
+            );
+        }
+    }
+    failures.assert_none();
+}
+
 /// Namespaces of the tests of redirects into a peer, removed when dropped:
 /// the test runs in the first (`host`), whose veth leads into the second.
 /// Named after the test, so that tests run at once do not share them.
