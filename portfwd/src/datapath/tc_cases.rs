@@ -226,21 +226,11 @@ fn translated_replies_skip_uplink_egress() {
 /// `frame` (IPv4) with four bytes of IPv4 options (three NOPs and the end
 /// of the list) after its header: the transport header moves 4 bytes on.
 fn with_ipv4_options(frame: &[u8]) -> Vec<u8> {
-    let mut out = frame[..34].to_vec();
-    out.extend_from_slice(&[1, 1, 1, 0]);
-    out.extend_from_slice(&frame[34..]);
-    out[14] = 0x46;
-    let total = u16::from_be_bytes([out[16], out[17]]) + 4;
-    out[16..18].copy_from_slice(&total.to_be_bytes());
-    out[24..26].copy_from_slice(&[0, 0]);
-    let sum = out[14..38]
-        .chunks(2)
-        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
-        .sum::<u32>();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let check = !(((folded & 0xffff) + (folded >> 16)) as u16);
-    out[24..26].copy_from_slice(&check.to_be_bytes());
-    out
+    let (mut header, rest) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+    header.options = [1, 1, 1, 0][..].try_into().unwrap();
+    header.total_len += 4;
+    header.header_checksum = header.calc_header_checksum();
+    [&frame[..14], &header.to_bytes()[..], rest].concat()
 }
 
 /// Both ports of a flow are rewritten whether or not the IPv4 header has
