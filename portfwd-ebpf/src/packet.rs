@@ -410,9 +410,10 @@ fn transport(
 /// headers up to that checksum writable and linear). Two helper calls fewer
 /// per rewrite; a CHECKSUM_COMPLETE skb's csum stays right, because the
 /// header checksum cancels the address change. The header is at a constant
-/// offset (it follows an Ethernet header: see `parse_frame`); the port, at
-/// a variable one, is left to the store helper: kernel 6.1's verifier loses
-/// the bound of a variable offset that the compiler spills to the stack.
+/// offset (it follows an Ethernet header: see `parse_frame`). Nothing is
+/// written at a variable offset (see `store_port`): kernel 6.1's verifier
+/// loses the bound of a variable offset that the compiler spills to the
+/// stack.
 #[inline(always)]
 fn store_v4_address(ctx: &TcContext, end: End, to: u32) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());

@@ -137,10 +137,12 @@ fn next_hop(ctx: &TcContext, ifindex: u32, now: u64) -> Option<*mut NextHop> {
             &mut *(&raw mut params.__bindgen_anon_4).cast::<[u8; 16]>(),
         )
     };
-    // Read in place: the rewrite made the headers up to the TCP/UDP
-    // checksum linear (the helpers it calls pull them), so these reads
-    // fail only for a packet the kernel then routes itself. Two helper
-    // calls fewer per redirect.
+    // Read in place: the rewrite of a flow's packet made the headers up to
+    // the TCP/UDP checksum linear (the helpers it calls pull them). A
+    // packet whose addresses are not all in the linear part (a later IPv6
+    // fragment whose source alone was rewritten may be one) is left to the
+    // kernel, which routes it: slower, never wrong. Two helper calls fewer
+    // per redirect.
     let family = if protocol == u32::from(ETH_P_IP.to_be()) {
         if !read_in_place(ctx, ETH_HLEN + IPV4_SADDR_OFF, &mut src[..4])
             || !read_in_place(ctx, ETH_HLEN + IPV4_DADDR_OFF, &mut dst[..4])
