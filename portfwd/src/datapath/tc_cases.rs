@@ -236,17 +236,25 @@ fn with_ipv4_options(frame: &[u8]) -> Vec<u8> {
 /// Both ports of a flow are rewritten whether or not the IPv4 header has
 /// options: without them in place, at the transport header's usual offset;
 /// with them through the store helper (`store_port` in the eBPF crate).
-/// Each direction, each way, frame in and frame out.
+/// TCP and UDP, each direction, each way, frame in and frame out.
 #[test]
 fn ports_are_rewritten_after_ipv4_headers_with_and_without_options() {
     let Some(mut tc) = Tc::load("ports_are_rewritten_after_ipv4_headers_with_and_without_options")
     else {
         return;
     };
-    let mapping = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80));
-    tc.publish(std::slice::from_ref(&mapping));
+    let tcp = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80));
+    let udp = mapping(Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53));
+    tc.publish(&[tcp.clone(), udp.clone()]);
     let mut failures = Failures::default();
-    for (options, client) in [(false, at(CLIENT_V4, 40101)), (true, at(CLIENT_V4, 40102))] {
+    let flows = [
+        (&tcp, L4::Syn, L4::Ack, false, 40101),
+        (&tcp, L4::Syn, L4::Ack, true, 40102),
+        (&udp, L4::Udp, L4::Udp, false, 40103),
+        (&udp, L4::Udp, L4::Udp, true, 40104),
+    ];
+    for (mapping, opening, answer, options, port) in flows {
+        let client = at(CLIENT_V4, port);
         let framed = |frame: Vec<u8>| {
             if options {
                 with_ipv4_options(&frame)
@@ -254,26 +262,26 @@ fn ports_are_rewritten_after_ipv4_headers_with_and_without_options() {
                 frame
             }
         };
-        // The mapping has no interface: the SYN goes to the stack. The
-        // reply goes back to the interface the SYN came in on.
+        // The mappings have no interface: the first packet goes to the
+        // stack. The answer goes back to the interface it came in on.
         let steps = [
             (
                 UPLINK_IN,
-                frame(client, mapping.host, L4::Syn),
+                frame(client, mapping.host, opening),
                 TO_STACK,
-                frame(client, mapping.container, L4::Syn),
+                frame(client, mapping.container, opening),
             ),
             (
                 BACKEND_IN,
-                frame(mapping.container, client, L4::Ack),
+                frame(mapping.container, client, answer),
                 REDIRECT,
-                frame(mapping.host, client, L4::Ack),
+                frame(mapping.host, client, answer),
             ),
         ];
         for (program, input, expected, output) in steps {
             let (verdict, out, _) = tc.run_marked(program, &framed(input), 0);
             failures.check(
-                &format!("{program}, options {options}"),
+                &format!("{program}, {:?}, options {options}", mapping.protocol),
                 (verdict, out),
                 expected,
                 &framed(output),
