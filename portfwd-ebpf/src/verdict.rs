@@ -261,7 +261,10 @@ pub(crate) fn count(stat: Stat) {
 }
 
 /// `to.len()` bytes of the packet's linear part at `offset`, if it holds
-/// them.
+/// them. Not `packet::read`, whose load-helper fallback returns its value
+/// through a temporary: 32 more bytes in this frame, which ends
+/// `start_flow`'s chain, took it to 544 of 6.1's 512 bytes
+/// (`every_programs_deepest_call_chain_fits_older_verifiers_stack`).
 #[inline(always)]
 fn read_in_place(ctx: &TcContext, offset: usize, to: &mut [u8]) -> bool {
     let (data, data_end) = (ctx.data(), ctx.data_end());
