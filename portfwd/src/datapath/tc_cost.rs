@@ -36,9 +36,9 @@ use portfwd_testkit::netns;
 use super::object::OBJECT;
 use super::peer_links::set_listed;
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, UPLINK_IN, UPLINK_OUT, as_fragment,
-    at, frame, insert_services, mark_no_masq_flow, record_host_address, skb_ctx, stat_if_counted,
-    stat_of,
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, SKB_CTX_LEN, UPLINK_IN, UPLINK_OUT,
+    as_fragment, at, frame, ingress_ctx, insert_services, mark_no_masq_flow, record_host_address,
+    skb_ctx, stat_if_counted, stat_of,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -68,15 +68,29 @@ fn peer_container() -> SocketAddr {
     at(PEER_CTR_V4, 80)
 }
 
-/// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters; and
-/// the peer case's mapping, to `PEER_VETH`.
+/// The wildcard case's mapping: published on every address of the host
+/// (0.0.0.0:8081) to B:80; and the address its SYNs dial (A:8081).
+fn wildcard_mapping() -> (SocketAddr, SocketAddr, SocketAddr) {
+    let (_, b, _) = cycle();
+    (at(Ipv4Addr::UNSPECIFIED, 8081), b, at(HOST_V4, 8081))
+}
+
+/// The wildcard case's clients, `new_client(WILDCARD_CLIENTS..)`: apart
+/// from the other new flows' (the same container port: their reply keys
+/// would clash).
+const WILDCARD_CLIENTS: u32 = 4 * SINGLE_RUNS;
+
+/// A (host) A:8080 -> B:80 and B:80 -> A:8080, TCP, with counters; the
+/// wildcard case's mapping; and the peer case's, to `PEER_VETH`.
 fn publish_cycle(ebpf: &mut Ebpf, peer_ifindex: u32) {
     let a = at(HOST_V4, 8080);
     let b = at(CTR_V4, 80);
     let peer = peer_container();
+    let (wildcard, wildcard_container, _) = wildcard_mapping();
     let mappings: Vec<Mapping> = [
         (a, b, LOOPBACK_IFINDEX),
         (b, a, LOOPBACK_IFINDEX),
+        (wildcard, wildcard_container, LOOPBACK_IFINDEX),
         (peer, peer, peer_ifindex),
     ]
     .into_iter()
@@ -109,20 +123,41 @@ fn publish_cycle(ebpf: &mut Ebpf, peer_ifindex: u32) {
 }
 
 fn run(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32) -> (u32, u64) {
-    run_marked(ebpf, program, input, repeat, 0)
+    run_with(ebpf, program, input, repeat, Skb::Default)
 }
 
-/// `repeat` runs of `program` on `input` with the skb mark `mark` (of the
-/// first run: a program may change it): the verdict and ns per run.
-fn run_marked(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, mark: u32) -> (u32, u64) {
+/// The skb of a test run, as far as the cases differ.
+#[derive(Clone, Copy)]
+enum Skb {
+    /// The kernel's defaults: no mark, received by no interface.
+    Default,
+    /// With this mark (of the first run: a program may change it).
+    Marked(u32),
+    /// Received by this interface (`ingress_ifindex`).
+    ReceivedBy(u32),
+}
+
+impl Skb {
+    fn ctx(self) -> Option<[u8; SKB_CTX_LEN]> {
+        match self {
+            Skb::Default => None,
+            Skb::Marked(mark) => Some(skb_ctx(mark)),
+            Skb::ReceivedBy(ifindex) => Some(ingress_ctx(ifindex)),
+        }
+    }
+}
+
+/// `repeat` runs of `program` on `input` in `skb`: the verdict and ns per
+/// run.
+fn run_with(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, skb: Skb) -> (u32, u64) {
     let program: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
     let mut out = vec![0u8; input.len() + 64];
-    let ctx = skb_ctx(mark);
+    let ctx = skb.ctx();
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(&mut out),
-            ctx_in: (mark != 0).then_some(&ctx[..]),
+            ctx_in: ctx.as_ref().map(|ctx| &ctx[..]),
             repeat,
             ..TestRunOptions::default()
         })
@@ -235,6 +270,7 @@ fn measure(mut ebpf: Ebpf, this_build: bool) -> Vec<Row> {
     rows.extend(measure_without_masq_flows(&mut ebpf, this_build));
     rows.extend(measure_single_runs(&ebpf));
     rows.push(measure_traced(&mut ebpf));
+    rows.push(measure_wildcard_syn(&ebpf));
     rows
 }
 
@@ -423,17 +459,17 @@ fn measure_repeated(ebpf: &Ebpf) -> Vec<Row> {
 }
 
 /// The median of `runs` single runs of `program` on `input(0..runs)`,
-/// with the skb mark `mark`: (ns, verdict).
+/// in `skb`: (ns, verdict).
 fn median_single_run(
     ebpf: &Ebpf,
     program: &str,
-    mark: u32,
+    skb: Skb,
     runs: std::ops::Range<u32>,
     input: impl Fn(u32) -> Vec<u8>,
 ) -> (u64, u32) {
     let mut times: Vec<(u64, u32)> = runs
         .map(|i| {
-            let (verdict, ns) = run_marked(ebpf, program, &input(i), 1, mark);
+            let (verdict, ns) = run_with(ebpf, program, &input(i), 1, skb);
             (ns, verdict)
         })
         .collect();
@@ -453,8 +489,8 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     let flows_before = stat_of(ebpf, Stat::FlowNew);
     let mut rows = Vec::new();
     let mut single =
-        |program: &'static str, case: &'static str, mark: u32, input: &dyn Fn(u32) -> Vec<u8>| {
-            let (ns, verdict) = median_single_run(ebpf, program, mark, 0..SINGLE_RUNS, input);
+        |program: &'static str, case: &'static str, skb: Skb, input: &dyn Fn(u32) -> Vec<u8>| {
+            let (ns, verdict) = median_single_run(ebpf, program, skb, 0..SINGLE_RUNS, input);
             rows.push(Row {
                 program,
                 case,
@@ -463,9 +499,12 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
             });
         };
     // New flows: one single run each, from distinct client ports.
-    single(UPLINK_IN, "SYN of a new flow (single runs)", 0, &|i| {
-        frame(new_client(i), a, L4::Syn)
-    });
+    single(
+        UPLINK_IN,
+        "SYN of a new flow (single runs)",
+        Skb::Default,
+        &|i| frame(new_client(i), a, L4::Syn),
+    );
     let new_flows = stat_of(ebpf, Stat::FlowNew) - flows_before;
     assert_eq!(new_flows, u64::from(SINGLE_RUNS), "every SYN opened a flow");
     // The same clients again, each after its flow was reset (untimed): a
@@ -478,7 +517,7 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     single(
         UPLINK_IN,
         "SYN reopening a closing flow (single runs)",
-        0,
+        Skb::Default,
         &|i| frame(new_client(i), a, L4::Syn),
     );
     let reopened = stat_of(ebpf, Stat::FlowNew) - flows_before;
@@ -494,14 +533,14 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
     single(
         UPLINK_OUT,
         "reply translated at ingress (marked; single runs)",
-        TRANSLATED_MARK,
+        Skb::Marked(TRANSLATED_MARK),
         &|_| frame(a, at(CLIENT_V4, 40002), L4::Ack),
     );
     let other_host = frame_for_another_host();
     single(
         UPLINK_IN,
         "baseline, single runs (overhead of that method)",
-        0,
+        Skb::Default,
         &|_| other_host.clone(),
     );
     rows
@@ -529,7 +568,7 @@ fn measure_traced(ebpf: &mut Ebpf) -> Row {
     switch.set(0, on, 0).unwrap();
     let (a, _, _) = cycle();
     let runs = SINGLE_RUNS..SINGLE_RUNS + TRACED_RUNS;
-    let (ns, verdict) = median_single_run(ebpf, UPLINK_IN, 0, runs, |i| {
+    let (ns, verdict) = median_single_run(ebpf, UPLINK_IN, Skb::Default, runs, |i| {
         frame(new_client(i), a, L4::Syn)
     });
     assert_eq!(
@@ -540,6 +579,34 @@ fn measure_traced(ebpf: &mut Ebpf) -> Row {
     Row {
         program: UPLINK_IN,
         case: TRACED,
+        ns,
+        verdict,
+    }
+}
+
+/// A new flow to a wildcard mapping (`-p 8081:80`, every address of the
+/// host: what `docker run -p` and the bench publish): the programs check
+/// that the destination is the host's own. Received by the loopback
+/// device, which holds the host's address here. Last: its flows fill the
+/// table further, which would move the figures measured after it.
+fn measure_wildcard_syn(ebpf: &Ebpf) -> Row {
+    const CASE: &str = "SYN of a new flow to a wildcard mapping (single runs)";
+    let flows_before = stat_of(ebpf, Stat::FlowNew);
+    let (_, _, dialed) = wildcard_mapping();
+    let runs = WILDCARD_CLIENTS..WILDCARD_CLIENTS + SINGLE_RUNS;
+    let skb = Skb::ReceivedBy(LOOPBACK_IFINDEX);
+    let (ns, verdict) = median_single_run(ebpf, UPLINK_IN, skb, runs, |i| {
+        frame(new_client(i), dialed, L4::Syn)
+    });
+    let new_flows = stat_of(ebpf, Stat::FlowNew) - flows_before;
+    assert_eq!(
+        new_flows,
+        u64::from(SINGLE_RUNS),
+        "every SYN to the wildcard mapping opened a flow"
+    );
+    Row {
+        program: UPLINK_IN,
+        case: CASE,
         ns,
         verdict,
     }

@@ -197,9 +197,10 @@ pub(super) fn as_fragment(mut frame: Vec<u8>, id: u16, offset: u16, more: bool) 
 }
 
 /// `struct __sk_buff` as a test run's context: 192 bytes, the mark at 8,
-/// the interface at 40.
+/// the interface the skb came in on at 36 (`skb_iif`), the interface at 40.
 pub(super) const SKB_CTX_LEN: usize = 192;
 const SKB_MARK_OFF: usize = 8;
+const SKB_INGRESS_IFINDEX_OFF: usize = 36;
 const SKB_IFINDEX_OFF: usize = 40;
 /// Offsets in `struct __sk_buff` of the GSO fields a test run accepts.
 const SKB_GSO_SEGS_OFF: usize = 164;
@@ -218,6 +219,15 @@ pub(super) fn skb_ctx(mark: u32) -> [u8; SKB_CTX_LEN] {
 pub(super) fn ifindex_ctx(ifindex: u32) -> [u8; SKB_CTX_LEN] {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// A test run's skb context of an skb received by interface `ifindex`
+/// (`ingress_ifindex`, which the FIB lookups of the programs pass).
+pub(super) fn ingress_ctx(ifindex: u32) -> [u8; SKB_CTX_LEN] {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
+        .copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 
