@@ -13,7 +13,7 @@ use aya_ebpf::{
 use portfwd_common::{
     self as abi, Addr, AllowKey, Config, CtKey, CtValue, FragmentKey, FragmentValue, LocalAddrKey,
     MappingCounters, ServiceKey, ServiceValue, SockConnected, SockDialed, TraceConfig, link_bit,
-    map_name, port_bit,
+    local_addr_bit, map_name, port_bit,
 };
 
 use crate::types::{NextHop, ReplyScratch, Scratch};
@@ -27,6 +27,13 @@ pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[unsafe(export_name = map_name!(local_addrs))]
 pub(crate) static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> =
     HashMap::with_max_entries(abi::LOCAL_ADDRS.max_entries, abi::LOCAL_ADDRS.flags);
+
+/// A bit per hash of each of the host's addresses: clear, the address is
+/// not one (see `abi::LOCAL_ADDR_BITS`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(local_addr_bits))]
+pub(crate) static LOCAL_ADDR_BITS: Array<u32> =
+    Array::with_max_entries(abi::LOCAL_ADDR_BITS.max_entries, abi::LOCAL_ADDR_BITS.flags);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(config))]
@@ -158,6 +165,18 @@ pub(crate) const NEXT_HOP_SLOTS: u32 = 64;
 pub(crate) fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
     let (word, bit) = port_bit(proto, port);
     bitmap.get(word).is_some_and(|bits| bits & bit == 0)
+}
+
+/// Whether `addr` is surely not one of the host's addresses: its bit in
+/// `LOCAL_ADDR_BITS` is clear. One array read, inlined by the verifier
+/// (see `lacks_port`). A missing word (cannot happen: the index is in
+/// range) counts as a bit, so that the caller looks further.
+#[inline(always)]
+pub(crate) fn surely_not_host_address(family: u8, addr: &Addr) -> bool {
+    let (word, bit) = local_addr_bit(family, addr);
+    LOCAL_ADDR_BITS
+        .get(word)
+        .is_some_and(|bits| bits & bit == 0)
 }
 
 /// Whether `PEER_LINKS` lists the interface: one array read, inlined by

@@ -44,7 +44,7 @@ use portfwd_common::{
 use crate::{
     maps::{
         BACKEND_PORTS, CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED,
-        STATS, lacks_port,
+        STATS, lacks_port, surely_not_host_address,
     },
     trace,
 };
@@ -210,10 +210,12 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
     // SAFETY: the value is copied out at once; the map has no preallocation,
     // so a concurrent delete cannot recycle the element under us.
     let found = unsafe { SERVICES.get(&key) }.or_else(|| {
+        // A clear bit first: most addresses dialed are not the host's.
         let local = loopback
-            || LOCAL_ADDRS
-                .get_ptr(LocalAddrKey::new(key.family, key.addr))
-                .is_some();
+            || (!surely_not_host_address(key.family, &key.addr)
+                && LOCAL_ADDRS
+                    .get_ptr(LocalAddrKey::new(key.family, key.addr))
+                    .is_some());
         if key.addr.is_unspecified() || !local {
             return None;
         }

@@ -112,10 +112,13 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     let mut ebpf = object::load(pin_dir, options.sizes)?;
     load_all(&mut ebpf)?;
     // The port bits, from the services map (after unmaps, or an upgrade
-    // from a build without them), before any program that reads them is
-    // attached: a published port or a translated socket's peer must never
-    // look unknown.
-    PinnedMaps::open(pin_dir, &lock)?.rebuild_port_bits()?;
+    // from a build without them), and the host addresses' bits, before any
+    // program that reads them is attached: a published port, a translated
+    // socket's peer or a host address must never look unknown.
+    let mut maps = PinnedMaps::open(pin_dir, &lock)?;
+    maps.rebuild_port_bits()?;
+    maps.rebuild_local_addr_bits()?;
+    drop(maps);
     let mut report = InstallReport {
         cgroup: cgroup.clone(),
         ..InstallReport::default()

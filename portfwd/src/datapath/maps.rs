@@ -9,9 +9,9 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use portfwd_common::{
-    ALLOW, Addr, AllowKey, BACKEND_PORTS, CONFIG, COUNTERS, Config, LOCAL_ADDRS, LocalAddrKey,
-    MappingCounters, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey,
-    ServiceValue, Stat, port_bit,
+    ALLOW, Addr, AllowKey, BACKEND_PORTS, CONFIG, COUNTERS, Config, LOCAL_ADDR_BITS, LOCAL_ADDRS,
+    LocalAddrKey, MappingCounters, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS,
+    ServiceKey, ServiceValue, Stat, local_addr_bit, port_bit,
 };
 
 use super::StateLock;
@@ -29,6 +29,7 @@ const BATCH_FROM: usize = 64;
 pub(crate) struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     local_addrs: HashMap<MapData, LocalAddrKey, u8>,
+    local_addr_bits: Array<MapData, u32>,
     config: Array<MapData, Config>,
     counters: PerCpuHashMap<MapData, ServiceKey, MappingCounters>,
     stats: PerCpuArray<MapData, u64>,
@@ -69,6 +70,8 @@ impl PinnedMaps {
         )?;
         let local_addrs = HashMap::try_from(Map::HashMap(open_pin(dir, LOCAL_ADDRS.name)?))
             .context("the local addresses map has an unexpected layout")?;
+        let local_addr_bits = Array::try_from(Map::Array(open_pin(dir, LOCAL_ADDR_BITS.name)?))
+            .context("the local address bits map has an unexpected layout")?;
         let config = Array::try_from(Map::Array(open_pin(dir, CONFIG.name)?))
             .context("the config map has an unexpected layout")?;
         let counters = PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pin(dir, COUNTERS.name)?))
@@ -90,6 +93,7 @@ impl PinnedMaps {
             nat46_src,
             services,
             local_addrs,
+            local_addr_bits,
             config,
             counters,
             stats,
@@ -463,7 +467,11 @@ impl PinnedMaps {
             .collect()
     }
 
-    /// Makes the local addresses map hold exactly `addresses`.
+    /// Makes the local addresses map hold exactly `addresses`, and their
+    /// bits (`LOCAL_ADDR_BITS`) say so: an address's bit is set before the
+    /// address enters the map and cleared after it left, so that the
+    /// programs, which ask the map only when the bit is set, never miss
+    /// an address it holds.
     pub(crate) fn sync_local_addrs(&mut self, addresses: &[IpAddr]) -> Result<()> {
         let wanted: Vec<LocalAddrKey> = addresses
             .iter()
@@ -473,16 +481,38 @@ impl PinnedMaps {
             })
             .collect();
         let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
-        for key in present.iter().filter(|key| !wanted.contains(key)) {
+        let change = LocalAddrChange::new(&present, &wanted);
+        for (&word, &bits) in &change.bits_first {
+            self.set_local_addr_word(word, bits)?;
+        }
+        for key in &change.gone {
             self.local_addrs.remove(key)?;
         }
-        // Only what is missing: every change syncs, and the addresses
-        // rarely change.
-        for key in wanted.iter().filter(|key| !present.contains(key)) {
+        for key in &change.added {
             self.local_addrs
                 .insert(key, 1, 0)
                 .context("updating the local addresses map (more than its capacity?)")?;
         }
+        for (&word, &bits) in &change.bits_last {
+            self.set_local_addr_word(word, bits)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the bits of every address in the local addresses map (after an
+    /// upgrade from a build without them, whose `up` creates their map
+    /// empty), before any program that reads them is attached. Bits of
+    /// addresses gone are cleared by the next sync (a set bit only costs
+    /// the programs a lookup).
+    pub(crate) fn rebuild_local_addr_bits(&mut self) -> Result<()> {
+        let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
+        set_bits(&mut self.local_addr_bits, local_addr_words(&present))
+    }
+
+    fn set_local_addr_word(&mut self, word: u32, bits: u32) -> Result<()> {
+        self.local_addr_bits
+            .set(word, bits, 0)
+            .context("writing the local address bits map")?;
         Ok(())
     }
 
@@ -534,7 +564,64 @@ impl PinnedMaps {
     }
 }
 
-/// Adds `bits` (word index → bits) to a port bitmap.
+/// How `PinnedMaps::sync_local_addrs` takes the local addresses map from
+/// the addresses it holds to those wanted, in four steps: the words of
+/// `LOCAL_ADDR_BITS` that the added addresses touch are written first,
+/// with the bits of every address present or wanted; the addresses gone
+/// leave the map, the added ones enter it; the words that the addresses
+/// gone touched are written last, with the bits of the wanted ones only.
+/// So at every step each address in the map has its bit set. Only what
+/// changes is written: every change syncs, and the addresses rarely change.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LocalAddrChange {
+    bits_first: BTreeMap<u32, u32>,
+    gone: Vec<LocalAddrKey>,
+    added: Vec<LocalAddrKey>,
+    bits_last: BTreeMap<u32, u32>,
+}
+
+impl LocalAddrChange {
+    fn new(present: &[LocalAddrKey], wanted: &[LocalAddrKey]) -> Self {
+        let gone: Vec<LocalAddrKey> = present
+            .iter()
+            .filter(|key| !wanted.contains(key))
+            .copied()
+            .collect();
+        let added: Vec<LocalAddrKey> = wanted
+            .iter()
+            .filter(|key| !present.contains(key))
+            .copied()
+            .collect();
+        let meanwhile = local_addr_words(present.iter().chain(wanted));
+        let after = local_addr_words(wanted);
+        let bits_first = local_addr_words(&added)
+            .into_keys()
+            .map(|word| (word, meanwhile[&word]))
+            .collect();
+        let bits_last = local_addr_words(&gone)
+            .into_keys()
+            .map(|word| (word, after.get(&word).copied().unwrap_or(0)))
+            .collect();
+        LocalAddrChange {
+            bits_first,
+            gone,
+            added,
+            bits_last,
+        }
+    }
+}
+
+/// The words of `LOCAL_ADDR_BITS` that `keys` set (word index → bits).
+fn local_addr_words<'a>(keys: impl IntoIterator<Item = &'a LocalAddrKey>) -> BTreeMap<u32, u32> {
+    let mut words = BTreeMap::new();
+    for key in keys {
+        let (word, bit) = local_addr_bit(key.family, &key.addr);
+        *words.entry(word).or_default() |= bit;
+    }
+    words
+}
+
+/// Adds `bits` (word index → bits) to a bitmap.
 fn set_bits(bitmap: &mut Array<MapData, u32>, bits: BTreeMap<u32, u32>) -> Result<()> {
     for (word, bits) in bits {
         let old = bitmap.get(&word, 0)?;
@@ -579,5 +666,101 @@ fn nat46_source(container: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
     match crate::host::netlink::route_source(container.into()) {
         Ok(Some(IpAddr::V4(source))) => Some(source),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, net::Ipv4Addr};
+
+    use portfwd_common::FAMILY_V4;
+
+    use super::*;
+
+    fn v4(last: u32) -> LocalAddrKey {
+        let ip = Ipv4Addr::from(0x0a00_0000 + last);
+        LocalAddrKey::new(FAMILY_V4, Addr::from(ip))
+    }
+
+    /// Addresses of which the first two share a word of the bitmap, and
+    /// the next two a bit: the steps must keep a shared word's or bit's
+    /// other address.
+    fn colliding() -> Vec<LocalAddrKey> {
+        let candidates: Vec<LocalAddrKey> = (1..200_000).map(v4).collect();
+        let bit = |key: &LocalAddrKey| local_addr_bit(key.family, &key.addr);
+        let same_word = candidates
+            .iter()
+            .flat_map(|a| candidates[..64].iter().map(move |b| (a, b)))
+            .find(|(a, b)| a != b && bit(a).0 == bit(b).0 && bit(a).1 != bit(b).1)
+            .expect("two addresses in one word");
+        let first = candidates[0];
+        let same_bit = candidates[1..]
+            .iter()
+            .find(|b| bit(b) == bit(&first))
+            .expect("two addresses on one bit");
+        vec![*same_word.0, *same_word.1, first, *same_bit]
+    }
+
+    /// Every address in the map has its bit set in `bitmap`.
+    fn assert_bits_cover(map: &HashSet<LocalAddrKey>, bitmap: &BTreeMap<u32, u32>, step: &str) {
+        for key in map {
+            let (word, bit) = local_addr_bit(key.family, &key.addr);
+            let bits = bitmap.get(&word).copied().unwrap_or(0);
+            assert_ne!(
+                bits & bit,
+                0,
+                "{step}: {key:?} is in the map, its bit clear"
+            );
+        }
+    }
+
+    /// The sync's steps, played on a model of the two maps from every
+    /// subset of some addresses to every other: at each step, every address
+    /// in the map has its bit; at the end, the bitmap's words that changed
+    /// hold the bits of the wanted addresses exactly.
+    #[test]
+    fn no_address_in_the_map_ever_has_its_bit_clear() {
+        let addresses = [colliding(), vec![v4(7), v4(1 << 20)]].concat();
+        let subsets = |mask: u32| -> Vec<LocalAddrKey> {
+            (0..addresses.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| addresses[i])
+                .collect()
+        };
+        let all = 1u32 << addresses.len();
+        for from in 0..all {
+            for to in 0..all {
+                let (present, wanted) = (subsets(from), subsets(to));
+                let mut map: HashSet<LocalAddrKey> = present.iter().copied().collect();
+                let mut bitmap = local_addr_words(&present);
+                let change = LocalAddrChange::new(&present, &wanted);
+                bitmap.extend(&change.bits_first);
+                assert_bits_cover(&map, &bitmap, "bits first");
+                for key in &change.gone {
+                    map.remove(key);
+                    assert_bits_cover(&map, &bitmap, "removing");
+                }
+                for key in &change.added {
+                    map.insert(*key);
+                    assert_bits_cover(&map, &bitmap, "adding");
+                }
+                bitmap.extend(&change.bits_last);
+                assert_bits_cover(&map, &bitmap, "bits last");
+                assert_eq!(map, wanted.iter().copied().collect());
+                let exact = local_addr_words(&wanted);
+                for word in change.bits_first.keys().chain(change.bits_last.keys()) {
+                    let expected = exact.get(word).copied().unwrap_or(0);
+                    assert_eq!(bitmap.get(word).copied().unwrap_or(0), expected);
+                }
+            }
+        }
+    }
+
+    /// Nothing is written when the addresses stay as they are.
+    #[test]
+    fn an_unchanged_set_of_addresses_writes_nothing() {
+        let addresses = colliding();
+        let change = LocalAddrChange::new(&addresses, &addresses);
+        assert_eq!(change, LocalAddrChange::default());
     }
 }

@@ -21,9 +21,9 @@ use aya::{
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
 use portfwd_common::{
     ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, CONNTRACK, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, NAT46_SRC,
-    PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat,
-    UPLINK_PROGRAMS, port_bit,
+    LOCAL_ADDR_BITS, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
+    MASQ_FLOWS_STARTED, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey,
+    ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
 };
 
 use super::object::OBJECT;
@@ -447,6 +447,13 @@ pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
         IpAddr::V6(ip) => (FAMILY_V6, Addr::from(ip)),
     };
     local.insert(LocalAddrKey::new(family, addr), 1, 0).unwrap();
+    // Its bit, which this build's programs read first.
+    if let Some(map) = ebpf.map_mut(LOCAL_ADDR_BITS.name) {
+        let mut bitmap: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        let (word, bit) = local_addr_bit(family, &addr);
+        let bits = bitmap.get(&word, 0).unwrap();
+        bitmap.set(word, bits | bit, 0).unwrap();
+    }
 }
 
 /// Adds (or replaces) `mappings` in `ebpf`'s services map, each port's bit
