@@ -73,6 +73,15 @@ pub(crate) fn up(options: &UpOptions) -> Result<UpReport> {
     rollback.disarm();
     report.kernel = Some(kernel);
     report.install.notes.extend(uplink_notes);
+    // An upgrade in place (programs replaced): a running holder is the
+    // earlier build's, which would go on writing the maps as it knew them
+    // (the host's addresses without their `pf_local_addr_bits`, which this
+    // build's programs read first): stopped, and this build's started by
+    // the sync below. Its ports are unheld for that moment; the traffic to
+    // them is forwarded all along.
+    if !report.install.replaced.is_empty() {
+        holder::stop(pin_dir)?;
+    }
     // Hold every published port (after a reboot: the restored ones too).
     report.busy_ports = holder::sync(pin_dir)?;
     // A trace killed with SIGKILL left the programs writing events.

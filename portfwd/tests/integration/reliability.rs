@@ -266,20 +266,27 @@ fn a_stream_survives_an_upgrade_in_place() {
         stream.read_to_end(&mut data).map(|_| data)
     });
     std::thread::sleep(Duration::from_millis(600));
+    let holder_before = holder_pid().expect("the port holder runs");
     let out = portfwd_ok(&["up", "--reload", "--iface", &client.host_if]);
     assert!(
         out.contains("replaced by this build") && out.contains("pf_tc_uplink_in"),
         "{out}"
     );
+    // The earlier build's holder would go on writing the maps as it knew
+    // them (the host's addresses without their bits): started again.
+    let holder_after = holder_pid().expect("a port holder runs after the upgrade");
+    assert_ne!(holder_after, holder_before, "the holder was started again");
     let data = download.join().unwrap().expect("the stream broke");
     assert_eq!(data.len(), 100 * chunk.len());
     assert!(
         data.chunks(chunk.len()).all(|c| c == chunk.as_slice()),
         "bytes differ"
     );
-    // Without --reload, the same build replaces nothing.
+    // Without --reload, the same build replaces nothing, and keeps its
+    // holder.
     let again = portfwd_ok(&up);
     assert!(!again.contains("replaced"), "{again}");
+    assert_eq!(holder_pid(), Some(holder_after), "the same holder");
 }
 
 #[test]
