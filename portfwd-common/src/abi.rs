@@ -387,7 +387,8 @@ pub const PRIVATE_MAPS: [&str; 3] = [map_name!(scratch), map_name!(reply), map_n
 /// sends the question on to `LOCAL_ADDRS` (another address may share it).
 /// Userspace sets an address's bit before the address enters
 /// `LOCAL_ADDRS`, and clears it after the address left, so that a clear
-/// bit never hides an address the map holds.
+/// bit never hides an address the map holds (and a sync sets the bits that
+/// an earlier build's holder, which knew none, left out).
 pub const LOCAL_ADDR_BITS: MapDef = map(
     map_name!(local_addr_bits),
     MapKind::Array,

@@ -29,7 +29,9 @@ const BATCH_FROM: usize = 64;
 pub(crate) struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     local_addrs: HashMap<MapData, LocalAddrKey, u8>,
-    local_addr_bits: Array<MapData, u32>,
+    /// None on an instance an earlier build made, until `up` with this
+    /// one creates it (its programs, which read the bits, come with it).
+    local_addr_bits: Option<Array<MapData, u32>>,
     config: Array<MapData, Config>,
     counters: PerCpuHashMap<MapData, ServiceKey, MappingCounters>,
     stats: PerCpuArray<MapData, u64>,
@@ -70,8 +72,16 @@ impl PinnedMaps {
         )?;
         let local_addrs = HashMap::try_from(Map::HashMap(open_pin(dir, LOCAL_ADDRS.name)?))
             .context("the local addresses map has an unexpected layout")?;
-        let local_addr_bits = Array::try_from(Map::Array(open_pin(dir, LOCAL_ADDR_BITS.name)?))
-            .context("the local address bits map has an unexpected layout")?;
+        // Optional: the other commands of this build must work (CNI DEL
+        // above all) on an instance an earlier build made, before `up`
+        // brings this build's programs and the map with them.
+        let local_addr_bits = if dir.join(LOCAL_ADDR_BITS.name).exists() {
+            let map = Array::try_from(Map::Array(open_pin(dir, LOCAL_ADDR_BITS.name)?))
+                .context("the local address bits map has an unexpected layout")?;
+            Some(map)
+        } else {
+            None
+        };
         let config = Array::try_from(Map::Array(open_pin(dir, CONFIG.name)?))
             .context("the config map has an unexpected layout")?;
         let counters = PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pin(dir, COUNTERS.name)?))
@@ -457,21 +467,28 @@ impl PinnedMaps {
         self.services_changed()
     }
 
-    /// The host addresses the programs know (`pf_local_addrs`: what wildcard
-    /// mappings serve), as the port holder last wrote them.
-    pub(crate) fn local_addresses(&self) -> Vec<IpAddr> {
-        self.local_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter_map(|key| key.addr.to_ip(key.family))
-            .collect()
+    /// Whether the programs take `ip` for one of the host's addresses: in
+    /// the local addresses map, and its bit set (a map without the bits is
+    /// an earlier build's, whose programs do not read them).
+    pub(crate) fn is_recorded_host_address(&self, ip: IpAddr) -> Result<bool> {
+        let (family, addr) = Addr::from_ip(ip);
+        let key = LocalAddrKey::new(family, addr);
+        if self.local_addrs.get(&key, 0).is_err() {
+            return Ok(false);
+        }
+        let Some(bitmap) = &self.local_addr_bits else {
+            return Ok(true);
+        };
+        let (word, bit) = local_addr_bit(family, &addr);
+        Ok(bitmap.get(&word, 0)? & bit != 0)
     }
 
     /// Makes the local addresses map hold exactly `addresses`, and their
     /// bits (`LOCAL_ADDR_BITS`) say so: an address's bit is set before the
     /// address enters the map and cleared after it left, so that the
     /// programs, which ask the map only when the bit is set, never miss
-    /// an address it holds.
+    /// an address it holds. A bit that a wanted address lacks (written by
+    /// an earlier build's holder, which knew no bits) is set too.
     pub(crate) fn sync_local_addrs(&mut self, addresses: &[IpAddr]) -> Result<()> {
         let wanted: Vec<LocalAddrKey> = addresses
             .iter()
@@ -481,7 +498,13 @@ impl PinnedMaps {
             })
             .collect();
         let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
-        let change = LocalAddrChange::new(&present, &wanted);
+        let mut current = BTreeMap::new();
+        if let Some(bitmap) = &self.local_addr_bits {
+            for word in local_addr_words(&wanted).into_keys() {
+                current.insert(word, bitmap.get(&word, 0)?);
+            }
+        }
+        let change = LocalAddrChange::new(&present, &wanted, &current);
         for (&word, &bits) in &change.bits_first {
             self.set_local_addr_word(word, bits)?;
         }
@@ -501,18 +524,25 @@ impl PinnedMaps {
 
     /// Sets the bits of every address in the local addresses map (after an
     /// upgrade from a build without them, whose `up` creates their map
-    /// empty), before any program that reads them is attached. Bits of
-    /// addresses gone are cleared by the next sync (a set bit only costs
-    /// the programs a lookup).
+    /// empty), before any program that reads them is attached. A bit of an
+    /// address gone stays until a sync writes its word (a set bit only
+    /// costs the programs a lookup).
     pub(crate) fn rebuild_local_addr_bits(&mut self) -> Result<()> {
         let present: Vec<LocalAddrKey> = self.local_addrs.keys().filter_map(Result::ok).collect();
-        set_bits(&mut self.local_addr_bits, local_addr_words(&present))
+        match &mut self.local_addr_bits {
+            Some(bitmap) => set_bits(bitmap, local_addr_words(&present)),
+            None => Ok(()),
+        }
     }
 
+    /// Writes a word of the bits; nothing without the map (an earlier
+    /// build's programs run, which do not read it).
     fn set_local_addr_word(&mut self, word: u32, bits: u32) -> Result<()> {
-        self.local_addr_bits
-            .set(word, bits, 0)
-            .context("writing the local address bits map")?;
+        if let Some(bitmap) = &mut self.local_addr_bits {
+            bitmap
+                .set(word, bits, 0)
+                .context("writing the local address bits map")?;
+        }
         Ok(())
     }
 
@@ -566,12 +596,15 @@ impl PinnedMaps {
 
 /// How `PinnedMaps::sync_local_addrs` takes the local addresses map from
 /// the addresses it holds to those wanted, in four steps: the words of
-/// `LOCAL_ADDR_BITS` that the added addresses touch are written first,
-/// with the bits of every address present or wanted; the addresses gone
-/// leave the map, the added ones enter it; the words that the addresses
-/// gone touched are written last, with the bits of the wanted ones only.
-/// So at every step each address in the map has its bit set. Only what
-/// changes is written: every change syncs, and the addresses rarely change.
+/// `LOCAL_ADDR_BITS` where a wanted address lacks its bit (an added one,
+/// or one an earlier build's holder added without it) are written first,
+/// with their bits as they are plus those of every address present or
+/// wanted; the addresses gone leave the map, the added ones enter it; the
+/// words that the addresses gone touched are written last, with the bits
+/// of the wanted ones only. So at every step each address in the map whose
+/// bit was set keeps it, and after the first step each wanted one has it.
+/// Only what changes is written: every change syncs, and the addresses
+/// rarely change.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct LocalAddrChange {
     bits_first: BTreeMap<u32, u32>,
@@ -581,7 +614,13 @@ struct LocalAddrChange {
 }
 
 impl LocalAddrChange {
-    fn new(present: &[LocalAddrKey], wanted: &[LocalAddrKey]) -> Self {
+    /// `current`: the words of the bitmap that the wanted addresses touch,
+    /// as they are.
+    fn new(
+        present: &[LocalAddrKey],
+        wanted: &[LocalAddrKey],
+        current: &BTreeMap<u32, u32>,
+    ) -> Self {
         let gone: Vec<LocalAddrKey> = present
             .iter()
             .filter(|key| !wanted.contains(key))
@@ -594,9 +633,12 @@ impl LocalAddrChange {
             .collect();
         let meanwhile = local_addr_words(present.iter().chain(wanted));
         let after = local_addr_words(wanted);
-        let bits_first = local_addr_words(&added)
-            .into_keys()
-            .map(|word| (word, meanwhile[&word]))
+        let bits_first = after
+            .iter()
+            .filter_map(|(&word, &bits)| {
+                let now = current.get(&word).copied().unwrap_or(0);
+                (now & bits != bits).then(|| (word, now | meanwhile[&word]))
+            })
             .collect();
         let bits_last = local_addr_words(&gone)
             .into_keys()
@@ -701,27 +743,30 @@ mod tests {
         vec![*same_word.0, *same_word.1, first, *same_bit]
     }
 
-    /// Every address in the map has its bit set in `bitmap`.
-    fn assert_bits_cover(map: &HashSet<LocalAddrKey>, bitmap: &BTreeMap<u32, u32>, step: &str) {
-        for key in map {
+    /// Every address of `keys` has its bit set in `bitmap`.
+    fn assert_bits_cover<'a>(
+        keys: impl IntoIterator<Item = &'a LocalAddrKey>,
+        bitmap: &BTreeMap<u32, u32>,
+        step: &str,
+    ) {
+        for key in keys {
             let (word, bit) = local_addr_bit(key.family, &key.addr);
             let bits = bitmap.get(&word).copied().unwrap_or(0);
-            assert_ne!(
-                bits & bit,
-                0,
-                "{step}: {key:?} is in the map, its bit clear"
-            );
+            assert_ne!(bits & bit, 0, "{step}: {key:?} has its bit clear");
         }
     }
 
     /// The sync's steps, played on a model of the two maps from every
-    /// subset of some addresses to every other: at each step, every address
-    /// in the map has its bit; at the end, the bitmap's words that changed
-    /// hold the bits of the wanted addresses exactly.
+    /// subset of some addresses to every other, the bitmap as a sync of
+    /// this build leaves it or missing the bits of addresses an earlier
+    /// build's holder added: at each step, every address in the map keeps
+    /// the bit it had, and has one once it is wanted and the first step is
+    /// done; at the end every address has its bit, and the bitmap's words
+    /// that changed hold exactly the bits of the wanted addresses.
     #[test]
     fn no_address_in_the_map_ever_has_its_bit_clear() {
         let addresses = [colliding(), vec![v4(7), v4(1 << 20)]].concat();
-        let subsets = |mask: u32| -> Vec<LocalAddrKey> {
+        let subset = |mask: u32| -> Vec<LocalAddrKey> {
             (0..addresses.len())
                 .filter(|i| mask & (1 << i) != 0)
                 .map(|i| addresses[i])
@@ -729,38 +774,82 @@ mod tests {
         };
         let all = 1u32 << addresses.len();
         for from in 0..all {
+            let present = subset(from);
+            // Without bits: none, the first present address, all of them.
+            let unbitted = [
+                vec![],
+                present.iter().take(1).copied().collect(),
+                present.clone(),
+            ];
             for to in 0..all {
-                let (present, wanted) = (subsets(from), subsets(to));
-                let mut map: HashSet<LocalAddrKey> = present.iter().copied().collect();
-                let mut bitmap = local_addr_words(&present);
-                let change = LocalAddrChange::new(&present, &wanted);
-                bitmap.extend(&change.bits_first);
-                assert_bits_cover(&map, &bitmap, "bits first");
-                for key in &change.gone {
-                    map.remove(key);
-                    assert_bits_cover(&map, &bitmap, "removing");
-                }
-                for key in &change.added {
-                    map.insert(*key);
-                    assert_bits_cover(&map, &bitmap, "adding");
-                }
-                bitmap.extend(&change.bits_last);
-                assert_bits_cover(&map, &bitmap, "bits last");
-                assert_eq!(map, wanted.iter().copied().collect());
-                let exact = local_addr_words(&wanted);
-                for word in change.bits_first.keys().chain(change.bits_last.keys()) {
-                    let expected = exact.get(word).copied().unwrap_or(0);
-                    assert_eq!(bitmap.get(word).copied().unwrap_or(0), expected);
+                let wanted = subset(to);
+                for without in &unbitted {
+                    let bitted: Vec<LocalAddrKey> = present
+                        .iter()
+                        .filter(|key| !without.contains(key))
+                        .copied()
+                        .collect();
+                    play_sync(&present, &wanted, &bitted);
                 }
             }
         }
     }
 
-    /// Nothing is written when the addresses stay as they are.
+    /// One sync from `present` (of which `bitted` have their bits) to
+    /// `wanted`, its invariants checked after each step.
+    fn play_sync(present: &[LocalAddrKey], wanted: &[LocalAddrKey], bitted: &[LocalAddrKey]) {
+        let mut map: HashSet<LocalAddrKey> = present.iter().copied().collect();
+        let mut bitmap = local_addr_words(bitted);
+        let current: BTreeMap<u32, u32> = local_addr_words(wanted)
+            .into_keys()
+            .map(|word| (word, bitmap.get(&word).copied().unwrap_or(0)))
+            .collect();
+        let change = LocalAddrChange::new(present, wanted, &current);
+        let kept = |map: &HashSet<LocalAddrKey>| -> Vec<LocalAddrKey> {
+            map.iter()
+                .filter(|key| bitted.contains(key) || wanted.contains(key))
+                .copied()
+                .collect()
+        };
+        assert_bits_cover(bitted, &bitmap, "before");
+        bitmap.extend(&change.bits_first);
+        assert_bits_cover(&kept(&map), &bitmap, "bits first");
+        assert_bits_cover(wanted, &bitmap, "bits first");
+        for key in &change.gone {
+            map.remove(key);
+            assert_bits_cover(&kept(&map), &bitmap, "removing");
+        }
+        for key in &change.added {
+            map.insert(*key);
+            assert_bits_cover(&kept(&map), &bitmap, "adding");
+        }
+        bitmap.extend(&change.bits_last);
+        assert_bits_cover(&map, &bitmap, "bits last");
+        assert_eq!(map, wanted.iter().copied().collect());
+        let exact = local_addr_words(wanted);
+        for word in change.bits_last.keys() {
+            let expected = exact.get(word).copied().unwrap_or(0);
+            assert_eq!(bitmap.get(word).copied().unwrap_or(0), expected);
+        }
+    }
+
+    /// Nothing is written when the addresses stay as they are, their bits
+    /// set.
     #[test]
     fn an_unchanged_set_of_addresses_writes_nothing() {
         let addresses = colliding();
-        let change = LocalAddrChange::new(&addresses, &addresses);
+        let current = local_addr_words(&addresses);
+        let change = LocalAddrChange::new(&addresses, &addresses, &current);
         assert_eq!(change, LocalAddrChange::default());
+    }
+
+    /// Addresses that an earlier build's holder added without their bits
+    /// get them from the next sync, which changes nothing else.
+    #[test]
+    fn a_sync_sets_the_bits_an_earlier_build_left_out() {
+        let addresses = colliding();
+        let change = LocalAddrChange::new(&addresses, &addresses, &BTreeMap::new());
+        assert_eq!(change.bits_first, local_addr_words(&addresses));
+        assert!(change.gone.is_empty() && change.added.is_empty() && change.bits_last.is_empty());
     }
 }

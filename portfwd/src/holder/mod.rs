@@ -24,7 +24,8 @@
 //! what the map publishes) or `update +tcp/ADDR:PORT -udp/ADDR:PORT ...`
 //! (a change's difference, so that a change costs what it changes, not what
 //! is published) -> `ok HELD` or `busy ADDR:PORT/PROTO ...`; `ping` ->
-//! `pong`; `quit` -> `bye`.
+//! `pong`; `build` -> `build ID` (the holder's own binary, see `build_id`);
+//! `quit` -> `bye`.
 //!
 //! The holder logs to `/run/portfwd/holder<tag>.log` (see `instance`).
 
@@ -32,7 +33,7 @@ use std::{
     fs::{DirBuilder, File, OpenOptions},
     io::{BufRead, BufReader, Write},
     os::unix::{
-        fs::{DirBuilderExt, OpenOptionsExt},
+        fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
         net::UnixStream,
         process::CommandExt,
     },
@@ -62,6 +63,54 @@ fn request(pin_dir: &Path, line: &str) -> Result<String> {
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply)?;
     Ok(reply.trim_end().to_owned())
+}
+
+/// This process's build: the device and inode of its executable, which
+/// a new build installed over the old one (a package upgrade, a copy)
+/// changes, and which `/proc/self/exe` still names after the file was
+/// replaced or deleted.
+pub(crate) fn build_id() -> Option<String> {
+    let exe = std::fs::metadata("/proc/self/exe").ok()?;
+    Some(format!("{}:{}", exe.dev(), exe.ino()))
+}
+
+/// What a running holder is, for an `up` that may have installed a new
+/// build.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RunningHolder {
+    /// None runs, or it is this build's.
+    NoneOrThisBuild,
+    /// Another build's (one before `build` existed answers that it does not
+    /// know the request): it would go on writing the maps as that build
+    /// knew them.
+    OtherBuild,
+}
+
+pub(crate) fn running_holder(pin_dir: &Path) -> RunningHolder {
+    match (request(pin_dir, "build"), build_id()) {
+        (Err(_), _) => RunningHolder::NoneOrThisBuild,
+        (Ok(reply), Some(ours)) if reply == format!("build {ours}") => {
+            RunningHolder::NoneOrThisBuild
+        }
+        (Ok(_), _) => RunningHolder::OtherBuild,
+    }
+}
+
+/// Stops a holder of another build, so that the sync after it starts this
+/// build's. Under `portfwd serve`, which restarts the holder it runs with
+/// its own binary, the holder is left and a note says to restart the
+/// service.
+pub(crate) fn replace_other_build(pin_dir: &Path) -> Result<Option<String>> {
+    if running_holder(pin_dir) == RunningHolder::NoneOrThisBuild {
+        return Ok(None);
+    }
+    if service_runs(pin_dir) {
+        return Ok(Some(
+            "`portfwd serve` runs the port holder of another portfwd build: restart the service to run this one's".into(),
+        ));
+    }
+    stop(pin_dir)?;
+    Ok(None)
 }
 
 pub(crate) fn is_running(pin_dir: &Path) -> bool {

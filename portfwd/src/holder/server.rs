@@ -175,6 +175,7 @@ fn serve(pin_dir: &Path, stream: UnixStream, held: &mut BTreeMap<Hold, OwnedFd>)
     BufReader::new(stream).read_line(&mut line)?;
     match line.trim_end() {
         "ping" => writeln!(writer, "pong")?,
+        "build" => writeln!(writer, "build {}", super::build_id().unwrap_or_default())?,
         "quit" => {
             writeln!(writer, "bye")?;
             return Ok(false);

@@ -172,10 +172,10 @@ pub(crate) fn explain(pin_dir: &Path, question: Question) -> Result<Explanation>
         ));
         return Ok(explanation);
     }
-    // The programs serve wildcard mappings on the addresses of their map,
-    // which the port holder keeps current: that map decides, not the
-    // interfaces' addresses right now.
-    let known = maps.local_addresses().contains(&ip);
+    // The programs serve wildcard mappings on the addresses of their map
+    // (with their bits), which the port holder keeps current: that map
+    // decides, not the interfaces' addresses right now.
+    let known = maps.is_recorded_host_address(ip)?;
     explanation.local_address = loopback || known;
     if on_host != known && !loopback {
         explanation.reasons.push(if on_host {

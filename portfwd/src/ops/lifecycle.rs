@@ -73,15 +73,16 @@ pub(crate) fn up(options: &UpOptions) -> Result<UpReport> {
     rollback.disarm();
     report.kernel = Some(kernel);
     report.install.notes.extend(uplink_notes);
-    // An upgrade in place (programs replaced): a running holder is the
-    // earlier build's, which would go on writing the maps as it knew them
-    // (the host's addresses without their `pf_local_addr_bits`, which this
-    // build's programs read first): stopped, and this build's started by
-    // the sync below. Its ports are unheld for that moment; the traffic to
-    // them is forwarded all along.
-    if !report.install.replaced.is_empty() {
-        holder::stop(pin_dir)?;
-    }
+    // A holder of another build (an upgrade in place, this `up` or an
+    // earlier one that failed half way) would go on writing the maps as
+    // that build knew them (the host's addresses without their
+    // `pf_local_addr_bits`): stopped, and this build's started by the sync
+    // below, which first repairs the addresses' bits. Its ports are unheld
+    // for that moment; the traffic to them is forwarded all along.
+    report
+        .install
+        .notes
+        .extend(holder::replace_other_build(pin_dir)?);
     // Hold every published port (after a reboot: the restored ones too).
     report.busy_ports = holder::sync(pin_dir)?;
     // A trace killed with SIGKILL left the programs writing events.

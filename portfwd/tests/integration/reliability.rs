@@ -266,27 +266,63 @@ fn a_stream_survives_an_upgrade_in_place() {
         stream.read_to_end(&mut data).map(|_| data)
     });
     std::thread::sleep(Duration::from_millis(600));
-    let holder_before = holder_pid().expect("the port holder runs");
     let out = portfwd_ok(&["up", "--reload", "--iface", &client.host_if]);
     assert!(
         out.contains("replaced by this build") && out.contains("pf_tc_uplink_in"),
         "{out}"
     );
-    // The earlier build's holder would go on writing the maps as it knew
-    // them (the host's addresses without their bits): started again.
-    let holder_after = holder_pid().expect("a port holder runs after the upgrade");
-    assert_ne!(holder_after, holder_before, "the holder was started again");
     let data = download.join().unwrap().expect("the stream broke");
     assert_eq!(data.len(), 100 * chunk.len());
     assert!(
         data.chunks(chunk.len()).all(|c| c == chunk.as_slice()),
         "bytes differ"
     );
-    // Without --reload, the same build replaces nothing, and keeps its
-    // holder.
+    // Without --reload, the same build replaces nothing.
     let again = portfwd_ok(&up);
     assert!(!again.contains("replaced"), "{again}");
-    assert_eq!(holder_pid(), Some(holder_after), "the same holder");
+}
+
+/// `up` with another build (here a copy of the binary: another file, as a
+/// package upgrade installs) starts the port holder again, whose earlier
+/// build would go on writing the maps as it knew them (the host's
+/// addresses without their bits); the same build keeps its holder.
+#[test]
+fn up_with_another_build_starts_its_own_port_holder() {
+    let Some(_serial) = root_test("holder_build") else {
+        return;
+    };
+    let ctr = Container::new(66);
+    let _pf = Portfwd::up(&["--iface", &ctr.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62580:80"]);
+    let first = holder_pid().expect("the port holder runs");
+    let copy = std::env::temp_dir().join(format!("portfwd-build-{}", std::process::id()));
+    std::fs::copy(PORTFWD, &copy).unwrap();
+    let up_with = |binary: &str| {
+        let dir = pin_dir();
+        let out = run(binary, &["--bpffs", &dir, "up", "--iface", &ctr.host_if]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    up_with(copy.to_str().unwrap());
+    let second = holder_pid().expect("a port holder runs after the other build's up");
+    assert_ne!(second, first, "the other build started its own holder");
+    up_with(copy.to_str().unwrap());
+    assert_eq!(
+        holder_pid(),
+        Some(second),
+        "the same build keeps its holder"
+    );
+    // Back to the tests' build, whose holder the instance ends with.
+    up_with(PORTFWD);
+    assert_ne!(
+        holder_pid(),
+        Some(second),
+        "this build started its own holder"
+    );
+    assert!(
+        std::net::TcpListener::bind("0.0.0.0:62580").is_err(),
+        "the port is held"
+    );
+    std::fs::remove_file(&copy).ok();
 }
 
 #[test]
