@@ -325,6 +325,58 @@ fn up_with_another_build_starts_its_own_port_holder() {
     std::fs::remove_file(&copy).ok();
 }
 
+/// Sets every word of the pinned `pf_local_addr_bits` to zero: the map as
+/// an upgrade's `up` creates it, or as an earlier build's holder leaves the
+/// bits of the addresses it adds.
+fn clear_local_addr_bits() {
+    let path = std::path::Path::new(&pin_dir()).join(portfwd_common::LOCAL_ADDR_BITS.name);
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let mut bits: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    for word in 0..portfwd_common::LOCAL_ADDR_BITMAP_WORDS {
+        bits.set(word, 0, 0).unwrap();
+    }
+}
+
+/// The host-address bits as an upgrade finds them (the map new, empty,
+/// while `pf_local_addrs` holds the host's addresses): a wildcard mapping
+/// is not served on the host's address through the TC path until `up`
+/// sets them, before its programs are attached, or a command's sync sets
+/// those an earlier build's holder left out.
+#[test]
+fn host_address_bits_are_filled_by_up_and_repaired_by_a_sync() {
+    let Some(_serial) = root_test("host_address_bits") else {
+        return;
+    };
+    let ctr = Container::new(67);
+    let client = Container::with_prefix(67, "ext", 252);
+    let _server = ctr.serve("[::]:80", "ctr67");
+    let _pf = Portfwd::up(&["--iface", &client.host_if]);
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62581:80"]);
+    let published = SocketAddr::new(client.host_v4(), 62581);
+    let served = || {
+        client.inside(move || {
+            // Short: unserved, the SYN meets the held (silent) socket.
+            TcpStream::connect_timeout(&published, Duration::from_secs(1))
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut answer = String::new();
+                    stream.read_to_string(&mut answer)?;
+                    Ok(answer)
+                })
+                .is_ok_and(|answer| answer.starts_with("ctr67"))
+        })
+    };
+    assert!(served(), "served before");
+    clear_local_addr_bits();
+    assert!(!served(), "served with the host address's bit clear");
+    portfwd_ok(&["up", "--iface", &client.host_if]);
+    assert!(served(), "served after up set the bits");
+    clear_local_addr_bits();
+    portfwd_ok(&["map", &ctr.v4().to_string(), "62582:80"]);
+    assert!(served(), "served after a command's sync repaired the bits");
+}
+
 #[test]
 fn map_sizes_are_configurable_and_a_full_map_says_so() {
     let Some(_serial) = root_test("map_sizes") else {
