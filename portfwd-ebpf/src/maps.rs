@@ -167,16 +167,27 @@ pub(crate) fn lacks_port(bitmap: &Array<u32>, proto: u8, port: u16) -> bool {
     bitmap.get(word).is_some_and(|bits| bits & bit == 0)
 }
 
-/// Whether `addr` is surely not one of the host's addresses: its bit in
-/// `LOCAL_ADDR_BITS` is clear. One array read, inlined by the verifier
-/// (see `lacks_port`). A missing word (cannot happen: the index is in
-/// range) counts as a bit, so that the caller looks further.
-#[inline(always)]
-pub(crate) fn surely_not_host_address(family: u8, addr: &Addr) -> bool {
+/// One of the host's addresses (`LOCAL_ADDRS`, kept current by the port
+/// holder; `up` and every `map` refresh it), for the TC programs and the
+/// socket programs alike. Most addresses asked about are not (a reply's
+/// client, a container's peer elsewhere, a remote address dialed): their
+/// clear bit in `LOCAL_ADDR_BITS` answers first, in one array read that
+/// the verifier inlines (see `lacks_port`), without the hash lookup. A
+/// missing word (cannot happen: the index is in range) counts as a bit.
+// Not inlined: the key stays out of `start_flow`'s frame; and inlined, the
+// bit's check took `pf_tc_backend_in`'s own frame to 40 bytes, which must
+// stay within 32 (see `tc::flow::start_flow`).
+#[inline(never)]
+pub(crate) fn is_host_address(family: u8, addr: &Addr) -> bool {
     let (word, bit) = local_addr_bit(family, addr);
-    LOCAL_ADDR_BITS
+    if LOCAL_ADDR_BITS
         .get(word)
         .is_some_and(|bits| bits & bit == 0)
+    {
+        return false;
+    }
+    // SAFETY: the value is not read, only its presence.
+    unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
 }
 
 /// Whether `PEER_LINKS` lists the interface: one array read, inlined by

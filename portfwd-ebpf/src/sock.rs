@@ -36,15 +36,15 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use portfwd_common::{
-    Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, LocalAddrKey,
-    SERVICE_FLAG_HAS_ALLOWLIST, SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey,
-    SockConnected, Stat, TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG,
+    Addr, DialedSlot, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST,
+    SERVICE_FLAG_HOST_ALLOWED, SOCK_DIALED_SLOTS, ServiceKey, SockConnected, Stat,
+    TRACE_PATH_CONNECT, TRACE_PATH_SENDMSG,
 };
 
 use crate::{
     maps::{
-        BACKEND_PORTS, CONFIG, LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED,
-        STATS, lacks_port, surely_not_host_address,
+        BACKEND_PORTS, CONFIG, PUBLISHED_PORTS, SERVICES, SOCK_CONNECTED, SOCK_DIALED, STATS,
+        is_host_address, lacks_port,
     },
     trace,
 };
@@ -210,12 +210,7 @@ fn find_backend(key: ServiceKey) -> Option<Backend> {
     // SAFETY: the value is copied out at once; the map has no preallocation,
     // so a concurrent delete cannot recycle the element under us.
     let found = unsafe { SERVICES.get(&key) }.or_else(|| {
-        // A clear bit first: most addresses dialed are not the host's.
-        let local = loopback
-            || (!surely_not_host_address(key.family, &key.addr)
-                && LOCAL_ADDRS
-                    .get_ptr(LocalAddrKey::new(key.family, key.addr))
-                    .is_some());
+        let local = loopback || is_host_address(key.family, &key.addr);
         if key.addr.is_unspecified() || !local {
             return None;
         }

@@ -9,12 +9,11 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, LocalAddrKey, ServiceKey, ServiceValue};
+use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, ServiceKey, ServiceValue};
 
+pub(super) use crate::maps::is_host_address;
 use crate::{
-    maps::{
-        LOCAL_ADDRS, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, lacks_port, surely_not_host_address,
-    },
+    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, lacks_port},
     packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
@@ -67,22 +66,6 @@ fn backend_of(value: &ServiceValue) -> Backend {
         flags: value.flags,
         ifindex: value.ifindex,
     }
-}
-
-/// One of the host's addresses (`pf_local_addrs`, kept current by the port
-/// holder; `up` and every `map` refresh it). Most addresses asked about
-/// are not (a reply's client, a container's peer elsewhere): their clear
-/// bit answers first, without the hash lookup.
-// Not inlined: the key stays out of `start_flow`'s frame; and inlined, the
-// bit's check took the program's own frame to 40 bytes, which must stay
-// within 32 (see `flow::start_flow`).
-#[inline(never)]
-pub(super) fn is_host_address(family: u8, addr: &Addr) -> bool {
-    if surely_not_host_address(family, addr) {
-        return false;
-    }
-    // SAFETY: the value is not read, only its presence.
-    unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
 }
 
 /// Whether the destination is this host: the kernel's FIB does not forward
