@@ -118,7 +118,6 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
     let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     maps.rebuild_port_bits()?;
     maps.rebuild_local_addr_bits()?;
-    drop(maps);
     let mut report = InstallReport {
         cgroup: cgroup.clone(),
         ..InstallReport::default()
@@ -144,7 +143,6 @@ pub(crate) fn install(options: &InstallOptions, rollback: &mut Rollback) -> Resu
         fs::remove_file(pin_dir.join(name)).ok();
     }
 
-    let mut maps = PinnedMaps::open(pin_dir, &lock)?;
     maps.set_config(Config {
         host_netns_cookie: host::netns_cookie()?,
     })?;

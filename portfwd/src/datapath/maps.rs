@@ -1,7 +1,7 @@
 //! Typed access to the pinned maps: the whole state of portfwd. Every
 //! command that changes them holds the state lock (`lock.rs`).
 
-use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd, path::Path};
+use std::{borrow::BorrowMut, collections::BTreeMap, net::IpAddr, os::fd::AsFd, path::Path};
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{
@@ -663,8 +663,12 @@ fn local_addr_words<'a>(keys: impl IntoIterator<Item = &'a LocalAddrKey>) -> BTr
     words
 }
 
-/// Adds `bits` (word index → bits) to a bitmap.
-fn set_bits(bitmap: &mut Array<MapData, u32>, bits: BTreeMap<u32, u32>) -> Result<()> {
+/// Adds `bits` (word index → bits) to a bitmap (also the packet cases'
+/// own, `tc_fixture`).
+pub(super) fn set_bits<T: BorrowMut<MapData>>(
+    bitmap: &mut Array<T, u32>,
+    bits: BTreeMap<u32, u32>,
+) -> Result<()> {
     for (word, bits) in bits {
         let old = bitmap.get(&word, 0)?;
         if old | bits != old {

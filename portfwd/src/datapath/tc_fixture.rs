@@ -8,7 +8,10 @@
 //! A case file loads a [`Tc`], publishes its mappings, and checks runs into
 //! [`Failures`], which reports them all at once.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -26,7 +29,7 @@ use portfwd_common::{
     ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
 };
 
-use super::object::OBJECT;
+use super::{maps::set_bits, object::OBJECT};
 use crate::model::{Mapping, Protocol};
 
 /// TC verdicts as the test run returns them.
@@ -450,9 +453,8 @@ pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
     // Its bit, which this build's programs read first.
     if let Some(map) = ebpf.map_mut(LOCAL_ADDR_BITS.name) {
         let mut bitmap: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
-        let (word, bit) = local_addr_bit(family, &addr);
-        let bits = bitmap.get(&word, 0).unwrap();
-        bitmap.set(word, bits | bit, 0).unwrap();
+        let bit = BTreeMap::from([local_addr_bit(family, &addr)]);
+        set_bits(&mut bitmap, bit).unwrap();
     }
 }
 
@@ -463,11 +465,12 @@ pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
 pub(super) fn insert_services(ebpf: &mut Ebpf, mappings: &[Mapping]) {
     if let Some(map) = ebpf.map_mut(PUBLISHED_PORTS.name) {
         let mut bitmap: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        let mut bits = BTreeMap::new();
         for mapping in mappings {
             let (word, bit) = port_bit(mapping.key().proto, mapping.host.port());
-            let bits = bitmap.get(&word, 0).unwrap();
-            bitmap.set(word, bits | bit, 0).unwrap();
+            *bits.entry(word).or_default() |= bit;
         }
+        set_bits(&mut bitmap, bits).unwrap();
     }
     let map = ebpf.map_mut(SERVICES.name).expect("the services map");
     let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =

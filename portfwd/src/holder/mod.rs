@@ -74,25 +74,14 @@ pub(crate) fn build_id() -> Option<String> {
     Some(format!("{}:{}", exe.dev(), exe.ino()))
 }
 
-/// What a running holder is, for an `up` that may have installed a new
-/// build.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RunningHolder {
-    /// None runs, or it is this build's.
-    NoneOrThisBuild,
-    /// Another build's (one before `build` existed answers that it does not
-    /// know the request): it would go on writing the maps as that build
-    /// knew them.
-    OtherBuild,
-}
-
-pub(crate) fn running_holder(pin_dir: &Path) -> RunningHolder {
+/// Whether a holder of another build runs (one before `build` existed
+/// answers that it does not know the request): it would go on writing
+/// the maps as that build knew them.
+fn runs_another_build(pin_dir: &Path) -> bool {
     match (request(pin_dir, "build"), build_id()) {
-        (Err(_), _) => RunningHolder::NoneOrThisBuild,
-        (Ok(reply), Some(ours)) if reply == format!("build {ours}") => {
-            RunningHolder::NoneOrThisBuild
-        }
-        (Ok(_), _) => RunningHolder::OtherBuild,
+        (Err(_), _) => false,
+        (Ok(reply), Some(ours)) => reply != format!("build {ours}"),
+        (Ok(_), None) => true,
     }
 }
 
@@ -101,7 +90,7 @@ pub(crate) fn running_holder(pin_dir: &Path) -> RunningHolder {
 /// its own binary, the holder is left and a note says to restart the
 /// service.
 pub(crate) fn replace_other_build(pin_dir: &Path) -> Result<Option<String>> {
-    if running_holder(pin_dir) == RunningHolder::NoneOrThisBuild {
+    if !runs_another_build(pin_dir) {
         return Ok(None);
     }
     if service_runs(pin_dir) {
