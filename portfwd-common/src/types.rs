@@ -151,6 +151,15 @@ pub const CT_FLAG_ANSWERED: u8 = 128;
 /// too, the flow ended cleanly, and both entries are removed at that last
 /// ACK instead of waiting out the closing time.
 pub const CT_MORE_FIN_ACKED: u8 = 1;
+/// In `CtValue::more_flags`, on both entries of an established flow: a RST
+/// from where its sender's side is was seen (`last_seen_ns` says when).
+/// The flow ends after `CT_TCP_CLOSING_NS` idle, unless a packet other
+/// than a RST comes first: then the reset was not the end (a forged one,
+/// which the receiving stack answers with a challenge ACK, RFC 5961, or a
+/// stale one), and the flag is cleared. The stack that sent a genuine
+/// reset answers whatever still comes with another. A SYN of the client
+/// reopens such a flow, as it does a closing one.
+pub const CT_MORE_RESET: u8 = 2;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]

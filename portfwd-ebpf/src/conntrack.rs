@@ -10,9 +10,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
-    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_TCP_CLOSING_NS,
-    CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey, Stat,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_MORE_RESET,
+    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4,
+    FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey, Stat,
 };
 
 use crate::{
@@ -61,6 +61,9 @@ fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
     }
     if ct.flags & CT_FLAG_CLOSING != 0 {
         return now.saturating_sub(ct.closing_since_ns()) > CT_TCP_CLOSING_NS;
+    }
+    if ct.more_flags & CT_MORE_RESET != 0 {
+        return idle > CT_TCP_CLOSING_NS;
     }
     if ct.flags & CT_FLAG_ESTABLISHED == 0 {
         return idle > CT_TCP_SYN_NS;
@@ -125,33 +128,66 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
     }
 }
 
+/// Whether a client's SYN that found the entry `ct` reuses the port of a
+/// flow that ended on the client's side (see `tc::ingress`): a forward
+/// entry of a flow closing, whose client sent its FIN, or that a reset
+/// marked.
+// Not inlined: reading the flags here keeps them out of the program's
+// frame, which starts `start_flow`'s chain, at 6.1's limit.
+#[inline(never)]
+pub(crate) fn port_reused_by_syn(ct: *const CtValue) -> bool {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let ct = unsafe { &*ct };
+    ct.flags & CT_FLAG_REPLY == 0
+        && (ct.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) != 0 || ct.more_flags & CT_MORE_RESET != 0)
+}
+
+/// Refreshes the idle timer of an entry that has no state beyond it (a
+/// `CT_FLAG_HOST` entry, UDP only), as `touch` does: at most once per
+/// `REFRESH_NS`.
+#[inline(always)]
+pub(crate) fn refresh(entry: *mut CtValue, now: u64) {
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    let ct = unsafe { &mut *entry };
+    if now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
+        ct.last_seen_ns = now;
+    }
+}
+
 /// Records that a packet of the flow went by: refreshes the idle timer, and
 /// for TCP follows the flow's state: where each side is, to within
 /// `SEQ_MARK_STEP` (`advance`); the flow is established, both entries, by the client's
 /// answer to the container's (`establish`); each entry is closed by its own
 /// side's packets, the flow closing once both sides sent a FIN (a
-/// half-close lives on) or at a RST, each from where its side is
-/// (`closes_from_its_side`). Only those steps need the other entry: the client's
-/// first packet after its SYN, a RST, or any packet of a side that closed
+/// half-close lives on) or at a RST before it is established, each from
+/// where its side is (`closes_from_its_side`); a RST on an established flow
+/// marks it to end unless another packet follows (`reset`). Only those
+/// steps need the other entry: the client's first packet after its SYN, a
+/// RST and the packet after it, or any packet of a side that closed
 /// already. Other CPUs may write the same entry; a lost update shifts a
 /// timestamp, delays a state by a packet, or (the reply entry's
 /// establishment) is made good by `check_twin` at the flow's next packet
 /// after a second.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) -> Touched {
+    refresh(entry, now);
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
-    if now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
-        ct.last_seen_ns = now;
-    }
     if pkt.proto != IPPROTO_TCP || ct.flags & CT_FLAG_CLOSING != 0 {
         return Touched::Lives;
     }
     if pkt.tcp_flags & TCP_RST != 0 {
         if closes_from_its_side(ct, pkt) {
-            change_state(key, ct, pkt, CT_FLAG_CLOSING, now);
+            if ct.flags & CT_FLAG_ESTABLISHED != 0 {
+                reset(key, ct, now);
+            } else {
+                change_state(key, ct, pkt, CT_FLAG_CLOSING, now);
+            }
         }
         return Touched::Lives;
+    }
+    if ct.more_flags & CT_MORE_RESET != 0 {
+        reset_answered(key, ct);
     }
     advance(ct, pkt);
     if ct.flags & CT_FLAG_FIN != 0 {
@@ -405,12 +441,50 @@ fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
     mark == 0 || (pkt.tcp_flags & TCP_ACK != 0 && near(mark, pkt.ack))
 }
 
+/// A RST from where its sender's side is (`closes_from_its_side`), on an
+/// established flow: marked on both entries (`CT_MORE_RESET`), which end
+/// after the closing time unless another packet comes first
+/// (`reset_answered`). Not closed at once as netfilter does not either: the
+/// mark moves only every `SEQ_MARK_STEP`, so a reset forged blind fits
+/// about one try in 44,000, where the receiving stack wants the exact
+/// number and answers a near miss with a challenge ACK (RFC 5961). The time
+/// of the reset is the entries' last packet, refreshed by further resets.
+#[inline(never)]
+fn reset(key: &CtKey, ct: &mut CtValue, now: u64) {
+    let Some((_, twin)) = twin_entry(key, ct) else {
+        // No twin (evicted): nothing could translate the other direction.
+        close(ct, now);
+        return;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let twin = unsafe { &mut *twin };
+    ct.more_flags |= CT_MORE_RESET;
+    ct.last_seen_ns = now;
+    twin.more_flags |= CT_MORE_RESET;
+    twin.last_seen_ns = now;
+}
+
+/// A packet other than a RST on a flow marked by one (`reset`): the flow
+/// goes on, both entries unmarked. After a forged reset it is the
+/// receiver's challenge ACK, or the next packet of either side; after a
+/// genuine one, a packet that was under way, which the side that reset
+/// answers with another reset (marked again).
+#[inline(never)]
+fn reset_answered(key: &CtKey, ct: &mut CtValue) {
+    ct.more_flags &= !CT_MORE_RESET;
+    if let Some((_, twin)) = twin_entry(key, ct) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        unsafe { (*twin).more_flags &= !CT_MORE_RESET };
+    }
+}
+
 /// A state change that concerns both entries of the flow (rare: a few
 /// packets per flow), so the twin entry is looked up here (and at a FIN,
 /// `acknowledge_fin_of_twin`).
 #[inline(never)]
 fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64) -> Touched {
-    // `event`: a RST (closing is `close`'s to set, with its time), or a
+    // `event`: a RST before the flow is established (closing is `close`'s
+    // to set, with its time), or a
     // packet of a side whose FIN `touch` recorded already.
     let Some((twin_key, twin)) = twin_entry(key, ct) else {
         // No twin (evicted): nothing could translate the other direction.
@@ -433,7 +507,7 @@ fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64
             let _ = CONNTRACK.remove(twin_key);
             return Touched::Ended;
         }
-        // Else (a RST; FINs that crossed, neither acknowledging the other;
+        // Else (a RST of a flow not established; FINs that crossed, neither acknowledging the other;
         // a FIN's end not known) the flow closes, and its entries wait out
         // the closing time for the packets still under way.
         _ => {

@@ -44,9 +44,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey,
-    CtValue, IPPROTO_TCP, IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat,
-    TRACE_PATH_CONTAINERS, TRACE_PATH_UPLINK, TRANSLATED_MARK,
+    CT_FLAG_HOST, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue, IPPROTO_TCP,
+    IPPROTO_UDP, SERVICE_FLAG_HAS_ALLOWLIST, ServiceKey, Stat, TRACE_PATH_CONTAINERS,
+    TRACE_PATH_UPLINK, TRANSLATED_MARK,
 };
 
 use self::{
@@ -124,7 +124,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // A reply to what the host itself sent from a published port (see
         // `routed_reply`): the host's, not a new flow.
         if flags & CT_FLAG_HOST != 0 {
-            conntrack::touch(key, entry, pkt, now);
+            conntrack::refresh(entry, now);
             return NEXT;
         }
         // A packet in the container's name from an uplink is checked before
@@ -140,11 +140,12 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         let syn = is_new_tcp(pkt);
         // A SYN on a flow whose client closed its side (the flow closing,
         // or the client's FIN seen: the other side's FIN is noticed at the
-        // client's next packet, see `conntrack::touch`) is the client
-        // reusing its port, which no live socket of its holds: a new flow,
-        // which takes the old one's entries over or forgets them
-        // (`conntrack::reopen`), with or without its other entry.
-        if syn && flags & CT_FLAG_REPLY == 0 && flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) != 0 {
+        // client's next packet, see `conntrack::touch`), or after a reset
+        // that nothing answered yet, is the client reusing its port, which
+        // no live socket of its holds: a new flow, which takes the old
+        // one's entries over or forgets them (`conntrack::reopen`), with or
+        // without its other entry.
+        if syn && conntrack::port_reused_by_syn(entry) {
             return new_flow(ctx, pkt, path, from_containers, entry);
         }
         // A flow that lost its other entry (evicted, or expired alone) is

@@ -10,8 +10,9 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
     CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS,
-    CtKey, CtValue, FAMILY_V4, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey,
+    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_RESET, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
+    CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
+    MASQ_FLOWS_STARTED, ServiceKey,
 };
 use serde::Serialize;
 
@@ -53,8 +54,13 @@ pub(crate) enum FlowState {
     Established,
     /// One side sent a FIN, the other goes on.
     HalfClosed,
-    /// Both sides closed, or a RST: gone within seconds.
+    /// Both sides closed, or a RST before the flow was established: gone
+    /// within seconds.
     Closing,
+    /// A RST on an established flow: gone within seconds, unless a packet
+    /// of either side follows (the reset was forged: the receiver answered
+    /// it with a challenge ACK), which makes it established again.
+    Reset,
     /// UDP (no states).
     Udp,
 }
@@ -66,6 +72,7 @@ impl FlowState {
             FlowState::Established => "established",
             FlowState::HalfClosed => "half-closed",
             FlowState::Closing => "closing",
+            FlowState::Reset => "reset",
             FlowState::Udp => "udp",
         }
     }
@@ -100,6 +107,9 @@ fn live(key: &CtKey, value: &CtValue, now: u64) -> bool {
     if value.flags & CT_FLAG_CLOSING != 0 {
         return now.saturating_sub(value.closing_since_ns()) <= CT_TCP_CLOSING_NS;
     }
+    if value.more_flags & CT_MORE_RESET != 0 {
+        return idle <= CT_TCP_CLOSING_NS;
+    }
     if value.flags & CT_FLAG_ESTABLISHED == 0 {
         return idle <= CT_TCP_SYN_NS;
     }
@@ -126,6 +136,7 @@ fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
     let state = match protocol {
         Protocol::Udp => FlowState::Udp,
         Protocol::Tcp if value.flags & CT_FLAG_CLOSING != 0 => FlowState::Closing,
+        Protocol::Tcp if value.more_flags & CT_MORE_RESET != 0 => FlowState::Reset,
         Protocol::Tcp if value.flags & CT_FLAG_ESTABLISHED == 0 => FlowState::SynSent,
         Protocol::Tcp if value.flags & CT_FLAG_FIN != 0 => FlowState::HalfClosed,
         Protocol::Tcp => FlowState::Established,
@@ -383,6 +394,14 @@ mod tests {
         value.set_tcp_next(7_000);
         assert!(live(&key, &value, 5_000_000_000 + CT_TCP_CLOSING_NS));
         assert!(!live(&key, &value, 6_000_000_000 + CT_TCP_CLOSING_NS));
+        // An established flow after a reset lives 10 s after its last
+        // packet, its mark kept.
+        value.flags = CT_FLAG_ESTABLISHED;
+        value.more_flags = CT_MORE_RESET;
+        assert_eq!(decode(&key, &value, now).unwrap().state, FlowState::Reset);
+        assert!(live(&key, &value, 5_000_000_000 + CT_TCP_CLOSING_NS));
+        assert!(!live(&key, &value, 6_000_000_000 + CT_TCP_CLOSING_NS));
+        value.more_flags = 0;
         value.last_seen_ns = 1_000_000_000;
         value.flags = 0;
         assert_eq!(decode(&key, &value, now).unwrap().state, FlowState::SynSent);
