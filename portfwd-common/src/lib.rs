@@ -33,8 +33,10 @@ pub const NAME_LEN: usize = 64;
 /// Connection tracking timeouts, in nanoseconds of the monotonic clock
 /// (`bpf_ktime_get_coarse_ns`).
 pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
-/// Once both sides sent a FIN (or after a RST), a TCP flow lingers this
-/// long for the last ACKs.
+/// Once both sides sent a FIN (or after a RST before the flow was
+/// established), a TCP flow lingers this long for the last ACKs. A flow
+/// marked by a RST once established (`CT_MORE_RESET`) ends after this
+/// long idle.
 pub const CT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 /// A TCP flow that never saw a reply (a SYN flood, a dead container) ends
 /// after this long idle, not after `CT_TCP_IDLE_NS`.

@@ -109,8 +109,9 @@ pub struct CtKey {
 
 /// This entry is for the reply direction (container -> client).
 pub const CT_FLAG_REPLY: u8 = 1;
-/// Both sides sent a FIN, or a RST was seen: the flow ends after
-/// `CT_TCP_CLOSING_NS`. Set on both entries of the flow.
+/// Both sides sent a FIN, or a RST was seen before the flow was established
+/// (or with its other entry gone; after, see `CT_MORE_RESET`): the flow ends
+/// after `CT_TCP_CLOSING_NS`. Set on both entries of the flow.
 pub const CT_FLAG_CLOSING: u8 = 2;
 /// A hairpin flow (a container dialing a published address through the
 /// host): the other end is rewritten too, see `CtValue::masq_addr`.
@@ -154,11 +155,12 @@ pub const CT_MORE_FIN_ACKED: u8 = 1;
 /// In `CtValue::more_flags`, on both entries of an established flow: a RST
 /// from where its sender's side is was seen (`last_seen_ns` says when).
 /// The flow ends after `CT_TCP_CLOSING_NS` idle, unless a packet other
-/// than a RST comes first: then the reset was not the end (a forged one,
-/// which the receiving stack answers with a challenge ACK, RFC 5961, or a
-/// stale one), and the flag is cleared. The stack that sent a genuine
-/// reset answers whatever still comes with another. A SYN of the client
-/// reopens such a flow, as it does a closing one.
+/// than a RST, from where its own side is, comes first: then the reset was
+/// not the end (a forged one inside the receiver's window, which the
+/// receiving stack answers with a challenge ACK, RFC 5961; or the flow
+/// simply goes on), and the flag is cleared. The stack that sent a genuine
+/// reset answers whatever still reaches it with another. A SYN of the
+/// client reopens such a flow, as it does a closing one.
 pub const CT_MORE_RESET: u8 = 2;
 
 /// Value of the connection tracking map: how to rewrite the packet.

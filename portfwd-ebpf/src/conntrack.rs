@@ -118,6 +118,16 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
                 {
                     (*reply).flags |= CT_FLAG_ESTABLISHED;
                 }
+                // A reset this entry took back (`reset_answered`) whose
+                // mark stayed on the twin (the clearing write lost to
+                // another CPU's): the flow would end at its first 10 s of
+                // silence.
+                if ct.more_flags & CT_MORE_RESET == 0
+                    && pkt.tcp_flags & TCP_RST == 0
+                    && (*twin).more_flags & CT_MORE_RESET != 0
+                {
+                    (*twin).more_flags &= !CT_MORE_RESET;
+                }
             }
             false
         }
@@ -178,15 +188,13 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     }
     if pkt.tcp_flags & TCP_RST != 0 {
         if closes_from_its_side(ct, pkt) {
-            if ct.flags & CT_FLAG_ESTABLISHED != 0 {
-                reset(key, ct, now);
-            } else {
-                change_state(key, ct, pkt, CT_FLAG_CLOSING, now);
-            }
+            reset(key, ct, now);
         }
         return Touched::Lives;
     }
-    if ct.more_flags & CT_MORE_RESET != 0 {
+    // Only a packet from where its side is takes a reset back (netfilter
+    // too keeps only packets within the window): one sent blind does not.
+    if ct.more_flags & CT_MORE_RESET != 0 && from_its_side(ct, pkt) {
         reset_answered(key, ct);
     }
     advance(ct, pkt);
@@ -197,7 +205,7 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
         // ACK of the other's FIN; and when both send their FIN at once on
         // two CPUs, each before it sees the other's, whichever side sends
         // next does.
-        return change_state(key, ct, pkt, CT_FLAG_FIN, now);
+        return after_fin(key, ct, pkt, now);
     }
     // The container's packets mark its answer on the reply entry; the
     // client's first packet after its SYN (its ACK of that answer)
@@ -422,12 +430,19 @@ const MAX_CATCH_UP: u32 = 1 << 30;
 /// A close that does not is counted (`Stat::CloseOutOfWindow`).
 #[inline(always)]
 fn closes_from_its_side(ct: &CtValue, pkt: &Packet) -> bool {
-    let mark = ct.tcp_next();
-    let fits = mark == 0 || near(mark, pkt.seq);
+    let fits = from_its_side(ct, pkt);
     if !fits {
         count(Stat::CloseOutOfWindow);
     }
     fits
+}
+
+/// Whether the packet's sequence number is `near` where its side (the
+/// entry `ct`'s) is, or that is not known.
+#[inline(always)]
+fn from_its_side(ct: &CtValue, pkt: &Packet) -> bool {
+    let mark = ct.tcp_next();
+    mark == 0 || near(mark, pkt.seq)
 }
 
 /// Whether the client's packet acknowledges the container's answer, whose
@@ -444,11 +459,16 @@ fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
 /// A RST from where its sender's side is (`closes_from_its_side`), on an
 /// established flow: marked on both entries (`CT_MORE_RESET`), which end
 /// after the closing time unless another packet comes first
-/// (`reset_answered`). Not closed at once as netfilter does not either: the
-/// mark moves only every `SEQ_MARK_STEP`, so a reset forged blind fits
-/// about one try in 44,000, where the receiving stack wants the exact
-/// number and answers a near miss with a challenge ACK (RFC 5961). The time
-/// of the reset is the entries' last packet, refreshed by further resets.
+/// (`reset_answered`), as netfilter lowers an established flow's timeout to
+/// 10 s at a reset that is not exactly at its side's end, until the next
+/// packet within the window. The mark moves only every `SEQ_MARK_STEP`, so
+/// a reset forged blind fits about one try in 44,000, where the receiving
+/// stack wants the exact number: it answers one inside its window with a
+/// challenge ACK (RFC 5961), which takes the reset back here, and drops one
+/// behind it silently (then a flow that stays silent for the closing time
+/// ends). The time of the reset is the entries' last packet, refreshed by
+/// further resets. A reset before the flow is established (a container
+/// refusing the connection) closes it.
 #[inline(never)]
 fn reset(key: &CtKey, ct: &mut CtValue, now: u64) {
     let Some((_, twin)) = twin_entry(key, ct) else {
@@ -458,6 +478,13 @@ fn reset(key: &CtKey, ct: &mut CtValue, now: u64) {
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &mut *twin };
+    // Either entry says established: the write that establishes the reply
+    // entry may be lost to another CPU's (`check_twin` makes it good).
+    if (ct.flags | twin.flags) & CT_FLAG_ESTABLISHED == 0 {
+        close(ct, now);
+        close(twin, now);
+        return;
+    }
     ct.more_flags |= CT_MORE_RESET;
     ct.last_seen_ns = now;
     twin.more_flags |= CT_MORE_RESET;
@@ -478,14 +505,12 @@ fn reset_answered(key: &CtKey, ct: &mut CtValue) {
     }
 }
 
-/// A state change that concerns both entries of the flow (rare: a few
-/// packets per flow), so the twin entry is looked up here (and at a FIN,
-/// `acknowledge_fin_of_twin`).
+/// A packet of a side whose FIN `touch` recorded already: a state change
+/// that concerns both entries of the flow (rare: a few packets per flow),
+/// so the twin entry is looked up here (and at a FIN,
+/// `acknowledge_fin_of_twin`; at a RST, `reset`).
 #[inline(never)]
-fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64) -> Touched {
-    // `event`: a RST before the flow is established (closing is `close`'s
-    // to set, with its time), or a
-    // packet of a side whose FIN `touch` recorded already.
+fn after_fin(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) -> Touched {
     let Some((twin_key, twin)) = twin_entry(key, ct) else {
         // No twin (evicted): nothing could translate the other direction.
         close(ct, now);
@@ -493,28 +518,25 @@ fn change_state(key: &CtKey, ct: &mut CtValue, pkt: &Packet, event: u8, now: u64
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &mut *twin };
-    match event {
-        // One side closed; the flow closes when the other side has too.
-        CT_FLAG_FIN if twin.flags & CT_FLAG_FIN == 0 => {}
-        // Both closed, and this packet acknowledges the other side's FIN
-        // after the other side acknowledged this one's: the flow's last
-        // packet. Its entries go with it, rather than fill the table for
-        // the closing time and until the sweep (a busy host's ended flows
-        // would make the LRU evict its live idle ones): the other one now
-        // (this packet does not read it), this one once the packet is
-        // translated (`Touched::Ended`).
-        CT_FLAG_FIN if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) => {
-            let _ = CONNTRACK.remove(twin_key);
-            return Touched::Ended;
-        }
-        // Else (a RST of a flow not established; FINs that crossed, neither acknowledging the other;
-        // a FIN's end not known) the flow closes, and its entries wait out
-        // the closing time for the packets still under way.
-        _ => {
-            close(ct, now);
-            close(twin, now);
-        }
+    // One side closed; the flow closes when the other side has too.
+    if twin.flags & CT_FLAG_FIN == 0 {
+        return Touched::Lives;
     }
+    // Both closed, and this packet acknowledges the other side's FIN after
+    // the other side acknowledged this one's: the flow's last packet. Its
+    // entries go with it, rather than fill the table for the closing time
+    // and until the sweep (a busy host's ended flows would make the LRU
+    // evict its live idle ones): the other one now (this packet does not
+    // read it), this one once the packet is translated (`Touched::Ended`).
+    if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) {
+        let _ = CONNTRACK.remove(twin_key);
+        return Touched::Ended;
+    }
+    // Else (FINs that crossed, neither acknowledging the other; a FIN's end
+    // not known) the flow closes, and its entries wait out the closing time
+    // for the packets still under way.
+    close(ct, now);
+    close(twin, now);
     Touched::Lives
 }
 
@@ -671,11 +693,12 @@ fn flow_flags(pkt: &Packet, nat: &Nat) -> u8 {
     flags
 }
 
-/// For a SYN reopening a closing flow, whose forward entry `forward` the
-/// packet's lookup found: `create`'s work when the new flow goes where the
-/// old one went (an external client, no NAT46, which the caller checks; the
-/// same container and port; the old flow's reply entry there, so the client
-/// keeps its port): both keys stay, and the old entries are rewritten in
+/// For a SYN reopening a closing flow (or one whose client sent its FIN,
+/// or that a reset marked: `port_reused_by_syn`), whose forward entry
+/// `forward` the packet's lookup found: `create`'s work when the new flow
+/// goes where the old one went (an external client, no NAT46, which the
+/// caller checks; the same container and port; the old flow's reply entry
+/// there, so the client keeps its port): both keys stay, and the old entries are rewritten in
 /// place. That costs one lookup (the reply entry) where removing and
 /// inserting them again cost two deletions and two insertions, each taking
 /// an element from the LRU's lists (and, from a full map, evicting one),
@@ -739,8 +762,9 @@ pub(crate) fn reopen(
     None
 }
 
-/// Forgets the closing flow whose forward entry `forward` a SYN with its
-/// ports found, when the new flow cannot take its entries over (`reopen`).
+/// Forgets the closing flow (as in `reopen`) whose forward entry `forward`
+/// a SYN with its ports found, when the new flow cannot take its entries
+/// over (`reopen`).
 /// Its reply entry's key may differ from the new flow's, and left behind it
 /// would translate the old container's late packets into the new
 /// connection, and its own end (a changed mapping) would remove the new
