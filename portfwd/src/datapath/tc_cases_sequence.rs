@@ -10,12 +10,13 @@
 use std::net::SocketAddr;
 
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CT_MORE_RESET, CT_TCP_CLOSING_NS, Stat,
+    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CT_MORE_RESET, CT_TCP_CLOSING_NS,
+    FAMILY_V4, Stat,
 };
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TO_STACK, Tc,
-    UPLINK_IN, at, change_entries, conntrack_flags, mapping, of_every_entry, segment,
+    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, mapping, of_every_entry, segment,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -868,4 +869,40 @@ fn a_reset_mark_left_on_one_entry_is_cleared() {
     assert!(open(&tc), "{:?}", ends(&tc));
     age(&mut tc, PAST_CLOSING_NS);
     assert!(client_data_translated(&tc, client, CLIENT_AFTER));
+}
+
+/// A client that resets its connection and dials again from the same port
+/// after its mapping moved to another container: the SYN forgets the old
+/// flow, both entries, and opens one to the new container (`reopen` cannot
+/// take the old entries over: their keys name the old container).
+#[test]
+fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
+    let Some(mut tc) = load("a_syn_after_a_reset_goes_where_the_mapping_now_points") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40081);
+    exchanged(&tc, client);
+    client_reset(&tc, client, CLIENT_AFTER);
+    assert!(reset_marked(&tc), "{:?}", ends(&tc));
+    let moved = at(OTHER_CTR_V4, 80);
+    tc.publish(&[mapping(Protocol::Tcp, dialed(), moved)]);
+    tc.move_services_generation(1);
+    let isn = CLIENT_ISN + 5_000_000;
+    assert_eq!(
+        tc.run(
+            UPLINK_IN,
+            &segment((client, dialed()), TCP_SYN, (isn, 0), &[])
+        ),
+        (TO_STACK, segment((client, moved), TCP_SYN, (isn, 0), &[])),
+        "the SYN opens a flow to the new container"
+    );
+    assert!(
+        open(&tc),
+        "the new flow's two entries only: {:?}",
+        ends(&tc)
+    );
+    assert!(
+        of_every_entry(&tc, |value| value.nat_addr.to_ip(FAMILY_V4)).contains(&Some(moved.ip())),
+        "the forward entry translates to the new container"
+    );
 }
