@@ -548,10 +548,10 @@ fn exchanged(tc: &Tc, client: SocketAddr) {
     );
 }
 
-/// One segment of a closing flow: from the client or from the container,
-/// its flags, sequence and acknowledgment numbers; the translated segment
-/// out (and the verdict, for the client's).
-fn closing_step(tc: &Tc, client: SocketAddr, from_client: bool, flags: u8, seq_ack: (u32, u32)) {
+/// One segment of the flow, without data: from the client or from the
+/// container, its flags, sequence and acknowledgment numbers; the
+/// translated segment out (and the verdict, for the client's).
+fn flow_step(tc: &Tc, client: SocketAddr, from_client: bool, flags: u8, seq_ack: (u32, u32)) {
     let (program, ends, out_ends) = if from_client {
         (UPLINK_IN, (client, dialed()), (client, container()))
     } else {
@@ -587,30 +587,30 @@ fn a_flow_that_closes_cleanly_is_forgotten_at_its_last_ack() {
     // own.
     let client = at(CLIENT_V4, 40070);
     exchanged(&tc, client);
-    closing_step(&tc, client, true, FIN_ACK, (c, s));
-    closing_step(&tc, client, false, FIN_ACK, (s, c + 1));
+    flow_step(&tc, client, true, FIN_ACK, (c, s));
+    flow_step(&tc, client, false, FIN_ACK, (s, c + 1));
     assert_eq!(conntrack_flags(&tc).len(), 2, "before the last ACK");
-    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
+    flow_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
     assert_eq!(conntrack_flags(&tc), Vec::<u8>::new(), "client first");
 
     // The container closes first; the client acknowledges its FIN, then
     // sends its own.
     let client = at(CLIENT_V4, 40071);
     exchanged(&tc, client);
-    closing_step(&tc, client, false, FIN_ACK, (s, c));
-    closing_step(&tc, client, true, TCP_ACK, (c, s + 1));
-    closing_step(&tc, client, true, FIN_ACK, (c, s + 1));
+    flow_step(&tc, client, false, FIN_ACK, (s, c));
+    flow_step(&tc, client, true, TCP_ACK, (c, s + 1));
+    flow_step(&tc, client, true, FIN_ACK, (c, s + 1));
     assert_eq!(conntrack_flags(&tc).len(), 2, "before the last ACK");
-    closing_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
+    flow_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
     assert_eq!(conntrack_flags(&tc), Vec::<u8>::new(), "container first");
 
     // FINs that cross: each side's ACK of the other's comes after both.
     let client = at(CLIENT_V4, 40072);
     exchanged(&tc, client);
-    closing_step(&tc, client, true, FIN_ACK, (c, s));
-    closing_step(&tc, client, false, FIN_ACK, (s, c));
-    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
-    closing_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
+    flow_step(&tc, client, true, FIN_ACK, (c, s));
+    flow_step(&tc, client, false, FIN_ACK, (s, c));
+    flow_step(&tc, client, true, TCP_ACK, (c + 1, s + 1));
+    flow_step(&tc, client, false, TCP_ACK, (s + 1, c + 1));
     assert!(closing(&tc), "crossed: {:?}", conntrack_flags(&tc));
 
     // A last ACK that acknowledges something else than the FIN.
@@ -619,9 +619,9 @@ fn a_flow_that_closes_cleanly_is_forgotten_at_its_last_ack() {
     };
     let client = at(CLIENT_V4, 40073);
     exchanged(&tc, client);
-    closing_step(&tc, client, true, FIN_ACK, (c, s));
-    closing_step(&tc, client, false, FIN_ACK, (s, c + 1));
-    closing_step(&tc, client, true, TCP_ACK, (c + 1, s + 1 + 1_000));
+    flow_step(&tc, client, true, FIN_ACK, (c, s));
+    flow_step(&tc, client, false, FIN_ACK, (s, c + 1));
+    flow_step(&tc, client, true, TCP_ACK, (c + 1, s + 1 + 1_000));
     assert!(closing(&tc), "not exact: {:?}", conntrack_flags(&tc));
 }
 
@@ -669,10 +669,7 @@ fn a_reset_the_other_side_answers_leaves_the_flow_open() {
     client_reset(&tc, client, CLIENT_AFTER + 1_000);
     assert!(reset_marked(&tc), "{:?}", ends(&tc));
     let challenge_ack = (CONTAINER_AFTER, CLIENT_AFTER);
-    tc.run(
-        BACKEND_IN,
-        &segment((container(), client), TCP_ACK, challenge_ack, &[]),
-    );
+    flow_step(&tc, client, false, TCP_ACK, challenge_ack);
     assert!(open(&tc), "{:?}", ends(&tc));
     age(&mut tc, PAST_CLOSING_NS);
     assert!(
@@ -686,21 +683,10 @@ fn a_reset_the_other_side_answers_leaves_the_flow_open() {
     };
     let client = at(CLIENT_V4, 40075);
     exchanged(&tc, client);
-    tc.run(
-        BACKEND_IN,
-        &segment(
-            (container(), client),
-            TCP_RST,
-            (CONTAINER_AFTER + 1_000, 0),
-            &[],
-        ),
-    );
+    flow_step(&tc, client, false, TCP_RST, (CONTAINER_AFTER + 1_000, 0));
     assert!(reset_marked(&tc), "{:?}", ends(&tc));
     let challenge_ack = (CLIENT_AFTER, CONTAINER_AFTER);
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_ACK, challenge_ack, &[]),
-    );
+    flow_step(&tc, client, true, TCP_ACK, challenge_ack);
     assert!(open(&tc), "{:?}", ends(&tc));
     age(&mut tc, PAST_CLOSING_NS);
     assert!(
@@ -828,15 +814,7 @@ fn a_reset_is_judged_by_the_flow_not_by_one_entry() {
             value.flags &= !CT_FLAG_ESTABLISHED;
         }
     });
-    tc.run(
-        BACKEND_IN,
-        &segment(
-            (container(), client),
-            TCP_RST,
-            (CONTAINER_AFTER + 1_000, 0),
-            &[],
-        ),
-    );
+    flow_step(&tc, client, false, TCP_RST, (CONTAINER_AFTER + 1_000, 0));
     assert!(reset_marked(&tc), "{:?}", ends(&tc));
 }
 
@@ -857,15 +835,7 @@ fn a_reset_mark_left_on_one_entry_is_cleared() {
         }
         value.last_seen_ns -= 2_000_000_000;
     });
-    tc.run(
-        BACKEND_IN,
-        &segment(
-            (container(), client),
-            TCP_ACK,
-            (CONTAINER_AFTER, CLIENT_AFTER),
-            &[],
-        ),
-    );
+    flow_step(&tc, client, false, TCP_ACK, (CONTAINER_AFTER, CLIENT_AFTER));
     assert!(open(&tc), "{:?}", ends(&tc));
     age(&mut tc, PAST_CLOSING_NS);
     assert!(client_data_translated(&tc, client, CLIENT_AFTER));
