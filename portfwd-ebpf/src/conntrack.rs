@@ -215,6 +215,9 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     // an established flow leave the line clean (the common case).
     let mut flags = ct.flags;
     if flags & CT_FLAG_REPLY != 0 {
+        if flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 && pkt.tcp_flags & TCP_SYN == 0 {
+            answered_without_syn(key, ct, pkt);
+        }
         flags |= CT_FLAG_ANSWERED;
     } else if flags & CT_FLAG_ESTABLISHED == 0
         && pkt.tcp_flags & TCP_SYN == 0
@@ -249,6 +252,32 @@ pub(crate) enum Touched {
     /// acknowledged the other's. The other entry is removed already; the
     /// caller translates the packet, then removes this entry.
     Ended,
+}
+
+/// The container's first answer on a flow, when it is not a SYN-ACK: the
+/// container holds a connection with these ports already, in TIME_WAIT or
+/// alive (the SYN that opened or reopened the flow was not the client's: a
+/// forger's right after its lucky reset, see `port_reused_by_syn`), and
+/// acknowledges where that connection's client is. The client's mark goes
+/// there, not where the SYN said: a forger would otherwise choose it, and
+/// its next reset would fit at once while the connection's own no longer
+/// did. A client reusing its port against a TIME_WAIT socket then gets
+/// this ACK, and its reset of it (at that number) fits and closes the flow,
+/// which its next SYN reopens. Only the container's own packet counts, as
+/// in `catch_up`; a client side whose FIN is recorded keeps its exact mark.
+#[inline(never)]
+fn answered_without_syn(key: &CtKey, ct: &CtValue, pkt: &Packet) {
+    if pkt.from_uplink || pkt.tcp_flags & TCP_ACK == 0 || pkt.ack == 0 {
+        return;
+    }
+    let Some((_, forward)) = twin_entry(key, ct) else {
+        return;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let forward = unsafe { &mut *forward };
+    if forward.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) == 0 {
+        forward.set_tcp_next(pkt.ack);
+    }
 }
 
 /// Whether `pkt` acknowledges the FIN of the side whose entry is `other`,

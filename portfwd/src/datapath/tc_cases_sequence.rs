@@ -876,3 +876,38 @@ fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
         "the forward entry translates to the new container"
     );
 }
+
+/// A SYN forged right after a lucky reset (both in the client's name)
+/// reopens the flow as a client reusing its port would, at a sequence
+/// number of the forger's choosing. The container, whose connection lives,
+/// answers it with an ACK, not a SYN-ACK, which says where the client
+/// really is: the client's mark goes there, so that the flow goes on and
+/// the forger's next reset, at its own number, does not fit. Before, the
+/// client's mark stayed at the forger's number.
+#[test]
+fn a_forged_syn_after_a_reset_does_not_choose_the_clients_mark() {
+    let Some(tc) = load("a_forged_syn_after_a_reset_does_not_choose_the_clients_mark") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40082);
+    exchanged(&tc, client);
+    client_reset(&tc, client, CLIENT_AFTER + 1_000);
+    let forged_isn = CLIENT_ISN + 5_000_000;
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (forged_isn, 0), &[]),
+    );
+    flow_step(&tc, client, false, TCP_ACK, (CONTAINER_AFTER, CLIENT_AFTER));
+    flow_step(&tc, client, true, TCP_ACK, (CLIENT_AFTER, CONTAINER_AFTER));
+    assert!(
+        conntrack_flags(&tc)
+            .iter()
+            .all(|f| f & CT_FLAG_ESTABLISHED != 0),
+        "established again: {:?}",
+        conntrack_flags(&tc)
+    );
+    client_reset(&tc, client, forged_isn + 1);
+    assert!(open(&tc), "the forger's reset: {:?}", ends(&tc));
+    client_reset(&tc, client, CLIENT_AFTER);
+    assert!(reset_marked(&tc), "the client's reset: {:?}", ends(&tc));
+}

@@ -2046,7 +2046,10 @@ fn non_ethernet_uplinks_are_refused() {
 /// (RFC 5961). A forged reset that falls where the client's side is (a
 /// blind forger's lucky guess, about one in 44,000) is answered by the
 /// container's challenge ACK, and the flow goes on; before, it closed the
-/// flow.
+/// flow. A SYN forged right after a reset that the container ignored
+/// reopens the flow, but cannot choose the client's mark: the container's
+/// answer (an ACK of its live connection, not a SYN-ACK) puts it where the
+/// client is; before, the forger's next reset, at its own number, fitted.
 #[test]
 fn forged_resets_leave_a_live_flow_open() {
     use std::io::{Read, Write};
@@ -2139,22 +2142,26 @@ fn forged_resets_leave_a_live_flow_open() {
         .client
         .inside(move || RawSocket::bind(&client_if))
         .expect("raw socket in the client namespace");
-    let send_reset = |seq: u32, id: u16| {
+    // A forged segment in the client's name (a reset, else a SYN), then
+    // time for what it causes. More than the 500 ms that Linux leaves
+    // between two challenge ACKs of one connection.
+    let send_forged = |seq: u32, id: u16, reset: bool| {
         let forged = tcp_segment(
             client.into(),
             host.into(),
             (client_port, port),
             seq,
-            |header| header.rst = true,
+            |header| (header.rst, header.syn) = (reset, !reset),
         );
         sender
             .send(&topo.frame(
                 ETH_P_IP,
                 &Ipv4Packet::new(client, host, TCP, forged).id(id).build(),
             ))
-            .expect("sending the forged reset");
-        std::thread::sleep(Duration::from_millis(300));
+            .expect("sending the forged segment");
+        std::thread::sleep(Duration::from_millis(600));
     };
+    let send_reset = |seq: u32, id: u16| send_forged(seq, id, true);
     let ignored = stats()["closes_out_of_window"];
     send_reset(client_next.wrapping_add(100_000), 0xc100);
     assert_eq!(ending(entries()), [false, false], "after the forged reset");
@@ -2173,6 +2180,28 @@ fn forged_resets_leave_a_live_flow_open() {
     );
     assert_eq!(stats()["closes_out_of_window"], ignored + 1);
     assert!(echoes(&mut stream), "the flow still works");
+    // 1,000 bytes behind the client's mark: near its side, but behind the
+    // container's window, which drops it without an answer (the flow is
+    // marked); then a SYN at a number of the forger's choosing, which
+    // reopens the flow as a client reusing its port would. The container's
+    // connection lives: it answers with an ACK, not a SYN-ACK, which puts
+    // the client's mark where the client is. The flow goes on, and the
+    // forger's reset at its own number does not fit.
+    let forged_isn = client_next.wrapping_add(1 << 30);
+    send_reset(client_next.wrapping_sub(1_000), 0xc102);
+    send_forged(forged_isn, 0xc103, false);
+    assert!(echoes(&mut stream), "the flow works after the forged SYN");
+    let out_of_window = stats()["closes_out_of_window"];
+    send_reset(forged_isn.wrapping_add(1), 0xc104);
+    assert_eq!(
+        ending(entries()),
+        [false, false],
+        "after the forger's reset at its own number: {:?}",
+        entries()
+    );
+    assert_eq!(stats()["closes_out_of_window"], out_of_window + 1);
+    assert!(echoes(&mut stream), "the flow still works");
+    let ignored = stats()["closes_out_of_window"];
     // 1 MB each way, then the client's own reset (SO_LINGER 0): at where
     // the client is by then, a megabyte past the mark read above.
     let block = vec![b'x'; 1 << 20];
@@ -2184,5 +2213,9 @@ fn forged_resets_leave_a_live_flow_open() {
     reset(stream);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ending(entries()), [true, true], "after the client's reset");
-    assert_eq!(stats()["closes_out_of_window"], ignored + 1);
+    assert_eq!(
+        stats()["closes_out_of_window"],
+        ignored,
+        "the client's reset fits"
+    );
 }
