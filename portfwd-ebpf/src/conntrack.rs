@@ -215,8 +215,14 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     // an established flow leave the line clean (the common case).
     let mut flags = ct.flags;
     if flags & CT_FLAG_REPLY != 0 {
-        if flags & (CT_FLAG_ANSWERED | CT_FLAG_ESTABLISHED) == 0 && pkt.tcp_flags & TCP_SYN == 0 {
-            answered_without_syn(key, ct, pkt);
+        // Before the flow is established: a first answer that is not a
+        // SYN-ACK, or a SYN-ACK after another answer, says where the
+        // client is (`client_mark_from_answer`). A new flow's first answer,
+        // its SYN-ACK, asks nothing.
+        if flags & CT_FLAG_ESTABLISHED == 0
+            && (flags & CT_FLAG_ANSWERED != 0) == (pkt.tcp_flags & TCP_SYN != 0)
+        {
+            client_mark_from_answer(key, ct, pkt);
         }
         flags |= CT_FLAG_ANSWERED;
     } else if flags & CT_FLAG_ESTABLISHED == 0
@@ -254,19 +260,25 @@ pub(crate) enum Touched {
     Ended,
 }
 
-/// The container's first answer on a flow, when it is not a SYN-ACK: the
-/// container holds a connection with these ports already, in TIME_WAIT or
-/// alive (the SYN that opened or reopened the flow was not the client's: a
-/// forger's right after its lucky reset, see `port_reused_by_syn`), and
-/// acknowledges where that connection's client is. The client's mark goes
-/// there, not where the SYN said: a forger would otherwise choose it, and
-/// its next reset would fit at once while the connection's own no longer
-/// did. A client reusing its port against a TIME_WAIT socket then gets
-/// this ACK, and its reset of it (at that number) fits and closes the flow,
-/// which its next SYN reopens. Only the container's own packet counts, as
-/// in `catch_up`; a client side whose FIN is recorded keeps its exact mark.
+/// The container's answer on a flow not yet established that says where
+/// the client is, its acknowledgment; the client's mark goes there:
+/// - its first answer when it is not a SYN-ACK: the container holds a
+///   connection with these ports already, in TIME_WAIT or alive (the SYN
+///   that opened or reopened the flow was not the client's: a forger's
+///   right after its lucky reset, see `port_reused_by_syn`). Not where the
+///   SYN said: a forger would otherwise choose the mark, and its next
+///   reset would fit at once while the connection's own no longer did. A
+///   client reusing its port against a TIME_WAIT socket gets this ACK,
+///   and its reset of it (at that number) fits and closes the flow, which
+///   its next SYN reopens;
+/// - a SYN-ACK after another answer: that answer was the old connection's
+///   (a segment sent before the client's reset reached the container,
+///   late behind the client's new SYN), and the SYN-ACK is the new one's.
+///
+/// Only the container's own packet counts, as in `catch_up`; a client side
+/// whose FIN is recorded keeps its exact mark.
 #[inline(never)]
-fn answered_without_syn(key: &CtKey, ct: &CtValue, pkt: &Packet) {
+fn client_mark_from_answer(key: &CtKey, ct: &CtValue, pkt: &Packet) {
     if pkt.from_uplink || pkt.tcp_flags & TCP_ACK == 0 || pkt.ack == 0 {
         return;
     }

@@ -911,3 +911,58 @@ fn a_forged_syn_after_a_reset_does_not_choose_the_clients_mark() {
     client_reset(&tc, client, CLIENT_AFTER);
     assert!(reset_marked(&tc), "the client's reset: {:?}", ends(&tc));
 }
+
+/// A client that resets its connection and dials again from the same port
+/// at once: a segment the container had sent before the reset reached it
+/// comes after the new SYN, and as the container's first answer on the
+/// reopened flow it puts the client's mark at the old connection's number
+/// (`a_forged_syn_after_a_reset_does_not_choose_the_clients_mark`). The
+/// container's SYN-ACK that follows says where the new connection's client
+/// is, and the mark goes there: the connection's own reset fits. Before,
+/// the mark stayed at the old number and the flow outlived the connection.
+#[test]
+fn a_syn_ack_after_a_late_answer_sets_the_clients_mark() {
+    let Some(tc) = load("a_syn_ack_after_a_late_answer_sets_the_clients_mark") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40083);
+    exchanged(&tc, client);
+    client_reset(&tc, client, CLIENT_AFTER);
+    let (client_isn, container_isn) = (CLIENT_ISN + 5_000_000, CONTAINER_ISN + 7_000_000);
+    tc.run(
+        UPLINK_IN,
+        &segment((client, dialed()), TCP_SYN, (client_isn, 0), &[]),
+    );
+    tc.run(
+        BACKEND_IN,
+        &segment(
+            (container(), client),
+            TCP_ACK,
+            (CONTAINER_AFTER, CLIENT_AFTER),
+            b"late",
+        ),
+    );
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_SYN | TCP_ACK,
+        (container_isn, client_isn + 1),
+    );
+    flow_step(
+        &tc,
+        client,
+        true,
+        TCP_ACK,
+        (client_isn + 1, container_isn + 1),
+    );
+    assert!(
+        conntrack_flags(&tc)
+            .iter()
+            .all(|f| f & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
+    client_reset(&tc, client, client_isn + 1);
+    assert!(reset_marked(&tc), "the client's reset: {:?}", ends(&tc));
+}
