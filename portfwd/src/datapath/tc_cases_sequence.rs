@@ -16,7 +16,8 @@ use portfwd_common::{
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, mapping, of_every_entry, segment,
+    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
+    of_every_entry, segment,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -965,4 +966,56 @@ fn a_syn_ack_after_a_late_answer_sets_the_clients_mark() {
     );
     client_reset(&tc, client, client_isn + 1);
     assert!(reset_marked(&tc), "the client's reset: {:?}", ends(&tc));
+}
+
+/// A reset on a flow that lost its other entry (evicted) closes it: no
+/// packet of the other side could take the reset back, nor be translated.
+/// And a reset on a half-closed flow (the client's FIN acknowledged, the
+/// container still sending) marks it as on any established flow.
+#[test]
+fn a_reset_without_the_other_entry_closes_and_after_a_fin_marks() {
+    const TEST: &str = "a_reset_without_the_other_entry_closes_and_after_a_fin_marks";
+    let Some(mut tc) = load(TEST) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40084);
+    exchanged(&tc, client);
+    let mut map = conntrack_of(&mut tc);
+    let replies: Vec<_> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, value)| value.flags & CT_FLAG_REPLY != 0)
+        .map(|(key, _)| key)
+        .collect();
+    replies.iter().for_each(|key| map.remove(key).unwrap());
+    client_reset(&tc, client, CLIENT_AFTER);
+    assert_eq!(
+        of_every_entry(&tc, |value| (
+            value.flags & CT_FLAG_CLOSING != 0,
+            value.more_flags & CT_MORE_RESET != 0
+        )),
+        [(true, false)],
+        "the forward entry alone"
+    );
+
+    let Some(tc) = load(TEST) else {
+        return;
+    };
+    exchanged(&tc, client);
+    flow_step(
+        &tc,
+        client,
+        true,
+        TCP_FIN | TCP_ACK,
+        (CLIENT_AFTER, CONTAINER_AFTER),
+    );
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_ACK,
+        (CONTAINER_AFTER, CLIENT_AFTER + 1),
+    );
+    flow_step(&tc, client, false, TCP_RST, (CONTAINER_AFTER, 0));
+    assert!(reset_marked(&tc), "half-closed: {:?}", ends(&tc));
 }
