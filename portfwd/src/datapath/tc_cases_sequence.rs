@@ -55,9 +55,14 @@ fn answered(tc: &Tc, client: SocketAddr) {
 
 /// The client's SYN.
 fn client_syn(tc: &Tc, client: SocketAddr) {
+    client_syn_at(tc, client, CLIENT_ISN);
+}
+
+/// The client's SYN, at the sequence number `isn`.
+fn client_syn_at(tc: &Tc, client: SocketAddr, isn: u32) {
     tc.run(
         UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (CLIENT_ISN, 0), &[]),
+        &segment((client, dialed()), TCP_SYN, (isn, 0), &[]),
     );
 }
 
@@ -68,6 +73,11 @@ fn acked_establishes(tc: &Tc, client: SocketAddr, ack: u32) -> bool {
         UPLINK_IN,
         &segment((client, dialed()), TCP_ACK, (CLIENT_ISN + 1, ack), REQUEST),
     );
+    established(tc)
+}
+
+/// Whether the flow is established, both entries (else neither).
+fn established(tc: &Tc) -> bool {
     let flags = conntrack_flags(tc);
     let established = flags
         .iter()
@@ -741,10 +751,7 @@ fn a_syn_after_a_reset_opens_a_new_flow() {
     exchanged(&tc, client);
     client_reset(&tc, client, CLIENT_AFTER);
     let (client_isn, container_isn) = (CLIENT_ISN + 5_000_000, CONTAINER_ISN + 7_000_000);
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (client_isn, 0), &[]),
-    );
+    client_syn_at(&tc, client, client_isn);
     assert!(
         conntrack_flags(&tc)
             .iter()
@@ -770,13 +777,7 @@ fn a_syn_after_a_reset_opens_a_new_flow() {
             REQUEST,
         ),
     );
-    assert!(
-        conntrack_flags(&tc)
-            .iter()
-            .all(|f| f & CT_FLAG_ESTABLISHED != 0),
-        "{:?}",
-        conntrack_flags(&tc)
-    );
+    assert!(established(&tc), "{:?}", conntrack_flags(&tc));
 }
 
 /// Only a packet from where its side is takes a reset back: one sent
@@ -894,16 +895,11 @@ fn a_forged_syn_after_a_reset_does_not_choose_the_clients_mark() {
     exchanged(&tc, client);
     client_reset(&tc, client, CLIENT_AFTER + 1_000);
     let forged_isn = CLIENT_ISN + 5_000_000;
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (forged_isn, 0), &[]),
-    );
+    client_syn_at(&tc, client, forged_isn);
     flow_step(&tc, client, false, TCP_ACK, (CONTAINER_AFTER, CLIENT_AFTER));
     flow_step(&tc, client, true, TCP_ACK, (CLIENT_AFTER, CONTAINER_AFTER));
     assert!(
-        conntrack_flags(&tc)
-            .iter()
-            .all(|f| f & CT_FLAG_ESTABLISHED != 0),
+        established(&tc),
         "established again: {:?}",
         conntrack_flags(&tc)
     );
@@ -930,10 +926,7 @@ fn a_syn_ack_after_a_late_answer_sets_the_clients_mark() {
     exchanged(&tc, client);
     client_reset(&tc, client, CLIENT_AFTER);
     let (client_isn, container_isn) = (CLIENT_ISN + 5_000_000, CONTAINER_ISN + 7_000_000);
-    tc.run(
-        UPLINK_IN,
-        &segment((client, dialed()), TCP_SYN, (client_isn, 0), &[]),
-    );
+    client_syn_at(&tc, client, client_isn);
     tc.run(
         BACKEND_IN,
         &segment(
@@ -957,13 +950,7 @@ fn a_syn_ack_after_a_late_answer_sets_the_clients_mark() {
         TCP_ACK,
         (client_isn + 1, container_isn + 1),
     );
-    assert!(
-        conntrack_flags(&tc)
-            .iter()
-            .all(|f| f & CT_FLAG_ESTABLISHED != 0),
-        "{:?}",
-        conntrack_flags(&tc)
-    );
+    assert!(established(&tc), "{:?}", conntrack_flags(&tc));
     client_reset(&tc, client, client_isn + 1);
     assert!(reset_marked(&tc), "the client's reset: {:?}", ends(&tc));
 }
