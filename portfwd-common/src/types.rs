@@ -1,7 +1,10 @@
 //! The keys and values of the maps, `#[repr(C)]` with every padding byte
 //! spelled out (see the crate doc).
 
-use crate::{FAMILY_V4, NAME_LEN};
+use crate::{
+    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, FAMILY_V4, IPPROTO_TCP,
+    NAME_LEN,
+};
 
 /// An IPv4 or IPv6 address: IPv4 lives in `words[0]`, the other words zero.
 /// All zero with a family is that family's wildcard ("any local address").
@@ -207,6 +210,28 @@ pub struct CtValue {
 }
 
 impl CtValue {
+    /// Whether this entry, of a flow of IP protocol `proto`, has ended at
+    /// `now` (`CLOCK_MONOTONIC` ns). The programs decide so at each lookup
+    /// and leave dead entries in the map; the port holder's sweep and
+    /// `conntrack list` ask the same question of what they read.
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, now: u64) -> bool {
+        let idle = now.saturating_sub(self.last_seen_ns);
+        if proto != IPPROTO_TCP {
+            return idle > CT_UDP_IDLE_NS;
+        }
+        if self.flags & CT_FLAG_CLOSING != 0 {
+            return now.saturating_sub(self.closing_since_ns()) > CT_TCP_CLOSING_NS;
+        }
+        if self.more_flags & CT_MORE_RESET != 0 {
+            return idle > CT_TCP_CLOSING_NS;
+        }
+        if self.flags & CT_FLAG_ESTABLISHED == 0 {
+            return idle > CT_TCP_SYN_NS;
+        }
+        idle > CT_TCP_IDLE_NS
+    }
+
     /// When the flow started closing; meaningful with `CT_FLAG_CLOSING`.
     /// A mark (below 2^32) there instead was written by a packet that
     /// another CPU handled as the flow closed; no clock reading is that

@@ -10,9 +10,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
-    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_MORE_RESET,
-    CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS, CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4,
-    FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey, Stat,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_MORE_RESET, CtKey, CtValue,
+    FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey, Stat,
 };
 
 use crate::{
@@ -37,7 +36,7 @@ pub(crate) fn find(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     let now = now();
     // SAFETY: the pointer is into the map value, valid for this program run.
-    if expired(key.proto, unsafe { &*entry }, now) {
+    if unsafe { &*entry }.expired(key.proto, now) {
         return None;
     }
     Some((entry, now))
@@ -48,27 +47,10 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer is into the map value, valid for this program run.
     let value = unsafe { &*entry };
-    if expired(key.proto, value, now) {
+    if value.expired(key.proto, now) {
         return None;
     }
     Some(entry)
-}
-
-fn expired(proto: u8, ct: &CtValue, now: u64) -> bool {
-    let idle = now.saturating_sub(ct.last_seen_ns);
-    if proto != IPPROTO_TCP {
-        return idle > CT_UDP_IDLE_NS;
-    }
-    if ct.flags & CT_FLAG_CLOSING != 0 {
-        return now.saturating_sub(ct.closing_since_ns()) > CT_TCP_CLOSING_NS;
-    }
-    if ct.more_flags & CT_MORE_RESET != 0 {
-        return idle > CT_TCP_CLOSING_NS;
-    }
-    if ct.flags & CT_FLAG_ESTABLISHED == 0 {
-        return idle > CT_TCP_SYN_NS;
-    }
-    idle > CT_TCP_IDLE_NS
 }
 
 /// Whether the flow of this entry lost its other entry (an LRU eviction,

@@ -10,9 +10,8 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
     CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_RESET, CT_TCP_CLOSING_NS, CT_TCP_IDLE_NS, CT_TCP_SYN_NS,
-    CT_UDP_IDLE_NS, CtKey, CtValue, FAMILY_V4, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
-    MASQ_FLOWS_STARTED, ServiceKey,
+    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue, FAMILY_V4, MASQ_FLOWS,
+    MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey,
 };
 use serde::Serialize;
 
@@ -100,20 +99,7 @@ fn monotonic_now() -> u64 {
 /// Whether the programs would still use this entry (they expire entries
 /// lazily, at the next lookup, so dead ones linger in the map).
 fn live(key: &CtKey, value: &CtValue, now: u64) -> bool {
-    let idle = now.saturating_sub(value.last_seen_ns);
-    if Protocol::from_number(key.proto) != Some(Protocol::Tcp) {
-        return idle <= CT_UDP_IDLE_NS;
-    }
-    if value.flags & CT_FLAG_CLOSING != 0 {
-        return now.saturating_sub(value.closing_since_ns()) <= CT_TCP_CLOSING_NS;
-    }
-    if value.more_flags & CT_MORE_RESET != 0 {
-        return idle <= CT_TCP_CLOSING_NS;
-    }
-    if value.flags & CT_FLAG_ESTABLISHED == 0 {
-        return idle <= CT_TCP_SYN_NS;
-    }
-    idle <= CT_TCP_IDLE_NS
+    !value.expired(key.proto, now)
 }
 
 fn decode(key: &CtKey, value: &CtValue, now: u64) -> Option<Flow> {
@@ -331,7 +317,7 @@ pub(crate) fn forget_flows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portfwd_common::{Addr, FAMILY_V4};
+    use portfwd_common::{Addr, CT_TCP_CLOSING_NS, CT_TCP_SYN_NS, FAMILY_V4};
 
     fn v4(a: [u8; 4]) -> Addr {
         Addr::v4(u32::from_ne_bytes(a))
