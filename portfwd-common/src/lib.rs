@@ -30,9 +30,13 @@ pub const IPPROTO_UDP: u8 = 17;
 /// 64 fits a CNI container id (64 hex digits).
 pub const NAME_LEN: usize = 64;
 
-/// Connection tracking timeouts, in nanoseconds of the monotonic clock
-/// (`bpf_ktime_get_coarse_ns`).
-pub const CT_TCP_IDLE_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
+// Connection tracking timeouts, in nanoseconds of the monotonic clock
+// (`bpf_ktime_get_coarse_ns`).
+
+/// An established TCP flow ends after this long idle: 5 days, as
+/// netfilter's established timeout, far beyond the 2 h after which Linux
+/// sends its first keepalive probe.
+pub const CT_TCP_IDLE_NS: u64 = 5 * 24 * 60 * 60 * 1_000_000_000;
 /// Once both sides sent a FIN (or after a RST before the flow was
 /// established), a TCP flow lingers this long for the last ACKs. A flow
 /// marked by a RST once established (`CT_MORE_RESET`) ends after this
@@ -93,6 +97,31 @@ mod tests {
         ] {
             assert!(!loopback(text), "{text} is not loopback");
         }
+    }
+
+    /// Linux sends its first keepalive probe 7,200 s after the connection
+    /// last received anything (`tcp_keepalive_time`'s default), a timer
+    /// that fires late and an entry refreshed once a second at most: an
+    /// idle timeout of 2 h always ended such a flow just before its probe,
+    /// which then met no flow (the host's reset, or a container's probe
+    /// leaving untranslated). Netfilter keeps an established flow 5 days.
+    #[test]
+    fn an_established_flow_outlives_the_first_keepalive_probe() {
+        let established = CtValue {
+            flags: CT_FLAG_ESTABLISHED,
+            last_seen_ns: 1_000_000_000,
+            ..CtValue::default()
+        };
+        let probe = 1_000_000_000 + (7_200 + 15 * 60) * 1_000_000_000;
+        assert!(!established.expired(IPPROTO_TCP, probe));
+        assert!(established.expired(IPPROTO_TCP, 1_000_000_000 + CT_TCP_IDLE_NS + 1));
+        // Not a flow that never got established, nor a UDP one.
+        let opening = CtValue {
+            flags: 0,
+            ..established
+        };
+        assert!(opening.expired(IPPROTO_TCP, probe));
+        assert!(established.expired(IPPROTO_UDP, probe));
     }
 
     // The eBPF side and userspace must agree on these sizes; a change here

@@ -126,7 +126,7 @@ pub const CT_FLAG_FIN: u8 = 8;
 /// container's answer (`CT_FLAG_ANSWERED`) sets it on both entries. Until
 /// then each entry ends after `CT_TCP_SYN_NS` idle, so that a SYN flood
 /// from spoofed sources, which the container answers and nobody confirms,
-/// leaves no two-hour entries.
+/// leaves no entries for the established timeout (`CT_TCP_IDLE_NS`).
 pub const CT_FLAG_ESTABLISHED: u8 = 16;
 /// Not a translated flow: the replies of UDP datagrams that the host itself
 /// sent from a published port (a container masqueraded by the host's NAT,

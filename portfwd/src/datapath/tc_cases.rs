@@ -882,13 +882,14 @@ fn each_entry_of_a_tcp_flow_follows_its_own_side() {
     }
 }
 
-/// A SYN flood from spoofed sources cannot fill the table with two-hour
+/// A SYN flood from spoofed sources cannot fill the table with long-lived
 /// entries (issue 11, case 1): a flow is established only when its client
 /// answers the container's answer. A SYN that only the container answers
 /// (the SYN-ACK goes to a spoofed address, which never replies) leaves
 /// both entries on the SYN timeout; so does a client's ACK that no answer
 /// came before (sent blind). Before, the container's answer established
-/// the reply entry (two hours), and a blind ACK the forward entry.
+/// the reply entry (the established timeout), and a blind ACK the forward
+/// entry.
 #[test]
 fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
     let Some(tc) = Tc::load_with(
