@@ -703,4 +703,9 @@ stats! {
     /// and each acknowledged the other's, so both entries were removed with
     /// that ACK instead of waiting out the closing time.
     FlowEnded = "flows_ended",
+    /// TCP flows started again by the container's SYN-ACK: a client reused
+    /// its port after its connection ended (reset, or its socket gone), its
+    /// SYN passed on the old flow, and the container accepted it. The flow
+    /// keeps its translation and follows the new connection.
+    FlowRestarted = "flows_restarted",
 }

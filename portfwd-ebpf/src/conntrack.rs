@@ -83,7 +83,12 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
     match twin_entry(key, ct) {
         Some((_, twin)) => {
             // SAFETY: a pointer into the map value, valid for this program run.
-            unsafe { (*twin).last_seen_ns = pkt.now };
+            // Not for a flow marked by a reset, which only its sides'
+            // packets keep (`touch`).
+            if ct.more_flags & CT_MORE_RESET == 0 {
+                // SAFETY: as above.
+                unsafe { (*twin).last_seen_ns = pkt.now };
+            }
             let (forward, reply) = if ct.flags & CT_FLAG_REPLY == 0 {
                 (entry, twin)
             } else {
@@ -121,17 +126,21 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
 }
 
 /// Whether a client's SYN that found the entry `ct` reuses the port of a
-/// flow that ended on the client's side (see `tc::ingress`): a forward
-/// entry of a flow closing, whose client sent its FIN, or that a reset
-/// marked.
+/// flow that ended (see `tc::ingress`): a forward entry of a flow closing
+/// (both sides sent their FIN, or a reset before it was established).
+/// A SYN on a flow that is not closing (established, half-closed, marked
+/// by a reset) may be forged, and changes nothing of it (`touch`), as
+/// netfilter ignores it: a client truly reusing its port meets the
+/// container's challenge ACK if the container's connection lives, resets
+/// it, and its next SYN meets the container's listener, whose SYN-ACK
+/// starts the flow again (`restart_at_syn_ack`).
 // Not inlined: reading the flags here keeps them out of the program's
 // frame, which starts `start_flow`'s chain, at 6.1's limit.
 #[inline(never)]
 pub(crate) fn port_reused_by_syn(ct: *const CtValue) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*ct };
-    ct.flags & CT_FLAG_REPLY == 0
-        && (ct.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN) != 0 || ct.more_flags & CT_MORE_RESET != 0)
+    ct.flags & (CT_FLAG_REPLY | CT_FLAG_CLOSING) == CT_FLAG_CLOSING
 }
 
 /// Refreshes the idle timer of an entry that has no state beyond it (a
@@ -162,9 +171,31 @@ pub(crate) fn refresh(entry: *mut CtValue, now: u64) {
 /// after a second.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) -> Touched {
-    refresh(entry, now);
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
+    if pkt.proto == IPPROTO_TCP && ct.flags & CT_FLAG_CLOSING == 0 {
+        if pkt.tcp_flags & TCP_SYN != 0 && past_opening(ct) {
+            // A SYN on a flow past its handshake. The client's changes
+            // nothing (see `port_reused_by_syn`). The container's SYN-ACK
+            // says that its connection with these ends is gone and a new
+            // one is opening: the flow starts again.
+            if ct.flags & CT_FLAG_REPLY != 0 && pkt.tcp_flags & TCP_ACK != 0 && !pkt.from_uplink {
+                restart_at_syn_ack(key, ct, pkt, now);
+            }
+            return Touched::Lives;
+        }
+        // A flow marked by a reset lives on only by packets from where its
+        // sides are: netfilter refreshes no timeout on a packet outside
+        // the window, and one sent blind every few seconds would keep a
+        // dead flow for good.
+        if ct.more_flags & CT_MORE_RESET != 0 && !from_its_side(ct, pkt) {
+            if pkt.tcp_flags & TCP_RST != 0 {
+                count(Stat::CloseOutOfWindow);
+            }
+            return Touched::Lives;
+        }
+    }
+    refresh(entry, now);
     if pkt.proto != IPPROTO_TCP || ct.flags & CT_FLAG_CLOSING != 0 {
         return Touched::Lives;
     }
@@ -246,13 +277,11 @@ pub(crate) enum Touched {
 /// the client is, its acknowledgment; the client's mark goes there:
 /// - its first answer when it is not a SYN-ACK: the container holds a
 ///   connection with these ports already, in TIME_WAIT or alive (the SYN
-///   that opened or reopened the flow was not the client's: a forger's
-///   right after its lucky reset, see `port_reused_by_syn`). Not where the
-///   SYN said: a forger would otherwise choose the mark, and its next
-///   reset would fit at once while the connection's own no longer did. A
-///   client reusing its port against a TIME_WAIT socket gets this ACK,
-///   and its reset of it (at that number) fits and closes the flow, which
-///   its next SYN reopens;
+///   reopened a closing flow: `port_reused_by_syn`). Not where the SYN
+///   said, which may be a forger's: its next reset would fit at once while
+///   the connection's own no longer did. A client reusing its port against
+///   a TIME_WAIT socket gets this ACK, and its reset of it (at that
+///   number) fits and closes the flow, which its next SYN reopens;
 /// - a SYN-ACK after another answer: that answer was the old connection's
 ///   (a segment sent before the client's reset reached the container,
 ///   late behind the client's new SYN), and the SYN-ACK is the new one's.
@@ -563,6 +592,41 @@ fn after_fin(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) -> Touched {
     Touched::Lives
 }
 
+/// Whether the entry's flow is past its handshake: established, or its
+/// side closed or marked by a reset (either implies it was established).
+#[inline(always)]
+fn past_opening(ct: &CtValue) -> bool {
+    ct.flags & (CT_FLAG_ESTABLISHED | CT_FLAG_FIN) != 0 || ct.more_flags & CT_MORE_RESET != 0
+}
+
+/// The container's SYN-ACK on a flow past its handshake (its reply entry
+/// `ct`): the container holds no connection with these ends any more (a
+/// stack answers a SYN on a live connection with an ACK) and accepted the
+/// client's new one, whose SYN passed on the old flow (`touch`). Both
+/// entries start again where the new connection is: the container's mark
+/// after its SYN, the client's at the acknowledgment; answered, not yet
+/// established, nothing closed. The translation (addresses, ports,
+/// masquerade, interfaces, mapping) stays. Only the container's own
+/// SYN-ACK counts (one from an uplink that does not reach it is dropped
+/// before, `tc::forged_in_containers_name`).
+#[inline(never)]
+fn restart_at_syn_ack(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) {
+    const KEPT: u8 = CT_FLAG_REPLY | CT_FLAG_MASQ | CT_FLAG_NAT46;
+    if let Some((_, forward)) = twin_entry(key, ct) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let forward = unsafe { &mut *forward };
+        forward.flags &= KEPT;
+        forward.more_flags = 0;
+        forward.last_seen_ns = now;
+        forward.set_tcp_next(pkt.ack);
+    }
+    ct.flags = (ct.flags & KEPT) | CT_FLAG_ANSWERED;
+    ct.more_flags = 0;
+    ct.last_seen_ns = now;
+    ct.set_tcp_next(pkt.seq_end);
+    count(Stat::FlowRestarted);
+}
+
 fn close(ct: &mut CtValue, now: u64) {
     if ct.flags & CT_FLAG_CLOSING == 0 {
         ct.flags |= CT_FLAG_CLOSING;
@@ -716,13 +780,12 @@ fn flow_flags(pkt: &Packet, nat: &Nat) -> u8 {
     flags
 }
 
-/// For a SYN reopening a closing flow (or one whose client sent its FIN,
-/// or that a reset marked: `port_reused_by_syn`), whose forward entry
-/// `forward` the packet's lookup found: `create`'s work when the new flow
-/// goes where the old one went (an external client, no NAT46, which the
-/// caller checks; the same container and port; the old flow's reply entry
-/// there, so the client keeps its port): both keys stay, and the old entries are rewritten in
-/// place. That costs one lookup (the reply entry) where removing and
+/// For a SYN reopening a closing flow (`port_reused_by_syn`), whose
+/// forward entry `forward` the packet's lookup found: `create`'s work when
+/// the new flow goes where the old one went (an external client, no NAT46,
+/// which the caller checks; the same container and port; the old flow's
+/// reply entry there, so the client keeps its port): both keys stay, and
+/// the old entries are rewritten in place. That costs one lookup (the reply entry) where removing and
 /// inserting them again cost two deletions and two insertions, each taking
 /// an element from the LRU's lists (and, from a full map, evicting one),
 /// and the new flow needs no port check (`masquerade_port`). A client that

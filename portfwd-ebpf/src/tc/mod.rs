@@ -138,13 +138,11 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return DROP;
         }
         let syn = is_new_tcp(pkt);
-        // A SYN on a flow whose client closed its side (the flow closing,
-        // or the client's FIN seen: the other side's FIN is noticed at the
-        // client's next packet, see `conntrack::touch`), or after a reset
-        // that nothing answered yet, is the client reusing its port, which
-        // no live socket of its holds: a new flow, which takes the old
-        // one's entries over or forgets them (`conntrack::reopen`), with or
-        // without its other entry.
+        // A SYN on a closing flow is the client reusing its port, which no
+        // live socket of its holds: a new flow, which takes the old one's
+        // entries over or forgets them (`conntrack::reopen`), with or
+        // without its other entry. On any other flow it passes on and
+        // changes nothing (`conntrack::port_reused_by_syn`).
         if syn && conntrack::port_reused_by_syn(entry) {
             return new_flow(ctx, pkt, path, from_containers, entry);
         }
@@ -248,8 +246,8 @@ fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
 }
 
 /// A packet that matches no tracked flow (`start_flow`), or a SYN that
-/// reuses the ports of the flow whose forward entry is `closing` (closing,
-/// its client's FIN seen, or marked by a reset; else null). A large one is
+/// reuses the ports of the closing flow whose forward entry is `closing`
+/// (else null). A large one is
 /// first checked against the MTU of the container's link, as packets of
 /// tracked flows are (see `first_packet_too_big`).
 #[inline(always)]

@@ -5,18 +5,18 @@
 //! A source that cannot see the flow (it forged the client's address, or
 //! guessed the client's port) does not know those numbers. Before, any
 //! reset closed the flow (gone 10 s later, however live), and any ACK after
-//! the answer established it (two hours).
+//! the answer established it (for the established timeout).
 
 use std::net::SocketAddr;
 
 use portfwd_common::{
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_REPLY, CT_MORE_RESET, CT_TCP_CLOSING_NS,
-    FAMILY_V4, Stat,
+    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET,
+    CT_TCP_CLOSING_NS, FAMILY_V4, Stat,
 };
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
+    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, NEXT, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN, TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
     of_every_entry, segment,
 };
 use crate::model::{Mapping, Protocol};
@@ -296,7 +296,7 @@ fn a_sides_mark_follows_it_through_a_long_flow() {
 /// retransmissions, the mark that those leave is too far behind the
 /// client's new data to follow it. Before, the mark stayed there for good:
 /// the client's resets were passed on and the flow left to its idle
-/// timeout (two hours). The container's acknowledgment of the client's
+/// timeout. The container's acknowledgment of the client's
 /// end brings it back (checked once a second per entry: the test ages the
 /// entries by two seconds), and a reset then closes the flow. An ACK in
 /// the container's name whose sequence number is not where the container
@@ -438,7 +438,7 @@ fn container_syn_ack(client: SocketAddr, isn: u32) -> Vec<u8> {
 /// is dropped and counted, and sets nothing. Before, a container that did
 /// not answer (stopped, or its listen queue full under a SYN flood) let a
 /// forger's SYN, a SYN-ACK in the container's name from the client's link
-/// and an ACK of it establish the flow: two-hour entries for three packets.
+/// and an ACK of it establish the flow: long-lived entries for three packets.
 #[test]
 fn a_containers_answer_from_an_uplink_is_forged() {
     const TEST: &str = "a_containers_answer_from_an_uplink_is_forged";
@@ -740,8 +740,13 @@ fn a_reset_nothing_answers_ends_the_flow_after_the_closing_time() {
 }
 
 /// A client that resets its connection and dials again from the same port
-/// (as a load generator closing with `SO_LINGER` 0 does) opens a new flow
-/// at once: its handshake, at new sequence numbers, establishes it.
+/// (as a load generator closing with `SO_LINGER` 0 does): its SYN meets a
+/// flow marked by the reset, which it passes on to the container and
+/// changes nothing of (a SYN on a live flow may be forged, see
+/// `a_forged_syn_and_reset_after_a_lucky_reset_do_not_end_the_flow`). The
+/// container, whose connection the reset ended, answers with a SYN-ACK:
+/// that starts the flow again, at the new connection's numbers, and the
+/// client's ACK establishes it. The new connection's own reset fits.
 #[test]
 fn a_syn_after_a_reset_opens_a_new_flow() {
     let Some(tc) = load("a_syn_after_a_reset_opens_a_new_flow") else {
@@ -753,20 +758,21 @@ fn a_syn_after_a_reset_opens_a_new_flow() {
     let (client_isn, container_isn) = (CLIENT_ISN + 5_000_000, CONTAINER_ISN + 7_000_000);
     client_syn_at(&tc, client, client_isn);
     assert!(
-        conntrack_flags(&tc)
-            .iter()
-            .all(|f| f & (CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING) == 0),
+        reset_marked(&tc),
+        "the SYN changes nothing: {:?}",
+        ends(&tc)
+    );
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_SYN | TCP_ACK,
+        (container_isn, client_isn + 1),
+    );
+    assert!(
+        open(&tc) && !established(&tc),
         "started again: {:?}",
         conntrack_flags(&tc)
-    );
-    tc.run(
-        BACKEND_IN,
-        &segment(
-            (container(), client),
-            TCP_SYN | TCP_ACK,
-            (container_isn, client_isn + 1),
-            &[],
-        ),
     );
     tc.run(
         UPLINK_IN,
@@ -778,13 +784,19 @@ fn a_syn_after_a_reset_opens_a_new_flow() {
         ),
     );
     assert!(established(&tc), "{:?}", conntrack_flags(&tc));
+    client_reset(&tc, client, client_isn + 1 + REQUEST.len() as u32);
+    assert!(
+        reset_marked(&tc),
+        "the new connection's reset: {:?}",
+        ends(&tc)
+    );
 }
 
 /// Only a packet from where its side is takes a reset back: one sent
 /// blind in the client's name (a sequence number elsewhere), after the
 /// client's genuine reset, leaves the flow to end after the closing time,
 /// as netfilter keeps only packets within the window. Before, any packet
-/// took it back, and the flow lived on for two hours.
+/// took it back, and the flow lived on for the idle timeout.
 #[test]
 fn a_packet_from_elsewhere_does_not_take_a_reset_back() {
     let Some(mut tc) = load("a_packet_from_elsewhere_does_not_take_a_reset_back") else {
@@ -844,9 +856,12 @@ fn a_reset_mark_left_on_one_entry_is_cleared() {
 }
 
 /// A client that resets its connection and dials again from the same port
-/// after its mapping moved to another container: the SYN forgets the old
-/// flow, both entries, and opens one to the new container (`reopen` cannot
-/// take the old entries over: their keys name the old container).
+/// after its mapping moved to another container: its SYN, a packet of the
+/// old flow, finds the mapping gone from that container and stops the old
+/// flow, both entries, as any packet of it would (the SYN goes on to the
+/// host, which drops it: the published port's holder takes no
+/// connection). The client's SYN again, a second later, opens a flow to
+/// the new container.
 #[test]
 fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
     let Some(mut tc) = load("a_syn_after_a_reset_goes_where_the_mapping_now_points") else {
@@ -860,13 +875,19 @@ fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
     tc.publish(&[mapping(Protocol::Tcp, dialed(), moved)]);
     tc.move_services_generation(1);
     let isn = CLIENT_ISN + 5_000_000;
+    let syn = segment((client, dialed()), TCP_SYN, (isn, 0), &[]);
+    let stopped = tc.stat(Stat::FlowStopped);
+    assert_eq!(tc.run(UPLINK_IN, &syn), (NEXT, syn.clone()), "to the host");
+    assert_eq!(tc.stat(Stat::FlowStopped), stopped + 1);
+    assert!(
+        conntrack_flags(&tc).is_empty(),
+        "{:?}",
+        conntrack_flags(&tc)
+    );
     assert_eq!(
-        tc.run(
-            UPLINK_IN,
-            &segment((client, dialed()), TCP_SYN, (isn, 0), &[])
-        ),
+        tc.run(UPLINK_IN, &syn),
         (TO_STACK, segment((client, moved), TCP_SYN, (isn, 0), &[])),
-        "the SYN opens a flow to the new container"
+        "the SYN again opens a flow to the new container"
     );
     assert!(
         open(&tc),
@@ -879,13 +900,14 @@ fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
     );
 }
 
-/// A SYN forged right after a lucky reset (both in the client's name)
-/// reopens the flow as a client reusing its port would, at a sequence
-/// number of the forger's choosing. The container, whose connection lives,
-/// answers it with an ACK, not a SYN-ACK, which says where the client
-/// really is: the client's mark goes there, so that the flow goes on and
-/// the forger's next reset, at its own number, does not fit. Before, the
-/// client's mark stayed at the forger's number.
+/// A SYN forged right after a lucky reset (both in the client's name), at
+/// a sequence number of the forger's choosing: the flow is not closing, so
+/// the SYN passes on and changes nothing. The container, whose connection
+/// lives, answers with an ACK, which takes the reset back; the flow goes
+/// on, and the forger's next reset, at its own number, does not fit, while
+/// the client's does. (Before, the SYN reopened the flow at the forger's
+/// number, and a reset there right behind it closed the flow:
+/// `a_forged_syn_and_reset_after_a_lucky_reset_do_not_end_the_flow`.)
 #[test]
 fn a_forged_syn_after_a_reset_does_not_choose_the_clients_mark() {
     let Some(tc) = load("a_forged_syn_after_a_reset_does_not_choose_the_clients_mark") else {
@@ -910,13 +932,11 @@ fn a_forged_syn_after_a_reset_does_not_choose_the_clients_mark() {
 }
 
 /// A client that resets its connection and dials again from the same port
-/// at once: a segment the container had sent before the reset reached it
-/// comes after the new SYN, and as the container's first answer on the
-/// reopened flow it puts the client's mark at the old connection's number
-/// (`a_forged_syn_after_a_reset_does_not_choose_the_clients_mark`). The
-/// container's SYN-ACK that follows says where the new connection's client
-/// is, and the mark goes there: the connection's own reset fits. Before,
-/// the mark stayed at the old number and the flow outlived the connection.
+/// at once: its SYN passes on the flow marked by the reset, and a segment
+/// the container had sent before the reset reached it comes after, from
+/// where the container is, and takes the mark back. The container's SYN-ACK
+/// then starts the flow again at the new connection's numbers: its client's
+/// ACK establishes it, and its reset fits.
 #[test]
 fn a_syn_ack_after_a_late_answer_sets_the_clients_mark() {
     let Some(tc) = load("a_syn_ack_after_a_late_answer_sets_the_clients_mark") else {
@@ -1005,4 +1025,108 @@ fn a_reset_without_the_other_entry_closes_and_after_a_fin_marks() {
     );
     flow_step(&tc, client, false, TCP_RST, (CONTAINER_AFTER, 0));
     assert!(reset_marked(&tc), "half-closed: {:?}", ends(&tc));
+}
+
+/// A SYN forged in the client's name on a half-closed flow (the client sent
+/// its FIN and waits for a slow answer), followed at once by a reset at the
+/// SYN's number: a client whose connection lives sends no SYN, and
+/// netfilter ignores a SYN on such a flow. The SYN passes on to the
+/// container (which answers it with a challenge ACK) and changes nothing:
+/// the forger's reset does not fit, and the flow keeps its FIN. Before,
+/// the SYN started the flow over at the forger's number, and the reset,
+/// both sent blind, closed it: 10 s later the flow was gone.
+#[test]
+fn a_forged_syn_and_reset_on_a_half_closed_flow_change_nothing() {
+    let Some(mut tc) = load("a_forged_syn_and_reset_on_a_half_closed_flow_change_nothing") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40085);
+    exchanged(&tc, client);
+    flow_step(
+        &tc,
+        client,
+        true,
+        TCP_FIN | TCP_ACK,
+        (CLIENT_AFTER, CONTAINER_AFTER),
+    );
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_ACK,
+        (CONTAINER_AFTER, CLIENT_AFTER + 1),
+    );
+    let forged_isn = CLIENT_ISN + 5_000_000;
+    client_syn_at(&tc, client, forged_isn);
+    client_reset(&tc, client, forged_isn + 1);
+    assert!(open(&tc), "{:?}", ends(&tc));
+    assert!(
+        of_every_entry(&tc, |value| value.flags & (CT_FLAG_REPLY | CT_FLAG_FIN))
+            .contains(&CT_FLAG_FIN),
+        "the client's FIN is kept: {:?}",
+        conntrack_flags(&tc)
+    );
+    age(&mut tc, PAST_CLOSING_NS);
+    // The container's slow answer still goes out translated.
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_ACK,
+        (CONTAINER_AFTER, CLIENT_AFTER + 1),
+    );
+}
+
+/// A forger's lucky reset (one in about 44,000 blind tries) marks the flow;
+/// a SYN and a reset at its number sent right behind it, before the
+/// container's challenge ACK takes the mark back, must not end the flow
+/// either. The SYN changes nothing (as on any flow that is not closing),
+/// the second reset does not fit, and the challenge ACK takes the mark
+/// back. Before, the SYN started the flow over at the forger's number and
+/// its reset closed it.
+#[test]
+fn a_forged_syn_and_reset_after_a_lucky_reset_do_not_end_the_flow() {
+    let Some(mut tc) = load("a_forged_syn_and_reset_after_a_lucky_reset_do_not_end_the_flow")
+    else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40086);
+    exchanged(&tc, client);
+    client_reset(&tc, client, CLIENT_AFTER + 1_000);
+    assert!(reset_marked(&tc), "{:?}", ends(&tc));
+    let forged_isn = CLIENT_ISN + 5_000_000;
+    client_syn_at(&tc, client, forged_isn);
+    client_reset(&tc, client, forged_isn + 1);
+    // The container's challenge ACK.
+    flow_step(&tc, client, false, TCP_ACK, (CONTAINER_AFTER, CLIENT_AFTER));
+    assert!(open(&tc), "{:?}", ends(&tc));
+    assert!(established(&tc), "{:?}", conntrack_flags(&tc));
+    age(&mut tc, PAST_CLOSING_NS);
+    assert!(client_data_translated(&tc, client, CLIENT_AFTER));
+}
+
+/// After a genuine reset, packets sent blind from elsewhere (a sequence
+/// number far from the client's) neither take the reset back nor keep the
+/// flow's entries alive: as netfilter refreshes no timeout on a packet
+/// outside the window, the flow ends the closing time after its last
+/// packet from where a side is. Before, each blind packet refreshed the
+/// entries, and one every 9 s kept the dead flow for good.
+#[test]
+fn packets_from_elsewhere_do_not_keep_a_reset_flow_alive() {
+    let Some(mut tc) = load("packets_from_elsewhere_do_not_keep_a_reset_flow_alive") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40087);
+    exchanged(&tc, client);
+    client_reset(&tc, client, CLIENT_AFTER);
+    let elsewhere = CLIENT_AFTER + 1_000_000;
+    age(&mut tc, 6_000_000_000);
+    assert!(client_data_translated(&tc, client, elsewhere), "passed on");
+    assert!(reset_marked(&tc), "{:?}", ends(&tc));
+    age(&mut tc, 6_000_000_000);
+    assert!(
+        !client_data_translated(&tc, client, CLIENT_AFTER),
+        "ended 12 s after the reset: {:?}",
+        conntrack_flags(&tc)
+    );
 }

@@ -1715,7 +1715,7 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
 
 /// A new flow on an uplink whose source is one of the host's own addresses
 /// is forged (the kernel calls it a martian): it must not be translated, or
-/// its two-hour reply entry could capture the host's own connection from
+/// its long-lived reply entry could capture the host's own connection from
 /// that address and port (issue 11, case 4).
 #[test]
 fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
@@ -1835,12 +1835,12 @@ fn flags_of_flows_from(clients: &[Ipv4Addr]) -> Vec<u8> {
         .collect()
 }
 
-/// A SYN flood from spoofed sources leaves no two-hour entries (issue 11,
+/// A SYN flood from spoofed sources leaves no long-lived entries (issue 11,
 /// case 1): the container answers every SYN, its answers go to addresses
 /// that nobody holds, and both entries of each flow stay on the SYN
 /// timeout (`CT_TCP_SYN_NS`), which the sweep honours, even when the forger
 /// follows each SYN with an ACK, blind. Before, the container's answer
-/// established the reply entry, which then lived two hours after its
+/// established the reply entry, which then lived the idle timeout after its
 /// flow's forward entry had expired; and later any ACK after the answer
 /// established the flow.
 #[test]
@@ -1929,7 +1929,7 @@ fn syns_from_spoofed_sources_establish_no_flow() {
 /// its address held by nobody; likewise one whose listen queue a SYN flood
 /// filled) left a window: each forger's SYN, a SYN-ACK in the container's
 /// name sent from the client's link, and an ACK of that SYN-ACK
-/// established a spoofed flow, two-hour entries for three packets. Now the
+/// established a spoofed flow, long-lived entries for three packets. Now the
 /// SYN-ACK is dropped and counted (`dropped_container_source`), and every
 /// such flow stays unanswered, on the SYN timeout.
 #[test]
@@ -2183,10 +2183,10 @@ fn forged_resets_leave_a_live_flow_open() {
     // 1,000 bytes behind the client's mark: near its side, but behind the
     // container's window, which drops it without an answer (the flow is
     // marked); then a SYN at a number of the forger's choosing, which
-    // reopens the flow as a client reusing its port would. The container's
-    // connection lives: it answers with an ACK, not a SYN-ACK, which puts
-    // the client's mark where the client is. The flow goes on, and the
-    // forger's reset at its own number does not fit.
+    // passes on and changes nothing (the flow is not closing). The
+    // container's connection lives: it answers with an ACK, which takes
+    // the mark back. The flow goes on, and the forger's reset at its own
+    // number does not fit.
     let forged_isn = client_next.wrapping_add(1 << 30);
     send_reset(client_next.wrapping_sub(1_000), 0xc102);
     send_forged(forged_isn, 0xc103, false);
@@ -2218,4 +2218,121 @@ fn forged_resets_leave_a_live_flow_open() {
         ignored,
         "the client's reset fits"
     );
+}
+
+/// A client that half-closes (its request sent, `shutdown(SHUT_WR)`) and
+/// waits for a slow answer, while a forger who knows the flow's ends sends
+/// a SYN in the client's name and, right behind it, a reset at the SYN's
+/// number (two packets sent blind, no sequence number guessed). A client
+/// whose connection lives sends no SYN: the SYN passes on to the container,
+/// which answers it with a challenge ACK, and changes nothing of the flow;
+/// the reset does not fit. The answer arrives, and the flow ends cleanly.
+/// Before, the SYN started the flow over at the forger's number and the
+/// reset closed it (both entries closing: gone 10 s later, the answer
+/// after that lost).
+#[test]
+fn a_forged_syn_and_reset_leave_a_half_closed_flow_open() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    use std::sync::Arc;
+
+    use portfwd_common::{
+        CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue,
+    };
+    let Some(_serial) = root_test("forged_syn_half_closed") else {
+        return;
+    };
+    let topo = Topology::new(50);
+    let (port, server_port) = (62366u16, 5304u16);
+    const ANSWER_AFTER: Duration = Duration::from_millis(1_500);
+    let _server = topo.ctr.serve_with(
+        &format!("[::]:{server_port}"),
+        Arc::new(|mut stream: TcpStream, _| {
+            let mut request = Vec::new();
+            if stream.read_to_end(&mut request).is_ok() {
+                std::thread::sleep(ANSWER_AFTER);
+                let _ = stream.write_all(&request.repeat(2));
+            }
+        }),
+    );
+    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let container = topo.ctr.v4().to_string();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "half-closed",
+        &container,
+        &format!("{port}:{server_port}"),
+    ]);
+    let published = SocketAddr::new(topo.client.host_v4(), port);
+    let mut stream = topo
+        .client
+        .inside(move || TcpStream::connect_timeout(&published, TIMEOUT))
+        .expect("connecting to the published port");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let client_port = stream.local_addr().unwrap().port();
+    // The flow's entries: (closing or marked by a reset, its side's FIN).
+    let entries = || {
+        let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
+        let mut of_flow: Vec<(bool, bool, bool)> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                let flow_port = if value.flags & CT_FLAG_REPLY != 0 {
+                    key.dport
+                } else {
+                    key.sport
+                };
+                key.proto == TCP && flow_port == client_port.to_be()
+            })
+            .map(|(_, value)| {
+                (
+                    value.flags & CT_FLAG_REPLY != 0,
+                    value.flags & CT_FLAG_CLOSING != 0 || value.more_flags & CT_MORE_RESET != 0,
+                    value.flags & CT_FLAG_FIN != 0,
+                )
+            })
+            .collect();
+        of_flow.sort();
+        of_flow
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        entries(),
+        [(false, false, true), (true, false, false)],
+        "half-closed: the client's FIN on the forward entry"
+    );
+    let (client, host) = (topo.client_v4(), topo.host_v4());
+    let client_if = topo.client.ctr_if.clone();
+    let sender = topo
+        .client
+        .inside(move || RawSocket::bind(&client_if))
+        .expect("raw socket in the client namespace");
+    let forged_isn = 0x5eed_0000u32;
+    for (seq, id, reset) in [(forged_isn, 0xc200, false), (forged_isn + 1, 0xc201, true)] {
+        let forged = tcp_segment(
+            client.into(),
+            host.into(),
+            (client_port, port),
+            seq,
+            |header| (header.rst, header.syn) = (reset, !reset),
+        );
+        sender
+            .send(&topo.frame(
+                ETH_P_IP,
+                &Ipv4Packet::new(client, host, TCP, forged).id(id).build(),
+            ))
+            .expect("sending the forged segment");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        entries(),
+        [(false, false, true), (true, false, false)],
+        "after the forged SYN and reset: nothing closing, the FIN kept"
+    );
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("the slow answer");
+    assert_eq!(answer, b"requestrequest");
 }
