@@ -705,7 +705,8 @@ stats! {
     FlowEnded = "flows_ended",
     /// TCP flows started again by the container's SYN-ACK: a client reused
     /// its port after its connection ended (reset, or its socket gone), its
-    /// SYN passed on the old flow, and the container accepted it. The flow
-    /// keeps its translation and follows the new connection.
+    /// SYN passed on the old flow, and the container's SYN-ACK acknowledged
+    /// exactly that SYN. The flow keeps its translation and follows the
+    /// new connection.
     FlowRestarted = "flows_restarted",
 }

@@ -163,8 +163,17 @@ pub const CT_MORE_FIN_ACKED: u8 = 1;
 /// receiving stack answers with a challenge ACK, RFC 5961; or the flow
 /// simply goes on), and the flag is cleared. The stack that sent a genuine
 /// reset answers whatever still reaches it with another. A SYN of the
-/// client reopens such a flow, as it does a closing one.
+/// client changes nothing of such a flow (see `CT_MORE_SYN_PASSED`).
 pub const CT_MORE_RESET: u8 = 2;
+/// On the forward entry of a flow past its handshake, not masqueraded: a
+/// client's SYN passed on it, changing nothing (it may be forged), and its
+/// end is kept in the entry's `masq_addr`, which such an entry does not use
+/// (`CtValue::passed_syn_end`). The container's SYN-ACK that acknowledges
+/// exactly that end says that its old connection with these ends is gone
+/// and it accepted the new one: the flow starts again there, as netfilter
+/// takes up a connection whose SYN it ignored at the SYN-ACK that
+/// acknowledges it.
+pub const CT_MORE_SYN_PASSED: u8 = 4;
 
 /// Value of the connection tracking map: how to rewrite the packet.
 #[repr(C)]
@@ -256,6 +265,15 @@ impl CtValue {
 
     pub const fn set_tcp_next(&mut self, next: u32) {
         self.closing_or_progress = next as u64;
+    }
+
+    /// With `CT_MORE_SYN_PASSED`: the end of the client's SYN that passed.
+    pub const fn passed_syn_end(&self) -> u32 {
+        self.masq_addr.words[0]
+    }
+
+    pub const fn set_passed_syn_end(&mut self, end: u32) {
+        self.masq_addr.words[0] = end;
     }
 
     pub const fn set_closing_since(&mut self, now_ns: u64) {

@@ -10,8 +10,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
-    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_MORE_RESET, CtKey, CtValue,
-    FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey, Stat,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_FIN_ACKED, CT_MORE_RESET,
+    CT_MORE_SYN_PASSED, CtKey, CtValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, MASQ_FLOWS_NONE_AFTER,
+    MASQ_FLOWS_STARTED, ServiceKey, Stat,
 };
 
 use crate::{
@@ -57,8 +58,10 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
 /// or a one-way flow whose silent direction expired): then this entry is
 /// removed, so that the packet starts the flow again (for TCP only a SYN
 /// can). Asked at most once per `REFRESH_NS` per entry, and for every SYN;
-/// a live twin's idle timer is refreshed with this entry's, so that the
-/// two directions of a one-way flow expire together, and an established
+/// a live twin's idle timer is refreshed with this entry's (not a flow's
+/// marked by a reset, which only its sides' packets keep: `touch`), so
+/// that the two directions of a one-way flow expire together, and an
+/// established
 /// flow's reply entry is made established if it is not: `establish`'s
 /// write to it, from another CPU, can be lost (to the container's own
 /// update of its flags, to userspace rewriting the entry, or to a program
@@ -127,20 +130,21 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
 
 /// Whether a client's SYN that found the entry `ct` reuses the port of a
 /// flow that ended (see `tc::ingress`): a forward entry of a flow closing
-/// (both sides sent their FIN, or a reset before it was established).
-/// A SYN on a flow that is not closing (established, half-closed, marked
-/// by a reset) may be forged, and changes nothing of it (`touch`), as
-/// netfilter ignores it: a client truly reusing its port meets the
-/// container's challenge ACK if the container's connection lives, resets
-/// it, and its next SYN meets the container's listener, whose SYN-ACK
-/// starts the flow again (`restart_at_syn_ack`).
-// Not inlined: reading the flags here keeps them out of the program's
-// frame, which starts `start_flow`'s chain, at 6.1's limit.
-#[inline(never)]
-pub(crate) fn port_reused_by_syn(ct: *const CtValue) -> bool {
-    // SAFETY: a pointer into the map value, valid for this program run.
-    let ct = unsafe { &*ct };
-    ct.flags & (CT_FLAG_REPLY | CT_FLAG_CLOSING) == CT_FLAG_CLOSING
+/// (both sides sent their FIN, or a reset before it was established), or
+/// of a masqueraded one (hairpin, NAT46) whose client sent its FIN or that
+/// a reset marked. A SYN on another flow may be forged, and changes nothing
+/// of it (`touch`), as netfilter ignores a SYN on an established flow: a
+/// client truly reusing its port meets the container's challenge ACK if
+/// the container's connection lives, resets it, and its next SYN meets the
+/// container's listener, whose SYN-ACK starts the flow again
+/// (`restart_at_syn_ack`). A masqueraded flow has no room to remember the
+/// SYN (`CT_MORE_SYN_PASSED`), and keeps the earlier rule.
+#[inline(always)]
+pub(crate) fn port_reused_by_syn(ct: &CtValue) -> bool {
+    ct.flags & CT_FLAG_REPLY == 0
+        && (ct.flags & CT_FLAG_CLOSING != 0
+            || (ct.flags & CT_FLAG_MASQ != 0
+                && (ct.flags & CT_FLAG_FIN != 0 || ct.more_flags & CT_MORE_RESET != 0)))
 }
 
 /// Refreshes the idle timer of an entry that has no state beyond it (a
@@ -157,15 +161,17 @@ pub(crate) fn refresh(entry: *mut CtValue, now: u64) {
 
 /// Records that a packet of the flow went by: refreshes the idle timer, and
 /// for TCP follows the flow's state: where each side is, to within
-/// `SEQ_MARK_STEP` (`advance`); the flow is established, both entries, by the client's
-/// answer to the container's (`establish`); each entry is closed by its own
-/// side's packets, the flow closing once both sides sent a FIN (a
-/// half-close lives on) or at a RST before it is established, each from
-/// where its side is (`closes_from_its_side`); a RST on an established flow
-/// marks it to end unless another packet follows (`reset`). Only those
-/// steps need the other entry: the client's first packet after its SYN, a
-/// RST and the packet after it, or any packet of a side that closed
-/// already. Other CPUs may write the same entry; a lost update shifts a
+/// `SEQ_MARK_STEP` (`advance`); the flow is established, both entries, by
+/// the client's answer to the container's (`establish`); each entry is
+/// closed by its own side's packets, the flow closing once both sides sent
+/// a FIN (a half-close lives on) or at a RST before it is established, each
+/// from where its side is (`closes_from_its_side`); a RST on an
+/// established flow marks it to end unless a packet from where a side is
+/// follows (`reset`); a SYN after the handshake changes nothing but the
+/// container's SYN-ACK that acknowledges a client's (`restart_at_syn_ack`).
+/// Only those steps need the other entry: the client's first packet after
+/// its SYN, a RST and the packet after it, such a SYN-ACK, or any packet of
+/// a side that closed already. Other CPUs may write the same entry; a lost update shifts a
 /// timestamp, delays a state by a packet, or (the reply entry's
 /// establishment) is made good by `check_twin` at the flow's next packet
 /// after a second.
@@ -176,10 +182,15 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     if pkt.proto == IPPROTO_TCP && ct.flags & CT_FLAG_CLOSING == 0 {
         if pkt.tcp_flags & TCP_SYN != 0 && past_opening(ct) {
             // A SYN on a flow past its handshake. The client's changes
-            // nothing (see `port_reused_by_syn`). The container's SYN-ACK
-            // says that its connection with these ends is gone and a new
-            // one is opening: the flow starts again.
-            if ct.flags & CT_FLAG_REPLY != 0 && pkt.tcp_flags & TCP_ACK != 0 && !pkt.from_uplink {
+            // nothing (see `port_reused_by_syn`) but is remembered; the
+            // container's SYN-ACK that acknowledges it starts the flow
+            // again (`restart_at_syn_ack`).
+            if ct.flags & CT_FLAG_REPLY == 0 {
+                if pkt.tcp_flags & TCP_ACK == 0 && ct.flags & CT_FLAG_MASQ == 0 {
+                    ct.set_passed_syn_end(pkt.seq_end);
+                    ct.more_flags |= CT_MORE_SYN_PASSED;
+                }
+            } else if pkt.tcp_flags & TCP_ACK != 0 {
                 restart_at_syn_ack(key, ct, pkt, now);
             }
             return Touched::Lives;
@@ -600,27 +611,36 @@ fn past_opening(ct: &CtValue) -> bool {
 }
 
 /// The container's SYN-ACK on a flow past its handshake (its reply entry
-/// `ct`): the container holds no connection with these ends any more (a
-/// stack answers a SYN on a live connection with an ACK) and accepted the
-/// client's new one, whose SYN passed on the old flow (`touch`). Both
-/// entries start again where the new connection is: the container's mark
-/// after its SYN, the client's at the acknowledgment; answered, not yet
-/// established, nothing closed. The translation (addresses, ports,
-/// masquerade, interfaces, mapping) stays. Only the container's own
-/// SYN-ACK counts (one from an uplink that does not reach it is dropped
-/// before, `tc::forged_in_containers_name`).
+/// `ct`): when it acknowledges exactly the client's SYN that passed on the
+/// flow (`CT_MORE_SYN_PASSED`), the container holds no connection with
+/// these ends any more (a stack answers a SYN on a live connection with an
+/// ACK) and accepted the client's new one. Both entries start again where
+/// the new connection is: the container's mark after its SYN, the
+/// client's after its SYN; answered, not yet established, nothing closed.
+/// The translation (addresses, ports, interfaces, mapping) stays. Any
+/// other SYN-ACK changes nothing: a retransmission of the flow's own, or
+/// one forged in the container's name, which cannot know the client's SYN.
 #[inline(never)]
 fn restart_at_syn_ack(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) {
-    const KEPT: u8 = CT_FLAG_REPLY | CT_FLAG_MASQ | CT_FLAG_NAT46;
-    if let Some((_, forward)) = twin_entry(key, ct) {
-        // SAFETY: a pointer into the map value, valid for this program run.
-        let forward = unsafe { &mut *forward };
-        forward.flags &= KEPT;
-        forward.more_flags = 0;
-        forward.last_seen_ns = now;
-        forward.set_tcp_next(pkt.ack);
+    let Some((_, forward)) = twin_entry(key, ct) else {
+        return;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let forward = unsafe { &mut *forward };
+    if forward.more_flags & CT_MORE_SYN_PASSED == 0
+        || forward.flags & CT_FLAG_MASQ != 0
+        || pkt.ack != forward.passed_syn_end()
+    {
+        return;
     }
-    ct.flags = (ct.flags & KEPT) | CT_FLAG_ANSWERED;
+    // Only plain flows get here (not masqueraded): their flags beyond the
+    // state are the direction's.
+    forward.flags = 0;
+    forward.more_flags = 0;
+    forward.set_passed_syn_end(0);
+    forward.last_seen_ns = now;
+    forward.set_tcp_next(pkt.ack);
+    ct.flags = CT_FLAG_REPLY | CT_FLAG_ANSWERED;
     ct.more_flags = 0;
     ct.last_seen_ns = now;
     ct.set_tcp_next(pkt.seq_end);

@@ -53,7 +53,7 @@ use self::{
     flow::{is_new_tcp, start_flow},
     host_socket::{host_socket, owns_packet},
     service::{ContainerLink, container_link, find_service, is_host_address, publishes},
-    translate::{translate_forward, translate_fragment, translate_reply},
+    translate::{reopens, translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
     clock, conntrack, icmp,
@@ -138,12 +138,13 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return DROP;
         }
         let syn = is_new_tcp(pkt);
-        // A SYN on a closing flow is the client reusing its port, which no
-        // live socket of its holds: a new flow, which takes the old one's
-        // entries over or forgets them (`conntrack::reopen`), with or
-        // without its other entry. On any other flow it passes on and
+        // A SYN on a flow that ended is the client reusing its port, which
+        // no live socket of its holds; on a flow whose mapping moved, one
+        // for the mapping's new place: a new flow, which takes the old
+        // one's entries over or forgets them (`conntrack::reopen`), with
+        // or without its other entry. On any other flow it passes on and
         // changes nothing (`conntrack::port_reused_by_syn`).
-        if syn && conntrack::port_reused_by_syn(entry) {
+        if syn && reopens(entry) {
             return new_flow(ctx, pkt, path, from_containers, entry);
         }
         // A flow that lost its other entry (evicted, or expired alone) is

@@ -3,8 +3,8 @@
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    Addr, CT_FLAG_MASQ, CT_FLAG_NAT46, CtKey, CtValue, FRAGMENT_FLAG_REPLY, ServiceKey, Stat,
-    TRACE_PATH_TC,
+    Addr, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue, FRAGMENT_FLAG_REPLY,
+    ServiceKey, Stat, TRACE_PATH_TC,
 };
 
 use super::service::services_generation;
@@ -38,6 +38,31 @@ fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
         ct.generation = generation;
     }
     mapped
+}
+
+/// Whether a client's SYN that found the forward entry `entry` opens a new
+/// flow in its place (`tc::ingress`): the flow ended (see
+/// `conntrack::port_reused_by_syn`), or its mapping no longer points at
+/// its container (removed, or moved to another), where any packet of it
+/// would stop it: the SYN then opens a flow to where the mapping points
+/// now, at once.
+// Not inlined: the flags and the lookup stay out of the program's frame,
+// which starts `start_flow`'s chain, at 6.1's limit.
+#[inline(never)]
+pub(super) fn reopens(entry: *const CtValue) -> bool {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let ct = unsafe { &*entry };
+    if conntrack::port_reused_by_syn(ct) {
+        return true;
+    }
+    if ct.flags & CT_FLAG_REPLY != 0 || ct.generation == services_generation() {
+        return false;
+    }
+    // SAFETY: the value is read at once.
+    match unsafe { SERVICES.get(&ct.service) } {
+        Some(value) => value.addr != ct.nat_addr || value.port != ct.nat_port,
+        None => true,
+    }
 }
 
 // The entry is used in place, not copied: the stack is limited to 512 bytes.

@@ -15,8 +15,8 @@ use portfwd_common::{
 };
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, NEXT, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
+    BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
     of_every_entry, segment,
 };
 use crate::model::{Mapping, Protocol};
@@ -856,12 +856,11 @@ fn a_reset_mark_left_on_one_entry_is_cleared() {
 }
 
 /// A client that resets its connection and dials again from the same port
-/// after its mapping moved to another container: its SYN, a packet of the
-/// old flow, finds the mapping gone from that container and stops the old
-/// flow, both entries, as any packet of it would (the SYN goes on to the
-/// host, which drops it: the published port's holder takes no
-/// connection). The client's SYN again, a second later, opens a flow to
-/// the new container.
+/// after its mapping moved to another container: the SYN forgets the old
+/// flow, both entries, and opens one to the new container at once
+/// (`tc::translate::reopens`; `reopen` cannot take the old entries over:
+/// their keys name the old container). The flow is not closing, but its
+/// mapping moved: any packet of it would stop it.
 #[test]
 fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
     let Some(mut tc) = load("a_syn_after_a_reset_goes_where_the_mapping_now_points") else {
@@ -875,19 +874,13 @@ fn a_syn_after_a_reset_goes_where_the_mapping_now_points() {
     tc.publish(&[mapping(Protocol::Tcp, dialed(), moved)]);
     tc.move_services_generation(1);
     let isn = CLIENT_ISN + 5_000_000;
-    let syn = segment((client, dialed()), TCP_SYN, (isn, 0), &[]);
-    let stopped = tc.stat(Stat::FlowStopped);
-    assert_eq!(tc.run(UPLINK_IN, &syn), (NEXT, syn.clone()), "to the host");
-    assert_eq!(tc.stat(Stat::FlowStopped), stopped + 1);
-    assert!(
-        conntrack_flags(&tc).is_empty(),
-        "{:?}",
-        conntrack_flags(&tc)
-    );
     assert_eq!(
-        tc.run(UPLINK_IN, &syn),
+        tc.run(
+            UPLINK_IN,
+            &segment((client, dialed()), TCP_SYN, (isn, 0), &[])
+        ),
         (TO_STACK, segment((client, moved), TCP_SYN, (isn, 0), &[])),
-        "the SYN again opens a flow to the new container"
+        "the SYN opens a flow to the new container"
     );
     assert!(
         open(&tc),
@@ -1129,4 +1122,53 @@ fn packets_from_elsewhere_do_not_keep_a_reset_flow_alive() {
         "ended 12 s after the reset: {:?}",
         conntrack_flags(&tc)
     );
+}
+
+/// A SYN-ACK in the container's name on an established flow, forged (by a
+/// neighbour on the container's link, which cannot know the client's
+/// numbers), or a retransmission of the flow's own: it acknowledges no SYN
+/// of the client's that passed on the flow, and changes nothing. Before,
+/// any SYN-ACK started the flow again, where a forged reset at the
+/// SYN-ACK's number then closed it. The client's SYN that passes is
+/// remembered, and the SYN-ACK that acknowledges it starts the flow again
+/// (`a_syn_after_a_reset_opens_a_new_flow`).
+#[test]
+fn a_syn_ack_that_acknowledges_no_passed_syn_changes_nothing() {
+    let Some(tc) = load("a_syn_ack_that_acknowledges_no_passed_syn_changes_nothing") else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40088);
+    exchanged(&tc, client);
+    let restarted = tc.stat(Stat::FlowRestarted);
+    let forged_isn = CONTAINER_ISN + 9_000_000;
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_SYN | TCP_ACK,
+        (forged_isn, CLIENT_AFTER + 5_000),
+    );
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_SYN | TCP_ACK,
+        (CONTAINER_ISN, CLIENT_ISN + 1),
+    );
+    assert_eq!(tc.stat(Stat::FlowRestarted), restarted);
+    assert!(established(&tc) && open(&tc), "{:?}", conntrack_flags(&tc));
+    flow_step(&tc, client, false, TCP_RST, (forged_isn + 1, 0));
+    assert!(open(&tc), "the forger's reset: {:?}", ends(&tc));
+    // A client's SYN passes; a SYN-ACK of anything else still changes
+    // nothing.
+    client_syn_at(&tc, client, CLIENT_ISN + 5_000_000);
+    flow_step(
+        &tc,
+        client,
+        false,
+        TCP_SYN | TCP_ACK,
+        (forged_isn, CLIENT_ISN + 5_000_002),
+    );
+    assert_eq!(tc.stat(Stat::FlowRestarted), restarted);
+    assert!(established(&tc), "{:?}", conntrack_flags(&tc));
 }
