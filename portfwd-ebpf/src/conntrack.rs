@@ -61,14 +61,13 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
 /// a live twin's idle timer is refreshed with this entry's (not a flow's
 /// marked by a reset, which only its sides' packets keep: `touch`), so
 /// that the two directions of a one-way flow expire together, and an
-/// established
-/// flow's reply entry is made established if it is not: `establish`'s
-/// write to it, from another CPU, can be lost (to the container's own
-/// update of its flags, to userspace rewriting the entry, or to a program
-/// of the build before, during an upgrade), and without it the reply entry
-/// would end after the SYN timeout while its flow lives on. A container's
-/// packet also brings the client's mark up to what the container
-/// acknowledges (`catch_up`).
+/// established flow's reply entry is made established if it is not:
+/// `establish`'s write to it, from another CPU, can be lost (to the
+/// container's own update of its flags, to userspace rewriting the entry,
+/// or to a program of the build before, during an upgrade), and without it
+/// the reply entry would end after the SYN timeout while its flow lives
+/// on. A container's packet also brings the client's mark up to what the
+/// container acknowledges (`catch_up`).
 #[inline(always)]
 pub(crate) fn orphaned(key: &CtKey, entry: *mut CtValue, pkt: &Packet, syn: bool) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
@@ -85,11 +84,11 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
     let ct = unsafe { &*entry };
     match twin_entry(key, ct) {
         Some((_, twin)) => {
-            // SAFETY: a pointer into the map value, valid for this program run.
             // Not for a flow marked by a reset, which only its sides'
             // packets keep (`touch`).
             if ct.more_flags & CT_MORE_RESET == 0 {
-                // SAFETY: as above.
+                // SAFETY: a pointer into the map value, valid for this
+                // program run.
                 unsafe { (*twin).last_seen_ns = pkt.now };
             }
             let (forward, reply) = if ct.flags & CT_FLAG_REPLY == 0 {
@@ -171,10 +170,10 @@ pub(crate) fn refresh(entry: *mut CtValue, now: u64) {
 /// container's SYN-ACK that acknowledges a client's (`restart_at_syn_ack`).
 /// Only those steps need the other entry: the client's first packet after
 /// its SYN, a RST and the packet after it, such a SYN-ACK, or any packet of
-/// a side that closed already. Other CPUs may write the same entry; a lost update shifts a
-/// timestamp, delays a state by a packet, or (the reply entry's
-/// establishment) is made good by `check_twin` at the flow's next packet
-/// after a second.
+/// a side that closed already. Other CPUs may write the same entry; a lost
+/// update shifts a timestamp, delays a state by a packet, or (the reply
+/// entry's establishment) is made good by `check_twin` at the flow's next
+/// packet after a second.
 #[inline(always)]
 pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) -> Touched {
     // SAFETY: the pointer is into the map value, valid for this program run.

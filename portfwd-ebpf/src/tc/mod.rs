@@ -248,9 +248,9 @@ fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
 
 /// A packet that matches no tracked flow (`start_flow`), or a SYN that
 /// reuses the ports of the closing flow whose forward entry is `closing`
-/// (else null). A large one is
-/// first checked against the MTU of the container's link, as packets of
-/// tracked flows are (see `first_packet_too_big`).
+/// (else null). A large one is first checked against the MTU of the
+/// container's link, as packets of tracked flows are (see
+/// `first_packet_too_big`).
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,

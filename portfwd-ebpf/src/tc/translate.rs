@@ -29,15 +29,21 @@ fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
     if ct.generation == generation {
         return true;
     }
-    // SAFETY: the value is read at once.
-    let mapped = match unsafe { SERVICES.get(&ct.service) } {
-        Some(value) => value.addr == *backend && value.port == backend_port,
-        None => false,
-    };
+    let mapped = maps_to(&ct.service, backend, backend_port);
     if mapped {
         ct.generation = generation;
     }
     mapped
+}
+
+/// Whether the mapping `service` exists and points at `backend`:`port`.
+#[inline(always)]
+fn maps_to(service: &ServiceKey, backend: &Addr, port: u16) -> bool {
+    // SAFETY: the value is read at once.
+    match unsafe { SERVICES.get(service) } {
+        Some(value) => value.addr == *backend && value.port == port,
+        None => false,
+    }
 }
 
 /// Whether a client's SYN that found the forward entry `entry` opens a new
@@ -55,14 +61,9 @@ pub(super) fn reopens(entry: *const CtValue) -> bool {
     if conntrack::port_reused_by_syn(ct) {
         return true;
     }
-    if ct.flags & CT_FLAG_REPLY != 0 || ct.generation == services_generation() {
-        return false;
-    }
-    // SAFETY: the value is read at once.
-    match unsafe { SERVICES.get(&ct.service) } {
-        Some(value) => value.addr != ct.nat_addr || value.port != ct.nat_port,
-        None => true,
-    }
+    ct.flags & CT_FLAG_REPLY == 0
+        && ct.generation != services_generation()
+        && !maps_to(&ct.service, &ct.nat_addr, ct.nat_port)
 }
 
 // The entry is used in place, not copied: the stack is limited to 512 bytes.
