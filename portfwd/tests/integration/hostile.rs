@@ -613,6 +613,30 @@ impl Topology {
         v6(self.client.host_v6())
     }
 
+    /// A raw socket on the client's end of its link, in its namespace.
+    fn client_sender(&self) -> RawSocket {
+        let client_if = self.client.ctr_if.clone();
+        self.client
+            .inside(move || RawSocket::bind(&client_if))
+            .expect("raw socket in the client namespace")
+    }
+
+    /// Sends with `sender` (`client_sender`) a TCP segment in the client's
+    /// name, from its port to the host's (`ports`), at `seq`: a reset, else
+    /// a SYN. `id`: the IPv4 identification.
+    fn send_forged(&self, sender: &RawSocket, ports: (u16, u16), seq: u32, id: u16, reset: bool) {
+        let (client, host) = (self.client_v4(), self.host_v4());
+        let forged = tcp_segment(client.into(), host.into(), ports, seq, |header| {
+            (header.rst, header.syn) = (reset, !reset)
+        });
+        sender
+            .send(&self.frame(
+                ETH_P_IP,
+                &Ipv4Packet::new(client, host, TCP, forged).id(id).build(),
+            ))
+            .expect("sending the forged segment");
+    }
+
     /// Sends every kind REPEAT times from the client namespace while
     /// capturing in the container namespace; returns what arrived there.
     fn inject(&self, kinds: &[Kind]) -> Vec<Vec<u8>> {
@@ -621,11 +645,7 @@ impl Topology {
             .ctr
             .inside(move || RawSocket::bind(&ctr_if))
             .expect("capture socket in the container namespace");
-        let client_if = self.client.ctr_if.clone();
-        let sender = self
-            .client
-            .inside(move || RawSocket::bind(&client_if))
-            .expect("raw socket in the client namespace");
+        let sender = self.client_sender();
         for round in 0..REPEAT {
             for kind in kinds {
                 sender
@@ -635,6 +655,25 @@ impl Topology {
         }
         capture.drain(Duration::from_secs(5), Duration::from_millis(700))
     }
+}
+
+/// The conntrack entries of the TCP flow whose client has `client_port`:
+/// the forward entry's source port, the reply entry's destination port.
+fn tcp_flow_entries(client_port: u16) -> Vec<portfwd_common::CtValue> {
+    use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue};
+    let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
+    map.iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            let flow_port = if value.flags & CT_FLAG_REPLY != 0 {
+                key.dport
+            } else {
+                key.sport
+            };
+            key.proto == TCP && flow_port == client_port.to_be()
+        })
+        .map(|(_, value)| value)
+        .collect()
 }
 
 fn v4(ip: IpAddr) -> Ipv4Addr {
@@ -1669,11 +1708,7 @@ fn reordered_fragments_are_passed_and_never_misdelivered() {
         let before = stats();
         let ctr_if = topo.ctr.ctr_if.clone();
         let capture = topo.ctr.inside(move || RawSocket::bind(&ctr_if)).unwrap();
-        let client_if = topo.client.ctr_if.clone();
-        let sender = topo
-            .client
-            .inside(move || RawSocket::bind(&client_if))
-            .unwrap();
+        let sender = topo.client_sender();
         for frame in &frames {
             sender.send(frame).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
@@ -1866,11 +1901,7 @@ fn syns_from_spoofed_sources_establish_no_flow() {
     // Sources on the client's link that no host there holds.
     let [a, b, c, _] = topo.client_v4().octets();
     let spoofed: Vec<Ipv4Addr> = (0..20).map(|i| Ipv4Addr::new(a, b, c, 200 + i)).collect();
-    let client_if = topo.client.ctr_if.clone();
-    let sender = topo
-        .client
-        .inside(move || RawSocket::bind(&client_if))
-        .expect("raw socket in the client namespace");
+    let sender = topo.client_sender();
     for (i, src) in spoofed.iter().enumerate() {
         let syn = Ipv4Packet::tcp_syn(*src, topo.host_v4(), 41000 + i as u16, tcp_port);
         sender
@@ -1957,11 +1988,7 @@ fn a_silent_containers_answer_forged_from_an_uplink_establishes_nothing() {
     );
     let [a, b, c, _] = topo.client_v4().octets();
     let spoofed: Vec<Ipv4Addr> = (0..20).map(|i| Ipv4Addr::new(a, b, c, 200 + i)).collect();
-    let client_if = topo.client.ctr_if.clone();
-    let sender = topo
-        .client
-        .inside(move || RawSocket::bind(&client_if))
-        .expect("raw socket in the client namespace");
+    let sender = topo.client_sender();
     let before = stats();
     let (client_isn, forged_isn) = (0x1234_5678u32, 0x5000_0000u32);
     for (i, src) in spoofed.iter().enumerate() {
@@ -2056,9 +2083,7 @@ fn forged_resets_leave_a_live_flow_open() {
     use std::net::TcpStream;
     use std::sync::Arc;
 
-    use portfwd_common::{
-        CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue,
-    };
+    use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_MORE_RESET, CtValue};
     let Some(_serial) = root_test("forged_resets") else {
         return;
     };
@@ -2100,20 +2125,7 @@ fn forged_resets_leave_a_live_flow_open() {
     let client_port = stream.local_addr().unwrap().port();
     // The flow's two entries: (forward, reply).
     let entries = || {
-        let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
-        let of_flow: Vec<CtValue> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                let flow_port = if value.flags & CT_FLAG_REPLY != 0 {
-                    key.dport
-                } else {
-                    key.sport
-                };
-                key.proto == TCP && flow_port == client_port.to_be()
-            })
-            .map(|(_, value)| value)
-            .collect();
+        let of_flow = tcp_flow_entries(client_port);
         assert_eq!(of_flow.len(), 2, "{of_flow:?}");
         let forward = *of_flow
             .iter()
@@ -2136,29 +2148,12 @@ fn forged_resets_leave_a_live_flow_open() {
     assert_ne!(client_next, 0, "the client's side is known");
     // A reset from the client's address and port, 100,000 bytes ahead of
     // where the client is.
-    let (client, host) = (topo.client_v4(), topo.host_v4());
-    let client_if = topo.client.ctr_if.clone();
-    let sender = topo
-        .client
-        .inside(move || RawSocket::bind(&client_if))
-        .expect("raw socket in the client namespace");
+    let sender = topo.client_sender();
     // A forged segment in the client's name (a reset, else a SYN), then
     // time for what it causes. More than the 500 ms that Linux leaves
     // between two challenge ACKs of one connection.
     let send_forged = |seq: u32, id: u16, reset: bool| {
-        let forged = tcp_segment(
-            client.into(),
-            host.into(),
-            (client_port, port),
-            seq,
-            |header| (header.rst, header.syn) = (reset, !reset),
-        );
-        sender
-            .send(&topo.frame(
-                ETH_P_IP,
-                &Ipv4Packet::new(client, host, TCP, forged).id(id).build(),
-            ))
-            .expect("sending the forged segment");
+        topo.send_forged(&sender, (client_port, port), seq, id, reset);
         std::thread::sleep(Duration::from_millis(600));
     };
     let send_reset = |seq: u32, id: u16| send_forged(seq, id, true);
@@ -2236,9 +2231,7 @@ fn a_forged_syn_and_reset_leave_a_half_closed_flow_open() {
     use std::net::{Shutdown, TcpStream};
     use std::sync::Arc;
 
-    use portfwd_common::{
-        CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue,
-    };
+    use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET};
     let Some(_serial) = root_test("forged_syn_half_closed") else {
         return;
     };
@@ -2275,19 +2268,9 @@ fn a_forged_syn_and_reset_leave_a_half_closed_flow_open() {
     let client_port = stream.local_addr().unwrap().port();
     // The flow's entries: (closing or marked by a reset, its side's FIN).
     let entries = || {
-        let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
-        let mut of_flow: Vec<(bool, bool, bool)> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                let flow_port = if value.flags & CT_FLAG_REPLY != 0 {
-                    key.dport
-                } else {
-                    key.sport
-                };
-                key.proto == TCP && flow_port == client_port.to_be()
-            })
-            .map(|(_, value)| {
+        let mut of_flow: Vec<(bool, bool, bool)> = tcp_flow_entries(client_port)
+            .into_iter()
+            .map(|value| {
                 (
                     value.flags & CT_FLAG_REPLY != 0,
                     value.flags & CT_FLAG_CLOSING != 0 || value.more_flags & CT_MORE_RESET != 0,
@@ -2304,27 +2287,10 @@ fn a_forged_syn_and_reset_leave_a_half_closed_flow_open() {
         [(false, false, true), (true, false, false)],
         "half-closed: the client's FIN on the forward entry"
     );
-    let (client, host) = (topo.client_v4(), topo.host_v4());
-    let client_if = topo.client.ctr_if.clone();
-    let sender = topo
-        .client
-        .inside(move || RawSocket::bind(&client_if))
-        .expect("raw socket in the client namespace");
+    let sender = topo.client_sender();
     let forged_isn = 0x5eed_0000u32;
     for (seq, id, reset) in [(forged_isn, 0xc200, false), (forged_isn + 1, 0xc201, true)] {
-        let forged = tcp_segment(
-            client.into(),
-            host.into(),
-            (client_port, port),
-            seq,
-            |header| (header.rst, header.syn) = (reset, !reset),
-        );
-        sender
-            .send(&topo.frame(
-                ETH_P_IP,
-                &Ipv4Packet::new(client, host, TCP, forged).id(id).build(),
-            ))
-            .expect("sending the forged segment");
+        topo.send_forged(&sender, (client_port, port), seq, id, reset);
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
