@@ -220,7 +220,7 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     if ct.more_flags & CT_MORE_RESET != 0 && from_its_side(ct, pkt) {
         reset_answered(key, ct);
     }
-    advance(ct, pkt);
+    let moved = advance(ct, pkt);
     if ct.flags & CT_FLAG_FIN != 0 {
         // This side closed before: has the other closed since? A side's
         // own FIN asks only whether it acknowledges the other's (below),
@@ -257,8 +257,11 @@ pub(crate) fn touch(key: &CtKey, entry: *mut CtValue, pkt: &Packet, now: u64) ->
     // A FIN closes its side only from that side, as a RST: a forged FIN
     // would make the flow's next SYN (forged too) a client reusing its
     // port, which starts the flow over at a sequence number of the
-    // forger's choosing.
-    if pkt.tcp_flags & TCP_FIN != 0 && closes_from_its_side(ct, pkt) {
+    // forger's choosing. A FIN on a segment that moved the mark came from
+    // there (`advance` moves it only for one that starts where the side
+    // is); judged by the mark it moved to, the segment's end, one longer
+    // than `SEQ_WINDOW` (BIG TCP's, over 64 KiB) would not fit.
+    if pkt.tcp_flags & TCP_FIN != 0 && (moved || closes_from_its_side(ct, pkt)) {
         flags |= CT_FLAG_FIN;
         // The FIN's end, exactly: the other side's ACK of this FIN must
         // say that number.
@@ -403,9 +406,9 @@ fn near(mark: u32, number: u32) -> bool {
 /// segments reach the host, with more than `SEQ_WINDOW` in flight, can
 /// leave its mark behind (its resets are then passed on, the flow not
 /// closed) until the container's acknowledgment brings it back
-/// (`catch_up`).
+/// (`catch_up`). Whether it moved the mark.
 #[inline(always)]
-fn advance(ct: &mut CtValue, pkt: &Packet) {
+fn advance(ct: &mut CtValue, pkt: &Packet) -> bool {
     let mark = ct.tcp_next();
     let sets = mark == 0
         || (pkt.tcp_flags & TCP_SYN != 0
@@ -432,6 +435,7 @@ fn advance(ct: &mut CtValue, pkt: &Packet) {
     if moves {
         ct.set_tcp_next(pkt.seq_end);
     }
+    moves
 }
 
 /// Moves the client's mark (its entry `forward`) up to the container's

@@ -54,7 +54,7 @@ const TCP_SERVER: u16 = 5302;
 /// The Internet checksum (RFC 1071) of `data`, as the header field holds
 /// it: for headers this test patches after building (overridden lengths
 /// and versions, a hand-made ICMP error).
-fn checksum(data: &[u8]) -> u16 {
+pub(crate) fn checksum(data: &[u8]) -> u16 {
     Sum16BitWords::new()
         .add_slice(data)
         .ones_complement()
@@ -236,7 +236,7 @@ fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, flow: u32, next: u8, rest: &[u8]) -> Vec<u
 }
 
 /// An Ethernet frame.
-fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let header = Ethernet2Header {
         source: src,
         destination: dst,
@@ -245,7 +245,7 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u
     [&header.to_bytes()[..], payload].concat()
 }
 
-fn parse_mac(text: &str) -> [u8; 6] {
+pub(crate) fn parse_mac(text: &str) -> [u8; 6] {
     let bytes: Vec<u8> = text
         .trim()
         .split(':')
@@ -659,7 +659,7 @@ impl Topology {
 
 /// The conntrack entries of the TCP flow whose client has `client_port`:
 /// the forward entry's source port, the reply entry's destination port.
-fn tcp_flow_entries(client_port: u16) -> Vec<portfwd_common::CtValue> {
+pub(crate) fn tcp_flow_entries(client_port: u16) -> Vec<portfwd_common::CtValue> {
     use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue};
     let map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
     map.iter()

@@ -14,6 +14,7 @@
 #![allow(clippy::let_underscore_must_use)]
 
 mod allowlist;
+mod big_tcp;
 mod cni;
 mod conntrack;
 mod control_plane;
