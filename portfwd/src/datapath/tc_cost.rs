@@ -36,9 +36,9 @@ use portfwd_testkit::netns;
 use super::object::OBJECT;
 use super::peer_links::set_listed;
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, SKB_CTX_LEN, UPLINK_IN, UPLINK_OUT,
-    as_fragment, at, frame, ingress_ctx, insert_services, mark_no_masq_flow, record_host_address,
-    skb_ctx, stat_if_counted, stat_of,
+    BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, SKB_CTX_LEN, TCP_ACK, TCP_FIN,
+    TCP_SYN, UPLINK_IN, UPLINK_OUT, as_fragment, at, frame, ingress_ctx, insert_services,
+    mark_no_masq_flow, record_host_address, segment, skb_ctx, stat_if_counted, stat_of,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -165,7 +165,13 @@ fn run_with(ebpf: &Ebpf, program: &str, input: &[u8], repeat: u32, skb: Skb) -> 
     (result.return_value, result.duration.as_nanos() as u64)
 }
 
+/// The verdict of a row that sums others.
+const NO_VERDICT: u32 = 0xffff_fffe;
+
 fn verdict(code: u32) -> &'static str {
+    if code == NO_VERDICT {
+        return "–";
+    }
     match code as i32 {
         -1 => "next",
         0 => "stack",
@@ -270,6 +276,7 @@ fn measure(mut ebpf: Ebpf, this_build: bool) -> Vec<Row> {
     rows.extend(measure_without_masq_flows(&mut ebpf, this_build));
     rows.extend(measure_single_runs(&ebpf));
     rows.push(measure_traced(&mut ebpf));
+    rows.extend(measure_connection(&ebpf, this_build));
     rows.push(measure_wildcard_syn(&ebpf));
     rows
 }
@@ -543,6 +550,149 @@ fn measure_single_runs(ebpf: &Ebpf) -> Vec<Row> {
         Skb::Default,
         &|_| other_host.clone(),
     );
+    rows
+}
+
+/// The clients of `measure_connection`, `new_client(CONNECTION_CLIENTS..)`.
+const CONNECTION_CLIENTS: u32 = 6 * SINGLE_RUNS;
+/// Connections of `measure_connection`: each packet is a single run.
+const CONNECTIONS: u32 = 20_000;
+
+/// The packets of one short connection through the cycle's first mapping
+/// (A:8080 -> B:80), as a client that sends one request and a server that
+/// answers and closes (HTTP/1.0, the bench's new connections) exchange
+/// them: (program, case, from the client, flags, sequence number,
+/// acknowledgment, payload length).
+const CONNECTION: [(&str, &str, bool, u8, u32, u32, u32); 7] = {
+    const ISN: u32 = 1_000;
+    const SERVER_ISN: u32 = 500_000;
+    const REQUEST: u32 = 40;
+    const RESPONSE: u32 = 200;
+    const AFTER_REQUEST: u32 = ISN + 1 + REQUEST;
+    const AFTER_RESPONSE: u32 = SERVER_ISN + 1 + RESPONSE;
+    [
+        (
+            UPLINK_IN,
+            "connection: client's SYN (single runs)",
+            true,
+            TCP_SYN,
+            ISN,
+            0,
+            0,
+        ),
+        (
+            BACKEND_IN,
+            "connection: container's SYN-ACK",
+            false,
+            TCP_SYN | TCP_ACK,
+            SERVER_ISN,
+            ISN + 1,
+            0,
+        ),
+        (
+            UPLINK_IN,
+            "connection: client's ACK (establishes)",
+            true,
+            TCP_ACK,
+            ISN + 1,
+            SERVER_ISN + 1,
+            0,
+        ),
+        (
+            UPLINK_IN,
+            "connection: client's request",
+            true,
+            TCP_ACK,
+            ISN + 1,
+            SERVER_ISN + 1,
+            REQUEST,
+        ),
+        (
+            BACKEND_IN,
+            "connection: container's response and FIN",
+            false,
+            TCP_FIN | TCP_ACK,
+            SERVER_ISN + 1,
+            AFTER_REQUEST,
+            RESPONSE,
+        ),
+        (
+            UPLINK_IN,
+            "connection: client's FIN",
+            true,
+            TCP_FIN | TCP_ACK,
+            AFTER_REQUEST,
+            AFTER_RESPONSE + 1,
+            0,
+        ),
+        (
+            BACKEND_IN,
+            "connection: container's last ACK (ends the flow)",
+            false,
+            TCP_ACK,
+            AFTER_RESPONSE + 1,
+            AFTER_REQUEST + 1,
+            0,
+        ),
+    ]
+};
+
+/// A whole short connection, packet by packet (`CONNECTION`): the median
+/// of single runs for each packet, and their sum, the BPF time of one
+/// connection on the TC path (what the bench's new-connection rate pays).
+/// Each connection must end at its last ACK (this build).
+fn measure_connection(ebpf: &Ebpf, this_build: bool) -> Vec<Row> {
+    let (published, container, _) = cycle();
+    let ended_before = stat_if_counted(ebpf, Stat::FlowEnded);
+    let mut times = vec![Vec::with_capacity(CONNECTIONS as usize); CONNECTION.len()];
+    let payload = [b'x'; 200];
+    for i in CONNECTION_CLIENTS..CONNECTION_CLIENTS + CONNECTIONS {
+        let client = new_client(i);
+        for (step, &(program, _, from_client, flags, seq, ack, len)) in
+            CONNECTION.iter().enumerate()
+        {
+            let ends = if from_client {
+                (client, published)
+            } else {
+                (container, client)
+            };
+            let input = segment(ends, flags, (seq, ack), &payload[..len as usize]);
+            let (verdict, ns) = run(ebpf, program, &input, 1);
+            times[step].push((ns, verdict));
+        }
+    }
+    if let (true, Some(before), Some(after)) = (
+        this_build,
+        ended_before,
+        stat_if_counted(ebpf, Stat::FlowEnded),
+    ) {
+        assert_eq!(
+            after - before,
+            u64::from(CONNECTIONS),
+            "every connection ended at its last ACK"
+        );
+    }
+    let mut rows: Vec<Row> = CONNECTION
+        .iter()
+        .zip(&mut times)
+        .map(|(&(program, case, ..), times)| {
+            times.sort_unstable();
+            let (ns, verdict) = times[times.len() / 2];
+            Row {
+                program,
+                case,
+                ns,
+                verdict,
+            }
+        })
+        .collect();
+    let total = rows.iter().map(|row| row.ns).sum();
+    rows.push(Row {
+        program: "all",
+        case: "connection: its 7 packets (sum of the medians)",
+        ns: total,
+        verdict: NO_VERDICT,
+    });
     rows
 }
 
