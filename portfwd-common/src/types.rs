@@ -276,6 +276,18 @@ impl CtValue {
         self.masq_addr.words[0] = end;
     }
 
+    /// Starts the entry's TCP state again at `now`: `flags`, no further
+    /// marks (`more_flags`), its side's mark `mark` (0: not known yet).
+    /// A reopened flow's entries and a flow restarted at the container's
+    /// SYN-ACK begin so.
+    #[inline(always)]
+    pub const fn start_again(&mut self, flags: u8, mark: u32, now_ns: u64) {
+        self.flags = flags;
+        self.more_flags = 0;
+        self.last_seen_ns = now_ns;
+        self.set_tcp_next(mark);
+    }
+
     pub const fn set_closing_since(&mut self, now_ns: u64) {
         self.closing_or_progress = now_ns;
     }

@@ -638,15 +638,9 @@ fn restart_at_syn_ack(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) {
     }
     // Only plain flows get here (not masqueraded): their flags beyond the
     // state are the direction's.
-    forward.flags = 0;
-    forward.more_flags = 0;
+    forward.start_again(0, pkt.ack, now);
     forward.set_passed_syn_end(0);
-    forward.last_seen_ns = now;
-    forward.set_tcp_next(pkt.ack);
-    ct.flags = CT_FLAG_REPLY | CT_FLAG_ANSWERED;
-    ct.more_flags = 0;
-    ct.last_seen_ns = now;
-    ct.set_tcp_next(pkt.seq_end);
+    ct.start_again(CT_FLAG_REPLY | CT_FLAG_ANSWERED, pkt.seq_end, now);
     count(Stat::FlowRestarted);
 }
 
@@ -902,13 +896,10 @@ fn restart(
     generation: u16,
     now: u64,
 ) {
-    ct.flags = flags;
+    ct.start_again(flags, 0, now);
     ct.ifindex = ifindex;
     ct.service = *service;
     ct.generation = generation;
-    ct.last_seen_ns = now;
-    ct.closing_or_progress = 0;
-    ct.more_flags = 0;
 }
 
 /// Remembers that the host itself sent `pkt` (leaving by an uplink,
