@@ -31,7 +31,6 @@
 mod clock;
 mod conntrack;
 mod fragments;
-mod icmp;
 mod iter;
 mod maps;
 mod nat46;

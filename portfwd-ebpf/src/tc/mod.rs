@@ -27,12 +27,14 @@
 //! `service` finds a packet's mapping, `masquerade` picks a flow's source
 //! port towards the container, `host_socket` finds the host's own socket
 //! for a packet, `translate` rewrites packets of tracked flows and sends
-//! them on; this module holds the programs themselves. The imports go one
-//! way: this module → `flow` → `masquerade` → `host_socket`, this module
-//! → `host_socket`, `translate` → `service`.
+//! them on, `icmp` translates ICMP errors about tracked flows; this module
+//! holds the programs themselves. The imports go one way: this module →
+//! `flow` → `masquerade` → `host_socket`, this module → `host_socket`,
+//! `translate` → `service`, `icmp` → `service`.
 
 mod flow;
 mod host_socket;
+mod icmp;
 mod masquerade;
 mod service;
 mod translate;
@@ -52,11 +54,12 @@ use portfwd_common::{
 use self::{
     flow::{is_new_tcp, start_flow},
     host_socket::{host_socket, owns_packet},
+    icmp::{ARRIVING_ON_CONTAINER_LINK, ARRIVING_ON_UPLINK, LEAVING, translate_error},
     service::{ContainerLink, container_link, find_service, is_host_address, publishes},
     translate::{reopens, translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
-    clock, conntrack, icmp,
+    clock, conntrack,
     maps::{PUBLISHED_PORTS, SCRATCH, lacks_port},
     packet::{self, Packet},
     reply, trace,
@@ -368,7 +371,7 @@ fn routed_reply(ctx: &TcContext) -> i32 {
         // An ICMP error the host's stack sends about a client's translated
         // packet: translated back to the client's view.
         if reason == Stat::PassNotTcpUdp
-            && let Some(verdict) = icmp::translate_error::<true>(ctx)
+            && let Some(verdict) = translate_error::<LEAVING>(ctx)
         {
             return verdict;
         }
@@ -405,10 +408,15 @@ fn routed_reply(ctx: &TcContext) -> i32 {
 /// An ICMP error about a translated flow is translated (`icmp`).
 fn parse_or_count(ctx: &TcContext, pkt: &mut Packet, path: u8) -> Result<(), i32> {
     packet::parse(ctx, pkt).map_err(|reason| {
-        if reason == Stat::PassNotTcpUdp
-            && let Some(verdict) = icmp::translate_error::<false>(ctx)
-        {
-            return verdict;
+        if reason == Stat::PassNotTcpUdp {
+            let translated = if path == TRACE_PATH_UPLINK {
+                translate_error::<ARRIVING_ON_UPLINK>(ctx)
+            } else {
+                translate_error::<ARRIVING_ON_CONTAINER_LINK>(ctx)
+            };
+            if let Some(verdict) = translated {
+                return verdict;
+            }
         }
         count(reason);
         if reason == Stat::DroppedLoopback {

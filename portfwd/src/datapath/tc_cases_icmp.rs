@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use super::tc_fixture::{
-    BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Failures, HOST_MAC, HOST_V4, HOST_V6, L4,
-    NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, UPLINK_OUT, at, frame, icmp, mapping,
+    BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, DROP, Failures, HOST_MAC, HOST_V4, HOST_V6,
+    L4, NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, UPLINK_OUT, at, frame, icmp, mapping,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -58,8 +58,14 @@ struct Flows {
 }
 
 impl Flows {
-    /// Opens the flows from client ports `port`, `port + 1` and `port + 2`.
+    /// Opens the flows from client ports `port`, `port + 1` and `port + 2`
+    /// (mappings of interface 0: their first packets go to the stack).
     fn open(tc: &Tc, port: u16) -> Self {
+        Self::open_with(tc, port, TO_STACK)
+    }
+
+    /// `open`, each first packet's verdict `verdict`.
+    fn open_with(tc: &Tc, port: u16, verdict: u32) -> Self {
         let flows = Self {
             client: (
                 at(CLIENT_V4, port),
@@ -74,8 +80,8 @@ impl Flows {
             (flows.client.1, flows.published.1, L4::Syn),
             (flows.client.2, flows.published.2, L4::Udp),
         ] {
-            let (verdict, _) = tc.run(UPLINK_IN, &frame(client, published, l4));
-            assert_eq!(verdict, TO_STACK, "the flow from {client}");
+            let (got, _) = tc.run(UPLINK_IN, &frame(client, published, l4));
+            assert_eq!(got, verdict, "the flow from {client}");
         }
         flows
     }
@@ -264,5 +270,76 @@ fn errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egres
         NEXT,
         &own,
     );
+    failures.assert_none();
+}
+
+/// The interface through which `forged_errors_are_not_translated`'s
+/// mappings reach their container: not the one a test run's packets come
+/// in on (the loopback device, 1).
+const CONTAINER_LINK: u32 = 1_000_000;
+
+/// An error in the container's name (about a client's packet) that comes in
+/// on an uplink, when the mapping reaches its container through another
+/// interface, is forged, as the flow's own packets from there are: dropped
+/// and counted as `dropped_container_source`. And an error that does not go
+/// to the sender of the packet it quotes is no error about that packet:
+/// passed untouched. Before, both were translated and sent on from the
+/// published address, to whatever destination the forger wrote: a forger
+/// anywhere on an uplink made the host send ICMP errors in its own name
+/// (a port unreachable ends a client's connected UDP socket).
+#[test]
+fn forged_errors_are_not_translated() {
+    let test = "forged_errors_are_not_translated";
+    let behind_link = mappings().map(|mapping| Mapping {
+        ifindex: CONTAINER_LINK,
+        ..mapping
+    });
+    let Some(tc) = Tc::load_with(test, &behind_link) else {
+        return;
+    };
+    let Flows {
+        client: (_, _, udp_client),
+        container: (_, _, ctr_udp),
+        ..
+    } = Flows::open_with(&tc, 40221, REDIRECT);
+    let request = quoted(udp_client, ctr_udp, L4::Udp, None);
+    let mut failures = Failures::default();
+    let cases = [
+        (
+            "port unreachable in the container's name from an uplink",
+            UPLINK_IN,
+            error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
+            DROP,
+            Some(Stat::DroppedContainerSource),
+        ),
+        (
+            "port unreachable to another address than the client's",
+            BACKEND_IN,
+            error(CTR_V4.into(), ROUTER_V4.into(), 3, 3, [0; 4], &request),
+            NEXT,
+            None,
+        ),
+    ];
+    for (name, program, input, verdict, stat) in cases {
+        let translated = tc.stat(Stat::IcmpErrorTranslated);
+        let counted = stat.map(|stat| tc.stat(stat));
+        failures.check(name, tc.run(program, &input), verdict, &input);
+        if tc.stat(Stat::IcmpErrorTranslated) != translated {
+            failures.note(format!("{name}: translated"));
+        }
+        if let Some(stat) = stat
+            && Some(tc.stat(stat)) != counted.map(|n| n + 1)
+        {
+            failures.note(format!("{name}: {stat:?} not counted"));
+        }
+    }
+    // The container's own error, from its link: translated.
+    let (verdict, _) = tc.run(
+        BACKEND_IN,
+        &error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
+    );
+    if verdict != REDIRECT {
+        failures.note(format!("the container's own error: verdict {verdict}"));
+    }
     failures.assert_none();
 }

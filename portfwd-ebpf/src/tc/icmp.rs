@@ -28,11 +28,18 @@ use portfwd_common::{
     IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
+use super::service::{ContainerLink, container_link};
 use crate::{
     clock, conntrack,
     maps::SCRATCH,
     verdict::{count, deliver, mark_translated},
 };
+
+/// Where `translate_error` runs, which decides which errors are ours there:
+/// in on an uplink, in on a container's link, or out of an uplink.
+pub(super) const ARRIVING_ON_UPLINK: u8 = 0;
+pub(super) const ARRIVING_ON_CONTAINER_LINK: u8 = 1;
+pub(super) const LEAVING: u8 = 2;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -77,18 +84,26 @@ struct Error {
 
 /// For a packet that is not TCP or UDP: if it is an ICMP error about a
 /// translated flow, the error translated and the verdict; else None (not
-/// ours). `LEAVING`: at an uplink's egress, where only the errors the
-/// host's own stack sends about a client's translated packet are ours
-/// (e.g. "host unreachable" when the container is gone, "time exceeded"
-/// from the forwarding path): they quote the packet as translated
+/// ours). `AT`: where it runs. `LEAVING`: at an uplink's egress, where only
+/// the errors the host's own stack sends about a client's translated packet
+/// are ours (e.g. "host unreachable" when the container is gone, "time
+/// exceeded" from the forwarding path): they quote the packet as translated
 /// (`client -> container:p`), and go on to the client translated, in the
 /// view of the address it used.
+///
+/// An error goes to the sender of the packet it quotes: one addressed
+/// elsewhere is no error about that packet, and is not ours (translated,
+/// it would leave in the host's name to wherever a forger chose). One
+/// about a client's packet is in the container's name (the container's,
+/// or a router's on its side): in on an uplink, it is forged where the
+/// mapping reaches its container through another interface, as the flow's
+/// own packets are (`tc::forged_in_containers_name`), and dropped.
 // Not inlined: called from the program's frame; its locals stay out of
-// the TCP/UDP path. `LEAVING` a constant, not an argument: one function
-// per program, each with the frame it had (an argument grew it by 32
-// bytes, to 480 of 512 with `rewrite`).
+// the TCP/UDP path. `AT` a constant, not an argument: one function per
+// program, each with the frame it had (an argument grew it by 32 bytes, to
+// 480 of 512 with `rewrite`).
 #[inline(never)]
-pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i32> {
+pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     let error = parse(ctx)?;
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU memory that only this program run uses.
@@ -108,9 +123,13 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     // A NAT46 flow's error would have to change family with its quote
     // (ICMPv6 <-> ICMP, both headers rebuilt): not done, it passes as it
     // came. Rewritten in place, it would carry IPv6 addresses cut to IPv4.
-    if ct.flags & (CT_FLAG_HOST | CT_FLAG_NAT46) != 0 || (LEAVING && ct.flags & CT_FLAG_REPLY == 0)
+    if ct.flags & (CT_FLAG_HOST | CT_FLAG_NAT46) != 0
+        || (AT == LEAVING && ct.flags & CT_FLAG_REPLY == 0)
     {
         return None;
+    }
+    if AT == ARRIVING_ON_UPLINK && ct.flags & CT_FLAG_REPLY != 0 && forged_on_uplink(ctx, ct) {
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     if rewrite(ctx, &error, ct).is_err() {
         // A half-rewritten error must not leave: its checksums are wrong.
@@ -118,7 +137,7 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     count(Stat::IcmpErrorTranslated);
-    if LEAVING {
+    if AT == LEAVING {
         return Some(aya_ebpf::bindings::TC_ACT_UNSPEC);
     }
     if ct.flags & CT_FLAG_REPLY != 0 && ct.ifindex != 0 {
@@ -127,16 +146,35 @@ pub(crate) fn translate_error<const LEAVING: bool>(ctx: &TcContext) -> Option<i3
     Some(deliver(ctx, ct.ifindex, now))
 }
 
-/// The error's headers, if it is an ICMP error quoting a TCP or UDP packet.
+/// Whether an error in the container's name (its flow's reply entry `ct`)
+/// that came in on an uplink is forged: the mapping reaches the container
+/// through another interface. Counted.
+// Not inlined: the mapping lookup's locals would take slots of
+// `translate_error`'s frame, which starts its deepest chain (with
+// `rewrite`), at 6.1's 512-byte limit.
+#[inline(never)]
+fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
+    let forged = matches!(container_link(ctx, &ct.service), ContainerLink::Other);
+    if forged {
+        count(Stat::DroppedContainerSource);
+    }
+    forged
+}
+
+/// The error's headers, if it is an ICMP error quoting a TCP or UDP packet
+/// and addressed to that packet's sender.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Error> {
     // SAFETY: reading a context field, checked by the verifier.
     let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    match protocol {
+    let error = match protocol {
         ETH_P_IP => parse_v4(ctx),
         ETH_P_IPV6 => parse_v6(ctx),
         _ => None,
-    }
+    }?;
+    // An error goes to the sender of the packet it quotes (see
+    // `translate_error`).
+    (error.daddr.words == error.inner_saddr.words).then_some(error)
 }
 
 fn parse_v4(ctx: &TcContext) -> Option<Error> {
