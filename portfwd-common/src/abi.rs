@@ -709,4 +709,10 @@ stats! {
     /// exactly that SYN. The flow keeps its translation and follows the
     /// new connection.
     FlowRestarted = "flows_restarted",
+    /// New flows whose source no host sends from: multicast, broadcast,
+    /// unspecified (0.0.0.0/8, ::). The kernel drops such packets as
+    /// martians; translated, the container's answer would go back to that
+    /// address (a NAT46 container sees the host's address, not the
+    /// martian, and answers a multicast group through the host). Dropped.
+    DroppedMartianSource = "dropped_martian_source",
 }

@@ -120,6 +120,19 @@ impl Packet {
     pub(crate) fn is_later_fragment(&self) -> bool {
         self.fragment >= LATER_FRAGMENT
     }
+
+    /// Whether the source is one no host sends from: unspecified (IPv4
+    /// 0.0.0.0/8, IPv6 ::), multicast (224.0.0.0/4, ff00::/8) or the
+    /// broadcast address. The kernel drops such a packet as a martian (RFC
+    /// 1122 3.2.1.3, RFC 4291 2.5.2 and 2.7), and no answer may go to it.
+    pub(crate) fn martian_source(&self) -> bool {
+        let first = self.saddr.words[0].to_ne_bytes();
+        if self.family == FAMILY_V4 {
+            first[0] == 0 || (224..240).contains(&first[0]) || first == [255; 4]
+        } else {
+            first[0] == 0xff || self.saddr.words == [0; 4]
+        }
+    }
 }
 
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;

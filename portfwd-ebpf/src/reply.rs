@@ -181,7 +181,9 @@ fn answer(ctx: &TcContext, pkt: &Packet) -> Result<(), Stat> {
     // SAFETY: per-CPU memory that only this program run uses (the rate
     // limit fields: only this CPU).
     let reply = unsafe { &mut *reply };
-    if !unicast_source(pkt) {
+    // No answer to a source no host sends from (RFC 1122 3.2.2, RFC 4443
+    // 2.4 (e)); `tc::flow::start_flow` drops those before asking.
+    if pkt.martian_source() {
         return Err(Stat::RefusedNotAllowed);
     }
     let len = if pkt.proto == IPPROTO_TCP {
@@ -193,18 +195,6 @@ fn answer(ctx: &TcContext, pkt: &Packet) -> Result<(), Stat> {
         port_unreachable(ctx, pkt, reply)?
     };
     send(ctx, reply, len).map_err(|_| Stat::RefusedNotAllowed)
-}
-
-/// Whether the source may get an answer: no multicast or broadcast source
-/// (RFC 1122 3.2.2, RFC 4443 2.4 (e)).
-#[inline(always)]
-fn unicast_source(pkt: &Packet) -> bool {
-    let first = pkt.saddr.words[0].to_ne_bytes();
-    if pkt.family == FAMILY_V4 {
-        first[0] < 224
-    } else {
-        first[0] != 0xff
-    }
 }
 
 /// Takes one answer's credit from this CPU's bucket, if it has it.

@@ -71,6 +71,14 @@ pub(super) fn start_flow(
     let Some((service, backend)) = find_service(ctx, pkt) else {
         return NEXT;
     };
+    // A source no host sends from (multicast, broadcast, unspecified): a
+    // martian, which the kernel would drop. Translated, the container's
+    // answer would go back to it (a NAT46 container sees the host's address
+    // instead, and answers through the host to a multicast group).
+    if pkt.martian_source() {
+        note(ctx, pkt, masquerade, Stat::DroppedMartianSource);
+        return DROP;
+    }
     // From an uplink, a source that is one of the host's own addresses is
     // forged: its reply entry could capture the host's own connections.
     if !masquerade && is_host_address(pkt.family, &pkt.saddr) {
