@@ -647,7 +647,7 @@ stats! {
     /// Packets of NAT46 flows (an IPv6 client, an IPv4 container) that
     /// cannot be translated between families: IPv6 fragments and IPv4 ones
     /// (a fragment header would be needed), IPv4 options, a UDP datagram
-    /// from the container without a checksum (mandatory in IPv6). Dropped.
+    /// without a checksum, either way (mandatory in IPv6). Dropped.
     DroppedNat46 = "dropped_nat46_untranslatable",
     /// New IPv6 flows to a mapping of an IPv4 container for which portfwd
     /// knows no host IPv4 address towards the container (`pf_nat46_src`):

@@ -10,7 +10,9 @@
 //! What is not translated (counted as `dropped_nat46_untranslatable` and
 //! dropped): fragments of either family (the translated datagram would need
 //! a Fragment header, or lose one), IPv4 headers with options, and UDP
-//! datagrams from the container without a checksum (IPv6 requires one).
+//! datagrams without a checksum: from the container (IPv6 requires one),
+//! and from the client (one of 0 is invalid in IPv6, RFC 8200 8.1, and
+//! would become IPv4's "no checksum", taken unchecked).
 //! Hop limit and TTL are carried over unchanged, as the other paths keep
 //! them: the host is the flow's endpoint, not a router on its way.
 //!
@@ -54,11 +56,11 @@ pub(crate) const TRANSLATE: i32 = i32::MIN;
 /// it in scratch memory (`source`); else the verdict (counted). Only IPv6
 /// clients of IPv4 containers are: the other way round is passed, as ever.
 #[inline(never)]
-pub(crate) fn start(pkt: &Packet, service: &ServiceKey) -> i32 {
+pub(crate) fn start(ctx: &TcContext, pkt: &Packet, service: &ServiceKey) -> i32 {
     if pkt.family != FAMILY_V6 {
         return TC_ACT_UNSPEC;
     }
-    if pkt.fragment != WHOLE {
+    if pkt.fragment != WHOLE || udp_without_checksum(ctx, pkt) != Ok(false) {
         count(Stat::DroppedNat46);
         return TC_ACT_SHOT;
     }
@@ -110,6 +112,9 @@ fn to_v4(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), Stat> {
     // Version, traffic class, flow label; payload length, next header, hop
     // limit.
     let head: [u8; 8] = ctx.load(ETH_HLEN).map_err(|_| Stat::RewriteFailed)?;
+    if udp_without_checksum(ctx, pkt)? {
+        return Err(Stat::DroppedNat46);
+    }
     let traffic_class = (head[0] << 4) | (head[1] >> 4);
     let payload_len = match u16::from_be_bytes([head[4], head[5]]) as u32 {
         // BIG TCP (`parse` accepts a length of 0 only for it): the skb's.
@@ -176,13 +181,8 @@ fn to_v6(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), Stat> {
     if pkt.l3_off != ETH_HLEN || head[0] != 0x45 {
         return Err(Stat::DroppedNat46);
     }
-    if pkt.proto == IPPROTO_UDP {
-        let check: u16 = ctx
-            .load(pkt.l4_off + UDP_CSUM_OFF)
-            .map_err(|_| Stat::RewriteFailed)?;
-        if check == 0 {
-            return Err(Stat::DroppedNat46);
-        }
+    if udp_without_checksum(ctx, pkt)? {
+        return Err(Stat::DroppedNat46);
     }
     let payload_len = match u16::from_be_bytes([head[2], head[3]]) as u32 {
         // BIG TCP (`parse` accepts a length of 0 only for it): the skb's.
@@ -229,6 +229,19 @@ fn to_v6(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), Stat> {
             )
         })
         .map_err(|_| Stat::RewriteFailed)
+}
+
+/// Whether `pkt` is a UDP datagram without a checksum (0), which the
+/// other family cannot carry: IPv6 requires one, and IPv4 reads 0 as none.
+#[inline(always)]
+fn udp_without_checksum(ctx: &TcContext, pkt: &Packet) -> Result<bool, Stat> {
+    if pkt.proto != IPPROTO_UDP {
+        return Ok(false);
+    }
+    let check: u16 = ctx
+        .load(pkt.l4_off + UDP_CSUM_OFF)
+        .map_err(|_| Stat::RewriteFailed)?;
+    Ok(check == 0)
 }
 
 /// The TCP/UDP header at `l4_off` after the switch: its checksum follows

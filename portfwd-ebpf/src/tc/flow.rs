@@ -100,7 +100,7 @@ pub(super) fn start_flow(
     // Between families, only IPv6 clients of IPv4 containers (`nat46`).
     let nat46 = backend.family != pkt.family;
     if nat46 {
-        let verdict = nat46::start(pkt, &service);
+        let verdict = nat46::start(ctx, pkt, &service);
         if verdict != nat46::TRANSLATE {
             return verdict;
         }

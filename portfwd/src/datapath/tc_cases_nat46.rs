@@ -99,7 +99,20 @@ fn ipv6_clients_of_ipv4_containers_are_translated_between_families() {
         (1, 4, [0; 4]),
         &frame(at(HOST_V6, 8046), at(CLIENT_V6, 40041), L4::Ack)[14..],
     );
+    // IPv6 requires a UDP checksum (RFC 8200 8.1): one of 0 would become
+    // IPv4's "no checksum", and the container would take the datagram
+    // unchecked. The host's stack drops it.
+    let mut no_checksum_v6 = frame(at(CLIENT_V6, 40045), at(HOST_V6, 5346), L4::Udp);
+    let udp_check_v6 = 14 + 40 + 6;
+    no_checksum_v6[udp_check_v6..udp_check_v6 + 2].copy_from_slice(&[0, 0]);
     let uplink_cases = vec![
+        Case::new(
+            "an IPv6 UDP datagram without a checksum",
+            no_checksum_v6,
+            DROP,
+            None,
+            Stat::DroppedNat46,
+        ),
         Case::new(
             "an ICMPv6 error about a NAT46 flow's reply",
             unreachable_v6,
