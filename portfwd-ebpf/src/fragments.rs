@@ -69,6 +69,23 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex
     let _ = FRAGMENTS.insert(key, value, 0);
 }
 
+/// The datagram of the first fragment `pkt`, remembered as redirected,
+/// went to the stack instead (a new flow's, too big for the container's
+/// link: `tc::new_flow`): its later fragments follow it there.
+#[inline(never)]
+pub(crate) fn to_stack(pkt: &Packet) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `remember`.
+    let key = unsafe { &mut (*scratch).frag_key };
+    set_key(key, pkt);
+    if let Some(value) = FRAGMENTS.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        unsafe { (*value).ifindex = 0 };
+    }
+}
+
 /// Forgets the datagram of `pkt`, its last fragment (see the module doc): a
 /// middle fragment that comes after it (reordered on the way) matches
 /// nothing, as one that comes before the first.

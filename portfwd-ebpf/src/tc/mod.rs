@@ -59,9 +59,9 @@ use self::{
     translate::{reopens, translate_forward, translate_fragment, translate_reply},
 };
 use crate::{
-    clock, conntrack,
+    clock, conntrack, fragments,
     maps::{PUBLISHED_PORTS, SCRATCH, lacks_port},
-    packet::{self, Packet},
+    packet::{self, FIRST_FRAGMENT, Packet},
     reply, trace,
     verdict::{DROP, NEXT, count},
 };
@@ -284,6 +284,11 @@ fn new_flow(
     if to_stack && verdict == TC_ACT_REDIRECT {
         count(Stat::TooBigToStack);
         trace::stat(ctx, pkt, path, Stat::TooBigToStack);
+        // Its datagram's later fragments follow it (`start_flow`
+        // remembered the redirect).
+        if pkt.fragment == FIRST_FRAGMENT {
+            fragments::to_stack(pkt);
+        }
         return TC_ACT_OK;
     }
     verdict

@@ -15,7 +15,7 @@ use portfwd_common::Stat;
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_MAC, CLIENT_V4, CTR_V4, DROP, Failures, HOST_MAC, HOST_V4, NEXT, REDIRECT,
-    TO_STACK, Tc, UPLINK_IN, edit_ipv4_header, ifindex_ctx, ip_frame, mapping,
+    TO_STACK, Tc, UPLINK_IN, as_fragment, edit_ipv4_header, ifindex_ctx, ip_frame, mapping,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -208,4 +208,42 @@ fn a_forged_oversize_answer_from_the_clients_link_is_dropped() {
     assert_eq!(verdict, DROP, "verdict {verdict:#x}");
     assert!(out == forged, "the frame was changed");
     assert_eq!(tc.stat(Stat::DroppedContainerSource), before + 1);
+}
+
+/// A new flow's first fragment (IPv4 without DF) too big for the
+/// container's link goes to the stack, translated, to be fragmented there;
+/// so do its datagram's later fragments. Before, the first fragment
+/// remembered the container's link for them, and they were redirected into
+/// it as they were, where the link drops what it cannot carry: the
+/// datagram was lost, while a flow's later datagrams (whose first fragment
+/// finds the flow) went through.
+#[test]
+fn a_first_fragment_sent_to_the_stack_takes_its_datagram_with_it() {
+    let test = "a_first_fragment_sent_to_the_stack_takes_its_datagram_with_it";
+    let Some(mut tc) = Tc::load(test) else {
+        return;
+    };
+    let link = SmallLink::new("pftfrg8", "pftfrg9", [2, 0, 0x5e, 0, 0, 5]);
+    tc.publish(&[on_link(&link)]);
+    let from_client = (CLIENT_MAC, link.mac);
+    const ID: u16 = 0x4242;
+    // A datagram of 2,800 bytes in two fragments of 1,400 (offset 1408 /
+    // 8); a later fragment carries the first's bytes here (the programs read
+    // nothing past its IP header).
+    let fragment = |dst: SocketAddr, offset: u16, more: bool| {
+        as_fragment(udp(from_client, CLIENT, dst, 1400, false), ID, offset, more)
+    };
+    let mut failures = Failures::default();
+    let got = run(&tc, UPLINK_IN, &fragment(PUBLISHED, 0, true), link.ifindex);
+    failures.check(
+        "the first fragment",
+        got,
+        TO_STACK,
+        &fragment(CONTAINER, 0, true),
+    );
+    let mut later = fragment(PUBLISHED, 176, false);
+    let (verdict, out) = run(&tc, UPLINK_IN, &later, link.ifindex);
+    edit_ipv4_header(&mut later, |header| header.destination = CTR_V4.octets());
+    failures.check("the later fragment", (verdict, out), TO_STACK, &later);
+    failures.assert_none();
 }
