@@ -13,7 +13,11 @@ use crate::{clock, conntrack, maps::SCRATCH, packet::Packet};
 /// client (or, `masquerade`, from the host address the container dialed):
 /// the client's own when no live flow to this container uses it from that
 /// address (nor, masqueraded, a host socket), else one of a few others (a
-/// bounded loop, for the verifier).
+/// bounded loop, for the verifier) in the ephemeral range, in an order of
+/// the client's own (`spread`): clients that share a source port (a
+/// hairpin or NAT46 flow's all share one address towards the container)
+/// do not compete for the same few, and no forger can take a port's few
+/// for every client that uses it.
 #[inline(never)]
 pub(super) fn masquerade_port(
     ctx: &TcContext,
@@ -41,7 +45,8 @@ pub(super) fn masquerade_port(
     key.family = backend.family;
     key._pad = 0;
     let mut port = u16::from_be(pkt.sport);
-    for attempt in 1..=8u16 {
+    let spread = spread(&pkt.saddr, port);
+    for attempt in 1..=8u32 {
         key.dport = port.to_be();
         match conntrack::lookup(key, now) {
             // A hairpin or NAT46 flow's address is the host's own: a host
@@ -62,8 +67,26 @@ pub(super) fn masquerade_port(
             }
             Some(_) => {}
         }
-        // Another port in the ephemeral range.
-        port = 32768 + port.wrapping_add(attempt.wrapping_mul(7919)) % 28232;
+        // Another port in the ephemeral range (7919 is prime to its size:
+        // the steps reach every port).
+        port = (EPHEMERAL_START + spread.wrapping_add(attempt * 7919) % EPHEMERAL_PORTS) as u16;
     }
     None
+}
+
+/// Linux's default ephemeral range, 32768–60999.
+const EPHEMERAL_START: u32 = 32_768;
+const EPHEMERAL_PORTS: u32 = 28_232;
+
+/// Where in the ephemeral range a client's other ports start: a mix of its
+/// address and port. Deterministic, so that two CPUs starting the same
+/// flow at once settle on the same port.
+#[inline(always)]
+fn spread(client: &Addr, port: u16) -> u32 {
+    let mut mix = u32::from(port);
+    for word in client.words {
+        mix = (mix ^ word).wrapping_mul(0x9e37_79b1);
+        mix ^= mix >> 15;
+    }
+    mix
 }

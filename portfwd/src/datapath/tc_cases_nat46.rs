@@ -168,3 +168,34 @@ fn ipv6_clients_of_ipv4_containers_are_translated_between_families() {
     tc.check_cases(BACKEND_IN, backend_cases, &mut failures);
     failures.assert_none();
 }
+
+/// Every NAT46 client of a mapping shares one IPv4 address towards the
+/// container, so clients that happen to use the same source port need
+/// ports of their own there: nine of them, and the ninth gets one too.
+/// Before, a flow tried its client's port and seven more derived from that
+/// port alone, the same seven for every client with that port: the ninth
+/// was refused (`rewrite_failed`, the datagram passed to the host), and a
+/// forger could take a port's eight candidates with eight spoofed
+/// datagrams, keeping every client that used it out for two minutes.
+#[test]
+fn clients_sharing_a_source_port_each_get_a_port() {
+    let Some(mut tc) = Tc::load("clients_sharing_a_source_port_each_get_a_port") else {
+        return;
+    };
+    publish(&mut tc);
+    let mut seen = std::collections::BTreeSet::new();
+    for client in 0..9u16 {
+        let address = std::net::Ipv6Addr::new(0xfd00, 9, 8, 0, 0, 0, 1, client);
+        let input = frame(at(address, 40050), at(HOST_V6, 5346), L4::Udp);
+        let (verdict, out) = tc.run(UPLINK_IN, &input);
+        assert_eq!(
+            verdict,
+            TO_STACK,
+            "client {address}: {:?}",
+            tc.stat(Stat::RewriteFailed)
+        );
+        // IPv4 out: the source port the container sees.
+        seen.insert(u16::from_be_bytes([out[34], out[35]]));
+    }
+    assert_eq!(seen.len(), 9, "nine ports: {seen:?}");
+}
