@@ -16,7 +16,7 @@
 //!
 //! Instead of copying bytes, the proxy publishes the port in the kernel, as
 //! `portfwd map` does, under the name `docker:<container-ip>:<port>`, keeps
-//! the host port bound (a drop-all socket, as the port holder binds them:
+//! the host port bound (a socket that serves nothing, as the port holder binds them:
 //! `ss -lntp` shows `docker-proxy`, no other process can take the port),
 //! reports ready and waits. On SIGINT/SIGTERM it removes exactly its own
 //! mapping. A claim (see `owner`) lets the next portfwd command remove the
@@ -348,7 +348,7 @@ fn adopt_listen_socket(protocol: Protocol, host: SocketAddr) -> Result<OwnedFd> 
             host.port()
         );
     }
-    holder::attach_drop_all_filter(&socket).context("filtering the socket on fd 4")?;
+    holder::attach_hold_filter(&socket, protocol).context("filtering the socket on fd 4")?;
     if protocol == Protocol::Tcp && !getsockopt(&socket, sockopt::AcceptConn).unwrap_or(false) {
         listen(&socket, Backlog::new(1).unwrap_or(Backlog::MAXCONN))
             .context("listening on the socket of fd 4")?;

@@ -229,21 +229,36 @@ fn sock_addr_hook_loads(attach_type: u32) -> bool {
 /// Loads the two-instruction program `r0 = verdict; exit` of `prog_type`
 /// (and `expected_attach_type`, 0 where the type has none): the kernel's
 /// answer is the probe, and the drop-all socket filter the holder attaches
-/// to held ports is one. A raw `BPF_PROG_LOAD` because aya 0.14 loads
-/// programs from an object file only.
+/// to held UDP ports is one.
 pub(crate) fn load_constant_program(
     prog_type: u32,
     expected_attach_type: u32,
     verdict: i32,
 ) -> Option<OwnedFd> {
+    load_program(
+        prog_type,
+        expected_attach_type,
+        &[bpf_insn(0xb7, 0, 0, verdict), bpf_insn(0x95, 0, 0, 0)],
+    )
+}
+
+/// One eBPF instruction (`struct bpf_insn`): opcode, registers (destination
+/// in the low nibble, source in the high one), offset, immediate.
+pub(crate) const fn bpf_insn(code: u8, regs: u8, off: i16, imm: i32) -> u64 {
+    let [o0, o1] = off.to_le_bytes();
+    let [i0, i1, i2, i3] = imm.to_le_bytes();
+    u64::from_le_bytes([code, regs, o0, o1, i0, i1, i2, i3])
+}
+
+/// Loads the program `insns` of `prog_type` (and `expected_attach_type`).
+/// A raw `BPF_PROG_LOAD` because aya 0.14 loads programs from an object
+/// file only.
+pub(crate) fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> Option<OwnedFd> {
     const BPF_PROG_LOAD: libc::c_long = 5;
-    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
-    // mov64 r0, imm; exit
-    let [a, b, c, d] = verdict.to_le_bytes();
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, a, b, c, d]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
     let license = c"GPL";
     // The prefix of union bpf_attr that BPF_PROG_LOAD reads, up to
     // expected_attach_type (Linux 4.17); the kernel zero-checks the rest.

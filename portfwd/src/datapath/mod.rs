@@ -49,7 +49,7 @@ pub(crate) use install::{
     InstallOptions, InstallReport, UninstallReport, check_uplink, install, resolve_uplinks,
     uninstall,
 };
-pub(crate) use kernel::load_constant_program;
+pub(crate) use kernel::{bpf_insn, load_constant_program, load_program};
 pub(crate) use links::{attach_uplink, detach_interface};
 pub(crate) use lock::StateLock;
 pub(crate) use maps::PinnedMaps;

@@ -5,9 +5,11 @@
 //!   instead of silently losing its traffic to the container);
 //! - published ports show in `ss -lntp` / `ss -lnup` as held by `portfwd`.
 //!
-//! The sockets never see traffic: TCP listeners and UDP sockets carry a
-//! drop-all socket filter, and portfwd's programs translate connections to
-//! published ports before any socket lookup.
+//! The sockets never serve traffic: portfwd's programs translate
+//! connections to published ports before any socket lookup, UDP sockets
+//! drop every datagram, and TCP listeners every SYN (socket filters,
+//! `server::attach_hold_filter`); a listener answers other segments (of a
+//! flow the TC path forgot) with a reset, as a closed port does.
 //!
 //! The holder owns no state: on every `sync` it reads the pinned services
 //! map and binds what is missing, closes what is gone. A port that another
@@ -50,7 +52,7 @@ mod follow;
 mod server;
 mod sweep;
 
-pub(crate) use server::{attach_drop_all_filter, reserve, run};
+pub(crate) use server::{attach_hold_filter, reserve, run};
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 

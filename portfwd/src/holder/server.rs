@@ -351,9 +351,10 @@ fn files_left(held: usize) -> usize {
     usize::try_from(left).unwrap_or(usize::MAX)
 }
 
-/// Binds `addr` the way a published port is held: a TCP listener or a UDP
-/// socket that drops everything. IPv6 wildcards are IPv6-only, so that the
-/// IPv4 and the IPv6 wildcard of one port are two separate holds.
+/// Binds `addr` the way a published port is held: a TCP listener that
+/// never accepts a connection or a UDP socket that drops everything
+/// (`attach_hold_filter`). IPv6 wildcards are IPv6-only, so that the IPv4
+/// and the IPv6 wildcard of one port are two separate holds.
 pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
@@ -374,7 +375,7 @@ pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<Owned
     if addr.is_ipv6() {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
-    attach_drop_all_filter(&fd)?;
+    attach_hold_filter(&fd, protocol)?;
     match addr {
         SocketAddr::V4(v4) => bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?,
         SocketAddr::V6(v6) => bind(fd.as_raw_fd(), &SockaddrIn6::from(v6))?,
@@ -385,13 +386,24 @@ pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<Owned
     Ok(fd)
 }
 
-/// Attaches the drop-all filter: one eBPF socket filter (`r0 = 0; exit`)
-/// loaded once per process and shared by every socket, where a classic
-/// filter is converted and JIT-compiled again for each socket (most of
-/// the cost of holding 10,000 ports); the classic filter if loading fails.
-pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
-    static SHARED: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    if let Some(program) = SHARED.get_or_init(load_drop_all_program) {
+/// Attaches the filter of a held port. A UDP socket drops every datagram.
+/// A TCP listener drops every SYN, so that no connection is ever made on
+/// it, and takes the other segments, which a listener answers as a closed
+/// port does (a reset for an ACK): a segment of a flow that the TC path
+/// forgot (evicted from a full table, expired) gets the host's reset, and
+/// its client fails at once instead of retrying into silence for minutes.
+/// Each filter is one eBPF socket filter loaded once per process and shared
+/// by every socket, where a classic filter is converted and JIT-compiled
+/// again for each socket (most of the cost of holding 10,000 ports); the
+/// classic filter if loading fails.
+pub(crate) fn attach_hold_filter(fd: &OwnedFd, protocol: Protocol) -> nix::Result<()> {
+    static DROP_ALL: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    static DROP_SYN: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let shared = match protocol {
+        Protocol::Udp => DROP_ALL.get_or_init(load_drop_all_program),
+        Protocol::Tcp => DROP_SYN.get_or_init(load_drop_syn_program),
+    };
+    if let Some(program) = shared {
         let program_fd: libc::c_int = program.as_raw_fd();
         // SAFETY: the option value is one c_int, as SO_ATTACH_BPF takes.
         let rc = unsafe {
@@ -407,7 +419,7 @@ pub(crate) fn attach_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
             return Ok(());
         }
     }
-    attach_classic_drop_all_filter(fd)
+    attach_classic_filter(fd, protocol)
 }
 
 /// Loads `r0 = 0; exit` as a BPF_PROG_TYPE_SOCKET_FILTER program.
@@ -416,17 +428,67 @@ fn load_drop_all_program() -> Option<OwnedFd> {
     datapath::load_constant_program(BPF_PROG_TYPE_SOCKET_FILTER, 0, 0)
 }
 
-/// A classic BPF socket filter of one instruction, `ret #0`: every packet
-/// that reaches the socket is dropped.
-fn attach_classic_drop_all_filter(fd: &OwnedFd) -> nix::Result<()> {
-    let mut program = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
+/// The TCP flags' offset in the TCP header, where a socket filter of a TCP
+/// socket starts reading (the IP header is pulled by then).
+const TCP_FLAGS_OFF: i32 = 13;
+const TCP_SYN: i32 = 0x02;
+
+/// Loads the TCP listener's filter: a SYN is dropped (0 bytes kept), any
+/// other segment kept whole.
+fn load_drop_syn_program() -> Option<OwnedFd> {
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    datapath::load_program(
+        BPF_PROG_TYPE_SOCKET_FILTER,
+        0,
+        &[
+            // r6 = r1 (the skb, where LD_ABS reads from)
+            datapath::bpf_insn(0xbf, 0x16, 0, 0),
+            // r0 = the TCP flags byte (LD_ABS, byte)
+            datapath::bpf_insn(0x30, 0, 0, TCP_FLAGS_OFF),
+            // r0 &= SYN; if r0 != 0 goto drop
+            datapath::bpf_insn(0x57, 0, 0, TCP_SYN),
+            datapath::bpf_insn(0x55, 0, 2, 0),
+            // keep the whole segment: r0 = u32::MAX; exit
+            datapath::bpf_insn(0xb7, 0, 0, -1),
+            datapath::bpf_insn(0x95, 0, 0, 0),
+            // drop: r0 = 0; exit
+            datapath::bpf_insn(0xb7, 0, 0, 0),
+            datapath::bpf_insn(0x95, 0, 0, 0),
+        ],
+    )
+}
+
+/// The classic BPF socket filter of `attach_hold_filter`: for UDP `ret #0`
+/// (every datagram dropped), for TCP the SYN test.
+fn attach_classic_filter(fd: &OwnedFd, protocol: Protocol) -> nix::Result<()> {
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let drop_all = op(libc::BPF_RET | libc::BPF_K, 0, 0, 0);
+    let mut program = match protocol {
+        Protocol::Udp => vec![drop_all],
+        Protocol::Tcp => vec![
+            op(
+                libc::BPF_LD | libc::BPF_B | libc::BPF_ABS,
+                0,
+                0,
+                TCP_FLAGS_OFF as u32,
+            ),
+            op(
+                libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+                0,
+                1,
+                TCP_SYN as u32,
+            ),
+            drop_all,
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+        ],
+    };
     let fprog = libc::sock_fprog {
-        len: 1,
+        len: program.len() as u16,
         filter: program.as_mut_ptr(),
     };
     // SAFETY: fprog points at a valid one-instruction program for the call.
@@ -449,7 +511,14 @@ mod tests {
     #[test]
     fn held_ports_refuse_other_binds_and_drop_traffic() {
         if nix::unistd::geteuid().is_root() {
-            assert!(load_drop_all_program().is_some(), "the shared filter loads");
+            assert!(
+                load_drop_all_program().is_some(),
+                "the shared UDP filter loads"
+            );
+            assert!(
+                load_drop_syn_program().is_some(),
+                "the shared TCP filter loads"
+            );
         }
         // Loopback, ephemeral ports from the kernel: nothing else on the host
         // is touched.
@@ -470,5 +539,22 @@ mod tests {
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         );
         assert!(n.is_err(), "the filter must drop every datagram");
+    }
+
+    /// A held TCP port never takes a connection: its listener's filter
+    /// drops the SYN, so a connect goes unanswered (not refused, not
+    /// accepted).
+    #[test]
+    fn held_tcp_ports_take_no_connection() {
+        let fd = reserve(Protocol::Tcp, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let local: SocketAddr = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd())
+            .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(a)))
+            .unwrap();
+        let connect =
+            std::net::TcpStream::connect_timeout(&local, std::time::Duration::from_millis(300));
+        assert!(
+            matches!(&connect, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{connect:?}"
+        );
     }
 }

@@ -66,3 +66,61 @@ fn conntrack_lists_flows_and_flushes_one_mappings_flows() {
     let out = portfwd(&["conntrack", "flush", "--port", "1", "--name", "a"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A TCP flow that conntrack forgot (flushed here; evicted from a full
+/// table, or timed out, alike) is reset by the host at its next packet, as
+/// a closed port answers: the client's read fails at once with
+/// ECONNRESET. Before, the held port's listener dropped every segment (its
+/// socket filter took SYNs and all), so the client's packets vanished and
+/// its connection hung until TCP gave up, minutes later.
+#[test]
+fn a_forgotten_tcp_flow_is_reset_by_the_host() {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+    let Some(_serial) = root_test("forgotten_tcp_flow") else {
+        return;
+    };
+    let topo = Topology::new(68);
+    let _server = topo.ctr.serve_with(
+        "[::]:5302",
+        std::sync::Arc::new(|mut stream: TcpStream, _| {
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }),
+    );
+    let _pf = topo.up();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "echo",
+        &topo.ctr.v4().to_string(),
+        "62732:5302",
+    ]);
+    let published = SocketAddr::new(topo.uplink(false), 62732);
+    let mut stream = topo
+        .client
+        .inside(move || TcpStream::connect_timeout(&published, TIMEOUT))
+        .expect("connecting to the published port");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut echo = [0u8; 5];
+    stream.write_all(b"hello").unwrap();
+    stream.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"hello");
+
+    assert_eq!(
+        portfwd_ok(&["conntrack", "flush", "--port", "62732"]).trim(),
+        "ended 1 flow"
+    );
+    let untracked = stats()["untracked_midflow"];
+    stream.write_all(b"again").unwrap();
+    let got = stream.read(&mut echo);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client's read after its flow was forgotten: {got:?}"
+    );
+    assert!(stats()["untracked_midflow"] > untracked);
+}
