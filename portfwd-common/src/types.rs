@@ -332,6 +332,10 @@ pub struct FragmentValue {
 
 /// The datagram is a reply (container -> client).
 pub const FRAGMENT_FLAG_REPLY: u32 = 1;
+/// Two live datagrams with this key were translated differently (their
+/// first fragments went to different places): their later fragments cannot
+/// tell which is whose, and are passed untranslated.
+pub const FRAGMENT_FLAG_CLASH: u32 = 2;
 
 /// Per-mapping traffic counters (summed over CPUs by userspace). "in" is
 /// client -> container, "out" container -> client.

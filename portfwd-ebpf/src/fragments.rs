@@ -20,8 +20,8 @@
 //! that a LAN almost never shows.
 
 use portfwd_common::{
-    CT_FLAG_MASQ, CT_FLAG_REPLY, CtValue, FRAGMENT_FLAG_REPLY, FRAGMENT_TIMEOUT_NS, FragmentKey,
-    FragmentValue,
+    CT_FLAG_MASQ, CT_FLAG_REPLY, CtValue, FRAGMENT_FLAG_CLASH, FRAGMENT_FLAG_REPLY,
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue,
 };
 
 use crate::{
@@ -66,6 +66,23 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex
     value.ingress_ifindex = ingress_ifindex;
     value.first_seen_ns = now;
     set_key(key, pkt);
+    // Another live datagram with this key, translated otherwise (two
+    // clients behind one address, or a forger, with one identification):
+    // its later fragments and this one's look alike, so neither's go
+    // anywhere (the host's reassembly would lose both), where replacing its
+    // entry would deliver them into this datagram's container.
+    if let Some(other) = FRAGMENTS.get_ptr_mut(&*key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let other = unsafe { &mut *other };
+        if now.saturating_sub(other.first_seen_ns) <= FRAGMENT_TIMEOUT_NS
+            && (other.saddr != value.saddr
+                || other.daddr != value.daddr
+                || other.ifindex != value.ifindex)
+        {
+            other.flags |= FRAGMENT_FLAG_CLASH;
+            return;
+        }
+    }
     let _ = FRAGMENTS.insert(key, value, 0);
 }
 
@@ -111,7 +128,9 @@ pub(crate) fn lookup(pkt: &Packet, ingress_ifindex: u32, now: u64) -> Option<*co
     let value = FRAGMENTS.get_ptr(key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let (first_seen, ingress) = unsafe { ((*value).first_seen_ns, (*value).ingress_ifindex) };
-    if now.saturating_sub(first_seen) > FRAGMENT_TIMEOUT_NS || ingress != ingress_ifindex {
+    // SAFETY: as above.
+    let clash = unsafe { (*value).flags } & FRAGMENT_FLAG_CLASH != 0;
+    if now.saturating_sub(first_seen) > FRAGMENT_TIMEOUT_NS || ingress != ingress_ifindex || clash {
         return None;
     }
     Some(value)

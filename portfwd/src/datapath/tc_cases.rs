@@ -711,6 +711,41 @@ fn a_datagram_is_forgotten_at_its_last_fragment() {
     failures.assert_none();
 }
 
+/// Two datagrams whose fragments look alike (one client address, one host
+/// address, one IP identification: two clients behind one CGNAT address, or
+/// a forger) but whose first fragments go to different containers: their
+/// later fragments cannot tell which is whose, and go to neither (passed,
+/// as the host's reassembly would lose both). Before, the second first
+/// fragment took the entry over and the first datagram's later fragments
+/// were delivered into the second's container.
+#[test]
+fn fragments_of_two_datagrams_that_look_alike_go_to_neither() {
+    let other = at(HOST_V4, 5355);
+    let mappings = [
+        mapping(Protocol::Udp, at(HOST_V4, 5353), at(CTR_V4, 53)),
+        mapping(Protocol::Udp, other, at(OTHER_CTR_V4, 53)),
+    ];
+    let test = "fragments_of_two_datagrams_that_look_alike_go_to_neither";
+    let Some(tc) = Tc::load_with(test, &mappings) else {
+        return;
+    };
+    let mut failures = Failures::default();
+    let first = fragment_of(0x5252, at(HOST_V4, 5353), 0, true);
+    let (verdict, _) = tc.run(UPLINK_IN, &first);
+    assert_eq!(verdict, TO_STACK, "the first datagram's first fragment");
+    let alike = as_fragment(frame(at(CLIENT_V4, 40031), other, L4::Udp), 0x5252, 0, true);
+    let (verdict, _) = tc.run(UPLINK_IN, &alike);
+    assert_eq!(verdict, TO_STACK, "the second datagram's first fragment");
+    let later = fragment_of(0x5252, at(HOST_V4, 5353), 1, true);
+    failures.check(
+        "a later fragment of either",
+        tc.run(UPLINK_IN, &later),
+        NEXT,
+        &later,
+    );
+    failures.assert_none();
+}
+
 /// A tracked flow does not look its mapping up on every packet: only when
 /// the services generation moved, which userspace does right after it
 /// removes mappings. Then a flow whose mapping is gone or points elsewhere
