@@ -131,7 +131,7 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     if AT == ARRIVING_ON_UPLINK && ct.flags & CT_FLAG_REPLY != 0 && forged_on_uplink(ctx, ct) {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
-    if rewrite(ctx, &error, ct).is_err() {
+    if !rewrite(ctx, &error, ct) {
         // A half-rewritten error must not leave: its checksums are wrong.
         count(Stat::RewriteFailed);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
@@ -252,9 +252,17 @@ fn parse_v6(ctx: &TcContext) -> Option<Error> {
 }
 
 /// Rewrites the error into the view of the side it goes to (see the
-/// module's documentation).
+/// module's documentation); whether every write succeeded.
+// A bool, not the `Result` of `rewrite_headers`: returned through memory,
+// the `Result` left a stack pointer in r0 at one exit, which the verifier
+// refuses ("cannot return stack pointer to the caller").
 #[inline(never)]
-fn rewrite(ctx: &TcContext, e: &Error, ct: &CtValue) -> Result<(), i64> {
+fn rewrite(ctx: &TcContext, e: &Error, ct: &CtValue) -> bool {
+    rewrite_headers(ctx, e, ct).is_ok()
+}
+
+#[inline(always)]
+fn rewrite_headers(ctx: &TcContext, e: &Error, ct: &CtValue) -> Result<(), i64> {
     let masq = ct.flags & CT_FLAG_MASQ != 0;
     if ct.flags & CT_FLAG_REPLY == 0 {
         // About a reply the host sent (host:P -> client): to the container,
@@ -262,6 +270,11 @@ fn rewrite(ctx: &TcContext, e: &Error, ct: &CtValue) -> Result<(), i64> {
         inner_address(ctx, e, true, &ct.nat_addr, ct.nat_port)?;
         if masq {
             inner_address(ctx, e, false, &ct.masq_addr, ct.masq_port)?;
+            // Sent by the client itself (a container, hairpin): from the
+            // address the container knows it by.
+            if e.saddr == e.inner_daddr {
+                outer_address(ctx, e, IpEnd::Source, &ct.masq_addr)?;
+            }
         }
         outer_address(ctx, e, IpEnd::Destination, &ct.nat_addr)?;
     } else {

@@ -12,7 +12,8 @@ use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, DROP, Failures, HOST_MAC, HOST_V4, HOST_V6,
-    L4, NEXT, REDIRECT, TO_STACK, Tc, UPLINK_IN, UPLINK_OUT, at, frame, icmp, mapping,
+    L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, UPLINK_IN, UPLINK_OUT, at, frame, icmp,
+    mapping,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -341,5 +342,42 @@ fn forged_errors_are_not_translated() {
     if verdict != REDIRECT {
         failures.note(format!("the container's own error: verdict {verdict}"));
     }
+    failures.assert_none();
+}
+
+/// A hairpin flow's client is a container, and the container it dialed
+/// knows it only by the host address it was masqueraded to: an error the
+/// client sends about the host's reply reaches the dialed container from
+/// that address too. Before, it came from the client's own address, which
+/// the masquerade hides everywhere else.
+#[test]
+fn a_hairpin_clients_error_comes_from_its_masquerade_address() {
+    let published = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80));
+    let test = "a_hairpin_clients_error_comes_from_its_masquerade_address";
+    let Some(tc) = Tc::load_with(test, &[published]) else {
+        return;
+    };
+    let client = at(CTR_V4, 40231);
+    let (verdict, _) = tc.run(BACKEND_IN, &frame(client, at(HOST_V4, 8080), L4::Syn));
+    assert_eq!(verdict, TO_STACK, "the hairpin SYN");
+    // The client's port, free from the host's address, is kept.
+    let masqueraded = at(HOST_V4, 40231);
+    let reply = quoted(at(HOST_V4, 8080), client, L4::Ack, None);
+    let input = error(CTR_V4.into(), HOST_V4.into(), 3, 3, [0; 4], &reply);
+    let expected = error(
+        HOST_V4.into(),
+        OTHER_CTR_V4.into(),
+        3,
+        3,
+        [0; 4],
+        &quoted(at(OTHER_CTR_V4, 80), masqueraded, L4::Ack, Some(&reply)),
+    );
+    let mut failures = Failures::default();
+    failures.check(
+        "the client's port unreachable about the reply",
+        tc.run(BACKEND_IN, &input),
+        TO_STACK,
+        &expected,
+    );
     failures.assert_none();
 }
