@@ -28,7 +28,10 @@ use portfwd_common::{
     IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
-use super::service::{ContainerLink, container_link};
+use super::{
+    service::{ContainerLink, container_link, services_generation},
+    translate::maps_to,
+};
 use crate::{
     clock, conntrack,
     maps::SCRATCH,
@@ -131,6 +134,9 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     if AT == ARRIVING_ON_UPLINK && ct.flags & CT_FLAG_REPLY != 0 && forged_on_uplink(ctx, ct) {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
+    if mapping_moved(ct, &error) {
+        return None;
+    }
     if !rewrite(ctx, &error, ct) {
         // A half-rewritten error must not leave: its checksums are wrong.
         count(Stat::RewriteFailed);
@@ -159,6 +165,29 @@ fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
         count(Stat::DroppedContainerSource);
     }
     forged
+}
+
+/// Whether the mapping of the flow whose entry `ct` the error matched no
+/// longer points at the flow's container (removed, or moved elsewhere):
+/// the flow stops at its next packet (`translate::still_mapped`), and its
+/// errors are not translated, for the old container's address may be
+/// another's by now. Looked up only when the services changed since the
+/// flow last checked, as `still_mapped` does. The container is the flow's
+/// translation (a forward entry), or the quoted packet's destination (a
+/// reply entry: the quote is the client's packet to it).
+// Not inlined: the lookup's locals stay out of `translate_error`'s frame
+// (see `forged_on_uplink`).
+#[inline(never)]
+fn mapping_moved(ct: &CtValue, e: &Error) -> bool {
+    if ct.generation == services_generation() {
+        return false;
+    }
+    let (backend, port) = if ct.flags & CT_FLAG_REPLY == 0 {
+        (&ct.nat_addr, ct.nat_port)
+    } else {
+        (&e.inner_daddr, e.inner_dport)
+    };
+    !maps_to(&ct.service, backend, port)
 }
 
 /// The error's headers, if it is an ICMP error quoting a TCP or UDP packet

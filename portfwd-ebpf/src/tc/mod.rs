@@ -30,7 +30,7 @@
 //! them on, `icmp` translates ICMP errors about tracked flows; this module
 //! holds the programs themselves. The imports go one way: this module →
 //! `flow` → `masquerade` → `host_socket`, this module → `host_socket`,
-//! `translate` → `service`, `icmp` → `service`.
+//! `translate` → `service`, `icmp` → `translate`, `service`.
 
 mod flow;
 mod host_socket;

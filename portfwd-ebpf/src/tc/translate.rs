@@ -38,7 +38,7 @@ fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
 
 /// Whether the mapping `service` exists and points at `backend`:`port`.
 #[inline(always)]
-fn maps_to(service: &ServiceKey, backend: &Addr, port: u16) -> bool {
+pub(super) fn maps_to(service: &ServiceKey, backend: &Addr, port: u16) -> bool {
     // SAFETY: the value is read at once.
     match unsafe { SERVICES.get(service) } {
         Some(value) => value.addr == *backend && value.port == port,

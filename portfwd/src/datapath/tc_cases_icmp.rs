@@ -381,3 +381,46 @@ fn a_hairpin_clients_error_comes_from_its_masquerade_address() {
     );
     failures.assert_none();
 }
+
+/// A flow whose mapping moved to another container (or was removed) stops
+/// at its next packet; its ICMP errors are not translated either, in
+/// either direction: the old container's address may be another's by now.
+/// Before, they were, for as long as the flow's entries lived (two minutes
+/// for UDP).
+#[test]
+fn errors_of_a_flow_whose_mapping_moved_are_not_translated() {
+    let test = "errors_of_a_flow_whose_mapping_moved_are_not_translated";
+    let Some(mut tc) = Tc::load_with(test, &mappings()) else {
+        return;
+    };
+    let Flows {
+        client: (_, _, udp_client),
+        published: (_, _, published_udp),
+        container: (_, _, ctr_udp),
+    } = Flows::open(&tc, 40241);
+    tc.publish(&[mapping(Protocol::Udp, published_udp, at(OTHER_CTR_V4, 53))]);
+    tc.move_services_generation(1);
+    let request = quoted(udp_client, ctr_udp, L4::Udp, None);
+    let reply = quoted(published_udp, udp_client, L4::Udp, None);
+    let cases = [
+        (
+            "the old container's port unreachable",
+            BACKEND_IN,
+            error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
+        ),
+        (
+            "fragmentation needed about a reply",
+            UPLINK_IN,
+            error(ROUTER_V4.into(), HOST_V4.into(), 3, 4, [0, 0, 5, 0], &reply),
+        ),
+    ];
+    let mut failures = Failures::default();
+    for (name, program, input) in cases {
+        let translated = tc.stat(Stat::IcmpErrorTranslated);
+        failures.check(name, tc.run(program, &input), NEXT, &input);
+        if tc.stat(Stat::IcmpErrorTranslated) != translated {
+            failures.note(format!("{name}: translated"));
+        }
+    }
+    failures.assert_none();
+}
