@@ -70,12 +70,17 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex
     // clients behind one address, or a forger, with one identification):
     // its later fragments and this one's look alike, so neither's go
     // anywhere (the host's reassembly would lose both), where replacing its
-    // entry would deliver them into this datagram's container.
+    // entry would deliver them into this datagram's container. Until the
+    // entry expires: a first fragment sent again (a duplicate on the way, a
+    // forger's) does not take a clash back. The entry then stays until a
+    // new datagram replaces it or the LRU takes its room (no last fragment
+    // is translated to forget it).
     if let Some(other) = FRAGMENTS.get_ptr_mut(&*key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let other = unsafe { &mut *other };
         if now.saturating_sub(other.first_seen_ns) <= FRAGMENT_TIMEOUT_NS
-            && (other.saddr != value.saddr
+            && (other.flags & FRAGMENT_FLAG_CLASH != 0
+                || other.saddr != value.saddr
                 || other.daddr != value.daddr
                 || other.ifindex != value.ifindex)
         {

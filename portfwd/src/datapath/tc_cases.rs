@@ -743,6 +743,18 @@ fn fragments_of_two_datagrams_that_look_alike_go_to_neither() {
         NEXT,
         &later,
     );
+    // Either first fragment again (a duplicate on the way, or a forger's):
+    // the later fragments still go to neither.
+    for (again, what) in [(&first, "the first"), (&alike, "the second")] {
+        let (verdict, _) = tc.run(UPLINK_IN, again);
+        assert_eq!(verdict, TO_STACK, "{what} datagram's first fragment again");
+        failures.check(
+            &format!("a later fragment after {what} first fragment again"),
+            tc.run(UPLINK_IN, &later),
+            NEXT,
+            &later,
+        );
+    }
     failures.assert_none();
 }
 
