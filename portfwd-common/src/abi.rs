@@ -714,5 +714,7 @@ stats! {
     /// martians; translated, the container's answer would go back to that
     /// address (a NAT46 container sees the host's address, not the
     /// martian, and answers a multicast group through the host). Dropped.
+    /// Also packets too big for the container's link from a source no
+    /// answer may go to (those, and IPv4 class E): dropped unanswered.
     DroppedMartianSource = "dropped_martian_source",
 }

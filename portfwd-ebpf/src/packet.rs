@@ -133,6 +133,14 @@ impl Packet {
             first[0] == 0xff || self.saddr.words == [0; 4]
         }
     }
+
+    /// Whether an answer (a reset, an ICMP error) may go to the source:
+    /// not a martian, nor an IPv4 class E address (RFC 1122 3.2.2, RFC
+    /// 4443 2.4 (e)).
+    pub(crate) fn answerable_source(&self) -> bool {
+        !self.martian_source()
+            && (self.family != FAMILY_V4 || self.saddr.words[0].to_ne_bytes()[0] < 240)
+    }
 }
 
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;

@@ -138,6 +138,9 @@ fn answer_too_big(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<(), Stat> {
     let reply = REPLY.get_ptr_mut(0).ok_or(Stat::RewriteFailed)?;
     // SAFETY: per-CPU memory that only this program run uses.
     let reply = unsafe { &mut *reply };
+    if !pkt.answerable_source() {
+        return Err(Stat::DroppedMartianSource);
+    }
     if !rate_allows(reply) {
         return Err(Stat::AnswersRateLimited);
     }
@@ -181,9 +184,7 @@ fn answer(ctx: &TcContext, pkt: &Packet) -> Result<(), Stat> {
     // SAFETY: per-CPU memory that only this program run uses (the rate
     // limit fields: only this CPU).
     let reply = unsafe { &mut *reply };
-    // No answer to a source no host sends from (RFC 1122 3.2.2, RFC 4443
-    // 2.4 (e)); `tc::flow::start_flow` drops those before asking.
-    if pkt.martian_source() {
+    if !pkt.answerable_source() {
         return Err(Stat::RefusedNotAllowed);
     }
     let len = if pkt.proto == IPPROTO_TCP {

@@ -205,6 +205,13 @@ fn cases() -> Vec<Case> {
             Stat::RefusedNotAllowed,
         ),
         case(
+            "a SYN from a class E address outside the list: dropped, never answered",
+            frame(at(Ipv4Addr::new(240, 0, 0, 1), 40104), tcp4, L4::Syn),
+            DROP,
+            None,
+            Stat::RefusedNotAllowed,
+        ),
+        case(
             "a SYN from inside the list: translated",
             frame(at(INSIDER_V4, 40103), tcp4, L4::Syn),
             TO_STACK,
@@ -328,6 +335,10 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
     tc.publish(&[
         on_link(at(HOST_V4, 8070), at(CTR_V4, 80)),
         on_link(at(HOST_V6, 8070), at(CTR_V6, 80)),
+        Mapping {
+            ifindex: link.ifindex,
+            ..mapping(Protocol::Udp, at(HOST_V4, 5470), at(CTR_V4, 53))
+        },
     ]);
     let mut failures = Failures::default();
     for (client, published, quoted) in [
@@ -351,6 +362,23 @@ fn packets_too_big_for_the_containers_link_get_a_routers_answer() {
         if tc.stat(Stat::TooBigAnswered) != before + 1 {
             failures.note(format!("{client}: too_big_answered not counted"));
         }
+    }
+    // A first datagram too big, from a source no answer may go to (a
+    // multicast group): dropped unanswered, as the martian it is.
+    let from_group = udp(
+        at(Ipv4Addr::new(224, 0, 0, 5), 40113),
+        at(HOST_V4, 5470),
+        1400,
+    );
+    let before = tc.stat(Stat::DroppedMartianSource);
+    failures.check(
+        "a first datagram too big from a multicast source",
+        tc.run(UPLINK_IN, &from_group),
+        DROP,
+        &from_group,
+    );
+    if tc.stat(Stat::DroppedMartianSource) != before + 1 {
+        failures.note("the multicast source's datagram not counted as martian".into());
     }
     failures.assert_none();
 }
