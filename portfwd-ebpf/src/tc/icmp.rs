@@ -135,7 +135,7 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     if mapping_moved(ct, &error) {
-        return None;
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     if !rewrite(ctx, &error, ct) {
         // A half-rewritten error must not leave: its checksums are wrong.
@@ -170,8 +170,9 @@ fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
 /// Whether the mapping of the flow whose entry `ct` the error matched no
 /// longer points at the flow's container (removed, or moved elsewhere):
 /// the flow stops at its next packet (`translate::still_mapped`), and its
-/// errors are not translated, for the old container's address may be
-/// another's by now. Looked up only when the services changed since the
+/// errors are dropped (counted as `flows_stopped`, as its replies are):
+/// translated, one would go to an address that may be another container's
+/// by now; passed as it came, one would carry the container's address out. Looked up only when the services changed since the
 /// flow last checked, as `still_mapped` does. The container is the flow's
 /// translation (a forward entry), or the quoted packet's destination (a
 /// reply entry: the quote is the client's packet to it).
@@ -187,7 +188,11 @@ fn mapping_moved(ct: &CtValue, e: &Error) -> bool {
     } else {
         (&e.inner_daddr, e.inner_dport)
     };
-    !maps_to(&ct.service, backend, port)
+    let moved = !maps_to(&ct.service, backend, port);
+    if moved {
+        count(Stat::FlowStopped);
+    }
+    moved
 }
 
 /// The error's headers, if it is an ICMP error quoting a TCP or UDP packet

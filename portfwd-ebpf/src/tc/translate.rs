@@ -82,8 +82,10 @@ pub(super) fn translate_forward(
         conntrack::remove(key, ct);
         count(Stat::FlowStopped);
         trace::stat(ctx, pkt, TRACE_PATH_TC, Stat::FlowStopped);
-        // Untouched, the packet meets no listener on the host: the client
-        // gets a reset (TCP) or an ICMP error (UDP).
+        // Untouched, the packet reaches the host: a TCP segment gets a
+        // reset (from the held listener, or from no socket once the port
+        // is no longer held); a datagram is dropped by the held socket, or
+        // answered with an ICMP port unreachable once nothing holds it.
         return NEXT;
     }
     let touched = conntrack::touch(key, entry, pkt, pkt.now);

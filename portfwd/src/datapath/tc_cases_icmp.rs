@@ -383,10 +383,12 @@ fn a_hairpin_clients_error_comes_from_its_masquerade_address() {
 }
 
 /// A flow whose mapping moved to another container (or was removed) stops
-/// at its next packet; its ICMP errors are not translated either, in
-/// either direction: the old container's address may be another's by now.
-/// Before, they were, for as long as the flow's entries lived (two minutes
-/// for UDP).
+/// at its next packet; its ICMP errors are dropped, in either direction,
+/// and counted as `flows_stopped` (as its replies are): translated, one
+/// would go to an address that may be another container's by now; passed,
+/// one would carry the container's address out. Before, they were
+/// translated, for as long as the flow's entries lived (two minutes for
+/// UDP).
 #[test]
 fn errors_of_a_flow_whose_mapping_moved_are_not_translated() {
     let test = "errors_of_a_flow_whose_mapping_moved_are_not_translated";
@@ -417,9 +419,13 @@ fn errors_of_a_flow_whose_mapping_moved_are_not_translated() {
     let mut failures = Failures::default();
     for (name, program, input) in cases {
         let translated = tc.stat(Stat::IcmpErrorTranslated);
-        failures.check(name, tc.run(program, &input), NEXT, &input);
+        let stopped = tc.stat(Stat::FlowStopped);
+        failures.check(name, tc.run(program, &input), DROP, &input);
         if tc.stat(Stat::IcmpErrorTranslated) != translated {
             failures.note(format!("{name}: translated"));
+        }
+        if tc.stat(Stat::FlowStopped) != stopped + 1 {
+            failures.note(format!("{name}: flows_stopped not counted"));
         }
     }
     failures.assert_none();

@@ -352,7 +352,8 @@ fn files_left(held: usize) -> usize {
 }
 
 /// Binds `addr` the way a published port is held: a TCP listener that
-/// never accepts a connection or a UDP socket that drops everything
+/// drops every SYN (so it takes no connection) or a UDP socket that drops
+/// everything
 /// (`attach_hold_filter`). IPv6 wildcards are IPv6-only, so that the IPv4
 /// and the IPv6 wildcard of one port are two separate holds.
 pub(crate) fn reserve(protocol: Protocol, addr: SocketAddr) -> nix::Result<OwnedFd> {
@@ -541,20 +542,101 @@ mod tests {
         assert!(n.is_err(), "the filter must drop every datagram");
     }
 
-    /// A held TCP port never takes a connection: its listener's filter
-    /// drops the SYN, so a connect goes unanswered (not refused, not
-    /// accepted).
+    /// A held TCP port takes no connection, and resets a segment of one it
+    /// does not know: its listener's filter drops the SYN (a connect goes
+    /// unanswered: not refused, not accepted) and lets an ACK through,
+    /// which the listener answers with a reset. With the shared eBPF
+    /// filter and with the classic one it falls back to.
     #[test]
-    fn held_tcp_ports_take_no_connection() {
-        let fd = reserve(Protocol::Tcp, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let local: SocketAddr = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd())
-            .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(a)))
+    fn held_tcp_ports_take_no_connection_and_reset_strays() {
+        for classic in [false, true] {
+            if !classic && load_drop_syn_program().is_none() {
+                continue; // not root: no eBPF socket filter
+            }
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
             .unwrap();
-        let connect =
-            std::net::TcpStream::connect_timeout(&local, std::time::Duration::from_millis(300));
-        assert!(
-            matches!(&connect, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
-            "{connect:?}"
-        );
+            if classic {
+                attach_classic_filter(&fd, Protocol::Tcp).unwrap();
+            } else {
+                attach_hold_filter(&fd, Protocol::Tcp).unwrap();
+            }
+            let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
+            bind(fd.as_raw_fd(), &SockaddrIn::from(any)).unwrap();
+            listen(&fd, Backlog::new(1).unwrap()).unwrap();
+            let local = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd())
+                .map(std::net::SocketAddrV4::from)
+                .unwrap();
+            let connect = std::net::TcpStream::connect_timeout(
+                &local.into(),
+                std::time::Duration::from_millis(300),
+            );
+            assert!(
+                matches!(&connect, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
+                "classic {classic}: {connect:?}"
+            );
+            if nix::unistd::geteuid().is_root() {
+                assert!(
+                    stray_ack_is_reset(local.port()),
+                    "classic {classic}: an ACK to the listener is reset"
+                );
+            }
+        }
+    }
+
+    /// Sends a bare ACK from 127.0.0.1:40999 to 127.0.0.1:`port` through a
+    /// raw socket, and whether a reset from `port` comes back within a
+    /// second (the raw socket sees every TCP segment the host receives).
+    fn stray_ack_is_reset(port: u16) -> bool {
+        use etherparse::TcpHeader;
+        const STRAY_PORT: u16 = 40999;
+        let raw = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            nix::sys::socket::SockProtocol::Tcp,
+        )
+        .unwrap();
+        let mut ack = TcpHeader::new(STRAY_PORT, port, 1_000, 64_000);
+        ack.ack = true;
+        ack.acknowledgment_number = 1_000;
+        let loopback = std::net::Ipv4Addr::LOCALHOST.octets();
+        ack.checksum = ack.calc_checksum_ipv4_raw(loopback, loopback, &[]).unwrap();
+        let to = SockaddrIn::from(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::LOCALHOST,
+            port,
+        ));
+        nix::sys::socket::sendto(
+            raw.as_raw_fd(),
+            &ack.to_bytes(),
+            &to,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut buf = [0u8; 128];
+        while std::time::Instant::now() < deadline {
+            let Ok(n) = nix::sys::socket::recv(
+                raw.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::empty(),
+            ) else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            // An IPv4 header (its length in the first byte), then TCP.
+            let ihl = usize::from(buf[0] & 0x0f) * 4;
+            let Ok((tcp, _)) = TcpHeader::from_slice(&buf[ihl..n]) else {
+                continue;
+            };
+            if tcp.source_port == port && tcp.destination_port == STRAY_PORT && tcp.rst {
+                return true;
+            }
+        }
+        false
     }
 }

@@ -359,6 +359,20 @@ fn a_fin_on_a_big_tcp_packet_closes_its_side() {
     let mut data = client.tcp(isn + 1, Some(server_next));
     (data.psh, data.fin) = (true, true);
     let (gso, frame) = client.big(data, &payload, 3);
+    // The mapping's inbound packets and bytes, to tell that the programs
+    // saw the packet whole (one packet of all its bytes), not cut into
+    // segments on the way in.
+    let inbound = || {
+        let row = listed()
+            .into_iter()
+            .find(|row| row["name"] == "big-tcp")
+            .expect("the mapping's row");
+        (
+            row["packets_in"].as_u64().unwrap(),
+            row["bytes_in"].as_u64().unwrap(),
+        )
+    };
+    let (packets, bytes) = inbound();
     tap.receive(Some(gso), &frame);
     let fin_end = isn + 1 + DATA_LEN as u32 + 1;
     // The container acknowledges the data and the FIN, and answers.
@@ -370,6 +384,16 @@ fn a_fin_on_a_big_tcp_packet_closes_its_side() {
         })
         .expect("the container's answer after the data and the FIN");
     assert_eq!(answer.payload, DATA_LEN.to_string().as_bytes());
+    let (packets_after, bytes_after) = inbound();
+    assert_eq!(
+        (
+            packets_after - packets,
+            bytes_after - bytes >= DATA_LEN as u64
+        ),
+        (1, true),
+        "the programs saw one packet of {} bytes",
+        bytes_after - bytes
+    );
 
     let side_closed = |reply: bool| {
         tcp_flow_entries(client_port).iter().any(|entry| {
