@@ -29,6 +29,17 @@ use crate::{
     packet::Packet,
 };
 
+/// The key of `pkt`'s datagram, written in scratch memory.
+#[inline(always)]
+fn key_of(pkt: &Packet) -> Option<&'static mut FragmentKey> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU memory that only this program run uses; the key's
+    // field only.
+    let key = unsafe { &mut (*scratch).frag_key };
+    set_key(key, pkt);
+    Some(key)
+}
+
 fn set_key(key: &mut FragmentKey, pkt: &Packet) {
     key.saddr = pkt.saddr;
     key.daddr = pkt.daddr;
@@ -96,12 +107,9 @@ pub(crate) fn remember(pkt: &Packet, ct: &CtValue, ifindex: u32, ingress_ifindex
 /// link: `tc::new_flow`): its later fragments follow it there.
 #[inline(never)]
 pub(crate) fn to_stack(pkt: &Packet) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(key) = key_of(pkt) else {
         return;
     };
-    // SAFETY: as in `remember`.
-    let key = unsafe { &mut (*scratch).frag_key };
-    set_key(key, pkt);
     if let Some(value) = FRAGMENTS.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         unsafe { (*value).ifindex = 0 };
@@ -113,23 +121,16 @@ pub(crate) fn to_stack(pkt: &Packet) {
 /// nothing, as one that comes before the first.
 #[inline(always)]
 pub(crate) fn forget(pkt: &Packet) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: as in `remember`.
-    let key = unsafe { &mut (*scratch).frag_key };
-    set_key(key, pkt);
-    let _ = FRAGMENTS.remove(key);
+    if let Some(key) = key_of(pkt) {
+        let _ = FRAGMENTS.remove(key);
+    }
 }
 
 /// The translation of the later fragment `pkt`'s datagram, if its first
 /// fragment was translated less than `FRAGMENT_TIMEOUT_NS` ago.
 #[inline(always)]
 pub(crate) fn lookup(pkt: &Packet, ingress_ifindex: u32, now: u64) -> Option<*const FragmentValue> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: as in `remember`.
-    let key = unsafe { &mut (*scratch).frag_key };
-    set_key(key, pkt);
+    let key = key_of(pkt)?;
     let value = FRAGMENTS.get_ptr(key)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let (first_seen, ingress) = unsafe { ((*value).first_seen_ns, (*value).ingress_ifindex) };
