@@ -1,7 +1,10 @@
 //! Ctrl-C for the long-running commands (demo, bench): a flag that the
 //! command checks between steps, so that it unwinds through the guards
-//! that tear down what it created. Children get the default disposition
-//! back on exec, so they die, and the step that ran them fails.
+//! that tear down what it created. SIGTERM and SIGHUP set it too (`kill`,
+//! a closed terminal): without them, the command died where it stood and
+//! left its namespaces, servers and pins behind. Children get the default
+//! disposition back on exec, so they die, and the step that ran them
+//! fails.
 
 use std::sync::{
     Once,
