@@ -507,8 +507,12 @@ fn a_user_publishes_a_port_of_their_own_namespace() {
     );
     assert!(!run("ip", &["link", "show", &way_in]).status.success());
     assert!(!user.portfwd_ok(&["list"]).contains(&name));
+    // The service says so once the removal has returned, which may be just
+    // after the mappings are seen gone.
     assert!(
-        service.log().contains("its namespace is gone"),
+        wait_until(Duration::from_secs(2), || service
+            .log()
+            .contains("its namespace is gone")),
         "{}",
         service.log()
     );
@@ -804,8 +808,12 @@ fn a_service_started_after_a_namespace_went_removes_what_it_left() {
         service.log()
     );
     assert!(!user.portfwd_ok(&["list"]).contains(&name));
+    // The service says so once the removal has returned, which may be just
+    // after the mappings are seen gone.
     assert!(
-        service.log().contains("its namespace is gone"),
+        wait_until(Duration::from_secs(2), || service
+            .log()
+            .contains("its namespace is gone")),
         "{}",
         service.log()
     );
