@@ -29,8 +29,8 @@ use portfwd_common::{
 };
 
 use super::{
-    service::{ContainerLink, container_link, services_generation},
-    translate::maps_to,
+    service::{ContainerLink, container_link},
+    translate::still_mapped,
 };
 use crate::{
     clock, conntrack,
@@ -134,7 +134,7 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     if AT == ARRIVING_ON_UPLINK && ct.flags & CT_FLAG_REPLY != 0 && forged_on_uplink(ctx, ct) {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
-    if mapping_moved(ct, &error) {
+    if mapping_moved(entry, &error) {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     if !rewrite(ctx, &error, ct) {
@@ -167,28 +167,28 @@ fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
     forged
 }
 
-/// Whether the mapping of the flow whose entry `ct` the error matched no
-/// longer points at the flow's container (removed, or moved elsewhere):
-/// the flow stops at its next packet (`translate::still_mapped`), and its
-/// errors are dropped (counted as `flows_stopped`, as its replies are):
-/// translated, one would go to an address that may be another container's
-/// by now; passed as it came, one would carry the container's address out. Looked up only when the services changed since the
-/// flow last checked, as `still_mapped` does. The container is the flow's
-/// translation (a forward entry), or the quoted packet's destination (a
-/// reply entry: the quote is the client's packet to it).
+/// Whether the mapping of the flow whose entry `entry` the error matched
+/// no longer points at the flow's container (removed, or moved
+/// elsewhere): the flow stops at its next packet, and its errors are
+/// dropped (counted as `flows_stopped`, as its replies are): translated,
+/// one would go to an address that may be another container's by now;
+/// passed as it came, one would carry the container's address out. Asked
+/// as the flow's packets ask it (`translate::still_mapped`: looked up only
+/// when the services changed since the flow last checked). The container
+/// is the flow's translation (a forward entry), or the quoted packet's
+/// destination (a reply entry: the quote is the client's packet to it).
 // Not inlined: the lookup's locals stay out of `translate_error`'s frame
 // (see `forged_on_uplink`).
 #[inline(never)]
-fn mapping_moved(ct: &CtValue, e: &Error) -> bool {
-    if ct.generation == services_generation() {
-        return false;
-    }
+fn mapping_moved(entry: *mut CtValue, e: &Error) -> bool {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let ct = unsafe { &mut *entry };
     let (backend, port) = if ct.flags & CT_FLAG_REPLY == 0 {
-        (&ct.nat_addr, ct.nat_port)
+        (ct.nat_addr, ct.nat_port)
     } else {
-        (&e.inner_daddr, e.inner_dport)
+        (e.inner_daddr, e.inner_dport)
     };
-    let moved = !maps_to(&ct.service, backend, port);
+    let moved = !still_mapped(ct, &backend, port);
     if moved {
         count(Stat::FlowStopped);
     }

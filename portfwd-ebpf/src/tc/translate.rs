@@ -24,7 +24,7 @@ use crate::{
 /// Looked up only when the services changed since the flow last checked
 /// (userspace increments the generation after removing mappings).
 #[inline(always)]
-fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
+pub(super) fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
     let generation = services_generation();
     if ct.generation == generation {
         return true;
@@ -38,7 +38,7 @@ fn still_mapped(ct: &mut CtValue, backend: &Addr, backend_port: u16) -> bool {
 
 /// Whether the mapping `service` exists and points at `backend`:`port`.
 #[inline(always)]
-pub(super) fn maps_to(service: &ServiceKey, backend: &Addr, port: u16) -> bool {
+fn maps_to(service: &ServiceKey, backend: &Addr, port: u16) -> bool {
     // SAFETY: the value is read at once.
     match unsafe { SERVICES.get(service) } {
         Some(value) => value.addr == *backend && value.port == port,
