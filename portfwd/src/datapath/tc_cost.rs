@@ -480,6 +480,11 @@ fn median_single_run(
             (ns, verdict)
         })
         .collect();
+    median(&mut times)
+}
+
+/// The median of single runs' (ns, verdict).
+fn median(times: &mut [(u64, u32)]) -> (u64, u32) {
     times.sort_unstable();
     times[times.len() / 2]
 }
@@ -676,8 +681,7 @@ fn measure_connection(ebpf: &Ebpf, this_build: bool) -> Vec<Row> {
         .iter()
         .zip(&mut times)
         .map(|(&(program, case, ..), times)| {
-            times.sort_unstable();
-            let (ns, verdict) = times[times.len() / 2];
+            let (ns, verdict) = median(times);
             Row {
                 program,
                 case,
