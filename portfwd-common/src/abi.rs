@@ -717,4 +717,10 @@ stats! {
     /// Also packets too big for the container's link from a source no
     /// answer may go to (those, and IPv4 class E): dropped unanswered.
     DroppedMartianSource = "dropped_martian_source",
+    /// New flows from a container link whose source the host routes
+    /// through another interface: not the container's address (a
+    /// co-tenant sending in another client's name, to pass an allowlist or
+    /// to have the container answer that client), as the kernel's strict
+    /// reverse-path filter judges. Dropped.
+    DroppedSpoofedSource = "dropped_spoofed_source",
 }

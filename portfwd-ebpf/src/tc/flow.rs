@@ -10,7 +10,7 @@ use portfwd_common::{
 
 use super::{
     masquerade::masquerade_port,
-    service::{Backend, find_service, is_host_address, services_generation},
+    service::{Backend, find_service, forged_source, is_host_address, services_generation},
     translate::{add_connection, finish, finish_nat46, ifindex_of},
 };
 use crate::{
@@ -91,6 +91,13 @@ pub(super) fn start_flow(
     if !opens {
         note(ctx, pkt, masquerade, Stat::UntrackedMidflow);
         return NEXT;
+    }
+    // A source that the host routes through another interface: forged
+    // (see `forged_source`), and dropped before the allowlist judges it or
+    // a refusal answers it.
+    if let Some(stat) = forged_source(ctx, pkt, masquerade, backend.ifindex) {
+        note(ctx, pkt, masquerade, stat);
+        return DROP;
     }
     match refused(ctx, pkt, masquerade, &service, &backend) {
         Refusal::Allowed => {}

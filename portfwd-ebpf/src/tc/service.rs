@@ -5,15 +5,18 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+    },
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, ServiceKey, ServiceValue};
+use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, ServiceKey, ServiceValue, Stat};
 
 pub(super) use crate::maps::is_host_address;
 use crate::{
-    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, lacks_port},
+    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, is_peer_link, lacks_port},
     packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
@@ -107,6 +110,77 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     // "Not forwarded" also covers broadcast, multicast and "no route": the
     // host's addresses decided those above.
     rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
+}
+
+/// Whether a new flow's source is forged, by where the host routes it: a
+/// reverse-path check, as the kernel's `rp_filter` makes, on new flows only.
+/// The FIB is asked for the source as if a packet to it came in where this
+/// one did (`bpf_fib_lookup` without flags, its `ifindex` the ingress one).
+/// - From a container link, a source routed through any other interface
+///   is not the container's (strict, as `rp_filter=1`): a co-tenant
+///   sending in another client's name, to pass an allowlist or to have
+///   the container answer that client (`dropped_spoofed_source`).
+/// - From an uplink, a source routed to a container is (through the
+///   mapping's container link, or an interface listed in `pf_peer_link_bits`):
+///   the container's own packets come in on its link
+///   (`dropped_container_source`). Any other source passes: routes that
+///   differ between uplinks are common, and the kernel's default (loose)
+///   check allows them too.
+///
+/// No route, a route to no interface (local, unreachable), forwarding off
+/// on the interface (the FIB answers only for a forwarding interface) and
+/// an IPv6 link-local source (which the FIB does not route: every link
+/// has fe80::/64) decide nothing; nor does a test run, whose skb came in
+/// on no interface.
+// Not inlined: the query's 64 bytes stay out of `start_flow`'s frame,
+// which is at 6.1's limit with the chain below it (see `start_flow`); this
+// frame is not below that chain's deepest part.
+#[inline(never)]
+pub(super) fn forged_source(
+    ctx: &TcContext,
+    pkt: &Packet,
+    from_containers: bool,
+    backend_ifindex: u32,
+) -> Option<Stat> {
+    // SAFETY: reading a context field, checked by the verifier.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mut storage = MaybeUninit::uninit();
+    let params = FibParams::clear(&mut storage);
+    params.family = if pkt.family == FAMILY_V4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    params.l4_protocol = pkt.proto;
+    params.sport = pkt.dport;
+    params.dport = pkt.sport;
+    params.ifindex = ingress;
+    // Not 0, which would check this skb's length against the MTU of the
+    // FIB's interface (see `verdict::next_hop`).
+    params.__bindgen_anon_1.tot_len = 1;
+    if pkt.family == FAMILY_V4 {
+        params.__bindgen_anon_3.ipv4_src = pkt.daddr.words[0];
+        params.__bindgen_anon_4.ipv4_dst = pkt.saddr.words[0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = pkt.daddr.words;
+        params.__bindgen_anon_4.ipv6_dst = pkt.saddr.words;
+    }
+    // SAFETY: params is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
+    // A missing neighbour entry comes after the route's interface is known.
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return None;
+    }
+    let via = params.ifindex;
+    if via == ingress {
+        None
+    } else if from_containers {
+        Some(Stat::DroppedSpoofedSource)
+    } else if via == backend_ifindex || is_peer_link(via) {
+        Some(Stat::DroppedContainerSource)
+    } else {
+        None
+    }
 }
 
 /// The services generation (`pf_services_gen`), truncated as flows keep it.

@@ -17,7 +17,7 @@ use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
     UPLINK_IN, UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
-    conntrack_of, edit_ipv4_header, frame, gso_ctx, mapping, segment, skb_ctx,
+    conntrack_of, edit_ipv4_header, frame, gso_ctx, ingress_ctx, mapping, segment, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -543,6 +543,66 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
         let into_peer = Ns::addressed(frame(client, other.container, L4::Ack), NEW_CTR_MAC);
         let got = tc.run_marked(UPLINK_IN, &ack, 0);
         assert_eq!(got, (REDIRECT, into_peer, 0), "the neighbour known since");
+    });
+}
+
+/// A new flow whose source the host routes through another interface than
+/// the one it came in on is dropped (`tc::service::forged_source`): from a
+/// container link, any such source (a co-tenant in another client's name);
+/// from an uplink, a source routed to a container (through the mapping's
+/// link). The namespace's FIB: the containers through the veth, the client
+/// through the loopback device, which stands for an uplink here.
+#[test]
+fn new_flows_from_sources_routed_elsewhere_are_dropped() {
+    if !can_run("new_flows_from_sources_routed_elsewhere_are_dropped") {
+        return;
+    }
+    type Ns = PeerCaseNamespaces;
+    let namespaces = Ns::new("rpf");
+    let client = CLIENT_V4.to_string();
+    portfwd_testkit::netns::ip_in(&namespaces.host, &["route", "add", &client, "dev", "lo"])
+        .unwrap();
+    let path = portfwd_testkit::netns::path(&namespaces.host);
+    portfwd_testkit::netns::inside(&path, || {
+        let veth = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let mut tc = Tc::load_as_root();
+        let published = Mapping {
+            ifindex: veth,
+            ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80))
+        };
+        tc.publish(std::slice::from_ref(&published));
+        let counted = |tc: &Tc| {
+            (
+                tc.stat(Stat::DroppedSpoofedSource),
+                tc.stat(Stat::DroppedContainerSource),
+            )
+        };
+        let run = |tc: &Tc, program, src, ingress| {
+            let syn = frame(src, published.host, L4::Syn);
+            tc.run_with(program, &syn, &ingress_ctx(ingress)).0
+        };
+
+        // From the container link: the container's own address, and the
+        // client's, which the host routes elsewhere.
+        let verdict = run(&tc, BACKEND_IN, at(CTR_V4, 40000), veth);
+        assert_ne!(verdict, DROP, "a container's own address");
+        assert_eq!(counted(&tc), (0, 0), "a container's own address");
+        let verdict = run(&tc, BACKEND_IN, at(CLIENT_V4, 40001), veth);
+        assert_eq!(verdict, DROP, "a container in the client's name");
+        assert_eq!(counted(&tc), (1, 0), "a container in the client's name");
+
+        // From the uplink: the client, and a container's address.
+        let verdict = run(&tc, UPLINK_IN, at(CLIENT_V4, 40002), lo);
+        assert_eq!(verdict, REDIRECT, "the client, from the uplink");
+        assert_eq!(counted(&tc), (1, 0), "the client, from the uplink");
+        let verdict = run(&tc, UPLINK_IN, at(CTR_V4, 40003), lo);
+        assert_eq!(verdict, DROP, "a container's address, from the uplink");
+        assert_eq!(
+            counted(&tc),
+            (1, 1),
+            "a container's address, from the uplink"
+        );
     });
 }
 

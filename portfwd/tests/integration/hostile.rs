@@ -1849,6 +1849,231 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
 }
 
+/// A new flow on an uplink from an address the host routes to a container
+/// is forged: the container's own packets come in on its link. Before, such
+/// a flow opened, and its reply entry took the container's traffic from
+/// its service port to the forger's port (on a routed network, where the
+/// forger can reach the host with any source).
+#[test]
+fn flows_from_a_containers_address_on_an_uplink_are_refused() {
+    let Some(_serial) = root_test("container_sources_on_uplink") else {
+        return;
+    };
+    let topo = Topology::new(92);
+    let (tcp_port, udp_port, udp6_port) = (62760u16, 62761u16, 62762u16);
+    let _running = publish(
+        &topo,
+        "ctr-src",
+        topo.ctr.v4(),
+        [
+            format!("{tcp_port}:{TCP_SERVER}"),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+        ],
+    );
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "ctr-src6",
+        &topo.ctr.v6().to_string(),
+        &format!("[::]:{udp6_port}:{UDP_ECHO}/udp"),
+    ]);
+    normal_traffic_works(&topo, false, tcp_port, udp_port);
+    // The FIB answers only for an interface that forwards, as a container
+    // host's do.
+    forward_both_families(&topo.client.host_if);
+    let (c4, h4, c6, h6) = (
+        topo.client_v4(),
+        topo.host_v4(),
+        topo.client_v6(),
+        topo.host_v6(),
+    );
+    let warm = SocketAddr::new(h6.into(), udp6_port);
+    topo.client
+        .inside(move || udp_ask(warm, None, b"warm"))
+        .expect("UDP to the IPv6 mapping before the crafted frames");
+    let (ctr4, ctr6) = (v4(topo.ctr.v4()), v6(topo.ctr.v6()));
+    let frame4 = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
+        name,
+        tag: u32::from(tag),
+        frame: topo.frame(ETH_P_IP, &packet.id(tag).build()),
+        delivered,
+    };
+    let udp6 = |name, tag: u32, src: Ipv6Addr, delivered| LoopbackCase {
+        name,
+        tag,
+        frame: topo.frame(
+            ETH_P_IPV6,
+            &ipv6(
+                src,
+                h6,
+                tag,
+                UDP,
+                &udp(src.into(), h6.into(), 62763, udp6_port, b"src"),
+            ),
+        ),
+        delivered,
+    };
+    let cases = vec![
+        frame4(
+            "TCP SYN from the container's address",
+            0xb300,
+            Ipv4Packet::tcp_syn(ctr4, h4, 62764, tcp_port),
+            false,
+        ),
+        frame4(
+            "UDP from the container's address",
+            0xb301,
+            Ipv4Packet::udp(ctr4, h4, UDP_ECHO, udp_port, b"ctr"),
+            false,
+        ),
+        frame4(
+            "UDP from the client (control)",
+            0xb302,
+            Ipv4Packet::udp(c4, h4, 62765, udp_port, b"control"),
+            true,
+        ),
+        udp6(
+            "UDP from the container's address (IPv6)",
+            0xb6300,
+            ctr6,
+            false,
+        ),
+        udp6("UDP from the client (IPv6, control)", 0xb6301, c6, true),
+    ];
+    dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_container_source");
+}
+
+/// A container cannot pass another container's allowlist with a source
+/// that is not its own: a new flow from a container link whose source the
+/// host routes through another interface is dropped (a reverse-path check,
+/// as the kernel's strict `rp_filter` makes). Before, a co-tenant sent
+/// datagrams (or SYNs) in the name of an allowed client, which the
+/// allowlist let through to the container.
+#[test]
+fn a_co_tenant_cannot_pass_an_allowlist_with_a_spoofed_source() {
+    let Some(_serial) = root_test("co_tenant_spoofed_source") else {
+        return;
+    };
+    let topo = Topology::new(93);
+    let tenant = Container::new(94);
+    // The FIB answers only for an interface that forwards, as a container
+    // host's do.
+    forward_both_families(&tenant.host_if);
+    let (udp_port, udp6_port, tenant_port) = (62766u16, 62767u16, 62768u16);
+    let _echo = serve_udp(
+        Some(topo.ctr.netns_path()),
+        SocketAddr::new("::".parse().unwrap(), UDP_ECHO),
+        "echo",
+    );
+    let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
+    let (c4, c6) = (topo.client_v4(), topo.client_v6());
+    let (t4, t6) = (v4(tenant.v4()), v6(tenant.v6()));
+    // The allowed clients: one outside, and the co-tenant itself.
+    for (ctr, publish, allow) in [
+        (
+            topo.ctr.v4(),
+            format!("{udp_port}:{UDP_ECHO}/udp"),
+            format!("{c4}/32,{t4}/32"),
+        ),
+        (
+            topo.ctr.v6(),
+            format!("[::]:{udp6_port}:{UDP_ECHO}/udp"),
+            format!("{c6}/128,{t6}/128"),
+        ),
+    ] {
+        portfwd_ok(&["map", "--allow", &allow, &ctr.to_string(), &publish]);
+    }
+    // The co-tenant publishes a port of its own: its link is a container
+    // link, with the programs on it.
+    portfwd_ok(&[
+        "map",
+        &tenant.v4().to_string(),
+        &format!("{tenant_port}:80"),
+    ]);
+    let (h4, h6) = (topo.host_v4(), topo.host_v6());
+    let to_host = mac_of(&tenant, &tenant.host_if, false);
+    let from_tenant = mac_of(&tenant, &tenant.ctr_if, true);
+    let udp4 = |name, tag: u16, src: Ipv4Addr, delivered| LoopbackCase {
+        name,
+        tag: u32::from(tag),
+        frame: ethernet(
+            to_host,
+            from_tenant,
+            ETH_P_IP,
+            &Ipv4Packet::udp(src, h4, 62769, udp_port, b"tenant")
+                .id(tag)
+                .build(),
+        ),
+        delivered,
+    };
+    let udp6 = |name, tag: u32, src: Ipv6Addr, delivered| LoopbackCase {
+        name,
+        tag,
+        frame: ethernet(
+            to_host,
+            from_tenant,
+            ETH_P_IPV6,
+            &ipv6(
+                src,
+                h6,
+                tag,
+                UDP,
+                &udp(src.into(), h6.into(), 62769, udp6_port, b"tenant"),
+            ),
+        ),
+        delivered,
+    };
+    // The host's neighbour entries for the co-tenant, before the crafted
+    // frames (a hairpin flow's first packet waits for neither).
+    let gateways = (tenant.host_v4(), tenant.host_v6());
+    tenant
+        .inside(move || {
+            for gateway in [gateways.0, gateways.1] {
+                let socket = UdpSocket::bind(SocketAddr::new(
+                    if gateway.is_ipv4() {
+                        Ipv4Addr::UNSPECIFIED.into()
+                    } else {
+                        Ipv6Addr::UNSPECIFIED.into()
+                    },
+                    0,
+                ))?;
+                socket.send_to(b"hello", SocketAddr::new(gateway, 9))?;
+            }
+            io::Result::Ok(())
+        })
+        .expect("the co-tenant's datagrams to the host");
+    let cases = vec![
+        udp4("UDP in the allowed client's name", 0xb400, c4, false),
+        udp4(
+            "UDP from the co-tenant's address (control)",
+            0xb401,
+            t4,
+            true,
+        ),
+        udp6(
+            "UDP in the allowed client's name (IPv6)",
+            0xb6400,
+            c6,
+            false,
+        ),
+        udp6(
+            "UDP from the co-tenant's address (IPv6, control)",
+            0xb6401,
+            t6,
+            true,
+        ),
+    ];
+    dropped_cases_hold(&tenant, &topo.ctr, &cases, "dropped_spoofed_source");
+}
+
+/// IPv4 and IPv6 forwarding on `host_if` (one of the test's veths), which
+/// `bpf_fib_lookup` needs of the interface it is asked about.
+fn forward_both_families(host_if: &str) {
+    for family in ["ipv4", "ipv6"] {
+        set_if_sysctl(None, family, host_if, "forwarding", "1");
+    }
+}
+
 /// The flags of the conntrack entries (both directions) of the flows whose
 /// client is one of `clients`.
 fn flags_of_flows_from(clients: &[Ipv4Addr]) -> Vec<u8> {
