@@ -77,6 +77,9 @@ macro_rules! map_name {
     (peer_links) => {
         "pf_peer_link_bits"
     };
+    (container_links) => {
+        "pf_container_link_bits"
+    };
     (masq_flows) => {
         "pf_masq_flows"
     };
@@ -326,6 +329,19 @@ pub const PEER_LINKS: MapDef = map(
     4,
     PEER_LINK_INDEXES / 32,
 );
+/// Every interface towards containers: those with the reply program
+/// attached that are not uplinks (a bridge, a veth, shaped or not). A new
+/// flow on an uplink whose source the host routes through one of them is
+/// forged (the container's own packets come in on its link). Same layout
+/// as `PEER_LINKS`, kept by `datapath::link_bits` beside it; an interface
+/// beyond the bitmap is not listed.
+pub const CONTAINER_LINKS: MapDef = map(
+    map_name!(container_links),
+    MapKind::Array,
+    4,
+    4,
+    PEER_LINK_INDEXES / 32,
+);
 /// Interface indexes that `PEER_LINKS` can list: 1 to 2^21 - 1 (a 256 KiB
 /// array). A host allocates indexes upwards, two per container started
 /// (the veth pair), so this covers about a million container starts
@@ -414,7 +430,7 @@ pub const fn local_addr_bit(family: u8, addr: &Addr) -> (u32, u32) {
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 19] = [
+pub const MAPS: [MapDef; 20] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
@@ -434,6 +450,7 @@ pub const MAPS: [MapDef; 19] = [
     PEER_LINKS,
     MASQ_FLOWS,
     LOCAL_ADDR_BITS,
+    CONTAINER_LINKS,
 ];
 
 /// Where a program attaches.

@@ -136,6 +136,13 @@ pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
 pub(crate) static PEER_LINKS: Array<u32> =
     Array::with_max_entries(abi::PEER_LINKS.max_entries, abi::PEER_LINKS.flags);
 
+/// Every interface towards containers, a bit each (see
+/// `tc::service::forged_source`, `is_container_link`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(container_links))]
+pub(crate) static CONTAINER_LINKS: Array<u32> =
+    Array::with_max_entries(abi::CONTAINER_LINKS.max_entries, abi::CONTAINER_LINKS.flags);
+
 /// Per-CPU memory for the answers the TC programs send (see `reply`), and
 /// each CPU's rate limit of them.
 #[unsafe(link_section = "maps")]
@@ -197,4 +204,14 @@ pub(crate) fn is_host_address(family: u8, addr: &Addr) -> bool {
 pub(crate) fn is_peer_link(ifindex: u32) -> bool {
     let (word, bit) = link_bit(ifindex);
     PEER_LINKS.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+/// Whether `CONTAINER_LINKS` lists the interface (an interface towards
+/// containers): as `is_peer_link`.
+#[inline(always)]
+pub(crate) fn is_container_link(ifindex: u32) -> bool {
+    let (word, bit) = link_bit(ifindex);
+    CONTAINER_LINKS
+        .get(word)
+        .is_some_and(|bits| bits & bit != 0)
 }

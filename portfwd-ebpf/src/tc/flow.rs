@@ -95,7 +95,7 @@ pub(super) fn start_flow(
     // A source that the host routes through another interface: forged
     // (see `forged_source`), and dropped before the allowlist judges it or
     // a refusal answers it.
-    if let Some(stat) = forged_source(ctx, pkt, masquerade, backend.ifindex) {
+    if let Some(stat) = forged_source(ctx, pkt, masquerade) {
         note(ctx, pkt, masquerade, stat);
         return DROP;
     }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT, bpf_fib_lookup,
     },
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
@@ -16,7 +16,7 @@ use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, ServiceKey, ServiceValue, Sta
 
 pub(super) use crate::maps::is_host_address;
 use crate::{
-    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, is_peer_link, lacks_port},
+    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, is_container_link, lacks_port},
     packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
@@ -115,14 +115,19 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
 /// Whether a new flow's source is forged, by where the host routes it: a
 /// reverse-path check, as the kernel's `rp_filter` makes, on new flows only.
 /// The FIB is asked for the source as if a packet to it came in where this
-/// one did (`bpf_fib_lookup` without flags, its `ifindex` the ingress one).
+/// one did (`bpf_fib_lookup`, its `ifindex` the ingress one), in the table
+/// of that interface (the main table, or its VRF's: `BPF_FIB_LOOKUP_DIRECT`)
+/// without the routing rules, which choose where traffic goes, not where
+/// an address lives: a rule sending a bridge's traffic through a VPN
+/// (`iif`), or one that stops a rootless user's way in from forwarding
+/// (`prohibit`), would otherwise answer for every source.
 /// - From a container link, a source routed through any other interface
 ///   is not the container's (strict, as `rp_filter=1`): a co-tenant
 ///   sending in another client's name, to pass an allowlist or to have
 ///   the container answer that client (`dropped_spoofed_source`).
-/// - From an uplink, a source routed to a container is (through the
-///   mapping's container link, or an interface listed in `pf_peer_link_bits`):
-///   the container's own packets come in on its link
+/// - From an uplink, a source routed to a container is (through any
+///   interface towards containers, `pf_container_link_bits`): the
+///   container's own packets come in on its link
 ///   (`dropped_container_source`). Any other source passes: routes that
 ///   differ between uplinks are common, and the kernel's default (loose)
 ///   check allows them too.
@@ -136,12 +141,7 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
 // which is at 6.1's limit with the chain below it (see `start_flow`); this
 // frame is not below that chain's deepest part.
 #[inline(never)]
-pub(super) fn forged_source(
-    ctx: &TcContext,
-    pkt: &Packet,
-    from_containers: bool,
-    backend_ifindex: u32,
-) -> Option<Stat> {
+pub(super) fn forged_source(ctx: &TcContext, pkt: &Packet, from_containers: bool) -> Option<Stat> {
     // SAFETY: reading a context field, checked by the verifier.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut storage = MaybeUninit::uninit();
@@ -166,8 +166,17 @@ pub(super) fn forged_source(
         params.__bindgen_anon_4.ipv6_dst = pkt.saddr.words;
     }
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
-    // A missing neighbour entry comes after the route's interface is known.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_DIRECT,
+        )
+    };
+    // A missing neighbour entry comes after the route's interface is known
+    // (on kernels before 6.2 without the fix's backport, the answer then
+    // keeps the ingress index: such a source passes).
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return None;
     }
@@ -176,7 +185,7 @@ pub(super) fn forged_source(
         None
     } else if from_containers {
         Some(Stat::DroppedSpoofedSource)
-    } else if via == backend_ifindex || is_peer_link(via) {
+    } else if is_container_link(via) {
         Some(Stat::DroppedContainerSource)
     } else {
         None

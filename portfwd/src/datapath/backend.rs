@@ -6,9 +6,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::Result;
 
 use super::{
-    StateLock,
+    StateLock, link_bits,
     links::{attach_backend, is_uplink},
-    peer_links,
 };
 use crate::host::netlink;
 
@@ -50,7 +49,7 @@ pub(crate) fn prepare_backend_path_with(
     if !default_routes.contains(&ifname) && attach_backend(pin_dir, &ifname, lock)? {
         // Best effort: unlisted, the interface is redirected to through the
         // neighbour subsystem, and the next follow of the host lists it.
-        peer_links::add(pin_dir, ifindex, &ifname).ok();
+        link_bits::add(pin_dir, ifindex, &ifname).ok();
     }
     Ok(ifindex)
 }

@@ -36,8 +36,9 @@ use super::{
     PinnedMaps, StateLock,
     backend::prepare_backend_path_with,
     install::check_uplink,
+    link_bits,
     links::{attach_tc, tc_attachments, tcx_link_ifindex, unpin_links_in},
-    object, peer_links, tc_attach,
+    object, tc_attach,
 };
 use crate::{host::netlink, instance, model::Mapping};
 
@@ -82,7 +83,7 @@ impl TcLink {
 
 /// Every interface with pinned TC programs, checked against the kernel.
 pub(crate) fn tc_links(pin_dir: &Path) -> Vec<TcLink> {
-    let into_peer = peer_links::Listed::open(pin_dir);
+    let into_peer = link_bits::Listed::open(pin_dir);
     tc_attachments(pin_dir)
         .into_iter()
         .map(|(ifname, programs)| {
@@ -283,7 +284,7 @@ pub(crate) fn follow_host(
     if scope == Follow::Everything || changed {
         // Best effort: an interface left unlisted is redirected to through
         // the neighbour subsystem, and the next follow tries again.
-        peer_links::sync(pin_dir).ok();
+        link_bits::sync(pin_dir).ok();
     }
     Ok(HostFixes {
         links,

@@ -11,12 +11,12 @@ mod conntrack;
 mod follow;
 mod install;
 pub(crate) mod kernel;
+mod link_bits;
 mod links;
 mod lock;
 mod maps;
 mod object;
 mod observe;
-mod peer_links;
 mod rollback;
 mod sockets;
 mod tc_attach;
@@ -50,6 +50,7 @@ pub(crate) use install::{
     uninstall,
 };
 pub(crate) use kernel::{bpf_insn, load_constant_program, load_program};
+pub(crate) use link_bits::sync as sync_link_bits;
 pub(crate) use links::{attach_uplink, detach_interface};
 pub(crate) use lock::StateLock;
 pub(crate) use maps::PinnedMaps;

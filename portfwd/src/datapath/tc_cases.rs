@@ -8,11 +8,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{Array, HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
-    CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS,
-    FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
+    CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN,
+    CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
-use super::peer_links::set_listed;
+use super::link_bits::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
@@ -549,9 +549,10 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
 /// A new flow whose source the host routes through another interface than
 /// the one it came in on is dropped (`tc::service::forged_source`): from a
 /// container link, any such source (a co-tenant in another client's name);
-/// from an uplink, a source routed to a container (through the mapping's
-/// link). The namespace's FIB: the containers through the veth, the client
-/// through the loopback device, which stands for an uplink here.
+/// from an uplink, a source routed to a container (through an interface
+/// that `pf_container_link_bits` lists). The namespace's FIB: the
+/// containers through the veth, the client through the loopback device,
+/// which stands for an uplink here; routing rules take no part.
 #[test]
 fn new_flows_from_sources_routed_elsewhere_are_dropped() {
     if !can_run("new_flows_from_sources_routed_elsewhere_are_dropped") {
@@ -560,8 +561,14 @@ fn new_flows_from_sources_routed_elsewhere_are_dropped() {
     type Ns = PeerCaseNamespaces;
     let namespaces = Ns::new("rpf");
     let client = CLIENT_V4.to_string();
-    portfwd_testkit::netns::ip_in(&namespaces.host, &["route", "add", &client, "dev", "lo"])
-        .unwrap();
+    for args in [
+        vec!["route", "add", &client, "dev", "lo"],
+        // A rule that sends everything elsewhere: the check asks the
+        // interface's own table.
+        vec!["rule", "add", "pref", "100", "iif", Ns::VETH, "prohibit"],
+    ] {
+        portfwd_testkit::netns::ip_in(&namespaces.host, &args).unwrap();
+    }
     let path = portfwd_testkit::netns::path(&namespaces.host);
     portfwd_testkit::netns::inside(&path, || {
         let veth = nix::net::if_::if_nametoindex(Ns::VETH).unwrap();
@@ -572,6 +579,12 @@ fn new_flows_from_sources_routed_elsewhere_are_dropped() {
             ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80))
         };
         tc.publish(std::slice::from_ref(&published));
+        let list = |tc: &mut Tc, listed: bool| {
+            let map = tc.ebpf_mut().map_mut(CONTAINER_LINKS.name).unwrap();
+            let mut links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+            set_listed(&mut links, veth, listed).unwrap();
+        };
+        list(&mut tc, true);
         let counted = |tc: &Tc| {
             (
                 tc.stat(Stat::DroppedSpoofedSource),
@@ -603,6 +616,12 @@ fn new_flows_from_sources_routed_elsewhere_are_dropped() {
             (1, 1),
             "a container's address, from the uplink"
         );
+        // Routed through an interface that is not towards containers (here
+        // the same veth, unlisted): another uplink, which passes.
+        list(&mut tc, false);
+        let verdict = run(&tc, UPLINK_IN, at(CTR_V4, 40004), lo);
+        assert_eq!(verdict, REDIRECT, "routed through another uplink");
+        assert_eq!(counted(&tc), (1, 1), "routed through another uplink");
     });
 }
 

@@ -33,8 +33,8 @@ use portfwd_common::{
 
 use portfwd_testkit::netns;
 
+use super::link_bits::set_listed;
 use super::object::OBJECT;
-use super::peer_links::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, HOST_V4, L4, OTHER_CTR_V4, SKB_CTX_LEN, TCP_ACK, TCP_FIN,
     TCP_SYN, UPLINK_IN, UPLINK_OUT, as_fragment, at, frame, ingress_ctx, insert_services,

@@ -101,7 +101,7 @@ pub(super) fn host_events() -> Result<OwnedFd> {
         | libc::RTMGRP_IPV6_ROUTE
         // Queueing disciplines and filters, and IPv4 forwarding per
         // interface: each decides whether packets to a container's veth go
-        // straight into its peer (`datapath::peer_links`).
+        // straight into its peer (`datapath::link_bits`).
         | libc::RTMGRP_TC
         | (1 << (libc::RTNLGRP_IPV4_NETCONF - 1)) as libc::c_int) as u32;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;

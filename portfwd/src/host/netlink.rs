@@ -227,7 +227,7 @@ pub(crate) fn rules() -> Result<Vec<RuleMessage>> {
 /// - the host side's queueing discipline: `noqueue` (a veth's default),
 ///   not a shaper such as the CNI `bandwidth` plugin's `tbf`;
 /// - the host side's egress filters (a netlink clsact filter; TCX programs
-///   are the caller's to check, see `datapath::peer_links`);
+///   are the caller's to check, see `datapath::link_bits`);
 /// - the peer's XDP program (see `without_xdp_in`).
 ///
 /// The frame itself is addressed as the veth would carry it (see

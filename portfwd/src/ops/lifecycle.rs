@@ -174,7 +174,11 @@ pub(crate) fn attach(pin_dir: &Path, ifname: &str) -> Result<bool> {
     // Programs pinned for an interface recreated since are attached again
     // (`already attached` is then the truth).
     datapath::follow_links(pin_dir, &lock)?;
-    datapath::attach_uplink(pin_dir, ifname, &lock)
+    let attached = datapath::attach_uplink(pin_dir, ifname, &lock)?;
+    // An interface towards containers that became an uplink is no longer
+    // one (best effort: the next follow of the host tries again).
+    datapath::sync_link_bits(pin_dir).ok();
+    Ok(attached)
 }
 
 /// What `detach` did.
@@ -196,6 +200,8 @@ pub(crate) fn detach(pin_dir: &Path, ifname: &str) -> Result<Detached> {
         .find(|link| link.ifname == ifname)
         .map(|link| link.state);
     let unpinned = datapath::detach_interface(pin_dir, ifname, &lock)?;
+    // No longer towards containers, nor an uplink (best effort, as above).
+    datapath::sync_link_bits(pin_dir).ok();
     Ok(Detached {
         programs: if was == Some(LinkState::Attached) {
             unpinned

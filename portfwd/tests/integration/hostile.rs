@@ -1850,16 +1850,21 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
 }
 
 /// A new flow on an uplink from an address the host routes to a container
-/// is forged: the container's own packets come in on its link. Before, such
-/// a flow opened, and its reply entry took the container's traffic from
-/// its service port to the forger's port (on a routed network, where the
-/// forger can reach the host with any source).
+/// (the mapping's own, or any other behind an interface towards
+/// containers) is forged: the container's own packets come in on its link.
+/// Before, such a flow opened, and its reply entry took the mapping's
+/// container's traffic from its service port to that address and the
+/// forger's port (on a routed network, where the forger can reach the
+/// host with any source).
 #[test]
 fn flows_from_a_containers_address_on_an_uplink_are_refused() {
     let Some(_serial) = root_test("container_sources_on_uplink") else {
         return;
     };
     let topo = Topology::new(92);
+    // Another container, whose link gets the reply program with a mapping
+    // of its own.
+    let other = Container::new(95);
     let (tcp_port, udp_port, udp6_port) = (62760u16, 62761u16, 62762u16);
     let _running = publish(
         &topo,
@@ -1877,6 +1882,7 @@ fn flows_from_a_containers_address_on_an_uplink_are_refused() {
         &topo.ctr.v6().to_string(),
         &format!("[::]:{udp6_port}:{UDP_ECHO}/udp"),
     ]);
+    portfwd_ok(&["map", &other.v4().to_string(), "62759:80"]);
     normal_traffic_works(&topo, false, tcp_port, udp_port);
     // The FIB answers only for an interface that forwards, as a container
     // host's do.
@@ -1924,6 +1930,12 @@ fn flows_from_a_containers_address_on_an_uplink_are_refused() {
             "UDP from the container's address",
             0xb301,
             Ipv4Packet::udp(ctr4, h4, UDP_ECHO, udp_port, b"ctr"),
+            false,
+        ),
+        frame4(
+            "UDP from another container's address",
+            0xb303,
+            Ipv4Packet::udp(v4(other.v4()), h4, 62766, udp_port, b"other"),
             false,
         ),
         frame4(

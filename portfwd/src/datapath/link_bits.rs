@@ -1,12 +1,16 @@
-//! Which interfaces towards containers the TC programs redirect through
-//! straight into the container's namespace (`pf_peer_link_bits`, see
-//! `portfwd_common::PEER_LINKS`): those with the reply program attached
-//! that are veths into another namespace where nothing on the way would be
-//! skipped (`into_peer`). Kept in line with the host by `follow_host` and
-//! when the reply program is attached to a new interface.
+//! The bitmaps of interfaces towards containers that the TC programs read:
+//! - every one, with the reply program attached and not an uplink
+//!   (`pf_container_link_bits`, see `portfwd_common::CONTAINER_LINKS`): a
+//!   new flow on an uplink from a source routed through one is forged;
+//! - those of them that the programs redirect through straight into the
+//!   container's namespace (`pf_peer_link_bits`, see
+//!   `portfwd_common::PEER_LINKS`): veths into another namespace where
+//!   nothing on the way would be skipped (`into_peer`).
 //!
-//! A map pinned by a build without it is absent until `up`: then there is
-//! nothing to keep (the programs of that build do not read it).
+//! Kept in line with the host by `follow_host` and when the reply program
+//! is attached to a new interface. A map pinned by a build without it is
+//! absent until `up`: then there is nothing to keep (the programs of that
+//! build do not read it).
 
 use std::{
     borrow::{Borrow, BorrowMut},
@@ -21,20 +25,22 @@ use aya::{
     maps::{Array, IterableMap, Map, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use portfwd_common::{BACKEND_PROGRAMS, PEER_LINKS, UPLINK_PROGRAMS, link_bit};
+use portfwd_common::{
+    BACKEND_PROGRAMS, CONTAINER_LINKS, MapDef, PEER_LINKS, UPLINK_PROGRAMS, link_bit,
+};
 
 use super::{batch, kernel, links::tc_attachments};
 use crate::host::netlink;
 
-/// The bitmap, if this instance has it.
-fn open(pin_dir: &Path) -> Result<Option<Array<MapData, u32>>> {
-    let path = pin_dir.join(PEER_LINKS.name);
+/// The bitmap `bitmap`, if this instance has it.
+fn open(pin_dir: &Path, bitmap: &MapDef) -> Result<Option<Array<MapData, u32>>> {
+    let path = pin_dir.join(bitmap.name);
     if !path.exists() {
         return Ok(None);
     }
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map =
-        Array::try_from(Map::Array(data)).context("the peer links map has an unexpected layout")?;
+    let map = Array::try_from(Map::Array(data))
+        .with_context(|| format!("{} has an unexpected layout", bitmap.name))?;
     Ok(Some(map))
 }
 
@@ -61,7 +67,8 @@ fn read<T: Borrow<MapData>>(map: &Array<T, u32>) -> BTreeSet<u32> {
 }
 
 /// Lists the interface in a bitmap (`listed`) or takes it off. An index
-/// beyond the bitmap cannot be listed: it stays on the neighbour path.
+/// beyond the bitmap cannot be listed (into the peer: it stays on the
+/// neighbour path).
 pub(super) fn set_listed<T: BorrowMut<MapData>>(
     map: &mut Array<T, u32>,
     ifindex: u32,
@@ -75,7 +82,7 @@ pub(super) fn set_listed<T: BorrowMut<MapData>>(
     let new = if listed { old | bit } else { old & !bit };
     if new != old {
         map.set(word, new, 0)
-            .with_context(|| format!("listing interface {ifindex} in {}", PEER_LINKS.name))?;
+            .with_context(|| format!("listing interface {ifindex} in a bitmap of links"))?;
     }
     Ok(())
 }
@@ -87,7 +94,7 @@ pub(crate) struct Listed(Option<Array<MapData, u32>>);
 
 impl Listed {
     pub(crate) fn open(pin_dir: &Path) -> Self {
-        Listed(open(pin_dir).ok().flatten())
+        Listed(open(pin_dir, &PEER_LINKS).ok().flatten())
     }
 
     pub(crate) fn contains(&self, ifindex: u32) -> bool {
@@ -100,11 +107,8 @@ impl Listed {
 }
 
 /// Lists exactly the interfaces with the reply program (and not the
-/// uplink's) that redirect into their peer now.
+/// uplink's), and of them those that redirect into their peer now.
 pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
-    let Some(mut map) = open(pin_dir)? else {
-        return Ok(());
-    };
     let towards_containers: BTreeMap<u32, String> = tc_attachments(pin_dir)
         .into_iter()
         .filter(|(_, programs)| {
@@ -113,22 +117,35 @@ pub(crate) fn sync(pin_dir: &Path) -> Result<()> {
         })
         .filter_map(|(ifname, _)| Some((netlink::ifindex(&ifname).ok()?, ifname)))
         .collect();
-    let wanted = into_peer(&towards_containers)?;
-    let listed = read(&map);
-    for ifindex in listed.iter().filter(|i| !wanted.contains(i)) {
-        // Gone meanwhile: as good as removed.
-        set_listed(&mut map, *ifindex, false)?;
+    if let Some(mut map) = open(pin_dir, &CONTAINER_LINKS)? {
+        list_exactly(&mut map, &towards_containers.keys().copied().collect())?;
     }
-    for ifindex in wanted.iter().filter(|i| !listed.contains(i)) {
-        set_listed(&mut map, *ifindex, true)?;
+    if let Some(mut map) = open(pin_dir, &PEER_LINKS)? {
+        list_exactly(&mut map, &into_peer(&towards_containers)?)?;
     }
     Ok(())
 }
 
-/// Lists `ifname` (the reply program just attached to it) if it redirects
-/// into its peer.
+/// Makes `map` list exactly `wanted`.
+fn list_exactly(map: &mut Array<MapData, u32>, wanted: &BTreeSet<u32>) -> Result<()> {
+    let listed = read(map);
+    for ifindex in listed.iter().filter(|i| !wanted.contains(i)) {
+        // Gone meanwhile: as good as removed.
+        set_listed(map, *ifindex, false)?;
+    }
+    for ifindex in wanted.iter().filter(|i| !listed.contains(i)) {
+        set_listed(map, *ifindex, true)?;
+    }
+    Ok(())
+}
+
+/// Lists `ifname` (the reply program just attached to it) as an interface
+/// towards containers, and if it redirects into its peer, as such.
 pub(crate) fn add(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
-    let Some(mut map) = open(pin_dir)? else {
+    if let Some(mut map) = open(pin_dir, &CONTAINER_LINKS)? {
+        set_listed(&mut map, ifindex, true)?;
+    }
+    let Some(mut map) = open(pin_dir, &PEER_LINKS)? else {
         return Ok(());
     };
     if !into_peer(&BTreeMap::from([(ifindex, ifname.to_owned())]))?.is_empty() {
