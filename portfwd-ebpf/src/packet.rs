@@ -145,8 +145,8 @@ impl Packet {
 
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPV6_FRAGMENT_HLEN: usize = 8;
+pub(crate) const IPPROTO_FRAGMENT: u8 = 44;
+pub(crate) const IPV6_FRAGMENT_HLEN: usize = 8;
 
 /// Why a packet is passed untouched (or, for `Stat::DroppedLoopback`,
 /// dropped): its stats counter.

@@ -20,7 +20,9 @@
 //! checksum, the ICMP checksum and the embedded IPv4 header's checksum are
 //! kept right (incrementally); the embedded TCP/UDP checksum is not (it
 //! covers data the error does not hold whole, and no receiver checks it).
-//! Only Ethernet frames without IPv6 extension headers, as `packet`.
+//! Only Ethernet frames without IPv6 extension headers, as `packet`; a
+//! quoted IPv6 packet may have a Fragment header right after its fixed
+//! header (as `packet` follows one), other extension headers not.
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
@@ -35,6 +37,7 @@ use super::{
 use crate::{
     clock, conntrack,
     maps::SCRATCH,
+    packet::{IPPROTO_FRAGMENT, IPV6_FRAGMENT_HLEN},
     verdict::{count, deliver, mark_translated},
 };
 
@@ -62,6 +65,8 @@ const IPV4_SADDR_OFF: usize = 12;
 const IPV4_DADDR_OFF: usize = 16;
 const IPV6_SADDR_OFF: usize = 8;
 const IPV6_DADDR_OFF: usize = 24;
+/// The offset bits of a Fragment header's offset-and-flags field.
+const FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
 /// `bpf_l4_csum_replace`: the changed field is in the pseudo-header.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 /// `bpf_skb_store_bytes`: keep a CHECKSUM_COMPLETE skb's csum right.
@@ -262,13 +267,24 @@ fn parse_v6(ctx: &TcContext) -> Option<Error> {
     }
     let inner_off = icmp_off + ICMP_HLEN;
     let inner: [u32; 10] = ctx.load(inner_off).ok()?;
-    let inner_proto = inner[1].to_ne_bytes()[2];
+    let mut inner_proto = inner[1].to_ne_bytes()[2];
+    let mut inner_l4_off = inner_off + IPV6_HLEN;
+    // A datagram's first fragment (its sender fragmented a large UDP reply,
+    // say) is quoted with its Fragment header before the transport header,
+    // which only the first fragment holds (its offset is 0).
+    if inner_proto == IPPROTO_FRAGMENT {
+        let fragment: [u8; IPV6_FRAGMENT_HLEN] = ctx.load(inner_l4_off).ok()?;
+        if u16::from_be_bytes([fragment[2], fragment[3]]) & FRAGMENT_OFFSET_MASK != 0 {
+            return None;
+        }
+        inner_proto = fragment[0];
+        inner_l4_off += IPV6_FRAGMENT_HLEN;
+    }
     if inner[0].to_ne_bytes()[0] >> 4 != 6
         || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
     {
         return None;
     }
-    let inner_l4_off = inner_off + IPV6_HLEN;
     let ports: [u16; 2] = ctx.load(inner_l4_off).ok()?;
     Some(Error {
         family: FAMILY_V6,

@@ -41,6 +41,22 @@ fn quoted(src: SocketAddr, dst: SocketAddr, l4: L4, checksum_of: Option<&[u8]>) 
     packet
 }
 
+/// `packet` (IPv6) as a fragment of its datagram: a Fragment header after
+/// the fixed header, of offset `offset` (in 8-byte units) with more to
+/// come.
+fn as_ipv6_fragment(packet: &[u8], offset: u16) -> Vec<u8> {
+    const FRAGMENT: u8 = 44;
+    let (fixed, rest) = packet.split_at(40);
+    let mut fixed = fixed.to_vec();
+    let payload_len = u16::from_be_bytes([fixed[4], fixed[5]]) + 8;
+    fixed[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    let next = std::mem::replace(&mut fixed[6], FRAGMENT);
+    let offset_and_more = (offset << 3) | 1;
+    let [high, low] = offset_and_more.to_be_bytes();
+    let header = [next, 0, high, low, 0, 0, 0x12, 0x34];
+    [&fixed[..], &header, rest].concat()
+}
+
 /// TCP 8080 -> 80 on both families, UDP 5353 -> 53 on IPv4; interface 0.
 fn mappings() -> [Mapping; 3] {
     [
@@ -147,6 +163,39 @@ fn icmp_errors_of_translated_flows_are_translated_both_ways() {
             mtu,
             &quoted(ctr6, client6, L4::Ack, Some(&reply6)),
         ),
+    );
+    // The reply's first fragment (a sender fragments large UDP replies):
+    // translated, its Fragment header kept. A later fragment quotes no
+    // ports: not ours.
+    let first_fragment = as_ipv6_fragment(&reply6, 0);
+    check(
+        "packet too big about an IPv6 reply's first fragment",
+        UPLINK_IN,
+        error(ROUTER_V6.into(), HOST_V6.into(), 2, 0, mtu, &first_fragment),
+        TO_STACK,
+        error(
+            ROUTER_V6.into(),
+            CTR_V6.into(),
+            2,
+            0,
+            mtu,
+            &as_ipv6_fragment(&quoted(ctr6, client6, L4::Ack, Some(&reply6)), 0),
+        ),
+    );
+    let later_fragment = error(
+        ROUTER_V6.into(),
+        HOST_V6.into(),
+        2,
+        0,
+        mtu,
+        &as_ipv6_fragment(&reply6, 185),
+    );
+    check(
+        "packet too big about an IPv6 reply's later fragment",
+        UPLINK_IN,
+        later_fragment.clone(),
+        NEXT,
+        later_fragment,
     );
     check(
         "time exceeded about an IPv6 reply",

@@ -173,6 +173,50 @@ fn a_client_behind_a_smaller_mtu_gets_large_responses_v4_and_v6() {
     assert!(translated >= before + 2, "{:?}", stats());
 }
 
+/// A large IPv6 UDP answer, which the container fragments (IPv6 routers
+/// never do), to a client behind a smaller MTU: the router answers the
+/// first fragment with "packet too big", quoting it with its Fragment
+/// header; translated back to the container, it makes the container
+/// fragment to the router's MTU, and the client's next try gets the
+/// answer. Before, an error quoting a Fragment header was not translated:
+/// the container kept sending fragments the router could not forward.
+#[test]
+fn a_client_behind_a_smaller_mtu_gets_large_fragmented_ipv6_udp_answers() {
+    let Some(_serial) = root_test("pmtu") else {
+        return;
+    };
+    const ANSWER: usize = 3000;
+    let ctr = Container::new(79);
+    let router = Container::with_prefix(79, "rtr", 253);
+    let far = FarClient::new(&router);
+    let _server = NoDfServer::start_on(&ctr, "[::]:5379".parse().unwrap(), ANSWER);
+    let _pf = Portfwd::up(&["--iface", &router.host_if]);
+    let published = format!("[::]:{}:5379/udp", PORT + 2);
+    portfwd_ok(&["map", &ctr.v6().to_string(), &published]);
+    let before = stats().get("icmp_errors_translated").copied().unwrap_or(0);
+    let to = SocketAddr::new(router.host_v6(), PORT + 2);
+    let answer = netns::inside(&far.netns_path(), move || {
+        let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        socket.connect(to).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let mut last = String::new();
+        for _ in 0..5 {
+            socket.send(b"q").map_err(|e| e.to_string())?;
+            match socket.recv(&mut buf) {
+                Ok(n) => return Ok(n),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    });
+    assert_eq!(answer, Ok(ANSWER), "{} -> {to}", FarClient::v6());
+    let translated = stats().get("icmp_errors_translated").copied().unwrap_or(0);
+    assert!(translated > before, "{:?}", stats());
+}
+
 /// The MTU of the small links in the tests below (IPv6's minimum).
 const SMALL_MTU: &str = "1280";
 /// Larger than `SMALL_MTU`, smaller than Ethernet's 1500.
@@ -219,16 +263,20 @@ struct NoDfServer {
 
 impl NoDfServer {
     fn start(node: &Container, port: u16) -> Self {
+        Self::start_on(node, SocketAddr::from(([0, 0, 0, 0], port)), BIG_DATAGRAM)
+    }
+
+    /// The server on `bind`, answering a small datagram with `big` bytes
+    /// (over IPv6, which has no DF, the socket's sends are fragmented to
+    /// the path MTU it knows).
+    fn start_on(node: &Container, bind: SocketAddr, big: usize) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let (path, flag) = (node.netns_path(), stop.clone());
         let thread = std::thread::spawn(move || {
             netns::enter(&path).unwrap();
-            let socket = udp_socket(
-                SocketAddr::from(([0, 0, 0, 0], port)),
-                libc::IP_PMTUDISC_DONT,
-            );
+            let socket = udp_socket(bind, libc::IP_PMTUDISC_DONT);
             socket
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
@@ -239,7 +287,7 @@ impl NoDfServer {
                     let answer = if n > 200 {
                         format!("got {n}").into_bytes()
                     } else {
-                        vec![b'r'; BIG_DATAGRAM]
+                        vec![b'r'; big]
                     };
                     socket.send_to(&answer, peer).ok();
                 }
