@@ -88,23 +88,9 @@ fn is_local_destination(ctx: &TcContext, pkt: &Packet) -> bool {
     }
     let mut storage = MaybeUninit::uninit();
     let params = FibParams::clear(&mut storage);
-    params.family = if pkt.family == FAMILY_V4 {
-        AF_INET
-    } else {
-        AF_INET6
-    };
-    params.l4_protocol = pkt.proto;
-    params.sport = pkt.sport;
-    params.dport = pkt.dport;
     // SAFETY: reading a context field, checked by the verifier.
-    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if pkt.family == FAMILY_V4 {
-        params.__bindgen_anon_3.ipv4_src = pkt.saddr.words[0];
-        params.__bindgen_anon_4.ipv4_dst = pkt.daddr.words[0];
-    } else {
-        params.__bindgen_anon_3.ipv6_src = pkt.saddr.words;
-        params.__bindgen_anon_4.ipv6_dst = pkt.daddr.words;
-    }
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    ask_about(params, pkt, ingress, Way::Onwards);
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
     // "Not forwarded" also covers broadcast, multicast and "no route": the
@@ -146,25 +132,7 @@ pub(super) fn forged_source(ctx: &TcContext, pkt: &Packet, from_containers: bool
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut storage = MaybeUninit::uninit();
     let params = FibParams::clear(&mut storage);
-    params.family = if pkt.family == FAMILY_V4 {
-        AF_INET
-    } else {
-        AF_INET6
-    };
-    params.l4_protocol = pkt.proto;
-    params.sport = pkt.dport;
-    params.dport = pkt.sport;
-    params.ifindex = ingress;
-    // Not 0, which would check this skb's length against the MTU of the
-    // FIB's interface (see `verdict::next_hop`).
-    params.__bindgen_anon_1.tot_len = 1;
-    if pkt.family == FAMILY_V4 {
-        params.__bindgen_anon_3.ipv4_src = pkt.daddr.words[0];
-        params.__bindgen_anon_4.ipv4_dst = pkt.saddr.words[0];
-    } else {
-        params.__bindgen_anon_3.ipv6_src = pkt.daddr.words;
-        params.__bindgen_anon_4.ipv6_dst = pkt.saddr.words;
-    }
+    ask_about(params, pkt, ingress, Way::Back);
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
     let rc = unsafe {
         fib_lookup(
@@ -189,6 +157,41 @@ pub(super) fn forged_source(ctx: &TcContext, pkt: &Packet, from_containers: bool
         Some(Stat::DroppedContainerSource)
     } else {
         None
+    }
+}
+
+/// Which way `ask_about` asks the FIB about a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Where the packet goes.
+    Onwards,
+    /// Where a packet back to its source would go: its ends swapped.
+    Back,
+}
+
+/// Fills `params` (cleared) to ask the FIB about `pkt` the `way` given, as
+/// if it came in on `ifindex`. Its `tot_len` is 1, not 0, which would check
+/// this skb's length against the MTU of the FIB's interface (see
+/// `verdict::next_hop`): the callers ask about routes, not sizes.
+#[inline(always)]
+fn ask_about(params: &mut bpf_fib_lookup, pkt: &Packet, ifindex: u32, way: Way) {
+    let ((src, sport), (dst, dport)) = match way {
+        Way::Onwards => ((&pkt.saddr, pkt.sport), (&pkt.daddr, pkt.dport)),
+        Way::Back => ((&pkt.daddr, pkt.dport), (&pkt.saddr, pkt.sport)),
+    };
+    params.l4_protocol = pkt.proto;
+    params.sport = sport;
+    params.dport = dport;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_1.tot_len = 1;
+    if pkt.family == FAMILY_V4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = src.words[0];
+        params.__bindgen_anon_4.ipv4_dst = dst.words[0];
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = src.words;
+        params.__bindgen_anon_4.ipv6_dst = dst.words;
     }
 }
 

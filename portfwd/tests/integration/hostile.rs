@@ -1758,95 +1758,144 @@ fn flows_from_the_hosts_own_addresses_on_an_uplink_are_refused() {
         return;
     };
     let topo = Topology::new(46);
-    let (tcp_port, udp_port) = (62350u16, 62351u16);
-    let _running = publish(
-        &topo,
-        "local-src",
-        topo.ctr.v4(),
-        [
-            format!("{tcp_port}:{TCP_SERVER}"),
-            format!("{udp_port}:{UDP_ECHO}/udp"),
-        ],
-    );
-    portfwd_ok(&[
-        "map",
-        "--name",
-        "local-src6",
-        &topo.ctr.v6().to_string(),
-        &format!("[::]:62352:{UDP_ECHO}/udp"),
-    ]);
-    let (c4, h4, c6, h6) = (
-        topo.client_v4(),
-        topo.host_v4(),
-        topo.client_v6(),
-        topo.host_v6(),
-    );
-    // Normal traffic first, both families: the host knows the container's
-    // link-layer addresses before the crafted frames come (the first
-    // redirected packet waits for neighbour discovery).
-    normal_traffic_works(&topo, false, tcp_port, udp_port);
-    let warm = SocketAddr::new(h6.into(), 62352);
-    topo.client
-        .inside(move || udp_ask(warm, None, b"warm"))
-        .expect("UDP to the IPv6 mapping before the crafted frames");
+    let uplink = UplinkSources::publish(&topo, "local-src", (62350, 62351, 62352));
+    let (c4, h4, c6) = (topo.client_v4(), topo.host_v4(), topo.client_v6());
     // The host's address on the container's link: local, but not the uplink's.
     let gateway4 = v4(topo.ctr.host_v4());
     let gateway6 = v6(topo.ctr.host_v6());
-    let frame4 = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
-        name,
-        tag: u32::from(tag),
-        frame: topo.frame(ETH_P_IP, &packet.id(tag).build()),
-        delivered,
-    };
-    let udp6 = |name, tag: u32, src: Ipv6Addr, delivered| LoopbackCase {
-        name,
-        tag,
-        frame: topo.frame(
-            ETH_P_IPV6,
-            &ipv6(
-                src,
-                h6,
-                tag,
-                UDP,
-                &udp(src.into(), h6.into(), 62395, 62352, b"src"),
-            ),
-        ),
-        delivered,
-    };
     let cases = vec![
-        frame4(
+        uplink.syn4(
             "TCP SYN from the host's gateway address",
             0xb200,
-            Ipv4Packet::tcp_syn(gateway4, h4, 62396, tcp_port),
+            gateway4,
+            62396,
             false,
         ),
-        frame4(
+        uplink.udp4(
             "UDP from the host's gateway address",
             0xb201,
-            Ipv4Packet::udp(gateway4, h4, 62397, udp_port, b"gw"),
+            gateway4,
+            62397,
             false,
         ),
-        frame4(
+        uplink.udp4(
             "UDP from the uplink's own address",
             0xb202,
-            Ipv4Packet::udp(h4, h4, 62398, udp_port, b"self"),
+            h4,
+            62398,
             false,
         ),
-        frame4(
-            "UDP from the client (control)",
-            0xb203,
-            Ipv4Packet::udp(c4, h4, 62399, udp_port, b"control"),
-            true,
-        ),
-        udp6(
+        uplink.udp4("UDP from the client (control)", 0xb203, c4, 62399, true),
+        uplink.udp6(
             "UDP from the host's gateway address (IPv6)",
             0xb6200,
             gateway6,
             false,
         ),
-        udp6("UDP from the client (IPv6, control)", 0xb6201, c6, true),
+        uplink.udp6("UDP from the client (IPv6, control)", 0xb6201, c6, true),
     ];
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_local_source");
+}
+
+/// Crafted new flows on an uplink, from sources of a test's choosing, to
+/// three mappings of `topo`'s container: TCP and UDP on the uplink's IPv4
+/// address, UDP on IPv6.
+struct UplinkSources<'a> {
+    topo: &'a Topology,
+    /// The published TCP, UDP and IPv6 UDP ports.
+    ports: (u16, u16, u16),
+    _running: (Portfwd, Server, Server),
+}
+
+impl<'a> UplinkSources<'a> {
+    /// Publishes the mappings (named `name`, `name`6) and checks that
+    /// normal traffic works, both families: the host then knows the
+    /// container's link-layer addresses before the crafted frames come
+    /// (the first redirected packet waits for neighbour discovery).
+    fn publish(topo: &'a Topology, name: &str, ports: (u16, u16, u16)) -> Self {
+        let (tcp_port, udp_port, udp6_port) = ports;
+        let running = publish(
+            topo,
+            name,
+            topo.ctr.v4(),
+            [
+                format!("{tcp_port}:{TCP_SERVER}"),
+                format!("{udp_port}:{UDP_ECHO}/udp"),
+            ],
+        );
+        portfwd_ok(&[
+            "map",
+            "--name",
+            &format!("{name}6"),
+            &topo.ctr.v6().to_string(),
+            &format!("[::]:{udp6_port}:{UDP_ECHO}/udp"),
+        ]);
+        normal_traffic_works(topo, false, tcp_port, udp_port);
+        let warm = SocketAddr::new(topo.host_v6().into(), udp6_port);
+        topo.client
+            .inside(move || udp_ask(warm, None, b"warm"))
+            .expect("UDP to the IPv6 mapping before the crafted frames");
+        UplinkSources {
+            topo,
+            ports,
+            _running: running,
+        }
+    }
+
+    fn case4(
+        &self,
+        name: &'static str,
+        tag: u16,
+        packet: Ipv4Packet,
+        delivered: bool,
+    ) -> LoopbackCase {
+        LoopbackCase {
+            name,
+            tag: u32::from(tag),
+            frame: self.topo.frame(ETH_P_IP, &packet.id(tag).build()),
+            delivered,
+        }
+    }
+
+    /// A TCP SYN from `src`:`sport` to the published TCP port.
+    fn syn4(
+        &self,
+        name: &'static str,
+        tag: u16,
+        src: Ipv4Addr,
+        sport: u16,
+        delivered: bool,
+    ) -> LoopbackCase {
+        let packet = Ipv4Packet::tcp_syn(src, self.topo.host_v4(), sport, self.ports.0);
+        self.case4(name, tag, packet, delivered)
+    }
+
+    /// A UDP datagram from `src`:`sport` to the published UDP port.
+    fn udp4(
+        &self,
+        name: &'static str,
+        tag: u16,
+        src: Ipv4Addr,
+        sport: u16,
+        delivered: bool,
+    ) -> LoopbackCase {
+        let packet = Ipv4Packet::udp(src, self.topo.host_v4(), sport, self.ports.1, b"src");
+        self.case4(name, tag, packet, delivered)
+    }
+
+    /// A UDP datagram from `src` to the published IPv6 UDP port.
+    fn udp6(&self, name: &'static str, tag: u32, src: Ipv6Addr, delivered: bool) -> LoopbackCase {
+        let h6 = self.topo.host_v6();
+        let datagram = udp(src.into(), h6.into(), 62395, self.ports.2, b"src");
+        LoopbackCase {
+            name,
+            tag,
+            frame: self
+                .topo
+                .frame(ETH_P_IPV6, &ipv6(src, h6, tag, UDP, &datagram)),
+            delivered,
+        }
+    }
 }
 
 /// A new flow on an uplink from an address the host routes to a container
@@ -1865,92 +1914,43 @@ fn flows_from_a_containers_address_on_an_uplink_are_refused() {
     // Another container, whose link gets the reply program with a mapping
     // of its own.
     let other = Container::new(95);
-    let (tcp_port, udp_port, udp6_port) = (62760u16, 62761u16, 62762u16);
-    let _running = publish(
-        &topo,
-        "ctr-src",
-        topo.ctr.v4(),
-        [
-            format!("{tcp_port}:{TCP_SERVER}"),
-            format!("{udp_port}:{UDP_ECHO}/udp"),
-        ],
-    );
-    portfwd_ok(&[
-        "map",
-        "--name",
-        "ctr-src6",
-        &topo.ctr.v6().to_string(),
-        &format!("[::]:{udp6_port}:{UDP_ECHO}/udp"),
-    ]);
+    let uplink = UplinkSources::publish(&topo, "ctr-src", (62760, 62761, 62762));
     portfwd_ok(&["map", &other.v4().to_string(), "62759:80"]);
-    normal_traffic_works(&topo, false, tcp_port, udp_port);
     // The FIB answers only for an interface that forwards, as a container
     // host's do.
     forward_both_families(&topo.client.host_if);
-    let (c4, h4, c6, h6) = (
-        topo.client_v4(),
-        topo.host_v4(),
-        topo.client_v6(),
-        topo.host_v6(),
-    );
-    let warm = SocketAddr::new(h6.into(), udp6_port);
-    topo.client
-        .inside(move || udp_ask(warm, None, b"warm"))
-        .expect("UDP to the IPv6 mapping before the crafted frames");
-    let (ctr4, ctr6) = (v4(topo.ctr.v4()), v6(topo.ctr.v6()));
-    let frame4 = |name, tag: u16, packet: Ipv4Packet, delivered| LoopbackCase {
-        name,
-        tag: u32::from(tag),
-        frame: topo.frame(ETH_P_IP, &packet.id(tag).build()),
-        delivered,
-    };
-    let udp6 = |name, tag: u32, src: Ipv6Addr, delivered| LoopbackCase {
-        name,
-        tag,
-        frame: topo.frame(
-            ETH_P_IPV6,
-            &ipv6(
-                src,
-                h6,
-                tag,
-                UDP,
-                &udp(src.into(), h6.into(), 62763, udp6_port, b"src"),
-            ),
-        ),
-        delivered,
-    };
+    let (c4, c6) = (topo.client_v4(), topo.client_v6());
+    let (ctr4, ctr6, other4) = (v4(topo.ctr.v4()), v6(topo.ctr.v6()), v4(other.v4()));
     let cases = vec![
-        frame4(
+        uplink.syn4(
             "TCP SYN from the container's address",
             0xb300,
-            Ipv4Packet::tcp_syn(ctr4, h4, 62764, tcp_port),
+            ctr4,
+            62764,
             false,
         ),
-        frame4(
+        uplink.udp4(
             "UDP from the container's address",
             0xb301,
-            Ipv4Packet::udp(ctr4, h4, UDP_ECHO, udp_port, b"ctr"),
+            ctr4,
+            UDP_ECHO,
             false,
         ),
-        frame4(
+        uplink.udp4(
             "UDP from another container's address",
             0xb303,
-            Ipv4Packet::udp(v4(other.v4()), h4, 62766, udp_port, b"other"),
+            other4,
+            62766,
             false,
         ),
-        frame4(
-            "UDP from the client (control)",
-            0xb302,
-            Ipv4Packet::udp(c4, h4, 62765, udp_port, b"control"),
-            true,
-        ),
-        udp6(
+        uplink.udp4("UDP from the client (control)", 0xb302, c4, 62765, true),
+        uplink.udp6(
             "UDP from the container's address (IPv6)",
             0xb6300,
             ctr6,
             false,
         ),
-        udp6("UDP from the client (IPv6, control)", 0xb6301, c6, true),
+        uplink.udp6("UDP from the client (IPv6, control)", 0xb6301, c6, true),
     ];
     dropped_cases_hold(&topo.client, &topo.ctr, &cases, "dropped_container_source");
 }

@@ -201,17 +201,9 @@ fn a_client_behind_a_smaller_mtu_gets_large_fragmented_ipv6_udp_answers() {
             .set_read_timeout(Some(Duration::from_secs(1)))
             .unwrap();
         socket.connect(to).unwrap();
-        let mut buf = vec![0u8; 65_536];
-        let mut last = String::new();
-        for _ in 0..5 {
-            socket.send(b"q").map_err(|e| e.to_string())?;
-            match socket.recv(&mut buf) {
-                Ok(n) => return Ok(n),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    });
+        ask_connected(&socket, b"q", 5)
+    })
+    .map(|answer| answer.len());
     assert_eq!(answer, Ok(ANSWER), "{} -> {to}", FarClient::v6());
     let translated = stats().get("icmp_errors_translated").copied().unwrap_or(0);
     assert!(translated > before, "{:?}", stats());
@@ -319,17 +311,28 @@ fn ask_without_df(node: &Container, to: SocketAddr, size: usize) -> Result<Vec<u
             .set_read_timeout(Some(Duration::from_secs(1)))
             .unwrap();
         socket.connect(to).unwrap();
-        let mut buf = vec![0u8; 65_536];
-        let mut last = String::new();
-        for _ in 0..3 {
-            socket.send(&vec![b'q'; size]).map_err(|e| e.to_string())?;
-            match socket.recv(&mut buf) {
-                Ok(n) => return Ok(buf[..n].to_vec()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
+        ask_connected(&socket, &vec![b'q'; size], 3)
     })
+}
+
+/// Sends `request` on a connected UDP socket, at most `tries` times, until
+/// an answer comes within the socket's read timeout: the answer, or the
+/// last error.
+fn ask_connected(
+    socket: &std::net::UdpSocket,
+    request: &[u8],
+    tries: usize,
+) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; 65_536];
+    let mut last = String::new();
+    for _ in 0..tries {
+        socket.send(request).map_err(|e| e.to_string())?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(buf[..n].to_vec()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }
 
 /// From inside `node`: `BIG_DATAGRAM` bytes without DF and with a TTL of 1
