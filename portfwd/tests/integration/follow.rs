@@ -92,6 +92,15 @@ fn a_recreated_container_link_is_served_again_at_once() {
     let udp = topo.udp_client(62802);
     let before = ask(&udp, "before").expect("UDP through the published port");
     assert!(before.starts_with("echo before"), "{before}");
+    // An interface towards containers (new flows on an uplink from an
+    // address routed there are forged); the uplink is not one.
+    let old_index = ifindex_of(&topo.ctr.host_if);
+    assert!(
+        container_link_listed(old_index),
+        "the container's link is listed"
+    );
+    let uplink_index = ifindex_of(&topo.client.host_if);
+    assert!(!container_link_listed(uplink_index), "the uplink is not");
 
     // The container restarts: same address, same host-side veth name, a
     // new interface index. Its servers keep running in its namespace.
@@ -118,6 +127,15 @@ fn a_recreated_container_link_is_served_again_at_once() {
         "the old UDP flow is not served: {after:?}"
     );
     assert_eq!(link_state(&topo.ctr.host_if).as_deref(), Some("attached"));
+    let new_index = ifindex_of(&topo.ctr.host_if);
+    assert_eq!(
+        (
+            container_link_listed(new_index),
+            container_link_listed(old_index)
+        ),
+        (true, false),
+        "the new link is listed instead of the old ({new_index}, {old_index})"
+    );
     // A reload replaces what is attached (nothing is severed any more).
     let out = portfwd(&["up", "--iface", &topo.client.host_if, "--reload"]);
     assert!(
@@ -126,6 +144,12 @@ fn a_recreated_container_link_is_served_again_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(topo.fetch_external(62801).unwrap().starts_with("web "));
+    // Detached, it is no longer an interface towards containers.
+    portfwd_ok(&["detach", &topo.ctr.host_if]);
+    assert!(
+        !container_link_listed(new_index),
+        "a detached link is not listed"
+    );
 }
 
 #[test]

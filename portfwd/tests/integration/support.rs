@@ -42,6 +42,28 @@ pub(crate) fn pinned_lru_hash<K: aya::Pod, V: aya::Pod>(
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
 }
 
+/// Whether the running instance's `pf_container_link_bits` lists the
+/// interface of index `ifindex` (an interface towards containers).
+pub(crate) fn container_link_listed(ifindex: u32) -> bool {
+    use portfwd_common::{CONTAINER_LINKS, link_bit};
+    let path = std::path::Path::new(&pin_dir()).join(CONTAINER_LINKS.name);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|e| panic!("the pinned {}: {e}", CONTAINER_LINKS.name));
+    let bits: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let (word, bit) = link_bit(ifindex);
+    bits.get(&word, 0).is_ok_and(|bits| bits & bit != 0)
+}
+
+/// The index of the host's interface `ifname`.
+pub(crate) fn ifindex_of(ifname: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/ifindex"))
+        .unwrap_or_else(|e| panic!("the index of {ifname}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Tests share the cgroup root and the pin directory: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
