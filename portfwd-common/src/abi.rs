@@ -714,7 +714,10 @@ stats! {
     /// an uplink, while the flow's mapping reaches its container through
     /// another interface: forged, since the container's own come in on its
     /// link. Dropped, so that they set nothing of the flow (its answer, its
-    /// mark) and reach no client from the published address.
+    /// mark) and reach no client from the published address. Also ICMP
+    /// errors in the container's name that came in on another container's
+    /// link, and new flows on an uplink from a source that the host routes
+    /// through an interface towards containers (`CONTAINER_LINKS`).
     DroppedContainerSource = "dropped_container_source",
     /// TCP flows forgotten at their last packet: both sides sent their FIN
     /// and each acknowledged the other's, so both entries were removed with

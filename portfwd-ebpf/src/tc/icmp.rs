@@ -103,9 +103,10 @@ struct Error {
 /// elsewhere is no error about that packet, and is not ours (translated,
 /// it would leave in the host's name to wherever a forger chose). One
 /// about a client's packet is in the container's name (the container's,
-/// or a router's on its side): in on an uplink, it is forged where the
-/// mapping reaches its container through another interface, as the flow's
-/// own packets are (`tc::forged_in_containers_name`), and dropped.
+/// or a router's on its side): in on an uplink or on another container's
+/// link, it is forged where the mapping reaches its container through
+/// another interface (on an uplink, as the flow's own packets are:
+/// `tc::forged_in_containers_name`), and dropped.
 // Not inlined: called from the program's frame; its locals stay out of
 // the TCP/UDP path. `AT` a constant, not an argument: one function per
 // program, each with the frame it had (an argument grew it by 32 bytes, to
@@ -136,7 +137,7 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     {
         return None;
     }
-    if AT == ARRIVING_ON_UPLINK && ct.flags & CT_FLAG_REPLY != 0 && forged_on_uplink(ctx, ct) {
+    if AT != LEAVING && ct.flags & CT_FLAG_REPLY != 0 && came_in_elsewhere(ctx, ct) {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     if mapping_moved(entry, &error) {
@@ -158,13 +159,18 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
 }
 
 /// Whether an error in the container's name (its flow's reply entry `ct`)
-/// that came in on an uplink is forged: the mapping reaches the container
-/// through another interface. Counted.
+/// is forged: it came in on an interface (an uplink, or another
+/// container's link) other than the one the mapping reaches the container
+/// through, where the container's own errors and its routers' come in.
+/// Counted. On another container's link, it is a co-tenant's (the strict
+/// rule that new flows from container links follow, see
+/// `service::forged_source`); on a bridge that several containers share,
+/// the programs cannot tell one from another.
 // Not inlined: the mapping lookup's locals would take slots of
 // `translate_error`'s frame, which starts its deepest chain (with
 // `rewrite`), at 6.1's 512-byte limit.
 #[inline(never)]
-fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
+fn came_in_elsewhere(ctx: &TcContext, ct: &CtValue) -> bool {
     let forged = matches!(container_link(ctx, &ct.service), ContainerLink::Other);
     if forged {
         count(Stat::DroppedContainerSource);
@@ -183,7 +189,7 @@ fn forged_on_uplink(ctx: &TcContext, ct: &CtValue) -> bool {
 /// is the flow's translation (a forward entry), or the quoted packet's
 /// destination (a reply entry: the quote is the client's packet to it).
 // Not inlined: the lookup's locals stay out of `translate_error`'s frame
-// (see `forged_on_uplink`).
+// (see `came_in_elsewhere`).
 #[inline(never)]
 fn mapping_moved(entry: *mut CtValue, e: &Error) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run.

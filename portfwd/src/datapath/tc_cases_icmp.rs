@@ -327,16 +327,20 @@ fn errors_the_host_sends_about_translated_packets_are_translated_at_uplink_egres
 /// mappings reach their container: not the one a test run's packets come
 /// in on (the loopback device, 1).
 const CONTAINER_LINK: u32 = 1_000_000;
+/// The interface a test run's packets come in on.
+const LOOPBACK: u32 = 1;
 
 /// An error in the container's name (about a client's packet) that comes in
-/// on an uplink, when the mapping reaches its container through another
-/// interface, is forged, as the flow's own packets from there are: dropped
-/// and counted as `dropped_container_source`. And an error that does not go
-/// to the sender of the packet it quotes is no error about that packet:
-/// passed untouched. Before, both were translated and sent on from the
-/// published address, to whatever destination the forger wrote: a forger
-/// anywhere on an uplink made the host send ICMP errors in its own name
-/// (a port unreachable ends a client's connected UDP socket).
+/// on an uplink or on another container's link, when the mapping reaches
+/// its container through another interface, is forged, as the flow's own
+/// packets from an uplink are: dropped and counted as
+/// `dropped_container_source`. And an error that does not go to the sender
+/// of the packet it quotes is no error about that packet: passed
+/// untouched. Before, all three were translated and sent on from the
+/// published address: a forger anywhere on an uplink made the host send
+/// ICMP errors in its own name to whatever destination it wrote (a port
+/// unreachable ends a client's connected UDP socket), and a co-tenant sent
+/// them to another container's clients.
 #[test]
 fn forged_errors_are_not_translated() {
     let test = "forged_errors_are_not_translated";
@@ -344,7 +348,7 @@ fn forged_errors_are_not_translated() {
         ifindex: CONTAINER_LINK,
         ..mapping
     });
-    let Some(tc) = Tc::load_with(test, &behind_link) else {
+    let Some(mut tc) = Tc::load_with(test, &behind_link) else {
         return;
     };
     let Flows {
@@ -358,6 +362,13 @@ fn forged_errors_are_not_translated() {
         (
             "port unreachable in the container's name from an uplink",
             UPLINK_IN,
+            error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
+            DROP,
+            Some(Stat::DroppedContainerSource),
+        ),
+        (
+            "port unreachable in the container's name from another container's link",
+            BACKEND_IN,
             error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
             DROP,
             Some(Stat::DroppedContainerSource),
@@ -383,7 +394,12 @@ fn forged_errors_are_not_translated() {
             failures.note(format!("{name}: {stat:?} not counted"));
         }
     }
-    // The container's own error, from its link: translated.
+    // The container's own error, from its link (the mappings now reach it
+    // through the interface a test run's packets come in on): translated.
+    tc.publish(&mappings().map(|mapping| Mapping {
+        ifindex: LOOPBACK,
+        ..mapping
+    }));
     let (verdict, _) = tc.run(
         BACKEND_IN,
         &error(CTR_V4.into(), CLIENT_V4.into(), 3, 3, [0; 4], &request),
