@@ -130,14 +130,14 @@ pub(crate) static ALLOW: LpmTrie<AllowKey, u8> =
     LpmTrie::with_max_entries(abi::ALLOW.max_entries, 0);
 
 /// The interfaces a packet is redirected through into the container's
-/// namespace, a bit each (see `verdict::deliver`, `is_peer_link`).
+/// namespace, a bit each (see `verdict::deliver`, `lists_link`).
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(peer_links))]
 pub(crate) static PEER_LINKS: Array<u32> =
     Array::with_max_entries(abi::PEER_LINKS.max_entries, abi::PEER_LINKS.flags);
 
 /// Every interface towards containers, a bit each (see
-/// `tc::service::forged_source`, `is_container_link`).
+/// `tc::service::forged_source`, `lists_link`).
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(container_links))]
 pub(crate) static CONTAINER_LINKS: Array<u32> =
@@ -197,21 +197,12 @@ pub(crate) fn is_host_address(family: u8, addr: &Addr) -> bool {
     unsafe { LOCAL_ADDRS.get(&LocalAddrKey::new(family, *addr)) }.is_some()
 }
 
-/// Whether `PEER_LINKS` lists the interface: one array read, inlined by
-/// the verifier (see `lacks_port`). An index beyond the bitmap is not
-/// listed.
+/// Whether a bitmap of interfaces (`PEER_LINKS`, `CONTAINER_LINKS`) lists
+/// `ifindex`: one array read, inlined by the verifier (see `lacks_port`).
+/// An index beyond the bitmap is not listed.
+// Inlined: the map is then a constant at each lookup (see `lacks_port`).
 #[inline(always)]
-pub(crate) fn is_peer_link(ifindex: u32) -> bool {
+pub(crate) fn lists_link(bitmap: &Array<u32>, ifindex: u32) -> bool {
     let (word, bit) = link_bit(ifindex);
-    PEER_LINKS.get(word).is_some_and(|bits| bits & bit != 0)
-}
-
-/// Whether `CONTAINER_LINKS` lists the interface (an interface towards
-/// containers): as `is_peer_link`.
-#[inline(always)]
-pub(crate) fn is_container_link(ifindex: u32) -> bool {
-    let (word, bit) = link_bit(ifindex);
-    CONTAINER_LINKS
-        .get(word)
-        .is_some_and(|bits| bits & bit != 0)
+    bitmap.get(word).is_some_and(|bits| bits & bit != 0)
 }

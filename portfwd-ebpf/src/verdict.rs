@@ -17,7 +17,7 @@ use aya_ebpf::{
 use portfwd_common::{Stat, TRANSLATED_MARK};
 
 use crate::{
-    maps::{NEXT_HOP_SLOTS, NEXT_HOPS, STATS, is_peer_link},
+    maps::{NEXT_HOP_SLOTS, NEXT_HOPS, PEER_LINKS, STATS, lists_link},
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
         IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
@@ -68,7 +68,7 @@ fn redirect(ctx: &TcContext, ifindex: u32, now: u64) -> i32 {
     // SAFETY: a pointer into this CPU's map value, valid for this program
     // run; no other program runs on this CPU meanwhile.
     let hop = unsafe { &mut *hop };
-    if is_peer_link(ifindex) && write_macs(ctx, &hop.macs) {
+    if lists_link(&PEER_LINKS, ifindex) && write_macs(ctx, &hop.macs) {
         count(Stat::RedirectedToPeer);
         // The veth clears the mark of a packet it carries into another
         // namespace; a redirect into the peer does not (nor before 6.15

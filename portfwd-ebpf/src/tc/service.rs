@@ -16,7 +16,7 @@ use portfwd_common::{Addr, FAMILY_V4, IPPROTO_UDP, ServiceKey, ServiceValue, Sta
 
 pub(super) use crate::maps::is_host_address;
 use crate::{
-    maps::{PUBLISHED_PORTS, SERVICES, SERVICES_GEN, is_container_link, lacks_port},
+    maps::{CONTAINER_LINKS, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, lacks_port, lists_link},
     packet::{AF_INET, AF_INET6, FibParams, Packet},
 };
 
@@ -153,7 +153,7 @@ pub(super) fn forged_source(ctx: &TcContext, pkt: &Packet, from_containers: bool
         None
     } else if from_containers {
         Some(Stat::DroppedSpoofedSource)
-    } else if is_container_link(via) {
+    } else if lists_link(&CONTAINER_LINKS, via) {
         Some(Stat::DroppedContainerSource)
     } else {
         None

@@ -5,14 +5,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
     CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN,
     CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
-use super::link_bits::set_listed;
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
@@ -421,11 +420,7 @@ fn packets_to_a_listed_veth_go_into_its_peer() {
             ..mapping(Protocol::Tcp, at(HOST_V4, 8081), at(OTHER_CTR_V4, 80))
         };
         tc.publish(&[known.clone(), unknown.clone()]);
-        let list = |tc: &mut Tc, listed: bool| {
-            let map = tc.ebpf_mut().map_mut(PEER_LINKS.name).unwrap();
-            let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
-            set_listed(&mut peer_links, ifindex, listed).unwrap();
-        };
+        let list = |tc: &mut Tc, listed: bool| tc.list_link(&PEER_LINKS, ifindex, listed);
         list(&mut tc, true);
         let client = at(CLIENT_V4, 40001);
         let counted = |tc: &Tc| (tc.stat(Stat::RedirectedToPeer), tc.stat(Stat::Redirected));
@@ -488,9 +483,7 @@ fn a_changed_neighbour_reaches_frames_into_a_peer_within_a_second() {
             ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(CTR_V4, 80))
         };
         tc.publish(std::slice::from_ref(&known));
-        let map = tc.ebpf_mut().map_mut(PEER_LINKS.name).unwrap();
-        let mut peer_links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
-        set_listed(&mut peer_links, ifindex, true).unwrap();
+        tc.list_link(&PEER_LINKS, ifindex, true);
         let client = at(CLIENT_V4, 40001);
         let addressed =
             |l4: L4, ctr_mac| Ns::addressed(frame(client, known.container, l4), ctr_mac);
@@ -579,11 +572,7 @@ fn new_flows_from_sources_routed_elsewhere_are_dropped() {
             ..mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80))
         };
         tc.publish(std::slice::from_ref(&published));
-        let list = |tc: &mut Tc, listed: bool| {
-            let map = tc.ebpf_mut().map_mut(CONTAINER_LINKS.name).unwrap();
-            let mut links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
-            set_listed(&mut links, veth, listed).unwrap();
-        };
+        let list = |tc: &mut Tc, listed: bool| tc.list_link(&CONTAINER_LINKS, veth, listed);
         list(&mut tc, true);
         let counted = |tc: &Tc| {
             (

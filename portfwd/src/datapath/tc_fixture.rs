@@ -25,11 +25,11 @@ use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuild
 use portfwd_common::{
     ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, CONNTRACK, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
     LOCAL_ADDR_BITS, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
-    MASQ_FLOWS_STARTED, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS, ServiceKey,
-    ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
+    MASQ_FLOWS_STARTED, MapDef, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS,
+    ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
 };
 
-use super::{maps::set_bits, object::OBJECT};
+use super::{link_bits::set_listed, maps::set_bits, object::OBJECT};
 use crate::model::{Mapping, Protocol};
 
 /// TC verdicts as the test run returns them.
@@ -290,6 +290,14 @@ impl Tc {
 
     pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Lists interface `ifindex` in the bitmap `bitmap` (`PEER_LINKS`,
+    /// `CONTAINER_LINKS`), or takes it off, as `datapath::link_bits` does.
+    pub(super) fn list_link(&mut self, bitmap: &MapDef, ifindex: u32, listed: bool) {
+        let map = self.ebpf.map_mut(bitmap.name).expect("the bitmap of links");
+        let mut links: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
+        set_listed(&mut links, ifindex, listed).unwrap();
     }
 
     /// Adds (or replaces) `mappings` in the services map, and their
