@@ -240,7 +240,9 @@ fn forged_in_containers_name(ctx: &TcContext, pkt: &mut Packet, service: &Servic
 /// host connection made later with the ends of a live flow is refused by
 /// the container, which holds them), and a UDP datagram goes on to the
 /// conntrack.
-#[inline(always)]
+// Not inlined: its values stay out of the program's frame, which starts
+// `start_flow`'s chain, at 6.1's limit (see `tc::flow::start_flow`).
+#[inline(never)]
 fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
     !is_new_tcp(pkt)
         && lacks_port(&PUBLISHED_PORTS, pkt.proto, u16::from_be(pkt.dport))

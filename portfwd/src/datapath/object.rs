@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
-use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES};
+use portfwd_common::{CONNTRACK, CONNTRACK_OPENING, COUNTERS, MAPS, SERVICES, opening_flows};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 pub(super) static OBJECT: &[u8] =
@@ -31,6 +31,7 @@ impl Sizes {
             // fixed array, backed by each socket's own storage: nothing to
             // size.)
             out.push((CONNTRACK.name, n.saturating_mul(2)));
+            out.push((CONNTRACK_OPENING.name, opening_flows(n).saturating_mul(2)));
         }
         out
     }

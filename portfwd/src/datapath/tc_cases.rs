@@ -8,15 +8,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
-    CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN,
-    CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
+    CONNTRACK, CONNTRACK_OPENING, CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING,
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue,
+    PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
     UPLINK_IN, UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
-    conntrack_of, edit_ipv4_header, frame, gso_ctx, ingress_ctx, mapping, segment, skb_ctx,
+    edit_ipv4_header, flags_in, frame, gso_ctx, ingress_ctx, mapping, remove_entries, segment,
+    skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -1094,6 +1096,68 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
     assert_eq!(established(&tc), 2, "confirmed: {:?}", conntrack_flags(&tc));
 }
 
+/// A TCP flow waits for its handshake in the opening table, both entries,
+/// and moves to the main one at the client's ACK that establishes it,
+/// which is translated as before; its later packets are translated from
+/// there. A UDP flow starts in the main one. So a SYN flood, whose flows
+/// never establish, churns the opening table alone (end to end:
+/// `hostile::a_syn_flood_evicts_no_established_flow`).
+#[test]
+fn a_tcp_flow_moves_to_the_main_table_when_established() {
+    let Some(tc) = Tc::load_with(
+        "a_tcp_flow_moves_to_the_main_table_when_established",
+        &published(),
+    ) else {
+        return;
+    };
+    let (dialed, container, client) = (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40054));
+    // (entries in the main table, entries in the opening table)
+    let tables = |tc: &Tc| {
+        (
+            flags_in(tc, CONNTRACK.name).len(),
+            flags_in(tc, CONNTRACK_OPENING.name).len(),
+        )
+    };
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
+    assert_eq!(tables(&tc), (0, 2), "after the SYN");
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(dialed, client, L4::Ack),
+        "the container's answer is translated"
+    );
+    assert_eq!(tables(&tc), (0, 2), "answered");
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "the establishing ACK is translated"
+    );
+    assert_eq!(tables(&tc), (2, 0), "established");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(dialed, client, L4::Ack),
+        "a later answer is translated from the main table"
+    );
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "a later packet of the client's too"
+    );
+    let udp_client = at(CLIENT_V4, 40055);
+    tc.run_marked(UPLINK_IN, &frame(udp_client, at(HOST_V4, 5353), L4::Udp), 0);
+    assert_eq!(tables(&tc), (4, 0), "a UDP flow");
+}
+
 /// The reply entry's establishment is another CPU's write (`establish`),
 /// which the container's own update of the entry, userspace rewriting it or
 /// a program of the build before (during an upgrade) can lose: then the
@@ -1327,23 +1391,6 @@ fn two_ports_to_one_container() -> (Tc, [SocketAddr; 2], SocketAddr) {
 /// Removes every reply entry from conntrack, as evictions may.
 fn remove_reply_entries(tc: &mut Tc) {
     remove_entries(tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
-}
-
-/// Removes the conntrack entries that `which` picks, as evictions may.
-fn remove_entries(
-    tc: &mut Tc,
-    which: impl Fn(&portfwd_common::CtKey, &portfwd_common::CtValue) -> bool,
-) {
-    let mut map = conntrack_of(tc);
-    let picked: Vec<_> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, value)| which(key, value))
-        .map(|(key, _)| key)
-        .collect();
-    for key in picked {
-        map.remove(&key).unwrap();
-    }
 }
 
 /// The source port of a TCP frame.
