@@ -144,7 +144,7 @@ fn remove_from(opening: bool, key: &CtKey) {
 pub(crate) fn promote(key: &CtKey, entry: *mut CtValue, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &*entry };
-    let Some((twin_key, twin, true)) = twin_entry(key, ct) else {
+    let Some((twin_key, twin, true)) = twin_entry_from(true, key, ct) else {
         return;
     };
     if !settle(twin_key, twin, now) {
@@ -470,7 +470,7 @@ fn acknowledge_fin_of_twin(key: &CtKey, ct: &CtValue, pkt: &Packet) {
 /// entry gone) changes nothing. One lookup per flow.
 #[inline(never)]
 fn establish(key: &CtKey, ct: &CtValue, pkt: &Packet) -> bool {
-    let Some((_, twin, _)) = twin_entry(key, ct) else {
+    let Some((_, twin, _)) = twin_entry_from(pkt.opening, key, ct) else {
         return false;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -1123,6 +1123,26 @@ fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue
     }
     let entry = CONNTRACK_OPENING.get_ptr_mut(twin_key)?;
     pairs(key, ct, entry).then_some((twin_key, entry, true))
+}
+
+/// `twin_entry`, asked first of the opening table when the entry of `key`
+/// is there (`opening`): a flow's two entries are in the same table (but
+/// while `promote` moves them), and the main table's miss is saved on the
+/// packets that establish a flow and move it.
+#[inline(always)]
+fn twin_entry_from(
+    opening: bool,
+    key: &CtKey,
+    ct: &CtValue,
+) -> Option<(&'static CtKey, *mut CtValue, bool)> {
+    if opening
+        && let Some(twin_key) = twin_of(key, ct)
+        && let Some(entry) = CONNTRACK_OPENING.get_ptr_mut(twin_key)
+        && pairs(key, ct, entry)
+    {
+        return Some((twin_key, entry, true));
+    }
+    twin_entry(key, ct)
 }
 
 /// Whether `entry` is the other entry of the flow of `key` and `ct`.
