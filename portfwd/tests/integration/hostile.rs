@@ -2085,6 +2085,24 @@ fn forward_both_families(host_if: &str) {
     }
 }
 
+/// A TCP server in the topology's container on `port` that echoes what
+/// each connection sends.
+fn serve_echo(topo: &Topology, port: u16) -> Server {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    topo.ctr.serve_with(
+        &format!("[::]:{port}"),
+        std::sync::Arc::new(|mut stream: TcpStream, _| {
+            let mut buf = [0u8; 16_384];
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }),
+    )
+}
+
 /// The flags of the conntrack entries (both directions) of the flows whose
 /// client is one of `clients`.
 fn flags_of_flows_from(clients: &[Ipv4Addr]) -> Vec<u8> {
@@ -2198,7 +2216,6 @@ fn syns_from_spoofed_sources_establish_no_flow() {
 fn a_syn_flood_evicts_no_established_flow() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::sync::Arc;
 
     use portfwd_common::{CONNTRACK, CtKey, CtValue};
     let Some(_serial) = root_test("syn_flood") else {
@@ -2207,17 +2224,7 @@ fn a_syn_flood_evicts_no_established_flow() {
     const MAX_FLOWS: u16 = 256;
     let topo = Topology::new(99);
     let (port, echo_port) = (62856u16, 5304u16);
-    let _echo = topo.ctr.serve_with(
-        &format!("[::]:{echo_port}"),
-        Arc::new(|mut stream: TcpStream, _| {
-            let mut buf = [0u8; 1024];
-            while let Ok(n @ 1..) = stream.read(&mut buf) {
-                if stream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }),
-    );
+    let _echo = serve_echo(&topo, echo_port);
     let max_flows = MAX_FLOWS.to_string();
     let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--max-flows", &max_flows]);
     let container = topo.ctr.v4().to_string();
@@ -2403,7 +2410,6 @@ fn non_ethernet_uplinks_are_refused() {
 fn forged_resets_leave_a_live_flow_open() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::sync::Arc;
 
     use portfwd_common::{CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_MORE_RESET, CtValue};
     let Some(_serial) = root_test("forged_resets") else {
@@ -2411,17 +2417,7 @@ fn forged_resets_leave_a_live_flow_open() {
     };
     let topo = Topology::new(48);
     let (port, echo_port) = (62362u16, 5303u16);
-    let _echo = topo.ctr.serve_with(
-        &format!("[::]:{echo_port}"),
-        Arc::new(|mut stream: TcpStream, _| {
-            let mut buf = [0u8; 16_384];
-            while let Ok(n @ 1..) = stream.read(&mut buf) {
-                if stream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }),
-    );
+    let _echo = serve_echo(&topo, echo_port);
     let _pf = Portfwd::up(&["--iface", &topo.client.host_if]);
     let container = topo.ctr.v4().to_string();
     portfwd_ok(&[
