@@ -818,6 +818,7 @@ pub(crate) fn create(
     set_reply_key(key, pkt, nat);
     set_reply_value(value, pkt, service, nat, now);
     let table = if pkt.proto == IPPROTO_TCP {
+        forget_reply_in_main(key, pkt);
         &CONNTRACK_OPENING
     } else {
         &CONNTRACK
@@ -846,6 +847,25 @@ pub(crate) fn create(
         count_masq_flow();
     }
     Ok(&*value)
+}
+
+/// For a TCP flow about to start in the opening table: removes the main
+/// table's entry under its reply key if that is the reply entry of a flow
+/// with the same client port and published address, a flow that lost its
+/// forward entry (evicted, or ended and not yet swept): the packet found no
+/// live forward entry. Left there, it would hide the new flow's reply entry
+/// from the container's packets (the main table is asked first), and the
+/// new flow would never be established. (In one table, `create` replaced
+/// it.)
+// Not inlined: its locals stay out of `start_flow`'s frame.
+#[inline(never)]
+fn forget_reply_in_main(key: &CtKey, pkt: &Packet) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        // SAFETY: a pointer into the map value, valid for this program run.
+        && is_reply_of(unsafe { &*entry }, pkt)
+    {
+        let _ = CONNTRACK.remove(key);
+    }
 }
 
 /// Counts a masqueraded flow whose entries are in the table (see
@@ -1105,16 +1125,20 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
 
 /// The other direction's entry of the flow of `key` and `ct`, with its key
 /// (in scratch memory, see `twin_of`) and whether it is in the opening
-/// table, if it is there and is this flow's: after an eviction another
-/// flow may hold its key (the same client port through another published
-/// port to the same container port), and that flow's entry is not this
-/// one's to change or remove. Asked of the main table first, then (TCP) of
-/// the opening one: whichever holds this flow's.
+/// table, if it is there, live, and is this flow's: after an eviction
+/// another flow may hold its key (the same client port through another
+/// published port to the same container port), and that flow's entry is
+/// not this one's to change or remove. Asked of the main table first, then
+/// (TCP) of the opening one: whichever holds this flow's. An expired entry
+/// is not a twin: an ended flow's, not yet swept from the main table, has
+/// the same addresses as a new flow of the same client port in the opening
+/// table, and taken for its twin it would come back to life in its place.
 #[inline(always)]
 fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue, bool)> {
     let twin_key = twin_of(key, ct)?;
+    let now = now();
     if let Some(entry) = CONNTRACK.get_ptr_mut(twin_key)
-        && pairs(key, ct, entry)
+        && pairs(key, ct, entry, now)
     {
         return Some((twin_key, entry, false));
     }
@@ -1122,7 +1146,7 @@ fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue
         return None;
     }
     let entry = CONNTRACK_OPENING.get_ptr_mut(twin_key)?;
-    pairs(key, ct, entry).then_some((twin_key, entry, true))
+    pairs(key, ct, entry, now).then_some((twin_key, entry, true))
 }
 
 /// `twin_entry`, asked first of the opening table when the entry of `key`
@@ -1138,18 +1162,22 @@ fn twin_entry_from(
     if opening
         && let Some(twin_key) = twin_of(key, ct)
         && let Some(entry) = CONNTRACK_OPENING.get_ptr_mut(twin_key)
-        && pairs(key, ct, entry)
+        && pairs(key, ct, entry, now())
     {
         return Some((twin_key, entry, true));
     }
     twin_entry(key, ct)
 }
 
-/// Whether `entry` is the other entry of the flow of `key` and `ct`.
+/// Whether `entry` is the other entry of the flow of `key` and `ct`, live
+/// at `now`.
 #[inline(always)]
-fn pairs(key: &CtKey, ct: &CtValue, entry: *mut CtValue) -> bool {
+fn pairs(key: &CtKey, ct: &CtValue, entry: *mut CtValue, now: u64) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &*entry };
+    if twin.expired(key.proto, now) {
+        return false;
+    }
     // Both entries of a flow have the same masquerade and NAT46 flags
     // (`flow_flags`): a masqueraded reply entry's key for its forward entry
     // is also a plain flow's forward key.
@@ -1191,6 +1219,9 @@ pub(crate) fn remove_entry(key: &CtKey, opening: bool) {
 /// Forgets a flow, given either direction's key and entry, in the opening
 /// table (`opening`) or the main one (and its other entry only if that is
 /// this flow's, see `twin_entry`).
+// Inlined: as a call of its own below `reopen`, it made `start_flow`'s
+// chain deeper than 6.1's 512 bytes.
+#[inline(always)]
 pub(crate) fn remove(key: &CtKey, ct: &CtValue, opening: bool) {
     if let Some((twin, _, twin_opening)) = twin_entry(key, ct) {
         remove_from(twin_opening, twin);

@@ -79,9 +79,12 @@ impl FlowState {
     }
 }
 
-/// The tables of tracked flows: established ones (and UDP), and TCP flows
-/// before their handshake completes.
-const TABLES: [MapDef; 2] = [CONNTRACK, CONNTRACK_OPENING];
+/// The tables of tracked flows: TCP flows before their handshake completes,
+/// and established ones (and UDP). In this order: a flow moves only from
+/// the first to the second (inserted there before it is removed here), so
+/// a sweep that reads them in turn sees every flow at least once (its
+/// masqueraded flows among them, see `sweep_expired`).
+const TABLES: [MapDef; 2] = [CONNTRACK_OPENING, CONNTRACK];
 
 fn open(pin_dir: &Path, table: &MapDef) -> Result<HashMap<MapData, CtKey, CtValue>> {
     HashMap::try_from(Map::LruHashMap(open_pin(pin_dir, table.name)?))

@@ -9,16 +9,16 @@ use aya::maps::{HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
     CONNTRACK, CONNTRACK_OPENING, CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING,
-    CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue,
-    PEER_LINKS, Stat, TRANSLATED_MARK,
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET, FRAGMENTS, FragmentKey,
+    FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
     UPLINK_IN, UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
-    edit_ipv4_header, flags_in, frame, gso_ctx, ingress_ctx, mapping, remove_entries, segment,
-    skb_ctx,
+    edit_ipv4_header, flags_in, frame, gso_ctx, ingress_ctx, mapping, of_every_entry,
+    remove_entries, segment, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -1156,6 +1156,93 @@ fn a_tcp_flow_moves_to_the_main_table_when_established() {
     let udp_client = at(CLIENT_V4, 40055);
     tc.run_marked(UPLINK_IN, &frame(udp_client, at(HOST_V4, 5353), L4::Udp), 0);
     assert_eq!(tables(&tc), (4, 0), "a UDP flow");
+}
+
+/// Opens a flow from `client` through the first TCP mapping and
+/// establishes it (SYN, the container's answer, the client's ACK), which
+/// moves it to the main table; the tables' entry counts after, (main,
+/// opening).
+fn establish_flow(tc: &Tc, client: SocketAddr) -> (usize, usize) {
+    let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
+    tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0);
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "the establishing ACK is translated"
+    );
+    (
+        flags_in(tc, CONNTRACK.name).len(),
+        flags_in(tc, CONNTRACK_OPENING.name).len(),
+    )
+}
+
+/// A client that reuses its port after its flow ended, before the sweep
+/// removed the ended flow's entries from the main table: the new flow
+/// starts in the opening table under the same keys, and its SYN sent again
+/// asks for its twin. Before, the main table's ended reply entry, which
+/// pairs with it, was taken for the twin and came back to life in the new
+/// reply entry's place: the container's answer went to it, the new flow
+/// was never established, and it ran on the ended flow's entries and
+/// marks.
+#[test]
+fn a_port_reused_before_the_sweep_opens_a_flow_of_its_own() {
+    let Some(mut tc) = Tc::load_with(
+        "a_port_reused_before_the_sweep_opens_a_flow_of_its_own",
+        &published(),
+    ) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40056);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the first flow");
+    // Ended: marked by a reset 20 s ago (it ends after 10 s), not swept.
+    change_entries(&mut tc, |value| {
+        value.more_flags |= CT_MORE_RESET;
+        value.last_seen_ns -= 20_000_000_000;
+    });
+    // The new flow's SYN, twice (the second asks for its twin).
+    tc.run_marked(UPLINK_IN, &frame(client, at(HOST_V4, 8080), L4::Syn), 0);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the new flow");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
+    assert_eq!(
+        of_every_entry(&tc, |value| value.more_flags & CT_MORE_RESET),
+        [0, 0],
+        "the ended flow's reset mark is gone with it"
+    );
+}
+
+/// A flow whose forward entry was evicted alone, and whose client then
+/// opens a new flow from the same port: the new flow starts in the opening
+/// table, and the main table's reply entry of the old one, which pairs with
+/// it, goes (in one table, the new flow's insertion replaced it). Before, it
+/// stayed, and the container's answers went to it, asked first: the new
+/// flow was never established, and ended at the SYN timeout.
+#[test]
+fn a_reply_entry_left_alone_gives_way_to_the_new_flow() {
+    let Some(mut tc) = Tc::load_with(
+        "a_reply_entry_left_alone_gives_way_to_the_new_flow",
+        &published(),
+    ) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40057);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the first flow");
+    remove_entries(&mut tc, |_, value| value.flags & CT_FLAG_REPLY == 0);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the new flow");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
 }
 
 /// The reply entry's establishment is another CPU's write (`establish`),
