@@ -38,6 +38,9 @@ macro_rules! map_name {
     (conntrack) => {
         "pf_conntrack"
     };
+    (conntrack_opening) => {
+        "pf_ct_opening"
+    };
     (counters) => {
         "pf_counters"
     };
@@ -207,6 +210,32 @@ pub const CONNTRACK: MapDef = map(
     size::<CtValue>(),
     2 * 262_144,
 );
+/// TCP flows before their handshake completes (the client's ACK of the
+/// container's answer), two entries each, as in `CONNTRACK`, into which
+/// they then move. A SYN flood churns this table alone: the established
+/// flows' table evicts only for flows that completed a handshake, as
+/// netfilter's, when full, drops only unassured entries. A quarter of
+/// `CONNTRACK`'s flows, at least `OPENING_MIN_FLOWS` (`opening_flows`).
+pub const CONNTRACK_OPENING: MapDef = map(
+    map_name!(conntrack_opening),
+    MapKind::LruHash,
+    size::<CtKey>(),
+    size::<CtValue>(),
+    2 * opening_flows(262_144),
+);
+/// The fewest flows `CONNTRACK_OPENING` holds, whatever `--max-flows` says:
+/// room for the handshakes of a burst of new connections.
+pub const OPENING_MIN_FLOWS: u32 = 64;
+/// How many flows `CONNTRACK_OPENING` holds for a main table of
+/// `max_flows`.
+pub const fn opening_flows(max_flows: u32) -> u32 {
+    let quarter = max_flows / 4;
+    if quarter < OPENING_MIN_FLOWS {
+        OPENING_MIN_FLOWS
+    } else {
+        quarter
+    }
+}
 /// Traffic of each mapping; userspace creates the entry with the mapping.
 pub const COUNTERS: MapDef = map(
     map_name!(counters),
@@ -430,13 +459,14 @@ pub const fn local_addr_bit(family: u8, addr: &Addr) -> (u32, u32) {
 /// Every map of the object.
 /// Every map userspace knows, all pinned under the instance's directory:
 /// the state (`down` removes exactly these).
-pub const MAPS: [MapDef; 20] = [
+pub const MAPS: [MapDef; 21] = [
     SERVICES,
     LOCAL_ADDRS,
     CONFIG,
     SOCK_DIALED,
     SOCK_CONNECTED,
     CONNTRACK,
+    CONNTRACK_OPENING,
     COUNTERS,
     STATS,
     FRAGMENTS,

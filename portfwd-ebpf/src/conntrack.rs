@@ -5,8 +5,20 @@
 //! Keying replies on the whole flow, not just on the container address,
 //! matters: the socket programs also connect host processes to the same
 //! containers, and their replies must not be rewritten.
+//!
+//! A TCP flow starts in a table of its own, `CONNTRACK_OPENING`, and moves
+//! to `CONNTRACK` when its handshake completes (`promote`): a SYN flood,
+//! from spoofed sources that never complete one, then churns only the
+//! opening table, and no established flow is evicted for it (an LRU evicts
+//! the least recently used entries, which are the idle established flows'),
+//! as netfilter's full table drops only unassured entries. A flow's two
+//! entries are in the same table (between `promote`'s insertions and its
+//! removals, in both); `Packet::opening` says which one a packet's flow was
+//! found in. UDP flows, whose sources nothing proves, start in `CONNTRACK`.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::maps::LruHashMap;
 
 use portfwd_common::{
     Addr, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
@@ -17,7 +29,10 @@ use portfwd_common::{
 
 use crate::{
     clock::now,
-    maps::{CONNTRACK, MASQ_FLOWS, SCRATCH},
+    maps::{
+        BACKEND_PORTS, CONNTRACK, CONNTRACK_OPENING, MASQ_FLOWS, PUBLISHED_PORTS, SCRATCH,
+        lacks_port,
+    },
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     types::Nat,
     verdict::count,
@@ -30,28 +45,129 @@ const BPF_NOEXIST: u64 = 1;
 /// bounces its cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// The live entry for this packet's flow and the time (read only on a hit),
-/// or None (absent or expired).
+/// The live entry for this packet's flow and the time (read only on a
+/// hit), or None (absent or expired). The opening table is asked after a
+/// miss in the main one (an expired entry there may be an ended flow's,
+/// not yet swept, whose ports a new flow took), and a hit there marks the
+/// packet (`Packet::opening`).
 #[inline(always)]
 pub(crate) fn find(key: &CtKey) -> Option<(*mut CtValue, u64)> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    let now = now();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        let now = now();
+        // SAFETY: the pointer is into the map value, valid for this run.
+        if !unsafe { &*entry }.expired(key.proto, now) {
+            return Some((entry, now));
+        }
+    }
+    let entry = find_opening(key)?;
+    Some((entry, now()))
+}
+
+/// `find` in the opening table, asked only for a packet that may belong to
+/// a TCP flow there: one to a published port (the client's side) or from
+/// a container's port of a mapping (the container's), as the port bitmaps
+/// say in one array read each. The host's own traffic pays no second
+/// lookup. On a hit, the packet (in scratch memory, as `key`) is marked.
+// Not inlined, and the packet not an argument: its values would take
+// slots of the programs' frames (each within 32 bytes, see
+// `tc::flow::start_flow`).
+#[inline(never)]
+fn find_opening(key: &CtKey) -> Option<*mut CtValue> {
+    if key.proto != IPPROTO_TCP
+        || (lacks_port(&PUBLISHED_PORTS, key.proto, u16::from_be(key.dport))
+            && lacks_port(&BACKEND_PORTS, key.proto, u16::from_be(key.sport)))
+    {
+        return None;
+    }
+    let entry = live(&CONNTRACK_OPENING, key, now())?;
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU memory that only this program run uses: the packet
+    // whose key this is. The callers hold it as `pkt`, and read the field
+    // after this call.
+    unsafe { (*scratch).pkt.opening = true };
+    Some(entry)
+}
+
+/// The live entry under `key` in the main table, or None (absent or
+/// expired).
+pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+    live(&CONNTRACK, key, now)
+}
+
+/// The live entry under `key` in either table (TCP: the opening table
+/// after the main one), or None: for a key that a new flow would take (its
+/// reply key), and for ICMP errors, whose flow may be opening.
+// Inlined: as a call of its own it made the deepest chain (through
+// `masquerade_port`) two frames deeper, past 6.1's 512 bytes.
+#[inline(always)]
+pub(crate) fn lookup_any(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+    match lookup(key, now) {
+        Some(entry) => Some(entry),
+        None if key.proto == IPPROTO_TCP => live(&CONNTRACK_OPENING, key, now),
+        None => None,
+    }
+}
+
+/// The live entry under `key` in `table`, or None (absent or expired).
+// Inlined: the map is then a constant at each call (the verifier inlines
+// the lookup of a map it knows).
+#[inline(always)]
+fn live(table: &LruHashMap<CtKey, CtValue>, key: &CtKey, now: u64) -> Option<*mut CtValue> {
+    let entry = table.get_ptr_mut(key)?;
     // SAFETY: the pointer is into the map value, valid for this program run.
     if unsafe { &*entry }.expired(key.proto, now) {
         return None;
     }
-    Some((entry, now))
+    Some(entry)
 }
 
-/// The live entry for this packet's flow, or None (absent or expired).
-pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: the pointer is into the map value, valid for this program run.
-    let value = unsafe { &*entry };
-    if value.expired(key.proto, now) {
-        return None;
+/// Removes `key` from the opening table (`opening`) or the main one.
+#[inline(always)]
+fn remove_from(opening: bool, key: &CtKey) {
+    if opening {
+        let _ = CONNTRACK_OPENING.remove(key);
+    } else {
+        let _ = CONNTRACK.remove(key);
     }
-    Some(entry)
+}
+
+/// A TCP flow whose handshake the packet of `key` (entry `entry`, in the
+/// opening table) completed: both entries move to the main table, where
+/// only the LRU's pressure of established flows can evict them. Inserted
+/// there first (a packet meanwhile finds them in either), then removed
+/// from the opening table. A live entry of another flow under either key
+/// in the main table (cannot happen: `masquerade_port` asks both tables
+/// for the reply key, and the forward key is the client's) stops the move:
+/// the flow stays where it is, and the next packet tries again. Called
+/// after the packet is translated: the entry is read no more.
+#[inline(never)]
+pub(crate) fn promote(key: &CtKey, entry: *mut CtValue, now: u64) {
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    let ct = unsafe { &*entry };
+    let Some((twin_key, twin, true)) = twin_entry_from(true, key, ct) else {
+        return;
+    };
+    if !settle(twin_key, twin, now) {
+        return;
+    }
+    if !settle(key, entry, now) {
+        let _ = CONNTRACK.remove(twin_key);
+        return;
+    }
+    let _ = CONNTRACK_OPENING.remove(twin_key);
+    let _ = CONNTRACK_OPENING.remove(key);
+}
+
+/// Inserts `value` under `key` in the main table, unless a live entry is
+/// there.
+#[inline(always)]
+fn settle(key: &CtKey, value: *mut CtValue, now: u64) -> bool {
+    // SAFETY: the pointer is into the map value, valid for this program run.
+    let value = unsafe { &*value };
+    if CONNTRACK.insert(key, value, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    lookup(key, now).is_none() && CONNTRACK.insert(key, value, 0).is_ok()
 }
 
 /// Whether the flow of this entry lost its other entry (an LRU eviction,
@@ -83,7 +199,7 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
     // SAFETY: the pointer is into the map value, valid for this program run.
     let ct = unsafe { &*entry };
     match twin_entry(key, ct) {
-        Some((_, twin)) => {
+        Some((_, twin, _)) => {
             // Not for a flow marked by a reset, which only its sides'
             // packets keep (`touch`).
             if ct.more_flags & CT_MORE_RESET == 0 {
@@ -121,7 +237,7 @@ fn check_twin(key: &CtKey, entry: *mut CtValue, pkt: &Packet) -> bool {
             false
         }
         None => {
-            let _ = CONNTRACK.remove(key);
+            remove_from(pkt.opening, key);
             true
         }
     }
@@ -306,7 +422,7 @@ fn client_mark_from_answer(key: &CtKey, ct: &CtValue, pkt: &Packet) {
     if pkt.from_uplink || pkt.tcp_flags & TCP_ACK == 0 || pkt.ack == 0 {
         return;
     }
-    let Some((_, forward)) = twin_entry(key, ct) else {
+    let Some((_, forward, _)) = twin_entry(key, ct) else {
         return;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -336,7 +452,7 @@ fn acknowledges_fin(pkt: &Packet, other: &CtValue) -> bool {
 /// flow's last packet, to find. One lookup of the other entry per FIN.
 #[inline(never)]
 fn acknowledge_fin_of_twin(key: &CtKey, ct: &CtValue, pkt: &Packet) {
-    let Some((_, twin)) = twin_entry(key, ct) else {
+    let Some((_, twin, _)) = twin_entry(key, ct) else {
         return;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -354,7 +470,7 @@ fn acknowledge_fin_of_twin(key: &CtKey, ct: &CtValue, pkt: &Packet) {
 /// entry gone) changes nothing. One lookup per flow.
 #[inline(never)]
 fn establish(key: &CtKey, ct: &CtValue, pkt: &Packet) -> bool {
-    let Some((_, twin)) = twin_entry(key, ct) else {
+    let Some((_, twin, _)) = twin_entry_from(pkt.opening, key, ct) else {
         return false;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -537,7 +653,7 @@ fn acknowledges(pkt: &Packet, reply: &CtValue) -> bool {
 /// refusing the connection) closes it.
 #[inline(never)]
 fn reset(key: &CtKey, ct: &mut CtValue, now: u64) {
-    let Some((_, twin)) = twin_entry(key, ct) else {
+    let Some((_, twin, _)) = twin_entry(key, ct) else {
         // No twin (evicted): nothing could translate the other direction.
         close(ct, now);
         return;
@@ -565,7 +681,7 @@ fn reset(key: &CtKey, ct: &mut CtValue, now: u64) {
 #[inline(never)]
 fn reset_answered(key: &CtKey, ct: &mut CtValue) {
     ct.more_flags &= !CT_MORE_RESET;
-    if let Some((_, twin)) = twin_entry(key, ct) {
+    if let Some((_, twin, _)) = twin_entry(key, ct) {
         // SAFETY: a pointer into the map value, valid for this program run.
         unsafe { (*twin).more_flags &= !CT_MORE_RESET };
     }
@@ -577,7 +693,7 @@ fn reset_answered(key: &CtKey, ct: &mut CtValue) {
 /// `acknowledge_fin_of_twin`; at a RST, `reset`).
 #[inline(never)]
 fn after_fin(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) -> Touched {
-    let Some((twin_key, twin)) = twin_entry(key, ct) else {
+    let Some((twin_key, twin, twin_opening)) = twin_entry(key, ct) else {
         // No twin (evicted): nothing could translate the other direction.
         close(ct, now);
         return Touched::Lives;
@@ -595,7 +711,7 @@ fn after_fin(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) -> Touched {
     // evict its live idle ones): the other one now (this packet does not
     // read it), this one once the packet is translated (`Touched::Ended`).
     if ct.more_flags & CT_MORE_FIN_ACKED != 0 && acknowledges_fin(pkt, twin) {
-        let _ = CONNTRACK.remove(twin_key);
+        remove_from(twin_opening, twin_key);
         return Touched::Ended;
     }
     // Else (FINs that crossed, neither acknowledging the other; a FIN's end
@@ -625,7 +741,7 @@ fn past_opening(ct: &CtValue) -> bool {
 /// one forged in the container's name, which cannot know the client's SYN.
 #[inline(never)]
 fn restart_at_syn_ack(key: &CtKey, ct: &mut CtValue, pkt: &Packet, now: u64) {
-    let Some((_, forward)) = twin_entry(key, ct) else {
+    let Some((_, forward, _)) = twin_entry(key, ct) else {
         return;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -682,10 +798,10 @@ fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
     key._pad = 0;
 }
 
-/// Creates both entries of a new flow. Either both exist afterwards or the
-/// flow is not tracked (the caller then passes the packet untouched). On
-/// success, the forward entry as inserted (in scratch memory, valid until
-/// the next `create`).
+/// Creates both entries of a new flow, a TCP one's in the opening table.
+/// Either both exist afterwards or the flow is not tracked (the caller then
+/// passes the packet untouched). On success, the forward entry as inserted
+/// (in scratch memory, valid until the next `create`).
 // Inlined into its one caller, whose values it reuses; the entry itself is
 // built in scratch memory (the stack is limited to 512 bytes).
 #[inline(always)]
@@ -701,10 +817,16 @@ pub(crate) fn create(
     let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
     set_reply_key(key, pkt, nat);
     set_reply_value(value, pkt, service, nat, now);
+    let table = if pkt.proto == IPPROTO_TCP {
+        forget_reply_in_main(key, pkt);
+        &CONNTRACK_OPENING
+    } else {
+        &CONNTRACK
+    };
     // The reply key was checked free (`masquerade_port`); another CPU may
     // have taken it since: never replace a live entry of another flow.
-    if CONNTRACK.insert(&*key, &*value, BPF_NOEXIST).is_err() {
-        if let Some(existing) = lookup(key, now) {
+    if table.insert(&*key, &*value, BPF_NOEXIST).is_err() {
+        if let Some(existing) = live(table, key, now) {
             // SAFETY: a pointer into the map value, valid for this run.
             if !is_reply_of(unsafe { &*existing }, pkt) {
                 return Err(-17);
@@ -712,19 +834,38 @@ pub(crate) fn create(
         }
         // An expired entry, or this very flow's (whose forward entry
         // expired or was evicted alone): replaced.
-        CONNTRACK.insert(&*key, &*value, 0)?;
+        table.insert(&*key, &*value, 0)?;
     }
     set_forward_value(value, pkt, nat);
     set_key(key, pkt);
-    if let Err(error) = CONNTRACK.insert(&*key, &*value, 0) {
+    if let Err(error) = table.insert(&*key, &*value, 0) {
         set_reply_key(key, pkt, nat);
-        let _ = CONNTRACK.remove(&*key);
+        let _ = table.remove(&*key);
         return Err(error);
     }
     if value.flags & CT_FLAG_MASQ != 0 {
         count_masq_flow();
     }
     Ok(&*value)
+}
+
+/// For a TCP flow about to start in the opening table: removes the main
+/// table's entry under its reply key if that is the reply entry of a flow
+/// with the same client port and published address, a flow that lost its
+/// forward entry (evicted, or ended and not yet swept): the packet found no
+/// live forward entry. Left there, it would hide the new flow's reply entry
+/// from the container's packets (the main table is asked first), and the
+/// new flow would never be established. (In one table, `create` replaced
+/// it.)
+// Not inlined: its locals stay out of `start_flow`'s frame.
+#[inline(never)]
+fn forget_reply_in_main(key: &CtKey, pkt: &Packet) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        // SAFETY: a pointer into the map value, valid for this program run.
+        && is_reply_of(unsafe { &*entry }, pkt)
+    {
+        let _ = CONNTRACK.remove(key);
+    }
 }
 
 /// Counts a masqueraded flow whose entries are in the table (see
@@ -834,7 +975,7 @@ pub(crate) fn reopen(
     let same_place = old.flags & (CT_FLAG_MASQ | CT_FLAG_NAT46 | CT_FLAG_REPLY) == 0
         && old.nat_addr == nat.backend
         && old.nat_port == nat.backend_port;
-    if same_place && let Some((_, reply)) = twin_entry(forward_key, old) {
+    if same_place && let Some((_, reply, _)) = twin_entry(forward_key, old) {
         // Another CPU may read the entries meanwhile: the addresses and
         // ports they translate to stay (they are in the keys); only the
         // state, times, interfaces and mapping change. The clock is as read
@@ -861,7 +1002,7 @@ pub(crate) fn reopen(
         old.set_tcp_next(pkt.seq_end);
         return Some(forward);
     }
-    remove(forward_key, old);
+    remove(forward_key, old, pkt.opening);
     None
 }
 
@@ -882,7 +1023,7 @@ pub(crate) fn forget(pkt: &Packet, forward: *mut CtValue) {
     let forward_key = unsafe { &mut (*scratch).flow_key };
     set_key(forward_key, pkt);
     // SAFETY: a pointer into the map value, valid for this program run.
-    remove(forward_key, unsafe { &*forward });
+    remove(forward_key, unsafe { &*forward }, pkt.opening);
 }
 
 /// One entry of a closing flow, made the reopened flow's (`reopen`): its
@@ -983,21 +1124,65 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
 }
 
 /// The other direction's entry of the flow of `key` and `ct`, with its key
-/// (in scratch memory, see `twin_of`), if it is there and is this flow's:
-/// after an eviction another flow may hold its key (the same client port
-/// through another published port to the same container port), and that
-/// flow's entry is not this one's to change or remove.
+/// (in scratch memory, see `twin_of`) and whether it is in the opening
+/// table, if it is there, live, and is this flow's: after an eviction
+/// another flow may hold its key (the same client port through another
+/// published port to the same container port), and that flow's entry is
+/// not this one's to change or remove. Asked of the main table first, then
+/// (TCP) of the opening one: whichever holds this flow's. An expired entry
+/// is not a twin: an ended flow's, not yet swept from the main table, has
+/// the same addresses as a new flow of the same client port in the opening
+/// table, and taken for its twin it would come back to life in its place.
 #[inline(always)]
-fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue)> {
+fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue, bool)> {
     let twin_key = twin_of(key, ct)?;
-    let entry = CONNTRACK.get_ptr_mut(twin_key)?;
+    let now = now();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(twin_key)
+        && pairs(key, ct, entry, now)
+    {
+        return Some((twin_key, entry, false));
+    }
+    if key.proto != IPPROTO_TCP {
+        return None;
+    }
+    let entry = CONNTRACK_OPENING.get_ptr_mut(twin_key)?;
+    pairs(key, ct, entry, now).then_some((twin_key, entry, true))
+}
+
+/// `twin_entry`, asked first of the opening table when the entry of `key`
+/// is there (`opening`): a flow's two entries are in the same table (but
+/// while `promote` moves them), and the main table's miss is saved on the
+/// packets that establish a flow and move it.
+#[inline(always)]
+fn twin_entry_from(
+    opening: bool,
+    key: &CtKey,
+    ct: &CtValue,
+) -> Option<(&'static CtKey, *mut CtValue, bool)> {
+    if opening
+        && let Some(twin_key) = twin_of(key, ct)
+        && let Some(entry) = CONNTRACK_OPENING.get_ptr_mut(twin_key)
+        && pairs(key, ct, entry, now())
+    {
+        return Some((twin_key, entry, true));
+    }
+    twin_entry(key, ct)
+}
+
+/// Whether `entry` is the other entry of the flow of `key` and `ct`, live
+/// at `now`.
+#[inline(always)]
+fn pairs(key: &CtKey, ct: &CtValue, entry: *mut CtValue, now: u64) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run.
     let twin = unsafe { &*entry };
+    if twin.expired(key.proto, now) {
+        return false;
+    }
     // Both entries of a flow have the same masquerade and NAT46 flags
     // (`flow_flags`): a masqueraded reply entry's key for its forward entry
     // is also a plain flow's forward key.
     let same_kind = (twin.flags ^ ct.flags) & (CT_FLAG_MASQ | CT_FLAG_NAT46) == 0;
-    let pairs = same_kind
+    same_kind
         && if ct.flags & CT_FLAG_REPLY == 0 {
             // The reply entry of this client and published address.
             twin.flags & CT_FLAG_REPLY != 0
@@ -1012,8 +1197,7 @@ fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue
                 && twin.nat_port == key.sport
                 && (twin.flags & CT_FLAG_MASQ == 0
                     || (twin.masq_addr == key.daddr && twin.masq_port == key.dport))
-        };
-    pairs.then_some((twin_key, entry))
+        }
 }
 
 /// Whether `ct` is the reply entry of the flow that `pkt` (a forward packet)
@@ -1026,16 +1210,21 @@ pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
         && ct.nat_port == pkt.dport
 }
 
-/// Forgets one entry, under `key`.
-pub(crate) fn remove_entry(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
+/// Forgets one entry, under `key`, of the opening table (`opening`) or the
+/// main one.
+pub(crate) fn remove_entry(key: &CtKey, opening: bool) {
+    remove_from(opening, key);
 }
 
-/// Forgets a flow, given either direction's key and entry (and its other
-/// entry only if that is this flow's, see `twin_entry`).
-pub(crate) fn remove(key: &CtKey, ct: &CtValue) {
-    if let Some((twin, _)) = twin_entry(key, ct) {
-        let _ = CONNTRACK.remove(twin);
+/// Forgets a flow, given either direction's key and entry, in the opening
+/// table (`opening`) or the main one (and its other entry only if that is
+/// this flow's, see `twin_entry`).
+// Inlined: as a call of its own below `reopen`, it made `start_flow`'s
+// chain deeper than 6.1's 512 bytes.
+#[inline(always)]
+pub(crate) fn remove(key: &CtKey, ct: &CtValue, opening: bool) {
+    if let Some((twin, _, twin_opening)) = twin_entry(key, ct) {
+        remove_from(twin_opening, twin);
     }
-    let _ = CONNTRACK.remove(key);
+    remove_from(opening, key);
 }

@@ -68,6 +68,14 @@ pub(crate) static BACKEND_PORTS: Array<u32> =
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(abi::CONNTRACK.max_entries, abi::CONNTRACK.flags);
 
+/// TCP flows until their handshake completes (see `conntrack::promote`).
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(conntrack_opening))]
+pub(crate) static CONNTRACK_OPENING: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(
+    abi::CONNTRACK_OPENING.max_entries,
+    abi::CONNTRACK_OPENING.flags,
+);
+
 /// Datagrams whose first fragment was translated: how to translate the
 /// later ones (see `fragments`).
 #[unsafe(link_section = "maps")]

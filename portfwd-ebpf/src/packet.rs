@@ -102,6 +102,9 @@ pub(crate) struct Packet {
     /// `tc::service::ContainerLink`): a packet in a container's name here
     /// cannot set that container's mark.
     pub from_uplink: bool,
+    /// Its flow's entry is in `CONNTRACK_OPENING` (a TCP flow before its
+    /// handshake completed), not in `CONNTRACK`: set by `conntrack::find`.
+    pub opening: bool,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -299,6 +302,7 @@ fn later_fragment(
         frag_id,
         now: 0,
         from_uplink: false,
+        opening: false,
     })
 }
 
@@ -422,6 +426,7 @@ fn transport(
         frag_id: 0,
         now: 0,
         from_uplink: false,
+        opening: false,
     })
 }
 

@@ -126,7 +126,7 @@ pub(super) fn translate_error<const AT: u8>(ctx: &TcContext) -> Option<i32> {
     key.family = error.family;
     key._pad = 0;
     let now = clock::now();
-    let entry = conntrack::lookup(key, now)?;
+    let entry = conntrack::lookup_any(key, now)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &*entry };
     // A NAT46 flow's error would have to change family with its quote

@@ -48,7 +48,7 @@ pub(super) fn masquerade_port(
     let spread = spread(&pkt.saddr, port);
     for attempt in 1..=8u32 {
         key.dport = port.to_be();
-        match conntrack::lookup(key, now) {
+        match conntrack::lookup_any(key, now) {
             // A hairpin or NAT46 flow's address is the host's own: a host
             // socket may already hold this port towards the container. Not
             // a port for this flow then: its reply entry would take that

@@ -245,8 +245,18 @@ fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
     !is_new_tcp(pkt)
         && lacks_port(&PUBLISHED_PORTS, pkt.proto, u16::from_be(pkt.dport))
         && is_host_address(pkt.family, &pkt.daddr)
-        && (conntrack::holds_no_masq_flow()
-            || (pkt.proto == IPPROTO_TCP && owns_packet(host_socket(ctx, key), pkt.tcp_flags)))
+        && (conntrack::holds_no_masq_flow() || owned_by_host_socket(ctx, pkt, key))
+}
+
+/// Whether a TCP packet from a container to a host address belongs to a
+/// host socket beyond doubt (`owns_packet`).
+// Not inlined: with it, `pf_tc_backend_in` kept the packet's protocol in
+// one more slot of its frame, which starts `start_flow`'s chain, at 6.1's
+// limit (see `tc::flow::start_flow`); the call is paid only while the
+// table may hold a masqueraded flow.
+#[inline(never)]
+fn owned_by_host_socket(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
+    pkt.proto == IPPROTO_TCP && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
 }
 
 /// A packet that matches no tracked flow (`start_flow`), or a SYN that

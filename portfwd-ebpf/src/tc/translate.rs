@@ -3,8 +3,8 @@
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    Addr, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue, FRAGMENT_FLAG_REPLY,
-    ServiceKey, Stat, TRACE_PATH_TC,
+    Addr, CT_FLAG_ESTABLISHED, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
+    FRAGMENT_FLAG_REPLY, ServiceKey, Stat, TRACE_PATH_TC,
 };
 
 use super::service::services_generation;
@@ -79,7 +79,7 @@ pub(super) fn translate_forward(
     let ct = unsafe { &mut *entry };
     let (backend, backend_port) = (ct.nat_addr, ct.nat_port);
     if !still_mapped(ct, &backend, backend_port) {
-        conntrack::remove(key, ct);
+        conntrack::remove(key, ct, pkt.opening);
         count(Stat::FlowStopped);
         trace::stat(ctx, pkt, TRACE_PATH_TC, Stat::FlowStopped);
         // Untouched, the packet reaches the host: a TCP segment gets a
@@ -92,7 +92,13 @@ pub(super) fn translate_forward(
     // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
     let ifindex = if redirect { ct.ifindex } else { 0 };
     let verdict = send_translated(ctx, pkt, ct, ifindex, true);
-    forget_if_ended(key, touched);
+    forget_if_ended(key, touched, pkt.opening);
+    // The client's ACK of the container's answer completed the handshake
+    // (`conntrack::touch` established the flow): the flow moves to the
+    // main table.
+    if pkt.opening && touched == Touched::Lives && ct.flags & CT_FLAG_ESTABLISHED != 0 {
+        conntrack::promote(key, entry, pkt.now);
+    }
     verdict
 }
 
@@ -107,7 +113,7 @@ pub(super) fn translate_reply(
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
     if !still_mapped(ct, &pkt.saddr, pkt.sport) {
-        conntrack::remove(key, ct);
+        conntrack::remove(key, ct, pkt.opening);
         count(Stat::FlowStopped);
         // A reply of a stopped flow would reach the client from the
         // container's own address: drop it (counted above).
@@ -119,7 +125,7 @@ pub(super) fn translate_reply(
         mark_translated(ctx);
     }
     let verdict = send_translated(ctx, pkt, ct, ifindex, false);
-    forget_if_ended(key, touched);
+    forget_if_ended(key, touched, pkt.opening);
     verdict
 }
 
@@ -128,9 +134,9 @@ pub(super) fn translate_reply(
 /// is translated: the entry's memory is the map's, and a removed element
 /// may be reused at once.
 #[inline(always)]
-fn forget_if_ended(key: &CtKey, touched: Touched) {
+fn forget_if_ended(key: &CtKey, touched: Touched, opening: bool) {
     if touched == Touched::Ended {
-        conntrack::remove_entry(key);
+        conntrack::remove_entry(key, opening);
         count(Stat::FlowEnded);
     }
 }

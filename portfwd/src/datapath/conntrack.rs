@@ -2,16 +2,18 @@
 //! (`portfwd conntrack list|flush`, `explain`). The programs keep two
 //! entries per flow (see `portfwd-ebpf/src/conntrack.rs`): the forward one,
 //! keyed by the packet as the client sends it, and the reply one, keyed by
-//! the container's answer. Both carry the mapping's key.
+//! the container's answer. Both carry the mapping's key. A TCP flow's
+//! entries are in `pf_ct_opening` until its handshake completes, then in
+//! `pf_conntrack` (see `TABLES`).
 
 use std::{net::SocketAddr, os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use portfwd_common::{
-    CONNTRACK, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST, CT_FLAG_MASQ,
-    CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue, FAMILY_V4, MASQ_FLOWS,
-    MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, ServiceKey,
+    CONNTRACK, CONNTRACK_OPENING, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_HOST,
+    CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CT_MORE_RESET, CtKey, CtValue, FAMILY_V4,
+    MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, MapDef, ServiceKey,
 };
 use serde::Serialize;
 
@@ -77,9 +79,32 @@ impl FlowState {
     }
 }
 
-fn open(pin_dir: &Path) -> Result<HashMap<MapData, CtKey, CtValue>> {
-    HashMap::try_from(Map::LruHashMap(open_pin(pin_dir, CONNTRACK.name)?))
+/// The tables of tracked flows: TCP flows before their handshake completes,
+/// and established ones (and UDP). In this order: a flow moves only from
+/// the first to the second (inserted there before it is removed here), so
+/// a sweep that reads them in turn sees every flow at least once (its
+/// masqueraded flows among them, see `sweep_expired`).
+const TABLES: [MapDef; 2] = [CONNTRACK_OPENING, CONNTRACK];
+
+fn open(pin_dir: &Path, table: &MapDef) -> Result<HashMap<MapData, CtKey, CtValue>> {
+    HashMap::try_from(Map::LruHashMap(open_pin(pin_dir, table.name)?))
         .context("the conntrack map has an unexpected layout (built by another portfwd version?)")
+}
+
+/// The tables pinned under `pin_dir`. The main one must be (opening it
+/// fails otherwise); the opening one is missing while the programs of a
+/// build before it run (they keep every flow in the main one).
+fn present_tables(pin_dir: &Path) -> impl Iterator<Item = &'static MapDef> {
+    TABLES
+        .iter()
+        .filter(move |table| table.name == CONNTRACK.name || pin_dir.join(table.name).exists())
+}
+
+/// Each table of `present_tables`, opened.
+pub(super) fn open_tables(pin_dir: &Path) -> Result<Vec<HashMap<MapData, CtKey, CtValue>>> {
+    present_tables(pin_dir)
+        .map(|table| open(pin_dir, table))
+        .collect()
 }
 
 /// The map pinned under `pin_dir` as `name`.
@@ -161,9 +186,12 @@ fn entries(map: &HashMap<MapData, CtKey, CtValue>) -> Result<Vec<(CtKey, CtValue
 
 /// The live flows, oldest activity last.
 pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
-    let map = open(pin_dir)?;
+    let mut entries = Vec::new();
+    for table in open_tables(pin_dir)? {
+        entries.extend(all_entries(&table)?);
+    }
     let now = monotonic_now();
-    let mut flows: Vec<Flow> = all_entries(&map)?
+    let mut flows: Vec<Flow> = entries
         .into_iter()
         // Reply entries are the other half of a listed flow; host entries
         // (`CT_FLAG_HOST`) mark the host's own NAT, not a flow of a mapping.
@@ -195,15 +223,37 @@ pub(crate) fn flows(pin_dir: &Path) -> Result<Vec<Flow>> {
 /// the count after which there were none. A flow started meanwhile has
 /// changed the count, and the mark does not hold. One seen clears the
 /// mark, in case a program that does not count them (an earlier version's,
-/// during an upgrade) made it.
+/// during an upgrade) made it. Both tables are swept (a masqueraded flow
+/// may be opening).
 pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<usize> {
-    let reader = open(pin_dir)?;
-    let mut writer = open(pin_dir)?;
     // Without the map (pinned by a build before it), the pass only sweeps.
     let mut masq_flows = open_masq_flows(pin_dir).ok();
     let started = masq_flows
         .as_ref()
         .and_then(|map| map.get(&MASQ_FLOWS_STARTED, 0).ok());
+    let mut masq_seen = false;
+    let mut removed = 0;
+    for table in present_tables(pin_dir) {
+        let (seen, swept) = sweep_table(pin_dir, table, &mut pause)?;
+        masq_seen |= seen;
+        removed += swept;
+    }
+    if let (Some(map), Some(started)) = (masq_flows.as_mut(), started) {
+        let none_after = if masq_seen {
+            0
+        } else {
+            started.wrapping_add(1)
+        };
+        map.set(MASQ_FLOWS_NONE_AFTER, none_after, 0)?;
+    }
+    Ok(removed)
+}
+
+/// One table's sweep (see `sweep_expired`): whether it holds a
+/// masqueraded flow, and how many entries it removed.
+fn sweep_table(pin_dir: &Path, table: &MapDef, mut pause: impl FnMut()) -> Result<(bool, usize)> {
+    let reader = open(pin_dir, table)?;
+    let mut writer = open(pin_dir, table)?;
     let mut masq_seen = false;
     let mut removed = 0;
     let mut sweep = |keys: &[CtKey], values: &[CtValue]| {
@@ -230,15 +280,7 @@ pub(crate) fn sweep_expired(pin_dir: &Path, mut pause: impl FnMut()) -> Result<u
             sweep(&keys, &values);
         }
     }
-    if let (Some(map), Some(started)) = (masq_flows.as_mut(), started) {
-        let none_after = if masq_seen {
-            0
-        } else {
-            started.wrapping_add(1)
-        };
-        map.set(MASQ_FLOWS_NONE_AFTER, none_after, 0)?;
-    }
-    Ok(removed)
+    Ok((masq_seen, removed))
 }
 
 fn open_masq_flows(pin_dir: &Path) -> Result<Array<MapData, u64>> {
@@ -298,17 +340,18 @@ pub(crate) fn forget_flows(
     pin_dir: &Path,
     selected: impl Fn(&ServiceKey) -> bool,
 ) -> Result<usize> {
-    let mut map = open(pin_dir)?;
-    let doomed: Vec<(CtKey, bool)> = all_entries(&map)?
-        .into_iter()
-        .filter(|(_, value)| selected(&value.service))
-        .map(|(key, value)| (key, value.flags & CT_FLAG_REPLY == 0))
-        .collect();
     let mut flows = 0;
-    for (key, forward) in doomed {
-        // Gone already (the programs, or LRU eviction): nothing to do.
-        if map.remove(&key).is_ok() && forward {
-            flows += 1;
+    for mut map in open_tables(pin_dir)? {
+        let doomed: Vec<(CtKey, bool)> = all_entries(&map)?
+            .into_iter()
+            .filter(|(_, value)| selected(&value.service))
+            .map(|(key, value)| (key, value.flags & CT_FLAG_REPLY == 0))
+            .collect();
+        for (key, forward) in doomed {
+            // Gone already (the programs, or LRU eviction): nothing to do.
+            if map.remove(&key).is_ok() && forward {
+                flows += 1;
+            }
         }
     }
     Ok(flows)

@@ -23,18 +23,14 @@
 
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
-use anyhow::{Context, Result};
-use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, Map, MapData},
-};
-use portfwd_common::{
-    CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue, ProgramDef, ServiceKey, UPLINK_PROGRAMS,
-};
+use anyhow::Result;
+use aya::Ebpf;
+use portfwd_common::{CT_FLAG_REPLY, CtKey, CtValue, ProgramDef, ServiceKey, UPLINK_PROGRAMS};
 
 use super::{
     PinnedMaps, StateLock,
     backend::prepare_backend_path_with,
+    conntrack,
     install::check_uplink,
     link_bits,
     links::{attach_tc, tc_attachments, tcx_link_ifindex, unpin_links_in},
@@ -301,11 +297,6 @@ pub(crate) fn follow_host(
 /// whole while the programs may touch them: a lost timestamp refresh at
 /// worst, on flows that were broken anyway.
 fn follow_flows(pin_dir: &Path) -> Result<usize> {
-    let path = pin_dir.join(CONNTRACK.name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut conntrack: BpfHashMap<MapData, CtKey, CtValue> =
-        BpfHashMap::try_from(Map::LruHashMap(data))
-            .context("the conntrack map has an unexpected layout")?;
     let maps = PinnedMaps::open_unlocked(pin_dir)?;
     let mut alive: HashMap<u32, bool> = HashMap::new();
     let mut mapped: HashMap<ServiceKey, Option<u32>> = HashMap::new();
@@ -314,31 +305,34 @@ fn follow_flows(pin_dir: &Path) -> Result<usize> {
             .entry(ifindex)
             .or_insert_with(|| netlink::ifname(ifindex).is_ok())
     };
-    let stale: Vec<(CtKey, CtValue, u32)> = conntrack
-        .iter()
-        .filter_map(Result::ok)
-        .filter_map(|(key, value)| {
-            let wanted = if value.flags & CT_FLAG_REPLY != 0 {
-                if value.ifindex == 0 || is_alive(value.ifindex) {
-                    return None;
-                }
-                0
-            } else {
-                // A mapping removed meanwhile ends the flow at its next packet.
-                (*mapped
-                    .entry(value.service)
-                    .or_insert_with(|| maps.service_ifindex(&value.service)))?
-            };
-            (wanted != value.ifindex).then_some((key, value, wanted))
-        })
-        .collect();
     let mut redirected = 0;
-    for (key, mut value, ifindex) in stale {
-        value.ifindex = ifindex;
-        // BPF_EXIST: a flow that ended meanwhile stays ended.
-        const EXIST: u64 = 2;
-        if conntrack.insert(key, value, EXIST).is_ok() {
-            redirected += 1;
+    for mut conntrack in conntrack::open_tables(pin_dir)? {
+        let stale: Vec<(CtKey, CtValue, u32)> = conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, value)| {
+                let wanted = if value.flags & CT_FLAG_REPLY != 0 {
+                    if value.ifindex == 0 || is_alive(value.ifindex) {
+                        return None;
+                    }
+                    0
+                } else {
+                    // A mapping removed meanwhile ends the flow at its next
+                    // packet.
+                    (*mapped
+                        .entry(value.service)
+                        .or_insert_with(|| maps.service_ifindex(&value.service)))?
+                };
+                (wanted != value.ifindex).then_some((key, value, wanted))
+            })
+            .collect();
+        for (key, mut value, ifindex) in stale {
+            value.ifindex = ifindex;
+            // BPF_EXIST: a flow that ended meanwhile stays ended.
+            const EXIST: u64 = 2;
+            if conntrack.insert(key, value, EXIST).is_ok() {
+                redirected += 1;
+            }
         }
     }
     Ok(redirected)

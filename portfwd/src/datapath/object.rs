@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
-use portfwd_common::{CONNTRACK, COUNTERS, MAPS, SERVICES};
+use portfwd_common::{CONNTRACK, CONNTRACK_OPENING, COUNTERS, MAPS, SERVICES, opening_flows};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 pub(super) static OBJECT: &[u8] =
@@ -31,6 +31,7 @@ impl Sizes {
             // fixed array, backed by each socket's own storage: nothing to
             // size.)
             out.push((CONNTRACK.name, n.saturating_mul(2)));
+            out.push((CONNTRACK_OPENING.name, opening_flows(n).saturating_mul(2)));
         }
         out
     }
@@ -43,6 +44,11 @@ pub(crate) fn load(pin_dir: &Path, sizes: Sizes) -> Result<Ebpf> {
     for (name, max_entries) in sizes.overrides() {
         loader.map_max_entries(name, max_entries);
     }
+    // An opening table created beside a pinned main table (an upgrade from
+    // a build without it) is sized from that table, which keeps its size.
+    if let Some(entries) = opening_entries_beside(pin_dir) {
+        loader.map_max_entries(CONNTRACK_OPENING.name, entries);
+    }
     let paths: Vec<(&str, PathBuf)> = MAPS
         .iter()
         .map(|map| (map.name, pin_dir.join(map.name)))
@@ -53,6 +59,19 @@ pub(crate) fn load(pin_dir: &Path, sizes: Sizes) -> Result<Ebpf> {
     loader.load(OBJECT).context(
         "loading portfwd's eBPF object (a map pinned by another portfwd version with a different layout? `portfwd down` removes it)",
     )
+}
+
+/// The size of an opening table to create beside the main conntrack table
+/// pinned under `pin_dir` (a quarter of its flows, see `opening_flows`);
+/// None when the main table is not pinned (both are created as asked) or
+/// the opening one is (it keeps its size).
+fn opening_entries_beside(pin_dir: &Path) -> Option<u32> {
+    if pin_dir.join(CONNTRACK_OPENING.name).exists() {
+        return None;
+    }
+    let main = MapData::from_pin(pin_dir.join(CONNTRACK.name)).ok()?;
+    let flows = main.info().ok()?.max_entries() / 2;
+    Some(opening_flows(flows).saturating_mul(2))
 }
 
 /// Refuses to mix this build with maps pinned by a build whose layout

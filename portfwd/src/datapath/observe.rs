@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use portfwd_common::{
-    CONNTRACK, CtKey, CtValue, FRAGMENTS, FragmentKey, FragmentValue, LOCAL_ADDRS, LocalAddrKey,
-    MapDef, MapKind, SERVICES, ServiceKey, ServiceValue,
+    CONNTRACK, CONNTRACK_OPENING, CtKey, CtValue, FRAGMENTS, FragmentKey, FragmentValue,
+    LOCAL_ADDRS, LocalAddrKey, MapDef, MapKind, SERVICES, ServiceKey, ServiceValue,
 };
 
 use crate::instance;
@@ -36,12 +36,17 @@ pub(crate) struct MapFill {
 /// (arrays are always full, per-CPU counters follow the mappings, and
 /// socket storage lives and dies with the sockets).
 pub(crate) fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
-    Ok(vec![
+    let mut fills = vec![
         fill::<ServiceKey, ServiceValue>(pin_dir, &SERVICES)?,
         fill::<LocalAddrKey, u8>(pin_dir, &LOCAL_ADDRS)?,
         fill::<CtKey, CtValue>(pin_dir, &CONNTRACK)?,
         fill::<FragmentKey, FragmentValue>(pin_dir, &FRAGMENTS)?,
-    ])
+    ];
+    // Not pinned while the programs of a build before it run.
+    if pin_dir.join(CONNTRACK_OPENING.name).exists() {
+        fills.insert(3, fill::<CtKey, CtValue>(pin_dir, &CONNTRACK_OPENING)?);
+    }
+    Ok(fills)
 }
 
 /// Counts the keys of one pinned hash map: one `BPF_MAP_GET_NEXT_KEY` per

@@ -8,15 +8,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, MapData};
 use etherparse::Ipv4Header;
 use portfwd_common::{
-    CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_FIN,
-    CT_FLAG_REPLY, FRAGMENTS, FragmentKey, FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
+    CONNTRACK, CONNTRACK_OPENING, CONTAINER_LINKS, CT_FLAG_ANSWERED, CT_FLAG_CLOSING,
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN, CT_FLAG_REPLY, CT_MORE_RESET, FRAGMENTS, FragmentKey,
+    FragmentValue, PEER_LINKS, Stat, TRANSLATED_MARK,
 };
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CLIENT_V6, CTR_V4, CTR_V6, Case, DROP, Failures, HOST_V4, HOST_V6, L4,
     NEXT, OTHER_CTR_V4, REDIRECT, SEQ, SKB_CTX_LEN, TCP_ACK, TCP_FIN, TCP_RST, TO_STACK, Tc,
     UPLINK_IN, UPLINK_OUT, as_fragment, at, can_run, change_entries, check_table, conntrack_flags,
-    conntrack_of, edit_ipv4_header, frame, gso_ctx, ingress_ctx, mapping, segment, skb_ctx,
+    edit_ipv4_header, flags_in, frame, gso_ctx, ingress_ctx, mapping, of_every_entry,
+    remove_entries, segment, skb_ctx,
 };
 use crate::model::{Allowlist, Mapping, Protocol, Refuse};
 
@@ -1094,6 +1096,155 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
     assert_eq!(established(&tc), 2, "confirmed: {:?}", conntrack_flags(&tc));
 }
 
+/// A TCP flow waits for its handshake in the opening table, both entries,
+/// and moves to the main one at the client's ACK that establishes it,
+/// which is translated as before; its later packets are translated from
+/// there. A UDP flow starts in the main one. So a SYN flood, whose flows
+/// never establish, churns the opening table alone (end to end:
+/// `hostile::a_syn_flood_evicts_no_established_flow`).
+#[test]
+fn a_tcp_flow_moves_to_the_main_table_when_established() {
+    let Some(tc) = Tc::load_with(
+        "a_tcp_flow_moves_to_the_main_table_when_established",
+        &published(),
+    ) else {
+        return;
+    };
+    let (dialed, container, client) = (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40054));
+    // (entries in the main table, entries in the opening table)
+    let tables = |tc: &Tc| {
+        (
+            flags_in(tc, CONNTRACK.name).len(),
+            flags_in(tc, CONNTRACK_OPENING.name).len(),
+        )
+    };
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
+    assert_eq!(tables(&tc), (0, 2), "after the SYN");
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(dialed, client, L4::Ack),
+        "the container's answer is translated"
+    );
+    assert_eq!(tables(&tc), (0, 2), "answered");
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "the establishing ACK is translated"
+    );
+    assert_eq!(tables(&tc), (2, 0), "established");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0)
+            .1,
+        frame(dialed, client, L4::Ack),
+        "a later answer is translated from the main table"
+    );
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "a later packet of the client's too"
+    );
+    let udp_client = at(CLIENT_V4, 40055);
+    tc.run_marked(UPLINK_IN, &frame(udp_client, at(HOST_V4, 5353), L4::Udp), 0);
+    assert_eq!(tables(&tc), (4, 0), "a UDP flow");
+}
+
+/// Opens a flow from `client` through the first TCP mapping and
+/// establishes it (SYN, the container's answer, the client's ACK), which
+/// moves it to the main table; the tables' entry counts after, (main,
+/// opening).
+fn establish_flow(tc: &Tc, client: SocketAddr) -> (usize, usize) {
+    let (dialed, container) = (at(HOST_V4, 8080), at(CTR_V4, 80));
+    tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
+    tc.run_marked(BACKEND_IN, &frame(container, client, L4::Ack), 0);
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Ack), 0)
+            .1,
+        frame(client, container, L4::Ack),
+        "the establishing ACK is translated"
+    );
+    (
+        flags_in(tc, CONNTRACK.name).len(),
+        flags_in(tc, CONNTRACK_OPENING.name).len(),
+    )
+}
+
+/// A client that reuses its port after its flow ended, before the sweep
+/// removed the ended flow's entries from the main table: the new flow
+/// starts in the opening table under the same keys, and its SYN sent again
+/// asks for its twin. Before, the main table's ended reply entry, which
+/// pairs with it, was taken for the twin and came back to life in the new
+/// reply entry's place: the container's answer went to it, the new flow
+/// was never established, and it ran on the ended flow's entries and
+/// marks.
+#[test]
+fn a_port_reused_before_the_sweep_opens_a_flow_of_its_own() {
+    let Some(mut tc) = Tc::load_with(
+        "a_port_reused_before_the_sweep_opens_a_flow_of_its_own",
+        &published(),
+    ) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40056);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the first flow");
+    // Ended: marked by a reset 20 s ago (it ends after 10 s), not swept.
+    change_entries(&mut tc, |value| {
+        value.more_flags |= CT_MORE_RESET;
+        value.last_seen_ns -= 20_000_000_000;
+    });
+    // The new flow's SYN, twice (the second asks for its twin).
+    tc.run_marked(UPLINK_IN, &frame(client, at(HOST_V4, 8080), L4::Syn), 0);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the new flow");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
+    assert_eq!(
+        of_every_entry(&tc, |value| value.more_flags & CT_MORE_RESET),
+        [0, 0],
+        "the ended flow's reset mark is gone with it"
+    );
+}
+
+/// A flow whose forward entry was evicted alone, and whose client then
+/// opens a new flow from the same port: the new flow starts in the opening
+/// table, and the main table's reply entry of the old one, which pairs with
+/// it, goes (in one table, the new flow's insertion replaced it). Before, it
+/// stayed, and the container's answers went to it, asked first: the new
+/// flow was never established, and ended at the SYN timeout.
+#[test]
+fn a_reply_entry_left_alone_gives_way_to_the_new_flow() {
+    let Some(mut tc) = Tc::load_with(
+        "a_reply_entry_left_alone_gives_way_to_the_new_flow",
+        &published(),
+    ) else {
+        return;
+    };
+    let client = at(CLIENT_V4, 40057);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the first flow");
+    remove_entries(&mut tc, |_, value| value.flags & CT_FLAG_REPLY == 0);
+    assert_eq!(establish_flow(&tc, client), (2, 0), "the new flow");
+    assert!(
+        flags_in(&tc, CONNTRACK.name)
+            .iter()
+            .all(|flags| flags & CT_FLAG_ESTABLISHED != 0),
+        "{:?}",
+        flags_in(&tc, CONNTRACK.name)
+    );
+}
+
 /// The reply entry's establishment is another CPU's write (`establish`),
 /// which the container's own update of the entry, userspace rewriting it or
 /// a program of the build before (during an upgrade) can lose: then the
@@ -1327,23 +1478,6 @@ fn two_ports_to_one_container() -> (Tc, [SocketAddr; 2], SocketAddr) {
 /// Removes every reply entry from conntrack, as evictions may.
 fn remove_reply_entries(tc: &mut Tc) {
     remove_entries(tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
-}
-
-/// Removes the conntrack entries that `which` picks, as evictions may.
-fn remove_entries(
-    tc: &mut Tc,
-    which: impl Fn(&portfwd_common::CtKey, &portfwd_common::CtValue) -> bool,
-) {
-    let mut map = conntrack_of(tc);
-    let picked: Vec<_> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, value)| which(key, value))
-        .map(|(key, _)| key)
-        .collect();
-    for key in picked {
-        map.remove(&key).unwrap();
-    }
 }
 
 /// The source port of a TCP frame.

@@ -16,8 +16,8 @@ use portfwd_common::{
 
 use super::tc_fixture::{
     BACKEND_IN, CLIENT_V4, CTR_V4, DROP, HOST_V4, OTHER_CTR_V4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, conntrack_of, mapping,
-    of_every_entry, segment,
+    TO_STACK, Tc, UPLINK_IN, at, change_entries, conntrack_flags, mapping, of_every_entry,
+    remove_entries, segment,
 };
 use crate::model::{Mapping, Protocol};
 
@@ -980,14 +980,7 @@ fn a_reset_without_the_other_entry_closes_and_after_a_fin_marks() {
     };
     let client = at(CLIENT_V4, 40084);
     exchanged(&tc, client);
-    let mut map = conntrack_of(&mut tc);
-    let replies: Vec<_> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, value)| value.flags & CT_FLAG_REPLY != 0)
-        .map(|(key, _)| key)
-        .collect();
-    replies.iter().for_each(|key| map.remove(key).unwrap());
+    remove_entries(&mut tc, |_, value| value.flags & CT_FLAG_REPLY != 0);
     client_reset(&tc, client, CLIENT_AFTER);
     assert_eq!(
         of_every_entry(&tc, |value| (

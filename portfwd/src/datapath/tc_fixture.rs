@@ -23,10 +23,10 @@ use aya::{
 };
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
 use portfwd_common::{
-    ALLOW, Addr, AllowKey, BACKEND_PROGRAMS, CONNTRACK, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    LOCAL_ADDR_BITS, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER,
-    MASQ_FLOWS_STARTED, MapDef, NAT46_SRC, PUBLISHED_PORTS, SERVICES, SERVICES_GEN, STATS,
-    ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
+    ALLOW, Addr, AllowKey, BACKEND_PORTS, BACKEND_PROGRAMS, CONNTRACK, CONNTRACK_OPENING, CtKey,
+    CtValue, FAMILY_V4, FAMILY_V6, LOCAL_ADDR_BITS, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS,
+    MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, MapDef, NAT46_SRC, PUBLISHED_PORTS, SERVICES,
+    SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
 };
 
 use super::{link_bits::set_listed, maps::set_bits, object::OBJECT};
@@ -466,16 +466,25 @@ pub(super) fn record_host_address(ebpf: &mut Ebpf, ip: IpAddr) {
     }
 }
 
-/// Adds (or replaces) `mappings` in `ebpf`'s services map, each port's bit
-/// in the published-ports bitmap first, as userspace does (`Maps`); no
-/// bitmap in an object without the map (`bench --prog --against` an older
-/// build).
+/// Adds (or replaces) `mappings` in `ebpf`'s services map, each host
+/// port's bit in the published-ports bitmap and each container port's in
+/// the backend-ports bitmap first, as userspace does (`Maps`); no bitmap in
+/// an object without the map (`bench --prog --against` an older build).
 pub(super) fn insert_services(ebpf: &mut Ebpf, mappings: &[Mapping]) {
-    if let Some(map) = ebpf.map_mut(PUBLISHED_PORTS.name) {
+    for (bitmap, port_of) in [
+        (
+            PUBLISHED_PORTS.name,
+            (|m: &Mapping| m.host.port()) as fn(&Mapping) -> u16,
+        ),
+        (BACKEND_PORTS.name, |m: &Mapping| m.container.port()),
+    ] {
+        let Some(map) = ebpf.map_mut(bitmap) else {
+            continue;
+        };
         let mut bitmap: Array<&mut MapData, u32> = Array::try_from(map).unwrap();
         let mut bits = BTreeMap::new();
         for mapping in mappings {
-            let (word, bit) = port_bit(mapping.key().proto, mapping.host.port());
+            let (word, bit) = port_bit(mapping.key().proto, port_of(mapping));
             *bits.entry(word).or_default() |= bit;
         }
         set_bits(&mut bitmap, bits).unwrap();
@@ -573,35 +582,71 @@ impl Failures {
     }
 }
 
-/// The conntrack map of `tc`, to change by hand.
-pub(super) fn conntrack_of(tc: &mut Tc) -> HashMap<&mut MapData, CtKey, CtValue> {
-    let map = tc
-        .ebpf_mut()
-        .map_mut(CONNTRACK.name)
-        .expect("the conntrack map");
+/// The conntrack tables: established flows (and UDP), and TCP flows
+/// before their handshake completes.
+const TABLES: [&str; 2] = [CONNTRACK.name, CONNTRACK_OPENING.name];
+
+/// The conntrack table `name` of `tc`, to change by hand.
+fn conntrack_of<'a>(tc: &'a mut Tc, name: &str) -> HashMap<&'a mut MapData, CtKey, CtValue> {
+    let map = tc.ebpf_mut().map_mut(name).expect("the conntrack map");
     HashMap::try_from(map).unwrap()
+}
+
+/// Removes the conntrack entries (of either table) that `which` picks, as
+/// evictions may.
+pub(super) fn remove_entries(tc: &mut Tc, which: impl Fn(&CtKey, &CtValue) -> bool) {
+    for name in TABLES {
+        let mut map = conntrack_of(tc, name);
+        let picked: Vec<_> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| which(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in picked {
+            map.remove(&key).unwrap();
+        }
+    }
 }
 
 /// Rewrites every conntrack entry with `change`, as a lost update or
 /// another CPU's write may leave it.
 pub(super) fn change_entries(tc: &mut Tc, change: impl Fn(&mut CtValue)) {
-    let mut map = conntrack_of(tc);
-    let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
-    for (key, mut value) in entries {
-        change(&mut value);
-        map.insert(key, value, 0).unwrap();
+    for name in TABLES {
+        let mut map = conntrack_of(tc, name);
+        let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
+        for (key, mut value) in entries {
+            change(&mut value);
+            map.insert(key, value, 0).unwrap();
+        }
     }
 }
 
-/// A field of every conntrack entry, sorted.
-pub(super) fn of_every_entry<T: Ord>(tc: &Tc, field: impl Fn(&CtValue) -> T) -> Vec<T> {
-    let map = tc.ebpf().map(CONNTRACK.name).expect("the conntrack map");
+/// The flags of every entry of the conntrack table `name`, sorted.
+pub(super) fn flags_in(tc: &Tc, name: &str) -> Vec<u8> {
+    let map = tc.ebpf().map(name).expect("the conntrack map");
     let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
-    let mut values: Vec<T> = map
+    let mut flags: Vec<u8> = map
         .iter()
         .filter_map(Result::ok)
-        .map(|(_, value)| field(&value))
+        .map(|(_, value)| value.flags)
         .collect();
+    flags.sort_unstable();
+    flags
+}
+
+/// A field of every conntrack entry (of either table), sorted.
+pub(super) fn of_every_entry<T: Ord>(tc: &Tc, field: impl Fn(&CtValue) -> T) -> Vec<T> {
+    let mut values = Vec::new();
+    for name in TABLES {
+        let map = tc.ebpf().map(name).expect("the conntrack map");
+        let map: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+        values.extend(
+            map.iter()
+                .filter_map(Result::ok)
+                .map(|(_, value)| field(&value)),
+        );
+    }
     values.sort_unstable();
     values
 }

@@ -42,6 +42,22 @@ pub(crate) fn pinned_lru_hash<K: aya::Pod, V: aya::Pod>(
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
 }
 
+/// Every entry of the running instance's conntrack, both tables
+/// (established flows and UDP in `pf_conntrack`, TCP flows before their
+/// handshake completes in `pf_ct_opening`).
+pub(crate) fn conntrack_entries() -> Vec<(portfwd_common::CtKey, portfwd_common::CtValue)> {
+    use portfwd_common::{CONNTRACK, CONNTRACK_OPENING, CtKey, CtValue};
+    [CONNTRACK, CONNTRACK_OPENING]
+        .iter()
+        .flat_map(|table| {
+            pinned_lru_hash::<CtKey, CtValue>(table)
+                .iter()
+                .filter_map(Result::ok)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Whether the running instance's `pf_container_link_bits` lists the
 /// interface of index `ifindex` (an interface towards containers).
 pub(crate) fn container_link_listed(ifindex: u32) -> bool {
