@@ -105,6 +105,16 @@ pub(crate) struct Packet {
     /// Its flow's entry is in `CONNTRACK_OPENING` (a TCP flow before its
     /// handshake completed), not in `CONNTRACK`: set by `conntrack::find`.
     pub opening: bool,
+    /// A client's packet of a tracked flow: all ones when it may be
+    /// redirected to its flow's interface, 0 when it goes to the stack
+    /// (`tc::fragmented_by_stack`); `translate_forward` masks the entry's
+    /// interface with it. A mask read from memory, not a bool argument:
+    /// with the interface 0 on one path and read from the entry on the
+    /// other, 6.1's verifier pruned the second path as the first and then
+    /// removed the redirect after a NAT46 rewrite as dead code (every
+    /// NAT46 packet after the SYN went to the stack). Read from memory, the
+    /// verifier knows the value on no path.
+    pub redirect_mask: u32,
 }
 
 /// Not a fragment (or an IPv6 "atomic" fragment, offset 0 and no more).
@@ -303,6 +313,7 @@ fn later_fragment(
         now: 0,
         from_uplink: false,
         opening: false,
+        redirect_mask: 0,
     })
 }
 
@@ -427,6 +438,7 @@ fn transport(
         now: 0,
         from_uplink: false,
         opening: false,
+        redirect_mask: 0,
     })
 }
 

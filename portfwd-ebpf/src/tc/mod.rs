@@ -166,7 +166,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // SAFETY (all three reads): a pointer into the map value, valid
         // for this program run.
         let ifindex = unsafe { (*entry).ifindex };
-        let mut redirect = true;
+        pkt.redirect_mask = u32::MAX;
         if ifindex != 0
             && pkt.len > TOO_BIG_CHECKED_FROM
             && let Some(verdict) = reply::too_big(ctx, pkt, path, ifindex)
@@ -174,15 +174,17 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             if verdict != reply::FRAGMENT {
                 return verdict;
             }
-            redirect = !fragmented_by_stack(ctx, pkt, unsafe { (*entry).flags }, path);
+            if fragmented_by_stack(ctx, pkt, unsafe { (*entry).flags }, path) {
+                pkt.redirect_mask = 0;
+            }
         }
         if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
-            if !redirect {
+            if pkt.redirect_mask == 0 {
                 return NEXT;
             }
             return translate_reply(ctx, pkt, key, entry, true);
         }
-        return translate_forward(ctx, pkt, key, entry, redirect);
+        return translate_forward(ctx, pkt, key, entry);
     }
     new_flow(ctx, pkt, path, from_containers, ptr::null_mut())
 }

@@ -73,7 +73,6 @@ pub(super) fn translate_forward(
     pkt: &Packet,
     key: &CtKey,
     entry: *mut CtValue,
-    redirect: bool,
 ) -> i32 {
     // SAFETY: a pointer into the map value, valid for this program run.
     let ct = unsafe { &mut *entry };
@@ -90,7 +89,7 @@ pub(super) fn translate_forward(
     }
     let touched = conntrack::touch(key, entry, pkt, pkt.now);
     // Not redirected: to the stack, which fragments it (`fragmented_by_stack`).
-    let ifindex = if redirect { ct.ifindex } else { 0 };
+    let ifindex = ct.ifindex & pkt.redirect_mask;
     let verdict = send_translated(ctx, pkt, ct, ifindex, true);
     forget_if_ended(key, touched, pkt.opening);
     // The client's ACK of the container's answer completed the handshake
