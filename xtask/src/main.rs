@@ -7,6 +7,7 @@ mod fuzz;
 mod interrupt;
 mod setup;
 mod test;
+mod verifier_diff;
 mod vm;
 
 use std::ffi::OsString;
@@ -55,6 +56,13 @@ enum Cmd {
     },
     /// Walk through portfwd on a throwaway network namespace (needs root).
     Demo,
+    /// Load the TC programs here and on another kernel (in a VM, as `test --kernel`), and
+    /// report the conditional jumps that kernel's verifier removed and this one's kept.
+    VerifierDiff {
+        /// The other kernel's series, installed from Debian's packages.
+        #[arg(long, value_name = "SERIES", default_value = vm::DEFAULT_KERNEL)]
+        kernel: String,
+    },
     /// Fuzz the parsers (cargo-fuzz on nightly), each target for a bounded time.
     Fuzz(fuzz::Args),
     /// Compare portfwd with direct routing, iptables, nftables and docker-proxy (needs root).
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
         Cmd::Build { release } => build::build(release).map(|_| ()),
         Cmd::Test { kernel, args } => test::test(kernel.as_deref(), &args),
         Cmd::Demo => demo::demo(),
+        Cmd::VerifierDiff { kernel } => verifier_diff::verifier_diff(&kernel),
         Cmd::Fuzz(args) => fuzz::fuzz(args),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::BenchTool { tool } => bench::run_tool(tool),

@@ -340,7 +340,7 @@ pub(crate) fn test_kernel(series: &str, obj: &Path) -> Result<()> {
 /// The newest Debian `linux-image-<series>.*-amd64-unsigned` kernel in
 /// /boot, installed (with QEMU and virtme-ng) when missing. The `-cloud-`
 /// flavour lacks the 9p module virtme-ng needs; `-rt-` is not what hosts run.
-fn install(series: &str, log: &Path) -> Result<PathBuf> {
+pub(crate) fn install(series: &str, log: &Path) -> Result<PathBuf> {
     let mut debs: Vec<String> = Vec::new();
     if !succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
         debs.push("qemu-system-x86".into());
