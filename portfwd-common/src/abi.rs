@@ -210,11 +210,13 @@ pub const CONNTRACK: MapDef = map(
     size::<CtValue>(),
     2 * 262_144,
 );
-/// TCP flows before their handshake completes (the client's ACK of the
-/// container's answer), two entries each, as in `CONNTRACK`, into which
-/// they then move. A SYN flood churns this table alone: the established
-/// flows' table evicts only for flows that completed a handshake, as
-/// netfilter's, when full, drops only unassured entries. A quarter of
+/// Flows before their client shows it receives the container's packets
+/// (TCP: the client's ACK of the container's answer completes the
+/// handshake; UDP: the client's datagram after the container's answer),
+/// two entries each, as in `CONNTRACK`, into which they then move. A flood
+/// from spoofed sources churns this table alone: the established flows'
+/// table evicts only for flows that passed that test, as netfilter's, when
+/// full, drops only unassured entries. A quarter of
 /// `CONNTRACK`'s flows, at least `OPENING_MIN_FLOWS` (`opening_flows`).
 pub const CONNTRACK_OPENING: MapDef = map(
     map_name!(conntrack_opening),

@@ -146,7 +146,9 @@ pub const CT_FLAG_NAT46: u8 = 64;
 /// packet): the client's next packet establishes the flow. A client's ACK
 /// before any answer (sent blind, by a spoofed source) establishes
 /// nothing. (Entries of builds before this flag have `CT_FLAG_ESTABLISHED`
-/// on an answered reply entry, which counts as answered.)
+/// on an answered reply entry, which counts as answered.) UDP: both
+/// entries of a flow the container answered while it was in the opening
+/// table; the client's next datagram moves it to the main one.
 pub const CT_FLAG_ANSWERED: u8 = 128;
 
 /// In `CtValue::more_flags`: this entry's side sent its FIN, and the other

@@ -6,15 +6,17 @@
 //! matters: the socket programs also connect host processes to the same
 //! containers, and their replies must not be rewritten.
 //!
-//! A TCP flow starts in a table of its own, `CONNTRACK_OPENING`, and moves
-//! to `CONNTRACK` when its handshake completes (`promote`): a SYN flood,
-//! from spoofed sources that never complete one, then churns only the
-//! opening table, and no established flow is evicted for it (an LRU evicts
-//! the least recently used entries, which are the idle established flows'),
-//! as netfilter's full table drops only unassured entries. A flow's two
-//! entries are in the same table (between `promote`'s insertions and its
-//! removals, in both); `Packet::opening` says which one a packet's flow was
-//! found in. UDP flows, whose sources nothing proves, start in `CONNTRACK`.
+//! A flow starts in a table of its own, `CONNTRACK_OPENING`, and moves to
+//! `CONNTRACK` once its client showed it receives the container's packets
+//! (`promote`): a TCP flow when its handshake completes, a UDP flow at the
+//! client's first datagram after the container answered. A flood from
+//! spoofed sources, which never complete a handshake nor go on after an
+//! answer they do not receive, then churns only the opening table, and no
+//! established flow is evicted for it (an LRU evicts the least recently
+//! used entries, which are the idle established flows'), as netfilter's
+//! full table drops only unassured entries. A flow's two entries are in the
+//! same table (between `promote`'s insertions and its removals, in both);
+//! `Packet::opening` says which one a packet's flow was found in.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -64,8 +66,8 @@ pub(crate) fn find(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 }
 
 /// `find` in the opening table, asked only for a packet that may belong to
-/// a TCP flow there: one to a published port (the client's side) or from
-/// a container's port of a mapping (the container's), as the port bitmaps
+/// a flow there: one to a published port (the client's side) or from a
+/// container's port of a mapping (the container's), as the port bitmaps
 /// say in one array read each. The host's own traffic pays no second
 /// lookup. On a hit, the packet (in scratch memory, as `key`) is marked.
 // Not inlined, and the packet not an argument: its values would take
@@ -73,9 +75,8 @@ pub(crate) fn find(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 // `tc::flow::start_flow`).
 #[inline(never)]
 fn find_opening(key: &CtKey) -> Option<*mut CtValue> {
-    if key.proto != IPPROTO_TCP
-        || (lacks_port(&PUBLISHED_PORTS, key.proto, u16::from_be(key.dport))
-            && lacks_port(&BACKEND_PORTS, key.proto, u16::from_be(key.sport)))
+    if lacks_port(&PUBLISHED_PORTS, key.proto, u16::from_be(key.dport))
+        && lacks_port(&BACKEND_PORTS, key.proto, u16::from_be(key.sport))
     {
         return None;
     }
@@ -94,8 +95,8 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     live(&CONNTRACK, key, now)
 }
 
-/// The live entry under `key` in either table (TCP: the opening table
-/// after the main one), or None: for a key that a new flow would take (its
+/// The live entry under `key` in either table (the opening table after the
+/// main one), or None: for a key that a new flow would take (its
 /// reply key), and for ICMP errors, whose flow may be opening.
 // Inlined: as a call of its own it made the deepest chain (through
 // `masquerade_port`) two frames deeper, past 6.1's 512 bytes.
@@ -103,8 +104,7 @@ pub(crate) fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
 pub(crate) fn lookup_any(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     match lookup(key, now) {
         Some(entry) => Some(entry),
-        None if key.proto == IPPROTO_TCP => live(&CONNTRACK_OPENING, key, now),
-        None => None,
+        None => live(&CONNTRACK_OPENING, key, now),
     }
 }
 
@@ -131,9 +131,10 @@ fn remove_from(opening: bool, key: &CtKey) {
     }
 }
 
-/// A TCP flow whose handshake the packet of `key` (entry `entry`, in the
-/// opening table) completed: both entries move to the main table, where
-/// only the LRU's pressure of established flows can evict them. Inserted
+/// A flow of the opening table whose client's packet of `key` (entry
+/// `entry`) completed its TCP handshake, or came after the container
+/// answered its UDP flow (`answered`): both entries move to the main table,
+/// where only the LRU's pressure of established flows can evict them. Inserted
 /// there first (a packet meanwhile finds them in either), then removed
 /// from the opening table. A live entry of another flow under either key
 /// in the main table (cannot happen: `masquerade_port` asks both tables
@@ -156,6 +157,24 @@ pub(crate) fn promote(key: &CtKey, entry: *mut CtValue, now: u64) {
     }
     let _ = CONNTRACK_OPENING.remove(twin_key);
     let _ = CONNTRACK_OPENING.remove(key);
+}
+
+/// The container's packet of a UDP flow in the opening table (its reply
+/// entry `ct`, under `key`): both entries are marked answered, and the
+/// client's next datagram, which finds the mark on its own entry, moves the
+/// flow to the main table (`promote`). One lookup per flow, at its first
+/// answer: a one-way flow's datagrams look nothing up.
+// Not inlined: the lookup's locals stay out of the callers' frames.
+#[inline(never)]
+pub(crate) fn answered(key: &CtKey, ct: &mut CtValue) {
+    if ct.flags & CT_FLAG_ANSWERED != 0 {
+        return;
+    }
+    ct.flags |= CT_FLAG_ANSWERED;
+    if let Some((_, twin, true)) = twin_entry_from(true, key, ct) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        unsafe { (*twin).flags |= CT_FLAG_ANSWERED };
+    }
 }
 
 /// Inserts `value` under `key` in the main table, unless a live entry is
@@ -798,7 +817,7 @@ fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
     key._pad = 0;
 }
 
-/// Creates both entries of a new flow, a TCP one's in the opening table.
+/// Creates both entries of a new flow, in the opening table.
 /// Either both exist afterwards or the flow is not tracked (the caller then
 /// passes the packet untouched). On success, the forward entry as inserted
 /// (in scratch memory, valid until the next `create`).
@@ -817,12 +836,8 @@ pub(crate) fn create(
     let (key, value) = unsafe { (&mut (*scratch).key, &mut (*scratch).value) };
     set_reply_key(key, pkt, nat);
     set_reply_value(value, pkt, service, nat, now);
-    let table = if pkt.proto == IPPROTO_TCP {
-        forget_reply_in_main(key, pkt);
-        &CONNTRACK_OPENING
-    } else {
-        &CONNTRACK
-    };
+    forget_reply_in_main(key, pkt);
+    let table = &CONNTRACK_OPENING;
     // The reply key was checked free (`masquerade_port`); another CPU may
     // have taken it since: never replace a live entry of another flow.
     if table.insert(&*key, &*value, BPF_NOEXIST).is_err() {
@@ -849,7 +864,7 @@ pub(crate) fn create(
     Ok(&*value)
 }
 
-/// For a TCP flow about to start in the opening table: removes the main
+/// For a flow about to start in the opening table: removes the main
 /// table's entry under its reply key if that is the reply entry of a flow
 /// with the same client port and published address, a flow that lost its
 /// forward entry (evicted, or ended and not yet swept): the packet found no
@@ -1129,7 +1144,7 @@ fn twin_of(key: &CtKey, ct: &CtValue) -> Option<&'static CtKey> {
 /// another flow may hold its key (the same client port through another
 /// published port to the same container port), and that flow's entry is
 /// not this one's to change or remove. Asked of the main table first, then
-/// (TCP) of the opening one: whichever holds this flow's. An expired entry
+/// of the opening one: whichever holds this flow's. An expired entry
 /// is not a twin: an ended flow's, not yet swept from the main table, has
 /// the same addresses as a new flow of the same client port in the opening
 /// table, and taken for its twin it would come back to life in its place.
@@ -1141,9 +1156,6 @@ fn twin_entry(key: &CtKey, ct: &CtValue) -> Option<(&'static CtKey, *mut CtValue
         && pairs(key, ct, entry, now)
     {
         return Some((twin_key, entry, false));
-    }
-    if key.proto != IPPROTO_TCP {
-        return None;
     }
     let entry = CONNTRACK_OPENING.get_ptr_mut(twin_key)?;
     pairs(key, ct, entry, now).then_some((twin_key, entry, true))

@@ -3,8 +3,8 @@
 
 use aya_ebpf::programs::TcContext;
 use portfwd_common::{
-    Addr, CT_FLAG_ESTABLISHED, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey, CtValue,
-    FRAGMENT_FLAG_REPLY, ServiceKey, Stat, TRACE_PATH_TC,
+    Addr, CT_FLAG_ANSWERED, CT_FLAG_ESTABLISHED, CT_FLAG_MASQ, CT_FLAG_NAT46, CT_FLAG_REPLY, CtKey,
+    CtValue, FRAGMENT_FLAG_REPLY, IPPROTO_TCP, ServiceKey, Stat, TRACE_PATH_TC,
 };
 
 use super::service::services_generation;
@@ -93,9 +93,13 @@ pub(super) fn translate_forward(
     let verdict = send_translated(ctx, pkt, ct, ifindex, true);
     forget_if_ended(key, touched, pkt.opening);
     // The client's ACK of the container's answer completed the handshake
-    // (`conntrack::touch` established the flow): the flow moves to the
-    // main table.
-    if pkt.opening && touched == Touched::Lives && ct.flags & CT_FLAG_ESTABLISHED != 0 {
+    // (`conntrack::touch` established the flow), or its datagram followed
+    // the container's answer (`conntrack::answered`; a TCP forward entry is
+    // never marked so): the flow moves to the main table.
+    if pkt.opening
+        && touched == Touched::Lives
+        && ct.flags & (CT_FLAG_ESTABLISHED | CT_FLAG_ANSWERED) != 0
+    {
         conntrack::promote(key, entry, pkt.now);
     }
     verdict
@@ -119,6 +123,10 @@ pub(super) fn translate_reply(
         return DROP;
     }
     let touched = conntrack::touch(key, entry, pkt, pkt.now);
+    // (TCP's answer is marked by `touch`.)
+    if pkt.opening && pkt.proto != IPPROTO_TCP {
+        conntrack::answered(key, ct);
+    }
     let ifindex = if redirect { ct.ifindex } else { 0 };
     if ifindex != 0 {
         mark_translated(ctx);

@@ -2,9 +2,10 @@
 //! (`portfwd conntrack list|flush`, `explain`). The programs keep two
 //! entries per flow (see `portfwd-ebpf/src/conntrack.rs`): the forward one,
 //! keyed by the packet as the client sends it, and the reply one, keyed by
-//! the container's answer. Both carry the mapping's key. A TCP flow's
-//! entries are in `pf_ct_opening` until its handshake completes, then in
-//! `pf_conntrack` (see `TABLES`).
+//! the container's answer. Both carry the mapping's key. A flow's entries
+//! are in `pf_ct_opening` until its client shows it receives the
+//! container's packets (a TCP handshake completes; a UDP datagram follows
+//! the container's answer), then in `pf_conntrack` (see `TABLES`).
 
 use std::{net::SocketAddr, os::fd::AsFd, path::Path, time::Duration};
 

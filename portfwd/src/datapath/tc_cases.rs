@@ -1099,8 +1099,8 @@ fn a_flow_is_established_only_by_its_clients_answer_to_the_containers() {
 /// A TCP flow waits for its handshake in the opening table, both entries,
 /// and moves to the main one at the client's ACK that establishes it,
 /// which is translated as before; its later packets are translated from
-/// there. A UDP flow starts in the main one. So a SYN flood, whose flows
-/// never establish, churns the opening table alone (end to end:
+/// there. So a SYN flood, whose flows never establish, churns the opening
+/// table alone (end to end:
 /// `hostile::a_syn_flood_evicts_no_established_flow`).
 #[test]
 fn a_tcp_flow_moves_to_the_main_table_when_established() {
@@ -1153,9 +1153,62 @@ fn a_tcp_flow_moves_to_the_main_table_when_established() {
         frame(client, container, L4::Ack),
         "a later packet of the client's too"
     );
-    let udp_client = at(CLIENT_V4, 40055);
-    tc.run_marked(UPLINK_IN, &frame(udp_client, at(HOST_V4, 5353), L4::Udp), 0);
-    assert_eq!(tables(&tc), (4, 0), "a UDP flow");
+}
+
+/// A UDP flow starts in the opening table too, and moves to the main one
+/// at the client's first datagram after the container answered: the
+/// client received the answer, as a spoofed source does not. Before, UDP
+/// flows started in the main table, where a flood of datagrams from
+/// spoofed sources evicted the idle ones (end to end:
+/// `hostile::a_udp_flood_evicts_no_answered_flow`).
+#[test]
+fn a_udp_flow_moves_to_the_main_table_when_the_client_goes_on_after_an_answer() {
+    let Some(tc) = Tc::load_with(
+        "a_udp_flow_moves_to_the_main_table_when_the_client_goes_on_after_an_answer",
+        &published(),
+    ) else {
+        return;
+    };
+    let (dialed, container, client) = (at(HOST_V4, 5353), at(CTR_V4, 53), at(CLIENT_V4, 40055));
+    let tables = |tc: &Tc| {
+        (
+            flags_in(tc, CONNTRACK.name).len(),
+            flags_in(tc, CONNTRACK_OPENING.name).len(),
+        )
+    };
+    let (request, answer) = (
+        frame(client, dialed, L4::Udp),
+        frame(container, client, L4::Udp),
+    );
+    let (translated_request, translated_answer) = (
+        frame(client, container, L4::Udp),
+        frame(dialed, client, L4::Udp),
+    );
+    assert_eq!(tc.run_marked(UPLINK_IN, &request, 0).1, translated_request);
+    assert_eq!(tables(&tc), (0, 2), "a new flow");
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &request, 0).1,
+        translated_request,
+        "a second datagram before any answer"
+    );
+    assert_eq!(tables(&tc), (0, 2), "not answered");
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &answer, 0).1,
+        translated_answer,
+        "the container's answer"
+    );
+    assert_eq!(tables(&tc), (0, 2), "answered");
+    assert_eq!(
+        tc.run_marked(UPLINK_IN, &request, 0).1,
+        translated_request,
+        "the client's datagram after the answer"
+    );
+    assert_eq!(tables(&tc), (2, 0), "moved");
+    assert_eq!(
+        tc.run_marked(BACKEND_IN, &answer, 0).1,
+        translated_answer,
+        "a later answer, from the main table"
+    );
 }
 
 /// Opens a flow from `client` through the first TCP mapping and

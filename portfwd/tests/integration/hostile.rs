@@ -2283,6 +2283,124 @@ fn a_syn_flood_evicts_no_established_flow() {
     assert_eq!(established, 4, "entries of established flows");
 }
 
+/// A flood of UDP datagrams from spoofed sources evicts no answered flow: a
+/// UDP flow moves to the main table only at the client's datagram after
+/// the container answered, which a spoofed source never receives. Before,
+/// every UDP flow started in the main table, where the flood's flows took
+/// the room (every one of 8 runs on 1320da5's object: 259 to 386 of its
+/// 512 entries where counted), and a flood of 64 times its flows, each
+/// answered by the container, could evict the idle one (1 of the 8): the
+/// container's next datagram to its client (a server that speaks first
+/// after a pause: a game, a VPN, a push) then left untranslated, from the
+/// container's own address, and the client's socket, connected to the
+/// published address, never got it.
+#[test]
+fn a_udp_flood_evicts_no_answered_flow() {
+    use std::net::UdpSocket;
+
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    let Some(_serial) = root_test("udp_flood") else {
+        return;
+    };
+    const MAX_FLOWS: u16 = 256;
+    let topo = Topology::new(91);
+    let (port, container_port) = (62857u16, 5305u16);
+    let max_flows = MAX_FLOWS.to_string();
+    let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--max-flows", &max_flows]);
+    let container = topo.ctr.v4().to_string();
+    portfwd_ok(&[
+        "map",
+        "--name",
+        "udpflood",
+        &container,
+        &format!("{port}:{container_port}/udp"),
+    ]);
+    // The container's socket, and the client's, connected to the published
+    // address: it takes datagrams from there alone.
+    let server = topo
+        .ctr
+        .inside(move || UdpSocket::bind(("0.0.0.0", container_port)))
+        .expect("binding in the container");
+    server.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let published = SocketAddr::new(topo.client.host_v4(), port);
+    let client = topo
+        .client
+        .inside(move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(published)?;
+            Ok::<_, std::io::Error>(socket)
+        })
+        .expect("a client socket");
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    let mut exchange = |text: &[u8]| {
+        client.send(text).expect("the client sends");
+        let (n, peer) = server.recv_from(&mut buf).expect("the container receives");
+        assert_eq!(&buf[..n], text);
+        peer
+    };
+    // Asked, answered, asked again: the flow is answered.
+    let peer = exchange(b"hello");
+    server.send_to(b"hi", peer).unwrap();
+    let mut answer = [0u8; 64];
+    let n = client.recv(&mut answer).expect("the container's answer");
+    assert_eq!(&answer[..n], b"hi");
+    exchange(b"again");
+    // Datagrams from sources on the client's link that nobody holds, each
+    // from its own port, which the container answers (as a DNS server
+    // would), into the void.
+    let answering = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answerer = {
+        let (socket, answering) = (server.try_clone().unwrap(), answering.clone());
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while answering.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(b"answer", from);
+                }
+            }
+        })
+    };
+    let [a, b, c, _] = topo.client_v4().octets();
+    let sender = topo.client_sender();
+    let floods = 64 * u32::from(MAX_FLOWS);
+    for i in 0..floods {
+        let src = Ipv4Addr::new(a, b, c, 200 + (i % 40) as u8);
+        let datagram = Ipv4Packet::udp(
+            src,
+            topo.host_v4(),
+            10_000 + (i / 40) as u16,
+            port,
+            b"flood",
+        );
+        sender
+            .send(&topo.frame(ETH_P_IP, &datagram.id(i as u16).build()))
+            .expect("sending a spoofed datagram");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    answering.store(false, std::sync::atomic::Ordering::Relaxed);
+    answerer.join().unwrap();
+    // The container speaks first.
+    server.send_to(b"news", peer).unwrap();
+    let received = client.recv(&mut answer);
+    assert!(
+        matches!(received, Ok(4)) && &answer[..4] == b"news",
+        "the container's datagram after {floods} spoofed ones: {received:?}; stats {:?}",
+        stats()
+    );
+    // The main table holds the answered flow's entries, none of the
+    // flood's.
+    let main = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK)
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, _)| key.proto == UDP)
+        .count();
+    assert_eq!(main, 2, "entries of answered flows");
+}
+
 /// A packet in the container's name that comes in on an uplink is forged,
 /// when the mapping reaches its container through another interface
 /// (issue 11, case 1). A container that does not answer (here: stopped,

@@ -43,8 +43,8 @@ pub(crate) fn pinned_lru_hash<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Every entry of the running instance's conntrack, both tables
-/// (established flows and UDP in `pf_conntrack`, TCP flows before their
-/// handshake completes in `pf_ct_opening`).
+/// (established TCP and answered UDP flows in `pf_conntrack`, the others
+/// in `pf_ct_opening`).
 pub(crate) fn conntrack_entries() -> Vec<(portfwd_common::CtKey, portfwd_common::CtValue)> {
     use portfwd_common::{CONNTRACK, CONNTRACK_OPENING, CtKey, CtValue};
     [CONNTRACK, CONNTRACK_OPENING]

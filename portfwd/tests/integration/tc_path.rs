@@ -647,22 +647,26 @@ fn flows_whose_replies_would_clash_get_distinct_ports() {
     assert_eq!(from_b, "via B");
 }
 
-/// Removes the reply-direction entries of the TC path's conntrack (what an
-/// LRU eviction or a lone expiry does to one half of a flow); returns how
-/// many.
+/// Removes the reply-direction entries of the TC path's conntrack, both
+/// tables (what an LRU eviction or a lone expiry does to one half of a
+/// flow); returns how many.
 fn forget_reply_entries() -> usize {
-    use portfwd_common::{CONNTRACK, CT_FLAG_REPLY, CtKey, CtValue};
-    let mut map = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK);
-    let replies: Vec<CtKey> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
-        .map(|(k, _)| k)
-        .collect();
-    for key in &replies {
-        map.remove(key).unwrap();
+    use portfwd_common::{CONNTRACK, CONNTRACK_OPENING, CT_FLAG_REPLY, CtKey, CtValue};
+    let mut removed = 0;
+    for table in [CONNTRACK, CONNTRACK_OPENING] {
+        let mut map = pinned_lru_hash::<CtKey, CtValue>(&table);
+        let replies: Vec<CtKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &replies {
+            map.remove(key).unwrap();
+        }
+        removed += replies.len();
     }
-    replies.len()
+    removed
 }
 
 /// A flow that lost one of its two entries (evicted, or expired alone as a
