@@ -1111,13 +1111,6 @@ fn a_tcp_flow_moves_to_the_main_table_when_established() {
         return;
     };
     let (dialed, container, client) = (at(HOST_V4, 8080), at(CTR_V4, 80), at(CLIENT_V4, 40054));
-    // (entries in the main table, entries in the opening table)
-    let tables = |tc: &Tc| {
-        (
-            flags_in(tc, CONNTRACK.name).len(),
-            flags_in(tc, CONNTRACK_OPENING.name).len(),
-        )
-    };
     tc.run_marked(UPLINK_IN, &frame(client, dialed, L4::Syn), 0);
     assert_eq!(tables(&tc), (0, 2), "after the SYN");
     assert_eq!(
@@ -1170,12 +1163,6 @@ fn a_udp_flow_moves_to_the_main_table_when_the_client_goes_on_after_an_answer() 
         return;
     };
     let (dialed, container, client) = (at(HOST_V4, 5353), at(CTR_V4, 53), at(CLIENT_V4, 40055));
-    let tables = |tc: &Tc| {
-        (
-            flags_in(tc, CONNTRACK.name).len(),
-            flags_in(tc, CONNTRACK_OPENING.name).len(),
-        )
-    };
     let (request, answer) = (
         frame(client, dialed, L4::Udp),
         frame(container, client, L4::Udp),
@@ -1225,6 +1212,11 @@ fn establish_flow(tc: &Tc, client: SocketAddr) -> (usize, usize) {
         frame(client, container, L4::Ack),
         "the establishing ACK is translated"
     );
+    tables(tc)
+}
+
+/// How many entries the main table holds, and the opening table.
+fn tables(tc: &Tc) -> (usize, usize) {
     (
         flags_in(tc, CONNTRACK.name).len(),
         flags_in(tc, CONNTRACK_OPENING.name).len(),

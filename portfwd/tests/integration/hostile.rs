@@ -2217,7 +2217,6 @@ fn a_syn_flood_evicts_no_established_flow() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
     let Some(_serial) = root_test("syn_flood") else {
         return;
     };
@@ -2250,19 +2249,11 @@ fn a_syn_flood_evicts_no_established_flow() {
     };
     let mut idle = connect();
     assert!(echoes(&mut idle, b"ping\n"), "the flow works");
-    // SYNs from sources on the client's link that nobody holds, each from
-    // its own port: the container answers each, into the void.
-    let [a, b, c, _] = topo.client_v4().octets();
-    let sender = topo.client_sender();
+    // SYNs from spoofed sources: the container answers each, into the void.
     let floods = 16 * u32::from(MAX_FLOWS);
-    for i in 0..floods {
-        let src = Ipv4Addr::new(a, b, c, 200 + (i % 40) as u8);
-        let syn = Ipv4Packet::tcp_syn(src, topo.host_v4(), 20_000 + (i / 40) as u16, port);
-        sender
-            .send(&topo.frame(ETH_P_IP, &syn.id(i as u16).build()))
-            .expect("sending a spoofed SYN");
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    flood(&topo, floods, |src, sport| {
+        Ipv4Packet::tcp_syn(src, topo.host_v4(), sport, port)
+    });
     assert!(
         echoes(&mut idle, b"pong\n"),
         "the established flow still works after {floods} SYNs; stats {:?}",
@@ -2275,12 +2266,34 @@ fn a_syn_flood_evicts_no_established_flow() {
     );
     // The established table holds the two real flows' entries, none of the
     // flood's.
-    let established = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK)
+    assert_eq!(main_table_entries(TCP), 4, "entries of established flows");
+}
+
+/// Sends `count` packets that `packet(source, source port)` makes, from
+/// sources on the client's link that nobody holds (40 addresses, each
+/// source port used once per address), then gives the programs half a
+/// second.
+fn flood(topo: &Topology, count: u32, packet: impl Fn(Ipv4Addr, u16) -> Ipv4Packet) {
+    let [a, b, c, _] = topo.client_v4().octets();
+    let sender = topo.client_sender();
+    for i in 0..count {
+        let src = Ipv4Addr::new(a, b, c, 200 + (i % 40) as u8);
+        let frame = packet(src, 10_000 + (i / 40) as u16).id(i as u16).build();
+        sender
+            .send(&topo.frame(ETH_P_IP, &frame))
+            .expect("sending a spoofed packet");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// How many entries of protocol `proto` the main conntrack table holds.
+fn main_table_entries(proto: u8) -> usize {
+    use portfwd_common::{CONNTRACK, CtKey, CtValue};
+    pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK)
         .iter()
         .filter_map(Result::ok)
-        .filter(|(key, _)| key.proto == TCP)
-        .count();
-    assert_eq!(established, 4, "entries of established flows");
+        .filter(|(key, _)| key.proto == proto)
+        .count()
 }
 
 /// A flood of UDP datagrams from spoofed sources evicts no answered flow: a
@@ -2298,7 +2311,6 @@ fn a_syn_flood_evicts_no_established_flow() {
 fn a_udp_flood_evicts_no_answered_flow() {
     use std::net::UdpSocket;
 
-    use portfwd_common::{CONNTRACK, CtKey, CtValue};
     let Some(_serial) = root_test("udp_flood") else {
         return;
     };
@@ -2364,23 +2376,10 @@ fn a_udp_flood_evicts_no_answered_flow() {
             }
         })
     };
-    let [a, b, c, _] = topo.client_v4().octets();
-    let sender = topo.client_sender();
     let floods = 64 * u32::from(MAX_FLOWS);
-    for i in 0..floods {
-        let src = Ipv4Addr::new(a, b, c, 200 + (i % 40) as u8);
-        let datagram = Ipv4Packet::udp(
-            src,
-            topo.host_v4(),
-            10_000 + (i / 40) as u16,
-            port,
-            b"flood",
-        );
-        sender
-            .send(&topo.frame(ETH_P_IP, &datagram.id(i as u16).build()))
-            .expect("sending a spoofed datagram");
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    flood(&topo, floods, |src, sport| {
+        Ipv4Packet::udp(src, topo.host_v4(), sport, port, b"flood")
+    });
     answering.store(false, std::sync::atomic::Ordering::Relaxed);
     answerer.join().unwrap();
     // The container speaks first.
@@ -2393,12 +2392,7 @@ fn a_udp_flood_evicts_no_answered_flow() {
     );
     // The main table holds the answered flow's entries, none of the
     // flood's.
-    let main = pinned_lru_hash::<CtKey, CtValue>(&CONNTRACK)
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, _)| key.proto == UDP)
-        .count();
-    assert_eq!(main, 2, "entries of answered flows");
+    assert_eq!(main_table_entries(UDP), 2, "entries of answered flows");
 }
 
 /// A packet in the container's name that comes in on an uplink is forged,
