@@ -133,14 +133,15 @@ fn remove_from(opening: bool, key: &CtKey) {
 
 /// A flow of the opening table whose client's packet of `key` (entry
 /// `entry`) completed its TCP handshake, or came after the container
-/// answered its UDP flow (`answered`): both entries move to the main table,
-/// where only the LRU's pressure of established flows can evict them. Inserted
-/// there first (a packet meanwhile finds them in either), then removed
-/// from the opening table. A live entry of another flow under either key
-/// in the main table (cannot happen: `masquerade_port` asks both tables
-/// for the reply key, and the forward key is the client's) stops the move:
-/// the flow stays where it is, and the next packet tries again. Called
-/// after the packet is translated: the entry is read no more.
+/// answered its UDP flow (`answered`): both entries move to the main
+/// table, where only the LRU's pressure of established flows can evict
+/// them. Inserted there first (a packet meanwhile finds them in either),
+/// then removed from the opening table. A live entry of another flow under
+/// either key in the main table (cannot happen: `masquerade_port` asks
+/// both tables for the reply key, and the forward key is the client's)
+/// stops the move: the flow stays where it is, and the next packet tries
+/// again. Called after the packet is translated: the entry is read no
+/// more.
 #[inline(never)]
 pub(crate) fn promote(key: &CtKey, entry: *mut CtValue, now: u64) {
     // SAFETY: the pointer is into the map value, valid for this program run.

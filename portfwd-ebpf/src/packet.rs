@@ -102,8 +102,9 @@ pub(crate) struct Packet {
     /// `tc::service::ContainerLink`): a packet in a container's name here
     /// cannot set that container's mark.
     pub from_uplink: bool,
-    /// Its flow's entry is in `CONNTRACK_OPENING` (a TCP flow before its
-    /// handshake completed), not in `CONNTRACK`: set by `conntrack::find`.
+    /// Its flow's entry is in `CONNTRACK_OPENING` (a flow whose client has
+    /// not yet shown it receives the container's packets), not in
+    /// `CONNTRACK`: set by `conntrack::find`.
     pub opening: bool,
     /// A client's packet of a tracked flow: all ones when it may be
     /// redirected to its flow's interface, 0 when it goes to the stack
