@@ -106,18 +106,13 @@ pub(crate) fn verifier_diff(series: &str) -> Result<()> {
         );
     }
     println!("verifier-diff: loading them on kernel {series} (under TCG, a minute or two)");
-    let status = Command::new("vng")
-        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--rwdir"])
-        .arg(&work)
-        .arg("--run")
-        .arg(&vmlinuz)
-        .arg("--exec")
-        .arg(format!(
-            "bash {} {} {}",
-            script.display(),
-            guest.display(),
-            portfwd.display()
-        ))
+    let exec = format!(
+        "bash {} {} {}",
+        script.display(),
+        guest.display(),
+        portfwd.display()
+    );
+    let status = vm::guest_command(&vmlinuz, Some(&work), &exec)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .status()

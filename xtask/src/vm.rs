@@ -392,6 +392,18 @@ pub(crate) fn install(series: &str, log: &Path) -> Result<PathBuf> {
     Ok(vmlinuz)
 }
 
+/// virtme-ng booting `vmlinuz` under TCG (2 CPUs, 2 GiB) to run `exec`
+/// as root on this machine's files, with `rwdir` writable from the guest.
+pub(crate) fn guest_command(vmlinuz: &Path, rwdir: Option<&Path>, exec: &str) -> Command {
+    let mut command = Command::new("vng");
+    command.args(["--disable-kvm", "--cpus", "2", "--memory", "2G"]);
+    if let Some(dir) = rwdir {
+        command.arg("--rwdir").arg(dir);
+    }
+    command.arg("--run").arg(vmlinuz).arg("--exec").arg(exec);
+    command
+}
+
 /// /boot/vmlinuz-<series>.N-...-amd64, the newest when several are there.
 fn installed_kernel(series: &str) -> Option<PathBuf> {
     let prefix = format!("vmlinuz-{series}.");
@@ -482,11 +494,7 @@ fn run_guest(series: &str, vmlinuz: &Path, script: &Path) -> Result<()> {
     // (`kill_descendants`).
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut child = Command::new("vng")
-        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--run"])
-        .arg(vmlinuz)
-        .arg("--exec")
-        .arg(format!("bash {} 2>&1", script.display()))
+    let mut child = guest_command(vmlinuz, None, &format!("bash {} 2>&1", script.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -594,6 +602,23 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_guest_command_boots_under_tcg_and_runs_the_script() {
+        let args = |rwdir: Option<&Path>| -> Vec<String> {
+            guest_command(Path::new("/boot/vmlinuz-6.1"), rwdir, "bash s")
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let booted = ["--run", "/boot/vmlinuz-6.1", "--exec", "bash s"];
+        let tcg = ["--disable-kvm", "--cpus", "2", "--memory", "2G"];
+        assert_eq!(args(None), [&tcg[..], &booted[..]].concat());
+        assert_eq!(
+            args(Some(Path::new("/w"))),
+            [&tcg[..], &["--rwdir", "/w"], &booted[..]].concat()
+        );
+    }
     use std::os::unix::process::CommandExt;
 
     use super::*;
