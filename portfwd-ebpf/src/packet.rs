@@ -106,15 +106,15 @@ pub(crate) struct Packet {
     /// not yet shown it receives the container's packets), not in
     /// `CONNTRACK`: set by `conntrack::find`.
     pub opening: bool,
-    /// A client's packet of a tracked flow: all ones when it may be
-    /// redirected to its flow's interface, 0 when it goes to the stack
-    /// (`tc::fragmented_by_stack`); `translate_forward` masks the entry's
-    /// interface with it. A mask read from memory, not a bool argument:
-    /// with the interface 0 on one path and read from the entry on the
-    /// other, 6.1's verifier pruned the second path as the first and then
-    /// removed the redirect after a NAT46 rewrite as dead code (every
-    /// NAT46 packet after the SYN went to the stack). Read from memory, the
-    /// verifier knows the value on no path.
+    /// A client's packet: all ones when it may be redirected to its flow's
+    /// interface, 0 when it goes to the stack (`tc::fragmented_by_stack`);
+    /// `translate_forward` masks the entry's interface with it, and
+    /// `tc::new_flow` reads it back after `start_flow`. A mask read from
+    /// memory, not a bool argument: with the interface 0 on one path and
+    /// read from the entry on the other, 6.1's verifier pruned the second
+    /// path as the first and then removed the redirect after a NAT46
+    /// rewrite as dead code (every NAT46 packet after the SYN went to the
+    /// stack). Read from memory, the verifier knows the value on no path.
     pub redirect_mask: u32,
 }
 

@@ -120,7 +120,14 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         count(Stat::PassHostConnection);
         return NEXT;
     }
-    if let Some((entry, now)) = conntrack::find(key) {
+    // Every way to a new flow leaves this block with the closing flow's
+    // entry (or null) and meets at one call of `new_flow`: the verifier
+    // walks a function once per call instruction, and `start_flow`'s chain
+    // is most of the program.
+    let closing = 'tracked: {
+        let Some((entry, now)) = conntrack::find(key) else {
+            break 'tracked ptr::null_mut();
+        };
         pkt.now = now;
         // SAFETY: a pointer into the map value, valid for this program run.
         let flags = unsafe { (*entry).flags };
@@ -148,12 +155,12 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         // or without its other entry. On any other flow it passes on and
         // changes nothing (`conntrack::port_reused_by_syn`).
         if syn && reopens(entry) {
-            return new_flow(ctx, pkt, path, from_containers, entry);
+            break 'tracked entry;
         }
         // A flow that lost its other entry (evicted, or expired alone) is
         // forgotten and started again by this packet.
         if conntrack::orphaned(key, entry, pkt, syn) {
-            return new_flow(ctx, pkt, path, from_containers, ptr::null_mut());
+            break 'tracked ptr::null_mut();
         }
         // Larger than the interface it goes to: answered, as the
         // forwarding path would (only large packets pay the check), or
@@ -185,8 +192,8 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             return translate_reply(ctx, pkt, key, entry, true);
         }
         return translate_forward(ctx, pkt, key, entry);
-    }
-    new_flow(ctx, pkt, path, from_containers, ptr::null_mut())
+    };
+    new_flow(ctx, pkt, path, from_containers, closing)
 }
 
 /// Whether a packet in the container's name (a flow's reply direction) that
@@ -269,19 +276,21 @@ fn owned_by_host_socket(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &mut Packet,
     path: u8,
     from_containers: bool,
     closing: *mut CtValue,
 ) -> i32 {
-    let mut to_stack = false;
+    pkt.redirect_mask = u32::MAX;
     if pkt.len > TOO_BIG_CHECKED_FROM
         && let Some(verdict) = first_packet_too_big(ctx, pkt, path, from_containers)
     {
         if verdict != reply::FRAGMENT {
             return verdict;
         }
-        to_stack = !from_containers;
+        if !from_containers {
+            pkt.redirect_mask = 0;
+        }
     }
     let verdict = answer_refused(
         ctx,
@@ -289,6 +298,11 @@ fn new_flow(
         path,
         start_flow(ctx, pkt, from_containers, closing),
     );
+    // Read back from memory, not kept as a bool: with a bool, the compiler
+    // wrote `start_flow`'s call twice (one for each value), and the
+    // verifier walks it once per call instruction.
+    // SAFETY: a field of the packet's per-CPU memory.
+    let to_stack = unsafe { ptr::read_volatile(&pkt.redirect_mask) } == 0;
     // Translated towards the container, it goes to the stack instead, to be
     // fragmented (see `fragmented_by_stack`): the redirect that
     // `start_flow` asked for is not used when the verdict is not
