@@ -262,15 +262,25 @@ fn peer_link() {
     assert!(status.success(), "sysctl net.ipv4.ip_forward=1");
 }
 
+/// How many instructions the verifier walked to load each TC program (the
+/// kernel's `verified_insns`, 5.16 on; None before): what a load costs, and
+/// how close a program is to the verifier's limit of a million.
+type Verified = [(&'static str, Option<u32>); 3];
+
 /// Every case, on a fresh load of `ebpf` (an object's programs and maps):
 /// this build's (`this_build`), or another's (`--against`).
-fn measure(mut ebpf: Ebpf, this_build: bool) -> Vec<Row> {
+fn measure(mut ebpf: Ebpf, this_build: bool) -> (Vec<Row>, Verified) {
     let peer_ifindex = nix::net::if_::if_nametoindex(PEER_VETH).expect("the peer case's veth");
     publish_cycle(&mut ebpf, peer_ifindex);
     record_host_address(&mut ebpf, HOST_V4.into());
-    for name in [UPLINK_IN, UPLINK_OUT, BACKEND_IN] {
+    let mut verified: Verified = [(UPLINK_IN, None), (UPLINK_OUT, None), (BACKEND_IN, None)];
+    for (name, instructions) in &mut verified {
         let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
+        *instructions = program
+            .info()
+            .ok()
+            .and_then(|info| info.verified_instruction_count());
     }
     open_cycle_flows(&ebpf);
     let mut rows = measure_repeated(&ebpf);
@@ -280,7 +290,7 @@ fn measure(mut ebpf: Ebpf, this_build: bool) -> Vec<Row> {
     forget_flows(&mut ebpf);
     rows.extend(measure_connection(&ebpf, this_build));
     rows.push(measure_wildcard_syn(&ebpf));
-    rows
+    (rows, verified)
 }
 
 /// Empties the conntrack tables (each that the object has), so that the
@@ -805,7 +815,9 @@ fn tc_program_cost() {
     let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
     let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
     let Some(against) = against else {
-        print_rows(&measure(load_this(), true), None);
+        let (rows, verified) = measure(load_this(), true);
+        print_rows(&rows, None);
+        print_verified(&verified, None);
         return;
     };
     let load_other = || {
@@ -813,18 +825,38 @@ fn tc_program_cost() {
             .load_file(&against)
             .unwrap_or_else(|e| panic!("loading {}: {e}", against.display()))
     };
-    let fastest = |a: Vec<Row>, b: Vec<Row>| -> Vec<Row> {
+    let fastest = |a: Vec<Row>, (b, _): (Vec<Row>, Verified)| -> Vec<Row> {
         a.into_iter()
             .zip(b)
             .map(|(a, b)| if b.ns < a.ns { b } else { a })
             .collect()
     };
-    let other = measure(load_other(), false);
-    let this = measure(load_this(), true);
+    let (other, other_verified) = measure(load_other(), false);
+    let (this, this_verified) = measure(load_this(), true);
     let other = fastest(other, measure(load_other(), false));
     let this = fastest(this, measure(load_this(), true));
     println!("against: {}", against.display());
     print_rows(&this, Some(&other));
+    print_verified(&this_verified, Some(&other_verified));
+}
+
+fn print_verified(verified: &Verified, against: Option<&Verified>) {
+    let count = |n: Option<u32>| n.map_or("-".to_owned(), |n| n.to_string());
+    println!("\nInstructions the verifier walked to load each program (of at most 1,000,000):\n");
+    match against {
+        Some(_) => {
+            println!("| program | against | this build |");
+            println!("| --- | ---: | ---: |");
+        }
+        None => {
+            println!("| program | this build |");
+            println!("| --- | ---: |");
+        }
+    }
+    for (i, (program, instructions)) in verified.iter().enumerate() {
+        let other = against.map_or(String::new(), |other| format!("{} | ", count(other[i].1)));
+        println!("| {program} | {other}{} |", count(*instructions));
+    }
 }
 
 fn print_rows(rows: &[Row], against: Option<&[Row]>) {
