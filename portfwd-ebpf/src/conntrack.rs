@@ -35,7 +35,7 @@ use crate::{
         BACKEND_PORTS, CONNTRACK, CONNTRACK_OPENING, MASQ_FLOWS, PUBLISHED_PORTS, SCRATCH,
         lacks_port,
     },
-    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, store_words},
     types::Nat,
     verdict::count,
 };
@@ -809,8 +809,8 @@ fn set_key_of_reply(key: &mut CtKey, pkt: &Packet) {
 /// as the client (the client itself, or the masquerade address).
 fn set_reply_key(key: &mut CtKey, pkt: &Packet, nat: &Nat) {
     let (client, client_port) = nat.masq.unwrap_or((pkt.saddr, pkt.sport));
-    key.saddr = nat.backend;
-    key.daddr = client;
+    store_words(&mut key.saddr.words, nat.backend.words);
+    store_words(&mut key.daddr.words, client.words);
     key.sport = nat.backend_port;
     key.dport = client_port;
     key.proto = pkt.proto;
@@ -935,11 +935,11 @@ fn set_reply_value(value: &mut CtValue, pkt: &Packet, service: &ServiceKey, nat:
 #[inline(always)]
 fn set_forward_value(value: &mut CtValue, pkt: &Packet, nat: &Nat) {
     let (masq_addr, masq_port) = nat.masq.unwrap_or((Addr::UNSPECIFIED, 0));
-    value.nat_addr = nat.backend;
+    store_words(&mut value.nat_addr.words, nat.backend.words);
     value.nat_port = nat.backend_port;
     value.flags &= !CT_FLAG_REPLY;
     value.ifindex = nat.backend_ifindex;
-    value.masq_addr = masq_addr;
+    store_words(&mut value.masq_addr.words, masq_addr.words);
     value.masq_port = masq_port;
     value.set_tcp_next(pkt.seq_end);
 }

@@ -27,7 +27,7 @@ use portfwd_common::{CtValue, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, S
 
 use crate::{
     maps::{NAT46_SRC, SCRATCH},
-    packet::{Packet, WHOLE},
+    packet::{Packet, WHOLE, store_words},
     verdict::count,
 };
 
@@ -71,7 +71,7 @@ pub(crate) fn start(ctx: &TcContext, pkt: &Packet, service: &ServiceKey) -> i32 
         return TC_ACT_UNSPEC;
     };
     // SAFETY: per-CPU memory that only this program run uses.
-    unsafe { (*scratch).nat46_source = *found };
+    unsafe { store_words(&mut (*scratch).nat46_source.words, found.words) };
     TRANSLATE
 }
 

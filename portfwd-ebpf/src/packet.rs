@@ -68,6 +68,22 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 /// `bpf_skb_store_bytes` flag: update `skb->csum` for the bytes changed.
 const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 
+/// Writes `words` (an address) to `to` one word at a time. A plain
+/// assignment between places the compiler cannot tell apart (two pointers
+/// into map values, or one into a map value and one onto the stack)
+/// becomes a call of `memmove`, a loop over each byte: the verifier then
+/// walks 16 rounds of it at every visit of the caller, and its visits are
+/// many (a tenth of `pf_tc_uplink_in`'s walk went to `memmove` and
+/// `memset`). Volatile, so that the compiler does not merge the stores
+/// back into such a call.
+#[inline(always)]
+pub(crate) fn store_words(to: &mut [u32; 4], words: [u32; 4]) {
+    for (slot, word) in to.iter_mut().zip(words) {
+        // SAFETY: a valid, aligned place of a `u32`.
+        unsafe { core::ptr::write_volatile(slot, word) };
+    }
+}
+
 /// The parts of a TCP or UDP packet that portfwd looks at.
 pub(crate) struct Packet {
     pub family: u8,

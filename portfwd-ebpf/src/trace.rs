@@ -16,7 +16,7 @@ use portfwd_common::{
 
 use crate::{
     maps::{STATS, TRACE, TRACE_ON},
-    packet::Packet,
+    packet::{Packet, store_words},
 };
 
 /// Whether an event about `pkt` is wanted now.
@@ -59,8 +59,8 @@ fn event(
         (*e).time_ns = bpf_ktime_get_ns();
         (*e).saddr = pkt.saddr;
         (*e).daddr = pkt.daddr;
-        (*e).nat_addr = Addr::UNSPECIFIED;
-        (*e).masq_addr = Addr::UNSPECIFIED;
+        store_words(&mut (*e).nat_addr.words, [0; 4]);
+        store_words(&mut (*e).masq_addr.words, [0; 4]);
         (*e).sport = pkt.sport;
         (*e).dport = pkt.dport;
         (*e).nat_port = 0;

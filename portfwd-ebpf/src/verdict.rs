@@ -20,7 +20,7 @@ use crate::{
     maps::{NEXT_HOP_SLOTS, NEXT_HOPS, PEER_LINKS, STATS, lists_link},
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FibParams, IPV4_DADDR_OFF,
-        IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
+        IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF, store_words,
     },
     types::NextHop,
 };
@@ -183,8 +183,8 @@ fn next_hop(ctx: &TcContext, ifindex: u32, now: u64) -> Option<*mut NextHop> {
     // The slot is taken for these addresses before the FIB writes over
     // the destination in `params`, unanswered until it answers: fewer
     // values held across the call keep this frame within 6.1's stack.
-    hop.src = *src_words;
-    hop.dst = *dst_words;
+    store_words(&mut hop.src, *src_words);
+    store_words(&mut hop.dst, *dst_words);
     hop.family = family;
     hop.ifindex = ifindex;
     hop.answered = 0;
@@ -286,7 +286,14 @@ fn write_macs(ctx: &TcContext, macs: &[u8; 12]) -> bool {
     if data + macs.len() > data_end {
         return false;
     }
-    // SAFETY: inside the packet's linear part (checked just above).
-    unsafe { (data as *mut [u8; 12]).write_unaligned(*macs) };
+    // Three words, not one copy of 12 bytes: that was a call of `memmove`,
+    // a byte loop (see `packet::store_words`). Unaligned: the frame's
+    // alignment is the driver's.
+    let words: [u32; 3] =
+        [0, 4, 8].map(|at| u32::from_ne_bytes(macs[at..at + 4].try_into().unwrap_or_default()));
+    for (i, word) in words.into_iter().enumerate() {
+        // SAFETY: inside the packet's linear part (checked just above).
+        unsafe { (data as *mut u32).add(i).write_unaligned(word) };
+    }
     true
 }
