@@ -2220,20 +2220,9 @@ fn a_syn_flood_evicts_no_established_flow() {
     let Some(_serial) = root_test("syn_flood") else {
         return;
     };
-    const MAX_FLOWS: u16 = 256;
-    let topo = Topology::new(99);
     let (port, echo_port) = (62856u16, 5304u16);
+    let (topo, _pf) = small_table(99, "flood", &format!("{port}:{echo_port}"));
     let _echo = serve_echo(&topo, echo_port);
-    let max_flows = MAX_FLOWS.to_string();
-    let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--max-flows", &max_flows]);
-    let container = topo.ctr.v4().to_string();
-    portfwd_ok(&[
-        "map",
-        "--name",
-        "flood",
-        &container,
-        &format!("{port}:{echo_port}"),
-    ]);
     let published = SocketAddr::new(topo.client.host_v4(), port);
     let connect = || {
         let stream = topo
@@ -2250,7 +2239,7 @@ fn a_syn_flood_evicts_no_established_flow() {
     let mut idle = connect();
     assert!(echoes(&mut idle, b"ping\n"), "the flow works");
     // SYNs from spoofed sources: the container answers each, into the void.
-    let floods = 16 * u32::from(MAX_FLOWS);
+    let floods = 16 * u32::from(FLOOD_MAX_FLOWS);
     flood(&topo, floods, |src, sport| {
         Ipv4Packet::tcp_syn(src, topo.host_v4(), sport, port)
     });
@@ -2267,6 +2256,20 @@ fn a_syn_flood_evicts_no_established_flow() {
     // The established table holds the two real flows' entries, none of the
     // flood's.
     assert_eq!(main_table_entries(TCP), 4, "entries of established flows");
+}
+
+/// How many flows the flood tests' tables hold (`up --max-flows`).
+const FLOOD_MAX_FLOWS: u16 = 256;
+
+/// The flood tests' set-up: topology `topology`, `up` on its client's link
+/// with `FLOOD_MAX_FLOWS`, and `mapping` of its container published as
+/// `name`.
+fn small_table(topology: u8, name: &str, mapping: &str) -> (Topology, Portfwd) {
+    let topo = Topology::new(topology);
+    let max_flows = FLOOD_MAX_FLOWS.to_string();
+    let pf = Portfwd::up(&["--iface", &topo.client.host_if, "--max-flows", &max_flows]);
+    portfwd_ok(&["map", "--name", name, &topo.ctr.v4().to_string(), mapping]);
+    (topo, pf)
 }
 
 /// Sends `count` packets that `packet(source, source port)` makes, from
@@ -2314,19 +2317,8 @@ fn a_udp_flood_evicts_no_answered_flow() {
     let Some(_serial) = root_test("udp_flood") else {
         return;
     };
-    const MAX_FLOWS: u16 = 256;
-    let topo = Topology::new(91);
     let (port, container_port) = (62857u16, 5305u16);
-    let max_flows = MAX_FLOWS.to_string();
-    let _pf = Portfwd::up(&["--iface", &topo.client.host_if, "--max-flows", &max_flows]);
-    let container = topo.ctr.v4().to_string();
-    portfwd_ok(&[
-        "map",
-        "--name",
-        "udpflood",
-        &container,
-        &format!("{port}:{container_port}/udp"),
-    ]);
+    let (topo, _pf) = small_table(91, "udpflood", &format!("{port}:{container_port}/udp"));
     // The container's socket, and the client's, connected to the published
     // address: it takes datagrams from there alone.
     let server = topo
@@ -2376,7 +2368,7 @@ fn a_udp_flood_evicts_no_answered_flow() {
             }
         })
     };
-    let floods = 64 * u32::from(MAX_FLOWS);
+    let floods = 64 * u32::from(FLOOD_MAX_FLOWS);
     flood(&topo, floods, |src, sport| {
         Ipv4Packet::udp(src, topo.host_v4(), sport, port, b"flood")
     });
