@@ -122,7 +122,11 @@ fn live(table: &LruHashMap<CtKey, CtValue>, key: &CtKey, now: u64) -> Option<*mu
 }
 
 /// Removes `key` from the opening table (`opening`) or the main one.
-#[inline(always)]
+// Not inlined: inlined, the compiler chose the map early and kept its
+// pointer across the callers' other calls, and a state that holds one map
+// is never the same, for the verifier, as one that holds the other: every
+// call below the choice was walked twice.
+#[inline(never)]
 fn remove_from(opening: bool, key: &CtKey) {
     if opening {
         let _ = CONNTRACK_OPENING.remove(key);
