@@ -174,8 +174,9 @@ const PACKET_CASES: &[&str] = &[
 /// 18–25 min under TCG on a 2-CPU machine shared with other work (sessions
 /// 18 and 19: 1,090–1,324 s from boot to shutdown), and 32 min (1,939 s)
 /// in session 32: the two conntrack tables made the TC programs about 40 %
-/// larger, and each `up` and packet case verifies them under TCG; 25 min
-/// (1,521 s) in session 33, with `start_flow` called from one place. So a
+/// larger, and each `up` and packet case verifies them under TCG; 22–25
+/// min (1,339–1,521 s) in session 33, once the verifier walked them in
+/// less than half the instructions. So a
 /// hung guest is stopped with room left in CI's 90 minutes, and a slow one
 /// is not.
 const GUEST_LIMIT: Duration = Duration::from_secs(45 * 60);
