@@ -289,11 +289,14 @@ fn write_macs(ctx: &TcContext, macs: &[u8; 12]) -> bool {
     // Three words, not one copy of 12 bytes: that was a call of `memmove`,
     // a byte loop (see `packet::store_words`). Unaligned: the frame's
     // alignment is the driver's.
-    let words: [u32; 3] =
-        [0, 4, 8].map(|at| u32::from_ne_bytes(macs[at..at + 4].try_into().unwrap_or_default()));
-    for (i, word) in words.into_iter().enumerate() {
+    let (words, _) = macs.as_chunks::<4>();
+    for (i, word) in words.iter().enumerate() {
         // SAFETY: inside the packet's linear part (checked just above).
-        unsafe { (data as *mut u32).add(i).write_unaligned(word) };
+        unsafe {
+            (data as *mut u32)
+                .add(i)
+                .write_unaligned(u32::from_ne_bytes(*word))
+        };
     }
     true
 }

@@ -176,9 +176,8 @@ const PACKET_CASES: &[&str] = &[
 /// in session 32: the two conntrack tables made the TC programs about 40 %
 /// larger, and each `up` and packet case verifies them under TCG; 22–25
 /// min (1,339–1,521 s) in session 33, once the verifier walked them in
-/// less than half the instructions. So a
-/// hung guest is stopped with room left in CI's 90 minutes, and a slow one
-/// is not.
+/// less than half the instructions. So a hung guest is stopped with room
+/// left in CI's 90 minutes, and a slow one is not.
 const GUEST_LIMIT: Duration = Duration::from_secs(45 * 60);
 
 /// Marks the guest's exit status in its output (vng's own exit status
