@@ -733,7 +733,9 @@ stats! {
     /// exchange of the host's own (a host process that dialed a published
     /// port through the socket path, or the container a host service
     /// directly, TCP or UDP): passed to the stack without a conntrack
-    /// lookup.
+    /// lookup while the table holds no masqueraded flow, or, TCP, owned by
+    /// a host socket over a masqueraded flow's entry. With a masqueraded
+    /// flow in the table, one that matches no flow passes uncounted.
     PassHostConnection = "passed_host_connection",
     /// TCP resets and FINs of tracked flows whose sequence number is not
     /// near their sender's side of the flow (forged by a source that cannot

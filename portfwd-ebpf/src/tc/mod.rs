@@ -116,7 +116,7 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
         return translate_fragment(ctx, pkt, Some(untracked), true);
     }
     conntrack::set_key(key, pkt);
-    if from_containers && of_host_connection(ctx, pkt, key) {
+    if from_containers && conntrack::holds_no_masq_flow() && to_host_service(pkt) {
         count(Stat::PassHostConnection);
         return NEXT;
     }
@@ -129,12 +129,25 @@ fn ingress(ctx: &TcContext, from_containers: bool) -> i32 {
             break 'tracked ptr::null_mut();
         };
         pkt.now = now;
-        // SAFETY: a pointer into the map value, valid for this program run.
+        // A host connection that took the ends of a masqueraded flow whose
+        // container end is gone: the host's.
+        // SAFETY (both reads): a pointer into the map value, valid for this
+        // program run.
+        if from_containers
+            && unsafe { (*entry).flags } & CT_FLAG_MASQ != 0
+            && owned_by_host_socket(ctx, pkt, key)
+        {
+            count(Stat::PassHostConnection);
+            return NEXT;
+        }
+        // Read after the call, not kept across it (nor is the time, which
+        // the packet holds): one more value live across it took one more
+        // slot of this frame, at 6.1's limit (see below).
         let flags = unsafe { (*entry).flags };
         // A reply to what the host itself sent from a published port (see
         // `routed_reply`): the host's, not a new flow.
         if flags & CT_FLAG_HOST != 0 {
-            conntrack::refresh(entry, now);
+            conntrack::refresh(entry, pkt.now);
             return NEXT;
         }
         // A packet in the container's name from an uplink is checked before
@@ -220,52 +233,52 @@ fn forged_in_containers_name(ctx: &TcContext, pkt: &mut Packet, service: &Servic
     }
 }
 
-/// Whether a packet from a container to a host address belongs to an
-/// exchange of the host's own: a host process that dialed a published port
+/// Whether a packet from a container has the shape of one of an exchange
+/// of the host's own: to a host address, on a port that no mapping
+/// publishes, and no TCP SYN (which opens a flow or none, and goes on to
+/// the conntrack). That is a host process that dialed a published port
 /// through the socket path, or the container dialing a host service (its
-/// DNS queries to the host's resolver, say). Such a packet leaves before
-/// the conntrack lookup, whose miss is most of its cost: a cold bucket of a
-/// table sized for the busiest host. No tracked flow starts with the ends
-/// of one: a hairpin or NAT46 flow's port towards the container is one that
-/// no host socket uses (`masquerade_port`) and external clients are never
-/// host addresses (`start_flow` drops them). A TCP SYN opens a flow or
-/// none: it goes on to the conntrack. So does a packet to a port that may
-/// be published: a datagram there may open a hairpin flow, or be one's,
-/// and a TCP socket there is a leftover of an earlier service (`map`
-/// binds over it), whose ends a hairpin flow to the published port may
-/// take again once the container's end is gone (the host's in
-/// CLOSE_WAIT). The host's own
-/// connections dial from ports its stack chose, never a port the holder
-/// binds; one from a published port nobody holds only pays the conntrack
-/// lookup, as before.
+/// DNS queries to the host's resolver, say). A packet to a port that may
+/// be published goes on to the conntrack too: a datagram there may open a
+/// hairpin flow, or be one's, and a TCP socket there is a leftover of an
+/// earlier service (`map` binds over it), whose ends a hairpin flow to the
+/// published port may take again once the container's end is gone (the
+/// host's in CLOSE_WAIT). The host's own connections dial from ports its
+/// stack chose, never a port the holder binds.
 ///
-/// While the table holds no masqueraded flow (`holds_no_masq_flow`, the
-/// sweep's finding), that is all: only a masqueraded flow's reply entry
-/// (hairpin, NAT46) has a host address and a port that no mapping
-/// publishes as its destination, so the conntrack would find no flow of
-/// the packet and pass it too. That saves the lookup on every packet of
-/// the local path's connections and exchanges. Else a TCP packet is the
-/// host's only when a host socket owns it beyond doubt (`owns_packet`; a
-/// host connection made later with the ends of a live flow is refused by
-/// the container, which holds them), and a UDP datagram goes on to the
-/// conntrack.
+/// Only a masqueraded flow's reply entry (hairpin, NAT46) has that shape:
+/// a host address, and a port that no mapping publishes as its
+/// destination. While the table holds none (`holds_no_masq_flow`, the
+/// sweep's finding), such a packet leaves before the conntrack lookup;
+/// that saves the lookup on every packet of the local path's connections
+/// and exchanges.
 #[inline(always)]
-fn of_host_connection(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
+fn to_host_service(pkt: &Packet) -> bool {
     !is_new_tcp(pkt)
         && lacks_port(&PUBLISHED_PORTS, pkt.proto, u16::from_be(pkt.dport))
         && is_host_address(pkt.family, &pkt.daddr)
-        && (conntrack::holds_no_masq_flow() || owned_by_host_socket(ctx, pkt, key))
 }
 
-/// Whether a TCP packet from a container to a host address belongs to a
-/// host socket beyond doubt (`owns_packet`).
+/// For a container's packet that a masqueraded flow's entry matched:
+/// whether it is of the host's own exchange (`to_host_service`) and a host
+/// TCP socket owns it beyond doubt (`owns_packet`), which the flow's entry
+/// then does not take. No flow starts with a host socket's ends (a hairpin
+/// or NAT46 flow's port towards the container is one that no host socket
+/// uses, `masquerade_port`), but a host connection may take a flow's ends
+/// once the container's end of the flow is gone, before its entries are.
+/// Asked only on such a hit, not before the lookup: the socket lookup cost
+/// more than the conntrack's miss (in `bench --prog`, a container's packet
+/// to a host port that neither holds went from 263 to 136 ns, a host
+/// connection's from 175 to 137), and a hit is a hairpin or NAT46 flow's
+/// reply, which paid the socket lookup before as well.
 // Not inlined: with it, `pf_tc_backend_in` kept the packet's protocol in
 // one more slot of its frame, which starts `start_flow`'s chain, at 6.1's
-// limit (see `tc::flow::start_flow`); the call is paid only while the
-// table may hold a masqueraded flow.
+// limit (see `tc::flow::start_flow`).
 #[inline(never)]
 fn owned_by_host_socket(ctx: &TcContext, pkt: &Packet, key: &CtKey) -> bool {
-    pkt.proto == IPPROTO_TCP && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
+    pkt.proto == IPPROTO_TCP
+        && to_host_service(pkt)
+        && owns_packet(host_socket(ctx, key), pkt.tcp_flags)
 }
 
 /// A packet that matches no tracked flow (`start_flow`), or a SYN that

@@ -1,31 +1,33 @@
 //! Cases for a container's packets to a host address: a connection of
 //! the host's own, passed at once, and a hairpin flow's, translated. While
 //! the conntrack holds no masqueraded flow (the sweep's mark in
-//! `pf_masq_flows`), TCP passes without a socket lookup and UDP without
-//! the conntrack's; a hairpin flow started after the mark makes its
-//! replies go through the lookups again. A hairpin flow's ports, reused
-//! while it closes, start a new flow.
+//! `pf_masq_flows`), both TCP and UDP pass without the conntrack lookup;
+//! a hairpin flow started after the mark makes them go through it again.
+//! A hit there asks the host's sockets: a host connection over a closed
+//! hairpin flow's ends is the host's. A hairpin flow's ports, reused while
+//! it closes, start a new flow.
+
+use std::net::SocketAddr;
 
 use portfwd_common::{CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
     BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at,
-    conntrack_flags, frame, mapping,
+    connection_in_own_namespace, conntrack_flags, frame, mapping,
 };
 use crate::model::Protocol;
 
-/// A host connection's packet: no host socket has these ends (the test
-/// runs in the host's namespace, where neither address is local), so only
-/// the mark can pass it as a host connection's.
+/// A host connection's packet, which no flow holds: only the mark passes
+/// it before the conntrack lookup, as a host connection's.
 fn host_connection_packet() -> Vec<u8> {
     frame(at(OTHER_CTR_V4, 80), at(HOST_V4, 45000), L4::Ack)
 }
 
 #[test]
-fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists() {
+fn host_connections_skip_the_conntrack_only_while_no_masqueraded_flow_exists() {
     let published = mapping(Protocol::Tcp, at(HOST_V4, 8080), at(OTHER_CTR_V4, 80));
     let Some(mut tc) = Tc::load_with(
-        "host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists",
+        "host_connections_skip_the_conntrack_only_while_no_masqueraded_flow_exists",
         &[published],
     ) else {
         return;
@@ -33,8 +35,8 @@ fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists
     tc.record_host_address(HOST_V4.into());
     let passed = |tc: &Tc| tc.stat(Stat::PassHostConnection);
 
-    // A new map says nothing: the socket lookup finds no socket, and the
-    // packet goes on to the conntrack, which has no flow of it.
+    // A new map says nothing: the packet goes on to the conntrack, which
+    // has no flow of it, and passes uncounted.
     let (verdict, _) = tc.run(BACKEND_IN, &host_connection_packet());
     assert_eq!((verdict, passed(&tc)), (NEXT, 0), "before any sweep");
 
@@ -71,7 +73,7 @@ fn host_connections_skip_the_socket_lookup_only_while_no_masqueraded_flow_exists
     assert_eq!(
         (verdict, passed(&tc)),
         (NEXT, 1),
-        "a host connection's packet goes through the lookups again"
+        "a host connection's packet goes through the conntrack again"
     );
 
     // The next sweep that finds none (the hairpin flow gone) marks again.
@@ -185,5 +187,59 @@ fn a_hairpin_syn_on_a_closing_flows_ports_forgets_the_old_flow() {
         tc.run(BACKEND_IN, &frame(new, masqueraded, L4::Ack)),
         (REDIRECT, frame(published, client, L4::Ack)),
         "the new flow's reply, translated back"
+    );
+}
+
+/// A host connection that took the ends of a hairpin flow whose container
+/// end is gone (a reset closed it), before the flow's entries went: the
+/// container's packets of the host's connection are the host socket's, not
+/// the flow's. The conntrack's hit on the flow's entry asks the host's
+/// sockets (here in a network namespace of the test's own, where the
+/// connection is real); without the host's connection, the same packet is
+/// the closing flow's, translated to its client.
+#[test]
+fn a_host_connection_over_a_closed_hairpin_flows_ends_is_the_hosts() {
+    let published = at(HOST_V4, 8080);
+    let (client, masqueraded) = (at(CTR_V4, 40003), at(HOST_V4, 40003));
+    let server = at(OTHER_CTR_V4, 80);
+    let Some(mut tc) = Tc::load_with(
+        "a_host_connection_over_a_closed_hairpin_flows_ends_is_the_hosts",
+        &[mapping(Protocol::Tcp, published, server)],
+    ) else {
+        return;
+    };
+    tc.record_host_address(HOST_V4.into());
+    assert_eq!(
+        tc.run(BACKEND_IN, &frame(client, published, L4::Syn)),
+        (TO_STACK, frame(masqueraded, server, L4::Syn)),
+        "the hairpin SYN, masqueraded to the host address, keeping its port"
+    );
+    assert_eq!(
+        tc.run(BACKEND_IN, &frame(client, published, L4::Rst)).0,
+        TO_STACK,
+        "the dialing container's RST"
+    );
+    assert_eq!(conntrack_flags(&tc).len(), 2, "the closing hairpin flow");
+    let from_server = frame(server, masqueraded, L4::Ack);
+    assert_eq!(
+        tc.run(BACKEND_IN, &from_server),
+        (REDIRECT, frame(published, client, L4::Ack)),
+        "without a host connection of those ends, the flow's"
+    );
+
+    let (SocketAddr::V4(host), SocketAddr::V4(container)) = (masqueraded, server) else {
+        unreachable!("IPv4 ends");
+    };
+    let _connection = connection_in_own_namespace(host, container);
+    let passed = tc.stat(Stat::PassHostConnection);
+    assert_eq!(
+        tc.run(BACKEND_IN, &from_server),
+        (NEXT, from_server.clone()),
+        "the host connection's packet, passed untouched"
+    );
+    assert_eq!(
+        tc.stat(Stat::PassHostConnection),
+        passed + 1,
+        "counted as the host's"
     );
 }

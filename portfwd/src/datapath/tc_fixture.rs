@@ -10,7 +10,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
 };
 
 use aya::{
@@ -22,12 +23,18 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, PacketBuilderStep};
+use nix::{
+    sched::{CloneFlags, unshare},
+    sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket},
+};
 use portfwd_common::{
     ALLOW, Addr, AllowKey, BACKEND_PORTS, BACKEND_PROGRAMS, CONNTRACK, CONNTRACK_OPENING, CtKey,
     CtValue, FAMILY_V4, FAMILY_V6, LOCAL_ADDR_BITS, LOCAL_ADDRS, LocalAddrKey, MASQ_FLOWS,
     MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED, MapDef, NAT46_SRC, PUBLISHED_PORTS, SERVICES,
     SERVICES_GEN, STATS, ServiceKey, ServiceValue, Stat, UPLINK_PROGRAMS, local_addr_bit, port_bit,
 };
+
+use portfwd_testkit::netns;
 
 use super::{link_bits::set_listed, maps::set_bits, object::OBJECT};
 use crate::model::{Mapping, Protocol};
@@ -654,4 +661,41 @@ pub(super) fn of_every_entry<T: Ord>(tc: &Tc, field: impl Fn(&CtValue) -> T) -> 
 /// The flags of every conntrack entry, sorted.
 pub(super) fn conntrack_flags(tc: &Tc) -> Vec<u8> {
     of_every_entry(tc, |value| value.flags)
+}
+
+/// A TCP connection from `host` to `container`, made in a network namespace
+/// of this thread's own where both addresses are local: a test run looks
+/// sockets up in the namespace of the thread that runs it (the host's
+/// sockets for `pf_tc_backend_in`). The thread stays there, and the
+/// sockets live as long as the returned value: the listener, the host's
+/// end and the container's.
+pub(super) fn connection_in_own_namespace(
+    host: SocketAddrV4,
+    container: SocketAddrV4,
+) -> (TcpListener, TcpStream, TcpStream) {
+    unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace of the test's own");
+    let (host_ip, container_ip) = (
+        format!("{}/32", host.ip()),
+        format!("{}/32", container.ip()),
+    );
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["addr", "add", &host_ip, "dev", "lo"],
+        vec!["addr", "add", &container_ip, "dev", "lo"],
+    ] {
+        netns::ip(&args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    let listener = TcpListener::bind(container).unwrap();
+    // std's connect cannot choose its source: the frames name the host's.
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(host)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(container)).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (listener, TcpStream::from(fd), accepted)
 }

@@ -64,6 +64,7 @@ fn replies_of_host_connections_leave_the_container_link_as_the_hosts_own() {
     let _pf = Portfwd::up(&["--iface", &uplink.host_if]);
     portfwd_ok(&["map", &ctr.v4().to_string(), "62017:80"]);
     portfwd_ok(&["map", &ctr.v6().to_string(), "[::1]:62018:80"]);
+    wait_for_the_sweeps_mark();
     // IPv4, IPv6, and an IPv6 socket to the IPv4 container (v4-mapped).
     for (dialed, host) in [
         ("127.0.0.1:62017", ctr.host_v4()),

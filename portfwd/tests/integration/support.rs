@@ -440,6 +440,32 @@ pub(crate) fn redirected_to_peer() -> u64 {
     stats()["redirected_to_peer"]
 }
 
+/// The two words of `pf_masq_flows`: masqueraded flows started, and the
+/// count (plus one) after which the sweep found none.
+pub(crate) fn masq_flows() -> (u64, u64) {
+    use portfwd_common::{MASQ_FLOWS, MASQ_FLOWS_NONE_AFTER, MASQ_FLOWS_STARTED};
+    let path = std::path::Path::new(&pin_dir()).join(MASQ_FLOWS.name);
+    let data = aya::maps::MapData::from_pin(path).expect("the pinned pf_masq_flows");
+    let words: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array of u64");
+    let word = |index| words.get(&index, 0).unwrap();
+    (word(MASQ_FLOWS_STARTED), word(MASQ_FLOWS_NONE_AFTER))
+}
+
+/// Waits (5 s at most) for the holder's first sweep, which comes as it
+/// starts, to mark the table as holding no masqueraded flow: until then,
+/// a container's packets of a host connection go through the conntrack.
+pub(crate) fn wait_for_the_sweeps_mark() {
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let (started, none_after) = masq_flows();
+            portfwd_common::holds_no_masq_flow(started, none_after)
+        }),
+        "the sweep marks the table as holding no masqueraded flow: {:?}",
+        masq_flows()
+    );
+}
+
 /// The TC programs' stats of `portfwd list --json`, by name.
 pub(crate) fn stats() -> std::collections::BTreeMap<String, u64> {
     listing()["stats"]
