@@ -127,7 +127,7 @@ fn live(table: &LruHashMap<CtKey, CtValue>, key: &CtKey, now: u64) -> Option<*mu
 // is never the same, for the verifier, as one that holds the other: every
 // call below the choice was walked twice.
 #[inline(never)]
-fn remove_from(opening: bool, key: &CtKey) {
+pub(crate) fn remove_from(opening: bool, key: &CtKey) {
     if opening {
         let _ = CONNTRACK_OPENING.remove(key);
     } else {
@@ -1225,12 +1225,6 @@ pub(crate) fn is_reply_of(ct: &CtValue, pkt: &Packet) -> bool {
         && ct.masq_port == pkt.sport
         && ct.nat_addr == pkt.daddr
         && ct.nat_port == pkt.dport
-}
-
-/// Forgets one entry, under `key`, of the opening table (`opening`) or the
-/// main one.
-pub(crate) fn remove_entry(key: &CtKey, opening: bool) {
-    remove_from(opening, key);
 }
 
 /// Forgets a flow, given either direction's key and entry, in the opening

@@ -143,7 +143,7 @@ pub(super) fn translate_reply(
 #[inline(always)]
 fn forget_if_ended(key: &CtKey, touched: Touched, opening: bool) {
     if touched == Touched::Ended {
-        conntrack::remove_entry(key, opening);
+        conntrack::remove_from(opening, key);
         count(Stat::FlowEnded);
     }
 }

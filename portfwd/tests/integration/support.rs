@@ -452,12 +452,14 @@ pub(crate) fn masq_flows() -> (u64, u64) {
     (word(MASQ_FLOWS_STARTED), word(MASQ_FLOWS_NONE_AFTER))
 }
 
-/// Waits (5 s at most) for the holder's first sweep, which comes as it
-/// starts, to mark the table as holding no masqueraded flow: until then,
-/// a container's packets of a host connection go through the conntrack.
+/// Waits for the holder's first sweep, which comes as it starts, to mark
+/// the table as holding no masqueraded flow: until then, a container's
+/// packets of a host connection go through the conntrack. The sweep runs
+/// only on an idle CPU: 30 s at most, for the emulated guest of
+/// `cargo xtask test --kernel`.
 pub(crate) fn wait_for_the_sweeps_mark() {
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(30), || {
             let (started, none_after) = masq_flows();
             portfwd_common::holds_no_masq_flow(started, none_after)
         }),
