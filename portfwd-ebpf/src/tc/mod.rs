@@ -268,8 +268,8 @@ fn to_host_service(pkt: &Packet) -> bool {
 /// once the container's end of the flow is gone, before its entries are.
 /// Asked only on such a hit, not before the lookup: the socket lookup cost
 /// more than the conntrack's miss (in `bench --prog`, a container's packet
-/// to a host port that neither holds went from 263 to 136 ns, a host
-/// connection's from 175 to 137), and a hit is a hairpin or NAT46 flow's
+/// to a host port that neither holds went from 262 to 139 ns, a host
+/// connection's from 175 to 138), and a hit is a hairpin or NAT46 flow's
 /// reply, which paid the socket lookup before as well.
 // Not inlined: with it, `pf_tc_backend_in` kept the packet's protocol in
 // one more slot of its frame, which starts `start_flow`'s chain, at 6.1's

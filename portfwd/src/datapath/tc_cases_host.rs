@@ -9,11 +9,11 @@
 
 use std::net::SocketAddr;
 
-use portfwd_common::{CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
+use portfwd_common::{CONNTRACK, CT_FLAG_MASQ, CT_FLAG_REPLY, Stat};
 
 use super::tc_fixture::{
     BACKEND_IN, CTR_V4, HOST_V4, L4, NEXT, OTHER_CTR_V4, REDIRECT, TO_STACK, Tc, at,
-    connection_in_own_namespace, conntrack_flags, frame, mapping,
+    connection_in_own_namespace, conntrack_flags, flags_in, frame, mapping,
 };
 use crate::model::Protocol;
 
@@ -196,11 +196,12 @@ fn a_hairpin_syn_on_a_closing_flows_ports_forgets_the_old_flow() {
 /// the flow's. The conntrack's hit on the flow's entry asks the host's
 /// sockets (here in a network namespace of the test's own, where the
 /// connection is real); without the host's connection, the same packet is
-/// the closing flow's, translated to its client.
+/// the closing flow's, translated to its client. A flow closed before its
+/// handshake completed (its entries in the opening table) and one closed
+/// once established (in the main table).
 #[test]
 fn a_host_connection_over_a_closed_hairpin_flows_ends_is_the_hosts() {
     let published = at(HOST_V4, 8080);
-    let (client, masqueraded) = (at(CTR_V4, 40003), at(HOST_V4, 40003));
     let server = at(OTHER_CTR_V4, 80);
     let Some(mut tc) = Tc::load_with(
         "a_host_connection_over_a_closed_hairpin_flows_ends_is_the_hosts",
@@ -209,37 +210,63 @@ fn a_host_connection_over_a_closed_hairpin_flows_ends_is_the_hosts() {
         return;
     };
     tc.record_host_address(HOST_V4.into());
-    assert_eq!(
-        tc.run(BACKEND_IN, &frame(client, published, L4::Syn)),
-        (TO_STACK, frame(masqueraded, server, L4::Syn)),
-        "the hairpin SYN, masqueraded to the host address, keeping its port"
-    );
-    assert_eq!(
-        tc.run(BACKEND_IN, &frame(client, published, L4::Rst)).0,
-        TO_STACK,
-        "the dialing container's RST"
-    );
-    assert_eq!(conntrack_flags(&tc).len(), 2, "the closing hairpin flow");
-    let from_server = frame(server, masqueraded, L4::Ack);
-    assert_eq!(
-        tc.run(BACKEND_IN, &from_server),
-        (REDIRECT, frame(published, client, L4::Ack)),
-        "without a host connection of those ends, the flow's"
-    );
+    for (port, established) in [(40003, false), (40004, true)] {
+        let (client, masqueraded) = (at(CTR_V4, port), at(HOST_V4, port));
+        let case = if established {
+            "established"
+        } else {
+            "opening"
+        };
+        let entries_before = conntrack_flags(&tc).len();
+        assert_eq!(
+            tc.run(BACKEND_IN, &frame(client, published, L4::Syn)),
+            (TO_STACK, frame(masqueraded, server, L4::Syn)),
+            "{case}: the hairpin SYN, masqueraded to the host address, keeping its port"
+        );
+        let from_server = frame(server, masqueraded, L4::Ack);
+        if established {
+            assert_eq!(
+                tc.run(BACKEND_IN, &from_server).0,
+                REDIRECT,
+                "{case}: the server's answer"
+            );
+            tc.run(BACKEND_IN, &frame(client, published, L4::Ack));
+            assert_eq!(
+                flags_in(&tc, CONNTRACK.name).len(),
+                2,
+                "{case}: the flow, in the main table"
+            );
+        }
+        assert_eq!(
+            tc.run(BACKEND_IN, &frame(client, published, L4::Rst)).0,
+            TO_STACK,
+            "{case}: the dialing container's RST"
+        );
+        assert_eq!(
+            conntrack_flags(&tc).len(),
+            entries_before + 2,
+            "{case}: the closing hairpin flow's entries are still there"
+        );
+        assert_eq!(
+            tc.run(BACKEND_IN, &from_server),
+            (REDIRECT, frame(published, client, L4::Ack)),
+            "{case}: without a host connection of those ends, the flow's"
+        );
 
-    let (SocketAddr::V4(host), SocketAddr::V4(container)) = (masqueraded, server) else {
-        unreachable!("IPv4 ends");
-    };
-    let _connection = connection_in_own_namespace(host, container);
-    let passed = tc.stat(Stat::PassHostConnection);
-    assert_eq!(
-        tc.run(BACKEND_IN, &from_server),
-        (NEXT, from_server.clone()),
-        "the host connection's packet, passed untouched"
-    );
-    assert_eq!(
-        tc.stat(Stat::PassHostConnection),
-        passed + 1,
-        "counted as the host's"
-    );
+        let (SocketAddr::V4(host), SocketAddr::V4(container)) = (masqueraded, server) else {
+            unreachable!("IPv4 ends");
+        };
+        let _connection = connection_in_own_namespace(host, container);
+        let passed = tc.stat(Stat::PassHostConnection);
+        assert_eq!(
+            tc.run(BACKEND_IN, &from_server),
+            (NEXT, from_server.clone()),
+            "{case}: the host connection's packet, passed untouched"
+        );
+        assert_eq!(
+            tc.stat(Stat::PassHostConnection),
+            passed + 1,
+            "{case}: counted as the host's"
+        );
+    }
 }

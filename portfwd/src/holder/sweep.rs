@@ -43,7 +43,7 @@ fn sweep_while_up(pin_dir: &Path) {
     let mut failing = false;
     // The first pass at once: it also tells the TC programs that a new
     // instance's table holds no masqueraded flow (`sweep_expired`), which
-    // spares host connections a socket lookup per packet from the start.
+    // spares host connections a conntrack lookup per packet from the start.
     loop {
         if !pin_dir.exists() {
             return;
