@@ -389,8 +389,8 @@ pub const fn link_bit(index: u32) -> (u32, u32) {
 /// holds none, a container's TCP or UDP packet to a host address and a
 /// port no mapping publishes can belong to no tracked flow: the TC
 /// programs pass it to the host without the conntrack lookup. Two `u64`s,
-/// each written by one
-/// side only: `MASQ_FLOWS_STARTED`, `MASQ_FLOWS_NONE_AFTER`.
+/// each written by one side only: `MASQ_FLOWS_STARTED`,
+/// `MASQ_FLOWS_NONE_AFTER`.
 pub const MASQ_FLOWS: MapDef = map(map_name!(masq_flows), MapKind::Array, 4, 8, 2);
 /// `MASQ_FLOWS` index: masqueraded flows started; the programs add one
 /// after they insert such a flow's entries.

@@ -13,7 +13,7 @@
 //! per-run overhead of that method is shown beside it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     process::Command,
 };
 
@@ -186,22 +186,16 @@ struct Row {
     verdict: u32,
 }
 
-/// Host address and port, container address and port of `host_connection`.
+/// Host address and port, container address and port of the connection a
+/// host process made to a container, which the measurement makes first
+/// (`connection_in_own_namespace`).
 const HOST_CONNECTION: (SocketAddrV4, SocketAddrV4) = (
     SocketAddrV4::new(HOST_V4, 45001),
     SocketAddrV4::new(OTHER_CTR_V4, 80),
 );
 
-/// A connection a host process made to a container (`HOST_CONNECTION`),
-/// in a network namespace of this thread's own (see
-/// `connection_in_own_namespace`).
-fn host_connection() -> (TcpListener, TcpStream, TcpStream) {
-    let (host, container) = HOST_CONNECTION;
-    connection_in_own_namespace(host, container)
-}
-
-/// The peer case's veth, in this thread's namespace (`host_connection`
-/// made it): a route and a neighbour entry for its container, and
+/// The peer case's veth, in this thread's namespace
+/// (`connection_in_own_namespace` made it): a route and a neighbour entry for its container, and
 /// forwarding, without which `bpf_fib_lookup` does not answer (the frame
 /// would not be addressed).
 fn peer_link() {
@@ -285,8 +279,8 @@ fn forget_flows(ebpf: &mut Ebpf) {
 }
 
 /// The host connection's cases once the sweep has found no masqueraded
-/// flow in the table (`pf_masq_flows`): no socket lookup for TCP, no
-/// conntrack lookup for either. The cycle's flows are not masqueraded. This
+/// flow in the table (`pf_masq_flows`): no conntrack lookup for either.
+/// The cycle's flows are not masqueraded. This
 /// build must pass every run of both; an older one (`--against`) is
 /// measured as it is (without the map, or the UDP shortcut, through the
 /// lookups).
@@ -775,7 +769,8 @@ fn tc_program_cost() {
         eprintln!("SKIPPED tc_program_cost: BPF_PROG_TEST_RUN needs root");
         return;
     }
-    let _connection = host_connection();
+    let (host, container) = HOST_CONNECTION;
+    let _connection = connection_in_own_namespace(host, container);
     peer_link();
     let against = std::env::var_os("PORTFWD_PROG_AGAINST").map(std::path::PathBuf::from);
     let load_this = || EbpfLoader::new().load(OBJECT).expect("loading the object");
